@@ -1,0 +1,160 @@
+"""From a recipe's model section to a loaded `SqueezePipeline`, through the libraries' own `from_pretrained`.
+
+Imports torch, diffusers and transformers: only `squeeze gen` (not `--help` or `validate`) comes here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from squeeze_cli.errors import ModelLoadError, UsageError
+from squeeze_cli.manifest import ModelSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Bump when the tiny builder changes what it writes, so old caches are not reused.
+TINY_FORMAT = 1
+
+
+def cache_dir() -> Path:
+    """Where squeeze keeps what it builds locally (the tiny checkpoints): $SQUEEZE_CACHE or ~/.cache/squeeze."""
+    if os.environ.get("SQUEEZE_CACHE"):
+        return Path(os.environ["SQUEEZE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "squeeze"
+
+
+def ensure_tiny_checkpoint(family: str) -> Path:
+    """Build the tiny random checkpoint once into the cache; concurrent processes are safe.
+
+    Each builder writes into its own temporary folder and renames it into place; whoever renames first
+    wins and the others discard their copy (the builds are identical: deterministic from the seed).
+    """
+    target = cache_dir() / f"tiny-{family}-v{TINY_FORMAT}"
+    if (target / "model_index.json").is_file():
+        return target
+    from squeeze_cli.models.tiny import build_tiny_pipeline
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build_tiny_pipeline(staging, family=family, seed=0)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _component_loaders() -> dict[str, Any]:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    from squeeze_cli.models.aggregator import DualLayerAggregator
+
+    return {
+        "mllm": AutoModelForImageTextToText,
+        "tokenizer": AutoTokenizer,
+        "image_processor": AutoImageProcessor,
+        "aggregator": DualLayerAggregator,
+        "transformer": FluxTransformer2DModel,
+        "vae": AutoencoderKL,
+        "scheduler": FlowMatchEulerDiscreteScheduler,
+    }
+
+
+def _load_error(what: str, source: str, error: Exception) -> ModelLoadError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    if offline and not Path(source).expanduser().exists():
+        hint = f"it is not in the local cache and HF_HUB_OFFLINE is set: download it first (`hf download {source}`)"
+    elif not Path(source).expanduser().exists():
+        hint = "check the hub id or local path (and your access to gated models, e.g. `hf auth login`)"
+    else:
+        hint = "check that the folder holds a complete checkpoint in the expected layout"
+    return ModelLoadError(f"cannot load {what} from `{source}`: {reason}", hint)
+
+
+def _load_component(name: str, source: Any, *, dtype: torch.dtype, spec: ModelSpec, allow_pickle: bool) -> Any:
+    loader = _component_loaders()[name]
+    kwargs: dict[str, Any] = {}
+    if source.subfolder:
+        kwargs["subfolder"] = source.subfolder
+    if source.revision:
+        kwargs["revision"] = source.revision
+    if name in ("mllm", "aggregator", "transformer", "vae"):
+        kwargs["use_safetensors"] = not allow_pickle
+        kwargs["dtype" if name == "mllm" else "torch_dtype"] = dtype
+    if name in ("mllm", "tokenizer", "image_processor"):
+        kwargs["trust_remote_code"] = spec.trust_remote_code
+    if name == "image_processor":
+        kwargs["use_fast"] = False  # the fast processors need torchvision
+    try:
+        return loader.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise _load_error(name, source.path, error) from error
+
+
+def load_pipeline(
+    spec: ModelSpec, *, device: str = "cpu", offload: str = "none", allow_pickle: bool = False
+) -> Any:
+    """Load the pipeline a recipe's model section describes, with its LoRA, on `device`.
+
+    Args:
+        spec: the resolved model section (`LoadedManifest.model`).
+        device: a torch device string; with offloading, the GPU the offload hooks move weights to.
+        offload: `none`, `model` (`enable_model_cpu_offload`) or `sequential` (`enable_sequential_cpu_offload`).
+        allow_pickle: accept pickle-based (`.bin`) weights; safetensors only by default.
+    """
+    from squeeze_cli.pipeline_squeeze import SqueezePipeline
+
+    if spec.trust_remote_code:
+        import warnings
+
+        warnings.warn("the preset sets trust_remote_code: code from the model repository will run", stacklevel=2)
+    dtype = DTYPES[spec.dtype]
+    source = str(ensure_tiny_checkpoint(spec.family or "internvl")) if spec.builtin else spec.pipeline
+    overrides = {
+        name: _load_component(name, component, dtype=dtype, spec=spec, allow_pickle=allow_pickle)
+        for name, component in spec.components.items()
+    }
+    try:
+        if source is None:
+            pipe = SqueezePipeline(**overrides)
+        else:
+            pipe = SqueezePipeline.from_pretrained(
+                source, torch_dtype=dtype, use_safetensors=not allow_pickle, **overrides
+            )
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise _load_error("the pipeline", source or "components", error) from error
+    # The MLLM is loaded by transformers with `dtype`; diffusers' `torch_dtype` covers the rest.
+    pipe.mllm.to(dtype)
+
+    if spec.lora is not None:
+        try:
+            pipe.load_lora_weights(
+                spec.lora.path, weight_name=spec.lora.weight_name, adapter_name="squeeze", use_safetensors=not allow_pickle
+            )
+        except (OSError, ValueError, EnvironmentError) as error:
+            raise _load_error("the LoRA", spec.lora.path, error) from error
+        pipe.set_adapters(["squeeze"], adapter_weights=[spec.lora.scale])
+
+    if offload == "none":
+        pipe.to(device)
+    elif not device.startswith("cuda"):
+        raise UsageError(f"--offload {offload} moves weights to a GPU, but the device is {device}", "use --offload none")
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_sequential_cpu_offload(device=device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,247 @@
+"""From a loaded manifest to the ordered list of jobs, and from jobs to one process's shard.
+
+Pure and torch-free: planning must be cheap enough to run on every ``validate`` and on every rank.
+A job's ``job_id`` hashes everything that decides its pixels and nothing else, so a later run can tell
+which outputs already exist even after the manifest was reformatted, reordered or renamed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from squeeze_cli.errors import ManifestError, Problem
+
+if TYPE_CHECKING:
+    from squeeze_cli.manifest import LoadedManifest
+
+# Bumped only when the hashing scheme itself changes (that invalidates every stored job id).
+JOB_ID_SCHEME = b"squeeze-job-v1\n"
+JOB_ID_LENGTH = 16
+
+# Cost unit: one 512x512 image at 28 steps without references. Only ratios matter.
+_COST_UNIT = 512 * 512 * 28
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Every sampling parameter of one image, named as the pipeline names them."""
+
+    num_inference_steps: int = 28
+    guidance_scale: float = 2.5
+    height: int = 512
+    width: int = 512
+    stage_thresholds: tuple[float, float] = (0.95, 0.85)
+    keep_mllm_condition: bool = False
+    true_cfg_scale: float = 1.0
+    negative_prompt: str | None = None
+    reference_size: int = 512
+
+    def to_pipeline_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `SqueezePipeline.__call__` that these parameters fill."""
+        return {
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "height": self.height,
+            "width": self.width,
+            "stage_thresholds": self.stage_thresholds,
+            "keep_mllm_condition": self.keep_mllm_condition,
+            "true_cfg_scale": self.true_cfg_scale,
+            "negative_prompt": self.negative_prompt,
+            "reference_size": self.reference_size,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (thresholds as a list), used in sidecars and job ids."""
+        data = asdict(self)
+        data["stage_thresholds"] = list(self.stage_thresholds)
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One image to generate."""
+
+    index: int
+    job_id: str
+    subject: str
+    subject_index: int
+    class_noun: str | None
+    prompt_index: int
+    prompt: str
+    seed: int
+    params: SamplingParams
+    references: tuple[str, ...]
+    cost: float
+
+
+def estimate_cost(params: SamplingParams, num_references: int) -> float:
+    """Relative cost of one image: steps x (generated tokens + reference tokens), true CFG doubles it.
+
+    Reference latents join the transformer's image stream, so each reference adds about
+    ``reference_size**2`` pixels' worth of tokens to every step (attention's quadratic term is ignored).
+    """
+    pixels = params.height * params.width + num_references * params.reference_size**2
+    passes = 2 if params.true_cfg_scale > 1.0 and params.negative_prompt else 1
+    return passes * params.num_inference_steps * pixels / _COST_UNIT
+
+
+def file_digest(path: str, cache: dict[str, bytes] | None = None) -> bytes:
+    """sha256 of a file's bytes, read in chunks; ``cache`` maps path -> digest within one plan."""
+    if cache is not None and path in cache:
+        return cache[path]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    result = digest.digest()
+    if cache is not None:
+        cache[path] = result
+    return result
+
+
+def _prompt_hasher(reference_digests: Sequence[bytes], prompt: str, params: SamplingParams, model: str):
+    # Everything except the seed goes into one prefix that each seed copies, so a 100k-job plan
+    # hashes its JSON once per prompt, not once per job. The JSON is self-delimiting, so appending
+    # "\nseed=<n>" cannot collide with another (prompt, seed) pair.
+    hasher = hashlib.sha256(JOB_ID_SCHEME)
+    for digest in reference_digests:
+        hasher.update(digest)
+    payload = {"model": model, "params": params.to_dict(), "prompt": prompt}
+    hasher.update(json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode())
+    hasher.update(b"\nseed=")
+    return hasher
+
+
+def job_id(
+    reference_digests: Sequence[bytes], prompt: str, seed: int, params: SamplingParams, model_identity: str
+) -> str:
+    """The id of one image: a hash of the references' bytes, the prompt, the seed, the params and model."""
+    hasher = _prompt_hasher(reference_digests, prompt, params, model_identity)
+    hasher.update(str(seed).encode())
+    return hasher.hexdigest()[:JOB_ID_LENGTH]
+
+
+def count_jobs(manifest: LoadedManifest) -> int:
+    """Number of jobs without building them (seed ranges are never expanded here)."""
+    return sum(len(prompt.seeds) for subject in manifest.subjects for prompt in subject.prompts)
+
+
+def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -> list[Job]:
+    """Expand a loaded manifest into its jobs, ordered by subject, then prompt, then seed.
+
+    Args:
+        manifest (`LoadedManifest`): from `squeeze_cli.manifest.load_manifest`.
+        model_identity (`str`): `squeeze_cli.recipes.model_identity` of the resolved model section.
+        max_jobs (`int`): refuse plans larger than this before building anything.
+
+    Raises:
+        `ManifestError`: the plan has more than `max_jobs` jobs.
+    """
+    total = count_jobs(manifest)
+    if total > max_jobs:
+        raise ManifestError([too_many_jobs_problem(str(manifest.path), total, max_jobs)])
+
+    digest_cache: dict[str, bytes] = {}
+    jobs: list[Job] = []
+    append = jobs.append
+    index = 0
+    for subject in manifest.subjects:
+        reference_digests = [file_digest(path, digest_cache) for path in subject.references]
+        num_references = len(subject.references)
+        for prompt in subject.prompts:
+            params = prompt.params
+            cost = estimate_cost(params, num_references)
+            prefix = _prompt_hasher(reference_digests, prompt.text, params, model_identity)
+            for seed in prompt.seeds:
+                hasher = prefix.copy()
+                hasher.update(str(seed).encode())
+                append(
+                    Job(
+                        index,
+                        hasher.hexdigest()[:JOB_ID_LENGTH],
+                        subject.name,
+                        subject.index,
+                        subject.class_noun,
+                        prompt.index,
+                        prompt.text,
+                        seed,
+                        params,
+                        subject.references,
+                        cost,
+                    )
+                )
+                index += 1
+    return jobs
+
+
+def too_many_jobs_problem(file: str, total: int, max_jobs: int) -> Problem:
+    return Problem(
+        file=file,
+        line=None,
+        column=None,
+        field="subjects",
+        message=f"the manifest plans {total:,} jobs, more than the limit of {max_jobs:,}",
+        hint="raise it with `--max-jobs N` or `max_jobs: N` if that many images is intended",
+    )
+
+
+# Sharding --------------------------------------------------------------------------------------------
+
+# A cut moves to the nearest subject boundary when that costs at most this fraction of a fair share:
+# a little imbalance is cheaper than encoding a subject's references on two processes.
+SUBJECT_SNAP_TOLERANCE = 0.1
+
+
+def shard_jobs(jobs: Sequence[Job], index: int, count: int) -> list[Job]:
+    """The contiguous slice of `jobs` that process `index` of `count` runs.
+
+    The plan is cut into `count` consecutive runs of about equal estimated cost; a cut snaps to a subject
+    boundary when one is close, so subjects stay on one process where possible (each process then encodes
+    a subject's references once). Nothing is duplicated or padded: some shards may be empty, the
+    shards in index order concatenate to `jobs`, and the result depends only on `jobs`, `index`, `count`.
+    """
+    if count < 1:
+        raise ValueError(f"`count` must be at least 1, got {count}")
+    if not 0 <= index < count:
+        raise ValueError(f"`index` must be in [0, {count}), got {index}")
+    if count == 1:
+        return list(jobs)
+    cuts = shard_boundaries([job.cost for job in jobs], [job.subject_index for job in jobs], count)
+    return list(jobs[cuts[index] : cuts[index + 1]])
+
+
+def shard_boundaries(costs: Sequence[float], groups: Sequence[int], count: int) -> list[int]:
+    """Cut positions ``[0, c1, ..., len(costs)]`` splitting `costs` into `count` balanced runs."""
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+    total = prefix[-1]
+    # Positions where a new group (subject) starts, plus both ends.
+    group_starts = [0] + [i for i in range(1, len(groups)) if groups[i] != groups[i - 1]] + [len(groups)]
+    fair_share = total / count
+    cuts = [0]
+    for k in range(1, count):
+        target = k * fair_share
+        cut = _nearest(prefix, range(len(prefix)), target)
+        snap = _nearest(prefix, group_starts, target)
+        if abs(prefix[snap] - target) <= SUBJECT_SNAP_TOLERANCE * fair_share:
+            cut = snap
+        cuts.append(max(cut, cuts[-1]))
+    cuts.append(len(costs))
+    return cuts
+
+
+def _nearest(prefix: Sequence[float], positions: Sequence[int], target: float) -> int:
+    """The position in sorted `positions` whose cumulative cost is closest to `target` (ties: earlier)."""
+    values = [prefix[p] for p in positions] if not isinstance(positions, range) else prefix
+    i = bisect.bisect_left(values, target)
+    if i == len(values):
+        return positions[-1]
+    if i > 0 and target - values[i - 1] <= values[i] - target:
+        i -= 1
+    return positions[i]

@@ -1,0 +1,519 @@
+"""The output directory contract: names, atomic writes, PNG metadata, resume, the run index, grids."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageStat
+
+from squeeze_cli import outputs
+from squeeze_cli.errors import EXIT_INVALID, EXIT_JOBS_FAILED, SqueezeError
+from squeeze_cli.outputs import (
+    OutputWriteError,
+    SheetRow,
+    UnsafeOutputPathError,
+    append_index,
+    atomic_write_bytes,
+    atomic_write_text,
+    encode_png,
+    failed_index_entry,
+    finished_job_ids,
+    finished_records,
+    image_path,
+    image_record,
+    index_entry,
+    read_index,
+    read_png_parameters,
+    read_png_record,
+    remove_stale_temp_files,
+    repair_index,
+    safe_join,
+    save_image,
+    sidecar_path,
+    write_contact_sheet,
+    write_prompt_grid,
+    write_resolved_manifest,
+    write_run_summary,
+)
+from squeeze_cli.plan import Job, SamplingParams
+
+STAGE_PLAN = {"num_inference_steps": 4, "stages": [1, 2, 3, 3], "counts": [1, 1, 2]}
+VERSIONS = {"python": "3.12", "squeeze_cli": "0.1.0"}
+
+
+def make_job(
+    subject: str = "dog", prompt_index: int = 0, seed: int = 7, job_id: str | None = None, **params
+) -> Job:
+    return Job(
+        index=0,
+        job_id=job_id or f"{prompt_index:04x}{seed:012x}",
+        subject=subject,
+        subject_index=0,
+        class_noun="dog",
+        prompt_index=prompt_index,
+        prompt=f"a photo of dog number {prompt_index}, on a beach",
+        seed=seed,
+        params=SamplingParams(**params),
+        references=("/data/dog/00.jpg",),
+        cost=1.0,
+    )
+
+
+def make_record(job: Job, **overrides) -> dict:
+    record = image_record(
+        job,
+        preset_name="tiny",
+        model_info={"transformer": {"id": "tiny/flux", "revision": "abc123"}},
+        stage_plan=STAGE_PLAN,
+        timings={"denoise": 1.23456, "total": 2.0},
+        versions=VERSIONS,
+    )
+    record.update(overrides)
+    return record
+
+
+def solid(color: tuple[int, int, int], size: tuple[int, int] = (64, 64)) -> Image.Image:
+    return Image.new("RGB", size, color)
+
+
+def temp_files(directory: Path) -> list[Path]:
+    return [path for path in directory.rglob("*") if path.name.endswith(".tmp")]
+
+
+# Names ------------------------------------------------------------------------------------------------
+
+
+def test_names_come_from_subject_prompt_index_and_seed_never_prompt_text(tmp_path):
+    job = make_job(prompt_index=3, seed=123)
+    assert image_path(tmp_path, job) == tmp_path / "dog" / "003-s123.png"
+    assert sidecar_path(tmp_path, job) == tmp_path / "dog" / "003-s123.json"
+    assert outputs.grid_path(tmp_path, "dog", 3) == tmp_path / "dog" / "grid-003.png"
+    assert outputs.contact_sheet_path(tmp_path, "dog") == tmp_path / "dog" / "contact-sheet.png"
+    assert outputs.index_path(tmp_path) == tmp_path / "index.jsonl"
+    assert outputs.run_summary_path(tmp_path) == tmp_path / "run.json"
+    assert outputs.resolved_manifest_path(tmp_path) == tmp_path / "manifest.resolved.yaml"
+
+
+@pytest.mark.parametrize("parts", [("../x",), ("dog", "..", "..", "x"), ("/etc/passwd",), ("",), ("a\0b",)])
+def test_safe_join_refuses_paths_that_leave_the_output_directory(tmp_path, parts):
+    with pytest.raises(UnsafeOutputPathError) as caught:
+        safe_join(tmp_path / "out", *parts)
+    assert caught.value.exit_code == EXIT_INVALID
+
+
+def test_safe_join_refuses_a_symlink_that_leads_out(tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "dog").symlink_to(elsewhere, target_is_directory=True)
+    (out / "link.png").symlink_to(elsewhere / "file.png")
+    with pytest.raises(UnsafeOutputPathError, match="outside the output directory"):
+        safe_join(out, "dog", "000-s1.png")
+    with pytest.raises(UnsafeOutputPathError):
+        safe_join(out, "link.png")
+    with pytest.raises(UnsafeOutputPathError):
+        save_image(out, make_job(), solid((1, 2, 3)), make_record(make_job()))
+    assert list(elsewhere.iterdir()) == []
+    (out / "loop").symlink_to(out / "loop")
+    with pytest.raises(SqueezeError):  # refused by safe_join, or (Python ≥ 3.13) by the OS at write time
+        atomic_write_bytes(safe_join(out, "loop", "x.png"), b"x")
+
+
+def test_safe_join_allows_paths_inside_even_through_a_symlinked_out_dir(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "alias").symlink_to(real, target_is_directory=True)
+    assert safe_join(tmp_path / "alias", "dog", "a.png") == tmp_path / "alias" / "dog" / "a.png"
+    assert safe_join(tmp_path / "alias", "dog", "..", "cat") == tmp_path / "alias" / "dog" / ".." / "cat"
+
+
+@pytest.mark.parametrize("subject", ["..", ".hidden", "a/b", "index.jsonl", "run.json", ""])
+def test_subject_names_that_cannot_be_a_directory_are_refused(tmp_path, subject):
+    with pytest.raises(UnsafeOutputPathError):
+        image_path(tmp_path, make_job(subject=subject))
+
+
+# Atomic writes ------------------------------------------------------------------------------------------
+
+
+def test_atomic_write_replaces_content_and_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "sub" / "file.txt"
+    atomic_write_text(target, "old")
+    atomic_write_text(target, "new ✓")
+    assert target.read_text(encoding="utf-8") == "new ✓"
+    assert temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+@pytest.mark.parametrize("failing", ["write", "replace"])
+def test_failed_atomic_write_keeps_the_old_file_and_removes_the_temporary_one(
+    tmp_path, monkeypatch, code, failing
+):
+    target = tmp_path / "dog" / "000-s1.png"
+    atomic_write_bytes(target, b"old content")
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(outputs.os, failing, fail)
+    with pytest.raises(OutputWriteError) as caught:
+        atomic_write_bytes(target, b"new content that will not fit")
+    monkeypatch.undo()
+
+    error = caught.value
+    assert isinstance(error, SqueezeError) and error.exit_code == EXIT_JOBS_FAILED
+    assert str(target) in error.one_line()
+    assert os.strerror(code) in error.one_line()
+    assert error.path == target and error.errno == code
+    if code == errno.ENOSPC:
+        assert "free some space" in error.hint
+    else:
+        assert "writable" in error.hint
+    assert target.read_bytes() == b"old content"
+    assert temp_files(tmp_path) == []
+
+
+def test_permission_denied_on_the_directory_names_the_file(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def deny(path, *args, **kwargs):
+        if str(path).endswith(".tmp"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(outputs.os, "open", deny)
+    with pytest.raises(OutputWriteError, match="cannot write .*run.json: Permission denied"):
+        write_run_summary(tmp_path, {"status": "ok"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_image_failing_on_the_sidecar_leaves_the_job_unfinished(tmp_path, monkeypatch):
+    job = make_job()
+    real_replace = os.replace
+
+    def replace(source, destination):
+        if str(destination).endswith(".json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    with pytest.raises(OutputWriteError, match="No space left on device"):
+        save_image(tmp_path, job, solid((9, 9, 9)), make_record(job))
+    assert image_path(tmp_path, job).exists() and not sidecar_path(tmp_path, job).exists()
+    assert finished_job_ids(tmp_path, [job]) == set()
+    assert temp_files(tmp_path) == []
+
+
+def test_remove_stale_temp_files_removes_dead_processes_leftovers_only(tmp_path):
+    (tmp_path / "dog").mkdir()
+    dead = tmp_path / "dog" / f".000-s1.png.{2**22 + 12345}.tmp"  # above any pid_max
+    mine = tmp_path / f".run.json.{os.getpid()}.tmp"
+    alive = tmp_path / f".index.jsonl.{os.getppid()}.tmp"  # another live process may still be writing
+    user_file = tmp_path / "dog" / "notes.tmp"
+    for path in (dead, mine, alive, user_file):
+        path.write_bytes(b"partial")
+    removed = remove_stale_temp_files(tmp_path)
+    assert sorted(removed) == sorted([dead, mine])
+    assert alive.exists() and user_file.exists()
+    assert remove_stale_temp_files(tmp_path / "missing") == []
+
+
+# PNG metadata and records --------------------------------------------------------------------------------
+
+
+def test_png_carries_a_parameters_chunk_and_the_full_record(tmp_path):
+    job = make_job(prompt_index=2, seed=123, negative_prompt="blurry, low quality", guidance_scale=3.0)
+    record = make_record(job)
+    path = save_image(tmp_path, job, solid((200, 10, 10)), record)
+
+    assert read_png_record(path) == record
+    parameters = read_png_parameters(path)
+    prompt_line, negative_line, settings = parameters.split("\n")
+    assert prompt_line == job.prompt
+    assert negative_line == "Negative prompt: blurry, low quality"
+    assert settings.startswith("Steps: 28, Sampler: FlowMatchEuler, CFG scale: 3.0, Seed: 123, Size: 512x512")
+    assert "Model: tiny" in settings and f"Job id: {job.job_id}" in settings
+    assert "Stage thresholds: 0.95/0.85" in settings and "Stage steps: 1/1/2" in settings
+    assert "True CFG scale" not in settings
+    with Image.open(path) as image:
+        assert image.size == (64, 64) and image.getpixel((0, 0)) == (200, 10, 10)
+
+
+def test_parameters_without_negative_prompt_and_non_latin_prompt(tmp_path):
+    job = make_job()
+    record = make_record(job, prompt="一只狗 on the moon")
+    path = tmp_path / "x.png"
+    atomic_write_bytes(path, encode_png(solid((0, 0, 0)), record))
+    lines = read_png_parameters(path).split("\n")
+    assert lines[0] == "一只狗 on the moon" and len(lines) == 2 and lines[1].startswith("Steps: 28")
+    assert read_png_record(path)["prompt"] == "一只狗 on the moon"
+
+
+def test_read_png_record_refuses_a_foreign_png(tmp_path):
+    path = tmp_path / "plain.png"
+    solid((1, 1, 1)).save(path)
+    with pytest.raises(ValueError, match="not written by squeeze"):
+        read_png_record(path)
+
+
+def test_image_record_holds_everything_needed_to_reproduce(tmp_path):
+    job = make_job(prompt_index=1, seed=42, true_cfg_scale=4.0, negative_prompt="x")
+    record = make_record(job)
+    assert record["job_id"] == job.job_id and record["seed"] == 42 and record["prompt"] == job.prompt
+    assert record["subject"] == "dog" and record["class_noun"] == "dog" and record["prompt_index"] == 1
+    assert record["params"] == {**SamplingParams(true_cfg_scale=4.0, negative_prompt="x").to_dict()}
+    assert record["stage_plan"] == STAGE_PLAN
+    assert record["steps_per_stage"] == {"mllm_only": 1, "mllm_and_reference": 1, "reference": 2}
+    assert record["model"]["transformer"]["revision"] == "abc123" and record["preset"] == "tiny"
+    assert record["versions"] == VERSIONS and record["timings"]["denoise"] == 1.2346
+    assert record["files"] == {"image": "dog/001-s42.png", "sidecar": "dog/001-s42.json"}
+    assert record["created_at"].endswith("+00:00")
+    json.dumps(record)  # plain JSON
+    assert "True CFG scale: 4.0" in outputs.parameters_text(record)
+
+
+def test_image_record_takes_a_stage_plan_object():
+    from squeeze_cli.stages import stage_plan
+
+    record = image_record(
+        make_job(), preset_name="paper", model_info={}, stage_plan=stage_plan(28, 512, 512), timings={}
+    )
+    assert record["steps_per_stage"] == {"mllm_only": 3, "mllm_and_reference": 4, "reference": 21}
+    assert len(record["stage_plan"]["stages"]) == 28 and record["versions"]["squeeze_cli"]
+    assert "Stage steps: 3/4/21" in outputs.parameters_text(record)
+
+
+def test_package_versions_without_importing_torch():
+    versions = outputs.package_versions()
+    assert versions["squeeze_cli"] and versions["python"] and "pillow" in versions
+
+
+# Resume -------------------------------------------------------------------------------------------------
+
+
+def test_finished_jobs_need_a_matching_sidecar_and_the_png(tmp_path):
+    done, no_png, other_id, no_sidecar, broken_sidecar = (make_job(seed=seed) for seed in range(5))
+    for job in (done, no_png, other_id, no_sidecar, broken_sidecar):
+        save_image(tmp_path, job, solid((5, 5, 5)), make_record(job))
+    image_path(tmp_path, no_png).unlink()
+    sidecar_path(tmp_path, no_sidecar).unlink()
+    sidecar_path(tmp_path, broken_sidecar).write_text('{"job_id": "trunc')
+    # The manifest changed this job (new prompt → new id): the old files do not count.
+    changed = make_job(seed=other_id.seed, job_id="ffffffffffffffff")
+    planned = [done, no_png, changed, no_sidecar, broken_sidecar]
+
+    assert finished_job_ids(tmp_path, planned) == {done.job_id}
+    assert finished_records(tmp_path, planned)[done.job_id]["seed"] == done.seed
+    assert finished_job_ids(tmp_path / "empty", planned) == set()
+
+
+# Run index ----------------------------------------------------------------------------------------------
+
+
+def test_append_index_writes_whole_lines_with_one_write(tmp_path, monkeypatch):
+    writes = []
+    real_write = os.write
+
+    def counting_write(fd, data):
+        writes.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(outputs.os, "write", counting_write)
+    job = make_job()
+    append_index(tmp_path, index_entry(make_record(job, prompt="line one\nline two")))
+    append_index(tmp_path, failed_index_entry(make_job(seed=8), "CUDA out of memory"))
+    assert len(writes) == 2 and all(data.endswith(b"\n") and data.count(b"\n") == 1 for data in writes)
+    entries = read_index(tmp_path)
+    assert [entry["status"] for entry in entries] == ["ok", "failed"]
+    assert entries[0]["image"] == "dog/000-s7.png" and entries[0]["prompt"] == "line one\nline two"
+    assert entries[1]["error"] == "CUDA out of memory"
+
+
+def test_append_index_after_a_cut_off_line_starts_a_new_line(tmp_path):
+    (tmp_path / "index.jsonl").write_bytes(b'{"job_id": "a", "status": "ok"}\n{"job_id": "b", "sta')
+    append_index(tmp_path, {"job_id": "c", "status": "ok"})
+    assert [entry["job_id"] for entry in read_index(tmp_path)] == ["a", "c"]
+
+
+def test_append_index_short_write_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs.os, "write", lambda fd, data: len(data) // 2)
+    with pytest.raises(OutputWriteError, match="index.jsonl") as caught:
+        append_index(tmp_path, {"job_id": "a", "status": "ok"})
+    assert caught.value.errno == errno.ENOSPC
+
+
+def test_repair_index_drops_broken_and_duplicate_lines_and_adds_missing_ones(tmp_path):
+    jobs = [make_job(seed=seed) for seed in range(5)]
+    records = {job.job_id: make_record(job) for job in jobs[:4]}
+    lines = [
+        index_entry(records[jobs[0].job_id]),
+        failed_index_entry(jobs[1], "out of memory"),  # failed once, finished since
+        index_entry(records[jobs[1].job_id]),
+        index_entry(records[jobs[0].job_id]),  # duplicate
+        {"job_id": "from-an-older-manifest", "status": "ok"},  # not in this run: kept
+        failed_index_entry(jobs[4], "out of memory"),  # runs again now: its new line will be the one
+    ]
+    text = (
+        "".join(json.dumps(line) + "\n" for line in lines)
+        + "not json\n"
+        + '{"job_id": "'
+        + jobs[2].job_id[:5]
+    )
+    (tmp_path / "index.jsonl").write_text(text)
+
+    assert repair_index(tmp_path, records, pending_job_ids=[jobs[4].job_id]) is True
+    entries = read_index(tmp_path)
+    raw_lines = (tmp_path / "index.jsonl").read_text().splitlines()
+    assert len(raw_lines) == len(entries)  # every line is valid now
+    ids = [entry["job_id"] for entry in entries]
+    assert sorted(ids) == sorted([*records, "from-an-older-manifest"])  # one line per job
+    assert all(entry["status"] == "ok" for entry in entries)
+    # jobs[2] and jobs[3] finished but the run died before their index line: added from the sidecar data.
+    assert {entry["image"] for entry in entries if entry["job_id"] in (jobs[2].job_id, jobs[3].job_id)} == {
+        "dog/000-s2.png",
+        "dog/000-s3.png",
+    }
+    assert temp_files(tmp_path) == []
+
+    mtime = (tmp_path / "index.jsonl").stat().st_mtime_ns
+    assert repair_index(tmp_path, list(records.values()), pending_job_ids=[jobs[4].job_id]) is False
+    assert (tmp_path / "index.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_repair_index_without_an_index(tmp_path):
+    assert repair_index(tmp_path, {}) is False and not (tmp_path / "index.jsonl").exists()
+    job = make_job()
+    assert repair_index(tmp_path, {job.job_id: make_record(job)}) is True
+    assert [entry["job_id"] for entry in read_index(tmp_path)] == [job.job_id]
+
+
+def test_crash_between_sidecar_and_index_is_repaired_on_resume(tmp_path):
+    jobs = [make_job(seed=seed) for seed in range(3)]
+    for job in jobs:
+        record = make_record(job)
+        save_image(tmp_path, job, solid((1, 1, 1)), record)
+        if job.seed != 2:  # "killed" after the sidecar of the last job, before its index line
+            append_index(tmp_path, index_entry(record))
+    done = finished_records(tmp_path, jobs)
+    pending = [job.job_id for job in jobs if job.job_id not in done]
+    assert pending == [] and repair_index(tmp_path, done, pending_job_ids=pending)
+    assert sorted(entry["job_id"] for entry in read_index(tmp_path)) == sorted(job.job_id for job in jobs)
+
+
+# Run-level files ----------------------------------------------------------------------------------------
+
+
+def test_run_summary_and_resolved_manifest(tmp_path):
+    write_run_summary(tmp_path, {"jobs": {"planned": 2, "succeeded": 2}, "command": ["squeeze", "gen"]})
+    write_resolved_manifest(tmp_path, "subjects: []")
+    assert json.loads((tmp_path / "run.json").read_text())["jobs"]["succeeded"] == 2
+    assert (tmp_path / "manifest.resolved.yaml").read_text() == "subjects: []\n"
+    assert temp_files(tmp_path) == []
+
+
+# Grids --------------------------------------------------------------------------------------------------
+
+
+def close(pixel: tuple[int, ...], expected: tuple[int, ...], tolerance: int = 8) -> bool:
+    """JPEG references come back a few levels off."""
+    return all(abs(a - b) <= tolerance for a, b in zip(pixel, expected, strict=True))
+
+
+def dark_pixels(image: Image.Image, box: tuple[int, int, int, int]) -> int:
+    """Pixels darker than mid grey in `box`: label text on the white background."""
+    return sum(image.crop(box).convert("L").histogram()[:128])
+
+
+def test_prompt_grid_shows_references_and_seeds_with_labels(tmp_path):
+    references = []
+    rotated = Image.new("RGB", (120, 60), (0, 0, 255))  # stored sideways; EXIF says rotate 90
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(tmp_path / "ref-rotated.jpg", exif=exif)
+    references.append(tmp_path / "ref-rotated.jpg")
+    Image.new("RGBA", (80, 80), (0, 255, 0, 128)).save(tmp_path / "ref-alpha.png")
+    references.append(tmp_path / "ref-alpha.png")
+    Image.new("I;16", (50, 50), 40000).save(tmp_path / "ref-16bit.png")
+    references.append(tmp_path / "ref-16bit.png")
+    generated = []
+    for seed in (1, 2):
+        path = tmp_path / f"gen-{seed}.png"
+        solid((255, 0, 0), (128, 128)).save(path)
+        generated.append((seed, path))
+    generated.append((3, None))  # a failed job: a grey tile
+
+    grid = write_prompt_grid(
+        tmp_path / "out", "dog", 4, "a dog " * 100, references, generated, thumb_height=64
+    )
+    assert grid == tmp_path / "out" / "dog" / "grid-004.png"
+    with Image.open(grid) as image:
+        image = image.convert("RGB")
+    # caption + one row; tiles: ref 1 is upright (60 wide x 120 high → 32x64), ref 2 and 3 64x64,
+    # three 64x64 generated tiles.
+    pad, gap = outputs._PAD, outputs._GAP
+    caption_height = outputs._line_height(outputs._font(18)) + 2 * pad
+    label_height = outputs._line_height(outputs._font(14)) + 6
+    assert image.height == caption_height + 64 + label_height + pad + pad
+    assert image.width == pad + (32 + pad) + 2 * (64 + pad) + gap + 3 * (64 + pad)
+    y = caption_height
+    assert close(image.getpixel((pad + 16, y + 32)), (0, 0, 255))  # upright reference, blue
+    assert image.getpixel((pad + 32 + pad + 32, y + 32))[1] > 200  # alpha flattened onto white: light green
+    assert (
+        140 < image.getpixel((pad + 32 + pad + 64 + pad + 32, y + 32))[0] < 170
+    )  # 16-bit scaled, not clipped
+    first_generated_x = pad + (32 + pad) + 2 * (64 + pad) + gap
+    assert image.getpixel((first_generated_x + 32, y + 32)) == (255, 0, 0)
+    assert image.getpixel((first_generated_x + 2 * (64 + pad) + 32, y + 32)) == outputs._PLACEHOLDER
+    assert dark_pixels(image, (0, 0, image.width, caption_height)) > 50  # the caption
+    label_box = (first_generated_x, y + 64, first_generated_x + 64, y + 64 + label_height)
+    assert dark_pixels(image, label_box) > 20  # "seed 1"
+    assert temp_files(tmp_path) == []
+
+
+def test_prompt_grid_wraps_many_seeds(tmp_path):
+    path = tmp_path / "gen.png"
+    solid((0, 128, 0)).save(path)
+    grid = write_prompt_grid(
+        tmp_path, "cat", 0, "p", [], [(seed, path) for seed in range(5)], thumb_height=32, max_columns=2
+    )
+    with Image.open(grid) as image:
+        rows = 3
+        label_height = outputs._line_height(outputs._font(14)) + 6
+        caption_height = outputs._line_height(outputs._font(18)) + 2 * outputs._PAD
+        assert image.height == caption_height + rows * (32 + label_height + outputs._PAD) + outputs._PAD
+        assert image.width == max(outputs._PAD + 2 * (32 + outputs._PAD), 64)
+
+
+def test_contact_sheet_has_a_reference_row_and_one_row_per_prompt(tmp_path):
+    reference = tmp_path / "ref.jpg"
+    solid((0, 0, 200), (100, 100)).save(reference)
+    colors = [(250, 0, 0), (0, 160, 0)]
+    rows = []
+    for prompt_index, color in enumerate(colors):
+        entries = []
+        for seed in range(3):
+            path = tmp_path / f"{prompt_index}-{seed}.png"
+            solid(color, (96, 96)).save(path)
+            entries.append((seed, path))
+        rows.append(SheetRow(prompt_index, f"prompt {prompt_index}", entries))
+
+    sheet = write_contact_sheet(tmp_path / "out", "dog", [reference], rows, thumb_height=48, max_columns=2)
+    assert sheet == tmp_path / "out" / "dog" / "contact-sheet.png"
+    with Image.open(sheet) as image:
+        image = image.convert("RGB")
+    pad = outputs._PAD
+    caption_height = outputs._line_height(outputs._font(16)) + pad
+    block = caption_height + 48 + outputs._line_height(outputs._font(14)) + 6 + pad
+    assert image.size == (max(pad + 2 * (48 + pad), 3 * 48), 3 * block + pad)
+    assert close(image.getpixel((pad + 24, pad + caption_height + 24)), (0, 0, 200))
+    for row, color in enumerate(colors, start=1):
+        top = pad + row * block
+        assert image.getpixel((pad + 24, top + caption_height + 24)) == color
+        assert (
+            dark_pixels(image, (0, top, image.width, top + caption_height)) > 30
+        )  # "#000  prompt 0 (+1 more)"
+    assert ImageStat.Stat(image).extrema[0][0] < 50  # not blank

@@ -1,0 +1,95 @@
+"""The stage plan: FLUX's σ schedule reproduced exactly, and the stage of each step."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from squeeze_cli.stages import DEFAULT_SCHEDULER_CONFIG, StagePlan, stage_plan
+
+
+def test_paper_default_28_steps_512():
+    plan = stage_plan(28, 512, 512, (0.95, 0.85))
+    assert plan.counts == (3, 4, 21)
+    assert plan.stages[:3] == (1, 1, 1)
+    assert plan.stages[3:7] == (2, 2, 2, 2)
+    assert set(plan.stages[7:]) == {3}
+    assert plan.mu == pytest.approx(0.63)
+
+
+@pytest.mark.parametrize(
+    ("size", "steps", "counts"),
+    [(512, 20, (2, 3, 15)), (512, 50, (5, 8, 37)), (1024, 28, (4, 7, 17)), (1024, 50, (8, 10, 32))],
+)
+def test_counts_at_other_sizes(size, steps, counts):
+    assert stage_plan(steps, size, size).counts == counts
+
+
+@pytest.mark.parametrize(
+    ("steps", "height", "width"), [(28, 512, 512), (4, 64, 64), (50, 1024, 768), (7, 320, 1280)]
+)
+def test_matches_the_real_scheduler_exactly(steps, height, width):
+    plan = stage_plan(steps, height, width)
+    scheduler = FlowMatchEulerDiscreteScheduler(**DEFAULT_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(sigmas=list(plan.sigmas), mu=plan.mu)
+    assert torch.equal(scheduler.sigmas[:-1], torch.tensor(plan.shifted_sigmas, dtype=torch.float32))
+    assert len(plan.stages) == len(scheduler.timesteps) == steps
+
+
+def test_accepts_a_scheduler_config_and_static_shift():
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
+    plan = stage_plan(10, 512, 512, scheduler_config=scheduler.config)
+    assert plan.mu is None
+    scheduler.set_timesteps(sigmas=list(plan.sigmas))
+    assert torch.equal(scheduler.sigmas[:-1], torch.tensor(plan.shifted_sigmas, dtype=torch.float32))
+
+
+def test_sigmas_are_monotone_and_thresholds_follow_sigma():
+    plan = stage_plan(28, 1024, 1024, (0.9, 0.5))
+    assert list(plan.shifted_sigmas) == sorted(plan.shifted_sigmas, reverse=True)
+    for sigma, stage in zip(plan.shifted_sigmas, plan.stages, strict=True):
+        assert stage == (1 if sigma >= 0.9 else 2 if sigma >= 0.5 else 3)
+
+
+def test_zero_thresholds_mean_mllm_only_throughout():
+    assert stage_plan(28, 512, 512, (0.0, 0.0)).counts == (28, 0, 0)
+
+
+def test_equal_thresholds_skip_stage_two():
+    counts = stage_plan(28, 512, 512, (0.85, 0.85)).counts
+    assert counts[1] == 0 and counts[0] + counts[2] == 28
+
+
+def test_to_dict_is_json():
+    plan = stage_plan(28, 512, 512)
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert data["counts"] == [3, 4, 21]
+    assert data["stage_thresholds"] == [0.95, 0.85]
+    assert len(data["stages"]) == len(data["shifted_sigmas"]) == 28
+    assert isinstance(plan, StagePlan)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"height": 500}, "height"),
+        ({"width": -16}, "width"),
+        ({"stage_thresholds": (0.5, 0.9)}, "stage_thresholds"),
+        ({"stage_thresholds": (1.5, 0.9)}, "stage_thresholds"),
+        ({"stage_thresholds": (0.9,)}, "stage_thresholds"),
+        ({"scheduler_config": {"use_karras_sigmas": True}}, "scheduler_config"),
+    ],
+)
+def test_invalid_arguments(kwargs, name):
+    args = {"num_inference_steps": 28, "height": 512, "width": 512, **kwargs}
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        stage_plan(**args)
+
+
+def test_module_is_torch_free():
+    code = "import sys, squeeze_cli.stages; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
