@@ -80,11 +80,15 @@ def main() -> None:
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
 
-    print(f"jobs planned      {len(jobs):,} ({args.subjects} subjects, {args.seeds_per_prompt} seeds per prompt)")
+    print(
+        f"jobs planned      {len(jobs):,} "
+        f"({args.subjects} subjects, {args.seeds_per_prompt} seeds per prompt)"
+    )
     print(f"load_manifest     median {statistics.median(load_times):.3f} s over {args.runs} runs")
     print(f"plan_jobs         median {statistics.median(plan_times):.3f} s")
     print(f"shard_jobs (1/8)  median {statistics.median(shard_times):.3f} s")
-    print(f"total             median {statistics.median(a + b for a, b in zip(load_times, plan_times)):.3f} s")
+    totals = [a + b for a, b in zip(load_times, plan_times, strict=True)]
+    print(f"total             median {statistics.median(totals):.3f} s")
     print(f"peak memory       {peak / 2**20:.1f} MiB (tracemalloc, load + plan)")
 
 

@@ -33,7 +33,7 @@ from squeeze_cli.manifest import (
 )
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
-# Setting one of these in a manifest replaces the recipe's model source as a whole.
+# Setting `builtin` or `pipeline` in a manifest replaces the recipe's model source as a whole.
 _SOURCE_KEYS = ("builtin", "pipeline", "components")
 
 
@@ -122,13 +122,18 @@ def recipe_text(name_or_path: str, relative_to: str | os.PathLike | None = None)
 def merge_model(recipe_model: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """The recipe's model section with a manifest's `model:` overrides merged in (mappings merge deeply).
 
-    A manifest that sets `builtin`, `pipeline` or `components` names its own model: the recipe's source
-    (all three keys) is dropped rather than mixed in.
+    A manifest that sets `builtin` or `pipeline` names its own model: the recipe's source (`builtin`,
+    `pipeline` and `components`) is dropped rather than mixed in. `components` alone replaces the named
+    components, each as a whole (a subfolder or revision belongs to its path), and keeps the others.
     """
     merged = dict(recipe_model)
-    if any(key in overrides for key in _SOURCE_KEYS):
+    if "builtin" in overrides or "pipeline" in overrides:
         for key in _SOURCE_KEYS:
             merged.pop(key, None)
+    components = overrides.get("components")
+    if isinstance(components, Mapping) and isinstance(merged.get("components"), Mapping):
+        merged["components"] = {**merged["components"], **components}
+        overrides = {key: value for key, value in overrides.items() if key != "components"}
     return _deep_merge(merged, overrides)
 
 

@@ -11,7 +11,7 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -44,7 +44,7 @@ app = typer.Typer(
 # Options shared by the commands that read a manifest (`validate` here, `gen` in its own issue).
 ManifestArg = Annotated[str, typer.Argument(help="The manifest YAML file.", show_default=False)]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option(
         "--set",
         metavar="PATH=VALUE",
@@ -53,11 +53,11 @@ SetOpt = Annotated[
     ),
 ]
 RecipeOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--recipe", metavar="NAME|PATH", help="Model preset to use instead of the manifest's."),
 ]
 MaxJobsOpt = Annotated[
-    Optional[int],
+    int | None,
     typer.Option("--max-jobs", min=1, metavar="N", help="Refuse plans with more jobs (default 100000)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document instead of text.")]
@@ -73,7 +73,9 @@ def _version_callback(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit."),
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Show the version and exit."
+        ),
     ] = False,
 ) -> None:
     """Subject-driven image generation in batches: many images of one subject, from a YAML manifest."""
@@ -113,7 +115,7 @@ def validate(
 
 @app.command("recipes")
 def recipes_command(
-    name: Annotated[Optional[str], typer.Argument(help="Show this preset's YAML.")] = None,
+    name: Annotated[str | None, typer.Argument(help="Show this preset's YAML.")] = None,
 ) -> None:
     """List the packaged model presets, or show one."""
     from squeeze_cli.recipes import list_recipes, recipe_text
@@ -128,10 +130,76 @@ def recipes_command(
     typer.echo("\nShow one with `squeeze recipes NAME`; use it with `recipe: NAME` or `--recipe NAME`.")
 
 
-# `squeeze gen` is added here by the runner issue: declare it with @app.command() using the shared
-# options above (ManifestArg, SetOpt, RecipeOpt, MaxJobsOpt), load with `load_from_cli`, and import
-# squeeze_cli.runner *inside* the command so torch is only imported when generating. A command may return
-# an int: `main` exits with it (e.g. EXIT_JOBS_FAILED).
+def _parse_shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    from squeeze_cli.errors import UsageError
+
+    index, _, count = value.partition("/")
+    if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        raise UsageError(f"--shard {value}: expected I/N with 0 <= I < N", "e.g. --shard 0/4 ... --shard 3/4")
+    return int(index), int(count)
+
+
+@app.command(epilog=EPILOG)
+def gen(
+    manifest: ManifestArg,
+    recipe: RecipeOpt = None,
+    out: Annotated[
+        str | None, typer.Option("--out", metavar="DIR", help="Output directory (default: the manifest's output.dir).")
+    ] = None,
+    set_: SetOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Regenerate every job (default: resume, skipping finished ones).")
+    ] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option("--shard", metavar="I/N", help="Run only part I of N (0-based), e.g. one task of a job array."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, metavar="N", help="Images per forward pass.")] = 1,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", metavar="float32|bfloat16|float16", help="Overrides the preset's dtype.")
+    ] = None,
+    offload: Annotated[
+        str, typer.Option("--offload", metavar="none|model|sequential", help="CPU offloading on a GPU.")
+    ] = "none",
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Accept pickle-based (.bin) weights; safetensors only by default.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and report what would run; load nothing.")] = False,
+    max_jobs: MaxJobsOpt = None,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON event per line on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")] = False,
+) -> int:
+    """Generate every image of a manifest that is not already done.
+
+    Precedence: preset < manifest < --set < explicit flags. Run it again after a crash or Ctrl-C: finished
+    images are kept and skipped. For several GPUs: accelerate launch --multi_gpu --num_processes N -m
+    squeeze_cli gen MANIFEST.
+    """
+    from pathlib import Path
+
+    from squeeze_cli.errors import UsageError
+
+    if offload not in ("none", "model", "sequential"):
+        raise UsageError(f"--offload {offload}: expected none, model or sequential")
+    overrides = list(set_ or ()) + ([f"model.dtype={dtype}"] if dtype is not None else [])
+    loaded = load_from_cli(manifest, overrides, recipe, max_jobs)
+    from squeeze_cli.runner import GenOptions, run_gen
+
+    options = GenOptions(
+        out=Path(out) if out is not None else None,
+        overwrite=overwrite,
+        shard=_parse_shard(shard),
+        batch_size=batch_size,
+        device=device,
+        offload=offload,
+        dry_run=dry_run,
+        allow_pickle=allow_pickle,
+        command=["squeeze", *sys.argv[1:]],
+    )
+    return run_gen(loaded, options, json_events=json_output, quiet=quiet)
 
 
 # Reporting -------------------------------------------------------------------------------------------

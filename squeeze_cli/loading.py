@@ -93,7 +93,7 @@ def _load_component(name: str, source: Any, *, dtype: torch.dtype, spec: ModelSp
         kwargs["revision"] = source.revision
     if name in ("mllm", "aggregator", "transformer", "vae"):
         kwargs["use_safetensors"] = not allow_pickle
-        kwargs["dtype" if name == "mllm" else "torch_dtype"] = dtype
+        kwargs["dtype"] = dtype
     if name in ("mllm", "tokenizer", "image_processor"):
         kwargs["trust_remote_code"] = spec.trust_remote_code
     if name == "image_processor":
@@ -132,7 +132,7 @@ def load_pipeline(
             pipe = SqueezePipeline(**overrides)
         else:
             pipe = SqueezePipeline.from_pretrained(
-                source, torch_dtype=dtype, use_safetensors=not allow_pickle, **overrides
+                source, dtype=dtype, use_safetensors=not allow_pickle, **overrides
             )
     except (OSError, ValueError, EnvironmentError) as error:
         raise _load_error("the pipeline", source or "components", error) from error

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -66,7 +66,7 @@ COMPONENT_NAMES = ("mllm", "tokenizer", "image_processor", "aggregator", "transf
 # default to the mllm's source.
 REQUIRED_COMPONENTS = ("mllm", "aggregator", "transformer", "vae", "scheduler")
 
-FieldPath = tuple[Union[str, int], ...]
+FieldPath = tuple[str | int, ...]
 
 
 def format_field_path(path: Sequence[str | int]) -> str:
@@ -142,9 +142,7 @@ def _unique_seeds(value: list[int]) -> list[int]:
 StepsInt = Annotated[StrictInt, AfterValidator(_steps)]
 SideInt = Annotated[StrictInt, AfterValidator(_multiple_of_16)]
 Guidance = Annotated[float, Field(strict=True), AfterValidator(_finite_number(0.0))]
-TrueCfg = Annotated[
-    float, Field(strict=True), AfterValidator(_finite_number(1.0, "1.0 turns true CFG off"))
-]
+TrueCfg = Annotated[float, Field(strict=True), AfterValidator(_finite_number(1.0, "1.0 turns true CFG off"))]
 Thresholds = Annotated[
     tuple[Annotated[float, Field(strict=True)], Annotated[float, Field(strict=True)]],
     BeforeValidator(_thresholds),
@@ -183,11 +181,9 @@ def _seeds_kind(value: Any) -> str | None:
     return None
 
 
+SeedList = Annotated[list[SeedInt], AfterValidator(_unique_seeds)]
 Seeds = Annotated[
-    Union[
-        Annotated[Annotated[list[SeedInt], AfterValidator(_unique_seeds)], Tag("list")],
-        Annotated[SeedRange, Tag("range")],
-    ],
+    Annotated[SeedList, Tag("list")] | Annotated[SeedRange, Tag("range")],
     Discriminator(_seeds_kind, custom_error_type="seeds_shape", custom_error_message="bad seeds"),
 ]
 
@@ -206,9 +202,17 @@ class SamplingOverrides(_Schema):
     reference_size: SideInt | None = None
     seeds: Seeds | None = None
 
+    @field_validator(*[key for key in SAMPLING_KEYS if key != "negative_prompt"], "seeds", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        # `key: null` would silently mean "unset"; only negative_prompt has a meaningful null.
+        if value is None:
+            raise _fail("expected a value, got null", "remove the key to use the default")
+        return value
+
     def explicit(self) -> dict[str, Any]:
         """The sampling parameters this level sets (``seeds`` excluded)."""
-        return {key: getattr(self, key) for key in SAMPLING_KEYS if key in self.model_fields_set}
+        return {key: getattr(self, key) for key in self.model_fields_set.intersection(SAMPLING_KEYS)}
 
 
 class PromptSpec(SamplingOverrides):
@@ -293,7 +297,9 @@ class ModelSpec(_Schema):
         if self.builtin and self.pipeline:
             raise _fail("set either `builtin` or `pipeline`, not both")
         if self.builtin and self.components:
-            raise _fail("`components` cannot be combined with `builtin`", "use `pipeline:` or components only")
+            raise _fail(
+                "`components` cannot be combined with `builtin`", "use `pipeline:` or components only"
+            )
         if not self.builtin and not self.pipeline:
             missing = [name for name in REQUIRED_COMPONENTS if name not in self.components]
             if missing:
@@ -319,7 +325,9 @@ class Manifest(_Schema):
     @classmethod
     def _check_version(cls, value: int) -> int:
         if value != MANIFEST_VERSION:
-            raise _fail(f"unsupported manifest version {value}", f"this squeeze reads `version: {MANIFEST_VERSION}`")
+            raise _fail(
+                f"unsupported manifest version {value}", f"this squeeze reads `version: {MANIFEST_VERSION}`"
+            )
         return value
 
     @field_validator("max_jobs")
@@ -359,7 +367,9 @@ class YamlDocument:
                 return self.marks[path[:end]]
         return Location(self.file)
 
-    def problem(self, path: FieldPath, message: str, hint: str | None = None, *, key: bool = False) -> Problem:
+    def problem(
+        self, path: FieldPath, message: str, hint: str | None = None, *, key: bool = False
+    ) -> Problem:
         where = self.locate(path, key=key)
         return Problem(where.file, where.line, where.column, format_field_path(path), message, hint)
 
@@ -374,18 +384,25 @@ def load_yaml(text: str, file: str) -> YamlDocument:
     Syntax errors, tabs, several documents and duplicate keys become `Problem`s in the result.
     """
     document = YamlDocument(data=None, file=file)
-    loader = yaml.SafeLoader(text)
+    # libyaml's parser when present (10x faster on big manifests); the constructor is SafeConstructor
+    # either way, so Python tags are refused.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
     try:
         node = loader.get_single_node()
         if node is None:
             document.problems.append(Problem(file, None, None, "", "the file is empty"))
+            return document
+        # Walk the node tree before constructing: construction flattens `<<` merges into the mappings.
+        budget = [MAX_YAML_NODES]
+        _walk(node, (), document, on_stack=set(), budget=budget)
+        if budget[0] < 0:  # do not hand an exponentially aliased tree to the validator
             return document
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = _location(file, mark)
         message = " ".join(part for part in (error.context, error.problem) if part) or str(error)
-        hint = "YAML indents with spaces, never tabs" if "\\t" in message or "\t" in message else None
+        hint = "YAML indents with spaces, never tabs" if _tab_at(text, mark) else None
         document.problems.append(Problem(file, where.line, where.column, "", message, hint))
         return document
     except yaml.YAMLError as error:
@@ -394,11 +411,17 @@ def load_yaml(text: str, file: str) -> YamlDocument:
     finally:
         loader.dispose()
     document.data = data
-    _walk(loader, node, (), document, on_stack=set(), budget=[MAX_YAML_NODES])
     return document
 
 
-def _walk(loader: yaml.SafeLoader, node: Any, path: FieldPath, document: YamlDocument, on_stack, budget) -> None:
+def _tab_at(text: str, mark: Any) -> bool:
+    if mark is None:
+        return False
+    lines = text.splitlines()
+    return mark.line < len(lines) and "\t" in lines[mark.line][: mark.column + 1]
+
+
+def _walk(node: Any, path: FieldPath, document: YamlDocument, on_stack, budget) -> None:
     budget[0] -= 1
     if budget[0] < 0:
         if budget[0] == -1:
@@ -412,7 +435,7 @@ def _walk(loader: yaml.SafeLoader, node: Any, path: FieldPath, document: YamlDoc
     on_stack.add(id(node))
     if isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _walk(loader, item, (*path, index), document, on_stack, budget)
+            _walk(item, (*path, index), document, on_stack, budget)
     elif isinstance(node, yaml.MappingNode):
         first_seen: dict[Any, Any] = {}
         for key_node, value_node in node.value:
@@ -424,8 +447,10 @@ def _walk(loader: yaml.SafeLoader, node: Any, path: FieldPath, document: YamlDoc
                         for merged_key, merged_value in source.value:
                             key = _scalar_key(merged_key)
                             if key is not None:
-                                document.key_marks.setdefault((*path, key), _location(document.file, merged_key.start_mark))
-                                _walk(loader, merged_value, (*path, key), document, on_stack, budget)
+                                document.key_marks.setdefault(
+                                    (*path, key), _location(document.file, merged_key.start_mark)
+                                )
+                                _walk(merged_value, (*path, key), document, on_stack, budget)
                 continue
             key = _scalar_key(key_node)
             if key is None:
@@ -447,7 +472,7 @@ def _walk(loader: yaml.SafeLoader, node: Any, path: FieldPath, document: YamlDoc
             first_seen[key] = key_node
             document.key_marks[(*path, key)] = _location(document.file, key_node.start_mark)
             document.marks.pop((*path, key), None)  # an explicit key beats one merged in earlier
-            _walk(loader, value_node, (*path, key), document, on_stack, budget)
+            _walk(value_node, (*path, key), document, on_stack, budget)
     on_stack.discard(id(node))
 
 
@@ -608,7 +633,9 @@ _TYPE_MESSAGES = {
 }
 
 
-def _problem_from_error(error: dict, document: YamlDocument, root: type[BaseModel], prefix: FieldPath) -> Problem:
+def _problem_from_error(
+    error: dict, document: YamlDocument, root: type[BaseModel], prefix: FieldPath
+) -> Problem:
     data = document.data
     for part in prefix:
         data = data[part]
@@ -629,7 +656,11 @@ def _problem_from_error(error: dict, document: YamlDocument, root: type[BaseMode
         model = _model_at(root, path[len(prefix) : -1]) if path else None
         allowed = [f.alias or n for n, f in model.model_fields.items()] if model else []
         close = difflib.get_close_matches(str(path[-1]), allowed, n=1, cutoff=0.6)
-        hint = f"did you mean `{close[0]}`?" if close else (f"allowed: {', '.join(allowed)}" if allowed else None)
+        hint = (
+            f"did you mean `{close[0]}`?"
+            if close
+            else (f"allowed: {', '.join(allowed)}" if allowed else None)
+        )
         return document.problem(path, message, hint, key=True)
     elif kind in _TYPE_MESSAGES:
         message = f"{_TYPE_MESSAGES[kind]}, got {_describe(value)}"
@@ -713,7 +744,11 @@ class LoadedManifest:
                     **({"class": subject.class_noun} if subject.class_noun is not None else {}),
                     "references": list(subject.references),
                     "prompts": [
-                        {"text": prompt.template, **prompt.params.to_dict(), "seeds": _seeds_to_yaml(prompt.seeds)}
+                        {
+                            "text": prompt.template,
+                            **prompt.params.to_dict(),
+                            "seeds": _seeds_to_yaml(prompt.seeds),
+                        }
                         for prompt in subject.prompts
                     ],
                 }
@@ -789,7 +824,9 @@ def load_manifest(
 
 def sort_problems(problems: Sequence[Problem]) -> list[Problem]:
     """File problems in line order first, then those located at command-line flags, in flag order."""
-    return sorted(problems, key=lambda p: (p.file.startswith("--"), p.line is not None, p.line or 0, p.column or 0))
+    return sorted(
+        problems, key=lambda p: (p.file.startswith("--"), p.line is not None, p.line or 0, p.column or 0)
+    )
 
 
 class _ManifestHead(Manifest):
@@ -803,7 +840,11 @@ class _Resolver:
     """
 
     def __init__(
-        self, document: YamlDocument, head: Manifest | None, subjects: list[Subject | None], manifest_path: Path
+        self,
+        document: YamlDocument,
+        head: Manifest | None,
+        subjects: list[Subject | None],
+        manifest_path: Path,
     ):
         self.document = document
         self.head = head
@@ -969,7 +1010,9 @@ class _Resolver:
             if name == "class":
                 if subject.class_noun is None:
                     self.problem(
-                        text_path, "uses {class} but the subject has no class noun", "add `class: <noun>` to it"
+                        text_path,
+                        "uses {class} but the subject has no class noun",
+                        "add `class: <noun>` to it",
                     )
                 return subject.class_noun or ""
             self.problem(
@@ -979,7 +1022,11 @@ class _Resolver:
             )
             return token
 
-        text = _PLACEHOLDER_RE.sub(replace_placeholder, template)
+        text = (
+            _PLACEHOLDER_RE.sub(replace_placeholder, template)
+            if "{" in template or "}" in template
+            else template
+        )
         if not text.strip():
             self.problem(text_path, "the prompt is empty")
         return text
@@ -1008,7 +1055,9 @@ class _Resolver:
             elif not os.path.exists(absolute):
                 self.problem(ref_path, f"no such file: {pattern!r}", folder_hint)
             elif not os.path.isfile(absolute):
-                self.problem(ref_path, f"{pattern!r} is not a file", f"to use every image in it: '{pattern}/*'")
+                self.problem(
+                    ref_path, f"{pattern!r} is not a file", f"to use every image in it: '{pattern}/*'"
+                )
             else:
                 found.setdefault(os.path.normpath(absolute), ref_index)
         references = tuple(sorted(found))
@@ -1025,7 +1074,7 @@ def check_image_header(path: str) -> str | None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # PIL warns between 1x and 2x its limit, raises above
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path, formats=REFERENCE_FORMATS) as image:
                 width, height = image.size

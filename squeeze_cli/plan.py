@@ -11,7 +11,7 @@ import bisect
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from squeeze_cli.errors import ManifestError, Problem
@@ -57,7 +57,7 @@ class SamplingParams:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (thresholds as a list), used in sidecars and job ids."""
-        data = asdict(self)
+        data = self.to_pipeline_kwargs()
         data["stage_thresholds"] = list(self.stage_thresholds)
         return data
 
@@ -86,7 +86,7 @@ def estimate_cost(params: SamplingParams, num_references: int) -> float:
     ``reference_size**2`` pixels' worth of tokens to every step (attention's quadratic term is ignored).
     """
     pixels = params.height * params.width + num_references * params.reference_size**2
-    passes = 2 if params.true_cfg_scale > 1.0 and params.negative_prompt else 1
+    passes = 2 if params.true_cfg_scale > 1.0 and params.negative_prompt is not None else 1
     return passes * params.num_inference_steps * pixels / _COST_UNIT
 
 
@@ -104,15 +104,25 @@ def file_digest(path: str, cache: dict[str, bytes] | None = None) -> bytes:
     return result
 
 
-def _prompt_hasher(reference_digests: Sequence[bytes], prompt: str, params: SamplingParams, model: str):
-    # Everything except the seed goes into one prefix that each seed copies, so a 100k-job plan
-    # hashes its JSON once per prompt, not once per job. The JSON is self-delimiting, so appending
-    # "\nseed=<n>" cannot collide with another (prompt, seed) pair.
+def _references_hasher(reference_digests: Sequence[bytes]):
     hasher = hashlib.sha256(JOB_ID_SCHEME)
-    for digest in reference_digests:
+    for digest in reference_digests:  # fixed-size digests: concatenation is unambiguous
         hasher.update(digest)
-    payload = {"model": model, "params": params.to_dict(), "prompt": prompt}
-    hasher.update(json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode())
+    return hasher
+
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _prompt_hasher(references_hasher, prompt: str, params_json: str, model_json: str):
+    # Everything except the seed goes into one prefix that each seed copies, so a 100k-job plan
+    # hashes its JSON once per prompt, not once per job. The payload is exactly
+    # _canonical_json({"model": ..., "params": ..., "prompt": ...}), assembled from cached parts; it is
+    # self-delimiting, so appending "\nseed=<n>" cannot collide with another (prompt, seed) pair.
+    hasher = references_hasher.copy()
+    payload = f'{{"model":{model_json},"params":{params_json},"prompt":{_canonical_json(prompt)}}}'
+    hasher.update(payload.encode())
     hasher.update(b"\nseed=")
     return hasher
 
@@ -121,7 +131,12 @@ def job_id(
     reference_digests: Sequence[bytes], prompt: str, seed: int, params: SamplingParams, model_identity: str
 ) -> str:
     """The id of one image: a hash of the references' bytes, the prompt, the seed, the params and model."""
-    hasher = _prompt_hasher(reference_digests, prompt, params, model_identity)
+    hasher = _prompt_hasher(
+        _references_hasher(reference_digests),
+        prompt,
+        _canonical_json(params.to_dict()),
+        _canonical_json(model_identity),
+    )
     hasher.update(str(seed).encode())
     return hasher.hexdigest()[:JOB_ID_LENGTH]
 
@@ -147,16 +162,24 @@ def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -
         raise ManifestError([too_many_jobs_problem(str(manifest.path), total, max_jobs)])
 
     digest_cache: dict[str, bytes] = {}
+    params_cache: dict[SamplingParams, tuple[str, float]] = {}
+    model_json = _canonical_json(model_identity)
     jobs: list[Job] = []
     append = jobs.append
     index = 0
     for subject in manifest.subjects:
-        reference_digests = [file_digest(path, digest_cache) for path in subject.references]
+        references = _references_hasher([file_digest(path, digest_cache) for path in subject.references])
         num_references = len(subject.references)
+        params_cache.clear()  # the cost depends on the subject's number of references
         for prompt in subject.prompts:
             params = prompt.params
-            cost = estimate_cost(params, num_references)
-            prefix = _prompt_hasher(reference_digests, prompt.text, params, model_identity)
+            if params not in params_cache:  # prompts mostly share a few parameter sets
+                params_cache[params] = (
+                    _canonical_json(params.to_dict()),
+                    estimate_cost(params, num_references),
+                )
+            params_json, cost = params_cache[params]
+            prefix = _prompt_hasher(references, prompt.text, params_json, model_json)
             for seed in prompt.seeds:
                 hasher = prefix.copy()
                 hasher.update(str(seed).encode())

@@ -263,6 +263,7 @@ class Runner:
                 timings={"total": seconds / len(batch), "batch": seconds, "batch_size": len(batch)},
                 versions=self.versions,
             )
+            record["process"] = self.processes.index
             outputs.save_image(self.out_dir, job, image, record)
             if self.processes.is_main:
                 outputs.append_index(self.run_dir, outputs.index_entry(record))

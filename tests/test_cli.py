@@ -1,0 +1,213 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from squeeze_cli import __version__
+from squeeze_cli.cli import app, main
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO = str(REPO_ROOT / "examples" / "demo.yaml")
+runner = CliRunner()
+
+BROKEN = """
+version: 1
+recipe: tiny
+defaults:
+  height: 100
+subjects:
+  - name: dog
+    references: [refs/missing.png]
+    prompts: ["a {class}"]
+"""
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run the console-script entry point as a user would, returning (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+def test_help_lists_commands_and_exit_codes():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for text in ("validate", "recipes", "Exit codes:", "2    invalid input or usage"):
+        assert text in result.stdout
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"squeeze {__version__}"
+
+
+def test_validate_prints_the_plan_summary():
+    result = runner.invoke(app, ["validate", DEMO])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "recipe    tiny (model" in out
+    assert "dog       class dog: 2 references, 2 prompts, 4 jobs" in out
+    assert "jobs      8 (limit 100,000)" in out
+    assert "images    64x64: 8" in out
+
+
+def test_validate_json():
+    result = runner.invoke(app, ["validate", DEMO, "--json"])
+    assert result.exit_code == 0
+    summary = json.loads(result.stdout)
+    assert summary["ok"] is True and summary["jobs"] == 8
+    assert [s["name"] for s in summary["subjects"]] == ["dog", "backpack"]
+    assert summary["images_per_size"] == {"64x64": 8}
+    assert summary["output_dir"] == str(REPO_ROOT / "examples" / "squeeze-out")
+
+
+def test_validate_flags(tmp_path):
+    result = runner.invoke(
+        app, ["validate", DEMO, "--json", "--set", "defaults.seeds={count: 5}", "--set", "defaults.width=32"]
+    )
+    summary = json.loads(result.stdout)
+    assert summary["jobs"] == 5 + 2 + 2 * 5  # the prompt with its own seeds keeps them
+    assert summary["images_per_size"] == {"32x64": 17}
+    result = runner.invoke(app, ["validate", DEMO, "--json", "--max-jobs", "3"])
+    assert result.exit_code == 2
+    assert "more than the limit of 3" in json.loads(result.stdout)["problems"][0]["message"]
+
+
+def test_validate_writes_nothing(tmp_path, capsys):
+    manifest = tmp_path / "demo.yaml"
+    manifest.write_text(Path(DEMO).read_text().replace("images/", str(REPO_ROOT / "examples/images") + "/"))
+    before = sorted(tmp_path.rglob("*"))
+    code, out, _ = run_main(["validate", str(manifest)], capsys)
+    assert code == 0 and "ok: the manifest is valid" in out
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_invalid_manifest_reports_every_problem_and_exits_2(tmp_path, capsys):
+    manifest = tmp_path / "broken.yaml"
+    manifest.write_text(textwrap.dedent(BROKEN).lstrip())
+    code, out, err = run_main(["validate", str(manifest)], capsys)
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert lines[0].startswith(f"{manifest}:4:11: defaults.height: must be a multiple of 16")
+    assert lines[1].startswith(
+        f"{manifest}:7:18: subjects[0].references[0]: no such file: 'refs/missing.png'"
+    )
+    assert lines[2].startswith(f"{manifest}:8:15: subjects[0].prompts[0]: uses {{class}} but the subject")
+    assert lines[3] == f"error: 3 problems in {manifest}"
+    assert len(lines) == 4
+
+
+def test_invalid_manifest_json(tmp_path, capsys):
+    manifest = tmp_path / "broken.yaml"
+    manifest.write_text(textwrap.dedent(BROKEN).lstrip())
+    code, out, err = run_main(["validate", str(manifest), "--json"], capsys)
+    assert code == 2 and err == ""
+    document = json.loads(out)
+    assert document["ok"] is False
+    assert [(p["line"], p["column"], p["field"]) for p in document["problems"]] == [
+        (4, 11, "defaults.height"),
+        (7, 18, "subjects[0].references[0]"),
+        (8, 15, "subjects[0].prompts[0]"),
+    ]
+    assert document["problems"][0]["hint"] == "use 96"
+
+
+def test_bad_set_flag_is_reported_at_the_flag(capsys):
+    code, _, err = run_main(["validate", DEMO, "--set", "defaults.height=33"], capsys)
+    assert code == 2
+    assert err.splitlines()[0].startswith(
+        "--set defaults.height=33: defaults.height: must be a multiple of 16"
+    )
+    assert err.splitlines()[-1] == "error: 1 problem in the command line"
+
+
+def test_missing_manifest(capsys):
+    code, _, err = run_main(["validate", "no/such/manifest.yaml"], capsys)
+    assert code == 2
+    assert err.splitlines() == [
+        "no/such/manifest.yaml: cannot read the manifest: No such file or directory",
+        "error: 1 problem in no/such/manifest.yaml",
+    ]
+
+
+def test_recipes_list_and_show():
+    result = runner.invoke(app, ["recipes"])
+    assert result.exit_code == 0
+    names = [line.split()[0] for line in result.stdout.splitlines()[:3]]
+    assert names == ["paper-internvl3-flux", "qwen2.5vl-flux", "tiny"]
+    shown = runner.invoke(app, ["recipes", "tiny"])
+    assert shown.exit_code == 0
+    assert shown.stdout == (REPO_ROOT / "recipes" / "tiny.yaml").read_text()
+
+
+def test_known_errors_become_one_line_with_a_hint(capsys):
+    code, out, err = run_main(["recipes", "nope"], capsys)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [
+        "error: unknown recipe 'nope'",
+        "hint: known recipes: paper-internvl3-flux, qwen2.5vl-flux, tiny; or give the path of a .yaml file",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bogus"], "No such command 'bogus'"),
+        (["validate"], "Missing argument"),
+        (["validate", DEMO, "--max-jobs", "0"], "--max-jobs"),
+        (["validate", DEMO, "--frobnicate"], "No such option"),
+    ],
+)
+def test_usage_errors_exit_2(capsys, argv, message):
+    code, _, err = run_main(argv, capsys)
+    assert code == 2 and message in err
+
+
+def test_help_and_version_through_main(capsys):
+    code, out, _ = run_main(["--help"], capsys)
+    assert code == 0 and "Exit codes:" in out
+    code, out, _ = run_main(["--version"], capsys)
+    assert code == 0 and out.strip() == f"squeeze {__version__}"
+
+
+def test_unknown_errors_keep_their_traceback(monkeypatch):
+    import squeeze_cli.plan
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(squeeze_cli.plan, "plan_jobs", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["validate", DEMO])
+
+
+def test_no_heavy_imports_on_help_validate_and_recipes():
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from squeeze_cli.cli import main
+        for argv in (["--help"], ["validate", {DEMO!r}], ["recipes"], ["recipes", "tiny"], ["--version"]):
+            try:
+                main(argv)
+            except SystemExit as exit:
+                assert exit.code == 0, (argv, exit.code)
+        heavy = sorted(m for m in ("torch", "diffusers", "transformers", "accelerate") if m in sys.modules)
+        print("HEAVY", heavy)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines()[-1] == "HEAVY []"
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run(
+        [sys.executable, "-m", "squeeze_cli", "--version"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and result.stdout.strip() == f"squeeze {__version__}"

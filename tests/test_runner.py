@@ -1,0 +1,247 @@
+"""`squeeze gen` end to end on the tiny preset: outputs, resume, batching, sharding, failures, processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from squeeze_cli import outputs
+from squeeze_cli.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_IMAGES = REPO / "examples" / "images"
+
+MANIFEST = """\
+version: 1
+recipe: tiny
+defaults:
+  height: 32
+  width: 48
+  num_inference_steps: 3
+  reference_size: 32
+  seeds: [0, 1, 2]
+subjects:
+  - name: dog
+    class: dog
+    references: [images/dog/*.jpg]
+    prompts:
+      - a {class} in the snow
+      - text: a {class} on the beach, in the sun
+        seeds: [5]
+  - name: backpack
+    class: backpack
+    references: [images/backpack/00.jpg]
+    prompts:
+      - a {class} on a table
+"""
+NUM_JOBS = 3 + 1 + 3
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    shutil.copytree(EXAMPLE_IMAGES, tmp_path / "images")
+    (tmp_path / "m.yaml").write_text(MANIFEST)
+    return tmp_path
+
+
+@pytest.fixture
+def gen(capsys):
+    """Run `squeeze gen ARGS` through the console entry point; returns stdout, checks the exit code."""
+
+    def run(*args: str, expect: int = 0) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["gen", *args])
+        captured = capsys.readouterr()
+        assert exit_info.value.code == expect, (exit_info.value.code, captured.out[-3000:], captured.err[-3000:])
+        run.stderr = captured.err
+        return captured.out
+
+    return run
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def images_of(out: Path) -> dict[str, np.ndarray]:
+    return {str(p.relative_to(out)): pixels(p) for p in sorted(out.glob("*/[0-9]*-s*.png"))}
+
+
+def assert_same_images(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> None:
+    assert first.keys() == second.keys()
+    for name in first:
+        # Different batch shapes may round the last float bit differently; never more than one level.
+        assert np.abs(first[name] - second[name]).max() <= 1, name
+
+
+def test_gen_writes_the_documented_outputs(project: Path, gen) -> None:
+    out = project / "out"
+    gen(str(project / "m.yaml"), "--out", str(out))
+
+    pngs = sorted(out.glob("*/[0-9]*-s*.png"))
+    assert len(pngs) == NUM_JOBS
+    assert Image.open(out / "dog" / "000-s0.png").size == (48, 32)
+    record = json.loads((out / "dog" / "001-s5.json").read_text())
+    assert record["prompt"] == "a dog on the beach, in the sun"
+    assert record["seed"] == 5 and record["params"]["num_inference_steps"] == 3
+    assert sum(record["stage_plan"]["counts"]) == 3
+    assert record["preset"] == "tiny" and record["versions"]["torch"]
+    assert outputs.read_png_record(out / "dog" / "001-s5.png")["job_id"] == record["job_id"]
+    assert "Seed: 5" in outputs.read_png_parameters(out / "dog" / "001-s5.png")
+
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert len(index) == NUM_JOBS and {entry["status"] for entry in index} == {"ok"}
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["jobs"] == {"planned": NUM_JOBS, "skipped": 0, "succeeded": NUM_JOBS, "failed": 0}
+    for name in ("grid-000.png", "grid-001.png", "contact-sheet.png"):
+        assert (out / "dog" / name).is_file()
+    assert (out / "backpack" / "grid-000.png").is_file()
+    assert not list(out.rglob("*.tmp"))
+    # The resolved manifest reproduces the run: every job is found done.
+    again = gen(str(out / "manifest.resolved.yaml"), "--out", str(out), "--json")
+    summary = json.loads(again.strip().splitlines()[-1])
+    assert summary["jobs"]["skipped"] == NUM_JOBS and summary["jobs"]["succeeded"] == 0
+
+
+def test_second_run_does_no_work_and_overwrite_redoes_it(project: Path, gen) -> None:
+    out = project / "out"
+    gen(str(project / "m.yaml"), "--out", str(out))
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/[0-9]*-s*.png")}
+    events = [json.loads(line) for line in gen(str(project / "m.yaml"), "--out", str(out), "--json").splitlines()]
+    assert not [e for e in events if e["event"] == "job_finished"]
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert len((out / "index.jsonl").read_text().splitlines()) == NUM_JOBS
+
+    events = [
+        json.loads(line)
+        for line in gen(str(project / "m.yaml"), "--out", str(out), "--json", "--overwrite").splitlines()
+    ]
+    assert len([e for e in events if e["event"] == "job_finished"]) == NUM_JOBS
+    assert len((out / "index.jsonl").read_text().splitlines()) == NUM_JOBS
+
+
+def test_changed_prompt_regenerates_only_its_jobs(project: Path, gen) -> None:
+    out = project / "out"
+    gen(str(project / "m.yaml"), "--out", str(out))
+    output = gen(str(project / "m.yaml"), "--out", str(out), "--json",
+                 "--set", "subjects.1.prompts.0=a {class} on a chair")
+    finished = [json.loads(line) for line in output.splitlines() if '"job_finished"' in line]
+    assert {event["subject"] for event in finished} == {"backpack"} and len(finished) == 3
+
+
+def test_images_do_not_depend_on_batch_size(project: Path, gen) -> None:
+    gen(str(project / "m.yaml"), "--out", str(project / "b1"), "--batch-size", "1")
+    gen(str(project / "m.yaml"), "--out", str(project / "b4"), "--batch-size", "4")
+    assert_same_images(images_of(project / "b1"), images_of(project / "b4"))
+
+
+def test_shards_union_equals_the_unsharded_run(project: Path, gen) -> None:
+    gen(str(project / "m.yaml"), "--out", str(project / "all"))
+    for index in range(3):
+        gen(str(project / "m.yaml"), "--out", str(project / "sharded"), "--shard", f"{index}/3")
+    assert_same_images(images_of(project / "all"), images_of(project / "sharded"))
+    shard_lines = [
+        json.loads(line)["job_id"]
+        for path in (project / "sharded" / "shards").glob("*/index.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    assert sorted(shard_lines) == sorted(set(shard_lines)) and len(shard_lines) == NUM_JOBS
+
+
+def test_dry_run_loads_and_writes_nothing(project: Path, gen) -> None:
+    out = project / "out"
+    report = json.loads(gen(str(project / "m.yaml"), "--out", str(out), "--dry-run", "--json"))
+    assert report["jobs"] == NUM_JOBS and report["pending"] == NUM_JOBS
+    assert report["steps_per_stage"]
+    assert not out.exists()
+
+
+def test_a_failing_job_is_recorded_and_the_run_goes_on(project: Path, gen, monkeypatch) -> None:
+    from squeeze_cli.pipeline_squeeze import SqueezePipeline
+
+    original = SqueezePipeline.__call__
+
+    def flaky(self, prompt, *args, **kwargs):
+        if any("beach" in text for text in prompt):
+            raise RuntimeError("simulated failure")
+        return original(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(SqueezePipeline, "__call__", flaky)
+    out = project / "out"
+    gen(str(project / "m.yaml"), "--out", str(out), expect=1)
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    failed = [entry for entry in index if entry["status"] == "failed"]
+    assert len(failed) == 1 and "simulated failure" in failed[0]["error"]
+    assert len(index) == NUM_JOBS
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["status"] == "completed_with_failures" and summary["jobs"]["failed"] == 1
+
+    monkeypatch.setattr(SqueezePipeline, "__call__", original)
+    gen(str(project / "m.yaml"), "--out", str(out))  # the failed job is retried, nothing else
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert len(index) == NUM_JOBS and {entry["status"] for entry in index} == {"ok"}
+
+
+def test_out_of_memory_halves_the_batch(project: Path, gen, monkeypatch) -> None:
+    import torch
+
+    from squeeze_cli.pipeline_squeeze import SqueezePipeline
+
+    original = SqueezePipeline.__call__
+    sizes = []
+
+    def small_gpu(self, prompt, *args, **kwargs):
+        sizes.append(len(prompt))
+        if len(prompt) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(SqueezePipeline, "__call__", small_gpu)
+    gen(str(project / "m.yaml"), "--out", str(project / "out"), "--batch-size", "4")
+    assert len(list((project / "out").glob("*/[0-9]*-s*.png"))) == NUM_JOBS
+    assert max(sizes) == 4 and sizes.count(1) == NUM_JOBS
+
+
+def test_a_second_run_on_a_busy_output_directory_is_refused(project: Path, gen) -> None:
+    import fcntl
+
+    out = project / "out"
+    out.mkdir()
+    with open(out / ".squeeze.lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("4242")
+        holder.flush()
+        gen(str(project / "m.yaml"), "--out", str(out), expect=2)
+    assert "in use by another squeeze gen (pid 4242)" in gen.stderr
+    assert not list(out.glob("*/*.png"))
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_jobs_and_match_one_process(project: Path, gen) -> None:
+    gen(str(project / "m.yaml"), "--out", str(project / "one"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "squeeze_cli", "gen", str(project / "m.yaml"), "--out", str(project / "two"), "--json",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((project / "two" / "run.json").read_text())
+    assert summary["processes"] == 2 and summary["jobs"]["succeeded"] == NUM_JOBS
+    index = [json.loads(line) for line in (project / "two" / "index.jsonl").read_text().splitlines()]
+    assert sorted(e["job_id"] for e in index) == sorted({e["job_id"] for e in index})
+    assert len(index) == NUM_JOBS
+    # Both processes did work: each image's sidecar records the process that made it.
+    ranks = {json.loads(p.read_text())["process"] for p in (project / "two").glob("*/[0-9]*-s*.json")}
+    assert ranks == {0, 1}
+    assert_same_images(images_of(project / "one"), images_of(project / "two"))
