@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from squeeze_cli import outputs
-from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, SqueezeError
+from squeeze_cli.errors import (
+    EXIT_JOBS_FAILED,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    ManifestError,
+    Problem,
+    SqueezeError,
+)
 from squeeze_cli.manifest import LoadedManifest
 from squeeze_cli.plan import Job, plan_jobs, shard_jobs
 from squeeze_cli.progress import Reporter
@@ -113,19 +121,24 @@ class _StopSignal:
 
 
 class _DirectoryLock:
-    """One run per output directory: an flock the kernel releases when its process dies, even by kill -9."""
+    """One run per output directory: an flock the kernel releases when its process dies, even by kill -9,
+    so a lock left by a dead run is simply taken over."""
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / LOCK_NAME
         self.fd: int | None = None
 
-    def __enter__(self) -> _DirectoryLock:
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def acquire(self) -> None:
         outputs.ensure_dir(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise OutputInUseError(
                 f"{self.path.parent} is in use by another squeeze gen (pid {holder})",
@@ -134,11 +147,11 @@ class _DirectoryLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self.fd = fd
-        return self
 
-    def __exit__(self, *exc: object) -> None:
+    def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
+            self.fd = None
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -192,6 +205,21 @@ class Runner:
             allow_pickle=self.options.allow_pickle,
         )
         self.timings["load"] = time.perf_counter() - started
+
+    def check_instructions(self, jobs: Sequence[Job]) -> list[Problem]:
+        """One problem per prompt too long for the MLLM's context with its subject's references."""
+        problems = []
+        for _, subject_jobs in groupby(jobs, key=lambda job: job.subject_index):
+            subject_jobs = list(subject_jobs)
+            images = [outputs.load_rgb(path) for path in subject_jobs[0].references]
+            prompts = {(job.prompt_index, job.prompt) for job in subject_jobs}
+            for prompt_index, prompt in sorted(prompts):
+                try:
+                    self.pipe.mllm_encoder.check_fits(images, [prompt])
+                except ValueError as error:
+                    field = f"subjects[{subject_jobs[0].subject_index}].prompts[{prompt_index}]"
+                    problems.append(Problem(str(self.manifest.path), None, None, field, str(error)))
+        return problems
 
     def run(self, jobs: Sequence[Job], stop: _StopSignal) -> None:
         for _, subject_jobs in groupby(jobs, key=lambda job: job.subject_index):
@@ -354,27 +382,33 @@ def run_gen(manifest: LoadedManifest, options: GenOptions, *, json_events: bool 
         _report_dry_run(reporter, report, json_events)
         return EXIT_OK
 
+    # Nothing is written before the model is loaded and every instruction is known to fit, so bad input
+    # leaves no trace; an output directory that already exists is locked first, to refuse a second run early.
     lock = _DirectoryLock(run_dir) if is_main else None
-    if lock is not None:
-        lock.__enter__()
     try:
-        if is_main:
-            outputs.ensure_dir(out_dir)
-            outputs.remove_stale_temp_files(out_dir)
-            done_records = {} if options.overwrite else outputs.finished_records(out_dir, jobs)
-            pending_ids = [job.job_id for job in jobs if job.job_id not in done_records]
-            outputs.repair_index(run_dir, done_records, pending_job_ids=pending_ids)
-            outputs.write_resolved_manifest(run_dir, manifest.resolved_yaml())
-        processes.barrier()
-        # Every process reads the same directory after the barrier, so all agree on what is pending.
-        done = set() if options.overwrite else outputs.finished_job_ids(out_dir, jobs)
+        if lock is not None and run_dir.is_dir():
+            lock.acquire()
+        done = set() if options.overwrite or not out_dir.is_dir() else outputs.finished_job_ids(out_dir, jobs)
         pending = [job for job in jobs if job.job_id not in done]
         mine = shard_jobs(pending, processes.index, processes.count)
-
         runner = Runner(manifest, options, reporter, out_dir, run_dir, processes)
-        reporter.run_started(len(pending), out=str(out_dir), processes=processes.count, skipped=len(done))
         if mine:
             runner.load()
+        problems = [problem for found in processes.gather(runner.check_instructions(mine)) for problem in found]
+        if problems:
+            raise ManifestError(problems)
+
+        if is_main:
+            outputs.ensure_dir(out_dir)
+            if not lock.held:
+                lock.acquire()
+            outputs.remove_stale_temp_files(out_dir)
+            done_records = outputs.finished_records(out_dir, [job for job in jobs if job.job_id in done])
+            outputs.repair_index(run_dir, done_records, pending_job_ids=[job.job_id for job in pending])
+            outputs.write_resolved_manifest(run_dir, manifest.resolved_yaml())
+        processes.barrier()
+
+        reporter.run_started(len(pending), out=str(out_dir), processes=processes.count, skipped=len(done))
         with _StopSignal() as stop:
             runner.run(mine, stop)
             processes.barrier()
@@ -423,7 +457,7 @@ def run_gen(manifest: LoadedManifest, options: GenOptions, *, json_events: bool 
         return EXIT_JOBS_FAILED if failures else EXIT_OK
     finally:
         if lock is not None:
-            lock.__exit__(None, None, None)
+            lock.release()
 
 
 def _report_dry_run(reporter: Reporter, report: dict[str, Any], json_events: bool) -> None:

@@ -245,3 +245,12 @@ def test_two_processes_split_the_jobs_and_match_one_process(project: Path, gen) 
     ranks = {json.loads(p.read_text())["process"] for p in (project / "two").glob("*/[0-9]*-s*.json")}
     assert ranks == {0, 1}
     assert_same_images(images_of(project / "one"), images_of(project / "two"))
+
+
+def test_an_instruction_longer_than_the_context_is_refused_before_writing(project: Path, gen) -> None:
+    long_prompt = "a {class} " + "with a very long story " * 200
+    out = project / "out"
+    gen(str(project / "m.yaml"), "--out", str(out), "--set", f"subjects.1.prompts.0={long_prompt!r}", expect=2)
+    assert "subjects[1].prompts[0]" in gen.stderr and "limit of" in gen.stderr
+    assert gen.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert not out.exists()

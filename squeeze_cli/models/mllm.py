@@ -307,6 +307,16 @@ class MLLMEncoder:
         image_mask, text_mask = self._masks(input_ids, prefix_length, len(instruction_ids))
         return MLLMEncoding(hidden_states, image_mask, text_mask, input_ids)
 
+    def check_fits(self, images: list[Image.Image], instructions: list[str]) -> None:
+        """Raise the `ValueError` of an instruction too long for the context, without running the model.
+
+        Costs one image preprocessing and one tokenization per instruction, so a caller can refuse a
+        manifest before it writes anything.
+        """
+        prefix_ids, suffix_ids = self._prefix_and_suffix_ids(self._preprocess_images(images))
+        for instruction in instructions:
+            self._check_length(len(prefix_ids), len(self._tokenize_instruction(instruction)), len(suffix_ids))
+
     @torch.no_grad()
     def encode_null(self) -> MLLMEncoding:
         """The null condition: an empty instruction and no image.
@@ -441,7 +451,11 @@ class MLLMEncoder:
             kwargs["pixel_values"] = image_inputs.pixel_values.to(device=device, dtype=self.model.dtype)
             if image_inputs.image_grid_thw is not None:
                 kwargs["image_grid_thw"] = image_inputs.image_grid_thw.to(device)
-        outputs = self._backbone(
+        # Through the top-level module when there is one, so offload hooks on it (enable_model_cpu_offload)
+        # see the call; logits_to_keep=1 keeps the unused LM head from computing a vocabulary per token.
+        if self._backbone is not self.model:
+            kwargs["logits_to_keep"] = 1
+        outputs = self.model(
             input_ids=input_ids.unsqueeze(0).to(device),
             position_ids=position_ids.to(device),
             cache=cache,
