@@ -146,28 +146,40 @@ def gen(
     manifest: ManifestArg,
     recipe: RecipeOpt = None,
     out: Annotated[
-        str | None, typer.Option("--out", metavar="DIR", help="Output directory (default: the manifest's output.dir).")
+        str | None,
+        typer.Option("--out", metavar="DIR", help="Output directory (default: the manifest's output.dir)."),
     ] = None,
     set_: SetOpt = None,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Regenerate every job (default: resume, skipping finished ones).")
+        bool,
+        typer.Option("--overwrite", help="Regenerate every job (default: resume, skipping finished ones)."),
     ] = False,
     shard: Annotated[
         str | None,
-        typer.Option("--shard", metavar="I/N", help="Run only part I of N (0-based), e.g. one task of a job array."),
+        typer.Option(
+            "--shard", metavar="I/N", help="Run only part I of N (0-based), e.g. one task of a job array."
+        ),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, metavar="N", help="Images per forward pass.")] = 1,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, metavar="N", help="Images per forward pass.")
+    ] = 1,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     dtype: Annotated[
-        str | None, typer.Option("--dtype", metavar="float32|bfloat16|float16", help="Overrides the preset's dtype.")
+        str | None,
+        typer.Option("--dtype", metavar="float32|bfloat16|float16", help="Overrides the preset's dtype."),
     ] = None,
     offload: Annotated[
         str, typer.Option("--offload", metavar="none|model|sequential", help="CPU offloading on a GPU.")
     ] = "none",
     allow_pickle: Annotated[
-        bool, typer.Option("--allow-pickle", help="Accept pickle-based (.bin) weights; safetensors only by default.")
+        bool,
+        typer.Option(
+            "--allow-pickle", help="Accept pickle-based (.bin) weights; safetensors only by default."
+        ),
     ] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and report what would run; load nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Plan and report what would run; load nothing.")
+    ] = False,
     max_jobs: MaxJobsOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON event per line on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")] = False,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ TINY_FORMAT = 1
 
 
 def cache_dir() -> Path:
-    """Where squeeze keeps what it builds locally (the tiny checkpoints): $SQUEEZE_CACHE or ~/.cache/squeeze."""
+    """Where squeeze keeps what it builds (the tiny checkpoints): $SQUEEZE_CACHE or ~/.cache/squeeze."""
     if os.environ.get("SQUEEZE_CACHE"):
         return Path(os.environ["SQUEEZE_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -55,6 +56,11 @@ def ensure_tiny_checkpoint(family: str) -> Path:
     return target
 
 
+def _use_safetensors(allow_pickle: bool) -> bool | None:
+    # True: safetensors or nothing. None: safetensors when there, pickle otherwise (False would skip them).
+    return None if allow_pickle else True
+
+
 def _component_loaders() -> dict[str, Any]:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
@@ -75,8 +81,10 @@ def _component_loaders() -> dict[str, Any]:
 def _load_error(what: str, source: str, error: Exception) -> ModelLoadError:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    if offline and not Path(source).expanduser().exists():
-        hint = f"it is not in the local cache and HF_HUB_OFFLINE is set: download it first (`hf download {source}`)"
+    if "safetensors" in reason.lower():
+        hint = "squeeze loads safetensors only; pass --allow-pickle if you trust these pickle (.bin) weights"
+    elif offline and not Path(source).expanduser().exists():
+        hint = f"it is not in the local cache and HF_HUB_OFFLINE is set: first run `hf download {source}`"
     elif not Path(source).expanduser().exists():
         hint = "check the hub id or local path (and your access to gated models, e.g. `hf auth login`)"
     else:
@@ -84,7 +92,9 @@ def _load_error(what: str, source: str, error: Exception) -> ModelLoadError:
     return ModelLoadError(f"cannot load {what} from `{source}`: {reason}", hint)
 
 
-def _load_component(name: str, source: Any, *, dtype: torch.dtype, spec: ModelSpec, allow_pickle: bool) -> Any:
+def _load_component(
+    name: str, source: Any, *, dtype: torch.dtype, spec: ModelSpec, allow_pickle: bool
+) -> Any:
     loader = _component_loaders()[name]
     kwargs: dict[str, Any] = {}
     if source.subfolder:
@@ -92,7 +102,7 @@ def _load_component(name: str, source: Any, *, dtype: torch.dtype, spec: ModelSp
     if source.revision:
         kwargs["revision"] = source.revision
     if name in ("mllm", "aggregator", "transformer", "vae"):
-        kwargs["use_safetensors"] = not allow_pickle
+        kwargs["use_safetensors"] = _use_safetensors(allow_pickle)
         kwargs["dtype"] = dtype
     if name in ("mllm", "tokenizer", "image_processor"):
         kwargs["trust_remote_code"] = spec.trust_remote_code
@@ -100,7 +110,7 @@ def _load_component(name: str, source: Any, *, dtype: torch.dtype, spec: ModelSp
         kwargs["use_fast"] = False  # the fast processors need torchvision
     try:
         return loader.from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         raise _load_error(name, source.path, error) from error
 
 
@@ -112,29 +122,37 @@ def load_pipeline(
     Args:
         spec: the resolved model section (`LoadedManifest.model`).
         device: a torch device string; with offloading, the GPU the offload hooks move weights to.
-        offload: `none`, `model` (`enable_model_cpu_offload`) or `sequential` (`enable_sequential_cpu_offload`).
+        offload: `none`, `model` (`enable_model_cpu_offload`) or `sequential`
+            (`enable_sequential_cpu_offload`).
         allow_pickle: accept pickle-based (`.bin`) weights; safetensors only by default.
     """
     from squeeze_cli.pipeline_squeeze import SqueezePipeline
 
     if spec.trust_remote_code:
-        import warnings
-
-        warnings.warn("the preset sets trust_remote_code: code from the model repository will run", stacklevel=2)
+        print(
+            "warning: the preset sets trust_remote_code: code from the model repository will run",
+            file=sys.stderr,
+            flush=True,
+        )
     dtype = DTYPES[spec.dtype]
     source = str(ensure_tiny_checkpoint(spec.family or "internvl")) if spec.builtin else spec.pipeline
+    components = dict(spec.components)
+    if source is None:
+        # Assembled from parts: the MLLM's tokenizer and image processor live with it unless named.
+        for name in ("tokenizer", "image_processor"):
+            components.setdefault(name, components["mllm"])
     overrides = {
         name: _load_component(name, component, dtype=dtype, spec=spec, allow_pickle=allow_pickle)
-        for name, component in spec.components.items()
+        for name, component in components.items()
     }
     try:
         if source is None:
             pipe = SqueezePipeline(**overrides)
         else:
             pipe = SqueezePipeline.from_pretrained(
-                source, dtype=dtype, use_safetensors=not allow_pickle, **overrides
+                source, dtype=dtype, use_safetensors=_use_safetensors(allow_pickle), **overrides
             )
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         raise _load_error("the pipeline", source or "components", error) from error
     # The MLLM is loaded by transformers with `dtype`; diffusers' `torch_dtype` covers the rest.
     pipe.mllm.to(dtype)
@@ -142,16 +160,21 @@ def load_pipeline(
     if spec.lora is not None:
         try:
             pipe.load_lora_weights(
-                spec.lora.path, weight_name=spec.lora.weight_name, adapter_name="squeeze", use_safetensors=not allow_pickle
+                spec.lora.path,
+                weight_name=spec.lora.weight_name,
+                adapter_name="squeeze",
+                use_safetensors=_use_safetensors(allow_pickle),
             )
-        except (OSError, ValueError, EnvironmentError) as error:
+        except (OSError, ValueError) as error:
             raise _load_error("the LoRA", spec.lora.path, error) from error
         pipe.set_adapters(["squeeze"], adapter_weights=[spec.lora.scale])
 
     if offload == "none":
         pipe.to(device)
     elif not device.startswith("cuda"):
-        raise UsageError(f"--offload {offload} moves weights to a GPU, but the device is {device}", "use --offload none")
+        raise UsageError(
+            f"--offload {offload} moves weights to a GPU, but the device is {device}", "use --offload none"
+        )
     elif offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     else:

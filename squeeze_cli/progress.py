@@ -1,4 +1,4 @@
-"""How a run tells the user where it is: tqdm bars on a terminal, sparse lines off one, JSON events for scripts.
+"""How a run shows where it is: tqdm bars on a terminal, sparse lines off one, JSON events for scripts.
 
 Every event the runner emits goes through one `Reporter`, so the three modes can never disagree.
 """
@@ -68,13 +68,24 @@ class Reporter:
     def batch_started(self, jobs: list[Any], num_steps: int) -> None:
         if self.mode == "json":
             for job in jobs:
-                self._emit("job_started", job_id=job.job_id, subject=job.subject, prompt_index=job.prompt_index,
-                           seed=job.seed)
+                self._emit(
+                    "job_started",
+                    job_id=job.job_id,
+                    subject=job.subject,
+                    prompt_index=job.prompt_index,
+                    seed=job.seed,
+                )
         elif self.mode == "tty":
             from tqdm.auto import tqdm
 
-            self._step_bar = tqdm(total=num_steps, desc="  steps", unit="step", leave=False, file=self.stream,
-                                  dynamic_ncols=True)
+            self._step_bar = tqdm(
+                total=num_steps,
+                desc="  steps",
+                unit="step",
+                leave=False,
+                file=self.stream,
+                dynamic_ncols=True,
+            )
 
     def step(self) -> None:
         if self._step_bar is not None:
@@ -83,15 +94,28 @@ class Reporter:
     def job_finished(self, job: Any, image: str, seconds: float) -> None:
         self.done += 1
         if self.mode == "json":
-            self._emit("job_finished", job_id=job.job_id, subject=job.subject, prompt_index=job.prompt_index,
-                       seed=job.seed, image=image, seconds=round(seconds, 3))
+            self._emit(
+                "job_finished",
+                job_id=job.job_id,
+                subject=job.subject,
+                prompt_index=job.prompt_index,
+                seed=job.seed,
+                image=image,
+                seconds=round(seconds, 3),
+            )
         self._advance()
 
     def job_failed(self, job: Any, error: str) -> None:
         self.failed += 1
         if self.mode == "json":
-            self._emit("job_failed", job_id=job.job_id, subject=job.subject, prompt_index=job.prompt_index,
-                       seed=job.seed, error=error)
+            self._emit(
+                "job_failed",
+                job_id=job.job_id,
+                subject=job.subject,
+                prompt_index=job.prompt_index,
+                seed=job.seed,
+                error=error,
+            )
         elif self.mode != "quiet":
             self._write(f"failed: {job.subject} prompt {job.prompt_index} seed {job.seed}: {error}")
         self._advance()
@@ -142,4 +166,8 @@ class Reporter:
 
     @staticmethod
     def _emit(event: str, **fields: Any) -> None:
-        print(json.dumps({"event": event, **fields}, ensure_ascii=False, default=str), file=sys.stdout, flush=True)
+        print(
+            json.dumps({"event": event, **fields}, ensure_ascii=False, default=str),
+            file=sys.stdout,
+            flush=True,
+        )

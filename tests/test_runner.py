@@ -60,7 +60,11 @@ def gen(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["gen", *args])
         captured = capsys.readouterr()
-        assert exit_info.value.code == expect, (exit_info.value.code, captured.out[-3000:], captured.err[-3000:])
+        assert exit_info.value.code == expect, (
+            exit_info.value.code,
+            captured.out[-3000:],
+            captured.err[-3000:],
+        )
         run.stderr = captured.err
         return captured.out
 
@@ -116,7 +120,9 @@ def test_second_run_does_no_work_and_overwrite_redoes_it(project: Path, gen) -> 
     out = project / "out"
     gen(str(project / "m.yaml"), "--out", str(out))
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/[0-9]*-s*.png")}
-    events = [json.loads(line) for line in gen(str(project / "m.yaml"), "--out", str(out), "--json").splitlines()]
+    events = [
+        json.loads(line) for line in gen(str(project / "m.yaml"), "--out", str(out), "--json").splitlines()
+    ]
     assert not [e for e in events if e["event"] == "job_finished"]
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert len((out / "index.jsonl").read_text().splitlines()) == NUM_JOBS
@@ -132,8 +138,14 @@ def test_second_run_does_no_work_and_overwrite_redoes_it(project: Path, gen) -> 
 def test_changed_prompt_regenerates_only_its_jobs(project: Path, gen) -> None:
     out = project / "out"
     gen(str(project / "m.yaml"), "--out", str(out))
-    output = gen(str(project / "m.yaml"), "--out", str(out), "--json",
-                 "--set", "subjects.1.prompts.0=a {class} on a chair")
+    output = gen(
+        str(project / "m.yaml"),
+        "--out",
+        str(out),
+        "--json",
+        "--set",
+        "subjects.1.prompts.0=a {class} on a chair",
+    )
     finished = [json.loads(line) for line in output.splitlines() if '"job_finished"' in line]
     assert {event["subject"] for event in finished} == {"backpack"} and len(finished) == 3
 
@@ -230,9 +242,25 @@ def test_two_processes_split_the_jobs_and_match_one_process(project: Path, gen) 
     gen(str(project / "m.yaml"), "--out", str(project / "one"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "squeeze_cli", "gen", str(project / "m.yaml"), "--out", str(project / "two"), "--json",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "squeeze_cli",
+        "gen",
+        str(project / "m.yaml"),
+        "--out",
+        str(project / "two"),
+        "--json",
     ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -250,7 +278,9 @@ def test_two_processes_split_the_jobs_and_match_one_process(project: Path, gen) 
 def test_an_instruction_longer_than_the_context_is_refused_before_writing(project: Path, gen) -> None:
     long_prompt = "a {class} " + "with a very long story " * 200
     out = project / "out"
-    gen(str(project / "m.yaml"), "--out", str(out), "--set", f"subjects.1.prompts.0={long_prompt!r}", expect=2)
+    gen(
+        str(project / "m.yaml"), "--out", str(out), "--set", f"subjects.1.prompts.0={long_prompt!r}", expect=2
+    )
     assert "subjects[1].prompts[0]" in gen.stderr and "limit of" in gen.stderr
     assert gen.stderr.strip().splitlines()[-1].startswith("error: ")
     assert not out.exists()

@@ -1,0 +1,107 @@
+"""Loading a pipeline from a recipe's model section: builtin, a full folder, parts, LoRA, and refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from squeeze_cli.errors import ModelLoadError, UsageError
+from squeeze_cli.loading import ensure_tiny_checkpoint, load_pipeline
+from squeeze_cli.manifest import ModelSpec
+from squeeze_cli.models.tiny import build_tiny_pipeline
+
+PARTS = ("mllm", "tokenizer", "image_processor", "aggregator", "transformer", "vae", "scheduler")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe")
+
+
+def generate(pipe) -> np.ndarray:
+    reference = Image.new("RGB", (40, 32), (180, 90, 30))
+    return pipe(
+        "a toy on a table",
+        reference,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        reference_size=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+
+
+def test_builtin_tiny_is_built_once_into_the_cache() -> None:
+    first = ensure_tiny_checkpoint("internvl")
+    stamp = (first / "model_index.json").stat().st_mtime_ns
+    assert ensure_tiny_checkpoint("internvl") == first
+    assert (first / "model_index.json").stat().st_mtime_ns == stamp
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
+    pipe = load_pipeline(ModelSpec(builtin="tiny", dtype="float32"))
+    assert generate(pipe).shape == (1, 32, 32, 3)
+
+
+def test_a_pipeline_assembled_from_parts_equals_the_folder(tiny_dir: Path) -> None:
+    whole = load_pipeline(ModelSpec(pipeline=str(tiny_dir), dtype="float32"))
+    parts = {
+        name: {"path": str(tiny_dir), "subfolder": name}
+        for name in PARTS
+        if name not in ("tokenizer", "image_processor")
+    }
+    # Without `tokenizer` / `image_processor`, they come from the MLLM's source.
+    parts["mllm"] = {"path": str(tiny_dir / "mllm")}
+    for name in ("tokenizer", "image_processor"):
+        target = tiny_dir / "mllm"
+        for file in (tiny_dir / name).iterdir():
+            if not (target / file.name).exists():
+                (target / file.name).write_bytes(file.read_bytes())
+    assembled = load_pipeline(ModelSpec(components=parts, dtype="float32"))
+    np.testing.assert_allclose(generate(whole), generate(assembled), atol=1e-5)
+
+
+def test_pickle_weights_are_refused_unless_allowed(tiny_dir: Path, tmp_path: Path) -> None:
+    from squeeze_cli.models.aggregator import DualLayerAggregator
+
+    pickled = tmp_path / "aggregator"
+    DualLayerAggregator.from_pretrained(tiny_dir / "aggregator").save_pretrained(pickled, safe_serialization=False)
+    assert (pickled / "diffusion_pytorch_model.bin").is_file()
+    spec = ModelSpec(pipeline=str(tiny_dir), components={"aggregator": {"path": str(pickled)}}, dtype="float32")
+    with pytest.raises(ModelLoadError) as refused:
+        load_pipeline(spec)
+    assert "aggregator" in refused.value.message and "--allow-pickle" in refused.value.hint
+    assert load_pipeline(spec, allow_pickle=True) is not None
+
+
+def test_a_model_missing_offline_names_it_and_how_to_get_it() -> None:
+    spec = ModelSpec(pipeline="no-such-org/no-such-model", dtype="float32")
+    with pytest.raises(ModelLoadError) as missing:
+        load_pipeline(spec)
+    assert "no-such-org/no-such-model" in missing.value.message
+    assert "hf download no-such-org/no-such-model" in missing.value.hint
+    assert "\n" not in missing.value.one_line()
+
+
+def test_lora_from_the_spec_changes_the_output(tiny_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from squeeze_cli.pipeline_squeeze import SqueezePipeline
+
+    base = load_pipeline(ModelSpec(pipeline=str(tiny_dir), dtype="float32"))
+    expected = generate(base)
+    base.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
+                                            init_lora_weights=False))
+    SqueezePipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(
+        base.transformer))
+    spec = ModelSpec(pipeline=str(tiny_dir), lora={"path": str(tmp_path / "lora")}, dtype="float32")
+    with_lora = generate(load_pipeline(spec))
+    assert np.abs(with_lora - expected).max() > 1e-3
+
+
+def test_offload_needs_a_gpu(tiny_dir: Path) -> None:
+    with pytest.raises(UsageError, match="--offload model"):
+        load_pipeline(ModelSpec(pipeline=str(tiny_dir), dtype="float32"), device="cpu", offload="model")
