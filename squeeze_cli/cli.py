@@ -266,18 +266,17 @@ def format_summary(summary: dict) -> str:
 
 
 def _report(error: SqueezeError) -> None:
+    """Every known error is one `error: ...` line (with its hint); manifest problems one line each."""
     if isinstance(error, ManifestError):
         for problem in error.problems:
-            typer.echo(str(problem), err=True)
-        files = list(dict.fromkeys(p.file for p in error.problems if not p.file.startswith("--")))
-        if any(p.file.startswith("--") for p in error.problems):
-            files.append("the command line")
-        count = len(error.problems)
-        typer.echo(f"error: {count} problem{'s' if count != 1 else ''} in {', '.join(files)}", err=True)
+            typer.echo(f"error: {problem}", err=True)
+        if len(error.problems) > 1:
+            files = list(dict.fromkeys(p.file for p in error.problems if not p.file.startswith("--")))
+            if any(p.file.startswith("--") for p in error.problems):
+                files.append("the command line")
+            typer.echo(f"error: {len(error.problems)} problems in {', '.join(files)}", err=True)
         return
-    typer.echo(f"error: {error.message}", err=True)
-    if error.hint:
-        typer.echo(f"hint: {error.hint}", err=True)
+    typer.echo(f"error: {error.message}" + (f" (hint: {error.hint})" if error.hint else ""), err=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -126,8 +126,14 @@ def load_pipeline(
             (`enable_sequential_cpu_offload`).
         allow_pickle: accept pickle-based (`.bin`) weights; safetensors only by default.
     """
+    import diffusers
+    import transformers
+
     from squeeze_cli.pipeline_squeeze import SqueezePipeline
 
+    # The libraries' own per-file bars would interleave with the run's progress; the run reports loading.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     if spec.trust_remote_code:
         print(
             "warning: the preset sets trust_remote_code: code from the model repository will run",
