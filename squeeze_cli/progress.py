@@ -14,6 +14,10 @@ from typing import Any, TextIO
 PLAIN_INTERVAL_SECONDS = 30.0
 
 
+def _job_fields(job: Any) -> dict[str, Any]:
+    return {"job_id": job.job_id, "subject": job.subject, "prompt_index": job.prompt_index, "seed": job.seed}
+
+
 class Reporter:
     """Receives run events and shows them in the chosen mode.
 
@@ -68,13 +72,7 @@ class Reporter:
     def batch_started(self, jobs: list[Any], num_steps: int) -> None:
         if self.mode == "json":
             for job in jobs:
-                self._emit(
-                    "job_started",
-                    job_id=job.job_id,
-                    subject=job.subject,
-                    prompt_index=job.prompt_index,
-                    seed=job.seed,
-                )
+                self._emit("job_started", **_job_fields(job))
         elif self.mode == "tty":
             from tqdm.auto import tqdm
 
@@ -94,28 +92,13 @@ class Reporter:
     def job_finished(self, job: Any, image: str, seconds: float) -> None:
         self.done += 1
         if self.mode == "json":
-            self._emit(
-                "job_finished",
-                job_id=job.job_id,
-                subject=job.subject,
-                prompt_index=job.prompt_index,
-                seed=job.seed,
-                image=image,
-                seconds=round(seconds, 3),
-            )
+            self._emit("job_finished", **_job_fields(job), image=image, seconds=round(seconds, 3))
         self._advance()
 
     def job_failed(self, job: Any, error: str) -> None:
         self.failed += 1
         if self.mode == "json":
-            self._emit(
-                "job_failed",
-                job_id=job.job_id,
-                subject=job.subject,
-                prompt_index=job.prompt_index,
-                seed=job.seed,
-                error=error,
-            )
+            self._emit("job_failed", **_job_fields(job), error=error)
         elif self.mode != "quiet":
             self._write(f"failed: {job.subject} prompt {job.prompt_index} seed {job.seed}: {error}")
         self._advance()
