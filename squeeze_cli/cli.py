@@ -198,6 +198,12 @@ def gen(
         raise UsageError(f"--offload {offload}: expected none, model or sequential")
     overrides = list(set_ or ()) + ([f"model.dtype={dtype}"] if dtype is not None else [])
     loaded = load_from_cli(manifest, overrides, recipe, max_jobs)
+    if out is not None:
+        from squeeze_cli.manifest import output_dir_problem
+
+        reason = output_dir_problem(Path(out).expanduser().absolute())
+        if reason is not None:
+            raise UsageError(f"--out {out}: {reason}", "choose another --out")
     from squeeze_cli.runner import GenOptions, run_gen
 
     options = GenOptions(

@@ -78,11 +78,16 @@ def _component_loaders() -> dict[str, Any]:
     }
 
 
-def _load_error(what: str, source: str, error: Exception) -> ModelLoadError:
+def _load_error(what: str, source: str, error: Exception, field: str) -> ModelLoadError:
+    """One line naming the model, why it failed and how to get it; `field` is where the path is set."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    local = source.startswith(("/", "./", "../", "~"))
     if "safetensors" in reason.lower():
         hint = "squeeze loads safetensors only; pass --allow-pickle if you trust these pickle (.bin) weights"
+    elif local and not Path(source).expanduser().exists():
+        reason = f"no such folder: {source}"
+        hint = f"fix `{field}` in the recipe or manifest, or override it with --set {field}=DIR"
     elif offline and not Path(source).expanduser().exists():
         hint = f"it is not in the local cache and HF_HUB_OFFLINE is set: first run `hf download {source}`"
     elif not Path(source).expanduser().exists():
@@ -111,7 +116,7 @@ def _load_component(
     try:
         return loader.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as error:
-        raise _load_error(name, source.path, error) from error
+        raise _load_error(name, source.path, error, f"model.components.{name}.path") from error
 
 
 def load_pipeline(
@@ -159,7 +164,7 @@ def load_pipeline(
                 source, dtype=dtype, use_safetensors=_use_safetensors(allow_pickle), **overrides
             )
     except (OSError, ValueError) as error:
-        raise _load_error("the pipeline", source or "components", error) from error
+        raise _load_error("the pipeline", source or "components", error, "model.pipeline") from error
     # The MLLM is loaded by transformers with `dtype`; diffusers' `torch_dtype` covers the rest.
     pipe.mllm.to(dtype)
 
@@ -172,7 +177,7 @@ def load_pipeline(
                 use_safetensors=_use_safetensors(allow_pickle),
             )
         except (OSError, ValueError) as error:
-            raise _load_error("the LoRA", spec.lora.path, error) from error
+            raise _load_error("the LoRA", spec.lora.path, error, "model.lora.path") from error
         pipe.set_adapters(["squeeze"], adapter_weights=[spec.lora.scale])
 
     if offload == "none":

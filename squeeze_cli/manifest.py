@@ -56,9 +56,11 @@ MAX_REFERENCE_PIXELS = 8192 * 8192
 REFERENCE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 # Anchors and aliases can expand a small file into a huge tree ("billion laughs"); stop walking early.
 MAX_YAML_NODES = 2_000_000
+# libyaml stops at 1000 levels; a manifest needs about 6, and deeper trees would exhaust Python's stack.
+MAX_YAML_DEPTH = 100
 SUBJECT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PLACEHOLDERS = ("subject", "class")
-_PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+_PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 
 SAMPLING_KEYS = tuple(SamplingParams.__dataclass_fields__)
 COMPONENT_NAMES = ("mllm", "tokenizer", "image_processor", "aggregator", "transformer", "vae", "scheduler")
@@ -381,7 +383,8 @@ def _location(file: str, mark: Any) -> Location:
 def load_yaml(text: str, file: str) -> YamlDocument:
     """Parse one YAML document safely (no Python tags), recording each node's line and column.
 
-    Syntax errors, tabs, several documents and duplicate keys become `Problem`s in the result.
+    Syntax errors, tabs, several documents, duplicate keys, Python or custom tags, recursive aliases and
+    alias explosions become `Problem`s in the result.
     """
     document = YamlDocument(data=None, file=file)
     # libyaml's parser when present (10x faster on big manifests); the constructor is SafeConstructor
@@ -390,28 +393,111 @@ def load_yaml(text: str, file: str) -> YamlDocument:
     try:
         node = loader.get_single_node()
         if node is None:
-            document.problems.append(Problem(file, None, None, "", "the file is empty"))
+            document.problems.append(
+                Problem(
+                    file,
+                    None,
+                    None,
+                    "",
+                    "the file is empty",
+                    "a manifest needs at least `version: 1`, a `recipe` and a `subjects` list "
+                    "(see docs/manifest.md)",
+                )
+            )
+            return document
+        # Count the values the aliases expand to before walking them: a "billion laughs" document is a
+        # few lines that expand exponentially, and must be refused before anything expands it.
+        try:
+            size = _expanded_size(node, {}, set()) if _ALIAS_RE.search(text) else 0
+        except _RecursiveAlias as recursive:
+            document.problems.append(
+                Problem(
+                    file,
+                    *_line_column(recursive.node),
+                    "",
+                    "an alias refers to itself or to a value that contains it",
+                    "a manifest is a tree: copy the values instead of referring back",
+                )
+            )
+            return document
+        if size > MAX_YAML_NODES:
+            document.problems.append(
+                Problem(
+                    file,
+                    *_line_column(node),
+                    "",
+                    f"the document expands to too many nodes through aliases ({size:,} values, at most "
+                    f"{MAX_YAML_NODES:,})",
+                    "use fewer `*alias` references to large anchored values",
+                )
+            )
             return document
         # Walk the node tree before constructing: construction flattens `<<` merges into the mappings.
-        budget = [MAX_YAML_NODES]
-        _walk(node, (), document, on_stack=set(), budget=budget)
-        if budget[0] < 0:  # do not hand an exponentially aliased tree to the validator
+        _walk(node, (), document, on_stack=set(), depth=0)
+        if any(p.message.startswith("nested more than") for p in document.problems):
             return document
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = _location(file, mark)
         message = " ".join(part for part in (error.context, error.problem) if part) or str(error)
-        hint = "YAML indents with spaces, never tabs" if _tab_at(text, mark) else None
+        message, hint = _explain_yaml_error(message, text, mark)
         document.problems.append(Problem(file, where.line, where.column, "", message, hint))
         return document
+    except yaml.reader.ReaderError as error:  # a control character or NUL: located by character index
+        line, column = _position(text, error.position)
+        reason = error.reason.split(":")[0] if error.reason else "unacceptable character"
+        character = f"#x{error.character:04x}" if isinstance(error.character, int) else repr(error.character)
+        document.problems.append(
+            Problem(
+                file,
+                line,
+                column,
+                "",
+                f"{reason} {character}: YAML does not allow control characters",
+                "remove it; is this a text file?",
+            )
+        )
+        return document
     except yaml.YAMLError as error:
-        document.problems.append(Problem(file, None, None, "", str(error)))
+        document.problems.append(Problem(file, None, None, "", " ".join(str(error).split())))
+        return document
+    except RecursionError:
+        document.problems.append(
+            Problem(file, None, None, "", "the document is nested too deeply", "a manifest is flat")
+        )
         return document
     finally:
         loader.dispose()
     document.data = data
     return document
+
+
+def _position(text: str, index: int) -> tuple[int, int]:
+    """1-based (line, column) of the character at `index`."""
+    line_start = text.rfind("\n", 0, index) + 1
+    return text.count("\n", 0, index) + 1, index - line_start + 1
+
+
+def _line_column(node: Any) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _explain_yaml_error(message: str, text: str, mark: Any) -> tuple[str, str | None]:
+    """The parser's message on one line, with the fix for the mistakes people make most."""
+    message = " ".join(message.split())
+    tag = re.search(r"constructor for the tag '([^']*)'", message)
+    if tag:
+        shown = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+        return (
+            f"the YAML tag {shown} is not allowed",
+            "a manifest holds plain values only (no Python objects or custom tags): remove the tag",
+        )
+    if _tab_at(text, mark):
+        return message, "YAML indents with spaces, never tabs"
+    if "expected a single document" in message:
+        return message, "a manifest is one document: remove the `---` line and what follows, or merge them"
+    return message, None
 
 
 def _tab_at(text: str, mark: Any) -> bool:
@@ -421,21 +507,58 @@ def _tab_at(text: str, mark: Any) -> bool:
     return mark.line < len(lines) and "\t" in lines[mark.line][: mark.column + 1]
 
 
-def _walk(node: Any, path: FieldPath, document: YamlDocument, on_stack, budget) -> None:
-    budget[0] -= 1
-    if budget[0] < 0:
-        if budget[0] == -1:
+# Where an alias can start (`key: *a`, `- *a`, `[*a, *b]`); a glob's `dir/*.jpg` cannot. Without a match the
+# document has no alias and its size is simply its node count: the expansion pass is skipped.
+_ALIAS_RE = re.compile(r"(?:^|[\s\[{,:?-])\*", re.MULTILINE)
+
+
+class _RecursiveAlias(Exception):
+    def __init__(self, node: Any):
+        self.node = node
+
+
+def _expanded_size(node: Any, sizes: dict[int, int], on_stack: set[int]) -> int:
+    """How many values `node` stands for once every alias is expanded; `_RecursiveAlias` if an alias
+    refers back to a value that contains it.
+
+    Shared (aliased) nodes are counted once per use but computed once, so this is linear in the file.
+    """
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in on_stack:
+        raise _RecursiveAlias(node)
+    on_stack.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_size(child, sizes, on_stack)
+        if total > MAX_YAML_NODES:
+            break  # enough to refuse; no need to count further
+    on_stack.discard(key)
+    sizes[key] = total
+    return total
+
+
+def _walk(node: Any, path: FieldPath, document: YamlDocument, on_stack, depth: int) -> None:
+    if depth > MAX_YAML_DEPTH:
+        if not any(p.message.startswith("nested more than") for p in document.problems):
             document.problems.append(
-                document.problem(path, "the document expands to too many nodes (aliases?)")
+                document.problem(path, f"nested more than {MAX_YAML_DEPTH} levels deep", "a manifest is flat")
             )
         return
     document.marks.setdefault(path, _location(document.file, node.start_mark))
-    if id(node) in on_stack:  # a recursive alias: nothing new below
+    if id(node) in on_stack:  # a recursive alias: refused by `_expanded_size` already
         return
     on_stack.add(id(node))
     if isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _walk(item, (*path, index), document, on_stack, budget)
+            _walk(item, (*path, index), document, on_stack, depth + 1)
     elif isinstance(node, yaml.MappingNode):
         first_seen: dict[Any, Any] = {}
         for key_node, value_node in node.value:
@@ -450,7 +573,7 @@ def _walk(node: Any, path: FieldPath, document: YamlDocument, on_stack, budget) 
                                 document.key_marks.setdefault(
                                     (*path, key), _location(document.file, merged_key.start_mark)
                                 )
-                                _walk(merged_value, (*path, key), document, on_stack, budget)
+                                _walk(merged_value, (*path, key), document, on_stack, depth + 1)
                 continue
             key = _scalar_key(key_node)
             if key is None:
@@ -472,7 +595,7 @@ def _walk(node: Any, path: FieldPath, document: YamlDocument, on_stack, budget) 
             first_seen[key] = key_node
             document.key_marks[(*path, key)] = _location(document.file, key_node.start_mark)
             document.marks.pop((*path, key), None)  # an explicit key beats one merged in earlier
-            _walk(value_node, (*path, key), document, on_stack, budget)
+            _walk(value_node, (*path, key), document, on_stack, depth + 1)
     on_stack.discard(id(node))
 
 
@@ -789,12 +912,7 @@ def load_manifest(
     """
     manifest_path = Path(path).expanduser().absolute()
     file = str(path)
-    try:
-        text = manifest_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        raise ManifestError([Problem(file, None, None, "", f"cannot read the manifest: {reason}")]) from None
-
+    text = read_manifest_text(manifest_path, file)
     document = load_yaml(text, file)
     problems = list(document.problems)
     if document.data is None:
@@ -820,6 +938,56 @@ def load_manifest(
     if problems or loaded is None:
         raise ManifestError(sort_problems(problems))
     return loaded
+
+
+def read_manifest_text(path: Path, file: str) -> str:
+    """The manifest's text; a missing, unreadable or non-UTF-8 file raises `ManifestError`."""
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "it is a folder")
+        data = path.read_bytes()
+    except OSError as error:
+        hints = {
+            IsADirectoryError: "give the path of the manifest's .yaml file, not of its folder",
+            PermissionError: "check the file's permissions",
+        }
+        hint = next((text for kind, text in hints.items() if isinstance(error, kind)), None)
+        reason = error.strerror or str(error)
+        raise ManifestError(
+            [Problem(file, None, None, "", f"cannot read the manifest: {reason}", hint)]
+        ) from None
+    encoding = next((name for bom, name in _UNICODE_BOMS if data.startswith(bom)), None)
+    if encoding is not None:
+        raise ManifestError(
+            [Problem(file, None, None, "", f"the manifest is {encoding} text", "save it as UTF-8")]
+        )
+    try:
+        return data.decode("utf-8-sig")  # a UTF-8 byte order mark is harmless: skip it
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ManifestError(
+            [
+                Problem(
+                    file,
+                    line,
+                    column,
+                    "",
+                    f"the manifest is not UTF-8 text (byte 0x{data[error.start]:02x})",
+                    "save it as UTF-8",
+                )
+            ]
+        ) from None
+
+
+# Byte order marks of the encodings an editor may save a manifest in by mistake (UTF-32 first: its BOM
+# starts with UTF-16's).
+_UNICODE_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
 
 
 def sort_problems(problems: Sequence[Problem]) -> list[Problem]:
@@ -886,21 +1054,40 @@ class _Resolver:
                 f"the manifest plans {total:,} jobs, more than the limit of {limit:,}",
                 "raise it with `--max-jobs N` or `max_jobs: N` if that many images is intended",
             )
+        output_dir = self.resolve_output_dir() if self.head is not None else None
         if self.problems or model is None or self.head is None or None in self.subjects:
             return None
         fields = {name: getattr(self.head, name) for name in Manifest.model_fields if name != "subjects"}
         document = Manifest.model_construct(self.head.model_fields_set, **fields, subjects=self.subjects)
-        output_dir = Path(os.path.expanduser(self.head.output.dir))
         return LoadedManifest(
             path=self.manifest_path,
             document=document,
             recipe=recipe,
             model=model,
             model_identity=model_identity(model),
-            output_dir=(self.base_dir / output_dir).resolve() if not output_dir.is_absolute() else output_dir,
+            output_dir=output_dir,
             max_jobs=limit,
             subjects=tuple(subjects),
         )
+
+    def resolve_output_dir(self) -> Path | None:
+        """The output folder, absolute. Any place is allowed (it is the user's choice), but it must be a
+        folder or creatable as one: a file in the way is reported now rather than after the model loads."""
+        written = self.head.output.dir
+        path: FieldPath = ("output", "dir")
+        if "\0" in written:
+            self.problem(path, f"{written!r} contains a NUL character", "remove it from the path")
+            return None
+        output_dir = Path(os.path.expanduser(written))
+        output_dir = (self.base_dir / output_dir).resolve() if not output_dir.is_absolute() else output_dir
+        reason = output_dir_problem(output_dir)
+        if reason:
+            self.problem(
+                path,
+                f"{written!r} cannot be the output folder: {reason}",
+                "choose another `output.dir` (or `--out`)",
+            )
+        return output_dir
 
     # The model: recipe < manifest `model:` ------------------------------------------------------------
 
@@ -1004,6 +1191,13 @@ class _Resolver:
             token = match.group(0)
             if token in ("{{", "}}"):
                 return token[0]
+            if token in ("{", "}"):
+                self.problem(
+                    text_path,
+                    f"unmatched {token} at character {match.start() + 1}",
+                    f"write {token}{token} for a literal brace, or close it: {{subject}}, {{class}}",
+                )
+                return token
             name = match.group(1)
             if name == "subject":
                 return subject.name
@@ -1042,9 +1236,13 @@ class _Resolver:
 
     def resolve_references(self, path: FieldPath, patterns: list[str]) -> tuple[str, ...]:
         found: dict[str, int] = {}  # file -> index of the first pattern that named it
+        from_glob: set[str] = set()
         folder_hint = f"paths are relative to the manifest's folder {self.base_dir}"
         for ref_index, pattern in enumerate(patterns):
             ref_path = (*path, "references", ref_index)
+            if "\0" in pattern:
+                self.problem(ref_path, f"{pattern!r} contains a NUL character", "remove it from the path")
+                continue
             absolute = os.path.join(self.base_dir, os.path.expanduser(pattern))
             if glob.has_magic(pattern):
                 matches = [m for m in glob.glob(absolute, recursive=True) if os.path.isfile(m)]
@@ -1052,43 +1250,143 @@ class _Resolver:
                     self.problem(ref_path, f"no file matches {pattern!r}", folder_hint)
                 for match in matches:
                     found.setdefault(os.path.normpath(match), ref_index)
+                    from_glob.add(os.path.normpath(match))
+            elif os.path.islink(absolute) and not os.path.exists(absolute):
+                self.problem(
+                    ref_path,
+                    f"{pattern!r} is a broken symbolic link (to {os.readlink(absolute)!r})",
+                    "point it at an existing image, or list the image itself",
+                )
             elif not os.path.exists(absolute):
                 self.problem(ref_path, f"no such file: {pattern!r}", folder_hint)
-            elif not os.path.isfile(absolute):
+            elif os.path.isdir(absolute):
                 self.problem(
-                    ref_path, f"{pattern!r} is not a file", f"to use every image in it: '{pattern}/*'"
+                    ref_path,
+                    f"{pattern!r} is not a file",
+                    f"to use every image in it: '{pattern.rstrip('/')}/*'",
                 )
+            elif not os.path.isfile(absolute):  # a device, a pipe, a socket: never open those
+                self.problem(ref_path, f"{pattern!r} is not a regular file", "list image files only")
             else:
                 found.setdefault(os.path.normpath(absolute), ref_index)
         references = tuple(sorted(found))
         for reference in references:
-            message = check_image_header(reference)
+            message = check_image(reference)
             if message:
                 shown = os.path.relpath(reference, self.base_dir)
-                self.problem((*path, "references", found[reference]), f"{shown}: {message}")
+                hint = _IMAGE_HINTS.get(message.split(":")[0].split(" (")[0])
+                if reference in from_glob and message.startswith("not a readable image"):
+                    hint = f"{patterns[found[reference]]!r} matches it: narrow the pattern, e.g. to *.jpg"
+                self.problem((*path, "references", found[reference]), f"{shown}: {message}", hint)
         return references
 
 
-def check_image_header(path: str) -> str | None:
-    """Why `path` is not a usable reference image, from its header alone; None when it is fine."""
+def output_dir_problem(path: Path) -> str | None:
+    """Why `path` cannot be an output folder (a file is in the way), or None; creates nothing.
+
+    For `output.dir` here and for `--out` (which the manifest does not see)."""
+    if "\0" in str(path):
+        return "the path contains a NUL character"
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.is_dir():
+        return None
+    return f"{'it' if existing == path else repr(str(existing))} is a file, not a folder"
+
+
+# The fix for each kind of unusable reference image, keyed by the start of `check_image`'s message.
+_IMAGE_HINTS = {
+    "the file is empty": "replace it with the image, or remove it from the references",
+    "the file is truncated": "the download or copy was cut short: copy the image again",
+    "the file is damaged": "copy the image again, or re-save it with an image editor",
+    "not a readable image": "use a PNG, JPEG, WebP, BMP, TIFF or GIF image",
+    "the image is too large": f"downscale it to at most {MAX_REFERENCE_PIXELS:,} pixels (e.g. 4096x4096)",
+}
+
+
+def check_image(path: str) -> str | None:
+    """Why `path` is not a usable reference image; None when it is fine.
+
+    The header gives the size (decompression bombs are refused before any pixel is decoded); then a
+    cheap check that the pixel data is all there, so a truncated file is caught before anything runs:
+    PNG chunks are read through to IEND with their checksums (no decompression), a JPEG's scans must
+    reach its end-of-image marker, and the rarer formats are decoded.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
+        if os.path.getsize(path) == 0:
+            return "the file is empty"
         with warnings.catch_warnings():  # PIL warns between 1x and 2x its limit, raises above
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path, formats=REFERENCE_FORMATS) as image:
                 width, height = image.size
+                if width < 1 or height < 1:
+                    return f"the image has no pixels ({width}x{height})"
+                if width * height > MAX_REFERENCE_PIXELS:
+                    return (
+                        f"the image is too large: {width}x{height}, more than {MAX_REFERENCE_PIXELS:,} pixels"
+                    )
+                if image.format == "PNG":
+                    image.verify()
+                elif image.format == "JPEG":
+                    if not _jpeg_is_complete(path):
+                        return "the file is truncated: the JPEG data stops before its end marker"
+                else:
+                    image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return f"the image header declares more than {Image.MAX_IMAGE_PIXELS:,} pixels"
+        return (
+            f"the image is too large: its header declares more than {Image.MAX_IMAGE_PIXELS:,} pixels "
+            "(a decompression bomb?)"
+        )
     except UnidentifiedImageError:
         return f"not a readable image (supported: {', '.join(REFERENCE_FORMATS)})"
-    except OSError as error:
-        return f"cannot read it: {error.strerror or error}"
-    if width < 1 or height < 1:
-        return f"the image has no pixels ({width}x{height})"
-    if width * height > MAX_REFERENCE_PIXELS:
-        return f"the image is {width}x{height}, more than {MAX_REFERENCE_PIXELS:,} pixels"
+    except (EOFError, OSError, SyntaxError, ValueError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, EOFError) or "truncated" in reason.lower():
+            return f"the file is truncated: {reason}"
+        if isinstance(error, SyntaxError) or "broken" in reason.lower() or "crc" in reason.lower():
+            return f"the file is damaged: {reason}"
+        if isinstance(error, OSError) and error.errno is not None:  # the file system's complaint
+            return f"cannot read it: {error.strerror or reason}"
+        return f"the file is damaged: {reason}"  # the decoder's
+    except Exception as error:  # a decoder's unexpected complaint about a hostile file is still a refusal
+        return f"the file is damaged: {type(error).__name__}: {' '.join(str(error).split())}"
     return None
+
+
+# Backwards-compatible name: the check used to read the header only.
+check_image_header = check_image
+
+
+def _jpeg_is_complete(path: str) -> bool:
+    """Whether the JPEG's entropy-coded data reaches an end-of-image marker (FFD9).
+
+    Walks the marker segments to the first start-of-scan, then looks for FFD9 after it: inside scan data
+    0xFF is always followed by 0x00 or a restart marker, so the first FFD9 there is the real end. Bytes
+    after it (a camera's trailer, a motion photo's video) are allowed. Reads the file once, no decoding.
+    """
+    with open(path, "rb") as file:
+        data = file.read()
+    position = 2  # after SOI
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return False
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker == 0xD8 or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length
+            position += 2
+            continue
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == 0xDA:  # start of scan: the entropy-coded data follows its header
+            return data.find(b"\xff\xd9", position + 2 + length) != -1
+        if marker == 0xD9:
+            return False  # an end marker before any scan: no image data
+        position += 2 + length
+    return False
 
 
 def _seed_values(spec: list[int] | SeedRange | None) -> Sequence[int]:

@@ -68,9 +68,13 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_dir: Path, tmp_path: Pat
     from squeeze_cli.models.aggregator import DualLayerAggregator
 
     pickled = tmp_path / "aggregator"
-    DualLayerAggregator.from_pretrained(tiny_dir / "aggregator").save_pretrained(pickled, safe_serialization=False)
+    DualLayerAggregator.from_pretrained(tiny_dir / "aggregator").save_pretrained(
+        pickled, safe_serialization=False
+    )
     assert (pickled / "diffusion_pytorch_model.bin").is_file()
-    spec = ModelSpec(pipeline=str(tiny_dir), components={"aggregator": {"path": str(pickled)}}, dtype="float32")
+    spec = ModelSpec(
+        pipeline=str(tiny_dir), components={"aggregator": {"path": str(pickled)}}, dtype="float32"
+    )
     with pytest.raises(ModelLoadError) as refused:
         load_pipeline(spec)
     assert "aggregator" in refused.value.message and "--allow-pickle" in refused.value.hint
@@ -93,10 +97,12 @@ def test_lora_from_the_spec_changes_the_output(tiny_dir: Path, tmp_path: Path) -
 
     base = load_pipeline(ModelSpec(pipeline=str(tiny_dir), dtype="float32"))
     expected = generate(base)
-    base.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
-                                            init_lora_weights=False))
-    SqueezePipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(
-        base.transformer))
+    base.transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    )
+    SqueezePipeline.save_lora_weights(
+        tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(base.transformer)
+    )
     spec = ModelSpec(pipeline=str(tiny_dir), lora={"path": str(tmp_path / "lora")}, dtype="float32")
     with_lora = generate(load_pipeline(spec))
     assert np.abs(with_lora - expected).max() > 1e-3
@@ -105,3 +111,10 @@ def test_lora_from_the_spec_changes_the_output(tiny_dir: Path, tmp_path: Path) -
 def test_offload_needs_a_gpu(tiny_dir: Path) -> None:
     with pytest.raises(UsageError, match="--offload model"):
         load_pipeline(ModelSpec(pipeline=str(tiny_dir), dtype="float32"), device="cpu", offload="model")
+
+
+def test_a_missing_local_folder_says_which_setting_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError) as missing:
+        load_pipeline(ModelSpec(pipeline=str(tmp_path / "nope"), dtype="float32"))
+    assert f"no such folder: {tmp_path / 'nope'}" in missing.value.message
+    assert "--set model.pipeline=DIR" in missing.value.hint

@@ -297,3 +297,12 @@ def test_progress_off_a_terminal_is_a_few_plain_lines(project: Path, gen) -> Non
 def test_quiet_prints_nothing_on_success(project: Path, gen) -> None:
     assert gen(str(project / "m.yaml"), "--out", str(project / "out"), "--quiet") == ""
     assert gen.stderr == ""
+
+
+def test_out_pointing_at_a_file_is_refused_before_anything_runs(project: Path, gen) -> None:
+    (project / "afile").write_text("not a folder")
+    gen(str(project / "m.yaml"), "--out", str(project / "afile" / "sub"), expect=2)
+    assert gen.stderr.strip() == (
+        f"error: --out {project / 'afile' / 'sub'}: {str(project / 'afile')!r} is a file, not a folder "
+        "(hint: choose another --out)"
+    )
