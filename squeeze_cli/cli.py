@@ -42,7 +42,9 @@ app = typer.Typer(
 )
 
 # Options shared by the commands that read a manifest (`validate` here, `gen` in its own issue).
-ManifestArg = Annotated[str, typer.Argument(help="The manifest YAML file.", show_default=False)]
+ManifestArg = Annotated[
+    str, typer.Argument(metavar="MANIFEST", help="The manifest YAML file.", show_default=False)
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -163,7 +165,9 @@ def gen(
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, metavar="N", help="Images per forward pass.")
     ] = 1,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    device: Annotated[
+        str, typer.Option("--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:1, ...")
+    ] = "auto",
     dtype: Annotated[
         str | None,
         typer.Option("--dtype", metavar="float32|bfloat16|float16", help="Overrides the preset's dtype."),

@@ -275,12 +275,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         finally:
             os.close(fd)
         os.replace(temp, path)
-    except OSError as error:
+    except BaseException as error:  # OSError, and the stop-at-once exception of a second Ctrl-C
         try:
             temp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise _write_error(path, error) from error
+        if isinstance(error, OSError):
+            raise _write_error(path, error) from error
+        raise
     _fsync_dir(path.parent)
     return path
 
@@ -666,12 +668,25 @@ def append_index(out_dir: str | os.PathLike, entry: Mapping[str, Any]) -> None:
             data = b"\n" + data
         written = os.write(fd, data)
         if written != len(data):
-            raise OSError(errno.ENOSPC, f"only {written} of {len(data)} bytes written")
+            _cut_short_append(fd, written)
+            reason = f"{os.strerror(errno.ENOSPC)} (only {written} of {len(data)} bytes written)"
+            raise OSError(errno.ENOSPC, reason)
         os.fsync(fd)
     except OSError as error:
         raise _write_error(path, error) from error
     finally:
         os.close(fd)
+
+
+def _cut_short_append(fd: int, written: int) -> None:
+    # A full disk can take part of a line. Only the run holding the lock appends to an index, so when the
+    # file still ends where our write ended, those bytes are ours to remove; repair_index is the fallback.
+    try:
+        end = os.lseek(fd, 0, os.SEEK_CUR)
+        if written and os.fstat(fd).st_size == end:
+            os.ftruncate(fd, end - written)
+    except OSError:
+        pass
 
 
 def _last_byte(path: Path, size: int) -> bytes:
@@ -841,22 +856,38 @@ def _fit(font: Any, text: str, max_width: int) -> str:
 def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> Image.Image:
     """An image as 8-bit RGB, upright (EXIF orientation applied), transparency flattened onto white.
 
-    16-bit and 32-bit grayscale are scaled to 8 bits rather than clipped. `max_side` lets JPEG decode
-    at a reduced size, which is much faster for thumbnails of large photos.
+    Every mode a photo folder may hold comes out as what a viewer shows: 16-bit grayscale is scaled to 8
+    bits rather than clipped, 32-bit integer and float grayscale are scaled by their range, CMYK is
+    converted, palette and grayscale transparency (including a PNG's tRNS colour) is composited on white.
+    A broken EXIF block is ignored (the image is used as stored) rather than failing the subject.
+    `max_side` lets JPEG decode at a reduced size, which is much faster for thumbnails of large photos.
     """
     with Image.open(path) as image:
         if max_side is not None and image.format == "JPEG":
             image.draft("RGB", (max_side, max_side))
-        image = ImageOps.exif_transpose(image)
-        if image.mode.startswith("I") or image.mode == "F":
-            # 16/32-bit grayscale: convert("L") would clip everything above 255 to white.
-            image = image.convert("I") if image.mode.startswith("I;16") else image
-            high = image.getextrema()[1] or 1
-            scale = 1 / 256 if 255 < high <= 65535 else (255 / high if high > 65535 else 1)
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # a malformed EXIF block must not cost the subject its reference
+            image.load()
+        if image.mode.startswith("I;16"):
+            # The bit depth is known: 0..65535 maps to 0..255. convert("L") would clip all above 255 to white.
+            image = image.convert("I").point(lambda value: value * (255 / 65535)).convert("L")
+            image.info.pop("transparency", None)  # a 16-bit tRNS value means nothing at 8 bits
+        elif image.mode in ("I", "F"):
+            low, high = image.getextrema()
+            if image.mode == "F" and 0 <= low and high <= 1.0:
+                scale = 255.0  # float images in [0, 1]
+            elif high > 65535:
+                scale = 255 / high
+            elif high > 255:
+                scale = 255 / 65535  # 16-bit data widened to 32 bits
+            else:
+                scale = 1.0
             image = image.point(lambda value: value * scale).convert("L")
-        if image.mode == "P":
+            image.info.pop("transparency", None)  # a 16-bit tRNS value means nothing at 8 bits
+        if image.mode in ("P", "PA") or "transparency" in image.info:
             image = image.convert("RGBA")
-        if image.mode in ("RGBA", "LA", "PA"):
+        if image.mode in ("RGBA", "LA", "La", "RGBa"):
             rgba = image.convert("RGBA")
             flat = Image.new("RGB", rgba.size, _BACKGROUND)
             flat.paste(rgba, mask=rgba.getchannel("A"))

@@ -11,6 +11,7 @@ import fcntl
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -97,16 +98,32 @@ class _Processes:
         return gathered
 
 
+class _StopNow(BaseException):
+    """Raised by the signal handler to stop at once. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on the way (model loading wraps its errors) can swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class _StopSignal:
-    """SIGINT/SIGTERM ask the run to stop after the current batch; a second one stops at once."""
+    """SIGINT/SIGTERM handling for the whole run.
+
+    Until `graceful` is set (planning, locking, loading the model: nothing written yet) a signal stops at
+    once. From then on the first one asks the run to stop after the current batch and still write its
+    summary; a second one stops at once (atomic writes clean up their temporary file on the way out).
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.graceful = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignal:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -114,10 +131,14 @@ class _StopSignal:
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
+        if not self.graceful or self.signum is not None:
+            raise _StopNow(signum)
         self.signum = signum
         print("stopping after the current batch (signal again to stop now)", file=sys.stderr, flush=True)
+
+
+def _exit_code(signum: int) -> int:
+    return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
 
 
 class _DirectoryLock:
@@ -134,18 +155,32 @@ class _DirectoryLock:
 
     def acquire(self) -> None:
         outputs.ensure_dir(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            raise outputs._write_error(self.path, error, "create the lock file") from error
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            except OSError:
+                holder = "unknown"
             os.close(fd)
             raise OutputInUseError(
                 f"{self.path.parent} is in use by another squeeze gen (pid {holder})",
                 "wait for it to finish, or choose another --out",
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as error:  # a file system without flock support
+            os.close(fd)
+            raise outputs._write_error(self.path, error, "lock") from error
+        # The pid is for the message a second run prints; the lock itself is the flock. A full disk must
+        # not keep a run from starting (it may have nothing left to write), so failing to record it is fine.
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError:
+            pass
         self.fd = fd
 
     def release(self) -> None:
@@ -178,8 +213,15 @@ def _batches(jobs: Sequence[Job], batch_size: int) -> Iterator[list[Job]]:
 class Runner:
     """Generates the pending jobs of one process and records every outcome."""
 
-    def __init__(self, manifest: LoadedManifest, options: GenOptions, reporter: Reporter, out_dir: Path,
-                 run_dir: Path, processes: _Processes):
+    def __init__(
+        self,
+        manifest: LoadedManifest,
+        options: GenOptions,
+        reporter: Reporter,
+        out_dir: Path,
+        run_dir: Path,
+        processes: _Processes,
+    ):
         self.manifest = manifest
         self.options = options
         self.reporter = reporter
@@ -270,8 +312,9 @@ class Runner:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 half = len(batch) // 2
-                self.reporter.warning(f"out of memory with a batch of {len(batch)}; retrying as {half} + "
-                                      f"{len(batch) - half}")
+                self.reporter.warning(
+                    f"out of memory with a batch of {len(batch)}; retrying as {half} + {len(batch) - half}"
+                )
                 self._generate(batch[:half], condition)
                 self._generate(batch[half:], condition)
                 return
@@ -282,7 +325,7 @@ class Runner:
         seconds = time.perf_counter() - started
         self.timings["generate"] += seconds
         plan = result.stage_plan.to_dict()
-        for job, image in zip(batch, result.images):
+        for job, image in zip(batch, result.images, strict=True):
             record = outputs.image_record(
                 job,
                 preset_name=self.preset_name,
@@ -293,18 +336,25 @@ class Runner:
             )
             record["process"] = self.processes.index
             outputs.save_image(self.out_dir, job, image, record)
-            if self.processes.is_main:
-                outputs.append_index(self.run_dir, outputs.index_entry(record))
+            # Finished from here on (the sidecar is the marker), whatever happens to its index line: a
+            # line that cannot be written is added by the repair at the start of the next run.
             self.succeeded.append(job.job_id)
             self.reporter.job_finished(job, record["files"]["image"], seconds / len(batch))
+            if self.processes.is_main:
+                outputs.append_index(self.run_dir, outputs.index_entry(record))
 
     def _on_step(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
         self.reporter.step()
         return callback_kwargs
 
     def _fail(self, job: Job, error: str) -> None:
-        failure = {"job_id": job.job_id, "subject": job.subject, "prompt_index": job.prompt_index,
-                   "seed": job.seed, "error": error}
+        failure = {
+            "job_id": job.job_id,
+            "subject": job.subject,
+            "prompt_index": job.prompt_index,
+            "seed": job.seed,
+            "error": error,
+        }
         self.failures.append(failure)
         if self.processes.is_main:
             outputs.append_index(self.run_dir, outputs.failed_index_entry(job, error))
@@ -319,10 +369,14 @@ def describe_plan(jobs: Sequence[Job], done: set[str]) -> dict[str, Any]:
         params = job.params
         size = f"{params.width}x{params.height}"
         sizes[size] = sizes.get(size, 0) + 1
-        key = f"{size}, {params.num_inference_steps} steps, thresholds {params.stage_thresholds[0]}/" \
-              f"{params.stage_thresholds[1]}"
+        key = (
+            f"{size}, {params.num_inference_steps} steps, thresholds {params.stage_thresholds[0]}/"
+            f"{params.stage_thresholds[1]}"
+        )
         if key not in stages:
-            plan = stage_plan(params.num_inference_steps, params.height, params.width, params.stage_thresholds)
+            plan = stage_plan(
+                params.num_inference_steps, params.height, params.width, params.stage_thresholds
+            )
             stages[key] = list(plan.counts)
     return {
         "jobs": len(jobs),
@@ -334,27 +388,42 @@ def describe_plan(jobs: Sequence[Job], done: set[str]) -> dict[str, Any]:
     }
 
 
-def _write_grids(out_dir: Path, jobs: Sequence[Job], generated: set[str]) -> None:
-    """A grid per (subject, prompt) and a contact sheet per subject, where this run added images or
-    the file is missing; from the images on disk, so earlier runs' and other processes' images show."""
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def _write_grids(out_dir: Path, jobs: Sequence[Job], generated: set[str], stop: _StopSignal) -> None:
+    """A grid per (subject, prompt) and a contact sheet per subject, where this run added images or the
+    file is missing or older than one of its images (a run killed or stopped before its grids); from the
+    images on disk, so earlier runs' and other processes' images show. A first signal stops here too."""
     finished = outputs.finished_records(out_dir, jobs)
     for subject, subject_jobs in groupby(jobs, key=lambda job: job.subject):
         subject_jobs = list(subject_jobs)
         rows = []
         changed = False
+        newest_in_subject = 0
         for prompt_index, prompt_jobs in groupby(subject_jobs, key=lambda job: job.prompt_index):
+            if stop.signum is not None:
+                return
             prompt_jobs = list(prompt_jobs)
             entries = [
                 (job.seed, outputs.image_path(out_dir, job) if job.job_id in finished else None)
                 for job in prompt_jobs
             ]
             rows.append(outputs.SheetRow(prompt_index, prompt_jobs[0].prompt, entries))
-            grid = outputs.grid_path(out_dir, subject, prompt_index)
-            if any(job.job_id in generated for job in prompt_jobs) or not grid.exists():
+            newest = max((_mtime_ns(path) or 0 for _, path in entries if path is not None), default=0)
+            newest_in_subject = max(newest_in_subject, newest)
+            grid_time = _mtime_ns(outputs.grid_path(out_dir, subject, prompt_index))
+            if any(job.job_id in generated for job in prompt_jobs) or grid_time is None or grid_time < newest:
                 changed = True
-                outputs.write_prompt_grid(out_dir, subject, prompt_index, prompt_jobs[0].prompt,
-                                          subject_jobs[0].references, entries)
-        if changed or not outputs.contact_sheet_path(out_dir, subject).exists():
+                outputs.write_prompt_grid(
+                    out_dir, subject, prompt_index, prompt_jobs[0].prompt, subject_jobs[0].references, entries
+                )
+        sheet_time = _mtime_ns(outputs.contact_sheet_path(out_dir, subject))
+        if changed or sheet_time is None or sheet_time < newest_in_subject:
             outputs.write_contact_sheet(out_dir, subject, subject_jobs[0].references, rows)
 
 
@@ -362,15 +431,42 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def run_gen(manifest: LoadedManifest, options: GenOptions, *, json_events: bool = False, quiet: bool = False) -> int:
-    """Run `squeeze gen` for a loaded manifest; returns the exit code."""
+def run_gen(
+    manifest: LoadedManifest, options: GenOptions, *, json_events: bool = False, quiet: bool = False
+) -> int:
+    """Run `squeeze gen` for a loaded manifest; returns the exit code.
+
+    SIGINT/SIGTERM: before anything is written the run stops at once; afterwards it stops after the
+    current batch, writes its summary (status `interrupted`) and returns 130/143; a second signal stops at
+    once. A file that cannot be written (disk full, permission denied) stops the run: what finished is
+    kept, the summary says `failed` when it can still be written, and `OutputWriteError` is raised.
+    """
+    stop = _StopSignal()
+    try:
+        with stop:
+            return _run_gen(manifest, options, stop, json_events=json_events, quiet=quiet)
+    except _StopNow as stopped:
+        name = signal.Signals(stopped.signum).name
+        if stop.graceful:
+            note = "finished images are kept and the run summary was not updated; run the same command again"
+        else:
+            note = "nothing was generated"
+        print(f"stopped at once by {name}: {note}", file=sys.stderr, flush=True)
+        return _exit_code(stopped.signum)
+
+
+def _run_gen(
+    manifest: LoadedManifest, options: GenOptions, stop: _StopSignal, *, json_events: bool, quiet: bool
+) -> int:
     started_at, started = _now(), time.perf_counter()
     jobs = plan_jobs(manifest, model_identity=manifest.model_identity, max_jobs=manifest.max_jobs)
     if options.shard is not None:
         jobs = shard_jobs(jobs, *options.shard)
     out_dir = (options.out or manifest.output_dir).expanduser().absolute()
     # A shard's run index and summary live in its own folder, so shards can share one output directory.
-    run_dir = out_dir if options.shard is None else out_dir / "shards" / f"{options.shard[0]}-of-{options.shard[1]}"
+    run_dir = (
+        out_dir if options.shard is None else out_dir / "shards" / f"{options.shard[0]}-of-{options.shard[1]}"
+    )
 
     processes = _Processes() if not options.dry_run else None
     is_main = processes is None or processes.is_main
@@ -394,66 +490,125 @@ def run_gen(manifest: LoadedManifest, options: GenOptions, *, json_events: bool 
         runner = Runner(manifest, options, reporter, out_dir, run_dir, processes)
         if mine:
             runner.load()
-        problems = [problem for found in processes.gather(runner.check_instructions(mine)) for problem in found]
+        problems = [
+            problem for found in processes.gather(runner.check_instructions(mine)) for problem in found
+        ]
         if problems:
             raise ManifestError(problems)
 
-        if is_main:
-            outputs.ensure_dir(out_dir)
-            if not lock.held:
-                lock.acquire()
-            outputs.remove_stale_temp_files(out_dir)
-            done_records = outputs.finished_records(out_dir, [job for job in jobs if job.job_id in done])
-            outputs.repair_index(run_dir, done_records, pending_job_ids=[job.job_id for job in pending])
-            outputs.write_resolved_manifest(run_dir, manifest.resolved_yaml())
-        processes.barrier()
-
-        reporter.run_started(len(pending), out=str(out_dir), processes=processes.count, skipped=len(done))
-        with _StopSignal() as stop:
-            runner.run(mine, stop)
-            processes.barrier()
-        stopped = processes.gather(stop.signum)
-        results = processes.gather({"succeeded": runner.succeeded, "failures": runner.failures,
-                                    "timings": runner.timings})
-        if not is_main:
-            return EXIT_OK
-        failures = [failure for result in results for failure in result["failures"]]
-        generated = {job_id for result in results for job_id in result["succeeded"]}
-        # Other processes' images are in their sidecars: bring their lines (and failures) into the index.
-        outputs.repair_index(run_dir, outputs.finished_records(out_dir, jobs))
-        for failure in failures:
-            if failure not in runner.failures:
-                job = next(job for job in pending if job.job_id == failure["job_id"])
-                outputs.append_index(run_dir, outputs.failed_index_entry(job, failure["error"]))
-        if manifest.document.output.grids:
-            _write_grids(out_dir, jobs, generated)
-
-        signum = next((s for s in stopped if s is not None), None)
-        status = "interrupted" if signum is not None else "completed_with_failures" if failures else "completed"
-        generate_seconds = max(result["timings"]["generate"] for result in results)
-        summary = {
-            "status": status,
+        summary: dict[str, Any] = {
+            "status": "running",
             "command": options.command,
+            "pid": os.getpid(),
             "started_at": started_at,
-            "finished_at": _now(),
+            "finished_at": None,
             "out": str(out_dir),
-            "jobs": {"planned": len(jobs), "skipped": len(done), "succeeded": len(generated), "failed": len(failures)},
-            "failures": failures,
-            "timings": {
-                "total": round(time.perf_counter() - started, 3),
-                **{name: round(max(result["timings"][name] for result in results), 3) for name in runner.timings},
-            },
-            "images_per_second": round(len(generated) / generate_seconds, 4) if generate_seconds else None,
+            "jobs": {"planned": len(jobs), "skipped": len(done), "succeeded": 0, "failed": 0},
+            "failures": [],
+            "timings": {"total": None, **{name: None for name in runner.timings}},
+            "images_per_second": None,
             "preset": runner.preset_name,
             "model": runner.model_info,
             "versions": runner.versions,
             "processes": processes.count,
             "shard": list(options.shard) if options.shard else None,
         }
-        outputs.write_run_summary(run_dir, summary)
-        reporter.run_finished(summary)
+        # From the first write on, a signal lets the current batch finish and the summary be written.
+        stop.graceful = True
+        if is_main:
+            outputs.ensure_dir(out_dir)
+            if not lock.held:
+                lock.acquire()
+            outputs.remove_stale_temp_files(out_dir)
+            if run_dir != out_dir:
+                outputs.remove_stale_temp_files(run_dir)
+            done_records = outputs.finished_records(out_dir, [job for job in jobs if job.job_id in done])
+            outputs.repair_index(run_dir, done_records, pending_job_ids=[job.job_id for job in pending])
+            outputs.write_resolved_manifest(run_dir, manifest.resolved_yaml())
+            # `running` until the end: a run.json still saying so after the process is gone was killed.
+            outputs.write_run_summary(run_dir, summary)
+        processes.barrier()
+
+        reporter.run_started(len(pending), out=str(out_dir), processes=processes.count, skipped=len(done))
+        write_error: outputs.OutputWriteError | None = None
+        try:
+            runner.run(mine, stop)
+        except outputs.OutputWriteError as error:
+            if processes.count > 1:
+                raise  # the launcher stops the other processes; every finished image is kept
+            write_error = error  # a full disk fails every job after it: stop, record what we can
+        processes.barrier()
+        stopped = processes.gather(stop.signum)
+        results = processes.gather(
+            {"succeeded": runner.succeeded, "failures": runner.failures, "timings": runner.timings}
+        )
+        if not is_main:
+            return EXIT_OK
+        failures = [failure for result in results for failure in result["failures"]]
+        generated = {job_id for result in results for job_id in result["succeeded"]}
+        try:
+            # Other processes' images are in their sidecars: bring their lines (and failures) into the index.
+            outputs.repair_index(run_dir, outputs.finished_records(out_dir, jobs))
+            for failure in failures:
+                if failure not in runner.failures:
+                    job = next(job for job in pending if job.job_id == failure["job_id"])
+                    outputs.append_index(run_dir, outputs.failed_index_entry(job, failure["error"]))
+            # Grids are a view, redrawn by the next run when out of date: a stopped run skips them.
+            if write_error is None and stop.signum is None and manifest.document.output.grids:
+                _write_grids(out_dir, jobs, generated, stop)
+        except outputs.OutputWriteError as error:
+            write_error = write_error or error
+
+        signum = stop.signum if stop.signum is not None else next((s for s in stopped if s is not None), None)
+        if write_error is not None:
+            status = "failed"
+        elif signum is not None:
+            status = "interrupted"
+        else:
+            status = "completed_with_failures" if failures else "completed"
+        generate_seconds = max(result["timings"]["generate"] for result in results)
+        summary.update(
+            {
+                "status": status,
+                "finished_at": _now(),
+                "jobs": {
+                    "planned": len(jobs),
+                    "skipped": len(done),
+                    "succeeded": len(generated),
+                    "failed": len(failures),
+                },
+                "failures": failures,
+                "timings": {
+                    "total": round(time.perf_counter() - started, 3),
+                    **{
+                        name: round(max(result["timings"][name] for result in results), 3)
+                        for name in runner.timings
+                    },
+                },
+                "images_per_second": round(len(generated) / generate_seconds, 4)
+                if generate_seconds
+                else None,
+            }
+        )
+        if write_error is not None:
+            summary["error"] = write_error.one_line()
+        try:
+            outputs.write_run_summary(run_dir, summary)
+        except outputs.OutputWriteError as error:
+            if write_error is None:
+                raise
+            raise outputs.OutputWriteError(
+                f"{write_error.message}; {outputs.RUN_SUMMARY_NAME} could not be updated either",
+                write_error.hint,
+                path=write_error.path,
+                errno=write_error.errno,
+            ) from error
+        finally:
+            reporter.run_finished(summary)
+        if write_error is not None:
+            raise write_error
         if signum is not None:
-            return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+            return _exit_code(signum)
         return EXIT_JOBS_FAILED if failures else EXIT_OK
     finally:
         if lock is not None:
@@ -468,7 +623,9 @@ def _report_dry_run(reporter: Reporter, report: dict[str, Any], json_events: boo
         f"dry run: {report['jobs']} jobs over {report['subjects']} subjects, {report['done']} already done, "
         f"{report['pending']} to generate → {report['out']}",
         *(f"  {size}: {count} images" for size, count in report["images_per_size"].items()),
-        *(f"  {key}: steps per stage {counts[0]}/{counts[1]}/{counts[2]}"
-          for key, counts in report["steps_per_stage"].items()),
+        *(
+            f"  {key}: steps per stage {counts[0]}/{counts[1]}/{counts[2]}"
+            for key, counts in report["steps_per_stage"].items()
+        ),
     ]
     print("\n".join(lines))
