@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from squeeze_cli import __version__
-from squeeze_cli.errors import EXIT_INVALID, ManifestError, SqueezeError
+from squeeze_cli.errors import EXIT_INVALID, EXIT_SIGINT, ManifestError, SqueezeError
 
 if TYPE_CHECKING:
     from squeeze_cli.manifest import LoadedManifest
@@ -300,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         show = getattr(error, "show", None)
         show() if show else typer.echo(f"error: {error.format_message()}", err=True)
         code = error.exit_code
-    except typer.Abort:
-        typer.echo("Aborted!", err=True)
-        code = 1
+    except typer.Abort:  # Ctrl-C before a run started: nothing was written
+        typer.echo("stopped by SIGINT: nothing was generated", err=True)
+        code = EXIT_SIGINT
     sys.exit(code if isinstance(code, int) else 0)

@@ -55,7 +55,7 @@ class Reporter:
 
     def warning(self, text: str) -> None:
         if self.mode == "json":
-            self._emit("warning", message=text)
+            self.emit_json("warning", message=text)
         else:
             self._write(f"warning: {text}")
 
@@ -63,7 +63,7 @@ class Reporter:
         self.total = total
         self.started = time.monotonic()
         if self.mode == "json":
-            self._emit("run_started", jobs=total, **info)
+            self.emit_json("run_started", jobs=total, **info)
         elif self.mode == "tty":
             from tqdm.auto import tqdm
 
@@ -72,7 +72,7 @@ class Reporter:
     def batch_started(self, jobs: list[Any], num_steps: int) -> None:
         if self.mode == "json":
             for job in jobs:
-                self._emit("job_started", **_job_fields(job))
+                self.emit_json("job_started", **_job_fields(job))
         elif self.mode == "tty":
             from tqdm.auto import tqdm
 
@@ -92,13 +92,13 @@ class Reporter:
     def job_finished(self, job: Any, image: str, seconds: float) -> None:
         self.done += 1
         if self.mode == "json":
-            self._emit("job_finished", **_job_fields(job), image=image, seconds=round(seconds, 3))
+            self.emit_json("job_finished", **_job_fields(job), image=image, seconds=round(seconds, 3))
         self._advance()
 
     def job_failed(self, job: Any, error: str) -> None:
         self.failed += 1
         if self.mode == "json":
-            self._emit("job_failed", **_job_fields(job), error=error)
+            self.emit_json("job_failed", **_job_fields(job), error=error)
         elif self.mode != "quiet":
             self._write(f"failed: {job.subject} prompt {job.prompt_index} seed {job.seed}: {error}")
         self._advance()
@@ -114,7 +114,7 @@ class Reporter:
             self._bar.close()
             self._bar = None
         if self.mode == "json":
-            self._emit("run_summary", **summary)
+            self.emit_json("run_summary", **summary)
         elif self.mode in ("tty", "plain"):
             jobs = summary["jobs"]
             self._write(
@@ -148,7 +148,7 @@ class Reporter:
             print(text, file=self.stream, flush=True)
 
     @staticmethod
-    def _emit(event: str, **fields: Any) -> None:
+    def emit_json(event: str, **fields: Any) -> None:
         print(
             json.dumps({"event": event, **fields}, ensure_ascii=False, default=str),
             file=sys.stdout,

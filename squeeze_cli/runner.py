@@ -240,9 +240,11 @@ class Runner:
         from squeeze_cli.loading import load_pipeline
 
         started = time.perf_counter()
+        device = self.processes.device(self.options.device)
+        self.reporter.message(f"loading {self.preset_name} on {device} ({self.manifest.model.dtype})")
         self.pipe = load_pipeline(
             self.manifest.model,
-            device=self.processes.device(self.options.device),
+            device=device,
             offload=self.options.offload,
             allow_pickle=self.options.allow_pickle,
         )
@@ -496,37 +498,16 @@ def _run_gen(
         if problems:
             raise ManifestError(problems)
 
-        summary: dict[str, Any] = {
-            "status": "running",
-            "command": options.command,
-            "pid": os.getpid(),
-            "started_at": started_at,
-            "finished_at": None,
-            "out": str(out_dir),
-            "jobs": {"planned": len(jobs), "skipped": len(done), "succeeded": 0, "failed": 0},
-            "failures": [],
-            "timings": {"total": None, **{name: None for name in runner.timings}},
-            "images_per_second": None,
-            "preset": runner.preset_name,
-            "model": runner.model_info,
-            "versions": runner.versions,
-            "processes": processes.count,
-            "shard": list(options.shard) if options.shard else None,
-        }
+        summary = _starting_summary(
+            options, runner, out_dir, processes.count, len(jobs), len(done), started_at
+        )
         # From the first write on, a signal lets the current batch finish and the summary be written.
         stop.graceful = True
         if is_main:
             outputs.ensure_dir(out_dir)
             if not lock.held:
                 lock.acquire()
-            outputs.remove_stale_temp_files(out_dir)
-            if run_dir != out_dir:
-                outputs.remove_stale_temp_files(run_dir)
-            done_records = outputs.finished_records(out_dir, [job for job in jobs if job.job_id in done])
-            outputs.repair_index(run_dir, done_records, pending_job_ids=[job.job_id for job in pending])
-            outputs.write_resolved_manifest(run_dir, manifest.resolved_yaml())
-            # `running` until the end: a run.json still saying so after the process is gone was killed.
-            outputs.write_run_summary(run_dir, summary)
+            _open_run_files(out_dir, run_dir, manifest, jobs, done, pending, summary)
         processes.barrier()
 
         reporter.run_started(len(pending), out=str(out_dir), processes=processes.count, skipped=len(done))
@@ -547,12 +528,7 @@ def _run_gen(
         failures = [failure for result in results for failure in result["failures"]]
         generated = {job_id for result in results for job_id in result["succeeded"]}
         try:
-            # Other processes' images are in their sidecars: bring their lines (and failures) into the index.
-            outputs.repair_index(run_dir, outputs.finished_records(out_dir, jobs))
-            for failure in failures:
-                if failure not in runner.failures:
-                    job = next(job for job in pending if job.job_id == failure["job_id"])
-                    outputs.append_index(run_dir, outputs.failed_index_entry(job, failure["error"]))
+            _merge_index(out_dir, run_dir, jobs, pending, failures, already_appended=runner.failures)
             # Grids are a view, redrawn by the next run when out of date: a stopped run skips them.
             if write_error is None and stop.signum is None and manifest.document.output.grids:
                 _write_grids(out_dir, jobs, generated, stop)
@@ -566,32 +542,7 @@ def _run_gen(
             status = "interrupted"
         else:
             status = "completed_with_failures" if failures else "completed"
-        generate_seconds = max(result["timings"]["generate"] for result in results)
-        summary.update(
-            {
-                "status": status,
-                "finished_at": _now(),
-                "jobs": {
-                    "planned": len(jobs),
-                    "skipped": len(done),
-                    "succeeded": len(generated),
-                    "failed": len(failures),
-                },
-                "failures": failures,
-                "timings": {
-                    "total": round(time.perf_counter() - started, 3),
-                    **{
-                        name: round(max(result["timings"][name] for result in results), 3)
-                        for name in runner.timings
-                    },
-                },
-                "images_per_second": round(len(generated) / generate_seconds, 4)
-                if generate_seconds
-                else None,
-            }
-        )
-        if write_error is not None:
-            summary["error"] = write_error.one_line()
+        _finish_summary(summary, status, results, failures, len(generated), started, write_error)
         try:
             outputs.write_run_summary(run_dir, summary)
         except outputs.OutputWriteError as error:
@@ -615,9 +566,106 @@ def _run_gen(
             lock.release()
 
 
+def _starting_summary(
+    options: GenOptions,
+    runner: Runner,
+    out_dir: Path,
+    num_processes: int,
+    planned: int,
+    skipped: int,
+    started_at: str,
+) -> dict[str, Any]:
+    """`run.json` as written when the run starts: `running` until the end, so one still saying so after
+    its process is gone tells of a killed run. See docs/outputs.md for the fields."""
+    return {
+        "status": "running",
+        "command": options.command,
+        "pid": os.getpid(),
+        "started_at": started_at,
+        "finished_at": None,
+        "out": str(out_dir),
+        "jobs": {"planned": planned, "skipped": skipped, "succeeded": 0, "failed": 0},
+        "failures": [],
+        "timings": {"total": None, **{name: None for name in runner.timings}},
+        "images_per_second": None,
+        "preset": runner.preset_name,
+        "model": runner.model_info,
+        "versions": runner.versions,
+        "processes": num_processes,
+        "shard": list(options.shard) if options.shard else None,
+    }
+
+
+def _open_run_files(
+    out_dir: Path,
+    run_dir: Path,
+    manifest: LoadedManifest,
+    jobs: Sequence[Job],
+    done: set[str],
+    pending: Sequence[Job],
+    summary: dict[str, Any],
+) -> None:
+    """The main process's writes before any image: clean up after killed runs, make the index agree with
+    the finished images, and record the resolved manifest and the starting summary."""
+    outputs.remove_stale_temp_files(out_dir)
+    if run_dir != out_dir:
+        outputs.remove_stale_temp_files(run_dir)
+    done_records = outputs.finished_records(out_dir, [job for job in jobs if job.job_id in done])
+    outputs.repair_index(run_dir, done_records, pending_job_ids=[job.job_id for job in pending])
+    outputs.write_resolved_manifest(run_dir, manifest.resolved_yaml())
+    outputs.write_run_summary(run_dir, summary)
+
+
+def _merge_index(
+    out_dir: Path,
+    run_dir: Path,
+    jobs: Sequence[Job],
+    pending: Sequence[Job],
+    failures: list[dict[str, Any]],
+    already_appended: list[dict[str, Any]],
+) -> None:
+    """Bring the other processes' images (from their sidecars) and failures into the main index."""
+    outputs.repair_index(run_dir, outputs.finished_records(out_dir, jobs))
+    by_id = {job.job_id: job for job in pending}
+    for failure in failures:
+        if failure not in already_appended:
+            outputs.append_index(
+                run_dir, outputs.failed_index_entry(by_id[failure["job_id"]], failure["error"])
+            )
+
+
+def _finish_summary(
+    summary: dict[str, Any],
+    status: str,
+    results: list[dict[str, Any]],
+    failures: list[dict[str, Any]],
+    succeeded: int,
+    started: float,
+    write_error: outputs.OutputWriteError | None,
+) -> None:
+    """Fill in the end of the run; per-stage timings are the slowest process's."""
+    generate_seconds = max(result["timings"]["generate"] for result in results)
+    summary.update(
+        status=status,
+        finished_at=_now(),
+        failures=failures,
+        images_per_second=round(succeeded / generate_seconds, 4) if generate_seconds else None,
+    )
+    summary["jobs"].update(succeeded=succeeded, failed=len(failures))
+    summary["timings"] = {
+        "total": round(time.perf_counter() - started, 3),
+        **{
+            name: round(max(result["timings"][name] for result in results), 3)
+            for name in results[0]["timings"]
+        },
+    }
+    if write_error is not None:
+        summary["error"] = write_error.one_line()
+
+
 def _report_dry_run(reporter: Reporter, report: dict[str, Any], json_events: bool) -> None:
     if json_events:
-        reporter._emit(**report)
+        reporter.emit_json(**report)
         return
     lines = [
         f"dry run: {report['jobs']} jobs over {report['subjects']} subjects, {report['done']} already done, "
