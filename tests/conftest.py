@@ -1,9 +1,14 @@
-"""Small generic fixtures shared by the test modules: images and YAML files in a temporary folder."""
+"""Small generic fixtures shared by the test modules: images and YAML files in a temporary folder, and
+the ``squeeze`` command run in this process."""
 
 from __future__ import annotations
 
+import io
+import sys
 import textwrap
 from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,6 +41,40 @@ def write_file(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """One run of the console entry point: its exit status (None already mapped to 0) and what it printed."""
+
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture(scope="session")
+def squeeze() -> Callable[..., CliRun]:
+    """``squeeze("validate", path)`` runs the console entry point ``squeeze_cli.cli.main`` in this process.
+
+    The run must end in SystemExit, as the installed ``squeeze`` command does. Its stdout and stderr are
+    captured here rather than with ``capsys`` so that module-scoped fixtures can use it too; should the run
+    raise anything else, what it printed is passed on to pytest's own capture for the failure report.
+    """
+    from squeeze_cli.cli import main
+
+    def run(*argv: str) -> CliRun:
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            with pytest.raises(SystemExit) as info, redirect_stdout(out), redirect_stderr(err):
+                main(list(argv))
+        except BaseException:
+            sys.stdout.write(out.getvalue())
+            sys.stderr.write(err.getvalue())
+            raise
+        code = info.value.code
+        return CliRun(0 if code is None else code, out.getvalue(), err.getvalue())
+
+    return run
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -22,8 +22,6 @@ from pathlib import Path
 import pytest
 from PIL import Image, features
 
-from squeeze_cli.cli import main
-
 VALID = """\
 version: 1
 recipe: tiny
@@ -588,7 +586,7 @@ def snapshot(folder: Path) -> set[str]:
     return {str(path.relative_to(folder)) for path in folder.rglob("*")}
 
 
-def run_case(case: Case, folder: Path, capsys) -> tuple[int, str, str, Path]:
+def run_case(case: Case, folder: Path, squeeze) -> tuple[int, str, str, Path]:
     write(folder, "refs/a.png", png_bytes())
     if case.setup is not None:
         case.setup(folder)
@@ -604,17 +602,15 @@ def run_case(case: Case, folder: Path, capsys) -> tuple[int, str, str, Path]:
         args = args[2:]
     else:
         args = ["--out", str(out), *args]
-    with pytest.raises(SystemExit) as info:
-        main(["gen", str(manifest_path), *args])
-    captured = capsys.readouterr()
+    run = squeeze("gen", str(manifest_path), *args)
     assert snapshot(folder) == before, "files were created"
-    return info.value.code, captured.out, captured.err, manifest_path
+    return run.code, run.out, run.err, manifest_path
 
 
-def test_bad_input_is_refused_with_one_clear_error_and_nothing_written(case, tmp_path, capsys):
+def test_bad_input_is_refused_with_one_clear_error_and_nothing_written(case, tmp_path, squeeze):
     folder = tmp_path / "case"
     folder.mkdir()
-    code, out, err, manifest_path = run_case(case, folder, capsys)
+    code, out, err, manifest_path = run_case(case, folder, squeeze)
     shown = f"stdout:\n{out}\nstderr:\n{err}"
     assert code == 2, shown
     assert "Traceback" not in out + err, shown
@@ -637,26 +633,25 @@ def test_the_corpus_is_big_enough():
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_manifest(tmp_path, capsys):
+def test_unreadable_manifest(tmp_path, squeeze):
     folder = tmp_path / "case"
     folder.mkdir()
     path = folder / "manifest.yaml"
     path.write_text(VALID)
     path.chmod(0)
     try:
-        with pytest.raises(SystemExit) as info:
-            main(["gen", str(path), "--out", str(folder / "out")])
+        run = squeeze("gen", str(path), "--out", str(folder / "out"))
     finally:
         path.chmod(0o644)
-    err = capsys.readouterr().err
-    assert info.value.code == 2
+    err = run.err
+    assert run.code == 2
     assert f"{path}: cannot read the manifest: Permission denied" in err
     assert err.rstrip().splitlines()[-1].startswith("error: ")
     assert not (folder / "out").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_reference(tmp_path, capsys):
+def test_unreadable_reference(tmp_path, squeeze):
     folder = tmp_path / "case"
     folder.mkdir()
     write(folder, "refs/a.png", png_bytes())
@@ -664,16 +659,15 @@ def test_unreadable_reference(tmp_path, capsys):
     path = folder / "manifest.yaml"
     path.write_text(VALID)
     try:
-        with pytest.raises(SystemExit) as info:
-            main(["gen", str(path), "--out", str(folder / "out")])
+        run = squeeze("gen", str(path), "--out", str(folder / "out"))
     finally:
         (folder / "refs/a.png").chmod(0o644)
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and "Permission denied" in err
+    err = run.err
+    assert run.code == 2 and "Permission denied" in err
     assert not (folder / "out").exists()
 
 
-def test_absolute_reference_paths_and_symlinks_outside_the_folder_are_allowed(tmp_path, capsys):
+def test_absolute_reference_paths_and_symlinks_outside_the_folder_are_allowed(tmp_path, squeeze):
     """Where the photos live is the user's choice: an absolute path or a symlink leading out is fine."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -683,38 +677,33 @@ def test_absolute_reference_paths_and_symlinks_outside_the_folder_are_allowed(tm
     os.symlink(elsewhere / "dog.png", folder / "refs/link.png")
     text = manifest(refs=f"[{elsewhere / 'dog.png'}, refs/link.png, ../elsewhere/dog.png]")
     write(folder, "manifest.yaml", text)
-    with pytest.raises(SystemExit) as info:
-        main(["validate", str(folder / "manifest.yaml")])
-    captured = capsys.readouterr()
-    assert info.value.code in (0, None), captured.err
-    assert "1 references" in captured.out or "2 references" in captured.out
+    run = squeeze("validate", str(folder / "manifest.yaml"))
+    assert run.code == 0, run.err
+    assert "1 references" in run.out or "2 references" in run.out
 
 
-def test_a_valid_manifest_passes_the_same_checks(tmp_path, capsys):
+def test_a_valid_manifest_passes_the_same_checks(tmp_path, squeeze):
     """The corpus's base manifest is itself valid: each case fails for its own reason only."""
     folder = tmp_path / "case"
     write(folder, "refs/a.png", png_bytes())
     write(folder, "manifest.yaml", VALID)
-    with pytest.raises(SystemExit) as info:
-        main(["validate", str(folder / "manifest.yaml")])
-    assert info.value.code in (0, None), capsys.readouterr().err
+    run = squeeze("validate", str(folder / "manifest.yaml"))
+    assert run.code == 0, run.err
     for text in (
         manifest(defaults="seeds: [1, 2]"),
         manifest(subject="guidance_scale: 3.0"),
         manifest(top="max_jobs: 5"),
     ):
         write(folder, "manifest.yaml", text)
-        with pytest.raises(SystemExit) as info:
-            main(["validate", str(folder / "manifest.yaml")])
-        assert info.value.code in (0, None), capsys.readouterr().err
+        run = squeeze("validate", str(folder / "manifest.yaml"))
+        assert run.code == 0, run.err
 
 
-def test_messages_are_one_line_each(tmp_path, capsys):
+def test_messages_are_one_line_each(tmp_path, squeeze):
     """A problem never spills over several lines, even when the YAML error is a multi-line one."""
     folder = tmp_path / "case"
     write(folder, "refs/a.png", png_bytes())
     write(folder, "manifest.yaml", textwrap.dedent("version: 1\nsubjects:\n  - name: [\n"))
-    with pytest.raises(SystemExit):
-        main(["gen", str(folder / "manifest.yaml"), "--out", str(folder / "out")])
-    lines = capsys.readouterr().err.strip().splitlines()
+    run = squeeze("gen", str(folder / "manifest.yaml"), "--out", str(folder / "out"))
+    lines = run.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {folder / 'manifest.yaml'}:4:1: ")

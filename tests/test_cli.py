@@ -28,14 +28,6 @@ subjects:
 """
 
 
-def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run the console-script entry point as a user would, returning (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
-
-
 def test_help_lists_commands_and_exit_codes():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
@@ -80,21 +72,21 @@ def test_validate_flags(tmp_path):
     assert "more than the limit of 3" in json.loads(result.stdout)["problems"][0]["message"]
 
 
-def test_validate_writes_nothing(tmp_path, capsys):
+def test_validate_writes_nothing(tmp_path, squeeze):
     manifest = tmp_path / "demo.yaml"
     manifest.write_text(Path(DEMO).read_text().replace("images/", str(REPO_ROOT / "examples/images") + "/"))
     before = sorted(tmp_path.rglob("*"))
-    code, out, _ = run_main(["validate", str(manifest)], capsys)
-    assert code == 0 and "ok: the manifest is valid" in out
+    run = squeeze("validate", str(manifest))
+    assert run.code == 0 and "ok: the manifest is valid" in run.out
     assert sorted(tmp_path.rglob("*")) == before
 
 
-def test_invalid_manifest_reports_every_problem_and_exits_2(tmp_path, capsys):
+def test_invalid_manifest_reports_every_problem_and_exits_2(tmp_path, squeeze):
     manifest = tmp_path / "broken.yaml"
     manifest.write_text(textwrap.dedent(BROKEN).lstrip())
-    code, out, err = run_main(["validate", str(manifest)], capsys)
-    assert code == 2 and out == ""
-    lines = err.splitlines()
+    run = squeeze("validate", str(manifest))
+    assert run.code == 2 and run.out == ""
+    lines = run.err.splitlines()
     assert lines[0].startswith(f"error: {manifest}:4:11: defaults.height: must be a multiple of 16")
     assert lines[1].startswith(
         f"error: {manifest}:7:18: subjects[0].references[0]: no such file: 'refs/missing.png'"
@@ -106,12 +98,12 @@ def test_invalid_manifest_reports_every_problem_and_exits_2(tmp_path, capsys):
     assert len(lines) == 4
 
 
-def test_invalid_manifest_json(tmp_path, capsys):
+def test_invalid_manifest_json(tmp_path, squeeze):
     manifest = tmp_path / "broken.yaml"
     manifest.write_text(textwrap.dedent(BROKEN).lstrip())
-    code, out, err = run_main(["validate", str(manifest), "--json"], capsys)
-    assert code == 2 and err == ""
-    document = json.loads(out)
+    run = squeeze("validate", str(manifest), "--json")
+    assert run.code == 2 and run.err == ""
+    document = json.loads(run.out)
     assert document["ok"] is False
     assert [(p["line"], p["column"], p["field"]) for p in document["problems"]] == [
         (4, 11, "defaults.height"),
@@ -121,17 +113,17 @@ def test_invalid_manifest_json(tmp_path, capsys):
     assert document["problems"][0]["hint"] == "use 96"
 
 
-def test_bad_set_flag_is_reported_at_the_flag(capsys):
-    code, _, err = run_main(["validate", DEMO, "--set", "defaults.height=33"], capsys)
-    assert code == 2
-    assert err.splitlines() == [err.splitlines()[0]]  # one problem, one line
-    assert err.startswith("error: --set defaults.height=33: defaults.height: must be a multiple of 16")
+def test_bad_set_flag_is_reported_at_the_flag(squeeze):
+    run = squeeze("validate", DEMO, "--set", "defaults.height=33")
+    assert run.code == 2
+    assert run.err.splitlines() == [run.err.splitlines()[0]]  # one problem, one line
+    assert run.err.startswith("error: --set defaults.height=33: defaults.height: must be a multiple of 16")
 
 
-def test_missing_manifest(capsys):
-    code, _, err = run_main(["validate", "no/such/manifest.yaml"], capsys)
-    assert code == 2
-    assert err.splitlines() == [
+def test_missing_manifest(squeeze):
+    run = squeeze("validate", "no/such/manifest.yaml")
+    assert run.code == 2
+    assert run.err.splitlines() == [
         "error: no/such/manifest.yaml: cannot read the manifest: No such file or directory"
     ]
 
@@ -146,10 +138,10 @@ def test_recipes_list_and_show():
     assert shown.stdout == (REPO_ROOT / "recipes" / "tiny.yaml").read_text()
 
 
-def test_known_errors_become_one_line_with_a_hint(capsys):
-    code, out, err = run_main(["recipes", "nope"], capsys)
-    assert code == 2 and out == ""
-    assert err.splitlines() == [
+def test_known_errors_become_one_line_with_a_hint(squeeze):
+    run = squeeze("recipes", "nope")
+    assert run.code == 2 and run.out == ""
+    assert run.err.splitlines() == [
         "error: unknown recipe 'nope' (hint: known recipes: paper-internvl3-flux, qwen2.5vl-flux, tiny; "
         "or give the path of a .yaml file)"
     ]
@@ -164,16 +156,16 @@ def test_known_errors_become_one_line_with_a_hint(capsys):
         (["validate", DEMO, "--frobnicate"], "No such option"),
     ],
 )
-def test_usage_errors_exit_2(capsys, argv, message):
-    code, _, err = run_main(argv, capsys)
-    assert code == 2 and message in err
+def test_usage_errors_exit_2(squeeze, argv, message):
+    run = squeeze(*argv)
+    assert run.code == 2 and message in run.err
 
 
-def test_help_and_version_through_main(capsys):
-    code, out, _ = run_main(["--help"], capsys)
-    assert code == 0 and "Exit codes:" in out
-    code, out, _ = run_main(["--version"], capsys)
-    assert code == 0 and out.strip() == f"squeeze {__version__}"
+def test_help_and_version_through_main(squeeze):
+    run = squeeze("--help")
+    assert run.code == 0 and "Exit codes:" in run.out
+    run = squeeze("--version")
+    assert run.code == 0 and run.out.strip() == f"squeeze {__version__}"
 
 
 def test_unknown_errors_keep_their_traceback(monkeypatch):

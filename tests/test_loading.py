@@ -118,3 +118,10 @@ def test_a_missing_local_folder_says_which_setting_to_fix(tmp_path: Path) -> Non
         load_pipeline(ModelSpec(pipeline=str(tmp_path / "nope"), dtype="float32"))
     assert f"no such folder: {tmp_path / 'nope'}" in missing.value.message
     assert "--set model.pipeline=DIR" in missing.value.hint
+
+
+def test_trust_remote_code_is_off_unless_the_preset_asks_and_then_warns(tiny_dir: Path, capsys) -> None:
+    load_pipeline(ModelSpec(pipeline=str(tiny_dir), dtype="float32"))
+    assert "trust_remote_code" not in capsys.readouterr().err
+    load_pipeline(ModelSpec(pipeline=str(tiny_dir), dtype="float32", trust_remote_code=True))
+    assert "warning: the preset sets trust_remote_code" in capsys.readouterr().err

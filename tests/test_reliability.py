@@ -24,7 +24,6 @@ import pytest
 from PIL import Image
 
 from squeeze_cli import outputs
-from squeeze_cli.cli import main
 from squeeze_cli.errors import EXIT_INVALID, EXIT_JOBS_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,13 +74,12 @@ def project(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def gen(capsys):
+def gen(squeeze):
     """`squeeze gen ARGS` in this process; returns (exit code, stderr)."""
 
     def run(*args: str) -> tuple[int, str]:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["gen", *args])
-        return exit_info.value.code, capsys.readouterr().err
+        result = squeeze("gen", *args)
+        return result.code, result.err
 
     return run
 
@@ -310,10 +308,10 @@ def test_sigkill_at_random_moments(project: Path, tiny_cache: str) -> None:
 @pytest.mark.slow
 def test_sigint_and_sigterm_stop_after_the_current_batch(project: Path, tiny_cache: str) -> None:
     manifest = project / "m.yaml"
-    # Slower jobs (8 steps at 64x64), so that the signal lands well before the end.
+    # Slower jobs (20 steps at 64x64), so that the signal lands well before the end even on a busy machine.
     slow = (
         "--set",
-        "defaults.num_inference_steps=8",
+        "defaults.num_inference_steps=20",
         "--set",
         "defaults.height=64",
         "--set",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,6 @@ import pytest
 from PIL import Image
 
 from squeeze_cli import outputs
-from squeeze_cli.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_IMAGES = REPO / "examples" / "images"
@@ -53,20 +53,14 @@ def project(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def gen(capsys):
+def gen(squeeze):
     """Run `squeeze gen ARGS` through the console entry point; returns stdout, checks the exit code."""
 
     def run(*args: str, expect: int = 0) -> str:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["gen", *args])
-        captured = capsys.readouterr()
-        assert exit_info.value.code == expect, (
-            exit_info.value.code,
-            captured.out[-3000:],
-            captured.err[-3000:],
-        )
-        run.stderr = captured.err
-        return captured.out
+        result = squeeze("gen", *args)
+        assert result.code == expect, (result.code, result.out[-3000:], result.err[-3000:])
+        run.stderr = result.err
+        return result.out
 
     return run
 
@@ -237,6 +231,12 @@ def test_a_second_run_on_a_busy_output_directory_is_refused(project: Path, gen) 
     assert not list(out.glob("*/*.png"))
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_processes_split_the_jobs_and_match_one_process(project: Path, gen) -> None:
     gen(str(project / "m.yaml"), "--out", str(project / "one"))
@@ -250,6 +250,8 @@ def test_two_processes_split_the_jobs_and_match_one_process(project: Path, gen) 
         "2",
         "--num_machines",
         "1",
+        "--main_process_port",
+        str(free_port()),  # not the default 29500, which another run on the machine may hold
         "--mixed_precision",
         "no",
         "--dynamo_backend",

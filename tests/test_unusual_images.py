@@ -17,7 +17,6 @@ import pytest
 from PIL import Image, features
 
 from squeeze_cli import outputs
-from squeeze_cli.cli import main
 from squeeze_cli.manifest import check_image
 from squeeze_cli.pipeline_squeeze import SqueezePipeline
 
@@ -179,7 +178,7 @@ def images(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def received(images) -> dict[str, list[Image.Image]]:
+def received(images, squeeze) -> dict[str, list[Image.Image]]:
     """Run `squeeze gen` once; per subject, the PIL images `encode_subject` was given."""
     loaded: dict[int, str] = {}  # id of a load_rgb result -> the subject folder it came from
     calls: dict[str, list[Image.Image]] = {}
@@ -199,9 +198,8 @@ def received(images) -> dict[str, list[Image.Image]]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(outputs, "load_rgb", load_rgb)
         patch.setattr(SqueezePipeline, "encode_subject", encode_subject)
-        with pytest.raises(SystemExit) as info:
-            main(["gen", str(images / "manifest.yaml"), "--out", str(images / "out"), "--quiet"])
-    assert info.value.code in (0, None), f"squeeze gen exited {info.value.code}"
+        code = squeeze("gen", str(images / "manifest.yaml"), "--out", str(images / "out"), "--quiet").code
+    assert code == 0, f"squeeze gen exited {code}"
     return calls
 
 
