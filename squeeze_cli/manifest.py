@@ -822,6 +822,7 @@ class ResolvedPrompt:
     text: str  # placeholders substituted
     params: SamplingParams
     seeds: Sequence[int]  # a tuple, or a range for {count, base}
+    location: Location | None = None  # where the prompt is written, for problems found after loading
 
 
 @dataclass(frozen=True)
@@ -1181,7 +1182,11 @@ class _Resolver:
                     )
                     break
             seen.setdefault((text, params), []).append(prompt_index)
-            prompts.append(ResolvedPrompt(prompt_index, spec.text, text, params, seeds))
+            text_path = (
+                (*prompt_path, "text") if (*prompt_path, "text") in self.document.marks else prompt_path
+            )
+            location = self.document.locate(text_path)
+            prompts.append(ResolvedPrompt(prompt_index, spec.text, text, params, seeds, location))
         return ResolvedSubject(index, subject.name, subject.class_noun, references, tuple(prompts))
 
     def substitute(self, path: FieldPath, template: str, subject: Subject) -> str:

@@ -48,9 +48,9 @@ class Reporter:
 
     # Events ----------------------------------------------------------------------------------------------
 
-    def message(self, text: str) -> None:
-        """A one-off line for a person (nothing in json or quiet mode)."""
-        if self.mode in ("tty", "plain"):
+    def status(self, text: str) -> None:
+        """What the run is busy with, for a person at a terminal (logs off a terminal stay terse)."""
+        if self.mode == "tty":
             self._write(text)
 
     def warning(self, text: str) -> None:

@@ -241,7 +241,7 @@ class Runner:
 
         started = time.perf_counter()
         device = self.processes.device(self.options.device)
-        self.reporter.message(f"loading {self.preset_name} on {device} ({self.manifest.model.dtype})")
+        self.reporter.status(f"loading {self.preset_name} on {device} ({self.manifest.model.dtype})")
         self.pipe = load_pipeline(
             self.manifest.model,
             device=device,
@@ -261,8 +261,10 @@ class Runner:
                 try:
                     self.pipe.mllm_encoder.check_fits(images, [prompt])
                 except ValueError as error:
-                    field = f"subjects[{subject_jobs[0].subject_index}].prompts[{prompt_index}]"
-                    problems.append(Problem(str(self.manifest.path), None, None, field, str(error)))
+                    subject_index = subject_jobs[0].subject_index
+                    where = self.manifest.subjects[subject_index].prompts[prompt_index].location
+                    field = f"subjects[{subject_index}].prompts[{prompt_index}]"
+                    problems.append(Problem(where.file, where.line, where.column, field, str(error)))
         return problems
 
     def run(self, jobs: Sequence[Job], stop: _StopSignal) -> None:

@@ -278,13 +278,19 @@ def test_two_processes_split_the_jobs_and_match_one_process(project: Path, gen) 
 
 
 def test_an_instruction_longer_than_the_context_is_refused_before_writing(project: Path, gen) -> None:
+    manifest = project / "m.yaml"
     long_prompt = "a {class} " + "with a very long story " * 200
+    manifest.write_text(MANIFEST.replace("      - a {class} on a table", f"      - {long_prompt}"))
+    line = 1 + MANIFEST.splitlines().index("      - a {class} on a table")
     out = project / "out"
-    gen(
-        str(project / "m.yaml"), "--out", str(out), "--set", f"subjects.1.prompts.0={long_prompt!r}", expect=2
-    )
-    assert "subjects[1].prompts[0]" in gen.stderr and "limit of" in gen.stderr
-    assert gen.stderr.strip().splitlines()[-1].startswith("error: ")
+    gen(str(manifest), "--out", str(out), expect=2)
+    errors = gen.stderr.splitlines()  # one line: no loading chatter or tokenizer warning off a terminal
+    assert len(errors) == 1 and "limit of 512 tokens" in errors[0]
+    assert errors[0].startswith(f"error: {manifest}:{line}:9: subjects[1].prompts[0]: The instruction is ")
+    assert not out.exists()
+    # Through --set, the problem is placed at the flag.
+    gen(str(manifest), "--out", str(out), "--set", f"subjects.0.prompts.0={long_prompt!r}", expect=2)
+    assert "error: --set subjects.0.prompts.0=" in gen.stderr and "subjects[0].prompts[0]" in gen.stderr
     assert not out.exists()
 
 

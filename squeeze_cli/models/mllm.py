@@ -400,7 +400,9 @@ class MLLMEncoder:
         if not isinstance(instruction, str):
             raise TypeError(f"`instruction` must be a str, got {type(instruction).__name__}.")
         # split_special_tokens: a prompt that happens to contain "<IMG_CONTEXT>" or "<|im_end|>" stays text.
-        return self.tokenizer(instruction, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return self.tokenizer(
+            instruction, add_special_tokens=False, split_special_tokens=True, verbose=False
+        )["input_ids"]
 
     def _check_length(self, prefix_length: int, instruction_length: int, suffix_length: int) -> None:
         total = prefix_length + instruction_length + suffix_length
