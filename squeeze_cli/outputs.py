@@ -75,6 +75,24 @@ class OutputWriteError(SqueezeError):
         self.path = path
         self.errno = errno
 
+    @classmethod
+    def from_os_error(cls, path: Path, error: OSError, doing: str = "write") -> OutputWriteError:
+        """One clear message for an OS error: which file, what the OS said, what to do."""
+        code = error.errno
+        reason = error.strerror or str(error)
+        if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            hint = (
+                "free some space (or raise the quota) on the disk that holds the output directory and run "
+                "the same command again: finished images are kept and skipped"
+            )
+        elif code in (errno.EACCES, errno.EPERM):
+            hint = f"make {path.parent} writable for this user, or choose another --out"
+        elif code == errno.EROFS:
+            hint = "the output directory is on a read-only file system: choose another --out"
+        else:
+            hint = "check the output directory and run the same command again: finished images are kept"
+        return cls(f"cannot {doing} {path}: {reason}", hint, path=path, errno=code)
+
 
 class UnsafeOutputPathError(SqueezeError):
     """A path that would land outside the output directory, or on one of its reserved names."""
@@ -197,24 +215,6 @@ def resolved_manifest_path(out_dir: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _write_error(path: Path, error: OSError, doing: str = "write") -> OutputWriteError:
-    """One clear message for an OS error: which file, what the OS said, what to do."""
-    code = error.errno
-    reason = error.strerror or str(error)
-    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
-        hint = (
-            "free some space (or raise the quota) on the disk that holds the output directory and run the "
-            "same command again: finished images are kept and skipped"
-        )
-    elif code in (errno.EACCES, errno.EPERM):
-        hint = f"make {path.parent} writable for this user, or choose another --out"
-    elif code == errno.EROFS:
-        hint = "the output directory is on a read-only file system: choose another --out"
-    else:
-        hint = "check the output directory and run the same command again: finished images are kept"
-    return OutputWriteError(f"cannot {doing} {path}: {reason}", hint, path=path, errno=code)
-
-
 def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
@@ -240,7 +240,7 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise _write_error(path, error, "create the directory") from error
+        raise OutputWriteError.from_os_error(path, error, "create the directory") from error
     return path
 
 
@@ -264,7 +264,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         # 0o666 and the umask, like any other file the user creates (mkstemp would give 0o600).
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as error:
-        raise _write_error(path, error) from error
+        raise OutputWriteError.from_os_error(path, error) from error
     try:
         try:
             view = memoryview(data)
@@ -281,7 +281,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         except OSError:
             pass
         if isinstance(error, OSError):
-            raise _write_error(path, error) from error
+            raise OutputWriteError.from_os_error(path, error) from error
         raise
     _fsync_dir(path.parent)
     return path
@@ -327,7 +327,9 @@ def remove_stale_temp_files(out_dir: str | os.PathLike) -> list[Path]:
             except FileNotFoundError:
                 continue
             except OSError as error:
-                raise _write_error(Path(entry.path), error, "remove the stale temporary file") from error
+                raise OutputWriteError.from_os_error(
+                    Path(entry.path), error, "remove the stale temporary file"
+                ) from error
             removed.append(Path(entry.path))
     return removed
 
@@ -661,7 +663,7 @@ def append_index(out_dir: str | os.PathLike, entry: Mapping[str, Any]) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as error:
-        raise _write_error(path, error) from error
+        raise OutputWriteError.from_os_error(path, error) from error
     try:
         size = os.fstat(fd).st_size
         if size and _last_byte(path, size) != b"\n":
@@ -673,7 +675,7 @@ def append_index(out_dir: str | os.PathLike, entry: Mapping[str, Any]) -> None:
             raise OSError(errno.ENOSPC, reason)
         os.fsync(fd)
     except OSError as error:
-        raise _write_error(path, error) from error
+        raise OutputWriteError.from_os_error(path, error) from error
     finally:
         os.close(fd)
 
@@ -702,7 +704,7 @@ def _parse_index(path: Path) -> tuple[list[dict[str, Any]], bool]:
     except FileNotFoundError:
         return [], False
     except OSError as error:
-        raise _write_error(path, error, "read") from error
+        raise OutputWriteError.from_os_error(path, error, "read") from error
     entries, invalid = [], False
     for line in data.split(b"\n"):
         if not line.strip():

@@ -158,7 +158,7 @@ class _DirectoryLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as error:
-            raise outputs._write_error(self.path, error, "create the lock file") from error
+            raise outputs.OutputWriteError.from_os_error(self.path, error, "create the lock file") from error
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -173,7 +173,7 @@ class _DirectoryLock:
             ) from None
         except OSError as error:  # a file system without flock support
             os.close(fd)
-            raise outputs._write_error(self.path, error, "lock") from error
+            raise outputs.OutputWriteError.from_os_error(self.path, error, "lock") from error
         # The pid is for the message a second run prints; the lock itself is the flock. A full disk must
         # not keep a run from starting (it may have nothing left to write), so failing to record it is fine.
         try:
