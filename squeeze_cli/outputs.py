@@ -38,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
+from PIL import ExifTags, Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 
 from .errors import EXIT_INVALID, EXIT_JOBS_FAILED, SqueezeError
 
@@ -853,6 +853,18 @@ def _fit(font: Any, text: str, max_width: int) -> str:
         else:
             high = middle - 1
     return text[:low].rstrip() + "..."
+
+
+def upright_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of the image as `load_rgb` returns it, read from the header alone."""
+    with Image.open(path) as image:
+        try:
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        except Exception:  # a malformed EXIF block: `load_rgb` uses the image as stored
+            orientation = 1
+        width, height = image.size
+    # EXIF orientations 5-8 are rotations by 90 degrees: the upright image is the stored one turned.
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> Image.Image:

@@ -251,15 +251,17 @@ class Runner:
         self.timings["load"] = time.perf_counter() - started
 
     def check_instructions(self, jobs: Sequence[Job]) -> list[Problem]:
-        """One problem per prompt too long for the MLLM's context with its subject's references."""
+        """One problem per prompt too long for the MLLM's context with its subject's references.
+
+        Reads only the references' headers, so a manifest of thousands of subjects is checked quickly."""
         problems = []
         for _, subject_jobs in groupby(jobs, key=lambda job: job.subject_index):
             subject_jobs = list(subject_jobs)
-            images = [outputs.load_rgb(path) for path in subject_jobs[0].references]
+            sizes = [outputs.upright_size(path) for path in subject_jobs[0].references]
             prompts = {(job.prompt_index, job.prompt) for job in subject_jobs}
             for prompt_index, prompt in sorted(prompts):
                 try:
-                    self.pipe.mllm_encoder.check_fits(images, [prompt])
+                    self.pipe.mllm_encoder.check_fits(sizes, [prompt])
                 except ValueError as error:
                     subject_index = subject_jobs[0].subject_index
                     where = self.manifest.subjects[subject_index].prompts[prompt_index].location

@@ -229,3 +229,23 @@ def test_internvl_dynamic_tiling_and_model_dtype():
     model.to(torch.bfloat16)
     half = MLLMEncoder(model, tokenizer, image_processor).encode([wide], INSTRUCTIONS[0])
     assert half.hidden_states.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("crop_to_patches", [None, True])
+def test_image_token_counts_from_the_size_alone_match_the_processed_images(tiny, crop_to_patches):
+    family, model, tokenizer, image_processor = tiny
+    encoder = MLLMEncoder(model, tokenizer, image_processor, crop_to_patches=crop_to_patches)
+    for width, height in [(30, 40), (50, 33), (300, 90), (17, 200), (512, 512)]:
+        processed = encoder._preprocess_images([_image(height, width, 0)])
+        assert encoder._image_tokens(width, height) == processed.tokens_per_image[0], (width, height)
+
+
+def test_check_fits_needs_only_sizes_and_agrees_with_encode(encoder):
+    sizes = [image.size for image in REFERENCES]
+    encoder.check_fits(sizes, list(INSTRUCTIONS))
+    too_long = "word " * TINY_MAX_POSITIONS
+    with pytest.raises(ValueError, match="limit of") as from_sizes:
+        encoder.check_fits(sizes, [too_long])
+    with pytest.raises(ValueError, match="limit of") as from_encode:
+        encoder.encode(list(REFERENCES), too_long)
+    assert str(from_sizes.value) == str(from_encode.value)

@@ -517,3 +517,13 @@ def test_contact_sheet_has_a_reference_row_and_one_row_per_prompt(tmp_path):
             dark_pixels(image, (0, top, image.width, top + caption_height)) > 30
         )  # "#000  prompt 0 (+1 more)"
     assert ImageStat.Stat(image).extrema[0][0] < 50  # not blank
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_upright_size_reads_the_header_and_agrees_with_load_rgb(tmp_path, orientation):
+    path = tmp_path / f"photo-{orientation}.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.new("RGB", (48, 32), (10, 120, 200)).save(path, exif=exif)
+    expected = (32, 48) if orientation in (6, 8) else (48, 32)
+    assert outputs.upright_size(path) == expected == outputs.load_rgb(path).size

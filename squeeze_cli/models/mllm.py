@@ -234,7 +234,7 @@ class MLLMEncoder:
     def encode(self, images: list[Image.Image], instruction: str) -> MLLMEncoding:
         """Encode reference `images` followed by `instruction` in one full forward pass (no cache)."""
         image_inputs = self._preprocess_images(images)
-        prefix_ids, suffix_ids = self._prefix_and_suffix_ids(image_inputs)
+        prefix_ids, suffix_ids = self._prefix_and_suffix_ids(image_inputs.tokens_per_image)
         instruction_ids = self._tokenize_instruction(instruction)
         self._check_length(len(prefix_ids), len(instruction_ids), len(suffix_ids))
 
@@ -248,7 +248,7 @@ class MLLMEncoder:
     def encode_prefix(self, images: list[Image.Image]) -> PrefixCache:
         """Run the instruction-independent prefix (template opener + every reference image) once."""
         image_inputs = self._preprocess_images(images)
-        prefix_ids, suffix_ids = self._prefix_and_suffix_ids(image_inputs)
+        prefix_ids, suffix_ids = self._prefix_and_suffix_ids(image_inputs.tokens_per_image)
         self._check_length(len(prefix_ids), 0, len(suffix_ids))
 
         input_ids = torch.tensor(prefix_ids, dtype=torch.long)
@@ -307,13 +307,15 @@ class MLLMEncoder:
         image_mask, text_mask = self._masks(input_ids, prefix_length, len(instruction_ids))
         return MLLMEncoding(hidden_states, image_mask, text_mask, input_ids)
 
-    def check_fits(self, images: list[Image.Image], instructions: list[str]) -> None:
+    def check_fits(self, image_sizes: list[tuple[int, int]], instructions: list[str]) -> None:
         """Raise the `ValueError` of an instruction too long for the context, without running the model.
 
-        Costs one image preprocessing and one tokenization per instruction, so a caller can refuse a
-        manifest before it writes anything.
+        Needs only the references' (width, height), upright: the image processor's patch count follows
+        from the size alone, so a caller can check a whole manifest from image headers before it writes.
         """
-        prefix_ids, suffix_ids = self._prefix_and_suffix_ids(self._preprocess_images(images))
+        prefix_ids, suffix_ids = self._prefix_and_suffix_ids(
+            [self._image_tokens(*size) for size in image_sizes]
+        )
         for instruction in instructions:
             self._check_length(len(prefix_ids), len(self._tokenize_instruction(instruction)), len(suffix_ids))
 
@@ -379,10 +381,20 @@ class MLLMEncoder:
                     return before, after
         raise ValueError(f"Could not render a {self.family} chat template with {num_images} image(s).")
 
-    def _prefix_and_suffix_ids(self, image_inputs: _ImageInputs) -> tuple[list[int], list[int]]:
+    def _image_tokens(self, width: int, height: int) -> int:
+        """Image tokens of one image of this size, as `_preprocess_images` counts them."""
+        if self.family == "internvl":
+            kwargs = {} if self.crop_to_patches is None else {"crop_to_patches": self.crop_to_patches}
+            return self._tokens_per_tile * self.image_processor.get_number_of_image_patches(
+                height, width, kwargs
+            )
+        patches = self.image_processor.get_number_of_image_patches(height, width)
+        return patches // self.image_processor.merge_size**2
+
+    def _prefix_and_suffix_ids(self, tokens_per_image: list[int]) -> tuple[list[int], list[int]]:
         """Template prefix with each image placeholder expanded as the family's processor does."""
-        template_prefix, suffix = self._template_ids(len(image_inputs.tokens_per_image))
-        tokens_per_image = iter(image_inputs.tokens_per_image)
+        template_prefix, suffix = self._template_ids(len(tokens_per_image))
+        tokens_per_image = iter(tokens_per_image)
         prefix: list[int] = []
         for token_id in template_prefix:
             if token_id != self.image_token_id:
