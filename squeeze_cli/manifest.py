@@ -15,7 +15,7 @@ import os
 import re
 import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -59,7 +59,6 @@ MAX_YAML_NODES = 2_000_000
 # libyaml stops at 1000 levels; a manifest needs about 6, and deeper trees would exhaust Python's stack.
 MAX_YAML_DEPTH = 100
 SUBJECT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-PLACEHOLDERS = ("subject", "class")
 _PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 
 SAMPLING_KEYS = tuple(SamplingParams.__dataclass_fields__)
@@ -143,7 +142,7 @@ def _unique_seeds(value: list[int]) -> list[int]:
 
 StepsInt = Annotated[StrictInt, AfterValidator(_steps)]
 SideInt = Annotated[StrictInt, AfterValidator(_multiple_of_16)]
-Guidance = Annotated[float, Field(strict=True), AfterValidator(_finite_number(0.0))]
+NonNegativeFloat = Annotated[float, Field(strict=True), AfterValidator(_finite_number(0.0))]
 TrueCfg = Annotated[float, Field(strict=True), AfterValidator(_finite_number(1.0, "1.0 turns true CFG off"))]
 Thresholds = Annotated[
     tuple[Annotated[float, Field(strict=True)], Annotated[float, Field(strict=True)]],
@@ -194,7 +193,7 @@ class SamplingOverrides(_Schema):
     """Sampling parameters, every one optional: a level of the merge sets only what it names."""
 
     num_inference_steps: StepsInt | None = None
-    guidance_scale: Guidance | None = None
+    guidance_scale: NonNegativeFloat | None = None
     height: SideInt | None = None
     width: SideInt | None = None
     stage_thresholds: Thresholds | None = None
@@ -276,7 +275,7 @@ class ComponentSource(_Schema):
 class LoraSpec(_Schema):
     path: Annotated[StrictStr, AfterValidator(_non_empty)]
     weight_name: StrictStr | None = None
-    scale: Annotated[float, Field(strict=True), AfterValidator(_finite_number(0.0))] = 1.0
+    scale: NonNegativeFloat = 1.0
 
 
 class ModelSpec(_Schema):
@@ -340,6 +339,11 @@ class Manifest(_Schema):
         return value
 
 
+class _ManifestHead(Manifest):
+    # Subjects are validated one by one (see `load_manifest`), so a broken subject cannot hide the others.
+    subjects: Annotated[list[Any], Field(min_length=1)]
+
+
 # YAML with locations ---------------------------------------------------------------------------------
 
 
@@ -380,6 +384,12 @@ def _location(file: str, mark: Any) -> Location:
     return Location(file, mark.line + 1, mark.column + 1) if mark is not None else Location(file)
 
 
+def _problem_at(file: str, mark: Any, message: str, hint: str | None = None, field: str = "") -> Problem:
+    """A problem at a YAML mark; with `mark` None, at the whole file."""
+    where = _location(file, mark)
+    return Problem(file, where.line, where.column, field, message, hint)
+
+
 def load_yaml(text: str, file: str) -> YamlDocument:
     """Parse one YAML document safely (no Python tags), recording each node's line and column.
 
@@ -394,11 +404,9 @@ def load_yaml(text: str, file: str) -> YamlDocument:
         node = loader.get_single_node()
         if node is None:
             document.problems.append(
-                Problem(
+                _problem_at(
                     file,
                     None,
-                    None,
-                    "",
                     "the file is empty",
                     "a manifest needs at least `version: 1`, a `recipe` and a `subjects` list "
                     "(see docs/manifest.md)",
@@ -411,10 +419,9 @@ def load_yaml(text: str, file: str) -> YamlDocument:
             size = _expanded_size(node, {}, set()) if _ALIAS_RE.search(text) else 0
         except _RecursiveAlias as recursive:
             document.problems.append(
-                Problem(
+                _problem_at(
                     file,
-                    *_line_column(recursive.node),
-                    "",
+                    recursive.node.start_mark,
                     "an alias refers to itself or to a value that contains it",
                     "a manifest is a tree: copy the values instead of referring back",
                 )
@@ -422,10 +429,9 @@ def load_yaml(text: str, file: str) -> YamlDocument:
             return document
         if size > MAX_YAML_NODES:
             document.problems.append(
-                Problem(
+                _problem_at(
                     file,
-                    *_line_column(node),
-                    "",
+                    node.start_mark,
                     f"the document expands to too many nodes through aliases ({size:,} values, at most "
                     f"{MAX_YAML_NODES:,})",
                     "use fewer `*alias` references to large anchored values",
@@ -434,15 +440,13 @@ def load_yaml(text: str, file: str) -> YamlDocument:
             return document
         # Walk the node tree before constructing: construction flattens `<<` merges into the mappings.
         _walk(node, (), document, on_stack=set(), depth=0)
-        if any(p.message.startswith("nested more than") for p in document.problems):
+        if _nested_too_deep(document):
             return document
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
-        where = _location(file, mark)
         message = " ".join(part for part in (error.context, error.problem) if part) or str(error)
-        message, hint = _explain_yaml_error(message, text, mark)
-        document.problems.append(Problem(file, where.line, where.column, "", message, hint))
+        document.problems.append(_problem_at(file, mark, *_explain_yaml_error(message, text, mark)))
         return document
     except yaml.reader.ReaderError as error:  # a control character or NUL: located by character index
         line, column = _position(text, error.position)
@@ -460,11 +464,11 @@ def load_yaml(text: str, file: str) -> YamlDocument:
         )
         return document
     except yaml.YAMLError as error:
-        document.problems.append(Problem(file, None, None, "", " ".join(str(error).split())))
+        document.problems.append(_problem_at(file, None, " ".join(str(error).split())))
         return document
     except RecursionError:
         document.problems.append(
-            Problem(file, None, None, "", "the document is nested too deeply", "a manifest is flat")
+            _problem_at(file, None, "the document is nested too deeply", "a manifest is flat")
         )
         return document
     finally:
@@ -473,14 +477,11 @@ def load_yaml(text: str, file: str) -> YamlDocument:
     return document
 
 
-def _position(text: str, index: int) -> tuple[int, int]:
-    """1-based (line, column) of the character at `index`."""
-    line_start = text.rfind("\n", 0, index) + 1
-    return text.count("\n", 0, index) + 1, index - line_start + 1
-
-
-def _line_column(node: Any) -> tuple[int, int]:
-    return node.start_mark.line + 1, node.start_mark.column + 1
+def _position(text: str | bytes, index: int) -> tuple[int, int]:
+    """1-based (line, column) of the character (or byte) at `index`."""
+    newline = "\n" if isinstance(text, str) else b"\n"
+    line_start = text.rfind(newline, 0, index) + 1
+    return text.count(newline, 0, index) + 1, index - line_start + 1
 
 
 def _explain_yaml_error(message: str, text: str, mark: Any) -> tuple[str, str | None]:
@@ -545,9 +546,13 @@ def _expanded_size(node: Any, sizes: dict[int, int], on_stack: set[int]) -> int:
     return total
 
 
-def _walk(node: Any, path: FieldPath, document: YamlDocument, on_stack, depth: int) -> None:
+def _nested_too_deep(document: YamlDocument) -> bool:
+    return any(p.message.startswith("nested more than") for p in document.problems)
+
+
+def _walk(node: Any, path: FieldPath, document: YamlDocument, on_stack: set[int], depth: int) -> None:
     if depth > MAX_YAML_DEPTH:
-        if not any(p.message.startswith("nested more than") for p in document.problems):
+        if not _nested_too_deep(document):  # report the first one only
             document.problems.append(
                 document.problem(path, f"nested more than {MAX_YAML_DEPTH} levels deep", "a manifest is flat")
             )
@@ -564,31 +569,26 @@ def _walk(node: Any, path: FieldPath, document: YamlDocument, on_stack, depth: i
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 # `<<: *base`: the merged keys count as this mapping's, but do not clash with it.
-                merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
-                for source in merged:
-                    if isinstance(source, yaml.MappingNode):
-                        for merged_key, merged_value in source.value:
-                            key = _scalar_key(merged_key)
-                            if key is not None:
-                                document.key_marks.setdefault(
-                                    (*path, key), _location(document.file, merged_key.start_mark)
-                                )
-                                _walk(merged_value, (*path, key), document, on_stack, depth + 1)
+                for merged_key, merged_value in _merged_pairs(value_node):
+                    key = _scalar_key(merged_key)
+                    if key is not None:
+                        document.key_marks.setdefault(
+                            (*path, key), _location(document.file, merged_key.start_mark)
+                        )
+                        _walk(merged_value, (*path, key), document, on_stack, depth + 1)
                 continue
             key = _scalar_key(key_node)
             if key is None:
                 continue
             if key in first_seen:
                 first = first_seen[key].start_mark.line + 1
-                where = _location(document.file, key_node.start_mark)
                 document.problems.append(
-                    Problem(
+                    _problem_at(
                         document.file,
-                        where.line,
-                        where.column,
-                        format_field_path((*path, key)),
+                        key_node.start_mark,
                         f"duplicate key `{key}` (first set on line {first})",
                         "keep only one of them",
+                        field=format_field_path((*path, key)),
                     )
                 )
                 continue
@@ -597,6 +597,14 @@ def _walk(node: Any, path: FieldPath, document: YamlDocument, on_stack, depth: i
             document.marks.pop((*path, key), None)  # an explicit key beats one merged in earlier
             _walk(value_node, (*path, key), document, on_stack, depth + 1)
     on_stack.discard(id(node))
+
+
+def _merged_pairs(value_node: Any) -> Iterator[tuple[Any, Any]]:
+    """The (key, value) node pairs that ``<<: value_node`` merges in: from one mapping or a list of them."""
+    sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+    for source in sources:
+        if isinstance(source, yaml.MappingNode):
+            yield from source.value
 
 
 def _scalar_key(node: Any) -> str | int | None:
@@ -705,10 +713,10 @@ def _clean_loc(loc: Sequence[Any], data: Any, missing: bool = False) -> tuple[Fi
 
 def _model_at(root: type[BaseModel], path: FieldPath) -> type[BaseModel] | None:
     """The schema class that describes the mapping at `path` (for "did you mean" hints)."""
-    model: type[BaseModel] | None = root
+    model = root
     skip_next_key = False
     for part in path:
-        if isinstance(part, int) or model is None:
+        if isinstance(part, int):
             continue
         if skip_next_key:  # a key of a free-form dict (component names)
             skip_next_key = False
@@ -719,7 +727,9 @@ def _model_at(root: type[BaseModel], path: FieldPath) -> type[BaseModel] | None:
         annotation = info.annotation
         skip_next_key = typing.get_origin(annotation) is dict
         found = _models_in(annotation)
-        model = found[0] if found else None
+        if not found:
+            return None
+        model = found[0]
     return model
 
 
@@ -757,33 +767,31 @@ _TYPE_MESSAGES = {
 
 
 def _problem_from_error(
-    error: dict, document: YamlDocument, root: type[BaseModel], prefix: FieldPath
+    error: dict, document: YamlDocument, root: type[BaseModel], prefix: FieldPath, data: Any
 ) -> Problem:
-    data = document.data
-    for part in prefix:
-        data = data[part]
-    sub_path, is_key = _clean_loc(error["loc"], data, missing=error["type"] == "missing")
-    path = (*prefix, *sub_path)
+    """One pydantic error on `data` (the document's value at `prefix`) as a located problem."""
     kind = error["type"]
+    sub_path, is_key = _clean_loc(error["loc"], data, missing=kind == "missing")
+    path = (*prefix, *sub_path)
     value = error.get("input")
     context = error.get("ctx") or {}
     hint = None
     if kind == "squeeze":
         message, hint = error["msg"], context.get("hint")
     elif kind == "missing":
+        # Located at the mapping that lacks the key: the key itself has no line.
         message = f"missing required key `{path[-1]}`"
         hint = "add `version: 1` as the first line" if path == ("version",) else None
-        return document.problem(path[:-1], message, hint) if path else document.problem(path, message)
+        return document.problem(path[:-1], message, hint)
     elif kind == "extra_forbidden":
         message = f"unknown key `{path[-1]}`"
-        model = _model_at(root, path[len(prefix) : -1]) if path else None
+        model = _model_at(root, sub_path[:-1])
         allowed = [f.alias or n for n, f in model.model_fields.items()] if model else []
         close = difflib.get_close_matches(str(path[-1]), allowed, n=1, cutoff=0.6)
-        hint = (
-            f"did you mean `{close[0]}`?"
-            if close
-            else (f"allowed: {', '.join(allowed)}" if allowed else None)
-        )
+        if close:
+            hint = f"did you mean `{close[0]}`?"
+        elif allowed:
+            hint = f"allowed: {', '.join(allowed)}"
         return document.problem(path, message, hint, key=True)
     elif kind in _TYPE_MESSAGES:
         message = f"{_TYPE_MESSAGES[kind]}, got {_describe(value)}"
@@ -809,7 +817,7 @@ def validate_schema(
     try:
         return model.model_validate(data), []
     except ValidationError as error:
-        return None, [_problem_from_error(e, document, model, prefix) for e in error.errors()]
+        return None, [_problem_from_error(e, document, model, prefix, data) for e in error.errors()]
 
 
 # Loading ---------------------------------------------------------------------------------------------
@@ -849,7 +857,7 @@ class LoadedManifest:
 
     @property
     def num_jobs(self) -> int:
-        return sum(len(prompt.seeds) for subject in self.subjects for prompt in subject.prompts)
+        return _count_jobs(self.subjects)
 
     def resolved_dict(self) -> dict[str, Any]:
         """A self-contained manifest that plans the same jobs: every path absolute, every value explicit.
@@ -885,6 +893,10 @@ class LoadedManifest:
         return header + yaml.safe_dump(
             self.resolved_dict(), sort_keys=False, allow_unicode=True, width=1000, default_flow_style=None
         )
+
+
+def _count_jobs(subjects: Iterable[ResolvedSubject]) -> int:
+    return sum(len(prompt.seeds) for subject in subjects for prompt in subject.prompts)
 
 
 def _seeds_to_yaml(seeds: Sequence[int]) -> Any:
@@ -965,8 +977,7 @@ def read_manifest_text(path: Path, file: str) -> str:
     try:
         return data.decode("utf-8-sig")  # a UTF-8 byte order mark is harmless: skip it
     except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        line, column = _position(data, error.start)
         raise ManifestError(
             [
                 Problem(
@@ -992,14 +1003,11 @@ _UNICODE_BOMS = (
 
 
 def sort_problems(problems: Sequence[Problem]) -> list[Problem]:
-    """File problems in line order first, then those located at command-line flags, in flag order."""
+    """Problems in files first (unlocated ones, then by line and column), then those located at
+    command-line flags, in the order they were found."""
     return sorted(
         problems, key=lambda p: (p.file.startswith("--"), p.line is not None, p.line or 0, p.column or 0)
     )
-
-
-class _ManifestHead(Manifest):
-    subjects: Annotated[list[Any], Field(min_length=1)]
 
 
 class _Resolver:
@@ -1026,7 +1034,7 @@ class _Resolver:
         self.problems.append(self.document.problem(path, message, hint))
 
     def resolve(self, max_jobs: int | None) -> LoadedManifest | None:
-        from squeeze_cli.recipes import model_identity
+        from squeeze_cli.recipes import model_identity  # here: squeeze_cli.recipes imports this module
 
         recipe, model = self.resolve_model() if self.head is not None else (None, None)
         names_seen: dict[str, int] = {}
@@ -1048,7 +1056,7 @@ class _Resolver:
                 self.check_invalid_subject(index)
 
         limit = max_jobs or (self.head.max_jobs if self.head is not None else None) or DEFAULT_MAX_JOBS
-        total = sum(len(prompt.seeds) for subject in subjects for prompt in subject.prompts)
+        total = _count_jobs(subjects)
         if total > limit:
             self.problem(
                 ("subjects",),
@@ -1102,16 +1110,16 @@ class _Resolver:
                 recipe = load_recipe(head.recipe, relative_to=self.base_dir)
             except RecipeError as error:
                 self.problem(("recipe",), error.message, error.hint)
+                return None, None
             except ManifestError as error:  # a broken recipe file: its own located problems
                 self.problems += error.problems
+                return None, None
         elif head.model is None:
             self.problem(
                 (),
                 "no model: the manifest sets neither `recipe` nor `model`",
                 "add `recipe: tiny` to try the tool, or see `squeeze recipes` for the presets",
             )
-            return None, None
-        if recipe is None and head.recipe is not None:
             return None, None
 
         base = recipe.model.model_dump(exclude_unset=True) if recipe is not None else {}
@@ -1128,6 +1136,11 @@ class _Resolver:
         return recipe, resolve_model_paths(spec, self.base_dir)
 
     # Subjects ---------------------------------------------------------------------------------------
+
+    def text_path(self, prompt_path: FieldPath) -> FieldPath:
+        """Where a prompt's text is written: its `text` key, or the prompt itself when written as a string."""
+        text_path = (*prompt_path, "text")
+        return text_path if text_path in self.document.marks else prompt_path
 
     def raw_subject(self, index: int) -> dict[str, Any]:
         raw = self.document.data["subjects"][index]
@@ -1148,7 +1161,7 @@ class _Resolver:
         for prompt_index, prompt in enumerate(prompts if isinstance(prompts, list) else []):
             text = prompt.get("text") if isinstance(prompt, dict) else prompt
             if isinstance(text, str):
-                self.substitute((*path, "prompts", prompt_index), text, stand_in)
+                self.substitute(self.text_path((*path, "prompts", prompt_index)), text, stand_in)
 
     def resolve_subject(self, index: int, subject: Subject, recipe: Recipe | None) -> ResolvedSubject:
         path: FieldPath = ("subjects", index)
@@ -1171,8 +1184,9 @@ class _Resolver:
             params = replace(base, **overrides) if overrides else base
             seed_spec = spec.seeds if spec.seeds is not None else base_seeds
             seeds = _seed_values(seed_spec)
-            text = self.substitute(prompt_path, spec.text, subject)
-            self.check_prompt(prompt_path, text, params, [*levels, (prompt_path, spec)])
+            text_path = self.text_path(prompt_path)
+            text = self.substitute(text_path, spec.text, subject)
+            self.check_prompt(prompt_path, params, [*levels, (prompt_path, spec)])
             for other in seen.get((text, params), []):
                 if _seeds_overlap(seeds, prompts[other].seeds):
                     self.problem(
@@ -1182,15 +1196,12 @@ class _Resolver:
                     )
                     break
             seen.setdefault((text, params), []).append(prompt_index)
-            text_path = (
-                (*prompt_path, "text") if (*prompt_path, "text") in self.document.marks else prompt_path
-            )
             location = self.document.locate(text_path)
             prompts.append(ResolvedPrompt(prompt_index, spec.text, text, params, seeds, location))
         return ResolvedSubject(index, subject.name, subject.class_noun, references, tuple(prompts))
 
-    def substitute(self, path: FieldPath, template: str, subject: Subject) -> str:
-        text_path = (*path, "text") if (*path, "text") in self.document.marks else path
+    def substitute(self, text_path: FieldPath, template: str, subject: Subject) -> str:
+        """`template` with its placeholders filled in; problems with them are located at `text_path`."""
 
         def replace_placeholder(match: re.Match) -> str:
             token = match.group(0)
@@ -1230,7 +1241,9 @@ class _Resolver:
             self.problem(text_path, "the prompt is empty")
         return text
 
-    def check_prompt(self, path: FieldPath, text: str, params: SamplingParams, levels) -> None:
+    def check_prompt(
+        self, path: FieldPath, params: SamplingParams, levels: list[tuple[FieldPath, SamplingOverrides]]
+    ) -> None:
         if params.true_cfg_scale > 1.0 and params.negative_prompt is None:
             where = next((p for p, lvl in reversed(levels) if "true_cfg_scale" in lvl.model_fields_set), path)
             self.problem(
@@ -1254,8 +1267,9 @@ class _Resolver:
                 if not matches:
                     self.problem(ref_path, f"no file matches {pattern!r}", folder_hint)
                 for match in matches:
-                    found.setdefault(os.path.normpath(match), ref_index)
-                    from_glob.add(os.path.normpath(match))
+                    normalized = os.path.normpath(match)
+                    found.setdefault(normalized, ref_index)
+                    from_glob.add(normalized)
             elif os.path.islink(absolute) and not os.path.exists(absolute):
                 self.problem(
                     ref_path,
@@ -1359,10 +1373,6 @@ def check_image(path: str) -> str | None:
     except Exception as error:  # a decoder's unexpected complaint about a hostile file is still a refusal
         return f"the file is damaged: {type(error).__name__}: {' '.join(str(error).split())}"
     return None
-
-
-# Backwards-compatible name: the check used to read the header only.
-check_image_header = check_image
 
 
 def _jpeg_is_complete(path: str) -> bool:
