@@ -200,6 +200,8 @@ def gen(
 
     if offload not in ("none", "model", "sequential"):
         raise UsageError(f"--offload {offload}: expected none, model or sequential")
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype {dtype}: expected float32, bfloat16 or float16")
     overrides = list(set_ or ()) + ([f"model.dtype={dtype}"] if dtype is not None else [])
     loaded = load_from_cli(manifest, overrides, recipe, max_jobs)
     if out is not None:

@@ -314,3 +314,17 @@ def test_out_pointing_at_a_file_is_refused_before_anything_runs(project: Path, g
         f"error: --out {project / 'afile' / 'sub'}: {str(project / 'afile')!r} is a file, not a folder "
         "(hint: choose another --out)"
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dtype", "float64"], "error: --dtype float64: expected float32, bfloat16 or float16"),
+        (["--offload", "disk"], "error: --offload disk: expected none, model or sequential"),
+        (["--shard", "2/2"], "error: --shard 2/2: expected I/N with 0 <= I < N"),
+    ],
+)
+def test_bad_flags_are_one_line_usage_errors(project: Path, gen, flags, message) -> None:
+    gen(str(project / "m.yaml"), "--out", str(project / "out"), *flags, expect=2)
+    assert gen.stderr.startswith(message) and len(gen.stderr.splitlines()) == 1
+    assert not (project / "out").exists()
