@@ -401,16 +401,23 @@ def _mtime_ns(path: Path) -> int | None:
         return None
 
 
-def _write_grids(out_dir: Path, jobs: Sequence[Job], generated: set[str], stop: _StopSignal) -> None:
+def _write_grids(
+    out_dir: Path,
+    jobs: Sequence[Job],
+    generated: set[str],
+    stop: _StopSignal,
+    *,
+    grids: bool = True,
+    contact_sheets: bool = True,
+) -> None:
     """A grid per (subject, prompt) and a contact sheet per subject, where this run added images or the
     file is missing or older than one of its images (a run killed or stopped before its grids); from the
     images on disk, so earlier runs' and other processes' images show. A first signal stops here too."""
     finished = outputs.finished_records(out_dir, jobs)
     for subject, subject_jobs in groupby(jobs, key=lambda job: job.subject):
         subject_jobs = list(subject_jobs)
+        references = subject_jobs[0].references
         rows = []
-        changed = False
-        newest_in_subject = 0
         for prompt_index, prompt_jobs in groupby(subject_jobs, key=lambda job: job.prompt_index):
             if stop.signum is not None:
                 return
@@ -420,17 +427,24 @@ def _write_grids(out_dir: Path, jobs: Sequence[Job], generated: set[str], stop: 
                 for job in prompt_jobs
             ]
             rows.append(outputs.SheetRow(prompt_index, prompt_jobs[0].prompt, entries))
-            newest = max((_mtime_ns(path) or 0 for _, path in entries if path is not None), default=0)
-            newest_in_subject = max(newest_in_subject, newest)
-            grid_time = _mtime_ns(outputs.grid_path(out_dir, subject, prompt_index))
-            if any(job.job_id in generated for job in prompt_jobs) or grid_time is None or grid_time < newest:
-                changed = True
+            grid = outputs.grid_path(out_dir, subject, prompt_index)
+            if grids and _is_stale(grid, prompt_jobs, entries, generated):
                 outputs.write_prompt_grid(
-                    out_dir, subject, prompt_index, prompt_jobs[0].prompt, subject_jobs[0].references, entries
+                    out_dir, subject, prompt_index, prompt_jobs[0].prompt, references, entries
                 )
-        sheet_time = _mtime_ns(outputs.contact_sheet_path(out_dir, subject))
-        if changed or sheet_time is None or sheet_time < newest_in_subject:
-            outputs.write_contact_sheet(out_dir, subject, subject_jobs[0].references, rows)
+        sheet = outputs.contact_sheet_path(out_dir, subject)
+        all_entries = [entry for row in rows for entry in row.entries]
+        if contact_sheets and _is_stale(sheet, subject_jobs, all_entries, generated):
+            outputs.write_contact_sheet(out_dir, subject, references, rows)
+
+
+def _is_stale(
+    view: Path, jobs: Sequence[Job], entries: Sequence[tuple[int, Path | None]], generated: set[str]
+) -> bool:
+    """Whether a grid or sheet must be drawn: missing, older than one of its images, or this run added one."""
+    drawn = _mtime_ns(view)
+    newest = max((_mtime_ns(path) or 0 for _, path in entries if path is not None), default=0)
+    return drawn is None or drawn < newest or any(job.job_id in generated for job in jobs)
 
 
 def _now() -> str:
@@ -534,8 +548,11 @@ def _run_gen(
         try:
             _merge_index(out_dir, run_dir, jobs, pending, failures, already_appended=runner.failures)
             # Grids are a view, redrawn by the next run when out of date: a stopped run skips them.
-            if write_error is None and stop.signum is None and manifest.document.output.grids:
-                _write_grids(out_dir, jobs, generated, stop)
+            if write_error is None and stop.signum is None:
+                output = manifest.document.output
+                _write_grids(
+                    out_dir, jobs, generated, stop, grids=output.grids, contact_sheets=output.contact_sheet
+                )
         except outputs.OutputWriteError as error:
             write_error = write_error or error
 

@@ -328,3 +328,17 @@ def test_bad_flags_are_one_line_usage_errors(project: Path, gen, flags, message)
     gen(str(project / "m.yaml"), "--out", str(project / "out"), *flags, expect=2)
     assert gen.stderr.startswith(message) and len(gen.stderr.splitlines()) == 1
     assert not (project / "out").exists()
+
+
+@pytest.mark.parametrize(("grids", "sheets"), [(False, True), (True, False), (False, False)])
+def test_grids_and_contact_sheets_follow_the_output_settings(project: Path, gen, grids, sheets) -> None:
+    out = project / "out"
+    gen(
+        str(project / "m.yaml"),
+        "--out",
+        str(out),
+        "--set",
+        f"output={{grids: {str(grids).lower()}, contact_sheet: {str(sheets).lower()}}}",
+    )
+    assert bool(list(out.glob("*/grid-*.png"))) is grids
+    assert bool(list(out.glob("*/contact-sheet.png"))) is sheets
