@@ -12,29 +12,18 @@ The tiny model's numbers show overheads, not full-size speed: the ratios grow wi
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from PIL import Image
+from timing import median_seconds  # benchmarks/timing.py: the script's own folder is on sys.path
 
 from squeeze_cli.models.tiny import build_tiny_pipeline
 from squeeze_cli.pipeline_squeeze import SqueezePipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"height": 64, "width": 64, "num_inference_steps": 4, "reference_size": 64, "output_type": "np"}
-
-
-def median_seconds(run, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import numpy as np
 import torch
 from PIL import Image
+from timing import median_seconds  # benchmarks/timing.py: the script's own folder is on sys.path
 
 from squeeze_cli.models.mllm import FAMILIES, MLLMEncoder
 from squeeze_cli.models.tiny_mllm import build_tiny_mllm
@@ -54,16 +53,6 @@ def _bigger(family: str, overrides: dict, seed: int):
     torch.manual_seed(seed)
     model = type(model)(config).to(torch.float32).eval()
     return model, tokenizer, image_processor
-
-
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -110,8 +99,8 @@ def main() -> None:
 
         sample = encoder.encode(references, prompts[0])
         prefix_length = encoder.encode_prefix(references).prefix_length
-        t_uncached = _time(uncached, args.repeats)
-        t_cached = _time(cached, args.repeats)
+        t_uncached = median_seconds(uncached, args.repeats)
+        t_cached = median_seconds(cached, args.repeats)
         print(
             f"{family:11s} K={args.prompts} refs={args.references} seq={sample.input_ids.shape[0]} "
             f"(prefix {prefix_length}, image tokens {int(sample.image_mask.sum())}) "

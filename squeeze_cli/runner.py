@@ -404,6 +404,7 @@ def _mtime_ns(path: Path) -> int | None:
 def _write_grids(
     out_dir: Path,
     jobs: Sequence[Job],
+    finished: dict[str, dict[str, Any]],
     generated: set[str],
     stop: _StopSignal,
     *,
@@ -413,7 +414,6 @@ def _write_grids(
     """A grid per (subject, prompt) and a contact sheet per subject, where this run added images or the
     file is missing or older than one of its images (a run killed or stopped before its grids); from the
     images on disk, so earlier runs' and other processes' images show. A first signal stops here too."""
-    finished = outputs.finished_records(out_dir, jobs)
     for subject, subject_jobs in groupby(jobs, key=lambda job: job.subject):
         subject_jobs = list(subject_jobs)
         references = subject_jobs[0].references
@@ -504,7 +504,11 @@ def _run_gen(
     try:
         if lock is not None and run_dir.is_dir():
             lock.acquire()
-        done = set() if options.overwrite or not out_dir.is_dir() else outputs.finished_job_ids(out_dir, jobs)
+        # One read of the sidecars serves both the skip decision and the index repair.
+        done_records = (
+            {} if options.overwrite or not out_dir.is_dir() else outputs.finished_records(out_dir, jobs)
+        )
+        done = set(done_records)
         pending = [job for job in jobs if job.job_id not in done]
         mine = shard_jobs(pending, processes.index, processes.count)
         runner = Runner(manifest, options, reporter, out_dir, run_dir, processes)
@@ -525,7 +529,7 @@ def _run_gen(
             outputs.ensure_dir(out_dir)
             if not lock.held:
                 lock.acquire()
-            _open_run_files(out_dir, run_dir, manifest, jobs, done, pending, summary)
+            _open_run_files(out_dir, run_dir, manifest, done_records, pending, summary)
         processes.barrier()
 
         reporter.run_started(len(pending), out=str(out_dir), processes=processes.count, skipped=len(done))
@@ -546,12 +550,20 @@ def _run_gen(
         failures = [failure for result in results for failure in result["failures"]]
         generated = {job_id for result in results for job_id in result["succeeded"]}
         try:
-            _merge_index(out_dir, run_dir, jobs, pending, failures, already_appended=runner.failures)
+            # Every process's images are on disk now: one read of the sidecars serves the index and grids.
+            finished = outputs.finished_records(out_dir, jobs)
+            _merge_index(run_dir, finished, pending, failures, already_appended=runner.failures)
             # Grids are a view, redrawn by the next run when out of date: a stopped run skips them.
             if write_error is None and stop.signum is None:
                 output = manifest.document.output
                 _write_grids(
-                    out_dir, jobs, generated, stop, grids=output.grids, contact_sheets=output.contact_sheet
+                    out_dir,
+                    jobs,
+                    finished,
+                    generated,
+                    stop,
+                    grids=output.grids,
+                    contact_sheets=output.contact_sheet,
                 )
         except outputs.OutputWriteError as error:
             write_error = write_error or error
@@ -621,8 +633,7 @@ def _open_run_files(
     out_dir: Path,
     run_dir: Path,
     manifest: LoadedManifest,
-    jobs: Sequence[Job],
-    done: set[str],
+    done_records: dict[str, dict[str, Any]],
     pending: Sequence[Job],
     summary: dict[str, Any],
 ) -> None:
@@ -631,22 +642,20 @@ def _open_run_files(
     outputs.remove_stale_temp_files(out_dir)
     if run_dir != out_dir:
         outputs.remove_stale_temp_files(run_dir)
-    done_records = outputs.finished_records(out_dir, [job for job in jobs if job.job_id in done])
     outputs.repair_index(run_dir, done_records, pending_job_ids=[job.job_id for job in pending])
     outputs.write_resolved_manifest(run_dir, manifest.resolved_yaml())
     outputs.write_run_summary(run_dir, summary)
 
 
 def _merge_index(
-    out_dir: Path,
     run_dir: Path,
-    jobs: Sequence[Job],
+    finished: dict[str, dict[str, Any]],
     pending: Sequence[Job],
     failures: list[dict[str, Any]],
     already_appended: list[dict[str, Any]],
 ) -> None:
     """Bring the other processes' images (from their sidecars) and failures into the main index."""
-    outputs.repair_index(run_dir, outputs.finished_records(out_dir, jobs))
+    outputs.repair_index(run_dir, finished)
     by_id = {job.job_id: job for job in pending}
     for failure in failures:
         if failure not in already_appended:
