@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from timing import median_seconds  # benchmarks/timing.py: the script's own folder is on sys.path
 
-from squeeze_cli.models.tiny import build_tiny_pipeline
-from squeeze_cli.pipeline_squeeze import SqueezePipeline
+from squeeze_cli.pipelines.squeeze import SqueezePipeline
+from squeeze_cli.pipelines.tiny import build_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"height": 64, "width": 64, "num_inference_steps": 4, "reference_size": 64, "output_type": "np"}

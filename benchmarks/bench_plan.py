@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from squeeze_cli.manifest import load_manifest
+from squeeze_cli.manifest.resolve import load_manifest
 from squeeze_cli.plan import plan_jobs, shard_jobs
 
 

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from timing import median_seconds  # benchmarks/timing.py: the script's own folder is on sys.path
 
-from squeeze_cli.models.mllm import FAMILIES, MLLMEncoder
-from squeeze_cli.models.tiny_mllm import build_tiny_mllm
+from squeeze_cli.pipelines.mllm import FAMILIES, MLLMEncoder
+from squeeze_cli.pipelines.mllm.tiny import build_tiny_mllm
 
 PROMPTS = (
     "a {} on the beach",

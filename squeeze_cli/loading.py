@@ -15,12 +15,12 @@ from typing import Any
 import torch
 
 from squeeze_cli.errors import ModelLoadError, UsageError
-from squeeze_cli.manifest import ModelSpec
+from squeeze_cli.manifest.schema import ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Bump when the tiny builder changes what it writes, so old caches are not reused.
-TINY_FORMAT = 1
+TINY_FORMAT = 2  # bumped when the tiny checkpoint's layout or class paths change
 
 
 def cache_dir() -> Path:
@@ -40,7 +40,7 @@ def ensure_tiny_checkpoint(family: str) -> Path:
     target = cache_dir() / f"tiny-{family}-v{TINY_FORMAT}"
     if (target / "model_index.json").is_file():
         return target
-    from squeeze_cli.models.tiny import build_tiny_pipeline
+    from squeeze_cli.pipelines.tiny import build_tiny_pipeline
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -65,7 +65,7 @@ def _component_loaders() -> dict[str, Any]:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-    from squeeze_cli.models.aggregator import DualLayerAggregator
+    from squeeze_cli.pipelines.aggregator import DualLayerAggregator
 
     return {
         "mllm": AutoModelForImageTextToText,
@@ -134,7 +134,7 @@ def load_pipeline(
     import diffusers
     import transformers
 
-    from squeeze_cli.pipeline_squeeze import SqueezePipeline
+    from squeeze_cli.pipelines.squeeze import SqueezePipeline
 
     # The libraries' own per-file bars would interleave with the run's progress; the run reports loading.
     diffusers.utils.logging.disable_progress_bar()

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from squeeze_cli.errors import ManifestError, Problem
+from squeeze_cli.params import SamplingParams
 
 if TYPE_CHECKING:
-    from squeeze_cli.manifest import LoadedManifest
+    from squeeze_cli.manifest.resolve import LoadedManifest
 
 # Bumped only when the hashing scheme itself changes (that invalidates every stored job id).
 JOB_ID_SCHEME = b"squeeze-job-v1\n"
@@ -25,41 +26,6 @@ JOB_ID_LENGTH = 16
 
 # Cost unit: one 512x512 image at 28 steps without references. Only ratios matter.
 _COST_UNIT = 512 * 512 * 28
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """Every sampling parameter of one image, named as the pipeline names them."""
-
-    num_inference_steps: int = 28
-    guidance_scale: float = 2.5
-    height: int = 512
-    width: int = 512
-    stage_thresholds: tuple[float, float] = (0.95, 0.85)
-    keep_mllm_condition: bool = False
-    true_cfg_scale: float = 1.0
-    negative_prompt: str | None = None
-    reference_size: int = 512
-
-    def to_pipeline_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `SqueezePipeline.__call__` that these parameters fill."""
-        return {
-            "num_inference_steps": self.num_inference_steps,
-            "guidance_scale": self.guidance_scale,
-            "height": self.height,
-            "width": self.width,
-            "stage_thresholds": self.stage_thresholds,
-            "keep_mllm_condition": self.keep_mllm_condition,
-            "true_cfg_scale": self.true_cfg_scale,
-            "negative_prompt": self.negative_prompt,
-            "reference_size": self.reference_size,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (thresholds as a list), used in sidecars and job ids."""
-        data = self.to_pipeline_kwargs()
-        data["stage_thresholds"] = list(self.stage_thresholds)
-        return data
 
 
 @dataclass(frozen=True, slots=True)

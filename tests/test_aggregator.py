@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from squeeze_cli.models.aggregator import DualLayerAggregator
-from squeeze_cli.models.mllm import MLLMEncoder, MLLMEncoding
+from squeeze_cli.pipelines.aggregator import DualLayerAggregator
+from squeeze_cli.pipelines.mllm import MLLMEncoder, MLLMEncoding
 
 NUM_STATES, HIDDEN, JOINT, POOLED = 5, 24, 16, 12
 
@@ -155,7 +155,7 @@ def test_bfloat16_inputs_are_cast():
 def test_on_a_real_tiny_mllm_encoding(family):
     from PIL import Image
 
-    from squeeze_cli.models.tiny_mllm import build_tiny_mllm
+    from squeeze_cli.pipelines.mllm.tiny import build_tiny_mllm
 
     model, tokenizer, image_processor = build_tiny_mllm(family)
     encoder = MLLMEncoder(model, tokenizer, image_processor)

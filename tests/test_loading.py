@@ -11,8 +11,8 @@ from PIL import Image
 
 from squeeze_cli.errors import ModelLoadError, UsageError
 from squeeze_cli.loading import ensure_tiny_checkpoint, load_pipeline
-from squeeze_cli.manifest import ModelSpec
-from squeeze_cli.models.tiny import build_tiny_pipeline
+from squeeze_cli.manifest.schema import ModelSpec
+from squeeze_cli.pipelines.tiny import build_tiny_pipeline
 
 PARTS = ("mllm", "tokenizer", "image_processor", "aggregator", "transformer", "vae", "scheduler")
 
@@ -65,7 +65,7 @@ def test_a_pipeline_assembled_from_parts_equals_the_folder(tiny_dir: Path) -> No
 
 
 def test_pickle_weights_are_refused_unless_allowed(tiny_dir: Path, tmp_path: Path) -> None:
-    from squeeze_cli.models.aggregator import DualLayerAggregator
+    from squeeze_cli.pipelines.aggregator import DualLayerAggregator
 
     pickled = tmp_path / "aggregator"
     DualLayerAggregator.from_pretrained(tiny_dir / "aggregator").save_pretrained(
@@ -93,7 +93,7 @@ def test_a_model_missing_offline_names_it_and_how_to_get_it() -> None:
 def test_lora_from_the_spec_changes_the_output(tiny_dir: Path, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from squeeze_cli.pipeline_squeeze import SqueezePipeline
+    from squeeze_cli.pipelines.squeeze import SqueezePipeline
 
     base = load_pipeline(ModelSpec(pipeline=str(tiny_dir), dtype="float32"))
     expected = generate(base)

@@ -8,14 +8,11 @@ import pytest
 import yaml
 
 from squeeze_cli.errors import ManifestError, Problem
-from squeeze_cli.manifest import (
-    DEFAULT_MAX_JOBS,
-    MAX_SEED,
-    format_field_path,
-    load_manifest,
-    parse_override,
-)
-from squeeze_cli.plan import SamplingParams, plan_jobs
+from squeeze_cli.manifest.located import format_field_path, parse_override
+from squeeze_cli.manifest.resolve import load_manifest
+from squeeze_cli.manifest.schema import DEFAULT_MAX_JOBS, MAX_SEED
+from squeeze_cli.params import SamplingParams
+from squeeze_cli.plan import plan_jobs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -626,7 +623,7 @@ def test_the_documented_example_is_valid(make_image, tmp_path):
 
 
 def test_alias_bombs_are_refused(write_file, monkeypatch):
-    import squeeze_cli.manifest as manifest_module
+    import squeeze_cli.manifest.located as manifest_module
 
     monkeypatch.setattr(manifest_module, "MAX_YAML_NODES", 1000)
     levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]

@@ -18,8 +18,9 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from squeeze_cli.models.mllm import FAMILIES, MLLMEncoder
-from squeeze_cli.models.tiny_mllm import TINY_MAX_POSITIONS, TINY_NUM_LAYERS, build_tiny_mllm
+from squeeze_cli.params import FAMILY_ADAPTERS as FAMILIES
+from squeeze_cli.pipelines.mllm import MLLMEncoder
+from squeeze_cli.pipelines.mllm.tiny import TINY_MAX_POSITIONS, TINY_NUM_LAYERS, build_tiny_mllm
 
 INSTRUCTIONS = ("a photo of a dog on the beach", "a red backpack in the snow, at night")
 MODEL_CLASSES = {
@@ -38,7 +39,7 @@ def _image(height: int, width: int, seed: int) -> Image.Image:
 REFERENCES = (_image(40, 30, 0), _image(33, 50, 1))
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=list(FAMILIES))
 def tiny(request):
     model, tokenizer, image_processor = build_tiny_mllm(request.param, seed=0)
     return request.param, model, tokenizer, image_processor
@@ -234,10 +235,27 @@ def test_internvl_dynamic_tiling_and_model_dtype():
 @pytest.mark.parametrize("crop_to_patches", [None, True])
 def test_image_token_counts_from_the_size_alone_match_the_processed_images(tiny, crop_to_patches):
     family, model, tokenizer, image_processor = tiny
+    if crop_to_patches is not None and family != "internvl":
+        pytest.skip("tiling is InternVL's option")
     encoder = MLLMEncoder(model, tokenizer, image_processor, crop_to_patches=crop_to_patches)
     for width, height in [(30, 40), (50, 33), (300, 90), (17, 200), (512, 512)]:
         processed = encoder._preprocess_images([_image(height, width, 0)])
-        assert encoder._image_tokens(width, height) == processed.tokens_per_image[0], (width, height)
+        assert encoder.adapter.image_tokens(width, height) == processed.tokens_per_image[0], (width, height)
+
+
+def test_an_option_of_another_family_is_refused(tiny):
+    family, model, tokenizer, image_processor = tiny
+    if family == "internvl":
+        pytest.skip("crop_to_patches is InternVL's own option")
+    with pytest.raises(ValueError, match="crop_to_patches"):
+        MLLMEncoder(model, tokenizer, image_processor, crop_to_patches=True)
+
+
+def test_a_family_without_an_adapter_is_an_error(tiny):
+    from squeeze_cli.pipelines.mllm.family import family_adapter
+
+    with pytest.raises(ValueError, match="Unsupported MLLM 'llava'"):
+        family_adapter("llava")
 
 
 def test_check_fits_needs_only_sizes_and_agrees_with_encode(encoder):

@@ -10,36 +10,37 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageStat
 
-from squeeze_cli import outputs
+from squeeze_cli import images, outputs
 from squeeze_cli.errors import EXIT_INVALID, EXIT_JOBS_FAILED, SqueezeError
-from squeeze_cli.outputs import (
+from squeeze_cli.outputs import grids
+from squeeze_cli.outputs.files import (
     OutputWriteError,
-    SheetRow,
-    UnsafeOutputPathError,
-    append_index,
     atomic_write_bytes,
     atomic_write_text,
-    encode_png,
+    remove_stale_temp_files,
+)
+from squeeze_cli.outputs.grids import SheetRow, write_contact_sheet, write_prompt_grid
+from squeeze_cli.outputs.index import (
+    append_index,
     failed_index_entry,
-    finished_job_ids,
-    finished_records,
-    image_path,
-    image_record,
     index_entry,
     read_index,
-    read_png_parameters,
-    read_png_record,
-    remove_stale_temp_files,
     repair_index,
-    safe_join,
-    save_image,
-    sidecar_path,
-    write_contact_sheet,
-    write_prompt_grid,
     write_resolved_manifest,
     write_run_summary,
 )
-from squeeze_cli.plan import Job, SamplingParams
+from squeeze_cli.outputs.layout import UnsafeOutputPathError, image_path, safe_join, sidecar_path
+from squeeze_cli.outputs.records import (
+    encode_png,
+    finished_job_ids,
+    finished_records,
+    image_record,
+    read_png_parameters,
+    read_png_record,
+    save_image,
+)
+from squeeze_cli.params import SamplingParams
+from squeeze_cli.plan import Job
 
 STAGE_PLAN = {"num_inference_steps": 4, "stages": [1, 2, 3, 3], "counts": [1, 1, 2]}
 VERSIONS = {"python": "3.12", "squeeze_cli": "0.1.0"}
@@ -159,7 +160,7 @@ def test_failed_atomic_write_keeps_the_old_file_and_removes_the_temporary_one(
     def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(outputs.os, failing, fail)
+    monkeypatch.setattr(os, failing, fail)
     with pytest.raises(OutputWriteError) as caught:
         atomic_write_bytes(target, b"new content that will not fit")
     monkeypatch.undo()
@@ -185,7 +186,7 @@ def test_permission_denied_on_the_directory_names_the_file(tmp_path, monkeypatch
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(outputs.os, "open", deny)
+    monkeypatch.setattr(os, "open", deny)
     with pytest.raises(OutputWriteError, match="cannot write .*run.json: Permission denied"):
         write_run_summary(tmp_path, {"status": "ok"})
     assert list(tmp_path.iterdir()) == []
@@ -200,7 +201,7 @@ def test_save_image_failing_on_the_sidecar_leaves_the_job_unfinished(tmp_path, m
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_replace(source, destination)
 
-    monkeypatch.setattr(outputs.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OutputWriteError, match="No space left on device"):
         save_image(tmp_path, job, solid((9, 9, 9)), make_record(job))
     assert image_path(tmp_path, job).exists() and not sidecar_path(tmp_path, job).exists()
@@ -277,7 +278,7 @@ def test_image_record_holds_everything_needed_to_reproduce(tmp_path):
 
 
 def test_image_record_takes_a_stage_plan_object():
-    from squeeze_cli.stages import stage_plan
+    from squeeze_cli.pipelines.stages import stage_plan
 
     record = image_record(
         make_job(), preset_name="paper", model_info={}, stage_plan=stage_plan(28, 512, 512), timings={}
@@ -322,7 +323,7 @@ def test_append_index_writes_whole_lines_with_one_write(tmp_path, monkeypatch):
         writes.append(bytes(data))
         return real_write(fd, data)
 
-    monkeypatch.setattr(outputs.os, "write", counting_write)
+    monkeypatch.setattr(os, "write", counting_write)
     job = make_job()
     append_index(tmp_path, index_entry(make_record(job, prompt="line one\nline two")))
     append_index(tmp_path, failed_index_entry(make_job(seed=8), "CUDA out of memory"))
@@ -340,7 +341,7 @@ def test_append_index_after_a_cut_off_line_starts_a_new_line(tmp_path):
 
 
 def test_append_index_short_write_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(outputs.os, "write", lambda fd, data: len(data) // 2)
+    monkeypatch.setattr(os, "write", lambda fd, data: len(data) // 2)
     with pytest.raises(OutputWriteError, match="index.jsonl") as caught:
         append_index(tmp_path, {"job_id": "a", "status": "ok"})
     assert caught.value.errno == errno.ENOSPC
@@ -454,9 +455,9 @@ def test_prompt_grid_shows_references_and_seeds_with_labels(tmp_path):
         image = image.convert("RGB")
     # caption + one row; tiles: ref 1 is upright (60 wide x 120 high → 32x64), ref 2 and 3 64x64,
     # three 64x64 generated tiles.
-    pad, gap = outputs._PAD, outputs._GAP
-    caption_height = outputs._line_height(outputs._font(18)) + 2 * pad
-    label_height = outputs._line_height(outputs._font(14)) + 6
+    pad, gap = grids._PAD, grids._GAP
+    caption_height = grids._line_height(grids._font(18)) + 2 * pad
+    label_height = grids._line_height(grids._font(14)) + 6
     assert image.height == caption_height + 64 + label_height + pad + pad
     assert image.width == pad + (32 + pad) + 2 * (64 + pad) + gap + 3 * (64 + pad)
     y = caption_height
@@ -467,7 +468,7 @@ def test_prompt_grid_shows_references_and_seeds_with_labels(tmp_path):
     )  # 16-bit scaled, not clipped
     first_generated_x = pad + (32 + pad) + 2 * (64 + pad) + gap
     assert image.getpixel((first_generated_x + 32, y + 32)) == (255, 0, 0)
-    assert image.getpixel((first_generated_x + 2 * (64 + pad) + 32, y + 32)) == outputs._PLACEHOLDER
+    assert image.getpixel((first_generated_x + 2 * (64 + pad) + 32, y + 32)) == grids._PLACEHOLDER
     assert dark_pixels(image, (0, 0, image.width, caption_height)) > 50  # the caption
     label_box = (first_generated_x, y + 64, first_generated_x + 64, y + 64 + label_height)
     assert dark_pixels(image, label_box) > 20  # "seed 1"
@@ -482,10 +483,10 @@ def test_prompt_grid_wraps_many_seeds(tmp_path):
     )
     with Image.open(grid) as image:
         rows = 3
-        label_height = outputs._line_height(outputs._font(14)) + 6
-        caption_height = outputs._line_height(outputs._font(18)) + 2 * outputs._PAD
-        assert image.height == caption_height + rows * (32 + label_height + outputs._PAD) + outputs._PAD
-        assert image.width == max(outputs._PAD + 2 * (32 + outputs._PAD), 64)
+        label_height = grids._line_height(grids._font(14)) + 6
+        caption_height = grids._line_height(grids._font(18)) + 2 * grids._PAD
+        assert image.height == caption_height + rows * (32 + label_height + grids._PAD) + grids._PAD
+        assert image.width == max(grids._PAD + 2 * (32 + grids._PAD), 64)
 
 
 def test_contact_sheet_has_a_reference_row_and_one_row_per_prompt(tmp_path):
@@ -505,9 +506,9 @@ def test_contact_sheet_has_a_reference_row_and_one_row_per_prompt(tmp_path):
     assert sheet == tmp_path / "out" / "dog" / "contact-sheet.png"
     with Image.open(sheet) as image:
         image = image.convert("RGB")
-    pad = outputs._PAD
-    caption_height = outputs._line_height(outputs._font(16)) + pad
-    block = caption_height + 48 + outputs._line_height(outputs._font(14)) + 6 + pad
+    pad = grids._PAD
+    caption_height = grids._line_height(grids._font(16)) + pad
+    block = caption_height + 48 + grids._line_height(grids._font(14)) + 6 + pad
     assert image.size == (max(pad + 2 * (48 + pad), 3 * 48), 3 * block + pad)
     assert close(image.getpixel((pad + 24, pad + caption_height + 24)), (0, 0, 200))
     for row, color in enumerate(colors, start=1):
@@ -526,4 +527,4 @@ def test_upright_size_reads_the_header_and_agrees_with_load_rgb(tmp_path, orient
     exif[0x0112] = orientation
     Image.new("RGB", (48, 32), (10, 120, 200)).save(path, exif=exif)
     expected = (32, 48) if orientation in (6, 8) else (48, 32)
-    assert outputs.upright_size(path) == expected == outputs.load_rgb(path).size
+    assert images.upright_size(path) == expected == images.load_rgb(path).size

@@ -7,10 +7,10 @@ import PIL.Image
 import pytest
 import torch
 
-from squeeze_cli.models.aggregator import DualLayerAggregator
-from squeeze_cli.models.tiny import build_tiny_components, build_tiny_pipeline
-from squeeze_cli.pipeline_squeeze import SqueezePipeline, SqueezePipelineOutput, SubjectCondition
-from squeeze_cli.stages import stage_plan
+from squeeze_cli.pipelines.aggregator import DualLayerAggregator
+from squeeze_cli.pipelines.squeeze import SqueezePipeline, SqueezePipelineOutput, SubjectCondition
+from squeeze_cli.pipelines.stages import stage_plan
+from squeeze_cli.pipelines.tiny import build_tiny_components, build_tiny_pipeline
 
 SIZE = 64
 STEPS = 4
@@ -91,7 +91,7 @@ class TransformerInputs:
 def test_layout_on_disk(tiny_path):
     index = json.loads((tiny_path / "model_index.json").read_text())
     assert index["_class_name"] == "SqueezePipeline"
-    assert index["aggregator"] == ["squeeze_cli.models.aggregator", "DualLayerAggregator"]
+    assert index["aggregator"] == ["squeeze_cli.pipelines.aggregator", "DualLayerAggregator"]
     assert index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
     assert index["mllm"] == ["transformers", "InternVLForConditionalGeneration"]
     for folder in ("mllm", "tokenizer", "image_processor", "aggregator", "transformer", "vae", "scheduler"):

@@ -4,7 +4,9 @@ import re
 from pathlib import Path
 
 import pytest
-from squeeze_cli.recipes import (
+
+from squeeze_cli.errors import ManifestError, RecipeError
+from squeeze_cli.manifest.recipes import (
     list_recipes,
     load_recipe,
     merge_model,
@@ -12,9 +14,7 @@ from squeeze_cli.recipes import (
     recipe_text,
     resolve_model_paths,
 )
-
-from squeeze_cli.errors import ManifestError, RecipeError
-from squeeze_cli.manifest import ModelSpec
+from squeeze_cli.manifest.schema import ModelSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_FILES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))

@@ -85,7 +85,7 @@ def gen(squeeze):
 
 
 def planned_jobs(manifest: Path):
-    from squeeze_cli.manifest import load_manifest
+    from squeeze_cli.manifest.resolve import load_manifest
     from squeeze_cli.plan import plan_jobs
 
     loaded = load_manifest(str(manifest))
@@ -355,7 +355,7 @@ def test_sigint_and_sigterm_stop_after_the_current_batch(project: Path, tiny_cac
 
 
 def planned_jobs_with(manifest: Path, overrides: tuple[str, ...]):
-    from squeeze_cli.manifest import load_manifest
+    from squeeze_cli.manifest.resolve import load_manifest
     from squeeze_cli.plan import plan_jobs
 
     sets = [value for flag, value in zip(overrides[0::2], overrides[1::2], strict=True) if flag == "--set"]
@@ -364,7 +364,7 @@ def planned_jobs_with(manifest: Path, overrides: tuple[str, ...]):
 
 
 def test_a_signal_before_anything_is_written_stops_at_once_and_a_second_one_too() -> None:
-    from squeeze_cli.runner import _StopNow, _StopSignal
+    from squeeze_cli.gen.runner import _StopNow, _StopSignal
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with _StopSignal() as stop:
@@ -498,7 +498,7 @@ def fail_writes(
             raise OSError(error, os.strerror(error))
         return real_write(fd, data)
 
-    monkeypatch.setattr(outputs.os, call, replace if call == "replace" else write)
+    monkeypatch.setattr(os, call, replace if call == "replace" else write)
     return state
 
 
@@ -566,7 +566,7 @@ def test_a_read_only_output_directory_is_one_clear_line(project: Path, gen, monk
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(outputs.os, "open", read_only)
+    monkeypatch.setattr(os, "open", read_only)
     code, stderr = gen(str(project / "m.yaml"), "--out", str(out), "--quiet")
     assert code == EXIT_JOBS_FAILED and "Traceback" not in stderr
     line = stderr.strip().splitlines()[-1]
@@ -579,7 +579,7 @@ def test_a_read_only_output_directory_is_one_clear_line(project: Path, gen, monk
 def test_a_short_index_append_is_cut_back_off(tmp_path: Path, monkeypatch) -> None:
     outputs.append_index(tmp_path, {"job_id": "a", "status": "ok"})
     real_write = os.write
-    monkeypatch.setattr(outputs.os, "write", lambda fd, data: real_write(fd, bytes(data)[:7]))
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data)[:7]))
     with pytest.raises(outputs.OutputWriteError, match="index.jsonl"):
         outputs.append_index(tmp_path, {"job_id": "b", "status": "ok"})
     monkeypatch.undo()
@@ -592,7 +592,7 @@ def test_an_interrupted_atomic_write_leaves_no_temporary_file(tmp_path: Path, mo
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(outputs.os, "fsync", interrupted)
+    monkeypatch.setattr(os, "fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
         outputs.atomic_write_text(tmp_path / "run.json", "new")
     monkeypatch.undo()

@@ -172,7 +172,7 @@ def test_dry_run_loads_and_writes_nothing(project: Path, gen) -> None:
 
 
 def test_a_failing_job_is_recorded_and_the_run_goes_on(project: Path, gen, monkeypatch) -> None:
-    from squeeze_cli.pipeline_squeeze import SqueezePipeline
+    from squeeze_cli.pipelines.squeeze import SqueezePipeline
 
     original = SqueezePipeline.__call__
 
@@ -200,7 +200,7 @@ def test_a_failing_job_is_recorded_and_the_run_goes_on(project: Path, gen, monke
 def test_out_of_memory_halves_the_batch(project: Path, gen, monkeypatch) -> None:
     import torch
 
-    from squeeze_cli.pipeline_squeeze import SqueezePipeline
+    from squeeze_cli.pipelines.squeeze import SqueezePipeline
 
     original = SqueezePipeline.__call__
     sizes = []

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from squeeze_cli.stages import DEFAULT_SCHEDULER_CONFIG, StagePlan, stage_plan
+from squeeze_cli.pipelines.stages import DEFAULT_SCHEDULER_CONFIG, StagePlan, stage_plan
 
 
 def test_paper_default_28_steps_512():
@@ -91,5 +91,5 @@ def test_invalid_arguments(kwargs, name):
 
 
 def test_module_is_torch_free():
-    code = "import sys, squeeze_cli.stages; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, squeeze_cli.pipelines.stages; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

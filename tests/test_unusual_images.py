@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from squeeze_cli import outputs
-from squeeze_cli.manifest import check_image
-from squeeze_cli.pipeline_squeeze import SqueezePipeline
+from squeeze_cli import images as image_io
+from squeeze_cli.gen import runner
+from squeeze_cli.images import check_image
+from squeeze_cli.pipelines.squeeze import SqueezePipeline
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 160, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
 HAS_WEBP = features.check("webp")
@@ -182,7 +183,7 @@ def received(images, squeeze) -> dict[str, list[Image.Image]]:
     """Run `squeeze gen` once; per subject, the PIL images `encode_subject` was given."""
     loaded: dict[int, str] = {}  # id of a load_rgb result -> the subject folder it came from
     calls: dict[str, list[Image.Image]] = {}
-    real_load_rgb = outputs.load_rgb
+    real_load_rgb = image_io.load_rgb
     real_encode = SqueezePipeline.encode_subject
 
     def load_rgb(path, *args, **kwargs):
@@ -196,7 +197,7 @@ def received(images, squeeze) -> dict[str, list[Image.Image]]:
         return real_encode(self, reference_images, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(outputs, "load_rgb", load_rgb)
+        patch.setattr(runner, "load_rgb", load_rgb)
         patch.setattr(SqueezePipeline, "encode_subject", encode_subject)
         code = squeeze("gen", str(images / "manifest.yaml"), "--out", str(images / "out"), "--quiet").code
     assert code == 0, f"squeeze gen exited {code}"
@@ -292,7 +293,7 @@ def test_load_rgb_ignores_a_broken_exif_block(tmp_path):
     app1 = b"Exif\x00\x00" + b"MM\x00\x2a\xff\xff\xff\xff" + b"\x00" * 8
     path.write_bytes(data[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + data[2:])
     assert check_image(str(path)) is None
-    image = outputs.load_rgb(path)
+    image = image_io.load_rgb(path)
     assert image.mode == "RGB" and image.size == (16, 8)
     assert near(image.getpixel((8, 4)), BLUE, tolerance=10)
 
@@ -301,7 +302,7 @@ def test_dark_16_bit_stays_dark(tmp_path):
     """16-bit values that all happen to be below 256 are nearly black, not 8-bit values."""
     path = tmp_path / "dark16.png"
     Image.fromarray(np.full((8, 8), 200, dtype=np.uint16)).save(path)
-    assert max(outputs.load_rgb(path).getpixel((4, 4))) <= 1
+    assert max(image_io.load_rgb(path).getpixel((4, 4))) <= 1
 
 
 def test_validation_stays_cheap_on_a_large_photo(tmp_path):

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-from ..stages import DEFAULT_SCHEDULER_CONFIG
 from .aggregator import DualLayerAggregator
+from .stages import DEFAULT_SCHEDULER_CONFIG
 
 __all__ = ["build_tiny_components", "build_tiny_pipeline"]
 
@@ -59,7 +59,7 @@ def _tiny_vae() -> AutoencoderKL:
 
 def build_tiny_components(family: str = "internvl", seed: int = 0) -> dict[str, object]:
     """Tiny random components of a SqueezePipeline (what `SqueezePipeline(**components)` takes)."""
-    from .tiny_mllm import build_tiny_mllm
+    from .mllm.tiny import build_tiny_mllm
 
     mllm, tokenizer, image_processor = build_tiny_mllm(family, seed=seed)
     text_config = mllm.config.get_text_config()
@@ -104,7 +104,7 @@ def build_tiny_pipeline(path: str | os.PathLike, family: str = "internvl", seed:
         family: the MLLM family, `"internvl"` or `"qwen2_5_vl"`.
         seed: seed of every random weight.
     """
-    from ..pipeline_squeeze import SqueezePipeline
+    from .squeeze import SqueezePipeline
 
     path = Path(path)
     pipeline = SqueezePipeline(**build_tiny_components(family, seed=seed))

@@ -30,10 +30,11 @@ from squeeze_cli.errors import (
     Problem,
     SqueezeError,
 )
-from squeeze_cli.manifest import LoadedManifest
+from squeeze_cli.gen.progress import Reporter
+from squeeze_cli.images import load_rgb, upright_size
+from squeeze_cli.manifest.resolve import LoadedManifest
+from squeeze_cli.pipelines.stages import stage_plan
 from squeeze_cli.plan import Job, plan_jobs, shard_jobs
-from squeeze_cli.progress import Reporter
-from squeeze_cli.stages import stage_plan
 
 LOCK_NAME = ".squeeze.lock"
 
@@ -257,7 +258,7 @@ class Runner:
         problems = []
         for _, subject_jobs in groupby(jobs, key=lambda job: job.subject_index):
             subject_jobs = list(subject_jobs)
-            sizes = [outputs.upright_size(path) for path in subject_jobs[0].references]
+            sizes = [upright_size(path) for path in subject_jobs[0].references]
             prompts = {(job.prompt_index, job.prompt) for job in subject_jobs}
             for prompt_index, prompt in sorted(prompts):
                 try:
@@ -286,7 +287,7 @@ class Runner:
         """The subject's condition for each reference size its jobs use; None when its references fail."""
         started = time.perf_counter()
         try:
-            images = [outputs.load_rgb(path) for path in jobs[0].references]
+            images = [load_rgb(path) for path in jobs[0].references]
             conditions = {
                 size: self.pipe.encode_subject(images, reference_size=size)
                 for size in sorted({job.params.reference_size for job in jobs})

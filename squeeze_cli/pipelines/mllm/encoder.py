@@ -1,11 +1,10 @@
 """Joint MLLM encoding of reference image(s) + instruction, with an exact per-subject prefix cache.
 
-Two families through transformers: InternVL3-hf (`InternVLForConditionalGeneration`, LLM = Qwen2.5) and
-Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`). The model's full processor is never built: it needs a video
-processor, which needs torchvision, which our CPU machines do not have. Instead the inputs are built here the
-way each processor builds them: the chat template (from the tokenizer, or the family's own one), each image
-placeholder expanded to the number of image tokens the image processor's output gives, and `pixel_values`
-(+ `image_grid_thw` for Qwen) from the slow image processor.
+Every family through transformers, with what differs in one adapter per family (`family.py`). The model's
+full processor is never built: it needs a video processor, which needs torchvision, which our CPU machines do
+not have. Instead the inputs are built here the way each processor builds them: the chat template (from the
+tokenizer, or the family's own one), each image placeholder expanded to the number of image tokens the image
+processor's output gives, and the pixel inputs from the slow image processor.
 
 The joint prompt is one user turn: reference image(s) first, then the instruction. Because the LLM is causal,
 every layer's hidden states over the part before the instruction — the *prefix*, which holds all the image
@@ -23,42 +22,8 @@ from PIL import Image
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-FAMILIES = ("internvl", "qwen2_5_vl")
+from .family import NO_IMAGES, ImageInputs, MLLMFamily, family_adapter
 
-# The chat templates of the real checkpoints, used when the tokenizer has none (or one that cannot render
-# images, e.g. a text-only template). InternVL3-hf: the template its conversion script gives the processor.
-INTERNVL_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
-    "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}{{'<|im_end|>\\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}"
-)
-# Qwen2.5-VL-Instruct's template (default system prompt, no newline between image and text).
-QWEN2_5_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-_FAMILY_CHAT_TEMPLATES = {"internvl": INTERNVL_CHAT_TEMPLATE, "qwen2_5_vl": QWEN2_5_VL_CHAT_TEMPLATE}
-# The placeholder each family's template emits once per image (what its processor expands).
-_IMAGE_PLACEHOLDERS = {"internvl": "<IMG_CONTEXT>", "qwen2_5_vl": "<|image_pad|>"}
 # Rendered in place of the instruction to find where it sits in the template. Letters only, so no template
 # filter (trim, escaping) changes it.
 _INSTRUCTION_SLOT = "SQUEEZEINSTRUCTIONSLOT"
@@ -136,13 +101,6 @@ class PrefixCache:
         return int(self.input_ids.shape[0])
 
 
-@dataclass
-class _ImageInputs:
-    pixel_values: torch.Tensor | None
-    image_grid_thw: torch.Tensor | None
-    tokens_per_image: list[int]
-
-
 class MLLMEncoder:
     r"""Prefill-only encoder of (reference images, instruction) for InternVL3-hf and Qwen2.5-VL.
 
@@ -168,9 +126,7 @@ class MLLMEncoder:
             Longest joint sequence allowed, in tokens. Defaults to (and is capped by) the model's context: the
             smaller of `tokenizer.model_max_length` and the LLM's `max_position_embeddings`.
         crop_to_patches (`bool`, *optional*):
-            InternVL only: dynamic tiling (448-px tiles + a thumbnail, 256 tokens each). `None` keeps the
-            image processor's own setting. `InternVLProcessor` turns it on for chat; off (one tile, 256 tokens
-            per reference) keeps the DiT's condition sequence short.
+            InternVL only: dynamic tiling, see `InternVLFamily`. `None` keeps the image processor's setting.
     """
 
     def __init__(
@@ -182,16 +138,17 @@ class MLLMEncoder:
         *,
         crop_to_patches: bool | None = None,
     ):
-        model_type = model.config.model_type
-        if model_type not in FAMILIES:
-            raise ValueError(f"Unsupported MLLM {model_type!r}; supported families: {', '.join(FAMILIES)}.")
-        self.family: str = model_type
+        adapter = family_adapter(model.config.model_type)  # ValueError for a family without an adapter
+        if crop_to_patches is not None and adapter.name != "internvl":
+            raise ValueError(f"`crop_to_patches` is an InternVL option; this MLLM is {adapter.name!r}.")
+        options = {} if crop_to_patches is None else {"crop_to_patches": crop_to_patches}
+        self.adapter: MLLMFamily = adapter(model, tokenizer, image_processor, **options)
+        self.family: str = adapter.name
         self.model = model
         # The base model (no LM head): we need hidden states only; logits over a 150k vocabulary cost memory.
         self._backbone = model.model if hasattr(model, "lm_head") else model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.crop_to_patches = crop_to_patches
 
         text_config = model.config.get_text_config()
         self.hidden_size: int = text_config.hidden_size
@@ -206,23 +163,10 @@ class MLLMEncoder:
             limits["max_length"] = max_length
         self.max_length_source, self.max_length = min(limits.items(), key=lambda kv: kv[1])
 
-        if self.family == "internvl":
-            vision = model.config.vision_config
-            grid = (vision.image_size[0] // vision.patch_size[0]) * (
-                vision.image_size[1] // vision.patch_size[1]
-            )
-            # Tokens per 448-px tile after pixel shuffle (256 for InternVL3): what `image_seq_length` says.
-            self._tokens_per_tile = int(round(grid * model.config.downsample_ratio**2))
-            self._image_start_id = tokenizer.convert_tokens_to_ids(
-                getattr(tokenizer, "start_image_token", "<img>")
-            )
-            self._image_end_id = tokenizer.convert_tokens_to_ids(
-                getattr(tokenizer, "end_image_token", "</img>")
-            )
-        placeholder_id = tokenizer.convert_tokens_to_ids(_IMAGE_PLACEHOLDERS[self.family])
+        placeholder_id = tokenizer.convert_tokens_to_ids(self.adapter.image_placeholder)
         if placeholder_id != self.image_token_id:
             raise ValueError(
-                f"The tokenizer's {_IMAGE_PLACEHOLDERS[self.family]} is id {placeholder_id} but the model's "
+                f"The tokenizer's {self.adapter.image_placeholder} is id {placeholder_id} but the model's "
                 f"image_token_id is {self.image_token_id}: they come from different checkpoints."
             )
         self._template_cache: dict[int, tuple[list[int], list[int]]] = {}
@@ -292,7 +236,7 @@ class MLLMEncoder:
         position_ids = self._position_ids(input_ids, prefix.image_grid_thw)[..., prefix_length:]
         try:
             new_hidden_states, _ = self._forward(
-                new_ids, position_ids, _ImageInputs(None, None, []), cache=prefix.cache, use_cache=True
+                new_ids, position_ids, NO_IMAGES, cache=prefix.cache, use_cache=True
             )
         finally:
             grown = prefix.cache.get_seq_length() - prefix_length
@@ -314,7 +258,7 @@ class MLLMEncoder:
         from the size alone, so a caller can check a whole manifest from image headers before it writes.
         """
         prefix_ids, suffix_ids = self._prefix_and_suffix_ids(
-            [self._image_tokens(*size) for size in image_sizes]
+            [self.adapter.image_tokens(*size) for size in image_sizes]
         )
         for instruction in instructions:
             self._check_length(len(prefix_ids), len(self._tokenize_instruction(instruction)), len(suffix_ids))
@@ -331,21 +275,10 @@ class MLLMEncoder:
     # ----------------------------------------------------------------------------------------------------
     # Inputs
 
-    def _preprocess_images(self, images: list[Image.Image]) -> _ImageInputs:
+    def _preprocess_images(self, images: list[Image.Image]) -> ImageInputs:
         if not images:
-            return _ImageInputs(None, None, [])
-        rgb = [image.convert("RGB") for image in images]
-        if self.family == "internvl":
-            kwargs = {} if self.crop_to_patches is None else {"crop_to_patches": self.crop_to_patches}
-            processed = self.image_processor(images=rgb, return_tensors="pt", **kwargs)
-            num_patches = [int(n) for n in processed["num_patches"]]
-            tokens = [self._tokens_per_tile * n for n in num_patches]
-            return _ImageInputs(processed["pixel_values"], None, tokens)
-        processed = self.image_processor(images=rgb, return_tensors="pt")
-        grid_thw = processed["image_grid_thw"]
-        merge_length = self.image_processor.merge_size**2
-        tokens = [int(thw.prod()) // merge_length for thw in grid_thw]
-        return _ImageInputs(processed["pixel_values"], grid_thw, tokens)
+            return NO_IMAGES
+        return self.adapter.preprocess([image.convert("RGB") for image in images])
 
     def _template_ids(self, num_images: int) -> tuple[list[int], list[int]]:
         """Token ids of the chat template before and after the instruction, one placeholder per image."""
@@ -364,9 +297,9 @@ class MLLMEncoder:
             {"type": "text", "text": _INSTRUCTION_SLOT}
         ]
         messages = [{"role": "user", "content": content}]
-        placeholder = _IMAGE_PLACEHOLDERS[self.family]
+        placeholder = self.adapter.image_placeholder
         candidates = [None] if getattr(self.tokenizer, "chat_template", None) else []
-        candidates.append(_FAMILY_CHAT_TEMPLATES[self.family])
+        candidates.append(self.adapter.chat_template)
         for chat_template in candidates:
             try:
                 text = self.tokenizer.apply_chat_template(
@@ -381,16 +314,6 @@ class MLLMEncoder:
                     return before, after
         raise ValueError(f"Could not render a {self.family} chat template with {num_images} image(s).")
 
-    def _image_tokens(self, width: int, height: int) -> int:
-        """Image tokens of one image of this size, as `_preprocess_images` counts them."""
-        if self.family == "internvl":
-            kwargs = {} if self.crop_to_patches is None else {"crop_to_patches": self.crop_to_patches}
-            return self._tokens_per_tile * self.image_processor.get_number_of_image_patches(
-                height, width, kwargs
-            )
-        patches = self.image_processor.get_number_of_image_patches(height, width)
-        return patches // self.image_processor.merge_size**2
-
     def _prefix_and_suffix_ids(self, tokens_per_image: list[int]) -> tuple[list[int], list[int]]:
         """Template prefix with each image placeholder expanded as the family's processor does."""
         template_prefix, suffix = self._template_ids(len(tokens_per_image))
@@ -399,13 +322,8 @@ class MLLMEncoder:
         for token_id in template_prefix:
             if token_id != self.image_token_id:
                 prefix.append(token_id)
-            elif self.family == "internvl":
-                # InternVLProcessor: <IMG_CONTEXT> → <img> + <IMG_CONTEXT> × (256 · tiles) + </img>
-                prefix += [self._image_start_id] + [token_id] * next(tokens_per_image) + [self._image_end_id]
             else:
-                # Qwen2_5_VLProcessor: <|image_pad|> → <|image_pad|> × (t·h·w / merge²); the template already
-                # has <|vision_start|> / <|vision_end|> around it.
-                prefix += [token_id] * next(tokens_per_image)
+                prefix += self.adapter.expand_placeholder(next(tokens_per_image))
         return prefix, suffix
 
     def _tokenize_instruction(self, instruction: str) -> list[int]:
@@ -428,14 +346,7 @@ class MLLMEncoder:
 
     def _position_ids(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
         """Positions of `input_ids` as a full sequence: `(1, n)`, or Qwen2.5-VL's M-RoPE `(3, 1, n)`."""
-        if self.family == "internvl":
-            return torch.arange(input_ids.shape[0]).unsqueeze(0)
-        # Qwen2.5-VL: image tokens get (t, h, w) grid positions, text continues after the largest one.
-        mm_token_type_ids = (input_ids == self.image_token_id).to(torch.int32).unsqueeze(0)
-        position_ids, _ = self._backbone.get_rope_index(
-            input_ids.unsqueeze(0), mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw
-        )
-        return position_ids
+        return self.adapter.position_ids(self._backbone, input_ids, image_grid_thw)
 
     def _masks(
         self, input_ids: torch.Tensor, instruction_start: int, instruction_length: int
@@ -455,7 +366,7 @@ class MLLMEncoder:
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        image_inputs: _ImageInputs,
+        image_inputs: ImageInputs,
         cache: Cache | None,
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, Cache | None]:

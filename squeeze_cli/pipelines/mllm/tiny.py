@@ -36,7 +36,10 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from .mllm import FAMILIES, INTERNVL_CHAT_TEMPLATE, QWEN2_5_VL_CHAT_TEMPLATE
+from squeeze_cli.params import FAMILY_ADAPTERS as FAMILIES
+
+from .internvl import INTERNVL_CHAT_TEMPLATE
+from .qwen2_5_vl import QWEN2_5_VL_CHAT_TEMPLATE
 
 TINY_HIDDEN_SIZE = 32
 TINY_NUM_LAYERS = 2

@@ -19,7 +19,7 @@ from squeeze_cli import __version__
 from squeeze_cli.errors import EXIT_INVALID, EXIT_SIGINT, ManifestError, SqueezeError
 
 if TYPE_CHECKING:
-    from squeeze_cli.manifest import LoadedManifest
+    from squeeze_cli.manifest.resolve import LoadedManifest
     from squeeze_cli.plan import Job
 
 EPILOG = """\b
@@ -87,7 +87,7 @@ def load_from_cli(
     manifest: str, set_: Sequence[str] | None, recipe: str | None, max_jobs: int | None
 ) -> LoadedManifest:
     """`load_manifest` with the shared flags; for `validate` and `gen`."""
-    from squeeze_cli.manifest import load_manifest
+    from squeeze_cli.manifest.resolve import load_manifest
 
     return load_manifest(manifest, set_ or (), recipe=recipe, max_jobs=max_jobs)
 
@@ -120,7 +120,7 @@ def recipes_command(
     name: Annotated[str | None, typer.Argument(help="Show this preset's YAML.")] = None,
 ) -> None:
     """List the packaged model presets, or show one."""
-    from squeeze_cli.recipes import list_recipes, recipe_text
+    from squeeze_cli.manifest.recipes import list_recipes, recipe_text
 
     if name is not None:
         typer.echo(recipe_text(name), nl=False)
@@ -205,12 +205,12 @@ def gen(
     overrides = list(set_ or ()) + ([f"model.dtype={dtype}"] if dtype is not None else [])
     loaded = load_from_cli(manifest, overrides, recipe, max_jobs)
     if out is not None:
-        from squeeze_cli.manifest import output_dir_problem
+        from squeeze_cli.manifest.resolve import output_dir_problem
 
         reason = output_dir_problem(Path(out).expanduser().absolute())
         if reason is not None:
             raise UsageError(f"--out {out}: {reason}", "choose another --out")
-    from squeeze_cli.runner import GenOptions, run_gen
+    from squeeze_cli.gen.runner import GenOptions, run_gen
 
     options = GenOptions(
         out=Path(out) if out is not None else None,

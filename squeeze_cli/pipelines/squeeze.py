@@ -8,7 +8,7 @@ Generation" (2026) in one file, in the layout of diffusers' `pipeline_flux.py` /
 2. the Dual Layer Aggregator pools every MLLM layer into FLUX's condition stream;
 3. the references' VAE latents join the image stream as extra tokens (Kontext-style position ids);
 4. multi-stage denoising: σ ≥ τ1 without reference tokens, τ2 ≤ σ < τ1 with both, σ < τ2 with the
-   reference tokens and the null condition (`squeeze_cli.stages.stage_plan`).
+   reference tokens and the null condition (`squeeze_cli.pipelines.stages.stage_plan`).
 
 Inference only: no files, YAML or ranks here.
 """
@@ -32,8 +32,8 @@ from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel
 
-from .models.aggregator import DualLayerAggregator
-from .models.mllm import MLLMEncoder, MLLMEncoding, PrefixCache
+from .aggregator import DualLayerAggregator
+from .mllm import MLLMEncoder, MLLMEncoding, PrefixCache
 from .stages import STAGE_MLLM, STAGE_REFERENCE, StagePlan, stage_plan
 
 logger = logging.get_logger(__name__)
@@ -45,8 +45,8 @@ EXAMPLE_DOC_STRING = """
         ```py
         >>> import torch
         >>> from PIL import Image
-        >>> from squeeze_cli.pipeline_squeeze import SqueezePipeline
-        >>> from squeeze_cli.models.tiny import build_tiny_pipeline
+        >>> from squeeze_cli.pipelines.squeeze import SqueezePipeline
+        >>> from squeeze_cli.pipelines.tiny import build_tiny_pipeline
 
         >>> pipe = SqueezePipeline.from_pretrained(build_tiny_pipeline("/tmp/squeeze-tiny"))
         >>> references = [Image.open("dog0.jpg").convert("RGB"), Image.open("dog1.jpg").convert("RGB")]

@@ -1,0 +1,579 @@
+"""YAML with locations: parsing that records each node's file, line and column, `--set` overrides, and
+pydantic errors turned into located `Problem`s.
+
+The small public layer that every YAML file squeeze reads (manifests, recipes, training configs) goes through,
+so each reports every problem at once as ``file:line:column: field: message (hint: ...)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ValidationError,
+)
+from pydantic_core import PydanticCustomError
+
+from squeeze_cli.errors import ManifestError, Problem
+
+# Anchors and aliases can expand a small file into a huge tree ("billion laughs"); stop walking early.
+MAX_YAML_NODES = 2_000_000
+# libyaml stops at 1000 levels; a manifest needs about 6, and deeper trees would exhaust Python's stack.
+MAX_YAML_DEPTH = 100
+
+
+FieldPath = tuple[str | int, ...]
+
+
+def schema_error(message: str, hint: str | None = None) -> PydanticCustomError:
+    """The error a schema validator raises: `validate_schema` turns it into a located `Problem` with `hint`."""
+    return PydanticCustomError("squeeze", "{message}", {"message": message, "hint": hint})
+
+
+def format_field_path(path: Sequence[str | int]) -> str:
+    """``("subjects", 2, "prompts", 0, "seeds")`` -> ``"subjects[2].prompts[0].seeds"``."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+@dataclass(frozen=True)
+class Location:
+    file: str
+    line: int | None = None  # 1-based
+    column: int | None = None  # 1-based
+
+
+@dataclass
+class YamlDocument:
+    """Parsed YAML plus where each node came from: ``marks`` for values, ``key_marks`` for keys."""
+
+    data: Any
+    file: str
+    marks: dict[FieldPath, Location] = field(default_factory=dict)
+    key_marks: dict[FieldPath, Location] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    def locate(self, path: FieldPath, *, key: bool = False) -> Location:
+        """The location of `path`, or of its nearest ancestor that has one."""
+        if key and path in self.key_marks:
+            return self.key_marks[path]
+        for end in range(len(path), -1, -1):
+            if path[:end] in self.marks:
+                return self.marks[path[:end]]
+        return Location(self.file)
+
+    def problem(
+        self, path: FieldPath, message: str, hint: str | None = None, *, key: bool = False
+    ) -> Problem:
+        where = self.locate(path, key=key)
+        return Problem(where.file, where.line, where.column, format_field_path(path), message, hint)
+
+
+def _location(file: str, mark: Any) -> Location:
+    return Location(file, mark.line + 1, mark.column + 1) if mark is not None else Location(file)
+
+
+def _problem_at(file: str, mark: Any, message: str, hint: str | None = None, field: str = "") -> Problem:
+    """A problem at a YAML mark; with `mark` None, at the whole file."""
+    where = _location(file, mark)
+    return Problem(file, where.line, where.column, field, message, hint)
+
+
+def load_yaml(text: str, file: str) -> YamlDocument:
+    """Parse one YAML document safely (no Python tags), recording each node's line and column.
+
+    Syntax errors, tabs, several documents, duplicate keys, Python or custom tags, recursive aliases and
+    alias explosions become `Problem`s in the result.
+    """
+    document = YamlDocument(data=None, file=file)
+    # libyaml's parser when present (10x faster on big manifests); the constructor is SafeConstructor
+    # either way, so Python tags are refused.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            document.problems.append(
+                _problem_at(
+                    file,
+                    None,
+                    "the file is empty",
+                    "a manifest needs at least `version: 1`, a `recipe` and a `subjects` list "
+                    "(see docs/manifest.md)",
+                )
+            )
+            return document
+        # Count the values the aliases expand to before walking them: a "billion laughs" document is a
+        # few lines that expand exponentially, and must be refused before anything expands it.
+        try:
+            size = _expanded_size(node, {}, set()) if _ALIAS_RE.search(text) else 0
+        except _RecursiveAlias as recursive:
+            document.problems.append(
+                _problem_at(
+                    file,
+                    recursive.node.start_mark,
+                    "an alias refers to itself or to a value that contains it",
+                    "a manifest is a tree: copy the values instead of referring back",
+                )
+            )
+            return document
+        if size > MAX_YAML_NODES:
+            document.problems.append(
+                _problem_at(
+                    file,
+                    node.start_mark,
+                    f"the document expands to too many nodes through aliases ({size:,} values, at most "
+                    f"{MAX_YAML_NODES:,})",
+                    "use fewer `*alias` references to large anchored values",
+                )
+            )
+            return document
+        # Walk the node tree before constructing: construction flattens `<<` merges into the mappings.
+        _walk(node, (), document, on_stack=set(), depth=0)
+        if _nested_too_deep(document):
+            return document
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        message = " ".join(part for part in (error.context, error.problem) if part) or str(error)
+        document.problems.append(_problem_at(file, mark, *_explain_yaml_error(message, text, mark)))
+        return document
+    except yaml.reader.ReaderError as error:  # a control character or NUL: located by character index
+        line, column = _position(text, error.position)
+        reason = error.reason.split(":")[0] if error.reason else "unacceptable character"
+        character = f"#x{error.character:04x}" if isinstance(error.character, int) else repr(error.character)
+        document.problems.append(
+            Problem(
+                file,
+                line,
+                column,
+                "",
+                f"{reason} {character}: YAML does not allow control characters",
+                "remove it; is this a text file?",
+            )
+        )
+        return document
+    except yaml.YAMLError as error:
+        document.problems.append(_problem_at(file, None, " ".join(str(error).split())))
+        return document
+    except RecursionError:
+        document.problems.append(
+            _problem_at(file, None, "the document is nested too deeply", "a manifest is flat")
+        )
+        return document
+    finally:
+        loader.dispose()
+    document.data = data
+    return document
+
+
+def _position(text: str | bytes, index: int) -> tuple[int, int]:
+    """1-based (line, column) of the character (or byte) at `index`."""
+    newline = "\n" if isinstance(text, str) else b"\n"
+    line_start = text.rfind(newline, 0, index) + 1
+    return text.count(newline, 0, index) + 1, index - line_start + 1
+
+
+def _explain_yaml_error(message: str, text: str, mark: Any) -> tuple[str, str | None]:
+    """The parser's message on one line, with the fix for the mistakes people make most."""
+    message = " ".join(message.split())
+    tag = re.search(r"constructor for the tag '([^']*)'", message)
+    if tag:
+        shown = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+        return (
+            f"the YAML tag {shown} is not allowed",
+            "a manifest holds plain values only (no Python objects or custom tags): remove the tag",
+        )
+    if _tab_at(text, mark):
+        return message, "YAML indents with spaces, never tabs"
+    if "expected a single document" in message:
+        return message, "a manifest is one document: remove the `---` line and what follows, or merge them"
+    return message, None
+
+
+def _tab_at(text: str, mark: Any) -> bool:
+    if mark is None:
+        return False
+    lines = text.splitlines()
+    return mark.line < len(lines) and "\t" in lines[mark.line][: mark.column + 1]
+
+
+# Where an alias can start (`key: *a`, `- *a`, `[*a, *b]`); a glob's `dir/*.jpg` cannot. Without a match the
+# document has no alias and its size is simply its node count: the expansion pass is skipped.
+_ALIAS_RE = re.compile(r"(?:^|[\s\[{,:?-])\*", re.MULTILINE)
+
+
+class _RecursiveAlias(Exception):
+    def __init__(self, node: Any):
+        self.node = node
+
+
+def _expanded_size(node: Any, sizes: dict[int, int], on_stack: set[int]) -> int:
+    """How many values `node` stands for once every alias is expanded; `_RecursiveAlias` if an alias
+    refers back to a value that contains it.
+
+    Shared (aliased) nodes are counted once per use but computed once, so this is linear in the file.
+    """
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in on_stack:
+        raise _RecursiveAlias(node)
+    on_stack.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_size(child, sizes, on_stack)
+        if total > MAX_YAML_NODES:
+            break  # enough to refuse; no need to count further
+    on_stack.discard(key)
+    sizes[key] = total
+    return total
+
+
+def _nested_too_deep(document: YamlDocument) -> bool:
+    return any(p.message.startswith("nested more than") for p in document.problems)
+
+
+def _walk(node: Any, path: FieldPath, document: YamlDocument, on_stack: set[int], depth: int) -> None:
+    if depth > MAX_YAML_DEPTH:
+        if not _nested_too_deep(document):  # report the first one only
+            document.problems.append(
+                document.problem(path, f"nested more than {MAX_YAML_DEPTH} levels deep", "a manifest is flat")
+            )
+        return
+    document.marks.setdefault(path, _location(document.file, node.start_mark))
+    if id(node) in on_stack:  # a recursive alias: refused by `_expanded_size` already
+        return
+    on_stack.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _walk(item, (*path, index), document, on_stack, depth + 1)
+    elif isinstance(node, yaml.MappingNode):
+        first_seen: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                # `<<: *base`: the merged keys count as this mapping's, but do not clash with it.
+                for merged_key, merged_value in _merged_pairs(value_node):
+                    key = _scalar_key(merged_key)
+                    if key is not None:
+                        document.key_marks.setdefault(
+                            (*path, key), _location(document.file, merged_key.start_mark)
+                        )
+                        _walk(merged_value, (*path, key), document, on_stack, depth + 1)
+                continue
+            key = _scalar_key(key_node)
+            if key is None:
+                continue
+            if key in first_seen:
+                first = first_seen[key].start_mark.line + 1
+                document.problems.append(
+                    _problem_at(
+                        document.file,
+                        key_node.start_mark,
+                        f"duplicate key `{key}` (first set on line {first})",
+                        "keep only one of them",
+                        field=format_field_path((*path, key)),
+                    )
+                )
+                continue
+            first_seen[key] = key_node
+            document.key_marks[(*path, key)] = _location(document.file, key_node.start_mark)
+            document.marks.pop((*path, key), None)  # an explicit key beats one merged in earlier
+            _walk(value_node, (*path, key), document, on_stack, depth + 1)
+    on_stack.discard(id(node))
+
+
+def _merged_pairs(value_node: Any) -> Iterator[tuple[Any, Any]]:
+    """The (key, value) node pairs that ``<<: value_node`` merges in: from one mapping or a list of them."""
+    sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+    for source in sources:
+        if isinstance(source, yaml.MappingNode):
+            yield from source.value
+
+
+def _scalar_key(node: Any) -> str | int | None:
+    if not isinstance(node, yaml.ScalarNode):
+        return None
+    if node.tag == "tag:yaml.org,2002:int":
+        try:
+            return int(node.value)
+        except ValueError:
+            return node.value
+    return node.value
+
+
+# --set overrides -------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[FieldPath, Any]:
+    """``"subjects.0.prompts=[a, b]"`` -> ``(("subjects", 0, "prompts"), ["a", "b"])``.
+
+    The value is parsed as YAML; digits in the path index lists. Raises `ValueError` with a message.
+    """
+    key, sep, raw_value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError("expected `dotted.path=value`")
+    parts = key.strip().split(".")
+    if any(not part for part in parts):
+        raise ValueError(f"empty component in the path {key.strip()!r}")
+    path = tuple(int(part) if part.isdigit() else part for part in parts)
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError as error:
+        raise ValueError(f"the value is not valid YAML: {str(error).splitlines()[0]}") from None
+    return path, value
+
+
+def apply_overrides(document: YamlDocument, overrides: Sequence[str]) -> list[Problem]:
+    """Apply ``--set path=value`` overrides in order; values they set are located at ``--set <text>``."""
+    problems = []
+    for text in overrides:
+        where = Location(f"--set {text}")
+        try:
+            path, value = parse_override(text)
+            _set_path(document.data, path, value)
+        except ValueError as error:
+            hint = "for example `--set defaults.seeds=[0,1]`" if "=" not in text else None
+            problems.append(Problem(where.file, None, None, "", str(error), hint))
+            continue
+        for marks in (document.marks, document.key_marks):
+            for stale in [p for p in marks if p[: len(path)] == path]:
+                del marks[stale]
+        document.marks[path] = where
+        document.key_marks[path] = where
+    return problems
+
+
+def _set_path(data: Any, path: FieldPath, value: Any) -> None:
+    if not isinstance(data, dict):
+        raise ValueError("the manifest is not a mapping, there is nothing to set")
+    current = data
+    for depth, part in enumerate(path):
+        last = depth == len(path) - 1
+        where = format_field_path(path[:depth]) or "the manifest"
+        if isinstance(current, dict):
+            if isinstance(part, int):
+                part = str(part)
+            if last:
+                current[part] = value
+            else:
+                current = current.setdefault(part, {})
+        elif isinstance(current, list):
+            if not isinstance(part, int):
+                raise ValueError(f"{where} is a list: index it with a number, not {part!r}")
+            if not 0 <= part < len(current):
+                items = f"{len(current)} item{'s' if len(current) != 1 else ''}"
+                raise ValueError(f"index {part} is out of range: {where} has {items}")
+            if last:
+                current[part] = value
+            else:
+                current = current[part]
+        else:
+            raise ValueError(f"cannot set {part!r} inside {where}, which is a {type(current).__name__}")
+
+
+# Pydantic errors -> problems -------------------------------------------------------------------------
+
+
+def _clean_loc(loc: Sequence[Any], data: Any, missing: bool = False) -> tuple[FieldPath, bool]:
+    """Follow a pydantic `loc` through the data, dropping union tags; True when it names a dict key."""
+    path: list[str | int] = []
+    current = data
+    is_key = False
+    for position, part in enumerate(loc):
+        last = position == len(loc) - 1
+        if isinstance(current, dict) and part in current:
+            path.append(part)
+            current = current[part]
+        elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
+            path.append(part)
+            current = current[part]
+        elif part == "[key]":
+            is_key = True
+        elif missing and last and isinstance(part, str):
+            path.append(part)
+    return tuple(path), is_key
+
+
+def _model_at(root: type[BaseModel], path: FieldPath) -> type[BaseModel] | None:
+    """The schema class that describes the mapping at `path` (for "did you mean" hints)."""
+    model = root
+    skip_next_key = False
+    for part in path:
+        if isinstance(part, int):
+            continue
+        if skip_next_key:  # a key of a free-form dict (component names)
+            skip_next_key = False
+            continue
+        info = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        if info is None:
+            return None
+        annotation = info.annotation
+        skip_next_key = typing.get_origin(annotation) is dict
+        found = _models_in(annotation)
+        if not found:
+            return None
+        model = found[0]
+    return model
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_TYPE_MESSAGES = {
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+    "string_type": "expected a string",
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
+}
+
+
+def _problem_from_error(
+    error: dict, document: YamlDocument, root: type[BaseModel], prefix: FieldPath, data: Any
+) -> Problem:
+    """One pydantic error on `data` (the document's value at `prefix`) as a located problem."""
+    kind = error["type"]
+    sub_path, is_key = _clean_loc(error["loc"], data, missing=kind == "missing")
+    path = (*prefix, *sub_path)
+    value = error.get("input")
+    context = error.get("ctx") or {}
+    hint = None
+    if kind == "squeeze":
+        message, hint = error["msg"], context.get("hint")
+    elif kind == "missing":
+        # Located at the mapping that lacks the key: the key itself has no line.
+        message = f"missing required key `{path[-1]}`"
+        hint = "add `version: 1` as the first line" if path == ("version",) else None
+        return document.problem(path[:-1], message, hint)
+    elif kind == "extra_forbidden":
+        message = f"unknown key `{path[-1]}`"
+        model = _model_at(root, sub_path[:-1])
+        allowed = [f.alias or n for n, f in model.model_fields.items()] if model else []
+        close = difflib.get_close_matches(str(path[-1]), allowed, n=1, cutoff=0.6)
+        if close:
+            hint = f"did you mean `{close[0]}`?"
+        elif allowed:
+            hint = f"allowed: {', '.join(allowed)}"
+        return document.problem(path, message, hint, key=True)
+    elif kind in _TYPE_MESSAGES:
+        message = f"{_TYPE_MESSAGES[kind]}, got {_describe(value)}"
+    elif kind == "seeds_shape":
+        message = f"expected a list of seeds or {{count: N, base: B}}, got {_describe(value)}"
+        hint = "for example `seeds: [0, 1, 2]` or `seeds: {count: 4, base: 0}`"
+    elif kind == "literal_error":
+        message = f"must be one of {context.get('expected', '')}, got {_describe(value)}"
+    elif kind == "too_short":
+        message = "must not be empty"
+    else:
+        message = f"{error['msg'][:1].lower()}{error['msg'][1:]} (got {_describe(value)})"
+    return document.problem(path, message, hint, key=is_key)
+
+
+def validate_schema(
+    model: type[BaseModel], document: YamlDocument, prefix: FieldPath = ()
+) -> tuple[BaseModel | None, list[Problem]]:
+    """Validate the data at `prefix` of `document` against `model`; errors become located problems."""
+    data = document.data
+    for part in prefix:
+        data = data[part]
+    try:
+        return model.model_validate(data), []
+    except ValidationError as error:
+        return None, [_problem_from_error(e, document, model, prefix, data) for e in error.errors()]
+
+
+# Loading ---------------------------------------------------------------------------------------------
+
+
+def read_manifest_text(path: Path, file: str) -> str:
+    """The manifest's text; a missing, unreadable or non-UTF-8 file raises `ManifestError`."""
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "it is a folder")
+        data = path.read_bytes()
+    except OSError as error:
+        hints = {
+            IsADirectoryError: "give the path of the manifest's .yaml file, not of its folder",
+            PermissionError: "check the file's permissions",
+        }
+        hint = next((text for kind, text in hints.items() if isinstance(error, kind)), None)
+        reason = error.strerror or str(error)
+        raise ManifestError(
+            [Problem(file, None, None, "", f"cannot read the manifest: {reason}", hint)]
+        ) from None
+    encoding = next((name for bom, name in _UNICODE_BOMS if data.startswith(bom)), None)
+    if encoding is not None:
+        raise ManifestError(
+            [Problem(file, None, None, "", f"the manifest is {encoding} text", "save it as UTF-8")]
+        )
+    try:
+        return data.decode("utf-8-sig")  # a UTF-8 byte order mark is harmless: skip it
+    except UnicodeDecodeError as error:
+        line, column = _position(data, error.start)
+        raise ManifestError(
+            [
+                Problem(
+                    file,
+                    line,
+                    column,
+                    "",
+                    f"the manifest is not UTF-8 text (byte 0x{data[error.start]:02x})",
+                    "save it as UTF-8",
+                )
+            ]
+        ) from None
+
+
+# Byte order marks of the encodings an editor may save a manifest in by mistake (UTF-32 first: its BOM
+# starts with UTF-16's).
+_UNICODE_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
+
+
+def sort_problems(problems: Sequence[Problem]) -> list[Problem]:
+    """Problems in files first (unlocated ones, then by line and column), then those located at
+    command-line flags, in the order they were found."""
+    return sorted(
+        problems, key=lambda p: (p.file.startswith("--"), p.line is not None, p.line or 0, p.column or 0)
+    )

@@ -1,0 +1,487 @@
+"""From a validated manifest to a `LoadedManifest`: the recipe merged in, references found and checked,
+placeholders substituted, the job limit enforced. Reads only YAML and image headers.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from squeeze_cli.errors import ManifestError, Problem, RecipeError
+from squeeze_cli.images import IMAGE_HINTS, check_image
+from squeeze_cli.manifest.located import (
+    FieldPath,
+    Location,
+    YamlDocument,
+    apply_overrides,
+    load_yaml,
+    read_manifest_text,
+    sort_problems,
+    validate_schema,
+)
+from squeeze_cli.manifest.recipes import Recipe, load_recipe, merge_model, model_identity, resolve_model_paths
+from squeeze_cli.manifest.schema import (
+    DEFAULT_MAX_JOBS,
+    MANIFEST_VERSION,
+    PLACEHOLDER_RE,
+    Manifest,
+    ManifestHead,
+    ModelSpec,
+    SamplingOverrides,
+    SeedRange,
+    Subject,
+)
+from squeeze_cli.params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ResolvedPrompt:
+    index: int
+    template: str  # as written, placeholders included
+    text: str  # placeholders substituted
+    params: SamplingParams
+    seeds: Sequence[int]  # a tuple, or a range for {count, base}
+    location: Location | None = None  # where the prompt is written, for problems found after loading
+
+
+@dataclass(frozen=True)
+class ResolvedSubject:
+    index: int
+    name: str
+    class_noun: str | None
+    references: tuple[str, ...]  # absolute paths, sorted, deduplicated
+    prompts: tuple[ResolvedPrompt, ...]
+
+
+@dataclass(frozen=True)
+class LoadedManifest:
+    """A validated manifest with its recipe merged in and its references found: all the planner needs."""
+
+    path: Path
+    document: Manifest
+    recipe: Recipe | None
+    model: ModelSpec
+    model_identity: str
+    output_dir: Path
+    max_jobs: int
+    subjects: tuple[ResolvedSubject, ...]
+
+    @property
+    def num_jobs(self) -> int:
+        return _count_jobs(self.subjects)
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """A self-contained manifest that plans the same jobs: every path absolute, every value explicit.
+
+        Written as ``manifest.resolved.yaml`` next to the outputs, so a run can be reproduced from it.
+        """
+        return {
+            "version": MANIFEST_VERSION,
+            **({"recipe": self.recipe.source} if self.recipe is not None else {}),
+            "model": self.model.model_dump(mode="json"),
+            "output": {**self.document.output.model_dump(mode="json"), "dir": str(self.output_dir)},
+            "max_jobs": self.max_jobs,
+            "subjects": [
+                {
+                    "name": subject.name,
+                    **({"class": subject.class_noun} if subject.class_noun is not None else {}),
+                    "references": list(subject.references),
+                    "prompts": [
+                        {
+                            "text": prompt.template,
+                            **prompt.params.to_dict(),
+                            "seeds": _seeds_to_yaml(prompt.seeds),
+                        }
+                        for prompt in subject.prompts
+                    ],
+                }
+                for subject in self.subjects
+            ],
+        }
+
+    def resolved_yaml(self) -> str:
+        header = "# Written by squeeze: the manifest as it was run, every value explicit.\n"
+        return header + yaml.safe_dump(
+            self.resolved_dict(), sort_keys=False, allow_unicode=True, width=1000, default_flow_style=None
+        )
+
+
+def _count_jobs(subjects: Iterable[ResolvedSubject]) -> int:
+    return sum(len(prompt.seeds) for subject in subjects for prompt in subject.prompts)
+
+
+def _seeds_to_yaml(seeds: Sequence[int]) -> Any:
+    if isinstance(seeds, range):
+        return {"count": len(seeds), "base": seeds.start}
+    return list(seeds)
+
+
+def load_manifest(
+    path: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    *,
+    recipe: str | None = None,
+    max_jobs: int | None = None,
+) -> LoadedManifest:
+    """Read, validate and resolve a manifest; nothing is loaded but the YAML and image headers.
+
+    Args:
+        path: the manifest file. References, the output dir and a recipe path are relative to its folder.
+        overrides: ``dotted.path=value`` strings (``--set``), applied in order before validation.
+        recipe: a preset name or path that replaces the manifest's `recipe` (``--recipe``).
+        max_jobs: job limit (``--max-jobs``); beats the manifest's `max_jobs`, default `DEFAULT_MAX_JOBS`.
+
+    Raises:
+        `ManifestError`: with every problem found, each located in the file (or at the ``--set`` flag).
+    """
+    manifest_path = Path(path).expanduser().absolute()
+    file = str(path)
+    text = read_manifest_text(manifest_path, file)
+    document = load_yaml(text, file)
+    problems = list(document.problems)
+    if document.data is None:
+        raise ManifestError(problems)
+    problems += apply_overrides(document, overrides)
+    if recipe is not None and isinstance(document.data, dict):
+        document.data["recipe"] = recipe
+        document.marks[("recipe",)] = Location(f"--recipe {recipe}")
+
+    # The top level and each subject are validated separately, so a typo in one subject does not hide
+    # a missing reference in another: every check that can run does.
+    head, head_problems = validate_schema(ManifestHead, document)
+    problems += head_problems
+    subjects: list[Subject | None] = []
+    raw_subjects = document.data.get("subjects") if isinstance(document.data, dict) else None
+    for index in range(len(raw_subjects) if isinstance(raw_subjects, list) else 0):
+        subject, subject_problems = validate_schema(Subject, document, ("subjects", index))
+        problems += subject_problems
+        subjects.append(subject)
+    resolver = _Resolver(document, head, subjects, manifest_path)
+    loaded = resolver.resolve(max_jobs)
+    problems += resolver.problems
+    if problems or loaded is None:
+        raise ManifestError(sort_problems(problems))
+    return loaded
+
+
+class _Resolver:
+    """The semantic checks that need more than one field: recipe, references, placeholders, limits.
+
+    Runs on whatever validated: with `head` None (a broken top level) only the subjects are checked.
+    """
+
+    def __init__(
+        self,
+        document: YamlDocument,
+        head: Manifest | None,
+        subjects: list[Subject | None],
+        manifest_path: Path,
+    ):
+        self.document = document
+        self.head = head
+        self.subjects = subjects
+        self.manifest_path = manifest_path
+        self.base_dir = manifest_path.parent
+        self.problems: list[Problem] = []
+
+    def problem(self, path: FieldPath, message: str, hint: str | None = None) -> None:
+        self.problems.append(self.document.problem(path, message, hint))
+
+    def resolve(self, max_jobs: int | None) -> LoadedManifest | None:
+        recipe, model = self.resolve_model() if self.head is not None else (None, None)
+        names_seen: dict[str, int] = {}
+        subjects = []
+        for index, subject in enumerate(self.subjects):
+            name = subject.name if subject is not None else self.raw_subject(index).get("name")
+            if isinstance(name, str):
+                folded = name.casefold()  # case-insensitive file systems would merge the folders
+                if folded in names_seen:
+                    self.problem(
+                        ("subjects", index, "name"),
+                        f"subject name {name!r} is already used by subjects[{names_seen[folded]}]",
+                        "subject names must be unique (ignoring case): they name the output folders",
+                    )
+                names_seen.setdefault(folded, index)
+            if subject is not None:
+                subjects.append(self.resolve_subject(index, subject, recipe))
+            else:
+                self.check_invalid_subject(index)
+
+        limit = max_jobs or (self.head.max_jobs if self.head is not None else None) or DEFAULT_MAX_JOBS
+        total = _count_jobs(subjects)
+        if total > limit:
+            self.problem(
+                ("subjects",),
+                f"the manifest plans {total:,} jobs, more than the limit of {limit:,}",
+                "raise it with `--max-jobs N` or `max_jobs: N` if that many images is intended",
+            )
+        output_dir = self.resolve_output_dir() if self.head is not None else None
+        if self.problems or model is None or self.head is None or None in self.subjects:
+            return None
+        fields = {name: getattr(self.head, name) for name in Manifest.model_fields if name != "subjects"}
+        document = Manifest.model_construct(self.head.model_fields_set, **fields, subjects=self.subjects)
+        return LoadedManifest(
+            path=self.manifest_path,
+            document=document,
+            recipe=recipe,
+            model=model,
+            model_identity=model_identity(model),
+            output_dir=output_dir,
+            max_jobs=limit,
+            subjects=tuple(subjects),
+        )
+
+    def resolve_output_dir(self) -> Path | None:
+        """The output folder, absolute. Any place is allowed (it is the user's choice), but it must be a
+        folder or creatable as one: a file in the way is reported now rather than after the model loads."""
+        written = self.head.output.dir
+        path: FieldPath = ("output", "dir")
+        if "\0" in written:
+            self.problem(path, f"{written!r} contains a NUL character", "remove it from the path")
+            return None
+        output_dir = Path(os.path.expanduser(written))
+        output_dir = (self.base_dir / output_dir).resolve() if not output_dir.is_absolute() else output_dir
+        reason = output_dir_problem(output_dir)
+        if reason:
+            self.problem(
+                path,
+                f"{written!r} cannot be the output folder: {reason}",
+                "choose another `output.dir` (or `--out`)",
+            )
+        return output_dir
+
+    # The model: recipe < manifest `model:` ------------------------------------------------------------
+
+    def resolve_model(self) -> tuple[Recipe | None, ModelSpec | None]:
+        recipe = None
+        head = self.head
+        if head.recipe is not None:
+            try:
+                recipe = load_recipe(head.recipe, relative_to=self.base_dir)
+            except RecipeError as error:
+                self.problem(("recipe",), error.message, error.hint)
+                return None, None
+            except ManifestError as error:  # a broken recipe file: its own located problems
+                self.problems += error.problems
+                return None, None
+        elif head.model is None:
+            self.problem(
+                (),
+                "no model: the manifest sets neither `recipe` nor `model`",
+                "add `recipe: tiny` to try the tool, or see `squeeze recipes` for the presets",
+            )
+            return None, None
+
+        base = recipe.model.model_dump(exclude_unset=True) if recipe is not None else {}
+        merged = merge_model(base, head.model or {})
+        # Validate the merged section where the manifest wrote it, so locations point into the manifest
+        # (keys that only the recipe sets are located at the manifest's `recipe:` line).
+        self.document.data["model"] = merged
+        if ("model",) not in self.document.marks and ("recipe",) in self.document.marks:
+            self.document.marks[("model",)] = self.document.marks[("recipe",)]
+        spec, problems = validate_schema(ModelSpec, self.document, ("model",))
+        self.problems += problems
+        if spec is None:
+            return recipe, None
+        return recipe, resolve_model_paths(spec, self.base_dir)
+
+    # Subjects ---------------------------------------------------------------------------------------
+
+    def text_path(self, prompt_path: FieldPath) -> FieldPath:
+        """Where a prompt's text is written: its `text` key, or the prompt itself when written as a string."""
+        text_path = (*prompt_path, "text")
+        return text_path if text_path in self.document.marks else prompt_path
+
+    def raw_subject(self, index: int) -> dict[str, Any]:
+        raw = self.document.data["subjects"][index]
+        return raw if isinstance(raw, dict) else {}
+
+    def check_invalid_subject(self, index: int) -> None:
+        """The checks that still make sense for a subject that failed validation: references, placeholders."""
+        raw = self.raw_subject(index)
+        path: FieldPath = ("subjects", index)
+        references = raw.get("references")
+        if isinstance(references, list) and all(isinstance(r, str) for r in references):
+            self.resolve_references(path, references)
+        name, noun = raw.get("name"), raw.get("class")
+        stand_in = Subject.model_construct(
+            name=name if isinstance(name, str) else "", class_noun=noun if isinstance(noun, str) else None
+        )
+        prompts = raw.get("prompts")
+        for prompt_index, prompt in enumerate(prompts if isinstance(prompts, list) else []):
+            text = prompt.get("text") if isinstance(prompt, dict) else prompt
+            if isinstance(text, str):
+                self.substitute(self.text_path((*path, "prompts", prompt_index)), text, stand_in)
+
+    def resolve_subject(self, index: int, subject: Subject, recipe: Recipe | None) -> ResolvedSubject:
+        path: FieldPath = ("subjects", index)
+        references = self.resolve_references(path, subject.references)
+        levels: list[tuple[FieldPath, SamplingOverrides]] = []
+        if recipe is not None:
+            levels.append(((), recipe.defaults))
+        defaults = self.head.defaults if self.head is not None else SamplingOverrides()
+        levels += [(("defaults",), defaults), (path, subject)]
+        base = SamplingParams()
+        for _, level in levels:
+            base = replace(base, **level.explicit())
+        base_seeds = next((lvl.seeds for _, lvl in reversed(levels) if lvl.seeds is not None), None)
+
+        prompts = []
+        seen: dict[tuple[str, SamplingParams], list[int]] = {}
+        for prompt_index, spec in enumerate(subject.prompts):
+            prompt_path = (*path, "prompts", prompt_index)
+            overrides = spec.explicit()
+            params = replace(base, **overrides) if overrides else base
+            seed_spec = spec.seeds if spec.seeds is not None else base_seeds
+            seeds = _seed_values(seed_spec)
+            text_path = self.text_path(prompt_path)
+            text = self.substitute(text_path, spec.text, subject)
+            self.check_prompt(prompt_path, params, [*levels, (prompt_path, spec)])
+            for other in seen.get((text, params), []):
+                if _seeds_overlap(seeds, prompts[other].seeds):
+                    self.problem(
+                        prompt_path,
+                        f"same text, parameters and seeds as prompts[{other}]: the images would be identical",
+                        "remove it, or give it different seeds",
+                    )
+                    break
+            seen.setdefault((text, params), []).append(prompt_index)
+            location = self.document.locate(text_path)
+            prompts.append(ResolvedPrompt(prompt_index, spec.text, text, params, seeds, location))
+        return ResolvedSubject(index, subject.name, subject.class_noun, references, tuple(prompts))
+
+    def substitute(self, text_path: FieldPath, template: str, subject: Subject) -> str:
+        """`template` with its placeholders filled in; problems with them are located at `text_path`."""
+
+        def replace_placeholder(match: re.Match) -> str:
+            token = match.group(0)
+            if token in ("{{", "}}"):
+                return token[0]
+            if token in ("{", "}"):
+                self.problem(
+                    text_path,
+                    f"unmatched {token} at character {match.start() + 1}",
+                    f"write {token}{token} for a literal brace, or close it: {{subject}}, {{class}}",
+                )
+                return token
+            name = match.group(1)
+            if name == "subject":
+                return subject.name
+            if name == "class":
+                if subject.class_noun is None:
+                    self.problem(
+                        text_path,
+                        "uses {class} but the subject has no class noun",
+                        "add `class: <noun>` to it",
+                    )
+                return subject.class_noun or ""
+            self.problem(
+                text_path,
+                f"unknown placeholder {token}",
+                "known: {subject}, {class}; write {{ and }} for literal braces",
+            )
+            return token
+
+        text = (
+            PLACEHOLDER_RE.sub(replace_placeholder, template)
+            if "{" in template or "}" in template
+            else template
+        )
+        if not text.strip():
+            self.problem(text_path, "the prompt is empty")
+        return text
+
+    def check_prompt(
+        self, path: FieldPath, params: SamplingParams, levels: list[tuple[FieldPath, SamplingOverrides]]
+    ) -> None:
+        if params.true_cfg_scale > 1.0 and params.negative_prompt is None:
+            where = next((p for p, lvl in reversed(levels) if "true_cfg_scale" in lvl.model_fields_set), path)
+            self.problem(
+                (*where, "true_cfg_scale") if where else ("recipe",),
+                "true_cfg_scale > 1 has no effect without a negative_prompt",
+                'set `negative_prompt` (an empty one is `negative_prompt: ""`)',
+            )
+
+    def resolve_references(self, path: FieldPath, patterns: list[str]) -> tuple[str, ...]:
+        found: dict[str, int] = {}  # file -> index of the first pattern that named it
+        from_glob: set[str] = set()
+        folder_hint = f"paths are relative to the manifest's folder {self.base_dir}"
+        for ref_index, pattern in enumerate(patterns):
+            ref_path = (*path, "references", ref_index)
+            if "\0" in pattern:
+                self.problem(ref_path, f"{pattern!r} contains a NUL character", "remove it from the path")
+                continue
+            absolute = os.path.join(self.base_dir, os.path.expanduser(pattern))
+            if glob.has_magic(pattern):
+                matches = [m for m in glob.glob(absolute, recursive=True) if os.path.isfile(m)]
+                if not matches:
+                    self.problem(ref_path, f"no file matches {pattern!r}", folder_hint)
+                for match in matches:
+                    normalized = os.path.normpath(match)
+                    found.setdefault(normalized, ref_index)
+                    from_glob.add(normalized)
+            elif os.path.islink(absolute) and not os.path.exists(absolute):
+                self.problem(
+                    ref_path,
+                    f"{pattern!r} is a broken symbolic link (to {os.readlink(absolute)!r})",
+                    "point it at an existing image, or list the image itself",
+                )
+            elif not os.path.exists(absolute):
+                self.problem(ref_path, f"no such file: {pattern!r}", folder_hint)
+            elif os.path.isdir(absolute):
+                self.problem(
+                    ref_path,
+                    f"{pattern!r} is not a file",
+                    f"to use every image in it: '{pattern.rstrip('/')}/*'",
+                )
+            elif not os.path.isfile(absolute):  # a device, a pipe, a socket: never open those
+                self.problem(ref_path, f"{pattern!r} is not a regular file", "list image files only")
+            else:
+                found.setdefault(os.path.normpath(absolute), ref_index)
+        references = tuple(sorted(found))
+        for reference in references:
+            message = check_image(reference)
+            if message:
+                shown = os.path.relpath(reference, self.base_dir)
+                hint = IMAGE_HINTS.get(message.split(":")[0].split(" (")[0])
+                if reference in from_glob and message.startswith("not a readable image"):
+                    hint = f"{patterns[found[reference]]!r} matches it: narrow the pattern, e.g. to *.jpg"
+                self.problem((*path, "references", found[reference]), f"{shown}: {message}", hint)
+        return references
+
+
+def output_dir_problem(path: Path) -> str | None:
+    """Why `path` cannot be an output folder (a file is in the way), or None; creates nothing.
+
+    For `output.dir` here and for `--out` (which the manifest does not see)."""
+    if "\0" in str(path):
+        return "the path contains a NUL character"
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.is_dir():
+        return None
+    return f"{'it' if existing == path else repr(str(existing))} is a file, not a folder"
+
+
+def _seed_values(spec: list[int] | SeedRange | None) -> Sequence[int]:
+    if spec is None:
+        return (0,)
+    if isinstance(spec, SeedRange):
+        return spec.seeds()
+    return tuple(spec)
+
+
+def _seeds_overlap(first: Sequence[int], second: Sequence[int]) -> bool:
+    if isinstance(first, range) and isinstance(second, range):
+        return max(first.start, second.start) < min(first.stop, second.stop)
+    small, large = (first, second) if len(first) <= len(second) else (second, first)
+    lookup = large if isinstance(large, range) else set(large)
+    return any(seed in lookup for seed in small)

@@ -1,0 +1,315 @@
+"""The manifest's schema (pydantic v2, unknown keys rejected): what a user may write, checked field by field.
+
+Checks that need more than one field (recipes, references, placeholders, limits) are in `resolve`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+from squeeze_cli.manifest.located import schema_error
+from squeeze_cli.params import SAMPLING_KEYS
+
+MANIFEST_VERSION = 1
+# Plans above this many jobs are refused unless raised with `--max-jobs` or `max_jobs:`; it catches a
+# typo like `count: 1000000` before it turns into a week of GPU time.
+DEFAULT_MAX_JOBS = 100_000
+MAX_SEED = 2**63 - 1
+MAX_SIDE = 8192  # of a generated image
+
+
+SUBJECT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+COMPONENT_NAMES = ("mllm", "tokenizer", "image_processor", "aggregator", "transformer", "vae", "scheduler")
+# Without a full pipeline folder these must be named one by one; tokenizer and image_processor
+# default to the mllm's source.
+REQUIRED_COMPONENTS = ("mllm", "aggregator", "transformer", "vae", "scheduler")
+
+
+# Schema ----------------------------------------------------------------------------------------------
+
+
+def _multiple_of_16(value: int) -> int:
+    if not 16 <= value <= MAX_SIDE or value % 16:
+        nearest = min(max(16, round(value / 16) * 16), MAX_SIDE)
+        raise schema_error(
+            f"must be a multiple of 16 between 16 and {MAX_SIDE}, got {value}", f"use {nearest}"
+        )
+    return value
+
+
+def _steps(value: int) -> int:
+    if not 1 <= value <= 1000:
+        raise schema_error(f"must be between 1 and 1000, got {value}")
+    return value
+
+
+def _finite_number(minimum: float, hint: str | None = None) -> Callable[[float], float]:
+    def check(value: float) -> float:
+        if not math.isfinite(value) or value < minimum:
+            raise schema_error(f"must be a number ≥ {minimum:g}, got {value}", hint)
+        return float(value)
+
+    return check
+
+
+def _thresholds(value: Any) -> Any:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise schema_error("must be a list of two numbers [τ1, τ2]", "the paper uses [0.95, 0.85]")
+    return value
+
+
+def _thresholds_order(value: tuple[float, float]) -> tuple[float, float]:
+    high, low = value
+    if not all(math.isfinite(t) and 0.0 <= t <= 1.0 for t in value):
+        raise schema_error(
+            f"both thresholds must be in [0, 1], got [{high}, {low}]", "the paper uses [0.95, 0.85]"
+        )
+    if high < low:
+        raise schema_error(f"τ1 must be ≥ τ2, got [{high}, {low}]", f"swap them: [{low}, {high}]")
+    return (float(high), float(low))
+
+
+def _seed(value: int) -> int:
+    if not 0 <= value <= MAX_SEED:
+        raise schema_error(f"seeds must be integers in [0, 2**63 - 1], got {value}")
+    return value
+
+
+def _unique_seeds(value: list[int]) -> list[int]:
+    if not value:
+        raise schema_error("must list at least one seed")
+    seen: set[int] = set()
+    for seed in value:
+        if seed in seen:
+            raise schema_error(
+                f"seed {seed} appears more than once", "each seed gives one image: list it once"
+            )
+        seen.add(seed)
+    return value
+
+
+StepsInt = Annotated[StrictInt, AfterValidator(_steps)]
+SideInt = Annotated[StrictInt, AfterValidator(_multiple_of_16)]
+NonNegativeFloat = Annotated[float, Field(strict=True), AfterValidator(_finite_number(0.0))]
+TrueCfg = Annotated[float, Field(strict=True), AfterValidator(_finite_number(1.0, "1.0 turns true CFG off"))]
+Thresholds = Annotated[
+    tuple[Annotated[float, Field(strict=True)], Annotated[float, Field(strict=True)]],
+    BeforeValidator(_thresholds),
+    AfterValidator(_thresholds_order),
+]
+SeedInt = Annotated[StrictInt, AfterValidator(_seed)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class SeedRange(StrictModel):
+    """``{count: N, base: B}``: the seeds B, B+1, ..., B+N-1."""
+
+    count: StrictInt
+    base: SeedInt = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SeedRange:
+        if self.count < 1:
+            raise schema_error(f"`count` must be at least 1, got {self.count}")
+        if self.base + self.count - 1 > MAX_SEED:
+            raise schema_error("the last seed (base + count - 1) is above 2**63 - 1")
+        return self
+
+    def seeds(self) -> range:
+        return range(self.base, self.base + self.count)
+
+
+def _seeds_kind(value: Any) -> str | None:
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "range"
+    return None
+
+
+SeedList = Annotated[list[SeedInt], AfterValidator(_unique_seeds)]
+Seeds = Annotated[
+    Annotated[SeedList, Tag("list")] | Annotated[SeedRange, Tag("range")],
+    Discriminator(_seeds_kind, custom_error_type="seeds_shape", custom_error_message="bad seeds"),
+]
+
+
+class SamplingOverrides(StrictModel):
+    """Sampling parameters, every one optional: a level of the merge sets only what it names."""
+
+    num_inference_steps: StepsInt | None = None
+    guidance_scale: NonNegativeFloat | None = None
+    height: SideInt | None = None
+    width: SideInt | None = None
+    stage_thresholds: Thresholds | None = None
+    keep_mllm_condition: StrictBool | None = None
+    true_cfg_scale: TrueCfg | None = None
+    negative_prompt: StrictStr | None = None
+    reference_size: SideInt | None = None
+    seeds: Seeds | None = None
+
+    @field_validator(*[key for key in SAMPLING_KEYS if key != "negative_prompt"], "seeds", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        # `key: null` would silently mean "unset"; only negative_prompt has a meaningful null.
+        if value is None:
+            raise schema_error("expected a value, got null", "remove the key to use the default")
+        return value
+
+    def explicit(self) -> dict[str, Any]:
+        """The sampling parameters this level sets (``seeds`` excluded)."""
+        return {key: getattr(self, key) for key in self.model_fields_set.intersection(SAMPLING_KEYS)}
+
+
+class PromptSpec(SamplingOverrides):
+    """One prompt with its own overrides."""
+
+    text: StrictStr
+
+
+def _prompt_shape(value: Any) -> Any:
+    if isinstance(value, str):
+        return {"text": value}
+    if not isinstance(value, dict):
+        raise schema_error("expected a prompt string or a mapping with `text`")
+    return value
+
+
+def _subject_name(value: str) -> str:
+    if not SUBJECT_NAME_PATTERN.match(value) or ".." in value:
+        raise schema_error(
+            f"{value!r} is not usable as a folder name",
+            "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
+    return value
+
+
+def non_empty(value: str) -> str:
+    if not value.strip():
+        raise schema_error("must not be empty")
+    return value
+
+
+class Subject(SamplingOverrides):
+    """One subject: its reference photos, its prompts, and overrides for all of its prompts."""
+
+    name: Annotated[StrictStr, AfterValidator(_subject_name)]
+    class_noun: Annotated[StrictStr, AfterValidator(non_empty)] | None = Field(None, alias="class")
+    references: Annotated[list[StrictStr], Field(min_length=1)]
+    prompts: Annotated[list[Annotated[PromptSpec, BeforeValidator(_prompt_shape)]], Field(min_length=1)]
+
+
+class OutputSpec(StrictModel):
+    dir: Annotated[StrictStr, AfterValidator(non_empty)] = "squeeze-out"
+    grids: StrictBool = True
+    contact_sheet: StrictBool = True
+
+
+def _output_shape(value: Any) -> Any:
+    return {"dir": value} if isinstance(value, str) else value
+
+
+class ComponentSource(StrictModel):
+    """Where one component is loaded from: a hub id or a local folder, as ``from_pretrained`` takes it."""
+
+    path: Annotated[StrictStr, AfterValidator(non_empty)]
+    subfolder: StrictStr | None = None
+    revision: StrictStr | None = None
+
+
+class LoraSpec(StrictModel):
+    path: Annotated[StrictStr, AfterValidator(non_empty)]
+    weight_name: StrictStr | None = None
+    scale: NonNegativeFloat = 1.0
+
+
+class ModelSpec(StrictModel):
+    """The model section of a recipe, after the manifest's `model:` overrides are merged in.
+
+    Either `builtin: tiny` (random weights built on the fly), or `pipeline:` (a full SqueezePipeline
+    folder or hub id, whose parts `components` may replace), or `components` naming every part.
+    """
+
+    builtin: Literal["tiny"] | None = None
+    pipeline: Annotated[StrictStr, AfterValidator(non_empty)] | None = None
+    family: Literal["internvl", "qwen2_5_vl"] | None = None
+    components: dict[Literal[COMPONENT_NAMES], ComponentSource] = Field(default_factory=dict)
+    lora: LoraSpec | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    trust_remote_code: StrictBool = False
+
+    @model_validator(mode="after")
+    def _check_source(self) -> ModelSpec:
+        if self.builtin and self.pipeline:
+            raise schema_error("set either `builtin` or `pipeline`, not both")
+        if self.builtin and self.components:
+            raise schema_error(
+                "`components` cannot be combined with `builtin`", "use `pipeline:` or components only"
+            )
+        if not self.builtin and not self.pipeline:
+            missing = [name for name in REQUIRED_COMPONENTS if name not in self.components]
+            if missing:
+                raise schema_error(
+                    f"no model source: `components` lacks {', '.join(missing)}",
+                    "set `pipeline:` to a full SqueezePipeline folder, or name every component",
+                )
+        return self
+
+
+class Manifest(StrictModel):
+    """The manifest file as written (after ``--set`` overrides), before references are resolved."""
+
+    version: StrictInt
+    recipe: Annotated[StrictStr, AfterValidator(non_empty)] | None = None
+    model: dict[StrictStr, Any] | None = None
+    output: Annotated[OutputSpec, BeforeValidator(_output_shape)] = Field(default_factory=OutputSpec)
+    max_jobs: StrictInt | None = None
+    defaults: SamplingOverrides = Field(default_factory=SamplingOverrides)
+    subjects: Annotated[list[Subject], Field(min_length=1)]
+
+    @field_validator("version")
+    @classmethod
+    def _check_version(cls, value: int) -> int:
+        if value != MANIFEST_VERSION:
+            raise schema_error(
+                f"unsupported manifest version {value}", f"this squeeze reads `version: {MANIFEST_VERSION}`"
+            )
+        return value
+
+    @field_validator("max_jobs")
+    @classmethod
+    def _check_max_jobs(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise schema_error(f"must be at least 1, got {value}")
+        return value
+
+
+class ManifestHead(Manifest):
+    # Subjects are validated one by one (see `load_manifest`), so a broken subject cannot hide the others.
+    subjects: Annotated[list[Any], Field(min_length=1)]
+
+
+# YAML with locations ---------------------------------------------------------------------------------

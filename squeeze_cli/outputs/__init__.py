@@ -1,0 +1,87 @@
+"""Everything about the files a run writes: names, atomic writes, PNG metadata, sidecars, the run index,
+grids and contact sheets. Torch-free: PIL, json and os only.
+
+The output directory is a documented contract (docs/outputs.md)::
+
+    OUT/<subject>/<prompt_index:03d>-s<seed>.png   the image; metadata in `parameters` and `squeeze` chunks
+    OUT/<subject>/<prompt_index:03d>-s<seed>.json  the sidecar: the full record; written last = "done"
+    OUT/<subject>/grid-<prompt_index:03d>.png      references + every seed of one prompt, labelled
+    OUT/<subject>/contact-sheet.png                every prompt of one subject
+    OUT/index.jsonl                                one line per finished (or failed) job
+    OUT/run.json                                   the run summary
+    OUT/manifest.resolved.yaml                     the manifest with the preset merged: reproduces the run
+
+Guarantees the runner builds on:
+- nothing is written outside OUT (`safe_join` resolves every path, symlinks included);
+- every file appears whole or not at all (temporary file in the same directory, fsync, `os.replace`,
+  fsync of the directory); a failed write removes its temporary file and keeps the previous file;
+- an image is finished exactly when its sidecar parses, carries the job's id, and its PNG exists:
+  the PNG is written before the sidecar, so a crash in between leaves an unfinished job, never a
+  sidecar without its image;
+- `index.jsonl` only ever grows by whole lines (one `write` on an O_APPEND descriptor), and
+  `repair_index` rebuilds it from the sidecars at the start of a run.
+"""
+
+# The public API of the layer, in one namespace for `from squeeze_cli import outputs`.
+from .files import (  # noqa: F401
+    OutputWriteError,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    ensure_dir,
+    remove_stale_temp_files,
+)
+from .grids import (  # noqa: F401
+    GRID_MAX_COLUMNS,
+    GRID_THUMB_HEIGHT,
+    SHEET_MAX_COLUMNS,
+    SHEET_THUMB_HEIGHT,
+    SheetRow,
+    write_contact_sheet,
+    write_prompt_grid,
+)
+from .index import (  # noqa: F401
+    append_index,
+    failed_index_entry,
+    index_entry,
+    read_index,
+    repair_index,
+    write_resolved_manifest,
+    write_run_summary,
+)
+from .layout import (  # noqa: F401
+    CONTACT_SHEET_NAME,
+    INDEX_NAME,
+    RESERVED_NAMES,
+    RESOLVED_MANIFEST_NAME,
+    RUN_SUMMARY_NAME,
+    UnsafeOutputPathError,
+    check_subject_name,
+    contact_sheet_path,
+    grid_path,
+    image_name,
+    image_path,
+    image_stem,
+    index_path,
+    resolved_manifest_path,
+    run_summary_path,
+    safe_join,
+    sidecar_name,
+    sidecar_path,
+    subject_dir,
+)
+from .records import (  # noqa: F401
+    PNG_PARAMETERS_KEY,
+    PNG_RECORD_KEY,
+    RECORD_FORMAT,
+    encode_png,
+    finished_job_ids,
+    finished_records,
+    image_record,
+    package_versions,
+    parameters_text,
+    read_png_parameters,
+    read_png_record,
+    read_sidecar,
+    save_image,
+)

@@ -1,0 +1,210 @@
+"""Atomic writes: every file appears whole or not at all, and a failed write keeps the previous file."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import EXIT_JOBS_FAILED, SqueezeError
+
+if TYPE_CHECKING:
+    pass
+
+
+# `.<name>.<pid>.tmp`: hidden, recognisable, and tied to the process that wrote it.
+_TEMP_FILE_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+
+
+class OutputWriteError(SqueezeError):
+    """A file under the output directory could not be written (disk full, permission denied, ...).
+
+    Exit code 1: the input was valid and everything finished before the error is kept; running the
+    same command again resumes. ``path`` is the file that failed, ``errno`` the OS error number.
+    """
+
+    exit_code = EXIT_JOBS_FAILED
+
+    def __init__(self, message: str, hint: str | None = None, *, path: Path, errno: int | None = None):
+        super().__init__(message, hint)
+        self.path = path
+        self.errno = errno
+
+    @classmethod
+    def from_os_error(cls, path: Path, error: OSError, doing: str = "write") -> OutputWriteError:
+        """One clear message for an OS error: which file, what the OS said, what to do."""
+        code = error.errno
+        reason = error.strerror or str(error)
+        if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            hint = (
+                "free some space (or raise the quota) on the disk that holds the output directory and run "
+                "the same command again: finished images are kept and skipped"
+            )
+        elif code in (errno.EACCES, errno.EPERM):
+            hint = f"make {path.parent} writable for this user, or choose another --out"
+        elif code == errno.EROFS:
+            hint = "the output directory is on a read-only file system: choose another --out"
+        else:
+            hint = "check the output directory and run the same command again: finished images are kept"
+        return cls(f"cannot {doing} {path}: {reason}", hint, path=path, errno=code)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Atomic writes
+# ----------------------------------------------------------------------------------------------------
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable. Some platforms and file systems cannot open or fsync a directory;
+    # the file is already complete and in place then, so there is nothing more to do.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """`mkdir -p`, with OS errors turned into `OutputWriteError`."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputWriteError.from_os_error(path, error, "create the directory") from error
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` so that `path` holds either its old content or all of `data`, never a part.
+
+    The bytes go to `.<name>.<pid>.tmp` beside `path`, are flushed and fsynced, the temporary file is
+    renamed over `path` (`os.replace`, atomic on POSIX and Windows), then the directory is fsynced so
+    the rename survives a power cut. The parent directory is created if needed.
+
+    Raises:
+        `OutputWriteError`: on any OS error (disk full, permission denied, ...); the temporary file is
+        removed and the previous content of `path`, if any, is untouched.
+    """
+    path = Path(path)
+    ensure_dir(path.parent)
+    temp = _temp_path(path)
+    try:
+        # A leftover from a dead process that had our pid: O_EXCL below would refuse it.
+        temp.unlink(missing_ok=True)
+        # 0o666 and the umask, like any other file the user creates (mkstemp would give 0o600).
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as error:
+        raise OutputWriteError.from_os_error(path, error) from error
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException as error:  # OSError, and the stop-at-once exception of a second Ctrl-C
+        try:
+            temp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(error, OSError):
+            raise OutputWriteError.from_os_error(path, error) from error
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """`atomic_write_bytes` for text (UTF-8 by default, `\\n` line endings on every platform)."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Pretty JSON (indent 2, UTF-8, trailing newline), written atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=json_default) + "\n")
+
+
+def remove_stale_temp_files(out_dir: str | os.PathLike) -> list[Path]:
+    """Remove temporary files left by killed runs in `out_dir` and its subject directories.
+
+    Only names of the form `.<name>.<pid>.tmp` are touched, and only when `<pid>` is not a live process
+    on this machine other than this one (a temporary file of this process is stale at start-up). Call it
+    at the start of a run, while holding the output directory's lock and before any worker writes.
+
+    Returns:
+        `list[Path]`: the files removed.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    removed = []
+    directories = [out_dir] + [entry for entry in _scandir(out_dir) if entry.is_dir(follow_symlinks=False)]
+    for directory in directories:
+        for entry in _scandir(directory):
+            match = _TEMP_FILE_RE.match(entry.name)
+            if match is None or not entry.is_file(follow_symlinks=False):
+                continue
+            pid = int(match.group("pid"))
+            if pid != os.getpid() and _process_alive(pid):
+                continue
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            except OSError as error:
+                raise OutputWriteError.from_os_error(
+                    Path(entry.path), error, "remove the stale temporary file"
+                ) from error
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _scandir(directory: str | os.PathLike) -> list[os.DirEntry]:
+    try:
+        with os.scandir(directory) as entries:
+            return list(entries)
+    except OSError:
+        return []
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, belongs to someone else
+    except (OSError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def json_default(obj: Any) -> Any:
+    # Records carry dataclasses (SamplingParams), tuples and paths; make them JSON without surprises.
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")

@@ -1,0 +1,232 @@
+"""Labelled grids (references + every seed of one prompt) and contact sheets (every prompt of a subject)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from squeeze_cli.images import load_rgb
+from squeeze_cli.outputs.files import atomic_write_bytes
+from squeeze_cli.outputs.layout import contact_sheet_path, grid_path
+
+if TYPE_CHECKING:
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# Grids and contact sheets
+# ----------------------------------------------------------------------------------------------------
+
+GRID_THUMB_HEIGHT = 256
+SHEET_THUMB_HEIGHT = 160
+GRID_MAX_COLUMNS = 8  # generated images per grid row before wrapping
+SHEET_MAX_COLUMNS = 12  # images per contact-sheet row; the rest are counted in the row's caption
+_PAD = 8
+_GAP = 24  # between the references and the generated images
+_BACKGROUND = (255, 255, 255)
+_TEXT = (20, 20, 20)
+_MUTED = (110, 110, 110)
+_PLACEHOLDER = (225, 225, 225)
+
+
+@dataclasses.dataclass(frozen=True)
+class SheetRow:
+    """One prompt of a contact sheet: its index, text, and `(seed, image path or None)` entries."""
+
+    prompt_index: int
+    prompt: str
+    entries: Sequence[tuple[int, str | os.PathLike | None]]
+
+
+@lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _text_width(font: Any, text: str) -> int:
+    left, _, right, _ = font.getbbox(text)
+    return int(right - left)
+
+
+def _line_height(font: Any) -> int:
+    _, top, _, bottom = font.getbbox("Ag|")
+    return int(bottom - min(top, 0)) + 2
+
+
+def _fit(font: Any, text: str, max_width: int) -> str:
+    """`text` on one line, cut with '...' to fit `max_width` pixels."""
+    text = " ".join(text.split())
+    if _text_width(font, text) <= max_width:
+        return text
+    low, high = 0, len(text)
+    while low < high:  # longest prefix that fits with the ellipsis
+        middle = (low + high + 1) // 2
+        if _text_width(font, text[:middle].rstrip() + "...") <= max_width:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low].rstrip() + "..."
+
+
+def _thumbnail(path: str | os.PathLike | None, height: int) -> Image.Image | None:
+    """A thumbnail `height` pixels high (at most twice as wide), or None when the image is unreadable."""
+    if path is None:
+        return None
+    try:
+        image = load_rgb(path, max_side=2 * height)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None  # a grid is a view of the run; a missing or broken image is shown, not fatal
+    return ImageOps.contain(image, (2 * height, height), Image.Resampling.LANCZOS)
+
+
+def _draw_tile(
+    canvas: Image.Image, x: int, y: int, thumb: Image.Image | None, label: str, height: int
+) -> int:
+    """Paste `thumb` (or a grey placeholder) at (x, y) with `label` under it; returns the tile width."""
+    font = _font(14)
+    width = thumb.width if thumb is not None else height
+    draw = ImageDraw.Draw(canvas)
+    if thumb is None:
+        draw.rectangle([x, y, x + width - 1, y + height - 1], fill=_PLACEHOLDER)
+        note = _fit(font, "missing", width - 4)
+        draw.text(
+            (x + (width - _text_width(font, note)) // 2, y + height // 2 - 8), note, fill=_MUTED, font=font
+        )
+    else:
+        canvas.paste(thumb, (x, y + (height - thumb.height) // 2))
+    label = _fit(font, label, width)
+    draw.text((x + (width - _text_width(font, label)) // 2, y + height + 3), label, fill=_TEXT, font=font)
+    return width
+
+
+def _tile_width(thumb: Image.Image | None, height: int) -> int:
+    return thumb.width if thumb is not None else height
+
+
+def _encode_plain_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def write_prompt_grid(
+    out_dir: str | os.PathLike,
+    subject: str,
+    prompt_index: int,
+    prompt_text: str,
+    reference_paths: Sequence[str | os.PathLike],
+    entries: Sequence[tuple[int, str | os.PathLike | None]],
+    *,
+    thumb_height: int = GRID_THUMB_HEIGHT,
+    max_columns: int = GRID_MAX_COLUMNS,
+) -> Path:
+    """`OUT/<subject>/grid-<prompt_index:03d>.png`: the references, then every seed of one prompt.
+
+    Layout: a caption `#<prompt_index> <prompt>` (cut to the width), then the reference thumbnails
+    labelled `ref 1`, `ref 2`, ..., a gap, and the generated thumbnails labelled `seed <seed>`, in rows of
+    at most `max_columns`. Thumbnails share one height. Missing or unreadable images are grey tiles.
+
+    Args:
+        entries: `(seed, image path)` pairs in the order to show them; the path may be None (failed).
+    """
+    label_height = _line_height(_font(14)) + 6
+    caption_font = _font(18)
+    caption_height = _line_height(caption_font) + 2 * _PAD
+    row_height = thumb_height + label_height + _PAD
+
+    references = [_thumbnail(path, thumb_height) for path in reference_paths]
+    generated = [(seed, _thumbnail(path, thumb_height)) for seed, path in entries]
+    rows = [generated[i : i + max_columns] for i in range(0, len(generated), max(1, max_columns))] or [[]]
+
+    references_width = sum(_tile_width(thumb, thumb_height) + _PAD for thumb in references)
+    generated_x = _PAD + references_width + (_GAP if references else 0)
+    rows_width = max(sum(_tile_width(thumb, thumb_height) + _PAD for _, thumb in row) for row in rows)
+    width = max(generated_x + rows_width, 2 * thumb_height)
+    height = caption_height + len(rows) * row_height + _PAD
+
+    canvas = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    caption = _fit(caption_font, f"#{prompt_index:03d}  {prompt_text}", width - 2 * _PAD)
+    draw.text((_PAD, _PAD), caption, fill=_TEXT, font=caption_font)
+
+    x, y = _PAD, caption_height
+    for number, thumb in enumerate(references, start=1):
+        x += _draw_tile(canvas, x, y, thumb, f"ref {number}", thumb_height) + _PAD
+    if references:  # a rule between what was given and what was made
+        rule_x = generated_x - _GAP // 2 - _PAD // 2
+        draw.line([rule_x, y, rule_x, y + thumb_height], fill=_MUTED, width=2)
+    for row in rows:
+        x = generated_x
+        for seed, thumb in row:
+            x += _draw_tile(canvas, x, y, thumb, f"seed {seed}", thumb_height) + _PAD
+        y += row_height
+
+    return atomic_write_bytes(grid_path(out_dir, subject, prompt_index), _encode_plain_png(canvas))
+
+
+def write_contact_sheet(
+    out_dir: str | os.PathLike,
+    subject: str,
+    reference_paths: Sequence[str | os.PathLike],
+    rows: Sequence[SheetRow],
+    *,
+    thumb_height: int = SHEET_THUMB_HEIGHT,
+    max_columns: int = SHEET_MAX_COLUMNS,
+) -> Path:
+    """`OUT/<subject>/contact-sheet.png`: the subject's references once, then one row per prompt.
+
+    Each prompt row has a caption `#<prompt_index> <prompt>` and its images labelled `seed <seed>`; a row
+    shows at most `max_columns` images and its caption says how many more there are.
+    """
+    label_height = _line_height(_font(14)) + 6
+    caption_font = _font(16)
+    caption_height = _line_height(caption_font) + _PAD
+    block_height = caption_height + thumb_height + label_height + _PAD
+
+    references = [_thumbnail(path, thumb_height) for path in reference_paths]
+    prompt_rows = [
+        (row, [(seed, _thumbnail(path, thumb_height)) for seed, path in list(row.entries)[:max_columns]])
+        for row in rows
+    ]
+    widths = [sum(_tile_width(thumb, thumb_height) + _PAD for thumb in references)]
+    widths += [sum(_tile_width(thumb, thumb_height) + _PAD for _, thumb in tiles) for _, tiles in prompt_rows]
+    width = max(_PAD + max(widths), 3 * thumb_height)
+    height = (1 + len(prompt_rows)) * block_height + _PAD
+
+    canvas = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    y = _PAD
+    draw.text(
+        (_PAD, y),
+        _fit(caption_font, f"{subject}: references", width - 2 * _PAD),
+        fill=_TEXT,
+        font=caption_font,
+    )
+    x = _PAD
+    for number, thumb in enumerate(references, start=1):
+        x += _draw_tile(canvas, x, y + caption_height, thumb, f"ref {number}", thumb_height) + _PAD
+    y += block_height
+    for row, tiles in prompt_rows:
+        draw.line([_PAD, y - _PAD // 2, width - _PAD, y - _PAD // 2], fill=_PLACEHOLDER, width=1)
+        more = len(row.entries) - len(tiles)
+        suffix = f"  (+{more} more)" if more > 0 else ""
+        caption = (
+            _fit(caption_font, f"#{row.prompt_index:03d}  {row.prompt}", width - 2 * _PAD - 120) + suffix
+        )
+        draw.text((_PAD, y), caption, fill=_TEXT, font=caption_font)
+        x = _PAD
+        for seed, thumb in tiles:
+            x += _draw_tile(canvas, x, y + caption_height, thumb, f"seed {seed}", thumb_height) + _PAD
+        y += block_height
+
+    return atomic_write_bytes(contact_sheet_path(out_dir, subject), _encode_plain_png(canvas))

@@ -1,0 +1,216 @@
+"""The run index (`index.jsonl`, append-only whole lines, repaired from the sidecars) and the run-level files."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from squeeze_cli.outputs.files import (
+    OutputWriteError,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    ensure_dir,
+    json_default,
+)
+from squeeze_cli.outputs.layout import index_path, resolved_manifest_path, run_summary_path
+
+if TYPE_CHECKING:
+    from ..plan import Job
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run index
+# ----------------------------------------------------------------------------------------------------
+
+
+def index_entry(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The `index.jsonl` line of a finished image, from its record."""
+    return {
+        "job_id": record["job_id"],
+        "status": "ok",
+        "subject": record.get("subject"),
+        "prompt_index": record.get("prompt_index"),
+        "seed": record.get("seed"),
+        "prompt": record.get("prompt"),
+        "image": (record.get("files") or {}).get("image"),
+        "sidecar": (record.get("files") or {}).get("sidecar"),
+        "seconds": (record.get("timings") or {}).get("total"),
+        "created_at": record.get("created_at"),
+    }
+
+
+def failed_index_entry(job: Job, error: str) -> dict[str, Any]:
+    """The `index.jsonl` line of a job that failed (`error` is the one-line reason)."""
+    return {
+        "job_id": job.job_id,
+        "status": "failed",
+        "subject": job.subject,
+        "prompt_index": job.prompt_index,
+        "seed": job.seed,
+        "prompt": job.prompt,
+        "error": error,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _index_line(entry: Mapping[str, Any]) -> bytes:
+    if "job_id" not in entry:
+        raise ValueError("an index entry needs a `job_id`")
+    # One physical line: json.dumps escapes newlines inside strings.
+    return (json.dumps(entry, ensure_ascii=False, default=json_default) + "\n").encode("utf-8")
+
+
+def append_index(out_dir: str | os.PathLike, entry: Mapping[str, Any]) -> None:
+    """Append one line to `index.jsonl` with a single `write` on an O_APPEND descriptor, then fsync.
+
+    One write of one whole line means a crash leaves the line entirely there or entirely absent, and
+    several processes may append to the same index without interleaving. If the file does not end with
+    a newline (a write cut short by a full disk), the line starts on a fresh one.
+
+    Raises:
+        `OutputWriteError`: on any OS error or a short write.
+    """
+    path = index_path(out_dir)
+    ensure_dir(path.parent)
+    data = _index_line(entry)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as error:
+        raise OutputWriteError.from_os_error(path, error) from error
+    try:
+        size = os.fstat(fd).st_size
+        if size and _last_byte(path, size) != b"\n":
+            data = b"\n" + data
+        written = os.write(fd, data)
+        if written != len(data):
+            _cut_short_append(fd, written)
+            reason = f"{os.strerror(errno.ENOSPC)} (only {written} of {len(data)} bytes written)"
+            raise OSError(errno.ENOSPC, reason)
+        os.fsync(fd)
+    except OSError as error:
+        raise OutputWriteError.from_os_error(path, error) from error
+    finally:
+        os.close(fd)
+
+
+def _cut_short_append(fd: int, written: int) -> None:
+    # A full disk can take part of a line. Only the run holding the lock appends to an index, so when the
+    # file still ends where our write ended, those bytes are ours to remove; repair_index is the fallback.
+    try:
+        end = os.lseek(fd, 0, os.SEEK_CUR)
+        if written and os.fstat(fd).st_size == end:
+            os.ftruncate(fd, end - written)
+    except OSError:
+        pass
+
+
+def _last_byte(path: Path, size: int) -> bytes:
+    with open(path, "rb") as file:
+        file.seek(size - 1)
+        return file.read(1)
+
+
+def _parse_index(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The valid entries of an index file, and whether any line was invalid."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], False
+    except OSError as error:
+        raise OutputWriteError.from_os_error(path, error, "read") from error
+    entries, invalid = [], False
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            invalid = True
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("job_id"), str):
+            invalid = True
+            continue
+        entries.append(entry)
+    if data and not data.endswith(b"\n"):
+        invalid = True  # a cut-off last line; rewriting ends the file cleanly
+    return entries, invalid
+
+
+def read_index(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The valid lines of `index.jsonl`, in file order (broken lines are skipped)."""
+    return _parse_index(index_path(out_dir))[0]
+
+
+def repair_index(
+    out_dir: str | os.PathLike,
+    done_records: Mapping[str, Mapping[str, Any]] | Iterable[Mapping[str, Any]],
+    *,
+    pending_job_ids: Iterable[str] = (),
+) -> bool:
+    """Make `index.jsonl` agree with the finished images, at the start of a run.
+
+    - invalid or truncated lines are dropped;
+    - one line per job id is kept: the last one, except that a finished job always keeps an `ok` line;
+    - finished images without a line (a crash between the sidecar and the index append) get one;
+    - lines of `pending_job_ids` (jobs about to run again: unfinished, failed, or `--overwrite`) are
+      dropped, so the line the new run appends is the only one.
+
+    Lines of jobs not in this run are kept. The file is rewritten atomically, and only when something
+    changed. Call it once, before any worker appends.
+
+    Args:
+        done_records: `finished_records(...)`, as a `{job_id: record}` mapping or a list of records.
+
+    Returns:
+        `bool`: whether the index was rewritten.
+    """
+    if isinstance(done_records, Mapping):
+        done = {job_id: dict(record) for job_id, record in done_records.items()}
+    else:
+        done = {record["job_id"]: dict(record) for record in done_records}
+    pending = set(pending_job_ids) - set(done)
+    path = index_path(out_dir)
+    entries, changed = _parse_index(path)
+
+    kept: dict[str, dict[str, Any]] = {}  # insertion order = order of each id's kept line
+    for entry in entries:
+        job_id = entry["job_id"]
+        if job_id in pending:
+            changed = True
+            continue
+        if job_id in done and entry.get("status") != "ok":
+            changed = True  # an old failure of a job that has finished since
+            continue
+        if job_id in kept:
+            changed = True
+            del kept[job_id]  # keep the last line, at its position
+        kept[job_id] = entry
+    for job_id, record in done.items():
+        if job_id not in kept:
+            kept[job_id] = index_entry(record)
+            changed = True
+    if not changed:
+        return False
+    atomic_write_bytes(path, b"".join(_index_line(entry) for entry in kept.values()))
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run-level files
+# ----------------------------------------------------------------------------------------------------
+
+
+def write_run_summary(out_dir: str | os.PathLike, summary: Mapping[str, Any]) -> Path:
+    """`OUT/run.json`, written atomically (see docs/outputs.md for its fields)."""
+    return atomic_write_json(run_summary_path(out_dir), dict(summary))
+
+
+def write_resolved_manifest(out_dir: str | os.PathLike, text: str) -> Path:
+    """`OUT/manifest.resolved.yaml`: the manifest with the preset merged; `squeeze gen` on it reproduces."""
+    return atomic_write_text(resolved_manifest_path(out_dir), text if text.endswith("\n") else text + "\n")

@@ -1,0 +1,136 @@
+"""Every name a run uses on disk, and `safe_join`, which keeps every path inside the output folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import EXIT_INVALID, SqueezeError
+
+if TYPE_CHECKING:
+    from ..plan import Job
+
+
+INDEX_NAME = "index.jsonl"
+RUN_SUMMARY_NAME = "run.json"
+RESOLVED_MANIFEST_NAME = "manifest.resolved.yaml"
+CONTACT_SHEET_NAME = "contact-sheet.png"
+# Names at the top of OUT that a subject directory must not take.
+RESERVED_NAMES = frozenset({INDEX_NAME, RUN_SUMMARY_NAME, RESOLVED_MANIFEST_NAME})
+
+
+class UnsafeOutputPathError(SqueezeError):
+    """A path that would land outside the output directory, or on one of its reserved names."""
+
+    exit_code = EXIT_INVALID
+
+
+# ----------------------------------------------------------------------------------------------------
+# Names
+# ----------------------------------------------------------------------------------------------------
+
+
+def safe_join(out_dir: str | os.PathLike, *parts: str) -> Path:
+    """Join `parts` under `out_dir`, refusing anything that resolves outside it.
+
+    Absolute parts, `..` and symlinks (anywhere along the path, including the last component) are all
+    caught by resolving the result and comparing it with the resolved `out_dir`.
+
+    Returns:
+        `Path`: `out_dir / parts` as given (not resolved), so messages show the user's own path.
+
+    Raises:
+        `UnsafeOutputPathError`: when the path escapes `out_dir`.
+    """
+    base = Path(out_dir)
+    for part in parts:
+        if not part or "\0" in part or os.path.isabs(part):
+            raise UnsafeOutputPathError(
+                f"refusing to write {part!r}: not a relative name under the output directory {base}",
+                "names under --out must be plain relative names",
+            )
+    path = base.joinpath(*parts)
+    try:
+        root = base.resolve()
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as error:  # a symlink loop
+        raise UnsafeOutputPathError(
+            f"refusing to write {path}: it cannot be resolved ({error})",
+            "remove the looping symlink, or choose another --out",
+        ) from error
+    if resolved != root and root not in resolved.parents:
+        raise UnsafeOutputPathError(
+            f"refusing to write {path}: it resolves to {resolved}, outside the output directory {root}",
+            "remove the symlink or '..' that leads out, or choose another --out",
+        )
+    return path
+
+
+def check_subject_name(subject: str) -> str:
+    """`subject`, when it can be a directory directly under OUT: one plain name, not hidden, not a
+    run-level file name. The manifest validates names first; this is the last line of defence."""
+    if (
+        subject in ("", ".", "..")
+        or subject.startswith(".")
+        or "/" in subject
+        or "\\" in subject
+        or subject in RESERVED_NAMES
+    ):
+        raise UnsafeOutputPathError(
+            f"subject name {subject!r} cannot be used as a directory under the output directory",
+            "use letters, digits, '-' and '_' in subject names",
+        )
+    return subject
+
+
+def subject_dir(out_dir: str | os.PathLike, subject: str) -> Path:
+    """`OUT/<subject>`."""
+    return safe_join(out_dir, check_subject_name(subject))
+
+
+def image_stem(job: Job) -> str:
+    """`<prompt_index:03d>-s<seed>`: never the prompt text, so names stay short, safe and stable."""
+    return f"{job.prompt_index:03d}-s{job.seed}"
+
+
+def image_name(job: Job) -> str:
+    """The PNG's name relative to OUT, with `/`: `<subject>/<prompt_index:03d>-s<seed>.png`."""
+    return f"{check_subject_name(job.subject)}/{image_stem(job)}.png"
+
+
+def sidecar_name(job: Job) -> str:
+    """The sidecar's name relative to OUT, with `/`: `<subject>/<prompt_index:03d>-s<seed>.json`."""
+    return f"{check_subject_name(job.subject)}/{image_stem(job)}.json"
+
+
+def image_path(out_dir: str | os.PathLike, job: Job) -> Path:
+    """`OUT/<subject>/<prompt_index:03d>-s<seed>.png`."""
+    return safe_join(out_dir, *image_name(job).split("/"))
+
+
+def sidecar_path(out_dir: str | os.PathLike, job: Job) -> Path:
+    """`OUT/<subject>/<prompt_index:03d>-s<seed>.json`: the per-image record, written after the PNG."""
+    return safe_join(out_dir, *sidecar_name(job).split("/"))
+
+
+def grid_path(out_dir: str | os.PathLike, subject: str, prompt_index: int) -> Path:
+    """`OUT/<subject>/grid-<prompt_index:03d>.png`."""
+    return safe_join(subject_dir(out_dir, subject), f"grid-{prompt_index:03d}.png")
+
+
+def contact_sheet_path(out_dir: str | os.PathLike, subject: str) -> Path:
+    """`OUT/<subject>/contact-sheet.png`."""
+    return safe_join(subject_dir(out_dir, subject), CONTACT_SHEET_NAME)
+
+
+def index_path(out_dir: str | os.PathLike) -> Path:
+    return safe_join(out_dir, INDEX_NAME)
+
+
+def run_summary_path(out_dir: str | os.PathLike) -> Path:
+    return safe_join(out_dir, RUN_SUMMARY_NAME)
+
+
+def resolved_manifest_path(out_dir: str | os.PathLike) -> Path:
+    return safe_join(out_dir, RESOLVED_MANIFEST_NAME)

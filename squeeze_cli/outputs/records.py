@@ -1,0 +1,273 @@
+"""One image's record: the sidecar JSON, the PNG text chunks, and which jobs are finished."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image, PngImagePlugin
+
+from squeeze_cli.outputs.files import atomic_write_bytes, atomic_write_json, json_default
+from squeeze_cli.outputs.layout import (
+    image_name,
+    image_path,
+    image_stem,
+    sidecar_name,
+    sidecar_path,
+    subject_dir,
+)
+
+if TYPE_CHECKING:
+    from ..plan import Job
+
+
+PNG_PARAMETERS_KEY = "parameters"  # the chunk A1111, ComfyUI viewers and exiftool show
+PNG_RECORD_KEY = "squeeze"  # the full JSON record
+RECORD_FORMAT = 1  # bumped when a field changes meaning
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Records, PNG metadata, saving an image
+# ----------------------------------------------------------------------------------------------------
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and the packages that determine the pixels, read without importing them."""
+    versions = {"python": sys.version.split()[0]}
+    for name in ("squeeze_cli", "torch", "diffusers", "transformers", "accelerate", "peft", "pillow"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    if "squeeze_cli" not in versions:
+        from . import __version__
+
+        versions["squeeze_cli"] = __version__
+    return versions
+
+
+def _params_dict(params: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(params) and not isinstance(params, type):
+        params = dataclasses.asdict(params)
+    return json.loads(json.dumps(dict(params), default=json_default))  # tuples → lists, plain JSON
+
+
+def _stage_counts(stage_plan: Mapping[str, Any]) -> list[int] | None:
+    if "counts" in stage_plan:
+        return [int(count) for count in stage_plan["counts"]]
+    if "stages" in stage_plan:
+        stages = list(stage_plan["stages"])
+        return [stages.count(stage) for stage in (1, 2, 3)]
+    return None
+
+
+def _steps_per_stage(counts: list[int] | None) -> dict[str, int] | None:
+    if counts is None or len(counts) != 3:
+        return None
+    return {"mllm_only": counts[0], "mllm_and_reference": counts[1], "reference": counts[2]}
+
+
+def image_record(
+    job: Job,
+    *,
+    preset_name: str,
+    model_info: Mapping[str, Any],
+    stage_plan: Mapping[str, Any] | Any,
+    timings: Mapping[str, float],
+    versions: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The full record of one image: what the sidecar holds and the PNG's `squeeze` chunk embeds.
+
+    Args:
+        job (`Job`): the planned job the image was made for.
+        preset_name (`str`): the model preset (`tiny`, `paper`, a path).
+        model_info (`dict`): model ids and revisions, e.g. `{"transformer": {"id": ..., "revision": ...}}`.
+        stage_plan (`dict` or `StagePlan`): the denoising stage schedule (`StagePlan.to_dict()`).
+        timings (`dict`): seconds spent, e.g. `{"denoise": 3.1, "decode": 0.2, "total": 3.6}`.
+        versions (`dict`, *optional*): package versions; `package_versions()` when not given.
+    """
+    if not isinstance(stage_plan, Mapping) and hasattr(stage_plan, "to_dict"):
+        stage_plan = stage_plan.to_dict()
+    stage_plan = dict(stage_plan)
+    counts = _stage_counts(stage_plan)
+    return {
+        "format": RECORD_FORMAT,
+        "job_id": job.job_id,
+        "job_index": job.index,
+        "subject": job.subject,
+        "subject_index": job.subject_index,
+        "class_noun": job.class_noun,
+        "prompt_index": job.prompt_index,
+        "prompt": job.prompt,
+        "seed": job.seed,
+        "params": _params_dict(job.params),
+        "stage_plan": stage_plan,
+        "steps_per_stage": _steps_per_stage(counts),
+        "references": list(job.references),
+        "preset": preset_name,
+        "model": json.loads(json.dumps(dict(model_info), default=json_default)),
+        "versions": dict(versions) if versions is not None else package_versions(),
+        "timings": {name: round(float(seconds), 4) for name, seconds in timings.items()},
+        "files": {"image": image_name(job), "sidecar": sidecar_name(job)},  # relative to OUT
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _format_value(value: Any) -> str:
+    text = str(value)
+    # A1111's parser splits on ", " and ": "; it reads JSON-quoted values back as one value.
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n"') else text
+
+
+def parameters_text(record: Mapping[str, Any]) -> str:
+    """The `parameters` chunk, in the A1111 form image viewers and galleries read::
+
+        <prompt>
+        Negative prompt: <negative prompt>
+        Steps: 28, Sampler: FlowMatchEuler, CFG scale: 2.5, Seed: 123, Size: 512x512, Model: paper, ...
+
+    `CFG scale` is the distilled guidance (`guidance_scale`); true CFG, when on, is `True CFG scale`.
+    """
+    params = record.get("params", {})
+    fields: dict[str, Any] = {
+        "Steps": params.get("num_inference_steps"),
+        "Sampler": "FlowMatchEuler",
+        "CFG scale": params.get("guidance_scale"),
+        "Seed": record.get("seed"),
+        "Size": f"{params.get('width')}x{params.get('height')}",
+        "Model": record.get("preset"),
+    }
+    if params.get("true_cfg_scale", 1.0) not in (None, 1, 1.0):
+        fields["True CFG scale"] = params["true_cfg_scale"]
+    thresholds = params.get("stage_thresholds")
+    if thresholds is not None:
+        fields["Stage thresholds"] = "/".join(str(t) for t in thresholds)
+    counts = _stage_counts(record.get("stage_plan") or {})
+    if counts:
+        fields["Stage steps"] = "/".join(str(c) for c in counts)
+    if params.get("keep_mllm_condition"):
+        fields["Keep MLLM condition"] = True
+    if params.get("reference_size") is not None:
+        fields["Reference size"] = params["reference_size"]
+    fields["Subject"] = record.get("subject")
+    fields["Job id"] = record.get("job_id")
+    version = (record.get("versions") or {}).get("squeeze_cli")
+    if version:
+        fields["Version"] = f"squeeze {version}"
+    lines = [str(record.get("prompt", ""))]
+    negative = params.get("negative_prompt")
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(
+        ", ".join(f"{key}: {_format_value(value)}" for key, value in fields.items() if value is not None)
+    )
+    return "\n".join(lines)
+
+
+def encode_png(image: Image.Image, record: Mapping[str, Any]) -> bytes:
+    """PNG bytes of `image` with the record embedded in two text chunks.
+
+    - `parameters`: `parameters_text(record)` (tEXt, or iTXt when the prompt is not Latin-1);
+    - `squeeze`: the full record as JSON (compressed iTXt, UTF-8).
+    """
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_PARAMETERS_KEY, parameters_text(record))
+    info.add_itxt(PNG_RECORD_KEY, json.dumps(record, ensure_ascii=False, default=json_default), zip=True)
+    if image.mode not in ("RGB", "RGBA", "L", "LA"):
+        image = image.convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def read_png_record(path: str | os.PathLike) -> dict[str, Any]:
+    """The full record embedded in a PNG written by squeeze (reads the chunks, does not decode pixels).
+
+    Raises:
+        `ValueError`: when the file has no `squeeze` chunk or it is not a JSON object.
+    """
+    with Image.open(path) as image:
+        text = image.info.get(PNG_RECORD_KEY)  # chunks before the pixel data; written there by encode_png
+    if text is None:
+        raise ValueError(f"{path} has no '{PNG_RECORD_KEY}' metadata chunk: it was not written by squeeze")
+    record = json.loads(str(text))
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: the '{PNG_RECORD_KEY}' metadata chunk is not a JSON object")
+    return record
+
+
+def read_png_parameters(path: str | os.PathLike) -> str | None:
+    """The A1111-style `parameters` text of a PNG, or None."""
+    with Image.open(path) as image:
+        text = image.info.get(PNG_PARAMETERS_KEY)
+    return None if text is None else str(text)
+
+
+def save_image(out_dir: str | os.PathLike, job: Job, image: Image.Image, record: Mapping[str, Any]) -> Path:
+    """Write the PNG (atomically) and then its sidecar (atomically); returns the PNG's path.
+
+    The order is the resume guarantee: the sidecar is the "done" marker, so it is written only once the
+    PNG is complete and in place.
+    """
+    png = image_path(out_dir, job)
+    atomic_write_bytes(png, encode_png(image, record))
+    atomic_write_json(sidecar_path(out_dir, job), record)
+    return png
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resume
+# ----------------------------------------------------------------------------------------------------
+
+
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The sidecar's record, or None when it is missing, unreadable or not a JSON object."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            record = json.load(file)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def finished_records(out_dir: str | os.PathLike, jobs: Iterable[Job]) -> dict[str, dict[str, Any]]:
+    """`{job_id: record}` for the jobs already finished in `out_dir`.
+
+    A job is finished when its sidecar parses, carries the same `job_id`, and its PNG exists and is not
+    empty. Both were written atomically and the PNG first, so this is enough: no image is decoded. Files
+    from a job with another id (the manifest changed its prompt or parameters) do not count; they are
+    overwritten when the job runs.
+    """
+    done = {}
+    directories: dict[str, Path] = {}  # one safe_join (a resolve) per subject, not per job: plans are big
+    for job in jobs:
+        directory = directories.get(job.subject)
+        if directory is None:
+            directory = directories[job.subject] = subject_dir(out_dir, job.subject)
+        stem = image_stem(job)
+        record = read_sidecar(directory / f"{stem}.json")
+        if record is None or record.get("job_id") != job.job_id:
+            continue
+        try:
+            if (directory / f"{stem}.png").stat().st_size < len(_PNG_SIGNATURE):
+                continue
+        except OSError:
+            continue
+        done[job.job_id] = record
+    return done
+
+
+def finished_job_ids(out_dir: str | os.PathLike, jobs: Iterable[Job]) -> set[str]:
+    """The ids of the jobs already finished in `out_dir` (see `finished_records`)."""
+    return set(finished_records(out_dir, jobs))

@@ -1,0 +1,77 @@
+"""The shared vocabulary of squeeze, torch-free: the sampling parameters of one image, the paper's
+defaults, and the names of dtypes, offload modes and MLLM families.
+
+Written once here; the manifest schema, the CLI (Typer), the loader and the pipeline all read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+# The paper's values (docs/pipeline.md): σ thresholds of the three denoising stages, FLUX guidance.
+PAPER_STAGE_THRESHOLDS: tuple[float, float] = (0.95, 0.85)
+PAPER_GUIDANCE_SCALE = 2.5
+DEFAULT_NUM_INFERENCE_STEPS = 28
+DEFAULT_REFERENCE_SIZE = 512
+
+
+class Dtype(str, Enum):
+    """Weight dtypes a recipe or ``--dtype`` may name."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Offload(str, Enum):
+    """CPU offloading on a GPU: none, whole models (diffusers' model offload), or layer by layer."""
+
+    none = "none"
+    model = "model"
+    sequential = "sequential"
+
+
+# The MLLM families squeeze has an adapter for: name (= the checkpoints' `config.model_type`) -> its class,
+# imported only when a model loads. The schema and the loader both read this one table.
+FAMILY_ADAPTERS = {
+    "internvl": "squeeze_cli.pipelines.mllm.internvl:InternVLFamily",
+    "qwen2_5_vl": "squeeze_cli.pipelines.mllm.qwen2_5_vl:Qwen25VLFamily",
+}
+Family = Enum("Family", {name: name for name in FAMILY_ADAPTERS}, type=str)
+Family.__doc__ = "The MLLM families of `FAMILY_ADAPTERS`."
+
+
+def choices(enum: type[Enum]) -> str:
+    """``"float32, bfloat16 or float16"``: an enum's values for a message."""
+    values = [member.value for member in enum]
+    return ", ".join(values[:-1]) + f" or {values[-1]}" if len(values) > 1 else values[0]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Every sampling parameter of one image, named as the pipeline names them."""
+
+    num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS
+    guidance_scale: float = PAPER_GUIDANCE_SCALE
+    height: int = 512
+    width: int = 512
+    stage_thresholds: tuple[float, float] = PAPER_STAGE_THRESHOLDS
+    keep_mllm_condition: bool = False
+    true_cfg_scale: float = 1.0
+    negative_prompt: str | None = None
+    reference_size: int = DEFAULT_REFERENCE_SIZE
+
+    def to_pipeline_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `SqueezePipeline.__call__` that these parameters fill."""
+        return {name: getattr(self, name) for name in SAMPLING_KEYS}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (thresholds as a list), used in sidecars and job ids."""
+        data = self.to_pipeline_kwargs()
+        data["stage_thresholds"] = list(self.stage_thresholds)
+        return data
+
+
+SAMPLING_KEYS: tuple[str, ...] = tuple(SamplingParams.__dataclass_fields__)

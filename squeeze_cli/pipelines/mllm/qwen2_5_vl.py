@@ -1,0 +1,64 @@
+"""Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): 14-px patches merged 2×2, M-RoPE positions."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from transformers import PreTrainedModel
+
+from .family import ImageInputs, MLLMFamily
+
+# Qwen2.5-VL-Instruct's template (default system prompt, no newline between image and text).
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class Qwen25VLFamily(MLLMFamily):
+    """Qwen2.5-VL. Each image becomes ``<|image_pad|>`` × (t·h·w / merge²) between the template's own
+    ``<|vision_start|>`` / ``<|vision_end|>``; text positions continue after the largest image position."""
+
+    name = "qwen2_5_vl"
+    chat_template = QWEN2_5_VL_CHAT_TEMPLATE
+    image_placeholder = "<|image_pad|>"
+
+    def __init__(self, model: PreTrainedModel, tokenizer, image_processor):
+        super().__init__(model, tokenizer, image_processor)
+        self.merge_length = image_processor.merge_size**2
+
+    def preprocess(self, images: list[Image.Image]) -> ImageInputs:
+        processed = self.image_processor(images=images, return_tensors="pt")
+        grid_thw = processed["image_grid_thw"]
+        tokens = [int(thw.prod()) // self.merge_length for thw in grid_thw]
+        return ImageInputs(processed["pixel_values"], grid_thw, tokens)
+
+    def image_tokens(self, width: int, height: int) -> int:
+        return self.image_processor.get_number_of_image_patches(height, width) // self.merge_length
+
+    def expand_placeholder(self, num_tokens: int) -> list[int]:
+        return [self.image_token_id] * num_tokens
+
+    def position_ids(
+        self, backbone: PreTrainedModel, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None
+    ) -> torch.Tensor:
+        # M-RoPE: image tokens get (t, h, w) grid positions, text continues after the largest one. (3, 1, n)
+        mm_token_type_ids = (input_ids == self.image_token_id).to(torch.int32).unsqueeze(0)
+        position_ids, _ = backbone.get_rope_index(
+            input_ids.unsqueeze(0), mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw
+        )
+        return position_ids
