@@ -364,11 +364,11 @@ def planned_jobs_with(manifest: Path, overrides: tuple[str, ...]):
 
 
 def test_a_signal_before_anything_is_written_stops_at_once_and_a_second_one_too() -> None:
-    from squeeze_cli.gen.runner import _StopNow, _StopSignal
+    from squeeze_cli.gen.signals import StopNow, StopSignal
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with _StopSignal() as stop:
-        with pytest.raises(_StopNow) as stopped:  # loading the model: nothing to save, stop now
+    with StopSignal() as stop:
+        with pytest.raises(StopNow) as stopped:  # loading the model: nothing to save, stop now
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
         assert stopped.value.signum == signal.SIGTERM
@@ -376,7 +376,7 @@ def test_a_signal_before_anything_is_written_stops_at_once_and_a_second_one_too(
         os.kill(os.getpid(), signal.SIGINT)  # generating: finish the batch first
         time.sleep(0.01)
         assert stop.signum == signal.SIGINT
-        with pytest.raises(_StopNow):
+        with pytest.raises(StopNow):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # restored

@@ -37,6 +37,7 @@ from .grids import (  # noqa: F401
     SHEET_MAX_COLUMNS,
     SHEET_THUMB_HEIGHT,
     SheetRow,
+    update_views,
     write_contact_sheet,
     write_prompt_grid,
 )
@@ -52,9 +53,11 @@ from .index import (  # noqa: F401
 from .layout import (  # noqa: F401
     CONTACT_SHEET_NAME,
     INDEX_NAME,
+    LOCK_NAME,
     RESERVED_NAMES,
     RESOLVED_MANIFEST_NAME,
     RUN_SUMMARY_NAME,
+    SHARDS_DIR_NAME,
     UnsafeOutputPathError,
     check_subject_name,
     contact_sheet_path,
@@ -64,6 +67,7 @@ from .layout import (  # noqa: F401
     image_stem,
     index_path,
     resolved_manifest_path,
+    run_dir,
     run_summary_path,
     safe_join,
     sidecar_name,

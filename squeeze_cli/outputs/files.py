@@ -8,13 +8,9 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import EXIT_JOBS_FAILED, SqueezeError
-
-if TYPE_CHECKING:
-    pass
-
 
 # `.<name>.<pid>.tmp`: hidden, recognisable, and tied to the process that wrote it.
 _TEMP_FILE_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")

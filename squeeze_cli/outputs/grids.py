@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
+from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,10 +15,10 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from squeeze_cli.images import load_rgb
 from squeeze_cli.outputs.files import atomic_write_bytes
-from squeeze_cli.outputs.layout import contact_sheet_path, grid_path
+from squeeze_cli.outputs.layout import contact_sheet_path, grid_path, image_path
 
 if TYPE_CHECKING:
-    pass
+    from squeeze_cli.plan import Job
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -230,3 +231,59 @@ def write_contact_sheet(
         y += block_height
 
     return atomic_write_bytes(contact_sheet_path(out_dir, subject), _encode_plain_png(canvas))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Which views to draw
+# ----------------------------------------------------------------------------------------------------
+
+
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def update_views(
+    out_dir: Path,
+    jobs: Sequence[Job],
+    finished: Mapping[str, Any],
+    generated: set[str],
+    should_stop: Callable[[], bool],
+    *,
+    grids: bool = True,
+    contact_sheets: bool = True,
+) -> None:
+    """A grid per (subject, prompt) and a contact sheet per subject, where this run added images or the
+    file is missing or older than one of its images (a run killed or stopped before its grids); from the
+    images on disk, so earlier runs' and other processes' images show. Stops early when `should_stop()`."""
+    for subject, subject_jobs in groupby(jobs, key=lambda job: job.subject):
+        subject_jobs = list(subject_jobs)
+        references = subject_jobs[0].references
+        rows = []
+        for prompt_index, prompt_jobs in groupby(subject_jobs, key=lambda job: job.prompt_index):
+            if should_stop():
+                return
+            prompt_jobs = list(prompt_jobs)
+            entries = [
+                (job.seed, image_path(out_dir, job) if job.job_id in finished else None)
+                for job in prompt_jobs
+            ]
+            rows.append(SheetRow(prompt_index, prompt_jobs[0].prompt, entries))
+            grid = grid_path(out_dir, subject, prompt_index)
+            if grids and _is_stale(grid, prompt_jobs, entries, generated):
+                write_prompt_grid(out_dir, subject, prompt_index, prompt_jobs[0].prompt, references, entries)
+        sheet = contact_sheet_path(out_dir, subject)
+        all_entries = [entry for row in rows for entry in row.entries]
+        if contact_sheets and _is_stale(sheet, subject_jobs, all_entries, generated):
+            write_contact_sheet(out_dir, subject, references, rows)
+
+
+def _is_stale(
+    view: Path, jobs: Sequence[Job], entries: Sequence[tuple[int, Path | None]], generated: set[str]
+) -> bool:
+    """Whether a grid or sheet must be drawn: missing, older than one of its images, or this run added one."""
+    drawn = _mtime_ns(view)
+    newest = max((_mtime_ns(path) or 0 for _, path in entries if path is not None), default=0)
+    return drawn is None or drawn < newest or any(job.job_id in generated for job in jobs)

@@ -16,19 +16,16 @@ INDEX_NAME = "index.jsonl"
 RUN_SUMMARY_NAME = "run.json"
 RESOLVED_MANIFEST_NAME = "manifest.resolved.yaml"
 CONTACT_SHEET_NAME = "contact-sheet.png"
+LOCK_NAME = ".squeeze.lock"  # in OUT, or in a shard's folder
+SHARDS_DIR_NAME = "shards"  # OUT/shards/<I>-of-<N>/ holds one shard's run files
 # Names at the top of OUT that a subject directory must not take.
-RESERVED_NAMES = frozenset({INDEX_NAME, RUN_SUMMARY_NAME, RESOLVED_MANIFEST_NAME})
+RESERVED_NAMES = frozenset({INDEX_NAME, RUN_SUMMARY_NAME, RESOLVED_MANIFEST_NAME, SHARDS_DIR_NAME})
 
 
 class UnsafeOutputPathError(SqueezeError):
     """A path that would land outside the output directory, or on one of its reserved names."""
 
     exit_code = EXIT_INVALID
-
-
-# ----------------------------------------------------------------------------------------------------
-# Names
-# ----------------------------------------------------------------------------------------------------
 
 
 def safe_join(out_dir: str | os.PathLike, *parts: str) -> Path:
@@ -134,3 +131,11 @@ def run_summary_path(out_dir: str | os.PathLike) -> Path:
 
 def resolved_manifest_path(out_dir: str | os.PathLike) -> Path:
     return safe_join(out_dir, RESOLVED_MANIFEST_NAME)
+
+
+def run_dir(out_dir: str | os.PathLike, shard: tuple[int, int] | None) -> Path:
+    """Where a run's index, summary, resolved manifest and lock live: `OUT`, or `OUT/shards/I-of-N` for
+    shard I of N, so the shards of one layout can share an output folder."""
+    if shard is None:
+        return Path(out_dir)
+    return Path(out_dir) / SHARDS_DIR_NAME / f"{shard[0]}-of-{shard[1]}"

@@ -1,0 +1,47 @@
+"""This process's place among the processes of a run: alone, or one of `accelerate launch`'s / torchrun's."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+class Processes:
+    """This process's place among the processes of the run: one, or one of `accelerate launch`'s."""
+
+    def __init__(self) -> None:
+        self.state = None
+        self.index, self.count = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch
+            from accelerate import PartialState
+
+            # Without cpu=True on a machine with no GPU, each process would believe it is alone.
+            self.state = PartialState(cpu=not torch.cuda.is_available())
+            self.index, self.count = self.state.process_index, self.state.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def device(self, requested: str) -> str:
+        if requested != "auto":
+            return requested
+        if self.state is not None:
+            return str(self.state.device)
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def gather(self, value: Any) -> list[Any]:
+        if self.state is None:
+            return [value]
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.count
+        dist.all_gather_object(gathered, value)
+        return gathered

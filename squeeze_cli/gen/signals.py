@@ -1,0 +1,53 @@
+"""SIGINT/SIGTERM during a run: stop at once before anything is written, after the current batch afterwards."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import Any
+
+from squeeze_cli.errors import EXIT_SIGINT, EXIT_SIGTERM
+
+
+class StopNow(BaseException):
+    """Raised by the signal handler to stop at once. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on the way (model loading wraps its errors) can swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopSignal:
+    """SIGINT/SIGTERM handling for the whole run.
+
+    Until `graceful` is set (planning, locking, loading the model: nothing written yet) a signal stops at
+    once. From then on the first one asks the run to stop after the current batch and still write its
+    summary; a second one stops at once (atomic writes clean up their temporary file on the way out).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.graceful = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.graceful or self.signum is not None:
+            raise StopNow(signum)
+        self.signum = signum
+        print("stopping after the current batch (signal again to stop now)", file=sys.stderr, flush=True)
+
+
+def exit_code(signum: int) -> int:
+    return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
