@@ -18,6 +18,17 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 
+def with_hint(text: str, hint: str | None) -> str:
+    """The one way squeeze writes a message with its fix: ``text (hint: fix)``."""
+    return f"{text} (hint: {hint})" if hint else text
+
+
+def describe_exception(error: BaseException) -> str:
+    """An unexpected exception as one line, for the run index: ``TypeName: first line of its message``."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
 class SqueezeError(Exception):
     """A known failure with a message a user can act on.
 
@@ -32,7 +43,7 @@ class SqueezeError(Exception):
         self.hint = hint
 
     def one_line(self) -> str:
-        return f"{self.message} ({self.hint})" if self.hint else self.message
+        return with_hint(self.message, self.hint)
 
 
 class UsageError(SqueezeError):
@@ -64,8 +75,7 @@ class Problem:
             where += f":{self.line}"
             if self.column is not None:
                 where += f":{self.column}"
-        text = f"{where}: {self.field + ': ' if self.field else ''}{self.message}"
-        return f"{text} (hint: {self.hint})" if self.hint else text
+        return with_hint(f"{where}: {self.field + ': ' if self.field else ''}{self.message}", self.hint)
 
     def to_dict(self) -> dict:
         return {

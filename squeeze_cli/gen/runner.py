@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from squeeze_cli import outputs
-from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK, ManifestError, Problem
+from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK, ManifestError, Problem, describe_exception
 from squeeze_cli.gen.lock import DirectoryLock
 from squeeze_cli.gen.processes import Processes
 from squeeze_cli.gen.progress import Reporter
@@ -52,11 +52,6 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
     )
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def _batches(jobs: Sequence[Job], batch_size: int) -> Iterator[list[Job]]:
@@ -155,7 +150,7 @@ class Runner:
             }
         except Exception as error:  # a reference unreadable since validation, or the model failing on it
             for job in jobs:
-                self._fail(job, f"cannot encode the subject's references: {_one_line(error)}")
+                self._fail(job, f"cannot encode the subject's references: {describe_exception(error)}")
             return None
         self.timings["encode_subjects"] += time.perf_counter() - started
         return conditions
@@ -187,7 +182,7 @@ class Runner:
                 self._generate(batch[half:], condition)
                 return
             for job in batch:
-                self._fail(job, _one_line(error))
+                self._fail(job, describe_exception(error))
             return
         self.reporter.batch_finished()
         seconds = time.perf_counter() - started

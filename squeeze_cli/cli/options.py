@@ -1,0 +1,78 @@
+"""Options and arguments shared by several commands, declared once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from squeeze_cli.params import Dtype, Offload, choices
+
+if TYPE_CHECKING:
+    from squeeze_cli.manifest import LoadedManifest
+
+EPILOG = """\b
+Exit codes:
+  0    everything asked for was done
+  1    the run finished but some jobs failed (see the run index)
+  2    invalid input or usage: nothing was generated
+  130  stopped by SIGINT (Ctrl-C) / 143 by SIGTERM, after the current batch
+"""
+
+# Options shared by the commands that read a manifest.
+ManifestArg = Annotated[
+    str, typer.Argument(metavar="MANIFEST", help="The manifest YAML file.", show_default=False)
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="PATH=VALUE",
+        help="Override a manifest value (VALUE is YAML), e.g. --set defaults.seeds=[0,1]. Repeatable.",
+        show_default=False,
+    ),
+]
+RecipeOpt = Annotated[
+    str | None,
+    typer.Option("--recipe", metavar="NAME|PATH", help="Model preset to use instead of the manifest's."),
+]
+MaxJobsOpt = Annotated[
+    int | None,
+    typer.Option("--max-jobs", min=1, metavar="N", help="Refuse plans with more jobs (default 100000)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document instead of text.")]
+
+
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:1, ...")]
+# Enum-valued flags are read as text and checked by `parse_choice`, so a wrong value gets our one-line error.
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option("--dtype", metavar="|".join(Dtype.__members__), help="Overrides the preset's dtype."),
+]
+OffloadOpt = Annotated[
+    str, typer.Option("--offload", metavar="|".join(Offload.__members__), help="CPU offloading on a GPU.")
+]
+AllowPickleOpt = Annotated[
+    bool,
+    typer.Option("--allow-pickle", help="Accept pickle-based (.bin) weights; safetensors only by default."),
+]
+
+
+def load_from_cli(
+    manifest: str, set_: Sequence[str] | None, recipe: str | None, max_jobs: int | None
+) -> LoadedManifest:
+    """`load_manifest` with the shared flags."""
+    from squeeze_cli.manifest.resolve import load_manifest
+
+    return load_manifest(manifest, set_ or (), recipe=recipe, max_jobs=max_jobs)
+
+
+def parse_choice(flag: str, value: str, enum: type[Enum]) -> str:
+    """`value` if it names a member of `enum`; otherwise a `UsageError` listing the choices."""
+    from squeeze_cli.errors import UsageError
+
+    if value not in enum.__members__:
+        raise UsageError(f"{flag} {value}: expected {choices(enum)}")
+    return value

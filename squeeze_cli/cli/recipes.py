@@ -1,0 +1,23 @@
+"""`squeeze recipes`: list the packaged model presets, or show one."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def recipes_command(
+    name: Annotated[str | None, typer.Argument(help="Show this preset's YAML.")] = None,
+) -> None:
+    """List the packaged model presets, or show one."""
+    from squeeze_cli.manifest.recipes import list_recipes, recipe_text
+
+    if name is not None:
+        typer.echo(recipe_text(name), nl=False)
+        return
+    presets = list_recipes()
+    width = max(len(preset.name) for preset in presets)
+    for preset in presets:
+        typer.echo(f"{preset.name:<{width}}  {preset.description}")
+    typer.echo("\nShow one with `squeeze recipes NAME`; use it with `recipe: NAME` or `--recipe NAME`.")

@@ -1,0 +1,87 @@
+"""`squeeze validate`: check a manifest and print its plan."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import typer
+
+from squeeze_cli.cli.options import JsonOpt, ManifestArg, MaxJobsOpt, RecipeOpt, SetOpt, load_from_cli
+from squeeze_cli.errors import EXIT_INVALID, ManifestError
+
+if TYPE_CHECKING:
+    from squeeze_cli.manifest import LoadedManifest
+    from squeeze_cli.plan import Job
+
+
+def validate(
+    manifest: ManifestArg,
+    json_output: JsonOpt = False,
+    max_jobs: MaxJobsOpt = None,
+    set_: SetOpt = None,
+    recipe: RecipeOpt = None,
+) -> None:
+    """Check a manifest and print its plan; loads no model and writes nothing."""
+    from squeeze_cli.plan import plan_jobs
+
+    try:
+        loaded = load_from_cli(manifest, set_, recipe, max_jobs)
+        jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
+    except ManifestError as error:
+        if not json_output:
+            raise
+        typer.echo(json.dumps({"ok": False, "problems": [p.to_dict() for p in error.problems]}, indent=2))
+        raise typer.Exit(EXIT_INVALID) from None
+    summary = plan_summary(loaded, jobs)
+    typer.echo(json.dumps({"ok": True, **summary}, indent=2) if json_output else format_summary(summary))
+
+
+def plan_summary(loaded: LoadedManifest, jobs: Sequence[Job]) -> dict:
+    """The JSON-able summary `validate` prints: subjects, references, jobs, images per size."""
+    per_subject = Counter(job.subject_index for job in jobs)
+    sizes = Counter(f"{job.params.width}x{job.params.height}" for job in jobs)
+    return {
+        "manifest": str(loaded.path),
+        "recipe": loaded.recipe.source if loaded.recipe is not None else None,
+        "model_identity": loaded.model_identity,
+        "dtype": loaded.model.dtype,
+        "output_dir": str(loaded.output_dir),
+        "subjects": [
+            {
+                "name": subject.name,
+                "class": subject.class_noun,
+                "references": len(subject.references),
+                "prompts": len(subject.prompts),
+                "jobs": per_subject[subject.index],
+            }
+            for subject in loaded.subjects
+        ],
+        "jobs": len(jobs),
+        "max_jobs": loaded.max_jobs,
+        "images_per_size": dict(sorted(sizes.items())),
+        "estimated_cost": round(sum(job.cost for job in jobs), 3),
+    }
+
+
+def format_summary(summary: dict) -> str:
+    recipe = summary["recipe"] or "(model from the manifest)"
+    lines = [
+        f"manifest  {summary['manifest']}",
+        f"recipe    {recipe} (model {summary['model_identity']}, {summary['dtype']})",
+        f"output    {summary['output_dir']}",
+        f"subjects  {len(summary['subjects'])}",
+    ]
+    width = max(len(subject["name"]) for subject in summary["subjects"])
+    for subject in summary["subjects"]:
+        noun = f"class {subject['class']}" if subject["class"] else "no class"
+        lines.append(
+            f"  {subject['name']:<{width}}  {noun}: {subject['references']} references, "
+            f"{subject['prompts']} prompts, {subject['jobs']} jobs"
+        )
+    lines.append(f"jobs      {summary['jobs']:,} (limit {summary['max_jobs']:,})")
+    lines.append("images    " + ", ".join(f"{size}: {n:,}" for size, n in summary["images_per_size"].items()))
+    lines.append("ok: the manifest is valid; nothing was generated")
+    return "\n".join(lines)
