@@ -16,8 +16,13 @@ import torch
 
 from squeeze_cli.errors import ModelLoadError, UsageError
 from squeeze_cli.manifest.schema import ModelSpec
+from squeeze_cli.params import Dtype
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a `params.Dtype` name."""
+    return getattr(torch, Dtype(name).value)
+
 
 # Bump when the tiny builder changes what it writes, so old caches are not reused.
 TINY_FORMAT = 2  # bumped when the tiny checkpoint's layout or class paths change
@@ -145,7 +150,7 @@ def load_pipeline(
             file=sys.stderr,
             flush=True,
         )
-    dtype = DTYPES[spec.dtype]
+    dtype = torch_dtype(spec.dtype)
     source = str(ensure_tiny_checkpoint(spec.family or "internvl")) if spec.builtin else spec.pipeline
     components = dict(spec.components)
     if source is None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from squeeze_cli.errors import ManifestError, Problem
+from squeeze_cli.manifest.resolve import too_many_jobs
 from squeeze_cli.params import SamplingParams
 
 if TYPE_CHECKING:
@@ -107,11 +108,6 @@ def job_id(
     return hasher.hexdigest()[:JOB_ID_LENGTH]
 
 
-def count_jobs(manifest: LoadedManifest) -> int:
-    """Number of jobs without building them (seed ranges are never expanded here)."""
-    return sum(len(prompt.seeds) for subject in manifest.subjects for prompt in subject.prompts)
-
-
 def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -> list[Job]:
     """Expand a loaded manifest into its jobs, ordered by subject, then prompt, then seed.
 
@@ -123,9 +119,10 @@ def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -
     Raises:
         `ManifestError`: the plan has more than `max_jobs` jobs.
     """
-    total = count_jobs(manifest)
+    total = manifest.num_jobs
     if total > max_jobs:
-        raise ManifestError([too_many_jobs_problem(str(manifest.path), total, max_jobs)])
+        message, hint = too_many_jobs(total, max_jobs)
+        raise ManifestError([Problem(str(manifest.path), None, None, "subjects", message, hint)])
 
     digest_cache: dict[str, bytes] = {}
     params_cache: dict[SamplingParams, tuple[str, float]] = {}
@@ -166,17 +163,6 @@ def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -
                 )
                 index += 1
     return jobs
-
-
-def too_many_jobs_problem(file: str, total: int, max_jobs: int) -> Problem:
-    return Problem(
-        file=file,
-        line=None,
-        column=None,
-        field="subjects",
-        message=f"the manifest plans {total:,} jobs, more than the limit of {max_jobs:,}",
-        hint="raise it with `--max-jobs N` or `max_jobs: N` if that many images is intended",
-    )
 
 
 # Sharding --------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ class LoadedManifest:
 
     @property
     def num_jobs(self) -> int:
-        return _count_jobs(self.subjects)
+        return count_jobs(self.subjects)
 
     def resolved_dict(self) -> dict[str, Any]:
         """A self-contained manifest that plans the same jobs: every path absolute, every value explicit.
@@ -113,8 +113,17 @@ class LoadedManifest:
         )
 
 
-def _count_jobs(subjects: Iterable[ResolvedSubject]) -> int:
+def count_jobs(subjects: Iterable[ResolvedSubject]) -> int:
+    """Number of jobs without building them (seed ranges are never expanded here)."""
     return sum(len(prompt.seeds) for subject in subjects for prompt in subject.prompts)
+
+
+def too_many_jobs(total: int, limit: int) -> tuple[str, str]:
+    """The message and hint of a plan over the job limit."""
+    return (
+        f"the manifest plans {total:,} jobs, more than the limit of {limit:,}",
+        "raise it with `--max-jobs N` or `max_jobs: N` if that many images is intended",
+    )
 
 
 def _seeds_to_yaml(seeds: Sequence[int]) -> Any:
@@ -215,13 +224,9 @@ class _Resolver:
                 self.check_invalid_subject(index)
 
         limit = max_jobs or (self.head.max_jobs if self.head is not None else None) or DEFAULT_MAX_JOBS
-        total = _count_jobs(subjects)
+        total = count_jobs(subjects)
         if total > limit:
-            self.problem(
-                ("subjects",),
-                f"the manifest plans {total:,} jobs, more than the limit of {limit:,}",
-                "raise it with `--max-jobs N` or `max_jobs: N` if that many images is intended",
-            )
+            self.problem(("subjects",), *too_many_jobs(total, limit))
         output_dir = self.resolve_output_dir() if self.head is not None else None
         if self.problems or model is None or self.head is None or None in self.subjects:
             return None

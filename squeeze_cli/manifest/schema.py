@@ -26,12 +26,13 @@ from pydantic import (
 )
 
 from squeeze_cli.manifest.located import schema_error
-from squeeze_cli.params import SAMPLING_KEYS
+from squeeze_cli.params import FAMILY_ADAPTERS, PAPER_STAGE_THRESHOLDS, SAMPLING_KEYS, Dtype
 
 MANIFEST_VERSION = 1
 # Plans above this many jobs are refused unless raised with `--max-jobs` or `max_jobs:`; it catches a
 # typo like `count: 1000000` before it turns into a week of GPU time.
 DEFAULT_MAX_JOBS = 100_000
+PAPER_THRESHOLDS_HINT = f"the paper uses {list(PAPER_STAGE_THRESHOLDS)}"
 MAX_SEED = 2**63 - 1
 MAX_SIDE = 8192  # of a generated image
 
@@ -74,16 +75,14 @@ def _finite_number(minimum: float, hint: str | None = None) -> Callable[[float],
 
 def _thresholds(value: Any) -> Any:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise schema_error("must be a list of two numbers [τ1, τ2]", "the paper uses [0.95, 0.85]")
+        raise schema_error("must be a list of two numbers [τ1, τ2]", PAPER_THRESHOLDS_HINT)
     return value
 
 
 def _thresholds_order(value: tuple[float, float]) -> tuple[float, float]:
     high, low = value
     if not all(math.isfinite(t) and 0.0 <= t <= 1.0 for t in value):
-        raise schema_error(
-            f"both thresholds must be in [0, 1], got [{high}, {low}]", "the paper uses [0.95, 0.85]"
-        )
+        raise schema_error(f"both thresholds must be in [0, 1], got [{high}, {low}]", PAPER_THRESHOLDS_HINT)
     if high < low:
         raise schema_error(f"τ1 must be ≥ τ2, got [{high}, {low}]", f"swap them: [{low}, {high}]")
     return (float(high), float(low))
@@ -255,10 +254,10 @@ class ModelSpec(StrictModel):
 
     builtin: Literal["tiny"] | None = None
     pipeline: Annotated[StrictStr, AfterValidator(non_empty)] | None = None
-    family: Literal["internvl", "qwen2_5_vl"] | None = None
+    family: Literal[tuple(FAMILY_ADAPTERS)] | None = None
     components: dict[Literal[COMPONENT_NAMES], ComponentSource] = Field(default_factory=dict)
     lora: LoraSpec | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Literal[tuple(Dtype.__members__)] = Dtype.bfloat16.value
     trust_remote_code: StrictBool = False
 
     @model_validator(mode="after")

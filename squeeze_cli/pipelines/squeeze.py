@@ -32,6 +32,8 @@ from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel
 
+from squeeze_cli.params import PAPER_STAGE_THRESHOLDS
+
 from .aggregator import DualLayerAggregator
 from .mllm import MLLMEncoder, MLLMEncoding, PrefixCache
 from .stages import STAGE_MLLM, STAGE_REFERENCE, StagePlan, stage_plan
@@ -658,7 +660,7 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         width: int | None = None,
         num_inference_steps: int = 28,
         guidance_scale: float = 2.5,
-        stage_thresholds: tuple[float, float] = (0.95, 0.85),
+        stage_thresholds: tuple[float, float] = PAPER_STAGE_THRESHOLDS,
         keep_mllm_condition: bool = False,
         reference_size: int = 512,
         num_images_per_prompt: int = 1,

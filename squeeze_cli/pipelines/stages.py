@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from squeeze_cli.params import PAPER_STAGE_THRESHOLDS
+
 __all__ = [
     "DEFAULT_SCHEDULER_CONFIG",
     "STAGE_MLLM",
@@ -70,7 +72,7 @@ class StagePlan:
     shifted_sigmas: tuple[float, ...]
     mu: float | None
     stages: tuple[int, ...]
-    stage_thresholds: tuple[float, float] = (0.95, 0.85)
+    stage_thresholds: tuple[float, float] = PAPER_STAGE_THRESHOLDS
 
     @property
     def counts(self) -> tuple[int, int, int]:
@@ -125,7 +127,7 @@ def stage_plan(
     num_inference_steps: int,
     height: int,
     width: int,
-    stage_thresholds: Sequence[float] = (0.95, 0.85),
+    stage_thresholds: Sequence[float] = PAPER_STAGE_THRESHOLDS,
     scheduler_config: Mapping[str, Any] | None = None,
     vae_scale_factor: int = 8,
 ) -> StagePlan:
