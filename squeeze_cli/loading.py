@@ -172,6 +172,13 @@ def load_pipeline(
         raise _load_error("the pipeline", source or "components", error, "model.pipeline") from error
     # The MLLM is loaded by transformers with `dtype`; diffusers' `torch_dtype` covers the rest.
     pipe.mllm.to(dtype)
+    model_type = pipe.mllm.config.model_type
+    if spec.family is not None and model_type != spec.family:
+        raise ModelLoadError(
+            f"model.family is {spec.family!r} but the MLLM loaded from {source or spec.components['mllm'].path} "
+            f"is {model_type!r}",
+            f"set `family: {model_type}` or remove `family` (it is read from the checkpoint)",
+        )
 
     if spec.lora is not None:
         try:

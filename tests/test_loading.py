@@ -125,3 +125,9 @@ def test_trust_remote_code_is_off_unless_the_preset_asks_and_then_warns(tiny_dir
     assert "trust_remote_code" not in capsys.readouterr().err
     load_pipeline(ModelSpec(pipeline=str(tiny_dir), dtype="float32", trust_remote_code=True))
     assert "warning: the preset sets trust_remote_code" in capsys.readouterr().err
+
+
+def test_a_family_that_is_not_the_checkpoints_is_an_error(tiny_dir: Path) -> None:
+    with pytest.raises(ModelLoadError, match="model.family is 'qwen2_5_vl' but the MLLM .* is 'internvl'"):
+        load_pipeline(ModelSpec(pipeline=str(tiny_dir), family="qwen2_5_vl", dtype="float32"))
+    assert load_pipeline(ModelSpec(pipeline=str(tiny_dir), family="internvl", dtype="float32")) is not None

@@ -277,12 +277,11 @@ def test_image_record_holds_everything_needed_to_reproduce(tmp_path):
     assert "True CFG scale: 4.0" in outputs.parameters_text(record)
 
 
-def test_image_record_takes_a_stage_plan_object():
+def test_image_record_of_a_real_stage_plan():
     from squeeze_cli.pipelines.stages import stage_plan
 
-    record = image_record(
-        make_job(), preset_name="paper", model_info={}, stage_plan=stage_plan(28, 512, 512), timings={}
-    )
+    plan = stage_plan(28, 512, 512).to_dict()
+    record = image_record(make_job(), preset_name="paper", model_info={}, stage_plan=plan, timings={})
     assert record["steps_per_stage"] == {"mllm_only": 3, "mllm_and_reference": 4, "reference": 21}
     assert len(record["stage_plan"]["stages"]) == 28 and record["versions"]["squeeze_cli"]
     assert "Stage steps: 3/4/21" in outputs.parameters_text(record)
@@ -381,7 +380,7 @@ def test_repair_index_drops_broken_and_duplicate_lines_and_adds_missing_ones(tmp
     assert temp_files(tmp_path) == []
 
     mtime = (tmp_path / "index.jsonl").stat().st_mtime_ns
-    assert repair_index(tmp_path, list(records.values()), pending_job_ids=[jobs[4].job_id]) is False
+    assert repair_index(tmp_path, records, pending_job_ids=[jobs[4].job_id]) is False
     assert (tmp_path / "index.jsonl").stat().st_mtime_ns == mtime
 
 

@@ -149,7 +149,7 @@ def read_index(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def repair_index(
     out_dir: str | os.PathLike,
-    done_records: Mapping[str, Mapping[str, Any]] | Iterable[Mapping[str, Any]],
+    done_records: Mapping[str, Mapping[str, Any]],
     *,
     pending_job_ids: Iterable[str] = (),
 ) -> bool:
@@ -165,15 +165,12 @@ def repair_index(
     changed. Call it once, before any worker appends.
 
     Args:
-        done_records: `finished_records(...)`, as a `{job_id: record}` mapping or a list of records.
+        done_records: `finished_records(...)`: `{job_id: record}` of the finished images.
 
     Returns:
         `bool`: whether the index was rewritten.
     """
-    if isinstance(done_records, Mapping):
-        done = {job_id: dict(record) for job_id, record in done_records.items()}
-    else:
-        done = {record["job_id"]: dict(record) for record in done_records}
+    done = {job_id: dict(record) for job_id, record in done_records.items()}
     pending = set(pending_job_ids) - set(done)
     path = index_path(out_dir)
     entries, changed = _parse_index(path)

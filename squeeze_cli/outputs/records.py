@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -57,24 +56,10 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _params_dict(params: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(params) and not isinstance(params, type):
-        params = dataclasses.asdict(params)
-    return json.loads(json.dumps(dict(params), default=json_default))  # tuples → lists, plain JSON
-
-
-def _stage_counts(stage_plan: Mapping[str, Any]) -> list[int] | None:
-    if "counts" in stage_plan:
-        return [int(count) for count in stage_plan["counts"]]
-    if "stages" in stage_plan:
-        stages = list(stage_plan["stages"])
-        return [stages.count(stage) for stage in (1, 2, 3)]
-    return None
-
-
-def _steps_per_stage(counts: list[int] | None) -> dict[str, int] | None:
-    if counts is None or len(counts) != 3:
+def _steps_per_stage(stage_plan: Mapping[str, Any] | None) -> dict[str, int] | None:
+    if stage_plan is None:
         return None
+    counts = stage_plan["counts"]
     return {"mllm_only": counts[0], "mllm_and_reference": counts[1], "reference": counts[2]}
 
 
@@ -83,7 +68,7 @@ def image_record(
     *,
     preset_name: str,
     model_info: Mapping[str, Any],
-    stage_plan: Mapping[str, Any] | Any,
+    stage_plan: Mapping[str, Any] | None,
     timings: Mapping[str, float],
     versions: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -92,15 +77,12 @@ def image_record(
     Args:
         job (`Job`): the planned job the image was made for.
         preset_name (`str`): the model preset (`tiny`, `paper`, a path).
-        model_info (`dict`): model ids and revisions, e.g. `{"transformer": {"id": ..., "revision": ...}}`.
-        stage_plan (`dict` or `StagePlan`): the denoising stage schedule (`StagePlan.to_dict()`).
-        timings (`dict`): seconds spent, e.g. `{"denoise": 3.1, "decode": 0.2, "total": 3.6}`.
+        model_info (`dict`): the resolved model section of the manifest (`ModelSpec.model_dump(mode="json")`).
+        stage_plan (`dict`, *optional*): `StagePlan.to_dict()` of the denoising schedule; `None` for a pipeline
+            without stages.
+        timings (`dict`): seconds spent, e.g. `{"total": 3.6, "batch": 7.2, "batch_size": 2}`.
         versions (`dict`, *optional*): package versions; `package_versions()` when not given.
     """
-    if not isinstance(stage_plan, Mapping) and hasattr(stage_plan, "to_dict"):
-        stage_plan = stage_plan.to_dict()
-    stage_plan = dict(stage_plan)
-    counts = _stage_counts(stage_plan)
     return {
         "format": RECORD_FORMAT,
         "job_id": job.job_id,
@@ -111,9 +93,9 @@ def image_record(
         "prompt_index": job.prompt_index,
         "prompt": job.prompt,
         "seed": job.seed,
-        "params": _params_dict(job.params),
-        "stage_plan": stage_plan,
-        "steps_per_stage": _steps_per_stage(counts),
+        "params": job.params.to_dict(),
+        "stage_plan": dict(stage_plan) if stage_plan is not None else None,
+        "steps_per_stage": _steps_per_stage(stage_plan),
         "references": list(job.references),
         "preset": preset_name,
         "model": json.loads(json.dumps(dict(model_info), default=json_default)),
@@ -153,9 +135,9 @@ def parameters_text(record: Mapping[str, Any]) -> str:
     thresholds = params.get("stage_thresholds")
     if thresholds is not None:
         fields["Stage thresholds"] = "/".join(str(t) for t in thresholds)
-    counts = _stage_counts(record.get("stage_plan") or {})
-    if counts:
-        fields["Stage steps"] = "/".join(str(c) for c in counts)
+    stage_plan = record.get("stage_plan")
+    if stage_plan:
+        fields["Stage steps"] = "/".join(str(count) for count in stage_plan["counts"])
     if params.get("keep_mllm_condition"):
         fields["Keep MLLM condition"] = True
     if params.get("reference_size") is not None:

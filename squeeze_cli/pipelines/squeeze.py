@@ -90,13 +90,11 @@ class SubjectCondition:
             references, e.g. when only precomputed reference latents are given).
         image_tokens: the aggregated image tokens of the prefix, (n_image_tokens, joint_attention_dim).
         reference_latents: per reference, normalised VAE latents of shape (latent_channels, h, w).
-        reference_size: the side the references were resized to.
     """
 
     prefix: PrefixCache | None
     image_tokens: torch.Tensor | None
     reference_latents: list[torch.Tensor]
-    reference_size: int | None = None
 
     @property
     def num_references(self) -> int:
@@ -193,12 +191,6 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
             self._mllm_encoder_key = key
         return self._mllm_encoder
 
-    def _aggregate(
-        self, encoding: MLLMEncoding, image_tokens: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, pooled = self.aggregator(encoding, image_tokens=image_tokens)
-        return embeds, pooled
-
     @torch.no_grad()
     def encode_null_condition(
         self, device: torch.device | None = None, dtype: torch.dtype | None = None
@@ -213,7 +205,7 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         """
         key = (id(self.mllm), id(self.aggregator))
         if self._null_condition is None or self._null_condition_key != key:
-            embeds, pooled = self._aggregate(self.mllm_encoder.encode_null())
+            embeds, pooled = self.aggregator(self.mllm_encoder.encode_null())
             self._null_condition = (embeds.detach(), pooled.detach())
             self._null_condition_key = key
         embeds, pooled = self._null_condition
@@ -244,53 +236,71 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
     @torch.no_grad()
     def encode_prompt(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         subject_condition: SubjectCondition | None = None,
         num_images_per_prompt: int = 1,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         r"""
         Encode instructions with the MLLM (on top of the subject's cached reference prefix) and aggregate
-        them.
+        them, or take precomputed embeddings; either way repeated for `num_images_per_prompt`.
 
         Args:
-            prompt (`str` or `list[str]`):
-                The instruction(s).
+            prompt (`str` or `list[str]`, *optional*):
+                The instruction(s); not needed when `prompt_embeds` is given.
             subject_condition (`SubjectCondition`, *optional*):
                 From `encode_subject`. Its prefix cache is reused, so only each instruction's own tokens run
                 through the MLLM, and its aggregated image tokens are reused. Without it (or without a prefix)
                 the MLLM reads the instruction alone.
             num_images_per_prompt (`int`, defaults to 1):
                 Copies of each prompt's condition.
+            prompt_embeds (`torch.Tensor`, *optional*):
+                Precomputed condition (batch, sequence, joint_attention_dim), with `pooled_prompt_embeds`
+                (batch, pooled_projection_dim) and optionally `prompt_attention_mask` (batch, sequence).
 
         Returns:
             `(prompt_embeds, pooled_prompt_embeds, prompt_attention_mask)`: (B, L, joint_attention_dim),
             (B, pooled_projection_dim) and a (B, L) bool mask of real tokens (`None` when no padding was
-            needed).
+            needed), with B = batch × `num_images_per_prompt`.
         """
         device = device or self._execution_device
         dtype = dtype or self.transformer.dtype
-        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-        prefix = subject_condition.prefix if subject_condition is not None else None
+        if prompt_embeds is None:
+            prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+            prefix = subject_condition.prefix if subject_condition is not None else None
+            embeds, pooled = [], []
+            for text in prompt:
+                if prefix is not None:
+                    encoding = self.mllm_encoder.encode_instruction(prefix, text)
+                    e, p = self.aggregator(encoding, image_tokens=subject_condition.image_tokens)
+                else:
+                    e, p = self.aggregator(self.mllm_encoder.encode([], text))
+                embeds.append(e)
+                pooled.append(p)
+            prompt_embeds, prompt_attention_mask = self._pad_conditions(embeds)
+            pooled_prompt_embeds = torch.stack(pooled)
 
-        embeds, pooled = [], []
-        for text in prompt:
-            if prefix is not None:
-                encoding = self.mllm_encoder.encode_instruction(prefix, text)
-                e, p = self._aggregate(encoding, image_tokens=subject_condition.image_tokens)
-            else:
-                e, p = self._aggregate(self.mllm_encoder.encode([], text))
-            for _ in range(num_images_per_prompt):
-                embeds.append(e.to(device=device, dtype=dtype))
-                pooled.append(p.to(device=device, dtype=dtype))
-        prompt_embeds, prompt_attention_mask = self._pad_conditions(embeds)
-        return prompt_embeds, torch.stack(pooled), prompt_attention_mask
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(
+            num_images_per_prompt, 0
+        )
+        pooled_prompt_embeds = pooled_prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(
+            num_images_per_prompt, 0
+        )
+        if prompt_attention_mask is not None:
+            prompt_attention_mask = prompt_attention_mask.to(
+                device=device, dtype=torch.bool
+            ).repeat_interleave(num_images_per_prompt, 0)
+        return prompt_embeds, pooled_prompt_embeds, prompt_attention_mask
 
     # ----------------------------------------------------------------------------------------------------
     # References
     # ----------------------------------------------------------------------------------------------------
 
+    # Adapted from diffusers.pipelines.flux.pipeline_flux_kontext.FluxKontextPipeline._encode_vae_image
     def _encode_vae_image(self, image: torch.Tensor) -> torch.Tensor:
         # The distribution's mode, not a sample: a subject's reference latents are deterministic.
         latents = self.vae.encode(image).latent_dist.mode()
@@ -350,14 +360,13 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         prefix = self.mllm_encoder.encode_prefix(reference_images)
         # Through the aggregator's forward (not `aggregate_image_tokens`) so offload hooks see the call; the
         # prefix has no text positions, so this is exactly its image tokens.
-        image_tokens, _ = self._aggregate(
+        image_tokens, _ = self.aggregator(
             MLLMEncoding(prefix.hidden_states, prefix.image_mask, prefix.text_mask)
         )
         return SubjectCondition(
             prefix=prefix,
             image_tokens=image_tokens.detach(),
             reference_latents=self.encode_references(reference_images, reference_size),
-            reference_size=reference_size,
         )
 
     def _prepare_reference_tokens(
@@ -385,6 +394,7 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
     # Checks
     # ----------------------------------------------------------------------------------------------------
 
+    # Adapted from diffusers.pipelines.flux.pipeline_flux.FluxPipeline.check_inputs
     def check_inputs(
         self,
         prompt,
@@ -572,6 +582,7 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         latents = latents.reshape(batch_size, channels // (2 * 2), height, width)
         return latents
 
+    # Adapted from diffusers.pipelines.flux.pipeline_flux.FluxPipeline.prepare_latents
     def prepare_latents(
         self,
         batch_size: int,
@@ -809,20 +820,16 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
             )
 
         # 4. Conditions: per-prompt MLLM condition, the null condition (stage 3) and the optional negative.
-        if prompt_embeds is None:
-            prompt_embeds, pooled_prompt_embeds, prompt_attention_mask = self.encode_prompt(
-                prompt, subject_condition, num_images_per_prompt, device=device, dtype=dtype
-            )
-        else:
-            prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(
-                num_images_per_prompt, 0
-            )
-            pooled_prompt_embeds = pooled_prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(
-                num_images_per_prompt, 0
-            )
-            if prompt_attention_mask is not None:
-                prompt_attention_mask = prompt_attention_mask.to(device=device, dtype=torch.bool)
-                prompt_attention_mask = prompt_attention_mask.repeat_interleave(num_images_per_prompt, 0)
+        prompt_embeds, pooled_prompt_embeds, prompt_attention_mask = self.encode_prompt(
+            prompt,
+            subject_condition,
+            num_images_per_prompt,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            prompt_attention_mask,
+            device=device,
+            dtype=dtype,
+        )
         total_batch = batch_size * num_images_per_prompt
 
         uses_null_condition = not keep_mllm_condition and STAGE_REFERENCE in plan.stages
@@ -838,26 +845,21 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
                 f"`true_cfg_scale` is {true_cfg_scale} but no `negative_prompt` was given; CFG is off."
             )
         if do_true_cfg:
-            if negative_prompt_embeds is None:
-                negatives = (
-                    [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
+            negatives = (
+                [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
+            )
+            negative_prompt_embeds, negative_pooled_prompt_embeds, negative_prompt_attention_mask = (
+                self.encode_prompt(
+                    negatives,
+                    subject_condition,
+                    num_images_per_prompt,
+                    negative_prompt_embeds,
+                    negative_pooled_prompt_embeds,
+                    negative_prompt_attention_mask,
+                    device=device,
+                    dtype=dtype,
                 )
-                negative_prompt_embeds, negative_pooled_prompt_embeds, negative_prompt_attention_mask = (
-                    self.encode_prompt(
-                        negatives, subject_condition, num_images_per_prompt, device=device, dtype=dtype
-                    )
-                )
-            else:
-                negative_prompt_embeds = negative_prompt_embeds.to(
-                    device=device, dtype=dtype
-                ).repeat_interleave(num_images_per_prompt, 0)
-                negative_pooled_prompt_embeds = negative_pooled_prompt_embeds.to(
-                    device=device, dtype=dtype
-                ).repeat_interleave(num_images_per_prompt, 0)
-                if negative_prompt_attention_mask is not None:
-                    negative_prompt_attention_mask = negative_prompt_attention_mask.to(
-                        device=device, dtype=torch.bool
-                    ).repeat_interleave(num_images_per_prompt, 0)
+            )
 
         # 5. Latents and reference tokens
         num_channels_latents = self.transformer.config.in_channels // 4
