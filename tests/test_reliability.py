@@ -95,14 +95,37 @@ def planned_jobs(manifest: Path):
 # Subprocesses ---------------------------------------------------------------------------------------
 
 
-def subprocess_env(cache: str) -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "SQUEEZE_CACHE": cache, "OMP_NUM_THREADS": "1"}
+def subprocess_env(cache: str, **extra: str) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "SQUEEZE_CACHE": cache, "OMP_NUM_THREADS": "1", **extra}
+
+
+# Loaded by the child Python through PYTHONPATH: every batch after the first says so in `<gate>.waiting` and
+# waits until the gate file exists, so a test can signal a run at a known point however loaded the machine is.
+GATE_HOOK = """
+import os, time
+from squeeze_cli.gen import runner
+
+_generate, _calls = runner.Runner._generate, []
+
+
+def _gated(self, batch, condition):
+    if _calls:
+        open(os.environ["SQUEEZE_TEST_GATE"] + ".waiting", "w").close()
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.environ["SQUEEZE_TEST_GATE"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    _calls.append(batch)
+    return _generate(self, batch, condition)
+
+
+runner.Runner._generate = _gated
+"""
 
 
 class GenProcess:
     """`python -m squeeze_cli gen ... --json` with its JSON events timestamped as they arrive."""
 
-    def __init__(self, manifest: Path, out: Path, cache: str, *extra: str):
+    def __init__(self, manifest: Path, out: Path, cache: str, *extra: str, env: dict[str, str] | None = None):
         self.started = time.monotonic()
         self.stderr_path = out.parent / f"{out.name}.{time.monotonic_ns()}.stderr"
         with open(self.stderr_path, "w") as stderr:
@@ -121,7 +144,7 @@ class GenProcess:
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 text=True,
-                env=subprocess_env(cache),
+                env=subprocess_env(cache, **(env or {})),
             )
         self.events: queue.Queue = queue.Queue()
         self.seen: list[tuple[float, dict]] = []
@@ -308,23 +331,27 @@ def test_sigkill_at_random_moments(project: Path, tiny_cache: str) -> None:
 @pytest.mark.slow
 def test_sigint_and_sigterm_stop_after_the_current_batch(project: Path, tiny_cache: str) -> None:
     manifest = project / "m.yaml"
-    # Slower jobs (20 steps at 64x64), so that the signal lands well before the end even on a busy machine.
-    slow = (
-        "--set",
-        "defaults.num_inference_steps=20",
-        "--set",
-        "defaults.height=64",
-        "--set",
-        "defaults.width=64",
-    )
-    jobs = planned_jobs_with(manifest, slow)
-    runs = {
-        signal.SIGINT: GenProcess(manifest, project / "int", tiny_cache, *slow),
-        signal.SIGTERM: GenProcess(manifest, project / "term", tiny_cache, *slow),
-    }
+    jobs = planned_jobs(manifest)
+    hook = project / "gate-hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(GATE_HOOK)
+    runs, gates = {}, {}
+    for signum, name in ((signal.SIGINT, "int"), (signal.SIGTERM, "term")):
+        gates[signum] = project / f"{name}.gate"
+        env = {"PYTHONPATH": str(hook), "SQUEEZE_TEST_GATE": str(gates[signum])}
+        runs[signum] = GenProcess(manifest, project / name, tiny_cache, env=env)
     for signum, process in runs.items():
-        assert process.wait_for("job_finished") is not None, process.stderr[-3000:]
+        # The first job is done and the second waits at the gate: the signal lands during the second batch.
+        waiting = Path(f"{gates[signum]}.waiting")
+        deadline = time.monotonic() + 120
+        while not waiting.exists() and process.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert waiting.exists(), process.stderr[-3000:]
         process.proc.send_signal(signum)
+        deadline = time.monotonic() + 60  # the gate opens once the run has taken the signal in
+        while "stopping after the current batch" not in process.stderr and time.monotonic() < deadline:
+            time.sleep(0.02)
+        gates[signum].touch()
     for signum, process in runs.items():
         code = process.finish()
         out = project / ("int" if signum == signal.SIGINT else "term")
@@ -334,14 +361,14 @@ def test_sigint_and_sigterm_stop_after_the_current_batch(project: Path, tiny_cac
         summary = json.loads((out / "run.json").read_text())
         finished = [event for _, event in process.seen if event["event"] == "job_finished"]
         assert summary["status"] == "interrupted"
-        assert summary["jobs"]["succeeded"] == len(finished) and 1 <= len(finished) < NUM_JOBS
+        assert summary["jobs"]["succeeded"] == len(finished) == 2
         assert summary["jobs"]["planned"] == NUM_JOBS and summary["jobs"]["failed"] == 0
         assert process.seen[-1][1]["event"] == "run_summary"
         assert_finished_intact(out, jobs, {event["job_id"] for event in finished})
         assert not list(out.glob("*/grid-*.png"))  # a stopped run does not wait for its grids
 
     reruns = {
-        signum: GenProcess(manifest, project / out, tiny_cache, *slow)
+        signum: GenProcess(manifest, project / out, tiny_cache)
         for signum, out in ((signal.SIGINT, "int"), (signal.SIGTERM, "term"))
     }
     for signum, process in reruns.items():
@@ -352,15 +379,6 @@ def test_sigint_and_sigterm_stop_after_the_current_batch(project: Path, tiny_cac
         assert summary["jobs"]["skipped"] == stopped and summary["jobs"]["succeeded"] == NUM_JOBS - stopped
         assert_complete(out, jobs)
         assert len(list(out.glob("*/grid-*.png"))) == 4
-
-
-def planned_jobs_with(manifest: Path, overrides: tuple[str, ...]):
-    from squeeze_cli.manifest.resolve import load_manifest
-    from squeeze_cli.plan import plan_jobs
-
-    sets = [value for flag, value in zip(overrides[0::2], overrides[1::2], strict=True) if flag == "--set"]
-    loaded = load_manifest(str(manifest), sets)
-    return plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
 
 
 def test_a_signal_before_anything_is_written_stops_at_once_and_a_second_one_too() -> None:
