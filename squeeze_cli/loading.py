@@ -175,7 +175,8 @@ def load_pipeline(
     model_type = pipe.mllm.config.model_type
     if spec.family is not None and model_type != spec.family:
         raise ModelLoadError(
-            f"model.family is {spec.family!r} but the MLLM loaded from {source or spec.components['mllm'].path} "
+            f"model.family is {spec.family!r} but the MLLM loaded from "
+            f"{source or spec.components['mllm'].path} "
             f"is {model_type!r}",
             f"set `family: {model_type}` or remove `family` (it is read from the checkpoint)",
         )

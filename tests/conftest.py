@@ -1,9 +1,10 @@
-"""Small generic fixtures shared by the test modules: images and YAML files in a temporary folder, and
-the ``squeeze`` command run in this process."""
+"""Fixtures shared by the test modules: images and YAML files in a temporary folder, a project folder with
+the example photos, planning a manifest, and the ``squeeze`` command run in this process."""
 
 from __future__ import annotations
 
 import io
+import shutil
 import sys
 import textwrap
 from collections.abc import Callable
@@ -13,6 +14,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_IMAGES = REPO_ROOT / "examples" / "images"
 
 
 @pytest.fixture
@@ -41,6 +45,34 @@ def write_file(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def make_project(tmp_path: Path) -> Callable[..., Path]:
+    """``make_project(m=TEXT, other=TEXT)``: tmp_path with the example photos in ``images/`` and each
+    manifest written as ``<name>.yaml``; returns tmp_path."""
+
+    def make(**manifests: str) -> Path:
+        if not (tmp_path / "images").exists():
+            shutil.copytree(EXAMPLE_IMAGES, tmp_path / "images")
+        for name, text in manifests.items():
+            (tmp_path / f"{name}.yaml").write_text(text)
+        return tmp_path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def plan_of() -> Callable[..., list]:
+    """``plan_of(path, *set_overrides)``: the jobs `squeeze gen` would plan for a manifest."""
+    from squeeze_cli.manifest import load_manifest
+    from squeeze_cli.plan import plan_jobs
+
+    def plan(path: str | Path, *overrides: str) -> list:
+        loaded = load_manifest(str(path), overrides)
+        return plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
+
+    return plan
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ import json
 import os
 import queue
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,9 +24,6 @@ from PIL import Image
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_INVALID, EXIT_JOBS_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
-
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE_IMAGES = REPO / "examples" / "images"
 
 # 2 subjects x 2 prompts x 3 seeds = 12 jobs of 32x32 in 2 steps: the tiny model does one in ~50 ms.
 MANIFEST = """\
@@ -66,11 +62,8 @@ def tiny_cache() -> str:
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Path:
-    shutil.copytree(EXAMPLE_IMAGES, tmp_path / "images")
-    (tmp_path / "m.yaml").write_text(MANIFEST.format(seeds="[0, 1, 2]"))
-    (tmp_path / "long.yaml").write_text(MANIFEST.format(seeds="{count: 40}"))
-    return tmp_path
+def project(make_project) -> Path:
+    return make_project(m=MANIFEST.format(seeds="[0, 1, 2]"), long=MANIFEST.format(seeds="{count: 40}"))
 
 
 @pytest.fixture
@@ -82,14 +75,6 @@ def gen(squeeze):
         return result.code, result.err
 
     return run
-
-
-def planned_jobs(manifest: Path):
-    from squeeze_cli.manifest.resolve import load_manifest
-    from squeeze_cli.plan import plan_jobs
-
-    loaded = load_manifest(str(manifest))
-    return plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
 
 
 # Subprocesses ---------------------------------------------------------------------------------------
@@ -229,9 +214,9 @@ def assert_finished_intact(out: Path, jobs, finished_ids: set[str]) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments(project: Path, tiny_cache: str) -> None:
+def test_sigkill_at_random_moments(project: Path, tiny_cache: str, plan_of) -> None:
     manifest = project / "m.yaml"
-    jobs = planned_jobs(manifest)
+    jobs = plan_of(manifest)
 
     # One uninterrupted run: the reference pixels, and the timeline the kills are scaled to.
     reference = GenProcess(manifest, project / "reference", tiny_cache)
@@ -329,9 +314,9 @@ def test_sigkill_at_random_moments(project: Path, tiny_cache: str) -> None:
 
 
 @pytest.mark.slow
-def test_sigint_and_sigterm_stop_after_the_current_batch(project: Path, tiny_cache: str) -> None:
+def test_sigint_and_sigterm_stop_after_the_current_batch(project: Path, tiny_cache: str, plan_of) -> None:
     manifest = project / "m.yaml"
-    jobs = planned_jobs(manifest)
+    jobs = plan_of(manifest)
     hook = project / "gate-hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(GATE_HOOK)
@@ -427,7 +412,7 @@ def test_a_second_gen_on_a_directory_in_use_is_refused(project: Path, tiny_cache
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"  # the first run's
 
 
-def test_a_lock_left_by_a_killed_process_is_taken_over(project: Path, gen) -> None:
+def test_a_lock_left_by_a_killed_process_is_taken_over(project: Path, gen, plan_of) -> None:
     out = project / "out"
     out.mkdir()
     holder = subprocess.Popen(
@@ -455,10 +440,10 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(project: Path, gen) -> No
     assert code == EXIT_OK, stderr
     assert "in use" not in stderr and "lock" not in stderr.lower()  # taken over silently
     assert (out / ".squeeze.lock").read_text() == str(os.getpid())
-    assert_complete(out, planned_jobs(project / "m.yaml"))
+    assert_complete(out, plan_of(project / "m.yaml"))
 
 
-def test_a_stale_lock_file_with_a_dead_pid_is_taken_over(project: Path, gen) -> None:
+def test_a_stale_lock_file_with_a_dead_pid_is_taken_over(project: Path, gen, plan_of) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     out = project / "out"
@@ -467,7 +452,7 @@ def test_a_stale_lock_file_with_a_dead_pid_is_taken_over(project: Path, gen) -> 
     code, stderr = gen(str(project / "m.yaml"), "--out", str(out), "--quiet")
     assert code == EXIT_OK, stderr
     assert "in use" not in stderr
-    assert_complete(out, planned_jobs(project / "m.yaml"))
+    assert_complete(out, plan_of(project / "m.yaml"))
 
 
 # Disk full / permission denied -----------------------------------------------------------------------
@@ -531,10 +516,10 @@ def fail_writes(
     ids=["png-enospc", "sidecar-eacces", "index-short-write", "png-short-write"],
 )
 def test_a_write_error_stops_the_run_and_keeps_what_finished(
-    project: Path, gen, monkeypatch, call, target, error, persistent
+    project: Path, gen, monkeypatch, call, target, error, persistent, plan_of
 ) -> None:
     out = project / "out"
-    jobs = planned_jobs(project / "m.yaml")
+    jobs = plan_of(project / "m.yaml")
     state = fail_writes(
         monkeypatch, out, call=call, after=3, error=error, persistent=persistent, target=target
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,9 +14,6 @@ import pytest
 from PIL import Image
 
 from squeeze_cli import outputs
-
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE_IMAGES = REPO / "examples" / "images"
 
 MANIFEST = """\
 version: 1
@@ -46,10 +42,8 @@ NUM_JOBS = 3 + 1 + 3
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Path:
-    shutil.copytree(EXAMPLE_IMAGES, tmp_path / "images")
-    (tmp_path / "m.yaml").write_text(MANIFEST)
-    return tmp_path
+def project(make_project) -> Path:
+    return make_project(m=MANIFEST)
 
 
 @pytest.fixture

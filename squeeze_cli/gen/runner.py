@@ -306,7 +306,8 @@ class GenRun:
 
     def prepare(self) -> None:
         """Lock, find the finished jobs, load the model and check every instruction: nothing is written, so
-        bad input leaves no trace; an output folder that exists is locked first, to refuse a second run early."""
+        bad input leaves no trace; an output folder that exists is locked first, to refuse a second run
+        early."""
         if self.lock is not None and self.run_dir.is_dir():
             self.lock.acquire()
         # One read of the sidecars serves both the skip decision and the index repair.
@@ -325,7 +326,8 @@ class GenRun:
             raise ManifestError(problems)
 
     def open(self) -> None:
-        """The first writes: from here on a signal lets the current batch finish and the summary be written."""
+        """The first writes: from here on a signal lets the current batch finish and the summary be
+        written."""
         self.summary = starting_summary(
             command=self.options.command,
             shard=self.options.shard,

@@ -1,4 +1,5 @@
-"""SIGINT/SIGTERM during a run: stop at once before anything is written, after the current batch afterwards."""
+"""SIGINT/SIGTERM during a run: stop at once before anything is written, after the current batch
+afterwards."""
 
 from __future__ import annotations
 

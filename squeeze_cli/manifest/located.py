@@ -34,7 +34,7 @@ FieldPath = tuple[str | int, ...]
 
 
 def schema_error(message: str, hint: str | None = None) -> PydanticCustomError:
-    """The error a schema validator raises: `validate_schema` turns it into a located `Problem` with `hint`."""
+    """The error a schema validator raises; `validate_schema` turns it into a located `Problem`."""
     return PydanticCustomError("squeeze", "{message}", {"message": message, "hint": hint})
 
 

@@ -5,7 +5,8 @@ component, plus an optional LoRA) and sampling defaults. Merge order, later wins
 recipe < manifest (`model:`, `defaults:`, subjects, prompts) < ``--set`` < explicit CLI flags.
 Torch-free: listing and validating presets never loads a model.
 
-The YAML files live in the top-level ``recipes/`` folder, installed as the data package ``squeeze_cli.recipes``.
+The YAML files live in the top-level ``recipes/`` folder, installed as the data package
+``squeeze_cli.recipes``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The run index (`index.jsonl`, append-only whole lines, repaired from the sidecars) and the run-level files."""
+"""The run index (`index.jsonl`: append-only whole lines, repaired from the sidecars) and the other
+run-level files."""
 
 from __future__ import annotations
 

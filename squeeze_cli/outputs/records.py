@@ -78,8 +78,8 @@ def image_record(
         job (`Job`): the planned job the image was made for.
         preset_name (`str`): the model preset (`tiny`, `paper`, a path).
         model_info (`dict`): the resolved model section of the manifest (`ModelSpec.model_dump(mode="json")`).
-        stage_plan (`dict`, *optional*): `StagePlan.to_dict()` of the denoising schedule; `None` for a pipeline
-            without stages.
+        stage_plan (`dict`, *optional*): `StagePlan.to_dict()` of the denoising schedule; `None` for a
+            pipeline without stages.
         timings (`dict`): seconds spent, e.g. `{"total": 3.6, "batch": 7.2, "batch_size": 2}`.
         versions (`dict`, *optional*): package versions; `package_versions()` when not given.
     """

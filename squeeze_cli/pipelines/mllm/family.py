@@ -55,11 +55,11 @@ class MLLMFamily:
         raise NotImplementedError
 
     def image_tokens(self, width: int, height: int) -> int:
-        """Image tokens of one upright image of this size, as `preprocess` counts them, from its size alone."""
+        """Image tokens of one upright image of this size, from its size alone (as `preprocess` counts)."""
         raise NotImplementedError
 
     def expand_placeholder(self, num_tokens: int) -> list[int]:
-        """The token ids one image placeholder becomes in the model's input (as the family's processor does)."""
+        """The token ids one image placeholder becomes (as the family's processor expands it)."""
         raise NotImplementedError
 
     def position_ids(
@@ -74,7 +74,7 @@ def family_names() -> tuple[str, ...]:
 
 
 def family_adapter(name: str) -> type[MLLMFamily]:
-    """The adapter class of family `name`; an unknown family is a `ValueError`, never another family's code."""
+    """The adapter class of family `name`; an unknown family is a `ValueError`, never a fallback."""
     if name not in FAMILY_ADAPTERS:
         raise ValueError(f"Unsupported MLLM {name!r}; supported families: {', '.join(FAMILY_ADAPTERS)}.")
     module_name, _, class_name = FAMILY_ADAPTERS[name].partition(":")
