@@ -18,6 +18,7 @@ import typer
 
 from squeeze_cli import __version__
 from squeeze_cli.cli import gen, recipes, validate
+from squeeze_cli.cli.eval import dreambench_command, eval_command
 from squeeze_cli.cli.options import EPILOG
 from squeeze_cli.errors import EXIT_SIGINT, ManifestError, SqueezeError
 
@@ -54,6 +55,8 @@ def _root(
 app.command("validate")(validate.validate)
 app.command("gen", epilog=EPILOG)(gen.gen)
 app.command("recipes")(recipes.recipes_command)
+app.command("eval")(eval_command)
+app.command("dreambench")(dreambench_command)
 
 
 def _report(error: SqueezeError) -> None:

@@ -121,6 +121,11 @@ class Reporter:
                 f"{summary['status']}: {jobs['succeeded']} generated, {jobs['skipped']} already done, "
                 f"{jobs['failed']} failed, in {summary['timings']['total']:.1f}s → {summary['out']}"
             )
+            if quality := summary.get("quality"):  # the identity gate (squeeze_cli/eval/gate.py)
+                self._write(
+                    f"quality: {quality['gated']} images gated (DINO >= {quality['min_dino']:g}), "
+                    f"{quality['regenerated']} remade, {quality['still_failing']} still below"
+                )
 
     # Output ----------------------------------------------------------------------------------------------
 

@@ -81,6 +81,7 @@ class Runner:
         self.run_dir = run_dir
         self.processes = processes
         self.pipe: Any = None
+        self.gate: Any = None  # the identity gate (squeeze_cli/eval/gate.py), when the manifest has `quality`
         self.succeeded: list[str] = []
         self.failures: list[dict[str, Any]] = []
         self.timings = {"load": 0.0, "encode_subjects": 0.0, "generate": 0.0}
@@ -105,6 +106,10 @@ class Runner:
             offload=self.options.offload,
             allow_pickle=self.options.allow_pickle,
         )
+        if self.manifest.document.quality is not None:
+            from squeeze_cli.eval.gate import IdentityGate
+
+            self.gate = IdentityGate(self.manifest.document.quality, self.preset_name, device)
         self.timings["load"] = time.perf_counter() - started
 
     def check_instructions(self, jobs: Sequence[Job]) -> list[Problem]:
@@ -185,10 +190,15 @@ class Runner:
                 self._fail(job, describe_exception(error))
             return
         self.reporter.batch_finished()
+        images, qualities = result.images, [None] * len(batch)
+        if self.gate is not None:
+            images, qualities = self.gate.apply(
+                batch, images, lambda jobs, seeds: self._remake(jobs, seeds, condition)
+            )
         seconds = time.perf_counter() - started
         self.timings["generate"] += seconds
         plan = result.stage_plan.to_dict()
-        for job, image in zip(batch, result.images, strict=True):
+        for job, image, quality in zip(batch, images, qualities, strict=True):
             record = outputs.image_record(
                 job,
                 preset_name=self.preset_name,
@@ -198,6 +208,8 @@ class Runner:
                 versions=self.versions,
             )
             record["process"] = self.processes.index
+            if quality is not None:
+                record["quality"] = quality
             outputs.save_image(self.out_dir, job, image, record)
             # Finished from here on (the sidecar is the marker), whatever happens to its index line: a
             # line that cannot be written is added by the repair at the start of the next run.
@@ -205,6 +217,16 @@ class Runner:
             self.reporter.job_finished(job, record["files"]["image"], seconds / len(batch))
             if self.processes.is_main:
                 outputs.append_index(self.run_dir, outputs.index_entry(record))
+
+    def _remake(self, jobs: list[Job], seeds: list[int], condition: Any) -> list[Any]:
+        """The identity gate's next attempt: the same jobs with other seeds, in one batch."""
+        import torch
+
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        kwargs = jobs[0].params.to_pipeline_kwargs()
+        return self.pipe(
+            prompt=[job.prompt for job in jobs], subject_condition=condition, generator=generators, **kwargs
+        ).images
 
     def _on_step(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
         self.reporter.step()
@@ -385,6 +407,11 @@ class GenRun:
             _merge_index(
                 self.run_dir, finished, self.pending, failures, already_appended=self.runner.failures
             )
+            quality = self.manifest.document.quality
+            if quality is not None:
+                from squeeze_cli.eval.gate import quality_summary
+
+                self.summary["quality"] = quality_summary(finished.values(), quality)
             # Grids are a view, redrawn by the next run when out of date: a stopped run skips them.
             if self.write_error is None and self.stop.signum is None:
                 output = self.manifest.document.output

@@ -88,6 +88,7 @@ class LoadedManifest:
             "model": self.model.model_dump(mode="json"),
             "output": {**self.document.output.model_dump(mode="json"), "dir": str(self.output_dir)},
             "max_jobs": self.max_jobs,
+            **({"quality": self.document.quality.model_dump(mode="json")} if self.document.quality else {}),
             "subjects": [
                 {
                     "name": subject.name,

@@ -278,6 +278,15 @@ class ModelSpec(StrictModel):
         return self
 
 
+class QualityGate(StrictModel):
+    """The manifest's optional `quality:` section: the identity gate of `gen` (`squeeze_cli/eval/gate.py`)."""
+
+    min_dino: float = Field(ge=-1.0, le=1.0, description="regenerate an image whose DINO is below this")
+    max_attempts: int = Field(3, ge=1, le=20, description="images made per job at most, the first included")
+    # `auto`: the tiny random metric models with the tiny preset (no download), the real ones otherwise.
+    metrics: Literal["auto", "dreambench", "tiny"] = "auto"
+
+
 class Manifest(StrictModel):
     """The manifest file as written (after ``--set`` overrides), before references are resolved."""
 
@@ -288,6 +297,7 @@ class Manifest(StrictModel):
     max_jobs: StrictInt | None = None
     defaults: SamplingOverrides = Field(default_factory=SamplingOverrides)
     subjects: Annotated[list[Subject], Field(min_length=1)]
+    quality: QualityGate | None = None
 
     @field_validator("version")
     @classmethod

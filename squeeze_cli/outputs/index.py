@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 def index_entry(record: Mapping[str, Any]) -> dict[str, Any]:
     """The `index.jsonl` line of a finished image, from its record."""
+    quality = record.get("quality")  # the identity gate's verdict: passed, attempts, dino
     return {
         "job_id": record["job_id"],
         "status": "ok",
@@ -43,6 +44,7 @@ def index_entry(record: Mapping[str, Any]) -> dict[str, Any]:
         "sidecar": (record.get("files") or {}).get("sidecar"),
         "seconds": (record.get("timings") or {}).get("total"),
         "created_at": record.get("created_at"),
+        **({"quality": {k: quality[k] for k in ("passed", "attempts", "dino")}} if quality else {}),
     }
 
 

@@ -18,8 +18,16 @@ RESOLVED_MANIFEST_NAME = "manifest.resolved.yaml"
 CONTACT_SHEET_NAME = "contact-sheet.png"
 LOCK_NAME = ".squeeze.lock"  # in OUT, or in a shard's folder
 SHARDS_DIR_NAME = "shards"  # OUT/shards/<I>-of-<N>/ holds one shard's run files
+# What `squeeze eval` writes at the top of OUT (squeeze_cli/eval/).
+METRICS_JSONL_NAME = "metrics.jsonl"
+METRICS_JSON_NAME = "metrics.json"
+METRICS_CACHE_NAME = "metrics-cache.json"
+REPORT_NAME = "report.html"
 # Names at the top of OUT that a subject directory must not take.
-RESERVED_NAMES = frozenset({INDEX_NAME, RUN_SUMMARY_NAME, RESOLVED_MANIFEST_NAME, SHARDS_DIR_NAME})
+RESERVED_NAMES = frozenset(
+    {INDEX_NAME, RUN_SUMMARY_NAME, RESOLVED_MANIFEST_NAME, SHARDS_DIR_NAME}
+    | {METRICS_JSONL_NAME, METRICS_JSON_NAME, METRICS_CACHE_NAME, REPORT_NAME}
+)
 
 
 class UnsafeOutputPathError(SqueezeError):

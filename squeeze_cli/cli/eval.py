@@ -1,0 +1,131 @@
+"""`squeeze eval` and `squeeze dreambench`: the command-line shells; the work is in `squeeze_cli.eval`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def eval_command(
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(metavar="RUN_DIR", help="Output folders of `squeeze gen` runs.", show_default=False),
+    ],
+    metrics: Annotated[
+        str,
+        typer.Option(
+            "--metrics",
+            metavar="SET",
+            help="dreambench: DINO ViT-S/16 + CLIP (real models, downloaded once); "
+            "tiny: random tiny models built offline (checks the plumbing; the numbers mean nothing).",
+        ),
+    ] = "dreambench",
+    clip: Annotated[
+        str,
+        typer.Option(
+            "--clip", metavar="b32|l14|ID", help="CLIP for CLIP-I/CLIP-T: ViT-B/32, ViT-L/14, or a hub id."
+        ),
+    ] = "b32",
+    dinov2: Annotated[bool, typer.Option("--dinov2", help="Add a DINOv2-small identity column.")] = False,
+    clip_t_weight: Annotated[
+        float,
+        typer.Option(
+            "--clip-t-weight",
+            metavar="W",
+            help="CLIP-T = W * max(cos, 0): 1 as DreamBench, 2.5 as CLIPScore.",
+        ),
+    ] = 1.0,
+    references: Annotated[
+        str,
+        typer.Option(
+            "--references",
+            metavar="conditioning|DIR",
+            help="Compare with the images that conditioned each generation, or with every image of "
+            "DIR/<subject>/ (DreamBench: all references).",
+        ),
+    ] = "conditioning",
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, metavar="N", help="Images per model call.")
+    ] = 16,
+    device: Annotated[
+        str | None, typer.Option("--device", help="cuda, cpu, ... (default: cuda when there is one).")
+    ] = None,
+    report: Annotated[
+        bool, typer.Option("--report/--no-report", help="Write report.html in each run.")
+    ] = True,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print a JSON document instead of text.")
+    ] = False,
+) -> None:
+    """Score a run's images (DINO, CLIP-I, CLIP-T, copy) and write metrics.json, metrics.jsonl, report.html.
+
+    With several runs, also print them side by side. Scores are cached in each run: a re-run computes
+    only new images. Several GPUs: accelerate launch --num_processes N -m squeeze_cli eval RUN_DIR.
+    """
+    from squeeze_cli.eval.protocol import make_protocol
+    from squeeze_cli.eval.report import format_comparison, format_run
+    from squeeze_cli.eval.scoring import evaluate_paths
+
+    if references != "conditioning" and not Path(references).is_dir():
+        from squeeze_cli.errors import UsageError
+
+        raise UsageError(
+            f"--references {references}: not a folder",
+            "use `conditioning` or a folder with one sub-folder per subject",
+        )
+    if references != "conditioning":
+        references = str(Path(references).resolve())  # the protocol names the folder unambiguously
+    protocol = make_protocol(
+        metrics, clip=clip, dinov2=dinov2, clip_t_weight=clip_t_weight, references=references
+    )
+    evaluations = evaluate_paths(
+        run_dirs, protocol, batch_size=batch_size, device=device, report=report, progress=not json_output
+    )
+    if not evaluations:
+        return  # another process of `accelerate launch`: the main one reports
+    summaries = [evaluation.summary for evaluation in evaluations]
+    if json_output:
+        typer.echo(json.dumps({"runs": summaries}, indent=2))
+        return
+    typer.echo("\n\n".join(format_run(summary) for summary in summaries))
+    if len(evaluations) > 1:
+        typer.echo("\n" + format_comparison(summaries, [e.name for e in evaluations]))
+    computed = sum(e.computed for e in evaluations)
+    reused = sum(e.reused for e in evaluations)
+    typer.echo(f"\nscores: {computed} computed, {reused} from the cache")
+    if report:
+        typer.echo("report: " + ", ".join(str(e.contents.path / "report.html") for e in evaluations))
+
+
+def dreambench_command(
+    dataset_dir: Annotated[
+        Path,
+        typer.Argument(metavar="DATASET_DIR", help="The DreamBench `dataset` folder.", show_default=False),
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", metavar="FILE", help="Where to write the manifest.")
+    ],
+    references: Annotated[
+        str,
+        typer.Option(
+            "--references", metavar="first|N|all", help="Which images of a subject condition generation."
+        ),
+    ] = "first",
+    seeds: Annotated[
+        int, typer.Option("--seeds", min=1, metavar="N", help="Seeds per prompt (DreamBench: 4).")
+    ] = 4,
+    recipe: Annotated[
+        str, typer.Option("--recipe", metavar="NAME", help="The manifest's model preset.")
+    ] = "paper-internvl3-flux",
+    force: Annotated[bool, typer.Option("--force", help="Replace FILE if it exists.")] = False,
+) -> None:
+    """Write the full DreamBench manifest (every subject x its 25 prompts x 4 seeds) from the dataset."""
+    from squeeze_cli.eval.dreambench import write_dreambench_manifest
+
+    summary = write_dreambench_manifest(
+        dataset_dir, output, references=references, seeds=seeds, recipe=recipe, force=force
+    )
+    typer.echo(summary)

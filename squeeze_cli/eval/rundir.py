@@ -1,0 +1,130 @@
+"""What a run directory holds, for evaluation: its finished images (with their sidecars), failed jobs and
+missing files, read from `index.jsonl` (and the shards' indexes) as docs/outputs.md describes. Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from squeeze_cli import outputs
+from squeeze_cli.errors import SqueezeError
+
+SHARDS_DIR = "shards"
+
+
+class RunDirError(SqueezeError):
+    """A path given to `squeeze eval` that is not a run directory (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class RunImage:
+    """One finished image of a run, with what scoring it needs from its sidecar."""
+
+    job_id: str
+    subject: str
+    prompt_index: int
+    seed: int
+    prompt: str
+    class_noun: str | None
+    image: str  # relative to the run directory, with `/`
+    references: tuple[str, ...]  # absolute paths, in the order the model saw them
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """(subject, prompt index, seed): the same job across runs of one manifest."""
+        return (self.subject, self.prompt_index, self.seed)
+
+
+@dataclass
+class RunContents:
+    """A run directory's images, and what it lacks: failed jobs and files that are gone."""
+
+    path: Path
+    images: list[RunImage] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # one line each: which file and why
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _index_files(run_dir: Path) -> list[Path]:
+    """Every shard's index, then the run's own: images of a sharded run not merged yet are found, and the
+    merged index (written last, by the run that retried the shards' failures) has the final word."""
+    found = []
+    shards = run_dir / SHARDS_DIR
+    if shards.is_dir():
+        found += sorted(p for p in shards.glob(f"*-of-*/{outputs.INDEX_NAME}") if p.is_file())
+    if (run_dir / outputs.INDEX_NAME).is_file():
+        found.append(run_dir / outputs.INDEX_NAME)
+    return found
+
+
+def read_run(path: str | Path) -> RunContents:
+    """The images of the run in `path`, each finished job once (its latest line wins).
+
+    A job whose index line says `ok` but whose PNG or sidecar is gone is listed in `missing`; failed jobs
+    in `failed`; neither stops the evaluation of the rest.
+
+    Raises:
+        `RunDirError`: when `path` is not a directory or holds no run index.
+    """
+    run_dir = Path(path)
+    if not run_dir.exists():
+        raise RunDirError(f"{run_dir}: no such directory", "give the --out folder of a `squeeze gen` run")
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: not a directory", "give the --out folder of a `squeeze gen` run")
+    index_files = _index_files(run_dir)
+    if not index_files:
+        raise RunDirError(
+            f"{run_dir}: not a squeeze run (no {outputs.INDEX_NAME}, nor shards/I-of-N/{outputs.INDEX_NAME})",
+            "give the --out folder of a `squeeze gen` run that has finished at least one image",
+        )
+    latest: dict[str, dict[str, Any]] = {}
+    for index_file in index_files:
+        for entry in outputs.read_index(index_file.parent):
+            latest.pop(entry["job_id"], None)
+            latest[entry["job_id"]] = entry
+    contents = RunContents(run_dir)
+    for entry in latest.values():
+        if entry.get("status") != "ok":
+            contents.failed.append(entry)
+            continue
+        image = _run_image(run_dir, entry, contents.missing)
+        if image is not None:
+            contents.images.append(image)
+    contents.images.sort(key=lambda image: image.key)
+    return contents
+
+
+def _run_image(run_dir: Path, entry: dict[str, Any], missing: list[str]) -> RunImage | None:
+    image_name, sidecar_name = entry.get("image"), entry.get("sidecar")
+    if not isinstance(image_name, str) or not isinstance(sidecar_name, str):
+        missing.append(f"job {entry['job_id']}: its index line names no image or sidecar")
+        return None
+    try:
+        image_path = outputs.safe_join(run_dir, *image_name.split("/"))
+        sidecar_path = outputs.safe_join(run_dir, *sidecar_name.split("/"))
+    except outputs.UnsafeOutputPathError:
+        missing.append(f"{image_name}: its index line points outside the run directory")
+        return None
+    if not image_path.is_file():
+        missing.append(f"{image_name}: the image is missing")
+        return None
+    record = outputs.read_sidecar(sidecar_path)
+    if record is None or record.get("job_id") != entry["job_id"]:
+        missing.append(f"{sidecar_name}: the sidecar is missing or belongs to another job")
+        return None
+    return RunImage(
+        job_id=entry["job_id"],
+        subject=str(record.get("subject")),
+        prompt_index=int(record.get("prompt_index", 0)),
+        seed=int(record.get("seed", 0)),
+        prompt=str(record.get("prompt") or ""),
+        class_noun=record.get("class_noun"),
+        image=image_name,
+        references=tuple(record.get("references") or ()),
+    )

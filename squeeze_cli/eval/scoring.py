@@ -1,0 +1,421 @@
+"""Per-image scores of a run, cached in the run directory, and their summaries.
+
+The cache (`OUT/metrics-cache.json`) maps (image content, metric model, reference contents, CLIP-T text)
+to that model's raw scores, so a re-run computes nothing and a grown run computes only its new images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from squeeze_cli import outputs
+from squeeze_cli.errors import UsageError
+from squeeze_cli.eval.protocol import EncoderSpec, Protocol
+from squeeze_cli.eval.rundir import RunContents, RunImage
+
+CACHE_FORMAT = 1
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass
+class RunEvaluation:
+    """The scores of one run: `rows` (one per image, in metrics.jsonl form) and the summary."""
+
+    contents: RunContents
+    protocol: Protocol
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    computed: int = 0  # (image, model) scores computed now
+    reused: int = 0  # ... and taken from the cache
+    notes: list[str] = field(default_factory=list)
+    name: str = ""  # how tables and the report call the run
+
+
+def file_hash(path: str | Path) -> str:
+    """sha256 of a file's bytes: the cache follows the pixels, not the name."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def clip_t_text(image: RunImage) -> str:
+    """The prompt CLIP-T scores: the subject's name replaced by its class noun, as DreamBench does with
+    its unique token (`a sks dog` is scored as `a dog`). Prompts written with `{class}` are unchanged."""
+    if not image.class_noun or image.subject == image.class_noun:
+        return image.prompt
+    return re.sub(rf"(?<![\w-]){re.escape(image.subject)}(?![\w-])", image.class_noun, image.prompt)
+
+
+def reference_paths(image: RunImage, protocol: Protocol) -> list[str]:
+    """The references `image` is compared with: its conditioning images, or its subject's folder."""
+    if protocol.references == "conditioning":
+        return list(image.references)
+    folder = Path(protocol.references) / image.subject
+    if not folder.is_dir():
+        return []
+    return [str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES]
+
+
+def _cache_key(spec: EncoderSpec, image_hash: str, reference_hashes: Sequence[str], text: str | None) -> str:
+    payload = json.dumps([spec.fingerprint(), image_hash, list(reference_hashes), text])
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _read_cache(run_dir: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads((run_dir / outputs.METRICS_CACHE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # no cache, or a broken one: everything is recomputed
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != CACHE_FORMAT
+        or not isinstance(data.get("scores"), dict)
+    ):
+        return {}
+    return data["scores"]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values))
+
+
+def score_images(
+    encoder: Any,
+    images: Sequence[Any],
+    references: Sequence[Sequence[Any]],
+    texts: Sequence[str | None],
+) -> list[dict[str, Any]]:
+    """Raw scores of one model for a batch: `images` (PIL), each with its references' embeddings.
+
+    Args:
+        encoder (`Encoder`): the loaded model.
+        references: per image, the `ImageEmbeddings` of each of its references (batch of one each).
+        texts: per image, the CLIP-T text (CLIP only).
+
+    Returns:
+        `list[dict]`: per image, `identity` (mean cosine over the references) and `per_reference`;
+        `copy` for DINO; `text_cosine` for CLIP.
+    """
+    role = encoder.spec.role
+    embedded = encoder.embed_images(images)
+    text_embeddings = encoder.embed_texts(texts) if role == "clip" else None
+    results = []
+    for i, image_refs in enumerate(references):
+        scores: dict[str, Any] = {}
+        if image_refs:
+            cosines = [float(embedded.global_[i] @ ref.global_[0]) for ref in image_refs]
+            scores["per_reference"] = cosines
+            scores["identity"] = _mean(cosines)
+            if role == "dino":
+                # Spatially aligned patches: high when the same parts sit at the same places (a paste).
+                aligned = [float((embedded.patches[i] * ref.patches[0]).sum(-1).mean()) for ref in image_refs]
+                scores["copy"] = max(aligned)
+        if text_embeddings is not None:
+            scores["text_cosine"] = float(embedded.global_[i] @ text_embeddings[i])
+        results.append(scores)
+    return results
+
+
+def evaluate_run(
+    contents: RunContents,
+    protocol: Protocol,
+    *,
+    batch_size: int = 16,
+    device: str | None = None,
+    progress: bool = True,
+    encoder_factory: Callable[[EncoderSpec, str], Any] | None = None,
+    processes: Any = None,
+) -> RunEvaluation:
+    """Score every finished image of a run; write `metrics.jsonl`, `metrics.json` and the cache.
+
+    Models are loaded only when something is not cached. Images whose references are all gone get no
+    identity scores (noted); their CLIP-T is still computed. With `processes` (several processes of
+    `accelerate launch`), the uncached images are split between them and only the main one writes.
+    """
+    run_dir = contents.path
+    cache = _read_cache(run_dir)
+    notes: list[str] = []
+    hashes: dict[str, str | None] = {}
+
+    def hash_of(path: str) -> str | None:
+        if path not in hashes:
+            try:
+                hashes[path] = file_hash(path)
+            except OSError:
+                hashes[path] = None
+                notes.append(f"reference {path} cannot be read: left out")
+        return hashes[path]
+
+    plan = []  # per image: (image, image hash, its reference paths, their hashes, text)
+    for image in contents.images:
+        try:
+            image_hash = file_hash(run_dir / image.image)
+        except OSError as error:
+            contents.missing.append(f"{image.image}: cannot be read ({error.strerror or error})")
+            continue
+        refs = [r for r in reference_paths(image, protocol) if hash_of(r) is not None]
+        if not refs:
+            notes.append(f"{image.image}: no reference image to compare with: identity not scored")
+        plan.append((image, image_hash, refs, [hashes[r] for r in refs], clip_t_text(image)))
+
+    raw: dict[tuple[int, str], dict[str, Any]] = {}
+    computed = reused = 0
+    for spec in protocol.encoders:
+        todo = []
+        for position, (_, image_hash, _, ref_hashes, text) in enumerate(plan):
+            key = _cache_key(spec, image_hash, ref_hashes, text if spec.role == "clip" else None)
+            if key in cache:
+                raw[position, spec.role] = cache[key]
+                reused += 1
+            else:
+                todo.append((position, key))
+        if not todo:
+            continue  # every process sees the same cache and plan, so all skip the gather together
+        # With several processes, each scores every count-th image; everyone gets all the scores.
+        index, count = (processes.index, processes.count) if processes is not None else (0, 1)
+        mine = todo[index::count]
+        scores = {}
+        if mine:
+            encoder = (encoder_factory or _load_encoder)(spec, device or _default_device())
+            scores = _score_with(encoder, mine, plan, run_dir, batch_size, progress and index == 0)
+        if processes is not None and count > 1:
+            scores = {key: value for part in processes.gather(scores) for key, value in part.items()}
+        for position, key in todo:
+            raw[position, spec.role] = cache[key] = scores[key]
+        computed += len(todo)
+    is_main = processes is None or processes.is_main
+    if computed and is_main:
+        outputs.atomic_write_json(
+            outputs.safe_join(run_dir, outputs.METRICS_CACHE_NAME), {"format": CACHE_FORMAT, "scores": cache}
+        )
+
+    rows = [
+        _row(plan[i], protocol, {role: raw.get((i, role), {}) for role in _roles(protocol)})
+        for i in range(len(plan))
+    ]
+    summary = summarise(rows, protocol, contents, notes)
+    evaluation = RunEvaluation(contents, protocol, rows, summary, computed, reused, notes)
+    summary["cache"] = {"computed": computed, "reused": reused}
+    if is_main:
+        write_metrics(evaluation)
+    return evaluation
+
+
+def _score_with(
+    encoder: Any,
+    todo: Sequence[tuple[int, str]],
+    plan: Sequence[tuple],
+    run_dir: Path,
+    batch_size: int,
+    progress: bool,
+) -> dict[str, dict[str, Any]]:
+    """`{cache key: raw scores}` of one model for the planned images in `todo`, in batches."""
+    from squeeze_cli.images import load_rgb
+
+    scores: dict[str, dict[str, Any]] = {}
+    reference_cache: dict[str, Any] = {}
+    bar = _progress(len(todo), f"{encoder.spec.role} {Path(encoder.spec.model_id).name}", progress)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        pil_images, ref_embeddings, texts = [], [], []
+        for position, _ in chunk:
+            image, _, refs, _, text = plan[position]
+            pil_images.append(load_rgb(run_dir / image.image))
+            for ref in refs:
+                if ref not in reference_cache:
+                    reference_cache[ref] = encoder.embed_images([load_rgb(ref)])
+            ref_embeddings.append([reference_cache[ref] for ref in refs])
+            texts.append(text)
+        results = score_images(encoder, pil_images, ref_embeddings, texts)
+        for (_, key), result in zip(chunk, results, strict=True):
+            scores[key] = result
+        bar.update(len(chunk))
+    bar.close()
+    return scores
+
+
+def _roles(protocol: Protocol) -> list[str]:
+    return [spec.role for spec in protocol.encoders]
+
+
+def _row(planned: tuple, protocol: Protocol, raw: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    image, _, refs, _, text = planned
+    row: dict[str, Any] = {
+        "job_id": image.job_id,
+        "subject": image.subject,
+        "prompt_index": image.prompt_index,
+        "seed": image.seed,
+        "prompt": image.prompt,
+        "clip_t_text": text,
+        "image": image.image,
+        "references": refs,
+    }
+    dino, clip, dinov2 = raw.get("dino", {}), raw.get("clip", {}), raw.get("dinov2", {})
+    for name in protocol.metrics():
+        value = {
+            "dino": dino.get("identity"),
+            "clip_i": clip.get("identity"),
+            "clip_t": None
+            if clip.get("text_cosine") is None
+            else protocol.clip_t_weight * max(clip["text_cosine"], 0.0),
+            "dinov2": dinov2.get("identity"),
+            "copy": dino.get("copy"),
+        }[name]
+        row[name] = value
+    if "per_reference" in dino:
+        row["dino_per_reference"] = dino["per_reference"]
+    return row
+
+
+def mean_metrics(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[str, float | None]:
+    """The mean of each metric over the rows that have it (None when none has)."""
+    means = {}
+    for name in metrics:
+        values = [row[name] for row in rows if row.get(name) is not None]
+        means[name] = statistics.fmean(values) if values else None
+    return means
+
+
+def summarise(
+    rows: Sequence[dict[str, Any]], protocol: Protocol, contents: RunContents, notes: Sequence[str]
+) -> dict[str, Any]:
+    """`metrics.json`: the protocol, the means per prompt, per subject and overall (over images), and
+    what was not evaluated (failed jobs, missing files)."""
+    metrics = protocol.metrics()
+    subjects: dict[str, list] = {}
+    prompts: dict[tuple[str, int], list] = {}
+    for row in rows:
+        subjects.setdefault(row["subject"], []).append(row)
+        prompts.setdefault((row["subject"], row["prompt_index"]), []).append(row)
+    return {
+        "format": 1,
+        "run": str(contents.path),
+        "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "protocol": protocol.to_dict(),
+        "metrics": metrics,
+        "images": len(rows),
+        "overall": mean_metrics(rows, metrics),
+        "subjects": {
+            name: {"images": len(group), **mean_metrics(group, metrics)}
+            for name, group in sorted(subjects.items())
+        },
+        "prompts": [
+            {
+                "subject": s,
+                "prompt_index": p,
+                "prompt": group[0]["prompt"],
+                "images": len(group),
+                **mean_metrics(group, metrics),
+            }
+            for (s, p), group in sorted(prompts.items())
+        ],
+        "failed": [
+            {k: entry.get(k) for k in ("job_id", "subject", "prompt_index", "seed", "error")}
+            for entry in contents.failed
+        ],
+        "missing": list(contents.missing),
+        "notes": list(notes),
+    }
+
+
+def write_metrics(evaluation: RunEvaluation) -> None:
+    """`metrics.jsonl` (one line per image) and `metrics.json` (the summary), atomically, in the run."""
+    run_dir = evaluation.contents.path
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in evaluation.rows)
+    outputs.atomic_write_text(outputs.safe_join(run_dir, outputs.METRICS_JSONL_NAME), lines)
+    outputs.atomic_write_json(outputs.safe_join(run_dir, outputs.METRICS_JSON_NAME), evaluation.summary)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_encoder(spec: EncoderSpec, device: str) -> Any:
+    import torch
+
+    from squeeze_cli.eval.encoders import Encoder
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise UsageError(f"--device {device!r}: not a device", "use cuda, cuda:1, cpu, ...") from error
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device {device}: no CUDA device on this machine", "use --device cpu, or leave it out"
+        )
+    return Encoder(spec, device)
+
+
+def _progress(total: int, label: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, unit="img", file=sys.stderr, disable=not enabled, leave=False)
+
+
+def evaluate_paths(
+    paths: Sequence[str | Path],
+    protocol: Protocol,
+    *,
+    batch_size: int = 16,
+    device: str | None = None,
+    report: bool = True,
+    progress: bool = True,
+) -> list[RunEvaluation]:
+    """Evaluate each run (all are read first, so a bad one stops before any work), then write each
+    run's `report.html`, holding every run evaluated together side by side."""
+    from squeeze_cli.eval.report import write_report
+    from squeeze_cli.eval.rundir import read_run
+    from squeeze_cli.gen.processes import Processes as _Processes
+
+    runs = [read_run(path) for path in paths]
+    processes = _Processes()
+    if device is None and processes.count > 1:
+        device = processes.device("auto")  # this process's GPU
+    loaded: dict[EncoderSpec, Any] = {}  # each model loads once for all the runs
+
+    def shared_encoder(spec: EncoderSpec, device: str) -> Any:
+        if spec not in loaded:
+            loaded[spec] = _load_encoder(spec, device)
+        return loaded[spec]
+
+    evaluations = [
+        evaluate_run(
+            contents,
+            protocol,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            encoder_factory=shared_encoder,
+            processes=processes,
+        )
+        for contents in runs
+    ]
+    if not processes.is_main:
+        return []  # the main process writes and reports
+    names = _run_names([run.path for run in runs])
+    for evaluation, name in zip(evaluations, names, strict=True):
+        evaluation.name = name
+    if report:
+        table = [(e.name, e.contents.path, e.summary, e.rows) for e in evaluations]
+        for evaluation in evaluations:
+            write_report(table, evaluation.contents.path)
+    return evaluations
+
+
+def _run_names(paths: Sequence[Path]) -> list[str]:
+    """Short names for runs: the folder names, or the paths when two folders share a name."""
+    names = [path.name or str(path) for path in paths]
+    return names if len(set(names)) == len(names) else [str(path) for path in paths]

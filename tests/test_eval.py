@@ -1,0 +1,308 @@
+"""`squeeze eval` end to end on a tiny run with the tiny metric models: scores, summaries, cache, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from squeeze_cli.eval.rundir import RunImage
+from squeeze_cli.eval.scoring import clip_t_text
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_IMAGES = REPO / "examples" / "images"
+
+MANIFEST = """\
+version: 1
+recipe: tiny
+defaults:
+  height: 32
+  width: 32
+  num_inference_steps: 2
+  reference_size: 32
+  seeds: [0, 1]
+subjects:
+  - name: dog
+    class: dog
+    references: [images/dog/*.jpg]
+    prompts:
+      - a {class} in the snow
+      - a {class} on the beach
+  - name: backpack
+    class: backpack
+    references: [images/backpack/00.jpg]
+    prompts:
+      - a {class} on a table
+"""
+NUM_IMAGES = 6
+METRICS = ["dino", "clip_i", "clip_t", "copy"]
+
+
+@pytest.fixture(scope="module")
+def made_run(tmp_path_factory, squeeze) -> Path:
+    """One tiny `squeeze gen` run, made once; tests work on copies (`run`)."""
+    project = tmp_path_factory.mktemp("project")
+    shutil.copytree(EXAMPLE_IMAGES, project / "images")
+    (project / "m.yaml").write_text(MANIFEST)
+    result = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "run"), "--quiet")
+    assert result.code == 0, result.err
+    return project / "run"
+
+
+@pytest.fixture
+def run(made_run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "runs" / "run"
+    shutil.copytree(made_run, copy)
+    return copy
+
+
+def evaluate(squeeze, *args: str, expect: int = 0) -> dict:
+    result = squeeze("eval", *args, "--metrics", "tiny", "--json")
+    assert result.code == expect, (result.out[-2000:], result.err[-2000:])
+    return json.loads(result.out)
+
+
+def read_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_eval_writes_every_image_and_the_protocol(squeeze, run: Path):
+    summary = evaluate(squeeze, str(run))["runs"][0]
+    rows = read_rows(run)
+    assert len(rows) == summary["images"] == NUM_IMAGES
+    assert summary["metrics"] == METRICS
+    for row in rows:
+        assert all(isinstance(row[m], float) for m in METRICS), row
+        assert -1.0 <= row["dino"] <= 1.0 and row["clip_t"] >= 0.0
+        assert len(row["dino_per_reference"]) == len(row["references"])
+    protocol = summary["protocol"]
+    assert protocol["metric_set"] == "tiny" and "RANDOM" in protocol["notes"]["warning"]
+    assert [e["role"] for e in protocol["encoders"]] == ["dino", "clip"]
+    assert protocol["encoders"][0]["preprocessing"]["interpolation"] == "bicubic"
+    assert protocol["clip_t"]["weight"] == 1.0 and protocol["references"] == "conditioning"
+    assert json.loads((run / "metrics.json").read_text())["overall"] == summary["overall"]
+    assert (run / "report.html").is_file()
+
+
+def test_an_image_against_itself_scores_one(squeeze, run: Path, tmp_path: Path):
+    references = tmp_path / "refs"
+    (references / "dog").mkdir(parents=True)
+    shutil.copy(run / "dog" / "000-s0.png", references / "dog" / "same.png")
+    evaluate(squeeze, str(run), "--references", str(references))
+    rows = {row["image"]: row for row in read_rows(run)}
+    itself = rows["dog/000-s0.png"]
+    assert itself["dino"] == pytest.approx(1.0, abs=1e-5)
+    assert itself["clip_i"] == pytest.approx(1.0, abs=1e-5)
+    assert itself["copy"] == pytest.approx(1.0, abs=1e-5)
+    assert rows["dog/000-s1.png"]["dino"] < 1.0 - 1e-5  # another image is not itself
+    # No folder for `backpack`: its images get no identity score, and that is said.
+    assert rows["backpack/000-s0.png"]["dino"] is None and rows["backpack/000-s0.png"]["clip_t"] is not None
+    summary = json.loads((run / "metrics.json").read_text())
+    assert any("backpack/000-s0.png" in note for note in summary["notes"])
+
+
+def test_the_means_are_the_means_of_the_images(squeeze, run: Path):
+    summary = evaluate(squeeze, str(run), "--clip-t-weight", "2.5")["runs"][0]
+    rows = read_rows(run)
+    for metric in METRICS:
+        assert summary["overall"][metric] == pytest.approx(
+            statistics.fmean(r[metric] for r in rows), abs=1e-12
+        )
+        for subject, block in summary["subjects"].items():
+            values = [r[metric] for r in rows if r["subject"] == subject]
+            assert block[metric] == pytest.approx(statistics.fmean(values), abs=1e-12)
+    for prompt in summary["prompts"]:
+        group = [
+            r
+            for r in rows
+            if (r["subject"], r["prompt_index"]) == (prompt["subject"], prompt["prompt_index"])
+        ]
+        assert prompt["images"] == len(group) == {"dog": 2, "backpack": 2}[prompt["subject"]]
+    assert summary["protocol"]["clip_t"]["weight"] == 2.5
+
+
+def test_a_rerun_computes_nothing_and_a_grown_run_only_what_is_new(squeeze, run: Path):
+    first = evaluate(squeeze, str(run))["runs"][0]
+    assert first["cache"] == {"computed": 2 * NUM_IMAGES, "reused": 0}  # two models
+    second = evaluate(squeeze, str(run))["runs"][0]
+    assert second["cache"] == {"computed": 0, "reused": 2 * NUM_IMAGES}
+    assert second["overall"] == first["overall"]
+    # CLIP-T's weight is applied after the cache: changing it recomputes nothing either.
+    assert evaluate(squeeze, str(run), "--clip-t-weight", "2.5")["runs"][0]["cache"]["computed"] == 0
+
+    manifest = run.parent.parent / "m.yaml"
+    shutil.copytree(EXAMPLE_IMAGES, run.parent.parent / "images")
+    manifest.write_text(MANIFEST)
+    grown = squeeze("gen", str(manifest), "--out", str(run), "--set", "defaults.seeds=[0,1,2]", "--quiet")
+    assert grown.code == 0, grown.err
+    third = evaluate(squeeze, str(run))["runs"][0]
+    assert third["images"] == NUM_IMAGES + 3
+    assert third["cache"] == {"computed": 2 * 3, "reused": 2 * NUM_IMAGES}
+
+
+def test_a_changed_image_is_scored_again(squeeze, run: Path):
+    evaluate(squeeze, str(run))
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(run / "dog" / "000-s0.png")
+    assert evaluate(squeeze, str(run))["runs"][0]["cache"]["computed"] == 2
+
+
+def test_failed_jobs_and_missing_files_are_reported_and_the_rest_is_scored(squeeze, run: Path):
+    (run / "dog" / "001-s1.png").unlink()
+    with open(run / "index.jsonl", "a") as index:
+        failed = {
+            "job_id": "f" * 16,
+            "status": "failed",
+            "subject": "dog",
+            "prompt_index": 2,
+            "seed": 0,
+            "prompt": "a dog",
+            "error": "out of memory",
+        }
+        index.write(json.dumps(failed) + "\n")
+    result = squeeze("eval", str(run), "--metrics", "tiny")
+    assert result.code == 0, result.err
+    assert "missing: dog/001-s1.png: the image is missing" in result.out
+    assert "1 failed job(s)" in result.out
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["images"] == NUM_IMAGES - 1
+    assert summary["failed"][0]["error"] == "out of memory"
+    assert summary["missing"] == ["dog/001-s1.png: the image is missing"]
+
+
+def test_sharded_run_indexes_are_read(squeeze, run: Path):
+    shard = run / "shards" / "1-of-2"
+    shard.mkdir(parents=True)
+    (run / "index.jsonl").rename(shard / "index.jsonl")
+    assert evaluate(squeeze, str(run))["runs"][0]["images"] == NUM_IMAGES
+
+
+def test_two_runs_side_by_side(squeeze, run: Path, tmp_path: Path):
+    other = tmp_path / "runs" / "other"
+    shutil.copytree(run, other)
+    (other / "dog" / "000-s0.png").unlink()
+    result = squeeze("eval", str(run), str(other), "--metrics", "tiny")
+    assert result.code == 0, result.err
+    table = [line.split() for line in result.out.splitlines()]
+    assert ["subject", "run", "images", "DINO", "CLIP-I", "CLIP-T", "copy"] in table
+    side_by_side = [
+        cells[:3]
+        for cells in table[table.index(["subject", "run", "images", "DINO", "CLIP-I", "CLIP-T", "copy"]) :]
+    ]
+    for expected in (
+        ["backpack", "run", "2"],
+        ["backpack", "other", "2"],
+        ["dog", "other", "3"],
+        ["overall", "other", "5"],
+    ):
+        assert expected in side_by_side, expected
+    for folder in (run, other):
+        page = (folder / "report.html").read_text()
+        assert "../other/dog/000-s1.png" in page or "../run/dog/000-s1.png" in page
+
+
+def test_nothing_is_written_outside_the_run(squeeze, run: Path):
+    before = sorted(p.name for p in run.parent.iterdir())
+    evaluate(squeeze, str(run))
+    assert sorted(p.name for p in run.parent.iterdir()) == before
+    assert not list(run.rglob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp: tmp / "nope", "no such directory"),
+        (lambda tmp: (tmp / "file.txt").write_text("x") and tmp / "file.txt", "not a directory"),
+        (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "not a squeeze run"),
+    ],
+)
+def test_bad_run_directories_are_one_line_errors(squeeze, tmp_path: Path, make, message):
+    path = make(tmp_path)
+    result = squeeze("eval", str(path), "--metrics", "tiny")
+    assert result.code == 2
+    assert result.err.count("\n") == 1 and result.err.startswith("error: ") and message in result.err
+    assert str(path) in result.err
+
+
+def test_a_bad_run_among_good_ones_stops_before_any_work(squeeze, run: Path, tmp_path: Path):
+    result = squeeze("eval", str(run), str(tmp_path / "nope"), "--metrics", "tiny")
+    assert result.code == 2 and not (run / "metrics.json").exists()
+
+
+def test_a_metric_model_not_in_the_cache_is_a_one_line_error(squeeze, run: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    result = squeeze("eval", str(run), "--metrics", "dreambench")
+    assert result.code == 2, result.err
+    assert (
+        result.err.count("\n") == 1
+        and "facebook/dino-vits16" in result.err
+        and "--metrics tiny" in result.err
+    )
+    assert not (run / "metrics.json").exists()
+
+
+def test_bad_flags(squeeze, run: Path):
+    assert squeeze("eval", str(run), "--metrics", "huge").code == 2
+    assert squeeze("eval", str(run), "--metrics", "tiny", "--references", str(run / "nope")).code == 2
+    assert squeeze("eval", str(run), "--metrics", "tiny", "--clip-t-weight", "0").code == 2
+    bad_device = squeeze("eval", str(run), "--metrics", "tiny", "--device", "warp-drive")
+    assert bad_device.code == 2 and "--device 'warp-drive': not a device" in bad_device.err
+    assert not (run / "metrics.json").exists()
+
+
+def test_clip_t_text_names_the_class_not_the_subject():
+    image = RunImage("0" * 16, "dog8", 0, 0, "a dog8 on the beach, dog8-like", "dog", "dog8/000-s0.png", ())
+    assert clip_t_text(image) == "a dog on the beach, dog8-like"
+    same = RunImage("0" * 16, "dog", 0, 0, "a dog in the snow", "dog", "dog/000-s0.png", ())
+    assert clip_t_text(same) == "a dog in the snow"
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_images_and_match_one_process(squeeze, run: Path, tmp_path: Path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    single = tmp_path / "single"
+    shutil.copytree(run, single)
+    evaluate(squeeze, str(single))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "squeeze_cli", "eval", str(run), "--metrics", "tiny", "--json",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)["runs"][0]  # one document: only the main process prints
+    assert summary["cache"] == {"computed": 2 * NUM_IMAGES, "reused": 0}
+    two, one = read_rows(run), read_rows(single)
+    assert [r["image"] for r in two] == [r["image"] for r in one]
+    for a, b in zip(two, one, strict=True):
+        for metric in METRICS:
+            assert a[metric] == pytest.approx(b[metric], abs=1e-5)
+
+
+def test_report_links_are_relative_and_percent_encoded(tmp_path: Path):
+    from squeeze_cli.eval.report import _link
+
+    (tmp_path / "run").mkdir()
+    assert _link(tmp_path / "my refs" / "#1 dog.jpg", tmp_path / "run") == "../my%20refs/%231%20dog.jpg"
+    assert _link(tmp_path / "run" / "dog" / "000-s0.png", tmp_path / "run") == "dog/000-s0.png"
+
+
+def test_the_merged_index_has_the_final_word_over_a_shards(squeeze, run: Path):
+    shard = run / "shards" / "0-of-2"
+    shard.mkdir(parents=True)
+    first = json.loads((run / "index.jsonl").read_text().splitlines()[0])
+    failed = {**first, "status": "failed", "error": "out of memory"}  # the shard failed it; the merge retried
+    (shard / "index.jsonl").write_text(json.dumps(failed) + "\n")
+    summary = evaluate(squeeze, str(run))["runs"][0]
+    assert summary["images"] == NUM_IMAGES and summary["failed"] == []

@@ -1,0 +1,122 @@
+"""`squeeze dreambench`: the full DreamBench manifest from the official layout, valid for `validate`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from squeeze_cli.eval.dreambench import LIVE_CLASSES, parse_prompts_and_classes
+
+SHARED = Path("/work/shared/dreambench/dataset")
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS_FILE = REPO / "tests" / "data" / "dreambench" / "prompts_and_classes.txt"  # the official file
+
+
+@pytest.fixture
+def full_dataset(tmp_path: Path) -> Path:
+    """The official layout with all 30 subjects: the real prompts file, two small photos per subject."""
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    shutil.copy(PROMPTS_FILE, dataset)
+    classes, _, _ = parse_prompts_and_classes(PROMPTS_FILE)
+    photos = sorted((REPO / "examples" / "images" / "dog").glob("*.jpg"))
+    for name in classes:
+        (dataset / name).mkdir()
+        for number, photo in enumerate(photos):
+            shutil.copy(photo, dataset / name / f"{number:02d}.jpg")
+    return dataset
+
+
+def test_the_full_dreambench_manifest_is_valid(squeeze, full_dataset: Path, tmp_path: Path):
+    manifest = tmp_path / "dreambench.yaml"
+    result = squeeze("dreambench", str(full_dataset), "-o", str(manifest))
+    assert result.code == 0, result.err
+    assert "30 subjects (9 live), 750 prompts, 3000 images" in result.out
+    document = yaml.safe_load(manifest.read_text())
+    assert document["defaults"]["seeds"] == {"count": 4, "base": 0}
+    subjects = {s["name"]: s for s in document["subjects"]}
+    assert len(subjects) == 30
+    assert subjects["bear_plushie"]["class"] == "stuffed animal"
+    assert subjects["dog8"]["prompts"][10] == "a {class} wearing a red hat"  # live-subject list
+    assert (
+        subjects["teapot"]["prompts"][10] == "a {class} with a wheat field in the background"
+    )  # object list
+    assert all(len(s["prompts"]) == 25 and len(s["references"]) == 1 for s in subjects.values())
+    assert sum(s["class"] in LIVE_CLASSES for s in subjects.values()) == 9
+    assert subjects["can"]["references"] == ["dataset/can/00.jpg"]  # relative: the dataset is beside it
+
+    validated = squeeze("validate", str(manifest), "--recipe", "tiny")
+    assert validated.code == 0, validated.err
+    assert "jobs      3,000" in validated.out
+
+
+@pytest.mark.parametrize("choice, count", [("first", 1), ("2", 2), ("all", 2)])
+def test_which_references_condition_generation(squeeze, full_dataset: Path, tmp_path: Path, choice, count):
+    manifest = tmp_path / "m.yaml"
+    assert squeeze("dreambench", str(full_dataset), "-o", str(manifest), "--references", choice).code == 0
+    assert {len(s["references"]) for s in yaml.safe_load(manifest.read_text())["subjects"]} == {count}
+
+
+def test_the_shared_partial_dataset(squeeze, tmp_path: Path):
+    if not SHARED.is_dir():
+        pytest.skip("needs the shared DreamBench copy")
+    manifest = tmp_path / "m.yaml"
+    result = squeeze("dreambench", str(SHARED), "-o", str(manifest), "--references", "all", "--seeds", "2")
+    assert result.code == 0, result.err
+    assert "24 subjects of prompts_and_classes.txt have no folder here" in result.out
+    document = yaml.safe_load(manifest.read_text())
+    assert [s["name"] for s in document["subjects"]] == ["backpack", "can", "cat", "dog", "dog8", "teapot"]
+    assert document["subjects"][0]["references"][0] == str(SHARED.resolve() / "backpack" / "00.jpg")
+    assert squeeze("validate", str(manifest)).code == 0
+
+
+def test_bad_inputs_are_one_line_errors(squeeze, full_dataset: Path, tmp_path: Path):
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("keep me")
+    cases = [
+        ((str(full_dataset), "-o", str(manifest)), "the file exists"),
+        ((str(tmp_path / "nope"), "-o", str(tmp_path / "x.yaml")), "not a folder"),
+        ((str(tmp_path), "-o", str(tmp_path / "x.yaml")), "cannot read"),
+        ((str(full_dataset), "-o", str(tmp_path / "x.yaml"), "--references", "some"), "expected first"),
+    ]
+    for args, message in cases:
+        result = squeeze("dreambench", *args)
+        assert result.code == 2 and message in result.err and result.err.count("\n") == 1, (args, result.err)
+    assert manifest.read_text() == "keep me" and not (tmp_path / "x.yaml").exists()
+    (full_dataset / "prompts_and_classes.txt").write_text("Classes\n\nsubject_name,class\ndog,dog\n")
+    result = squeeze("dreambench", str(full_dataset), "-o", str(tmp_path / "x.yaml"))
+    assert result.code == 2 and "found 0 object prompts, expected 25" in result.err
+
+
+@pytest.mark.slow
+def test_dreambench_gen_then_eval_reproduces_the_protocol(squeeze, full_dataset: Path, tmp_path: Path):
+    for folder in full_dataset.iterdir():  # two subjects keep it quick: an object and a live one
+        if folder.is_dir() and folder.name not in ("bear_plushie", "dog2"):
+            shutil.rmtree(folder)
+    manifest = tmp_path / "dreambench.yaml"
+    assert (
+        squeeze("dreambench", str(full_dataset), "-o", str(manifest), "--seeds", "1", "--recipe", "tiny").code
+        == 0
+    )
+    out = tmp_path / "out"
+    small = [
+        f"--set=defaults.{key}"
+        for key in ("height=32", "width=32", "num_inference_steps=1", "reference_size=32")
+    ]
+    result = squeeze("gen", str(manifest), "--out", str(out), "--quiet", "--batch-size", "25", *small)
+    assert result.code == 0, result.err
+    result = squeeze("eval", str(out), "--metrics", "tiny", "--references", str(full_dataset), "--json")
+    assert result.code == 0, result.err
+    summary = json.loads(result.out)["runs"][0]
+    assert summary["images"] == 50 and set(summary["subjects"]) == {"bear_plushie", "dog2"}
+    assert summary["protocol"]["references"] == str(full_dataset.resolve())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(row["references"]) == 2 for row in rows)  # every photo of the subject, not only the first
+    assert {row["clip_t_text"] for row in rows if row["subject"] == "bear_plushie"} >= {
+        "a stuffed animal in the jungle",
+        "a cube shaped stuffed animal",
+    }

@@ -1,0 +1,193 @@
+"""report.html in a real browser: headless Chromium, driven over the DevTools protocol on 127.0.0.1.
+
+What is checked is what a person sees: the rows, their order (worst first, then after a mouse click on a
+column header), typing into the filter, and that every image is loaded. Skipped when Chromium or the
+`websockets` package is missing (.ci/run installs Chromium).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import re
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+websockets_sync = pytest.importorskip("websockets.sync.client", reason="needs the websockets package")
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = next(
+    (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None
+)
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install chromium)")
+
+MANIFEST = """\
+version: 1
+recipe: tiny
+defaults:
+  height: 32
+  width: 32
+  num_inference_steps: 2
+  reference_size: 32
+  seeds: [0, 1, 2]
+subjects:
+  - name: dog
+    class: dog
+    references: [images/dog/00.jpg, images/dog/02.jpg]
+    prompts:
+      - a {class} in the snow
+      - a {class} on the beach
+"""
+
+
+class Browser:
+    """One headless Chromium page, driven with DevTools protocol commands."""
+
+    def __init__(self, profile: Path):
+        self.process = subprocess.Popen(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={profile}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError("Chromium did not start its DevTools server")
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
+            page = next(t for t in json.load(response) if t["type"] == "page")
+        self.stack = contextlib.ExitStack()
+        self.socket = self.stack.enter_context(
+            websockets_sync.connect(page["webSocketDebuggerUrl"], max_size=None)
+        )
+        self.ids = itertools.count(1)
+
+    def send(self, method: str, **params) -> dict:
+        message_id = next(self.ids)
+        self.socket.send(json.dumps({"id": message_id, "method": method, "params": params}))
+        while True:
+            reply = json.loads(self.socket.recv(timeout=30))
+            if reply.get("id") == message_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def evaluate(self, expression: str):
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+    def open(self, url: str) -> None:
+        self.send("Page.navigate", url=url)
+        deadline = time.monotonic() + 30
+        while (
+            self.evaluate("document.readyState === 'complete' && document.body.dataset.loaded === '1'")
+            is not True
+        ):
+            assert time.monotonic() < deadline, "the page did not finish loading"
+            time.sleep(0.05)
+
+    def click(self, selector: str) -> None:
+        """A person's click: the mouse pressed and released at the element's centre."""
+        box = self.evaluate(
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.scrollIntoView();"
+            " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+
+    def type_text(self, selector: str, text: str) -> None:
+        self.click(selector)
+        self.send("Input.insertText", text=text)
+
+    def close(self) -> None:
+        self.stack.close()
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory, squeeze) -> Path:
+    project = tmp_path_factory.mktemp("report")
+    shutil.copytree(REPO / "examples" / "images", project / "images")
+    (project / "m.yaml").write_text(MANIFEST)
+    assert squeeze("gen", str(project / "m.yaml"), "--out", str(project / "run"), "--quiet").code == 0
+    result = squeeze("eval", str(project / "run"), "--metrics", "tiny")
+    assert result.code == 0, result.err
+    return project / "run"
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    opened = Browser(tmp_path / "profile")
+    yield opened
+    opened.close()
+
+
+def visible_keys(browser: Browser) -> list[str]:
+    return browser.evaluate(
+        "[...document.querySelectorAll('tbody tr')].filter(r => !r.hidden).map(r => r.dataset.key)"
+    )
+
+
+def keys_sorted_by(run: Path, metric: str, reverse: bool = False) -> list[str]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows.sort(key=lambda r: r[metric], reverse=reverse)
+    return [f"{r['subject']}/{r['prompt_index']}/{r['seed']}" for r in rows]
+
+
+def test_the_report_shows_every_image_worst_first_and_sorts_on_a_click(evaluated_run: Path, browser: Browser):
+    browser.open((evaluated_run / "report.html").as_uri())
+
+    # Every image of the run is a row, worst DINO first; every image (references too) is loaded.
+    assert visible_keys(browser) == keys_sorted_by(evaluated_run, "dino")
+    widths = browser.evaluate("[...document.images].map(i => i.complete ? i.naturalWidth : 0)")
+    assert len(widths) == 6 + 2 and all(width > 0 for width in widths)
+    assert browser.evaluate("document.getElementById('broken').textContent") == ""
+    assert browser.evaluate("document.querySelector('.refs').textContent").startswith("references")
+
+    assert browser.evaluate("document.querySelector('th.sorted-asc').dataset.column") == "dino"
+    browser.click("th[data-column='dino']")  # already worst first: a click shows the best first
+    assert visible_keys(browser) == keys_sorted_by(evaluated_run, "dino", reverse=True)
+
+    browser.click("th[data-column='clip_t']")
+    assert visible_keys(browser) == keys_sorted_by(evaluated_run, "clip_t")
+    browser.click("th[data-column='clip_t']")
+    assert visible_keys(browser) == keys_sorted_by(evaluated_run, "clip_t", reverse=True)
+    column = browser.evaluate("document.querySelector(\"th[data-column='clip_t']\").cellIndex")
+    shown = browser.evaluate(
+        f"[...document.querySelectorAll('tbody tr')].map(r => r.cells[{column}].textContent)"
+    )
+    assert shown == sorted(shown, reverse=True)  # what a person reads is in order too
+
+    browser.type_text("#filter", "beach")
+    assert visible_keys(browser) == [k for k in keys_sorted_by(evaluated_run, "clip_t", True) if "/1/" in k]
+    assert browser.evaluate("document.getElementById('shown').textContent") == "3"
+
+
+def test_a_missing_image_is_visible_in_the_report(evaluated_run: Path, browser: Browser, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    shutil.copytree(evaluated_run.parent / "images", tmp_path / "images")  # references are linked relatively
+    (run / "dog" / "000-s0.png").unlink()  # deleted after the report was written
+    browser.open((run / "report.html").as_uri())
+    assert re.fullmatch(
+        r"1 image\(s\) could not be loaded", browser.evaluate("document.getElementById('broken').textContent")
+    )
