@@ -102,9 +102,7 @@ def _load_error(what: str, source: str, error: Exception, field: str) -> ModelLo
     return ModelLoadError(f"cannot load {what} from `{source}`: {reason}", hint)
 
 
-def _load_component(
-    name: str, source: Any, *, dtype: torch.dtype, spec: ModelSpec, allow_pickle: bool
-) -> Any:
+def load_component(name: str, source: Any, *, dtype: torch.dtype, spec: ModelSpec, allow_pickle: bool) -> Any:
     loader = _component_loaders()[name]
     kwargs: dict[str, Any] = {}
     if source.subfolder:
@@ -158,7 +156,7 @@ def load_pipeline(
         for name in ("tokenizer", "image_processor"):
             components.setdefault(name, components["mllm"])
     overrides = {
-        name: _load_component(name, component, dtype=dtype, spec=spec, allow_pickle=allow_pickle)
+        name: load_component(name, component, dtype=dtype, spec=spec, allow_pickle=allow_pickle)
         for name, component in components.items()
     }
     try:

@@ -20,6 +20,7 @@ from squeeze_cli import __version__
 from squeeze_cli.cli import gen, recipes, validate
 from squeeze_cli.cli.eval import dreambench_command, eval_command
 from squeeze_cli.cli.options import EPILOG
+from squeeze_cli.cli.train import TRAIN_EPILOG, train_command
 from squeeze_cli.errors import EXIT_SIGINT, ManifestError, SqueezeError
 
 app = typer.Typer(
@@ -57,6 +58,7 @@ app.command("gen", epilog=EPILOG)(gen.gen)
 app.command("recipes")(recipes.recipes_command)
 app.command("eval")(eval_command)
 app.command("dreambench")(dreambench_command)
+app.command("train", epilog=TRAIN_EPILOG)(train_command)
 
 
 def _report(error: SqueezeError) -> None:

@@ -40,6 +40,7 @@ from .grids import (  # noqa: F401
     update_views,
     write_contact_sheet,
     write_prompt_grid,
+    write_validation_grid,
 )
 from .index import (  # noqa: F401
     append_index,

@@ -233,6 +233,46 @@ def write_contact_sheet(
     return atomic_write_bytes(contact_sheet_path(out_dir, subject), _encode_plain_png(canvas))
 
 
+VALIDATION_THUMB_HEIGHT = 192  # the training validation grid's images
+
+
+def write_validation_grid(
+    path: Path,
+    caption: str,
+    rows: Sequence[tuple[Sequence[Image.Image], str, Image.Image]],
+    thumb_height: int = VALIDATION_THUMB_HEIGHT,
+) -> Path:
+    """`squeeze train`'s validation grid: `rows` of (references, instruction, generated image) under a
+    caption naming the step, as one labelled PNG at `path`."""
+
+    def thumb(image: Image.Image) -> Image.Image:
+        return ImageOps.contain(image, (2 * thumb_height, thumb_height), Image.Resampling.LANCZOS)
+
+    label_font, caption_font = _font(14), _font(18)
+    label_height = _line_height(label_font) + 6
+    caption_height = _line_height(caption_font) + 2 * _PAD
+    row_height = _line_height(label_font) + 4 + thumb_height + label_height + _PAD
+    tiles = [([thumb(r) for r in references], text, thumb(image)) for references, text, image in rows]
+    width = max(
+        [_PAD + sum(t.width + _PAD for t in refs) + _GAP + image.width + _PAD for refs, _, image in tiles]
+        + [4 * thumb_height]
+    )
+    canvas = Image.new("RGB", (width, caption_height + len(tiles) * row_height + _PAD), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((_PAD, _PAD), _fit(caption_font, caption, width - 2 * _PAD), fill=_TEXT, font=caption_font)
+    y = caption_height
+    for references, text, image in tiles:
+        draw.text((_PAD, y), _fit(label_font, text, width - 2 * _PAD), fill=_MUTED, font=label_font)
+        top = y + _line_height(label_font) + 4
+        x = _PAD
+        for number, reference in enumerate(references, start=1):
+            x += _draw_tile(canvas, x, top, reference, f"ref {number}", thumb_height) + _PAD
+        x += _GAP
+        _draw_tile(canvas, x, top, image, "generated", thumb_height)
+        y += row_height
+    return atomic_write_bytes(path, _encode_plain_png(canvas))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Which views to draw
 # ----------------------------------------------------------------------------------------------------

@@ -233,6 +233,16 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
             mask[i, : e.shape[0]] = True
         return padded, mask
 
+    @staticmethod
+    def _joint_attention_mask(condition_mask: torch.Tensor, num_image_tokens: int) -> torch.Tensor:
+        """The transformer's (B, conditions + image tokens) key mask for padded conditions.
+
+        Padded condition tokens are masked out as keys: exact for the image tokens, since padded text tokens
+        only ever influence other tokens through attention.
+        """
+        image_mask = condition_mask.new_ones(condition_mask.shape[0], num_image_tokens)
+        return torch.cat([condition_mask, image_mask], dim=1)
+
     @torch.no_grad()
     def encode_prompt(
         self,
@@ -889,12 +899,7 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         def run_transformer(hidden_states, img_ids, embeds, pooled, mask, timestep):
             attention_kwargs = dict(self._joint_attention_kwargs)
             if mask is not None:
-                # Padded condition tokens are masked out as keys: exact for the image tokens, since padded
-                # text tokens only ever influence other tokens through attention.
-                image_mask = torch.ones(
-                    mask.shape[0], hidden_states.shape[1], dtype=torch.bool, device=device
-                )
-                attention_kwargs["attention_mask"] = torch.cat([mask, image_mask], dim=1)
+                attention_kwargs["attention_mask"] = self._joint_attention_mask(mask, hidden_states.shape[1])
             noise_pred = self.transformer(
                 hidden_states=hidden_states,
                 timestep=timestep / 1000,

@@ -113,7 +113,7 @@ def calculate_shift(
     return image_seq_len * m + b
 
 
-def _time_shift(mu: float, sigmas: np.ndarray, shift_type: str) -> np.ndarray:
+def time_shift(mu: float, sigmas: np.ndarray, shift_type: str) -> np.ndarray:
     # Same expressions (and float32 arithmetic) as FlowMatchEulerDiscreteScheduler, so the thresholds
     # see bit-identical σ values to the ones the scheduler steps through.
     if shift_type == "exponential":
@@ -176,7 +176,7 @@ def stage_plan(
             config.get("base_shift", 0.5),
             config.get("max_shift", 1.15),
         )
-        shifted = _time_shift(mu, sigmas32, config.get("time_shift_type", "exponential"))
+        shifted = time_shift(mu, sigmas32, config.get("time_shift_type", "exponential"))
     else:
         mu = None
         shift = float(config.get("shift", 1.0))

@@ -1,0 +1,672 @@
+"""The training run: two stages, accelerate for devices, precision, accumulation and checkpoints.
+
+One optimiser and one LR schedule cover both stages: each parameter group's learning rate is a function of
+the global step (the stage's rate for that group, with the stage's warm-up; 0 when the stage does not
+train it), so a checkpoint anywhere restores the exact schedule. The batch order, the noise, the σ and the
+dropout of micro-batch m on process p come from (seed, m, p) alone (`BatchSchedule`, `_generator`), so a
+run resumed from step N sees exactly what an uninterrupted run sees; accelerate's `save_state` also keeps
+the global RNG states, optimiser and schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from squeeze_cli.errors import EXIT_SIGINT, ManifestError, SqueezeError
+from squeeze_cli.images import load_rgb
+from squeeze_cli.outputs.files import atomic_write_json, atomic_write_text, ensure_dir
+from squeeze_cli.train.config import LoadedConfig, StageSpec
+from squeeze_cli.train.data import BatchSchedule, TrainData, fit_to_bucket
+from squeeze_cli.train.objective import (
+    PreparedSample,
+    draw_dropout,
+    loss_on_batch,
+    noise_like_packed,
+    sample_sigmas,
+)
+
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_PREFIX = "step-"
+TRAINABLE_FILE = "trainable.safetensors"
+NULL_CONDITION_FILE = "null_condition.json"
+# What the dropped MLLM condition is, stored with the aggregator so gen and training cannot drift apart.
+NULL_CONDITION_DEFINITION = {
+    "definition": "SqueezePipeline.encode_null_condition: aggregator(MLLMEncoder.encode_null())",
+    "mllm_input": {"images": 0, "instruction": ""},
+    "text_tokens": "the <|im_end|> closing the empty user turn stands in (see MLLMEncoder)",
+    "used_for": ["training: condition dropout (text, both)", "inference: stage 3 (σ < τ2)"],
+}
+
+
+class RunError(SqueezeError):
+    """The output folder or a checkpoint cannot be used as asked."""
+
+
+class TrainingInterrupted(SqueezeError):
+    """Ctrl-C during training: the checkpoints written so far are kept for `--resume latest`."""
+
+    exit_code = EXIT_SIGINT
+
+
+@dataclass
+class TrainState:
+    """The run's position, saved in every checkpoint (accelerate `register_for_checkpointing`)."""
+
+    step: int = 0  # optimiser steps done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+def stage_of(step: int, stages: list[tuple[str, StageSpec]]) -> tuple[str, StageSpec, int]:
+    """(stage name, spec, step within the stage) of global optimiser step `step` (0-based)."""
+    for name, spec in stages:
+        if step < spec.steps:
+            return name, spec, step
+        step -= spec.steps
+    name, spec = stages[-1]
+    return name, spec, spec.steps
+
+
+def group_learning_rate(step: int, group: str, stages: list[tuple[str, StageSpec]]) -> float:
+    """The learning rate of `group` at global step `step`: its stage's rate after a linear warm-up."""
+    _, spec, within = stage_of(step, stages)
+    if group not in spec.train:
+        return 0.0
+    warmup = min(1.0, (within + 1) / spec.warmup_steps) if spec.warmup_steps else 1.0
+    return spec.learning_rates[group] * warmup
+
+
+def _generator(seed: int, micro_step: int, process: int, purpose: int) -> torch.Generator:
+    # Independent streams per (micro-step, process, purpose) from one seed: no RNG state to carry.
+    return torch.Generator().manual_seed(hash((seed, micro_step, process, purpose)) & (2**63 - 1))
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a partial one is a `.partial-` folder, never listed)."""
+    folder = output_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+class Trainer:
+    """One training run of a loaded config over validated data.
+
+    Args:
+        loaded: the validated config.
+        data: the validated training data.
+        resume: `"latest"` to continue from the newest checkpoint in the output folder (from scratch when
+            there is none), a checkpoint folder, or None for a new run.
+    """
+
+    def __init__(self, loaded: LoadedConfig, data: TrainData, resume: str | None = None):
+        self.loaded = loaded
+        self.config = loaded.config
+        self.data = data
+        self.output_dir = loaded.output_dir
+        self.resume = resume
+        self.stages = [("stage1", self.config.stages.stage1), ("stage2", self.config.stages.stage2)]
+        self.stages = [(n, s) for n, s in self.stages if s.steps > 0] or self.stages[:1]
+        self.total_steps = sum(s.steps for _, s in self.stages)
+        self.state = TrainState()
+
+    # Setup ---------------------------------------------------------------------------------------------
+
+    def _check_output_dir(self) -> Path | None:
+        """The checkpoint to resume from; refuses to mix a new run into an old one."""
+        existing = checkpoint_dirs(self.output_dir)
+        if self.resume is None:
+            if existing or (self.output_dir / "recipe.yaml").exists():
+                raise RunError(
+                    f"{self.output_dir} already holds a training run",
+                    "pass --resume latest to continue it, or set another `output_dir`",
+                )
+            return None
+        if self.resume == "latest":
+            return existing[-1] if existing else None
+        path = Path(self.resume).expanduser().absolute()
+        if not (path / "train_state.json").is_file():
+            raise RunError(
+                f"{path} is not a squeeze checkpoint", "use --resume latest or a checkpoints/step-N folder"
+            )
+        return path
+
+    def _setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+        from squeeze_cli.manifest.recipes import load_recipe
+        from squeeze_cli.pipelines.squeeze import SqueezePipeline
+        from squeeze_cli.train import models as train_models
+
+        training = self.config.training
+        self.accelerator = Accelerator(
+            mixed_precision=training.mixed_precision,
+            gradient_accumulation_steps=training.gradient_accumulation_steps,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir)),
+            # Some parameters can sit out a step: a group the stage freezes, or the image LAP when every
+            # sample of a micro-batch has its MLLM condition dropped (the null condition has no image).
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self.recipe = load_recipe(self.config.recipe, relative_to=self.loaded.recipe_base)
+        self.weight_dtype = train_models.weight_dtype(training.mixed_precision)
+        # The main process first: it fills the caches (hub downloads, the tiny checkpoint) the others read;
+        # under torchrun, transformers' save_pretrained writes weights on rank 0 only, so a tiny checkpoint
+        # built by another rank would lack them.
+        with self.accelerator.main_process_first():
+            base = train_models.load_base_models(self.recipe.model, self.weight_dtype)
+        self.pipeline_source = base.pipeline_source
+        parts = base.components
+        for name in ("mllm", "vae"):  # frozen: never any gradient
+            parts[name].requires_grad_(False).eval()
+        transformer = parts["transformer"]
+        transformer.requires_grad_(False)
+        aggregator = train_models.build_trainable(self.loaded, parts["mllm"], transformer, self.config.seed)
+        # Trained parameters in float32 (the new aggregator is built so; mixed precision computes in
+        # bf16/fp16); frozen ones in weight_dtype.
+        for name, param in transformer.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.float()
+        if training.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        self.trainable = train_models.TrainableModels(aggregator, transformer)
+        self.groups = train_models.group_parameters(self.trainable)
+        trained_anywhere = sorted({g for _, s in self.stages for g in s.train})
+        train_models.set_trainable(self.trainable, trained_anywhere)
+
+        device = self.accelerator.device
+        parts["mllm"].to(device)
+        parts["vae"].to(device)
+        self.pipe = SqueezePipeline(aggregator=aggregator, **parts)
+        self.pipe.set_progress_bar_config(disable=True)
+
+        optimizer_spec = training.optimizer
+        param_groups = [
+            {"params": [p for _, p in self.groups[g]], "lr": 1.0, "name": g}
+            for g in ("aggregator", "lora")
+            if g in trained_anywhere
+        ]
+        self.group_names = [g["name"] for g in param_groups]
+        optimizer = torch.optim.AdamW(
+            param_groups,
+            lr=1.0,
+            betas=(optimizer_spec.beta1, optimizer_spec.beta2),
+            eps=optimizer_spec.eps,
+            weight_decay=optimizer_spec.weight_decay,
+        )
+        stages = self.stages
+        lambdas = [(lambda step, g=g: group_learning_rate(step, g, stages)) for g in self.group_names]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        self.models, self.optimizer = self.accelerator.prepare(self.trainable, optimizer)
+        self.accelerator.register_for_checkpointing(self.state)
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.accelerator.register_save_state_pre_hook(self._save_hook)
+        self.accelerator.register_load_state_pre_hook(self._load_hook)
+        self.null_encoding = self.pipe.mllm_encoder.encode_null()
+        self.schedule = BatchSchedule(self.data, training.buckets, training.batch_size, self.config.seed)
+
+    def check_fits(self) -> None:
+        """Every sample's references + instruction fit the MLLM's context (from image headers, before the run
+        writes anything); raises `ManifestError` naming each sample that does not."""
+        if self.data.headers is None:
+            return
+        problems = []
+        for index in range(len(self.data)):
+            sizes, instruction, where = self.data.headers(index)
+            try:
+                self.pipe.mllm_encoder.check_fits(sizes, [instruction])
+            except ValueError as error:
+                problems.append(replace(where, message=str(error).splitlines()[0]))
+        if problems:
+            raise ManifestError(problems[:20])
+
+    # Checkpoints ---------------------------------------------------------------------------------------
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().contiguous() for params in self.groups.values() for name, p in params}
+
+    def _save_hook(self, models: list, weights: list, output_dir: str) -> None:
+        # Only what training changes is saved (the frozen base would be 24 GB per checkpoint for FLUX).
+        from safetensors.torch import save_file
+
+        if self.accelerator.is_main_process:
+            save_file(
+                {k: v.cpu() for k, v in self.trainable_state_dict().items()},
+                os.path.join(output_dir, TRAINABLE_FILE),
+            )
+        while weights:
+            weights.pop()
+
+    def _load_hook(self, models: list, input_dir: str) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(input_dir, TRAINABLE_FILE))
+        params = {name: p for group in self.groups.values() for name, p in group}
+        if set(state) != set(params):
+            raise RunError(
+                f"the checkpoint {input_dir} does not match this config's trainable parameters",
+                "resume with the config the run was started with",
+            )
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+        while models:
+            models.pop()
+
+    def save_checkpoint(self) -> Path:
+        """`checkpoints/step-N`, written as `.partial-step-N` and renamed when complete; old ones pruned."""
+        folder = self.output_dir / CHECKPOINTS
+        name = f"{CHECKPOINT_PREFIX}{self.state.step:07d}"
+        partial = folder / f".partial-{name}"
+        final = folder / name
+        if self.accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            ensure_dir(partial)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(partial))
+        if self.accelerator.is_main_process:
+            atomic_write_json(partial / "train_state.json", {"step": self.state.step})
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(partial, final)
+            for old in checkpoint_dirs(self.output_dir)[: -self.config.checkpointing.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    # Steps ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prepare_sample(self, index: int, bucket: tuple[int, int]) -> PreparedSample:
+        """The frozen models' view of sample `index`: MLLM encoding, target and reference latents."""
+        sample = self.data.load(index)
+        pipe = self.pipe
+        device = self.accelerator.device
+        cached = self._cached_latents(sample.id, bucket)
+        if cached is None:
+            target = fit_to_bucket(sample.target, bucket)
+            pixels = pipe.vae_image_processor.preprocess(target, height=bucket[1], width=bucket[0])
+            target_latents = pipe._encode_vae_image(pixels.to(device=device, dtype=pipe.vae.dtype))[0]
+            reference_latents = pipe.encode_references(
+                sample.references, self.config.training.reference_size, device=device
+            )
+            self._store_latents(sample.id, bucket, target_latents, reference_latents)
+        else:
+            target_latents, reference_latents = cached
+        encoding = pipe.mllm_encoder.encode(sample.references, sample.instruction)
+        return PreparedSample(sample.id, encoding, target_latents, reference_latents)
+
+    def _cache_path(self, sample_id: str, bucket: tuple[int, int]) -> Path:
+        import hashlib
+
+        from squeeze_cli.manifest.recipes import model_identity
+
+        # The sample id (never a step index), plus everything else that changes the latents.
+        size = self.config.training.reference_size
+        key = f"{sample_id}\0{bucket[0]}x{bucket[1]}\0{size}\0{model_identity(self.recipe.model)}"
+        return (
+            self.output_dir
+            / "cache"
+            / "latents"
+            / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+        )
+
+    def _cached_latents(self, sample_id: str, bucket: tuple[int, int]):
+        if not self.config.training.cache_latents:
+            return None
+        path = self._cache_path(sample_id, bucket)
+        if not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path), device=str(self.accelerator.device))
+        references = [tensors[f"reference_{i}"] for i in range(len(tensors) - 1)]
+        return tensors["target"], references
+
+    def _store_latents(self, sample_id, bucket, target, references) -> None:
+        if not self.config.training.cache_latents:
+            return
+        from safetensors.torch import save
+
+        from squeeze_cli.outputs.files import atomic_write_bytes
+
+        tensors = {"target": target.cpu().contiguous()}
+        tensors.update({f"reference_{i}": r.cpu().contiguous() for i, r in enumerate(references)})
+        atomic_write_bytes(
+            self._cache_path(sample_id, bucket), save(tensors, metadata={"sample_id": sample_id})
+        )
+
+    def micro_step(self, micro: int) -> tuple[torch.Tensor, int]:
+        """Loss of micro-batch `micro` on this process, and how many samples it held."""
+        accelerator = self.accelerator
+        process = accelerator.process_index
+        indices, bucket = self.schedule.batch(micro * accelerator.num_processes + process)
+        samples = [self.prepare_sample(i, bucket) for i in indices]
+        stage_name, _, _ = stage_of(self.state.step, self.stages)
+        training = self.config.training
+        dropout_spec = training.dropout
+        drops = draw_dropout(len(samples), dropout_spec, _generator(self.config.seed, micro, process, 0))
+        num_tokens = (bucket[0] // 16) * (bucket[1] // 16)
+        sigmas = sample_sigmas(
+            len(samples),
+            training.timesteps,
+            num_tokens,
+            _generator(self.config.seed, micro, process, 1),
+            self.pipe.scheduler.config,
+        )
+        noise_generator = _generator(self.config.seed, micro, process, 2)
+        noise = [noise_like_packed(s.target_latents, noise_generator) for s in samples]
+
+        def compute(models):
+            return loss_on_batch(
+                self.pipe,
+                models,
+                samples,
+                drops,
+                sigmas,
+                noise,
+                self.null_encoding,
+                use_references=stage_name == "stage2",
+                guidance=training.guidance,
+            )
+
+        with accelerator.autocast():
+            loss = self.models(compute)
+        return loss, len(samples)
+
+    # Outputs -------------------------------------------------------------------------------------------
+
+    def export(self, folder: Path, stage_name: str) -> Path:
+        """Aggregator (`save_pretrained`), LoRA (diffusers format) and a recipe for `squeeze gen`, written
+        into `folder` atomically (a `.partial` folder renamed into place)."""
+        from peft.utils import get_peft_model_state_dict
+
+        from squeeze_cli.pipelines.squeeze import SqueezePipeline
+
+        partial = folder.with_name(f".partial-{folder.name}")
+        shutil.rmtree(partial, ignore_errors=True)
+        ensure_dir(partial)
+        aggregator = self.trainable.aggregator
+        aggregator.save_pretrained(partial / "aggregator")
+        atomic_write_json(partial / "aggregator" / NULL_CONDITION_FILE, NULL_CONDITION_DEFINITION)
+        transformer = self.accelerator.unwrap_model(self.models).transformer
+        lora_state = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
+        # The adapter's config (rank, alpha, targets) goes into the file's metadata, so loading uses the
+        # trained alpha / rank scale rather than assuming alpha = rank.
+        SqueezePipeline.save_lora_weights(
+            partial / "lora",
+            transformer_lora_layers=lora_state,
+            transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+        )
+        atomic_write_text(partial / "recipe.yaml", self.recipe_text(folder, stage_name))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(partial, folder)
+        return folder
+
+    def recipe_text(self, folder: Path, stage_name: str) -> str:
+        """A recipe file for the exported weights, valid where it is written (`folder/recipe.yaml`)."""
+        spec = self.recipe.model
+        model: dict[str, Any] = {}
+        if self.pipeline_source is not None:
+            model["pipeline"] = self.pipeline_source
+        if spec.family:
+            model["family"] = spec.family
+        components = {n: c.model_dump(exclude_none=True) for n, c in spec.components.items()}
+        components["aggregator"] = {"path": "./aggregator"}
+        model["components"] = components
+        model["lora"] = {"path": "./lora", "scale": 1.0}
+        model["dtype"] = spec.dtype
+        defaults = self.recipe.defaults.model_dump(exclude_none=True, mode="json")
+        if stage_name == "stage1":  # trained without reference tokens: MLLM condition throughout
+            defaults["stage_thresholds"] = [0.0, 0.0]
+        document = {
+            "name": f"trained-{self.output_dir.name}-{stage_name}",
+            "description": f"{self.recipe.name} + the aggregator and LoRA trained by squeeze ({stage_name}).",
+            "model": model,
+            "defaults": defaults,
+        }
+        header = (
+            f"# Written by `squeeze train` ({stage_name} of {self.output_dir}).\n"
+            f"#   squeeze gen my-manifest.yaml --recipe {folder / 'recipe.yaml'}\n"
+        )
+        return header + yaml.safe_dump(document, sort_keys=False, allow_unicode=True, default_flow_style=None)
+
+    def validate_images(self, stage_name: str) -> Path | None:
+        """Render the config's validation prompts with the current weights through a fresh `SqueezePipeline`
+        (fresh, so its cached null condition is the current aggregator's) into a labelled grid."""
+        from squeeze_cli.outputs.grids import write_validation_grid
+        from squeeze_cli.pipelines.squeeze import SqueezePipeline
+
+        validation = self.config.validation
+        if not validation.prompts or not self.accelerator.is_main_process:
+            return None
+        unwrapped = self.accelerator.unwrap_model(self.models)
+        pipe = SqueezePipeline(
+            mllm=self.pipe.mllm,
+            tokenizer=self.pipe.tokenizer,
+            image_processor=self.pipe.image_processor,
+            aggregator=unwrapped.aggregator,
+            transformer=unwrapped.transformer,
+            vae=self.pipe.vae,
+            scheduler=self.pipe.scheduler,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        thresholds = (0.0, 0.0) if stage_name == "stage1" else tuple(validation.stage_thresholds)
+        unwrapped.eval()
+        rows = []
+        try:
+            for prompt, paths in zip(validation.prompts, self.loaded.validation_references, strict=True):
+                references = [load_rgb(p) for p in paths]
+                with self.accelerator.autocast():
+                    image = pipe(
+                        prompt.instruction,
+                        references,
+                        height=validation.size[1],
+                        width=validation.size[0],
+                        num_inference_steps=validation.steps,
+                        guidance_scale=validation.guidance_scale,
+                        stage_thresholds=thresholds,
+                        reference_size=self.config.training.reference_size,
+                        generator=torch.Generator().manual_seed(validation.seed),
+                    ).images[0]
+                rows.append((references, prompt.instruction, image))
+        finally:
+            unwrapped.train()
+        path = self.output_dir / "validation" / f"step-{self.state.step:07d}.png"
+        return write_validation_grid(path, f"step {self.state.step} ({stage_name})", rows)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.output_dir / "log.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def _trim_log(self) -> None:
+        """On resume, drop log lines past the checkpoint: those steps are run again."""
+        path = self.output_dir / "log.jsonl"
+        if not path.is_file() or not self.accelerator.is_main_process:
+            return
+        kept = [
+            line
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= self.state.step
+        ]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def summary(self) -> dict[str, Any]:
+        """What trains in each stage (recorded as training.json)."""
+        from squeeze_cli.train.models import count
+
+        return {
+            "config": str(self.loaded.path),
+            "recipe": self.recipe.source,
+            "total_steps": self.total_steps,
+            "stages": {
+                name: {
+                    "steps": spec.steps,
+                    "reference_tokens": name == "stage2",
+                    "trains": list(spec.train),
+                    "learning_rates": {g: spec.learning_rates[g] for g in spec.train},
+                    "trainable_parameters": {g: count(self.groups[g]) for g in spec.train},
+                    "frozen": ["mllm", "vae", "transformer base weights"]
+                    + [g for g in ("aggregator", "lora") if g not in spec.train],
+                }
+                for name, spec in self.stages
+            },
+            "null_condition": NULL_CONDITION_DEFINITION,
+            "data": self.data.description,
+            "processes": self.accelerator.num_processes,
+        }
+
+    # Run -----------------------------------------------------------------------------------------------
+
+    def run(self, progress: bool = True) -> Path | None:
+        """Train both stages (or what is left of them) and export; returns the run's recipe file (on the
+        main process; None on the others)."""
+        from tqdm.auto import tqdm
+
+        checkpoint = self._check_output_dir()
+        self._setup()
+        self.check_fits()
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            ensure_dir(self.output_dir)
+            atomic_write_text(self.output_dir / "config.yaml", self.loaded.text)
+            atomic_write_json(self.output_dir / "training.json", self.summary())
+        if accelerator.is_main_process:  # what a killed save or export left behind is never used
+            for folder in (self.output_dir, self.output_dir / CHECKPOINTS):
+                for stale in folder.glob(".partial-*") if folder.is_dir() else []:
+                    shutil.rmtree(stale, ignore_errors=True)
+        if checkpoint is not None:
+            accelerator.load_state(str(checkpoint))
+            self._trim_log()
+            print(f"resumed from {checkpoint} at step {self.state.step}", flush=True)
+        elif self.resume == "latest":
+            print("no checkpoint to resume from: starting a new run", flush=True)
+        self.tensorboard = None
+        if self.config.logging.tensorboard and accelerator.is_main_process:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is not None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
+
+        from squeeze_cli.train.models import set_trainable
+
+        accumulation = self.config.training.gradient_accumulation_steps
+        self.models.train()
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            disable=not (progress and accelerator.is_main_process),
+            desc="train",
+            dynamic_ncols=True,
+        )
+        window_loss, window_steps, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+        current_stage = None
+        try:
+            while self.state.step < self.total_steps:
+                stage_name, spec, _ = stage_of(self.state.step, self.stages)
+                if stage_name != current_stage:
+                    set_trainable(self.trainable, spec.train)
+                    current_stage = stage_name
+                losses, step_samples, step_start = [], 0, time.perf_counter()
+                for accumulated in range(accumulation):
+                    micro = self.state.step * accumulation + accumulated
+                    with accelerator.accumulate(self.models):
+                        loss, batch = self.micro_step(micro)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and self.config.training.optimizer.max_grad_norm:
+                            trained = [p for g in spec.train for _, p in self.groups[g]]
+                            accelerator.clip_grad_norm_(trained, self.config.training.optimizer.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    # The mean over processes, so the log is the run's loss, not one process's.
+                    losses.append(accelerator.gather(loss.detach()[None]).float().mean().item())
+                    step_samples += batch * accelerator.num_processes
+                window_samples += step_samples
+                # The rates this step used, read before the schedule moves to the next step.
+                lrs = {
+                    f"lr_{g}": group["lr"]
+                    for g, group in zip(self.group_names, self.optimizer.param_groups, strict=True)
+                }
+                self.scheduler.step()
+                self.state.step += 1
+                step_loss = sum(losses) / len(losses)
+                window_loss, window_steps = window_loss + step_loss, window_steps + 1
+                if self.state.step % self.config.logging.every == 0 or self.state.step == self.total_steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    record = {
+                        "step": self.state.step,
+                        "stage": stage_name,
+                        "loss": window_loss / window_steps,
+                        **lrs,
+                        "samples_per_s": window_samples / elapsed,
+                    }
+                    self._log(record)
+                    window_loss, window_steps, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+                samples_per_s = step_samples / max(time.perf_counter() - step_start, 1e-9)
+                bar.set_postfix(
+                    stage=stage_name[-1],
+                    loss=f"{step_loss:.4f}",
+                    lr=f"{max(lrs.values()):.2e}",
+                    samples_s=f"{samples_per_s:.2f}",
+                    refresh=False,
+                )
+                bar.update()
+
+                stage_done = (
+                    stage_of(self.state.step - 1, self.stages)[0] != stage_of(self.state.step, self.stages)[0]
+                    or self.state.step == self.total_steps
+                )
+                every = self.config.validation.every
+                if stage_done or (every and self.state.step % every == 0):
+                    self.validate_images(stage_name)
+                if stage_done and accelerator.is_main_process:
+                    self.export(self.output_dir / stage_name, stage_name)
+                if (
+                    self.state.step % self.config.checkpointing.every == 0
+                    or self.state.step == self.total_steps
+                ):
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            bar.close()
+            saved = checkpoint_dirs(self.output_dir)
+            where = f"from {saved[-1].name}" if saved else "from the start (no checkpoint yet)"
+            raise TrainingInterrupted(
+                f"stopped by SIGINT at step {self.state.step}",
+                f"continue with `--resume latest`, {where}",
+            ) from None
+        bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        final_stage = self.stages[-1][0]
+        if accelerator.is_main_process:
+            if not (self.output_dir / final_stage).is_dir():  # resumed after everything was trained
+                self.export(self.output_dir / final_stage, final_stage)
+            text = self.recipe_text(self.output_dir, final_stage).replace(
+                "./aggregator", f"./{final_stage}/aggregator"
+            )
+            text = text.replace("./lora", f"./{final_stage}/lora")
+            atomic_write_text(self.output_dir / "recipe.yaml", text)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return self.output_dir / "recipe.yaml" if accelerator.is_main_process else None

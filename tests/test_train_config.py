@@ -1,0 +1,376 @@
+"""`squeeze train` configs and data: presets validate, bad configs and bad data get located one-line errors,
+all at once, before any model loads, and nothing is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from squeeze_cli.errors import ManifestError
+from squeeze_cli.train.config import load_config, presets
+from squeeze_cli.train.data import BatchSchedule, load_data, load_jsonl_data
+
+TINY_DATA = Path(__file__).resolve().parents[1] / "squeeze_cli" / "train" / "presets" / "tiny-data"
+
+
+@pytest.mark.parametrize("name", sorted(presets()))
+def test_every_packaged_preset_validates(name: str) -> None:
+    loaded = load_config(name)
+    assert loaded.config.stages.stage1.steps > 0
+    assert loaded.config.version == 1
+
+
+def test_paper_preset_has_the_papers_schedule() -> None:
+    config = load_config("paper").config
+    assert (config.stages.stage1.steps, config.stages.stage2.steps) == (25_000, 10_000)
+    assert config.lora.rank == 512
+    assert config.data.layout == "subjects200k"
+    # Per-group learning rates, recorded per stage.
+    assert set(config.stages.stage2.learning_rates) == {"aggregator", "lora"}
+
+
+def test_tiny_preset_data_loads() -> None:
+    data = load_data(load_config("tiny"))
+    assert len(data) == 4
+    sample = data.load(0)
+    assert sample.instruction and sample.references and sample.target.size == (64, 64)
+
+
+def _config(write_file, body: str, name: str = "train.yaml") -> Path:
+    return write_file(
+        f"""
+        version: 1
+        recipe: tiny
+        output_dir: out
+        data: {{format: jsonl, path: {TINY_DATA / "samples.jsonl"}}}
+        {body}
+        """,
+        name,
+    )
+
+
+def test_every_config_problem_is_reported_at_once_with_its_line(write_file) -> None:
+    path = _config(
+        write_file,
+        """stages:
+          stage1: {steps: 5, train: [aggregator, lora], learning_rates: {aggregator: 1.0e-4}}
+          stage2: {steps: 2, warmup_step: 3}
+        training:
+          mixed_precision: fp8
+          dropout: {text: 0.6, references: 0.6}
+        """,
+    )
+    with pytest.raises(ManifestError) as info:
+        load_config(path)
+    messages = [str(p) for p in info.value.problems]
+    text = "\n".join(messages)
+    assert len(messages) == 4, text
+    assert "stages.stage1: no learning rate for trained group(s) lora" in text
+    assert "stages.stage2.warmup_step: unknown key `warmup_step` (hint: did you mean `warmup_steps`?)" in text
+    assert "training.mixed_precision: must be one of" in text
+    assert "training.dropout: `text` + `references` + `both` must be at most 1" in text
+    # Located at the line of the offending key (file:line:column).
+    assert any(m.startswith(f"{path.name}:7:") or f"{path}:7:" in m for m in messages), text
+
+
+def test_missing_data_file_and_validation_image_are_located(write_file) -> None:
+    path = write_file(
+        """
+        version: 1
+        recipe: tiny
+        output_dir: out
+        data: {format: jsonl, path: ./nowhere.jsonl}
+        stages: {stage1: {steps: 1}, stage2: {steps: 0}}
+        validation:
+          prompts: [{references: [./missing.png], instruction: a toy}]
+        """
+    )
+    with pytest.raises(ManifestError) as info:
+        load_config(path)
+    text = "\n".join(str(p) for p in info.value.problems)
+    assert ":4:" in text and "data.path: no such file or folder" in text
+    assert "validation.prompts[0].references[0]: no such image" in text
+
+
+def test_unknown_recipe_is_located_in_the_config(write_file) -> None:
+    path = write_file(
+        f"""
+        version: 1
+        recipe: no-such-recipe
+        output_dir: out
+        data: {{format: jsonl, path: {TINY_DATA / "samples.jsonl"}}}
+        stages: {{stage1: {{steps: 1}}, stage2: {{steps: 1}}}}
+        """
+    )
+    with pytest.raises(
+        ManifestError, match=r":2:9: recipe: unknown recipe 'no-such-recipe' \(hint: known recipes"
+    ):
+        load_config(path)
+
+
+def test_json_folder_form(tmp_path: Path, make_image) -> None:
+    make_image("samples/ref.png")
+    make_image("samples/target.png", size=(48, 32))
+    record = {"id": "s1", "references": ["ref.png"], "instruction": "a toy", "target": "target.png"}
+    (tmp_path / "samples" / "s1.json").write_text(json.dumps(record))
+    (tmp_path / "samples" / "s2.json").write_text(json.dumps({**record, "id": "s2", "target": "nope.png"}))
+    with pytest.raises(ManifestError, match=r"s2.json: target: no such image"):
+        load_jsonl_data(tmp_path / "samples")
+    (tmp_path / "samples" / "s2.json").unlink()
+    data = load_jsonl_data(tmp_path / "samples")
+    assert data.ids == ["s1"] and data.size(0) == (48, 32)
+
+
+def test_resume_from_a_folder_that_is_no_checkpoint_is_refused(squeeze, tmp_path: Path) -> None:
+    result = squeeze("train", "tiny", "--set", f"output_dir={tmp_path / 'run'}", "--resume", str(tmp_path))
+    assert result.code == 2
+    assert "is not a squeeze checkpoint" in result.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_lists_train(squeeze) -> None:
+    assert "train" in squeeze("--help").out
+    help_text = squeeze("train", "--help").out
+    assert "--resume" in help_text and "--dry-run" in help_text
+
+
+def test_zero_steps_in_both_stages_is_refused(write_file) -> None:
+    path = _config(write_file, "stages: {stage1: {steps: 0}, stage2: {steps: 0}}")
+    with pytest.raises(ManifestError, match="nothing to train"):
+        load_config(path)
+
+
+def test_cli_bad_config_exits_2_and_writes_nothing(squeeze, write_file, tmp_path: Path) -> None:
+    path = _config(write_file, "stages: {stage1: {steps: 1}, stage2: {steps: 1}, bogus: 1}")
+    result = squeeze("train", str(path))
+    assert result.code == 2
+    assert "stages.bogus: unknown key `bogus`" in result.err
+    assert not (tmp_path / "out").exists()
+
+
+# Data --------------------------------------------------------------------------------------------------
+
+
+def test_bad_jsonl_lines_are_all_reported_with_line_numbers(tmp_path: Path, make_image) -> None:
+    make_image("ref.png")
+    make_image("target.png")
+    lines = [
+        {"references": ["ref.png"], "instruction": "fine", "target": "target.png"},
+        "not json",
+        {"references": ["gone.png"], "instruction": "x", "target": "target.png"},
+        {"references": [], "instruction": "", "target": "target.png", "extra": 1},
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    with pytest.raises(ManifestError) as info:
+        load_jsonl_data(path)
+    text = "\n".join(str(p) for p in info.value.problems)
+    assert f"{path}:2:1: not valid JSON" in text
+    assert f"{path}:3: references[0]: no such image" in text
+    assert f"{path}:4: extra: unknown key `extra`" in text
+    assert f"{path}:4: references: expected a non-empty list of image paths" in text
+    assert f"{path}:4: instruction: expected a non-empty string" in text
+
+
+def test_truncated_target_image_is_refused(tmp_path: Path, make_image) -> None:
+    make_image("ref.png")
+    broken = make_image("target.png")
+    broken.write_bytes(broken.read_bytes()[:-12])  # IEND gone
+    path = tmp_path / "data.jsonl"
+    path.write_text(
+        json.dumps({"references": ["ref.png"], "instruction": "x", "target": "target.png"}) + "\n"
+    )
+    with pytest.raises(ManifestError, match=r"data.jsonl:1: target: .*target.png: the file is truncated"):
+        load_jsonl_data(path)
+
+
+def test_cli_bad_data_exits_2_before_any_model_and_writes_nothing(
+    squeeze, write_file, tmp_path: Path
+) -> None:
+    (tmp_path / "data.jsonl").write_text('{"references": ["a.png"], "instruction": "x", "target": "b.png"}\n')
+    path = write_file(
+        """
+        version: 1
+        recipe: tiny
+        output_dir: out
+        data: {format: jsonl, path: data.jsonl}
+        stages: {stage1: {steps: 1}, stage2: {steps: 1}}
+        """
+    )
+    result = squeeze("train", str(path))
+    assert result.code == 2
+    assert "data.jsonl:1: references[0]: no such image" in result.err
+    assert not (tmp_path / "out").exists()
+
+
+def _pair_image(side: int, padding: int, left: tuple, right: tuple) -> Image.Image:
+    image = Image.new("RGB", (2 * side + 4 * padding, side + 2 * padding), (255, 255, 255))
+    image.paste(Image.new("RGB", (side, side), left), (padding, padding))
+    image.paste(Image.new("RGB", (side, side), right), (side + 3 * padding, padding))
+    return image
+
+
+def _subjects200k_parquet(path: Path, padding: int = 8) -> Path:
+    """A tiny parquet in the layout of Yuanshi/Subjects200K (image pair, description, quality scores)."""
+    import datasets
+
+    rows = {
+        "image": [
+            _pair_image(32, padding, (255, 0, 0), (0, 0, 255)),
+            _pair_image(32, padding, (0, 255, 0), (9, 9, 9)),
+        ],
+        "collection": ["collection_2", "collection_2"],
+        "quality_assessment": [
+            {"compositeStructure": 5, "objectConsistency": 5, "imageQuality": 5},
+            {"compositeStructure": 5, "objectConsistency": 3, "imageQuality": 5},
+        ],
+        "description": [
+            {
+                "item": "mug",
+                "description_0": "a mug on a desk",
+                "description_1": "a mug in the snow",
+                "category": "Kitchen",
+            },
+            {
+                "item": "lamp",
+                "description_0": "a lamp",
+                "description_1": "a lamp outside",
+                "category": "Home",
+            },
+        ],
+    }
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "collection": datasets.Value("string"),
+            "quality_assessment": {k: datasets.Value("int64") for k in rows["quality_assessment"][0]},
+            "description": {k: datasets.Value("string") for k in rows["description"][0]},
+        }
+    )
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    return path
+
+
+def test_subjects200k_rows_split_into_reference_and_target_and_filter_by_quality(
+    write_file, tmp_path
+) -> None:
+    _subjects200k_parquet(tmp_path / "subjects.parquet")
+    path = write_file(
+        """
+        version: 1
+        recipe: tiny
+        output_dir: out
+        data: {format: hf, path: subjects.parquet, layout: subjects200k, filter: {min_quality: 5}}
+        stages: {stage1: {steps: 1}, stage2: {steps: 1}}
+        """
+    )
+    data = load_data(load_config(path))
+    assert len(data) == 2  # the second row fails the filter; the first gives two samples
+    left_target, right_target = data.load(0), data.load(1)
+    assert left_target.target.size == (32, 32) and left_target.references[0].size == (32, 32)
+    assert left_target.target.getpixel((16, 16)) == (255, 0, 0)
+    assert left_target.references[0].getpixel((16, 16)) == (0, 0, 255)
+    assert left_target.instruction == "a mug on a desk"
+    assert right_target.target.getpixel((16, 16)) == (0, 0, 255)
+    assert right_target.instruction == "a mug in the snow"
+    assert data.ids == ["row0-left", "row0-right"]
+
+
+def test_subjects200k_padding_is_configurable_and_bad_geometry_is_caught(write_file, tmp_path) -> None:
+    _subjects200k_parquet(tmp_path / "subjects.parquet", padding=0)  # the 1024x512 variant: no padding
+    path = write_file(
+        """
+        version: 1
+        recipe: tiny
+        output_dir: out
+        data: {format: hf, path: subjects.parquet, layout: subjects200k, padding: 0}
+        stages: {stage1: {steps: 1}, stage2: {steps: 1}}
+        """
+    )
+    sample = load_data(load_config(path)).load(0)
+    assert sample.target.size == (32, 32) and sample.target.getpixel((0, 0)) == (255, 0, 0)
+    assert sample.references[0].getpixel((0, 0)) == (0, 0, 255)
+
+    import datasets
+
+    datasets.Dataset.from_dict(
+        {
+            "image": [Image.new("RGB", (70, 32))],
+            "description": ["x"],
+            "quality_assessment": [{"compositeStructure": 5, "objectConsistency": 5, "imageQuality": 5}],
+        },
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "description": datasets.Value("string"),
+                "quality_assessment": {
+                    k: datasets.Value("int64")
+                    for k in ("compositeStructure", "objectConsistency", "imageQuality")
+                },
+            }
+        ),
+    ).to_parquet(str(tmp_path / "subjects.parquet"))
+    with pytest.raises(ManifestError, match="data.padding: row 0: a 70x32 image is not two 32-px halves"):
+        load_data(load_config(path))
+
+
+def test_hf_column_mapping_and_missing_column(write_file, tmp_path) -> None:
+    import datasets
+
+    red = Image.new("RGB", (32, 32), (255, 0, 0))
+    datasets.Dataset.from_dict(
+        {"refs": [[red, red]], "prompt": ["two reds"], "image": [red], "key": ["a1"]},
+        features=datasets.Features(
+            {
+                "refs": datasets.Sequence(datasets.Image()),
+                "prompt": datasets.Value("string"),
+                "image": datasets.Image(),
+                "key": datasets.Value("string"),
+            }
+        ),
+    ).to_parquet(str(tmp_path / "rows.parquet"))
+    path = write_file(
+        """
+        version: 1
+        recipe: tiny
+        output_dir: out
+        data:
+          format: hf
+          path: rows.parquet
+          columns: {references: refs, instruction: prompt, target: image, id: key}
+        stages: {stage1: {steps: 1}, stage2: {steps: 1}}
+        """
+    )
+    data = load_data(load_config(path))
+    sample = data.load(0)
+    assert (data.ids, len(sample.references), sample.instruction) == (["a1"], 2, "two reds")
+    with pytest.raises(ManifestError, match=r"data.columns.target: the dataset has no column `picture`"):
+        load_data(load_config(path, ["data.columns.target=picture"]))
+    with pytest.raises(ManifestError, match=r"data.columns: row 0 does not decode as images"):
+        load_data(load_config(path, ["data.columns.target=prompt"]))
+
+
+def test_batch_order_is_a_function_of_seed_and_position() -> None:
+    data = load_data(load_config("tiny"))
+    first = BatchSchedule(data, [(64, 64)], batch_size=3, seed=7)
+    again = BatchSchedule(data, [(64, 64)], batch_size=3, seed=7)
+    assert [again.batch(k) for k in range(9)] == [first.batch(k) for k in range(9)]
+    # An epoch covers every sample once (short last batch kept).
+    epoch = sorted(i for k in range(first.batches_per_epoch) for i in first.batch(k)[0])
+    assert epoch == list(range(len(data)))
+
+
+def test_the_annotated_config_in_the_docs_is_valid(tmp_path: Path) -> None:
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text(encoding="utf-8")
+    section = docs.split("## A complete config, annotated", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "train.yaml"
+    path.write_text(block, encoding="utf-8")
+    # Its validation images are examples; everything else validates as written.
+    loaded = load_config(path, ["validation.prompts=[]"])
+    assert loaded.config.stages.stage1.steps == 25_000 and loaded.config.lora.rank == 512
+    with pytest.raises(ManifestError, match="validation.prompts\\[0\\].references\\[0\\]: no such image"):
+        load_config(path)

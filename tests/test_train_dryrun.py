@@ -1,0 +1,59 @@
+"""`squeeze train --dry-run`: the paper's models on the meta device from the shipped configs, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from squeeze_cli.train.config import load_config
+from squeeze_cli.train.estimate import build_meta_models, estimate_memory, parameter_counts
+
+pytestmark = pytest.mark.slow  # builds the 20 B-parameter models on the meta device: ~10 s
+
+
+@pytest.fixture(scope="module")
+def paper():
+    loaded = load_config("paper")
+    models = build_meta_models(loaded)
+    return loaded, models, parameter_counts(models)
+
+
+def test_paper_parameter_counts_match_the_fidelity_review(paper) -> None:
+    _, models, counts = paper
+    assert round(counts["transformer"] / 1e9, 1) == 11.9
+    assert round(counts["mllm"] / 1e9, 1) == 7.9
+    assert round(counts["lora"] / 1e9, 2) == 0.84
+    assert round(counts["aggregator"] / 1e6) == 78
+    # Rank 512 on the 8 attention projections of 19 double blocks and 3 of 38 single blocks: 266 layers of
+    # 3072 -> 3072, each 512 * (3072 + 3072) parameters.
+    assert counts["lora"] == (19 * 8 + 38 * 3) * 512 * (3072 + 3072)
+    assert next(models.transformer.parameters()).device.type == "meta"
+
+
+def test_memory_estimate_is_consistent(paper) -> None:
+    loaded, models, counts = paper
+    memory = estimate_memory(loaded, models, counts)
+    stage1, stage2 = memory["stages"]["stage1"], memory["stages"]["stage2"]
+    # bf16 frozen weights (transformer + MLLM + VAE) and fp32 trained ones.
+    frozen = counts["transformer"] + counts["mllm"] + counts["vae"]
+    assert stage1["weights_gib"] * 1024**3 == pytest.approx(
+        frozen * 2 + (counts["lora"] + counts["aggregator"]) * 4
+    )
+    assert stage1["optimizer_gib"] == pytest.approx(2 * stage1["gradients_gib"])
+    # Reference tokens make stage 2's sequence longer; checkpointing keeps far fewer activations.
+    assert stage2["sequence_tokens"] == stage1["sequence_tokens"] + 1024
+    assert stage2["activations_gib"] > stage1["activations_gib"]
+    for stage in (stage1, stage2):
+        assert stage["activations_checkpointed_gib"] < stage["activations_gib"] / 4
+
+
+def test_cli_dry_run_prints_counts_and_writes_nothing(squeeze, tmp_path: Path) -> None:
+    result = squeeze("train", "paper", "--dry-run", "--set", f"output_dir={tmp_path / 'run'}")
+    assert result.code == 0, result.err
+    assert "transformer (frozen base)  11.90 B" in result.out
+    assert "LoRA rank 512" in result.out and "0.84 B" in result.out
+    assert "MLLM (frozen)              7.94 B" in result.out
+    assert "aggregator (trained)       77.9 M" in result.out
+    assert "stage2 (10000 steps" in result.out and "GiB with" in result.out
+    assert not (tmp_path / "run").exists()
