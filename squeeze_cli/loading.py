@@ -17,6 +17,7 @@ import torch
 from squeeze_cli.errors import ModelLoadError, UsageError
 from squeeze_cli.manifest.schema import ModelSpec
 from squeeze_cli.params import Dtype
+from squeeze_cli.pipelines.registry import DEFAULT_PIPELINE, pipeline_spec
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -36,13 +37,16 @@ def cache_dir() -> Path:
     return Path(base) / "squeeze"
 
 
-def ensure_tiny_checkpoint(family: str) -> Path:
+def ensure_tiny_checkpoint(family: str, pipeline_class: str | None = None) -> Path:
     """Build the tiny random checkpoint once into the cache; concurrent processes are safe.
 
     Each builder writes into its own temporary folder and renames it into place; whoever renames first
     wins and the others discard their copy (the builds are identical: deterministic from the seed).
+    `pipeline_class` names another registered pipeline's tiny twin (`family` is then unused).
     """
-    target = cache_dir() / f"tiny-{family}-v{TINY_FORMAT}"
+    other = pipeline_class not in (None, DEFAULT_PIPELINE)
+    name = pipeline_class if other else family
+    target = cache_dir() / f"tiny-{name}-v{TINY_FORMAT}"
     if (target / "model_index.json").is_file():
         return target
     from squeeze_cli.pipelines.tiny import build_tiny_pipeline
@@ -50,7 +54,10 @@ def ensure_tiny_checkpoint(family: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        build_tiny_pipeline(staging, family=family, seed=0)
+        if other:
+            pipeline_spec(pipeline_class).build_tiny(staging, seed=0)
+        else:
+            build_tiny_pipeline(staging, family=family, seed=0)
         try:
             os.rename(staging, target)
         except OSError:
@@ -149,6 +156,9 @@ def load_pipeline(
             flush=True,
         )
     dtype = torch_dtype(spec.dtype)
+    if spec.pipeline_class is not None:
+        pipe = _load_registered_pipeline(spec, dtype=dtype, allow_pickle=allow_pickle)
+        return _finish_loading(pipe, spec, device=device, offload=offload, allow_pickle=allow_pickle)
     source = str(ensure_tiny_checkpoint(spec.family or "internvl")) if spec.builtin else spec.pipeline
     components = dict(spec.components)
     if source is None:
@@ -178,7 +188,42 @@ def load_pipeline(
             f"is {model_type!r}",
             f"set `family: {model_type}` or remove `family` (it is read from the checkpoint)",
         )
+    return _finish_loading(pipe, spec, device=device, offload=offload, allow_pickle=allow_pickle)
 
+
+def _qwen_processor(source: str) -> Any:
+    # transformers 5 cannot build `Qwen2VLProcessor` without torchvision (its video processor needs it), and
+    # the pipeline only needs the image part: the PIL image processor from the checkpoint's `processor/`.
+    from transformers import Qwen2VLImageProcessorPil
+
+    try:
+        return Qwen2VLImageProcessorPil.from_pretrained(source, subfolder="processor")
+    except (OSError, ValueError) as error:
+        raise _load_error("the Qwen2-VL image processor", source, error, "model.pipeline") from error
+
+
+def _load_registered_pipeline(spec: ModelSpec, *, dtype: torch.dtype, allow_pickle: bool) -> Any:
+    """Load `spec.pipeline_class`'s pipeline (FLUX.1 Kontext, Qwen-Image-Edit-Plus) from `spec.pipeline` (a
+    hub id or folder), or its tiny twin for `builtin: tiny`, through the class's own `from_pretrained`."""
+    registered = pipeline_spec(spec.pipeline_class)
+    source = str(ensure_tiny_checkpoint("", spec.pipeline_class)) if spec.builtin else spec.pipeline
+    qwen = registered.name == "qwen-image-edit-plus"
+    # The hub's model_index names `Qwen2VLProcessor`, which diffusers would build (and would refuse an image
+    # processor passed in its place): skip it while loading, then register the image processor.
+    overrides: dict[str, Any] = {"processor": None} if qwen else {}
+    try:
+        pipe = registered.load_class().from_pretrained(
+            source, dtype=dtype, use_safetensors=_use_safetensors(allow_pickle), **overrides
+        )
+    except (OSError, ValueError) as error:
+        raise _load_error(f"the {registered.name} pipeline", source, error, "model.pipeline") from error
+    if qwen:
+        pipe.register_modules(processor=_qwen_processor(source))
+    return pipe
+
+
+def _finish_loading(pipe: Any, spec: ModelSpec, *, device: str, offload: str, allow_pickle: bool) -> Any:
+    """What every pipeline gets once loaded: its LoRA, its device or offloading, no progress bars."""
     if spec.lora is not None:
         try:
             pipe.load_lora_weights(

@@ -131,8 +131,16 @@ def test_missing_manifest(squeeze):
 def test_recipes_list_and_show():
     result = runner.invoke(app, ["recipes"])
     assert result.exit_code == 0
-    names = [line.split()[0] for line in result.stdout.splitlines()[:3]]
-    assert names == ["paper-internvl3-flux", "qwen2.5vl-flux", "tiny"]
+    names = [line.split()[0] for line in result.stdout.splitlines()[:7]]
+    assert names == [
+        "kontext-dev",
+        "paper-internvl3-flux",
+        "qwen-image-edit-plus",
+        "qwen2.5vl-flux",
+        "tiny",
+        "tiny-kontext",
+        "tiny-qwen-image-edit",
+    ]
     shown = runner.invoke(app, ["recipes", "tiny"])
     assert shown.exit_code == 0
     assert shown.stdout == (REPO_ROOT / "recipes" / "tiny.yaml").read_text()
@@ -142,7 +150,8 @@ def test_known_errors_become_one_line_with_a_hint(squeeze):
     run = squeeze("recipes", "nope")
     assert run.code == 2 and run.out == ""
     assert run.err.splitlines() == [
-        "error: unknown recipe 'nope' (hint: known recipes: paper-internvl3-flux, qwen2.5vl-flux, tiny; "
+        "error: unknown recipe 'nope' (hint: known recipes: kontext-dev, paper-internvl3-flux, "
+        "qwen-image-edit-plus, qwen2.5vl-flux, tiny, tiny-kontext, tiny-qwen-image-edit; "
         "or give the path of a .yaml file)"
     ]
 

@@ -28,6 +28,7 @@ from squeeze_cli.gen.signals import StopNow, StopSignal, exit_code
 from squeeze_cli.gen.summary import describe_plan, finish_summary, now, report_dry_run, starting_summary
 from squeeze_cli.images import load_rgb, upright_size
 from squeeze_cli.manifest import LoadedManifest
+from squeeze_cli.pipelines.registry import pipeline_spec
 from squeeze_cli.plan import Job, plan_jobs, shard_jobs
 
 
@@ -81,6 +82,7 @@ class Runner:
         self.run_dir = run_dir
         self.processes = processes
         self.pipe: Any = None
+        self.pipeline_info: dict[str, Any] = {}  # set by `load`: name, class, sampling_parameters
         self.gate: Any = None  # the identity gate (squeeze_cli/eval/gate.py), when the manifest has `quality`
         self.succeeded: list[str] = []
         self.failures: list[dict[str, Any]] = []
@@ -111,19 +113,29 @@ class Runner:
 
             self.gate = IdentityGate(self.manifest.document.quality, self.preset_name, device)
         self.timings["load"] = time.perf_counter() - started
+        registered = pipeline_spec(self.manifest.model.pipeline_class)
+        self.pipeline_info = {
+            "name": registered.name,
+            "class": type(self.pipe).__name__,
+            "distilled_guidance": registered.distilled_guidance,
+            "sampling_parameters": getattr(self.pipe, "sampling_parameters", registered.sampling_parameters),
+        }
 
     def check_instructions(self, jobs: Sequence[Job]) -> list[Problem]:
         """One problem per prompt too long for the MLLM's context with its subject's references.
 
         Reads only the references' headers, so a manifest of thousands of subjects is checked quickly."""
         problems = []
+        check_prompt_fits = getattr(self.pipe, "check_prompt_fits", None)
+        if check_prompt_fits is None:
+            return problems
         for _, subject_jobs in groupby(jobs, key=lambda job: job.subject_index):
             subject_jobs = list(subject_jobs)
             sizes = [upright_size(path) for path in subject_jobs[0].references]
             prompts = {(job.prompt_index, job.prompt) for job in subject_jobs}
             for prompt_index, prompt in sorted(prompts):
                 try:
-                    self.pipe.mllm_encoder.check_fits(sizes, [prompt])
+                    check_prompt_fits(sizes, [prompt])
                 except ValueError as error:
                     subject_index = subject_jobs[0].subject_index
                     where = self.manifest.subjects[subject_index].prompts[prompt_index].location
@@ -172,7 +184,7 @@ class Runner:
                 # Each image's noise from its own seed: the same image whatever batch it lands in.
                 generator=[torch.Generator("cpu").manual_seed(job.seed) for job in batch],
                 callback_on_step_end=self._on_step,
-                **batch[0].params.to_pipeline_kwargs(),
+                **self._sampling_kwargs(batch[0]),
             )
         except Exception as error:
             self.reporter.batch_finished()
@@ -197,7 +209,7 @@ class Runner:
             )
         seconds = time.perf_counter() - started
         self.timings["generate"] += seconds
-        plan = result.stage_plan.to_dict()
+        plan = result.stage_plan.to_dict() if result.stage_plan is not None else None
         for job, image, quality in zip(batch, images, qualities, strict=True):
             record = outputs.image_record(
                 job,
@@ -206,6 +218,7 @@ class Runner:
                 stage_plan=plan,
                 timings={"total": seconds / len(batch), "batch": seconds, "batch_size": len(batch)},
                 versions=self.versions,
+                pipeline=self.pipeline_info,
             )
             record["process"] = self.processes.index
             if quality is not None:
@@ -218,12 +231,17 @@ class Runner:
             if self.processes.is_main:
                 outputs.append_index(self.run_dir, outputs.index_entry(record))
 
+    def _sampling_kwargs(self, job: Job) -> dict[str, Any]:
+        """The job's sampling parameters that the loaded pipeline reads (validation refused the others)."""
+        used = self.pipeline_info["sampling_parameters"]
+        return {key: value for key, value in job.params.to_pipeline_kwargs().items() if key in used}
+
     def _remake(self, jobs: list[Job], seeds: list[int], condition: Any) -> list[Any]:
         """The identity gate's next attempt: the same jobs with other seeds, in one batch."""
         import torch
 
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        kwargs = jobs[0].params.to_pipeline_kwargs()
+        kwargs = self._sampling_kwargs(jobs[0])
         return self.pipe(
             prompt=[job.prompt for job in jobs], subject_condition=condition, generator=generators, **kwargs
         ).images
@@ -264,18 +282,7 @@ def run_gen(
                 jobs = shard_jobs(jobs, *options.shard)
             out_dir = (options.out or manifest.output_dir).expanduser().absolute()
             if options.dry_run:
-                reporter = Reporter(Reporter.choose_mode(json_events=json_events, quiet=quiet))
-                done = (
-                    set()
-                    if options.overwrite or not out_dir.is_dir()
-                    else outputs.finished_job_ids(out_dir, jobs)
-                )
-                report_dry_run(
-                    reporter,
-                    {"event": "dry_run", "out": str(out_dir), **describe_plan(jobs, done)},
-                    json_events,
-                )
-                return EXIT_OK
+                return _dry_run(manifest, options, jobs, out_dir, json_events=json_events, quiet=quiet)
             run = GenRun(manifest, options, jobs, out_dir, stop, json_events=json_events, quiet=quiet)
             try:
                 run.prepare()
@@ -292,6 +299,25 @@ def run_gen(
             note = "nothing was generated"
         print(f"stopped at once by {name}: {note}", file=sys.stderr, flush=True)
         return exit_code(stopped.signum)
+
+
+def _dry_run(
+    manifest: LoadedManifest,
+    options: GenOptions,
+    jobs: list[Job],
+    out_dir: Path,
+    *,
+    json_events: bool,
+    quiet: bool,
+) -> int:
+    """Report what a run would do: counts, sizes, steps per stage; loads and writes nothing."""
+    reporter = Reporter(Reporter.choose_mode(json_events=json_events, quiet=quiet))
+    resume = not options.overwrite and out_dir.is_dir()
+    done = outputs.finished_job_ids(out_dir, jobs) if resume else set()
+    staged = "stage_thresholds" in pipeline_spec(manifest.model.pipeline_class).sampling_parameters
+    plan = describe_plan(jobs, done, staged=staged)
+    report_dry_run(reporter, {"event": "dry_run", "out": str(out_dir), **plan}, json_events)
+    return EXIT_OK
 
 
 class GenRun:

@@ -18,14 +18,17 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def describe_plan(jobs: Sequence[Job], done: set[str]) -> dict[str, Any]:
-    """What a dry run reports: counts, images per size, and the stage plan of each parameter set."""
+def describe_plan(jobs: Sequence[Job], done: set[str], *, staged: bool = True) -> dict[str, Any]:
+    """What a dry run reports: counts, images per size, and the stage plan of each parameter set (for a
+    pipeline that denoises in stages, `staged`)."""
     sizes: dict[str, int] = {}
     stages: dict[str, list[int]] = {}
     for job in jobs:
         params = job.params
         size = f"{params.width}x{params.height}"
         sizes[size] = sizes.get(size, 0) + 1
+        if not staged:
+            continue
         key = (
             f"{size}, {params.num_inference_steps} steps, thresholds {params.stage_thresholds[0]}/"
             f"{params.stage_thresholds[1]}"

@@ -117,14 +117,17 @@ def recipe_text(name_or_path: str, relative_to: str | os.PathLike | None = None)
 def merge_model(recipe_model: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """The recipe's model section with a manifest's `model:` overrides merged in (mappings merge deeply).
 
-    A manifest that sets `builtin` or `pipeline` names its own model: the recipe's source (`builtin`,
-    `pipeline` and `components`) is dropped rather than mixed in. `components` alone replaces the named
+    A manifest that sets `builtin`, `pipeline` or `pipeline_class` names its own model: the recipe's source
+    (`builtin`, `pipeline` and `components`; with `pipeline_class` also `family`) is dropped rather than
+    mixed in. `components` alone replaces the named
     components, each as a whole (a subfolder or revision belongs to its path), and keeps the others.
     """
     merged = dict(recipe_model)
-    if "builtin" in overrides or "pipeline" in overrides:
+    if "builtin" in overrides or "pipeline" in overrides or "pipeline_class" in overrides:
         for key in _SOURCE_KEYS:
             merged.pop(key, None)
+    if "pipeline_class" in overrides:
+        merged.pop("family", None)  # another pipeline: the recipe's MLLM family means nothing to it
     components = overrides.get("components")
     if isinstance(components, Mapping) and isinstance(merged.get("components"), Mapping):
         merged["components"] = {**merged["components"], **components}

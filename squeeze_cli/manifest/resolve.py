@@ -39,6 +39,7 @@ from squeeze_cli.manifest.schema import (
     Subject,
 )
 from squeeze_cli.params import SamplingParams
+from squeeze_cli.pipelines.registry import pipeline_spec, unused_sampling_keys
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,11 @@ class LoadedManifest:
     def resolved_dict(self) -> dict[str, Any]:
         """A self-contained manifest that plans the same jobs: every path absolute, every value explicit.
 
-        Written as ``manifest.resolved.yaml`` next to the outputs, so a run can be reproduced from it.
+        Written as ``manifest.resolved.yaml`` next to the outputs, so a run can be reproduced from it. Only
+        the sampling keys the model's pipeline reads are written (validation refuses the others; left out,
+        they keep their defaults, so the job ids are the same).
         """
+        used = pipeline_spec(self.model.pipeline_class).sampling_parameters
         return {
             "version": MANIFEST_VERSION,
             **({"recipe": self.recipe.source} if self.recipe is not None else {}),
@@ -97,7 +101,7 @@ class LoadedManifest:
                     "prompts": [
                         {
                             "text": prompt.template,
-                            **prompt.params.to_dict(),
+                            **{k: v for k, v in prompt.params.to_dict().items() if k in used},
                             "seeds": _seeds_to_yaml(prompt.seeds),
                         }
                         for prompt in subject.prompts
@@ -229,6 +233,8 @@ class _Resolver:
         if total > limit:
             self.problem(("subjects",), *too_many_jobs(total, limit))
         output_dir = self.resolve_output_dir() if self.head is not None else None
+        if model is not None:
+            self.check_sampling_keys(model, recipe)
         if self.problems or model is None or self.head is None or None in self.subjects:
             return None
         fields = {name: getattr(self.head, name) for name in Manifest.model_fields if name != "subjects"}
@@ -403,6 +409,25 @@ class _Resolver:
         if not text.strip():
             self.problem(text_path, "the prompt is empty")
         return text
+
+    def check_sampling_keys(self, model: ModelSpec, recipe: Recipe | None) -> None:
+        """A sampling key the model's pipeline does not read is an error where it is set, rather than a value
+        silently dropped while the metadata claims it was used."""
+        name = pipeline_spec(model.pipeline_class).name
+        levels: list[tuple[FieldPath, SamplingOverrides]] = []
+        if recipe is not None:
+            levels.append((("recipe",), recipe.defaults))
+        levels.append((("defaults",), self.head.defaults))
+        for index, subject in enumerate(self.subjects):
+            if subject is not None:
+                levels.append((("subjects", index), subject))
+                levels += [(("subjects", index, "prompts", i), p) for i, p in enumerate(subject.prompts)]
+        used_by = f"the {name} pipeline" + (f" (recipe {recipe.name})" if recipe is not None else "")
+        reads = ", ".join(sorted(pipeline_spec(name).sampling_parameters))
+        for path, level in levels:
+            for key in unused_sampling_keys(name, sorted(level.explicit())):
+                where = path if path == ("recipe",) else (*path, key)
+                self.problem(where, f"`{key}` is not used by {used_by}", f"remove it; {name} reads: {reads}")
 
     def check_prompt(
         self, path: FieldPath, params: SamplingParams, levels: list[tuple[FieldPath, SamplingOverrides]]

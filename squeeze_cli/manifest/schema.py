@@ -27,6 +27,7 @@ from pydantic import (
 
 from squeeze_cli.manifest.located import schema_error
 from squeeze_cli.params import FAMILY_ADAPTERS, PAPER_STAGE_THRESHOLDS, SAMPLING_KEYS, Dtype
+from squeeze_cli.pipelines.registry import DEFAULT_PIPELINE, PIPELINES
 
 MANIFEST_VERSION = 1
 # Plans above this many jobs are refused unless raised with `--max-jobs` or `max_jobs:`; it catches a
@@ -254,6 +255,9 @@ class ModelSpec(StrictModel):
 
     builtin: Literal["tiny"] | None = None
     pipeline: Annotated[StrictStr, AfterValidator(non_empty)] | None = None
+    # Which pipeline runs the model (squeeze_cli.pipelines.registry); unset means `squeeze`, and stays out
+    # of `model_identity` so the squeeze pipeline's job ids do not change.
+    pipeline_class: Literal[tuple(PIPELINES)] | None = None
     family: Literal[tuple(FAMILY_ADAPTERS)] | None = None
     components: dict[Literal[COMPONENT_NAMES], ComponentSource] = Field(default_factory=dict)
     lora: LoraSpec | None = None
@@ -262,6 +266,21 @@ class ModelSpec(StrictModel):
 
     @model_validator(mode="after")
     def _check_source(self) -> ModelSpec:
+        if self.pipeline_class == DEFAULT_PIPELINE:
+            self.pipeline_class = None  # the default, spelled out: same model, same job ids
+        if self.pipeline_class is not None:
+            if self.components or self.family:
+                key = "components" if self.components else "family"
+                raise schema_error(
+                    f"`{key}` applies to the squeeze pipeline only, not to "
+                    f"`pipeline_class: {self.pipeline_class}`",
+                    f"remove `{key}`; `pipeline:` names the whole checkpoint (hub id or folder)",
+                )
+            if not self.builtin and not self.pipeline:
+                raise schema_error(
+                    f"no model source for `pipeline_class: {self.pipeline_class}`",
+                    "set `pipeline:` to its checkpoint (hub id or folder), or `builtin: tiny`",
+                )
         if self.builtin and self.pipeline:
             raise schema_error("set either `builtin` or `pipeline`, not both")
         if self.builtin and self.components:

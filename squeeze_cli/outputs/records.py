@@ -71,6 +71,7 @@ def image_record(
     stage_plan: Mapping[str, Any] | None,
     timings: Mapping[str, float],
     versions: Mapping[str, str] | None = None,
+    pipeline: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The full record of one image: what the sidecar holds and the PNG's `squeeze` chunk embeds.
 
@@ -82,7 +83,13 @@ def image_record(
             pipeline without stages.
         timings (`dict`): seconds spent, e.g. `{"total": 3.6, "batch": 7.2, "batch_size": 2}`.
         versions (`dict`, *optional*): package versions; `package_versions()` when not given.
+        pipeline (`dict`, *optional*): the pipeline that made the image: `name`, `class`,
+            `distilled_guidance` and `sampling_parameters` (the params recorded are those it read).
     """
+    params = job.params.to_dict()
+    if pipeline is not None:
+        params = {key: value for key, value in params.items() if key in pipeline["sampling_parameters"]}
+        pipeline = {**pipeline, "sampling_parameters": sorted(pipeline["sampling_parameters"])}
     return {
         "format": RECORD_FORMAT,
         "job_id": job.job_id,
@@ -93,7 +100,8 @@ def image_record(
         "prompt_index": job.prompt_index,
         "prompt": job.prompt,
         "seed": job.seed,
-        "params": job.params.to_dict(),
+        "params": params,
+        **({"pipeline": dict(pipeline)} if pipeline is not None else {}),
         "stage_plan": dict(stage_plan) if stage_plan is not None else None,
         "steps_per_stage": _steps_per_stage(stage_plan),
         "references": list(job.references),
@@ -119,9 +127,13 @@ def parameters_text(record: Mapping[str, Any]) -> str:
         Negative prompt: <negative prompt>
         Steps: 28, Sampler: FlowMatchEuler, CFG scale: 2.5, Seed: 123, Size: 512x512, Model: paper, ...
 
-    `CFG scale` is the distilled guidance (`guidance_scale`); true CFG, when on, is `True CFG scale`.
+    Records without a `pipeline` (older ones): `CFG scale` is the distilled guidance (`guidance_scale`); true
+    CFG, when on, is `True CFG scale`. With a `pipeline`, as Forge writes FLUX: `CFG scale` is the real
+    classifier-free guidance (`true_cfg_scale`, 1 when off) and FLUX's distilled guidance is
+    `Distilled CFG Scale`, so readers never take it for CFG; `Pipeline` names the pipeline class.
     """
     params = record.get("params", {})
+    pipeline = record.get("pipeline")
     fields: dict[str, Any] = {
         "Steps": params.get("num_inference_steps"),
         "Sampler": "FlowMatchEuler",
@@ -130,7 +142,16 @@ def parameters_text(record: Mapping[str, Any]) -> str:
         "Size": f"{params.get('width')}x{params.get('height')}",
         "Model": record.get("preset"),
     }
-    if params.get("true_cfg_scale", 1.0) not in (None, 1, 1.0):
+    if pipeline is not None:
+        true_cfg = params.get("true_cfg_scale", 1.0)
+        fields["CFG scale"] = true_cfg if params.get("negative_prompt") is not None else 1.0
+        if pipeline.get("distilled_guidance"):
+            fields["Distilled CFG Scale"] = params.get("guidance_scale")
+        fields["Pipeline"] = pipeline.get("class")
+        source = (record.get("model") or {}).get("pipeline")
+        if source:  # the checkpoint's hub id or folder (component-wise sources are in the `squeeze` chunk)
+            fields["Model id"] = source
+    elif params.get("true_cfg_scale", 1.0) not in (None, 1, 1.0):
         fields["True CFG scale"] = params["true_cfg_scale"]
     thresholds = params.get("stage_thresholds")
     if thresholds is not None:

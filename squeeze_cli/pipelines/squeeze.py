@@ -36,6 +36,7 @@ from squeeze_cli.params import PAPER_STAGE_THRESHOLDS
 
 from .aggregator import DualLayerAggregator
 from .mllm import MLLMEncoder, MLLMEncoding, PrefixCache
+from .registry import PIPELINES
 from .stages import STAGE_MLLM, STAGE_REFERENCE, StagePlan, stage_plan
 
 logger = logging.get_logger(__name__)
@@ -139,6 +140,7 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
     # The LoRA goes into the transformer only; there is no CLIP text encoder to load one into.
     _lora_loadable_modules = ["transformer"]
     text_encoder = None
+    sampling_parameters = PIPELINES["squeeze"].sampling_parameters
 
     def __init__(
         self,
@@ -212,6 +214,10 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         device = device or self._execution_device
         dtype = dtype or self.transformer.dtype
         return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
+
+    def check_prompt_fits(self, reference_sizes: list[tuple[int, int]], prompts: list[str]) -> None:
+        """Raise `ValueError` for a prompt too long for the MLLM's context with references of these sizes."""
+        self.mllm_encoder.check_fits(reference_sizes, prompts)
 
     @staticmethod
     def _pad_conditions(

@@ -23,7 +23,7 @@ TINY_JOINT_ATTENTION_DIM = 32
 TINY_POOLED_PROJECTION_DIM = 32
 
 
-def _tiny_transformer() -> FluxTransformer2DModel:
+def tiny_transformer() -> FluxTransformer2DModel:
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,  # 16 latent channels × 2×2 packing, as in FLUX
@@ -38,7 +38,7 @@ def _tiny_transformer() -> FluxTransformer2DModel:
     )
 
 
-def _tiny_vae() -> AutoencoderKL:
+def tiny_vae() -> AutoencoderKL:
     # Four levels → 8× downsampling like FLUX's VAE; 16 latent channels; FLUX-dev's shift/scale.
     return AutoencoderKL(
         in_channels=3,
@@ -77,9 +77,9 @@ def build_tiny_components(family: str = "internvl", seed: int = 0) -> dict[str, 
             pooled_projection_dim=TINY_POOLED_PROJECTION_DIM,
         )
         torch.manual_seed(seed + 2)
-        transformer = _tiny_transformer()
+        transformer = tiny_transformer()
         torch.manual_seed(seed + 3)
-        vae = _tiny_vae()
+        vae = tiny_vae()
     scheduler = FlowMatchEulerDiscreteScheduler(**DEFAULT_SCHEDULER_CONFIG)
     return {
         "mllm": mllm,

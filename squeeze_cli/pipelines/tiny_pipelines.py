@@ -1,0 +1,235 @@
+"""Tiny random FLUX.1 Kontext and Qwen-Image-Edit-Plus checkpoints, written to disk in the real layout.
+
+Product code: the `tiny-kontext` and `tiny-qwen-image-edit` recipes and the tests load these through the
+same `from_pretrained` as the full-size checkpoints. Every component is the real class with a shrunk config
+(`save_pretrained` of each, plus `model_index.json`), and the tokenizers are real `CLIPTokenizer`,
+`T5Tokenizer` and `Qwen2Tokenizer` objects over vocabularies trained here, in-process, on a few sentences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+from .stages import DEFAULT_SCHEDULER_CONFIG
+from .tiny import tiny_transformer, tiny_vae
+
+__all__ = ["build_tiny_kontext", "build_tiny_qwen_image_edit"]
+
+TINY_TEXT_WIDTH = 32  # T5 d_model = transformer joint_attention_dim; CLIP width = pooled_projection_dim
+TINY_T5_MAX_LENGTH = 64  # the tiny T5's `max_sequence_length` (the real one reads 512)
+
+_CORPUS = (
+    "a photo of a dog on the beach",
+    "a red backpack in the snow with a mountain in the background",
+    "a cat wearing a santa hat, sitting on a sofa",
+    "the teapot floating in an ocean of milk",
+    "put the subject on top of a wooden table, in the jungle, in the city at night",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "Make the dog wear sunglasses; keep its identity. Change the background to a beach.",
+)
+
+
+# CLIP -------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _clip_vocabulary() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """A byte-level BPE with CLIP's `</w>` end-of-word marker, trained through CLIPTokenizer's own backend."""
+    seed = CLIPTokenizer(vocab={"<|startoftext|>": 0, "<|endoftext|>": 1}, merges=[])
+    backend = Tokenizer.from_str(seed.backend_tokenizer.to_str())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        end_of_word_suffix="</w>",
+        min_frequency=1,
+        show_progress=False,
+    )
+    backend.train_from_iterator(_CORPUS, trainer)
+    bpe = json.loads(backend.to_str())["model"]
+    merges = tuple(tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"])
+    vocab = dict(bpe["vocab"])
+    # Every byte with and without the end-of-word marker, as in CLIP's vocabulary: no text is unknown.
+    for symbol in pre_tokenizers.ByteLevel.alphabet():
+        for token in (symbol, symbol + "</w>"):
+            vocab.setdefault(token, len(vocab))
+    return vocab, merges
+
+
+def build_tiny_clip_tokenizer() -> CLIPTokenizer:
+    vocab, merges = _clip_vocabulary()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+
+
+def build_tiny_clip_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TINY_TEXT_WIDTH,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=TINY_TEXT_WIDTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPTextModel(config).eval()
+
+
+# T5 ---------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _t5_vocabulary() -> tuple[tuple[str, float], ...]:
+    """A Unigram vocabulary over T5's normalizer and Metaspace pre-tokenizer; pad, eos, unk first as in T5."""
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Replace(Regex(" {2,}"), " ")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=200,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'-()"),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer)
+    return tuple((piece, float(score)) for piece, score in json.loads(tokenizer.to_str())["model"]["vocab"])
+
+
+def build_tiny_t5_tokenizer() -> T5Tokenizer:
+    return T5Tokenizer(vocab=list(_t5_vocabulary()), extra_ids=0, model_max_length=TINY_T5_MAX_LENGTH)
+
+
+def build_tiny_t5_encoder(tokenizer: T5Tokenizer, seed: int) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=TINY_TEXT_WIDTH,
+        d_kv=16,
+        d_ff=64,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's t5-v1_1-xxl
+        is_encoder_decoder=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return T5EncoderModel(config).eval()
+
+
+# FLUX.1 Kontext ----------------------------------------------------------------------------------------
+
+
+def build_tiny_kontext_components(seed: int = 0) -> dict[str, object]:
+    """Tiny random components of a `FluxKontextPipeline` (what its `__init__` takes)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    tokenizer = build_tiny_clip_tokenizer()
+    tokenizer_2 = build_tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)
+        transformer = tiny_transformer()
+        torch.manual_seed(seed + 3)
+        vae = tiny_vae()
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(**DEFAULT_SCHEDULER_CONFIG),
+        "vae": vae.eval(),
+        "text_encoder": build_tiny_clip_text_encoder(tokenizer, seed + 4),
+        "tokenizer": tokenizer,
+        "text_encoder_2": build_tiny_t5_encoder(tokenizer_2, seed + 5),
+        "tokenizer_2": tokenizer_2,
+        "transformer": transformer.eval(),
+    }
+
+
+def build_tiny_kontext(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random FLUX.1 Kontext checkpoint to `path` (`save_pretrained`'s layout) and return it.
+
+    The folders are those of black-forest-labs/FLUX.1-Kontext-dev: `transformer/`, `vae/`, `text_encoder/`
+    (CLIP), `tokenizer/`, `text_encoder_2/` (T5), `tokenizer_2/`, `scheduler/` and `model_index.json`.
+    """
+    from diffusers import FluxKontextPipeline
+
+    path = Path(path)
+    # Saved as diffusers' own class, so `model_index.json` reads exactly as the hub checkpoint's.
+    FluxKontextPipeline(**build_tiny_kontext_components(seed)).save_pretrained(path)
+    return path
+
+
+# Qwen-Image-Edit-Plus -------------------------------------------------------------------------------
+
+# Qwen-Image's scheduler config (exponential time shift with a fixed mu of log 3, shifted to end at 0.02).
+QWEN_IMAGE_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256,
+    "base_shift": math.log(3),
+    "max_image_seq_len": 8192,
+    "max_shift": math.log(3),
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+    "use_dynamic_shifting": True,
+}
+
+
+def build_tiny_qwen_image_edit_components(seed: int = 0) -> dict[str, object]:
+    """Tiny random components of a `QwenImageEditPlusPipeline`; `processor` is the Qwen2-VL image processor
+    (see `squeeze_cli.pipelines.qwen_image_edit` for why not the full `Qwen2VLProcessor`)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+    from .mllm.tiny import TINY_HIDDEN_SIZE, build_tiny_mllm
+
+    # The Qwen2.5-VL text encoder, tokenizer and image processor of the tiny squeeze MLLM: the same family.
+    text_encoder, tokenizer, image_processor = build_tiny_mllm("qwen2_5_vl", seed=seed + 6)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 7)
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=64,  # 16 latent channels packed 2×2
+            out_channels=16,
+            num_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=TINY_HIDDEN_SIZE,
+            axes_dims_rope=(4, 6, 6),  # sums to the head dim, like Qwen-Image's (16, 56, 56) for 128
+        )
+        torch.manual_seed(seed + 8)
+        # Three downsamplings → 8× like the real VAE; 16 latent channels with its latents_mean/std.
+        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER_CONFIG),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "processor": image_processor,
+        "transformer": transformer.eval(),
+    }
+
+
+def build_tiny_qwen_image_edit(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random Qwen-Image-Edit-Plus checkpoint to `path` (`save_pretrained`'s layout).
+
+    The folders are those of Qwen/Qwen-Image-Edit-2509: `transformer/`, `vae/`, `text_encoder/`
+    (Qwen2.5-VL), `tokenizer/`, `processor/`, `scheduler/` and `model_index.json`; `processor/` holds the
+    image processor's config only (the hub's also has the tokenizer and video processor files).
+    """
+    from .qwen_image_edit import QwenImageEditPlusPipeline
+
+    path = Path(path)
+    QwenImageEditPlusPipeline(**build_tiny_qwen_image_edit_components(seed)).save_pretrained(path)
+    return path

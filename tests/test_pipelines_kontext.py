@@ -1,0 +1,164 @@
+"""KontextPipeline on its tiny random checkpoint, loaded as `squeeze gen` loads it (CPU, small images)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from squeeze_cli.loading import ensure_tiny_checkpoint, load_pipeline
+from squeeze_cli.manifest.schema import ModelSpec
+from squeeze_cli.pipelines.kontext import KontextPipeline, KontextSubject
+
+SIZE = 32
+STEPS = 3
+
+
+def generators(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+def reference(seed: int, size: tuple[int, int]) -> PIL.Image.Image:
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def pipe() -> KontextPipeline:
+    spec = ModelSpec(builtin="tiny", pipeline_class="kontext", dtype="float32")
+    return load_pipeline(spec, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def subject(pipe) -> KontextSubject:
+    return pipe.encode_subject([reference(0, (48, 40)), reference(1, (32, 64))], reference_size=SIZE)
+
+
+def run(pipe, prompts, seeds, subject, **kwargs) -> np.ndarray:
+    args = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="np")
+    return pipe(prompts, subject_condition=subject, generator=generators(*seeds), **{**args, **kwargs}).images
+
+
+def test_tiny_checkpoint_has_the_hub_layout() -> None:
+    path = ensure_tiny_checkpoint("", "kontext")
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxKontextPipeline"
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["text_encoder_2"] == ["transformers", "T5EncoderModel"]
+    assert index["tokenizer"][1] == "CLIPTokenizer" and index["tokenizer_2"][1] == "T5Tokenizer"
+    for folder in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        assert list((path / folder).glob("*.safetensors")), folder
+    assert (path / "tokenizer" / "tokenizer.json").is_file() and (
+        path / "tokenizer_2" / "tokenizer.json"
+    ).is_file()
+
+
+def test_loaded_through_the_registry(pipe) -> None:
+    assert type(pipe) is KontextPipeline
+    assert "stage_thresholds" not in pipe.sampling_parameters and "guidance_scale" in pipe.sampling_parameters
+    # The trained tokenizers split text into words, not only bytes.
+    tokens = pipe.tokenizer_2.tokenize("a photo of a dog on the beach")
+    assert "▁dog" in tokens and len(tokens) < len("a photo of a dog on the beach")
+
+
+def test_encode_subject_keeps_one_latent_per_reference_at_its_aspect(subject) -> None:
+    shapes = [tuple(latents.shape) for latents in subject.reference_latents]
+    # 48×40 → 32×26 → 32×16 px (multiples of 16) → 4×2 latents; 32×64 → 16×32 px → 2×4 latents.
+    assert shapes == [(16, 2, 4), (16, 4, 2)]
+
+
+def test_references_get_their_own_position_index(pipe, subject) -> None:
+    tokens, ids = pipe._reference_tokens(subject, torch.device("cpu"), torch.float32)
+    assert tokens.shape == (2 + 2, 64)  # each 2×4 latent packs 2×2 into 2 tokens of 16·4 channels
+    assert ids[:2, 0].tolist() == [1.0, 1.0] and ids[2:, 0].tolist() == [2.0, 2.0]
+
+
+def test_batch_equals_one_by_one(pipe, subject) -> None:
+    prompts = ["a dog on the beach", "a cat wearing a santa hat, sitting on a sofa", "a dog"]
+    batch = run(pipe, prompts, (3, 4, 5), subject)
+    for i, prompt in enumerate(prompts):
+        single = run(pipe, [prompt], (3 + i,), subject)
+        np.testing.assert_allclose(batch[i], single[0], atol=1e-4)
+
+
+def test_seed_and_every_reference_change_the_image(pipe, subject) -> None:
+    base = run(pipe, ["a dog"], (0,), subject)
+    assert np.abs(run(pipe, ["a dog"], (1,), subject) - base).max() > 1e-3
+    swapped = pipe.encode_subject([reference(0, (48, 40)), reference(7, (32, 64))], reference_size=SIZE)
+    assert np.abs(run(pipe, ["a dog"], (0,), swapped) - base).max() > 1e-3
+    np.testing.assert_allclose(run(pipe, ["a dog"], (0,), subject), base, atol=1e-6)
+
+
+def test_true_cfg_with_a_negative_prompt_changes_the_image(pipe, subject) -> None:
+    base = run(pipe, ["a dog"], (0,), subject)
+    guided = run(pipe, ["a dog"], (0,), subject, true_cfg_scale=3.0, negative_prompt="blurry")
+    assert np.abs(guided - base).max() > 1e-3
+
+
+def test_each_prompt_is_encoded_once(pipe, subject, monkeypatch) -> None:
+    pipe._prompt_cache.clear()
+    calls: list[list[str]] = []
+    original = pipe.encode_prompt
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["prompt"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipe, "encode_prompt", counting)
+    run(pipe, ["a dog", "a cat"], (0, 1), subject)
+    run(pipe, ["a dog"], (2,), subject)
+    assert calls == [["a dog"], ["a cat"]]
+
+
+def test_reference_images_instead_of_a_subject_give_the_same_image(pipe, subject) -> None:
+    references = [reference(0, (48, 40)), reference(1, (32, 64))]
+    direct = pipe(
+        ["a dog"],
+        reference_images=references,
+        reference_size=SIZE,
+        generator=generators(0),
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+        output_type="np",
+    ).images
+    np.testing.assert_allclose(direct, run(pipe, ["a dog"], (0,), subject), atol=1e-6)
+
+
+def test_a_prompt_longer_than_t5_reads_is_refused(pipe) -> None:
+    pipe.check_prompt_fits([(32, 32)], ["a dog on the beach"])
+    with pytest.raises(ValueError, match=r"T5 tokens, more than the 64 FLUX.1 Kontext reads"):
+        pipe.check_prompt_fits([(32, 32)], ["a dog on the beach " * 20])
+
+
+@pytest.mark.parametrize("size", [30, 0])
+def test_sizes_must_be_multiples_of_16(pipe, subject, size) -> None:
+    with pytest.raises(ValueError, match="multiple of 16"):
+        run(pipe, ["a dog"], (0,), subject, height=size)
+
+
+def test_the_model_section_of_a_kontext_recipe_is_checked() -> None:
+    from pydantic import ValidationError
+
+    from squeeze_cli.manifest.recipes import model_identity
+
+    with pytest.raises(ValidationError, match="no model source for `pipeline_class: kontext`"):
+        ModelSpec(pipeline_class="kontext")
+    with pytest.raises(ValidationError, match="`family` applies to the squeeze pipeline only"):
+        ModelSpec(pipeline_class="kontext", pipeline="org/kontext", family="internvl")
+    # Naming the default pipeline changes nothing, job ids included; naming another one changes them.
+    plain = model_identity(ModelSpec(builtin="tiny"))
+    assert model_identity(ModelSpec(builtin="tiny", pipeline_class="squeeze")) == plain
+    assert model_identity(ModelSpec(builtin="tiny", pipeline_class="kontext")) != plain
+
+
+def test_a_dry_run_reports_no_stages_for_kontext(tmp_path, squeeze) -> None:
+    PIL.Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    manifest = tmp_path / "m.yaml"
+    subjects = "subjects:\n  - {name: a, references: [a.png], prompts: [x]}\n"
+    manifest.write_text("version: 1\nrecipe: tiny-kontext\n" + subjects)
+    result = squeeze("gen", str(manifest), "--dry-run")
+    assert result.code == 0 and "1 jobs" in result.out and "steps per stage" not in result.out

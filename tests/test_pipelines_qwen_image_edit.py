@@ -1,0 +1,162 @@
+"""QwenImageEditPlusPipeline on its tiny random checkpoint, loaded as `squeeze gen` loads it (CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from squeeze_cli.loading import ensure_tiny_checkpoint, load_pipeline
+from squeeze_cli.manifest.schema import ModelSpec
+from squeeze_cli.pipelines.qwen_image_edit import QwenEditSubject, QwenImageEditPlusPipeline
+
+SIZE = 32
+STEPS = 3
+
+
+def generators(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+def reference(seed: int, size: tuple[int, int]) -> PIL.Image.Image:
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def pipe() -> QwenImageEditPlusPipeline:
+    spec = ModelSpec(builtin="tiny", pipeline_class="qwen-image-edit-plus", dtype="float32")
+    return load_pipeline(spec, device="cpu")
+
+
+@pytest.fixture
+def subject(pipe) -> QwenEditSubject:
+    return pipe.encode_subject([reference(0, (48, 40)), reference(1, (32, 64))], reference_size=SIZE)
+
+
+def run(pipe, prompts, seeds, subject, **kwargs) -> np.ndarray:
+    args = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="np", negative_prompt=" ")
+    return pipe(prompts, subject_condition=subject, generator=generators(*seeds), **{**args, **kwargs}).images
+
+
+def test_tiny_checkpoint_has_the_hub_layout() -> None:
+    path = ensure_tiny_checkpoint("", "qwen-image-edit-plus")
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImageEditPlusPipeline"
+    assert index["text_encoder"] == ["transformers", "Qwen2_5_VLForConditionalGeneration"]
+    assert index["transformer"] == ["diffusers", "QwenImageTransformer2DModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKLQwenImage"]
+    assert (path / "processor" / "preprocessor_config.json").is_file()
+    assert (path / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_loaded_through_the_registry(pipe) -> None:
+    assert type(pipe) is QwenImageEditPlusPipeline
+    assert "guidance_scale" not in pipe.sampling_parameters and "true_cfg_scale" in pipe.sampling_parameters
+
+
+def test_vl_inputs_match_what_the_processor_would_make(pipe, subject) -> None:
+    # Qwen2VLProcessor puts (t·h·w)/merge² <|image_pad|> tokens per image between its vision markers.
+    grid = subject.vl_inputs["image_grid_thw"]
+    expected = [int(g.prod()) // 4 for g in grid]
+    ids = pipe._input_ids("a dog", expected)
+    pad = pipe.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    start = pipe.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    runs, count = [], 0
+    for token in ids:
+        if token == pad:
+            count += 1
+        elif count:
+            runs.append(count)
+            count = 0
+    assert runs == expected and ids.count(start) == 2
+    # The instruction's special-token spellings stay text.
+    assert pipe._input_ids("<|image_pad|>", expected).count(pad) == sum(expected)
+
+
+def test_batch_equals_one_by_one(pipe, subject) -> None:
+    # Different prompt lengths: the batch pads the encodings and masks the padding.
+    prompts = ["a dog on the beach", "a cat wearing a santa hat, sitting on a sofa", "a dog"]
+    batch = run(pipe, prompts, (3, 4, 5), subject)
+    for i, prompt in enumerate(prompts):
+        single = run(pipe, [prompt], (3 + i,), subject)
+        np.testing.assert_allclose(batch[i], single[0], atol=1e-4)
+
+
+def test_vl_encoding_is_computed_once_per_prompt(pipe, subject, monkeypatch) -> None:
+    calls = []
+    original = pipe.text_encoder.forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.text_encoder, "forward", counting)
+    run(pipe, ["a dog", "a cat"], (0, 1), subject)
+    run(pipe, ["a dog", "a dog"], (2, 3), subject)
+    assert len(calls) == 3  # "a dog", "a cat" and the negative " "
+    assert set(subject.prompt_encodings) == {"a dog", "a cat", " "}
+
+
+def test_every_reference_and_the_negative_prompt_matter(pipe, subject) -> None:
+    base = run(pipe, ["a dog"], (0,), subject)
+    swapped = pipe.encode_subject([reference(0, (48, 40)), reference(9, (32, 64))], reference_size=SIZE)
+    # The tiny random VAE decoder damps differences: compare with the run-to-run spread, which is zero.
+    np.testing.assert_allclose(run(pipe, ["a dog"], (0,), subject), base, atol=1e-6)
+    assert np.abs(run(pipe, ["a dog"], (0,), swapped) - base).max() > 1e-4
+    assert np.abs(run(pipe, ["a dog"], (0,), subject, true_cfg_scale=1.0) - base).max() > 1e-4
+
+
+def test_a_prompt_too_long_for_the_vl_encoder_is_refused(pipe) -> None:
+    pipe.check_prompt_fits([(48, 40), (32, 64)], ["a dog on the beach"])
+    with pytest.raises(ValueError, match=r"2 reference image\(s\).* more than the 512 Qwen-Image-Edit reads"):
+        pipe.check_prompt_fits([(48, 40), (32, 64)], ["a dog on the beach " * 60])
+
+
+def test_a_checkpoint_naming_qwen2vlprocessor_as_the_hub_does_loads(tmp_path) -> None:
+    # Qwen/Qwen-Image-Edit-2509's model_index names `Qwen2VLProcessor`, which needs torchvision to build:
+    # the loader skips it and uses the image processor from `processor/`.
+    checkpoint = tmp_path / "hub"
+    shutil.copytree(ensure_tiny_checkpoint("", "qwen-image-edit-plus"), checkpoint)
+    index = json.loads((checkpoint / "model_index.json").read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    (checkpoint / "model_index.json").write_text(json.dumps(index))
+    spec = ModelSpec(pipeline=str(checkpoint), pipeline_class="qwen-image-edit-plus", dtype="float32")
+    pipe = load_pipeline(spec, device="cpu")
+    assert type(pipe.processor).__name__ == "Qwen2VLImageProcessorPil"
+    subject = pipe.encode_subject([reference(0, (48, 40))], reference_size=SIZE)
+    assert run(pipe, ["a dog"], (0,), subject).shape == (1, SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("size", [(48, 40), (32, 64), (200, 30), (17, 301)])
+def test_the_length_check_counts_the_image_tokens_the_encoder_gets(pipe, size) -> None:
+    subject = pipe.encode_subject([reference(0, size)], reference_size=SIZE)
+    actual = len(pipe._input_ids("a dog", pipe._image_tokens(subject.vl_inputs["image_grid_thw"])))
+    limit = pipe.tokenizer_max_length
+    pipe.tokenizer_max_length = actual  # exactly full: fits; one token less: refused
+    try:
+        pipe.check_prompt_fits([size], ["a dog"])
+        pipe.tokenizer_max_length = actual - 1
+        with pytest.raises(ValueError, match=f"makes a {actual}-token sequence"):
+            pipe.check_prompt_fits([size], ["a dog"])
+    finally:
+        pipe.tokenizer_max_length = limit
+
+
+def test_the_cached_prefix_gives_the_full_pass_encoding(pipe, subject) -> None:
+    prefix_length = subject.prefix_ids.shape[0]
+    for prompt in ("a dog on the beach", "a cat", " ", "a dog on the beach"):
+        cached = pipe.encode_instruction(subject, prompt)
+        torch.testing.assert_close(
+            cached, pipe.encode_instruction_uncached(subject, prompt), atol=1e-5, rtol=0
+        )
+        assert subject.prefix_cache.get_seq_length() == prefix_length  # cropped back for the next prompt
+    # The system part of the template is dropped, as diffusers drops it; the images stay.
+    pad = pipe.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert int((subject.prefix_ids[pipe._drop_length() :] == pad).sum()) == sum(
+        pipe._image_tokens(subject.vl_inputs["image_grid_thw"])
+    )
