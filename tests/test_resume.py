@@ -56,6 +56,13 @@ def run(make_project, squeeze):
         assert result.code == EXIT_OK, result.err
         return json.loads((project / "out" / "run.json").read_text())
 
+    def dry_run(text: str) -> str:
+        (project / "m.yaml").write_text(text)
+        result = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "out"), "--dry-run")
+        assert result.code == EXIT_OK, result.err
+        return result.out
+
+    go.dry_run = dry_run  # type: ignore[attr-defined]
     go.out = project / "out"  # type: ignore[attr-defined]
     go.project = project  # type: ignore[attr-defined]
     return go
@@ -238,6 +245,7 @@ def test_inserting_removing_and_reordering_prompts_and_seeds_never_redoes_finish
     second = HEAD.format(seeds="[1, 0, 2]") + subject(
         "dog", ["a {class} at the beach", "a {class} on a rug", "a {class} in a box"]
     )
+    assert "9 jobs over 1 subjects, 4 already done, 5 to generate" in run.dry_run(second)
     summary = run(second)
     assert summary["jobs"] == {**summary["jobs"], "skipped": 4, "succeeded": 5}
     assert (run.out / "dog" / "001-s0.png").read_bytes() == rug  # moved, not remade
@@ -287,3 +295,24 @@ def test_a_move_cut_short_is_finished_by_the_next_resume(tmp_path, monkeypatch) 
         assert outputs.image_path(tmp_path, job).read_bytes() == pixels[job.job_id]
         assert json.loads(outputs.sidecar_path(tmp_path, job).read_text())["prompt_index"] == job.prompt_index
     assert set(find_finished(tmp_path, after, anywhere=False)) == set(pixels)
+
+
+def test_a_folder_made_under_another_job_id_scheme_is_made_again_and_its_index_replaced(
+    run, plan_of, monkeypatch
+) -> None:
+    from squeeze_cli import plan
+
+    text = HEAD.format(seeds="[0, 1]") + subject("dog", ["a {class}"])
+    monkeypatch.setattr(plan, "JOB_ID_SCHEME", b"squeeze-job-v1\n")  # as an older squeeze named its jobs
+    run(text)
+    old_ids = {
+        line["job_id"] for line in map(strict_loads, (run.out / "index.jsonl").read_text().splitlines())
+    }
+    monkeypatch.undo()
+    jobs = plan_of(run.project / "m.yaml")
+    assert not old_ids & {job.job_id for job in jobs}
+    summary = run(text)
+    assert summary["jobs"]["succeeded"] == 2 and summary["jobs"]["skipped"] == 0
+    lines = [strict_loads(line) for line in (run.out / "index.jsonl").read_text().splitlines()]
+    assert {line["job_id"] for line in lines} == {job.job_id for job in jobs} and len(lines) == 2
+    assert_consistent(run.out, jobs)
