@@ -101,6 +101,8 @@ def assert_consistent(out: Path, jobs) -> None:
             )
         ]
         assert outputs.view_inputs(grid) == outputs.views_inputs("grid", job.references, rows)
+        with Image.open(grid) as image:
+            image.load()  # whole
 
 
 # 9.1: identical jobs in two subjects -------------------------------------------------------------------
