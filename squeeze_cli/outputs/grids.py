@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from itertools import groupby
@@ -308,6 +309,8 @@ def view_inputs(path: Path) -> str | None:
     """The inputs hash recorded in a grid or sheet, or None when the file is missing or does not read
     through to its end with valid chunk checksums (truncated, damaged)."""
     try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None  # not a file squeeze drew (a link, a FIFO): replaced by the redraw
         with Image.open(path) as image:
             recorded = image.info.get(VIEW_INPUTS_KEY)
             image.verify()  # every chunk's CRC, up to IEND: catches a cut or damaged file without decoding

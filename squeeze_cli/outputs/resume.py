@@ -77,9 +77,9 @@ def _verified(directory: Path, stem: str, record: Mapping[str, Any] | None) -> F
         return None
     png = directory / f"{stem}.png"
     try:
-        info = os.stat(png)
+        info = os.lstat(png)
         if not stat.S_ISREG(info.st_mode) or info.st_size != size:
-            return None  # truncated, grown or not a file: the cheap check first
+            return None  # truncated, grown, or not a file squeeze wrote (a link, a FIFO): cheap checks first
         if file_sha256(png) != sha256:
             return None  # edited in place
     except OSError:
