@@ -1,8 +1,10 @@
 """From a loaded manifest to the ordered list of jobs, and from jobs to one process's shard.
 
 Pure and torch-free: planning must be cheap enough to run on every ``validate`` and on every rank.
-A job's ``job_id`` hashes everything that decides its pixels and nothing else, so a later run can tell
-which outputs already exist even after the manifest was reformatted, reordered or renamed.
+A job's ``job_id`` hashes everything that decides its pixels and where they are written (the subject's
+name, which is its directory under the output folder) and nothing else, so a later run can tell which
+outputs already exist even after the manifest was reformatted or its prompts and seeds reordered. Two
+subjects with the same references, prompts and seeds are two sets of jobs, each with its own images.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from squeeze_cli.params import SamplingParams
 if TYPE_CHECKING:
     from squeeze_cli.manifest.resolve import LoadedManifest
 
-# Bumped only when the hashing scheme itself changes (that invalidates every stored job id).
-JOB_ID_SCHEME = b"squeeze-job-v1\n"
+# Bumped only when the hashing scheme itself changes (that invalidates every stored job id: a folder made
+# under an older scheme is regenerated, since its sidecars name ids no job has any more).
+# v2 (squeeze 0.1.x): the subject's name joined the id, so equal jobs in two subjects no longer collide.
+JOB_ID_SCHEME = b"squeeze-job-v2\n"
 JOB_ID_LENGTH = 16
 
 # Cost unit: one 512x512 image at 28 steps without references. Only ratios matter.
@@ -71,8 +75,10 @@ def file_digest(path: str, cache: dict[str, bytes] | None = None) -> bytes:
     return result
 
 
-def _references_hasher(reference_digests: Sequence[bytes]):
+def _references_hasher(subject: str, reference_digests: Sequence[bytes]):
     hasher = hashlib.sha256(JOB_ID_SCHEME)
+    # The subject is where the images live: equal jobs of two subjects are two images, not one.
+    hasher.update(_canonical_json(subject).encode() + b"\n")  # JSON-quoted: self-delimiting
     for digest in reference_digests:  # fixed-size digests: concatenation is unambiguous
         hasher.update(digest)
     return hasher
@@ -95,11 +101,17 @@ def _prompt_hasher(references_hasher, prompt: str, params_json: str, model_json:
 
 
 def job_id(
-    reference_digests: Sequence[bytes], prompt: str, seed: int, params: SamplingParams, model_identity: str
+    subject: str,
+    reference_digests: Sequence[bytes],
+    prompt: str,
+    seed: int,
+    params: SamplingParams,
+    model_identity: str,
 ) -> str:
-    """The id of one image: a hash of the references' bytes, the prompt, the seed, the params and model."""
+    """The id of one image: a hash of the subject's name (its place on disk), the references' bytes, the
+    prompt, the seed, the params and the model."""
     hasher = _prompt_hasher(
-        _references_hasher(reference_digests),
+        _references_hasher(subject, reference_digests),
         prompt,
         _canonical_json(params.to_dict()),
         _canonical_json(model_identity),
@@ -131,7 +143,9 @@ def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -
     append = jobs.append
     index = 0
     for subject in manifest.subjects:
-        references = _references_hasher([file_digest(path, digest_cache) for path in subject.references])
+        references = _references_hasher(
+            subject.name, [file_digest(path, digest_cache) for path in subject.references]
+        )
         num_references = len(subject.references)
         params_cache.clear()  # the cost depends on the subject's number of references
         for prompt in subject.prompts:

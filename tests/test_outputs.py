@@ -32,13 +32,12 @@ from squeeze_cli.outputs.index import (
 from squeeze_cli.outputs.layout import UnsafeOutputPathError, image_path, safe_join, sidecar_path
 from squeeze_cli.outputs.records import (
     encode_png,
-    finished_job_ids,
-    finished_records,
     image_record,
     read_png_parameters,
     read_png_record,
     save_image,
 )
+from squeeze_cli.outputs.resume import find_finished, finished_job_ids
 from squeeze_cli.params import SamplingParams
 from squeeze_cli.plan import Job
 
@@ -307,7 +306,7 @@ def test_finished_jobs_need_a_matching_sidecar_and_the_png(tmp_path):
     planned = [done, no_png, changed, no_sidecar, broken_sidecar]
 
     assert finished_job_ids(tmp_path, planned) == {done.job_id}
-    assert finished_records(tmp_path, planned)[done.job_id]["seed"] == done.seed
+    assert find_finished(tmp_path, planned)[done.job_id].entry["seed"] == done.seed
     assert finished_job_ids(tmp_path / "empty", planned) == set()
 
 
@@ -349,6 +348,7 @@ def test_append_index_short_write_is_a_clear_error(tmp_path, monkeypatch):
 def test_repair_index_drops_broken_and_duplicate_lines_and_adds_missing_ones(tmp_path):
     jobs = [make_job(seed=seed) for seed in range(5)]
     records = {job.job_id: make_record(job) for job in jobs[:4]}
+    done = {job_id: index_entry(record) for job_id, record in records.items()}
     lines = [
         index_entry(records[jobs[0].job_id]),
         failed_index_entry(jobs[1], "out of memory"),  # failed once, finished since
@@ -365,7 +365,7 @@ def test_repair_index_drops_broken_and_duplicate_lines_and_adds_missing_ones(tmp
     )
     (tmp_path / "index.jsonl").write_text(text)
 
-    assert repair_index(tmp_path, records, pending_job_ids=[jobs[4].job_id]) is True
+    assert repair_index(tmp_path, done, pending_job_ids=[jobs[4].job_id]) is True
     entries = read_index(tmp_path)
     raw_lines = (tmp_path / "index.jsonl").read_text().splitlines()
     assert len(raw_lines) == len(entries)  # every line is valid now
@@ -380,14 +380,14 @@ def test_repair_index_drops_broken_and_duplicate_lines_and_adds_missing_ones(tmp
     assert temp_files(tmp_path) == []
 
     mtime = (tmp_path / "index.jsonl").stat().st_mtime_ns
-    assert repair_index(tmp_path, records, pending_job_ids=[jobs[4].job_id]) is False
+    assert repair_index(tmp_path, done, pending_job_ids=[jobs[4].job_id]) is False
     assert (tmp_path / "index.jsonl").stat().st_mtime_ns == mtime
 
 
 def test_repair_index_without_an_index(tmp_path):
     assert repair_index(tmp_path, {}) is False and not (tmp_path / "index.jsonl").exists()
     job = make_job()
-    assert repair_index(tmp_path, {job.job_id: make_record(job)}) is True
+    assert repair_index(tmp_path, {job.job_id: index_entry(make_record(job))}) is True
     assert [entry["job_id"] for entry in read_index(tmp_path)] == [job.job_id]
 
 
@@ -398,9 +398,10 @@ def test_crash_between_sidecar_and_index_is_repaired_on_resume(tmp_path):
         save_image(tmp_path, job, solid((1, 1, 1)), record)
         if job.seed != 2:  # "killed" after the sidecar of the last job, before its index line
             append_index(tmp_path, index_entry(record))
-    done = finished_records(tmp_path, jobs)
+    done = find_finished(tmp_path, jobs)
     pending = [job.job_id for job in jobs if job.job_id not in done]
-    assert pending == [] and repair_index(tmp_path, done, pending_job_ids=pending)
+    entries = {job_id: found.entry for job_id, found in done.items()}
+    assert pending == [] and repair_index(tmp_path, entries, pending_job_ids=pending)
     assert sorted(entry["job_id"] for entry in read_index(tmp_path)) == sorted(job.job_id for job in jobs)
 
 

@@ -95,7 +95,6 @@ def test_sampling_params_map_onto_the_pipeline_arguments():
 @pytest.mark.parametrize(
     ("old", "new"),
     [
-        ("- name: dog", "- name: hound"),  # subject renamed
         ("output: {dir: out}", "output: {dir: other, grids: false}"),  # output settings
         ("version: 1", "# a comment\nversion: 1\nmax_jobs: 500"),  # comments, limits
         ("defaults: {seeds: [0, 1]}", "defaults:\n  seeds:\n    - 0\n    - 1"),  # reformatted
@@ -111,6 +110,30 @@ def test_job_ids_ignore_what_does_not_change_pixels(refs, write_file, old, new):
     before = [j.job_id for j in plan_text(write_file, BASE)]
     after = [j.job_id for j in plan_text(write_file, BASE.replace(old, new))]
     assert after == before
+
+
+def test_job_ids_include_the_subject_so_identical_subjects_do_not_collide(refs, write_file):
+    # Same references, prompt and seeds in two subjects: two places on disk, so two jobs each.
+    twin = (
+        BASE
+        + """  - name: can2
+    class: can
+    references: [refs/can.png]
+    prompts: ["a {class} on a table"]
+"""
+    )
+    jobs = plan_text(write_file, twin)
+    assert len({job.job_id for job in jobs}) == len(jobs)
+    renamed = plan_text(write_file, BASE.replace("- name: dog", "- name: hound"))
+    assert [j.job_id for j in renamed][:3] != [j.job_id for j in plan_text(write_file, BASE)][:3]
+
+
+def test_job_ids_ignore_the_order_of_subjects(refs, write_file):
+    dog, can = BASE.split("  - name: can\n")
+    swapped = dog.split("subjects:\n")[0] + "subjects:\n  - name: can\n" + can + dog.split("subjects:\n")[1]
+    before = {(j.subject, j.prompt, j.seed): j.job_id for j in plan_text(write_file, BASE)}
+    after = {(j.subject, j.prompt, j.seed): j.job_id for j in plan_text(write_file, swapped)}
+    assert before == after
 
 
 def test_job_ids_ignore_other_prompts_and_their_order(refs, write_file):
@@ -188,12 +211,13 @@ def test_job_ids_change_with_every_pixel_relevant_input(refs, write_file, old, n
 
 def test_job_id_hashes_each_input():
     digests = [hashlib.sha256(b"a").digest()]
-    base = job_id(digests, "a dog", 3, SamplingParams(), "model")
-    assert base == job_id(list(digests), "a dog", 3, SamplingParams(), "model")
-    assert job_id([hashlib.sha256(b"b").digest()], "a dog", 3, SamplingParams(), "model") != base
-    assert job_id(digests, "a dog ", 3, SamplingParams(), "model") != base
-    assert job_id(digests, "a dog", 4, SamplingParams(), "model") != base
-    assert job_id(digests, "a dog", 3, SamplingParams(), "model2") != base
+    base = job_id("dog", digests, "a dog", 3, SamplingParams(), "model")
+    assert base == job_id("dog", list(digests), "a dog", 3, SamplingParams(), "model")
+    assert job_id("dog2", digests, "a dog", 3, SamplingParams(), "model") != base
+    assert job_id("dog", [hashlib.sha256(b"b").digest()], "a dog", 3, SamplingParams(), "model") != base
+    assert job_id("dog", digests, "a dog ", 3, SamplingParams(), "model") != base
+    assert job_id("dog", digests, "a dog", 4, SamplingParams(), "model") != base
+    assert job_id("dog", digests, "a dog", 3, SamplingParams(), "model2") != base
     changed = {
         "num_inference_steps": 27,
         "guidance_scale": 2.0,
@@ -208,13 +232,15 @@ def test_job_id_hashes_each_input():
     assert set(changed) == {f.name for f in dataclasses.fields(SamplingParams)}
     for name, value in changed.items():
         params = dataclasses.replace(SamplingParams(), **{name: value})
-        assert job_id(digests, "a dog", 3, params, "model") != base, name
+        assert job_id("dog", digests, "a dog", 3, params, "model") != base, name
 
 
 def test_plan_ids_match_the_job_id_function(refs, write_file):
     job = plan_text(write_file, BASE)[0]
     digests = [plan_module.file_digest(path) for path in job.references]
-    assert job.job_id == job_id(digests, job.prompt, job.seed, job.params, load_model_identity(write_file))
+    assert job.job_id == job_id(
+        job.subject, digests, job.prompt, job.seed, job.params, load_model_identity(write_file)
+    )
 
 
 def load_model_identity(write_file) -> str:

@@ -600,17 +600,3 @@ def test_an_interrupted_atomic_write_leaves_no_temporary_file(tmp_path: Path, mo
         outputs.atomic_write_text(tmp_path / "run.json", "new")
     monkeypatch.undo()
     assert (tmp_path / "run.json").read_text() == "old" and temp_files(tmp_path) == []
-
-
-def test_grids_older_than_their_images_are_redrawn(project: Path, gen) -> None:
-    out = project / "out"
-    assert gen(str(project / "m.yaml"), "--out", str(out), "--quiet")[0] == EXIT_OK
-    grid, other = out / "dog" / "grid-000.png", out / "dog" / "grid-001.png"
-    sheet = out / "dog" / "contact-sheet.png"
-    before = {path: path.stat().st_mtime_ns for path in (grid, other, sheet)}
-    # As a run killed after an image but before its grid leaves it: the image newer than the grid.
-    later = time.time_ns() + 10**9
-    os.utime(out / "dog" / "000-s1.png", ns=(later, later))
-    assert gen(str(project / "m.yaml"), "--out", str(out), "--quiet")[0] == EXIT_OK
-    assert grid.stat().st_mtime_ns != before[grid] and sheet.stat().st_mtime_ns != before[sheet]
-    assert other.stat().st_mtime_ns == before[other]

@@ -109,7 +109,7 @@ def _best(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def quality_summary(records: Iterable[dict[str, Any]], quality: QualityGate) -> dict[str, Any]:
-    """`run.json`'s `quality`: how many finished images were gated, remade, and still fail."""
+    """`run.json`'s `quality`: how many finished images (their index lines) were gated, remade, still fail."""
     gated = [record["quality"] for record in records if record.get("quality")]
     return {
         "min_dino": quality.min_dino,

@@ -358,10 +358,11 @@ class GenRun:
         early."""
         if self.lock is not None and self.run_dir.is_dir():
             self.lock.acquire()
-        # One read of the sidecars serves both the skip decision and the index repair.
+        # One read of the sidecars serves the skip decision, the moves and the index repair: finished work
+        # is found by job id, wherever it sits in its subject's directory.
         resume = not self.options.overwrite and self.out_dir.is_dir()
-        self.done_records = outputs.finished_records(self.out_dir, self.jobs) if resume else {}
-        self.pending = [job for job in self.jobs if job.job_id not in self.done_records]
+        self.done = outputs.find_finished(self.out_dir, self.jobs) if resume else {}
+        self.pending = [job for job in self.jobs if job.job_id not in self.done]
         self.mine = shard_jobs(self.pending, self.processes.index, self.processes.count)
         self.runner = Runner(
             self.manifest, self.options, self.reporter, self.out_dir, self.run_dir, self.processes
@@ -384,7 +385,7 @@ class GenRun:
             timing_names=list(self.runner.timings),
             num_processes=self.processes.count,
             planned=len(self.jobs),
-            skipped=len(self.done_records),
+            skipped=len(self.done),
             started_at=self.started_at,
         )
         self.stop.graceful = True
@@ -392,8 +393,10 @@ class GenRun:
             outputs.ensure_dir(self.out_dir)
             if not self.lock.held:
                 self.lock.acquire()
+            # Finished images of prompts that moved take their new position's name before anything runs.
+            self.done = outputs.move_to_positions(self.out_dir, self.jobs, self.done)
             _open_run_files(
-                self.out_dir, self.run_dir, self.manifest, self.done_records, self.pending, self.summary
+                self.out_dir, self.run_dir, self.manifest, self.jobs, self.done, self.pending, self.summary
             )
         self.processes.barrier()
 
@@ -402,7 +405,7 @@ class GenRun:
             len(self.pending),
             out=str(self.out_dir),
             processes=self.processes.count,
-            skipped=len(self.done_records),
+            skipped=len(self.done),
         )
         try:
             self.runner.run(self.mine, self.stop)
@@ -428,16 +431,21 @@ class GenRun:
         failures = [failure for result in results for failure in result["failures"]]
         generated = {job_id for result in results for job_id in result["succeeded"]}
         try:
-            # Every process's images are on disk now: one read of the sidecars serves the index and grids.
-            finished = outputs.finished_records(self.out_dir, self.jobs)
+            # Every process's images are on disk now, under their positions' names (moves came first).
+            finished = {**self.done, **outputs.find_finished(self.out_dir, self.pending, anywhere=False)}
             _merge_index(
-                self.run_dir, finished, self.pending, failures, already_appended=self.runner.failures
+                self.run_dir,
+                self.jobs,
+                finished,
+                self.pending,
+                failures,
+                already_appended=self.runner.failures,
             )
             quality = self.manifest.document.quality
             if quality is not None:
                 from squeeze_cli.eval.gate import quality_summary
 
-                self.summary["quality"] = quality_summary(finished.values(), quality)
+                self.summary["quality"] = quality_summary([f.entry for f in finished.values()], quality)
             # Grids are a view, redrawn by the next run when out of date: a stopped run skips them.
             if self.write_error is None and self.stop.signum is None:
                 output = self.manifest.document.output
@@ -445,7 +453,6 @@ class GenRun:
                     self.out_dir,
                     self.jobs,
                     finished,
-                    generated,
                     lambda: self.stop.signum is not None,
                     grids=output.grids,
                     contact_sheets=output.contact_sheet,
@@ -491,7 +498,8 @@ def _open_run_files(
     out_dir: Path,
     run_dir: Path,
     manifest: LoadedManifest,
-    done_records: dict[str, dict[str, Any]],
+    jobs: Sequence[Job],
+    done: dict[str, outputs.Finished],
     pending: Sequence[Job],
     summary: dict[str, Any],
 ) -> None:
@@ -500,20 +508,35 @@ def _open_run_files(
     outputs.remove_stale_temp_files(out_dir)
     if run_dir != out_dir:
         outputs.remove_stale_temp_files(run_dir)
-    outputs.repair_index(run_dir, done_records, pending_job_ids=[job.job_id for job in pending])
+    outputs.repair_index(
+        run_dir,
+        {job_id: found.entry for job_id, found in done.items()},
+        pending_job_ids=[job.job_id for job in pending],
+        planned_images=_planned_images(jobs),
+    )
     outputs.write_resolved_manifest(run_dir, manifest.resolved_yaml())
     outputs.write_run_summary(run_dir, summary)
 
 
+def _planned_images(jobs: Sequence[Job]) -> dict[str, str]:
+    """`{image name: job id}`: the names this plan's jobs own; other jobs' index lines for them go."""
+    return {outputs.image_name(job): job.job_id for job in jobs}
+
+
 def _merge_index(
     run_dir: Path,
-    finished: dict[str, dict[str, Any]],
+    jobs: Sequence[Job],
+    finished: dict[str, outputs.Finished],
     pending: Sequence[Job],
     failures: list[dict[str, Any]],
     already_appended: list[dict[str, Any]],
 ) -> None:
     """Bring the other processes' images (from their sidecars) and failures into the main index."""
-    outputs.repair_index(run_dir, finished)
+    outputs.repair_index(
+        run_dir,
+        {job_id: found.entry for job_id, found in finished.items()},
+        planned_images=_planned_images(jobs),
+    )
     by_id = {job.job_id: job for job in pending}
     for failure in failures:
         if failure not in already_appended:

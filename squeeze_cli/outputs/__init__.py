@@ -15,9 +15,10 @@ Guarantees the runner builds on:
 - nothing is written outside OUT (`safe_join` resolves every path, symlinks included);
 - every file appears whole or not at all (temporary file in the same directory, fsync, `os.replace`,
   fsync of the directory); a failed write removes its temporary file and keeps the previous file;
-- an image is finished exactly when its sidecar parses, carries the job's id, and its PNG exists:
-  the PNG is written before the sidecar, so a crash in between leaves an unfinished job, never a
-  sidecar without its image;
+- an image is finished exactly when a sidecar in its subject's directory parses, carries the job's id
+  and the PNG's size and sha256, and the PNG beside it matches them (`resume.find_finished`): the PNG is
+  written before the sidecar, so a crash in between leaves an unfinished job, and a truncated or edited
+  PNG is made again; finished images of moved prompts are renamed to their new names, never remade;
 - `index.jsonl` only ever grows by whole lines (one `write` on an O_APPEND descriptor), and
   `repair_index` rebuilds it from the sidecars at the start of a run.
 """
@@ -29,7 +30,9 @@ from .files import (  # noqa: F401
     atomic_write_json,
     atomic_write_text,
     ensure_dir,
+    json_ready,
     remove_stale_temp_files,
+    strict_json_dumps,
 )
 from .grids import (  # noqa: F401
     GRID_MAX_COLUMNS,
@@ -38,6 +41,8 @@ from .grids import (  # noqa: F401
     SHEET_THUMB_HEIGHT,
     SheetRow,
     update_views,
+    view_inputs,
+    views_inputs,
     write_contact_sheet,
     write_prompt_grid,
     write_validation_grid,
@@ -71,6 +76,7 @@ from .layout import (  # noqa: F401
     image_path,
     image_stem,
     index_path,
+    position_stem,
     resolved_manifest_path,
     run_dir,
     run_summary_path,
@@ -80,12 +86,11 @@ from .layout import (  # noqa: F401
     subject_dir,
 )
 from .records import (  # noqa: F401
+    PNG_FILE_KEY,
     PNG_PARAMETERS_KEY,
     PNG_RECORD_KEY,
     RECORD_FORMAT,
     encode_png,
-    finished_job_ids,
-    finished_records,
     image_record,
     package_versions,
     parameters_text,
@@ -93,4 +98,10 @@ from .records import (  # noqa: F401
     read_png_record,
     read_sidecar,
     save_image,
+)
+from .resume import (  # noqa: F401
+    Finished,
+    find_finished,
+    finished_job_ids,
+    move_to_positions,
 )

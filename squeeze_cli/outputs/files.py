@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +60,7 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # Makes the rename itself durable. Some platforms and file systems cannot open or fsync a directory;
     # the file is already complete and in place then, so there is nothing more to do.
     try:
@@ -122,7 +124,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         if isinstance(error, OSError):
             raise OutputWriteError.from_os_error(path, error) from error
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -133,7 +135,7 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Pretty JSON (indent 2, UTF-8, trailing newline), written atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=json_default) + "\n")
+    return atomic_write_text(path, strict_json_dumps(obj, indent=2) + "\n")
 
 
 def remove_stale_temp_files(out_dir: str | os.PathLike) -> list[Path]:
@@ -204,3 +206,24 @@ def json_default(obj: Any) -> Any:
     if hasattr(obj, "to_dict"):
         return obj.to_dict()
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def json_ready(value: Any) -> Any:
+    """`value` as plain JSON types, with NaN and infinities as `null`: strict JSON readers (and most
+    languages' parsers) refuse them, and a record must stay readable everywhere."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if isinstance(value, Mapping):
+        return {key if isinstance(key, str) else str(key): json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", None) == 0:
+        return json_ready(value.item())  # a numpy or torch scalar
+    return json_ready(json_default(value))
+
+
+def strict_json_dumps(value: Any, **kwargs: Any) -> str:
+    """`json.dumps` of `json_ready(value)` that can never write `NaN` or `Infinity` (UTF-8 kept)."""
+    return json.dumps(json_ready(value), ensure_ascii=False, allow_nan=False, **kwargs)

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 
 from squeeze_cli.images import load_rgb
-from squeeze_cli.outputs.files import atomic_write_bytes
+from squeeze_cli.outputs.files import atomic_write_bytes, strict_json_dumps
 from squeeze_cli.outputs.layout import contact_sheet_path, grid_path, image_path
 
 if TYPE_CHECKING:
+    from squeeze_cli.outputs.resume import Finished
     from squeeze_cli.plan import Job
 
 
@@ -35,6 +38,8 @@ _BACKGROUND = (255, 255, 255)
 _TEXT = (20, 20, 20)
 _MUTED = (110, 110, 110)
 _PLACEHOLDER = (225, 225, 225)
+VIEW_INPUTS_KEY = "squeeze-view"  # PNG text chunk: the hash of what a grid or sheet was drawn from
+_VIEW_FORMAT = 1  # bumped when the drawing changes, so old views are redrawn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,9 +119,13 @@ def _tile_width(thumb: Image.Image | None, height: int) -> int:
     return thumb.width if thumb is not None else height
 
 
-def _encode_plain_png(image: Image.Image) -> bytes:
+def _encode_plain_png(image: Image.Image, inputs: str | None = None) -> bytes:
+    info = None
+    if inputs is not None:  # what the view was drawn from, so a later run can tell when it is out of date
+        info = PngImagePlugin.PngInfo()
+        info.add_text(VIEW_INPUTS_KEY, inputs)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False)
+    image.save(buffer, format="PNG", optimize=False, pnginfo=info)
     return buffer.getvalue()
 
 
@@ -130,6 +139,7 @@ def write_prompt_grid(
     *,
     thumb_height: int = GRID_THUMB_HEIGHT,
     max_columns: int = GRID_MAX_COLUMNS,
+    inputs: str | None = None,
 ) -> Path:
     """`OUT/<subject>/grid-<prompt_index:03d>.png`: the references, then every seed of one prompt.
 
@@ -139,6 +149,7 @@ def write_prompt_grid(
 
     Args:
         entries: `(seed, image path)` pairs in the order to show them; the path may be None (failed).
+        inputs: the `views_inputs` key of what is drawn, kept in the PNG's `squeeze-view` text chunk.
     """
     label_height = _line_height(_font(14)) + 6
     caption_font = _font(18)
@@ -172,7 +183,7 @@ def write_prompt_grid(
             x += _draw_tile(canvas, x, y, thumb, f"seed {seed}", thumb_height) + _PAD
         y += row_height
 
-    return atomic_write_bytes(grid_path(out_dir, subject, prompt_index), _encode_plain_png(canvas))
+    return atomic_write_bytes(grid_path(out_dir, subject, prompt_index), _encode_plain_png(canvas, inputs))
 
 
 def write_contact_sheet(
@@ -183,6 +194,7 @@ def write_contact_sheet(
     *,
     thumb_height: int = SHEET_THUMB_HEIGHT,
     max_columns: int = SHEET_MAX_COLUMNS,
+    inputs: str | None = None,
 ) -> Path:
     """`OUT/<subject>/contact-sheet.png`: the subject's references once, then one row per prompt.
 
@@ -230,7 +242,7 @@ def write_contact_sheet(
             x += _draw_tile(canvas, x, y + caption_height, thumb, f"seed {seed}", thumb_height) + _PAD
         y += block_height
 
-    return atomic_write_bytes(contact_sheet_path(out_dir, subject), _encode_plain_png(canvas))
+    return atomic_write_bytes(contact_sheet_path(out_dir, subject), _encode_plain_png(canvas, inputs))
 
 
 VALIDATION_THUMB_HEIGHT = 192  # the training validation grid's images
@@ -278,52 +290,70 @@ def write_validation_grid(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _mtime_ns(path: Path) -> int | None:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return None
-
-
 def update_views(
     out_dir: Path,
     jobs: Sequence[Job],
-    finished: Mapping[str, Any],
-    generated: set[str],
+    finished: Mapping[str, Finished],
     should_stop: Callable[[], bool],
     *,
     grids: bool = True,
     contact_sheets: bool = True,
 ) -> None:
-    """A grid per (subject, prompt) and a contact sheet per subject, where this run added images or the
-    file is missing or older than one of its images (a run killed or stopped before its grids); from the
-    images on disk, so earlier runs' and other processes' images show. Stops early when `should_stop()`."""
+    """Draw a grid per (subject, prompt) and a contact sheet per subject where the file is not what this
+    plan's finished images make: missing, undecodable, or drawn from other images (its `squeeze-view`
+    chunk records the hash of its inputs: the prompt, the references and each image's job id and PNG
+    hash). So a view is redrawn after any of its images was made, remade, moved or lost, and after a
+    killed or stopped run, and left alone otherwise. Stops early when `should_stop()`.
+
+    Args:
+        finished: `{job_id: Finished}` of the finished images, at their positions' names.
+    """
     for subject, subject_jobs in groupby(jobs, key=lambda job: job.subject):
         subject_jobs = list(subject_jobs)
         references = subject_jobs[0].references
-        rows = []
+        rows, sheet_inputs = [], []
         for prompt_index, prompt_jobs in groupby(subject_jobs, key=lambda job: job.prompt_index):
             if should_stop():
                 return
             prompt_jobs = list(prompt_jobs)
+            prompt = prompt_jobs[0].prompt
             entries = [
                 (job.seed, image_path(out_dir, job) if job.job_id in finished else None)
                 for job in prompt_jobs
             ]
-            rows.append(SheetRow(prompt_index, prompt_jobs[0].prompt, entries))
+            rows.append(SheetRow(prompt_index, prompt, entries))
+            images = [
+                (job.seed, job.job_id, finished[job.job_id].sha256 if job.job_id in finished else None)
+                for job in prompt_jobs
+            ]
+            sheet_inputs.append((prompt_index, prompt, images))
+            inputs = views_inputs("grid", references, [(prompt_index, prompt, images)])
             grid = grid_path(out_dir, subject, prompt_index)
-            if grids and _is_stale(grid, prompt_jobs, entries, generated):
-                write_prompt_grid(out_dir, subject, prompt_index, prompt_jobs[0].prompt, references, entries)
+            if grids and view_inputs(grid) != inputs:
+                write_prompt_grid(out_dir, subject, prompt_index, prompt, references, entries, inputs=inputs)
         sheet = contact_sheet_path(out_dir, subject)
-        all_entries = [entry for row in rows for entry in row.entries]
-        if contact_sheets and _is_stale(sheet, subject_jobs, all_entries, generated):
-            write_contact_sheet(out_dir, subject, references, rows)
+        inputs = views_inputs("contact-sheet", references, sheet_inputs)
+        if contact_sheets and view_inputs(sheet) != inputs:
+            write_contact_sheet(out_dir, subject, references, rows, inputs=inputs)
 
 
-def _is_stale(
-    view: Path, jobs: Sequence[Job], entries: Sequence[tuple[int, Path | None]], generated: set[str]
-) -> bool:
-    """Whether a grid or sheet must be drawn: missing, older than one of its images, or this run added one."""
-    drawn = _mtime_ns(view)
-    newest = max((_mtime_ns(path) or 0 for _, path in entries if path is not None), default=0)
-    return drawn is None or drawn < newest or any(job.job_id in generated for job in jobs)
+def views_inputs(kind: str, references: Sequence[str], rows: Sequence[tuple[int, str, list]]) -> str:
+    """The hash of what a view shows: its kind, the references, and per prompt `(index, text,
+    [(seed, job id, PNG sha256 or None)])`. Job ids cover the references' bytes, the PNG hashes the
+    pixels."""
+    payload = {"format": _VIEW_FORMAT, "kind": kind, "references": list(references), "rows": rows}
+    return hashlib.sha256(strict_json_dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def view_inputs(path: Path) -> str | None:
+    """The inputs hash recorded in a grid or sheet, or None when the file is missing or does not read
+    through to its end with valid chunk checksums (truncated, damaged)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None  # not a file squeeze drew (a link, a FIFO): replaced by the redraw
+        with Image.open(path) as image:
+            recorded = image.info.get(VIEW_INPUTS_KEY)
+            image.verify()  # every chunk's CRC, up to IEND: catches a cut or damaged file without decoding
+    except Exception:  # noqa: BLE001 - any failure to read means "draw it again"
+        return None
+    return recorded if isinstance(recorded, str) else None

@@ -17,9 +17,9 @@ from squeeze_cli.outputs.files import (
     atomic_write_json,
     atomic_write_text,
     ensure_dir,
-    json_default,
+    strict_json_dumps,
 )
-from squeeze_cli.outputs.layout import index_path, resolved_manifest_path, run_summary_path
+from squeeze_cli.outputs.layout import index_path, position_stem, resolved_manifest_path, run_summary_path
 
 if TYPE_CHECKING:
     from ..plan import Job
@@ -66,7 +66,7 @@ def _index_line(entry: Mapping[str, Any]) -> bytes:
     if "job_id" not in entry:
         raise ValueError("an index entry needs a `job_id`")
     # One physical line: json.dumps escapes newlines inside strings.
-    return (json.dumps(entry, ensure_ascii=False, default=json_default) + "\n").encode("utf-8")
+    return (strict_json_dumps(entry) + "\n").encode("utf-8")
 
 
 def append_index(out_dir: str | os.PathLike, entry: Mapping[str, Any]) -> None:
@@ -132,8 +132,8 @@ def _parse_index(path: Path) -> tuple[list[dict[str, Any]], bool]:
         if not line.strip():
             continue
         try:
-            entry = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            entry = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError):
             invalid = True
             continue
         if not isinstance(entry, dict) or not isinstance(entry.get("job_id"), str):
@@ -145,6 +145,10 @@ def _parse_index(path: Path) -> tuple[list[dict[str, Any]], bool]:
     return entries, invalid
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN/Infinity: a line strict readers refuse is a broken line
+
+
 def read_index(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The valid lines of `index.jsonl`, in file order (broken lines are skipped)."""
     return _parse_index(index_path(out_dir))[0]
@@ -152,29 +156,36 @@ def read_index(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def repair_index(
     out_dir: str | os.PathLike,
-    done_records: Mapping[str, Mapping[str, Any]],
+    done_entries: Mapping[str, Mapping[str, Any]],
     *,
     pending_job_ids: Iterable[str] = (),
+    planned_images: Mapping[str, str] | None = None,
 ) -> bool:
-    """Make `index.jsonl` agree with the finished images, at the start of a run.
+    """Make `index.jsonl` describe what is on disk, at the start and the end of a run.
 
-    - invalid or truncated lines are dropped;
-    - one line per job id is kept: the last one, except that a finished job always keeps an `ok` line;
+    - invalid or truncated lines (and lines with `NaN` or `Infinity`) are dropped;
+    - one line per job id is kept: the last one, except that a finished job always keeps an `ok` line,
+      and that line is its current one (where its image sits now);
     - finished images without a line (a crash between the sidecar and the index append) get one;
     - lines of `pending_job_ids` (jobs about to run again: unfinished, failed, or `--overwrite`) are
-      dropped, so the line the new run appends is the only one.
+      dropped, so the line the new run appends is the only one;
+    - a line of another job for an image name a planned job now owns (the prompt, a reference or the
+      model changed; prompts moved) is dropped: one line per image path, the current job's.
 
-    Lines of jobs not in this run are kept. The file is rewritten atomically, and only when something
-    changed. Call it once, before any worker appends.
+    Lines of other jobs whose image names no planned job owns (a subject or prompt since removed) are
+    kept. The file is rewritten atomically, and only when something changed. Call it before any worker
+    appends.
 
     Args:
-        done_records: `finished_records(...)`: `{job_id: record}` of the finished images.
+        done_entries: `{job_id: index line}` of the finished images (`resume.find_finished` entries).
+        planned_images: `{image name relative to OUT: job_id}` of every planned job.
 
     Returns:
         `bool`: whether the index was rewritten.
     """
-    done = {job_id: dict(record) for job_id, record in done_records.items()}
+    done = {job_id: dict(entry) for job_id, entry in done_entries.items()}
     pending = set(pending_job_ids) - set(done)
+    owners = planned_images or {}
     path = index_path(out_dir)
     entries, changed = _parse_index(path)
 
@@ -184,21 +195,38 @@ def repair_index(
         if job_id in pending:
             changed = True
             continue
-        if job_id in done and entry.get("status") != "ok":
-            changed = True  # an old failure of a job that has finished since
-            continue
+        if job_id in done:
+            if entry != done[job_id]:
+                changed = True  # an old failure, or the image moved to its new position's name
+            entry = done[job_id]
+        else:
+            owner = owners.get(_line_image(entry))
+            if owner is not None and owner != job_id:
+                changed = True  # an old job's line for a name a current job owns
+                continue
         if job_id in kept:
             changed = True
             del kept[job_id]  # keep the last line, at its position
         kept[job_id] = entry
-    for job_id, record in done.items():
+    for job_id, entry in done.items():
         if job_id not in kept:
-            kept[job_id] = index_entry(record)
+            kept[job_id] = entry
             changed = True
     if not changed:
         return False
     atomic_write_bytes(path, b"".join(_index_line(entry) for entry in kept.values()))
     return True
+
+
+def _line_image(entry: Mapping[str, Any]) -> str | None:
+    """The image name a line is about: its `image`, or for a failed line the name its position gives."""
+    image = entry.get("image")
+    if isinstance(image, str):
+        return image
+    subject, prompt_index, seed = entry.get("subject"), entry.get("prompt_index"), entry.get("seed")
+    if isinstance(subject, str) and isinstance(prompt_index, int) and isinstance(seed, int):
+        return f"{subject}/{position_stem(prompt_index, seed)}.png"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -94,9 +94,14 @@ def subject_dir(out_dir: str | os.PathLike, subject: str) -> Path:
     return safe_join(out_dir, check_subject_name(subject))
 
 
-def image_stem(job: Job) -> str:
+def position_stem(prompt_index: int, seed: int) -> str:
     """`<prompt_index:03d>-s<seed>`: never the prompt text, so names stay short, safe and stable."""
-    return f"{job.prompt_index:03d}-s{job.seed}"
+    return f"{prompt_index:03d}-s{seed}"
+
+
+def image_stem(job: Job) -> str:
+    """The name (without extension) of `job`'s image and sidecar: `position_stem` of its position."""
+    return position_stem(job.prompt_index, job.seed)
 
 
 def image_name(job: Job) -> str:

@@ -1,12 +1,13 @@
-"""One image's record: the sidecar JSON, the PNG text chunks, and which jobs are finished."""
+"""One image's record: the sidecar JSON and the PNG text chunks."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -14,14 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, PngImagePlugin
 
-from squeeze_cli.outputs.files import atomic_write_bytes, atomic_write_json, json_default
+from squeeze_cli.outputs.files import atomic_write_bytes, atomic_write_json, json_ready, strict_json_dumps
 from squeeze_cli.outputs.layout import (
     image_name,
     image_path,
-    image_stem,
     sidecar_name,
     sidecar_path,
-    subject_dir,
 )
 
 if TYPE_CHECKING:
@@ -31,9 +30,8 @@ if TYPE_CHECKING:
 PNG_PARAMETERS_KEY = "parameters"  # the chunk A1111, ComfyUI viewers and exiftool show
 PNG_RECORD_KEY = "squeeze"  # the full JSON record
 RECORD_FORMAT = 1  # bumped when a field changes meaning
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The sidecar's own field: the PNG's `{"size", "sha256"}`, which the PNG cannot carry about itself.
+PNG_FILE_KEY = "png"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -106,7 +104,7 @@ def image_record(
         "steps_per_stage": _steps_per_stage(stage_plan),
         "references": list(job.references),
         "preset": preset_name,
-        "model": json.loads(json.dumps(dict(model_info), default=json_default)),
+        "model": json_ready(dict(model_info)),
         "versions": dict(versions) if versions is not None else package_versions(),
         "timings": {name: round(float(seconds), 4) for name, seconds in timings.items()},
         "files": {"image": image_name(job), "sidecar": sidecar_name(job)},  # relative to OUT
@@ -186,7 +184,7 @@ def encode_png(image: Image.Image, record: Mapping[str, Any]) -> bytes:
     """
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_PARAMETERS_KEY, parameters_text(record))
-    info.add_itxt(PNG_RECORD_KEY, json.dumps(record, ensure_ascii=False, default=json_default), zip=True)
+    info.add_itxt(PNG_RECORD_KEY, strict_json_dumps(record), zip=True)
     if image.mode not in ("RGB", "RGBA", "L", "LA"):
         image = image.convert("RGB")
     buffer = io.BytesIO()
@@ -221,16 +219,20 @@ def save_image(out_dir: str | os.PathLike, job: Job, image: Image.Image, record:
     """Write the PNG (atomically) and then its sidecar (atomically); returns the PNG's path.
 
     The order is the resume guarantee: the sidecar is the "done" marker, so it is written only once the
-    PNG is complete and in place.
+    PNG is complete and in place. The sidecar is `record` plus the PNG's size and sha256 (`png`), which
+    a resume checks against the file on disk.
     """
     png = image_path(out_dir, job)
-    atomic_write_bytes(png, encode_png(image, record))
-    atomic_write_json(sidecar_path(out_dir, job), record)
+    data = encode_png(image, record)
+    atomic_write_bytes(png, data)
+    sidecar = dict(record)
+    sidecar[PNG_FILE_KEY] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    atomic_write_json(sidecar_path(out_dir, job), sidecar)
     return png
 
 
 # ----------------------------------------------------------------------------------------------------
-# Resume
+# Resume (the search for finished jobs is in `resume.py`)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -239,38 +241,6 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any] | None:
     try:
         with open(path, encoding="utf-8") as file:
             record = json.load(file)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) else None
-
-
-def finished_records(out_dir: str | os.PathLike, jobs: Iterable[Job]) -> dict[str, dict[str, Any]]:
-    """`{job_id: record}` for the jobs already finished in `out_dir`.
-
-    A job is finished when its sidecar parses, carries the same `job_id`, and its PNG exists and is not
-    empty. Both were written atomically and the PNG first, so this is enough: no image is decoded. Files
-    from a job with another id (the manifest changed its prompt or parameters) do not count; they are
-    overwritten when the job runs.
-    """
-    done = {}
-    directories: dict[str, Path] = {}  # one safe_join (a resolve) per subject, not per job: plans are big
-    for job in jobs:
-        directory = directories.get(job.subject)
-        if directory is None:
-            directory = directories[job.subject] = subject_dir(out_dir, job.subject)
-        stem = image_stem(job)
-        record = read_sidecar(directory / f"{stem}.json")
-        if record is None or record.get("job_id") != job.job_id:
-            continue
-        try:
-            if (directory / f"{stem}.png").stat().st_size < len(_PNG_SIGNATURE):
-                continue
-        except OSError:
-            continue
-        done[job.job_id] = record
-    return done
-
-
-def finished_job_ids(out_dir: str | os.PathLike, jobs: Iterable[Job]) -> set[str]:
-    """The ids of the jobs already finished in `out_dir` (see `finished_records`)."""
-    return set(finished_records(out_dir, jobs))
