@@ -63,7 +63,9 @@ def open_regular(path: str | os.PathLike, *, follow_symlinks: bool = True) -> in
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise NotARegularFileError(errno.EINVAL, f"not a regular file ({file_kind(mode)})", os.fspath(path))
+            raise NotARegularFileError(
+                errno.EINVAL, f"not a regular file ({file_kind(mode)})", os.fspath(path)
+            )
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)  # no effect on a regular file's reads; plain blocking from here on
     except BaseException:
@@ -88,6 +90,8 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int, *, follow_symlink
         data = file.read(max_bytes + 1)  # the size may change under us: the read itself is bounded
     if len(data) > max_bytes:
         raise FileTooLargeError(
-            errno.EFBIG, f"larger than the {max_bytes // MiB} MiB limit for this kind of file", os.fspath(path)
+            errno.EFBIG,
+            f"larger than the {max_bytes // MiB} MiB limit for this kind of file",
+            os.fspath(path),
         )
     return data

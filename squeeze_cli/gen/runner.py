@@ -21,7 +21,7 @@ from typing import Any
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK, ManifestError, Problem, describe_exception
-from squeeze_cli.gen.lock import DirectoryLock
+from squeeze_cli.gen.lock import DirectoryLock, LayoutLock
 from squeeze_cli.gen.processes import Processes
 from squeeze_cli.gen.progress import Reporter
 from squeeze_cli.gen.signals import StopNow, StopSignal, exit_code
@@ -237,9 +237,8 @@ def run_gen(
     stop = StopSignal()
     try:
         with stop:
-            jobs = plan_jobs(manifest, model_identity=manifest.model_identity, max_jobs=manifest.max_jobs)
-            if options.shard is not None:
-                jobs = shard_jobs(jobs, *options.shard)
+            planned = plan_jobs(manifest, model_identity=manifest.model_identity, max_jobs=manifest.max_jobs)
+            jobs = planned if options.shard is None else shard_jobs(planned, *options.shard)
             out_dir = (options.out or manifest.output_dir).expanduser().absolute()
             if options.dry_run:
                 reporter = Reporter(Reporter.choose_mode(json_events=json_events, quiet=quiet))
@@ -254,7 +253,16 @@ def run_gen(
                     json_events,
                 )
                 return EXIT_OK
-            run = GenRun(manifest, options, jobs, out_dir, stop, json_events=json_events, quiet=quiet)
+            run = GenRun(
+                manifest,
+                options,
+                jobs,
+                out_dir,
+                stop,
+                json_events=json_events,
+                quiet=quiet,
+                view_jobs=planned,
+            )
             try:
                 run.prepare()
                 run.open()
@@ -285,6 +293,7 @@ class GenRun:
         *,
         json_events: bool,
         quiet: bool,
+        view_jobs: list[Job] | None = None,
     ):
         self.manifest, self.options, self.jobs, self.out_dir, self.stop = (
             manifest,
@@ -302,14 +311,23 @@ class GenRun:
             Reporter.choose_mode(json_events=json_events, quiet=quiet), enabled=self.is_main
         )
         self.lock = DirectoryLock(self.run_dir) if self.is_main else None
+        # Runs of one --shard layout share OUT; any other run on it is refused (gen/lock.py).
+        self.layout_lock = LayoutLock(out_dir, options.shard) if self.is_main else None
+        # The grids show the whole plan: with --shard, every shard's images.
+        self.view_jobs = jobs if view_jobs is None or options.shard is None else view_jobs
         self.write_error: outputs.OutputWriteError | None = None
 
     def prepare(self) -> None:
         """Lock, find the finished jobs, load the model and check every instruction: nothing is written, so
         bad input leaves no trace; an output folder that exists is locked first, to refuse a second run
         early."""
+        # A file, a link or a FIFO in the way is reported now, before the model loads (and before the locks,
+        # whose files it checks too).
+        outputs.check_output_tree(self.out_dir, self.run_dir, self.jobs)
         if self.lock is not None and self.run_dir.is_dir():
             self.lock.acquire()
+        if self.layout_lock is not None and self.out_dir.is_dir():
+            self.layout_lock.acquire()
         # One read of the sidecars serves both the skip decision and the index repair.
         resume = not self.options.overwrite and self.out_dir.is_dir()
         self.done_records = outputs.finished_records(self.out_dir, self.jobs) if resume else {}
@@ -344,6 +362,8 @@ class GenRun:
             outputs.ensure_dir(self.out_dir)
             if not self.lock.held:
                 self.lock.acquire()
+            if not self.layout_lock.held:
+                self.layout_lock.acquire()
             _open_run_files(
                 self.out_dir, self.run_dir, self.manifest, self.done_records, self.pending, self.summary
             )
@@ -387,16 +407,7 @@ class GenRun:
             )
             # Grids are a view, redrawn by the next run when out of date: a stopped run skips them.
             if self.write_error is None and self.stop.signum is None:
-                output = self.manifest.document.output
-                outputs.update_views(
-                    self.out_dir,
-                    self.jobs,
-                    finished,
-                    generated,
-                    lambda: self.stop.signum is not None,
-                    grids=output.grids,
-                    contact_sheets=output.contact_sheet,
-                )
+                self._draw_views(finished, generated)
         except outputs.OutputWriteError as error:
             self.write_error = self.write_error or error
 
@@ -429,7 +440,26 @@ class GenRun:
             return exit_code(signum)
         return EXIT_JOBS_FAILED if failures else EXIT_OK
 
+    def _draw_views(self, finished: dict[str, dict[str, Any]], generated: set[str]) -> None:
+        """Grids and contact sheets of the whole plan, from the images on disk: a shard draws every shard's
+        images, and one at a time, so the shard that finishes last leaves complete views."""
+        output = self.manifest.document.output
+        with self.layout_lock.drawing_views():
+            if self.view_jobs is not self.jobs:  # other shards' images: read inside the lock, up to date
+                finished = outputs.finished_records(self.out_dir, self.view_jobs)
+            outputs.update_views(
+                self.out_dir,
+                self.view_jobs,
+                finished,
+                generated,
+                lambda: self.stop.signum is not None,
+                grids=output.grids,
+                contact_sheets=output.contact_sheet,
+            )
+
     def release(self) -> None:
+        if self.layout_lock is not None:
+            self.layout_lock.release()
         if self.lock is not None:
             self.lock.release()
 

@@ -53,6 +53,7 @@ from .index import (  # noqa: F401
 from .layout import (  # noqa: F401
     CONTACT_SHEET_NAME,
     INDEX_NAME,
+    LAYOUT_LOCK_NAME,
     LOCK_NAME,
     RESERVED_NAMES,
     RESOLVED_MANIFEST_NAME,
@@ -89,3 +90,4 @@ from .records import (  # noqa: F401
     read_sidecar,
     save_image,
 )
+from .tree import check_output_tree  # noqa: F401

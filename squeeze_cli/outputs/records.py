@@ -23,7 +23,6 @@ from squeeze_cli.outputs.layout import (
     sidecar_path,
     subject_dir,
 )
-
 from squeeze_cli.reading import SIDECAR_MAX_BYTES, read_regular_file
 
 if TYPE_CHECKING:
