@@ -114,7 +114,13 @@ class Runner:
         problems = []
         for _, subject_jobs in groupby(jobs, key=lambda job: job.subject_index):
             subject_jobs = list(subject_jobs)
-            sizes = [upright_size(path) for path in subject_jobs[0].references]
+            try:
+                sizes = [upright_size(path) for path in subject_jobs[0].references]
+            except Exception as error:  # changed since validation: e.g. swapped for a FIFO, or deleted
+                field = f"subjects[{subject_jobs[0].subject_index}].references"
+                reason = f"a reference cannot be read any more: {describe_exception(error)}"
+                problems.append(Problem(str(self.manifest.path), None, None, field, reason))
+                continue
             prompts = {(job.prompt_index, job.prompt) for job in subject_jobs}
             for prompt_index, prompt in sorted(prompts):
                 try:
