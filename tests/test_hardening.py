@@ -430,6 +430,7 @@ main(sys.argv[2:])
 """
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_is_reported_as_such(project: Path, tiny_cache: str) -> None:
     out = project / "out"
     result = subprocess.run(
@@ -456,20 +457,28 @@ def test_a_file_size_limit_is_reported_as_such(project: Path, tiny_cache: str) -
     assert "(hint: raise the limit (ulimit -f unlimited)" in line
 
 
-def test_a_short_index_append_under_a_file_size_limit_says_so(tmp_path: Path) -> None:
+def test_writes_under_a_file_size_limit_say_so(tmp_path: Path) -> None:
     code = (
         "import resource, sys\n"
         "from squeeze_cli import outputs\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (100, resource.RLIM_INFINITY))\n"
-        "try:\n"
-        f"    outputs.append_index({str(tmp_path)!r}, {{'job_id': 'a', 'prompt': 'x' * 200}})\n"
-        "except outputs.OutputWriteError as error:\n"
-        "    print(error.one_line(), error.errno)\n"
+        "for write in (\n"
+        f"    lambda: outputs.append_index({str(tmp_path)!r}, {{'job_id': 'a', 'prompt': 'x' * 200}}),\n"
+        f"    lambda: outputs.atomic_write_bytes({str(tmp_path / 'run.json')!r}, b'x' * 200),\n"
+        "):\n"
+        "    try:\n"
+        "        write()\n"
+        "    except outputs.OutputWriteError as error:\n"
+        "        print(error.one_line(), error.errno)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert "file too large (a file-size limit, ulimit -f, of 100 bytes)" in result.stdout, result.stderr
-    assert result.stdout.split()[-1] == str(errno.EFBIG)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stderr
+    for line in lines:
+        assert "file too large (a file-size limit, ulimit -f, of 100 bytes)" in line
+        assert line.split()[-1] == str(errno.EFBIG)
     assert (tmp_path / "index.jsonl").read_bytes() == b""  # the cut-off line was removed
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["index.jsonl"]  # no temporary file
 
 
 # 9.8 An empty --out ------------------------------------------------------------------------------------
