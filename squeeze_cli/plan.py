@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from squeeze_cli.errors import ManifestError, Problem
 from squeeze_cli.manifest.resolve import too_many_jobs
 from squeeze_cli.params import SamplingParams
-from squeeze_cli.reading import open_regular_file
 
 if TYPE_CHECKING:
     from squeeze_cli.manifest.resolve import LoadedManifest
@@ -63,7 +62,7 @@ def file_digest(path: str, cache: dict[str, bytes] | None = None) -> bytes:
     if cache is not None and path in cache:
         return cache[path]
     digest = hashlib.sha256()
-    with open_regular_file(path) as handle:  # a FIFO swapped in since validation must not block
+    with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     result = digest.digest()
