@@ -168,6 +168,49 @@ def test_runs_of_different_shard_layouts_exclude_each_other(
         assert (out / "shards" / "1-of-2" / "run.json").exists()
 
 
+HOLD_VIEWS = """
+import sys, time
+from pathlib import Path
+from squeeze_cli.gen.lock import LayoutLock
+lock = LayoutLock(Path(sys.argv[1]), (0, 2))
+lock.acquire()
+with lock.drawing_views():
+    print("drawing", flush=True)
+    sys.stdin.readline()
+print("done", flush=True)
+time.sleep(120)
+"""
+
+
+def test_shards_draw_their_views_one_at_a_time(tmp_path: Path) -> None:
+    import fcntl
+
+    from squeeze_cli.gen.lock import LayoutLock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_VIEWS, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "drawing"
+        ours = LayoutLock(tmp_path, (1, 2))
+        ours.acquire()  # the same layout: shares the folder
+        with pytest.raises(OSError) as busy:  # but not the drawing of the views
+            fcntl.lockf(ours._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+        assert busy.value.errno in (errno.EACCES, errno.EAGAIN)
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "done"
+        with ours.drawing_views():  # free again
+            pass
+        ours.release()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_after_the_shards_finish_every_grid_shows_every_image(project: Path, squeeze, plan_of) -> None:
     from squeeze_cli.plan import shard_jobs
 
