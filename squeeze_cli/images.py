@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import BinaryIO
 
 from PIL import ExifTags, Image, ImageOps
+
+from squeeze_cli.reading import NotARegularFileError, open_regular_file
 
 # Reference images larger than this (in pixels) are refused from their header alone: a decompression
 # bomb must not get as far as the decoder.
@@ -20,6 +23,7 @@ IMAGE_HINTS = {
     "the file is truncated": "the download or copy was cut short: copy the image again",
     "the file is damaged": "copy the image again, or re-save it with an image editor",
     "not a readable image": "use a PNG, JPEG, WebP, BMP, TIFF or GIF image",
+    "not a regular file": "list image files only",
     "the image is too large": f"downscale it to at most {MAX_REFERENCE_PIXELS:,} pixels (e.g. 4096x4096)",
 }
 
@@ -32,14 +36,24 @@ def check_image(path: str) -> str | None:
     PNG chunks are read through to IEND with their checksums (no decompression), a JPEG's scans must
     reach its end-of-image marker, and the rarer formats are decoded.
     """
+    try:
+        with open_regular_file(path) as file:  # a FIFO or device swapped in must not block the check
+            if os.fstat(file.fileno()).st_size == 0:
+                return "the file is empty"
+            return _check_open_image(file)
+    except NotARegularFileError as error:
+        return error.strerror
+    except OSError as error:
+        return f"cannot read it: {error.strerror or error}"
+
+
+def _check_open_image(file: BinaryIO) -> str | None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        if os.path.getsize(path) == 0:
-            return "the file is empty"
         with warnings.catch_warnings():  # PIL warns between 1x and 2x its limit, raises above
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=REFERENCE_FORMATS) as image:
+            with Image.open(file, formats=REFERENCE_FORMATS) as image:
                 width, height = image.size
                 if width < 1 or height < 1:
                     return f"the image has no pixels ({width}x{height})"
@@ -50,7 +64,7 @@ def check_image(path: str) -> str | None:
                 if image.format == "PNG":
                     image.verify()
                 elif image.format == "JPEG":
-                    if not _jpeg_is_complete(path):
+                    if not _jpeg_is_complete(file):
                         return "the file is truncated: the JPEG data stops before its end marker"
                 else:
                     image.load()
@@ -75,15 +89,15 @@ def check_image(path: str) -> str | None:
     return None
 
 
-def _jpeg_is_complete(path: str) -> bool:
+def _jpeg_is_complete(file: BinaryIO) -> bool:
     """Whether the JPEG's entropy-coded data reaches an end-of-image marker (FFD9).
 
     Walks the marker segments to the first start-of-scan, then looks for FFD9 after it: inside scan data
     0xFF is always followed by 0x00 or a restart marker, so the first FFD9 there is the real end. Bytes
     after it (a camera's trailer, a motion photo's video) are allowed. Reads the file once, no decoding.
     """
-    with open(path, "rb") as file:
-        data = file.read()
+    file.seek(0)
+    data = file.read()
     position = 2  # after SOI
     while position + 4 <= len(data):
         if data[position] != 0xFF:
@@ -105,8 +119,12 @@ def _jpeg_is_complete(path: str) -> bool:
 
 
 def upright_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of the image as `load_rgb` returns it, read from the header alone."""
-    with Image.open(path) as image:
+    """(width, height) of the image as `load_rgb` returns it, read from the header alone.
+
+    Raises:
+        `OSError`: `path` is not a regular file (e.g. swapped for a FIFO since validation), or unreadable.
+    """
+    with open_regular_file(path) as file, Image.open(file) as image:
         try:
             orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         except Exception:  # a malformed EXIF block: `load_rgb` uses the image as stored
@@ -125,7 +143,7 @@ def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> Image.Imag
     A broken EXIF block is ignored (the image is used as stored) rather than failing the subject.
     `max_side` lets JPEG decode at a reduced size, which is much faster for thumbnails of large photos.
     """
-    with Image.open(path) as image:
+    with open_regular_file(path) as file, Image.open(file) as image:
         if max_side is not None and image.format == "JPEG":
             image.draft("RGB", (max_side, max_side))
         try:

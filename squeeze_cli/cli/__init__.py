@@ -9,6 +9,7 @@ never import torch, diffusers or transformers (pydantic and PyYAML only when a c
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -79,6 +80,8 @@ def _report(error: SqueezeError) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: run the app; known errors become ``error: ...`` and an exit code."""
+    if hasattr(signal, "SIGXFSZ"):  # a file-size limit (ulimit -f) must fail the write (EFBIG), not kill us
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         code = app(args=argv, prog_name="squeeze", standalone_mode=False)
     except SqueezeError as error:

@@ -79,6 +79,11 @@ def gen(
     if dtype is not None:
         dtype = parse_choice("--dtype", dtype, Dtype)
     overrides = list(set_ or ()) + ([f"model.dtype={dtype}"] if dtype is not None else [])
+    if out is not None and not out.strip():
+        # An empty $OUT in a script must not scatter a run over the current folder.
+        raise UsageError(
+            f"--out {out!r}: the output folder is empty", "give the output folder, e.g. --out out"
+        )
     loaded = load_from_cli(manifest, overrides, recipe, max_jobs)
     if out is not None:
         from squeeze_cli.manifest.resolve import output_dir_problem

@@ -21,7 +21,7 @@ from typing import Any
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK, ManifestError, Problem, describe_exception
-from squeeze_cli.gen.lock import DirectoryLock
+from squeeze_cli.gen.lock import DirectoryLock, LayoutLock
 from squeeze_cli.gen.processes import Processes
 from squeeze_cli.gen.progress import Reporter
 from squeeze_cli.gen.signals import StopNow, StopSignal, exit_code
@@ -131,7 +131,13 @@ class Runner:
             return problems
         for _, subject_jobs in groupby(jobs, key=lambda job: job.subject_index):
             subject_jobs = list(subject_jobs)
-            sizes = [upright_size(path) for path in subject_jobs[0].references]
+            try:
+                sizes = [upright_size(path) for path in subject_jobs[0].references]
+            except Exception as error:  # changed since validation: e.g. swapped for a FIFO, or deleted
+                field = f"subjects[{subject_jobs[0].subject_index}].references"
+                reason = f"a reference cannot be read any more: {describe_exception(error)}"
+                problems.append(Problem(str(self.manifest.path), None, None, field, reason))
+                continue
             prompts = {(job.prompt_index, job.prompt) for job in subject_jobs}
             for prompt_index, prompt in sorted(prompts):
                 try:
@@ -277,13 +283,21 @@ def run_gen(
     stop = StopSignal()
     try:
         with stop:
-            jobs = plan_jobs(manifest, model_identity=manifest.model_identity, max_jobs=manifest.max_jobs)
-            if options.shard is not None:
-                jobs = shard_jobs(jobs, *options.shard)
+            planned = plan_jobs(manifest, model_identity=manifest.model_identity, max_jobs=manifest.max_jobs)
+            jobs = planned if options.shard is None else shard_jobs(planned, *options.shard)
             out_dir = (options.out or manifest.output_dir).expanduser().absolute()
             if options.dry_run:
                 return _dry_run(manifest, options, jobs, out_dir, json_events=json_events, quiet=quiet)
-            run = GenRun(manifest, options, jobs, out_dir, stop, json_events=json_events, quiet=quiet)
+            run = GenRun(
+                manifest,
+                options,
+                jobs,
+                out_dir,
+                stop,
+                json_events=json_events,
+                quiet=quiet,
+                view_jobs=planned,
+            )
             try:
                 run.prepare()
                 run.open()
@@ -333,6 +347,7 @@ class GenRun:
         *,
         json_events: bool,
         quiet: bool,
+        view_jobs: list[Job] | None = None,
     ):
         self.manifest, self.options, self.jobs, self.out_dir, self.stop = (
             manifest,
@@ -350,14 +365,23 @@ class GenRun:
             Reporter.choose_mode(json_events=json_events, quiet=quiet), enabled=self.is_main
         )
         self.lock = DirectoryLock(self.run_dir) if self.is_main else None
+        # Runs of one --shard layout share OUT; any other run on it is refused (gen/lock.py).
+        self.layout_lock = LayoutLock(out_dir, options.shard) if self.is_main else None
+        # The grids show the whole plan: with --shard, every shard's images.
+        self.view_jobs = jobs if view_jobs is None or options.shard is None else view_jobs
         self.write_error: outputs.OutputWriteError | None = None
 
     def prepare(self) -> None:
         """Lock, find the finished jobs, load the model and check every instruction: nothing is written, so
         bad input leaves no trace; an output folder that exists is locked first, to refuse a second run
         early."""
+        # A file, a link or a FIFO in the way is reported now, before the model loads (and before the locks,
+        # whose files it checks too).
+        outputs.check_output_tree(self.out_dir, self.run_dir, self.jobs)
         if self.lock is not None and self.run_dir.is_dir():
             self.lock.acquire()
+        if self.layout_lock is not None and self.out_dir.is_dir():
+            self.layout_lock.acquire()
         # One read of the sidecars serves the skip decision, the moves and the index repair: finished work
         # is found by job id, wherever it sits in its subject's directory.
         resume = not self.options.overwrite and self.out_dir.is_dir()
@@ -393,6 +417,8 @@ class GenRun:
             outputs.ensure_dir(self.out_dir)
             if not self.lock.held:
                 self.lock.acquire()
+            if not self.layout_lock.held:
+                self.layout_lock.acquire()
             # Finished images of prompts that moved take their new position's name before anything runs.
             self.done = outputs.move_to_positions(self.out_dir, self.jobs, self.done)
             _open_run_files(
@@ -448,15 +474,7 @@ class GenRun:
                 self.summary["quality"] = quality_summary([f.entry for f in finished.values()], quality)
             # Grids are a view, redrawn by the next run when out of date: a stopped run skips them.
             if self.write_error is None and self.stop.signum is None:
-                output = self.manifest.document.output
-                outputs.update_views(
-                    self.out_dir,
-                    self.jobs,
-                    finished,
-                    lambda: self.stop.signum is not None,
-                    grids=output.grids,
-                    contact_sheets=output.contact_sheet,
-                )
+                self._draw_views(finished)
         except outputs.OutputWriteError as error:
             self.write_error = self.write_error or error
 
@@ -489,7 +507,25 @@ class GenRun:
             return exit_code(signum)
         return EXIT_JOBS_FAILED if failures else EXIT_OK
 
+    def _draw_views(self, finished: dict[str, Any]) -> None:
+        """Grids and contact sheets of the whole plan, from the images on disk: a shard draws every shard's
+        images, and one at a time, so the shard that finishes last leaves complete views."""
+        output = self.manifest.document.output
+        with self.layout_lock.drawing_views():
+            if self.view_jobs is not self.jobs:  # other shards' images: read inside the lock, up to date
+                finished = outputs.find_finished(self.out_dir, self.view_jobs, anywhere=False)
+            outputs.update_views(
+                self.out_dir,
+                self.view_jobs,
+                finished,
+                lambda: self.stop.signum is not None,
+                grids=output.grids,
+                contact_sheets=output.contact_sheet,
+            )
+
     def release(self) -> None:
+        if self.layout_lock is not None:
+            self.layout_lock.release()
         if self.lock is not None:
             self.lock.release()
 

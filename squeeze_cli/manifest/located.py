@@ -23,6 +23,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from squeeze_cli.errors import ManifestError, Problem
+from squeeze_cli.reading import MANIFEST_MAX_BYTES, FileTooLargeError, NotARegularFileError, read_regular_file
 
 # Anchors and aliases can expand a small file into a huge tree ("billion laughs"); stop walking early.
 MAX_YAML_NODES = 2_000_000
@@ -527,11 +528,14 @@ def read_manifest_text(path: Path, file: str) -> str:
     try:
         if path.is_dir():
             raise IsADirectoryError(21, "it is a folder")
-        data = path.read_bytes()
+        # A regular file only, read up to a limit: `/dev/zero` or a FIFO must not hang or eat the memory.
+        data = read_regular_file(path, MANIFEST_MAX_BYTES)
     except OSError as error:
         hints = {
             IsADirectoryError: "give the path of the manifest's .yaml file, not of its folder",
             PermissionError: "check the file's permissions",
+            NotARegularFileError: "give the path of the manifest's .yaml file",
+            FileTooLargeError: "a manifest is a few kB of YAML: give the manifest's .yaml file",
         }
         hint = next((text for kind, text in hints.items() if isinstance(error, kind)), None)
         reason = error.strerror or str(error)

@@ -25,6 +25,7 @@ from pydantic import AfterValidator, Field, StrictStr
 from squeeze_cli.errors import ManifestError, RecipeError
 from squeeze_cli.manifest.located import load_yaml, validate_schema
 from squeeze_cli.manifest.schema import ModelSpec, SamplingOverrides, StrictModel, non_empty
+from squeeze_cli.reading import MANIFEST_MAX_BYTES, read_regular_file
 
 PRESETS_PACKAGE = "squeeze_cli.recipes"
 RECIPE_SUFFIXES = (".yaml", ".yml")
@@ -82,11 +83,16 @@ def load_recipe(name_or_path: str, relative_to: str | os.PathLike | None = None)
     if _is_path(name_or_path):
         path = Path(relative_to or ".") / Path(name_or_path).expanduser()
         try:
-            text = path.read_text(encoding="utf-8")
+            # A regular file only, read up to a limit: `/dev/urandom` must not hang or eat the memory.
+            text = read_regular_file(path, MANIFEST_MAX_BYTES).decode("utf-8")
         except OSError as error:
             raise RecipeError(
                 f"cannot read recipe file {str(path)!r}: {error.strerror or error}",
                 "recipe paths are relative to the manifest's folder",
+            ) from None
+        except UnicodeDecodeError:
+            raise RecipeError(
+                f"cannot read recipe file {str(path)!r}: it is not UTF-8 text", "give a recipe's .yaml file"
             ) from None
         source, display, base_dir = str(path.absolute()), str(path), path.absolute().parent
     else:

@@ -16,6 +16,7 @@ import yaml
 
 from squeeze_cli.errors import ManifestError, Problem, RecipeError
 from squeeze_cli.images import IMAGE_HINTS, check_image
+from squeeze_cli.manifest.globs import file_identity, glob_paths
 from squeeze_cli.manifest.located import (
     FieldPath,
     Location,
@@ -451,7 +452,7 @@ class _Resolver:
                 continue
             absolute = os.path.join(self.base_dir, os.path.expanduser(pattern))
             if glob.has_magic(pattern):
-                matches = [m for m in glob.glob(absolute, recursive=True) if os.path.isfile(m)]
+                matches = [m for m in glob_paths(absolute) if os.path.isfile(m)]
                 if not matches:
                     self.problem(ref_path, f"no file matches {pattern!r}", folder_hint)
                 for match in matches:
@@ -476,7 +477,11 @@ class _Resolver:
                 self.problem(ref_path, f"{pattern!r} is not a regular file", "list image files only")
             else:
                 found.setdefault(os.path.normpath(absolute), ref_index)
-        references = tuple(sorted(found))
+        # One file reached by two paths (a symbolic link, a hard link, two patterns) is one reference.
+        by_file: dict[object, str] = {}
+        for reference in sorted(found):
+            by_file.setdefault(file_identity(reference), reference)
+        references = tuple(by_file.values())
         for reference in references:
             message = check_image(reference)
             if message:

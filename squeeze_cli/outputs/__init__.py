@@ -59,6 +59,7 @@ from .index import (  # noqa: F401
 from .layout import (  # noqa: F401
     CONTACT_SHEET_NAME,
     INDEX_NAME,
+    LAYOUT_LOCK_NAME,
     LOCK_NAME,
     METRICS_CACHE_NAME,
     METRICS_JSON_NAME,
@@ -105,3 +106,4 @@ from .resume import (  # noqa: F401
     finished_job_ids,
     move_to_positions,
 )
+from .tree import check_output_tree  # noqa: F401

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_JOBS_FAILED, SqueezeError
+from .layout import UnsafeOutputPathError
 
 # `.<name>.<pid>.tmp`: hidden, recognisable, and tied to the process that wrote it.
 _TEMP_FILE_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
@@ -46,9 +47,27 @@ class OutputWriteError(SqueezeError):
             hint = f"make {path.parent} writable for this user, or choose another --out"
         elif code == errno.EROFS:
             hint = "the output directory is on a read-only file system: choose another --out"
+        elif code == errno.EFBIG:
+            # A file-size limit (`ulimit -f`): SIGXFSZ is ignored, so the write fails with EFBIG.
+            if file_size_limit() is not None:
+                reason = f"file too large (a file-size limit, ulimit -f, of {file_size_limit()} bytes)"
+                hint = "raise the limit (ulimit -f unlimited) and run the same command again"
+            else:
+                reason = "file too large for the file system"
+                hint = "choose an --out on another file system and run the same command again"
         else:
             hint = "check the output directory and run the same command again: finished images are kept"
         return cls(f"cannot {doing} {path}: {reason}", hint, path=path, errno=code)
+
+
+def file_size_limit() -> int | None:
+    """The process's file-size limit in bytes (`ulimit -f`), or None when there is none."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -58,21 +77,6 @@ class OutputWriteError(SqueezeError):
 
 def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable. Some platforms and file systems cannot open or fsync a directory;
-    # the file is already complete and in place then, so there is nothing more to do.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:
@@ -98,34 +102,78 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """
     path = Path(path)
     ensure_dir(path.parent)
-    temp = _temp_path(path)
+    # squeeze never writes through a symbolic link: a link in place of the folder is refused, one at `path`
+    # is replaced by the rename (never followed), and the temporary file is created with O_EXCL|O_NOFOLLOW.
+    folder = open_folder(path.parent)
     try:
-        # A leftover from a dead process that had our pid: O_EXCL below would refuse it.
-        temp.unlink(missing_ok=True)
-        # 0o666 and the umask, like any other file the user creates (mkstemp would give 0o600).
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    except OSError as error:
-        raise OutputWriteError.from_os_error(path, error) from error
-    try:
+        temp = _temp_path(path)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
-    except BaseException as error:  # OSError, and the stop-at-once exception of a second Ctrl-C
-        try:
+            # A leftover from a dead process that had our pid: O_EXCL below would refuse it.
             temp.unlink(missing_ok=True)
+            # 0o666 and the umask, like any other file the user creates (mkstemp would give 0o600).
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_BINARY", 0)
+            fd = os.open(temp, flags, 0o666)
+        except OSError as error:
+            raise OutputWriteError.from_os_error(path, error) from error
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+        except BaseException as error:  # OSError, and the stop-at-once exception of a second Ctrl-C
+            try:
+                temp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            if isinstance(error, OSError):
+                raise OutputWriteError.from_os_error(path, error) from error
+            raise
+        try:
+            if folder is not None:
+                os.fsync(folder)  # the rename survives a power cut; some file systems cannot fsync a folder
         except OSError:
             pass
-        if isinstance(error, OSError):
-            raise OutputWriteError.from_os_error(path, error) from error
-        raise
-    fsync_dir(path.parent)
+    finally:
+        if folder is not None:
+            os.close(folder)
     return path
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_folder(directory: Path) -> int | None:
+    """A descriptor of `directory` (for fsync), refusing a symbolic link in its place with
+    `UnsafeOutputPathError` (exit 2: squeeze never writes through a link). None when the platform or file
+    system cannot open a folder: the write goes ahead without the folder's fsync."""
+    try:
+        return os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW)
+    except OSError as error:
+        if os.path.islink(directory):
+            raise UnsafeOutputPathError(
+                f"refusing to write in {directory}: it is a symbolic link",
+                "replace the link by a real folder, or choose another --out",
+            ) from error
+        return None
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames in `directory` survive a power cut (refusing a link in its place); a file system that
+    cannot fsync a folder is left as it is: the files are already complete and in place."""
+    folder = open_folder(directory)
+    if folder is None:
+        return
+    try:
+        os.fsync(folder)
+    except OSError:
+        pass
+    finally:
+        os.close(folder)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:

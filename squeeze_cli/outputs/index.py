@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,9 +18,11 @@ from squeeze_cli.outputs.files import (
     atomic_write_json,
     atomic_write_text,
     ensure_dir,
+    file_size_limit,
     strict_json_dumps,
 )
 from squeeze_cli.outputs.layout import index_path, position_stem, resolved_manifest_path, run_summary_path
+from squeeze_cli.reading import INDEX_MAX_BYTES, file_kind, read_regular_file
 
 if TYPE_CHECKING:
     from ..plan import Job
@@ -83,18 +86,26 @@ def append_index(out_dir: str | os.PathLike, entry: Mapping[str, Any]) -> None:
     ensure_dir(path.parent)
     data = _index_line(entry)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
+        # Never through a symbolic link, never blocking on a FIFO put in its place.
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(path, flags | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as error:
         raise OutputWriteError.from_os_error(path, error) from error
     try:
-        size = os.fstat(fd).st_size
-        if size and _last_byte(path, size) != b"\n":
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file ({file_kind(info.st_mode)})")
+        size = info.st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
             data = b"\n" + data
         written = os.write(fd, data)
         if written != len(data):
             _cut_short_append(fd, written)
-            reason = f"{os.strerror(errno.ENOSPC)} (only {written} of {len(data)} bytes written)"
-            raise OSError(errno.ENOSPC, reason)
+            # A short write is a full disk, or the file-size limit (`ulimit -f`) reached mid-line.
+            limit = file_size_limit()
+            code = errno.EFBIG if limit is not None and size + len(data) > limit else errno.ENOSPC
+            reason = f"{os.strerror(code)} (only {written} of {len(data)} bytes written)"
+            raise OSError(code, reason)
         os.fsync(fd)
     except OSError as error:
         raise OutputWriteError.from_os_error(path, error) from error
@@ -113,16 +124,10 @@ def _cut_short_append(fd: int, written: int) -> None:
         pass
 
 
-def _last_byte(path: Path, size: int) -> bytes:
-    with open(path, "rb") as file:
-        file.seek(size - 1)
-        return file.read(1)
-
-
 def _parse_index(path: Path) -> tuple[list[dict[str, Any]], bool]:
     """The valid entries of an index file, and whether any line was invalid."""
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path, INDEX_MAX_BYTES, follow_symlinks=False)
     except FileNotFoundError:
         return [], False
     except OSError as error:
@@ -133,7 +138,7 @@ def _parse_index(path: Path) -> tuple[list[dict[str, Any]], bool]:
             continue
         try:
             entry = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: '[' * 100000
             invalid = True
             continue
         if not isinstance(entry, dict) or not isinstance(entry.get("job_id"), str):

@@ -17,6 +17,7 @@ RUN_SUMMARY_NAME = "run.json"
 RESOLVED_MANIFEST_NAME = "manifest.resolved.yaml"
 CONTACT_SHEET_NAME = "contact-sheet.png"
 LOCK_NAME = ".squeeze.lock"  # in OUT, or in a shard's folder
+LAYOUT_LOCK_NAME = ".squeeze-layout.lock"  # in OUT: which shard layout (plain, or --shard I/N) holds OUT
 SHARDS_DIR_NAME = "shards"  # OUT/shards/<I>-of-<N>/ holds one shard's run files
 # What `squeeze eval` writes at the top of OUT (squeeze_cli/eval/).
 METRICS_JSONL_NAME = "metrics.jsonl"

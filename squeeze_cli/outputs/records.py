@@ -22,6 +22,7 @@ from squeeze_cli.outputs.layout import (
     sidecar_name,
     sidecar_path,
 )
+from squeeze_cli.reading import SIDECAR_MAX_BYTES, read_regular_file
 
 if TYPE_CHECKING:
     from ..plan import Job
@@ -237,10 +238,13 @@ def save_image(out_dir: str | os.PathLike, job: Job, image: Image.Image, record:
 
 
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The sidecar's record, or None when it is missing, unreadable or not a JSON object."""
+    """The sidecar's record, or None when it is missing, unreadable or not a JSON object.
+
+    A symbolic link, a FIFO or another special file, a file over the size limit and JSON nested too deep
+    for the parser all count as a damaged sidecar: the job is made again (and the file replaced).
+    """
     try:
-        with open(path, encoding="utf-8") as file:
-            record = json.load(file)
+        record = json.loads(read_regular_file(path, SIDECAR_MAX_BYTES, follow_symlinks=False))
     except (OSError, ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) else None

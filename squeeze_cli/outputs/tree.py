@@ -1,0 +1,108 @@
+"""The output tree's shape, checked before a run loads anything or writes a byte: folders where squeeze
+writes are real folders (not files, not symbolic links), and the files it writes or reads are regular
+files. Only `lstat` and `scandir`: nothing is opened, followed or created."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from squeeze_cli.outputs.layout import (
+    CONTACT_SHEET_NAME,
+    INDEX_NAME,
+    LAYOUT_LOCK_NAME,
+    LOCK_NAME,
+    RESOLVED_MANIFEST_NAME,
+    RUN_SUMMARY_NAME,
+    UnsafeOutputPathError,
+    check_subject_name,
+    image_stem,
+)
+from squeeze_cli.reading import file_kind
+
+if TYPE_CHECKING:
+    from squeeze_cli.plan import Job
+
+RUN_FILE_NAMES = (INDEX_NAME, RUN_SUMMARY_NAME, RESOLVED_MANIFEST_NAME, LOCK_NAME, LAYOUT_LOCK_NAME)
+_NO_LINKS = "squeeze never reads or writes through symbolic links"
+
+
+def _mode(path: Path) -> int | None:
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return None  # unreadable: the write itself reports it, naming the file
+
+
+def _refuse(path: Path, what: str, hint: str) -> UnsafeOutputPathError:
+    return UnsafeOutputPathError(f"{path} {what}", hint)
+
+
+def _check_folder(path: Path, hint: str) -> bool:
+    """Whether `path` exists, refusing anything but a real folder there."""
+    mode = _mode(path)
+    if mode is None:
+        return False
+    if stat.S_ISLNK(mode):
+        raise _refuse(path, "is a symbolic link", f"replace it by a real folder or remove it ({_NO_LINKS})")
+    if not stat.S_ISDIR(mode):
+        raise _refuse(path, f"is {file_kind(mode)}, not a folder", hint)
+    return True
+
+
+def _check_files(folder: Path, names: set[str], hint: str) -> None:
+    """Refuse any of `names` in `folder` that exists as something other than a regular file."""
+    try:
+        with os.scandir(folder) as entries:
+            found = [(entry.name, entry.stat(follow_symlinks=False).st_mode) for entry in entries]
+    except OSError:
+        return
+    for name, mode in sorted(found):
+        if name in names and not stat.S_ISREG(mode):
+            raise _refuse(folder / name, f"is {file_kind(mode)}, not a regular file", hint)
+
+
+def check_output_tree(out_dir: Path, run_dir: Path, jobs: Sequence[Job]) -> None:
+    """Refuse an output tree squeeze could not write safely, before anything is loaded or written.
+
+    - `OUT` must be a folder (it may be a symbolic link to one: that is the user's own choice of place);
+    - the run folders below it (`shards`, `shards/I-of-N`) and each subject folder must be real folders;
+    - the run files (`index.jsonl`, `run.json`, `manifest.resolved.yaml`, the locks) and each job's image,
+      sidecar, grid and contact sheet must be regular files where they exist (not links, FIFOs, folders).
+
+    Raises:
+        `UnsafeOutputPathError`: (exit 2) naming the first path in the way and what to do about it.
+    """
+    if not out_dir.exists():
+        if out_dir.is_symlink():
+            raise _refuse(
+                out_dir, "is a broken symbolic link", "point it at a folder, or choose another --out"
+            )
+        return
+    if not out_dir.is_dir():
+        raise _refuse(out_dir, "is a file, not a folder", "choose another --out, or move the file away")
+    run_file_hint = f"remove it: squeeze writes its run files there itself ({_NO_LINKS})"
+    _check_files(out_dir, set(RUN_FILE_NAMES), run_file_hint)
+    if run_dir != out_dir:
+        folder = out_dir
+        for part in run_dir.relative_to(out_dir).parts:
+            folder = folder / part
+            if not _check_folder(folder, "remove it: squeeze keeps each shard's run files there"):
+                break
+        else:
+            _check_files(run_dir, set(RUN_FILE_NAMES), run_file_hint)
+    names_by_subject: dict[str, set[str]] = {}
+    for job in jobs:
+        names = names_by_subject.setdefault(check_subject_name(job.subject), {CONTACT_SHEET_NAME})
+        stem = image_stem(job)
+        names.update((f"{stem}.png", f"{stem}.json", f"grid-{job.prompt_index:03d}.png"))
+    for subject, names in names_by_subject.items():
+        folder = out_dir / subject
+        hint = f"move or remove it: the images of subject {subject!r} go in the folder {folder}"
+        if _check_folder(folder, hint):
+            _check_files(folder, names, f"remove it: squeeze writes this file itself ({_NO_LINKS})")
