@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -18,8 +18,13 @@ from squeeze_cli.cli.options import (
     SetOpt,
     load_from_cli,
     parse_choice,
+    print_json_failure,
+    print_warnings,
 )
 from squeeze_cli.params import Dtype, Offload
+
+if TYPE_CHECKING:
+    from squeeze_cli.manifest import LoadedManifest
 
 
 def _parse_shard(value: str | None) -> tuple[int, int] | None:
@@ -31,6 +36,40 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
     if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
         raise UsageError(f"--shard {value}: expected I/N with 0 <= I < N", "e.g. --shard 0/4 ... --shard 3/4")
     return int(index), int(count)
+
+
+def _check_input(
+    manifest: str,
+    set_: list[str] | None,
+    recipe: str | None,
+    max_jobs: int | None,
+    out: str | None,
+    dtype: str | None,
+    device: str,
+    offload: str,
+) -> LoadedManifest:
+    """Every check of the flags and the manifest that `gen` makes before loading anything."""
+    from pathlib import Path
+
+    from squeeze_cli.errors import UsageError
+    from squeeze_cli.model_checks import device_problem
+
+    offload = parse_choice("--offload", offload, Offload)
+    if dtype is not None:
+        dtype = parse_choice("--dtype", dtype, Dtype)
+    overrides = list(set_ or ()) + ([f"model.dtype={dtype}"] if dtype is not None else [])
+    loaded = load_from_cli(manifest, overrides, recipe, max_jobs)
+    if out is not None:
+        from squeeze_cli.manifest.resolve import output_dir_problem
+
+        reason = output_dir_problem(Path(out).expanduser().absolute())
+        if reason is not None:
+            raise UsageError(f"--out {out}: {reason}", "choose another --out")
+    # A device that is not here is bad input: said now (a dry run too), not after loading the model.
+    wrong_device = device_problem(device, offload)
+    if wrong_device is not None:
+        raise UsageError(*wrong_device)
+    return loaded
 
 
 def gen(
@@ -73,28 +112,32 @@ def gen(
     """
     from pathlib import Path
 
-    from squeeze_cli.errors import UsageError
+    from squeeze_cli.errors import SqueezeError
 
-    offload = parse_choice("--offload", offload, Offload)
-    if dtype is not None:
-        dtype = parse_choice("--dtype", dtype, Dtype)
-    overrides = list(set_ or ()) + ([f"model.dtype={dtype}"] if dtype is not None else [])
-    loaded = load_from_cli(manifest, overrides, recipe, max_jobs)
-    if out is not None:
-        from squeeze_cli.manifest.resolve import output_dir_problem
+    try:
+        loaded = _check_input(manifest, set_, recipe, max_jobs, out, dtype, device, offload)
+        shard_part = _parse_shard(shard)
+    except SqueezeError as error:
+        if not json_output:
+            raise
+        print_json_failure(error)  # a script reading stdout gets the same document as `validate --json`
+        raise typer.Exit(error.exit_code) from None
+    if json_output:
+        from squeeze_cli.gen.progress import Reporter
 
-        reason = output_dir_problem(Path(out).expanduser().absolute())
-        if reason is not None:
-            raise UsageError(f"--out {out}: {reason}", "choose another --out")
+        for warning in loaded.warnings:
+            Reporter.emit_json("warning", message=str(warning), problem=warning.to_dict())
+    elif not quiet:
+        print_warnings(loaded)
     from squeeze_cli.gen.runner import GenOptions, run_gen
 
     options = GenOptions(
         out=Path(out) if out is not None else None,
         overwrite=overwrite,
-        shard=_parse_shard(shard),
+        shard=shard_part,
         batch_size=batch_size,
         device=device,
-        offload=offload,
+        offload=parse_choice("--offload", offload, Offload),
         dry_run=dry_run,
         allow_pickle=allow_pickle,
         command=["squeeze", *sys.argv[1:]],

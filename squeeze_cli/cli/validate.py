@@ -9,8 +9,17 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from squeeze_cli.cli.options import JsonOpt, ManifestArg, MaxJobsOpt, RecipeOpt, SetOpt, load_from_cli
-from squeeze_cli.errors import EXIT_INVALID, ManifestError
+from squeeze_cli.cli.options import (
+    JsonOpt,
+    ManifestArg,
+    MaxJobsOpt,
+    RecipeOpt,
+    SetOpt,
+    load_from_cli,
+    print_json_failure,
+    print_warnings,
+)
+from squeeze_cli.errors import SqueezeError
 
 if TYPE_CHECKING:
     from squeeze_cli.manifest import LoadedManifest
@@ -30,13 +39,18 @@ def validate(
     try:
         loaded = load_from_cli(manifest, set_, recipe, max_jobs)
         jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
-    except ManifestError as error:
+    except SqueezeError as error:
         if not json_output:
             raise
-        typer.echo(json.dumps({"ok": False, "problems": [p.to_dict() for p in error.problems]}, indent=2))
-        raise typer.Exit(EXIT_INVALID) from None
+        print_json_failure(error)
+        raise typer.Exit(error.exit_code) from None
     summary = plan_summary(loaded, jobs)
-    typer.echo(json.dumps({"ok": True, **summary}, indent=2) if json_output else format_summary(summary))
+    if json_output:
+        warnings = [warning.to_dict() for warning in loaded.warnings]
+        typer.echo(json.dumps({"ok": True, **summary, "warnings": warnings}, indent=2))
+    else:
+        print_warnings(loaded)
+        typer.echo(format_summary(summary))
 
 
 def plan_summary(loaded: LoadedManifest, jobs: Sequence[Job]) -> dict:

@@ -301,6 +301,7 @@ class GenRun:
         self.reporter = Reporter(
             Reporter.choose_mode(json_events=json_events, quiet=quiet), enabled=self.is_main
         )
+        stop.notify = self.reporter.interrupted
         self.lock = DirectoryLock(self.run_dir) if self.is_main else None
         self.write_error: outputs.OutputWriteError | None = None
 

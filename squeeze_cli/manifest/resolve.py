@@ -38,6 +38,7 @@ from squeeze_cli.manifest.schema import (
     SeedRange,
     Subject,
 )
+from squeeze_cli.model_checks import source_problems
 from squeeze_cli.params import SamplingParams
 
 
@@ -72,6 +73,9 @@ class LoadedManifest:
     output_dir: Path
     max_jobs: int
     subjects: tuple[ResolvedSubject, ...]
+    # Valid but probably not what was meant (e.g. a negative prompt that true CFG does not use): each is
+    # printed as `warning: FILE:LINE: ... (hint: ...)` by `validate` and `gen`, and does not stop them.
+    warnings: tuple[Problem, ...] = ()
 
     @property
     def num_jobs(self) -> int:
@@ -199,6 +203,7 @@ class _Resolver:
         self.manifest_path = manifest_path
         self.base_dir = manifest_path.parent
         self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
 
     def problem(self, path: FieldPath, message: str, hint: str | None = None) -> None:
         self.problems.append(self.document.problem(path, message, hint))
@@ -241,6 +246,7 @@ class _Resolver:
             output_dir=output_dir,
             max_jobs=limit,
             subjects=tuple(subjects),
+            warnings=tuple(dict.fromkeys(self.warnings)),  # one per place, however many prompts inherit it
         )
 
     def resolve_output_dir(self) -> Path | None:
@@ -295,7 +301,11 @@ class _Resolver:
         self.problems += problems
         if spec is None:
             return recipe, None
-        return recipe, resolve_model_paths(spec, self.base_dir)
+        spec = resolve_model_paths(spec, self.base_dir)
+        # Missing weights are input errors too: found here, before `gen` loads anything.
+        for problem in source_problems(spec):
+            self.problem(_dotted_path(problem.field), problem.message, problem.hint)
+        return recipe, spec
 
     # Subjects ---------------------------------------------------------------------------------------
 
@@ -406,6 +416,16 @@ class _Resolver:
     def check_prompt(
         self, path: FieldPath, params: SamplingParams, levels: list[tuple[FieldPath, SamplingOverrides]]
     ) -> None:
+        if params.negative_prompt and params.true_cfg_scale <= 1.0:
+            where = next((p for p, lvl in reversed(levels) if "negative_prompt" in lvl.model_fields_set), path)
+            self.warnings.append(
+                self.document.problem(
+                    (*where, "negative_prompt") if where else ("recipe",),
+                    "is ignored: a negative prompt is used only with true CFG (true_cfg_scale > 1)",
+                    "set `true_cfg_scale: 4.0` (for example; each image then takes twice as long) "
+                    "or remove `negative_prompt`",
+                )
+            )
         if params.true_cfg_scale > 1.0 and params.negative_prompt is None:
             where = next((p for p, lvl in reversed(levels) if "true_cfg_scale" in lvl.model_fields_set), path)
             self.problem(
@@ -474,6 +494,10 @@ def output_dir_problem(path: Path) -> str | None:
     if existing.is_dir():
         return None
     return f"{'it' if existing == path else repr(str(existing))} is a file, not a folder"
+
+
+def _dotted_path(field: str) -> FieldPath:
+    return tuple(field.split("."))
 
 
 def _seed_values(spec: list[int] | SeedRange | None) -> Sequence[int]:

@@ -69,7 +69,7 @@ def image_record(
     preset_name: str,
     model_info: Mapping[str, Any],
     stage_plan: Mapping[str, Any] | None,
-    timings: Mapping[str, float],
+    timings: Mapping[str, float | int],
     versions: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The full record of one image: what the sidecar holds and the PNG's `squeeze` chunk embeds.
@@ -100,7 +100,10 @@ def image_record(
         "preset": preset_name,
         "model": json.loads(json.dumps(dict(model_info), default=json_default)),
         "versions": dict(versions) if versions is not None else package_versions(),
-        "timings": {name: round(float(seconds), 4) for name, seconds in timings.items()},
+        # Counts stay integers (`batch_size`); seconds are rounded.
+        "timings": {
+            name: value if isinstance(value, int) else round(float(value), 4) for name, value in timings.items()
+        },
         "files": {"image": image_name(job), "sidecar": sidecar_name(job)},  # relative to OUT
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -117,21 +120,24 @@ def parameters_text(record: Mapping[str, Any]) -> str:
 
         <prompt>
         Negative prompt: <negative prompt>
-        Steps: 28, Sampler: FlowMatchEuler, CFG scale: 2.5, Seed: 123, Size: 512x512, Model: paper, ...
+        Steps: 28, Sampler: FlowMatchEuler, CFG scale: 1, Distilled CFG Scale: 2.5, Seed: 123, ...
 
-    `CFG scale` is the distilled guidance (`guidance_scale`); true CFG, when on, is `True CFG scale`.
+    As Forge writes FLUX images: `CFG scale` is real classifier-free guidance (`true_cfg_scale`, 1 when
+    off) and `Distilled CFG Scale` FLUX's distilled guidance (`guidance_scale`), so A1111 readers do not
+    take the latter for CFG. The negative prompt is written only when true CFG uses it (`true_cfg_scale`
+    > 1): otherwise the pipeline ignores it and a reader would report it as used.
     """
     params = record.get("params", {})
+    true_cfg = params.get("true_cfg_scale") or 1.0
     fields: dict[str, Any] = {
         "Steps": params.get("num_inference_steps"),
         "Sampler": "FlowMatchEuler",
-        "CFG scale": params.get("guidance_scale"),
+        "CFG scale": true_cfg if true_cfg > 1 else 1,
+        "Distilled CFG Scale": params.get("guidance_scale"),
         "Seed": record.get("seed"),
         "Size": f"{params.get('width')}x{params.get('height')}",
         "Model": record.get("preset"),
     }
-    if params.get("true_cfg_scale", 1.0) not in (None, 1, 1.0):
-        fields["True CFG scale"] = params["true_cfg_scale"]
     thresholds = params.get("stage_thresholds")
     if thresholds is not None:
         fields["Stage thresholds"] = "/".join(str(t) for t in thresholds)
@@ -149,7 +155,7 @@ def parameters_text(record: Mapping[str, Any]) -> str:
         fields["Version"] = f"squeeze {version}"
     lines = [str(record.get("prompt", ""))]
     negative = params.get("negative_prompt")
-    if negative:
+    if negative and true_cfg > 1:
         lines.append(f"Negative prompt: {negative}")
     lines.append(
         ", ".join(f"{key}: {_format_value(value)}" for key, value in fields.items() if value is not None)
