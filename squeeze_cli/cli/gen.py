@@ -32,10 +32,40 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
         return None
     from squeeze_cli.errors import UsageError
 
+    if value == "slurm":
+        return _slurm_shard()
     index, _, count = value.partition("/")
     if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
         raise UsageError(f"--shard {value}: expected I/N with 0 <= I < N", "e.g. --shard 0/4 ... --shard 3/4")
     return int(index), int(count)
+
+
+def _slurm_shard() -> tuple[int, int]:
+    """`--shard slurm`: this task's part of a Slurm job array, from the variables Slurm sets.
+
+    With ``--array=1-8`` (or ``0-30:2``) the tasks are numbered from SLURM_ARRAY_TASK_MIN in steps of
+    SLURM_ARRAY_TASK_STEP; the shard is the task's position among them, of SLURM_ARRAY_TASK_COUNT."""
+    import os
+
+    from squeeze_cli.errors import UsageError
+
+    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP")
+    defaults = {"SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "1"}
+    values = {name: os.environ.get(name, defaults.get(name, "")) for name in names}
+    bad = [name for name, text in values.items() if not text.isdigit()]
+    if bad:
+        raise UsageError(
+            f"--shard slurm: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not set to a number",
+            "run it as a task of a job array (sbatch --array=0-N), or use --shard I/N",
+        )
+    task, count, first, step = (int(values[name]) for name in names)
+    index, off_step = divmod(task - first, max(step, 1))
+    if off_step or not 0 <= index < count:
+        raise UsageError(
+            f"--shard slurm: task {task} is not one of {count} tasks from {first} in steps of {step}",
+            "use --shard I/N",
+        )
+    return index, count
 
 
 def _check_input(
@@ -87,7 +117,9 @@ def gen(
     shard: Annotated[
         str | None,
         typer.Option(
-            "--shard", metavar="I/N", help="Run only part I of N (0-based), e.g. one task of a job array."
+            "--shard",
+            metavar="I/N|slurm",
+            help="Run only part I of N (0-based); `slurm` reads it from the Slurm job array's variables.",
         ),
     ] = None,
     batch_size: Annotated[

@@ -346,7 +346,13 @@ class GenRun:
             if not self.lock.held:
                 self.lock.acquire()
             _open_run_files(
-                self.out_dir, self.run_dir, self.manifest, self.done_records, self.pending, self.summary
+                self.out_dir,
+                self.run_dir,
+                self.manifest,
+                self.done_records,
+                self.pending,
+                self.summary,
+                self.options.shard,
             )
         self.processes.barrier()
 
@@ -442,6 +448,7 @@ def _open_run_files(
     done_records: dict[str, dict[str, Any]],
     pending: Sequence[Job],
     summary: dict[str, Any],
+    shard: tuple[int, int] | None = None,
 ) -> None:
     """The main process's writes before any image: clean up after killed runs, make the index agree with
     the finished images, and record the resolved manifest and the starting summary."""
@@ -449,7 +456,7 @@ def _open_run_files(
     if run_dir != out_dir:
         outputs.remove_stale_temp_files(run_dir)
     outputs.repair_index(run_dir, done_records, pending_job_ids=[job.job_id for job in pending])
-    outputs.write_resolved_manifest(run_dir, manifest.resolved_yaml())
+    outputs.write_resolved_manifest(run_dir, manifest.resolved_yaml(shard))
     outputs.write_run_summary(run_dir, summary)
 
 
