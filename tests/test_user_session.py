@@ -142,3 +142,188 @@ def test_the_text_summary_of_gen_goes_to_stdout(project: Path, squeeze) -> None:
     assert "completed:" not in result.err
     # 10.7: the plan comes before the progress.
     assert result.err.splitlines()[0] == f"1 jobs, 0 already done, 1 to generate → {project / 'out'}"
+
+
+# 10.6: sharding that keeps a prompt together -----------------------------------------------------------------
+
+
+def test_a_prompt_s_seeds_stay_in_one_shard_when_the_balance_allows() -> None:
+    from squeeze_cli.plan import shard_boundaries
+
+    # One subject, three prompts of four seeds: the fair cut (6) is inside prompt 1; 4 and 8 are prompt starts.
+    prompts = [0] * 4 + [1] * 4 + [2] * 4
+    assert shard_boundaries([1.0] * 12, [0] * 12, 2) == [0, 6, 12]  # without prompts: split mid-prompt
+    assert shard_boundaries([1.0] * 12, [0] * 12, 2, prompts=prompts) == [0, 4, 12]
+    # One prompt of eight seeds over four shards: keeping it whole would leave three shards idle.
+    assert shard_boundaries([1.0] * 8, [0] * 8, 4, prompts=[0] * 8) == [0, 2, 4, 6, 8]
+
+
+def test_shard_jobs_keeps_prompts_whole(make_project) -> None:
+    from squeeze_cli.manifest import load_manifest
+    from squeeze_cli.plan import plan_jobs, shard_jobs
+
+    project = make_project(
+        m=TINY.replace('prompts: ["a {class} in the snow"]', 'prompts: ["a {class} in the snow", "a {class} at sea", "a {class} in a car"]')
+        .replace("  reference_size: 32\n", "  reference_size: 32\n  seeds: [0, 1, 2, 3]\n")
+    )
+    loaded = load_manifest(project / "m.yaml")
+    jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=100)
+    shards = [shard_jobs(jobs, index, 2) for index in range(2)]
+    assert [job for shard in shards for job in shard] == jobs
+    prompts_of = [{job.prompt_index for job in shard} for shard in shards]
+    assert prompts_of[0].isdisjoint(prompts_of[1])
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4"}, (2, 4)),
+        ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "1"}, (2, 4)),
+        (
+            {
+                "SLURM_ARRAY_TASK_ID": "4",
+                "SLURM_ARRAY_TASK_COUNT": "3",
+                "SLURM_ARRAY_TASK_MIN": "0",
+                "SLURM_ARRAY_TASK_STEP": "2",
+            },
+            (2, 3),
+        ),
+    ],
+)
+def test_shard_slurm_reads_the_job_array(monkeypatch, env, expected) -> None:
+    from squeeze_cli.cli.gen import _parse_shard
+
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _parse_shard("slurm") == expected
+
+
+def test_shard_slurm_outside_a_job_array_is_a_usage_error(project: Path, squeeze, monkeypatch) -> None:
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    result = squeeze("gen", str(project / "m.yaml"), "--shard", "slurm", "--out", str(project / "out"))
+    assert result.code == 2
+    assert result.err.startswith("error: --shard slurm: SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT are not set")
+
+
+def test_a_shard_s_resolved_manifest_says_which_shard(project: Path, squeeze) -> None:
+    assert squeeze("gen", str(project / "m.yaml"), "--out", str(project / "out"), "--shard", "1/2").code == 0
+    text = (project / "out" / "shards" / "1-of-2" / "manifest.resolved.yaml").read_text()
+    assert "# This is shard 1/2 (--shard 1/2)" in text
+    # Still a manifest that plans the whole run.
+    assert squeeze("validate", str(project / "out" / "shards" / "1-of-2" / "manifest.resolved.yaml")).code == 0
+
+
+# 10.7: the terminal ------------------------------------------------------------------------------------------
+
+
+def _job(subject: str = "dog"):
+    from squeeze_cli.params import SamplingParams
+    from squeeze_cli.plan import Job
+
+    return Job(0, "0" * 16, subject, 0, None, 0, "p", 0, SamplingParams(), (), 1.0)
+
+
+def _summary(status: str, succeeded: int, failed: int = 0) -> dict:
+    return {
+        "status": status,
+        "jobs": {"planned": succeeded + failed, "skipped": 0, "succeeded": succeeded, "failed": failed},
+        "timings": {"total": 1.0},
+        "out": "/o",
+        "command": ["squeeze", "gen", "my manifest.yaml", "--out", "/o"],
+    }
+
+
+def test_the_bar_shows_the_subject_and_failures_and_the_stop_message_does_not_overwrite_it(capsys) -> None:
+    import io
+
+    from squeeze_cli.gen.progress import Reporter
+
+    stream = io.StringIO()
+    reporter = Reporter("tty", stream=stream)
+    reporter.run_started(3, skipped=1, processes=1, out="/o")
+    assert stream.getvalue().startswith("4 jobs, 1 already done, 3 to generate → /o\n")
+    reporter.batch_started([_job("backpack")], 2)
+    reporter.job_failed(_job("backpack"), "boom")
+    reporter.batch_finished()
+    assert "subject=backpack" in stream.getvalue()  # drawn when the batch starts
+    assert reporter._bar.postfix == "subject=backpack, failed=1"  # drawn at the bar's next refresh
+    before = len(stream.getvalue())
+    reporter.interrupted("SIGINT")
+    written = stream.getvalue()[before:]
+    # tqdm.write clears the bar's line first and draws the bar again below the message.
+    assert "\r" in written.split("SIGINT: stopping after the current batch")[0]
+    reporter.run_finished(_summary("interrupted", 1, 1))
+    assert capsys.readouterr().out.startswith("interrupted: 1 generated")
+    assert "to resume, run the same command again: squeeze gen 'my manifest.yaml' --out /o" in stream.getvalue()
+
+
+def test_a_multi_process_run_ends_with_the_run_s_progress_line(capsys) -> None:
+    import io
+
+    from squeeze_cli.gen.progress import Reporter
+
+    stream = io.StringIO()
+    reporter = Reporter("plain", stream=stream)
+    reporter.run_started(6, skipped=0, processes=2)
+    for _ in range(3):  # the main process's half
+        reporter.job_finished(_job(), "dog/x.png", 0.1)
+    reporter.run_finished(_summary("completed", 6))
+    progress = [line for line in stream.getvalue().splitlines() if line.startswith("[")]
+    assert progress[-1].startswith("[6/6] 0 failed")
+    assert capsys.readouterr().out.startswith("completed: 6 generated")
+
+
+# 10.8: manifest help --------------------------------------------------------------------------------------------
+
+
+def test_names_from_other_tools_get_the_right_key(project: Path, squeeze) -> None:
+    manifest = project / "m.yaml"
+    manifest.write_text(TINY.replace("  num_inference_steps: 2\n", "  steps: 2\n  cfg_scale: 3\n  seed: 4\n"))
+    result = squeeze("validate", str(manifest))
+    assert result.code == 2
+    assert "defaults.steps: unknown key `steps` (hint: squeeze calls it `num_inference_steps`)" in result.err
+    assert "defaults.cfg_scale: unknown key `cfg_scale` (hint: FLUX's distilled guidance is `guidance_scale`" in result.err
+    assert "defaults.seed: unknown key `seed` (hint: squeeze takes a list: `seeds: [42]`" in result.err
+
+
+def test_an_unquoted_placeholder_in_a_flow_list_gets_a_hint_to_quote(project: Path, squeeze) -> None:
+    manifest = project / "m.yaml"
+    manifest.write_text(TINY.replace('prompts: ["a {class} in the snow"]', "prompts: [a {class} in the snow]"))
+    result = squeeze("validate", str(manifest))
+    assert result.code == 2 and "(hint: inside [...] a `{` starts a mapping: quote each prompt" in result.err
+
+
+def test_no_relative_path_hint_for_an_absolute_path(project: Path, squeeze) -> None:
+    manifest = project / "m.yaml"
+    manifest.write_text(TINY.replace("images/dog/00.jpg", str(project / "missing.jpg")))
+    result = squeeze("validate", str(manifest))
+    assert result.code == 2 and "no such file" in result.err and "relative to" not in result.err
+    manifest.write_text(TINY.replace("images/dog/00.jpg", "missing.jpg"))
+    assert "paths are relative to the manifest's folder" in squeeze("validate", str(manifest)).err
+
+
+def test_x_keys_hold_anchors_for_reuse(make_project, squeeze) -> None:
+    project = make_project(
+        m="""\
+version: 1
+recipe: tiny
+x-prompts: &prompts
+  - a {class} in the snow
+  - a {class} on the beach
+subjects:
+  - {name: dog, class: dog, references: [images/dog/00.jpg], prompts: *prompts}
+  - {name: backpack, class: backpack, references: [images/backpack/00.jpg], prompts: *prompts}
+"""
+    )
+    summary = json.loads(squeeze("validate", str(project / "m.yaml"), "--json").out)
+    assert summary["ok"] is True and [s["prompts"] for s in summary["subjects"]] == [2, 2]
+
+
+def test_usage_lines_show_manifest_plainly(squeeze) -> None:
+    for command in ("gen", "validate"):
+        text = squeeze(command, "--help").out
+        assert f"Usage: squeeze {command} [OPTIONS] MANIFEST\n" in text
+        assert "{MANIFEST}" not in text and "MANIFEST <str>" not in text
