@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from squeeze_cli import __version__
-from squeeze_cli.cli import gen, recipes, validate
+from squeeze_cli.cli import gen, recipes, status, validate
 from squeeze_cli.cli.options import EPILOG
 from squeeze_cli.errors import EXIT_SIGINT, ManifestError, SqueezeError
 
@@ -77,6 +77,7 @@ class _Command(typer.core.TyperCommand):
 app.command("validate", cls=_Command)(validate.validate)
 app.command("gen", epilog=EPILOG, cls=_Command)(gen.gen)
 app.command("recipes", cls=_Command)(recipes.recipes_command)
+app.command("status", epilog=status.STATUS_EPILOG, cls=_Command)(status.status)
 
 
 def _report(error: SqueezeError) -> None:
