@@ -387,3 +387,64 @@ def test_status_imports_no_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_documented_dreambench_anchors_example_is_valid(make_image, tmp_path: Path) -> None:
+    from squeeze_cli.manifest import load_manifest
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "manifest.md").read_text()
+    example = next(block for block in text.split("```yaml\n")[1:] if "x-object-prompts" in block)
+    for subject in ("backpack", "can", "dog"):
+        make_image(f"dreambench/{subject}/00.jpg")
+    path = tmp_path / "dreambench.yaml"
+    path.write_text(example.split("```", 1)[0])
+    loaded = load_manifest(path, check_sources=False)  # the paper's weights are not on this machine
+    assert [len(subject.prompts) for subject in loaded.subjects] == [5, 5, 3]
+    assert loaded.subjects[1].prompts[0].text == "a can in the jungle"
+    assert "x-object-prompts" not in loaded.resolved_yaml()
+
+
+# 10.6: several machines (two "machines" on loopback) ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_machines_on_loopback_share_one_output_folder(make_project, squeeze) -> None:
+    """`torchrun --nnodes 2` as on two machines writing to shared storage: here two node ranks on
+    127.0.0.1 with gloo, each one process; the images match a one-process run."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    project = make_project(m=TWO_PROMPTS)
+    assert squeeze("gen", str(project / "m.yaml"), "--out", str(project / "one"), "-q").code == 0
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable, "-m", "torch.distributed.run",
+                "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+                "--master_addr", "127.0.0.1", "--master_port", str(port),
+                "-m", "squeeze_cli", "gen", str(project / "m.yaml"), "--out", str(project / "two"), "--json",
+            ],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for rank in (0, 1)
+    ]
+    results = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in results]
+    summary = json.loads((project / "two" / "run.json").read_text())
+    assert summary["processes"] == 2 and summary["jobs"]["succeeded"] == 4
+    ranks = {json.loads(p.read_text())["process"] for p in (project / "two").glob("dog/[0-9]*-s*.json")}
+    assert ranks == {0, 1}
+    for image in (project / "one").glob("dog/[0-9]*-s*.png"):
+        one = np.asarray(Image.open(image).convert("RGB"), dtype=np.int16)
+        two = np.asarray(Image.open(project / "two" / "dog" / image.name).convert("RGB"), dtype=np.int16)
+        assert np.abs(one - two).max() <= 1, image.name
+    assert squeeze("status", str(project / "two")).code == 0

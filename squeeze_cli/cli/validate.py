@@ -53,6 +53,9 @@ def validate(
         typer.echo(format_summary(summary))
 
 
+COST_UNIT_TEXT = "one 512x512 image at 28 steps without references; true CFG counts twice"
+
+
 def plan_summary(loaded: LoadedManifest, jobs: Sequence[Job]) -> dict:
     """The JSON-able summary `validate` prints: subjects, references, jobs, images per size."""
     per_subject = Counter(job.subject_index for job in jobs)
@@ -76,7 +79,9 @@ def plan_summary(loaded: LoadedManifest, jobs: Sequence[Job]) -> dict:
         "jobs": len(jobs),
         "max_jobs": loaded.max_jobs,
         "images_per_size": dict(sorted(sizes.items())),
+        # Transformer work, in images' worth (`plan.estimate_cost`); `estimated_cost_unit` says what 1 is.
         "estimated_cost": round(sum(job.cost for job in jobs), 3),
+        "estimated_cost_unit": COST_UNIT_TEXT,
     }
 
 
@@ -97,5 +102,6 @@ def format_summary(summary: dict) -> str:
         )
     lines.append(f"jobs      {summary['jobs']:,} (limit {summary['max_jobs']:,})")
     lines.append("images    " + ", ".join(f"{size}: {n:,}" for size, n in summary["images_per_size"].items()))
+    lines.append(f"work      about {summary['estimated_cost']:,.1f} units (1 unit = {COST_UNIT_TEXT})")
     lines.append("ok: the manifest is valid; nothing was generated")
     return "\n".join(lines)
