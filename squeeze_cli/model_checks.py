@@ -33,7 +33,7 @@ LOAD_ORDER = ("aggregator", "scheduler", "tokenizer", "image_processor", "vae", 
 
 @dataclass(frozen=True)
 class SourceProblem:
-    """A model source that cannot be loaded; `field` is the dotted key that sets it (e.g. `model.lora.path`)."""
+    """A model source that cannot be loaded; `field` is the dotted key that sets it (`model.lora.path`)."""
 
     field: str
     message: str
@@ -62,7 +62,13 @@ def source_problems(model: ModelSpec) -> list[SourceProblem]:
         sources.append(("model.pipeline", model.pipeline, None, None, _FIRST_FILE["pipeline"]))
     for name, source in model.components.items():
         sources.append(
-            (f"model.components.{name}.path", source.path, source.subfolder, source.revision, _FIRST_FILE[name])
+            (
+                f"model.components.{name}.path",
+                source.path,
+                source.subfolder,
+                source.revision,
+                _FIRST_FILE[name],
+            )
         )
     if model.lora is not None:
         sources.append(("model.lora.path", model.lora.path, None, None, model.lora.weight_name))
@@ -81,7 +87,9 @@ def source_problems(model: ModelSpec) -> list[SourceProblem]:
     return problems
 
 
-def _local_problem(field: str, path: str, subfolder: str | None, first_file: str | None) -> SourceProblem | None:
+def _local_problem(
+    field: str, path: str, subfolder: str | None, first_file: str | None
+) -> SourceProblem | None:
     folder = Path(path).expanduser()
     fix = f"fix `{field}` in the recipe or manifest, or override it with --set {field}=DIR"
     if not folder.exists():

@@ -180,7 +180,8 @@ def shard_jobs(jobs: Sequence[Job], index: int, count: int) -> list[Job]:
 
     The plan is cut into `count` consecutive runs of about equal estimated cost; a cut snaps to a subject
     boundary when one is close, so subjects stay on one process where possible (each process then encodes
-    a subject's references once), else to a prompt boundary, so a prompt's seeds stay together. Nothing is duplicated or padded: some shards may be empty, the
+    a subject's references once), else to a prompt boundary, so a prompt's seeds stay together. Nothing
+    is duplicated or padded: some shards may be empty, the
     shards in index order concatenate to `jobs`, and the result depends only on `jobs`, `index`, `count`.
     """
     if count < 1:

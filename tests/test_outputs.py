@@ -282,7 +282,10 @@ def test_image_record_holds_everything_needed_to_reproduce(tmp_path):
 
 def test_sidecar_timings_keep_counts_as_integers():
     record = image_record(
-        make_job(), preset_name="tiny", model_info={}, stage_plan=None,
+        make_job(),
+        preset_name="tiny",
+        model_info={},
+        stage_plan=None,
         timings={"total": 1.23456, "batch": 2.46912, "batch_size": 2},
     )
     assert record["timings"] == {"total": 1.2346, "batch": 2.4691, "batch_size": 2}

@@ -31,7 +31,7 @@ def project(make_project) -> Path:
     return make_project(m=TINY)
 
 
-# 10.2: every input error before any model loads -----------------------------------------------------------
+# 10.2: every input error before any model loads ---------------------------------------------------------
 
 
 def test_validate_with_the_paper_recipe_names_the_missing_weight_folders(project: Path, squeeze) -> None:
@@ -55,8 +55,12 @@ def test_gen_reports_missing_weights_without_loading(project: Path, squeeze, mon
 
     monkeypatch.setattr(squeeze_cli.loading, "load_pipeline", no_loading)
     result = squeeze(
-        "gen", str(project / "m.yaml"), "--set", f"model={{pipeline: {project / 'nowhere'}}}",
-        "--out", str(project / "out"),
+        "gen",
+        str(project / "m.yaml"),
+        "--set",
+        f"model={{pipeline: {project / 'nowhere'}}}",
+        "--out",
+        str(project / "out"),
     )
     assert result.code == 2 and f"model.pipeline: no such folder: {project / 'nowhere'}" in result.err
     assert not (project / "out").exists()
@@ -93,14 +97,16 @@ def test_device_problem_accepts_what_exists() -> None:
     assert device_problem("cpu", "none") is None and device_problem("auto", "none") is None
 
 
-# 10.3: metadata that tells the truth ---------------------------------------------------------------------
+# 10.3: metadata that tells the truth --------------------------------------------------------------------
 
 
 def test_a_negative_prompt_without_true_cfg_is_a_warning_and_left_out_of_the_png(
     project: Path, squeeze
 ) -> None:
     manifest = project / "m.yaml"
-    manifest.write_text(TINY.replace("  reference_size: 32\n", "  reference_size: 32\n  negative_prompt: blurry\n"))
+    manifest.write_text(
+        TINY.replace("  reference_size: 32\n", "  reference_size: 32\n  negative_prompt: blurry\n")
+    )
     result = squeeze("validate", str(manifest))
     assert result.code == 0
     assert result.err.startswith(f"warning: {manifest}:8:20: defaults.negative_prompt: is ignored")
@@ -119,7 +125,7 @@ def test_a_negative_prompt_without_true_cfg_is_a_warning_and_left_out_of_the_png
     assert sidecar["timings"]["batch_size"] == 1 and isinstance(sidecar["timings"]["batch_size"], int)
 
 
-# 10.4: JSON everywhere, the summary on stdout --------------------------------------------------------------
+# 10.4: JSON everywhere, the summary on stdout -----------------------------------------------------------
 
 
 def test_gen_json_prints_the_problems_of_an_invalid_manifest(project: Path, squeeze) -> None:
@@ -144,13 +150,13 @@ def test_the_text_summary_of_gen_goes_to_stdout(project: Path, squeeze) -> None:
     assert result.err.splitlines()[0] == f"1 jobs, 0 already done, 1 to generate → {project / 'out'}"
 
 
-# 10.6: sharding that keeps a prompt together -----------------------------------------------------------------
+# 10.6: sharding that keeps a prompt together ------------------------------------------------------------
 
 
 def test_a_prompt_s_seeds_stay_in_one_shard_when_the_balance_allows() -> None:
     from squeeze_cli.plan import shard_boundaries
 
-    # One subject, three prompts of four seeds: the fair cut (6) is inside prompt 1; 4 and 8 are prompt starts.
+    # One subject, three prompts of four seeds: the fair cut (6) is inside prompt 1; 4 and 8 start prompts.
     prompts = [0] * 4 + [1] * 4 + [2] * 4
     assert shard_boundaries([1.0] * 12, [0] * 12, 2) == [0, 6, 12]  # without prompts: split mid-prompt
     assert shard_boundaries([1.0] * 12, [0] * 12, 2, prompts=prompts) == [0, 4, 12]
@@ -163,8 +169,10 @@ def test_shard_jobs_keeps_prompts_whole(make_project) -> None:
     from squeeze_cli.plan import plan_jobs, shard_jobs
 
     project = make_project(
-        m=TINY.replace('prompts: ["a {class} in the snow"]', 'prompts: ["a {class} in the snow", "a {class} at sea", "a {class} in a car"]')
-        .replace("  reference_size: 32\n", "  reference_size: 32\n  seeds: [0, 1, 2, 3]\n")
+        m=TINY.replace(
+            'prompts: ["a {class} in the snow"]',
+            'prompts: ["a {class} in the snow", "a {class} at sea", "a {class} in a car"]',
+        ).replace("  reference_size: 32\n", "  reference_size: 32\n  seeds: [0, 1, 2, 3]\n")
     )
     loaded = load_manifest(project / "m.yaml")
     jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=100)
@@ -193,7 +201,12 @@ def test_shard_jobs_keeps_prompts_whole(make_project) -> None:
 def test_shard_slurm_reads_the_job_array(monkeypatch, env, expected) -> None:
     from squeeze_cli.cli.gen import _parse_shard
 
-    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"):
+    for name in (
+        "SLURM_ARRAY_TASK_ID",
+        "SLURM_ARRAY_TASK_COUNT",
+        "SLURM_ARRAY_TASK_MIN",
+        "SLURM_ARRAY_TASK_STEP",
+    ):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -205,7 +218,9 @@ def test_shard_slurm_outside_a_job_array_is_a_usage_error(project: Path, squeeze
         monkeypatch.delenv(name, raising=False)
     result = squeeze("gen", str(project / "m.yaml"), "--shard", "slurm", "--out", str(project / "out"))
     assert result.code == 2
-    assert result.err.startswith("error: --shard slurm: SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT are not set")
+    assert result.err.startswith(
+        "error: --shard slurm: SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT are not set"
+    )
 
 
 def test_a_shard_s_resolved_manifest_says_which_shard(project: Path, squeeze) -> None:
@@ -213,10 +228,12 @@ def test_a_shard_s_resolved_manifest_says_which_shard(project: Path, squeeze) ->
     text = (project / "out" / "shards" / "1-of-2" / "manifest.resolved.yaml").read_text()
     assert "# This is shard 1/2 (--shard 1/2)" in text
     # Still a manifest that plans the whole run.
-    assert squeeze("validate", str(project / "out" / "shards" / "1-of-2" / "manifest.resolved.yaml")).code == 0
+    assert (
+        squeeze("validate", str(project / "out" / "shards" / "1-of-2" / "manifest.resolved.yaml")).code == 0
+    )
 
 
-# 10.7: the terminal ------------------------------------------------------------------------------------------
+# 10.7: the terminal -------------------------------------------------------------------------------------
 
 
 def _job(subject: str = "dog"):
@@ -257,7 +274,9 @@ def test_the_bar_shows_the_subject_and_failures_and_the_stop_message_does_not_ov
     assert "\r" in written.split("SIGINT: stopping after the current batch")[0]
     reporter.run_finished(_summary("interrupted", 1, 1))
     assert capsys.readouterr().out.startswith("interrupted: 1 generated")
-    assert "to resume, run the same command again: squeeze gen 'my manifest.yaml' --out /o" in stream.getvalue()
+    assert (
+        "to resume, run the same command again: squeeze gen 'my manifest.yaml' --out /o" in stream.getvalue()
+    )
 
 
 def test_a_multi_process_run_ends_with_the_run_s_progress_line(capsys) -> None:
@@ -276,7 +295,7 @@ def test_a_multi_process_run_ends_with_the_run_s_progress_line(capsys) -> None:
     assert capsys.readouterr().out.startswith("completed: 6 generated")
 
 
-# 10.8: manifest help --------------------------------------------------------------------------------------------
+# 10.8: manifest help ------------------------------------------------------------------------------------
 
 
 def test_names_from_other_tools_get_the_right_key(project: Path, squeeze) -> None:
@@ -285,13 +304,18 @@ def test_names_from_other_tools_get_the_right_key(project: Path, squeeze) -> Non
     result = squeeze("validate", str(manifest))
     assert result.code == 2
     assert "defaults.steps: unknown key `steps` (hint: squeeze calls it `num_inference_steps`)" in result.err
-    assert "defaults.cfg_scale: unknown key `cfg_scale` (hint: FLUX's distilled guidance is `guidance_scale`" in result.err
+    assert (
+        "defaults.cfg_scale: unknown key `cfg_scale` (hint: FLUX's distilled guidance is `guidance_scale`"
+        in result.err
+    )
     assert "defaults.seed: unknown key `seed` (hint: squeeze takes a list: `seeds: [42]`" in result.err
 
 
 def test_an_unquoted_placeholder_in_a_flow_list_gets_a_hint_to_quote(project: Path, squeeze) -> None:
     manifest = project / "m.yaml"
-    manifest.write_text(TINY.replace('prompts: ["a {class} in the snow"]', "prompts: [a {class} in the snow]"))
+    manifest.write_text(
+        TINY.replace('prompts: ["a {class} in the snow"]', "prompts: [a {class} in the snow]")
+    )
     result = squeeze("validate", str(manifest))
     assert result.code == 2 and "(hint: inside [...] a `{` starts a mapping: quote each prompt" in result.err
 
@@ -329,10 +353,11 @@ def test_usage_lines_show_manifest_plainly(squeeze) -> None:
         assert "{MANIFEST}" not in text and "MANIFEST <str>" not in text
 
 
-# 10.5: squeeze status ------------------------------------------------------------------------------------------
+# 10.5: squeeze status -----------------------------------------------------------------------------------
 
 TWO_PROMPTS = TINY.replace(
-    'prompts: ["a {class} in the snow"]', 'prompts: ["a {class} in the snow", "a {class} at sea"]\n    seeds: [0, 1]'
+    'prompts: ["a {class} in the snow"]',
+    'prompts: ["a {class} in the snow", "a {class} at sea"]\n    seeds: [0, 1]',
 )
 
 
@@ -404,7 +429,7 @@ def test_the_documented_dreambench_anchors_example_is_valid(make_image, tmp_path
     assert "x-object-prompts" not in loaded.resolved_yaml()
 
 
-# 10.6: several machines (two "machines" on loopback) ---------------------------------------------------------
+# 10.6: several machines (two "machines" on loopback) ----------------------------------------------------
 
 
 @pytest.mark.slow
@@ -428,12 +453,31 @@ def test_two_machines_on_loopback_share_one_output_folder(make_project, squeeze)
     nodes = [
         subprocess.Popen(
             [
-                sys.executable, "-m", "torch.distributed.run",
-                "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
-                "--master_addr", "127.0.0.1", "--master_port", str(port),
-                "-m", "squeeze_cli", "gen", str(project / "m.yaml"), "--out", str(project / "two"), "--json",
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(rank),
+                "--nproc_per_node",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "-m",
+                "squeeze_cli",
+                "gen",
+                str(project / "m.yaml"),
+                "--out",
+                str(project / "two"),
+                "--json",
             ],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         for rank in (0, 1)
     ]

@@ -20,7 +20,8 @@ Exit codes:
 
 def status(
     out: Annotated[
-        str, typer.Argument(metavar="OUT", help="The output folder of a `squeeze gen` run.", show_default=False)
+        str,
+        typer.Argument(metavar="OUT", help="The output folder of a `squeeze gen` run.", show_default=False),
     ],
     json_output: JsonOpt = False,
     merge: Annotated[

@@ -10,6 +10,7 @@ first writes), execute (the images), finalize (index, grids, summary).
 
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 import time
@@ -265,7 +266,8 @@ def run_gen(
     except StopNow as stopped:
         name = signal.Signals(stopped.signum).name
         if stop.graceful:
-            note = "finished images are kept and the run summary was not updated; run the same command again"
+            again = shlex.join(options.command) if options.command else "the same command"
+            note = f"finished images are kept and the run summary was not updated; to resume, run {again}"
         else:
             note = "nothing was generated"
         print(f"stopped at once by {name}: {note}", file=sys.stderr, flush=True)

@@ -224,4 +224,3 @@ def _counts(planned: int, done: int, failed: int) -> str:
     if pending:
         text += f", {pending:,} pending"
     return text
-

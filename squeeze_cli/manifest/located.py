@@ -201,7 +201,7 @@ def _explain_yaml_error(message: str, text: str, mark: Any) -> tuple[str, str | 
         line = text.splitlines()[mark.line] if mark is not None and mark.line < len(text.splitlines()) else ""
         if re.search(r"\[[^\]\n]*[^\s\[,'\"][^\]\n]*\{\w*\}", line):
             return message, (
-                "inside [...] a `{` starts a mapping: quote each prompt, e.g. [\"a {class} on a rug\"], "
+                'inside [...] a `{` starts a mapping: quote each prompt, e.g. ["a {class} on a rug"], '
                 "or write one `- a {class} on a rug` per line"
             )
     return message, None
@@ -482,12 +482,16 @@ OTHER_TOOLS_NAMES: dict[str, tuple[str, str]] = {
     ),
     "scale": ("guidance_scale", "did you mean `guidance_scale` (FLUX's distilled guidance)?"),
     "size": ("width", "set `width` and `height` (multiples of 16), e.g. `width: 512` and `height: 512`"),
-    "resolution": ("width", "set `width` and `height` (multiples of 16), e.g. `width: 512` and `height: 512`"),
+    "resolution": (
+        "width",
+        "set `width` and `height` (multiples of 16), e.g. `width: 512` and `height: 512`",
+    ),
     "seed": ("seeds", "squeeze takes a list: `seeds: [42]` (or `seeds: {count: 4, base: 0}`)"),
     "negative": ("negative_prompt", "did you mean `negative_prompt`? (used only with `true_cfg_scale` > 1)"),
-    "prompt": ("prompts", "a subject takes a list: `prompts: [\"a {class} on the beach\"]`"),
+    "prompt": ("prompts", 'a subject takes a list: `prompts: ["a {class} on the beach"]`'),
 }
 OTHER_TOOLS_NAMES["cfg_scale"] = OTHER_TOOLS_NAMES["guidance"] = OTHER_TOOLS_NAMES["cfg"]
+OTHER_TOOLS_NAMES["resolution"] = OTHER_TOOLS_NAMES["size"]
 OTHER_TOOLS_NAMES["num_steps"] = OTHER_TOOLS_NAMES["sampling_steps"] = OTHER_TOOLS_NAMES["steps"]
 
 

@@ -438,7 +438,9 @@ class _Resolver:
         self, path: FieldPath, params: SamplingParams, levels: list[tuple[FieldPath, SamplingOverrides]]
     ) -> None:
         if params.negative_prompt and params.true_cfg_scale <= 1.0:
-            where = next((p for p, lvl in reversed(levels) if "negative_prompt" in lvl.model_fields_set), path)
+            where = next(
+                (p for p, lvl in reversed(levels) if "negative_prompt" in lvl.model_fields_set), path
+            )
             self.warnings.append(
                 self.document.problem(
                     (*where, "negative_prompt") if where else ("recipe",),

@@ -102,7 +102,8 @@ def image_record(
         "versions": dict(versions) if versions is not None else package_versions(),
         # Counts stay integers (`batch_size`); seconds are rounded.
         "timings": {
-            name: value if isinstance(value, int) else round(float(value), 4) for name, value in timings.items()
+            name: value if isinstance(value, int) else round(float(value), 4)
+            for name, value in timings.items()
         },
         "files": {"image": image_name(job), "sidecar": sidecar_name(job)},  # relative to OUT
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
