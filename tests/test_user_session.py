@@ -82,11 +82,20 @@ def test_a_local_folder_that_is_not_a_checkpoint_is_refused(project: Path, squee
         (["--offload", "model"], "error: --offload model needs a CUDA GPU and none is visible"),
     ],
 )
-def test_a_device_that_is_not_here_is_exit_2_before_loading(project: Path, squeeze, flags, message) -> None:
+def test_a_device_that_is_not_here_is_exit_2_before_loading(
+    project: Path, squeeze, monkeypatch, flags, message
+) -> None:
     import torch
+
+    import squeeze_cli.loading
 
     if torch.cuda.is_available() or torch.backends.mps.is_available():
         pytest.skip("this machine has a GPU")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(squeeze_cli.loading, "load_pipeline", no_loading)
     result = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "out"), *flags)
     assert result.code == 2 and result.err.startswith(message), result.err
     assert len(result.err.splitlines()) == 1 and "loading" not in result.err
