@@ -501,3 +501,57 @@ def test_two_machines_on_loopback_share_one_output_folder(make_project, squeeze)
         two = np.asarray(Image.open(project / "two" / "dog" / image.name).convert("RGB"), dtype=np.int16)
         assert np.abs(one - two).max() <= 1, image.name
     assert squeeze("status", str(project / "two")).code == 0
+
+
+def test_small_local_parts_load_before_the_large_ones(monkeypatch) -> None:
+    import squeeze_cli.loading as loading
+    from squeeze_cli.manifest.schema import ModelSpec
+
+    tiny = loading.ensure_tiny_checkpoint("internvl")
+    parts = ("mllm", "transformer", "vae", "scheduler", "aggregator", "tokenizer", "image_processor")
+    spec = ModelSpec(
+        components={name: {"path": str(tiny), "subfolder": name} for name in parts}, dtype="float32"
+    )
+    order = []
+    real = loading._load_component
+
+    def recording(name, *args, **kwargs):
+        order.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "_load_component", recording)
+    loading.load_pipeline(spec)
+    assert order == ["aggregator", "scheduler", "tokenizer", "image_processor", "vae", "mllm", "transformer"]
+
+
+def test_hub_ids_in_the_offline_cache_pass(tmp_path: Path, monkeypatch) -> None:
+    """A hub id whose snapshot is in the Hugging Face cache is fine offline; a missing subfolder is not."""
+    import huggingface_hub.constants
+
+    from squeeze_cli.manifest.schema import ModelSpec
+    from squeeze_cli.model_checks import source_problems
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--flux"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    (snapshot / "transformer").mkdir(parents=True)
+    (snapshot / "transformer" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def spec(**components) -> ModelSpec:
+        base = {"mllm": {"path": "org/flux", "subfolder": "transformer"}}
+        for name in ("aggregator", "vae", "scheduler"):
+            base[name] = {"path": "org/flux", "subfolder": "transformer"}
+        return ModelSpec(components={**base, **components}, dtype="float32")
+
+    problems = source_problems(spec(transformer={"path": "org/flux", "subfolder": "transformer"}))
+    assert [p.field for p in problems] == ["model.components.scheduler.path"]  # no scheduler_config.json
+    missing = source_problems(spec(transformer={"path": "org/flux", "subfolder": "vae2"}))
+    assert "org/flux/vae2 in the Hugging Face cache has no config.json" in [p.message for p in missing]
+    absent = source_problems(spec(transformer={"path": "org/other"}))
+    assert "org/other is not in the Hugging Face cache" in [p.message for p in absent]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online: from_pretrained may download, nothing to check
+    assert source_problems(spec(transformer={"path": "org/other"})) == []
