@@ -555,3 +555,21 @@ def test_hub_ids_in_the_offline_cache_pass(tmp_path: Path, monkeypatch) -> None:
     assert "org/other is not in the Hugging Face cache" in [p.message for p in absent]
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online: from_pretrained may download, nothing to check
     assert source_problems(spec(transformer={"path": "org/other"})) == []
+
+
+def test_gen_json_reports_problems_found_after_loading(project: Path, squeeze) -> None:
+    manifest = project / "m.yaml"
+    long_prompt = "a {class} " + "with a very long story " * 200
+    manifest.write_text(TINY.replace('prompts: ["a {class} in the snow"]', f'prompts: ["{long_prompt}"]'))
+    result = squeeze("gen", str(manifest), "--out", str(project / "out"), "--json")
+    assert result.code == 2
+    document = json.loads(result.out)
+    assert document["ok"] is False and "limit of 512 tokens" in document["problems"][0]["message"]
+
+
+def test_gen_json_failure_is_one_line_of_its_event_stream(project: Path, squeeze) -> None:
+    manifest = project / "m.yaml"
+    manifest.write_text(TINY.replace("height: 32", "height: 30"))
+    lines = squeeze("gen", str(manifest), "--json").out.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["ok"] is False
+    assert squeeze("gen", str(manifest), "--json").err.startswith(f"error: {manifest}:4:11: defaults.height")

@@ -150,10 +150,9 @@ def gen(
         loaded = _check_input(manifest, set_, recipe, max_jobs, out, dtype, device, offload)
         shard_part = _parse_shard(shard)
     except SqueezeError as error:
-        if not json_output:
-            raise
-        print_json_failure(error)  # a script reading stdout gets the same document as `validate --json`
-        raise typer.Exit(error.exit_code) from None
+        if json_output:  # stdout gets the document `validate --json` prints; stderr the usual lines
+            print_json_failure(error, one_line=True)
+        raise
     if json_output:
         from squeeze_cli.gen.progress import Reporter
 
@@ -174,4 +173,11 @@ def gen(
         allow_pickle=allow_pickle,
         command=["squeeze", *sys.argv[1:]],
     )
-    return run_gen(loaded, options, json_events=json_output, quiet=quiet)
+    try:
+        return run_gen(loaded, options, json_events=json_output, quiet=quiet)
+    except SqueezeError as error:
+        # Found after loading (an instruction too long for the MLLM, a model that will not load, a busy
+        # output folder, a full disk): the same document, after whatever events came before.
+        if json_output:
+            print_json_failure(error, one_line=True)
+        raise

@@ -79,9 +79,10 @@ def parse_choice(flag: str, value: str, enum: type[Enum]) -> str:
     return value
 
 
-def print_json_failure(error: SqueezeError) -> None:
+def print_json_failure(error: SqueezeError, *, one_line: bool = False) -> None:
     """`{"ok": false, "problems": [...]}` on stdout: what `validate --json` and `gen --json` print for bad
-    input. A manifest's problems keep their locations; any other known error is one problem without one."""
+    input (`gen`'s on one line, as its events are). A manifest's problems keep their locations; any other
+    known error is one problem without one."""
     import json
 
     from squeeze_cli.errors import ManifestError, Problem
@@ -90,7 +91,8 @@ def print_json_failure(error: SqueezeError) -> None:
         problems = error.problems
     else:
         problems = [Problem("", None, None, "", error.message, error.hint)]
-    typer.echo(json.dumps({"ok": False, "problems": [problem.to_dict() for problem in problems]}, indent=2))
+    document = {"ok": False, "problems": [problem.to_dict() for problem in problems]}
+    typer.echo(json.dumps(document, ensure_ascii=False) if one_line else json.dumps(document, indent=2))
 
 
 def print_warnings(loaded: LoadedManifest) -> None:
