@@ -573,3 +573,10 @@ def test_gen_json_failure_is_one_line_of_its_event_stream(project: Path, squeeze
     lines = squeeze("gen", str(manifest), "--json").out.splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["ok"] is False
     assert squeeze("gen", str(manifest), "--json").err.startswith(f"error: {manifest}:4:11: defaults.height")
+
+
+def test_no_relative_path_hint_for_an_absolute_recipe_path(project: Path, squeeze) -> None:
+    absolute = squeeze("validate", str(project / "m.yaml"), "--recipe", str(project / "none.yaml")).err
+    assert "cannot read recipe file" in absolute and "relative to" not in absolute
+    relative = squeeze("validate", str(project / "m.yaml"), "--recipe", "presets/none.yaml").err
+    assert "(hint: recipe paths are relative to the manifest's folder)" in relative

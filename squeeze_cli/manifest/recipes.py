@@ -84,9 +84,10 @@ def load_recipe(name_or_path: str, relative_to: str | os.PathLike | None = None)
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as error:
+            relative = not Path(name_or_path).expanduser().is_absolute()
             raise RecipeError(
                 f"cannot read recipe file {str(path)!r}: {error.strerror or error}",
-                "recipe paths are relative to the manifest's folder",
+                "recipe paths are relative to the manifest's folder" if relative else None,
             ) from None
         source, display, base_dir = str(path.absolute()), str(path), path.absolute().parent
     else:
