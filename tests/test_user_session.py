@@ -580,3 +580,15 @@ def test_no_relative_path_hint_for_an_absolute_recipe_path(project: Path, squeez
     assert "cannot read recipe file" in absolute and "relative to" not in absolute
     relative = squeeze("validate", str(project / "m.yaml"), "--recipe", "presets/none.yaml").err
     assert "(hint: recipe paths are relative to the manifest's folder)" in relative
+
+
+def test_validate_checks_the_device_and_offload_mode_gen_would_use(project: Path, squeeze) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = squeeze("validate", str(project / "m.yaml"), "--device", "cuda")
+    assert result.code == 2 and result.err.startswith("error: --device cuda: no CUDA GPU is visible")
+    as_json = json.loads(squeeze("validate", str(project / "m.yaml"), "--offload", "model", "--json").out)
+    assert as_json["ok"] is False and "--offload model needs a CUDA GPU" in as_json["problems"][0]["message"]
+    assert squeeze("validate", str(project / "m.yaml"), "--device", "cpu").code == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,10 +16,12 @@ from squeeze_cli.cli.options import (
     RecipeOpt,
     SetOpt,
     load_from_cli,
+    parse_choice,
     print_json_failure,
     print_warnings,
 )
-from squeeze_cli.errors import SqueezeError
+from squeeze_cli.errors import SqueezeError, UsageError
+from squeeze_cli.params import Offload
 
 if TYPE_CHECKING:
     from squeeze_cli.manifest import LoadedManifest
@@ -32,6 +34,18 @@ def validate(
     max_jobs: MaxJobsOpt = None,
     set_: SetOpt = None,
     recipe: RecipeOpt = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device", metavar="DEVICE", help="Also check that `gen --device DEVICE` would find it here."
+        ),
+    ] = None,
+    offload: Annotated[
+        str | None,
+        typer.Option(
+            "--offload", metavar="|".join(Offload.__members__), help="Also check this `gen --offload` mode."
+        ),
+    ] = None,
 ) -> None:
     """Check a manifest and print its plan; loads no model and writes nothing."""
     from squeeze_cli.plan import plan_jobs
@@ -39,6 +53,13 @@ def validate(
     try:
         loaded = load_from_cli(manifest, set_, recipe, max_jobs)
         jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
+        if device is not None or offload is not None:  # the same check as at the start of `gen`
+            from squeeze_cli.model_checks import device_problem
+
+            mode = parse_choice("--offload", offload, Offload) if offload is not None else "none"
+            wrong_device = device_problem(device or "auto", mode)
+            if wrong_device is not None:
+                raise UsageError(*wrong_device)
     except SqueezeError as error:
         if not json_output:
             raise
