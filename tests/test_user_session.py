@@ -156,7 +156,7 @@ def test_the_text_summary_of_gen_goes_to_stdout(project: Path, squeeze) -> None:
     assert result.out.startswith("completed: 1 generated, 0 already done, 0 failed")
     assert "completed:" not in result.err
     # 10.7: the plan comes before the progress.
-    assert result.err.splitlines()[0] == f"1 jobs, 0 already done, 1 to generate → {project / 'out'}"
+    assert result.err.splitlines()[0] == f"1 job, 0 already done, 1 to generate → {project / 'out'}"
 
 
 # 10.6: sharding that keeps a prompt together ------------------------------------------------------------

@@ -17,7 +17,8 @@ PLAIN_INTERVAL_SECONDS = 30.0
 
 def plan_line(pending: int, skipped: int, processes: int = 1, out: str | None = None) -> str:
     """``120 jobs, 30 already done, 90 to generate``: what a run is about to do, printed before the bars."""
-    line = f"{pending + skipped:,} jobs, {skipped:,} already done, {pending:,} to generate"
+    total = pending + skipped
+    line = f"{total:,} job{'' if total == 1 else 's'}, {skipped:,} already done, {pending:,} to generate"
     if processes > 1:
         line += f" by {processes} processes"
     return line + (f" → {out}" if out else "")
