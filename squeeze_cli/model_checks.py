@@ -38,6 +38,7 @@ class SourceProblem:
     field: str
     message: str
     hint: str
+    absent: bool = False  # the folder or hub repo is not there at all (not merely incomplete)
 
 
 def is_local(path: str) -> bool:
@@ -74,9 +75,11 @@ def source_problems(model: ModelSpec) -> list[SourceProblem]:
         sources.append(("model.lora.path", model.lora.path, None, None, model.lora.weight_name))
     problems: list[SourceProblem] = []
     seen: set[tuple[str, str | None, str | None, str | None]] = set()
+    missing: set[tuple[str, str | None]] = set()  # folders or repos already reported as absent
     for field, path, subfolder, revision, first_file in sources:
         key = (path, subfolder, revision, first_file)
-        if key in seen:  # tokenizer, image processor and MLLM often share one folder
+        # Tokenizer, image processor and MLLM often share one folder: one line for an absent one.
+        if key in seen or (path, revision) in missing:
             continue
         seen.add(key)
         problem = _local_problem(field, path, subfolder, first_file) if is_local(path) else None
@@ -84,6 +87,8 @@ def source_problems(model: ModelSpec) -> list[SourceProblem]:
             problem = _cache_problem(field, path, subfolder, revision, first_file)
         if problem is not None:
             problems.append(problem)
+            if problem.absent:
+                missing.add((path, revision))
     return problems
 
 
@@ -93,7 +98,7 @@ def _local_problem(
     folder = Path(path).expanduser()
     fix = f"fix `{field}` in the recipe or manifest, or override it with --set {field}=DIR"
     if not folder.exists():
-        return SourceProblem(field, f"no such folder: {path}", fix)
+        return SourceProblem(field, f"no such folder: {path}", fix, absent=True)
     if field == "model.lora.path" and folder.is_file():
         return None  # a LoRA may be given as its .safetensors file
     if not folder.is_dir():
@@ -119,7 +124,7 @@ def _cache_problem(
     try:
         snapshot = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except (LocalEntryNotFoundError, OSError, ValueError):
-        return SourceProblem(field, f"{repo_id} is not in the Hugging Face cache", hint)
+        return SourceProblem(field, f"{repo_id} is not in the Hugging Face cache", hint, absent=True)
     wanted = snapshot / subfolder if subfolder else snapshot
     if first_file and not (wanted / first_file).is_file():
         where = f"{repo_id}/{subfolder}" if subfolder else repo_id
