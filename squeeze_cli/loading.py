@@ -16,6 +16,7 @@ import torch
 
 from squeeze_cli.errors import ModelLoadError, UsageError
 from squeeze_cli.manifest.schema import ModelSpec
+from squeeze_cli.model_checks import LOAD_ORDER
 from squeeze_cli.params import Dtype
 from squeeze_cli.pipelines.registry import DEFAULT_PIPELINE, pipeline_spec
 
@@ -165,9 +166,11 @@ def load_pipeline(
         # Assembled from parts: the MLLM's tokenizer and image processor live with it unless named.
         for name in ("tokenizer", "image_processor"):
             components.setdefault(name, components["mllm"])
+    # Small parts first, so a broken one is reported before minutes spent on the MLLM and transformer.
+    ordered = sorted(components.items(), key=lambda item: LOAD_ORDER.index(item[0]))
     overrides = {
         name: load_component(name, component, dtype=dtype, spec=spec, allow_pickle=allow_pickle)
-        for name, component in components.items()
+        for name, component in ordered
     }
     try:
         if source is None:

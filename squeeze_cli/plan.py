@@ -184,6 +184,9 @@ def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -
 # A cut moves to the nearest subject boundary when that costs at most this fraction of a fair share:
 # a little imbalance is cheaper than encoding a subject's references on two processes.
 SUBJECT_SNAP_TOLERANCE = 0.1
+# Otherwise it moves to the nearest prompt boundary within this fraction of a fair share, so a prompt's
+# seeds (one grid) stay in one shard unless a prompt is too large for the balance to allow it.
+PROMPT_SNAP_TOLERANCE = 0.5
 
 
 def shard_jobs(jobs: Sequence[Job], index: int, count: int) -> list[Job]:
@@ -191,7 +194,8 @@ def shard_jobs(jobs: Sequence[Job], index: int, count: int) -> list[Job]:
 
     The plan is cut into `count` consecutive runs of about equal estimated cost; a cut snaps to a subject
     boundary when one is close, so subjects stay on one process where possible (each process then encodes
-    a subject's references once). Nothing is duplicated or padded: some shards may be empty, the
+    a subject's references once), else to a prompt boundary, so a prompt's seeds stay together. Nothing
+    is duplicated or padded: some shards may be empty, the
     shards in index order concatenate to `jobs`, and the result depends only on `jobs`, `index`, `count`.
     """
     if count < 1:
@@ -200,18 +204,31 @@ def shard_jobs(jobs: Sequence[Job], index: int, count: int) -> list[Job]:
         raise ValueError(f"`index` must be in [0, {count}), got {index}")
     if count == 1:
         return list(jobs)
-    cuts = shard_boundaries([job.cost for job in jobs], [job.subject_index for job in jobs], count)
+    cuts = shard_boundaries(
+        [job.cost for job in jobs],
+        [job.subject_index for job in jobs],
+        count,
+        prompts=[(job.subject_index, job.prompt_index) for job in jobs],
+    )
     return list(jobs[cuts[index] : cuts[index + 1]])
 
 
-def shard_boundaries(costs: Sequence[float], groups: Sequence[int], count: int) -> list[int]:
-    """Cut positions ``[0, c1, ..., len(costs)]`` splitting `costs` into `count` balanced runs."""
+def _starts(groups: Sequence[Any]) -> list[int]:
+    """Positions where a new group starts, plus both ends."""
+    return [0] + [i for i in range(1, len(groups)) if groups[i] != groups[i - 1]] + [len(groups)]
+
+
+def shard_boundaries(
+    costs: Sequence[float], groups: Sequence[int], count: int, prompts: Sequence[Any] | None = None
+) -> list[int]:
+    """Cut positions ``[0, c1, ..., len(costs)]`` splitting `costs` into `count` balanced runs, snapped to
+    a boundary of `groups` (subjects) when one is close, else of `prompts` (one key per job) when one is."""
     prefix = [0.0]
     for cost in costs:
         prefix.append(prefix[-1] + cost)
     total = prefix[-1]
-    # Positions where a new group (subject) starts, plus both ends.
-    group_starts = [0] + [i for i in range(1, len(groups)) if groups[i] != groups[i - 1]] + [len(groups)]
+    group_starts = _starts(groups)
+    prompt_starts = _starts(prompts) if prompts is not None else None
     fair_share = total / count
     cuts = [0]
     for k in range(1, count):
@@ -220,6 +237,10 @@ def shard_boundaries(costs: Sequence[float], groups: Sequence[int], count: int) 
         snap = _nearest(prefix, group_starts, target)
         if abs(prefix[snap] - target) <= SUBJECT_SNAP_TOLERANCE * fair_share:
             cut = snap
+        elif prompt_starts is not None:
+            snap = _nearest(prefix, prompt_starts, target)
+            if abs(prefix[snap] - target) <= PROMPT_SNAP_TOLERANCE * fair_share:
+                cut = snap
         cuts.append(max(cut, cuts[-1]))
     cuts.append(len(costs))
     return cuts

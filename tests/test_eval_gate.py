@@ -95,8 +95,8 @@ def test_a_threshold_never_met_keeps_every_attempt_and_the_best_image(squeeze, p
     # Resume: nothing is made again and the verdicts stay.
     again = squeeze("gen", str(project / "out.yaml"), "--out", str(out))
     assert again.code == 0
-    assert "0 generated, 2 already done" in again.err
-    assert "quality: 2 images gated (DINO >= 0.9999), 2 remade, 2 still below" in again.err
+    assert "0 generated, 2 already done" in again.out
+    assert "quality: 2 images gated (DINO >= 0.9999), 2 remade, 2 still below" in again.out
     assert [json.loads(p.read_text()) for p in sorted((out / "dog").glob("000-s*.json"))] == records
 
 

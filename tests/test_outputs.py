@@ -232,13 +232,14 @@ def test_png_carries_a_parameters_chunk_and_the_full_record(tmp_path):
 
     assert read_png_record(path) == record
     parameters = read_png_parameters(path)
-    prompt_line, negative_line, settings = parameters.split("\n")
+    # true_cfg_scale is 1: the pipeline ignores the negative prompt, so the chunk does not claim it.
+    prompt_line, settings = parameters.split("\n")
     assert prompt_line == job.prompt
-    assert negative_line == "Negative prompt: blurry, low quality"
-    assert settings.startswith("Steps: 28, Sampler: FlowMatchEuler, CFG scale: 3.0, Seed: 123, Size: 512x512")
+    assert settings.startswith(
+        "Steps: 28, Sampler: FlowMatchEuler, CFG scale: 1, Distilled CFG Scale: 3.0, Seed: 123, Size: 512x512"
+    )
     assert "Model: tiny" in settings and f"Job id: {job.job_id}" in settings
     assert "Stage thresholds: 0.95/0.85" in settings and "Stage steps: 1/1/2" in settings
-    assert "True CFG scale" not in settings
     with Image.open(path) as image:
         assert image.size == (64, 64) and image.getpixel((0, 0)) == (200, 10, 10)
 
@@ -273,7 +274,21 @@ def test_image_record_holds_everything_needed_to_reproduce(tmp_path):
     assert record["files"] == {"image": "dog/001-s42.png", "sidecar": "dog/001-s42.json"}
     assert record["created_at"].endswith("+00:00")
     json.dumps(record)  # plain JSON
-    assert "True CFG scale: 4.0" in outputs.parameters_text(record)
+    prompt_line, negative_line, settings = outputs.parameters_text(record).split("\n")
+    assert negative_line == "Negative prompt: x"  # used: true CFG is on
+    assert "CFG scale: 4.0, Distilled CFG Scale: 2.5," in settings
+
+
+def test_sidecar_timings_keep_counts_as_integers():
+    record = image_record(
+        make_job(),
+        preset_name="tiny",
+        model_info={},
+        stage_plan=None,
+        timings={"total": 1.23456, "batch": 2.46912, "batch_size": 2},
+    )
+    assert record["timings"] == {"total": 1.2346, "batch": 2.4691, "batch_size": 2}
+    assert isinstance(record["timings"]["batch_size"], int)
 
 
 def test_image_record_of_a_real_stage_plan():

@@ -289,11 +289,12 @@ def test_an_instruction_longer_than_the_context_is_refused_before_writing(projec
 
 
 def test_progress_off_a_terminal_is_a_few_plain_lines(project: Path, gen) -> None:
-    gen(str(project / "m.yaml"), "--out", str(project / "out"))
+    summary = gen(str(project / "m.yaml"), "--out", str(project / "out"))
     progress = [line for line in gen.stderr.splitlines() if line.startswith("[")]
     # The first and the last image; the rest only every 30 s, which this run is far below.
     assert [line.split("]")[0] for line in progress] == ["[1/7", "[7/7"]
-    assert gen.stderr.strip().splitlines()[-1].startswith("completed: 7 generated, 0 already done, 0 failed")
+    # The summary is the command's output (stdout); logs and progress stay on stderr.
+    assert summary.startswith("completed: 7 generated, 0 already done, 0 failed")
 
 
 def test_quiet_prints_nothing_on_success(project: Path, gen) -> None:

@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from squeeze_cli import __version__
-from squeeze_cli.cli import gen, recipes, validate
+from squeeze_cli.cli import gen, recipes, status, validate
 from squeeze_cli.cli.eval import dreambench_command, eval_command
 from squeeze_cli.cli.options import EPILOG
 from squeeze_cli.cli.train import TRAIN_EPILOG, train_command
@@ -54,12 +54,36 @@ def _root(
     """Subject-driven image generation in batches: many images of one subject, from a YAML manifest."""
 
 
-app.command("validate")(validate.validate)
-app.command("gen", epilog=EPILOG)(gen.gen)
-app.command("recipes")(recipes.recipes_command)
-app.command("eval")(eval_command)
-app.command("dreambench")(dreambench_command)
-app.command("train", epilog=TRAIN_EPILOG)(train_command)
+class _Command(typer.core.TyperCommand):
+    """Help as people write it: `squeeze gen [OPTIONS] MANIFEST`, not Typer's `{MANIFEST}` in the usage
+    line and `MANIFEST <str>` in the list of arguments."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+    def format_options(self, ctx: typer.Context, formatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {"argument": [], "option": []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None and param.param_type_name in sections:
+                name, text = record
+                if param.param_type_name == "argument":
+                    name = name.split(" <", 1)[0]
+                sections[param.param_type_name].append((name, text))
+        for title, rows in (("Arguments", sections["argument"]), ("Options", sections["option"])):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+app.command("validate", cls=_Command)(validate.validate)
+app.command("gen", epilog=EPILOG, cls=_Command)(gen.gen)
+app.command("recipes", cls=_Command)(recipes.recipes_command)
+app.command("status", epilog=status.STATUS_EPILOG, cls=_Command)(status.status)
+app.command("eval", cls=_Command)(eval_command)
+app.command("dreambench", cls=_Command)(dreambench_command)
+app.command("train", epilog=TRAIN_EPILOG, cls=_Command)(train_command)
 
 
 def _report(error: SqueezeError) -> None:

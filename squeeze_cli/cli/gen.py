@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -18,8 +18,13 @@ from squeeze_cli.cli.options import (
     SetOpt,
     load_from_cli,
     parse_choice,
+    print_json_failure,
+    print_warnings,
 )
 from squeeze_cli.params import Dtype, Offload
+
+if TYPE_CHECKING:
+    from squeeze_cli.manifest import LoadedManifest
 
 
 def _parse_shard(value: str | None) -> tuple[int, int] | None:
@@ -27,10 +32,79 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
         return None
     from squeeze_cli.errors import UsageError
 
+    if value == "slurm":
+        return _slurm_shard()
     index, _, count = value.partition("/")
     if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
         raise UsageError(f"--shard {value}: expected I/N with 0 <= I < N", "e.g. --shard 0/4 ... --shard 3/4")
     return int(index), int(count)
+
+
+def _slurm_shard() -> tuple[int, int]:
+    """`--shard slurm`: this task's part of a Slurm job array, from the variables Slurm sets.
+
+    With ``--array=1-8`` (or ``0-30:2``) the tasks are numbered from SLURM_ARRAY_TASK_MIN in steps of
+    SLURM_ARRAY_TASK_STEP; the shard is the task's position among them, of SLURM_ARRAY_TASK_COUNT."""
+    import os
+
+    from squeeze_cli.errors import UsageError
+
+    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP")
+    defaults = {"SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "1"}
+    values = {name: os.environ.get(name, defaults.get(name, "")) for name in names}
+    bad = [name for name, text in values.items() if not text.isdigit()]
+    if bad:
+        raise UsageError(
+            f"--shard slurm: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not set to a number",
+            "run it as a task of a job array (sbatch --array=0-N), or use --shard I/N",
+        )
+    task, count, first, step = (int(values[name]) for name in names)
+    index, off_step = divmod(task - first, max(step, 1))
+    if off_step or not 0 <= index < count:
+        raise UsageError(
+            f"--shard slurm: task {task} is not one of {count} tasks from {first} in steps of {step}",
+            "use --shard I/N",
+        )
+    return index, count
+
+
+def _check_input(
+    manifest: str,
+    set_: list[str] | None,
+    recipe: str | None,
+    max_jobs: int | None,
+    out: str | None,
+    dtype: str | None,
+    device: str,
+    offload: str,
+) -> LoadedManifest:
+    """Every check of the flags and the manifest that `gen` makes before loading anything."""
+    from pathlib import Path
+
+    from squeeze_cli.errors import UsageError
+    from squeeze_cli.model_checks import device_problem
+
+    offload = parse_choice("--offload", offload, Offload)
+    if dtype is not None:
+        dtype = parse_choice("--dtype", dtype, Dtype)
+    overrides = list(set_ or ()) + ([f"model.dtype={dtype}"] if dtype is not None else [])
+    if out is not None and not out.strip():
+        # An empty $OUT in a script must not scatter a run over the current folder.
+        raise UsageError(
+            f"--out {out!r}: the output folder is empty", "give the output folder, e.g. --out out"
+        )
+    loaded = load_from_cli(manifest, overrides, recipe, max_jobs)
+    if out is not None:
+        from squeeze_cli.manifest.resolve import output_dir_problem
+
+        reason = output_dir_problem(Path(out).expanduser().absolute())
+        if reason is not None:
+            raise UsageError(f"--out {out}: {reason}", "choose another --out")
+    # A device that is not here is bad input: said now (a dry run too), not after loading the model.
+    wrong_device = device_problem(device, offload)
+    if wrong_device is not None:
+        raise UsageError(*wrong_device)
+    return loaded
 
 
 def gen(
@@ -48,7 +122,9 @@ def gen(
     shard: Annotated[
         str | None,
         typer.Option(
-            "--shard", metavar="I/N", help="Run only part I of N (0-based), e.g. one task of a job array."
+            "--shard",
+            metavar="I/N|slurm",
+            help="Run only part I of N (0-based); `slurm` reads it from the Slurm job array's variables.",
         ),
     ] = None,
     batch_size: Annotated[
@@ -73,35 +149,40 @@ def gen(
     """
     from pathlib import Path
 
-    from squeeze_cli.errors import UsageError
+    from squeeze_cli.errors import SqueezeError
 
-    offload = parse_choice("--offload", offload, Offload)
-    if dtype is not None:
-        dtype = parse_choice("--dtype", dtype, Dtype)
-    overrides = list(set_ or ()) + ([f"model.dtype={dtype}"] if dtype is not None else [])
-    if out is not None and not out.strip():
-        # An empty $OUT in a script must not scatter a run over the current folder.
-        raise UsageError(
-            f"--out {out!r}: the output folder is empty", "give the output folder, e.g. --out out"
-        )
-    loaded = load_from_cli(manifest, overrides, recipe, max_jobs)
-    if out is not None:
-        from squeeze_cli.manifest.resolve import output_dir_problem
+    try:
+        loaded = _check_input(manifest, set_, recipe, max_jobs, out, dtype, device, offload)
+        shard_part = _parse_shard(shard)
+    except SqueezeError as error:
+        if json_output:  # stdout gets the document `validate --json` prints; stderr the usual lines
+            print_json_failure(error, one_line=True)
+        raise
+    if json_output:
+        from squeeze_cli.gen.progress import Reporter
 
-        reason = output_dir_problem(Path(out).expanduser().absolute())
-        if reason is not None:
-            raise UsageError(f"--out {out}: {reason}", "choose another --out")
+        for warning in loaded.warnings:
+            Reporter.emit_json("warning", message=str(warning), problem=warning.to_dict())
+    elif not quiet:
+        print_warnings(loaded)
     from squeeze_cli.gen.runner import GenOptions, run_gen
 
     options = GenOptions(
         out=Path(out) if out is not None else None,
         overwrite=overwrite,
-        shard=_parse_shard(shard),
+        shard=shard_part,
         batch_size=batch_size,
         device=device,
-        offload=offload,
+        offload=parse_choice("--offload", offload, Offload),
         dry_run=dry_run,
         allow_pickle=allow_pickle,
         command=["squeeze", *sys.argv[1:]],
     )
-    return run_gen(loaded, options, json_events=json_output, quiet=quiet)
+    try:
+        return run_gen(loaded, options, json_events=json_output, quiet=quiet)
+    except SqueezeError as error:
+        # Found after loading (an instruction too long for the MLLM, a model that will not load, a busy
+        # output folder, a full disk): the same document, after whatever events came before.
+        if json_output:
+            print_json_failure(error, one_line=True)
+        raise

@@ -11,6 +11,7 @@ import typer
 from squeeze_cli.params import Dtype, Offload, choices
 
 if TYPE_CHECKING:
+    from squeeze_cli.errors import SqueezeError
     from squeeze_cli.manifest import LoadedManifest
 
 EPILOG = """\b
@@ -76,3 +77,25 @@ def parse_choice(flag: str, value: str, enum: type[Enum]) -> str:
     if value not in enum.__members__:
         raise UsageError(f"{flag} {value}: expected {choices(enum)}")
     return value
+
+
+def print_json_failure(error: SqueezeError, *, one_line: bool = False) -> None:
+    """`{"ok": false, "problems": [...]}` on stdout: what `validate --json` and `gen --json` print for bad
+    input (`gen`'s on one line, as its events are). A manifest's problems keep their locations; any other
+    known error is one problem without one."""
+    import json
+
+    from squeeze_cli.errors import ManifestError, Problem
+
+    if isinstance(error, ManifestError):
+        problems = error.problems
+    else:
+        problems = [Problem("", None, None, "", error.message, error.hint)]
+    document = {"ok": False, "problems": [problem.to_dict() for problem in problems]}
+    typer.echo(json.dumps(document, ensure_ascii=False) if one_line else json.dumps(document, indent=2))
+
+
+def print_warnings(loaded: LoadedManifest) -> None:
+    """A manifest's warnings on stderr, one `warning: FILE:LINE: ...` line each."""
+    for warning in loaded.warnings:
+        typer.echo(f"warning: {warning}", err=True)

@@ -8,7 +8,7 @@ import typer
 
 
 def recipes_command(
-    name: Annotated[str | None, typer.Argument(help="Show this preset's YAML.")] = None,
+    name: Annotated[str | None, typer.Argument(metavar="NAME", help="Show this preset's YAML.")] = None,
 ) -> None:
     """List the packaged model presets, or show one."""
     from squeeze_cli.manifest.recipes import list_recipes, recipe_text

@@ -5,12 +5,23 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from squeeze_cli.cli.options import JsonOpt, ManifestArg, MaxJobsOpt, RecipeOpt, SetOpt, load_from_cli
-from squeeze_cli.errors import EXIT_INVALID, ManifestError
+from squeeze_cli.cli.options import (
+    JsonOpt,
+    ManifestArg,
+    MaxJobsOpt,
+    RecipeOpt,
+    SetOpt,
+    load_from_cli,
+    parse_choice,
+    print_json_failure,
+    print_warnings,
+)
+from squeeze_cli.errors import SqueezeError, UsageError
+from squeeze_cli.params import Offload
 
 if TYPE_CHECKING:
     from squeeze_cli.manifest import LoadedManifest
@@ -23,6 +34,18 @@ def validate(
     max_jobs: MaxJobsOpt = None,
     set_: SetOpt = None,
     recipe: RecipeOpt = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device", metavar="DEVICE", help="Also check that `gen --device DEVICE` would find it here."
+        ),
+    ] = None,
+    offload: Annotated[
+        str | None,
+        typer.Option(
+            "--offload", metavar="|".join(Offload.__members__), help="Also check this `gen --offload` mode."
+        ),
+    ] = None,
 ) -> None:
     """Check a manifest and print its plan; loads no model and writes nothing."""
     from squeeze_cli.plan import plan_jobs
@@ -30,13 +53,28 @@ def validate(
     try:
         loaded = load_from_cli(manifest, set_, recipe, max_jobs)
         jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
-    except ManifestError as error:
+        if device is not None or offload is not None:  # the same check as at the start of `gen`
+            from squeeze_cli.model_checks import device_problem
+
+            mode = parse_choice("--offload", offload, Offload) if offload is not None else "none"
+            wrong_device = device_problem(device or "auto", mode)
+            if wrong_device is not None:
+                raise UsageError(*wrong_device)
+    except SqueezeError as error:
         if not json_output:
             raise
-        typer.echo(json.dumps({"ok": False, "problems": [p.to_dict() for p in error.problems]}, indent=2))
-        raise typer.Exit(EXIT_INVALID) from None
+        print_json_failure(error)
+        raise typer.Exit(error.exit_code) from None
     summary = plan_summary(loaded, jobs)
-    typer.echo(json.dumps({"ok": True, **summary}, indent=2) if json_output else format_summary(summary))
+    if json_output:
+        warnings = [warning.to_dict() for warning in loaded.warnings]
+        typer.echo(json.dumps({"ok": True, **summary, "warnings": warnings}, indent=2))
+    else:
+        print_warnings(loaded)
+        typer.echo(format_summary(summary))
+
+
+COST_UNIT_TEXT = "one 512x512 image at 28 steps without references; true CFG counts twice"
 
 
 def plan_summary(loaded: LoadedManifest, jobs: Sequence[Job]) -> dict:
@@ -62,7 +100,9 @@ def plan_summary(loaded: LoadedManifest, jobs: Sequence[Job]) -> dict:
         "jobs": len(jobs),
         "max_jobs": loaded.max_jobs,
         "images_per_size": dict(sorted(sizes.items())),
+        # Transformer work, in images' worth (`plan.estimate_cost`); `estimated_cost_unit` says what 1 is.
         "estimated_cost": round(sum(job.cost for job in jobs), 3),
+        "estimated_cost_unit": COST_UNIT_TEXT,
     }
 
 
@@ -83,5 +123,6 @@ def format_summary(summary: dict) -> str:
         )
     lines.append(f"jobs      {summary['jobs']:,} (limit {summary['max_jobs']:,})")
     lines.append("images    " + ", ".join(f"{size}: {n:,}" for size, n in summary["images_per_size"].items()))
+    lines.append(f"work      about {summary['estimated_cost']:,.1f} units (1 unit = {COST_UNIT_TEXT})")
     lines.append("ok: the manifest is valid; nothing was generated")
     return "\n".join(lines)

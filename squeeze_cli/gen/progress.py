@@ -6,12 +6,22 @@ Every event the runner emits goes through one `Reporter`, so the three modes can
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from typing import Any, TextIO
 
 # Off a terminal (cron, CI) a progress line is printed at most this often, plus the first and last.
 PLAIN_INTERVAL_SECONDS = 30.0
+
+
+def plan_line(pending: int, skipped: int, processes: int = 1, out: str | None = None) -> str:
+    """``120 jobs, 30 already done, 90 to generate``: what a run is about to do, printed before the bars."""
+    total = pending + skipped
+    line = f"{total:,} job{'' if total == 1 else 's'}, {skipped:,} already done, {pending:,} to generate"
+    if processes > 1:
+        line += f" by {processes} processes"
+    return line + (f" → {out}" if out else "")
 
 
 def _job_fields(job: Any) -> dict[str, Any]:
@@ -64,7 +74,10 @@ class Reporter:
         self.started = time.monotonic()
         if self.mode == "json":
             self.emit_json("run_started", jobs=total, **info)
-        elif self.mode == "tty":
+            return
+        if self.mode in ("tty", "plain"):  # the plan, before any bar
+            self._write(plan_line(total, info.get("skipped", 0), info.get("processes", 1), info.get("out")))
+        if self.mode == "tty":
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, desc="images", unit="img", file=self.stream, dynamic_ncols=True)
@@ -76,6 +89,8 @@ class Reporter:
         elif self.mode == "tty":
             from tqdm.auto import tqdm
 
+            if self._bar is not None:  # which subject is being drawn, and how many jobs failed so far
+                self._bar.set_postfix(self._postfix(jobs[0].subject), refresh=True)
             self._step_bar = tqdm(
                 total=num_steps,
                 desc="  steps",
@@ -93,7 +108,7 @@ class Reporter:
         self.done += 1
         if self.mode == "json":
             self.emit_json("job_finished", **_job_fields(job), image=image, seconds=round(seconds, 3))
-        self._advance()
+        self._advance(job.subject)
 
     def job_failed(self, job: Any, error: str) -> None:
         self.failed += 1
@@ -101,50 +116,75 @@ class Reporter:
             self.emit_json("job_failed", **_job_fields(job), error=error)
         elif self.mode != "quiet":
             self._write(f"failed: {job.subject} prompt {job.prompt_index} seed {job.seed}: {error}")
-        self._advance()
+        self._advance(job.subject)
 
     def batch_finished(self) -> None:
         if self._step_bar is not None:
             self._step_bar.close()
             self._step_bar = None
 
+    def interrupted(self, signal_name: str) -> None:
+        """The first Ctrl-C: said above the bars (tqdm.write), never over them."""
+        self._write(f"{signal_name}: stopping after the current batch (signal again to stop now)")
+
     def run_finished(self, summary: dict[str, Any]) -> None:
+        """The last progress line (all processes' images counted), then the summary: a JSON event, or the
+        one-line text summary on stdout (logs and bars stay on stderr, so `> summary.txt` keeps it)."""
         self.batch_finished()
+        jobs = summary["jobs"]
+        finished = jobs["succeeded"] + jobs["failed"]
         if self._bar is not None:
+            self._bar.n = finished  # other processes' images too: the bar ends at the run's total
+            if jobs["failed"]:
+                self._bar.set_postfix(failed=jobs["failed"], refresh=False)
+            self._bar.refresh()
             self._bar.close()
             self._bar = None
+        elif self.mode == "plain" and finished != self.done + self.failed:
+            self.done, self.failed = jobs["succeeded"], jobs["failed"]
+            self._progress_line()
         if self.mode == "json":
             self.emit_json("run_summary", **summary)
         elif self.mode in ("tty", "plain"):
-            jobs = summary["jobs"]
-            self._write(
+            print(
                 f"{summary['status']}: {jobs['succeeded']} generated, {jobs['skipped']} already done, "
-                f"{jobs['failed']} failed, in {summary['timings']['total']:.1f}s → {summary['out']}"
+                f"{jobs['failed']} failed, in {summary['timings']['total']:.1f}s → {summary['out']}",
+                file=sys.stdout,
+                flush=True,
             )
             if quality := summary.get("quality"):  # the identity gate (squeeze_cli/eval/gate.py)
-                self._write(
+                print(
                     f"quality: {quality['gated']} images gated (DINO >= {quality['min_dino']:g}), "
-                    f"{quality['regenerated']} remade, {quality['still_failing']} still below"
+                    f"{quality['regenerated']} remade, {quality['still_failing']} still below",
+                    file=sys.stdout,
+                    flush=True,
                 )
+            if summary["status"] in ("interrupted", "failed") and summary.get("command"):
+                self._write(f"to resume, run the same command again: {shlex.join(summary['command'])}")
 
     # Output ----------------------------------------------------------------------------------------------
 
-    def _advance(self) -> None:
+    def _postfix(self, subject: str | None) -> dict[str, Any]:
+        postfix: dict[str, Any] = {"subject": subject} if subject else {}
+        return {**postfix, "failed": self.failed} if self.failed else postfix
+
+    def _advance(self, subject: str | None = None) -> None:
         if self._bar is not None:
+            self._bar.set_postfix(self._postfix(subject), refresh=False)
             self._bar.update(1)
-            if self.failed:
-                self._bar.set_postfix(failed=self.failed)
         elif self.mode == "plain":
             now = time.monotonic()
             finished = self.done + self.failed
             if finished in (1, self.total) or now - self._last_line >= PLAIN_INTERVAL_SECONDS:
                 self._last_line = now
-                elapsed = now - self.started
-                rate = finished / elapsed if elapsed > 0 else 0.0
-                eta = (self.total - finished) / rate if rate > 0 else float("nan")
-                self._write(
-                    f"[{finished}/{self.total}] {self.failed} failed, {rate:.2f} img/s, ETA {eta:.0f}s"
-                )
+                self._progress_line()
+
+    def _progress_line(self) -> None:
+        finished = self.done + self.failed
+        elapsed = time.monotonic() - self.started
+        rate = finished / elapsed if elapsed > 0 else 0.0
+        eta = max(self.total - finished, 0) / rate if rate > 0 else float("nan")
+        self._write(f"[{finished}/{self.total}] {self.failed} failed, {rate:.2f} img/s, ETA {eta:.0f}s")
 
     def _write(self, text: str) -> None:
         if self._bar is not None:

@@ -10,6 +10,7 @@ first writes), execute (the images), finalize (index, grids, summary).
 
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 import time
@@ -308,7 +309,8 @@ def run_gen(
     except StopNow as stopped:
         name = signal.Signals(stopped.signum).name
         if stop.graceful:
-            note = "finished images are kept and the run summary was not updated; run the same command again"
+            again = shlex.join(options.command) if options.command else "the same command"
+            note = f"finished images are kept and the run summary was not updated; to resume, run {again}"
         else:
             note = "nothing was generated"
         print(f"stopped at once by {name}: {note}", file=sys.stderr, flush=True)
@@ -364,6 +366,7 @@ class GenRun:
         self.reporter = Reporter(
             Reporter.choose_mode(json_events=json_events, quiet=quiet), enabled=self.is_main
         )
+        stop.notify = self.reporter.interrupted
         self.lock = DirectoryLock(self.run_dir) if self.is_main else None
         # Runs of one --shard layout share OUT; any other run on it is refused (gen/lock.py).
         self.layout_lock = LayoutLock(out_dir, options.shard) if self.is_main else None
@@ -422,7 +425,14 @@ class GenRun:
             # Finished images of prompts that moved take their new position's name before anything runs.
             self.done = outputs.move_to_positions(self.out_dir, self.jobs, self.done)
             _open_run_files(
-                self.out_dir, self.run_dir, self.manifest, self.jobs, self.done, self.pending, self.summary
+                self.out_dir,
+                self.run_dir,
+                self.manifest,
+                self.jobs,
+                self.done,
+                self.pending,
+                self.summary,
+                self.options.shard,
             )
         self.processes.barrier()
 
@@ -538,6 +548,7 @@ def _open_run_files(
     done: dict[str, outputs.Finished],
     pending: Sequence[Job],
     summary: dict[str, Any],
+    shard: tuple[int, int] | None = None,
 ) -> None:
     """The main process's writes before any image: clean up after killed runs, make the index agree with
     the finished images, and record the resolved manifest and the starting summary."""
@@ -548,15 +559,10 @@ def _open_run_files(
         run_dir,
         {job_id: found.entry for job_id, found in done.items()},
         pending_job_ids=[job.job_id for job in pending],
-        planned_images=_planned_images(jobs),
+        planned_images=outputs.planned_images(jobs),
     )
-    outputs.write_resolved_manifest(run_dir, manifest.resolved_yaml())
+    outputs.write_resolved_manifest(run_dir, manifest.resolved_yaml(shard))
     outputs.write_run_summary(run_dir, summary)
-
-
-def _planned_images(jobs: Sequence[Job]) -> dict[str, str]:
-    """`{image name: job id}`: the names this plan's jobs own; other jobs' index lines for them go."""
-    return {outputs.image_name(job): job.job_id for job in jobs}
 
 
 def _merge_index(
@@ -571,7 +577,7 @@ def _merge_index(
     outputs.repair_index(
         run_dir,
         {job_id: found.entry for job_id, found in finished.items()},
-        planned_images=_planned_images(jobs),
+        planned_images=outputs.planned_images(jobs),
     )
     by_id = {job.job_id: job for job in pending}
     for failure in failures:

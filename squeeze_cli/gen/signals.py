@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from squeeze_cli.errors import EXIT_SIGINT, EXIT_SIGTERM
@@ -31,6 +32,7 @@ class StopSignal:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.graceful = False
+        self.notify: Callable[[str], None] | None = None  # told the signal's name on the first signal
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignal:
@@ -47,7 +49,10 @@ class StopSignal:
         if not self.graceful or self.signum is not None:
             raise StopNow(signum)
         self.signum = signum
-        print("stopping after the current batch (signal again to stop now)", file=sys.stderr, flush=True)
+        if self.notify is not None:  # the reporter writes above its bars instead of over them
+            self.notify(signal.Signals(signum).name)
+        else:
+            print("stopping after the current batch (signal again to stop now)", file=sys.stderr, flush=True)
 
 
 def exit_code(signum: int) -> int:

@@ -198,6 +198,13 @@ def _explain_yaml_error(message: str, text: str, mark: Any) -> tuple[str, str | 
         return message, "YAML indents with spaces, never tabs"
     if "expected a single document" in message:
         return message, "a manifest is one document: remove the `---` line and what follows, or merge them"
+    if "flow sequence" in message or "flow mapping" in message:
+        line = text.splitlines()[mark.line] if mark is not None and mark.line < len(text.splitlines()) else ""
+        if re.search(r"\[[^\]\n]*[^\s\[,'\"][^\]\n]*\{\w*\}", line):
+            return message, (
+                'inside [...] a `{` starts a mapping: quote each prompt, e.g. ["a {class} on a rug"], '
+                "or write one `- a {class} on a rug` per line"
+            )
     return message, None
 
 
@@ -466,6 +473,29 @@ _TYPE_MESSAGES = {
 }
 
 
+# Names people bring from other tools (A1111, ComfyUI, diffusers scripts) -> (the key here, the hint).
+OTHER_TOOLS_NAMES: dict[str, tuple[str, str]] = {
+    "steps": ("num_inference_steps", "squeeze calls it `num_inference_steps`"),
+    "cfg": (
+        "guidance_scale",
+        "FLUX's distilled guidance is `guidance_scale` (2.5 in the paper); real CFG is `true_cfg_scale` "
+        "with a `negative_prompt`",
+    ),
+    "scale": ("guidance_scale", "did you mean `guidance_scale` (FLUX's distilled guidance)?"),
+    "size": ("width", "set `width` and `height` (multiples of 16), e.g. `width: 512` and `height: 512`"),
+    "resolution": (
+        "width",
+        "set `width` and `height` (multiples of 16), e.g. `width: 512` and `height: 512`",
+    ),
+    "seed": ("seeds", "squeeze takes a list: `seeds: [42]` (or `seeds: {count: 4, base: 0}`)"),
+    "negative": ("negative_prompt", "did you mean `negative_prompt`? (used only with `true_cfg_scale` > 1)"),
+    "prompt": ("prompts", 'a subject takes a list: `prompts: ["a {class} on the beach"]`'),
+}
+OTHER_TOOLS_NAMES["cfg_scale"] = OTHER_TOOLS_NAMES["guidance"] = OTHER_TOOLS_NAMES["cfg"]
+OTHER_TOOLS_NAMES["resolution"] = OTHER_TOOLS_NAMES["size"]
+OTHER_TOOLS_NAMES["num_steps"] = OTHER_TOOLS_NAMES["sampling_steps"] = OTHER_TOOLS_NAMES["steps"]
+
+
 def _problem_from_error(
     error: dict, document: YamlDocument, root: type[BaseModel], prefix: FieldPath, data: Any
 ) -> Problem:
@@ -488,7 +518,9 @@ def _problem_from_error(
         model = _model_at(root, sub_path[:-1])
         allowed = [f.alias or n for n, f in model.model_fields.items()] if model else []
         close = difflib.get_close_matches(str(path[-1]), allowed, n=1, cutoff=0.6)
-        if close:
+        if path[-1] in OTHER_TOOLS_NAMES and OTHER_TOOLS_NAMES[path[-1]][0] in allowed:
+            hint = OTHER_TOOLS_NAMES[path[-1]][1]
+        elif close:
             hint = f"did you mean `{close[0]}`?"
         elif allowed:
             hint = f"allowed: {', '.join(allowed)}"

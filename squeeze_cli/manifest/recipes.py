@@ -86,9 +86,10 @@ def load_recipe(name_or_path: str, relative_to: str | os.PathLike | None = None)
             # A regular file only, read up to a limit: `/dev/urandom` must not hang or eat the memory.
             text = read_regular_file(path, MANIFEST_MAX_BYTES).decode("utf-8")
         except OSError as error:
+            relative = not Path(name_or_path).expanduser().is_absolute()
             raise RecipeError(
                 f"cannot read recipe file {str(path)!r}: {error.strerror or error}",
-                "recipe paths are relative to the manifest's folder",
+                "recipe paths are relative to the manifest's folder" if relative else None,
             ) from None
         except UnicodeDecodeError:
             raise RecipeError(

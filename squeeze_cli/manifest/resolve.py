@@ -39,6 +39,7 @@ from squeeze_cli.manifest.schema import (
     SeedRange,
     Subject,
 )
+from squeeze_cli.model_checks import source_problems
 from squeeze_cli.params import SamplingParams
 from squeeze_cli.pipelines.registry import pipeline_spec, unused_sampling_keys
 
@@ -74,6 +75,9 @@ class LoadedManifest:
     output_dir: Path
     max_jobs: int
     subjects: tuple[ResolvedSubject, ...]
+    # Valid but probably not what was meant (e.g. a negative prompt that true CFG does not use): each is
+    # printed as `warning: FILE:LINE: ... (hint: ...)` by `validate` and `gen`, and does not stop them.
+    warnings: tuple[Problem, ...] = ()
 
     @property
     def num_jobs(self) -> int:
@@ -112,8 +116,15 @@ class LoadedManifest:
             ],
         }
 
-    def resolved_yaml(self) -> str:
+    def resolved_yaml(self, shard: tuple[int, int] | None = None) -> str:
+        """`resolved_dict` as YAML; a shard's copy says which part of the plan it ran (a comment: the
+        file stays a manifest that plans every job)."""
         header = "# Written by squeeze: the manifest as it was run, every value explicit.\n"
+        if shard is not None:
+            header += (
+                f"# This is shard {shard[0]}/{shard[1]} (--shard {shard[0]}/{shard[1]}): it ran part "
+                f"{shard[0]} (0-based) of the {shard[1]} parts of this plan.\n"
+            )
         return header + yaml.safe_dump(
             self.resolved_dict(), sort_keys=False, allow_unicode=True, width=1000, default_flow_style=None
         )
@@ -138,12 +149,16 @@ def _seeds_to_yaml(seeds: Sequence[int]) -> Any:
     return list(seeds)
 
 
+EXTENSION_PREFIX = "x-"
+
+
 def load_manifest(
     path: str | os.PathLike,
     overrides: Sequence[str] = (),
     *,
     recipe: str | None = None,
     max_jobs: int | None = None,
+    check_sources: bool = True,
 ) -> LoadedManifest:
     """Read, validate and resolve a manifest; nothing is loaded but the YAML and image headers.
 
@@ -152,6 +167,8 @@ def load_manifest(
         overrides: ``dotted.path=value`` strings (``--set``), applied in order before validation.
         recipe: a preset name or path that replaces the manifest's `recipe` (``--recipe``).
         max_jobs: job limit (``--max-jobs``); beats the manifest's `max_jobs`, default `DEFAULT_MAX_JOBS`.
+        check_sources: check that the model's local folders exist (and, with ``HF_HUB_OFFLINE``, that its
+            hub ids are cached); off for reading a finished run's manifest where the weights are not.
 
     Raises:
         `ManifestError`: with every problem found, each located in the file (or at the ``--set`` flag).
@@ -164,6 +181,11 @@ def load_manifest(
     if document.data is None:
         raise ManifestError(problems)
     problems += apply_overrides(document, overrides)
+    if isinstance(document.data, dict):
+        # `x-...` keys hold YAML anchors to reuse (`x-prompts: &prompts [...]`, then `prompts: *prompts`),
+        # as in compose files: their values were copied where the aliases point; the keys mean nothing.
+        for key in [k for k in document.data if isinstance(k, str) and k.startswith(EXTENSION_PREFIX)]:
+            del document.data[key]
     if recipe is not None and isinstance(document.data, dict):
         document.data["recipe"] = recipe
         document.marks[("recipe",)] = Location(f"--recipe {recipe}")
@@ -178,7 +200,7 @@ def load_manifest(
         subject, subject_problems = validate_schema(Subject, document, ("subjects", index))
         problems += subject_problems
         subjects.append(subject)
-    resolver = _Resolver(document, head, subjects, manifest_path)
+    resolver = _Resolver(document, head, subjects, manifest_path, check_sources=check_sources)
     loaded = resolver.resolve(max_jobs)
     problems += resolver.problems
     if problems or loaded is None:
@@ -198,13 +220,17 @@ class _Resolver:
         head: Manifest | None,
         subjects: list[Subject | None],
         manifest_path: Path,
+        *,
+        check_sources: bool = True,
     ):
+        self.check_sources = check_sources
         self.document = document
         self.head = head
         self.subjects = subjects
         self.manifest_path = manifest_path
         self.base_dir = manifest_path.parent
         self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
 
     def problem(self, path: FieldPath, message: str, hint: str | None = None) -> None:
         self.problems.append(self.document.problem(path, message, hint))
@@ -249,6 +275,7 @@ class _Resolver:
             output_dir=output_dir,
             max_jobs=limit,
             subjects=tuple(subjects),
+            warnings=tuple(dict.fromkeys(self.warnings)),  # one per place, however many prompts inherit it
         )
 
     def resolve_output_dir(self) -> Path | None:
@@ -303,7 +330,11 @@ class _Resolver:
         self.problems += problems
         if spec is None:
             return recipe, None
-        return recipe, resolve_model_paths(spec, self.base_dir)
+        spec = resolve_model_paths(spec, self.base_dir)
+        # Missing weights are input errors too: found here, before `gen` loads anything.
+        for problem in source_problems(spec) if self.check_sources else ():
+            self.problem(_dotted_path(problem.field), problem.message, problem.hint)
+        return recipe, spec
 
     # Subjects ---------------------------------------------------------------------------------------
 
@@ -433,6 +464,18 @@ class _Resolver:
     def check_prompt(
         self, path: FieldPath, params: SamplingParams, levels: list[tuple[FieldPath, SamplingOverrides]]
     ) -> None:
+        if params.negative_prompt and params.true_cfg_scale <= 1.0:
+            where = next(
+                (p for p, lvl in reversed(levels) if "negative_prompt" in lvl.model_fields_set), path
+            )
+            self.warnings.append(
+                self.document.problem(
+                    (*where, "negative_prompt") if where else ("recipe",),
+                    "is ignored: a negative prompt is used only with true CFG (true_cfg_scale > 1)",
+                    "set `true_cfg_scale: 4.0` (for example; each image then takes twice as long) "
+                    "or remove `negative_prompt`",
+                )
+            )
         if params.true_cfg_scale > 1.0 and params.negative_prompt is None:
             where = next((p for p, lvl in reversed(levels) if "true_cfg_scale" in lvl.model_fields_set), path)
             self.problem(
@@ -444,9 +487,11 @@ class _Resolver:
     def resolve_references(self, path: FieldPath, patterns: list[str]) -> tuple[str, ...]:
         found: dict[str, int] = {}  # file -> index of the first pattern that named it
         from_glob: set[str] = set()
-        folder_hint = f"paths are relative to the manifest's folder {self.base_dir}"
+        relative_hint = f"paths are relative to the manifest's folder {self.base_dir}"
         for ref_index, pattern in enumerate(patterns):
             ref_path = (*path, "references", ref_index)
+            # Where relative paths start from helps only with relative paths.
+            folder_hint = None if os.path.isabs(os.path.expanduser(pattern)) else relative_hint
             if "\0" in pattern:
                 self.problem(ref_path, f"{pattern!r} contains a NUL character", "remove it from the path")
                 continue
@@ -505,6 +550,10 @@ def output_dir_problem(path: Path) -> str | None:
     if existing.is_dir():
         return None
     return f"{'it' if existing == path else repr(str(existing))} is a file, not a folder"
+
+
+def _dotted_path(field: str) -> FieldPath:
+    return tuple(field.split("."))
 
 
 def _seed_values(spec: list[int] | SeedRange | None) -> Sequence[int]:

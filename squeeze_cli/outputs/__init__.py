@@ -51,6 +51,7 @@ from .index import (  # noqa: F401
     append_index,
     failed_index_entry,
     index_entry,
+    planned_images,
     read_index,
     repair_index,
     write_resolved_manifest,

@@ -21,7 +21,13 @@ from squeeze_cli.outputs.files import (
     file_size_limit,
     strict_json_dumps,
 )
-from squeeze_cli.outputs.layout import index_path, position_stem, resolved_manifest_path, run_summary_path
+from squeeze_cli.outputs.layout import (
+    image_name,
+    index_path,
+    position_stem,
+    resolved_manifest_path,
+    run_summary_path,
+)
 from squeeze_cli.reading import INDEX_MAX_BYTES, file_kind, read_regular_file
 
 if TYPE_CHECKING:
@@ -49,6 +55,11 @@ def index_entry(record: Mapping[str, Any]) -> dict[str, Any]:
         "created_at": record.get("created_at"),
         **({"quality": {k: quality[k] for k in ("passed", "attempts", "dino")}} if quality else {}),
     }
+
+
+def planned_images(jobs: Iterable[Job]) -> dict[str, str]:
+    """`{image name: job id}`: the names a plan's jobs own; other jobs' index lines for them go."""
+    return {image_name(job): job.job_id for job in jobs}
 
 
 def failed_index_entry(job: Job, error: str) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def image_record(
     preset_name: str,
     model_info: Mapping[str, Any],
     stage_plan: Mapping[str, Any] | None,
-    timings: Mapping[str, float],
+    timings: Mapping[str, float | int],
     versions: Mapping[str, str] | None = None,
     pipeline: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -107,7 +107,11 @@ def image_record(
         "preset": preset_name,
         "model": json_ready(dict(model_info)),
         "versions": dict(versions) if versions is not None else package_versions(),
-        "timings": {name: round(float(seconds), 4) for name, seconds in timings.items()},
+        # Counts stay integers (`batch_size`); seconds are rounded.
+        "timings": {
+            name: value if isinstance(value, int) else round(float(value), 4)
+            for name, value in timings.items()
+        },
         "files": {"image": image_name(job), "sidecar": sidecar_name(job)},  # relative to OUT
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -124,34 +128,30 @@ def parameters_text(record: Mapping[str, Any]) -> str:
 
         <prompt>
         Negative prompt: <negative prompt>
-        Steps: 28, Sampler: FlowMatchEuler, CFG scale: 2.5, Seed: 123, Size: 512x512, Model: paper, ...
+        Steps: 28, Sampler: FlowMatchEuler, CFG scale: 1, Distilled CFG Scale: 2.5, Seed: 123, ...
 
-    Records without a `pipeline` (older ones): `CFG scale` is the distilled guidance (`guidance_scale`); true
-    CFG, when on, is `True CFG scale`. With a `pipeline`, as Forge writes FLUX: `CFG scale` is the real
-    classifier-free guidance (`true_cfg_scale`, 1 when off) and FLUX's distilled guidance is
-    `Distilled CFG Scale`, so readers never take it for CFG; `Pipeline` names the pipeline class.
+    As Forge writes FLUX images: `CFG scale` is real classifier-free guidance (`true_cfg_scale` when a
+    negative prompt uses it, else 1) and `Distilled CFG Scale` FLUX's distilled guidance (`guidance_scale`,
+    for pipelines that have one), so A1111 readers do not take the latter for CFG. The negative prompt is
+    written only when true CFG uses it: otherwise the pipeline ignores it and a reader would report it as
+    used. `Pipeline` and `Model id` name the pipeline class and the checkpoint.
     """
     params = record.get("params", {})
-    pipeline = record.get("pipeline")
+    pipeline = record.get("pipeline") or {}
+    true_cfg = params.get("true_cfg_scale") or 1.0
+    uses_negative = true_cfg > 1 and bool(params.get("negative_prompt"))
     fields: dict[str, Any] = {
         "Steps": params.get("num_inference_steps"),
         "Sampler": "FlowMatchEuler",
-        "CFG scale": params.get("guidance_scale"),
+        "CFG scale": true_cfg if uses_negative else 1,
+        # A pipeline without distilled guidance (Qwen-Image) records no `guidance_scale`: None is left out.
+        "Distilled CFG Scale": params.get("guidance_scale")
+        if pipeline.get("distilled_guidance", True)
+        else None,
         "Seed": record.get("seed"),
         "Size": f"{params.get('width')}x{params.get('height')}",
         "Model": record.get("preset"),
     }
-    if pipeline is not None:
-        true_cfg = params.get("true_cfg_scale", 1.0)
-        fields["CFG scale"] = true_cfg if params.get("negative_prompt") is not None else 1.0
-        if pipeline.get("distilled_guidance"):
-            fields["Distilled CFG Scale"] = params.get("guidance_scale")
-        fields["Pipeline"] = pipeline.get("class")
-        source = (record.get("model") or {}).get("pipeline")
-        if source:  # the checkpoint's hub id or folder (component-wise sources are in the `squeeze` chunk)
-            fields["Model id"] = source
-    elif params.get("true_cfg_scale", 1.0) not in (None, 1, 1.0):
-        fields["True CFG scale"] = params["true_cfg_scale"]
     thresholds = params.get("stage_thresholds")
     if thresholds is not None:
         fields["Stage thresholds"] = "/".join(str(t) for t in thresholds)
@@ -162,15 +162,16 @@ def parameters_text(record: Mapping[str, Any]) -> str:
         fields["Keep MLLM condition"] = True
     if params.get("reference_size") is not None:
         fields["Reference size"] = params["reference_size"]
+    fields["Pipeline"] = pipeline.get("class")
+    fields["Model id"] = (record.get("model") or {}).get("pipeline")  # a hub id or folder, when one names it
     fields["Subject"] = record.get("subject")
     fields["Job id"] = record.get("job_id")
     version = (record.get("versions") or {}).get("squeeze_cli")
     if version:
         fields["Version"] = f"squeeze {version}"
     lines = [str(record.get("prompt", ""))]
-    negative = params.get("negative_prompt")
-    if negative:
-        lines.append(f"Negative prompt: {negative}")
+    if uses_negative:
+        lines.append(f"Negative prompt: {params['negative_prompt']}")
     lines.append(
         ", ".join(f"{key}: {_format_value(value)}" for key, value in fields.items() if value is not None)
     )

@@ -1,0 +1,226 @@
+"""`squeeze status OUT`: how far a run folder is against its manifest, read from the files alone.
+
+The plan comes from the run's own `manifest.resolved.yaml` (in OUT, or in a shard's folder when only
+shards ran), what is done from the sidecars (as `gen` decides it), what failed from the run indexes (OUT's
+and every shard's). Torch-free and GPU-free: a cron job can ask whether a catalog is complete.
+`merge_run` brings OUT's index and grids up to date from the shards' files without generating anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from squeeze_cli import outputs
+from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK, UsageError
+from squeeze_cli.gen.lock import DirectoryLock
+from squeeze_cli.manifest import LoadedManifest
+from squeeze_cli.plan import Job, plan_jobs
+
+
+@dataclass(frozen=True)
+class SubjectStatus:
+    name: str
+    planned: int
+    done: int
+    failed: int
+
+    @property
+    def pending(self) -> int:
+        return self.planned - self.done - self.failed
+
+
+@dataclass
+class RunStatus:
+    """Where a run folder stands: per subject done / failed / pending, and each run's last summary."""
+
+    out: Path
+    manifest: Path
+    subjects: list[SubjectStatus]
+    runs: list[dict[str, Any]]  # {"folder", "shard", "status", "finished_at"} from each run.json
+    failures: list[dict[str, Any]]  # the index lines of the failed, unfinished jobs
+    jobs: list[Job] = field(repr=False, default_factory=list)
+    finished: dict[str, outputs.Finished] = field(repr=False, default_factory=dict)
+    loaded: LoadedManifest | None = field(repr=False, default=None)
+
+    @property
+    def totals(self) -> dict[str, int]:
+        return {
+            key: sum(getattr(subject, key) for subject in self.subjects)
+            for key in ("planned", "done", "failed", "pending")
+        }
+
+    @property
+    def complete(self) -> bool:
+        totals = self.totals
+        return totals["done"] == totals["planned"]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every planned job is done, 1 otherwise (pending or failed jobs)."""
+        return EXIT_OK if self.complete else EXIT_JOBS_FAILED
+
+    def resume_command(self) -> str:
+        import shlex
+
+        return shlex.join(["squeeze", "gen", str(self.manifest), "--out", str(self.out)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "manifest": str(self.manifest),
+            "complete": self.complete,
+            "jobs": self.totals,
+            "subjects": [
+                {
+                    "name": s.name,
+                    "planned": s.planned,
+                    "done": s.done,
+                    "failed": s.failed,
+                    "pending": s.pending,
+                }
+                for s in self.subjects
+            ],
+            "failures": self.failures,
+            "runs": self.runs,
+        }
+
+
+def _run_folders(out: Path) -> list[Path]:
+    """OUT and its shards' folders (`OUT/shards/I-of-N`), in that order."""
+    shards = out / outputs.SHARDS_DIR_NAME
+    found = sorted(p for p in shards.iterdir() if p.is_dir()) if shards.is_dir() else []
+    return [out, *found]
+
+
+def find_run_manifest(out: Path) -> Path:
+    """OUT's `manifest.resolved.yaml`, else the newest of its shards'.
+
+    Raises:
+        `UsageError`: OUT is not a folder `squeeze gen` wrote (exit code 2).
+    """
+    if not out.is_dir():
+        raise UsageError(f"{out}: no such folder", "give the output folder of a `squeeze gen` run")
+    candidates = [
+        folder / outputs.RESOLVED_MANIFEST_NAME
+        for folder in _run_folders(out)
+        if (folder / outputs.RESOLVED_MANIFEST_NAME).is_file()
+    ]
+    if not candidates:
+        raise UsageError(
+            f"{out} is not a squeeze run folder: it has no {outputs.RESOLVED_MANIFEST_NAME} (nor its shards)",
+            "give the output folder of a `squeeze gen` run",
+        )
+    if candidates[0].parent == out:
+        return candidates[0]
+    return max(candidates, key=lambda path: path.stat().st_mtime)
+
+
+def _read_summary(folder: Path) -> dict[str, Any] | None:
+    try:
+        summary = json.loads((folder / outputs.RUN_SUMMARY_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def run_status(out: str | Path) -> RunStatus:
+    """Read a run folder: its plan, what is finished, what failed, each run's summary; writes nothing."""
+    from squeeze_cli.manifest.resolve import load_manifest
+
+    out = Path(out).expanduser().absolute()
+    manifest = find_run_manifest(out)
+    # The weights need not be on this machine to count images.
+    loaded = load_manifest(manifest, check_sources=False)
+    jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
+    finished = outputs.find_finished(out, jobs)
+    planned_ids = {job.job_id for job in jobs}
+    failed: dict[str, dict[str, Any]] = {}
+    runs = []
+    for folder in _run_folders(out):
+        for entry in outputs.read_index(folder):
+            job_id = entry.get("job_id")
+            if job_id in planned_ids and job_id not in finished:
+                if entry.get("status") == "failed":
+                    failed[job_id] = entry
+                else:
+                    failed.pop(job_id, None)
+        summary = _read_summary(folder)
+        if summary is not None:
+            runs.append(
+                {
+                    "folder": str(folder.relative_to(out)) if folder != out else ".",
+                    "shard": summary.get("shard"),
+                    "status": summary.get("status"),
+                    "finished_at": summary.get("finished_at"),
+                }
+            )
+    subjects = []
+    for subject in loaded.subjects:
+        ids = [job.job_id for job in jobs if job.subject_index == subject.index]
+        subjects.append(
+            SubjectStatus(
+                subject.name,
+                planned=len(ids),
+                done=sum(job_id in finished for job_id in ids),
+                failed=sum(job_id in failed for job_id in ids),
+            )
+        )
+    return RunStatus(out, manifest, subjects, runs, list(failed.values()), jobs, finished, loaded)
+
+
+def merge_run(status: RunStatus) -> None:
+    """Bring OUT's run index and grids up to date from every image on disk (the shards' included), and
+    record the failures the shards' indexes hold; generates nothing. Takes OUT's lock, like `gen`."""
+    lock = DirectoryLock(status.out)
+    lock.acquire()
+    try:
+        entries = {job_id: found.entry for job_id, found in status.finished.items()}
+        outputs.repair_index(status.out, entries, planned_images=outputs.planned_images(status.jobs))
+        indexed = {entry.get("job_id") for entry in outputs.read_index(status.out)}
+        for entry in status.failures:
+            if entry["job_id"] not in indexed:
+                outputs.append_index(status.out, entry)
+        output = status.loaded.document.output
+        outputs.update_views(
+            status.out,
+            status.jobs,
+            status.finished,
+            lambda: False,
+            grids=output.grids,
+            contact_sheets=output.contact_sheet,
+        )
+    finally:
+        lock.release()
+
+
+def format_status(status: RunStatus, merged: bool = False) -> str:
+    """The text `squeeze status` prints."""
+    width = max((len(subject.name) for subject in status.subjects), default=0)
+    lines = [f"run       {status.out}", f"manifest  {status.manifest}"]
+    for subject in status.subjects:
+        lines.append(f"  {subject.name:<{width}}  {_counts(subject.planned, subject.done, subject.failed)}")
+    totals = status.totals
+    lines.append(f"jobs      {_counts(totals['planned'], totals['done'], totals['failed'])}")
+    for run in status.runs:
+        lines.append(f"last run  {run['folder']}: {run['status']} ({run['finished_at'] or 'not finished'})")
+    if merged:
+        lines.append(f"merged    {outputs.INDEX_NAME} and grids rebuilt from the images on disk")
+    if status.complete:
+        lines.append("complete: every planned image is done")
+    else:
+        left = totals["pending"] + totals["failed"]
+        lines.append(f"incomplete: {left:,} jobs left; to finish them: {status.resume_command()}")
+    return "\n".join(lines)
+
+
+def _counts(planned: int, done: int, failed: int) -> str:
+    text = f"{done:,}/{planned:,} done"
+    if failed:
+        text += f", {failed:,} failed"
+    pending = planned - done - failed
+    if pending:
+        text += f", {pending:,} pending"
+    return text

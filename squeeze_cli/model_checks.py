@@ -1,0 +1,169 @@
+"""Everything about the model that can be checked before loading it: local weight folders, hub ids in the
+offline cache, the device and the offload mode.
+
+`validate` and the start of `gen` both ask here (through `manifest.resolve` for the model section, through
+`device_problem` for the flags), so a missing folder or a GPU that is not there is an exit-2 error found
+in a second, not a traceback after minutes of loading. Torch-free unless a GPU device is named.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # shared by the manifest layer and gen: imports none of squeeze's layers
+    from squeeze_cli.manifest.schema import ModelSpec
+
+# The file `from_pretrained` reads first in each component's folder: present means "this is the folder".
+_FIRST_FILE = {
+    "pipeline": "model_index.json",
+    "mllm": "config.json",
+    "aggregator": "config.json",
+    "transformer": "config.json",
+    "vae": "config.json",
+    "tokenizer": "tokenizer_config.json",
+    "image_processor": "preprocessor_config.json",
+    "scheduler": "scheduler_config.json",
+}
+# Small parts first: they are the likeliest to be missing (trained locally) and the quickest to load.
+LOAD_ORDER = ("aggregator", "scheduler", "tokenizer", "image_processor", "vae", "mllm", "transformer")
+
+
+@dataclass(frozen=True)
+class SourceProblem:
+    """A model source that cannot be loaded; `field` is the dotted key that sets it (`model.lora.path`)."""
+
+    field: str
+    message: str
+    hint: str
+    absent: bool = False  # the folder or hub repo is not there at all (not merely incomplete)
+
+
+def is_local(path: str) -> bool:
+    """After `resolve_model_paths` every local path is absolute; anything else is a hub id."""
+    return os.path.isabs(os.path.expanduser(path))
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+
+
+def source_problems(model: ModelSpec) -> list[SourceProblem]:
+    """Why the model section's weights cannot be found, one problem per source; loads nothing.
+
+    Local folders must exist (with the file `from_pretrained` reads first); with ``HF_HUB_OFFLINE`` set,
+    hub ids must be in the Hugging Face cache.
+    """
+    if model.builtin:
+        return []
+    sources: list[tuple[str, str, str | None, str | None, str | None]] = []  # field, path, sub, rev, file
+    if model.pipeline is not None:
+        sources.append(("model.pipeline", model.pipeline, None, None, _FIRST_FILE["pipeline"]))
+    for name, source in model.components.items():
+        sources.append(
+            (
+                f"model.components.{name}.path",
+                source.path,
+                source.subfolder,
+                source.revision,
+                _FIRST_FILE[name],
+            )
+        )
+    if model.lora is not None:
+        sources.append(("model.lora.path", model.lora.path, None, None, model.lora.weight_name))
+    problems: list[SourceProblem] = []
+    seen: set[tuple[str, str | None, str | None, str | None]] = set()
+    missing: set[tuple[str, str | None]] = set()  # folders or repos already reported as absent
+    for field, path, subfolder, revision, first_file in sources:
+        key = (path, subfolder, revision, first_file)
+        # Tokenizer, image processor and MLLM often share one folder: one line for an absent one.
+        if key in seen or (path, revision) in missing:
+            continue
+        seen.add(key)
+        problem = _local_problem(field, path, subfolder, first_file) if is_local(path) else None
+        if problem is None and not is_local(path) and offline():
+            problem = _cache_problem(field, path, subfolder, revision, first_file)
+        if problem is not None:
+            problems.append(problem)
+            if problem.absent:
+                missing.add((path, revision))
+    return problems
+
+
+def _local_problem(
+    field: str, path: str, subfolder: str | None, first_file: str | None
+) -> SourceProblem | None:
+    folder = Path(path).expanduser()
+    fix = f"fix `{field}` in the recipe or manifest, or override it with --set {field}=DIR"
+    if not folder.exists():
+        return SourceProblem(field, f"no such folder: {path}", fix, absent=True)
+    if field == "model.lora.path" and folder.is_file():
+        return None  # a LoRA may be given as its .safetensors file
+    if not folder.is_dir():
+        return SourceProblem(field, f"{path} is not a folder", fix)
+    if subfolder:
+        folder = folder / subfolder
+        if not folder.is_dir():
+            return SourceProblem(field, f"{path} has no subfolder {subfolder!r}", fix)
+    if first_file and not (folder / first_file).is_file():
+        return SourceProblem(
+            field, f"{folder} has no {first_file}: not a saved checkpoint", f"{fix}; it must be a saved model"
+        )
+    return None
+
+
+def _cache_problem(
+    field: str, repo_id: str, subfolder: str | None, revision: str | None, first_file: str | None
+) -> SourceProblem | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    hint = f"HF_HUB_OFFLINE is set: download it first (`hf download {repo_id}`), or unset HF_HUB_OFFLINE"
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return SourceProblem(field, f"{repo_id} is not in the Hugging Face cache", hint, absent=True)
+    wanted = snapshot / subfolder if subfolder else snapshot
+    if first_file and not (wanted / first_file).is_file():
+        where = f"{repo_id}/{subfolder}" if subfolder else repo_id
+        return SourceProblem(field, f"{where} in the Hugging Face cache has no {first_file}", hint)
+    return None
+
+
+def device_problem(device: str, offload: str) -> tuple[str, str] | None:
+    """``(message, hint)`` when `device` does not exist here or `offload` cannot run on it, else None.
+
+    Imports torch only to ask about a GPU."""
+    if offload != "none" and device == "cpu":
+        return f"--offload {offload} moves weights to a GPU, but the device is cpu", "use --offload none"
+    if device == "cpu" or (device == "auto" and offload == "none"):
+        return None
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return None
+        return f"--offload {offload} needs a CUDA GPU and none is visible", "use --offload none"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"--device {device}: not a device name", "use auto, cpu, cuda, cuda:1 or mps"
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return f"--device {device}: no CUDA GPU is visible on this machine", "use --device cpu (or auto)"
+        if parsed.index is not None and parsed.index >= count:
+            return (
+                f"--device {device}: this machine has {count} CUDA GPU{'s' if count > 1 else ''}",
+                f"use cuda:0 ... cuda:{count - 1}",
+            )
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            return f"--device {device}: Apple's MPS is not available here", "use --device cpu (or auto)"
+    else:
+        return f"--device {device}: squeeze runs on cpu, cuda or mps", "use --device auto"
+    if offload != "none" and parsed.type != "cuda":
+        return f"--offload {offload} needs a CUDA GPU, but the device is {device}", "use --offload none"
+    return None
