@@ -131,7 +131,12 @@ def load_component(name: str, source: Any, *, dtype: torch.dtype, spec: ModelSpe
 
 
 def load_pipeline(
-    spec: ModelSpec, *, device: str = "cpu", offload: str = "none", allow_pickle: bool = False
+    spec: ModelSpec,
+    *,
+    device: str = "cpu",
+    offload: str = "none",
+    allow_pickle: bool = False,
+    fuse_lora: bool = True,
 ) -> Any:
     """Load the pipeline a recipe's model section describes, with its LoRA, on `device`.
 
@@ -141,6 +146,8 @@ def load_pipeline(
         offload: `none`, `model` (`enable_model_cpu_offload`) or `sequential`
             (`enable_sequential_cpu_offload`).
         allow_pickle: accept pickle-based (`.bin`) weights; safetensors only by default.
+        fuse_lora: merge the LoRA into the transformer's weights (its scale is fixed for the run), so
+            denoising runs no extra LoRA matmuls; `pipe.lora_fused` records it. False keeps it separate.
     """
     import diffusers
     import transformers
@@ -159,7 +166,9 @@ def load_pipeline(
     dtype = torch_dtype(spec.dtype)
     if spec.pipeline_class is not None:
         pipe = _load_registered_pipeline(spec, dtype=dtype, allow_pickle=allow_pickle)
-        return _finish_loading(pipe, spec, device=device, offload=offload, allow_pickle=allow_pickle)
+        return _finish_loading(
+            pipe, spec, device=device, offload=offload, allow_pickle=allow_pickle, fuse_lora=fuse_lora
+        )
     source = str(ensure_tiny_checkpoint(spec.family or "internvl")) if spec.builtin else spec.pipeline
     components = dict(spec.components)
     if source is None:
@@ -191,7 +200,9 @@ def load_pipeline(
             f"is {model_type!r}",
             f"set `family: {model_type}` or remove `family` (it is read from the checkpoint)",
         )
-    return _finish_loading(pipe, spec, device=device, offload=offload, allow_pickle=allow_pickle)
+    return _finish_loading(
+        pipe, spec, device=device, offload=offload, allow_pickle=allow_pickle, fuse_lora=fuse_lora
+    )
 
 
 def _qwen_processor(source: str) -> Any:
@@ -225,7 +236,9 @@ def _load_registered_pipeline(spec: ModelSpec, *, dtype: torch.dtype, allow_pick
     return pipe
 
 
-def _finish_loading(pipe: Any, spec: ModelSpec, *, device: str, offload: str, allow_pickle: bool) -> Any:
+def _finish_loading(
+    pipe: Any, spec: ModelSpec, *, device: str, offload: str, allow_pickle: bool, fuse_lora: bool
+) -> Any:
     """What every pipeline gets once loaded: its LoRA, its device or offloading, no progress bars."""
     if spec.lora is not None:
         try:
@@ -238,6 +251,11 @@ def _finish_loading(pipe: Any, spec: ModelSpec, *, device: str, offload: str, al
         except (OSError, ValueError) as error:
             raise _load_error("the LoRA", spec.lora.path, error, "model.lora.path") from error
         pipe.set_adapters(["squeeze"], adapter_weights=[spec.lora.scale])
+        if fuse_lora:
+            # Merged at the recipe's scale, then the LoRA layers dropped: the fused weights stay.
+            pipe.fuse_lora(components=["transformer"], adapter_names=["squeeze"])
+            pipe.unload_lora_weights()
+    pipe.lora_fused = spec.lora is not None and fuse_lora
 
     if offload == "none":
         pipe.to(device)

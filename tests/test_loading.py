@@ -131,3 +131,30 @@ def test_a_family_that_is_not_the_checkpoints_is_an_error(tiny_dir: Path) -> Non
     with pytest.raises(ModelLoadError, match="model.family is 'qwen2_5_vl' but the MLLM .* is 'internvl'"):
         load_pipeline(ModelSpec(pipeline=str(tiny_dir), family="qwen2_5_vl", dtype="float32"))
     assert load_pipeline(ModelSpec(pipeline=str(tiny_dir), family="internvl", dtype="float32")) is not None
+
+
+def test_a_fused_lora_gives_the_unfused_output(tiny_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from squeeze_cli.pipelines.squeeze import SqueezePipeline
+
+    base = load_pipeline(ModelSpec(pipeline=str(tiny_dir), dtype="float32"))
+    base.transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    )
+    SqueezePipeline.save_lora_weights(
+        tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(base.transformer)
+    )
+    spec = ModelSpec(
+        pipeline=str(tiny_dir), lora={"path": str(tmp_path / "lora"), "scale": 0.5}, dtype="float32"
+    )
+    unfused = load_pipeline(spec, fuse_lora=False)
+    fused = load_pipeline(spec)
+    assert fused.lora_fused and not unfused.lora_fused
+    assert not any("lora" in name for name, _ in fused.transformer.named_parameters())
+    assert any("lora" in name for name, _ in unfused.transformer.named_parameters())
+    unfused_image, fused_image = generate(unfused), generate(fused)
+    np.testing.assert_allclose(fused_image, unfused_image, atol=1e-4)
+    # The unload after fusing kept the merged weights: the LoRA still changes the output.
+    plain = generate(load_pipeline(ModelSpec(pipeline=str(tiny_dir), dtype="float32")))
+    assert np.abs(fused_image - plain).max() > 1e-3

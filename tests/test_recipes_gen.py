@@ -208,7 +208,7 @@ def test_the_resolved_manifest_replans_the_same_jobs(project: Path, gen, squeeze
 
 
 def test_parameters_chunk_of_a_real_checkpoint_names_it() -> None:
-    from squeeze_cli.outputs import parameters_text
+    from squeeze_cli.outputs.records import parameters_text
 
     record = {
         "prompt": "a dog on the beach",

@@ -314,7 +314,8 @@ def test_lora_alpha_travels_with_the_weights(squeeze, tmp_path: Path) -> None:
     overrides = ["lora.alpha=16", "stages.stage1.steps=1", "stages.stage2.steps=0", "validation.prompts=[]"]
     args = [arg for override in [f"output_dir={out}", *overrides] for arg in ("--set", override)]
     assert squeeze("train", "tiny", "--no-progress", *args).code == 0
-    pipe = load_pipeline(load_recipe(str(out / "recipe.yaml")).model)
+    # Kept separate (not fused, as gen does by default) to read the scale it was loaded with.
+    pipe = load_pipeline(load_recipe(str(out / "recipe.yaml")).model, fuse_lora=False)
     assert pipe.transformer.transformer_blocks[0].attn.to_q.scaling == {"squeeze": 16 / 8}
 
 

@@ -125,7 +125,7 @@ def test_a_negative_prompt_without_true_cfg_is_a_warning_and_left_out_of_the_png
     assert as_json["warnings"][0]["field"] == "defaults.negative_prompt"
 
     assert squeeze("gen", str(manifest), "--out", str(project / "out")).code == 0
-    from squeeze_cli.outputs import read_png_parameters
+    from squeeze_cli.outputs.records import read_png_parameters
 
     (png,) = (project / "out").glob("dog/[0-9]*-s*.png")
     parameters = read_png_parameters(png)
@@ -387,7 +387,7 @@ def test_status_of_a_sharded_run_and_merge(make_project, squeeze) -> None:
     first_pending = json.loads(squeeze("status", str(out), "--json").out)
     assert first_pending["jobs"] == {"planned": 4, "done": 2, "failed": 0, "pending": 2}
     from squeeze_cli.gen.status import run_status
-    from squeeze_cli.outputs import append_index, failed_index_entry
+    from squeeze_cli.outputs.index import append_index, failed_index_entry
 
     status = run_status(out)
     pending_job = next(job for job in status.jobs if job.job_id not in status.finished)

@@ -19,6 +19,14 @@ class Processes:
             # Without cpu=True on a machine with no GPU, each process would believe it is alone.
             self.state = PartialState(cpu=not torch.cuda.is_available())
             self.index, self.count = self.state.process_index, self.state.num_processes
+            # Each process its share of the cores (torch's default is all of them in every process, which
+            # oversubscribes), on CPU and for CPU work beside a GPU; a user's OMP_NUM_THREADS wins.
+            if not os.environ.get("OMP_NUM_THREADS"):
+                local = int(os.environ.get("LOCAL_WORLD_SIZE", self.count))
+                cores = (
+                    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+                )
+                torch.set_num_threads(max(1, cores // max(1, local)))
 
     @property
     def is_main(self) -> bool:

@@ -113,6 +113,8 @@ class Runner:
             from squeeze_cli.eval.gate import IdentityGate
 
             self.gate = IdentityGate(self.manifest.document.quality, self.preset_name, device)
+        if getattr(self.pipe, "lora_fused", False):  # recorded in every sidecar's `model`
+            self.model_info["lora"] = {**self.model_info["lora"], "fused": True}
         self.timings["load"] = time.perf_counter() - started
         registered = pipeline_spec(self.manifest.model.pipeline_class)
         self.pipeline_info = {

@@ -125,8 +125,15 @@ class LoadedManifest:
                 f"# This is shard {shard[0]}/{shard[1]} (--shard {shard[0]}/{shard[1]}): it ran part "
                 f"{shard[0]} (0-based) of the {shard[1]} parts of this plan.\n"
             )
-        return header + yaml.safe_dump(
-            self.resolved_dict(), sort_keys=False, allow_unicode=True, width=1000, default_flow_style=None
+        # libyaml's dumper when PyYAML has it: several times faster than pure Python at 100k jobs, same text.
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+        return header + yaml.dump(
+            self.resolved_dict(),
+            Dumper=dumper,
+            sort_keys=False,
+            allow_unicode=True,
+            width=1000,
+            default_flow_style=None,
         )
 
 

@@ -95,12 +95,21 @@ class LayerwiseAttentionPooling(nn.Module):
         self.proj_out = nn.Linear(width, out_dim)
         self.num_layers = num_layers
 
+    # Tokens pooled per chunk: each token is pooled on its own, so chunking is exact, and it bounds the
+    # fp32 transients (RMSNorm, blocks) to this many tokens: ~0.4 GB at InternVL3-8B's 29 × 3584 states.
+    chunk_tokens = 1024
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(num_layers, tokens, in_dim) -> (tokens, out_dim)."""
         if hidden_states.shape[0] != self.num_layers:
             raise ValueError(
                 f"expected {self.num_layers} hidden states per token, got {hidden_states.shape[0]}"
             )
+        if hidden_states.shape[1] <= self.chunk_tokens:
+            return self._pool(hidden_states)
+        return torch.cat([self._pool(chunk) for chunk in hidden_states.split(self.chunk_tokens, dim=1)])
+
+    def _pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # (layers, tokens, in_dim) -> (tokens, layers, in_dim): tokens become the batch.
         hidden_states = hidden_states.transpose(0, 1)
         hidden_states = F.rms_norm(hidden_states, (hidden_states.shape[-1],), eps=1e-6) * self.layer_gain
@@ -136,7 +145,8 @@ class DualLayerAggregator(ModelMixin, ConfigMixin):
             Size of `pooled_projections` the transformer expects.
         layers (`list[int]`, *optional*):
             Which hidden states to read (indices into the MLLM's stack, negatives allowed). `None` reads
-            all of them; `[-1]` is the paper's last-layer-only ablation.
+            all of them; `[-1]` is the paper's last-layer-only ablation. Order and repeats are honoured:
+            `[3, 2, 1, 0]` feeds the LAP those states in that order.
         single_lap (`bool`, defaults to `False`):
             One LAP shared by image and text tokens (the paper's single-LAP ablation).
     """
@@ -183,7 +193,7 @@ class DualLayerAggregator(ModelMixin, ConfigMixin):
                 f"expected hidden states of shape ({self.config.num_hidden_states}, tokens, "
                 f"{self.config.mllm_hidden_size}), got {tuple(hidden_states.shape)}"
             )
-        if len(self.layer_indices) != hidden_states.shape[0]:
+        if self.layer_indices != list(range(hidden_states.shape[0])):  # a subset, permutation or repeat
             hidden_states = hidden_states[self.layer_indices]
         return hidden_states.to(device=self.device, dtype=self.dtype)
 

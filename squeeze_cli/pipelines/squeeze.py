@@ -16,7 +16,7 @@ Inference only: no files, YAML or ranks here.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,10 @@ from .stages import STAGE_MLLM, STAGE_REFERENCE, StagePlan, stage_plan
 logger = logging.get_logger(__name__)
 
 __all__ = ["SqueezePipeline", "SqueezePipelineOutput", "SubjectCondition"]
+
+# Instruction conditions a subject keeps for reuse (a few MB each at full size): the prompt of the current
+# seeds, its negative prompt, and a few more for batches that mix prompts.
+INSTRUCTION_MEMO_SIZE = 8
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -91,11 +95,17 @@ class SubjectCondition:
             references, e.g. when only precomputed reference latents are given).
         image_tokens: the aggregated image tokens of the prefix, (n_image_tokens, joint_attention_dim).
         reference_latents: per reference, normalised VAE latents of shape (latent_channels, h, w).
+        instruction_conditions: the aggregated conditions of the instructions most recently encoded on
+            this subject, by text (at most `INSTRUCTION_MEMO_SIZE`, or one call's prompts), reused by later
+            calls: a prompt's seeds come one after another, so each prompt is encoded once, not per batch.
     """
 
     prefix: PrefixCache | None
     image_tokens: torch.Tensor | None
     reference_latents: list[torch.Tensor]
+    instruction_conditions: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False
+    )
 
     @property
     def num_references(self) -> int:
@@ -289,14 +299,26 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
             prompt = [prompt] if isinstance(prompt, str) else list(prompt)
             prefix = subject_condition.prefix if subject_condition is not None else None
             embeds, pooled = [], []
+            known = subject_condition.instruction_conditions if prefix is not None else {}
+            encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             for text in prompt:
-                if prefix is not None:
+                if text in encoded or text in known:  # the same text gives the same condition: encode it once
+                    e, p = encoded.get(text) or known[text]
+                elif prefix is not None:
                     encoding = self.mllm_encoder.encode_instruction(prefix, text)
                     e, p = self.aggregator(encoding, image_tokens=subject_condition.image_tokens)
                 else:
                     e, p = self.aggregator(self.mllm_encoder.encode([], text))
+                encoded[text] = (e, p)
                 embeds.append(e)
                 pooled.append(p)
+            if prefix is not None:
+                memo = subject_condition.instruction_conditions
+                for text, condition in encoded.items():  # most recent last; the oldest go first
+                    memo.pop(text, None)
+                    memo[text] = condition
+                while len(memo) > max(INSTRUCTION_MEMO_SIZE, len(encoded)):
+                    memo.pop(next(iter(memo)))
             prompt_embeds, prompt_attention_mask = self._pad_conditions(embeds)
             pooled_prompt_embeds = torch.stack(pooled)
 

@@ -47,6 +47,20 @@ TINY_NUM_LAYERS = 2
 # exercise the "instruction too long" error cheaply.
 TINY_MAX_POSITIONS = 512
 
+# The `small` twin (benchmarks): hidden sizes in the hundreds and a few layers, so that model time, not
+# Python, dominates a run on a CPU. Same classes and layout as `tiny`; only the sizes below differ.
+SIZES = ("tiny", "small")
+_SMALL_TEXT = {
+    "hidden_size": 256,
+    "intermediate_size": 704,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+}
+_SMALL_VISION = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2}
+_SMALL_TILE = 56  # InternVL tile side: 8×8 patches of 7 px → 16 image tokens per tile after pixel shuffle
+
 # Deterministic training text for the tiny byte-level BPE: prompts like the ones the product sees.
 _CORPUS = (
     "a photo of a dog on the beach",
@@ -128,9 +142,23 @@ def build_tiny_tokenizer(family: str) -> Qwen2Tokenizer:
     return tokenizer
 
 
-def build_tiny_image_processor(family: str) -> GotOcr2ImageProcessorPil | Qwen2VLImageProcessorPil:
+def build_tiny_image_processor(
+    family: str, size: str = "tiny"
+) -> GotOcr2ImageProcessorPil | Qwen2VLImageProcessorPil:
     """The family's slow (PIL + numpy, no torchvision) image processor, configured for tiny images."""
     _check_family(family)
+    if size == "small":
+        if family == "internvl":
+            return GotOcr2ImageProcessorPil(
+                size={"height": _SMALL_TILE, "width": _SMALL_TILE}, crop_to_patches=False, max_patches=4
+            )
+        # Up to 56×56 px → 7×7 merged tokens per reference.
+        return Qwen2VLImageProcessorPil(
+            size={"shortest_edge": 8 * 8, "longest_edge": _SMALL_TILE * _SMALL_TILE},
+            patch_size=4,
+            temporal_patch_size=2,
+            merge_size=2,
+        )
     if family == "internvl":
         # One 28×28 tile per image (no dynamic tiling) → 4×4 patches of 7 px → 2×2 tokens after pixel shuffle.
         return GotOcr2ImageProcessorPil(
@@ -162,18 +190,28 @@ def _text_config(vocab_size: int, tokenizer: Qwen2Tokenizer) -> dict:
     }
 
 
-def build_tiny_mllm(family: str, seed: int = 0) -> tuple[PreTrainedModel, Qwen2Tokenizer, object]:
+def build_tiny_mllm(
+    family: str, seed: int = 0, size: str = "tiny"
+) -> tuple[PreTrainedModel, Qwen2Tokenizer, object]:
     """A tiny random MLLM of `family` ("internvl" or "qwen2_5_vl") with its tokenizer and image processor.
 
-    Same seed → same weights (the caller's global RNG state is left untouched). Takes well under a second.
+    Same seed → same weights (the caller's global RNG state is left untouched). Takes well under a second
+    (`size="small"`, for benchmarks: hidden size 256, 4 layers, a few seconds).
     Returns `(model, tokenizer, image_processor)`, with the model in eval mode and float32.
     """
     _check_family(family)
+    if size not in SIZES:
+        raise ValueError(f"Unknown size {size!r}; expected one of {', '.join(SIZES)}.")
+    small = size == "small"
     tokenizer = build_tiny_tokenizer(family)
-    image_processor = build_tiny_image_processor(family)
+    if small:
+        tokenizer.model_max_length = _SMALL_TEXT["max_position_embeddings"]
+    image_processor = build_tiny_image_processor(family, size)
     # Round the embedding table up so the special tokens fit (the real vocabularies are padded too).
     vocab_size = (len(tokenizer) + 63) // 64 * 64
     text_config = _text_config(vocab_size, tokenizer)
+    if small:
+        text_config.update(_SMALL_TEXT)
 
     if family == "internvl":
         config = InternVLConfig(
@@ -184,10 +222,12 @@ def build_tiny_mllm(family: str, seed: int = 0) -> tuple[PreTrainedModel, Qwen2T
                 "num_attention_heads": 2,
                 "image_size": [28, 28],
                 "patch_size": [7, 7],
+                **({**_SMALL_VISION, "image_size": [_SMALL_TILE] * 2} if small else {}),
             },
             text_config={"model_type": "qwen2", **text_config},
             image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
-            image_seq_length=4,  # (28 / 7)² patches × downsample_ratio² = 16 × 0.25
+            # (tile / 7)² patches × downsample_ratio²: 16 × 0.25 = 4 (tiny), 64 × 0.25 = 16 (small)
+            image_seq_length=16 if small else 4,
             downsample_ratio=0.5,
             tie_word_embeddings=True,
         )
@@ -203,13 +243,17 @@ def build_tiny_mllm(family: str, seed: int = 0) -> tuple[PreTrainedModel, Qwen2T
                 "spatial_merge_size": 2,
                 "temporal_patch_size": 2,
                 "window_size": 16,  # pixels: one 2×2 merged window
-                "out_hidden_size": TINY_HIDDEN_SIZE,
+                "out_hidden_size": text_config["hidden_size"],
                 "fullatt_block_indexes": [0],
+                **({"hidden_size": 128, "intermediate_size": 256, "depth": 2} if small else {}),
             },
-            # head_dim 16 → 8 rotary frequencies split over (temporal, height, width).
+            # head_dim 16 → 8 rotary frequencies split over (temporal, height, width); small: 64 → 32.
             text_config={
                 **text_config,
-                "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]},
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "mrope_section": [8, 12, 12] if small else [2, 3, 3],
+                },
             },
             image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
             video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),

@@ -1,0 +1,376 @@
+"""Micro-ratios on the small random model, each measured side by side (A/B alternated) in one run.
+
+    python benchmarks/bench_micro.py [--only prefix stages overhead processes] [--rounds 5] [--quick]
+
+- prefix:    prefix-cached MLLM encoding (one `encode_prefix`, then `encode_instruction` per prompt) against
+             a full `encode` per prompt, K prompts of a subject with 3 references of 448 px (InternVL-style
+             448-px tiles, 256 image tokens each). Ratio = cached / full (target <= 0.35).
+- stages:    one transformer step of stage 1 (latents only) against a step with the reference tokens, and
+             per image the stage plan (τ 0.95/0.85) against every step with both conditions, 28 steps.
+- overhead:  share of `squeeze gen` wall time after loading spent outside model forwards (target <= 10 %),
+             and a profile of that rest (this process, cProfile, squeeze/PIL/yaml/json functions only).
+- processes: `squeeze gen` as 1 process (1 thread) against 2 under `accelerate launch` (target >= 1.6x on 2
+             cores); with --all-process-variants also 1 process on all cores, and 2 processes with
+             OMP_NUM_THREADS = all cores each (what torch does when nobody sets it).
+Each ratio is the median (min–max) of per-round ratios; the first round is a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+
+
+def fmt(stats: dict[str, float], unit: str = "", scale: float = 1.0, digits: int = 3) -> str:
+    m, lo, hi = (stats[k] * scale for k in ("median", "min", "max"))
+    return f"{m:.{digits}f}{unit} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def alternate(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each variant per round, in rotating order; round 0 is a warm-up and not kept."""
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds + 1):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            started = time.perf_counter()
+            variants[name]()
+            if round_:
+                times[name].append(time.perf_counter() - started)
+    return times
+
+
+def ratios(times: dict[str, list[float]], numerator: str, denominator: str) -> dict[str, float]:
+    return summary([a / b for a, b in zip(times[numerator], times[denominator], strict=True)])
+
+
+# ------------------------------------------------------------------------------------------------------
+
+
+def bench_prefix(args: argparse.Namespace) -> dict:
+    from transformers import GotOcr2ImageProcessorPil
+
+    from squeeze_cli.pipelines.mllm import MLLMEncoder
+    from squeeze_cli.pipelines.mllm.tiny import build_tiny_mllm
+
+    model, tokenizer, _ = build_tiny_mllm("internvl", size="small")
+    config = model.config
+    # InternVL's real tile: 448 px in 14-px patches → 32×32 → 256 tokens after the 2×2 pixel shuffle.
+    config.vision_config.image_size = [448, 448]
+    config.vision_config.patch_size = [14, 14]
+    config.image_seq_length = 256
+    torch.manual_seed(0)
+    model = type(model)(config).eval()
+    processor = GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=False)
+    encoder = MLLMEncoder(model, tokenizer, processor)
+    rng = np.random.default_rng(0)
+    references = [Image.fromarray(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)) for _ in range(3)]
+    prompts = [f"a backpack in scene number {i}, on a table" for i in range(args.prompts)]
+
+    def full() -> None:
+        for prompt in prompts:
+            encoder.encode(references, prompt)
+
+    def cached() -> None:
+        prefix = encoder.encode_prefix(references)
+        for prompt in prompts:
+            encoder.encode_instruction(prefix, prompt)
+
+    times = alternate({"full": full, "cached": cached}, args.rounds)
+    sample = encoder.encode(references, prompts[0])
+    return {
+        "prompts": args.prompts,
+        "references": 3,
+        "sequence": int(sample.input_ids.shape[0]),
+        "image_tokens": int(sample.image_mask.sum()),
+        "full_seconds": summary(times["full"]),
+        "cached_seconds": summary(times["cached"]),
+        "cached_over_full": ratios(times, "cached", "full"),
+    }
+
+
+def bench_stages(args: argparse.Namespace, checkpoint: Path) -> dict:
+    from squeeze_cli.pipelines.squeeze import SqueezePipeline
+    from squeeze_cli.pipelines.stages import stage_plan
+
+    pipe = SqueezePipeline.from_pretrained(checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    references = [Image.open(p).convert("RGB") for p in sorted((ROOT / "examples/images/teapot").glob("*"))]
+    size = args.size_px
+    subject = pipe.encode_subject(references, reference_size=size)
+    embeds, pooled, _ = pipe.encode_prompt("a teapot on the beach", subject)
+    latents, latent_ids = pipe.prepare_latents(1, 16, size, size, torch.float32, "cpu", None)
+    reference_tokens, reference_ids = pipe._prepare_reference_tokens(
+        subject.reference_latents, "cpu", torch.float32
+    )
+    with_refs = torch.cat([latents, reference_tokens[None]], dim=1)
+    with_ids = torch.cat([latent_ids, reference_ids])
+
+    def step(hidden_states, ids) -> None:
+        with torch.no_grad():
+            pipe.transformer(
+                hidden_states=hidden_states,
+                timestep=torch.tensor([0.9]),
+                guidance=torch.tensor([2.5]),
+                pooled_projections=pooled,
+                encoder_hidden_states=embeds,
+                txt_ids=torch.zeros(embeds.shape[1], 3),
+                img_ids=ids,
+                return_dict=False,
+            )
+
+    step_times = alternate(
+        {
+            "stage1": lambda: [step(latents, latent_ids) for _ in range(5)],
+            "with_references": lambda: [step(with_refs, with_ids) for _ in range(5)],
+        },
+        args.rounds,
+    )
+    steps = 28
+    common = {"height": size, "width": size, "num_inference_steps": steps, "output_type": "np"}
+
+    def image(**kwargs) -> None:
+        pipe(
+            "a teapot on the beach",
+            subject_condition=subject,
+            generator=[torch.Generator().manual_seed(0)],
+            **common,
+            **kwargs,
+        )
+
+    image_times = alternate(
+        {
+            "plan": lambda: image(stage_thresholds=(0.95, 0.85)),
+            "no_plan": lambda: image(stage_thresholds=(1.0, 0.0), keep_mllm_condition=True),
+        },
+        args.rounds,
+    )
+    plan = stage_plan(steps, size, size, (0.95, 0.85))
+    return {
+        "size": size,
+        "latent_tokens": int(latents.shape[1]),
+        "reference_tokens": int(reference_tokens.shape[0]),
+        "condition_tokens": int(embeds.shape[1]),
+        "stage1_step_seconds": summary([t / 5 for t in step_times["stage1"]]),
+        "reference_step_seconds": summary([t / 5 for t in step_times["with_references"]]),
+        "stage1_over_reference_step": ratios(step_times, "stage1", "with_references"),
+        "steps_per_stage": list(plan.counts),
+        "image_seconds_plan": summary(image_times["plan"]),
+        "image_seconds_every_step_full": summary(image_times["no_plan"]),
+        "plan_over_full": ratios(image_times, "plan", "no_plan"),
+    }
+
+
+def write_gen_project(folder: Path, checkpoint: Path, args: argparse.Namespace) -> Path:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_naive_loop import write_project
+
+    settings = argparse.Namespace(
+        family="internvl",
+        subjects=4,
+        prompts=args.prompts,
+        seeds=2,
+        size_px=args.size_px,
+        reference_size=args.size_px,
+        steps=args.steps,
+    )
+    manifest, _ = write_project(folder, checkpoint, settings)
+    return manifest
+
+
+def bench_overhead(args: argparse.Namespace, manifest: Path, work: Path) -> dict:
+    from forward_timers import ForwardTimers
+
+    from squeeze_cli.cli import main
+
+    def gen(out: Path) -> dict:
+        try:
+            main(["gen", str(manifest), "--out", str(out), "--overwrite", "--quiet"])
+        except SystemExit as exit_:
+            if exit_.code not in (0, None):
+                raise RuntimeError(f"squeeze gen exited with {exit_.code}") from None
+        return json.loads((out / "run.json").read_text())
+
+    gen(work / "warm")
+    shares, totals = [], []
+    for round_ in range(args.rounds):
+        with ForwardTimers() as timers:
+            started = time.perf_counter()
+            run = gen(work / f"overhead{round_}")
+            total = time.perf_counter() - started
+        after_load = total - run["timings"]["load"]
+        shares.append((after_load - timers.model_seconds()) / after_load)
+        totals.append(after_load)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    gen(work / "profiled")
+    profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text).sort_stats("tottime")
+    stats.print_stats(r"squeeze_cli|PIL|yaml|json|png|zlib", 15)
+    return {
+        "share_outside_forwards": summary(shares),
+        "after_load_seconds": summary(totals),
+        "profile_top_tottime": [line for line in text.getvalue().splitlines() if line.strip()][-17:],
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_processes(args: argparse.Namespace, manifest: Path, work: Path) -> dict:
+    base_env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    base_env["HF_HUB_OFFLINE"] = "1"
+    cores = len(os.sched_getaffinity(0))
+
+    def command(processes: int, out: Path) -> list[str]:
+        gen = ["-m", "squeeze_cli", "gen", str(manifest), "--out", str(out), "--overwrite", "--quiet"]
+        if processes == 1:
+            return [sys.executable, *gen]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(_free_port()),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            *gen,
+        ]
+
+    results: dict[str, list[float]] = {}
+
+    def variant(name: str, processes: int, env: dict) -> Callable[[], None]:
+        def run() -> None:
+            out = work / name.replace(" ", "-")
+            subprocess.run(command(processes, out), env=env, check=True, capture_output=True, timeout=1800)
+            summary_ = json.loads((out / "run.json").read_text())
+            results.setdefault(name, []).append(summary_["images_per_second"])
+
+        return run
+
+    variants = {
+        "1 process": variant("1 process", 1, {**base_env, "OMP_NUM_THREADS": "1"}),
+        "2 processes": variant("2 processes", 2, base_env),
+    }
+    if args.all_process_variants:  # slow on a loaded machine: all-core threads spin against other jobs
+        variants["1 process, all cores"] = variant("1 process, all cores", 1, base_env)
+        variants[f"2 processes, {cores} threads each"] = variant(
+            f"2 processes, {cores} threads each", 2, {**base_env, "OMP_NUM_THREADS": str(cores)}
+        )
+    wall = alternate(variants, args.rounds)
+    for name in results:
+        results[name] = results[name][1:]  # the warm-up round
+    return {
+        "cores": cores,
+        "wall_seconds": {name: summary(times) for name, times in wall.items()},
+        "generate_images_per_second": {name: summary(v) for name, v in results.items()},
+        "speed_up_wall": {name: ratios(wall, "1 process", name) for name in wall if name != "1 process"},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", nargs="+", default=["prefix", "stages", "overhead", "processes"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--size-px", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 2 prompts per subject")
+    parser.add_argument(
+        "--all-process-variants",
+        action="store_true",
+        help="processes: also 1 process with all cores, and 2 processes with all cores each",
+    )
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.prompts = 3, 2
+    sys.path.insert(0, str(Path(__file__).parent))
+    from squeeze_cli.pipelines.tiny import build_small_pipeline
+
+    report: dict = {"threads": torch.get_num_threads(), "rounds": args.rounds}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        checkpoint = build_small_pipeline(work / "ckpt")
+        project = work / "project"
+        project.mkdir()
+        manifest = write_gen_project(project, checkpoint, args)
+        if "prefix" in args.only:
+            report["prefix"] = r = bench_prefix(args)
+            print(
+                f"prefix cache: {r['prompts']} prompts, 3 × 448-px references ({r['image_tokens']} image "
+                f"tokens, sequence {r['sequence']}): full {fmt(r['full_seconds'], ' s')}, cached "
+                f"{fmt(r['cached_seconds'], ' s')}, cached/full {fmt(r['cached_over_full'])}",
+                flush=True,
+            )
+        if "stages" in args.only:
+            report["stages"] = r = bench_stages(args, checkpoint)
+            print(
+                f"stages at {r['size']}² ({r['latent_tokens']} latent + {r['reference_tokens']} reference + "
+                f"{r['condition_tokens']} condition tokens): stage-1 step "
+                f"{fmt(r['stage1_step_seconds'], ' s')}, "
+                f"with references {fmt(r['reference_step_seconds'], ' s')}, ratio "
+                f"{fmt(r['stage1_over_reference_step'])}; per image (28 steps, {r['steps_per_stage']}) plan "
+                f"{fmt(r['image_seconds_plan'], ' s')} vs every step full "
+                f"{fmt(r['image_seconds_every_step_full'], ' s')}: {fmt(r['plan_over_full'])}",
+                flush=True,
+            )
+        if "overhead" in args.only:
+            report["overhead"] = r = bench_overhead(args, manifest, work)
+            print(
+                f"gen after load: {fmt(r['after_load_seconds'], ' s')}, outside model forwards "
+                f"{fmt(r['share_outside_forwards'], ' %', 100, 1)}",
+                flush=True,
+            )
+            print("\n".join("    " + line for line in r["profile_top_tottime"]), flush=True)
+        if "processes" in args.only:
+            shutil.rmtree(project / "squeeze-out", ignore_errors=True)
+            report["processes"] = r = bench_processes(args, manifest, work)
+            for name, stats in r["wall_seconds"].items():
+                line = f"{name:<28} wall {fmt(stats, ' s', digits=1)}"
+                if name in r["speed_up_wall"]:
+                    line += f", speed-up ×{fmt(r['speed_up_wall'][name], digits=2)}"
+                if name in r["generate_images_per_second"]:
+                    line += f", generate {fmt(r['generate_images_per_second'][name], ' img/s')}"
+                print(line, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Planning and the resume scan at 1k / 10k / 100k jobs: time and peak memory, with finished images on disk.
+
+    python benchmarks/bench_resume.py [--jobs 1000 10000 100000] [--finished 1000 10000] [--runs 3]
+
+For each size N it writes a manifest (10 subjects, `seeds: {count: 10}`, tiny recipe) and times, as fresh
+processes (median of `--runs`, peak RSS from the kernel):
+  - `squeeze gen --dry-run` with no output yet: load + validate + plan;
+and for each size in `--finished`, after writing N finished images in the real layout (a PNG and the
+real sidecar record per job; 8×8 pixels, so the disk holds what resume reads):
+  - `squeeze gen --dry-run`: plan + the scan of what is done;
+  - `squeeze gen` (grids and contact sheets off): the whole start of a run whose every image exists (scan,
+    index repair, resolved manifest, summary), i.e. what a rerun of a finished job list costs.
+In this process it also times `plan_jobs` and `find_finished` alone with their Python peak (tracemalloc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+from bench_plan import write_manifest  # benchmarks/: the script's own folder is on sys.path
+from PIL import Image
+
+from squeeze_cli import outputs
+from squeeze_cli.manifest.resolve import load_manifest
+from squeeze_cli.pipelines.stages import stage_plan
+from squeeze_cli.plan import plan_jobs
+
+
+def timed_process(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of one fresh process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode not in (0, 1):
+        raise RuntimeError(
+            f"{' '.join(command)} exited {process.returncode}: {process.stderr.read()[-2000:]}"
+        )
+    process.stderr.close()
+    return wall, usage.ru_maxrss / 1024
+
+
+def write_finished(manifest_path: Path, out: Path) -> int:
+    """Every job of the manifest finished in `out`, as `squeeze gen` writes them (PNG, then sidecar)."""
+    manifest = load_manifest(manifest_path)
+    jobs = plan_jobs(manifest, model_identity=manifest.model_identity, max_jobs=manifest.max_jobs)
+    model_info = manifest.model.model_dump(mode="json")
+    versions = outputs.package_versions()
+    image = Image.new("RGB", (8, 8), (120, 60, 30))
+    plans = {}
+    for job in jobs:
+        p = job.params
+        key = (p.num_inference_steps, p.height, p.width, p.stage_thresholds)
+        if key not in plans:
+            plans[key] = stage_plan(*key).to_dict()
+        record = outputs.image_record(
+            job,
+            preset_name="tiny",
+            model_info=model_info,
+            stage_plan=plans[key],
+            timings={"total": 0.1, "batch": 0.1, "batch_size": 1},
+            versions=versions,
+        )
+        record["process"] = 0
+        outputs.save_image(out, job, image, record)
+    return len(jobs)
+
+
+def median_process(command: list[str], runs: int) -> dict[str, float]:
+    samples = [timed_process(command) for _ in range(runs)]
+    walls = [w for w, _ in samples]
+    return {
+        "median_s": statistics.median(walls),
+        "min_s": min(walls),
+        "max_s": max(walls),
+        "peak_rss_mib": max(m for _, m in samples),
+    }
+
+
+def in_process(manifest_path: Path, out: Path | None) -> dict[str, float]:
+    manifest = load_manifest(manifest_path)
+    started = time.perf_counter()
+    jobs = plan_jobs(manifest, model_identity=manifest.model_identity, max_jobs=manifest.max_jobs)
+    planned = time.perf_counter()
+    if out is not None:
+        outputs.find_finished(out, jobs)
+    scanned = time.perf_counter()
+    tracemalloc.start()
+    jobs = plan_jobs(manifest, model_identity=manifest.model_identity, max_jobs=manifest.max_jobs)
+    plan_peak = tracemalloc.get_traced_memory()[1]
+    if out is not None:
+        tracemalloc.reset_peak()
+        records = outputs.find_finished(out, jobs)
+        scan_peak = tracemalloc.get_traced_memory()[1]
+        del records
+    tracemalloc.stop()
+    result = {"plan_s": planned - started, "plan_peak_mib": plan_peak / 2**20}
+    if out is not None:
+        result.update(scan_s=scanned - planned, scan_peak_mib=scan_peak / 2**20)
+    return result
+
+
+def dump_seconds(manifest_path: Path) -> dict[str, float]:
+    """`manifest.resolved.yaml` text with libyaml's dumper (what `squeeze gen` uses) and with pure Python."""
+    import yaml
+
+    manifest = load_manifest(manifest_path)
+    started = time.perf_counter()
+    fast = manifest.resolved_yaml()
+    libyaml = time.perf_counter() - started
+    dumper = yaml.__dict__.pop("CSafeDumper", None)
+    try:
+        started = time.perf_counter()
+        pure = manifest.resolved_yaml()
+        python = time.perf_counter() - started
+    finally:
+        if dumper is not None:
+            yaml.CSafeDumper = dumper
+    if fast != pure:
+        raise RuntimeError("libyaml and pure-Python dumps of the resolved manifest differ")
+    return {"libyaml_s": libyaml, "pure_python_s": python, "bytes": len(fast.encode())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--finished", type=int, nargs="*", default=[1000, 10000])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    squeeze = [sys.executable, "-m", "squeeze_cli", "gen"]
+    report: dict = {"planning": {}, "resume": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sorted(set(args.jobs) | set(args.finished)):
+            folder = Path(tmp) / f"n{n}"
+            folder.mkdir()
+            path = write_manifest(folder, n, subjects=10, seeds_per_prompt=10)
+            if n in args.jobs:
+                row = median_process(
+                    [*squeeze, str(path), "--dry-run", "--out", str(folder / "none")], args.runs
+                )
+                row.update(in_process(path, None))
+                row["resolved_yaml"] = dump_seconds(path)
+                report["planning"][n] = row
+                print(
+                    f"{n:>7} jobs, nothing done: dry run {row['median_s']:.2f} s ({row['min_s']:.2f}–"
+                    f"{row['max_s']:.2f}), peak RSS {row['peak_rss_mib']:.0f} MiB; plan_jobs "
+                    f"{row['plan_s']:.3f} s, Python peak {row['plan_peak_mib']:.1f} MiB; resolved YAML "
+                    f"{row['resolved_yaml']['libyaml_s']:.3f} s with libyaml, "
+                    f"{row['resolved_yaml']['pure_python_s']:.3f} s pure Python",
+                    flush=True,
+                )
+            if n in args.finished:
+                out = folder / "out"
+                started = time.perf_counter()
+                written = write_finished(path, out)
+                setup = time.perf_counter() - started
+                dry = median_process([*squeeze, str(path), "--dry-run", "--out", str(out)], args.runs)
+                # Grids off: drawing them is another measurement (bench_gen / the grid benchmarks).
+                views_off = ["--set", "output.grids=false", "--set", "output.contact_sheet=false"]
+                rerun = median_process(
+                    [*squeeze, str(path), "--out", str(out), "--quiet", *views_off], args.runs
+                )
+                inner = in_process(path, out)
+                report["resume"][n] = {"finished": written, "dry_run": dry, "gen_all_done": rerun, **inner}
+                print(
+                    f"{n:>7} jobs, all {written} done (written in {setup:.0f} s): dry run "
+                    f"{dry['median_s']:.2f} s ({dry['min_s']:.2f}–{dry['max_s']:.2f}), "
+                    f"{dry['peak_rss_mib']:.0f} MiB; gen {rerun['median_s']:.2f} s ({rerun['min_s']:.2f}–"
+                    f"{rerun['max_s']:.2f}), {rerun['peak_rss_mib']:.0f} MiB; find_finished "
+                    f"{inner['scan_s']:.2f} s, Python peak {inner['scan_peak_mib']:.1f} MiB",
+                    flush=True,
+                )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""`squeeze gen` encodes each prompt once (not once per seed or batch), and its images are the ones a plain
+`pipe(prompt, references)` call gives for the same seed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from squeeze_cli.pipelines.mllm import MLLMEncoder
+
+REPO = Path(__file__).resolve().parents[1]
+
+MANIFEST = """\
+version: 1
+recipe: tiny
+output: {grids: false, contact_sheet: false}
+defaults: {height: 32, width: 48, num_inference_steps: 3, reference_size: 32, seeds: [0, 1, 2]}
+subjects:
+  - name: dog
+    class: dog
+    references: [images/dog/*.jpg]
+    prompts: ["a {class} in the snow", "a {class} on the beach"]
+  - name: backpack
+    class: backpack
+    references: [images/backpack/00.jpg]
+    prompts: ["a {class} on a table", "a {class} in the snow"]
+"""
+NUM_PROMPTS, NUM_JOBS = 4, 12
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    shutil.copytree(REPO / "examples" / "images", tmp_path / "images")
+    (tmp_path / "m.yaml").write_text(MANIFEST)
+    return tmp_path
+
+
+@pytest.fixture
+def instruction_encodes(monkeypatch) -> list[str]:
+    encoded: list[str] = []
+    original = MLLMEncoder.encode_instruction
+
+    def counting(self, prefix, instruction):
+        encoded.append(instruction)
+        return original(self, prefix, instruction)
+
+    monkeypatch.setattr(MLLMEncoder, "encode_instruction", counting)
+    return encoded
+
+
+@pytest.mark.parametrize("batch_size", ["1", "2", "4"])
+def test_each_prompt_is_encoded_once_whatever_the_batch(project, squeeze, instruction_encodes, batch_size):
+    result = squeeze("gen", str(project / "m.yaml"), "--batch-size", batch_size, "--quiet")
+    assert result.code == 0, result.err
+    assert len(list((project / "squeeze-out").glob("*/*.png"))) == NUM_JOBS
+    assert len(instruction_encodes) == NUM_PROMPTS  # was one per batch: 12 at --batch-size 1
+    assert len(set(instruction_encodes)) == NUM_PROMPTS
+
+
+def test_gen_images_equal_a_plain_pipeline_call(project, squeeze):
+    from squeeze_cli.images import load_rgb
+    from squeeze_cli.loading import load_pipeline
+    from squeeze_cli.manifest.schema import ModelSpec
+
+    assert squeeze("gen", str(project / "m.yaml"), "--quiet").code == 0
+    pipe = load_pipeline(ModelSpec(builtin="tiny", family="internvl", dtype="float32"))
+    references = [load_rgb(p) for p in sorted((project / "images" / "dog").glob("*.jpg"))]
+    for seed in (0, 2):
+        image = pipe(
+            "a dog on the beach",
+            references,
+            height=32,
+            width=48,
+            num_inference_steps=3,
+            reference_size=32,
+            generator=torch.Generator().manual_seed(seed),
+        ).images[0]
+        (written,) = (project / "squeeze-out" / "dog").glob(f"001-s{seed}*.png")
+        assert np.array_equal(np.asarray(image), np.asarray(Image.open(written).convert("RGB")))
+
+
+def test_a_subject_condition_reuses_its_instructions_and_plain_calls_do_not(instruction_encodes):
+    from squeeze_cli.loading import load_pipeline
+    from squeeze_cli.manifest.schema import ModelSpec
+
+    pipe = load_pipeline(ModelSpec(builtin="tiny", family="internvl", dtype="float32"))
+    references = [Image.new("RGB", (40, 32), (180, 90, 30))]
+    params = dict(height=32, width=32, num_inference_steps=2, reference_size=32, output_type="latent")
+    subject = pipe.encode_subject(references, reference_size=32)
+    first = None
+    for _ in range(3):  # calls as for 3 seeds, with true CFG: the prompt and its negative, once each
+        out = pipe(
+            "a toy",
+            subject_condition=subject,
+            negative_prompt="blurry",
+            true_cfg_scale=2.0,
+            generator=[torch.Generator().manual_seed(0)],
+            **params,
+        ).images
+        first = out if first is None else first
+        assert torch.equal(out, first)  # the reused condition is the same tensor, so the same latents
+    assert instruction_encodes == ["a toy", "blurry"]
+    instruction_encodes.clear()
+    for _ in range(2):  # references passed in: a fresh subject condition per call, nothing kept
+        pipe("a toy", references, generator=[torch.Generator().manual_seed(0)], **params)
+    assert instruction_encodes == ["a toy", "a toy"]
