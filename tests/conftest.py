@@ -4,6 +4,7 @@ the example photos, planning a manifest, and the ``squeeze`` command run in this
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import sys
 import textwrap
@@ -14,6 +15,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+# Before any test module imports huggingface_hub (it reads the variable once, at import): no test may
+# reach a hub, even when pytest is started without HF_HUB_OFFLINE=1.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_IMAGES = REPO_ROOT / "examples" / "images"

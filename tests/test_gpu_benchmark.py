@@ -28,7 +28,8 @@ def test_full_size_architectures_have_the_real_sizes(monkeypatch) -> None:
     assert 11.8 < billions["transformer"] < 12.0  # FLUX.1-dev: 11.9 B
     assert 7.8 < billions["mllm"] < 8.1  # InternVL3-8B: 7.9 B
     encoder = pipe.mllm_encoder
-    assert (encoder.adapter.tokens_per_tile, encoder.num_hidden_states, encoder.hidden_size) == (256, 29, 3584)
+    shape = (encoder.adapter.tokens_per_tile, encoder.num_hidden_states, encoder.hidden_size)
+    assert shape == (256, 29, 3584)
     assert pipe.aggregator.config.joint_attention_dim == pipe.transformer.config.joint_attention_dim
 
 
