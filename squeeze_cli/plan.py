@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from squeeze_cli.errors import ManifestError, Problem
 from squeeze_cli.manifest.resolve import too_many_jobs
 from squeeze_cli.params import SamplingParams
+from squeeze_cli.reading import open_regular_file
 
 if TYPE_CHECKING:
     from squeeze_cli.manifest.resolve import LoadedManifest
@@ -66,13 +67,25 @@ def file_digest(path: str, cache: dict[str, bytes] | None = None) -> bytes:
     if cache is not None and path in cache:
         return cache[path]
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    # A regular file only: a reference swapped for a FIFO since validation must not block the plan.
+    with open_regular_file(path) as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     result = digest.digest()
     if cache is not None:
         cache[path] = result
     return result
+
+
+def _reference_digest(manifest: LoadedManifest, subject: Any, path: str, cache: dict[str, bytes]) -> bytes:
+    """`file_digest` of a reference; a file that changed kind or vanished since validation is a problem."""
+    try:
+        return file_digest(path, cache)
+    except OSError as error:
+        field = f"subjects[{subject.index}].references"
+        message = f"{path}: cannot read it: {error.strerror or error}"
+        hint = "the file changed since the manifest was checked: put the image back and run again"
+        raise ManifestError([Problem(str(manifest.path), None, None, field, message, hint)]) from None
 
 
 def _references_hasher(subject: str, reference_digests: Sequence[bytes]):
@@ -144,7 +157,8 @@ def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -
     index = 0
     for subject in manifest.subjects:
         references = _references_hasher(
-            subject.name, [file_digest(path, digest_cache) for path in subject.references]
+            subject.name,
+            [_reference_digest(manifest, subject, path, digest_cache) for path in subject.references],
         )
         num_references = len(subject.references)
         params_cache.clear()  # the cost depends on the subject's number of references

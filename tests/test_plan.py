@@ -255,7 +255,7 @@ def test_model_identity_argument_changes_ids(refs, write_file):
 
 def test_each_reference_file_is_hashed_once_per_plan(refs, write_file, monkeypatch):
     opened: list[str] = []
-    real_open = open
+    real_open = plan_module.open_regular_file
 
     def counting_open(path, *args, **kwargs):
         opened.append(str(path))
@@ -263,7 +263,7 @@ def test_each_reference_file_is_hashed_once_per_plan(refs, write_file, monkeypat
 
     text = BASE.replace("defaults: {seeds: [0, 1]}", "defaults: {seeds: {count: 50}}")
     manifest = load_manifest(write_file(text))
-    monkeypatch.setattr(plan_module, "open", counting_open, raising=False)
+    monkeypatch.setattr(plan_module, "open_regular_file", counting_open)
     jobs = plan_jobs(manifest, model_identity="m", max_jobs=1000)
     assert len(jobs) == 101
     assert sorted(opened) == sorted({p for job in jobs for p in job.references})
@@ -361,3 +361,16 @@ def test_more_shards_than_jobs_leaves_some_empty():
 def test_shard_arguments_are_checked(index, count):
     with pytest.raises(ValueError):
         shard_jobs(make_jobs([[1.0]]), index, count)
+
+
+def test_a_reference_swapped_for_a_fifo_after_validation_is_a_problem_not_a_hang(refs, write_file, tmp_path):
+    import os
+
+    manifest = load_manifest(write_file(BASE))
+    fifo = manifest.subjects[1].references[0]
+    os.unlink(fifo)
+    os.mkfifo(fifo)
+    with pytest.raises(ManifestError) as info:
+        plan_jobs(manifest, model_identity="m", max_jobs=1000)
+    problem = info.value.problems[0]
+    assert problem.field == "subjects[1].references" and "not a regular file (a FIFO" in problem.message
