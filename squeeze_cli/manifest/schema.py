@@ -26,7 +26,15 @@ from pydantic import (
 )
 
 from squeeze_cli.manifest.located import schema_error
-from squeeze_cli.params import FAMILY_ADAPTERS, PAPER_STAGE_THRESHOLDS, SAMPLING_KEYS, Dtype
+from squeeze_cli.params import (
+    DEFAULT_STEP_CACHE_THRESHOLD,
+    FAMILY_ADAPTERS,
+    PAPER_STAGE_THRESHOLDS,
+    SAMPLING_KEYS,
+    Dtype,
+    StepCache,
+    StepCacheMethod,
+)
 from squeeze_cli.pipelines.registry import DEFAULT_PIPELINE, PIPELINES
 
 MANIFEST_VERSION = 1
@@ -157,6 +165,31 @@ Seeds = Annotated[
 ]
 
 
+def _positive_threshold(value: float) -> float:
+    if not (math.isfinite(value) and 0.0 < value < 1.0):
+        raise schema_error(
+            f"must be a number in (0, 1), got {value}",
+            f"try {DEFAULT_STEP_CACHE_THRESHOLD}; higher is faster and further from exact sampling",
+        )
+    return value
+
+
+class StepCacheSpec(StrictModel):
+    """``step_cache: {method: first_block, threshold: 0.08}``: diffusers' step caching (changes pixels)."""
+
+    method: StepCacheMethod = StepCacheMethod.first_block
+    threshold: Annotated[float, Field(strict=True), AfterValidator(_positive_threshold)] = (
+        DEFAULT_STEP_CACHE_THRESHOLD
+    )
+
+    def to_params(self) -> StepCache:
+        return StepCache(method=self.method.value, threshold=float(self.threshold))
+
+
+# Sampling keys whose `null` means something: no negative prompt, no step cache (exact sampling).
+NULLABLE_SAMPLING_KEYS = ("negative_prompt", "step_cache")
+
+
 class SamplingOverrides(StrictModel):
     """Sampling parameters, every one optional: a level of the merge sets only what it names."""
 
@@ -169,19 +202,25 @@ class SamplingOverrides(StrictModel):
     true_cfg_scale: TrueCfg | None = None
     negative_prompt: StrictStr | None = None
     reference_size: SideInt | None = None
+    step_cache: StepCacheSpec | None = None
     seeds: Seeds | None = None
 
-    @field_validator(*[key for key in SAMPLING_KEYS if key != "negative_prompt"], "seeds", mode="before")
+    @field_validator(
+        *[key for key in SAMPLING_KEYS if key not in NULLABLE_SAMPLING_KEYS], "seeds", mode="before"
+    )
     @classmethod
     def _not_null(cls, value: Any) -> Any:
-        # `key: null` would silently mean "unset"; only negative_prompt has a meaningful null.
+        # `key: null` would silently mean "unset"; only the NULLABLE_SAMPLING_KEYS have a meaningful null.
         if value is None:
             raise schema_error("expected a value, got null", "remove the key to use the default")
         return value
 
     def explicit(self) -> dict[str, Any]:
         """The sampling parameters this level sets (``seeds`` excluded)."""
-        return {key: getattr(self, key) for key in self.model_fields_set.intersection(SAMPLING_KEYS)}
+        values = {key: getattr(self, key) for key in self.model_fields_set.intersection(SAMPLING_KEYS)}
+        if isinstance(values.get("step_cache"), StepCacheSpec):
+            values["step_cache"] = values["step_cache"].to_params()
+        return values
 
 
 class PromptSpec(SamplingOverrides):
