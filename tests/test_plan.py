@@ -85,6 +85,7 @@ def test_sampling_params_map_onto_the_pipeline_arguments():
         "true_cfg_scale": 1.0,
         "negative_prompt": "blurry",
         "reference_size": 512,
+        "step_cache": None,
     }
     assert params.to_dict()["stage_thresholds"] == [0.9, 0.5]
 
