@@ -413,7 +413,7 @@ def main() -> None:
                 print(
                     f"step cache at {r['size']}², 28 steps, {name}: {fmt(v['images_per_second'], ' img/s')}, "
                     f"speed-up ×{fmt(v['speed_up'], digits=2)}, {v['transformer_passes_per_image']:.1f} full "
-                    f"passes/image, |Δ| mean {v['mean_abs_levels']:.2f} max {v['max_abs_levels']:.1f} levels, "
+                    f"passes/image, |Δ| mean {v['mean_abs_levels']:.2f} max {v['max_abs_levels']:.1f} lv, "
                     f"PSNR {v['psnr_db']:.1f} dB",
                     flush=True,
                 )

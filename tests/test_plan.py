@@ -8,6 +8,7 @@ import pytest
 from squeeze_cli import plan as plan_module
 from squeeze_cli.errors import ManifestError
 from squeeze_cli.manifest.resolve import load_manifest
+from squeeze_cli.params import StepCache
 from squeeze_cli.plan import (
     Job,
     SamplingParams,
