@@ -230,6 +230,7 @@ def test_job_id_hashes_each_input():
         "true_cfg_scale": 1.5,
         "negative_prompt": "",
         "reference_size": 256,
+        "step_cache": StepCache(),
     }
     assert set(changed) == {f.name for f in dataclasses.fields(SamplingParams)}
     for name, value in changed.items():
