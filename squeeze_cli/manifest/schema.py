@@ -285,6 +285,29 @@ class LoraSpec(StrictModel):
     scale: NonNegativeFloat = 1.0
 
 
+# The MLLM preprocessing options of `model.mllm`, by the family that has them.
+MLLM_OPTION_FAMILIES = {"crop_to_patches": "internvl", "max_pixels": "qwen2_5_vl"}
+
+
+def _max_pixels(value: int) -> int:
+    if value < 1:
+        raise schema_error(f"must be a positive number of pixels, got {value}", "e.g. 200704 (448²)")
+    return value
+
+
+class MLLMOptions(StrictModel):
+    """``model.mllm``: how the MLLM sees the references (changes the condition, so it is in job ids)."""
+
+    # InternVL: dynamic tiling (448-px tiles + thumbnail, 256 tokens each) or one tile (256 tokens).
+    crop_to_patches: StrictBool | None = None
+    # Qwen2.5-VL: the most pixels an image is resized to (28×28 per token): 200704 = 448² → 256 tokens.
+    max_pixels: Annotated[StrictInt, AfterValidator(_max_pixels)] | None = None
+
+    def encoder_options(self) -> dict[str, Any]:
+        """The `MLLMEncoder` keyword arguments these options set."""
+        return self.model_dump(exclude_none=True)
+
+
 class ModelSpec(StrictModel):
     """The model section of a recipe, after the manifest's `model:` overrides are merged in.
 
@@ -300,6 +323,7 @@ class ModelSpec(StrictModel):
     family: Literal[tuple(FAMILY_ADAPTERS)] | None = None
     components: dict[Literal[COMPONENT_NAMES], ComponentSource] = Field(default_factory=dict)
     lora: LoraSpec | None = None
+    mllm: MLLMOptions | None = None
     dtype: Literal[tuple(Dtype.__members__)] = Dtype.bfloat16.value
     trust_remote_code: StrictBool = False
 
@@ -308,8 +332,8 @@ class ModelSpec(StrictModel):
         if self.pipeline_class == DEFAULT_PIPELINE:
             self.pipeline_class = None  # the default, spelled out: same model, same job ids
         if self.pipeline_class is not None:
-            if self.components or self.family:
-                key = "components" if self.components else "family"
+            if self.components or self.family or self.mllm:
+                key = "components" if self.components else "family" if self.family else "mllm"
                 raise schema_error(
                     f"`{key}` applies to the squeeze pipeline only, not to "
                     f"`pipeline_class: {self.pipeline_class}`",
@@ -322,6 +346,16 @@ class ModelSpec(StrictModel):
                 )
         if self.builtin and self.pipeline:
             raise schema_error("set either `builtin` or `pipeline`, not both")
+        if self.mllm is not None and not self.mllm.encoder_options():
+            self.mllm = None  # `mllm: {}` is the processors' own settings: same model, same job ids
+        for option in self.mllm.encoder_options() if self.mllm else ():
+            family = MLLM_OPTION_FAMILIES[option]
+            if self.family != family:
+                raise schema_error(
+                    f"`mllm.{option}` is an option of the {family} family, but `family` is "
+                    f"{self.family or 'not set'}",
+                    f"set `family: {family}`" if self.family is None else f"remove `mllm.{option}`",
+                )
         if self.builtin and self.components:
             raise schema_error(
                 "`components` cannot be combined with `builtin`", "use `pipeline:` or components only"

@@ -183,6 +183,7 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         self.default_sample_size = 64
         self._mllm_encoder: MLLMEncoder | None = None
         self._mllm_encoder_key: tuple[int, int, int] | None = None
+        self._mllm_options: dict[str, Any] = {}
         self._null_condition: tuple[torch.Tensor, torch.Tensor] | None = None
         self._null_condition_key: tuple | None = None
         self._stage_plan: StagePlan | None = None
@@ -202,11 +203,20 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         """The `MLLMEncoder` over the registered `mllm`, `tokenizer` and `image_processor`."""
         key = (id(self.mllm), id(self.tokenizer), id(self.image_processor))
         if self._mllm_encoder is None or self._mllm_encoder_key != key:
-            self._mllm_encoder = MLLMEncoder(self.mllm, self.tokenizer, self.image_processor)
+            self._mllm_encoder = MLLMEncoder(
+                self.mllm, self.tokenizer, self.image_processor, **self._mllm_options
+            )
             self._mllm_encoder_key = key
         return self._mllm_encoder
 
-    @torch.no_grad()
+    def set_mllm_options(self, **options: Any) -> None:
+        """How the MLLM preprocesses references: `MLLMEncoder` options of this MLLM's family
+        (`crop_to_patches` for InternVL, `max_pixels` for Qwen2.5-VL); no options keeps the image
+        processor's own settings. Cached subject conditions made before are not updated."""
+        self._mllm_options = dict(options)
+        self._mllm_encoder = None
+        self.mllm_encoder  # noqa: B018 (built now, so that an option of another family fails here)
+
     def _set_step_cache(self, step_cache: StepCache | None) -> None:
         """Put diffusers' step-caching hook on the transformer as `step_cache` asks (or take off the one
         a previous call put there), and empty its cached residuals so nothing carries over between calls.
@@ -232,6 +242,7 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         if transformer.is_cache_enabled:
             transformer._reset_stateful_cache()
 
+    @torch.no_grad()
     def encode_null_condition(
         self, device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
