@@ -12,6 +12,9 @@
 - processes: `squeeze gen` as 1 process (1 thread) against 2 under `accelerate launch` (target >= 1.6x on 2
              cores); with --all-process-variants also 1 process on all cores, and 2 processes with
              OMP_NUM_THREADS = all cores each (what torch does when nobody sets it).
+- step_cache: images/s with `step_cache` (diffusers' First Block Cache, thresholds --cache-thresholds)
+             against exact sampling, 28 steps, the stage plan on; the pixel difference of the same seeds
+             (mean and max |Δ| in 0–255 levels, PSNR) and the full transformer passes per image.
 Each ratio is the median (min–max) of per-round ratios; the first round is a warm-up.
 """
 
@@ -183,6 +186,59 @@ def bench_stages(args: argparse.Namespace, checkpoint: Path) -> dict:
     }
 
 
+def bench_step_cache(args: argparse.Namespace, checkpoint: Path) -> dict:
+    from squeeze_cli.params import StepCache
+    from squeeze_cli.pipelines.squeeze import SqueezePipeline
+
+    pipe = SqueezePipeline.from_pretrained(checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    references = [Image.open(p).convert("RGB") for p in sorted((ROOT / "examples/images/teapot").glob("*"))]
+    size = args.size_px
+    subject = pipe.encode_subject(references, reference_size=size)
+    prompts = ["a teapot on the beach", "a teapot in the snow"][: max(1, min(args.prompts, 2))]
+    passes = {"count": 0}
+    tail = pipe.transformer.single_transformer_blocks[-1].proj_out
+    tail.register_forward_hook(lambda *_: passes.__setitem__("count", passes["count"] + 1))
+
+    def images(step_cache) -> np.ndarray:
+        with torch.no_grad():
+            return np.stack(
+                [
+                    pipe(
+                        prompt,
+                        subject_condition=subject,
+                        height=size,
+                        width=size,
+                        num_inference_steps=28,
+                        generator=[torch.Generator().manual_seed(0)],
+                        output_type="np",
+                        step_cache=step_cache,
+                    ).images[0]
+                    for prompt in prompts
+                ]
+            )
+
+    caches = {f"first_block {t}": StepCache("first_block", t) for t in args.cache_thresholds}
+    variants = {"exact": None, **caches}
+    times = alternate({name: (lambda c=cache: images(c)) for name, cache in variants.items()}, args.rounds)
+    exact = images(None)
+    report: dict = {"size": size, "images_per_round": len(prompts), "variants": {}}
+    for name, cache in variants.items():
+        passes["count"] = 0
+        pixels = images(cache)
+        difference = np.abs(pixels.astype(np.float64) - exact) * 255
+        mse = float(((pixels.astype(np.float64) - exact) ** 2).mean())
+        report["variants"][name] = {
+            "images_per_second": summary([len(prompts) / t for t in times[name]]),
+            "speed_up": ratios(times, "exact", name),
+            "transformer_passes_per_image": passes["count"] / len(prompts),
+            "mean_abs_levels": float(difference.mean()),
+            "max_abs_levels": float(difference.max()),
+            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(1 / mse)),
+        }
+    return report
+
+
 def write_gen_project(folder: Path, checkpoint: Path, args: argparse.Namespace) -> Path:
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_naive_loop import write_project
@@ -310,6 +366,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--size-px", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--cache-thresholds", type=float, nargs="+", default=[0.08, 0.2])
     parser.add_argument("--quick", action="store_true", help="3 rounds, 2 prompts per subject")
     parser.add_argument(
         "--all-process-variants",
@@ -350,6 +407,16 @@ def main() -> None:
                 f"{fmt(r['image_seconds_every_step_full'], ' s')}: {fmt(r['plan_over_full'])}",
                 flush=True,
             )
+        if "step_cache" in args.only:
+            report["step_cache"] = r = bench_step_cache(args, checkpoint)
+            for name, v in r["variants"].items():
+                print(
+                    f"step cache at {r['size']}², 28 steps, {name}: {fmt(v['images_per_second'], ' img/s')}, "
+                    f"speed-up ×{fmt(v['speed_up'], digits=2)}, {v['transformer_passes_per_image']:.1f} full "
+                    f"passes/image, |Δ| mean {v['mean_abs_levels']:.2f} max {v['max_abs_levels']:.1f} lv, "
+                    f"PSNR {v['psnr_db']:.1f} dB",
+                    flush=True,
+                )
         if "overhead" in args.only:
             report["overhead"] = r = bench_overhead(args, manifest, work)
             print(

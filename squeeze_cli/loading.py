@@ -200,6 +200,8 @@ def load_pipeline(
             f"is {model_type!r}",
             f"set `family: {model_type}` or remove `family` (it is read from the checkpoint)",
         )
+    if spec.mllm is not None:  # the schema checked the options against `family`, and `family` just now
+        pipe.set_mllm_options(**spec.mllm.encoder_options())
     return _finish_loading(
         pipe, spec, device=device, offload=offload, allow_pickle=allow_pickle, fuse_lora=fuse_lora
     )

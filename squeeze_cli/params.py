@@ -43,6 +43,34 @@ Family = Enum("Family", {name: name for name in FAMILY_ADAPTERS}, type=str)
 Family.__doc__ = "The MLLM families of `FAMILY_ADAPTERS`."
 
 
+class StepCacheMethod(str, Enum):
+    """diffusers' step-caching hooks a manifest may name in `step_cache.method`."""
+
+    first_block = "first_block"  # diffusers' FirstBlockCacheConfig
+
+
+# A relative change of the first block's output below which later blocks reuse their cached residual.
+DEFAULT_STEP_CACHE_THRESHOLD = 0.08
+
+
+@dataclass(frozen=True, slots=True)
+class StepCache:
+    """An opt-in step cache: faster sampling that changes pixels a little (docs/manifest.md, `step_cache`).
+
+    Args:
+        method: a `StepCacheMethod` value (`"first_block"`: diffusers' First Block Cache).
+        threshold: when the first transformer block's output changed by less than this (mean absolute
+            change relative to its previous value), the other blocks are skipped and their cached residual
+            reused. Higher skips more.
+    """
+
+    method: str = StepCacheMethod.first_block.value
+    threshold: float = DEFAULT_STEP_CACHE_THRESHOLD
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "threshold": self.threshold}
+
+
 def choices(enum: type[Enum]) -> str:
     """``"float32, bfloat16 or float16"``: an enum's values for a message."""
     values = [member.value for member in enum]
@@ -62,6 +90,7 @@ class SamplingParams:
     true_cfg_scale: float = 1.0
     negative_prompt: str | None = None
     reference_size: int = DEFAULT_REFERENCE_SIZE
+    step_cache: StepCache | None = None
 
     def to_pipeline_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `SqueezePipeline.__call__` that these parameters fill."""
@@ -71,6 +100,10 @@ class SamplingParams:
         """JSON-able form (thresholds as a list), used in sidecars and job ids."""
         data = self.to_pipeline_kwargs()
         data["stage_thresholds"] = list(self.stage_thresholds)
+        # Written only when on, so that the job ids of exact sampling did not change when it was added.
+        cache = data.pop("step_cache")
+        if cache is not None:
+            data["step_cache"] = cache.to_dict()
         return data
 
 

@@ -8,6 +8,7 @@ import pytest
 from squeeze_cli import plan as plan_module
 from squeeze_cli.errors import ManifestError
 from squeeze_cli.manifest.resolve import load_manifest
+from squeeze_cli.params import StepCache
 from squeeze_cli.plan import (
     Job,
     SamplingParams,
@@ -85,6 +86,7 @@ def test_sampling_params_map_onto_the_pipeline_arguments():
         "true_cfg_scale": 1.0,
         "negative_prompt": "blurry",
         "reference_size": 512,
+        "step_cache": None,
     }
     assert params.to_dict()["stage_thresholds"] == [0.9, 0.5]
 
@@ -228,6 +230,7 @@ def test_job_id_hashes_each_input():
         "true_cfg_scale": 1.5,
         "negative_prompt": "",
         "reference_size": 256,
+        "step_cache": StepCache(),
     }
     assert set(changed) == {f.name for f in dataclasses.fields(SamplingParams)}
     for name, value in changed.items():

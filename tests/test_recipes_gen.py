@@ -126,7 +126,12 @@ def test_images_do_not_depend_on_batch_size(project: Path, gen) -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("stage_thresholds", "[0.9, 0.8]"), ("keep_mllm_condition", "true")]
+    ("key", "value"),
+    [
+        ("stage_thresholds", "[0.9, 0.8]"),
+        ("keep_mllm_condition", "true"),
+        ("step_cache", "{method: first_block, threshold: 0.1}"),
+    ],
 )
 def test_a_key_the_pipeline_ignores_is_refused_at_validation(
     project: Path, squeeze, recipe, key, value

@@ -26,7 +26,15 @@ from pydantic import (
 )
 
 from squeeze_cli.manifest.located import schema_error
-from squeeze_cli.params import FAMILY_ADAPTERS, PAPER_STAGE_THRESHOLDS, SAMPLING_KEYS, Dtype
+from squeeze_cli.params import (
+    DEFAULT_STEP_CACHE_THRESHOLD,
+    FAMILY_ADAPTERS,
+    PAPER_STAGE_THRESHOLDS,
+    SAMPLING_KEYS,
+    Dtype,
+    StepCache,
+    StepCacheMethod,
+)
 from squeeze_cli.pipelines.registry import DEFAULT_PIPELINE, PIPELINES
 
 MANIFEST_VERSION = 1
@@ -157,6 +165,31 @@ Seeds = Annotated[
 ]
 
 
+def _positive_threshold(value: float) -> float:
+    if not (math.isfinite(value) and 0.0 < value < 1.0):
+        raise schema_error(
+            f"must be a number in (0, 1), got {value}",
+            f"try {DEFAULT_STEP_CACHE_THRESHOLD}; higher is faster and further from exact sampling",
+        )
+    return value
+
+
+class StepCacheSpec(StrictModel):
+    """``step_cache: {method: first_block, threshold: 0.08}``: diffusers' step caching (changes pixels)."""
+
+    method: StepCacheMethod = StepCacheMethod.first_block
+    threshold: Annotated[float, Field(strict=True), AfterValidator(_positive_threshold)] = (
+        DEFAULT_STEP_CACHE_THRESHOLD
+    )
+
+    def to_params(self) -> StepCache:
+        return StepCache(method=self.method.value, threshold=float(self.threshold))
+
+
+# Sampling keys whose `null` means something: no negative prompt, no step cache (exact sampling).
+NULLABLE_SAMPLING_KEYS = ("negative_prompt", "step_cache")
+
+
 class SamplingOverrides(StrictModel):
     """Sampling parameters, every one optional: a level of the merge sets only what it names."""
 
@@ -169,19 +202,25 @@ class SamplingOverrides(StrictModel):
     true_cfg_scale: TrueCfg | None = None
     negative_prompt: StrictStr | None = None
     reference_size: SideInt | None = None
+    step_cache: StepCacheSpec | None = None
     seeds: Seeds | None = None
 
-    @field_validator(*[key for key in SAMPLING_KEYS if key != "negative_prompt"], "seeds", mode="before")
+    @field_validator(
+        *[key for key in SAMPLING_KEYS if key not in NULLABLE_SAMPLING_KEYS], "seeds", mode="before"
+    )
     @classmethod
     def _not_null(cls, value: Any) -> Any:
-        # `key: null` would silently mean "unset"; only negative_prompt has a meaningful null.
+        # `key: null` would silently mean "unset"; only the NULLABLE_SAMPLING_KEYS have a meaningful null.
         if value is None:
             raise schema_error("expected a value, got null", "remove the key to use the default")
         return value
 
     def explicit(self) -> dict[str, Any]:
         """The sampling parameters this level sets (``seeds`` excluded)."""
-        return {key: getattr(self, key) for key in self.model_fields_set.intersection(SAMPLING_KEYS)}
+        values = {key: getattr(self, key) for key in self.model_fields_set.intersection(SAMPLING_KEYS)}
+        if isinstance(values.get("step_cache"), StepCacheSpec):
+            values["step_cache"] = values["step_cache"].to_params()
+        return values
 
 
 class PromptSpec(SamplingOverrides):
@@ -246,6 +285,29 @@ class LoraSpec(StrictModel):
     scale: NonNegativeFloat = 1.0
 
 
+# The MLLM preprocessing options of `model.mllm`, by the family that has them.
+MLLM_OPTION_FAMILIES = {"crop_to_patches": "internvl", "max_pixels": "qwen2_5_vl"}
+
+
+def _max_pixels(value: int) -> int:
+    if value < 1:
+        raise schema_error(f"must be a positive number of pixels, got {value}", "e.g. 200704 (448²)")
+    return value
+
+
+class MLLMOptions(StrictModel):
+    """``model.mllm``: how the MLLM sees the references (changes the condition, so it is in job ids)."""
+
+    # InternVL: dynamic tiling (448-px tiles + thumbnail, 256 tokens each) or one tile (256 tokens).
+    crop_to_patches: StrictBool | None = None
+    # Qwen2.5-VL: the most pixels an image is resized to (28×28 per token): 200704 = 448² → 256 tokens.
+    max_pixels: Annotated[StrictInt, AfterValidator(_max_pixels)] | None = None
+
+    def encoder_options(self) -> dict[str, Any]:
+        """The `MLLMEncoder` keyword arguments these options set."""
+        return self.model_dump(exclude_none=True)
+
+
 class ModelSpec(StrictModel):
     """The model section of a recipe, after the manifest's `model:` overrides are merged in.
 
@@ -261,6 +323,7 @@ class ModelSpec(StrictModel):
     family: Literal[tuple(FAMILY_ADAPTERS)] | None = None
     components: dict[Literal[COMPONENT_NAMES], ComponentSource] = Field(default_factory=dict)
     lora: LoraSpec | None = None
+    mllm: MLLMOptions | None = None
     dtype: Literal[tuple(Dtype.__members__)] = Dtype.bfloat16.value
     trust_remote_code: StrictBool = False
 
@@ -269,8 +332,8 @@ class ModelSpec(StrictModel):
         if self.pipeline_class == DEFAULT_PIPELINE:
             self.pipeline_class = None  # the default, spelled out: same model, same job ids
         if self.pipeline_class is not None:
-            if self.components or self.family:
-                key = "components" if self.components else "family"
+            if self.components or self.family or self.mllm:
+                key = "components" if self.components else "family" if self.family else "mllm"
                 raise schema_error(
                     f"`{key}` applies to the squeeze pipeline only, not to "
                     f"`pipeline_class: {self.pipeline_class}`",
@@ -283,6 +346,16 @@ class ModelSpec(StrictModel):
                 )
         if self.builtin and self.pipeline:
             raise schema_error("set either `builtin` or `pipeline`, not both")
+        if self.mllm is not None and not self.mllm.encoder_options():
+            self.mllm = None  # `mllm: {}` is the processors' own settings: same model, same job ids
+        for option in self.mllm.encoder_options() if self.mllm else ():
+            family = MLLM_OPTION_FAMILIES[option]
+            if self.family != family:
+                raise schema_error(
+                    f"`mllm.{option}` is an option of the {family} family, but `family` is "
+                    f"{self.family or 'not set'}",
+                    f"set `family: {family}`" if self.family is None else f"remove `mllm.{option}`",
+                )
         if self.builtin and self.components:
             raise schema_error(
                 "`components` cannot be combined with `builtin`", "use `pipeline:` or components only"

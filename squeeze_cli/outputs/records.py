@@ -162,6 +162,9 @@ def parameters_text(record: Mapping[str, Any]) -> str:
         fields["Keep MLLM condition"] = True
     if params.get("reference_size") is not None:
         fields["Reference size"] = params["reference_size"]
+    step_cache = params.get("step_cache")
+    if step_cache:
+        fields["Step cache"] = f"{step_cache['method']} {step_cache['threshold']}"
     fields["Pipeline"] = pipeline.get("class")
     fields["Model id"] = (record.get("model") or {}).get("pipeline")  # a hub id or folder, when one names it
     fields["Subject"] = record.get("subject")

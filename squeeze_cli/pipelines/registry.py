@@ -76,6 +76,7 @@ PIPELINES: dict[str, PipelineSpec] = {
                     "keep_mllm_condition",
                     "true_cfg_scale",
                     "negative_prompt",
+                    "step_cache",
                 )
             ),
             distilled_guidance=True,

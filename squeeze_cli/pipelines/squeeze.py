@@ -15,6 +15,7 @@ Inference only: no files, YAML or ranks here.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.hooks import FirstBlockCacheConfig
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import FluxLoraLoaderMixin
 from diffusers.models import AutoencoderKL, FluxTransformer2DModel
@@ -32,7 +34,7 @@ from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel
 
-from squeeze_cli.params import PAPER_STAGE_THRESHOLDS
+from squeeze_cli.params import PAPER_STAGE_THRESHOLDS, StepCache, StepCacheMethod
 
 from .aggregator import DualLayerAggregator
 from .mllm import MLLMEncoder, MLLMEncoding, PrefixCache
@@ -181,9 +183,11 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         self.default_sample_size = 64
         self._mllm_encoder: MLLMEncoder | None = None
         self._mllm_encoder_key: tuple[int, int, int] | None = None
+        self._mllm_options: dict[str, Any] = {}
         self._null_condition: tuple[torch.Tensor, torch.Tensor] | None = None
         self._null_condition_key: tuple | None = None
         self._stage_plan: StagePlan | None = None
+        self._applied_step_cache: FirstBlockCacheConfig | None = None  # the hook `step_cache` put on
         self._guidance_scale = 2.5
         self._joint_attention_kwargs: dict[str, Any] = {}
         self._num_timesteps = 0
@@ -199,9 +203,44 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         """The `MLLMEncoder` over the registered `mllm`, `tokenizer` and `image_processor`."""
         key = (id(self.mllm), id(self.tokenizer), id(self.image_processor))
         if self._mllm_encoder is None or self._mllm_encoder_key != key:
-            self._mllm_encoder = MLLMEncoder(self.mllm, self.tokenizer, self.image_processor)
+            self._mllm_encoder = MLLMEncoder(
+                self.mllm, self.tokenizer, self.image_processor, **self._mllm_options
+            )
             self._mllm_encoder_key = key
         return self._mllm_encoder
+
+    def set_mllm_options(self, **options: Any) -> None:
+        """How the MLLM preprocesses references: `MLLMEncoder` options of this MLLM's family
+        (`crop_to_patches` for InternVL, `max_pixels` for Qwen2.5-VL); no options keeps the image
+        processor's own settings. Cached subject conditions made before are not updated."""
+        self._mllm_options = dict(options)
+        self._mllm_encoder = None
+        self.mllm_encoder  # noqa: B018 (built now, so that an option of another family fails here)
+
+    def _set_step_cache(self, step_cache: StepCache | None) -> None:
+        """Put diffusers' step-caching hook on the transformer as `step_cache` asks (or take off the one
+        a previous call put there), and empty its cached residuals so nothing carries over between calls.
+
+        A cache the caller enabled on `pipe.transformer` directly is left in place when `step_cache` is
+        `None`; the denoising loop wraps every transformer call in a cache context whenever one is on.
+        """
+        transformer = self.transformer
+        wanted = None
+        if step_cache is not None:
+            if step_cache.method != StepCacheMethod.first_block.value:
+                raise ValueError(f"Unknown step cache method {step_cache.method!r}; use 'first_block'.")
+            wanted = FirstBlockCacheConfig(threshold=step_cache.threshold)
+        applied = self._applied_step_cache
+        if wanted is not None and transformer._cache_config != wanted:
+            if transformer.is_cache_enabled:
+                transformer.disable_cache()
+            transformer.enable_cache(wanted)
+            self._applied_step_cache = wanted
+        elif wanted is None and applied is not None and transformer._cache_config is applied:
+            transformer.disable_cache()
+            self._applied_step_cache = None
+        if transformer.is_cache_enabled:
+            transformer._reset_stateful_cache()
 
     @torch.no_grad()
     def encode_null_condition(
@@ -712,6 +751,7 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         stage_thresholds: tuple[float, float] = PAPER_STAGE_THRESHOLDS,
         keep_mllm_condition: bool = False,
         reference_size: int = 512,
+        step_cache: StepCache | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -763,6 +803,11 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
             reference_size (`int`, defaults to 512):
                 Longer side the references are resized to before the VAE (ignored with `subject_condition` or
                 `reference_latents`).
+            step_cache (`StepCache`, *optional*):
+                Opt-in step caching through diffusers' hooks (`first_block`: diffusers' First Block Cache with
+                `threshold`): steps whose first-block output barely changed reuse the other blocks' cached
+                residual. Faster, and the pixels differ a little from exact sampling. Each (branch, stage) has
+                its own cache, since the sequence changes between stages. `None` samples exactly.
             num_images_per_prompt (`int`, defaults to 1):
                 Images per prompt.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
@@ -924,7 +969,27 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         else:
             guidance = None
 
-        def run_transformer(hidden_states, img_ids, embeds, pooled, mask, timestep):
+        self._set_step_cache(step_cache)
+        caching = self.transformer.is_cache_enabled
+
+        def run_transformer(branch, step, hidden_states, img_ids, embeds, pooled, mask, timestep):
+            # A step cache compares this call with the last one of its context: one context per CFG branch and
+            # stage, because the stages change the sequence (stage 1 leaves the references out, stage 3 swaps
+            # in the null condition), and a residual of another length or condition must never be reused.
+            context = (
+                self.transformer.cache_context(
+                    f"{branch}_stage{plan.stages[step]}",
+                    step_index=step,
+                    num_inference_steps=num_inference_steps,
+                    timestep=timestep[0],
+                )
+                if caching
+                else contextlib.nullcontext()
+            )
+            with context:
+                return _run_transformer(hidden_states, img_ids, embeds, pooled, mask, timestep)
+
+        def _run_transformer(hidden_states, img_ids, embeds, pooled, mask, timestep):
             attention_kwargs = dict(self._joint_attention_kwargs)
             if mask is not None:
                 attention_kwargs["attention_mask"] = self._joint_attention_mask(mask, hidden_states.shape[1])
@@ -964,9 +1029,13 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
                     embeds, pooled, mask = prompt_embeds, pooled_prompt_embeds, prompt_attention_mask
                 timestep = t.expand(total_batch).to(latents.dtype)
 
-                noise_pred = run_transformer(latent_model_input, img_ids, embeds, pooled, mask, timestep)
+                noise_pred = run_transformer(
+                    "cond", i, latent_model_input, img_ids, embeds, pooled, mask, timestep
+                )
                 if do_true_cfg and not use_null:
                     negative_pred = run_transformer(
+                        "uncond",
+                        i,
                         latent_model_input,
                         img_ids,
                         negative_prompt_embeds,

@@ -127,6 +127,9 @@ class MLLMEncoder:
             smaller of `tokenizer.model_max_length` and the LLM's `max_position_embeddings`.
         crop_to_patches (`bool`, *optional*):
             InternVL only: dynamic tiling, see `InternVLFamily`. `None` keeps the image processor's setting.
+        max_pixels (`int`, *optional*):
+            Qwen2.5-VL only: the most pixels a reference is resized to, see `Qwen25VLFamily`. `None` keeps
+            the image processor's setting.
     """
 
     def __init__(
@@ -137,11 +140,16 @@ class MLLMEncoder:
         max_length: int | None = None,
         *,
         crop_to_patches: bool | None = None,
+        max_pixels: int | None = None,
     ):
         adapter = family_adapter(model.config.model_type)  # ValueError for a family without an adapter
         if crop_to_patches is not None and adapter.name != "internvl":
             raise ValueError(f"`crop_to_patches` is an InternVL option; this MLLM is {adapter.name!r}.")
+        if max_pixels is not None and adapter.name != "qwen2_5_vl":
+            raise ValueError(f"`max_pixels` is a Qwen2.5-VL option; this MLLM is {adapter.name!r}.")
         options = {} if crop_to_patches is None else {"crop_to_patches": crop_to_patches}
+        if max_pixels is not None:
+            options["max_pixels"] = max_pixels
         self.adapter: MLLMFamily = adapter(model, tokenizer, image_processor, **options)
         self.family: str = adapter.name
         self.model = model
