@@ -157,6 +157,16 @@ logging: {{every: 1}}
 """
 
 
+@pytest.fixture
+def one_thread():
+    """The runs in this process use one thread, like the killed one in its subprocess: bit-equal results
+    need the same reduction order, whatever OMP_NUM_THREADS the suite was started with."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     weights = load_file(str(run / "stage2" / "lora" / "pytorch_lora_weights.safetensors"))
     aggregator = load_file(str(run / "stage2" / "aggregator" / "diffusion_pytorch_model.safetensors"))
@@ -164,7 +174,9 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_run_killed_with_sigkill_and_resumed_ends_like_an_uninterrupted_run(tmp_path: Path, squeeze) -> None:
+def test_run_killed_with_sigkill_and_resumed_ends_like_an_uninterrupted_run(
+    tmp_path: Path, squeeze, one_thread
+) -> None:
     data = TINY_DATA / "samples.jsonl"
     straight = tmp_path / "straight.yaml"
     straight.write_text(RESUME_CONFIG.format(out=tmp_path / "straight", data=data))
