@@ -114,15 +114,21 @@ def bench_prefix(args: argparse.Namespace) -> dict:
     }
 
 
-def bench_stages(args: argparse.Namespace, checkpoint: Path) -> dict:
+def _teapot_subject(checkpoint: Path, size: int):
+    """The checkpoint's pipeline (no progress bars) and the teapot example encoded as its subject."""
     from squeeze_cli.pipelines.squeeze import SqueezePipeline
-    from squeeze_cli.pipelines.stages import stage_plan
 
     pipe = SqueezePipeline.from_pretrained(checkpoint)
     pipe.set_progress_bar_config(disable=True)
     references = [Image.open(p).convert("RGB") for p in sorted((ROOT / "examples/images/teapot").glob("*"))]
+    return pipe, pipe.encode_subject(references, reference_size=size)
+
+
+def bench_stages(args: argparse.Namespace, checkpoint: Path) -> dict:
+    from squeeze_cli.pipelines.stages import stage_plan
+
+    pipe, subject = _teapot_subject(checkpoint, args.size_px)
     size = args.size_px
-    subject = pipe.encode_subject(references, reference_size=size)
     embeds, pooled, _ = pipe.encode_prompt("a teapot on the beach", subject)
     latents, latent_ids = pipe.prepare_latents(1, 16, size, size, torch.float32, "cpu", None)
     reference_tokens, reference_ids = pipe._prepare_reference_tokens(
@@ -188,13 +194,9 @@ def bench_stages(args: argparse.Namespace, checkpoint: Path) -> dict:
 
 def bench_step_cache(args: argparse.Namespace, checkpoint: Path) -> dict:
     from squeeze_cli.params import StepCache
-    from squeeze_cli.pipelines.squeeze import SqueezePipeline
 
-    pipe = SqueezePipeline.from_pretrained(checkpoint)
-    pipe.set_progress_bar_config(disable=True)
-    references = [Image.open(p).convert("RGB") for p in sorted((ROOT / "examples/images/teapot").glob("*"))]
+    pipe, subject = _teapot_subject(checkpoint, args.size_px)
     size = args.size_px
-    subject = pipe.encode_subject(references, reference_size=size)
     prompts = ["a teapot on the beach", "a teapot in the snow"][: max(1, min(args.prompts, 2))]
     passes = {"count": 0}
     tail = pipe.transformer.single_transformer_blocks[-1].proj_out
