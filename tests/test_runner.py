@@ -337,3 +337,15 @@ def test_grids_and_contact_sheets_follow_the_output_settings(project: Path, gen,
     )
     assert bool(list(out.glob("*/grid-*.png"))) is grids
     assert bool(list(out.glob("*/contact-sheet.png"))) is sheets
+
+
+def test_each_local_process_gets_its_share_of_the_cores_unless_the_user_set_threads() -> None:
+    import os
+
+    from squeeze_cli.gen.processes import threads_per_process
+
+    cores = len(os.sched_getaffinity(0))
+    assert threads_per_process({"OMP_NUM_THREADS": "3"}, 2) is None
+    assert threads_per_process({"LOCAL_WORLD_SIZE": "2"}, 4) == max(1, cores // 2)
+    assert threads_per_process({}, 1) == cores  # one process alone keeps every core
+    assert threads_per_process({}, 10 * cores) == 1  # never below one thread

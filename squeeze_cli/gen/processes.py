@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
+
+
+def threads_per_process(environ: Mapping[str, str], num_processes: int) -> int | None:
+    """Each of several processes gets its share of the cores (torch's default is all of them in every
+    process, which oversubscribes), on CPU and for CPU work beside a GPU; None when the user set
+    `OMP_NUM_THREADS` (theirs wins)."""
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    local = int(environ.get("LOCAL_WORLD_SIZE", num_processes))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, local))
 
 
 class Processes:
@@ -19,14 +31,9 @@ class Processes:
             # Without cpu=True on a machine with no GPU, each process would believe it is alone.
             self.state = PartialState(cpu=not torch.cuda.is_available())
             self.index, self.count = self.state.process_index, self.state.num_processes
-            # Each process its share of the cores (torch's default is all of them in every process, which
-            # oversubscribes), on CPU and for CPU work beside a GPU; a user's OMP_NUM_THREADS wins.
-            if not os.environ.get("OMP_NUM_THREADS"):
-                local = int(os.environ.get("LOCAL_WORLD_SIZE", self.count))
-                cores = (
-                    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-                )
-                torch.set_num_threads(max(1, cores // max(1, local)))
+            threads = threads_per_process(os.environ, self.count)
+            if threads is not None:
+                torch.set_num_threads(threads)
 
     @property
     def is_main(self) -> bool:
