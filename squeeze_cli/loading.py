@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from squeeze_cli.errors import ModelLoadError, UsageError
-from squeeze_cli.manifest.schema import ModelSpec
+from squeeze_cli.manifest.schema import ComponentSource, ModelSpec
 from squeeze_cli.model_checks import LOAD_ORDER
 from squeeze_cli.params import Dtype
 from squeeze_cli.pipelines.registry import DEFAULT_PIPELINE, pipeline_spec
@@ -76,12 +76,14 @@ def _use_safetensors(allow_pickle: bool) -> bool | None:
 
 def _component_loaders() -> dict[str, Any]:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     from squeeze_cli.pipelines.aggregator import DualLayerAggregator
 
     return {
-        "mllm": AutoModelForImageTextToText,
+        # The base model (`InternVLModel`, `Qwen2_5_VLModel`): squeeze reads hidden states, so the LM head
+        # (about 1 GiB in bf16 at 8 B parameters) would only take memory.
+        "mllm": AutoModel,
         "tokenizer": AutoTokenizer,
         "image_processor": AutoImageProcessor,
         "aggregator": DualLayerAggregator,
@@ -110,7 +112,17 @@ def _load_error(what: str, source: str, error: Exception, field: str) -> ModelLo
     return ModelLoadError(f"cannot load {what} from `{source}`: {reason}", hint)
 
 
-def load_component(name: str, source: Any, *, dtype: torch.dtype, spec: ModelSpec, allow_pickle: bool) -> Any:
+def load_component(
+    name: str,
+    source: Any,
+    *,
+    dtype: torch.dtype,
+    spec: ModelSpec,
+    allow_pickle: bool,
+    field: str | None = None,
+) -> Any:
+    """One component with its library's `from_pretrained`; `field` is the setting an error names (by default
+    `model.components.<name>.path`)."""
     loader = _component_loaders()[name]
     kwargs: dict[str, Any] = {}
     if source.subfolder:
@@ -127,7 +139,7 @@ def load_component(name: str, source: Any, *, dtype: torch.dtype, spec: ModelSpe
     try:
         return loader.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as error:
-        raise _load_error(name, source.path, error, f"model.components.{name}.path") from error
+        raise _load_error(name, source.path, error, field or f"model.components.{name}.path") from error
 
 
 def load_pipeline(
@@ -181,6 +193,16 @@ def load_pipeline(
         name: load_component(name, component, dtype=dtype, spec=spec, allow_pickle=allow_pickle)
         for name, component in ordered
     }
+    if "mllm" not in overrides:
+        # The folder's model_index names the MLLM with its LM head; load it as the base model instead.
+        overrides["mllm"] = load_component(
+            "mllm",
+            ComponentSource(path=source, subfolder="mllm"),
+            dtype=dtype,
+            spec=spec,
+            allow_pickle=allow_pickle,
+            field="model.pipeline",
+        )
     try:
         if source is None:
             pipe = SqueezePipeline(**overrides)

@@ -158,3 +158,17 @@ def test_a_fused_lora_gives_the_unfused_output(tiny_dir: Path, tmp_path: Path) -
     # The unload after fusing kept the merged weights: the LoRA still changes the output.
     plain = generate(load_pipeline(ModelSpec(pipeline=str(tiny_dir), dtype="float32")))
     assert np.abs(fused_image - plain).max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl"])
+def test_the_mllm_is_loaded_without_its_lm_head(family: str, tmp_path: Path) -> None:
+    from squeeze_cli.pipelines.squeeze import SqueezePipeline
+
+    folder = build_tiny_pipeline(tmp_path / "pipe", family=family)
+    pipe = load_pipeline(ModelSpec(pipeline=str(folder), dtype="float32"))
+    assert not hasattr(pipe.mllm, "lm_head")  # the base model: its hidden states are all squeeze reads
+    assert type(pipe.mllm).__name__ in ("InternVLModel", "Qwen2_5_VLModel")
+    # The same images as the folder's own class (with the head) gives.
+    with_head = SqueezePipeline.from_pretrained(folder, dtype=torch.float32)
+    assert hasattr(with_head.mllm, "lm_head")
+    np.testing.assert_array_equal(generate(pipe), generate(with_head))

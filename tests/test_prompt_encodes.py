@@ -109,3 +109,34 @@ def test_a_subject_condition_reuses_its_instructions_and_plain_calls_do_not(inst
     for _ in range(2):  # references passed in: a fresh subject condition per call, nothing kept
         pipe("a toy", references, generator=[torch.Generator().manual_seed(0)], **params)
     assert instruction_encodes == ["a toy", "a toy"]
+
+
+@pytest.mark.parametrize("ahead", [16, 1])
+def test_a_subjects_prompts_are_encoded_before_its_batches(project, squeeze, monkeypatch, ahead):
+    """With model offload every switch between the MLLM and the transformer moves gigabytes: the runner
+    encodes the next `PROMPTS_AHEAD` distinct prompts together, then denoises their batches."""
+    from squeeze_cli.gen import runner
+
+    events: list[str] = []
+    original_encode, original_generate = MLLMEncoder.encode_instruction, runner.Runner._generate
+
+    def encode(self, prefix, instruction):
+        events.append(f"encode {instruction}")
+        return original_encode(self, prefix, instruction)
+
+    def generate(self, batch, condition):
+        events.append(f"generate {batch[0].prompt}")
+        return original_generate(self, batch, condition)
+
+    monkeypatch.setattr(MLLMEncoder, "encode_instruction", encode)
+    monkeypatch.setattr(runner.Runner, "_generate", generate)
+    monkeypatch.setattr(runner, "PROMPTS_AHEAD", ahead)
+    assert squeeze("gen", str(project / "m.yaml"), "--quiet").code == 0
+    first, second = "a dog in the snow", "a dog on the beach"
+    if ahead == 16:  # both prompts of the dog, then its six images
+        expected = [f"encode {first}", f"encode {second}"] + [f"generate {first}"] * 3 + [f"generate {second}"] * 3
+    else:  # one prompt at a time, still once each
+        expected = [f"encode {first}"] + [f"generate {first}"] * 3 + [f"encode {second}"]
+        expected += [f"generate {second}"] * 3
+    assert events[:8] == expected
+    assert len([e for e in events if e.startswith("encode")]) == NUM_PROMPTS

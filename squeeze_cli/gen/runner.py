@@ -56,6 +56,12 @@ def _is_out_of_memory(error: BaseException) -> bool:
     )
 
 
+# How many distinct prompts of a subject are encoded ahead of their batches, together: enough to make model
+# offload move the MLLM once per many batches, few enough that their conditions take little memory (an
+# InternVL3 condition of three references is ~6 MiB in bf16).
+PROMPTS_AHEAD = 16
+
+
 def _batches(jobs: Sequence[Job], batch_size: int) -> Iterator[list[Job]]:
     """Consecutive jobs of one subject with equal sampling parameters, at most `batch_size` at a time."""
     for _, group in groupby(jobs, key=lambda job: (job.subject_index, job.params)):
@@ -163,9 +169,13 @@ class Runner:
             conditions = self._encode_subject(subject_jobs)
             if conditions is None:
                 continue
-            for batch in _batches(subject_jobs, self.options.batch_size):
+            batches = list(_batches(subject_jobs, self.options.batch_size))
+            prepared = 0  # batches[:prepared] have their prompts encoded
+            for number, batch in enumerate(batches):
                 if stop.signum is not None:
                     return
+                if number == prepared:
+                    prepared = self._prepare_prompts(batches, number, conditions)
                 self._generate(batch, conditions[batch[0].params.reference_size])
 
     def _encode_subject(self, jobs: list[Job]) -> dict[int, Any] | None:
@@ -183,6 +193,30 @@ class Runner:
             return None
         self.timings["encode_subjects"] += time.perf_counter() - started
         return conditions
+
+    def _prepare_prompts(self, batches: list[list[Job]], start: int, conditions: dict[int, Any]) -> int:
+        """Encode the prompts of `batches[start:end]` (at most `PROMPTS_AHEAD` distinct ones) before they
+        run, so the MLLM runs for them together (with model offload: one move onto the GPU, not one per
+        batch); returns `end`. Encoding failures are left to each batch's own call, which reports them."""
+        end, prompts = start, set()
+        while end < len(batches) and len(prompts | {job.prompt for job in batches[end]}) <= PROMPTS_AHEAD:
+            prompts |= {job.prompt for job in batches[end]}
+            end += 1
+        end = max(end, start + 1)
+        prepare_prompts = getattr(self.pipe, "prepare_prompts", None)
+        if prepare_prompts is None:
+            return end
+        started = time.perf_counter()
+        by_size: dict[int, list[str]] = {}
+        for batch in batches[start:end]:
+            by_size.setdefault(batch[0].params.reference_size, []).extend(job.prompt for job in batch)
+        for size, size_prompts in by_size.items():
+            try:
+                prepare_prompts(conditions[size], size_prompts)
+            except Exception:  # noqa: BLE001 - the batch's own `pipe(...)` encodes again and reports the error
+                break
+        self.timings["encode_subjects"] += time.perf_counter() - started
+        return end
 
     def _generate(self, batch: list[Job], condition: Any) -> None:
         import torch

@@ -276,6 +276,12 @@ class QwenImageEditPlusPipeline(DiffusersQwenImageEditPlusPipeline):
                     f"sequence, more than the {self.max_vl_tokens} Qwen-Image-Edit reads; shorten it"
                 )
 
+    def prepare_prompts(self, subject_condition: QwenEditSubject, prompts: Sequence[str]) -> None:
+        """Encode `prompts` now on the subject's prefix (kept on the subject), so that with model offload the
+        VL encoder moves onto the GPU once for them all, not once per `__call__`."""
+        for prompt in dict.fromkeys(prompts):
+            self.encode_instruction(subject_condition, prompt)
+
     @torch.no_grad()
     def encode_instruction(self, subject: QwenEditSubject, prompt: str) -> torch.Tensor:
         """The transformer's text condition (tokens, D) for one prompt with the subject's references, cached

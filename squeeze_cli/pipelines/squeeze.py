@@ -98,8 +98,9 @@ class SubjectCondition:
         image_tokens: the aggregated image tokens of the prefix, (n_image_tokens, joint_attention_dim).
         reference_latents: per reference, normalised VAE latents of shape (latent_channels, h, w).
         instruction_conditions: the aggregated conditions of the instructions most recently encoded on
-            this subject, by text (at most `INSTRUCTION_MEMO_SIZE`, or one call's prompts), reused by later
-            calls: a prompt's seeds come one after another, so each prompt is encoded once, not per batch.
+            this subject, by text (at most `memo_size`, or one call's prompts), reused by later calls: a
+            prompt's seeds come one after another, so each prompt is encoded once, not per batch.
+        memo_size: how many instruction conditions to keep; `prepare_prompts` raises it to what it encodes.
     """
 
     prefix: PrefixCache | None
@@ -108,6 +109,7 @@ class SubjectCondition:
     instruction_conditions: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False
     )
+    memo_size: int = INSTRUCTION_MEMO_SIZE
 
     @property
     def num_references(self) -> int:
@@ -298,6 +300,41 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         image_mask = condition_mask.new_ones(condition_mask.shape[0], num_image_tokens)
         return torch.cat([condition_mask, image_mask], dim=1)
 
+    def _instruction_conditions(
+        self, prompts: list[str], subject_condition: SubjectCondition | None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each prompt's aggregated condition `(embeds (n, D), pooled (P,))`, from the subject's memo or
+        encoded on its prefix (then remembered); without a prefix the MLLM reads the instruction alone."""
+        prefix = subject_condition.prefix if subject_condition is not None else None
+        known = subject_condition.instruction_conditions if prefix is not None else {}
+        encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for text in prompts:
+            if text in encoded or text in known:  # the same text gives the same condition: encode it once
+                encoded[text] = encoded.get(text) or known[text]
+            elif prefix is not None:
+                encoding = self.mllm_encoder.encode_instruction(prefix, text)
+                encoded[text] = self.aggregator(encoding, image_tokens=subject_condition.image_tokens)
+            else:
+                encoded[text] = self.aggregator(self.mllm_encoder.encode([], text))
+        if prefix is not None:
+            memo = subject_condition.instruction_conditions
+            for text, condition in encoded.items():  # most recent last; the oldest go first
+                memo.pop(text, None)
+                memo[text] = condition
+            while len(memo) > max(subject_condition.memo_size, len(encoded)):
+                memo.pop(next(iter(memo)))
+        return [encoded[text] for text in prompts]
+
+    @torch.no_grad()
+    def prepare_prompts(self, subject_condition: SubjectCondition, prompts: Sequence[str]) -> None:
+        """Encode `prompts` on the subject's prefix now and keep them for the `__call__`s that follow.
+
+        With model offload, every call that encodes moves the MLLM onto the GPU and the transformer off it;
+        encoding the next prompts of a subject together makes that one move for all of them.
+        """
+        subject_condition.memo_size = max(subject_condition.memo_size, len(set(prompts)))
+        self._instruction_conditions(list(prompts), subject_condition)
+
     @torch.no_grad()
     def encode_prompt(
         self,
@@ -336,30 +373,9 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         dtype = dtype or self.transformer.dtype
         if prompt_embeds is None:
             prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-            prefix = subject_condition.prefix if subject_condition is not None else None
-            embeds, pooled = [], []
-            known = subject_condition.instruction_conditions if prefix is not None else {}
-            encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-            for text in prompt:
-                if text in encoded or text in known:  # the same text gives the same condition: encode it once
-                    e, p = encoded.get(text) or known[text]
-                elif prefix is not None:
-                    encoding = self.mllm_encoder.encode_instruction(prefix, text)
-                    e, p = self.aggregator(encoding, image_tokens=subject_condition.image_tokens)
-                else:
-                    e, p = self.aggregator(self.mllm_encoder.encode([], text))
-                encoded[text] = (e, p)
-                embeds.append(e)
-                pooled.append(p)
-            if prefix is not None:
-                memo = subject_condition.instruction_conditions
-                for text, condition in encoded.items():  # most recent last; the oldest go first
-                    memo.pop(text, None)
-                    memo[text] = condition
-                while len(memo) > max(INSTRUCTION_MEMO_SIZE, len(encoded)):
-                    memo.pop(next(iter(memo)))
-            prompt_embeds, prompt_attention_mask = self._pad_conditions(embeds)
-            pooled_prompt_embeds = torch.stack(pooled)
+            conditions = self._instruction_conditions(prompt, subject_condition)
+            prompt_embeds, prompt_attention_mask = self._pad_conditions([e for e, _ in conditions])
+            pooled_prompt_embeds = torch.stack([p for _, p in conditions])
 
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(
             num_images_per_prompt, 0

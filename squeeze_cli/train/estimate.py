@@ -109,7 +109,7 @@ def build_meta_models(loaded: LoadedConfig) -> MetaModels:
     """The recipe's models, the LoRA and a new aggregator, on the meta device (no memory, no weights)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModel
 
     from squeeze_cli.manifest.recipes import load_recipe
     from squeeze_cli.train.models import build_trainable
@@ -124,7 +124,7 @@ def build_meta_models(loaded: LoadedConfig) -> MetaModels:
     with init_empty_weights():
         transformer = FluxTransformer2DModel.from_config(transformer_config)
         vae = AutoencoderKL.from_config(vae_config)
-        mllm = AutoModelForImageTextToText.from_config(mllm_config)
+        mllm = AutoModel.from_config(mllm_config)  # the base model, as `squeeze_cli.loading` loads it
         aggregator = build_trainable(loaded, mllm, transformer, loaded.config.seed)
     return MetaModels(transformer, mllm, vae, aggregator)
 
