@@ -134,7 +134,8 @@ def test_a_subjects_prompts_are_encoded_before_its_batches(project, squeeze, mon
     assert squeeze("gen", str(project / "m.yaml"), "--quiet").code == 0
     first, second = "a dog in the snow", "a dog on the beach"
     if ahead == 16:  # both prompts of the dog, then its six images
-        expected = [f"encode {first}", f"encode {second}"] + [f"generate {first}"] * 3 + [f"generate {second}"] * 3
+        expected = [f"encode {first}", f"encode {second}"] + [f"generate {first}"] * 3
+        expected += [f"generate {second}"] * 3
     else:  # one prompt at a time, still once each
         expected = [f"encode {first}"] + [f"generate {first}"] * 3 + [f"encode {second}"]
         expected += [f"generate {second}"] * 3

@@ -174,8 +174,8 @@ class KontextPipeline(FluxKontextPipeline):
                 )
 
     def prepare_prompts(self, subject_condition: KontextSubject, prompts: Sequence[str]) -> None:
-        """Encode `prompts` now into the prompt cache (at most `PROMPT_CACHE_SIZE`), so that with model offload
-        the text encoders move onto the GPU once for them all, not once per `__call__`."""
+        """Encode `prompts` now into the prompt cache (at most `PROMPT_CACHE_SIZE`), so that with model
+        offload the text encoders move onto the GPU once for them all, not once per `__call__`."""
         device = self._execution_device
         self.encode_prompts(list(dict.fromkeys(prompts))[-PROMPT_CACHE_SIZE:], device, self.transformer.dtype)
 
