@@ -12,6 +12,8 @@
 - processes: `squeeze gen` as 1 process (1 thread) against 2 under `accelerate launch` (target >= 1.6x on 2
              cores); with --all-process-variants also 1 process on all cores, and 2 processes with
              OMP_NUM_THREADS = all cores each (what torch does when nobody sets it).
+- cost:      transformer CPU seconds per image with 1, 2 and 4 references (28 steps, stage plan on) against
+             `plan.estimate_cost`'s prediction with the model's real width and MLLM tokens per reference.
 - step_cache: images/s with `step_cache` (diffusers' First Block Cache, thresholds --cache-thresholds)
              against exact sampling, 28 steps, the stage plan on; the pixel difference of the same seeds
              (mean and max |Δ| in 0–255 levels, PSNR) and the full transformer passes per image.
@@ -189,6 +191,77 @@ def bench_stages(args: argparse.Namespace, checkpoint: Path) -> dict:
         "image_seconds_plan": summary(image_times["plan"]),
         "image_seconds_every_step_full": summary(image_times["no_plan"]),
         "plan_over_full": ratios(image_times, "plan", "no_plan"),
+    }
+
+
+def bench_cost(args: argparse.Namespace, checkpoint: Path) -> dict:
+    """Transformer seconds per image with 1, 2 and 4 references against `plan.estimate_cost`'s prediction,
+    given the model's real width and MLLM tokens per reference: does the cost model rank jobs right?"""
+    from squeeze_cli.params import SamplingParams
+    from squeeze_cli.pipelines.squeeze import SqueezePipeline
+    from squeeze_cli.plan import estimate_cost
+
+    pipe = SqueezePipeline.from_pretrained(checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    size, prompt, counts = args.size_px, "a teapot on the beach", (1, 2, 4)
+    rng = np.random.default_rng(0)
+    photos = [
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(max(counts))
+    ]
+    subjects = {n: pipe.encode_subject(photos[:n], reference_size=size) for n in counts}
+    transformer_seconds = {n: [] for n in counts}
+    active: list[int] = []
+
+    def timed(module, inputs, output) -> None:
+        transformer_seconds[active[0]][-1] += time.process_time() - started[0]
+
+    started = [0.0]
+    pre = pipe.transformer.register_forward_pre_hook(lambda *_: started.__setitem__(0, time.process_time()))
+    post = pipe.transformer.register_forward_hook(timed)
+
+    def image(n: int) -> Callable[[], None]:
+        def run() -> None:
+            active[:] = [n]
+            transformer_seconds[n].append(0.0)
+            pipe(
+                prompt,
+                subject_condition=subjects[n],
+                height=size,
+                width=size,
+                num_inference_steps=28,
+                reference_size=size,
+                generator=[torch.Generator().manual_seed(0)],
+                output_type="np",
+            )
+
+        return run
+
+    alternate({f"{n} references": image(n) for n in counts}, args.rounds)
+    pre.remove()
+    post.remove()
+    config = pipe.transformer.config
+    width = config.num_attention_heads * config.attention_head_dim
+    per_reference = subjects[1].image_tokens.shape[0]
+    params = SamplingParams(height=size, width=size, num_inference_steps=28, reference_size=size)
+    predicted = {
+        n: estimate_cost(
+            params, n, prompt, condition_tokens_per_reference=per_reference, transformer_width=width
+        )
+        for n in counts
+    }
+    measured = {n: times[1:] for n, times in transformer_seconds.items()}  # the first round warms up
+    return {
+        "size": size,
+        "transformer_width": width,
+        "condition_tokens_per_reference": per_reference,
+        "transformer_cpu_seconds": {n: summary(times) for n, times in measured.items()},
+        "measured_over_one_reference": {
+            n: summary([a / b for a, b in zip(measured[n], measured[1], strict=True)]) for n in counts[1:]
+        },
+        "predicted_over_one_reference": {n: predicted[n] / predicted[1] for n in counts[1:]},
+        "predicted_full_size_over_one_reference": {
+            n: estimate_cost(params, n, prompt) / estimate_cost(params, 1, prompt) for n in counts[1:]
+        },
     }
 
 
@@ -409,6 +482,16 @@ def main() -> None:
                 f"{fmt(r['image_seconds_every_step_full'], ' s')}: {fmt(r['plan_over_full'])}",
                 flush=True,
             )
+        if "cost" in args.only:
+            report["cost"] = r = bench_cost(args, checkpoint)
+            for n, stats in r["measured_over_one_reference"].items():
+                print(
+                    f"cost model at {r['size']}², 28 steps, {n} references / 1: transformer CPU time "
+                    f"×{fmt(stats, digits=2)}, predicted ×{r['predicted_over_one_reference'][n]:.2f} "
+                    f"(width {r['transformer_width']}, {r['condition_tokens_per_reference']} MLLM tokens "
+                    "per reference)",
+                    flush=True,
+                )
         if "step_cache" in args.only:
             report["step_cache"] = r = bench_step_cache(args, checkpoint)
             for name, v in r["variants"].items():

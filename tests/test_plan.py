@@ -281,12 +281,28 @@ def test_plan_refuses_more_jobs_than_the_limit(refs, write_file):
 
 def test_cost_grows_with_size_steps_and_references():
     base = estimate_cost(SamplingParams(), 1)
+    assert estimate_cost(SamplingParams(height=512, width=512, reference_size=512), 1) == pytest.approx(1.0)
     assert estimate_cost(SamplingParams(), 2) > base
-    assert estimate_cost(SamplingParams(num_inference_steps=56), 1) == pytest.approx(2 * base)
-    assert estimate_cost(SamplingParams(height=1024, width=1024, reference_size=1024), 1) == pytest.approx(
-        4 * base
-    )
+    assert estimate_cost(SamplingParams(num_inference_steps=56), 1) == pytest.approx(2 * base, rel=0.05)
+    # Attention makes a 1024² image more than 4x a 512² one.
+    assert estimate_cost(SamplingParams(height=1024, width=1024, reference_size=1024), 1) > 4 * base
     assert estimate_cost(SamplingParams(true_cfg_scale=2.0, negative_prompt=""), 1) == pytest.approx(2 * base)
+
+
+def test_cost_counts_the_condition_tokens_each_stage_runs_on():
+    params = SamplingParams()
+    one, four = estimate_cost(params, 1), estimate_cost(params, 4)
+    # More than the references' pixels alone say ((1 + 4) / (1 + 1) = 2.5): each reference also brings
+    # MLLM condition tokens, and attention grows with the square of the sequence.
+    assert four / one > 2.5
+    assert estimate_cost(params, 1, "a dog " * 40) > estimate_cost(params, 1, "a dog")
+    # Stage 3's null condition is shorter than the MLLM's, unless the MLLM condition is kept.
+    assert estimate_cost(SamplingParams(keep_mllm_condition=True), 1) > one
+    # Pipelines without the stage plan run every step on references and condition.
+    assert estimate_cost(params, 1, staged=False) > one
+    # Costs are in units of the same model's one-reference image; MLLM tokens make references dearer.
+    longer = {"condition_tokens_per_reference": 512}
+    assert estimate_cost(params, 4, **longer) / estimate_cost(params, 1, **longer) > four / one
 
 
 # Sharding -------------------------------------------------------------------------------------------

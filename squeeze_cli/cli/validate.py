@@ -74,11 +74,10 @@ def validate(
         typer.echo(format_summary(summary))
 
 
-COST_UNIT_TEXT = "one 512x512 image at 28 steps without references; true CFG counts twice"
-
-
 def plan_summary(loaded: LoadedManifest, jobs: Sequence[Job]) -> dict:
     """The JSON-able summary `validate` prints: subjects, references, jobs, images per size."""
+    from squeeze_cli import plan
+
     per_subject = Counter(job.subject_index for job in jobs)
     sizes = Counter(f"{job.params.width}x{job.params.height}" for job in jobs)
     return {
@@ -102,7 +101,7 @@ def plan_summary(loaded: LoadedManifest, jobs: Sequence[Job]) -> dict:
         "images_per_size": dict(sorted(sizes.items())),
         # Transformer work, in images' worth (`plan.estimate_cost`); `estimated_cost_unit` says what 1 is.
         "estimated_cost": round(sum(job.cost for job in jobs), 3),
-        "estimated_cost_unit": COST_UNIT_TEXT,
+        "estimated_cost_unit": plan.COST_UNIT,
     }
 
 
@@ -123,6 +122,7 @@ def format_summary(summary: dict) -> str:
         )
     lines.append(f"jobs      {summary['jobs']:,} (limit {summary['max_jobs']:,})")
     lines.append("images    " + ", ".join(f"{size}: {n:,}" for size, n in summary["images_per_size"].items()))
-    lines.append(f"work      about {summary['estimated_cost']:,.1f} units (1 unit = {COST_UNIT_TEXT})")
+    cost, unit = summary["estimated_cost"], summary["estimated_cost_unit"]
+    lines.append(f"work      about {cost:,.1f} units (1 unit = {unit})")
     lines.append("ok: the manifest is valid; nothing was generated")
     return "\n".join(lines)
