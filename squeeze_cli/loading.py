@@ -59,6 +59,14 @@ def ensure_tiny_checkpoint(family: str, pipeline_class: str | None = None) -> Pa
             pipeline_spec(pipeline_class).build_tiny(staging, seed=0)
         else:
             build_tiny_pipeline(staging, family=family, seed=0)
+        missing = _missing_weights(staging)
+        if missing:
+            # transformers' save_pretrained writes nothing on a distributed rank other than 0: such a folder
+            # must never become the cache every later run trusts.
+            raise ModelLoadError(
+                f"the tiny checkpoint built in this process lacks weights ({', '.join(missing)})",
+                "build it from one process first (`squeeze gen` does so on the main process), then launch",
+            )
         try:
             os.rename(staging, target)
         except OSError:
@@ -67,6 +75,23 @@ def ensure_tiny_checkpoint(family: str, pipeline_class: str | None = None) -> Pa
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def builtin_checkpoint(spec: ModelSpec) -> Path:
+    """The tiny checkpoint a `builtin: tiny` model section runs (its family's, or its pipeline's twin)."""
+    return ensure_tiny_checkpoint(spec.family or "internvl", spec.pipeline_class)
+
+
+def _missing_weights(folder: Path) -> list[str]:
+    """The component folders of a freshly built checkpoint that are empty or have a model config but no
+    weights: what transformers' save_pretrained leaves on a distributed rank other than 0."""
+    return sorted(
+        part.name
+        for part in folder.iterdir()
+        if part.is_dir()
+        and (not any(part.iterdir()) or (part / "config.json").is_file())
+        and not any(part.glob("*.safetensors"))
+    )
 
 
 def _use_safetensors(allow_pickle: bool) -> bool | None:
@@ -181,7 +206,7 @@ def load_pipeline(
         return _finish_loading(
             pipe, spec, device=device, offload=offload, allow_pickle=allow_pickle, fuse_lora=fuse_lora
         )
-    source = str(ensure_tiny_checkpoint(spec.family or "internvl")) if spec.builtin else spec.pipeline
+    source = str(builtin_checkpoint(spec)) if spec.builtin else spec.pipeline
     components = dict(spec.components)
     if source is None:
         # Assembled from parts: the MLLM's tokenizer and image processor live with it unless named.
@@ -244,7 +269,7 @@ def _load_registered_pipeline(spec: ModelSpec, *, dtype: torch.dtype, allow_pick
     """Load `spec.pipeline_class`'s pipeline (FLUX.1 Kontext, Qwen-Image-Edit-Plus) from `spec.pipeline` (a
     hub id or folder), or its tiny twin for `builtin: tiny`, through the class's own `from_pretrained`."""
     registered = pipeline_spec(spec.pipeline_class)
-    source = str(ensure_tiny_checkpoint("", spec.pipeline_class)) if spec.builtin else spec.pipeline
+    source = str(builtin_checkpoint(spec)) if spec.builtin else spec.pipeline
     qwen = registered.name == "qwen-image-edit-plus"
     # The hub's model_index names `Qwen2VLProcessor`, which diffusers would build (and would refuse an image
     # processor passed in its place): skip it while loading, then register the image processor.

@@ -58,3 +58,17 @@ def test_embeddings_are_normalised_batch_independent_and_an_image_matches_itself
         if spec.role == "clip":
             texts = encoder.embed_texts(["a dog in the snow", "a red backpack on the beach"])
             assert texts.shape[0] == 2 and float(texts[0] @ texts[1]) < 1 - 1e-4
+
+
+def test_a_tiny_metric_model_without_its_weights_never_enters_the_cache(tmp_path, monkeypatch) -> None:
+    from transformers import PreTrainedModel
+
+    from squeeze_cli.errors import ModelLoadError
+    from squeeze_cli.eval.tiny import ensure_tiny_metric_checkpoint
+
+    # As on rank 1 of a distributed run: transformers' save_pretrained then writes no weights.
+    monkeypatch.setattr(PreTrainedModel, "should_save_on_this_rank", lambda self, is_main_process: False)
+    monkeypatch.setenv("SQUEEZE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelLoadError, match="lacks its weights"):
+        ensure_tiny_metric_checkpoint("dino")
+    assert list((tmp_path / "cache").iterdir()) == []

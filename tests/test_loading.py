@@ -172,3 +172,15 @@ def test_the_mllm_is_loaded_without_its_lm_head(family: str, tmp_path: Path) -> 
     with_head = SqueezePipeline.from_pretrained(folder, dtype=torch.float32)
     assert hasattr(with_head.mllm, "lm_head")
     np.testing.assert_array_equal(generate(pipe), generate(with_head))
+
+
+def test_a_tiny_checkpoint_without_its_weights_never_enters_the_cache(tmp_path: Path, monkeypatch) -> None:
+    from transformers import PreTrainedModel
+
+    # As on rank 1 of a distributed run: transformers' save_pretrained then writes no weights.
+    monkeypatch.setattr(PreTrainedModel, "should_save_on_this_rank", lambda self, is_main_process: False)
+    monkeypatch.setenv("SQUEEZE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelLoadError) as incomplete:
+        ensure_tiny_checkpoint("internvl")
+    assert "lacks weights (mllm)" in incomplete.value.message
+    assert list((tmp_path / "cache").iterdir()) == []  # neither the broken folder nor its staging copy

@@ -234,7 +234,10 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_split_the_jobs_and_match_one_process(project: Path, gen) -> None:
     gen(str(project / "m.yaml"), "--out", str(project / "one"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # A cold cache: the tiny checkpoint is built by the main process while the other waits (built by rank 1,
+    # it would lack the weights transformers writes on rank 0 only).
+    cold_cache = project / "cold-cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SQUEEZE_CACHE": str(cold_cache)}
     command = [
         sys.executable,
         "-m",
@@ -269,6 +272,7 @@ def test_two_processes_split_the_jobs_and_match_one_process(project: Path, gen) 
     ranks = {json.loads(p.read_text())["process"] for p in (project / "two").glob("*/[0-9]*-s*.json")}
     assert ranks == {0, 1}
     assert_same_images(images_of(project / "one"), images_of(project / "two"))
+    assert [p.name for p in cold_cache.iterdir()] == ["tiny-internvl-v2"]  # one complete build, no staging
 
 
 def test_an_instruction_longer_than_the_context_is_refused_before_writing(project: Path, gen) -> None:

@@ -37,15 +37,21 @@ class IdentityGate:
 
     def __init__(self, quality: QualityGate, preset_name: str, device: str = "cpu"):
         from squeeze_cli.eval.encoders import Encoder
-        from squeeze_cli.eval.protocol import make_protocol
 
         self.quality = quality
+        self.spec = self.dino_spec(quality, preset_name)
+        self.encoder = Encoder(self.spec, device)
+        self._references: dict[str, Any] = {}
+
+    @staticmethod
+    def dino_spec(quality: QualityGate, preset_name: str) -> Any:
+        """The DINO model the gate scores with (building the tiny one into the cache when it is chosen)."""
+        from squeeze_cli.eval.protocol import make_protocol
+
         metrics = quality.metrics
         if metrics == "auto":
             metrics = "tiny" if preset_name == "tiny" else "dreambench"
-        self.spec = make_protocol(metrics).encoder("dino")
-        self.encoder = Encoder(self.spec, device)
-        self._references: dict[str, Any] = {}
+        return make_protocol(metrics).encoder("dino")
 
     def score(self, image: Image.Image, references: Sequence[str]) -> float:
         """Mean DINO cosine of `image` with each reference (the `DINO` column of `squeeze eval`)."""

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from squeeze_cli.errors import ModelLoadError
 from squeeze_cli.loading import cache_dir
 
 # Bump when a builder changes what it writes, so old caches are not reused.
@@ -143,6 +144,12 @@ def ensure_tiny_metric_checkpoint(name: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build_tiny_metric_model(name, staging)
+        # transformers' save_pretrained writes no weights on a distributed rank other than 0.
+        if not any(staging.glob("*.safetensors")):
+            raise ModelLoadError(
+                f"the tiny {name} metric model built in this process lacks its weights",
+                "build it from one process first (run the command once without a launcher), then launch",
+            )
         try:
             os.rename(staging, target)
         except OSError:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -47,6 +48,15 @@ class Processes:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @contextmanager
+    def main_first(self) -> Iterator[None]:
+        """The main process runs the block first (filling caches the others then read), then the others."""
+        if self.state is None:
+            yield
+        else:
+            with self.state.main_process_first():
+                yield
 
     def barrier(self) -> None:
         if self.state is not None:

@@ -133,6 +133,18 @@ class Runner:
             "sampling_parameters": getattr(self.pipe, "sampling_parameters", registered.sampling_parameters),
         }
 
+    def build_tiny_models(self) -> None:
+        """Build the tiny random checkpoints this run uses (the model, the gate's metric model) into the
+        cache, where `load` then finds them."""
+        if self.manifest.model.builtin:
+            from squeeze_cli.loading import builtin_checkpoint
+
+            builtin_checkpoint(self.manifest.model)
+        if self.manifest.document.quality is not None:
+            from squeeze_cli.eval.gate import IdentityGate
+
+            IdentityGate.dino_spec(self.manifest.document.quality, self.preset_name)
+
     def check_instructions(self, jobs: Sequence[Job]) -> list[Problem]:
         """One problem per prompt too long for the MLLM's context with its subject's references.
 
@@ -433,6 +445,9 @@ class GenRun:
         self.runner = Runner(
             self.manifest, self.options, self.reporter, self.out_dir, self.run_dir, self.processes
         )
+        # The main process builds what goes into the cache: another rank's transformers writes no weights.
+        with self.processes.main_first():
+            self.runner.build_tiny_models()
         if self.mine:
             self.runner.load()
         found = self.processes.gather(self.runner.check_instructions(self.mine))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from squeeze_cli.loading import ensure_tiny_checkpoint, load_component
+from squeeze_cli.loading import builtin_checkpoint, load_component
 from squeeze_cli.manifest.schema import ComponentSource, ModelSpec
 from squeeze_cli.pipelines.aggregator import DualLayerAggregator
 from squeeze_cli.train.config import AggregatorSpec, LoadedConfig, LoraTrainSpec
@@ -33,7 +33,7 @@ class BaseModels:
 def base_pipeline_source(spec: ModelSpec) -> str | None:
     """The full-pipeline folder a recipe loads from (the tiny checkpoint for `builtin: tiny`)."""
     if spec.builtin:
-        return str(ensure_tiny_checkpoint(spec.family or "internvl"))
+        return str(builtin_checkpoint(spec))
     return spec.pipeline
 
 
