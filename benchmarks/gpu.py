@@ -45,7 +45,7 @@ def _bf16_on(module: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.
 def build_full_size(device: str, dtype: torch.dtype):
     """SqueezePipeline with FLUX.1-dev's transformer + VAE and InternVL3-8B, random weights on `device`."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
+    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLModel
 
     from squeeze_cli.pipelines.aggregator import DualLayerAggregator
     from squeeze_cli.pipelines.mllm.tiny import build_tiny_tokenizer
@@ -62,7 +62,8 @@ def build_full_size(device: str, dtype: torch.dtype):
     torch.manual_seed(0)
     # Built one at a time on the device in float32 (fast random init there), then cast.
     with torch.device(device):
-        mllm = _bf16_on(InternVLForConditionalGeneration(InternVLConfig(**mllm_config)), device, dtype)
+        # The base model, as squeeze loads it (no LM head).
+        mllm = _bf16_on(InternVLModel(InternVLConfig(**mllm_config)), device, dtype)
         aggregator = _bf16_on(DualLayerAggregator(**configs["aggregator"]), device, dtype)
         transformer = _bf16_on(FluxTransformer2DModel(**configs["flux_transformer"]), device, dtype)
         vae = _bf16_on(AutoencoderKL(**configs["flux_vae"]), device, dtype)
