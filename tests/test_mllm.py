@@ -133,6 +133,35 @@ def test_prefix_cache_equals_full_pass(encoder, num_references):
         assert prefix.cache.get_seq_length() == prefix.prefix_length
 
 
+def test_an_instruction_without_its_prefix_aggregates_to_the_same_condition(tiny, encoder):
+    """The pipeline encodes each prompt without copying the prefix's hidden states (include_prefix=False)
+    and hands the aggregator the prefix's image tokens: the condition must be the full encoding's."""
+    from squeeze_cli.pipelines.aggregator import DualLayerAggregator
+
+    _, model, _, _ = tiny
+    text_config = model.config.get_text_config()
+    torch.manual_seed(0)
+    aggregator = DualLayerAggregator(
+        num_hidden_states=text_config.num_hidden_layers + 1,
+        mllm_hidden_size=text_config.hidden_size,
+        width=32,
+        num_heads=2,
+        num_blocks=1,
+        joint_attention_dim=24,
+        pooled_projection_dim=16,
+    ).eval()
+    prefix = encoder.encode_prefix(list(REFERENCES[:2]))
+    full = encoder.encode_instruction(prefix, INSTRUCTIONS[0])
+    short = encoder.encode_instruction(prefix, INSTRUCTIONS[0], include_prefix=False)
+    assert short.hidden_states.shape[1] == full.hidden_states.shape[1] - prefix.prefix_length
+    assert not short.image_mask.any() and torch.equal(short.text_mask, full.text_mask[prefix.prefix_length :])
+    with torch.no_grad():
+        image_tokens = aggregator.aggregate_image_tokens(prefix.hidden_states[:, prefix.image_mask])
+        expected = aggregator(full, image_tokens=image_tokens)
+        got = aggregator(short, image_tokens=image_tokens)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 def test_null_condition_has_a_stand_in_token(tiny, encoder):
     _, _, tokenizer, _ = tiny
     null = encoder.encode_null()

@@ -131,6 +131,18 @@ def test_subject_condition_shapes(pipe, subject):
     assert [tuple(latent.shape) for latent in subject.reference_latents] == [(16, 6, 8), (16, 8, 4)]
     assert subject.image_tokens.shape[-1] == pipe.transformer.config.joint_attention_dim
     assert subject.image_tokens.shape[0] == int(subject.prefix.image_mask.sum())
+    # Only the KV cache and the aggregated image tokens are kept, not the prefix's hidden-state stack.
+    assert subject.prefix.hidden_states is None
+
+
+def test_the_cached_condition_is_the_full_encodings(pipe, references, subject):
+    """A prompt on the subject's cached prefix (its own positions only, the prefix's image tokens
+    aggregated once) gives the condition of encoding references and prompt together."""
+    text = "a dog on the beach"
+    embeds, pooled, _ = pipe.encode_prompt(text, subject)
+    full_embeds, full_pooled = pipe.aggregator(pipe.mllm_encoder.encode(references, text))
+    torch.testing.assert_close(embeds[0], full_embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled[0], full_pooled, atol=1e-5, rtol=1e-5)
 
 
 def test_same_seed_same_image_different_seed_different(pipe, subject):

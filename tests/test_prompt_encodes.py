@@ -45,9 +45,9 @@ def instruction_encodes(monkeypatch) -> list[str]:
     encoded: list[str] = []
     original = MLLMEncoder.encode_instruction
 
-    def counting(self, prefix, instruction):
+    def counting(self, prefix, instruction, **kwargs):
         encoded.append(instruction)
-        return original(self, prefix, instruction)
+        return original(self, prefix, instruction, **kwargs)
 
     monkeypatch.setattr(MLLMEncoder, "encode_instruction", counting)
     return encoded
@@ -120,9 +120,9 @@ def test_a_subjects_prompts_are_encoded_before_its_batches(project, squeeze, mon
     events: list[str] = []
     original_encode, original_generate = MLLMEncoder.encode_instruction, runner.Runner._generate
 
-    def encode(self, prefix, instruction):
+    def encode(self, prefix, instruction, **kwargs):
         events.append(f"encode {instruction}")
-        return original_encode(self, prefix, instruction)
+        return original_encode(self, prefix, instruction, **kwargs)
 
     def generate(self, batch, condition):
         events.append(f"generate {batch[0].prompt}")

@@ -223,7 +223,9 @@ class DualLayerAggregator(ModelMixin, ConfigMixin):
         Args:
             encoding: an `MLLMEncoding` (hidden states of every layer, image and text masks).
             image_tokens: the already aggregated image tokens of this encoding (`aggregate_image_tokens`
-                of its image positions), so a subject's image half is computed once for all prompts.
+                of its image positions), so a subject's image half is computed once for all prompts. When
+                the encoding has no image positions (an instruction encoded after a cached prefix with
+                `include_prefix=False`), they are the prefix's and come first.
 
         Returns:
             `encoder_hidden_states` of shape (n_image + n_text, joint_attention_dim), the image and text
@@ -234,6 +236,10 @@ class DualLayerAggregator(ModelMixin, ConfigMixin):
         text_mask = encoding.text_mask.to(self.device, torch.bool)
         if image_tokens is None:
             image_tokens = self.aggregate_image_tokens(hidden_states[:, image_mask])
+        elif not image_mask.any():  # the prefix's image tokens, then this encoding's text
+            text_tokens = self.aggregate_text_tokens(hidden_states[:, text_mask])
+            image_tokens = image_tokens.to(device=text_tokens.device, dtype=text_tokens.dtype)
+            return torch.cat([image_tokens, text_tokens]), self.pool_text(text_tokens)
         elif image_tokens.shape[0] != int(image_mask.sum()):
             raise ValueError(
                 f"`image_tokens` has {image_tokens.shape[0]} tokens but the encoding has "

@@ -312,7 +312,8 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
             if text in encoded or text in known:  # the same text gives the same condition: encode it once
                 encoded[text] = encoded.get(text) or known[text]
             elif prefix is not None:
-                encoding = self.mllm_encoder.encode_instruction(prefix, text)
+                # Only the instruction's positions: the prefix's image tokens are aggregated already.
+                encoding = self.mllm_encoder.encode_instruction(prefix, text, include_prefix=False)
                 encoded[text] = self.aggregator(encoding, image_tokens=subject_condition.image_tokens)
             else:
                 encoded[text] = self.aggregator(self.mllm_encoder.encode([], text))
@@ -456,6 +457,9 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         image_tokens, _ = self.aggregator(
             MLLMEncoding(prefix.hidden_states, prefix.image_mask, prefix.text_mask)
         )
+        # Every later prompt reads only the KV cache and these image tokens: free the hidden-state stack
+        # (layers x prefix tokens x width, ~170 MB for InternVL3-8B with three references).
+        prefix.hidden_states = None
         return SubjectCondition(
             prefix=prefix,
             image_tokens=image_tokens.detach(),
