@@ -88,6 +88,12 @@ class StepCache:
     warmup_steps: int = DEFAULT_TAYLORSEER_WARMUP_STEPS
     order: int = DEFAULT_TAYLORSEER_ORDER
 
+    @property
+    def decides_per_batch(self) -> bool:
+        """Whether the skip decision looks at the batch's values (first_block: one decision for the whole
+        batch), so an image would depend on its batch; TaylorSeer's schedule counts steps only."""
+        return self.method == StepCacheMethod.first_block.value
+
     def to_dict(self) -> dict[str, Any]:
         # The method's own fields only: a first_block cache keeps the job ids it had before taylorseer.
         settings = {name: getattr(self, name) for name in STEP_CACHE_FIELDS[self.method]}

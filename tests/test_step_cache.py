@@ -146,6 +146,13 @@ def test_cached_jobs_go_one_per_batch_and_the_png_text_names_the_cache(write_fil
     assert "Step cache: first_block threshold=0.1" in parameters_text(record)
 
 
+def test_taylorseer_jobs_are_batched(write_file, make_image):
+    # Its schedule counts steps and forecasts each image from its own outputs: batching changes nothing.
+    path = manifest(write_file, make_image, prompt_extra=", step_cache: {method: taylorseer}")
+    jobs = plan_jobs(load_manifest(path), model_identity="m", max_jobs=100)
+    assert [len(batch) for batch in _batches(jobs, 4)] == [2, 2]
+
+
 # Pipeline -------------------------------------------------------------------------------------------
 
 
@@ -256,6 +263,25 @@ def test_taylorseer_forecasts_every_other_step_at_a_small_pixel_cost(pipe, refer
     # Warm-up longer than every stage: nothing is forecast, exact sampling back.
     none, passes = run(pipe, references, step_cache=StepCache("taylorseer", warmup_steps=4))
     assert passes == STEPS and np.array_equal(none, exact)
+
+
+def test_taylorseer_images_do_not_depend_on_their_batch(pipe, references):
+    batch, passes = run(pipe, references, prompts=("a dog", "a cat"), step_cache=SEER)
+    assert passes == 4
+    for index, prompt in enumerate(("a dog", "a cat")):
+        single = pipe(
+            prompt,
+            reference_images=references,
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=STEPS,
+            stage_thresholds=THRESHOLDS,
+            reference_size=SIZE,
+            output_type="np",
+            generator=torch.Generator().manual_seed(index),
+            step_cache=SEER,
+        ).images[0]
+        np.testing.assert_allclose(batch[index], single, atol=1e-4)
 
 
 def test_switching_methods_replaces_the_hook(pipe, references):
