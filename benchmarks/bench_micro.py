@@ -1,6 +1,7 @@
 """Micro-ratios on the small random model, each measured side by side (A/B alternated) in one run.
 
-    python benchmarks/bench_micro.py [--only prefix stages overhead processes] [--rounds 5] [--quick]
+    python benchmarks/bench_micro.py [--only prefix stages overhead processes cost step_cache compile]
+                                      [--rounds 5] [--quick]
 
 - prefix:    prefix-cached MLLM encoding (one `encode_prefix`, then `encode_instruction` per prompt) against
              a full `encode` per prompt, K prompts of a subject with 3 references of 448 px (InternVL-style
@@ -14,9 +15,12 @@
              OMP_NUM_THREADS = all cores each (what torch does when nobody sets it).
 - cost:      transformer CPU seconds per image with 1, 2 and 4 references (28 steps, stage plan on) against
              `plan.estimate_cost`'s prediction with the model's real width and MLLM tokens per reference.
-- step_cache: images/s with `step_cache` (diffusers' First Block Cache, thresholds --cache-thresholds)
-             against exact sampling, 28 steps, the stage plan on; the pixel difference of the same seeds
-             (mean and max |Δ| in 0–255 levels, PSNR) and the full transformer passes per image.
+- step_cache: images/s with `step_cache` (diffusers' First Block Cache, thresholds --cache-thresholds;
+             TaylorSeer, --taylorseer INTERVAL:WARMUP:ORDER ...) against exact sampling, 28 steps, the
+             stage plan on; the pixel difference of the same seeds (mean and max |Δ| in 0–255 levels,
+             PSNR) and the full transformer passes per image.
+- compile:   images/s with `model.compile: true` (regional torch.compile) against eager, the compiled
+             pipeline's first round (compiling included) apart, and the pixel difference.
 Each ratio is the median (min–max) of per-round ratios; the first round is a warm-up.
 """
 
@@ -54,16 +58,22 @@ def fmt(stats: dict[str, float], unit: str = "", scale: float = 1.0, digits: int
     return f"{m:.{digits}f}{unit} ({lo:.{digits}f}–{hi:.{digits}f})"
 
 
-def alternate(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of each variant per round, in rotating order; round 0 is a warm-up and not kept."""
+def alternate(
+    variants: dict[str, Callable[[], object]], rounds: int, cpu: dict[str, list[float]] | None = None
+) -> dict[str, list[float]]:
+    """Seconds of each variant per round, in rotating order; round 0 is a warm-up and not kept.
+
+    `cpu`, when given, gets this process's CPU seconds per kept round too (less disturbed by other jobs)."""
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(rounds + 1):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             variants[name]()
             if round_:
                 times[name].append(time.perf_counter() - started)
+                if cpu is not None:
+                    cpu.setdefault(name, []).append(time.process_time() - started_cpu)
     return times
 
 
@@ -265,6 +275,45 @@ def bench_cost(args: argparse.Namespace, checkpoint: Path) -> dict:
     }
 
 
+def _teapot_images(pipe, subject, size: int, prompts: list[str], **kwargs) -> np.ndarray:
+    """One image per prompt of the teapot subject at 28 steps, seed 0, as floats in [0, 1]."""
+    with torch.no_grad():
+        return np.stack(
+            [
+                pipe(
+                    prompt,
+                    subject_condition=subject,
+                    height=size,
+                    width=size,
+                    num_inference_steps=28,
+                    generator=[torch.Generator().manual_seed(0)],
+                    output_type="np",
+                    **kwargs,
+                ).images[0]
+                for prompt in prompts
+            ]
+        )
+
+
+def pixel_difference(pixels: np.ndarray, exact: np.ndarray) -> dict[str, float]:
+    """Mean and max |Δ| in 0–255 levels and PSNR (dB) of images in [0, 1] against the exact ones."""
+    difference = np.abs(pixels.astype(np.float64) - exact)
+    mse = float((difference**2).mean())
+    return {
+        "mean_abs_levels": float(difference.mean() * 255),
+        "max_abs_levels": float(difference.max() * 255),
+        "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(1 / mse)),
+    }
+
+
+def parse_taylorseer(text: str):
+    """`INTERVAL:WARMUP:ORDER` (e.g. `5:3:1`) as a taylorseer `StepCache`."""
+    from squeeze_cli.params import StepCache
+
+    interval, warmup, order = (int(part) for part in text.split(":"))
+    return StepCache("taylorseer", interval=interval, warmup_steps=warmup, order=order)
+
+
 def bench_step_cache(args: argparse.Namespace, checkpoint: Path) -> dict:
     from squeeze_cli.params import StepCache
 
@@ -276,42 +325,65 @@ def bench_step_cache(args: argparse.Namespace, checkpoint: Path) -> dict:
     tail.register_forward_hook(lambda *_: passes.__setitem__("count", passes["count"] + 1))
 
     def images(step_cache) -> np.ndarray:
-        with torch.no_grad():
-            return np.stack(
-                [
-                    pipe(
-                        prompt,
-                        subject_condition=subject,
-                        height=size,
-                        width=size,
-                        num_inference_steps=28,
-                        generator=[torch.Generator().manual_seed(0)],
-                        output_type="np",
-                        step_cache=step_cache,
-                    ).images[0]
-                    for prompt in prompts
-                ]
-            )
+        return _teapot_images(pipe, subject, size, prompts, step_cache=step_cache)
 
     caches = {f"first_block {t}": StepCache("first_block", t) for t in args.cache_thresholds}
+    caches |= {f"taylorseer {text}": parse_taylorseer(text) for text in args.taylorseer}
     variants = {"exact": None, **caches}
-    times = alternate({name: (lambda c=cache: images(c)) for name, cache in variants.items()}, args.rounds)
+    cpu: dict[str, list[float]] = {}
+    times = alternate(
+        {name: (lambda c=cache: images(c)) for name, cache in variants.items()}, args.rounds, cpu
+    )
     exact = images(None)
     report: dict = {"size": size, "images_per_round": len(prompts), "variants": {}}
     for name, cache in variants.items():
         passes["count"] = 0
         pixels = images(cache)
-        difference = np.abs(pixels.astype(np.float64) - exact) * 255
-        mse = float(((pixels.astype(np.float64) - exact) ** 2).mean())
         report["variants"][name] = {
             "images_per_second": summary([len(prompts) / t for t in times[name]]),
             "speed_up": ratios(times, "exact", name),
+            "speed_up_cpu": ratios(cpu, "exact", name),
             "transformer_passes_per_image": passes["count"] / len(prompts),
-            "mean_abs_levels": float(difference.mean()),
-            "max_abs_levels": float(difference.max()),
-            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(1 / mse)),
+            **pixel_difference(pixels, exact),
         }
     return report
+
+
+def bench_compile(args: argparse.Namespace, checkpoint: Path) -> dict:
+    """`model.compile: true` (regional torch.compile, through `load_pipeline`) against eager, side by side."""
+    from squeeze_cli.loading import load_pipeline
+    from squeeze_cli.manifest.schema import ModelSpec
+
+    size = args.size_px
+    prompts = ["a teapot on the beach", "a teapot in the snow"][: max(1, min(args.prompts, 2))]
+    references = [Image.open(p).convert("RGB") for p in sorted((ROOT / "examples/images/teapot").glob("*"))]
+    pipes = {
+        name: load_pipeline(ModelSpec(pipeline=str(checkpoint), dtype="float32", compile=name == "compiled"))
+        for name in ("eager", "compiled")
+    }
+    subjects = {name: pipe.encode_subject(references, reference_size=size) for name, pipe in pipes.items()}
+
+    def images(name: str) -> np.ndarray:
+        return _teapot_images(pipes[name], subjects[name], size, prompts)
+
+    # The first round of each, apart: the compiled one pays for compiling every sequence length it meets.
+    first: dict[str, float] = {}
+    for name in pipes:
+        started = time.perf_counter()
+        images(name)
+        first[name] = time.perf_counter() - started
+    cpu: dict[str, list[float]] = {}
+    times = alternate({name: (lambda n=name: images(n)) for name in pipes}, args.rounds, cpu)
+    return {
+        "size": size,
+        "images_per_round": len(prompts),
+        "first_round_seconds": first,
+        "warm_up_seconds": first["compiled"] - statistics.median(times["compiled"]),
+        "images_per_second": {n: summary([len(prompts) / t for t in times[n]]) for n in pipes},
+        "speed_up": ratios(times, "eager", "compiled"),
+        "speed_up_cpu": ratios(cpu, "eager", "compiled"),
+        **pixel_difference(images("compiled"), images("eager")),
+    }
 
 
 def write_gen_project(folder: Path, checkpoint: Path, args: argparse.Namespace) -> Path:
@@ -442,6 +514,13 @@ def main() -> None:
     parser.add_argument("--size-px", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--cache-thresholds", type=float, nargs="+", default=[0.08, 0.2])
+    parser.add_argument(
+        "--taylorseer",
+        nargs="*",
+        default=["5:3:1"],
+        metavar="INTERVAL:WARMUP:ORDER",
+        help="step_cache: taylorseer settings to measure (none: first_block only)",
+    )
     parser.add_argument("--quick", action="store_true", help="3 rounds, 2 prompts per subject")
     parser.add_argument(
         "--all-process-variants",
@@ -497,11 +576,26 @@ def main() -> None:
             for name, v in r["variants"].items():
                 print(
                     f"step cache at {r['size']}², 28 steps, {name}: {fmt(v['images_per_second'], ' img/s')}, "
-                    f"speed-up ×{fmt(v['speed_up'], digits=2)}, {v['transformer_passes_per_image']:.1f} full "
+                    f"speed-up ×{fmt(v['speed_up'], digits=2)} "
+                    f"(CPU time ×{fmt(v['speed_up_cpu'], digits=2)}), "
+                    f"{v['transformer_passes_per_image']:.1f} full "
                     f"passes/image, |Δ| mean {v['mean_abs_levels']:.2f} max {v['max_abs_levels']:.1f} lv, "
                     f"PSNR {v['psnr_db']:.1f} dB",
                     flush=True,
                 )
+        if "compile" in args.only:
+            report["compile"] = r = bench_compile(args, checkpoint)
+            print(
+                f"compile at {r['size']}², 28 steps: first round (compiling) "
+                f"{r['first_round_seconds']['compiled']:.1f} s vs eager "
+                f"{r['first_round_seconds']['eager']:.1f} s "
+                f"(warm-up ≈ {r['warm_up_seconds']:.1f} s); then eager "
+                f"{fmt(r['images_per_second']['eager'], ' img/s')}, compiled "
+                f"{fmt(r['images_per_second']['compiled'], ' img/s')}: ×{fmt(r['speed_up'], digits=2)} "
+                f"(CPU time ×{fmt(r['speed_up_cpu'], digits=2)}); |Δ| mean {r['mean_abs_levels']:.4f} max "
+                f"{r['max_abs_levels']:.3f} lv",
+                flush=True,
+            )
         if "overhead" in args.only:
             report["overhead"] = r = bench_overhead(args, manifest, work)
             print(

@@ -288,7 +288,8 @@ def _load_registered_pipeline(spec: ModelSpec, *, dtype: torch.dtype, allow_pick
 def _finish_loading(
     pipe: Any, spec: ModelSpec, *, device: str, offload: str, allow_pickle: bool, fuse_lora: bool
 ) -> Any:
-    """What every pipeline gets once loaded: its LoRA, its device or offloading, no progress bars."""
+    """What every pipeline gets once loaded: its LoRA, its device or offloading, `torch.compile` when the
+    recipe asks, no progress bars."""
     if spec.lora is not None:
         try:
             pipe.load_lora_weights(
@@ -316,5 +317,10 @@ def _finish_loading(
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.enable_sequential_cpu_offload(device=device)
+    if spec.compile:
+        # diffusers' regional compilation: each repeated transformer block class is compiled once and
+        # reused by every block of that class, which compiles several times faster than the whole model for
+        # the same speed. Compiling happens on the first steps of each new sequence length.
+        pipe.transformer.compile_repeated_blocks()
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -47,10 +47,21 @@ class StepCacheMethod(str, Enum):
     """diffusers' step-caching hooks a manifest may name in `step_cache.method`."""
 
     first_block = "first_block"  # diffusers' FirstBlockCacheConfig
+    taylorseer = "taylorseer"  # diffusers' TaylorSeerCacheConfig, lite variant
 
 
 # A relative change of the first block's output below which later blocks reuse their cached residual.
 DEFAULT_STEP_CACHE_THRESHOLD = 0.08
+# TaylorSeer: a full pass every 5 steps, after 3 full passes at the start of each stage; first-order forecast.
+DEFAULT_TAYLORSEER_INTERVAL = 5
+DEFAULT_TAYLORSEER_WARMUP_STEPS = 3
+DEFAULT_TAYLORSEER_ORDER = 1
+
+# The `StepCache` fields each method reads; only these are written to job ids and metadata.
+STEP_CACHE_FIELDS: dict[str, tuple[str, ...]] = {
+    StepCacheMethod.first_block.value: ("threshold",),
+    StepCacheMethod.taylorseer.value: ("interval", "warmup_steps", "order"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,17 +69,35 @@ class StepCache:
     """An opt-in step cache: faster sampling that changes pixels a little (docs/manifest.md, `step_cache`).
 
     Args:
-        method: a `StepCacheMethod` value (`"first_block"`: diffusers' First Block Cache).
-        threshold: when the first transformer block's output changed by less than this (mean absolute
-            change relative to its previous value), the other blocks are skipped and their cached residual
-            reused. Higher skips more.
+        method: a `StepCacheMethod` value: `"first_block"` (diffusers' First Block Cache) or `"taylorseer"`
+            (diffusers' TaylorSeer cache, lite variant).
+        threshold: `first_block` only. When the first transformer block's output changed by less than this
+            (mean absolute change relative to its previous value), the other blocks are skipped and their
+            cached residual reused. Higher skips more.
+        interval: `taylorseer` only. A full transformer pass every `interval` steps; the steps between are
+            forecast from the last full passes by a Taylor series instead of run.
+        warmup_steps: `taylorseer` only. Full passes at the start of each stage (and CFG branch) before
+            the first forecast.
+        order: `taylorseer` only. Order of the Taylor forecast (0 reuses the last output, 1 extrapolates
+            linearly from the last two full passes).
     """
 
     method: str = StepCacheMethod.first_block.value
     threshold: float = DEFAULT_STEP_CACHE_THRESHOLD
+    interval: int = DEFAULT_TAYLORSEER_INTERVAL
+    warmup_steps: int = DEFAULT_TAYLORSEER_WARMUP_STEPS
+    order: int = DEFAULT_TAYLORSEER_ORDER
+
+    @property
+    def decides_per_batch(self) -> bool:
+        """Whether the skip decision looks at the batch's values (first_block: one decision for the whole
+        batch), so an image would depend on its batch; TaylorSeer's schedule counts steps only."""
+        return self.method == StepCacheMethod.first_block.value
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "threshold": self.threshold}
+        # The method's own fields only: a first_block cache keeps the job ids it had before taylorseer.
+        settings = {name: getattr(self, name) for name in STEP_CACHE_FIELDS[self.method]}
+        return {"method": self.method, **settings}
 
 
 def choices(enum: type[Enum]) -> str:

@@ -1,4 +1,5 @@
-"""`step_cache`: diffusers' First Block Cache, opt-in per manifest level, applied by SqueezePipeline."""
+"""`step_cache`: diffusers' First Block Cache and TaylorSeer, opt-in per manifest level, applied by
+SqueezePipeline."""
 
 from __future__ import annotations
 
@@ -82,6 +83,37 @@ def test_bad_step_cache_is_located(write_file, make_image, value, field, message
     assert problem.field == field and message in problem.message
 
 
+def test_taylorseer_defaults_and_settings(write_file, make_image):
+    path = manifest(
+        write_file,
+        make_image,
+        defaults="  step_cache: {method: taylorseer}",
+        prompt_extra=", step_cache: {method: taylorseer, interval: 3, warmup_steps: 2, order: 2}",
+    )
+    first, second = load_manifest(path).subjects[0].prompts
+    assert first.params.step_cache == StepCache("taylorseer", interval=5, warmup_steps=3, order=1)
+    assert second.params.step_cache == StepCache("taylorseer", interval=3, warmup_steps=2, order=2)
+
+
+@pytest.mark.parametrize(
+    ("value", "field", "message"),
+    [
+        ("{method: taylorseer, threshold: 0.1}", "defaults.step_cache", "`threshold` is not a setting of"),
+        ("{interval: 4}", "defaults.step_cache", "`interval` is not a setting of method first_block"),
+        ("{method: taylorseer, interval: 1}", "defaults.step_cache.interval", "greater than or equal to 2"),
+        ("{method: taylorseer, interval: 2.5}", "defaults.step_cache.interval", "integer"),
+        ("{method: taylorseer, warmup_steps: 0}", "defaults.step_cache.warmup_steps", "greater than"),
+        ("{method: taylorseer, order: 5}", "defaults.step_cache.order", "less than or equal to 4"),
+    ],
+)
+def test_bad_taylorseer_settings_are_located(write_file, make_image, value, field, message):
+    path = manifest(write_file, make_image, defaults=f"  step_cache: {value}")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    (problem,) = info.value.problems
+    assert problem.field == field and message in problem.message
+
+
 def test_job_ids_of_exact_sampling_are_unchanged_and_the_cache_enters_them():
     exact = SamplingParams()
     assert "step_cache" not in exact.to_dict()  # job ids from before `step_cache` existed still match
@@ -92,6 +124,17 @@ def test_job_ids_of_exact_sampling_are_unchanged_and_the_cache_enters_them():
         for params in (exact, cached, replace(exact, step_cache=StepCache(threshold=0.2)))
     }
     assert len(ids) == 3
+    # Each method writes only its own settings: first_block ids did not change when taylorseer came.
+    seer = replace(exact, step_cache=StepCache("taylorseer", threshold=0.1))
+    settings = {"method": "taylorseer", "interval": 5, "warmup_steps": 3, "order": 1}
+    assert seer.to_dict()["step_cache"] == settings
+    ids |= {
+        job_id("dog", [b"x"], "a dog", 0, params, "model")
+        for params in (seer, replace(seer, step_cache=StepCache("taylorseer", interval=4)))
+    }
+    assert len(ids) == 5
+    record = {"prompt": "a dog", "params": seer.to_dict(), "seed": 1}
+    assert "Step cache: taylorseer interval=5 warmup_steps=3 order=1" in parameters_text(record)
 
 
 def test_cached_jobs_go_one_per_batch_and_the_png_text_names_the_cache(write_file, make_image):
@@ -100,7 +143,14 @@ def test_cached_jobs_go_one_per_batch_and_the_png_text_names_the_cache(write_fil
     sizes = [(batch[0].prompt, len(batch)) for batch in _batches(jobs, 4)]
     assert sizes == [("a dog", 2), ("a dog in the snow", 1), ("a dog in the snow", 1)]
     record = {"prompt": "a dog", "params": jobs[-1].params.to_dict(), "seed": 1}
-    assert "Step cache: first_block 0.1" in parameters_text(record)
+    assert "Step cache: first_block threshold=0.1" in parameters_text(record)
+
+
+def test_taylorseer_jobs_are_batched(write_file, make_image):
+    # Its schedule counts steps and forecasts each image from its own outputs: batching changes nothing.
+    path = manifest(write_file, make_image, prompt_extra=", step_cache: {method: taylorseer}")
+    jobs = plan_jobs(load_manifest(path), model_identity="m", max_jobs=100)
+    assert [len(batch) for batch in _batches(jobs, 4)] == [2, 2]
 
 
 # Pipeline -------------------------------------------------------------------------------------------
@@ -194,3 +244,52 @@ def test_the_cache_starts_empty_on_every_call(pipe, references):
     assert passes == 3
     again, _ = run(pipe, references, step_cache=cache)
     assert np.array_equal(single, again)
+
+
+# TaylorSeer: a full pass every `interval` steps of each (branch, stage) context after `warmup_steps`; here
+# interval 2, warmup 1 over the contexts of 2, 2 and 4 steps: full, forecast, (full, forecast) → 4 of 8.
+SEER = StepCache("taylorseer", interval=2, warmup_steps=1, order=1)
+
+
+def test_taylorseer_forecasts_every_other_step_at_a_small_pixel_cost(pipe, references):
+    exact, _ = run(pipe, references)
+    seer, passes = run(pipe, references, step_cache=SEER)
+    assert passes == 4
+    difference = np.abs(seer - exact)
+    # Measured on this model: max |Δ| ≈ 0.02, mean ≈ 0.002 (images in [0, 1]).
+    assert 0 < difference.mean() < 0.01 and difference.max() < 0.05
+    again, _ = run(pipe, references, step_cache=SEER)
+    assert np.array_equal(seer, again)  # the forecast state starts empty on every call
+    # Warm-up longer than every stage: nothing is forecast, exact sampling back.
+    none, passes = run(pipe, references, step_cache=StepCache("taylorseer", warmup_steps=4))
+    assert passes == STEPS and np.array_equal(none, exact)
+
+
+def test_taylorseer_images_do_not_depend_on_their_batch(pipe, references):
+    batch, passes = run(pipe, references, prompts=("a dog", "a cat"), step_cache=SEER)
+    assert passes == 4
+    for index, prompt in enumerate(("a dog", "a cat")):
+        single = pipe(
+            prompt,
+            reference_images=references,
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=STEPS,
+            stage_thresholds=THRESHOLDS,
+            reference_size=SIZE,
+            output_type="np",
+            generator=torch.Generator().manual_seed(index),
+            step_cache=SEER,
+        ).images[0]
+        np.testing.assert_allclose(batch[index], single, atol=1e-4)
+
+
+def test_switching_methods_replaces_the_hook(pipe, references):
+    exact, _ = run(pipe, references)
+    first_block, _ = run(pipe, references, step_cache=StepCache(threshold=0.999))
+    seer, passes = run(pipe, references, step_cache=SEER)
+    assert passes == 4 and type(pipe.transformer._cache_config).__name__ == "TaylorSeerCacheConfig"
+    again, passes = run(pipe, references, step_cache=StepCache(threshold=0.999))
+    assert passes == 3 and np.array_equal(again, first_block)
+    back, passes = run(pipe, references)
+    assert passes == STEPS and not pipe.transformer.is_cache_enabled and np.array_equal(back, exact)

@@ -66,9 +66,10 @@ def _batches(jobs: Sequence[Job], batch_size: int) -> Iterator[list[Job]]:
     """Consecutive jobs of one subject with equal sampling parameters, at most `batch_size` at a time."""
     for _, group in groupby(jobs, key=lambda job: (job.subject_index, job.params)):
         group = list(group)
-        # A step cache decides for a whole batch whether to skip a step, so such images go one at a time
-        # to stay independent of their batch.
-        size = 1 if group[0].params.step_cache is not None else batch_size
+        # First Block Cache decides for a whole batch whether to skip a step, so such images go one at a
+        # time to stay independent of their batch.
+        step_cache = group[0].params.step_cache
+        size = 1 if step_cache is not None and step_cache.decides_per_batch else batch_size
         for start in range(0, len(group), size):
             yield group[start : start + size]
 

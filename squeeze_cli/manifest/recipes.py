@@ -187,12 +187,13 @@ def model_identity(model: ModelSpec | Mapping[str, Any]) -> str:
     """A stable 16-hex-digit hash of a resolved model section; part of every job id.
 
     Covers the source (builtin, pipeline, components with subfolders and revisions), family, LoRA and its
-    scale, and dtype: everything in the section that changes pixels. `trust_remote_code` does not, and
-    unset optional keys are left out so that adding an optional key to the schema keeps old ids.
+    scale, and dtype: everything in the section that changes pixels. `trust_remote_code` does not, nor
+    does `compile` (float rounding at most, like the batch size), and unset optional keys are left out so
+    that adding an optional key to the schema keeps old ids.
     """
     if not isinstance(model, ModelSpec):
         model = ModelSpec.model_validate(model)
-    data = model.model_dump(mode="json", exclude_none=True, exclude={"trust_remote_code"})
+    data = model.model_dump(mode="json", exclude_none=True, exclude={"trust_remote_code", "compile"})
     if not data.get("components"):
         data.pop("components", None)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

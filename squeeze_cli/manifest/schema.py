@@ -28,9 +28,13 @@ from pydantic import (
 from squeeze_cli.manifest.located import schema_error
 from squeeze_cli.params import (
     DEFAULT_STEP_CACHE_THRESHOLD,
+    DEFAULT_TAYLORSEER_INTERVAL,
+    DEFAULT_TAYLORSEER_ORDER,
+    DEFAULT_TAYLORSEER_WARMUP_STEPS,
     FAMILY_ADAPTERS,
     PAPER_STAGE_THRESHOLDS,
     SAMPLING_KEYS,
+    STEP_CACHE_FIELDS,
     Dtype,
     StepCache,
     StepCacheMethod,
@@ -175,15 +179,37 @@ def _positive_threshold(value: float) -> float:
 
 
 class StepCacheSpec(StrictModel):
-    """``step_cache: {method: first_block, threshold: 0.08}``: diffusers' step caching (changes pixels)."""
+    """``step_cache: {method: first_block, threshold: 0.08}`` or ``{method: taylorseer, interval: 5}``:
+    diffusers' step caching (changes pixels). Each method takes its own keys (`STEP_CACHE_FIELDS`)."""
 
     method: StepCacheMethod = StepCacheMethod.first_block
     threshold: Annotated[float, Field(strict=True), AfterValidator(_positive_threshold)] = (
         DEFAULT_STEP_CACHE_THRESHOLD
     )
+    interval: Annotated[StrictInt, Field(ge=2, le=1000)] = DEFAULT_TAYLORSEER_INTERVAL
+    # At least one full pass per stage before the first forecast: there is nothing to forecast from.
+    warmup_steps: Annotated[StrictInt, Field(ge=1, le=1000)] = DEFAULT_TAYLORSEER_WARMUP_STEPS
+    order: Annotated[StrictInt, Field(ge=0, le=4)] = DEFAULT_TAYLORSEER_ORDER
+
+    @model_validator(mode="after")
+    def _keys_of_the_method(self) -> StepCacheSpec:
+        own = STEP_CACHE_FIELDS[self.method.value]
+        others = sorted(self.model_fields_set - {"method", *own})
+        if others:
+            raise schema_error(
+                f"`{others[0]}` is not a setting of method {self.method.value} (it takes {', '.join(own)})",
+                f"remove `{others[0]}`, or set the method it belongs to",
+            )
+        return self
 
     def to_params(self) -> StepCache:
-        return StepCache(method=self.method.value, threshold=float(self.threshold))
+        return StepCache(
+            method=self.method.value,
+            threshold=float(self.threshold),
+            interval=self.interval,
+            warmup_steps=self.warmup_steps,
+            order=self.order,
+        )
 
 
 # Sampling keys whose `null` means something: no negative prompt, no step cache (exact sampling).
@@ -326,6 +352,9 @@ class ModelSpec(StrictModel):
     mllm: MLLMOptions | None = None
     dtype: Literal[tuple(Dtype.__members__)] = Dtype.bfloat16.value
     trust_remote_code: StrictBool = False
+    # `torch.compile` of the transformer's repeated blocks after loading; float rounding only, so, like
+    # `--batch-size`, it stays out of `model_identity` (docs/manifest.md).
+    compile: StrictBool = False
 
     @model_validator(mode="after")
     def _check_source(self) -> ModelSpec:

@@ -164,7 +164,8 @@ def parameters_text(record: Mapping[str, Any]) -> str:
         fields["Reference size"] = params["reference_size"]
     step_cache = params.get("step_cache")
     if step_cache:
-        fields["Step cache"] = f"{step_cache['method']} {step_cache['threshold']}"
+        settings = (f"{key}={value}" for key, value in step_cache.items() if key != "method")
+        fields["Step cache"] = " ".join((step_cache["method"], *settings))
     fields["Pipeline"] = pipeline.get("class")
     fields["Model id"] = (record.get("model") or {}).get("pipeline")  # a hub id or folder, when one names it
     fields["Subject"] = record.get("subject")

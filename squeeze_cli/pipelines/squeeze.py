@@ -24,7 +24,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.hooks import FirstBlockCacheConfig
+from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import FluxLoraLoaderMixin
 from diffusers.models import AutoencoderKL, FluxTransformer2DModel
@@ -34,7 +34,7 @@ from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel
 
-from squeeze_cli.params import PAPER_STAGE_THRESHOLDS, StepCache, StepCacheMethod
+from squeeze_cli.params import PAPER_STAGE_THRESHOLDS, StepCache, StepCacheMethod, choices
 
 from .aggregator import DualLayerAggregator
 from .mllm import MLLMEncoder, MLLMEncoding, PrefixCache
@@ -125,6 +125,25 @@ def reference_image_size(width: int, height: int, reference_size: int, multiple:
     return new_width, new_height
 
 
+def step_cache_config(step_cache: StepCache) -> FirstBlockCacheConfig | TaylorSeerCacheConfig:
+    """diffusers' cache config for a `StepCache` (`transformer.enable_cache` takes it)."""
+    if step_cache.method == StepCacheMethod.first_block.value:
+        return FirstBlockCacheConfig(threshold=step_cache.threshold)
+    if step_cache.method == StepCacheMethod.taylorseer.value:
+        # The lite variant forecasts only the transformer's output projection and skips every block on a
+        # forecast step: a full pass saved, and a few MB of state instead of every block's features (GBs
+        # at full size). Factors in float32 (diffusers defaults to bfloat16): they are that small, and a
+        # difference of two bfloat16 outputs keeps few bits.
+        return TaylorSeerCacheConfig(
+            cache_interval=step_cache.interval,
+            disable_cache_before_step=step_cache.warmup_steps,
+            max_order=step_cache.order,
+            taylor_factors_dtype=torch.float32,
+            use_lite_mode=True,
+        )
+    raise ValueError(f"Unknown step cache method {step_cache.method!r}; use {choices(StepCacheMethod)}.")
+
+
 class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
     r"""
     Subject-driven generation: an MLLM reads the reference image(s) and the instruction together, a Dual Layer
@@ -189,7 +208,7 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         self._null_condition: tuple[torch.Tensor, torch.Tensor] | None = None
         self._null_condition_key: tuple | None = None
         self._stage_plan: StagePlan | None = None
-        self._applied_step_cache: FirstBlockCacheConfig | None = None  # the hook `step_cache` put on
+        self._applied_step_cache: Any = None  # the diffusers cache config `step_cache` put on the transformer
         self._guidance_scale = 2.5
         self._joint_attention_kwargs: dict[str, Any] = {}
         self._num_timesteps = 0
@@ -229,9 +248,7 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         transformer = self.transformer
         wanted = None
         if step_cache is not None:
-            if step_cache.method != StepCacheMethod.first_block.value:
-                raise ValueError(f"Unknown step cache method {step_cache.method!r}; use 'first_block'.")
-            wanted = FirstBlockCacheConfig(threshold=step_cache.threshold)
+            wanted = step_cache_config(step_cache)
         applied = self._applied_step_cache
         if wanted is not None and transformer._cache_config != wanted:
             if transformer.is_cache_enabled:
@@ -824,10 +841,12 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
                 Longer side the references are resized to before the VAE (ignored with `subject_condition` or
                 `reference_latents`).
             step_cache (`StepCache`, *optional*):
-                Opt-in step caching through diffusers' hooks (`first_block`: diffusers' First Block Cache with
-                `threshold`): steps whose first-block output barely changed reuse the other blocks' cached
-                residual. Faster, and the pixels differ a little from exact sampling. Each (branch, stage) has
-                its own cache, since the sequence changes between stages. `None` samples exactly.
+                Opt-in step caching through diffusers' hooks: `first_block` (First Block Cache with
+                `threshold`: steps whose first-block output barely changed reuse the other blocks' cached
+                residual) or `taylorseer` (TaylorSeer, lite: a full pass every `interval` steps after
+                `warmup_steps`, the steps between forecast from the last full passes). Faster, and the pixels
+                differ a little from exact sampling. Each (branch, stage) has its own cache, since the
+                sequence changes between stages. `None` samples exactly.
             num_images_per_prompt (`int`, defaults to 1):
                 Images per prompt.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
