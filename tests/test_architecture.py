@@ -104,6 +104,7 @@ def pending_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["dreambench", "--help"],
         ["validate", str(EXAMPLES / "demo.yaml")],
         ["status", "RUN"],
+        ["recipes"],
     ],
     ids=" ".join,
 )
