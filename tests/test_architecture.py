@@ -5,7 +5,10 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "squeeze_cli"
 
@@ -59,3 +62,76 @@ def test_the_torch_free_layers_import_no_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+EXAMPLES = PACKAGE.parent / "examples"
+MODEL_LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "huggingface_hub", "peft")
+
+
+def _modules_after(*argv: str) -> set[str]:
+    """The modules a fresh `squeeze ARGV` process has imported when it exits."""
+    code = (
+        "import sys\n"
+        "from squeeze_cli.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[2:])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "open(sys.argv[1], 'w').write('\\n'.join(sys.modules))\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        listing = Path(tmp) / "modules.txt"
+        subprocess.run([sys.executable, "-c", code, str(listing), *argv], capture_output=True, check=True)
+        return set(listing.read_text().split("\n"))
+
+
+@pytest.fixture(scope="module")
+def pending_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder `squeeze status` reads: the demo's resolved manifest, nothing generated yet."""
+    out = tmp_path_factory.mktemp("run")
+    text = (EXAMPLES / "demo.yaml").read_text().replace("images/", f"{EXAMPLES}/images/")
+    (out / "manifest.resolved.yaml").write_text(text)
+    return out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["gen", "--help"],
+        ["eval", "--help"],
+        ["train", "--help"],
+        ["dreambench", "--help"],
+        ["validate", str(EXAMPLES / "demo.yaml")],
+        ["status", "RUN"],
+        ["recipes"],
+    ],
+    ids=" ".join,
+)
+def test_the_light_commands_import_no_model_library(argv: list[str], pending_run: Path) -> None:
+    modules = _modules_after(*(str(pending_run) if arg == "RUN" else arg for arg in argv))
+    assert "squeeze_cli.cli" in modules
+    assert sorted(name for name in MODEL_LIBRARIES if name in modules) == []
+
+
+def test_status_without_merge_imports_no_filelock(pending_run: Path) -> None:
+    # Only `--merge` takes the run's lock; filelock costs every other `squeeze status` ~10 ms.
+    modules = _modules_after("status", str(pending_run))
+    assert "squeeze_cli.outputs" in modules
+    assert "filelock" not in modules
+
+
+def test_validating_webp_and_tiff_references_loads_only_their_pil_plugins(make_image, write_file) -> None:
+    make_image("dog-0.webp")
+    make_image("dog-1.tiff")
+    manifest = write_file(
+        "version: 1\nrecipe: tiny\nsubjects:\n  - name: dog\n    references: [dog-0.webp, dog-1.tiff]\n"
+        "    prompts:\n      - a photo of a dog\n"
+    )
+    modules = _modules_after("validate", str(manifest))
+    plugins = {name for name in modules if name.startswith("PIL.") and name.endswith("ImagePlugin")}
+    # Not PIL's ~45 plugins (`Image.init()`): the six formats `check_image` accepts, and PPM (`preinit()`).
+    reference_plugins = {
+        f"PIL.{name}ImagePlugin" for name in ("Bmp", "Gif", "Jpeg", "Png", "Ppm", "Tiff", "WebP")
+    }
+    assert {"PIL.TiffImagePlugin", "PIL.WebPImagePlugin"} <= plugins <= reference_plugins

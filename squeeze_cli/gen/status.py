@@ -15,7 +15,6 @@ from typing import Any
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK, UsageError
-from squeeze_cli.gen.lock import DirectoryLock
 from squeeze_cli.manifest import LoadedManifest
 from squeeze_cli.plan import Job, plan_jobs
 
@@ -174,6 +173,8 @@ def run_status(out: str | Path) -> RunStatus:
 def merge_run(status: RunStatus) -> None:
     """Bring OUT's run index and grids up to date from every image on disk (the shards' included), and
     record the failures the shards' indexes hold; generates nothing. Takes OUT's lock, like `gen`."""
+    from squeeze_cli.gen.lock import DirectoryLock  # filelock costs plain `squeeze status` ~20 ms
+
     lock = DirectoryLock(status.out)
     lock.acquire()
     try:
