@@ -114,7 +114,6 @@ def _token_steps(
 
 @lru_cache(maxsize=64)
 def _stage_counts(params: SamplingParams) -> tuple[int, int, int]:
-    # numpy (for the scheduler's float32 sigmas) is imported here, when a plan is costed, not at import.
     from squeeze_cli.pipelines.stages import stage_plan
 
     return stage_plan(params.num_inference_steps, params.height, params.width, params.stage_thresholds).counts

@@ -114,6 +114,12 @@ def test_the_light_commands_import_no_model_library(argv: list[str], pending_run
     assert sorted(name for name in MODEL_LIBRARIES if name in modules) == []
 
 
+def test_validate_imports_no_numpy() -> None:
+    # Its cost estimate reads the stage plan, which is pure Python: numpy would add ~0.1 s to every start.
+    modules = _modules_after("validate", str(EXAMPLES / "demo.yaml"))
+    assert "squeeze_cli.pipelines.stages" in modules and "numpy" not in modules
+
+
 def test_status_without_merge_imports_no_filelock(pending_run: Path) -> None:
     # Only `--merge` takes the run's lock; filelock costs every other `squeeze status` ~10 ms.
     modules = _modules_after("status", str(pending_run))

@@ -1,6 +1,7 @@
 """The multi-stage denoising schedule: which conditioning each sampling step uses.
 
-Pure numpy and torch-free so the CLI (dry runs, metadata) and the pipeline share one definition.
+Pure Python (no numpy, no torch) so the CLI (dry runs, cost estimates, metadata) and the pipeline share one
+definition, and importing it costs nothing.
 
 The paper's thresholds compare against the noise level σ (1 = pure noise, 0 = image), not the step
 index: with FLUX's resolution-dependent shift the same step index means a different σ at 512² and
@@ -10,11 +11,10 @@ index: with FLUX's resolution-dependent shift the same step index means a differ
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from squeeze_cli.params import PAPER_STAGE_THRESHOLDS
 
@@ -113,14 +113,46 @@ def calculate_shift(
     return image_seq_len * m + b
 
 
-def time_shift(mu: float, sigmas: np.ndarray, shift_type: str) -> np.ndarray:
-    # Same expressions (and float32 arithmetic) as FlowMatchEulerDiscreteScheduler, so the thresholds
-    # see bit-identical σ values to the ones the scheduler steps through.
+def time_shift(mu: float, sigmas: Any, shift_type: str) -> Any:
+    """FLUX's dynamic shift of `sigmas` (a tensor or array), as FlowMatchEulerDiscreteScheduler writes it."""
     if shift_type == "exponential":
         return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
     if shift_type == "linear":
         return mu / (mu + (1 / sigmas - 1) ** 1.0)
     raise ValueError(f"`time_shift_type` must be 'exponential' or 'linear' but is {shift_type!r}")
+
+
+def _f32(x: float) -> float:
+    """`x` rounded to float32 (round to nearest even), as a float32 tensor holds it."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _shifted_sigma(sigma: float, mu: float | None, config: Mapping[str, Any]) -> float:
+    """The scheduler's shift of one float32 `sigma`, every operation rounded to float32 as its float32
+    tensors compute it (a Python scalar joins a float32 operation as float32), so the thresholds see
+    bit-identical σ values to the ones the scheduler steps through."""
+    inverse = _f32(_f32(1 / sigma) - 1)  # (1 / sigmas - 1) ** 1.0
+    if mu is not None:
+        shift_type = config.get("time_shift_type", "exponential")
+        if shift_type == "exponential":
+            scale = _f32(math.exp(mu))
+        elif shift_type == "linear":
+            scale = _f32(mu)
+        else:
+            raise ValueError(f"`time_shift_type` must be 'exponential' or 'linear' but is {shift_type!r}")
+        return _f32(scale / _f32(scale + inverse))
+    shift = float(config.get("shift", 1.0))  # shift * s / (1 + (shift - 1) * s)
+    return _f32(_f32(_f32(shift) * sigma) / _f32(1 + _f32(_f32(shift - 1) * sigma)))
+
+
+def _linspace(start: float, stop: float, num: int) -> list[float]:
+    """`np.linspace(start, stop, num)`, value for value: i * step + start, the last one exactly `stop`."""
+    if num == 1:
+        return [start]
+    step = (stop - start) / (num - 1)
+    values = [i * step + start for i in range(num)]
+    values[-1] = stop
+    return values
 
 
 def stage_plan(
@@ -165,34 +197,29 @@ def stage_plan(
         raise ValueError(f"`scheduler_config` uses options the stage plan does not model: {unsupported}")
 
     # The schedule FluxPipeline hands to the scheduler; the scheduler casts it to float32.
-    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-    sigmas32 = sigmas.astype(np.float32)
+    sigmas = _linspace(1.0, 1 / num_inference_steps, num_inference_steps)
     image_seq_len = (height // multiple) * (width // multiple)
+    mu: float | None = None
     if config.get("use_dynamic_shifting", False):
-        mu: float | None = calculate_shift(
+        mu = calculate_shift(
             image_seq_len,
             config.get("base_image_seq_len", 256),
             config.get("max_image_seq_len", 4096),
             config.get("base_shift", 0.5),
             config.get("max_shift", 1.15),
         )
-        shifted = time_shift(mu, sigmas32, config.get("time_shift_type", "exponential"))
-    else:
-        mu = None
-        shift = float(config.get("shift", 1.0))
-        shifted = shift * sigmas32 / (1 + (shift - 1) * sigmas32)
-    shifted = np.asarray(shifted, dtype=np.float32)
+    shifted = [_shifted_sigma(_f32(sigma), mu, config) for sigma in sigmas]
 
     if tau1 == 0.0 and tau2 == 0.0:
         stages = (STAGE_MLLM,) * num_inference_steps
     else:
         stages = tuple(
             STAGE_MLLM if s >= tau1 else STAGE_MLLM_AND_REFERENCE if s >= tau2 else STAGE_REFERENCE
-            for s in shifted.tolist()
+            for s in shifted
         )
     return StagePlan(
-        sigmas=tuple(float(s) for s in sigmas),
-        shifted_sigmas=tuple(float(s) for s in shifted.tolist()),
+        sigmas=tuple(sigmas),
+        shifted_sigmas=tuple(shifted),
         mu=mu,
         stages=stages,
         stage_thresholds=(tau1, tau2),
