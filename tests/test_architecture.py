@@ -141,3 +141,17 @@ def test_validating_webp_and_tiff_references_loads_only_their_pil_plugins(make_i
         f"PIL.{name}ImagePlugin" for name in ("Bmp", "Gif", "Jpeg", "Png", "Ppm", "Tiff", "WebP")
     }
     assert {"PIL.TiffImagePlugin", "PIL.WebPImagePlugin"} <= plugins <= reference_plugins
+
+
+def test_a_rerun_with_every_image_done_imports_no_model_library(tmp_path: Path) -> None:
+    # Resuming a finished run of 100k images must take seconds and little memory: no torch (~0.2 GB).
+    out, demo = tmp_path / "out", str(EXAMPLES / "demo.yaml")
+    first = subprocess.run(
+        [sys.executable, "-m", "squeeze_cli", "gen", demo, "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert first.returncode == 0, first.stderr
+    modules = _modules_after("gen", demo, "--out", str(out), "--quiet")
+    assert "squeeze_cli.gen.runner" in modules
+    assert sorted(name for name in MODEL_LIBRARIES if name in modules) == []

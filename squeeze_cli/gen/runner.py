@@ -446,9 +446,10 @@ class GenRun:
         self.runner = Runner(
             self.manifest, self.options, self.reporter, self.out_dir, self.run_dir, self.processes
         )
-        # The main process builds what goes into the cache: another rank's transformers writes no weights.
-        with self.processes.main_first():
-            self.runner.build_tiny_models()
+        if self.pending:  # (nothing to make: no model library is even imported)
+            # The main process builds what goes into the cache: another rank's transformers writes no weights.
+            with self.processes.main_first():
+                self.runner.build_tiny_models()
         if self.mine:
             self.runner.load()
         found = self.processes.gather(self.runner.check_instructions(self.mine))
