@@ -7,7 +7,7 @@ import errno
 import json
 import os
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,28 +137,41 @@ def _cut_short_append(fd: int, written: int) -> None:
 
 def _parse_index(path: Path) -> tuple[list[dict[str, Any]], bool]:
     """The valid entries of an index file, and whether any line was invalid."""
+    data = _read_index_bytes(path)
+    entries, invalid = [], _cut_off(data)
+    for entry in _index_lines(data):
+        if entry is None:
+            invalid = True
+        else:
+            entries.append(entry)
+    return entries, invalid
+
+
+def _cut_off(data: bytes) -> bool:
+    return bool(data) and not data.endswith(b"\n")  # a cut-off last line; rewriting ends the file cleanly
+
+
+def _read_index_bytes(path: Path) -> bytes:
     try:
-        data = read_regular_file(path, INDEX_MAX_BYTES, follow_symlinks=False)
+        return read_regular_file(path, INDEX_MAX_BYTES, follow_symlinks=False)
     except FileNotFoundError:
-        return [], False
+        return b""
     except OSError as error:
         raise OutputWriteError.from_os_error(path, error, "read") from error
-    entries, invalid = [], False
+
+
+def _index_lines(data: bytes) -> Iterator[dict[str, Any] | None]:
+    """Each line's entry, or None for an invalid line, one at a time (a 100k-line index is not held as
+    100k dicts when the caller keeps few of them)."""
     for line in data.split(b"\n"):
         if not line.strip():
             continue
         try:
             entry = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
         except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: '[' * 100000
-            invalid = True
+            yield None
             continue
-        if not isinstance(entry, dict) or not isinstance(entry.get("job_id"), str):
-            invalid = True
-            continue
-        entries.append(entry)
-    if data and not data.endswith(b"\n"):
-        invalid = True  # a cut-off last line; rewriting ends the file cleanly
-    return entries, invalid
+        yield entry if isinstance(entry, dict) and isinstance(entry.get("job_id"), str) else None
 
 
 def _refuse_constant(name: str) -> Any:
@@ -199,14 +212,20 @@ def repair_index(
     Returns:
         `bool`: whether the index was rewritten.
     """
-    done = {job_id: dict(entry) for job_id, entry in done_entries.items()}
+    done = done_entries  # read, never changed: at 100k finished images a copy would be ~0.1 GB
     pending = set(pending_job_ids) - set(done)
     owners = planned_images or {}
     path = index_path(out_dir)
-    entries, changed = _parse_index(path)
+    data = _read_index_bytes(path)
+    changed = _cut_off(data)
 
-    kept: dict[str, dict[str, Any]] = {}  # insertion order = order of each id's kept line
-    for entry in entries:
+    # Lines are parsed one at a time and a finished job's parsed line is dropped for its `done` entry, so
+    # the index is never held twice as dicts.
+    kept: dict[str, Mapping[str, Any]] = {}  # insertion order = order of each id's kept line
+    for entry in _index_lines(data):
+        if entry is None:
+            changed = True
+            continue
         job_id = entry["job_id"]
         if job_id in pending:
             changed = True
@@ -230,6 +249,7 @@ def repair_index(
             changed = True
     if not changed:
         return False
+    del data  # before the new text is built
     atomic_write_bytes(path, b"".join(_index_line(entry) for entry in kept.values()))
     return True
 
