@@ -45,6 +45,18 @@ class SqueezeError(Exception):
     def one_line(self) -> str:
         return with_hint(self.message, self.hint)
 
+    def __reduce__(self) -> tuple:
+        # Rebuilt without calling __init__ (subclasses add keyword arguments): an error raised in a worker
+        # process (the grid drawing pool) reaches the main process whole.
+        return _rebuild_error, (type(self), self.args, self.__dict__)
+
+
+def _rebuild_error(cls: type[SqueezeError], args: tuple, state: dict) -> SqueezeError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class UsageError(SqueezeError):
     """Bad flags or arguments."""

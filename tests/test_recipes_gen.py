@@ -176,7 +176,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(project: Path, gen) -> None:
+def test_two_processes_match_one_process(project: Path, gen, plan_of) -> None:
     gen(str(project / "m.yaml"), "--out", str(project / "one"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [
@@ -192,6 +192,13 @@ def test_two_processes_match_one_process(project: Path, gen) -> None:
     ranks = {json.loads(p.read_text())["process"] for p in (project / "two").glob("*/[0-9]*-s*.json")}
     assert ranks == {0, 1}
     assert_same_images(images_of(project / "one"), images_of(project / "two"))
+    # The processes shared the views out: together they drew every one, from the images on disk.
+    from squeeze_cli import outputs
+
+    jobs = plan_of(project / "m.yaml")
+    assert outputs.plan_views(project / "two", jobs, outputs.find_finished(project / "two", jobs)) == []
+    prompts = {(job.subject, job.prompt_index) for job in jobs}
+    assert len(list((project / "two").glob("*/grid-*.png"))) == len(prompts)
 
 
 def test_the_resolved_manifest_replans_the_same_jobs(project: Path, gen, squeeze) -> None:

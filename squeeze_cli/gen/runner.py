@@ -10,6 +10,7 @@ first writes), execute (the images), finalize (index, grids, summary).
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import signal
 import sys
@@ -519,9 +520,11 @@ class GenRun:
             }
         )
         if not self.is_main:
+            self._draw_views(None)  # this process's share of the main process's list
             return EXIT_OK
         failures = [failure for result in results for failure in result["failures"]]
         generated = {job_id for result in results for job_id in result["succeeded"]}
+        finished = None
         try:
             # Every process's images are on disk now, under their positions' names (moves came first).
             finished = {**self.done, **outputs.find_finished(self.out_dir, self.pending, anywhere=False)}
@@ -538,9 +541,12 @@ class GenRun:
                 from squeeze_cli.eval.gate import quality_summary
 
                 self.summary["quality"] = quality_summary([f.entry for f in finished.values()], quality)
-            # Grids are a view, redrawn by the next run when out of date: a stopped run skips them.
-            if self.write_error is None and self.stop.signum is None:
-                self._draw_views(finished)
+        except outputs.OutputWriteError as error:
+            self.write_error = self.write_error or error
+        try:
+            # Grids are a view, redrawn by the next run when out of date: a stopped or failed run skips them.
+            drawable = self.write_error is None and self.stop.signum is None and not any(stopped)
+            self._draw_views(finished if drawable else None)
         except outputs.OutputWriteError as error:
             self.write_error = self.write_error or error
 
@@ -573,21 +579,37 @@ class GenRun:
             return exit_code(signum)
         return EXIT_JOBS_FAILED if failures else EXIT_OK
 
-    def _draw_views(self, finished: dict[str, Any]) -> None:
+    def _draw_views(self, finished: dict[str, Any] | None) -> None:
         """Grids and contact sheets of the whole plan, from the images on disk: a shard draws every shard's
-        images, and one at a time, so the shard that finishes last leaves complete views."""
+        images, and one at a time, so the shard that finishes last leaves complete views. Every process
+        calls this: the main process finds the stale views under the layout lock (none when `finished` is
+        None) and each process draws its share; a process alone draws with a pool when there is much."""
         output = self.manifest.document.output
-        with self.layout_lock.drawing_views():
-            if self.view_jobs is not self.jobs:  # other shards' images: read inside the lock, up to date
-                finished = outputs.find_finished(self.out_dir, self.view_jobs, anywhere=False)
-            outputs.update_views(
-                self.out_dir,
-                self.view_jobs,
-                finished,
-                lambda: self.stop.signum is not None,
-                grids=output.grids,
-                contact_sheets=output.contact_sheet,
-            )
+        should_stop = lambda: self.stop.signum is not None  # noqa: E731
+        drawing = self.is_main and finished is not None
+        with self.layout_lock.drawing_views() if drawing else contextlib.nullcontext():
+            work: list[outputs.PageViews] = []
+            try:
+                if drawing:
+                    if self.view_jobs is not self.jobs:  # other shards' images: read inside the lock
+                        finished = outputs.find_finished(self.out_dir, self.view_jobs, anywhere=False)
+                    work = outputs.plan_views(
+                        self.out_dir,
+                        self.view_jobs,
+                        finished,
+                        grids=output.grids,
+                        contact_sheets=output.contact_sheet,
+                    )
+            finally:  # the other processes wait for the list whatever happens here
+                work = self.processes.gather(work)[0]
+            if self.processes.count == 1:
+                outputs.draw_views(self.out_dir, work, should_stop, workers=outputs.pool_workers(work))
+                return
+            try:
+                mine = outputs.share_views(work, self.processes.index, self.processes.count)
+                outputs.draw_views(self.out_dir, mine, should_stop)
+            finally:  # the lock is held until every process has drawn its share
+                self.processes.barrier()
 
     def release(self) -> None:
         if self.layout_lock is not None:

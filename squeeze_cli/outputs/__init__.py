@@ -6,7 +6,8 @@ The output directory is a documented contract (docs/outputs.md)::
     OUT/<subject>/<prompt_index:03d>-s<seed>.png   the image; metadata in `parameters` and `squeeze` chunks
     OUT/<subject>/<prompt_index:03d>-s<seed>.json  the sidecar: the full record; written last = "done"
     OUT/<subject>/grid-<prompt_index:03d>.png      references + every seed of one prompt, labelled
-    OUT/<subject>/contact-sheet.png                every prompt of one subject
+    OUT/<subject>/contact-sheet.png                every prompt of one subject (the first 50; then
+    OUT/<subject>/contact-sheet-<page:03d>.png     the next 50 per page)
     OUT/index.jsonl                                one line per finished (or failed) job
     OUT/run.json                                   the run summary
     OUT/manifest.resolved.yaml                     the manifest with the preset merged: reproduces the run
@@ -39,7 +40,13 @@ from .grids import (  # noqa: F401
     GRID_THUMB_HEIGHT,
     SHEET_MAX_COLUMNS,
     SHEET_THUMB_HEIGHT,
+    PageViews,
+    PromptViews,
     SheetRow,
+    draw_views,
+    plan_views,
+    pool_workers,
+    share_views,
     update_views,
     view_inputs,
     views_inputs,
@@ -59,6 +66,7 @@ from .index import (  # noqa: F401
 )
 from .layout import (  # noqa: F401
     CONTACT_SHEET_NAME,
+    CONTACT_SHEET_PAGE_PROMPTS,
     INDEX_NAME,
     LAYOUT_LOCK_NAME,
     LOCK_NAME,
@@ -72,6 +80,9 @@ from .layout import (  # noqa: F401
     SHARDS_DIR_NAME,
     UnsafeOutputPathError,
     check_subject_name,
+    contact_sheet_name,
+    contact_sheet_page,
+    contact_sheet_pages,
     contact_sheet_path,
     grid_path,
     image_name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,8 @@ if TYPE_CHECKING:
 INDEX_NAME = "index.jsonl"
 RUN_SUMMARY_NAME = "run.json"
 RESOLVED_MANIFEST_NAME = "manifest.resolved.yaml"
-CONTACT_SHEET_NAME = "contact-sheet.png"
+CONTACT_SHEET_NAME = "contact-sheet.png"  # page 1; page N > 1 is `contact-sheet-<N:03d>.png`
+CONTACT_SHEET_PAGE_PROMPTS = 50  # prompts per contact-sheet page: a page stays a few MB to draw and view
 LOCK_NAME = ".squeeze.lock"  # in OUT, or in a shard's folder
 LAYOUT_LOCK_NAME = ".squeeze-layout.lock"  # in OUT: which shard layout (plain, or --shard I/N) holds OUT
 SHARDS_DIR_NAME = "shards"  # OUT/shards/<I>-of-<N>/ holds one shard's run files
@@ -130,9 +132,34 @@ def grid_path(out_dir: str | os.PathLike, subject: str, prompt_index: int) -> Pa
     return safe_join(subject_dir(out_dir, subject), f"grid-{prompt_index:03d}.png")
 
 
-def contact_sheet_path(out_dir: str | os.PathLike, subject: str) -> Path:
-    """`OUT/<subject>/contact-sheet.png`."""
-    return safe_join(subject_dir(out_dir, subject), CONTACT_SHEET_NAME)
+def contact_sheet_name(page: int = 1) -> str:
+    """`contact-sheet.png` for page 1, `contact-sheet-<page:03d>.png` for the pages after it."""
+    return CONTACT_SHEET_NAME if page == 1 else f"contact-sheet-{page:03d}.png"
+
+
+def contact_sheet_page(name: str) -> int | None:
+    """The page number of a contact-sheet file name, or None when `name` is not one squeeze writes."""
+    match = _SHEET_PAGE.fullmatch(name)
+    page = int(match.group(1) or 1) if match else None
+    return page if page is not None and contact_sheet_name(page) == name else None
+
+
+_SHEET_PAGE = re.compile(r"contact-sheet(?:-(\d+))?\.png")
+
+
+def contact_sheet_pages(prompt_count: int) -> int:
+    """How many pages the contact sheet of a subject with `prompt_count` prompts has (at least one)."""
+    return max(1, -(-prompt_count // CONTACT_SHEET_PAGE_PROMPTS))
+
+
+def contact_sheet_page_prompts(page: int) -> slice:
+    """Which of a subject's prompts (by position in the plan) page `page` shows."""
+    return slice((page - 1) * CONTACT_SHEET_PAGE_PROMPTS, page * CONTACT_SHEET_PAGE_PROMPTS)
+
+
+def contact_sheet_path(out_dir: str | os.PathLike, subject: str, page: int = 1) -> Path:
+    """`OUT/<subject>/contact-sheet.png`, or `OUT/<subject>/contact-sheet-<page:03d>.png` after page 1."""
+    return safe_join(subject_dir(out_dir, subject), contact_sheet_name(page))
 
 
 def index_path(out_dir: str | os.PathLike) -> Path:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from squeeze_cli.outputs.layout import (
-    CONTACT_SHEET_NAME,
     INDEX_NAME,
     LAYOUT_LOCK_NAME,
     LOCK_NAME,
@@ -19,6 +18,8 @@ from squeeze_cli.outputs.layout import (
     RUN_SUMMARY_NAME,
     UnsafeOutputPathError,
     check_subject_name,
+    contact_sheet_name,
+    contact_sheet_pages,
     image_stem,
 )
 from squeeze_cli.reading import file_kind
@@ -97,10 +98,15 @@ def check_output_tree(out_dir: Path, run_dir: Path, jobs: Sequence[Job]) -> None
         else:
             _check_files(run_dir, set(RUN_FILE_NAMES), run_file_hint)
     names_by_subject: dict[str, set[str]] = {}
+    prompts_by_subject: dict[str, set[int]] = {}
     for job in jobs:
-        names = names_by_subject.setdefault(check_subject_name(job.subject), {CONTACT_SHEET_NAME})
+        names = names_by_subject.setdefault(check_subject_name(job.subject), set())
+        prompts_by_subject.setdefault(job.subject, set()).add(job.prompt_index)
         stem = image_stem(job)
         names.update((f"{stem}.png", f"{stem}.json", f"grid-{job.prompt_index:03d}.png"))
+    for subject, prompts in prompts_by_subject.items():
+        pages = contact_sheet_pages(len(prompts))
+        names_by_subject[subject].update(contact_sheet_name(page) for page in range(1, pages + 1))
     for subject, names in names_by_subject.items():
         folder = out_dir / subject
         hint = f"move or remove it: the images of subject {subject!r} go in the folder {folder}"
