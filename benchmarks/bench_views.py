@@ -241,6 +241,18 @@ def main() -> None:
             f"nothing new {summary['none_s'][0]:.2f} s; "
             f"peak RSS {summary['peak_rss_mib'][0]:.0f} MiB"
         )
+    first = variants[0][0]
+    for name, rows in list(samples.items())[1:]:  # per round, against the first variant (`--compare`'s)
+        ratios = {}
+        for key in ("all_s", "all_cpu_s", "one_s"):
+            values = [base[key] / row[key] for base, row in zip(samples[first], rows, strict=True)]
+            ratios[key] = (statistics.median(values), min(values), max(values))
+        report["variants"][name]["ratio_to_first"] = ratios
+        text = ", ".join(
+            f"{label} ×{ratios[key][0]:.2f} ({ratios[key][1]:.2f}–{ratios[key][2]:.2f})"
+            for label, key in [("all", "all_s"), ("all by CPU time", "all_cpu_s"), ("one new image", "one_s")]
+        )
+        print(f"  {first} / {name}, per round: {text}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
