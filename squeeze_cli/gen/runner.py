@@ -589,8 +589,9 @@ class GenRun:
         drawing = self.is_main and finished is not None
         with self.layout_lock.drawing_views() if drawing else contextlib.nullcontext():
             work: list[outputs.PageViews] = []
-            try:
-                if drawing:
+            failure: outputs.OutputWriteError | None = None
+            if drawing:
+                try:
                     if self.view_jobs is not self.jobs:  # other shards' images: read inside the lock
                         finished = outputs.find_finished(self.out_dir, self.view_jobs, anywhere=False)
                     work = outputs.plan_views(
@@ -600,16 +601,19 @@ class GenRun:
                         grids=output.grids,
                         contact_sheets=output.contact_sheet,
                     )
-            finally:  # the other processes wait for the list whatever happens here
-                work = self.processes.gather(work)[0]
+                except outputs.OutputWriteError as error:
+                    failure = error  # raised once the other processes have their (empty) list and are done
+            work = self.processes.gather(work)[0]
             if self.processes.count == 1:
                 outputs.draw_views(self.out_dir, work, should_stop, workers=outputs.pool_workers(work))
-                return
-            try:
-                mine = outputs.share_views(work, self.processes.index, self.processes.count)
-                outputs.draw_views(self.out_dir, mine, should_stop)
-            finally:  # the lock is held until every process has drawn its share
-                self.processes.barrier()
+            else:
+                try:
+                    mine = outputs.share_views(work, self.processes.index, self.processes.count)
+                    outputs.draw_views(self.out_dir, mine, should_stop)
+                finally:  # the lock is held until every process has drawn its share
+                    self.processes.barrier()
+            if failure is not None:
+                raise failure
 
     def release(self) -> None:
         if self.layout_lock is not None:
