@@ -478,7 +478,11 @@ def bench_processes(args: argparse.Namespace, manifest: Path, work: Path) -> dic
     def variant(name: str, processes: int, env: dict) -> Callable[[], None]:
         def run() -> None:
             out = work / name.replace(" ", "-")
-            subprocess.run(command(processes, out), env=env, check=True, capture_output=True, timeout=1800)
+            done = subprocess.run(
+                command(processes, out), env=env, capture_output=True, text=True, timeout=1800
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"{name} exited {done.returncode}: {done.stderr[-3000:]}")
             summary_ = json.loads((out / "run.json").read_text())
             results.setdefault(name, []).append(summary_["images_per_second"])
 

@@ -65,7 +65,12 @@ def write_project(folder: Path, checkpoint: Path, args: argparse.Namespace) -> t
     for name in list(SUBJECTS)[: args.subjects]:
         shutil.copytree(ROOT / "examples" / "images" / name, folder / "images" / name)
         references = sorted(str(p) for p in (folder / "images" / name).glob("*.jpg"))
-        prompts = [template.format(SUBJECTS[name]) for template in PROMPTS[: args.prompts]]
+        # Past the six scenes, the same scenes again with a take number: a longer run, every prompt distinct.
+        prompts = [
+            PROMPTS[i % len(PROMPTS)].format(SUBJECTS[name])
+            + (f", take {i // len(PROMPTS) + 1}" if i >= 6 else "")
+            for i in range(args.prompts)
+        ]
         subjects.append({"name": name, "references": [f"images/{name}/*.jpg"], "prompts": prompts})
         for p, prompt in enumerate(prompts):
             for seed in range(args.seeds):
