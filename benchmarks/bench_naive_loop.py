@@ -31,6 +31,7 @@ from forward_timers import ForwardTimers  # benchmarks/: the script's own folder
 from PIL import Image
 
 from squeeze_cli import outputs
+from squeeze_cli.images import load_rgb
 from squeeze_cli.pipelines.squeeze import SqueezePipeline
 from squeeze_cli.pipelines.tiny import build_tiny_pipeline
 
@@ -105,7 +106,7 @@ def run_naive(checkpoint: Path, jobs: list[dict], out: Path, params: dict) -> di
     references: dict[str, list[Image.Image]] = {}
     for job in jobs:
         if job["subject"] not in references:  # a user reads a subject's photos once
-            references[job["subject"]] = [outputs.load_rgb(p) for p in job["references"]]
+            references[job["subject"]] = [load_rgb(p) for p in job["references"]]
         image = pipe(
             job["prompt"],
             references[job["subject"]],
