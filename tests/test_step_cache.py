@@ -73,6 +73,12 @@ def test_step_cache_defaults_to_first_block_at_0_08(write_file, make_image):
         ("{method: teacache}", "defaults.step_cache.method", "first_block"),
         ("{treshold: 0.1}", "defaults.step_cache.treshold", ""),
         ("0.1", "defaults.step_cache", ""),
+        ("{method: taylorseer, threshold: 0.1}", "defaults.step_cache", "`threshold` is not a setting of"),
+        ("{interval: 4}", "defaults.step_cache", "`interval` is not a setting of method first_block"),
+        ("{method: taylorseer, interval: 1}", "defaults.step_cache.interval", "greater than or equal to 2"),
+        ("{method: taylorseer, interval: 2.5}", "defaults.step_cache.interval", "integer"),
+        ("{method: taylorseer, warmup_steps: 0}", "defaults.step_cache.warmup_steps", "greater than"),
+        ("{method: taylorseer, order: 5}", "defaults.step_cache.order", "less than or equal to 4"),
     ],
 )
 def test_bad_step_cache_is_located(write_file, make_image, value, field, message):
@@ -93,25 +99,6 @@ def test_taylorseer_defaults_and_settings(write_file, make_image):
     first, second = load_manifest(path).subjects[0].prompts
     assert first.params.step_cache == StepCache("taylorseer", interval=5, warmup_steps=3, order=1)
     assert second.params.step_cache == StepCache("taylorseer", interval=3, warmup_steps=2, order=2)
-
-
-@pytest.mark.parametrize(
-    ("value", "field", "message"),
-    [
-        ("{method: taylorseer, threshold: 0.1}", "defaults.step_cache", "`threshold` is not a setting of"),
-        ("{interval: 4}", "defaults.step_cache", "`interval` is not a setting of method first_block"),
-        ("{method: taylorseer, interval: 1}", "defaults.step_cache.interval", "greater than or equal to 2"),
-        ("{method: taylorseer, interval: 2.5}", "defaults.step_cache.interval", "integer"),
-        ("{method: taylorseer, warmup_steps: 0}", "defaults.step_cache.warmup_steps", "greater than"),
-        ("{method: taylorseer, order: 5}", "defaults.step_cache.order", "less than or equal to 4"),
-    ],
-)
-def test_bad_taylorseer_settings_are_located(write_file, make_image, value, field, message):
-    path = manifest(write_file, make_image, defaults=f"  step_cache: {value}")
-    with pytest.raises(ManifestError) as info:
-        load_manifest(path)
-    (problem,) = info.value.problems
-    assert problem.field == field and message in problem.message
 
 
 def test_job_ids_of_exact_sampling_are_unchanged_and_the_cache_enters_them():
