@@ -447,7 +447,7 @@ class GenRun:
         self.runner = Runner(
             self.manifest, self.options, self.reporter, self.out_dir, self.run_dir, self.processes
         )
-        if self.pending:  # (nothing to make: no model library is even imported)
+        if self.pending:  # a rerun with every image done imports no model library at all
             # The main process builds what goes into the cache: another rank's transformers writes no weights.
             with self.processes.main_first():
                 self.runner.build_tiny_models()
