@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,38 +40,49 @@ def cache_dir() -> Path:
 
 
 def ensure_tiny_checkpoint(family: str, pipeline_class: str | None = None) -> Path:
-    """Build the tiny random checkpoint once into the cache; concurrent processes are safe.
+    """Build the tiny random checkpoint once into the cache (`build_into_cache`).
 
-    Each builder writes into its own temporary folder and renames it into place; whoever renames first
-    wins and the others discard their copy (the builds are identical: deterministic from the seed).
     `pipeline_class` names another registered pipeline's tiny twin (`family` is then unused).
     """
     other = pipeline_class not in (None, DEFAULT_PIPELINE)
     name = pipeline_class if other else family
-    target = cache_dir() / f"tiny-{name}-v{TINY_FORMAT}"
-    if (target / "model_index.json").is_file():
-        return target
-    from squeeze_cli.pipelines.tiny import build_tiny_pipeline
 
+    def build(folder: Path) -> None:
+        from squeeze_cli.pipelines.tiny import build_tiny_pipeline
+
+        if other:
+            pipeline_spec(pipeline_class).build_tiny(folder, seed=0)
+        else:
+            build_tiny_pipeline(folder, family=family, seed=0)
+
+    return build_into_cache(cache_dir() / f"tiny-{name}-v{TINY_FORMAT}", "model_index.json", build)
+
+
+def build_into_cache(target: Path, marker: str, build: Callable[[Path], object]) -> Path:
+    """`target`, built once by `build(folder)` unless its `marker` file is there; concurrent processes are
+    safe.
+
+    Each builder writes into its own temporary folder and renames it into place; whoever renames first
+    wins and the others discard their copy (the builds are identical: deterministic from the seed). A
+    build that lacks weights is refused, never cached (see `_missing_weights`).
+    """
+    if (target / marker).is_file():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        if other:
-            pipeline_spec(pipeline_class).build_tiny(staging, seed=0)
-        else:
-            build_tiny_pipeline(staging, family=family, seed=0)
+        build(staging)
         missing = _missing_weights(staging)
         if missing:
-            # transformers' save_pretrained writes nothing on a distributed rank other than 0: such a folder
-            # must never become the cache every later run trusts.
             raise ModelLoadError(
-                f"the tiny checkpoint built in this process lacks weights ({', '.join(missing)})",
+                f"the tiny checkpoint {target.name} built in this process lacks weights "
+                f"({', '.join(missing)})",
                 "build it from one process first (`squeeze gen` does so on the main process), then launch",
             )
         try:
             os.rename(staging, target)
         except OSError:
-            if not (target / "model_index.json").is_file():
+            if not (target / marker).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -83,13 +95,17 @@ def builtin_checkpoint(spec: ModelSpec) -> Path:
 
 
 def _missing_weights(folder: Path) -> list[str]:
-    """The component folders of a freshly built checkpoint that are empty or have a model config but no
-    weights: what transformers' save_pretrained leaves on a distributed rank other than 0."""
+    """What a freshly built checkpoint lacks: `model` when the folder is one model (no subfolders) without
+    weights, else its component folders that are empty or have a model config but no weights. That is
+    what transformers' save_pretrained leaves on a distributed rank other than 0: such a folder must never
+    become the cache every later run trusts."""
+    parts = [part for part in folder.iterdir() if part.is_dir()]
+    if not parts:
+        return [] if any(folder.glob("*.safetensors")) else ["model"]
     return sorted(
         part.name
-        for part in folder.iterdir()
-        if part.is_dir()
-        and (not any(part.iterdir()) or (part / "config.json").is_file())
+        for part in parts
+        if (not any(part.iterdir()) or (part / "config.json").is_file())
         and not any(part.glob("*.safetensors"))
     )
 

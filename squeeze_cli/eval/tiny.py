@@ -7,12 +7,9 @@ real models; their numbers mean nothing. Built once into the squeeze cache, like
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from squeeze_cli.errors import ModelLoadError
-from squeeze_cli.loading import cache_dir
+from squeeze_cli.loading import build_into_cache, cache_dir
 
 # Bump when a builder changes what it writes, so old caches are not reused.
 TINY_METRIC_FORMAT = 1
@@ -132,29 +129,7 @@ def build_tiny_metric_model(name: str, path: str | os.PathLike, seed: int = 0) -
 
 
 def ensure_tiny_metric_checkpoint(name: str) -> Path:
-    """Build the tiny `name` checkpoint once into the squeeze cache; concurrent processes are safe.
-
-    As `squeeze_cli.loading.ensure_tiny_checkpoint`: each builder writes its own temporary folder and
-    renames it into place; the first rename wins (the builds are identical, deterministic from the seed).
-    """
+    """Build the tiny `name` checkpoint once into the squeeze cache, as the tiny pipeline
+    (`squeeze_cli.loading.build_into_cache`)."""
     target = cache_dir() / f"tiny-metric-{name}-v{TINY_METRIC_FORMAT}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build_tiny_metric_model(name, staging)
-        # transformers' save_pretrained writes no weights on a distributed rank other than 0.
-        if not any(staging.glob("*.safetensors")):
-            raise ModelLoadError(
-                f"the tiny {name} metric model built in this process lacks its weights",
-                "build it from one process first (run the command once without a launcher), then launch",
-            )
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_into_cache(target, "config.json", lambda folder: build_tiny_metric_model(name, folder))
