@@ -21,6 +21,7 @@ from squeeze_cli.errors import ManifestError, Problem
 from squeeze_cli.manifest.resolve import too_many_jobs
 from squeeze_cli.params import SamplingParams
 from squeeze_cli.pipelines.registry import pipeline_spec
+from squeeze_cli.pipelines.stages import stage_plan
 from squeeze_cli.reading import open_regular_file
 
 if TYPE_CHECKING:
@@ -114,8 +115,6 @@ def _token_steps(
 
 @lru_cache(maxsize=64)
 def _stage_counts(params: SamplingParams) -> tuple[int, int, int]:
-    from squeeze_cli.pipelines.stages import stage_plan
-
     return stage_plan(params.num_inference_steps, params.height, params.width, params.stage_thresholds).counts
 
 

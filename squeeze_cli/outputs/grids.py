@@ -5,12 +5,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import multiprocessing
 import os
-import signal
 import stat
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from functools import lru_cache
 from itertools import groupby
 from pathlib import Path
@@ -585,6 +582,8 @@ _worker_stop: Any = None
 
 
 def _start_worker(stop: Any) -> None:
+    import signal
+
     global _worker_stop
     _worker_stop = stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -606,6 +605,10 @@ def _draw_in_pool(
     should_stop: Callable[[], bool],
     workers: int,
 ) -> None:
+    # Imported here: `squeeze status` imports this module and never draws with a pool.
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
     # spawn: fresh workers that inherit no threads (torch's) and no signal handlers, and are this process's
     # own children (their CPU time and memory count as its children's).
     context = multiprocessing.get_context("spawn")
