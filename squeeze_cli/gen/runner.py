@@ -383,8 +383,7 @@ def _dry_run(
     reporter = Reporter(Reporter.choose_mode(json_events=json_events, quiet=quiet))
     resume = not options.overwrite and out_dir.is_dir()
     done = outputs.finished_job_ids(out_dir, jobs) if resume else set()
-    staged = "stage_thresholds" in pipeline_spec(manifest.model.pipeline_class).sampling_parameters
-    plan = describe_plan(jobs, done, staged=staged)
+    plan = describe_plan(jobs, done, staged=pipeline_spec(manifest.model.pipeline_class).staged)
     report_dry_run(reporter, {"event": "dry_run", "out": str(out_dir), **plan}, json_events)
     return EXIT_OK
 

@@ -21,6 +21,7 @@ What differs from diffusers' `__call__`:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     retrieve_timesteps,
 )
 from diffusers.utils import BaseOutput
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessorPil
 
 from .contract import SubjectBatchMixin
 from .registry import PIPELINES
@@ -96,8 +97,8 @@ class QwenImageEditPlusPipeline(SubjectBatchMixin, DiffusersQwenImageEditPlusPip
     VAE latents and VL image inputs prepared once per subject, VL encodings cached per prompt, one CPU
     generator per image, batches of several prompts.
 
-    Loads the same checkpoints (e.g. `Qwen/Qwen-Image-Edit-2509`); pass `processor=` an image processor
-    (`Qwen2VLImageProcessorPil.from_pretrained(repo, subfolder="processor")`) where torchvision is missing.
+    Loads the same checkpoints (e.g. `Qwen/Qwen-Image-Edit-2509`); `from_pretrained` takes the image processor
+    from `processor/` (see there).
     """
 
     sampling_parameters = PIPELINES["qwen-image-edit-plus"].sampling_parameters
@@ -120,6 +121,21 @@ class QwenImageEditPlusPipeline(SubjectBatchMixin, DiffusersQwenImageEditPlusPip
             processor=processor,
             transformer=transformer,
         )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        """diffusers' `from_pretrained`, with the image processor from the checkpoint's `processor/` folder in
+        place of the `Qwen2VLProcessor` its `model_index.json` names (which diffusers would build, and which
+        needs torchvision in transformers 5), unless `processor=` is given."""
+        if "processor" in kwargs:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, processor=None, **kwargs)
+        options = {key: kwargs[key] for key in ("revision", "cache_dir", "local_files_only") if key in kwargs}
+        processor = Qwen2VLImageProcessorPil.from_pretrained(
+            pretrained_model_name_or_path, subfolder="processor", **options
+        )
+        pipe.register_modules(processor=processor)
+        return pipe
 
     # ----------------------------------------------------------------------------------------------------
     # Inputs of the vision-language encoder
