@@ -28,6 +28,7 @@ from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import FluxLoraLoaderMixin
 from diffusers.models import AutoencoderKL, FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
@@ -666,35 +667,11 @@ class SqueezePipeline(SubjectBatchMixin, DiffusionPipeline, FluxLoraLoaderMixin)
     # Latents
     # ----------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    # Copied from diffusers.pipelines.flux.pipeline_flux.FluxPipeline._prepare_latent_image_ids
-    def _prepare_latent_image_ids(batch_size, height, width, device, dtype):
-        latent_image_ids = torch.zeros(height, width, 3)
-        latent_image_ids[..., 1] = latent_image_ids[..., 1] + torch.arange(height)[:, None]
-        latent_image_ids[..., 2] = latent_image_ids[..., 2] + torch.arange(width)[None, :]
-        latent_image_ids = latent_image_ids.reshape(height * width, 3)  # (h * w, 3)
-        return latent_image_ids.to(device=device, dtype=dtype)
-
-    @staticmethod
-    # Copied from diffusers.pipelines.flux.pipeline_flux.FluxPipeline._pack_latents
-    def _pack_latents(latents, batch_size, num_channels_latents, height, width):
-        # (B, C, H, W) -> (B, H/2 * W/2, C * 4)
-        latents = latents.view(batch_size, num_channels_latents, height // 2, 2, width // 2, 2)
-        latents = latents.permute(0, 2, 4, 1, 3, 5)
-        latents = latents.reshape(batch_size, (height // 2) * (width // 2), num_channels_latents * 4)
-        return latents
-
-    @staticmethod
-    # Copied from diffusers.pipelines.flux.pipeline_flux.FluxPipeline._unpack_latents
-    def _unpack_latents(latents, height, width, vae_scale_factor):
-        # (B, H/2 * W/2, C * 4) -> (B, C, H, W) in latent pixels
-        batch_size, num_patches, channels = latents.shape
-        height = 2 * (int(height) // (vae_scale_factor * 2))
-        width = 2 * (int(width) // (vae_scale_factor * 2))
-        latents = latents.view(batch_size, height // 2, width // 2, channels // 4, 2, 2)
-        latents = latents.permute(0, 3, 1, 4, 2, 5)
-        latents = latents.reshape(batch_size, channels // (2 * 2), height, width)
-        return latents
+    # FLUX.1's own packing and position ids, used as they are (not copied): (B, C, H, W) <-> (B, H/2 * W/2,
+    # C * 4), and the (row, column) ids of each packed token.
+    _prepare_latent_image_ids = staticmethod(FluxPipeline._prepare_latent_image_ids)
+    _pack_latents = staticmethod(FluxPipeline._pack_latents)
+    _unpack_latents = staticmethod(FluxPipeline._unpack_latents)
 
     # Adapted from diffusers.pipelines.flux.pipeline_flux.FluxPipeline.prepare_latents
     def prepare_latents(
