@@ -414,9 +414,9 @@ def test_special_files_are_refused_without_blocking(tmp_path: Path, make_image) 
 def test_a_reference_swapped_for_a_fifo_after_validation_is_one_line(
     project: Path, monkeypatch, squeeze
 ) -> None:
-    from squeeze_cli.gen import runner
+    from squeeze_cli.gen import worker
 
-    load = runner.Runner.load
+    load = worker.Worker.load
     reference = project / "images" / "dog" / "00.jpg"
 
     def swap_during_load(self) -> None:  # what another program could do while the model loads
@@ -424,7 +424,7 @@ def test_a_reference_swapped_for_a_fifo_after_validation_is_one_line(
         reference.unlink()
         os.mkfifo(reference)
 
-    monkeypatch.setattr(runner.Runner, "load", swap_during_load)
+    monkeypatch.setattr(worker.Worker, "load", swap_during_load)
     with deadline():
         result = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "out"), "--quiet")
     assert result.code == EXIT_INVALID
@@ -546,12 +546,12 @@ def test_an_empty_out_is_refused(project: Path, squeeze, monkeypatch, value) -> 
 def test_a_file_where_a_subject_folder_goes_is_refused_before_loading(
     project: Path, squeeze, monkeypatch
 ) -> None:
-    from squeeze_cli.gen import runner
+    from squeeze_cli.gen import worker
 
     def must_not_load(self) -> None:
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(runner.Runner, "load", must_not_load)
+    monkeypatch.setattr(worker.Worker, "load", must_not_load)
     out = project / "out"
     out.mkdir()
     (out / "dog").write_text("not a folder")
