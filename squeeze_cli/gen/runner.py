@@ -24,7 +24,6 @@ from typing import Any
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK, ManifestError, Problem, describe_exception
 from squeeze_cli.gen.lock import DirectoryLock, LayoutLock
-from squeeze_cli.gen.processes import Processes
 from squeeze_cli.gen.progress import Reporter
 from squeeze_cli.gen.signals import StopNow, StopSignal, exit_code
 from squeeze_cli.gen.summary import describe_plan, finish_summary, now, report_dry_run, starting_summary
@@ -32,6 +31,7 @@ from squeeze_cli.images import load_rgb, upright_size
 from squeeze_cli.manifest import LoadedManifest
 from squeeze_cli.pipelines.registry import pipeline_spec
 from squeeze_cli.plan import Job, plan_jobs, shard_jobs
+from squeeze_cli.processes import Processes
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Runner:
         self.processes = processes
         self.pipe: Any = None
         self.pipeline_info: dict[str, Any] = {}  # set by `load`: name, class, sampling_parameters
-        self.gate: Any = None  # the identity gate (squeeze_cli/eval/gate.py), when the manifest has `quality`
+        self.gate: Any = None  # the identity gate (squeeze_cli/gen/gate.py), when the manifest has `quality`
         self.succeeded: list[str] = []
         self.failures: list[dict[str, Any]] = []
         self.timings = {"load": 0.0, "encode_subjects": 0.0, "generate": 0.0}
@@ -121,7 +121,7 @@ class Runner:
             allow_pickle=self.options.allow_pickle,
         )
         if self.manifest.document.quality is not None:
-            from squeeze_cli.eval.gate import IdentityGate
+            from squeeze_cli.gen.gate import IdentityGate
 
             self.gate = IdentityGate(self.manifest.document.quality, self.preset_name, device)
         if getattr(self.pipe, "lora_fused", False):  # recorded in every sidecar's `model`
@@ -143,7 +143,7 @@ class Runner:
 
             builtin_checkpoint(self.manifest.model)
         if self.manifest.document.quality is not None:
-            from squeeze_cli.eval.gate import IdentityGate
+            from squeeze_cli.gen.gate import IdentityGate
 
             IdentityGate.dino_spec(self.manifest.document.quality, self.preset_name)
 
@@ -538,7 +538,7 @@ class GenRun:
             )
             quality = self.manifest.document.quality
             if quality is not None:
-                from squeeze_cli.eval.gate import quality_summary
+                from squeeze_cli.gen.gate import quality_summary
 
                 self.summary["quality"] = quality_summary([f.entry for f in finished.values()], quality)
         except outputs.OutputWriteError as error:
