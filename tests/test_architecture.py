@@ -225,6 +225,17 @@ def test_the_parser_sees_deferred_relative_submodule_and_type_checking_imports()
     }
 
 
+def test_pyproject_ships_every_package() -> None:
+    # A hand list, since `packages.find` cannot see `squeeze_cli.recipes` (the top-level recipes/ folder,
+    # mapped by `package-dir`): a package missing here works in an editable install and not in a wheel.
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {_module_name(path) for path in PACKAGE.rglob("__init__.py")}
+    assert sorted(setuptools["packages"]) == sorted(on_disk | {"squeeze_cli.recipes"})
+    assert setuptools["package-dir"] == {"squeeze_cli.recipes": "recipes"}
+    assert (PACKAGE.parent / "recipes" / "__init__.py").is_file()
+
+
 def test_the_torch_free_layers_import_no_torch() -> None:
     code = (
         "import sys\n"
