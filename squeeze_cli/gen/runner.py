@@ -23,7 +23,6 @@ from typing import Any
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK, ManifestError
 from squeeze_cli.gen.lock import DirectoryLock, LayoutLock
-from squeeze_cli.gen.processes import Processes
 from squeeze_cli.gen.progress import Reporter
 from squeeze_cli.gen.signals import StopNow, StopSignal, exit_code
 from squeeze_cli.gen.summary import describe_plan, finish_summary, now, report_dry_run, starting_summary
@@ -31,6 +30,7 @@ from squeeze_cli.gen.worker import GenOptions, Worker
 from squeeze_cli.manifest import LoadedManifest
 from squeeze_cli.pipelines.registry import pipeline_spec
 from squeeze_cli.plan import Job, plan_jobs, shard_jobs
+from squeeze_cli.processes import Processes
 
 
 def run_gen(
@@ -246,7 +246,7 @@ class GenRun:
             )
             quality = self.manifest.document.quality
             if quality is not None:
-                from squeeze_cli.eval.gate import quality_summary
+                from squeeze_cli.gen.gate import quality_summary
 
                 self.summary["quality"] = quality_summary([f.entry for f in finished.values()], quality)
         except outputs.OutputWriteError as error:

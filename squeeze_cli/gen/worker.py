@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import Problem, describe_exception
-from squeeze_cli.gen.processes import Processes
 from squeeze_cli.gen.progress import Reporter
 from squeeze_cli.gen.signals import StopSignal
 from squeeze_cli.images import load_rgb, upright_size
 from squeeze_cli.manifest import LoadedManifest
 from squeeze_cli.pipelines.registry import pipeline_spec
 from squeeze_cli.plan import Job
+from squeeze_cli.processes import Processes
 
 if TYPE_CHECKING:
     from squeeze_cli.pipelines.contract import SubjectPipeline
@@ -117,7 +117,7 @@ class Worker:
             allow_pickle=self.options.allow_pickle,
         )
         if self.manifest.document.quality is not None:
-            from squeeze_cli.eval.gate import IdentityGate
+            from squeeze_cli.gen.gate import IdentityGate
 
             self.gate = IdentityGate(self.manifest.document.quality, self.preset_name, device)
         if self.pipe.lora_fused:  # recorded in every sidecar's `model`
@@ -139,7 +139,7 @@ class Worker:
 
             builtin_checkpoint(self.manifest.model)
         if self.manifest.document.quality is not None:
-            from squeeze_cli.eval.gate import IdentityGate
+            from squeeze_cli.gen.gate import IdentityGate
 
             IdentityGate.dino_spec(self.manifest.document.quality, self.preset_name)
 

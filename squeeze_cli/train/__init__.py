@@ -5,8 +5,8 @@
   and the deterministic batch order;
 - `models`: the recipe's frozen components, the new aggregator and the LoRA;
 - `objective`: the rectified-flow loss on the pipeline's own packing, ids and null condition;
-- `loop`: the accelerate training loop, checkpoints, exact resume, validation grids and exports;
+- `loop`: the accelerate training loop, checkpoints, exact resume, validation grids (drawn by
+  `outputs/grids.py`) and exports;
 - `estimate`: `--dry-run` (meta-device models, parameter counts, memory estimate);
-- `grid`: the labelled validation grid;
 - `presets/`: the packaged configs (`tiny`, `paper`); `model_configs/`: full-size configs for `--dry-run`.
 """
