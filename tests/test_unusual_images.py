@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, features
 
 from squeeze_cli import images as image_io
-from squeeze_cli.gen import runner
+from squeeze_cli.gen import worker
 from squeeze_cli.images import check_image
 from squeeze_cli.pipelines.squeeze import SqueezePipeline
 
@@ -197,7 +197,7 @@ def received(images, squeeze) -> dict[str, list[Image.Image]]:
         return real_encode(self, reference_images, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runner, "load_rgb", load_rgb)
+        patch.setattr(worker, "load_rgb", load_rgb)
         patch.setattr(SqueezePipeline, "encode_subject", encode_subject)
         code = squeeze("gen", str(images / "manifest.yaml"), "--out", str(images / "out"), "--quiet").code
     assert code == 0, f"squeeze gen exited {code}"
