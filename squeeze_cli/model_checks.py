@@ -56,8 +56,6 @@ def source_problems(model: ModelSpec) -> list[SourceProblem]:
     Local folders must exist (with the file `from_pretrained` reads first); with ``HF_HUB_OFFLINE`` set,
     hub ids must be in the Hugging Face cache.
     """
-    if model.builtin:
-        return []
     sources: list[tuple[str, str, str | None, str | None, str | None]] = []  # field, path, sub, rev, file
     if model.pipeline is not None:
         sources.append(("model.pipeline", model.pipeline, None, None, _FIRST_FILE["pipeline"]))
@@ -99,8 +97,8 @@ def _local_problem(
     fix = f"fix `{field}` in the recipe or manifest, or override it with --set {field}=DIR"
     if not folder.exists():
         return SourceProblem(field, f"no such folder: {path}", fix, absent=True)
-    if field == "model.lora.path" and folder.is_file():
-        return None  # a LoRA may be given as its .safetensors file
+    if field == "model.lora.path":
+        return _lora_problem(field, path, folder, first_file)
     if not folder.is_dir():
         return SourceProblem(field, f"{path} is not a folder", fix)
     if subfolder:
@@ -111,6 +109,31 @@ def _local_problem(
         return SourceProblem(
             field, f"{folder} has no {first_file}: not a saved checkpoint", f"{fix}; it must be a saved model"
         )
+    return None
+
+
+def _lora_problem(field: str, path: str, folder: Path, weight_name: str | None) -> SourceProblem | None:
+    """A LoRA is a file of weights, or a folder holding one: `squeeze train` writes RUN/stageN/lora with
+    pytorch_lora_weights.safetensors, and diffusers loads a folder's .safetensors file (.bin with
+    --allow-pickle) unless `weight_name` names the file."""
+    if folder.is_file():
+        return None
+    fix = (
+        "give the folder `squeeze train` wrote (RUN/stage2/lora, which holds "
+        f"pytorch_lora_weights.safetensors) or the .safetensors file: --set {field}=PATH"
+    )
+    if not folder.is_dir():
+        return SourceProblem(field, f"{path} is not a folder or a file", fix)
+    if weight_name is not None:
+        if (folder / weight_name).is_file():
+            return None
+        return SourceProblem(
+            field,
+            f"{path} has no {weight_name}",
+            "fix `model.lora.weight_name`, or remove it to load the folder's weights",
+        )
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        return SourceProblem(field, f"{path} holds no LoRA weights (no .safetensors file)", fix)
     return None
 
 

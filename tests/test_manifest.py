@@ -495,6 +495,7 @@ def test_recipe_by_path_and_model_overrides(refs, write_file, tmp_path):
     (tmp_path / "presets/weights/pipe").mkdir(parents=True)
     (tmp_path / "presets/weights/pipe/model_index.json").write_text("{}")  # weights are checked to exist
     (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")  # a LoRA folder holds weights
     path = manifest_with(write_file, top_extra="model: {lora: {path: ./lora, scale: 0.5}}").parent / "m.yaml"
     path.write_text(
         "version: 1\nrecipe: presets/mine.yaml\nmodel: {lora: {path: ./lora, scale: 0.5}}\n"

@@ -67,8 +67,9 @@ def test_gen_reports_missing_weights_without_loading(project: Path, squeeze, mon
     assert not (project / "out").exists()
 
 
-def test_a_local_folder_that_is_not_a_checkpoint_is_refused(project: Path, squeeze) -> None:
+def test_a_local_folder_that_is_not_a_checkpoint_is_refused(project: Path, squeeze, monkeypatch) -> None:
     (project / "empty").mkdir()
+    monkeypatch.chdir(project)  # `--set` paths start from the current folder
     result = squeeze("validate", str(project / "m.yaml"), "--set", "model={pipeline: ./empty}")
     assert result.code == 2 and "has no model_index.json: not a saved checkpoint" in result.err
 
@@ -580,7 +581,7 @@ def test_no_relative_path_hint_for_an_absolute_recipe_path(project: Path, squeez
     absolute = squeeze("validate", str(project / "m.yaml"), "--recipe", str(project / "none.yaml")).err
     assert "cannot read recipe file" in absolute and "relative to" not in absolute
     relative = squeeze("validate", str(project / "m.yaml"), "--recipe", "presets/none.yaml").err
-    assert "(hint: recipe paths are relative to the manifest's folder)" in relative
+    assert "(hint: a path on the command line is relative to the current folder)" in relative
 
 
 def test_validate_checks_the_device_and_offload_mode_gen_would_use(project: Path, squeeze) -> None:

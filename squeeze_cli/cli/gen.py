@@ -95,11 +95,16 @@ def _check_input(
         )
     loaded = load_from_cli(manifest, overrides, recipe, max_jobs)
     if out is not None:
+        from dataclasses import replace
+
         from squeeze_cli.manifest.resolve import output_dir_problem
 
-        reason = output_dir_problem(Path(out).expanduser().absolute())
+        out_dir = Path(out).expanduser().absolute()  # from the current folder, as on any command line
+        reason = output_dir_problem(out_dir)
         if reason is not None:
             raise UsageError(f"--out {out}: {reason}", "choose another --out")
+        # The folder actually used: `manifest.resolved.yaml` records it, so gen on that file finds the run.
+        loaded = replace(loaded, output_dir=out_dir)
     # A device that is not here is bad input: said now (a dry run too), not after loading the model.
     wrong_device = device_problem(device, offload)
     if wrong_device is not None:

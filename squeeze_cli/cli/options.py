@@ -62,12 +62,17 @@ AllowPickleOpt = Annotated[
 
 
 def load_from_cli(
-    manifest: str, set_: Sequence[str] | None, recipe: str | None, max_jobs: int | None
+    manifest: str,
+    set_: Sequence[str] | None,
+    recipe: str | None,
+    max_jobs: int | None,
+    *,
+    check_sources: bool = True,
 ) -> LoadedManifest:
     """`load_manifest` with the shared flags."""
     from squeeze_cli.manifest.resolve import load_manifest
 
-    return load_manifest(manifest, set_ or (), recipe=recipe, max_jobs=max_jobs)
+    return load_manifest(manifest, set_ or (), recipe=recipe, max_jobs=max_jobs, check_sources=check_sources)
 
 
 def parse_choice(flag: str, value: str, enum: type[Enum]) -> str:
@@ -79,10 +84,10 @@ def parse_choice(flag: str, value: str, enum: type[Enum]) -> str:
     return value
 
 
-def print_json_failure(error: SqueezeError, *, one_line: bool = False) -> None:
+def print_json_failure(error: SqueezeError, *, one_line: bool = False, plan: dict | None = None) -> None:
     """`{"ok": false, "problems": [...]}` on stdout: what `validate --json` and `gen --json` print for bad
     input (`gen`'s on one line, as its events are). A manifest's problems keep their locations; any other
-    known error is one problem without one."""
+    known error is one problem without one. `plan`'s keys come first when there is a plan to show."""
     import json
 
     from squeeze_cli.errors import ManifestError, Problem
@@ -91,7 +96,7 @@ def print_json_failure(error: SqueezeError, *, one_line: bool = False) -> None:
         problems = error.problems
     else:
         problems = [Problem("", None, None, "", error.message, error.hint)]
-    document = {"ok": False, "problems": [problem.to_dict() for problem in problems]}
+    document = {"ok": False, **(plan or {}), "problems": [problem.to_dict() for problem in problems]}
     typer.echo(json.dumps(document, ensure_ascii=False) if one_line else json.dumps(document, indent=2))
 
 

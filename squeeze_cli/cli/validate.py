@@ -20,7 +20,7 @@ from squeeze_cli.cli.options import (
     print_json_failure,
     print_warnings,
 )
-from squeeze_cli.errors import SqueezeError, UsageError
+from squeeze_cli.errors import ManifestError, SqueezeError, UsageError
 from squeeze_cli.params import Offload
 
 if TYPE_CHECKING:
@@ -47,19 +47,22 @@ def validate(
         ),
     ] = None,
 ) -> None:
-    """Check a manifest and print its plan; loads no model and writes nothing."""
+    """Check a manifest and print its plan; loads no model and writes nothing.
+
+    The plan is printed also when the model's weights are missing or the device is not here (exit 2).
+    """
     from squeeze_cli.plan import plan_jobs
 
     try:
-        loaded = load_from_cli(manifest, set_, recipe, max_jobs)
+        loaded, not_ready = _load(manifest, set_, recipe, max_jobs)
         jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
-        if device is not None or offload is not None:  # the same check as at the start of `gen`
-            from squeeze_cli.model_checks import device_problem
+        if not_ready is None and (device is not None or offload is not None):
+            from squeeze_cli.model_checks import device_problem  # the same check as at the start of `gen`
 
             mode = parse_choice("--offload", offload, Offload) if offload is not None else "none"
             wrong_device = device_problem(device or "auto", mode)
             if wrong_device is not None:
-                raise UsageError(*wrong_device)
+                not_ready = UsageError(*wrong_device)
     except SqueezeError as error:
         if not json_output:
             raise
@@ -68,10 +71,37 @@ def validate(
     summary = plan_summary(loaded, jobs)
     if json_output:
         warnings = [warning.to_dict() for warning in loaded.warnings]
-        typer.echo(json.dumps({"ok": True, **summary, "warnings": warnings}, indent=2))
-    else:
-        print_warnings(loaded)
+        if not_ready is None:
+            typer.echo(json.dumps({"ok": True, **summary, "warnings": warnings}, indent=2))
+            return
+        print_json_failure(not_ready, plan={**summary, "warnings": warnings})
+        raise typer.Exit(not_ready.exit_code)
+    print_warnings(loaded)
+    if not_ready is None:
         typer.echo(format_summary(summary))
+        return
+    cause = (
+        "the model's weights are not ready"
+        if isinstance(not_ready, ManifestError)
+        else "`gen` cannot run it on this device"
+    )
+    typer.echo(format_summary(summary, verdict=f"not ok: the plan is valid, but {cause} (see the errors)"))
+    raise not_ready
+
+
+def _load(
+    manifest: str, set_: list[str] | None, recipe: str | None, max_jobs: int | None
+) -> tuple[LoadedManifest, ManifestError | None]:
+    """The manifest, and its problems when they are only about the model's weights (a folder not trained
+    yet, a hub id not downloaded): such a manifest still has a plan to show. Any other problem raises."""
+    try:
+        return load_from_cli(manifest, set_, recipe, max_jobs), None
+    except ManifestError as error:
+        try:
+            loaded = load_from_cli(manifest, set_, recipe, max_jobs, check_sources=False)
+        except SqueezeError:
+            raise error from None
+        return loaded, error
 
 
 def plan_summary(loaded: LoadedManifest, jobs: Sequence[Job]) -> dict:
@@ -105,7 +135,7 @@ def plan_summary(loaded: LoadedManifest, jobs: Sequence[Job]) -> dict:
     }
 
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: dict, verdict: str = "ok: the manifest is valid; nothing was generated") -> str:
     recipe = summary["recipe"] or "(model from the manifest)"
     lines = [
         f"manifest  {summary['manifest']}",
@@ -124,5 +154,5 @@ def format_summary(summary: dict) -> str:
     lines.append("images    " + ", ".join(f"{size}: {n:,}" for size, n in summary["images_per_size"].items()))
     cost, unit = summary["estimated_cost"], summary["estimated_cost_unit"]
     lines.append(f"work      about {cost:,.1f} units (1 unit = {unit})")
-    lines.append("ok: the manifest is valid; nothing was generated")
+    lines.append(verdict)
     return "\n".join(lines)

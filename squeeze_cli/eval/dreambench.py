@@ -204,5 +204,11 @@ def write_dreambench_manifest(
         lines.append(
             f"note: {len(summary['absent'])} subjects of {PROMPTS_FILE} have no folder here: {shown}"
         )
-    lines.append(f"next: squeeze validate {output}")
+    if recipe == "tiny":
+        lines.append(f"next: squeeze validate {output}")
+    else:  # the plan is checked without the recipe's weights, then with them
+        lines.append(
+            f"next: squeeze validate {output} --recipe tiny   # the plan, without {recipe}'s weights"
+        )
+        lines.append(f"then: squeeze validate {output}   # once {recipe}'s weights are in place")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import hashlib
 import importlib.resources
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,7 +23,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Field, StrictStr
 
 from squeeze_cli.errors import ManifestError, RecipeError
-from squeeze_cli.manifest.located import load_yaml, validate_schema
+from squeeze_cli.manifest.located import FieldPath, Location, YamlDocument, load_yaml, validate_schema
 from squeeze_cli.manifest.schema import ModelSpec, SamplingOverrides, StrictModel, non_empty
 from squeeze_cli.reading import MANIFEST_MAX_BYTES, read_regular_file
 
@@ -31,6 +31,8 @@ PRESETS_PACKAGE = "squeeze_cli.recipes"
 RECIPE_SUFFIXES = (".yaml", ".yml")
 # Setting `builtin` or `pipeline` in a manifest replaces the recipe's model source as a whole.
 _SOURCE_KEYS = ("builtin", "pipeline", "components")
+# The hint of a relative path given by a flag that names nothing there.
+COMMAND_LINE_PATHS_HINT = "a path on the command line is relative to the current folder"
 
 
 class RecipeFile(StrictModel):
@@ -70,11 +72,26 @@ def _is_path(name_or_path: str) -> bool:
     return "/" in name_or_path or os.sep in name_or_path or name_or_path.endswith(RECIPE_SUFFIXES)
 
 
-def load_recipe(name_or_path: str, relative_to: str | os.PathLike | None = None) -> Recipe:
-    """Load a packaged preset by name, or a recipe file by path (relative to `relative_to`).
+def on_command_line(location: Location) -> bool:
+    """Whether a value was given by a flag (`--set`, `--recipe`) rather than written in a file."""
+    return location.file.startswith(("--set ", "--recipe "))
+
+
+def path_base(document: YamlDocument, path: FieldPath, file_folder: str | os.PathLike) -> Path:
+    """Where a relative path at `path` of `document` starts: the current folder for a value given on the
+    command line, the folder of the file that holds it (`file_folder`) otherwise."""
+    return Path.cwd() if on_command_line(document.locate(path)) else Path(file_folder)
+
+
+def load_recipe(
+    name_or_path: str, relative_to: str | os.PathLike | None = None, *, relative_hint: str | None = None
+) -> Recipe:
+    """Load a packaged preset by name, or a recipe file by path (relative to `relative_to`, default the
+    current folder).
 
     Relative local paths in a recipe *file* are taken relative to that file; those in a packaged preset
-    are left for the manifest to resolve (relative to the manifest).
+    are left for the manifest to resolve (relative to the manifest). `relative_hint` says, when a relative
+    path names no file, where such paths start.
 
     Raises:
         `RecipeError`: unknown name (the message lists the known ones) or unreadable file.
@@ -89,7 +106,9 @@ def load_recipe(name_or_path: str, relative_to: str | os.PathLike | None = None)
             relative = not Path(name_or_path).expanduser().is_absolute()
             raise RecipeError(
                 f"cannot read recipe file {str(path)!r}: {error.strerror or error}",
-                "recipe paths are relative to the manifest's folder" if relative else None,
+                (relative_hint or f"relative paths start from {Path(relative_to or '.').absolute()}")
+                if relative
+                else None,
             ) from None
         except UnicodeDecodeError:
             raise RecipeError(
@@ -154,7 +173,13 @@ def _deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[s
 
 def _looks_local(value: str, base_dir: Path) -> bool:
     # Hub ids look like "org/name", as do relative folders; an explicit ./ or an existing path decides.
-    return value.startswith(("./", "../", "/", "~")) or value in (".", "..") or (base_dir / value).exists()
+    # A deeper path (`runs/tiny/stage2/lora`) is never a hub id: missing, it is a missing folder.
+    return (
+        value.startswith(("./", "../", "/", "~"))
+        or value in (".", "..")
+        or value.count("/") > 1
+        or (base_dir / value).exists()
+    )
 
 
 def _local(value: str, base_dir: Path) -> str:
@@ -163,23 +188,38 @@ def _local(value: str, base_dir: Path) -> str:
     return str((base_dir / Path(value).expanduser()).resolve())
 
 
-def resolve_model_paths(model: ModelSpec, base_dir: str | os.PathLike) -> ModelSpec:
-    """`model` with its local paths (pipeline, component and LoRA paths) made absolute from `base_dir`.
+def model_path_fields(model: Mapping[str, Any]) -> list[FieldPath]:
+    """Where a model section (as written, before validation) holds paths: its pipeline, each component's
+    and the LoRA's path."""
+    components = model.get("components")
+    names = [name for name in components if isinstance(name, str)] if isinstance(components, Mapping) else []
+    return [("pipeline",), *[("components", name, "path") for name in names], ("lora", "path")]
+
+
+def resolve_model_paths(
+    model: ModelSpec, base_dir: str | os.PathLike, *, from_cwd: Collection[FieldPath] = ()
+) -> ModelSpec:
+    """`model` with its local paths (pipeline, component and LoRA paths) made absolute from `base_dir`,
+    or from the current folder for those in `from_cwd` (given on the command line; see
+    `model_path_fields`).
 
     Hub ids are left alone; a path counts as local when it starts with ``./``, ``../``, ``/`` or ``~``,
-    or exists relative to `base_dir`.
+    has more than one ``/`` (a hub id is ``name`` or ``org/name``), or exists relative to where it starts.
     """
-    base_dir = Path(base_dir)
+
+    def local(value: str, *field: str) -> str:
+        return _local(value, Path.cwd() if field in from_cwd else Path(base_dir))
+
     update: dict[str, Any] = {}
     if model.pipeline is not None:
-        update["pipeline"] = _local(model.pipeline, base_dir)
+        update["pipeline"] = local(model.pipeline, "pipeline")
     if model.components:
         update["components"] = {
-            name: source.model_copy(update={"path": _local(source.path, base_dir)})
+            name: source.model_copy(update={"path": local(source.path, "components", name, "path")})
             for name, source in model.components.items()
         }
     if model.lora is not None:
-        update["lora"] = model.lora.model_copy(update={"path": _local(model.lora.path, base_dir)})
+        update["lora"] = model.lora.model_copy(update={"path": local(model.lora.path, "lora", "path")})
     return model.model_copy(update=update)
 
 

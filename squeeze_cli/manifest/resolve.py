@@ -27,7 +27,17 @@ from squeeze_cli.manifest.located import (
     sort_problems,
     validate_schema,
 )
-from squeeze_cli.manifest.recipes import Recipe, load_recipe, merge_model, model_identity, resolve_model_paths
+from squeeze_cli.manifest.recipes import (
+    COMMAND_LINE_PATHS_HINT,
+    Recipe,
+    load_recipe,
+    merge_model,
+    model_identity,
+    model_path_fields,
+    on_command_line,
+    path_base,
+    resolve_model_paths,
+)
 from squeeze_cli.manifest.schema import (
     DEFAULT_MAX_JOBS,
     MANIFEST_VERSION,
@@ -243,6 +253,16 @@ class _Resolver:
     def problem(self, path: FieldPath, message: str, hint: str | None = None) -> None:
         self.problems.append(self.document.problem(path, message, hint))
 
+    def path_base(self, path: FieldPath) -> Path:
+        """Where a relative path at `path` starts: the current folder when a flag gave it (`--set`,
+        `--recipe`), the manifest's folder when the manifest has it."""
+        return path_base(self.document, path, self.base_dir)
+
+    def relative_hint(self, path: FieldPath) -> str:
+        if on_command_line(self.document.locate(path)):
+            return f"{COMMAND_LINE_PATHS_HINT} {Path.cwd()}"
+        return f"paths are relative to the manifest's folder {self.base_dir}"
+
     def resolve(self, max_jobs: int | None) -> LoadedManifest | None:
         head = self.head
         recipe, model = self.resolve_model(head) if head is not None else (None, None)
@@ -297,7 +317,8 @@ class _Resolver:
             self.problem(path, f"{written!r} contains a NUL character", "remove it from the path")
             return None
         output_dir = Path(os.path.expanduser(written))
-        output_dir = (self.base_dir / output_dir).resolve() if not output_dir.is_absolute() else output_dir
+        if not output_dir.is_absolute():
+            output_dir = (self.path_base(path) / output_dir).resolve()
         reason = output_dir_problem(output_dir)
         if reason:
             self.problem(
@@ -313,7 +334,15 @@ class _Resolver:
         recipe = None
         if head.recipe is not None:
             try:
-                recipe = load_recipe(head.recipe, relative_to=self.base_dir)
+                recipe = load_recipe(
+                    head.recipe,
+                    relative_to=self.path_base(("recipe",)),
+                    relative_hint=(
+                        COMMAND_LINE_PATHS_HINT
+                        if on_command_line(self.document.locate(("recipe",)))
+                        else "recipe paths are relative to the manifest's folder"
+                    ),
+                )
             except RecipeError as error:
                 self.problem(("recipe",), error.message, error.hint)
                 return None, None
@@ -330,6 +359,13 @@ class _Resolver:
 
         base = recipe.model.model_dump(exclude_unset=True) if recipe is not None else {}
         merged = merge_model(base, head.model or {})
+        # Paths that `--set` gave start from the current folder; asked before the recipe's keys are
+        # located at the `recipe:` line below (a packaged preset's paths are the manifest's).
+        from_cwd = [
+            field
+            for field in model_path_fields(merged)
+            if on_command_line(self.document.locate(("model", *field)))
+        ]
         # Validate the merged section where the manifest wrote it, so locations point into the manifest
         # (keys that only the recipe sets are located at the manifest's `recipe:` line).
         self.document.data["model"] = merged
@@ -339,7 +375,7 @@ class _Resolver:
         self.problems += problems
         if not isinstance(parsed, ModelSpec):
             return recipe, None
-        spec = resolve_model_paths(parsed, self.base_dir)
+        spec = resolve_model_paths(parsed, self.base_dir, from_cwd=from_cwd)
         # Missing weights are input errors too: found here, before `gen` loads anything.
         for problem in source_problems(spec) if self.check_sources else ():
             self.problem(_dotted_path(problem.field), problem.message, problem.hint)
@@ -496,15 +532,14 @@ class _Resolver:
     def resolve_references(self, path: FieldPath, patterns: list[str]) -> tuple[str, ...]:
         found: dict[str, int] = {}  # file -> index of the first pattern that named it
         from_glob: set[str] = set()
-        relative_hint = f"paths are relative to the manifest's folder {self.base_dir}"
         for ref_index, pattern in enumerate(patterns):
             ref_path = (*path, "references", ref_index)
             # Where relative paths start from helps only with relative paths.
-            folder_hint = None if os.path.isabs(os.path.expanduser(pattern)) else relative_hint
+            folder_hint = None if os.path.isabs(os.path.expanduser(pattern)) else self.relative_hint(ref_path)
             if "\0" in pattern:
                 self.problem(ref_path, f"{pattern!r} contains a NUL character", "remove it from the path")
                 continue
-            absolute = os.path.join(self.base_dir, os.path.expanduser(pattern))
+            absolute = os.path.join(self.path_base(ref_path), os.path.expanduser(pattern))
             if glob.has_magic(pattern):
                 matches = [m for m in glob_paths(absolute) if os.path.isfile(m)]
                 if not matches:

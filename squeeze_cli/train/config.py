@@ -18,6 +18,7 @@ from pydantic import AfterValidator, Field, StrictBool, StrictFloat, StrictInt, 
 
 from squeeze_cli.errors import ManifestError, Problem, RecipeError
 from squeeze_cli.manifest.located import (
+    FieldPath,
     Location,
     YamlDocument,
     apply_overrides,
@@ -27,6 +28,7 @@ from squeeze_cli.manifest.located import (
     sort_problems,
     validate_schema,
 )
+from squeeze_cli.manifest.recipes import COMMAND_LINE_PATHS_HINT, load_recipe, on_command_line, path_base
 from squeeze_cli.manifest.schema import SideInt, StrictModel, Thresholds, non_empty
 
 CONFIG_VERSION = 1
@@ -296,7 +298,8 @@ class TrainConfig(StrictModel):
 
 @dataclass(frozen=True)
 class LoadedConfig:
-    """A validated config with its paths made absolute (relative ones are taken from the config's folder)."""
+    """A validated config with its paths made absolute (relative ones are taken from the config's folder, or
+    from the current folder when `--set` gave them)."""
 
     path: Path  # the config file, or the packaged preset's file
     config: TrainConfig
@@ -329,12 +332,10 @@ def _is_local(value: str, base: Path) -> bool:
     return value.startswith(("./", "../", "/", "~")) or (base / value).exists()
 
 
-def _recipe_problems(document: YamlDocument, recipe: str, base: Path) -> list[Problem]:
+def _recipe_problems(document: YamlDocument, recipe: str, base: Path, relative_hint: str) -> list[Problem]:
     """The recipe must load (torch-free): an unknown name or a broken file is reported with the config's."""
-    from squeeze_cli.manifest.recipes import load_recipe
-
     try:
-        load_recipe(recipe, relative_to=base)
+        load_recipe(recipe, relative_to=base, relative_hint=relative_hint)
     except RecipeError as error:
         return [document.problem(("recipe",), error.message, error.hint)]
     except ManifestError as error:
@@ -348,7 +349,8 @@ def load_config(
     """Read and validate a training config (a file, or a packaged preset's name such as ``tiny``).
 
     Relative paths in a file (data, output_dir, validation references, a recipe file) are taken from the
-    file's folder; in a packaged preset, from the current directory, except its own example data.
+    file's folder; in a packaged preset, from the current directory, except its own example data; given
+    by ``--set``, from the current directory.
 
     Raises:
         `ManifestError`: every problem found, each located in the file (or at the ``--set`` flag).
@@ -380,16 +382,24 @@ def load_config(
     if config is None:
         raise ManifestError(sort_problems(problems))
 
-    output_dir = (base / Path(config.output_dir).expanduser()).resolve()
+    # A path that `--set` gave starts from the current folder; one in the file, from the file's folder.
+    def start(path: FieldPath, file_base: Path) -> Path:
+        return path_base(document, path, file_base)
+
+    def relative_hint(path: FieldPath) -> str:
+        if on_command_line(document.locate(path)):
+            return COMMAND_LINE_PATHS_HINT
+        return "paths are relative to the config's folder"
+
+    output_dir = (start(("output_dir",), base) / Path(config.output_dir).expanduser()).resolve()
     data_path = config.data.path
-    if _is_local(data_path, data_base):
-        data_path = str((data_base / Path(data_path).expanduser()).resolve())
+    data_start = start(("data", "path"), data_base)
+    if _is_local(data_path, data_start):
+        data_path = str((data_start / Path(data_path).expanduser()).resolve())
         if not Path(data_path).exists():
             problems.append(
                 document.problem(
-                    ("data", "path"),
-                    f"no such file or folder: {data_path}",
-                    "paths are relative to the config's folder",
+                    ("data", "path"), f"no such file or folder: {data_path}", relative_hint(("data", "path"))
                 )
             )
     elif config.data.format == "jsonl":
@@ -400,18 +410,16 @@ def load_config(
     for index, prompt in enumerate(config.validation.prompts):
         resolved = []
         for number, reference in enumerate(prompt.references):
-            reference_path = (data_base / Path(reference).expanduser()).resolve()
+            where = ("validation", "prompts", index, "references", number)
+            reference_path = (start(where, data_base) / Path(reference).expanduser()).resolve()
             if not reference_path.is_file():
                 problems.append(
-                    document.problem(
-                        ("validation", "prompts", index, "references", number),
-                        f"no such image: {reference_path}",
-                        "paths are relative to the config's folder",
-                    )
+                    document.problem(where, f"no such image: {reference_path}", relative_hint(where))
                 )
             resolved.append(reference_path)
         references.append(tuple(resolved))
-    problems += _recipe_problems(document, config.recipe, base)
+    recipe_base = start(("recipe",), base)
+    problems += _recipe_problems(document, config.recipe, recipe_base, relative_hint(("recipe",)))
     if output_dir.exists() and not output_dir.is_dir():
         problems.append(document.problem(("output_dir",), f"{output_dir} exists and is not a folder"))
     if problems:
@@ -424,7 +432,7 @@ def load_config(
         output_dir=output_dir,
         data_path=data_path,
         validation_references=tuple(references),
-        recipe_base=base,
+        recipe_base=recipe_base,
     )
 
 

@@ -1,0 +1,226 @@
+"""Where a path starts: on the command line (`--recipe`, `--out`, a `--set` value) from the current folder,
+inside a file from that file's folder; `manifest.resolved.yaml` reproduces a run from any folder;
+`validate` prints the plan even when it reports missing weights; a LoRA folder without weights fails
+`validate`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from squeeze_cli.manifest import load_manifest
+from squeeze_cli.plan import plan_jobs
+
+MANIFEST = """\
+version: 1
+recipe: tiny
+defaults:
+  height: 32
+  width: 32
+  num_inference_steps: 2
+  reference_size: 32
+subjects:
+  - name: dog
+    class: dog
+    references: [../images/dog/00.jpg]
+    prompts: ["a {class} in the snow"]
+"""
+RECIPE = """\
+name: trained
+description: a recipe file such as `squeeze train` writes
+model: {builtin: tiny, family: internvl, dtype: float32}
+"""
+
+
+@pytest.fixture
+def project(make_project, monkeypatch) -> Path:
+    """The current folder: `manifests/m.yaml`, `images/`, `photos/dog.jpg`, a recipe file in `runs/tiny/`
+    and a LoRA folder in `weights/lora/`, none of them beside the manifest."""
+    root = make_project()
+    (root / "manifests").mkdir()
+    (root / "manifests" / "m.yaml").write_text(MANIFEST)
+    (root / "photos").mkdir()
+    shutil.copy(root / "images" / "dog" / "00.jpg", root / "photos" / "dog.jpg")
+    (root / "runs" / "tiny").mkdir(parents=True)
+    (root / "runs" / "tiny" / "recipe.yaml").write_text(RECIPE)
+    (root / "weights" / "lora").mkdir(parents=True)
+    (root / "weights" / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"not read by validate")
+    monkeypatch.chdir(root)
+    return root
+
+
+def job_ids(loaded) -> list[str]:
+    return [job.job_id for job in plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=10)]
+
+
+# Paths on the command line -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags", [["--recipe", "runs/tiny/recipe.yaml"], ["--set", "recipe=runs/tiny/recipe.yaml"]]
+)
+def test_a_recipe_path_on_the_command_line_is_relative_to_the_current_folder(project: Path, squeeze, flags):
+    result = squeeze("validate", "manifests/m.yaml", "--json", *flags)
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["recipe"] == str(project / "runs" / "tiny" / "recipe.yaml")
+
+
+def test_a_recipe_path_in_the_manifest_is_relative_to_the_manifest(project: Path, squeeze):
+    (project / "manifests" / "m.yaml").write_text(
+        MANIFEST.replace("recipe: tiny", "recipe: ../runs/tiny/recipe.yaml")
+    )
+    assert squeeze("validate", "manifests/m.yaml").code == 0
+    missing = squeeze("validate", "manifests/m.yaml", "--recipe", "runs/none.yaml")
+    assert missing.code == 2
+    assert f"cannot read recipe file '{project / 'runs' / 'none.yaml'}'" in missing.err
+    assert "(hint: a path on the command line is relative to the current folder" in missing.err
+
+
+def test_set_paths_are_relative_to_the_current_folder(project: Path):
+    overrides = [
+        "output.dir=rel-out",
+        "model.lora.path=weights/lora",
+        "subjects.0.references=[photos/dog.jpg]",
+    ]
+    loaded = load_manifest("manifests/m.yaml", overrides)
+    assert loaded.output_dir == project / "rel-out"
+    assert loaded.model.lora.path == str(project / "weights" / "lora")
+    assert loaded.subjects[0].references == (str(project / "photos" / "dog.jpg"),)
+    # One reference of a list written in the file: that one from the current folder, the other not.
+    two = MANIFEST.replace("[../images/dog/00.jpg]", "[../images/dog/00.jpg, ../images/dog/02.jpg]")
+    (project / "manifests" / "two.yaml").write_text(two)
+    mixed = load_manifest("manifests/two.yaml", ["subjects.0.references.1=photos/dog.jpg"])
+    assert mixed.subjects[0].references == (
+        str(project / "images/dog/00.jpg"),
+        str(project / "photos/dog.jpg"),
+    )
+    (project / "pipe").mkdir()
+    (project / "pipe" / "model_index.json").write_text("{}")
+    assert load_manifest("manifests/m.yaml", ["model={pipeline: ./pipe}"]).model.pipeline == str(
+        project / "pipe"
+    )
+    # A hub id stays a hub id; a deeper path that is not there is a missing folder, not a hub id.
+    hub = load_manifest("manifests/m.yaml", ["model={pipeline: org/name}"], check_sources=False)
+    assert hub.model.pipeline == "org/name"
+    typo = load_manifest("manifests/m.yaml", ["model.lora.path=runs/tiny/stage9/lora"], check_sources=False)
+    assert typo.model.lora.path == str(project / "runs" / "tiny" / "stage9" / "lora")
+
+
+def test_a_missing_set_path_names_the_current_folder(project: Path, squeeze):
+    result = squeeze("validate", "manifests/m.yaml", "--set", "subjects.0.references=[nowhere.jpg]")
+    assert result.code == 2
+    hint = f"(hint: a path on the command line is relative to the current folder {project})"
+    assert f"no such file: 'nowhere.jpg' {hint}" in result.err
+
+
+def test_out_is_relative_to_the_current_folder(project: Path, squeeze):
+    result = squeeze("gen", "manifests/m.yaml", "--out", "rel-out", "--dry-run", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out.splitlines()[-1])["out"] == str(project / "rel-out")
+
+
+# manifest.resolved.yaml reproduces the run ---------------------------------------------------------------
+
+
+def test_the_resolved_manifest_reproduces_a_run_from_any_folder(project: Path, squeeze, monkeypatch):
+    run = squeeze(
+        "gen", "manifests/m.yaml", "--out", "rel-out", "--set", "subjects.0.references=[photos/dog.jpg]", "-q"
+    )
+    assert run.code == 0, run.err
+    elsewhere = project / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    dry = squeeze("gen", "../rel-out/manifest.resolved.yaml", "--dry-run", "--json")
+    assert dry.code == 0, dry.err
+    plan = json.loads(dry.out.splitlines()[-1])
+    assert (plan["out"], plan["jobs"], plan["done"], plan["pending"]) == (str(project / "rel-out"), 1, 1, 0)
+
+
+def test_the_resolved_manifest_keeps_the_model_of_command_line_paths(project: Path, monkeypatch):
+    loaded = load_manifest(
+        "manifests/m.yaml", ["model.lora.path=weights/lora", "recipe=runs/tiny/recipe.yaml"]
+    )
+    resolved = project / "manifest.resolved.yaml"
+    resolved.write_text(loaded.resolved_yaml())
+    monkeypatch.chdir(project / "images")
+    again = load_manifest(resolved)
+    assert again.model.lora.path == str(project / "weights" / "lora")
+    assert again.model_identity == loaded.model_identity
+    assert job_ids(again) == job_ids(loaded)
+
+
+# validate prints the plan --------------------------------------------------------------------------------
+
+
+def test_validate_prints_the_plan_also_when_weights_are_missing(project: Path, squeeze):
+    result = squeeze("validate", "manifests/m.yaml", "--recipe", "paper-internvl3-flux")
+    assert result.code == 2
+    assert "model.components.aggregator.path: no such folder" in result.err
+    assert "jobs      1 (limit 100,000)" in result.out and "work      about" in result.out
+    assert "\nok:" not in result.out
+    assert result.out.endswith(
+        "not ok: the plan is valid, but the model's weights are not ready (see the errors)\n"
+    )
+    document = json.loads(
+        squeeze("validate", "manifests/m.yaml", "--recipe", "paper-internvl3-flux", "--json").out
+    )
+    assert document["ok"] is False and document["jobs"] == 1 and document["estimated_cost"] > 0
+    assert any(p["field"] == "model.lora.path" for p in document["problems"])
+    # Another problem stops the plan: there is none to print.
+    broken = squeeze(
+        "validate", "manifests/m.yaml", "--recipe", "paper-internvl3-flux", "--set", "defaults.height=30"
+    )
+    assert broken.code == 2 and broken.out == ""
+
+
+# A LoRA folder must hold LoRA weights --------------------------------------------------------------------
+
+
+def test_an_empty_lora_folder_fails_validate(project: Path, squeeze):
+    (project / "empty").mkdir()
+    result = squeeze("validate", "manifests/m.yaml", "--set", "model.lora.path=empty")
+    assert result.code == 2
+    assert f"model.lora.path: {project / 'empty'} holds no LoRA weights (no .safetensors file)" in result.err
+    assert "pytorch_lora_weights.safetensors" in result.err and "stage2/lora" in result.err
+    named = squeeze(
+        "validate", "manifests/m.yaml", "--set", "model.lora={path: weights/lora, weight_name: w.safetensors}"
+    )
+    assert named.code == 2 and f"{project / 'weights' / 'lora'} has no w.safetensors" in named.err
+    assert squeeze("validate", "manifests/m.yaml", "--set", "model.lora.path=weights/lora").code == 0
+    as_file = project / "weights" / "lora" / "pytorch_lora_weights.safetensors"
+    assert squeeze("validate", "manifests/m.yaml", "--set", f"model.lora.path={as_file}").code == 0
+
+
+def test_train_set_paths_are_relative_to_the_current_folder(project: Path):
+    from squeeze_cli.train.config import load_config, presets
+
+    preset = Path(str(presets()["tiny"]))
+    shutil.copytree(preset.parent / "tiny-data", project / "data")
+    (project / "configs").mkdir()
+    text = preset.read_text().replace("tiny-data/", "../data/")
+    (project / "configs" / "c.yaml").write_text(text)
+    in_file = load_config("configs/c.yaml")
+    assert in_file.output_dir == project / "configs" / "runs" / "tiny"  # the file's own paths: its folder
+    assert in_file.data_path == str(project / "data" / "samples.jsonl")
+    given = load_config("configs/c.yaml", ["output_dir=rel-run", "recipe=runs/tiny/recipe.yaml"])
+    assert (given.output_dir, given.recipe_base) == (project / "rel-run", project)
+    packaged = load_config("tiny", ["data.path=data/samples.jsonl"])
+    assert packaged.data_path == str(project / "data" / "samples.jsonl")
+
+
+def test_dreambench_prints_a_next_command_that_works_without_weights(project: Path, squeeze):
+    dataset = project / "dataset"
+    dataset.mkdir()
+    shutil.copy(Path(__file__).parent / "data" / "dreambench" / "prompts_and_classes.txt", dataset)
+    shutil.copytree(project / "images" / "dog", dataset / "dog")
+    result = squeeze("dreambench", "dataset", "-o", "db.yaml")
+    assert result.code == 0, result.err
+    next_line = next(line for line in result.out.splitlines() if line.startswith("next: "))
+    command = next_line.removeprefix("next: ").split("#")[0].split()
+    assert command[:2] == ["squeeze", "validate"] and "--recipe" in command
+    validated = squeeze(*command[1:])
+    assert validated.code == 0, validated.err
+    assert "jobs      100 (limit 100,000)" in validated.out
