@@ -23,6 +23,8 @@ from PIL import Image
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_INVALID, EXIT_JOBS_FAILED, EXIT_OK
 from squeeze_cli.images import MAX_REFERENCE_PIXELS, check_image, load_rgb, upright_size
+from squeeze_cli.outputs import layout
+from squeeze_cli.outputs.grids import PageViews, PromptViews
 from squeeze_cli.reading import FileTooLargeError, NotARegularFileError, read_regular_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -221,12 +223,14 @@ def test_after_the_shards_finish_every_grid_shows_every_image(project: Path, squ
         result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--shard", shard, "--quiet")
         assert result.code == EXIT_OK, result.err
 
-    # The grid and contact sheet as drawn from every image.
+    # Nothing left to redraw, and the grid and contact sheet as drawn from every image.
+    finished = outputs.find_finished(out, jobs)
+    assert len(finished) == len(jobs) and outputs.plan_views(out, jobs, finished) == []
     expected = project / "expected"
-    entries = [(job.seed, outputs.image_path(out, job)) for job in jobs]
-    references = jobs[0].references
-    outputs.write_prompt_grid(expected, "dog", 0, jobs[0].prompt, references, entries)
-    outputs.write_contact_sheet(expected, "dog", references, [outputs.SheetRow(0, jobs[0].prompt, entries)])
+    entries = tuple((job.seed, str(layout.image_path(out, job))) for job in jobs)
+    prompt = PromptViews(0, jobs[0].prompt, entries, grid_inputs="every image")
+    page = PageViews("dog", 1, tuple(jobs[0].references), (prompt,), sheet_inputs="every image")
+    outputs.draw_views(expected, [page], lambda: False)
     for name in ("grid-000.png", "contact-sheet.png"):
         drawn = np.asarray(Image.open(out / "dog" / name).convert("RGB"))
         complete = np.asarray(Image.open(expected / "dog" / name).convert("RGB"))
@@ -454,12 +458,12 @@ def test_deeply_nested_sidecars_and_index_lines_count_as_damaged(project: Path, 
     out = project / "out"
     assert squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--quiet").code == EXIT_OK
     jobs = plan_of(project / "m.yaml")
-    outputs.sidecar_path(out, jobs[0]).write_text("[" * 100000)
+    layout.sidecar_path(out, jobs[0]).write_text("[" * 100000)
     with open(out / "index.jsonl", "a") as index:
         index.write("[" * 100000 + "\n")
     result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--quiet")
     assert result.code == EXIT_OK, result.err
-    assert outputs.read_sidecar(outputs.sidecar_path(out, jobs[0]))["job_id"] == jobs[0].job_id  # redone
+    assert outputs.read_sidecar(layout.sidecar_path(out, jobs[0]))["job_id"] == jobs[0].job_id  # redone
     lines = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]  # all parse
     assert sorted(line["job_id"] for line in lines) == sorted(job.job_id for job in jobs)
 
