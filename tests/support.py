@@ -1,5 +1,5 @@
-"""Helpers for the tests that run squeeze on hostile or unusual files: a small manifest, the one-line error
-squeeze must print, the files a run left, and time limits for calls that could block."""
+"""Helpers for the tests that run the `squeeze` command on the tiny recipe: small manifests, the one-line
+error squeeze must print, the files a run left, and time limits for calls that could block."""
 
 from __future__ import annotations
 
@@ -26,6 +26,29 @@ subjects:
     prompts:
       - a {class} in the snow
 """
+
+
+# One subject, one prompt, the tiny recipe's seed: one image.
+ONE_IMAGE = """\
+version: 1
+recipe: tiny
+defaults:
+  height: 32
+  width: 32
+  num_inference_steps: 2
+  reference_size: 32
+subjects:
+  - name: dog
+    class: dog
+    references: [images/dog/00.jpg]
+    prompts: ["a {class} in the snow"]
+"""
+
+# The same subject with two prompts of two seeds: four images.
+TWO_PROMPTS = ONE_IMAGE.replace(
+    'prompts: ["a {class} in the snow"]',
+    'prompts: ["a {class} in the snow", "a {class} at sea"]\n    seeds: [0, 1]',
+)
 
 
 def env(cache: str) -> dict[str, str]:
