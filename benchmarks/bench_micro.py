@@ -13,8 +13,10 @@
 - processes: `squeeze gen` as 1 process (1 thread) against 2 under `accelerate launch` (target >= 1.6x on 2
              cores); with --all-process-variants also 1 process on all cores, and 2 processes with
              OMP_NUM_THREADS = all cores each (what torch does when nobody sets it).
-- cost:      transformer CPU seconds per image with 1, 2 and 4 references (28 steps, stage plan on) against
-             `plan.estimate_cost`'s prediction with the model's real width and MLLM tokens per reference.
+- cost:      transformer CPU seconds per image with 1, 2 and 4 references (28 steps) against the cost model
+             (`pipelines/cost.py`, the pipeline's registry row) with the model's real width and condition
+             tokens; `--pipelines squeeze kontext qwen-image-edit-plus` (the others on their tiny twins with
+             a small transformer).
 - step_cache: images/s with `step_cache` (diffusers' First Block Cache, thresholds --cache-thresholds;
              TaylorSeer, --taylorseer INTERVAL:WARMUP:ORDER ...) against exact sampling, 28 steps, the
              stage plan on; the pixel difference of the same seeds (mean and max |Δ| in 0–255 levels,
@@ -204,14 +206,60 @@ def bench_stages(args: argparse.Namespace, checkpoint: Path) -> dict:
     }
 
 
-def bench_cost(args: argparse.Namespace, checkpoint: Path) -> dict:
-    """Transformer seconds per image with 1, 2 and 4 references against `plan.estimate_cost`'s prediction,
-    given the model's real width and MLLM tokens per reference: does the cost model rank jobs right?"""
-    from squeeze_cli.params import SamplingParams
-    from squeeze_cli.pipelines.squeeze import SqueezePipeline
-    from squeeze_cli.plan import estimate_cost
+def _cost_pipeline(name: str, checkpoint: Path, work: Path):
+    """The pipeline `bench_cost` measures: the squeeze pipeline's small checkpoint, or another registered
+    pipeline's tiny twin with its transformer swapped for one of the small size (width 256, 4 blocks of
+    attention), so that, as with the small squeeze model, the transformer's arithmetic dominates its time."""
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 
-    pipe = SqueezePipeline.from_pretrained(checkpoint)
+    from squeeze_cli.pipelines.registry import pipeline_spec
+    from squeeze_cli.pipelines.tiny import _TRANSFORMER_SIZES
+
+    spec = pipeline_spec(name)
+    if spec.takes_components:
+        return spec.load_class().from_pretrained(checkpoint)
+    pipe = spec.load_class().from_pretrained(spec.build_tiny(work / f"tiny-{name}"))
+    config = pipe.transformer.config
+    torch.manual_seed(0)
+    if isinstance(pipe.transformer, FluxTransformer2DModel):
+        small = {**_TRANSFORMER_SIZES["small"], "joint_attention_dim": config.joint_attention_dim}
+        small["pooled_projection_dim"] = config.pooled_projection_dim
+        pipe.transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, guidance_embeds=True, **small)
+    else:
+        pipe.transformer = QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=4,
+            attention_head_dim=64,
+            num_attention_heads=4,
+            joint_attention_dim=config.joint_attention_dim,
+            axes_dims_rope=(16, 24, 24),
+        )
+    return pipe
+
+
+def _condition_tokens(pipe, subjects: dict, prompt: str) -> dict[int, int]:
+    """The condition length the transformer reads with n references, from the pipeline's own encoders."""
+    if hasattr(pipe, "encode_instruction") and hasattr(pipe, "_batch_encodings"):  # Qwen-Image-Edit
+        return {n: pipe.encode_instruction(subject, prompt).shape[0] for n, subject in subjects.items()}
+    if hasattr(pipe, "max_sequence_length"):  # FLUX.1 Kontext: T5 padded to its length
+        return dict.fromkeys(subjects, pipe.max_sequence_length)
+    embeds, _, _ = pipe.encode_prompt(prompt, next(iter(subjects.values())))
+    per_reference = subjects[1].image_tokens.shape[0]
+    return {n: embeds.shape[1] + (n - 1) * per_reference for n in subjects}
+
+
+def bench_cost(args: argparse.Namespace, checkpoint: Path, work: Path, name: str = "squeeze") -> dict:
+    """Transformer seconds per image with 1, 2 and 4 references against the pipeline's cost model
+    (`registry.PIPELINES[name].estimate_cost`), given the model's real width and condition tokens: does the
+    cost model rank jobs right?"""
+    from squeeze_cli.params import SamplingParams
+    from squeeze_cli.pipelines.cost import StepTokens, estimate_cost
+    from squeeze_cli.pipelines.registry import pipeline_spec
+
+    spec = pipeline_spec(name)
+    pipe = _cost_pipeline(name, checkpoint, work)
     pipe.set_progress_bar_config(disable=True)
     size, prompt, counts = args.size_px, "a teapot on the beach", (1, 2, 4)
     rng = np.random.default_rng(0)
@@ -239,7 +287,6 @@ def bench_cost(args: argparse.Namespace, checkpoint: Path) -> dict:
                 height=size,
                 width=size,
                 num_inference_steps=28,
-                reference_size=size,
                 generator=[torch.Generator().manual_seed(0)],
                 output_type="np",
             )
@@ -251,26 +298,25 @@ def bench_cost(args: argparse.Namespace, checkpoint: Path) -> dict:
     post.remove()
     config = pipe.transformer.config
     width = config.num_attention_heads * config.attention_head_dim
-    per_reference = subjects[1].image_tokens.shape[0]
+    condition = _condition_tokens(pipe, subjects, prompt)
+    per_reference = condition[2] - condition[1]
+    tokens = StepTokens(width, per_reference, condition[1] - per_reference, counts_instruction=False)
     params = SamplingParams(height=size, width=size, num_inference_steps=28, reference_size=size)
-    predicted = {
-        n: estimate_cost(
-            params, n, prompt, condition_tokens_per_reference=per_reference, transformer_width=width
-        )
-        for n in counts
-    }
+    predicted = {n: estimate_cost(params, n, prompt, tokens=tokens, staged=spec.staged) for n in counts}
     measured = {n: times[1:] for n, times in transformer_seconds.items()}  # the first round warms up
     return {
+        "pipeline": name,
         "size": size,
         "transformer_width": width,
-        "condition_tokens_per_reference": per_reference,
+        "condition_tokens": condition,
         "transformer_cpu_seconds": {n: summary(times) for n, times in measured.items()},
         "measured_over_one_reference": {
             n: summary([a / b for a, b in zip(measured[n], measured[1], strict=True)]) for n in counts[1:]
         },
         "predicted_over_one_reference": {n: predicted[n] / predicted[1] for n in counts[1:]},
         "predicted_full_size_over_one_reference": {
-            n: estimate_cost(params, n, prompt) / estimate_cost(params, 1, prompt) for n in counts[1:]
+            n: spec.estimate_cost(params, n, prompt) / spec.estimate_cost(params, 1, prompt)
+            for n in counts[1:]
         },
     }
 
@@ -531,6 +577,12 @@ def main() -> None:
         action="store_true",
         help="processes: also 1 process with all cores, and 2 processes with all cores each",
     )
+    parser.add_argument(
+        "--pipelines",
+        nargs="+",
+        default=["squeeze"],
+        help="cost: the registered pipelines to measure (squeeze, kontext, qwen-image-edit-plus)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
@@ -566,15 +618,18 @@ def main() -> None:
                 flush=True,
             )
         if "cost" in args.only:
-            report["cost"] = r = bench_cost(args, checkpoint)
-            for n, stats in r["measured_over_one_reference"].items():
-                print(
-                    f"cost model at {r['size']}², 28 steps, {n} references / 1: transformer CPU time "
-                    f"×{fmt(stats, digits=2)}, predicted ×{r['predicted_over_one_reference'][n]:.2f} "
-                    f"(width {r['transformer_width']}, {r['condition_tokens_per_reference']} MLLM tokens "
-                    "per reference)",
-                    flush=True,
-                )
+            report["cost"] = {}
+            for name in args.pipelines:
+                report["cost"][name] = r = bench_cost(args, checkpoint, work, name)
+                for n, stats in r["measured_over_one_reference"].items():
+                    print(
+                        f"cost model, {name}, at {r['size']}², 28 steps, {n} references / 1: transformer CPU "
+                        f"time ×{fmt(stats, digits=2)}, "
+                        f"predicted ×{r['predicted_over_one_reference'][n]:.2f} "
+                        f"(width {r['transformer_width']}, condition tokens by references "
+                        f"{r['condition_tokens']})",
+                        flush=True,
+                    )
         if "step_cache" in args.only:
             report["step_cache"] = r = bench_step_cache(args, checkpoint)
             for name, v in r["variants"].items():

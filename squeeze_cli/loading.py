@@ -1,4 +1,8 @@
-"""From a recipe's model section to a loaded `SqueezePipeline`, through the libraries' own `from_pretrained`.
+"""From a recipe's model section to a loaded pipeline, through the libraries' own `from_pretrained`.
+
+The pipeline class comes from the registry (`pipelines/registry.py`); this module names none. A pipeline
+that `takes_components` (the squeeze pipeline) is assembled from separately loaded parts; any other loads
+through its class's `from_pretrained`, which handles its own checkpoint's quirks.
 
 Imports torch, diffusers and transformers: only `squeeze gen` (not `--help` or `validate`) comes here.
 """
@@ -19,7 +23,7 @@ from squeeze_cli.errors import ModelLoadError, UsageError
 from squeeze_cli.manifest.schema import ComponentSource, ModelSpec
 from squeeze_cli.model_checks import LOAD_ORDER
 from squeeze_cli.params import Dtype
-from squeeze_cli.pipelines.registry import DEFAULT_PIPELINE, pipeline_spec
+from squeeze_cli.pipelines.registry import pipeline_spec
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -44,18 +48,14 @@ def ensure_tiny_checkpoint(family: str, pipeline_class: str | None = None) -> Pa
 
     `pipeline_class` names another registered pipeline's tiny twin (`family` is then unused).
     """
-    other = pipeline_class not in (None, DEFAULT_PIPELINE)
-    name = pipeline_class if other else family
-
-    def build(folder: Path) -> None:
-        from squeeze_cli.pipelines.tiny import build_tiny_pipeline
-
-        if other:
-            pipeline_spec(pipeline_class).build_tiny(folder, seed=0)
-        else:
-            build_tiny_pipeline(folder, family=family, seed=0)
-
-    return build_into_cache(cache_dir() / f"tiny-{name}-v{TINY_FORMAT}", "model_index.json", build)
+    registered = pipeline_spec(pipeline_class)
+    # The squeeze pipeline's twin mimics an MLLM family; the cache keeps one per family.
+    options = {"family": family} if registered.takes_components else {}
+    name = family if registered.takes_components else registered.name
+    target = cache_dir() / f"tiny-{name}-v{TINY_FORMAT}"
+    return build_into_cache(
+        target, "model_index.json", lambda folder: registered.build_tiny(folder, **options)
+    )
 
 
 def build_into_cache(target: Path, marker: str, build: Callable[[Path], object]) -> Path:
@@ -205,8 +205,6 @@ def load_pipeline(
     import diffusers
     import transformers
 
-    from squeeze_cli.pipelines.squeeze import SqueezePipeline
-
     # The libraries' own per-file bars would interleave with the run's progress; the run reports loading.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
@@ -217,12 +215,29 @@ def load_pipeline(
             flush=True,
         )
     dtype = torch_dtype(spec.dtype)
-    if spec.pipeline_class is not None:
-        pipe = _load_registered_pipeline(spec, dtype=dtype, allow_pickle=allow_pickle)
-        return _finish_loading(
-            pipe, spec, device=device, offload=offload, allow_pickle=allow_pickle, fuse_lora=fuse_lora
-        )
+    registered = pipeline_spec(spec.pipeline_class)
     source = str(builtin_checkpoint(spec)) if spec.builtin else spec.pipeline
+    if registered.takes_components:
+        pipe = _assemble_pipeline(
+            registered.load_class(), spec, source, dtype=dtype, allow_pickle=allow_pickle
+        )
+    else:
+        try:
+            pipe = registered.load_class().from_pretrained(
+                source, dtype=dtype, use_safetensors=_use_safetensors(allow_pickle)
+            )
+        except (OSError, ValueError) as error:
+            raise _load_error(f"the {registered.name} pipeline", source, error, "model.pipeline") from error
+    return _finish_loading(
+        pipe, spec, device=device, offload=offload, allow_pickle=allow_pickle, fuse_lora=fuse_lora
+    )
+
+
+def _assemble_pipeline(
+    pipeline_class: Any, spec: ModelSpec, source: str | None, *, dtype: torch.dtype, allow_pickle: bool
+) -> Any:
+    """A pipeline that `takes_components`, from its folder (`source`) with the components the recipe names
+    loaded separately, or from those components alone; its MLLM checked against `model.family`."""
     components = dict(spec.components)
     if source is None:
         # Assembled from parts: the MLLM's tokenizer and image processor live with it unless named.
@@ -246,9 +261,9 @@ def load_pipeline(
         )
     try:
         if source is None:
-            pipe = SqueezePipeline(**overrides)
+            pipe = pipeline_class(**overrides)
         else:
-            pipe = SqueezePipeline.from_pretrained(
+            pipe = pipeline_class.from_pretrained(
                 source, dtype=dtype, use_safetensors=_use_safetensors(allow_pickle), **overrides
             )
     except (OSError, ValueError) as error:
@@ -265,39 +280,6 @@ def load_pipeline(
         )
     if spec.mllm is not None:  # the schema checked the options against `family`, and `family` just now
         pipe.set_mllm_options(**spec.mllm.encoder_options())
-    return _finish_loading(
-        pipe, spec, device=device, offload=offload, allow_pickle=allow_pickle, fuse_lora=fuse_lora
-    )
-
-
-def _qwen_processor(source: str) -> Any:
-    # transformers 5 cannot build `Qwen2VLProcessor` without torchvision (its video processor needs it), and
-    # the pipeline only needs the image part: the PIL image processor from the checkpoint's `processor/`.
-    from transformers import Qwen2VLImageProcessorPil
-
-    try:
-        return Qwen2VLImageProcessorPil.from_pretrained(source, subfolder="processor")
-    except (OSError, ValueError) as error:
-        raise _load_error("the Qwen2-VL image processor", source, error, "model.pipeline") from error
-
-
-def _load_registered_pipeline(spec: ModelSpec, *, dtype: torch.dtype, allow_pickle: bool) -> Any:
-    """Load `spec.pipeline_class`'s pipeline (FLUX.1 Kontext, Qwen-Image-Edit-Plus) from `spec.pipeline` (a
-    hub id or folder), or its tiny twin for `builtin: tiny`, through the class's own `from_pretrained`."""
-    registered = pipeline_spec(spec.pipeline_class)
-    source = str(builtin_checkpoint(spec)) if spec.builtin else spec.pipeline
-    qwen = registered.name == "qwen-image-edit-plus"
-    # The hub's model_index names `Qwen2VLProcessor`, which diffusers would build (and would refuse an image
-    # processor passed in its place): skip it while loading, then register the image processor.
-    overrides: dict[str, Any] = {"processor": None} if qwen else {}
-    try:
-        pipe = registered.load_class().from_pretrained(
-            source, dtype=dtype, use_safetensors=_use_safetensors(allow_pickle), **overrides
-        )
-    except (OSError, ValueError) as error:
-        raise _load_error(f"the {registered.name} pipeline", source, error, "model.pipeline") from error
-    if qwen:
-        pipe.register_modules(processor=_qwen_processor(source))
     return pipe
 
 

@@ -14,14 +14,12 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from squeeze_cli.errors import ManifestError, Problem
 from squeeze_cli.manifest.resolve import too_many_jobs
 from squeeze_cli.params import SamplingParams
 from squeeze_cli.pipelines.registry import pipeline_spec
-from squeeze_cli.pipelines.stages import stage_plan
 from squeeze_cli.reading import open_regular_file
 
 if TYPE_CHECKING:
@@ -32,15 +30,6 @@ if TYPE_CHECKING:
 # v2 (squeeze 0.1.x): the subject's name joined the id, so equal jobs in two subjects no longer collide.
 JOB_ID_SCHEME = b"squeeze-job-v2\n"
 JOB_ID_LENGTH = 16
-
-# The cost model's transformer: a FLUX.1-dev step over L tokens costs 2 * 684 * d^2 * L FLOPs in its
-# projections and MLPs (12 d^2 weights per token in each of 19 + 38 blocks) and 4 * 57 * d * L^2 in attention:
-# proportional to L + L^2 / (6 d), with d = 3072.
-_TRANSFORMER_WIDTH = 3072
-# MLLM condition tokens: 256 per reference (InternVL3's 448-px tile; Qwen2.5-VL as the recipes cap it), plus
-# the chat template and about one token per 4 characters of instruction. The null condition is the template.
-CONDITION_TOKENS_PER_REFERENCE = 256
-_TEMPLATE_TOKENS = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,65 +46,7 @@ class Job:
     seed: int
     params: SamplingParams
     references: tuple[str, ...]
-    cost: float
-
-
-def estimate_cost(
-    params: SamplingParams,
-    num_references: int,
-    prompt: str = "",
-    *,
-    staged: bool = True,
-    condition_tokens_per_reference: int = CONDITION_TOKENS_PER_REFERENCE,
-    transformer_width: int = _TRANSFORMER_WIDTH,
-) -> float:
-    """Relative transformer work of one image, from the tokens each denoising step runs on.
-
-    A step runs the image tokens (16x16 pixels each) plus, by stage (`staged`: the squeeze pipeline's stage
-    plan; otherwise every step has both): the MLLM condition (stages 1-2; `condition_tokens_per_reference`
-    per reference plus the instruction) and the reference tokens (stages 2-3; each reference counted as a
-    `reference_size` square). Stage 3 has the short null condition unless `keep_mllm_condition`. True CFG
-    runs every step twice. 1 is one 512x512 image at 28 steps with one 512-px reference (`COST_UNIT`).
-    """
-    shape = (condition_tokens_per_reference, transformer_width)
-    passes = 2 if params.true_cfg_scale > 1.0 and params.negative_prompt is not None else 1
-    work = _token_steps(params, num_references, len(prompt) // 4, staged, *shape)
-    return passes * work / _token_steps(_UNIT_PARAMS, 1, 0, True, *shape)
-
-
-COST_UNIT = "one 512x512 image at 28 steps with one 512-px reference; true CFG counts twice"
-_UNIT_PARAMS = SamplingParams(height=512, width=512, num_inference_steps=28, reference_size=512)
-
-
-@lru_cache(maxsize=4096)  # a plan has few distinct (params, references, instruction length)
-def _token_steps(
-    params: SamplingParams,
-    num_references: int,
-    instruction_tokens: int,
-    staged: bool,
-    condition_tokens_per_reference: int,
-    transformer_width: int,
-) -> float:
-    """Sum over the steps of `L + L^2 / (6 d)` for the L tokens each step runs on."""
-    image = (params.height // 16) * (params.width // 16)
-    references = num_references * (params.reference_size // 16) ** 2
-    condition = num_references * condition_tokens_per_reference + _TEMPLATE_TOKENS + instruction_tokens
-    last_condition = condition if params.keep_mllm_condition or not staged else _TEMPLATE_TOKENS
-    mllm_only, both, reference_only = _stage_counts(params) if staged else (0, params.num_inference_steps, 0)
-
-    def step(tokens: int) -> float:
-        return tokens + tokens * tokens / (6 * transformer_width)
-
-    return (
-        mllm_only * step(image + condition)
-        + both * step(image + references + condition)
-        + reference_only * step(image + references + last_condition)
-    )
-
-
-@lru_cache(maxsize=64)
-def _stage_counts(params: SamplingParams) -> tuple[int, int, int]:
-    return stage_plan(params.num_inference_steps, params.height, params.width, params.stage_thresholds).counts
+    cost: float  # the pipeline's `estimate_cost`: shard balancing and validate's estimate
 
 
 def file_digest(path: str, cache: dict[str, bytes] | None = None) -> bytes:
@@ -207,8 +138,7 @@ def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -
 
     digest_cache: dict[str, bytes] = {}
     params_cache: dict[SamplingParams, str] = {}
-    # The squeeze pipeline's stage plan decides which steps carry the references; other pipelines have none.
-    staged = "stage_thresholds" in pipeline_spec(manifest.model.pipeline_class).sampling_parameters
+    pipeline = pipeline_spec(manifest.model.pipeline_class)
     model_json = _canonical_json(model_identity)
     jobs: list[Job] = []
     append = jobs.append
@@ -224,7 +154,7 @@ def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -
             if params not in params_cache:  # prompts mostly share a few parameter sets
                 params_cache[params] = _canonical_json(params.to_dict())
             params_json = params_cache[params]
-            cost = estimate_cost(params, num_references, prompt.text, staged=staged)
+            cost = pipeline.estimate_cost(params, num_references, prompt.text)
             prefix = _prompt_hasher(references, prompt.text, params_json, model_json)
             for seed in prompt.seeds:
                 hasher = prefix.copy()

@@ -163,9 +163,9 @@ def test_special_files_are_refused_without_blocking(tmp_path: Path, make_image) 
 def test_a_reference_swapped_for_a_fifo_after_validation_is_one_line(
     project: Path, monkeypatch, squeeze
 ) -> None:
-    from squeeze_cli.gen import runner
+    from squeeze_cli.gen import worker
 
-    load = runner.Runner.load
+    load = worker.Worker.load
     reference = project / "images" / "dog" / "00.jpg"
 
     def swap_during_load(self) -> None:  # what another program could do while the model loads
@@ -173,7 +173,7 @@ def test_a_reference_swapped_for_a_fifo_after_validation_is_one_line(
         reference.unlink()
         os.mkfifo(reference)
 
-    monkeypatch.setattr(runner.Runner, "load", swap_during_load)
+    monkeypatch.setattr(worker.Worker, "load", swap_during_load)
     with deadline():
         result = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "out"), "--quiet")
     assert result.code == EXIT_INVALID

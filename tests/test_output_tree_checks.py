@@ -88,12 +88,12 @@ def test_an_empty_out_is_refused(project: Path, squeeze, monkeypatch, value) -> 
 def test_a_file_where_a_subject_folder_goes_is_refused_before_loading(
     project: Path, squeeze, monkeypatch
 ) -> None:
-    from squeeze_cli.gen import runner
+    from squeeze_cli.gen import worker
 
     def must_not_load(self) -> None:
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(runner.Runner, "load", must_not_load)
+    monkeypatch.setattr(worker.Worker, "load", must_not_load)
     out = project / "out"
     out.mkdir()
     (out / "dog").write_text("not a folder")

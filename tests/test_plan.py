@@ -9,10 +9,11 @@ from squeeze_cli import plan as plan_module
 from squeeze_cli.errors import ManifestError
 from squeeze_cli.manifest.resolve import load_manifest
 from squeeze_cli.params import StepCache
+from squeeze_cli.pipelines import cost as cost_model
+from squeeze_cli.pipelines.registry import PIPELINES
 from squeeze_cli.plan import (
     Job,
     SamplingParams,
-    estimate_cost,
     job_id,
     plan_jobs,
     shard_boundaries,
@@ -279,6 +280,15 @@ def test_plan_refuses_more_jobs_than_the_limit(refs, write_file):
     assert "5 jobs, more than the limit of 4" in info.value.problems[0].message
 
 
+SQUEEZE = PIPELINES["squeeze"]
+
+
+def estimate_cost(params: SamplingParams, num_references: int, prompt: str = "", **step_tokens) -> float:
+    """The squeeze pipeline's cost model, its step tokens changed by `step_tokens`."""
+    tokens = dataclasses.replace(SQUEEZE.step_tokens, **step_tokens)
+    return cost_model.estimate_cost(params, num_references, prompt, tokens=tokens, staged=SQUEEZE.staged)
+
+
 def test_cost_grows_with_size_steps_and_references():
     base = estimate_cost(SamplingParams(), 1)
     assert estimate_cost(SamplingParams(height=512, width=512, reference_size=512), 1) == pytest.approx(1.0)
@@ -298,11 +308,43 @@ def test_cost_counts_the_condition_tokens_each_stage_runs_on():
     assert estimate_cost(params, 1, "a dog " * 40) > estimate_cost(params, 1, "a dog")
     # Stage 3's null condition is shorter than the MLLM's, unless the MLLM condition is kept.
     assert estimate_cost(SamplingParams(keep_mllm_condition=True), 1) > one
-    # Pipelines without the stage plan run every step on references and condition.
-    assert estimate_cost(params, 1, staged=False) > one
+    # Without the stage plan every step runs on references and condition: more tokens per image.
+    token_steps = {
+        staged: cost_model._token_steps(params, 1, 0, staged, SQUEEZE.step_tokens) for staged in (0, 1)
+    }
+    assert token_steps[False] > token_steps[True]
     # Costs are in units of the same model's one-reference image; MLLM tokens make references dearer.
     longer = {"condition_tokens_per_reference": 512}
     assert estimate_cost(params, 4, **longer) / estimate_cost(params, 1, **longer) > four / one
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_every_pipeline_costs_its_own_tokens(name):
+    """Each registered pipeline has a cost model in its registry row: 1 at the unit, more with references
+    and size, twice with true CFG; a padded text encoder's prompt length costs nothing more."""
+    spec = PIPELINES[name]
+    unit = SamplingParams(height=512, width=512, reference_size=512)
+    assert spec.estimate_cost(unit, 1) == pytest.approx(1.0)
+    assert spec.estimate_cost(unit, 2) > spec.estimate_cost(unit, 1)
+    assert spec.estimate_cost(dataclasses.replace(unit, height=1024, width=1024), 1) > 2.0
+    cfg = dataclasses.replace(unit, true_cfg_scale=2.0, negative_prompt=" ")
+    assert spec.estimate_cost(cfg, 1) == pytest.approx(2.0)
+    longer = spec.estimate_cost(unit, 1, "a dog " * 40) > spec.estimate_cost(unit, 1, "a dog")
+    assert longer == spec.step_tokens.counts_instruction
+
+
+def test_plan_costs_jobs_with_the_recipe_pipeline(refs, write_file):
+    """A job's cost comes from its recipe's pipeline: the same manifest costs differently under Kontext
+    (a fixed 512-token T5 condition, references in every step) than under the squeeze pipeline."""
+    costs = {}
+    for recipe, name in (("tiny", "squeeze"), ("tiny-kontext", "kontext")):
+        manifest = load_manifest(write_file(BASE.replace("recipe: tiny", f"recipe: {recipe}")))
+        jobs = plan_jobs(manifest, model_identity="m", max_jobs=100)
+        for job in jobs:
+            expected = PIPELINES[name].estimate_cost(job.params, len(job.references), job.prompt)
+            assert job.cost == pytest.approx(expected)
+        costs[name] = [job.cost for job in jobs]
+    assert costs["squeeze"] != pytest.approx(costs["kontext"])
 
 
 # Sharding -------------------------------------------------------------------------------------------

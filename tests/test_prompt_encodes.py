@@ -115,10 +115,10 @@ def test_a_subject_condition_reuses_its_instructions_and_plain_calls_do_not(inst
 def test_a_subjects_prompts_are_encoded_before_its_batches(project, squeeze, monkeypatch, ahead):
     """With model offload every switch between the MLLM and the transformer moves gigabytes: the runner
     encodes the next `PROMPTS_AHEAD` distinct prompts together, then denoises their batches."""
-    from squeeze_cli.gen import runner
+    from squeeze_cli.gen import worker
 
     events: list[str] = []
-    original_encode, original_generate = MLLMEncoder.encode_instruction, runner.Runner._generate
+    original_encode, original_generate = MLLMEncoder.encode_instruction, worker.Worker._generate
 
     def encode(self, prefix, instruction, **kwargs):
         events.append(f"encode {instruction}")
@@ -129,8 +129,8 @@ def test_a_subjects_prompts_are_encoded_before_its_batches(project, squeeze, mon
         return original_generate(self, batch, condition)
 
     monkeypatch.setattr(MLLMEncoder, "encode_instruction", encode)
-    monkeypatch.setattr(runner.Runner, "_generate", generate)
-    monkeypatch.setattr(runner, "PROMPTS_AHEAD", ahead)
+    monkeypatch.setattr(worker.Worker, "_generate", generate)
+    monkeypatch.setattr(worker, "PROMPTS_AHEAD", ahead)
     assert squeeze("gen", str(project / "m.yaml"), "--quiet").code == 0
     first, second = "a dog in the snow", "a dog on the beach"
     if ahead == 16:  # both prompts of the dog, then its six images

@@ -89,9 +89,9 @@ def subprocess_env(cache: str, **extra: str) -> dict[str, str]:
 # waits until the gate file exists, so a test can signal a run at a known point however loaded the machine is.
 GATE_HOOK = """
 import os, time
-from squeeze_cli.gen import runner
+from squeeze_cli.gen import worker
 
-_generate, _calls = runner.Runner._generate, []
+_generate, _calls = worker.Worker._generate, []
 
 
 def _gated(self, batch, condition):
@@ -104,7 +104,7 @@ def _gated(self, batch, condition):
     return _generate(self, batch, condition)
 
 
-runner.Runner._generate = _gated
+worker.Worker._generate = _gated
 """
 
 

@@ -346,7 +346,7 @@ def test_grids_and_contact_sheets_follow_the_output_settings(project: Path, gen,
 def test_each_local_process_gets_its_share_of_the_cores_unless_the_user_set_threads() -> None:
     import os
 
-    from squeeze_cli.gen.processes import threads_per_process
+    from squeeze_cli.processes import threads_per_process
 
     cores = len(os.sched_getaffinity(0))
     assert threads_per_process({"OMP_NUM_THREADS": "3"}, 2) is None

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from squeeze_cli.errors import ManifestError
-from squeeze_cli.gen.runner import _batches
+from squeeze_cli.gen.worker import _batches
 from squeeze_cli.manifest.resolve import load_manifest
 from squeeze_cli.outputs.records import parameters_text
 from squeeze_cli.params import SamplingParams, StepCache

@@ -15,6 +15,7 @@ from squeeze_cli.train.objective import (
     DROP_NONE,
     DROP_REFERENCES,
     DROP_TEXT,
+    PreparedSample,
     draw_dropout,
     loss_on_batch,
     noise_like_packed,
@@ -166,3 +167,48 @@ def test_learning_rates_follow_stage_and_warmup(tmp_path: Path) -> None:
     assert stage_of(6, stages)[0] == "stage2"
     assert group_learning_rate(6, "aggregator", stages) == 0.0  # frozen in stage 2
     assert group_learning_rate(6, "lora", stages) == 0.5
+
+
+def test_training_and_sampling_share_one_transformer_step(trainer: Trainer, monkeypatch) -> None:
+    """`loss_on_batch` and `SqueezePipeline.__call__` both predict through `predict_velocity`, and for the
+    same inputs (σ = 1, x0 = 0, so x_σ is the sampler's starting noise; no references; one prompt) the
+    two predictions are bit-identical."""
+    pipe, text = trainer.pipe, "a photo of a dog on the beach"
+    predictions: list[torch.Tensor] = []
+    predict_velocity = type(pipe).predict_velocity
+
+    def recording(self, *args, **kwargs):
+        predictions.append(predict_velocity(self, *args, **kwargs))
+        return predictions[-1]
+
+    monkeypatch.setattr(type(pipe), "predict_velocity", recording)
+    channels = pipe.transformer.config.in_channels // 4
+    target = torch.zeros(channels, 8, 8)  # 64 px / vae_scale_factor 8
+    noise = noise_like_packed(target, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        pipe(
+            text,
+            stage_thresholds=(0.0, 0.0),  # MLLM condition only: no references, as training's stage 1
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            guidance_scale=1.0,
+            latents=noise.unsqueeze(0),
+            output_type="latent",
+        )
+        sampled = predictions[0]
+        predictions.clear()
+        sample = PreparedSample("s", pipe.mllm_encoder.encode([], text), target, [])
+        loss_on_batch(
+            pipe,
+            trainer.trainable,
+            [sample],
+            [DROP_NONE],
+            torch.ones(1),  # σ = 1: the first sampling step's noise level
+            [noise],
+            trainer.null_encoding,
+            use_references=False,
+            guidance=1.0,
+        )
+    assert len(predictions) == 1
+    assert torch.equal(predictions[0], sampled)

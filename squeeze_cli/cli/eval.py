@@ -65,9 +65,9 @@ def eval_command(
     With several runs, also print them side by side. Scores are cached in each run: a re-run computes
     only new images. Several GPUs: accelerate launch --num_processes N -m squeeze_cli eval RUN_DIR.
     """
-    from squeeze_cli.eval.protocol import make_protocol
     from squeeze_cli.eval.report import format_comparison, format_run
     from squeeze_cli.eval.scoring import evaluate_paths
+    from squeeze_cli.metrics.protocol import make_protocol
 
     if references != "conditioning" and not Path(references).is_dir():
         from squeeze_cli.errors import UsageError

@@ -76,7 +76,7 @@ def validate(
 
 def plan_summary(loaded: LoadedManifest, jobs: Sequence[Job]) -> dict:
     """The JSON-able summary `validate` prints: subjects, references, jobs, images per size."""
-    from squeeze_cli import plan
+    from squeeze_cli.pipelines.cost import COST_UNIT
 
     per_subject = Counter(job.subject_index for job in jobs)
     sizes = Counter(f"{job.params.width}x{job.params.height}" for job in jobs)
@@ -99,9 +99,9 @@ def plan_summary(loaded: LoadedManifest, jobs: Sequence[Job]) -> dict:
         "jobs": len(jobs),
         "max_jobs": loaded.max_jobs,
         "images_per_size": dict(sorted(sizes.items())),
-        # Transformer work, in images' worth (`plan.estimate_cost`); `estimated_cost_unit` says what 1 is.
+        # Transformer work, in images' worth (`pipelines.cost`); `estimated_cost_unit` says what 1 is.
         "estimated_cost": round(sum(job.cost for job in jobs), 3),
-        "estimated_cost_unit": plan.COST_UNIT,
+        "estimated_cost_unit": COST_UNIT,
     }
 
 

@@ -1,6 +1,6 @@
 """`squeeze eval`: identity and text metrics for the images of a run, their summaries and report.
 
-Modules: `protocol` (metric sets, model ids, preprocessing), `rundir` (what a run holds), `encoders`
-(models through `from_pretrained`), `tiny` (random tiny metric checkpoints), `scoring` (per-image scores,
-cache, summaries), `report` (terminal tables, report.html), `dreambench` (the DreamBench manifest).
+Modules: `rundir` (what a run holds), `scoring` (per-image scores, cache, summaries), `report` (terminal
+tables, report.html), `dreambench` (the DreamBench manifest). The metric models and the protocol live
+one floor down, in `squeeze_cli/metrics/` (shared with `gen`'s identity gate).
 """

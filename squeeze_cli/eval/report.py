@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from squeeze_cli import outputs
-from squeeze_cli.eval.protocol import METRIC_LABELS
+from squeeze_cli.metrics.protocol import METRIC_LABELS
 
 
 def _fmt(value: float | None) -> str:

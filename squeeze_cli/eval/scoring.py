@@ -19,8 +19,8 @@ from typing import Any
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import UsageError
-from squeeze_cli.eval.protocol import EncoderSpec, Protocol
 from squeeze_cli.eval.rundir import RunContents, RunImage
+from squeeze_cli.metrics.protocol import EncoderSpec, Protocol
 
 CACHE_FORMAT = 1
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -346,7 +346,7 @@ def _default_device() -> str:
 def _load_encoder(spec: EncoderSpec, device: str) -> Any:
     import torch
 
-    from squeeze_cli.eval.encoders import Encoder
+    from squeeze_cli.metrics.encoders import Encoder
 
     try:
         parsed = torch.device(device)
@@ -378,7 +378,7 @@ def evaluate_paths(
     run's `report.html`, holding every run evaluated together side by side."""
     from squeeze_cli.eval.report import write_report
     from squeeze_cli.eval.rundir import read_run
-    from squeeze_cli.gen.processes import Processes as _Processes
+    from squeeze_cli.processes import Processes as _Processes
 
     runs = [read_run(path) for path in paths]
     processes = _Processes()

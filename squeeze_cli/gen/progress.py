@@ -152,7 +152,7 @@ class Reporter:
                 file=sys.stdout,
                 flush=True,
             )
-            if quality := summary.get("quality"):  # the identity gate (squeeze_cli/eval/gate.py)
+            if quality := summary.get("quality"):  # the identity gate (squeeze_cli/gen/gate.py)
                 print(
                     f"quality: {quality['gated']} images gated (DINO >= {quality['min_dino']:g}), "
                     f"{quality['regenerated']} remade, {quality['still_failing']} still below",

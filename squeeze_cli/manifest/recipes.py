@@ -1,4 +1,4 @@
-"""Model presets ("recipes"): the YAML files beside this module, installed as ``squeeze_cli.recipes``.
+"""Model presets ("recipes"): loading, merging and listing the packaged YAML files.
 
 A recipe names a model (a built-in tiny one, a full SqueezePipeline folder or hub id, or one source per
 component, plus an optional LoRA) and sampling defaults. Merge order, later wins:

@@ -400,7 +400,7 @@ class ModelSpec(StrictModel):
 
 
 class QualityGate(StrictModel):
-    """The manifest's optional `quality:` section: the identity gate of `gen` (`squeeze_cli/eval/gate.py`)."""
+    """The manifest's optional `quality:` section: the identity gate of `gen` (`squeeze_cli/gen/gate.py`)."""
 
     min_dino: float = Field(ge=-1.0, le=1.0, description="regenerate an image whose DINO is below this")
     max_attempts: int = Field(3, ge=1, le=20, description="images made per job at most, the first included")

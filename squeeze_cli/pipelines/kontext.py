@@ -9,13 +9,14 @@ What differs from diffusers' `__call__`:
 - each prompt's T5/CLIP encoding is computed once and kept (a small LRU), whatever the batches;
 - each image's noise comes from its own CPU generator (drawn in float32), so a seed gives the same image
   whatever the batch size or number of processes;
+
+(the last two, with the runner's other glue, from `contract.SubjectBatchMixin`);
 - references are resized so their longer side is `reference_size` (aspect kept, multiples of 16), in
   place of diffusers' snapping to Kontext's preferred ~1 MP resolutions.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,6 @@ from diffusers import (
 )
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift, retrieve_timesteps
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 from transformers import (
     CLIPImageProcessor,
     CLIPTextModel,
@@ -41,6 +41,7 @@ from transformers import (
     T5Tokenizer,
 )
 
+from .contract import SubjectBatchMixin
 from .registry import PIPELINES
 from .squeeze import reference_image_size
 
@@ -48,8 +49,6 @@ __all__ = ["KontextPipeline", "KontextPipelineOutput", "KontextSubject"]
 
 # T5 tokens FLUX reads at most; longer prompts are refused by `check_prompt_fits`, not silently truncated.
 MAX_T5_TOKENS = 512
-# Prompt encodings kept per pipeline; a subject's prompts are run together, so a few dozen is plenty.
-PROMPT_CACHE_SIZE = 64
 
 
 @dataclass
@@ -83,7 +82,7 @@ class KontextPipelineOutput(BaseOutput):
     stage_plan: None = None
 
 
-class KontextPipeline(FluxKontextPipeline):
+class KontextPipeline(SubjectBatchMixin, FluxKontextPipeline):
     r"""
     [`FluxKontextPipeline`] for subject-driven batches: references encoded once per subject (several allowed,
     each with its own position index), prompt encodings cached, one CPU generator per image.
@@ -116,7 +115,6 @@ class KontextPipeline(FluxKontextPipeline):
             image_encoder=image_encoder,
             feature_extractor=feature_extractor,
         )
-        self._prompt_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @property
     def max_sequence_length(self) -> int:
@@ -174,10 +172,11 @@ class KontextPipeline(FluxKontextPipeline):
                 )
 
     def prepare_prompts(self, subject_condition: KontextSubject, prompts: Sequence[str]) -> None:
-        """Encode `prompts` now into the prompt cache (at most `PROMPT_CACHE_SIZE`), so that with model
+        """Encode `prompts` now into the prompt cache (at most `prompt_cache_size`), so that with model
         offload the text encoders move onto the GPU once for them all, not once per `__call__`."""
         device = self._execution_device
-        self.encode_prompts(list(dict.fromkeys(prompts))[-PROMPT_CACHE_SIZE:], device, self.transformer.dtype)
+        latest = list(dict.fromkeys(prompts))[-self.prompt_cache_size :]
+        self.encode_prompts(latest, device, self.transformer.dtype)
 
     @torch.no_grad()
     def encode_prompts(
@@ -191,20 +190,17 @@ class KontextPipeline(FluxKontextPipeline):
         embeds, pooled = [], []
         key_models = (id(self.text_encoder), id(self.text_encoder_2))
         for prompt in prompts:
-            key = (*key_models, prompt, self.max_sequence_length)
-            if key in self._prompt_cache:
-                self._prompt_cache.move_to_end(key)
-            else:
+
+            def encode(prompt: str = prompt) -> tuple[torch.Tensor, torch.Tensor]:
                 e, p, _ = self.encode_prompt(
                     prompt=[prompt],
                     prompt_2=None,
                     device=device,
                     max_sequence_length=self.max_sequence_length,
                 )
-                self._prompt_cache[key] = (e[0].detach(), p[0].detach())
-                if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
-                    self._prompt_cache.popitem(last=False)
-            e, p = self._prompt_cache[key]
+                return e[0].detach(), p[0].detach()
+
+            e, p = self._remember_prompt((*key_models, prompt, self.max_sequence_length), encode)
             embeds.append(e.to(device=device, dtype=dtype))
             pooled.append(p.to(device=device, dtype=dtype))
         return torch.stack(embeds), torch.stack(pooled)
@@ -277,19 +273,11 @@ class KontextPipeline(FluxKontextPipeline):
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         multiple = self.vae_scale_factor * 2
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % multiple:
-                raise ValueError(f"`{name}` has to be a positive multiple of {multiple} but is {value}.")
-        if subject_condition is None:
-            if reference_images is None:
-                raise ValueError("Pass `subject_condition` (from `encode_subject`) or `reference_images`.")
-            subject_condition = self.encode_subject(reference_images, reference_size)
-        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` has unknown names {unknown}.")
+        self._check_size(height, width, multiple)
+        subject_condition = self._subject(subject_condition, reference_images, reference_size)
+        self._check_callback_inputs(callback_on_step_end_tensor_inputs)
         batch_size = len(prompts)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"Got {len(generator)} generators for {batch_size} prompts; pass one per image.")
+        self._check_generators(generator, batch_size)
 
         self._guidance_scale = guidance_scale
         self._joint_attention_kwargs = dict(joint_attention_kwargs or {})
@@ -313,7 +301,7 @@ class KontextPipeline(FluxKontextPipeline):
         channels = self.transformer.config.in_channels // 4
         if latents is None:
             shape = (batch_size, channels, latent_height, latent_width)
-            noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+            noise = self._initial_noise(shape, generator, device, dtype)
             latents = self._pack_latents(noise, batch_size, channels, latent_height, latent_width)
         else:
             latents = latents.to(device=device, dtype=dtype)
@@ -371,12 +359,11 @@ class KontextPipeline(FluxKontextPipeline):
                     noise_pred = negative_pred + true_cfg_scale * (noise_pred - negative_pred)
                 latents_dtype = latents.dtype
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0].to(latents_dtype)
-                if callback_on_step_end is not None:
-                    step_locals = locals()  # outside the comprehension, whose own scope locals() would see
-                    callback_kwargs = {k: step_locals[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                callback_outputs = self._step_callback(
+                    callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, locals()
+                )
+                latents = callback_outputs.pop("latents", latents)
+                prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                 progress_bar.update()
         self._current_timestep = None
 

@@ -21,6 +21,7 @@ What differs from diffusers' `__call__`:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,9 +38,9 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     retrieve_timesteps,
 )
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessorPil
 
+from .contract import SubjectBatchMixin
 from .registry import PIPELINES
 from .squeeze import reference_image_size
 
@@ -90,14 +91,14 @@ class QwenImageEditPlusOutput(BaseOutput):
     stage_plan: None = None
 
 
-class QwenImageEditPlusPipeline(DiffusersQwenImageEditPlusPipeline):
+class QwenImageEditPlusPipeline(SubjectBatchMixin, DiffusersQwenImageEditPlusPipeline):
     r"""
     [`~diffusers.QwenImageEditPlusPipeline`] for subject-driven batches: several references natively, their
     VAE latents and VL image inputs prepared once per subject, VL encodings cached per prompt, one CPU
     generator per image, batches of several prompts.
 
-    Loads the same checkpoints (e.g. `Qwen/Qwen-Image-Edit-2509`); pass `processor=` an image processor
-    (`Qwen2VLImageProcessorPil.from_pretrained(repo, subfolder="processor")`) where torchvision is missing.
+    Loads the same checkpoints (e.g. `Qwen/Qwen-Image-Edit-2509`); `from_pretrained` takes the image processor
+    from `processor/` (see there).
     """
 
     sampling_parameters = PIPELINES["qwen-image-edit-plus"].sampling_parameters
@@ -120,6 +121,21 @@ class QwenImageEditPlusPipeline(DiffusersQwenImageEditPlusPipeline):
             processor=processor,
             transformer=transformer,
         )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        """diffusers' `from_pretrained`, with the image processor from the checkpoint's `processor/` folder in
+        place of the `Qwen2VLProcessor` its `model_index.json` names (which diffusers would build, and which
+        needs torchvision in transformers 5), unless `processor=` is given."""
+        if "processor" in kwargs:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, processor=None, **kwargs)
+        options = {key: kwargs[key] for key in ("revision", "cache_dir", "local_files_only") if key in kwargs}
+        processor = Qwen2VLImageProcessorPil.from_pretrained(
+            pretrained_model_name_or_path, subfolder="processor", **options
+        )
+        pipe.register_modules(processor=processor)
+        return pipe
 
     # ----------------------------------------------------------------------------------------------------
     # Inputs of the vision-language encoder
@@ -398,16 +414,11 @@ class QwenImageEditPlusPipeline(DiffusersQwenImageEditPlusPipeline):
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         multiple = self.vae_scale_factor * 2
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % multiple:
-                raise ValueError(f"`{name}` has to be a positive multiple of {multiple} but is {value}.")
-        if subject_condition is None:
-            if reference_images is None:
-                raise ValueError("Pass `subject_condition` (from `encode_subject`) or `reference_images`.")
-            subject_condition = self.encode_subject(reference_images, reference_size)
+        self._check_size(height, width, multiple)
+        subject_condition = self._subject(subject_condition, reference_images, reference_size)
+        self._check_callback_inputs(callback_on_step_end_tensor_inputs)
         batch_size = len(prompts)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"Got {len(generator)} generators for {batch_size} prompts; pass one per image.")
+        self._check_generators(generator, batch_size)
         self._guidance_scale = None
         self._attention_kwargs = dict(attention_kwargs or {})
         self._current_timestep = None
@@ -428,7 +439,7 @@ class QwenImageEditPlusPipeline(DiffusersQwenImageEditPlusPipeline):
         channels = self.transformer.config.in_channels // 4
         if latents is None:
             shape = (batch_size, 1, channels, latent_height, latent_width)
-            noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+            noise = self._initial_noise(shape, generator, device, dtype)
             latents = self._pack_latents(noise, batch_size, channels, latent_height, latent_width)
         else:
             latents = latents.to(device=device, dtype=dtype)
@@ -490,12 +501,11 @@ class QwenImageEditPlusPipeline(DiffusersQwenImageEditPlusPipeline):
                     noise_pred = guided * (cond_norm / torch.norm(guided, dim=-1, keepdim=True))
                 latents_dtype = latents.dtype
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0].to(latents_dtype)
-                if callback_on_step_end is not None:
-                    step_locals = locals()  # outside the comprehension, whose own scope locals() would see
-                    callback_kwargs = {k: step_locals[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                callback_outputs = self._step_callback(
+                    callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, locals()
+                )
+                latents = callback_outputs.pop("latents", latents)
+                prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                 progress_bar.update()
         self._current_timestep = None
 

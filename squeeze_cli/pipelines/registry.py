@@ -1,23 +1,22 @@
-"""The pipelines a recipe can run, by name: what each is, which sampling keys it reads, its tiny twin.
+"""The pipelines a recipe can run, by name: what each is, the sampling keys it reads, its cost, its tiny twin.
 
-Torch-free, so that `squeeze validate` can check a manifest's keys against its recipe's pipeline without
-loading anything. The classes themselves are imported only when a run loads one (`PipelineSpec.load_class`).
-
-Every pipeline meets the contract the runner uses:
-
-- `pipe.encode_subject(reference_images, reference_size) -> condition` (computed once per subject),
-- `pipe(prompt=[...], subject_condition=condition, generator=[one CPU generator per image],
-  callback_on_step_end=fn, **sampling_kwargs)` returning `.images` and `.stage_plan` (or None),
-- optionally `pipe.check_prompt_fits(reference_sizes, prompts)` raising `ValueError`,
-- a class attribute `sampling_parameters` naming the `SamplingParams` keys it uses.
+Torch-free, so that `squeeze validate` can check a manifest's keys against its recipe's pipeline and cost
+its plan without loading anything. The classes themselves are imported only when a run loads one
+(`PipelineSpec.load_class`); each meets `squeeze_cli.pipelines.contract.SubjectPipeline` and loads through
+its own `from_pretrained`. Adding a pipeline: its module, one row here, its tiny builder, its recipes
+(`docs/architecture.md`, "A pipeline").
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from squeeze_cli.params import SamplingParams
+
+from .cost import StepTokens, estimate_cost
 
 DEFAULT_PIPELINE = "squeeze"
 
@@ -33,8 +32,13 @@ class PipelineSpec:
             sampling key is refused at validation.
         distilled_guidance: whether `guidance_scale` is FLUX's distilled guidance (an embedding input, not
             classifier-free guidance); the PNG `parameters` chunk then writes it as `Distilled CFG Scale`.
-        tiny_builder: `module:function(path, seed)` writing the tiny random checkpoint for `builtin: tiny`.
-        takes_components: whether `model.components` / `model.family` apply (the squeeze pipeline only).
+        tiny_builder: `module:function(path, *, seed)` writing the tiny random checkpoint for `builtin: tiny`
+            (with `family=` too when `takes_components`).
+        staged: whether it denoises with the squeeze stage plan (`stage_thresholds`): stage 1 without the
+            reference tokens, stage 3 with the null condition (dry runs show it; the cost model follows it).
+        step_tokens: what its transformer steps run on, for the cost model (`pipelines/cost.py`).
+        takes_components: whether `model.components` / `model.family` apply (the squeeze pipeline only):
+            the loader assembles it from separately loaded parts, checks the MLLM family and sets its options.
     """
 
     name: str
@@ -42,6 +46,8 @@ class PipelineSpec:
     sampling_parameters: frozenset[str]
     distilled_guidance: bool
     tiny_builder: str
+    staged: bool = False
+    step_tokens: StepTokens = field(default_factory=StepTokens)
     takes_components: bool = False
 
     @property
@@ -51,8 +57,12 @@ class PipelineSpec:
     def load_class(self) -> Any:
         return _import(self.class_path)
 
-    def build_tiny(self, path: Any, seed: int = 0) -> Any:
-        return _import(self.tiny_builder)(path, seed=seed)
+    def build_tiny(self, path: Any, seed: int = 0, **options: Any) -> Any:
+        return _import(self.tiny_builder)(path, seed=seed, **options)
+
+    def estimate_cost(self, params: SamplingParams, num_references: int, prompt: str = "") -> float:
+        """Relative transformer work of one image (`pipelines.cost.estimate_cost`; unit `cost.COST_UNIT`)."""
+        return estimate_cost(params, num_references, prompt, tokens=self.step_tokens, staged=self.staged)
 
 
 def _import(path: str) -> Any:
@@ -81,6 +91,10 @@ PIPELINES: dict[str, PipelineSpec] = {
             ),
             distilled_guidance=True,
             tiny_builder="squeeze_cli.pipelines.tiny:build_tiny_pipeline",
+            staged=True,
+            # FLUX.1's width; InternVL3 reads a reference as one 448-px tile of 256 tokens (Qwen2.5-VL as the
+            # recipes cap it), plus ~30 tokens of chat template, which is also the null condition.
+            step_tokens=StepTokens(condition_tokens_per_reference=256, condition_template_tokens=30),
             takes_components=True,
         ),
         PipelineSpec(
@@ -89,6 +103,8 @@ PIPELINES: dict[str, PipelineSpec] = {
             sampling_parameters=frozenset((*_COMMON, "guidance_scale", "true_cfg_scale", "negative_prompt")),
             distilled_guidance=True,
             tiny_builder="squeeze_cli.pipelines.tiny_pipelines:build_tiny_kontext",
+            # FLUX.1's width; T5 pads every prompt to its 512 tokens, and the references are not in the text.
+            step_tokens=StepTokens(condition_template_tokens=512, counts_instruction=False),
         ),
         PipelineSpec(
             name="qwen-image-edit-plus",
@@ -97,6 +113,9 @@ PIPELINES: dict[str, PipelineSpec] = {
             sampling_parameters=frozenset((*_COMMON, "true_cfg_scale", "negative_prompt")),
             distilled_guidance=False,
             tiny_builder="squeeze_cli.pipelines.tiny_pipelines:build_tiny_qwen_image_edit",
+            # Qwen-Image's width (24 heads x 128); Qwen2.5-VL sees each reference at ~384² (196 tokens of
+            # 28 px, plus "Picture k:"), and a few template tokens remain after the system prompt is dropped.
+            step_tokens=StepTokens(condition_tokens_per_reference=200, condition_template_tokens=6),
         ),
     )
 }

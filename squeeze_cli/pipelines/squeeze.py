@@ -28,15 +28,16 @@ from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import FluxLoraLoaderMixin
 from diffusers.models import AutoencoderKL, FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
-from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel
 
 from squeeze_cli.params import PAPER_STAGE_THRESHOLDS, StepCache, StepCacheMethod, choices
 
 from .aggregator import DualLayerAggregator
+from .contract import SubjectBatchMixin
 from .mllm import MLLMEncoder, MLLMEncoding, PrefixCache
 from .registry import PIPELINES
 from .stages import STAGE_MLLM, STAGE_REFERENCE, StagePlan, stage_plan
@@ -144,7 +145,7 @@ def step_cache_config(step_cache: StepCache) -> FirstBlockCacheConfig | TaylorSe
     raise ValueError(f"Unknown step cache method {step_cache.method!r}; use {choices(StepCacheMethod)}.")
 
 
-class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
+class SqueezePipeline(SubjectBatchMixin, DiffusionPipeline, FluxLoraLoaderMixin):
     r"""
     Subject-driven generation: an MLLM reads the reference image(s) and the instruction together, a Dual Layer
     Aggregator turns all its layers into FLUX's condition, and the references' VAE latents join FLUX's image
@@ -666,35 +667,11 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
     # Latents
     # ----------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    # Copied from diffusers.pipelines.flux.pipeline_flux.FluxPipeline._prepare_latent_image_ids
-    def _prepare_latent_image_ids(batch_size, height, width, device, dtype):
-        latent_image_ids = torch.zeros(height, width, 3)
-        latent_image_ids[..., 1] = latent_image_ids[..., 1] + torch.arange(height)[:, None]
-        latent_image_ids[..., 2] = latent_image_ids[..., 2] + torch.arange(width)[None, :]
-        latent_image_ids = latent_image_ids.reshape(height * width, 3)  # (h * w, 3)
-        return latent_image_ids.to(device=device, dtype=dtype)
-
-    @staticmethod
-    # Copied from diffusers.pipelines.flux.pipeline_flux.FluxPipeline._pack_latents
-    def _pack_latents(latents, batch_size, num_channels_latents, height, width):
-        # (B, C, H, W) -> (B, H/2 * W/2, C * 4)
-        latents = latents.view(batch_size, num_channels_latents, height // 2, 2, width // 2, 2)
-        latents = latents.permute(0, 2, 4, 1, 3, 5)
-        latents = latents.reshape(batch_size, (height // 2) * (width // 2), num_channels_latents * 4)
-        return latents
-
-    @staticmethod
-    # Copied from diffusers.pipelines.flux.pipeline_flux.FluxPipeline._unpack_latents
-    def _unpack_latents(latents, height, width, vae_scale_factor):
-        # (B, H/2 * W/2, C * 4) -> (B, C, H, W) in latent pixels
-        batch_size, num_patches, channels = latents.shape
-        height = 2 * (int(height) // (vae_scale_factor * 2))
-        width = 2 * (int(width) // (vae_scale_factor * 2))
-        latents = latents.view(batch_size, height // 2, width // 2, channels // 4, 2, 2)
-        latents = latents.permute(0, 3, 1, 4, 2, 5)
-        latents = latents.reshape(batch_size, channels // (2 * 2), height, width)
-        return latents
+    # FLUX.1's own packing and position ids, used as they are (not copied): (B, C, H, W) <-> (B, H/2 * W/2,
+    # C * 4), and the (row, column) ids of each packed token.
+    _prepare_latent_image_ids = staticmethod(FluxPipeline._prepare_latent_image_ids)
+    _pack_latents = staticmethod(FluxPipeline._pack_latents)
+    _unpack_latents = staticmethod(FluxPipeline._unpack_latents)
 
     # Adapted from diffusers.pipelines.flux.pipeline_flux.FluxPipeline.prepare_latents
     def prepare_latents(
@@ -708,11 +685,7 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"You have passed a list of generators of length {len(generator)}, but requested an effective"
-                f" batch size of {batch_size}. Make sure the batch size matches the length of the generators."
-            )
+        self._check_generators(generator, batch_size)
         height = 2 * (int(height) // (self.vae_scale_factor * 2))
         width = 2 * (int(width) // (self.vae_scale_factor * 2))
         latent_ids = self._prepare_latent_image_ids(batch_size, height // 2, width // 2, device, dtype)
@@ -723,13 +696,73 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
                 raise ValueError(f"`latents` has to be of shape {expected} but is {tuple(latents.shape)}.")
             return latents.to(device=device, dtype=dtype), latent_ids
 
-        # Noise drawn in float32 (then cast), so a seed gives the same start whatever the model dtype; with a
-        # list of CPU generators each image's noise comes from its own generator, so an image does not depend
-        # on the batch it is in.
         shape = (batch_size, num_channels_latents, height, width)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+        latents = self._initial_noise(shape, generator, device, dtype)
         latents = self._pack_latents(latents, batch_size, num_channels_latents, height, width)
         return latents, latent_ids
+
+    # ----------------------------------------------------------------------------------------------------
+    # Transformer step
+    # ----------------------------------------------------------------------------------------------------
+
+    def predict_velocity(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        image_ids: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        prompt_attention_mask: torch.Tensor | None,
+        timestep: torch.Tensor,
+        guidance: torch.Tensor | None,
+        num_target_tokens: int,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        transformer: Any = None,
+    ) -> torch.Tensor:
+        r"""
+        One transformer step: the velocity the transformer predicts for the target tokens. Sampling
+        (`__call__`) and training (`squeeze_cli.train.objective`) both go through here, so they feed the
+        transformer the same sequence.
+
+        Args:
+            hidden_states (`torch.Tensor`): (B, target tokens [+ reference tokens], C * 4) packed latents,
+                the references' tokens (if any) after the target's.
+            image_ids (`torch.Tensor`): (tokens, 3) position ids of `hidden_states`
+                (`_prepare_latent_image_ids`, then `_prepare_reference_tokens`' ids).
+            prompt_embeds (`torch.Tensor`), pooled_prompt_embeds (`torch.Tensor`): the aggregated condition,
+                (B, L, joint_attention_dim) and (B, pooled_projection_dim).
+            prompt_attention_mask (`torch.Tensor`, *optional*): (B, L) real condition tokens of padded
+                conditions (`_pad_conditions`); `None` runs the exact unmasked attention.
+            timestep (`torch.Tensor`): (B,) the noise level σ in [0, 1].
+            guidance (`torch.Tensor`, *optional*): (B,) FLUX's distilled guidance, for transformers with a
+                guidance embedding.
+            num_target_tokens (`int`): how many leading tokens are the target's; the reference tokens'
+                outputs are dropped.
+            joint_attention_kwargs (`dict`, *optional*): passed to the attention processors.
+            transformer (*optional*): the transformer to run, when not `self.transformer` (training passes
+                its wrapped, trainable one).
+
+        Returns:
+            `torch.Tensor`: (B, num_target_tokens, C * 4).
+        """
+        transformer = self.transformer if transformer is None else transformer
+        attention_kwargs = dict(joint_attention_kwargs or {})
+        if prompt_attention_mask is not None:
+            attention_kwargs["attention_mask"] = self._joint_attention_mask(
+                prompt_attention_mask, hidden_states.shape[1]
+            )
+        prediction = transformer(
+            hidden_states=hidden_states,
+            timestep=timestep,
+            guidance=guidance,
+            pooled_projections=pooled_prompt_embeds,
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=hidden_states.new_zeros(prompt_embeds.shape[1], 3),
+            img_ids=image_ids,
+            joint_attention_kwargs=attention_kwargs,
+            return_dict=False,
+        )[0]
+        return prediction[:, :num_target_tokens]
 
     # ----------------------------------------------------------------------------------------------------
     # Properties
@@ -1029,22 +1062,17 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
                 return _run_transformer(hidden_states, img_ids, embeds, pooled, mask, timestep)
 
         def _run_transformer(hidden_states, img_ids, embeds, pooled, mask, timestep):
-            attention_kwargs = dict(self._joint_attention_kwargs)
-            if mask is not None:
-                attention_kwargs["attention_mask"] = self._joint_attention_mask(mask, hidden_states.shape[1])
-            noise_pred = self.transformer(
-                hidden_states=hidden_states,
+            return self.predict_velocity(
+                hidden_states,
+                image_ids=img_ids,
+                prompt_embeds=embeds,
+                pooled_prompt_embeds=pooled,
+                prompt_attention_mask=mask,
                 timestep=timestep / 1000,
                 guidance=guidance,
-                pooled_projections=pooled,
-                encoder_hidden_states=embeds,
-                txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),
-                img_ids=img_ids,
-                joint_attention_kwargs=attention_kwargs,
-                return_dict=False,
-            )[0]
-            # The transformer's output for the reference tokens is dropped.
-            return noise_pred[:, :num_latent_tokens]
+                num_target_tokens=num_latent_tokens,
+                joint_attention_kwargs=self._joint_attention_kwargs,
+            )
 
         # 7. Denoising loop
         self.scheduler.set_begin_index(0)
@@ -1089,13 +1117,11 @@ class SqueezePipeline(DiffusionPipeline, FluxLoraLoaderMixin):
                 if latents.dtype != latents_dtype:
                     latents = latents.to(latents_dtype)
 
-                if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for k in callback_on_step_end_tensor_inputs:
-                        callback_kwargs[k] = locals()[k]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                callback_outputs = self._step_callback(
+                    callback_on_step_end, i, t, callback_on_step_end_tensor_inputs, locals()
+                )
+                latents = callback_outputs.pop("latents", latents)
+                prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
 
                 progress_bar.update()
 

@@ -4,7 +4,7 @@ For a target latent x0 (packed 2×2 like inference), noise ε and a noise level 
 
     x_σ = (1 − σ)·x0 + σ·ε,        v = ε − x0,        loss = Σ ‖v̂ − v‖² / (target tokens × channels)
 
-v̂ is the transformer's output on the target tokens, fed like `SqueezePipeline.__call__` feeds it: the
+v̂ is `SqueezePipeline.predict_velocity`, the transformer step `SqueezePipeline.__call__` runs too: the
 aggregated MLLM condition as `encoder_hidden_states` (padded conditions masked), the packed latents with
 FLUX's position ids, and in stage 2 the references' VAE tokens appended with their Kontext-style ids
 (`_prepare_reference_tokens`), their output dropped. The loss is normalised per token over the whole
@@ -160,27 +160,22 @@ def loss_on_batch(
             )
             hidden_states = torch.cat([hidden_states, reference_tokens.unsqueeze(0).expand(batch, -1, -1)], 1)
             image_ids = torch.cat([image_ids, reference_ids])
-        attention_kwargs = {}
-        if condition_mask is not None:
-            attention_kwargs["attention_mask"] = pipe._joint_attention_mask(
-                condition_mask, hidden_states.shape[1]
-            )
         guidance_tensor = (
             torch.full([batch], guidance, device=device, dtype=torch.float32)
             if transformer.config.guidance_embeds
             else None
         )
-        prediction = models.transformer(
-            hidden_states=hidden_states,
+        prediction = pipe.predict_velocity(
+            hidden_states,
+            image_ids=image_ids,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_embeds,
+            prompt_attention_mask=condition_mask,
             timestep=sigma.to(dtype),
             guidance=guidance_tensor,
-            pooled_projections=pooled_embeds,
-            encoder_hidden_states=prompt_embeds,
-            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
-            img_ids=image_ids,
-            joint_attention_kwargs=attention_kwargs,
-            return_dict=False,
-        )[0][:, :num_target_tokens]
+            num_target_tokens=num_target_tokens,
+            transformer=models.transformer,
+        )
         squared_error = squared_error + (prediction.float() - velocity).pow(2).sum()
         num_values += velocity.numel()
     return squared_error / num_values

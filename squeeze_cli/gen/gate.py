@@ -36,7 +36,7 @@ class IdentityGate:
     """
 
     def __init__(self, quality: QualityGate, preset_name: str, device: str = "cpu"):
-        from squeeze_cli.eval.encoders import Encoder
+        from squeeze_cli.metrics.encoders import Encoder
 
         self.quality = quality
         self.spec = self.dino_spec(quality, preset_name)
@@ -46,7 +46,7 @@ class IdentityGate:
     @staticmethod
     def dino_spec(quality: QualityGate, preset_name: str) -> Any:
         """The DINO model the gate scores with (building the tiny one into the cache when it is chosen)."""
-        from squeeze_cli.eval.protocol import make_protocol
+        from squeeze_cli.metrics.protocol import make_protocol
 
         metrics = quality.metrics
         if metrics == "auto":

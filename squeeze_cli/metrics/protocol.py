@@ -148,7 +148,7 @@ def make_protocol(
             f"--clip-t-weight must be positive, got {clip_t_weight}", "use 1 (DreamBench) or 2.5"
         )
     if metrics == "tiny":
-        from squeeze_cli.eval.tiny import ensure_tiny_metric_checkpoint
+        from squeeze_cli.metrics.tiny import ensure_tiny_metric_checkpoint
 
         encoders = [
             EncoderSpec("dino", str(ensure_tiny_metric_checkpoint("dino")), resize=36, crop=32),

@@ -81,24 +81,24 @@ def build_tiny_metric_model(name: str, path: str | os.PathLike, seed: int = 0) -
         ViTImageProcessorPil,
         ViTModel,
     )
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    from squeeze_cli.eval.protocol import IMAGENET_MEAN, IMAGENET_STD
-
+    # ImageNet's statistics, the values of `protocol.IMAGENET_MEAN` and `IMAGENET_STD` (a test checks the
+    # processors agree): from transformers, since `protocol` imports this module and not the reverse.
+    mean, std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
     path = Path(path)
     torch.manual_seed(seed)
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     if name == "dino":
         model = ViTModel(ViTConfig(image_size=32, patch_size=8, **small), add_pooling_layer=False)
-        processor = ViTImageProcessorPil(
-            size={"height": 32, "width": 32}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
-        )
+        processor = ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=mean, image_std=std)
     elif name == "dinov2":
         model = Dinov2Model(Dinov2Config(image_size=28, patch_size=7, **small))
         processor = BitImageProcessorPil(
             size={"shortest_edge": 36},
             crop_size={"height": 28, "width": 28},
-            image_mean=IMAGENET_MEAN,
-            image_std=IMAGENET_STD,
+            image_mean=mean,
+            image_std=std,
         )
     elif name == "clip":
         tokenizer = _build_clip_tokenizer()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from squeeze_cli.eval.gate import SEED_STRIDE, IdentityGate, QualityGate, attempt_seed
+from squeeze_cli.gen.gate import SEED_STRIDE, IdentityGate, QualityGate, attempt_seed
 
 REPO = Path(__file__).resolve().parents[1]
 

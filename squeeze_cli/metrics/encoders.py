@@ -1,6 +1,7 @@
 """The metric models, loaded through transformers' `from_pretrained`, and their embeddings.
 
-Imports torch and transformers: only `squeeze eval` comes here, and only when something is not cached.
+Imports torch and transformers: only `squeeze eval` (when something is not cached) and `gen`'s identity
+gate come here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from squeeze_cli.errors import ModelLoadError
-from squeeze_cli.eval.protocol import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
+from squeeze_cli.metrics.protocol import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
 
 
 def resize_center_crop(image: Image.Image, resize: int, crop: int) -> torch.Tensor:

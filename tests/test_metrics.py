@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from squeeze_cli.eval.encoders import Encoder, resize_center_crop
-from squeeze_cli.eval.protocol import IMAGENET_MEAN, IMAGENET_STD, make_protocol
-from squeeze_cli.eval.tiny import ensure_tiny_metric_checkpoint
+from squeeze_cli.metrics.encoders import Encoder, resize_center_crop
+from squeeze_cli.metrics.protocol import IMAGENET_MEAN, IMAGENET_STD, make_protocol
+from squeeze_cli.metrics.tiny import ensure_tiny_metric_checkpoint
 
 
 def test_dino_preprocessing_resizes_the_short_side_then_crops_the_centre():
@@ -22,6 +22,15 @@ def test_dino_preprocessing_resizes_the_short_side_then_crops_the_centre():
     assert torch.allclose(pixels[:, 100, 50], red, atol=1e-5)
     assert torch.allclose(pixels[:, 100, 180], blue, atol=1e-5)
     assert torch.allclose(pixels[:, :, 108], red.view(3, 1).expand(3, 224), atol=0.05)
+
+
+@pytest.mark.parametrize("name", ["dino", "dinov2"])
+def test_the_tiny_processors_normalise_with_the_protocols_imagenet_statistics(name):
+    # `tiny` takes them from transformers, since `protocol` imports `tiny` and not the other way round.
+    import json
+
+    saved = json.loads((ensure_tiny_metric_checkpoint(name) / "preprocessor_config.json").read_text())
+    assert (tuple(saved["image_mean"]), tuple(saved["image_std"])) == (IMAGENET_MEAN, IMAGENET_STD)
 
 
 @pytest.mark.parametrize(
@@ -64,7 +73,7 @@ def test_a_tiny_metric_model_without_its_weights_never_enters_the_cache(tmp_path
     from transformers import PreTrainedModel
 
     from squeeze_cli.errors import ModelLoadError
-    from squeeze_cli.eval.tiny import ensure_tiny_metric_checkpoint
+    from squeeze_cli.metrics.tiny import ensure_tiny_metric_checkpoint
 
     # As on rank 1 of a distributed run: transformers' save_pretrained then writes no weights.
     monkeypatch.setattr(PreTrainedModel, "should_save_on_this_rank", lambda self, is_main_process: False)

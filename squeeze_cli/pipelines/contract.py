@@ -1,0 +1,147 @@
+"""The contract between `squeeze gen` and a pipeline, as code: `SubjectPipeline`, and `SubjectBatchMixin`
+with the glue every pipeline shares.
+
+The runner (`squeeze_cli.gen.worker`) calls, for each subject of its jobs:
+
+1. `condition = pipe.encode_subject(reference_images, reference_size)`, once per subject and size;
+2. `pipe.prepare_prompts(condition, prompts)` for the next prompts of the subject, together (with model
+   offload the text encoder then moves to the GPU once for them all; a no-op where there is nothing to do);
+3. `pipe(prompt=[...], subject_condition=condition, generator=[one CPU generator per image],
+   callback_on_step_end=fn, **sampling_kwargs)` per batch, where `sampling_kwargs` holds only the keys in
+   `pipe.sampling_parameters`; the output has `.images` and `.stage_plan` (`None` for one-stage pipelines).
+
+Before anything runs, `pipe.check_prompt_fits(reference_sizes, prompts)` raises `ValueError` for a prompt the
+text encoder would cut. Denoising loops stay one per pipeline file, as in diffusers; what the pipelines
+repeated around them lives in `SubjectBatchMixin`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import PIL.Image
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+__all__ = ["SubjectBatchMixin", "SubjectPipeline", "SubjectPipelineOutput"]
+
+T = TypeVar("T")
+
+
+class SubjectPipelineOutput(Protocol):
+    """What a pipeline call returns: the images, and the stage plan (`None` for one-stage pipelines)."""
+
+    images: Any
+    stage_plan: Any
+
+
+@runtime_checkable
+class SubjectPipeline(Protocol):
+    """What the runner needs of a pipeline; `pipelines.registry.PIPELINES` names the classes that meet it
+    (`tests/test_pipeline_contract.py` checks every registered one)."""
+
+    #: The `SamplingParams` keys `__call__` reads (the registry's `sampling_parameters`).
+    sampling_parameters: frozenset[str]
+    #: Whether the loader fused a LoRA into the transformer (recorded in every image's sidecar).
+    lora_fused: bool
+
+    def encode_subject(self, reference_images: Sequence[PIL.Image.Image], reference_size: int) -> Any: ...
+
+    def check_prompt_fits(
+        self, reference_sizes: Sequence[tuple[int, int]], prompts: Sequence[str]
+    ) -> None: ...
+
+    def prepare_prompts(self, subject_condition: Any, prompts: Sequence[str]) -> None: ...
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        *,
+        subject_condition: Any = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        **sampling_kwargs: Any,
+    ) -> SubjectPipelineOutput: ...
+
+
+class SubjectBatchMixin:
+    """The glue around each pipeline's denoising loop: subject from references, input checks, per-image
+    noise, the step callback and a small prompt-encoding LRU.
+
+    For a class that also derives from `DiffusionPipeline` (it provides `_execution_device`,
+    `_callback_tensor_inputs` and `encode_subject`).
+    """
+
+    lora_fused = False
+    #: Prompt encodings `_remember_prompt` keeps: a subject's prompts run together, so a few dozen is plenty.
+    prompt_cache_size = 64
+
+    def check_prompt_fits(self, reference_sizes: Sequence[tuple[int, int]], prompts: Sequence[str]) -> None:
+        """Raise `ValueError` for a prompt the text encoder would cut; nothing is cut by default."""
+
+    def prepare_prompts(self, subject_condition: Any, prompts: Sequence[str]) -> None:
+        """Encode `prompts` ahead of their batches; nothing to do by default."""
+
+    def _subject(self, subject_condition: Any, reference_images: Any, reference_size: int) -> Any:
+        """The subject condition to generate with: the one given, or the references encoded now."""
+        if subject_condition is not None:
+            return subject_condition
+        if reference_images is None:
+            raise ValueError("Pass `subject_condition` (from `encode_subject`) or `reference_images`.")
+        return self.encode_subject(reference_images, reference_size)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _check_size(height: int, width: int, multiple: int) -> None:
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % multiple:
+                raise ValueError(f"`{name}` has to be a positive multiple of {multiple} but is {value}.")
+
+    def _check_callback_inputs(self, names: Sequence[str]) -> None:
+        unknown = [name for name in names if name not in self._callback_tensor_inputs]  # type: ignore[attr-defined]
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` has unknown names {unknown}.")
+
+    @staticmethod
+    def _check_generators(generator: torch.Generator | list[torch.Generator] | None, batch_size: int) -> None:
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"Got {len(generator)} generators for {batch_size} prompts; pass one per image.")
+
+    @staticmethod
+    def _initial_noise(
+        shape: Sequence[int],
+        generator: torch.Generator | list[torch.Generator] | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Gaussian noise drawn in float32 (then cast), so a seed gives the same start whatever the model
+        dtype; with a list of CPU generators each image's noise comes from its own generator, so an image
+        does not depend on the batch it is in."""
+        return randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32).to(dtype)
+
+    def _step_callback(
+        self,
+        callback: Callable[..., dict] | None,
+        step: int,
+        timestep: torch.Tensor,
+        tensor_inputs: Sequence[str],
+        step_locals: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Run `callback(pipe, step, timestep, {name: tensor})` for the tensors it asked for (taken from the
+        loop's `locals()`); returns what it gave back (empty without a callback)."""
+        if callback is None:
+            return {}
+        return callback(self, step, timestep, {name: step_locals[name] for name in tensor_inputs})
+
+    def _remember_prompt(self, key: Hashable, encode: Callable[[], T]) -> T:
+        """`encode()`'s result for `key`, computed once and kept in a least-recently-used cache of
+        `prompt_cache_size` entries."""
+        cache: OrderedDict[Hashable, Any] = self.__dict__.setdefault("_prompt_cache", OrderedDict())
+        if key in cache:
+            cache.move_to_end(key)
+        else:
+            cache[key] = encode()
+            if len(cache) > self.prompt_cache_size:
+                cache.popitem(last=False)
+        return cache[key]
