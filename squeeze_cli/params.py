@@ -39,8 +39,6 @@ FAMILY_ADAPTERS = {
     "internvl": "squeeze_cli.pipelines.mllm.internvl:InternVLFamily",
     "qwen2_5_vl": "squeeze_cli.pipelines.mllm.qwen2_5_vl:Qwen25VLFamily",
 }
-Family = Enum("Family", {name: name for name in FAMILY_ADAPTERS}, type=str)
-Family.__doc__ = "The MLLM families of `FAMILY_ADAPTERS`."
 
 
 class StepCacheMethod(str, Enum):

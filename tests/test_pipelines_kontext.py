@@ -1,4 +1,6 @@
-"""KontextPipeline on its tiny random checkpoint, loaded as `squeeze gen` loads it (CPU, small images)."""
+"""KontextPipeline on its tiny random checkpoint, loaded as `squeeze gen` loads it (CPU, small images): what
+is Kontext's own. The contract every pipeline meets (batches, seeds, callbacks, ...) is in
+tests/test_pipeline_contract.py."""
 
 from __future__ import annotations
 
@@ -56,10 +58,8 @@ def test_tiny_checkpoint_has_the_hub_layout() -> None:
     ).is_file()
 
 
-def test_loaded_through_the_registry(pipe) -> None:
-    assert type(pipe) is KontextPipeline
-    assert "stage_thresholds" not in pipe.sampling_parameters and "guidance_scale" in pipe.sampling_parameters
-    # The trained tokenizers split text into words, not only bytes.
+def test_the_trained_tokenizers_split_words(pipe) -> None:
+    # The tiny T5 tokenizer splits text into words, not only bytes.
     tokens = pipe.tokenizer_2.tokenize("a photo of a dog on the beach")
     assert "▁dog" in tokens and len(tokens) < len("a photo of a dog on the beach")
 
@@ -76,26 +76,10 @@ def test_references_get_their_own_position_index(pipe, subject) -> None:
     assert ids[:2, 0].tolist() == [1.0, 1.0] and ids[2:, 0].tolist() == [2.0, 2.0]
 
 
-def test_batch_equals_one_by_one(pipe, subject) -> None:
-    prompts = ["a dog on the beach", "a cat wearing a santa hat, sitting on a sofa", "a dog"]
-    batch = run(pipe, prompts, (3, 4, 5), subject)
-    for i, prompt in enumerate(prompts):
-        single = run(pipe, [prompt], (3 + i,), subject)
-        np.testing.assert_allclose(batch[i], single[0], atol=1e-4)
-
-
-def test_seed_and_every_reference_change_the_image(pipe, subject) -> None:
+def test_every_reference_changes_the_image(pipe, subject) -> None:
     base = run(pipe, ["a dog"], (0,), subject)
-    assert np.abs(run(pipe, ["a dog"], (1,), subject) - base).max() > 1e-3
     swapped = pipe.encode_subject([reference(0, (48, 40)), reference(7, (32, 64))], reference_size=SIZE)
     assert np.abs(run(pipe, ["a dog"], (0,), swapped) - base).max() > 1e-3
-    np.testing.assert_allclose(run(pipe, ["a dog"], (0,), subject), base, atol=1e-6)
-
-
-def test_true_cfg_with_a_negative_prompt_changes_the_image(pipe, subject) -> None:
-    base = run(pipe, ["a dog"], (0,), subject)
-    guided = run(pipe, ["a dog"], (0,), subject, true_cfg_scale=3.0, negative_prompt="blurry")
-    assert np.abs(guided - base).max() > 1e-3
 
 
 def test_each_prompt_is_encoded_once(pipe, subject, monkeypatch) -> None:
@@ -111,21 +95,6 @@ def test_each_prompt_is_encoded_once(pipe, subject, monkeypatch) -> None:
     run(pipe, ["a dog", "a cat"], (0, 1), subject)
     run(pipe, ["a dog"], (2,), subject)
     assert calls == [["a dog"], ["a cat"]]
-
-
-def test_reference_images_instead_of_a_subject_give_the_same_image(pipe, subject) -> None:
-    references = [reference(0, (48, 40)), reference(1, (32, 64))]
-    direct = pipe(
-        ["a dog"],
-        reference_images=references,
-        reference_size=SIZE,
-        generator=generators(0),
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=STEPS,
-        output_type="np",
-    ).images
-    np.testing.assert_allclose(direct, run(pipe, ["a dog"], (0,), subject), atol=1e-6)
 
 
 def test_a_prompt_longer_than_t5_reads_is_refused(pipe) -> None:

@@ -1,4 +1,6 @@
-"""QwenImageEditPlusPipeline on its tiny random checkpoint, loaded as `squeeze gen` loads it (CPU)."""
+"""QwenImageEditPlusPipeline on its tiny random checkpoint, loaded as `squeeze gen` loads it (CPU): what is
+Qwen-Image-Edit's own. The contract every pipeline meets (batches, seeds, callbacks, ...) is in
+tests/test_pipeline_contract.py."""
 
 from __future__ import annotations
 
@@ -54,11 +56,6 @@ def test_tiny_checkpoint_has_the_hub_layout() -> None:
     assert (path / "tokenizer" / "tokenizer.json").is_file()
 
 
-def test_loaded_through_the_registry(pipe) -> None:
-    assert type(pipe) is QwenImageEditPlusPipeline
-    assert "guidance_scale" not in pipe.sampling_parameters and "true_cfg_scale" in pipe.sampling_parameters
-
-
 def test_vl_inputs_match_what_the_processor_would_make(pipe, subject) -> None:
     # Qwen2VLProcessor puts (t·h·w)/merge² <|image_pad|> tokens per image between its vision markers.
     grid = subject.vl_inputs["image_grid_thw"]
@@ -78,15 +75,6 @@ def test_vl_inputs_match_what_the_processor_would_make(pipe, subject) -> None:
     assert pipe._input_ids("<|image_pad|>", expected).count(pad) == sum(expected)
 
 
-def test_batch_equals_one_by_one(pipe, subject) -> None:
-    # Different prompt lengths: the batch pads the encodings and masks the padding.
-    prompts = ["a dog on the beach", "a cat wearing a santa hat, sitting on a sofa", "a dog"]
-    batch = run(pipe, prompts, (3, 4, 5), subject)
-    for i, prompt in enumerate(prompts):
-        single = run(pipe, [prompt], (3 + i,), subject)
-        np.testing.assert_allclose(batch[i], single[0], atol=1e-4)
-
-
 def test_vl_encoding_is_computed_once_per_prompt(pipe, subject, monkeypatch) -> None:
     calls = []
     original = pipe.text_encoder.forward
@@ -102,13 +90,11 @@ def test_vl_encoding_is_computed_once_per_prompt(pipe, subject, monkeypatch) -> 
     assert set(subject.prompt_encodings) == {"a dog", "a cat", " "}
 
 
-def test_every_reference_and_the_negative_prompt_matter(pipe, subject) -> None:
+def test_every_reference_changes_the_image(pipe, subject) -> None:
     base = run(pipe, ["a dog"], (0,), subject)
     swapped = pipe.encode_subject([reference(0, (48, 40)), reference(9, (32, 64))], reference_size=SIZE)
-    # The tiny random VAE decoder damps differences: compare with the run-to-run spread, which is zero.
-    np.testing.assert_allclose(run(pipe, ["a dog"], (0,), subject), base, atol=1e-6)
+    # The tiny random VAE decoder damps differences; the run-to-run spread is zero (test_pipeline_contract).
     assert np.abs(run(pipe, ["a dog"], (0,), swapped) - base).max() > 1e-4
-    assert np.abs(run(pipe, ["a dog"], (0,), subject, true_cfg_scale=1.0) - base).max() > 1e-4
 
 
 def test_a_prompt_too_long_for_the_vl_encoder_is_refused(pipe) -> None:

@@ -141,3 +141,31 @@ def test_a_subjects_prompts_are_encoded_before_its_batches(project, squeeze, mon
         expected += [f"generate {second}"] * 3
     assert events[:8] == expected
     assert len([e for e in events if e.startswith("encode")]) == NUM_PROMPTS
+
+
+def test_the_negative_prompt_is_encoded_with_the_prompts(project, squeeze, monkeypatch):
+    """With true CFG the negative prompt is encoded ahead too, never inside a batch's call (with model
+    offload that would move the MLLM back onto the GPU once more per subject)."""
+    from squeeze_cli.gen import worker
+
+    encodes: list[tuple[str, bool]] = []  # (instruction, while a batch was being generated)
+    generating = [False]
+    original_encode, original_generate = MLLMEncoder.encode_instruction, worker.Worker._generate
+
+    def encode(self, prefix, instruction, **kwargs):
+        encodes.append((instruction, generating[0]))
+        return original_encode(self, prefix, instruction, **kwargs)
+
+    def generate(self, batch, condition):
+        generating[0] = True
+        try:
+            return original_generate(self, batch, condition)
+        finally:
+            generating[0] = False
+
+    monkeypatch.setattr(MLLMEncoder, "encode_instruction", encode)
+    monkeypatch.setattr(worker.Worker, "_generate", generate)
+    overrides = ["--set", "defaults.true_cfg_scale=2.0", "--set", "defaults.negative_prompt=blurry"]
+    assert squeeze("gen", str(project / "m.yaml"), "--quiet", *overrides).code == 0
+    assert ("blurry", False) in encodes
+    assert [text for text, during_a_batch in encodes if during_a_batch] == []

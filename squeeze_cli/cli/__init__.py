@@ -13,7 +13,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -23,6 +23,10 @@ from squeeze_cli.cli.eval import dreambench_command, eval_command
 from squeeze_cli.cli.options import EPILOG
 from squeeze_cli.cli.train import TRAIN_EPILOG, train_command
 from squeeze_cli.errors import EXIT_SIGINT, ManifestError, SqueezeError
+
+if TYPE_CHECKING:  # the click that typer vendors (typer 0.29): what TyperCommand's methods take
+    from typer._click import Context as ClickContext
+    from typer._click import HelpFormatter
 
 app = typer.Typer(
     name="squeeze",
@@ -58,11 +62,11 @@ class _Command(typer.core.TyperCommand):
     """Help as people write it: `squeeze gen [OPTIONS] MANIFEST`, not Typer's `{MANIFEST}` in the usage
     line and `MANIFEST <str>` in the list of arguments."""
 
-    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+    def collect_usage_pieces(self, ctx: ClickContext) -> list[str]:
         pieces = super().collect_usage_pieces(ctx)
         return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
 
-    def format_options(self, ctx: typer.Context, formatter) -> None:
+    def format_options(self, ctx: ClickContext, formatter: HelpFormatter) -> None:
         sections: dict[str, list[tuple[str, str]]] = {"argument": [], "option": []}
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx)

@@ -9,7 +9,10 @@ import json
 import shlex
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 # Off a terminal (cron, CI) a progress line is printed at most this often, plus the first and last.
 PLAIN_INTERVAL_SECONDS = 30.0
@@ -45,8 +48,8 @@ class Reporter:
         self.failed = 0
         self.started = time.monotonic()
         self._last_line = 0.0
-        self._bar = None
-        self._step_bar = None
+        self._bar: tqdm[Any] | None = None
+        self._step_bar: tqdm[Any] | None = None
 
     @staticmethod
     def choose_mode(*, json_events: bool, quiet: bool, stream: TextIO | None = None) -> str:

@@ -184,6 +184,7 @@ def merge_run(status: RunStatus) -> None:
         for entry in status.failures:
             if entry["job_id"] not in indexed:
                 outputs.append_index(status.out, entry)
+        assert status.loaded is not None, "run_status always reads the manifest"
         output = status.loaded.document.output
         outputs.update_views(
             status.out,

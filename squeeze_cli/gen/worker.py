@@ -213,7 +213,13 @@ class Worker:
         started = time.perf_counter()
         by_size: dict[int, list[str]] = {}
         for batch in batches[start:end]:
-            by_size.setdefault(batch[0].params.reference_size, []).extend(job.prompt for job in batch)
+            texts = by_size.setdefault(batch[0].params.reference_size, [])
+            texts.extend(job.prompt for job in batch)
+            # True CFG encodes the negative prompt too: with the others, not inside the batch's call.
+            params = batch[0].params
+            if params.true_cfg_scale > 1 and params.negative_prompt is not None:
+                if "negative_prompt" in self.pipeline_info["sampling_parameters"]:
+                    texts.append(params.negative_prompt)
         for size, size_prompts in by_size.items():
             try:
                 self.pipe.prepare_prompts(conditions[size], size_prompts)

@@ -111,7 +111,7 @@ def load_recipe(name_or_path: str, relative_to: str | os.PathLike | None = None)
     if document.problems:
         raise ManifestError(document.problems)
     parsed, problems = validate_schema(RecipeFile, document)
-    if problems:
+    if problems or not isinstance(parsed, RecipeFile):
         raise ManifestError(problems)
     model = parsed.model if base_dir is None else resolve_model_paths(parsed.model, base_dir)
     return Recipe(parsed.name, parsed.description, model, parsed.defaults, source, text)

@@ -199,14 +199,15 @@ def load_manifest(
 
     # The top level and each subject are validated separately, so a typo in one subject does not hide
     # a missing reference in another: every check that can run does.
-    head, head_problems = validate_schema(ManifestHead, document)
+    parsed_head, head_problems = validate_schema(ManifestHead, document)
+    head = parsed_head if isinstance(parsed_head, ManifestHead) else None
     problems += head_problems
     subjects: list[Subject | None] = []
     raw_subjects = document.data.get("subjects") if isinstance(document.data, dict) else None
     for index in range(len(raw_subjects) if isinstance(raw_subjects, list) else 0):
         subject, subject_problems = validate_schema(Subject, document, ("subjects", index))
         problems += subject_problems
-        subjects.append(subject)
+        subjects.append(subject if isinstance(subject, Subject) else None)
     resolver = _Resolver(document, head, subjects, manifest_path, check_sources=check_sources)
     loaded = resolver.resolve(max_jobs)
     problems += resolver.problems
@@ -243,7 +244,8 @@ class _Resolver:
         self.problems.append(self.document.problem(path, message, hint))
 
     def resolve(self, max_jobs: int | None) -> LoadedManifest | None:
-        recipe, model = self.resolve_model() if self.head is not None else (None, None)
+        head = self.head
+        recipe, model = self.resolve_model(head) if head is not None else (None, None)
         names_seen: dict[str, int] = {}
         subjects = []
         for index, subject in enumerate(self.subjects):
@@ -262,17 +264,18 @@ class _Resolver:
             else:
                 self.check_invalid_subject(index)
 
-        limit = max_jobs or (self.head.max_jobs if self.head is not None else None) or DEFAULT_MAX_JOBS
+        limit = max_jobs or (head.max_jobs if head is not None else None) or DEFAULT_MAX_JOBS
         total = count_jobs(subjects)
         if total > limit:
             self.problem(("subjects",), *too_many_jobs(total, limit))
-        output_dir = self.resolve_output_dir() if self.head is not None else None
-        if model is not None:
-            self.check_sampling_keys(model, recipe)
-        if self.problems or model is None or self.head is None or None in self.subjects:
+        output_dir = self.resolve_output_dir(head) if head is not None else None
+        if model is not None and head is not None:
+            self.check_sampling_keys(head, model, recipe)
+        # (`output_dir` is None only with a problem reported.)
+        if self.problems or model is None or head is None or output_dir is None or None in self.subjects:
             return None
-        fields = {name: getattr(self.head, name) for name in Manifest.model_fields if name != "subjects"}
-        document = Manifest.model_construct(self.head.model_fields_set, **fields, subjects=self.subjects)
+        fields = {name: getattr(head, name) for name in Manifest.model_fields if name != "subjects"}
+        document = Manifest.model_construct(head.model_fields_set, **fields, subjects=self.subjects)
         return LoadedManifest(
             path=self.manifest_path,
             document=document,
@@ -285,10 +288,10 @@ class _Resolver:
             warnings=tuple(dict.fromkeys(self.warnings)),  # one per place, however many prompts inherit it
         )
 
-    def resolve_output_dir(self) -> Path | None:
+    def resolve_output_dir(self, head: Manifest) -> Path | None:
         """The output folder, absolute. Any place is allowed (it is the user's choice), but it must be a
         folder or creatable as one: a file in the way is reported now rather than after the model loads."""
-        written = self.head.output.dir
+        written = head.output.dir
         path: FieldPath = ("output", "dir")
         if "\0" in written:
             self.problem(path, f"{written!r} contains a NUL character", "remove it from the path")
@@ -306,9 +309,8 @@ class _Resolver:
 
     # The model: recipe < manifest `model:` ------------------------------------------------------------
 
-    def resolve_model(self) -> tuple[Recipe | None, ModelSpec | None]:
+    def resolve_model(self, head: Manifest) -> tuple[Recipe | None, ModelSpec | None]:
         recipe = None
-        head = self.head
         if head.recipe is not None:
             try:
                 recipe = load_recipe(head.recipe, relative_to=self.base_dir)
@@ -333,11 +335,11 @@ class _Resolver:
         self.document.data["model"] = merged
         if ("model",) not in self.document.marks and ("recipe",) in self.document.marks:
             self.document.marks[("model",)] = self.document.marks[("recipe",)]
-        spec, problems = validate_schema(ModelSpec, self.document, ("model",))
+        parsed, problems = validate_schema(ModelSpec, self.document, ("model",))
         self.problems += problems
-        if spec is None:
+        if not isinstance(parsed, ModelSpec):
             return recipe, None
-        spec = resolve_model_paths(spec, self.base_dir)
+        spec = resolve_model_paths(parsed, self.base_dir)
         # Missing weights are input errors too: found here, before `gen` loads anything.
         for problem in source_problems(spec) if self.check_sources else ():
             self.problem(_dotted_path(problem.field), problem.message, problem.hint)
@@ -384,7 +386,7 @@ class _Resolver:
             base = replace(base, **level.explicit())
         base_seeds = next((lvl.seeds for _, lvl in reversed(levels) if lvl.seeds is not None), None)
 
-        prompts = []
+        prompts: list[ResolvedPrompt] = []
         seen: dict[tuple[str, SamplingParams], list[int]] = {}
         for prompt_index, spec in enumerate(subject.prompts):
             prompt_path = (*path, "prompts", prompt_index)
@@ -449,14 +451,14 @@ class _Resolver:
             self.problem(text_path, "the prompt is empty")
         return text
 
-    def check_sampling_keys(self, model: ModelSpec, recipe: Recipe | None) -> None:
+    def check_sampling_keys(self, head: Manifest, model: ModelSpec, recipe: Recipe | None) -> None:
         """A sampling key the model's pipeline does not read is an error where it is set, rather than a value
         silently dropped while the metadata claims it was used."""
         name = pipeline_spec(model.pipeline_class).name
         levels: list[tuple[FieldPath, SamplingOverrides]] = []
         if recipe is not None:
             levels.append((("recipe",), recipe.defaults))
-        levels.append((("defaults",), self.head.defaults))
+        levels.append((("defaults",), head.defaults))
         for index, subject in enumerate(self.subjects):
             if subject is not None:
                 levels.append((("subjects", index), subject))

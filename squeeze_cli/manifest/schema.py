@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, get_args
 
 from pydantic import (
     AfterValidator,
@@ -41,6 +41,17 @@ from squeeze_cli.params import (
 )
 from squeeze_cli.pipelines.registry import DEFAULT_PIPELINE, PIPELINES
 
+# Literal types built from the tables at run time, so that pydantic checks the value and lists the
+# choices; a static type checker cannot evaluate them and sees plain `str`.
+if TYPE_CHECKING:
+    PipelineName: TypeAlias = str
+    FamilyName: TypeAlias = str
+    DtypeName: TypeAlias = str
+else:
+    PipelineName = Literal[tuple(PIPELINES)]
+    FamilyName = Literal[tuple(FAMILY_ADAPTERS)]
+    DtypeName = Literal[tuple(Dtype.__members__)]
+
 MANIFEST_VERSION = 1
 # Plans above this many jobs are refused unless raised with `--max-jobs` or `max_jobs:`; it catches a
 # typo like `count: 1000000` before it turns into a week of GPU time.
@@ -53,7 +64,10 @@ MAX_SIDE = 8192  # of a generated image
 SUBJECT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 
-COMPONENT_NAMES = ("mllm", "tokenizer", "image_processor", "aggregator", "transformer", "vae", "scheduler")
+ComponentName = Literal[
+    "mllm", "tokenizer", "image_processor", "aggregator", "transformer", "vae", "scheduler"
+]
+COMPONENT_NAMES: tuple[ComponentName, ...] = get_args(ComponentName)
 # Without a full pipeline folder these must be named one by one; tokenizer and image_processor
 # default to the mllm's source.
 REQUIRED_COMPONENTS = ("mllm", "aggregator", "transformer", "vae", "scheduler")
@@ -345,12 +359,12 @@ class ModelSpec(StrictModel):
     pipeline: Annotated[StrictStr, AfterValidator(non_empty)] | None = None
     # Which pipeline runs the model (squeeze_cli.pipelines.registry); unset means `squeeze`, and stays out
     # of `model_identity` so the squeeze pipeline's job ids do not change.
-    pipeline_class: Literal[tuple(PIPELINES)] | None = None
-    family: Literal[tuple(FAMILY_ADAPTERS)] | None = None
-    components: dict[Literal[COMPONENT_NAMES], ComponentSource] = Field(default_factory=dict)
+    pipeline_class: PipelineName | None = None
+    family: FamilyName | None = None
+    components: dict[ComponentName, ComponentSource] = Field(default_factory=dict)
     lora: LoraSpec | None = None
     mllm: MLLMOptions | None = None
-    dtype: Literal[tuple(Dtype.__members__)] = Dtype.bfloat16.value
+    dtype: DtypeName = Dtype.bfloat16.value
     trust_remote_code: StrictBool = False
     # `torch.compile` of the transformer's repeated blocks after loading; float rounding only, so, like
     # `--batch-size`, it stays out of `model_identity` (docs/manifest.md).

@@ -124,7 +124,8 @@ class LayerwiseAttentionPooling(nn.Module):
         return self.proj_out(pooled.squeeze(1))
 
 
-class DualLayerAggregator(ModelMixin, ConfigMixin):
+# diffusers' ConfigMixin.config_name is None, ModelMixin's a str: every diffusers model trips this check.
+class DualLayerAggregator(ModelMixin, ConfigMixin):  # type: ignore[misc]
     r"""
     Dual Layer Aggregator: two LAP modules (image tokens, text tokens) over all MLLM hidden states.
 
@@ -188,10 +189,11 @@ class DualLayerAggregator(ModelMixin, ConfigMixin):
         self.pooled_proj = nn.Linear(joint_attention_dim, pooled_projection_dim)
 
     def _select(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.ndim != 3 or hidden_states.shape[0] != self.config.num_hidden_states:
+        config = self.config  # a FrozenDict, typed as a dict by diffusers
+        if hidden_states.ndim != 3 or hidden_states.shape[0] != config["num_hidden_states"]:
             raise ValueError(
-                f"expected hidden states of shape ({self.config.num_hidden_states}, tokens, "
-                f"{self.config.mllm_hidden_size}), got {tuple(hidden_states.shape)}"
+                f"expected hidden states of shape ({config['num_hidden_states']}, tokens, "
+                f"{config['mllm_hidden_size']}), got {tuple(hidden_states.shape)}"
             )
         if self.layer_indices != list(range(hidden_states.shape[0])):  # a subset, permutation or repeat
             hidden_states = hidden_states[self.layer_indices]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -79,7 +80,7 @@ def tiny_vae(size: str = "tiny") -> AutoencoderKL:
     )
 
 
-def build_tiny_components(family: str = "internvl", seed: int = 0, size: str = "tiny") -> dict[str, object]:
+def build_tiny_components(family: str = "internvl", seed: int = 0, size: str = "tiny") -> dict[str, Any]:
     """Tiny (or `size="small"`) random components of a SqueezePipeline (what `SqueezePipeline(**components)`
     takes)."""
     from .mllm.tiny import build_tiny_mllm

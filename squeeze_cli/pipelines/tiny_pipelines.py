@@ -13,6 +13,7 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -66,7 +67,8 @@ def _clip_vocabulary() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
 
 def build_tiny_clip_tokenizer() -> CLIPTokenizer:
     vocab, merges = _clip_vocabulary()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+    # transformers annotates `merges` as list[str]; its tokenizers backend takes (a, b) pairs as well.
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)  # type: ignore[arg-type]
 
 
 def build_tiny_clip_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
@@ -125,7 +127,8 @@ def build_tiny_t5_encoder(tokenizer: T5Tokenizer, seed: int) -> T5EncoderModel:
         is_encoder_decoder=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
+        # Not a declared T5Config field in transformers 5, but kept as a key of the config (config.json).
+        decoder_start_token_id=tokenizer.pad_token_id,  # type: ignore[call-arg]
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -135,7 +138,7 @@ def build_tiny_t5_encoder(tokenizer: T5Tokenizer, seed: int) -> T5EncoderModel:
 # FLUX.1 Kontext ----------------------------------------------------------------------------------------
 
 
-def build_tiny_kontext_components(seed: int = 0) -> dict[str, object]:
+def build_tiny_kontext_components(seed: int = 0) -> dict[str, Any]:
     """Tiny random components of a `FluxKontextPipeline` (what its `__init__` takes)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -187,7 +190,7 @@ QWEN_IMAGE_SCHEDULER_CONFIG = {
 }
 
 
-def build_tiny_qwen_image_edit_components(seed: int = 0) -> dict[str, object]:
+def build_tiny_qwen_image_edit_components(seed: int = 0) -> dict[str, Any]:
     """Tiny random components of a `QwenImageEditPlusPipeline`; `processor` is the Qwen2-VL image processor
     (see `squeeze_cli.pipelines.qwen_image_edit` for why not the full `Qwen2VLProcessor`)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel

@@ -129,7 +129,7 @@ def _check_record(record: Any, file: str, line: int | None, base: Path) -> tuple
         return problems, None
     return [], {
         "id": record.get("id"),
-        "references": [resolved[f"references[{i}]"] for i in range(len(references))],
+        "references": [resolved[f"references[{i}]"] for i in range(len(references or []))],
         "instruction": instruction,
         "target": resolved["target"],
     }
@@ -356,7 +356,7 @@ def load_hf_data(spec: HfData, data_path: str, where: str) -> TrainData:
             return left, right, item["description"]
 
         # Each row is two samples, like OminiControl: each half is once the target, the other its reference.
-        def load(index: int) -> Sample:
+        def load_half(index: int) -> Sample:
             row, side = rows[index // 2], index % 2
             left, right, description = halves(row)
             target, reference = (left, right) if side == 0 else (right, left)
@@ -369,7 +369,7 @@ def load_hf_data(spec: HfData, data_path: str, where: str) -> TrainData:
         _sample_ids = [f"row{row}-{'left' if side == 0 else 'right'}" for row in rows for side in (0, 1)]
         # Validate the first row's geometry now, so a wrong `padding` fails before any model loads.
         try:
-            first = halves(rows[0])
+            first_halves = halves(rows[0])
         except (ValueError, OSError) as error:
             raise ManifestError(
                 [
@@ -383,10 +383,10 @@ def load_hf_data(spec: HfData, data_path: str, where: str) -> TrainData:
                     )
                 ]
             ) from None
-        side_size = first[0].size
+        side_size = first_halves[0].size
         return TrainData(
             _sample_ids,
-            load,
+            load_half,
             lambda index: side_size,
             f"{len(_sample_ids)} samples from {len(rows)} of {len(dataset)} rows",
         )
@@ -502,7 +502,7 @@ class BatchSchedule:
     all of one bucket), for any k, from (seed, epoch) alone."""
 
     def __init__(self, data: TrainData, buckets: Sequence[tuple[int, int]], batch_size: int, seed: int):
-        self.buckets = [tuple(b) for b in buckets]
+        self.buckets = [(width, height) for width, height in buckets]
         self.batch_size = batch_size
         self.seed = seed
         if len(self.buckets) == 1:

@@ -7,7 +7,7 @@ aggregator is not loaded, because it is what training creates.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +77,8 @@ def lora_config(spec: LoraTrainSpec) -> Any:
 
     return LoraConfig(
         r=spec.rank,
-        lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,
+        # peft annotates lora_alpha as int, but uses it as a float (scale = alpha / rank).
+        lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,  # type: ignore[arg-type]
         lora_dropout=spec.dropout,
         init_lora_weights="gaussian",  # B = 0: the untrained LoRA leaves the transformer unchanged
         target_modules=list(spec.targets),
@@ -141,7 +142,7 @@ def group_parameters(models: TrainableModels) -> dict[str, list[tuple[str, nn.Pa
     }
 
 
-def set_trainable(models: TrainableModels, groups: list[str] | tuple[str, ...]) -> None:
+def set_trainable(models: TrainableModels, groups: Sequence[str]) -> None:
     """Only the parameters of `groups` get gradients; the transformer's base weights never do."""
     for group, params in group_parameters(models).items():
         for _, param in params:

@@ -16,6 +16,7 @@ the result equals a full `encode` pass up to float rounding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
@@ -148,7 +149,9 @@ class MLLMEncoder:
             raise ValueError(f"`crop_to_patches` is an InternVL option; this MLLM is {adapter.name!r}.")
         if max_pixels is not None and adapter.name != "qwen2_5_vl":
             raise ValueError(f"`max_pixels` is a Qwen2.5-VL option; this MLLM is {adapter.name!r}.")
-        options = {} if crop_to_patches is None else {"crop_to_patches": crop_to_patches}
+        options: dict[str, bool | int] = {}
+        if crop_to_patches is not None:
+            options["crop_to_patches"] = crop_to_patches
         if max_pixels is not None:
             options["max_pixels"] = max_pixels
         self.adapter: MLLMFamily = adapter(model, tokenizer, image_processor, **options)
@@ -210,6 +213,7 @@ class MLLMEncoder:
             input_ids, position_ids, image_inputs, cache=None, use_cache=True
         )
         image_mask, _ = self._masks(input_ids, len(prefix_ids), 0)
+        assert cache is not None, "_forward returns the cache with use_cache=True"
         return PrefixCache(
             hidden_states=hidden_states,
             image_mask=image_mask,
@@ -317,7 +321,7 @@ class MLLMEncoder:
         ]
         messages = [{"role": "user", "content": content}]
         placeholder = self.adapter.image_placeholder
-        candidates = [None] if getattr(self.tokenizer, "chat_template", None) else []
+        candidates: list[str | None] = [None] if getattr(self.tokenizer, "chat_template", None) else []
         candidates.append(self.adapter.chat_template)
         for chat_template in candidates:
             try:
@@ -336,13 +340,13 @@ class MLLMEncoder:
     def _prefix_and_suffix_ids(self, tokens_per_image: list[int]) -> tuple[list[int], list[int]]:
         """Template prefix with each image placeholder expanded as the family's processor does."""
         template_prefix, suffix = self._template_ids(len(tokens_per_image))
-        tokens_per_image = iter(tokens_per_image)
+        image_token_counts = iter(tokens_per_image)
         prefix: list[int] = []
         for token_id in template_prefix:
             if token_id != self.image_token_id:
                 prefix.append(token_id)
             else:
-                prefix += self.adapter.expand_placeholder(next(tokens_per_image))
+                prefix += self.adapter.expand_placeholder(next(image_token_counts))
         return prefix, suffix
 
     def _tokenize_instruction(self, instruction: str) -> list[int]:
@@ -390,7 +394,7 @@ class MLLMEncoder:
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, Cache | None]:
         device = self.model.device
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if image_inputs.pixel_values is not None:
             kwargs["pixel_values"] = image_inputs.pixel_values.to(device=device, dtype=self.model.dtype)
             if image_inputs.image_grid_thw is not None:

@@ -67,7 +67,8 @@ class Qwen25VLFamily(MLLMFamily):
     ) -> torch.Tensor:
         # M-RoPE: image tokens get (t, h, w) grid positions, text continues after the largest one. (3, 1, n)
         mm_token_type_ids = (input_ids == self.image_token_id).to(torch.int32).unsqueeze(0)
-        position_ids, _ = backbone.get_rope_index(
+        # A Qwen2_5_VLModel; typed as a PreTrainedModel, whose nn.Module __getattr__ hides get_rope_index.
+        position_ids, _ = backbone.get_rope_index(  # type: ignore[operator]
             input_ids.unsqueeze(0), mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw
         )
         return position_ids

@@ -20,7 +20,8 @@ Save and load::
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from collections.abc import Callable
+from functools import lru_cache, partial
 
 import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
@@ -127,7 +128,7 @@ def build_tiny_tokenizer(family: str) -> Qwen2Tokenizer:
         chat_template = QWEN2_5_VL_CHAT_TEMPLATE
     tokenizer = Qwen2Tokenizer(
         vocab=dict(vocab),
-        merges=list(merges),
+        merges=list(merges),  # type: ignore[arg-type]  # list[str] to transformers; (a, b) pairs work too
         errors="replace",
         unk_token="<|endoftext|>",
         eos_token="<|im_end|>",
@@ -213,61 +214,74 @@ def build_tiny_mllm(
     if small:
         text_config.update(_SMALL_TEXT)
 
+    # The model class and its config, paired for the type checker; built under the forked RNG below.
+    build: Callable[[], PreTrainedModel]
     if family == "internvl":
-        config = InternVLConfig(
-            vision_config={
-                "hidden_size": 16,
-                "intermediate_size": 32,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "image_size": [28, 28],
-                "patch_size": [7, 7],
-                **({**_SMALL_VISION, "image_size": [_SMALL_TILE] * 2} if small else {}),
-            },
-            text_config={"model_type": "qwen2", **text_config},
-            image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
-            # (tile / 7)² patches × downsample_ratio²: 16 × 0.25 = 4 (tiny), 64 × 0.25 = 16 (small)
-            image_seq_length=16 if small else 4,
-            downsample_ratio=0.5,
-            tie_word_embeddings=True,
-        )
-        model_class = InternVLForConditionalGeneration
-    else:
-        config = Qwen2_5_VLConfig(
-            vision_config={
-                "depth": 1,
-                "hidden_size": 16,
-                "intermediate_size": 32,
-                "num_heads": 2,
-                "patch_size": 4,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-                "window_size": 16,  # pixels: one 2×2 merged window
-                "out_hidden_size": text_config["hidden_size"],
-                "fullatt_block_indexes": [0],
-                **({"hidden_size": 128, "intermediate_size": 256, "depth": 2} if small else {}),
-            },
-            # head_dim 16 → 8 rotary frequencies split over (temporal, height, width); small: 64 → 32.
-            text_config={
-                **text_config,
-                "rope_parameters": {
-                    "rope_type": "default",
-                    "mrope_section": [8, 12, 12] if small else [2, 3, 3],
+        build = partial(
+            InternVLForConditionalGeneration,
+            InternVLConfig(
+                vision_config={
+                    "hidden_size": 16,
+                    "intermediate_size": 32,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                    "image_size": [28, 28],
+                    "patch_size": [7, 7],
+                    **({**_SMALL_VISION, "image_size": [_SMALL_TILE] * 2} if small else {}),
                 },
-            },
-            image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-            video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-            vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-            vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+                text_config={"model_type": "qwen2", **text_config},
+                image_token_id=_token_id(tokenizer, "<IMG_CONTEXT>"),
+                # (tile / 7)² patches × downsample_ratio²: 16 × 0.25 = 4 (tiny), 64 × 0.25 = 16 (small)
+                image_seq_length=16 if small else 4,
+                downsample_ratio=0.5,
+                tie_word_embeddings=True,
+            ),
         )
-        model_class = Qwen2_5_VLForConditionalGeneration
+    else:
+        build = partial(
+            Qwen2_5_VLForConditionalGeneration,
+            Qwen2_5_VLConfig(
+                vision_config={
+                    "depth": 1,
+                    "hidden_size": 16,
+                    "intermediate_size": 32,
+                    "num_heads": 2,
+                    "patch_size": 4,
+                    "spatial_merge_size": 2,
+                    "temporal_patch_size": 2,
+                    "window_size": 16,  # pixels: one 2×2 merged window
+                    "out_hidden_size": text_config["hidden_size"],
+                    "fullatt_block_indexes": [0],
+                    **({"hidden_size": 128, "intermediate_size": 256, "depth": 2} if small else {}),
+                },
+                # head_dim 16 → 8 rotary frequencies split over (temporal, height, width); small: 64 → 32.
+                text_config={
+                    **text_config,
+                    "rope_parameters": {
+                        "rope_type": "default",
+                        "mrope_section": [8, 12, 12] if small else [2, 3, 3],
+                    },
+                },
+                image_token_id=_token_id(tokenizer, "<|image_pad|>"),
+                video_token_id=_token_id(tokenizer, "<|video_pad|>"),
+                vision_start_token_id=_token_id(tokenizer, "<|vision_start|>"),
+                vision_end_token_id=_token_id(tokenizer, "<|vision_end|>"),
+            ),
+        )
 
     # Random init under a forked RNG so building a tiny model never perturbs the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = model_class(config)
-    model.to(torch.float32).eval()
+        model = build()
+    model.float().eval()  # float32 (`.float()`: type checkers misread transformers' wrapped `.to`)
     return model, tokenizer, image_processor
+
+
+def _token_id(tokenizer: Qwen2Tokenizer, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(token_id, int):  # one token in, one id out: for the type checker
+        raise TypeError(f"{token!r} has no single token id")
+    return token_id
 
 
 def _check_family(family: str) -> None:
