@@ -58,8 +58,8 @@ def build(folder: Path, images: int, subjects: int, seeds: int, size: int) -> No
 
     import yaml
 
-    from squeeze_cli import outputs
     from squeeze_cli.manifest.resolve import load_manifest
+    from squeeze_cli.outputs.layout import image_path
     from squeeze_cli.plan import plan_jobs
 
     prompts = max(1, images // (subjects * seeds))
@@ -97,7 +97,7 @@ def build(folder: Path, images: int, subjects: int, seeds: int, size: int) -> No
     finished = {}
     for number, job in enumerate(jobs):
         data, digest = variants[number % 8]
-        target = outputs.image_path(folder / "out", job)
+        target = image_path(folder / "out", job)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
         finished[job.job_id] = digest
@@ -119,6 +119,7 @@ def child(folder: Path, workers: str | None) -> None:
 
     from squeeze_cli import outputs
     from squeeze_cli.manifest.resolve import load_manifest
+    from squeeze_cli.outputs.layout import image_path
     from squeeze_cli.plan import plan_jobs
 
     loaded = load_manifest(folder / "manifest.yaml")
@@ -147,7 +148,7 @@ def child(folder: Path, workers: str | None) -> None:
     result = {}
     result["all_s"], result["all_cpu_s"] = timed()
     new_job = next(job for job in jobs if job.job_id == recorded["new_image"])
-    image = outputs.image_path(out, new_job)
+    image = image_path(out, new_job)
     original = image.read_bytes()
     image.write_bytes((folder / "variant8.png").read_bytes())
     finished[new_job.job_id] = SimpleNamespace(sha256=recorded["new_sha256"])

@@ -1,5 +1,6 @@
-"""Aggregator fixes from the full-size review: the LAP pools in chunks of tokens (exactly), and a layer
-list that permutes or repeats hidden states takes effect even when its length is the stack's."""
+"""The aggregator on long conditions: the LAP pools in chunks of tokens (bounded memory), exactly as in one
+pass; and a layer list that permutes or repeats hidden states takes effect even when its length is the
+stack's."""
 
 import pytest
 import torch

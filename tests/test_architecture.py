@@ -43,13 +43,6 @@ UNITS: dict[str, tuple[str, ...]] = {
     "vocabulary": ("__init__", "params", "errors", "images", "reading", "processes"),
 }
 
-# Import edges that close a known cycle, left to the branch that owns `outputs/` (`tidy`), listed so that
-# every other cycle still fails: `outputs/records.py` (`package_versions`) imports `from . import
-# __version__`, i.e. the `outputs/__init__` facade, which imports `records`. (It also fails: the facade
-# has no `__version__`; the root package has.) Delete an entry when its import goes: the test fails
-# while an entry names an import that is no longer there.
-KNOWN_CYCLES_TO_FIX: set[tuple[str, str]] = {("squeeze_cli.outputs.records", "squeeze_cli.outputs")}
-
 
 def _module_name(path: Path) -> str:
     return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
@@ -161,13 +154,8 @@ def test_every_import_names_a_module_that_exists() -> None:
 
 
 def test_no_import_cycles() -> None:
-    graph = {
-        m: {t: line for t, line in ts.items() if (m, t) not in KNOWN_CYCLES_TO_FIX} for m, ts in GRAPH.items()
-    }
-    cycles = [" -> ".join(cycle) for cycle in _cycles(graph)]
+    cycles = [" -> ".join(cycle) for cycle in _cycles(GRAPH)]
     assert cycles == [], "import cycles:\n" + "\n".join(cycles)
-    gone = sorted(edge for edge in KNOWN_CYCLES_TO_FIX if edge[1] not in GRAPH.get(edge[0], {}))
-    assert gone == [], f"KNOWN_CYCLES_TO_FIX names imports that are gone; delete them: {gone}"
 
 
 def test_every_module_imports_only_its_floor_or_below() -> None:

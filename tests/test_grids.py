@@ -1,229 +1,134 @@
-"""Grids and contact sheets at scale (docs/outputs.md, "Grids and contact sheets"): the sheet comes in pages
-of `CONTACT_SHEET_PAGE_PROMPTS` prompts, only the views whose inputs changed are drawn again, every
-reference and image is decoded once per drawing, and the work can be shared between processes (a pool, or
-the processes of an `accelerate launch` run) with the same files as a result."""
+"""How a grid and a contact-sheet page look (docs/outputs.md, "Grids and contact sheets"): the references,
+then every seed of a prompt, labelled, in rows; a missing image as a grey tile; references of any mode
+shown upright, as a viewer shows them. Drawn through `draw_views`, as a run draws them (test_views.py:
+which views are drawn, and by whom)."""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import os
-from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
-import pytest
-from PIL import Image
-from test_outputs import make_job, solid
+from PIL import Image, ImageStat
+from test_outputs import solid, temp_files
 
-from squeeze_cli import outputs
-from squeeze_cli.outputs import grids, layout
+from squeeze_cli.outputs import grids
+from squeeze_cli.outputs.grids import (
+    GRID_MAX_COLUMNS,
+    GRID_THUMB_HEIGHT,
+    SHEET_MAX_COLUMNS,
+    SHEET_THUMB_HEIGHT,
+    PageViews,
+    PromptViews,
+)
+from squeeze_cli.outputs.views import draw_views
 
 
-@pytest.fixture
-def two_per_page(monkeypatch):
-    monkeypatch.setattr(layout, "CONTACT_SHEET_PAGE_PROMPTS", 2)
+def close(pixel: tuple[int, ...], expected: tuple[int, ...], tolerance: int = 8) -> bool:
+    """JPEG references come back a few levels off."""
+    return all(abs(a - b) <= tolerance for a, b in zip(pixel, expected, strict=True))
 
 
-def plan(tmp_path: Path, prompts: int, seeds: int = 1, subject: str = "dog") -> list:
-    """Jobs of one subject with two real references, in plan order."""
+def dark_pixels(image: Image.Image, box: tuple[int, int, int, int]) -> int:
+    """Pixels darker than mid grey in `box`: label text on the white background."""
+    return sum(image.crop(box).convert("L").histogram()[:128])
+
+
+def draw(out: Path, page: PageViews) -> None:
+    draw_views(out, [page], lambda: False, workers=1)
+
+
+def grid_page(references, prompt_index: int, prompt: str, entries) -> PageViews:
+    """One prompt's grid to draw, and no contact sheet."""
+    entries = tuple((seed, None if path is None else str(path)) for seed, path in entries)
+    views = PromptViews(prompt_index, prompt, entries, grid_inputs="inputs")
+    return PageViews("dog", 1, tuple(str(path) for path in references), (views,), sheet_inputs=None)
+
+
+def test_prompt_grid_shows_references_and_seeds_with_labels(tmp_path):
     references = []
-    for number, color in enumerate([(0, 0, 200), (0, 120, 0)]):
-        path = tmp_path / "refs" / subject / f"{number}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        solid(color, (40, 30)).save(path)
-        references.append(str(path))
-    return [
-        dataclasses.replace(
-            make_job(subject, prompt_index, seed, job_id=f"{subject}-{prompt_index}-{seed}"),
-            references=tuple(references),
-        )
-        for prompt_index in range(prompts)
-        for seed in range(seeds)
-    ]
+    rotated = Image.new("RGB", (120, 60), (0, 0, 255))  # stored sideways; EXIF says rotate 90
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(tmp_path / "ref-rotated.jpg", exif=exif)
+    references.append(tmp_path / "ref-rotated.jpg")
+    Image.new("RGBA", (80, 80), (0, 255, 0, 128)).save(tmp_path / "ref-alpha.png")
+    references.append(tmp_path / "ref-alpha.png")
+    Image.new("I;16", (50, 50), 40000).save(tmp_path / "ref-16bit.png")
+    references.append(tmp_path / "ref-16bit.png")
+    generated = []
+    for seed in (1, 2):
+        path = tmp_path / f"gen-{seed}.png"
+        solid((255, 0, 0), (128, 128)).save(path)
+        generated.append((seed, path))
+    generated.append((3, None))  # a failed job: a grey tile
+
+    draw(tmp_path / "out", grid_page(references, 4, "a dog " * 100, generated))
+    grid = tmp_path / "out" / "dog" / "grid-004.png"
+    with Image.open(grid) as image:
+        assert image.info[grids.VIEW_INPUTS_KEY] == "inputs"
+        image = image.convert("RGB")
+    # caption + one row; tiles h high: ref 1 is upright (60 wide x 120 high → h/2 x h), ref 2 and 3 h x h,
+    # three h x h generated tiles.
+    h = GRID_THUMB_HEIGHT
+    pad, gap = grids._PAD, grids._GAP
+    caption_height = grids._line_height(grids._font(18)) + 2 * pad
+    label_height = grids._line_height(grids._font(14)) + 6
+    assert image.height == caption_height + h + label_height + pad + pad
+    assert image.width == pad + (h // 2 + pad) + 2 * (h + pad) + gap + 3 * (h + pad)
+    y = caption_height
+    assert close(image.getpixel((pad + h // 4, y + h // 2)), (0, 0, 255))  # upright reference, blue
+    second_x = pad + h // 2 + pad
+    assert image.getpixel((second_x + h // 2, y + h // 2))[1] > 200  # alpha flattened onto white: light green
+    third_x = second_x + h + pad
+    assert 140 < image.getpixel((third_x + h // 2, y + h // 2))[0] < 170  # 16-bit scaled, not clipped
+    first_generated_x = pad + (h // 2 + pad) + 2 * (h + pad) + gap
+    assert image.getpixel((first_generated_x + h // 2, y + h // 2)) == (255, 0, 0)
+    failed_x = first_generated_x + 2 * (h + pad)
+    assert image.getpixel((failed_x + h // 2, y + h // 4)) == grids._PLACEHOLDER  # above its "missing"
+    assert dark_pixels(image, (0, 0, image.width, caption_height)) > 50  # the caption
+    label_box = (first_generated_x, y + h, first_generated_x + h, y + h + label_height)
+    assert dark_pixels(image, label_box) > 20  # "seed 1"
+    assert temp_files(tmp_path) == []
 
 
-def finish(out: Path, jobs: list, color: tuple[int, int, int] = (200, 0, 0)) -> dict:
-    """Every job's image on disk; the `{job_id: Finished-like}` mapping `update_views` reads."""
-    finished = {}
-    for job in jobs:
-        finished[job.job_id] = remake(out, job, color)
-    return finished
+def test_prompt_grid_wraps_many_seeds(tmp_path):
+    path = tmp_path / "gen.png"
+    solid((0, 128, 0), (32, 32)).save(path)
+    seeds = 2 * GRID_MAX_COLUMNS + 1
+    draw(tmp_path, grid_page([], 0, "p", [(seed, path) for seed in range(seeds)]))
+    with Image.open(tmp_path / "dog" / "grid-000.png") as image:
+        rows, h, pad = 3, GRID_THUMB_HEIGHT, grids._PAD
+        label_height = grids._line_height(grids._font(14)) + 6
+        caption_height = grids._line_height(grids._font(18)) + 2 * pad
+        assert image.height == caption_height + rows * (h + label_height + pad) + pad
+        assert image.width == max(pad + GRID_MAX_COLUMNS * (h + pad), 2 * h)
 
 
-def remake(out: Path, job, color: tuple[int, int, int]) -> SimpleNamespace:
-    path = outputs.image_path(out, job)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    solid(color, (24, 24)).save(path)
-    return SimpleNamespace(sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+def test_contact_sheet_has_a_reference_row_and_one_row_per_prompt(tmp_path):
+    reference = tmp_path / "ref.jpg"
+    solid((0, 0, 200), (100, 100)).save(reference)
+    colors = [(250, 0, 0), (0, 160, 0)]
+    prompts = []
+    for prompt_index, color in enumerate(colors):
+        entries = []
+        for seed in range(SHEET_MAX_COLUMNS + 1):  # one more than a row shows
+            path = tmp_path / f"{prompt_index}-{seed}.png"
+            solid(color, (96, 96)).save(path)
+            entries.append((seed, str(path)))
+        prompts.append(PromptViews(prompt_index, f"prompt {prompt_index}", tuple(entries), grid_inputs=None))
 
-
-@pytest.fixture
-def writes(monkeypatch) -> list[str]:
-    """The names of the views written (in this process), in order."""
-    written: list[str] = []
-    real = grids.atomic_write_bytes
-
-    def recording(path, data):
-        written.append(Path(path).name)
-        return real(path, data)
-
-    monkeypatch.setattr(grids, "atomic_write_bytes", recording)
-    return written
-
-
-def test_page_names_and_counts():
-    assert [layout.contact_sheet_name(page) for page in (1, 2, 12)] == [
-        "contact-sheet.png",
-        "contact-sheet-002.png",
-        "contact-sheet-012.png",
-    ]
-    assert [layout.contact_sheet_page(name) for name in ("contact-sheet.png", "contact-sheet-002.png")] == [
-        1,
-        2,
-    ]
-    for not_a_page in (
-        "contact-sheet-001.png",
-        "contact-sheet-2.png",
-        "contact-sheet-002.jpg",
-        "grid-002.png",
-    ):
-        assert layout.contact_sheet_page(not_a_page) is None
-    per_page = layout.CONTACT_SHEET_PAGE_PROMPTS
-    assert [layout.contact_sheet_pages(n) for n in (0, 1, per_page, per_page + 1)] == [1, 1, 1, 2]
-
-
-def test_the_contact_sheet_is_split_into_pages(tmp_path, two_per_page):
-    out = tmp_path / "out"
-    jobs = plan(tmp_path, prompts=5)
-    outputs.update_views(out, jobs, finish(out, jobs), lambda: False, grids=False)
-    names = sorted(path.name for path in (out / "dog").glob("contact-sheet*.png"))
-    assert names == ["contact-sheet-002.png", "contact-sheet-003.png", "contact-sheet.png"]
-    pad = grids._PAD
-    block = grids._line_height(grids._font(16)) + pad + 160 + grids._line_height(grids._font(14)) + 6 + pad
-    for name, rows in [("contact-sheet.png", 2), ("contact-sheet-002.png", 2), ("contact-sheet-003.png", 1)]:
-        with Image.open(out / "dog" / name) as image:
-            assert image.height == (1 + rows) * block + pad  # the references, then this page's prompts
-            assert image.info[grids.VIEW_INPUTS_KEY]
-    assert not list((out / "dog").glob("grid-*.png"))
-
-
-def test_only_the_views_of_a_changed_image_are_drawn_again(tmp_path, two_per_page, writes):
-    out = tmp_path / "out"
-    jobs = plan(tmp_path, prompts=5, seeds=2)
-    finished = finish(out, jobs)
-    outputs.update_views(out, jobs, finished, lambda: False, workers=1)
-    assert len(writes) == 5 + 3
-    writes.clear()
-    outputs.update_views(out, jobs, finished, lambda: False, workers=1)
-    assert writes == []  # nothing changed: nothing drawn
-    changed = next(job for job in jobs if job.prompt_index == 3 and job.seed == 1)
-    finished[changed.job_id] = remake(out, changed, (0, 0, 0))
-    outputs.update_views(out, jobs, finished, lambda: False, workers=1)
-    assert writes == ["grid-003.png", "contact-sheet-002.png"]  # its grid and its page, no other page
-
-
-def test_pages_beyond_the_count_are_removed(tmp_path, two_per_page):
-    out = tmp_path / "out"
-    jobs = plan(tmp_path, prompts=5)
-    outputs.update_views(out, jobs, finish(out, jobs), lambda: False)
-    (out / "dog" / "contact-sheet-009.png").write_bytes(b"an older run's page")
-    (out / "dog" / "contact-sheet-notes.png").write_bytes(b"not a page")
-    fewer = [job for job in jobs if job.prompt_index < 3]  # prompts removed from the manifest: 2 pages
-    outputs.update_views(out, fewer, finish(out, fewer), lambda: False)
-    names = sorted(path.name for path in (out / "dog").glob("contact-sheet*.png"))
-    assert names == ["contact-sheet-002.png", "contact-sheet-notes.png", "contact-sheet.png"]
-
-
-def test_pages_are_left_alone_when_contact_sheets_are_off(tmp_path, two_per_page):
-    out = tmp_path / "out"
-    jobs = plan(tmp_path, prompts=5)
-    outputs.update_views(out, jobs, finish(out, jobs), lambda: False)
-    fewer = [job for job in jobs if job.prompt_index < 1]
-    outputs.update_views(out, fewer, finish(out, fewer), lambda: False, contact_sheets=False)
-    assert (out / "dog" / "contact-sheet-003.png").is_file()
-
-
-def test_references_and_images_are_decoded_once(tmp_path, two_per_page, monkeypatch):
-    out = tmp_path / "out"
-    jobs = plan(tmp_path, prompts=5, seeds=2)
-    finished = finish(out, jobs)
-    loads: Counter[str] = Counter()
-    real = grids.load_rgb
-
-    def counting(path, *args, **kwargs):
-        loads[str(path)] += 1
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(grids, "load_rgb", counting)
-    outputs.update_views(out, jobs, finished, lambda: False, workers=1)
-    for reference in jobs[0].references:
-        assert loads[reference] == 2  # once per thumbnail height (grids, sheets) for the 5 grids and 3 pages
-    images = [str(outputs.image_path(out, job)) for job in jobs]
-    assert {path: loads[path] for path in images} == dict.fromkeys(images, 1)  # for its grid and its page
-
-
-def page(subject: str, cost: int) -> grids.PageViews:
-    prompt = grids.PromptViews(0, "p", tuple((seed, None) for seed in range(cost)), grid_inputs="x")
-    return grids.PageViews(subject, 1, (), (prompt,), sheet_inputs=None)
-
-
-@pytest.mark.parametrize("count", [1, 2, 3, 5])
-def test_each_process_draws_its_share_and_every_page_is_drawn_once(count):
-    work = [page(f"s{number}", cost) for number, cost in enumerate([5, 1, 9, 3, 3, 7, 2, 8, 1, 4])]
-    shares = [outputs.share_views(work, index, count) for index in range(count)]
-    drawn = [item.subject for share in shares for item in share]
-    assert sorted(drawn) == sorted(item.subject for item in work) and len(set(drawn)) == len(work)
-    loads = [sum(item.cost for item in share) for share in shares]
-    assert max(loads) - min(loads) <= max(item.cost for item in work)  # about even
-
-
-def test_a_pool_draws_the_same_files_as_one_process(tmp_path, two_per_page):
-    folders = {}
-    for workers in (1, 2):
-        out = tmp_path / f"out-{workers}"
-        jobs = plan(tmp_path, prompts=3, seeds=2) + plan(tmp_path, prompts=1, subject="cat")
-        work = outputs.plan_views(out, jobs, finish(out, jobs))
-        assert len(work) == 3  # 2 pages of dog, 1 of cat
-        outputs.draw_views(out, work, lambda: False, workers=workers)
-        folders[workers] = {
-            path.relative_to(out): path.read_bytes()
-            for path in sorted(out.rglob("*.png"))
-            if path.name.startswith(("grid-", "contact-sheet"))
-        }
-    assert len(folders[1]) == 3 + 1 + 3
-    assert folders[2] == folders[1]
-
-
-def test_an_error_in_a_pool_worker_is_raised(tmp_path):
-    out = tmp_path / "out"
-    jobs = plan(tmp_path, prompts=1) + plan(tmp_path, prompts=1, subject="cat")
-    finished = finish(out, jobs)
-    (out / "cat" / "grid-000.png").mkdir()  # the grid cannot replace a folder
-    with pytest.raises(outputs.OutputWriteError) as raised:
-        outputs.update_views(out, jobs, finished, lambda: False, workers=2)
-    assert raised.value.path == out / "cat" / "grid-000.png"
-
-
-def test_a_pool_stops_when_told(tmp_path):
-    out = tmp_path / "out"
-    jobs = [job for number in range(40) for job in plan(tmp_path, prompts=1, subject=f"s{number:02d}")]
-    finished = finish(out, jobs)
-
-    def any_grid_drawn() -> bool:
-        return any(out.glob("*/grid-*.png"))
-
-    outputs.update_views(out, jobs, finished, any_grid_drawn, contact_sheets=False, workers=2)
-    drawn = len(list(out.glob("*/grid-*.png")))
-    assert 1 <= drawn < 20  # the pages started when it was told finish; no other starts
-    outputs.update_views(out, jobs, finished, lambda: True, workers=1)
-    assert len(list(out.glob("*/grid-*.png"))) == drawn  # told before anything: nothing drawn
-
-
-def test_a_link_in_place_of_a_later_page_is_refused_before_the_run(tmp_path, two_per_page):
-    out = tmp_path / "out"
-    jobs = plan(tmp_path, prompts=3)
-    (out / "dog").mkdir(parents=True)
-    os.symlink(tmp_path / "elsewhere.png", out / "dog" / "contact-sheet-002.png")
-    with pytest.raises(outputs.UnsafeOutputPathError, match="contact-sheet-002.png"):
-        outputs.check_output_tree(out, out, jobs)
+    draw(tmp_path / "out", PageViews("dog", 1, (str(reference),), tuple(prompts), sheet_inputs="inputs"))
+    assert sorted(path.name for path in (tmp_path / "out" / "dog").iterdir()) == ["contact-sheet.png"]
+    with Image.open(tmp_path / "out" / "dog" / "contact-sheet.png") as image:
+        image = image.convert("RGB")
+    h, pad = SHEET_THUMB_HEIGHT, grids._PAD
+    caption_height = grids._line_height(grids._font(16)) + pad
+    block = caption_height + h + grids._line_height(grids._font(14)) + 6 + pad
+    assert image.size == (max(pad + SHEET_MAX_COLUMNS * (h + pad), 3 * h), 3 * block + pad)
+    assert close(image.getpixel((pad + h // 2, pad + caption_height + h // 2)), (0, 0, 200))
+    for row, color in enumerate(colors, start=1):
+        top = pad + row * block
+        assert image.getpixel((pad + h // 2, top + caption_height + h // 2)) == color
+        assert (
+            dark_pixels(image, (0, top, image.width, top + caption_height)) > 30
+        )  # "#000  prompt 0  (+1 more)"
+    assert ImageStat.Stat(image).extrema[0][0] < 50  # not blank

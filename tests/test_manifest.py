@@ -606,6 +606,15 @@ def test_unreadable_manifest(tmp_path):
     assert problem.message.startswith("cannot read the manifest")
 
 
+def test_the_docs_name_every_packaged_recipe():
+    from squeeze_cli.manifest.recipes import list_recipes
+
+    text = (REPO_ROOT / "docs" / "manifest.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `recipe` |"))
+    named = set(row.split("`")[1::2])  # the names in backticks
+    assert {recipe.name for recipe in list_recipes()} <= named
+
+
 def test_the_documented_example_is_valid(make_image, tmp_path):
     text = (REPO_ROOT / "docs" / "manifest.md").read_text()
     example = text.split("```yaml\n", 1)[1].split("```", 1)[0]

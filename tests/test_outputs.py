@@ -1,4 +1,5 @@
-"""The output directory contract: names, atomic writes, PNG metadata, resume, the run index, grids."""
+"""The output directory contract: names, atomic writes, PNG metadata, resume, the run index (grids and
+contact sheets: test_grids.py and test_views.py)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,16 @@ import os
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageStat
+from PIL import Image
 
 from squeeze_cli import images, outputs
 from squeeze_cli.errors import EXIT_INVALID, EXIT_JOBS_FAILED, SqueezeError
-from squeeze_cli.outputs import grids
 from squeeze_cli.outputs.files import (
     OutputWriteError,
     atomic_write_bytes,
     atomic_write_text,
     remove_stale_temp_files,
 )
-from squeeze_cli.outputs.grids import SheetRow, write_contact_sheet, write_prompt_grid
 from squeeze_cli.outputs.index import (
     append_index,
     failed_index_entry,
@@ -29,10 +28,21 @@ from squeeze_cli.outputs.index import (
     write_resolved_manifest,
     write_run_summary,
 )
-from squeeze_cli.outputs.layout import UnsafeOutputPathError, image_path, safe_join, sidecar_path
+from squeeze_cli.outputs.layout import (
+    UnsafeOutputPathError,
+    contact_sheet_path,
+    grid_path,
+    image_path,
+    index_path,
+    resolved_manifest_path,
+    run_summary_path,
+    safe_join,
+    sidecar_path,
+)
 from squeeze_cli.outputs.records import (
     encode_png,
     image_record,
+    parameters_text,
     read_png_parameters,
     read_png_record,
     save_image,
@@ -84,6 +94,46 @@ def temp_files(directory: Path) -> list[Path]:
     return [path for path in directory.rglob("*") if path.name.endswith(".tmp")]
 
 
+# The package ----------------------------------------------------------------------------------------------
+
+
+def test_code_outside_the_package_uses_its_facade_which_holds_what_it_uses():
+    """Production code outside `squeeze_cli.outputs` imports the package, never its modules, and the package
+    re-exports exactly the names that code uses (`outputs.X`, `from squeeze_cli.outputs import X`)."""
+    import ast
+    import types
+
+    package = Path(outputs.__file__).parent
+    modules = {path.stem for path in package.glob("*.py")}
+    used, bypassing = set(), []
+    for path in package.parent.rglob("*.py"):
+        if package in path.parents:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        aliases = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "squeeze_cli":
+                aliases.update(alias.asname or alias.name for alias in node.names if alias.name == "outputs")
+            elif isinstance(node, ast.ImportFrom) and node.module == "squeeze_cli.outputs":
+                used.update(alias.name for alias in node.names)
+                bypassing += [f"{path.name}: {alias.name}" for alias in node.names if alias.name in modules]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("squeeze_cli.outputs."):
+                bypassing.append(f"{path.name}: {node.module}")
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names if alias.name.startswith("squeeze_cli.outputs.")]
+                bypassing += [f"{path.name}: {name}" for name in names]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and getattr(node.value, "id", None) in aliases:
+                used.add(node.attr)  # outputs.X
+    assert bypassing == []
+    exported = {
+        name
+        for name, value in vars(outputs).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert exported == used
+
+
 # Names ------------------------------------------------------------------------------------------------
 
 
@@ -91,11 +141,11 @@ def test_names_come_from_subject_prompt_index_and_seed_never_prompt_text(tmp_pat
     job = make_job(prompt_index=3, seed=123)
     assert image_path(tmp_path, job) == tmp_path / "dog" / "003-s123.png"
     assert sidecar_path(tmp_path, job) == tmp_path / "dog" / "003-s123.json"
-    assert outputs.grid_path(tmp_path, "dog", 3) == tmp_path / "dog" / "grid-003.png"
-    assert outputs.contact_sheet_path(tmp_path, "dog") == tmp_path / "dog" / "contact-sheet.png"
-    assert outputs.index_path(tmp_path) == tmp_path / "index.jsonl"
-    assert outputs.run_summary_path(tmp_path) == tmp_path / "run.json"
-    assert outputs.resolved_manifest_path(tmp_path) == tmp_path / "manifest.resolved.yaml"
+    assert grid_path(tmp_path, "dog", 3) == tmp_path / "dog" / "grid-003.png"
+    assert contact_sheet_path(tmp_path, "dog") == tmp_path / "dog" / "contact-sheet.png"
+    assert index_path(tmp_path) == tmp_path / "index.jsonl"
+    assert run_summary_path(tmp_path) == tmp_path / "run.json"
+    assert resolved_manifest_path(tmp_path) == tmp_path / "manifest.resolved.yaml"
 
 
 @pytest.mark.parametrize("parts", [("../x",), ("dog", "..", "..", "x"), ("/etc/passwd",), ("",), ("a\0b",)])
@@ -274,7 +324,7 @@ def test_image_record_holds_everything_needed_to_reproduce(tmp_path):
     assert record["files"] == {"image": "dog/001-s42.png", "sidecar": "dog/001-s42.json"}
     assert record["created_at"].endswith("+00:00")
     json.dumps(record)  # plain JSON
-    prompt_line, negative_line, settings = outputs.parameters_text(record).split("\n")
+    prompt_line, negative_line, settings = parameters_text(record).split("\n")
     assert negative_line == "Negative prompt: x"  # used: true CFG is on
     assert "CFG scale: 4.0, Distilled CFG Scale: 2.5," in settings
 
@@ -298,12 +348,28 @@ def test_image_record_of_a_real_stage_plan():
     record = image_record(make_job(), preset_name="paper", model_info={}, stage_plan=plan, timings={})
     assert record["steps_per_stage"] == {"mllm_only": 3, "mllm_and_reference": 4, "reference": 21}
     assert len(record["stage_plan"]["stages"]) == 28 and record["versions"]["squeeze_cli"]
-    assert "Stage steps: 3/4/21" in outputs.parameters_text(record)
+    assert "Stage steps: 3/4/21" in parameters_text(record)
 
 
 def test_package_versions_without_importing_torch():
     versions = outputs.package_versions()
     assert versions["squeeze_cli"] and versions["python"] and "pillow" in versions
+
+
+def test_package_versions_of_a_squeeze_run_from_its_source_tree(monkeypatch):
+    from importlib import metadata
+
+    import squeeze_cli
+
+    real = metadata.version
+
+    def not_installed(name: str) -> str:
+        if name == "squeeze_cli":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    assert outputs.package_versions()["squeeze_cli"] == squeeze_cli.__version__
 
 
 # Resume -------------------------------------------------------------------------------------------------
@@ -431,108 +497,7 @@ def test_run_summary_and_resolved_manifest(tmp_path):
     assert temp_files(tmp_path) == []
 
 
-# Grids --------------------------------------------------------------------------------------------------
-
-
-def close(pixel: tuple[int, ...], expected: tuple[int, ...], tolerance: int = 8) -> bool:
-    """JPEG references come back a few levels off."""
-    return all(abs(a - b) <= tolerance for a, b in zip(pixel, expected, strict=True))
-
-
-def dark_pixels(image: Image.Image, box: tuple[int, int, int, int]) -> int:
-    """Pixels darker than mid grey in `box`: label text on the white background."""
-    return sum(image.crop(box).convert("L").histogram()[:128])
-
-
-def test_prompt_grid_shows_references_and_seeds_with_labels(tmp_path):
-    references = []
-    rotated = Image.new("RGB", (120, 60), (0, 0, 255))  # stored sideways; EXIF says rotate 90
-    exif = rotated.getexif()
-    exif[0x0112] = 6
-    rotated.save(tmp_path / "ref-rotated.jpg", exif=exif)
-    references.append(tmp_path / "ref-rotated.jpg")
-    Image.new("RGBA", (80, 80), (0, 255, 0, 128)).save(tmp_path / "ref-alpha.png")
-    references.append(tmp_path / "ref-alpha.png")
-    Image.new("I;16", (50, 50), 40000).save(tmp_path / "ref-16bit.png")
-    references.append(tmp_path / "ref-16bit.png")
-    generated = []
-    for seed in (1, 2):
-        path = tmp_path / f"gen-{seed}.png"
-        solid((255, 0, 0), (128, 128)).save(path)
-        generated.append((seed, path))
-    generated.append((3, None))  # a failed job: a grey tile
-
-    grid = write_prompt_grid(
-        tmp_path / "out", "dog", 4, "a dog " * 100, references, generated, thumb_height=64
-    )
-    assert grid == tmp_path / "out" / "dog" / "grid-004.png"
-    with Image.open(grid) as image:
-        image = image.convert("RGB")
-    # caption + one row; tiles: ref 1 is upright (60 wide x 120 high → 32x64), ref 2 and 3 64x64,
-    # three 64x64 generated tiles.
-    pad, gap = grids._PAD, grids._GAP
-    caption_height = grids._line_height(grids._font(18)) + 2 * pad
-    label_height = grids._line_height(grids._font(14)) + 6
-    assert image.height == caption_height + 64 + label_height + pad + pad
-    assert image.width == pad + (32 + pad) + 2 * (64 + pad) + gap + 3 * (64 + pad)
-    y = caption_height
-    assert close(image.getpixel((pad + 16, y + 32)), (0, 0, 255))  # upright reference, blue
-    assert image.getpixel((pad + 32 + pad + 32, y + 32))[1] > 200  # alpha flattened onto white: light green
-    assert (
-        140 < image.getpixel((pad + 32 + pad + 64 + pad + 32, y + 32))[0] < 170
-    )  # 16-bit scaled, not clipped
-    first_generated_x = pad + (32 + pad) + 2 * (64 + pad) + gap
-    assert image.getpixel((first_generated_x + 32, y + 32)) == (255, 0, 0)
-    assert image.getpixel((first_generated_x + 2 * (64 + pad) + 32, y + 32)) == grids._PLACEHOLDER
-    assert dark_pixels(image, (0, 0, image.width, caption_height)) > 50  # the caption
-    label_box = (first_generated_x, y + 64, first_generated_x + 64, y + 64 + label_height)
-    assert dark_pixels(image, label_box) > 20  # "seed 1"
-    assert temp_files(tmp_path) == []
-
-
-def test_prompt_grid_wraps_many_seeds(tmp_path):
-    path = tmp_path / "gen.png"
-    solid((0, 128, 0)).save(path)
-    grid = write_prompt_grid(
-        tmp_path, "cat", 0, "p", [], [(seed, path) for seed in range(5)], thumb_height=32, max_columns=2
-    )
-    with Image.open(grid) as image:
-        rows = 3
-        label_height = grids._line_height(grids._font(14)) + 6
-        caption_height = grids._line_height(grids._font(18)) + 2 * grids._PAD
-        assert image.height == caption_height + rows * (32 + label_height + grids._PAD) + grids._PAD
-        assert image.width == max(grids._PAD + 2 * (32 + grids._PAD), 64)
-
-
-def test_contact_sheet_has_a_reference_row_and_one_row_per_prompt(tmp_path):
-    reference = tmp_path / "ref.jpg"
-    solid((0, 0, 200), (100, 100)).save(reference)
-    colors = [(250, 0, 0), (0, 160, 0)]
-    rows = []
-    for prompt_index, color in enumerate(colors):
-        entries = []
-        for seed in range(3):
-            path = tmp_path / f"{prompt_index}-{seed}.png"
-            solid(color, (96, 96)).save(path)
-            entries.append((seed, path))
-        rows.append(SheetRow(prompt_index, f"prompt {prompt_index}", entries))
-
-    sheet = write_contact_sheet(tmp_path / "out", "dog", [reference], rows, thumb_height=48, max_columns=2)
-    assert sheet == tmp_path / "out" / "dog" / "contact-sheet.png"
-    with Image.open(sheet) as image:
-        image = image.convert("RGB")
-    pad = grids._PAD
-    caption_height = grids._line_height(grids._font(16)) + pad
-    block = caption_height + 48 + grids._line_height(grids._font(14)) + 6 + pad
-    assert image.size == (max(pad + 2 * (48 + pad), 3 * 48), 3 * block + pad)
-    assert close(image.getpixel((pad + 24, pad + caption_height + 24)), (0, 0, 200))
-    for row, color in enumerate(colors, start=1):
-        top = pad + row * block
-        assert image.getpixel((pad + 24, top + caption_height + 24)) == color
-        assert (
-            dark_pixels(image, (0, top, image.width, top + caption_height)) > 30
-        )  # "#000  prompt 0 (+1 more)"
-    assert ImageStat.Stat(image).extrema[0][0] < 50  # not blank
+# Reference images ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])

@@ -24,6 +24,7 @@ from PIL import Image
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_INVALID, EXIT_JOBS_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
+from squeeze_cli.outputs import layout
 
 # 2 subjects x 2 prompts x 3 seeds = 12 jobs of 32x32 in 2 steps: the tiny model does one in ~50 ms.
 MANIFEST = """\
@@ -178,13 +179,13 @@ def pixels(path: Path) -> np.ndarray:
 
 def assert_complete(out: Path, jobs) -> None:
     """Every job's image exactly once, decodable, with its sidecar and one index line; no temporary file."""
-    expected = {outputs.image_name(job) for job in jobs}
+    expected = {layout.image_name(job) for job in jobs}
     found = {str(p.relative_to(out)) for p in out.glob("*/[0-9]*-s*.png")}
     assert found == expected
     for job in jobs:
-        with Image.open(outputs.image_path(out, job)) as image:
+        with Image.open(layout.image_path(out, job)) as image:
             image.load()  # decodes every pixel: a truncated PNG raises here
-        record = json.loads(outputs.sidecar_path(out, job).read_text())
+        record = json.loads(layout.sidecar_path(out, job).read_text())
         assert record["job_id"] == job.job_id
     data = (out / "index.jsonl").read_bytes()
     assert data.endswith(b"\n")
@@ -200,7 +201,7 @@ def assert_finished_intact(out: Path, jobs, finished_ids: set[str]) -> None:
     assert set(outputs.finished_job_ids(out, jobs)) == finished_ids
     for job in jobs:
         if job.job_id in finished_ids:
-            with Image.open(outputs.image_path(out, job)) as image:
+            with Image.open(layout.image_path(out, job)) as image:
                 image.load()
     data = (out / "index.jsonl").read_bytes() if (out / "index.jsonl").exists() else b""
     assert data == b"" or data.endswith(b"\n")
@@ -297,15 +298,15 @@ def test_sigkill_at_random_moments(project: Path, tiny_cache: str, plan_of) -> N
     for process in finals:
         assert process.finish() == EXIT_OK, process.stderr[-3000:]
     reference_pixels = {
-        outputs.image_name(job): pixels(outputs.image_path(project / "reference", job)) for job in jobs
+        layout.image_name(job): pixels(layout.image_path(project / "reference", job)) for job in jobs
     }
     for out in lanes:
         assert_complete(out, jobs)
         for job in jobs:
             difference = np.abs(
-                pixels(outputs.image_path(out, job)) - reference_pixels[outputs.image_name(job)]
+                pixels(layout.image_path(out, job)) - reference_pixels[layout.image_name(job)]
             )
-            assert difference.max() <= 1, outputs.image_name(job)
+            assert difference.max() <= 1, layout.image_name(job)
         for grid in out.glob("*/grid-*.png"):
             Image.open(grid).load()
 
@@ -548,7 +549,7 @@ def test_a_write_error_stops_the_run_and_keeps_what_finished(
         assert summary["status"] == "failed" and summary["jobs"]["succeeded"] == 3
         assert reason in summary["error"]
     kept = {
-        outputs.image_name(job): outputs.image_path(out, job).stat().st_mtime_ns
+        layout.image_name(job): layout.image_path(out, job).stat().st_mtime_ns
         for job in jobs
         if job.job_id in finished
     }

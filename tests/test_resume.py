@@ -18,6 +18,7 @@ from test_outputs import make_job, make_record, solid
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_OK
+from squeeze_cli.outputs import grids, layout, records
 from squeeze_cli.outputs.resume import find_finished, move_to_positions
 
 HEAD = """\
@@ -73,12 +74,11 @@ def assert_consistent(out: Path, jobs) -> None:
     sidecar naming its id, the index has one line per image path and that image's job id, nothing is left
     parked, and every grid decodes and records the inputs its images give."""
     for job in jobs:
-        sidecar = strict_loads(outputs.sidecar_path(out, job).read_text())
+        sidecar = strict_loads(layout.sidecar_path(out, job).read_text())
         assert sidecar["job_id"] == job.job_id and sidecar["prompt"] == job.prompt
-        assert sidecar["prompt_index"] == job.prompt_index and sidecar["files"][
-            "image"
-        ] == outputs.image_name(job)
-        with Image.open(outputs.image_path(out, job)) as image:
+        assert sidecar["prompt_index"] == job.prompt_index
+        assert sidecar["files"]["image"] == layout.image_name(job)
+        with Image.open(layout.image_path(out, job)) as image:
             image.load()
     lines = [strict_loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     images = [line["image"] for line in lines]
@@ -91,7 +91,7 @@ def assert_consistent(out: Path, jobs) -> None:
     finished = find_finished(out, jobs)
     assert set(finished) == {job.job_id for job in jobs}
     for job in jobs:
-        grid = outputs.grid_path(out, job.subject, job.prompt_index)
+        grid = layout.grid_path(out, job.subject, job.prompt_index)
         prompt_jobs = [j for j in jobs if j.subject == job.subject and j.prompt_index == job.prompt_index]
         rows = [
             (
@@ -100,7 +100,7 @@ def assert_consistent(out: Path, jobs) -> None:
                 [(j.seed, j.job_id, finished[j.job_id].sha256) for j in prompt_jobs],
             )
         ]
-        assert outputs.view_inputs(grid) == outputs.views_inputs("grid", job.references, rows)
+        assert grids.view_inputs(grid) == grids.views_inputs("grid", job.references, rows)
         with Image.open(grid) as image:
             image.load()  # whole
 
@@ -147,18 +147,18 @@ def test_a_sidecar_that_does_not_vouch_for_its_png_is_not_finished(tmp_path) -> 
     jobs = [make_job(seed=seed) for seed in range(3)]
     for job in jobs:
         outputs.save_image(tmp_path, job, solid((30, 60, 90)), make_record(job))
-    sidecar = outputs.sidecar_path(tmp_path, jobs[0])
+    sidecar = layout.sidecar_path(tmp_path, jobs[0])
     record = json.loads(sidecar.read_text())
-    facts = record.pop(outputs.PNG_FILE_KEY)
+    facts = record.pop(records.PNG_FILE_KEY)
     sidecar.write_text(json.dumps(record))  # an older sidecar, without the PNG's size and hash
-    assert facts["size"] == outputs.image_path(tmp_path, jobs[0]).stat().st_size
-    other = outputs.sidecar_path(tmp_path, jobs[1])
+    assert facts["size"] == layout.image_path(tmp_path, jobs[0]).stat().st_size
+    other = layout.sidecar_path(tmp_path, jobs[1])
     record = json.loads(other.read_text())
-    record[outputs.PNG_FILE_KEY]["sha256"] = "0" * 64
+    record[records.PNG_FILE_KEY]["sha256"] = "0" * 64
     other.write_text(json.dumps(record))
     assert set(find_finished(tmp_path, jobs)) == {jobs[2].job_id}
     # The PNG's own chunk carries the record without the sidecar-only facts about the file.
-    assert outputs.PNG_FILE_KEY not in outputs.read_png_record(outputs.image_path(tmp_path, jobs[2]))
+    assert records.PNG_FILE_KEY not in records.read_png_record(layout.image_path(tmp_path, jobs[2]))
 
 
 def test_grids_not_drawn_from_the_images_on_disk_are_redrawn(run, plan_of) -> None:
@@ -181,20 +181,20 @@ def test_grids_not_drawn_from_the_images_on_disk_are_redrawn(run, plan_of) -> No
     assert other.stat().st_mtime_ns == untouched
     assert_consistent(out, jobs)
     with Image.open(sheet) as image:
-        assert image.size != (8, 8) and image.info[outputs.grids.VIEW_INPUTS_KEY]
+        assert image.size != (8, 8) and image.info[grids.VIEW_INPUTS_KEY]
 
 
 def test_a_grid_drawn_around_a_missing_image_is_redrawn_when_it_is_made(tmp_path) -> None:
     jobs = [make_job(seed=seed) for seed in range(2)]
     outputs.save_image(tmp_path, jobs[0], solid((200, 0, 0)), make_record(jobs[0]))
     outputs.update_views(tmp_path, jobs, find_finished(tmp_path, jobs), lambda: False)  # a failed job
-    grid = outputs.grid_path(tmp_path, "dog", 0)
-    first = outputs.view_inputs(grid)
+    grid = layout.grid_path(tmp_path, "dog", 0)
+    first = grids.view_inputs(grid)
     outputs.update_views(tmp_path, jobs, find_finished(tmp_path, jobs), lambda: False)
-    assert outputs.view_inputs(grid) == first  # nothing changed: not redrawn
+    assert grids.view_inputs(grid) == first  # nothing changed: not redrawn
     outputs.save_image(tmp_path, jobs[1], solid((0, 200, 0)), make_record(jobs[1]))
     outputs.update_views(tmp_path, jobs, find_finished(tmp_path, jobs), lambda: False)
-    assert outputs.view_inputs(grid) not in (None, first)
+    assert grids.view_inputs(grid) not in (None, first)
 
 
 # 9.3: the index describes the disk, in strict JSON ------------------------------------------------------
@@ -220,10 +220,10 @@ def test_nan_and_infinity_never_reach_a_sidecar_or_the_index(tmp_path) -> None:
     record = make_record(job, timings={"total": float("nan"), "batch": float("inf"), "batch_size": 1})
     outputs.save_image(tmp_path, job, solid((1, 2, 3)), record)
     outputs.append_index(tmp_path, outputs.index_entry(record))
-    sidecar = strict_loads(outputs.sidecar_path(tmp_path, job).read_text())
+    sidecar = strict_loads(layout.sidecar_path(tmp_path, job).read_text())
     assert sidecar["timings"] == {"total": None, "batch": None, "batch_size": 1}
     assert strict_loads((tmp_path / "index.jsonl").read_text())["seconds"] is None
-    assert outputs.read_png_record(outputs.image_path(tmp_path, job))["timings"]["batch"] is None
+    assert records.read_png_record(layout.image_path(tmp_path, job))["timings"]["batch"] is None
     outputs.write_run_summary(tmp_path, {"images_per_second": float("-inf")})
     assert strict_loads((tmp_path / "run.json").read_text()) == {"images_per_second": None}
     # A line an older version wrote with NaN is a broken line: the repair rewrites it from the sidecar.
@@ -271,12 +271,12 @@ def test_a_move_cut_short_is_finished_by_the_next_resume(tmp_path, monkeypatch) 
     before = [make_job(prompt_index=p, seed=0, job_id=f"{p:016x}") for p in range(3)]
     for job in before:
         outputs.save_image(tmp_path, job, solid((40 * job.prompt_index, 0, 0)), make_record(job))
-    pixels = {job.job_id: outputs.image_path(tmp_path, job).read_bytes() for job in before}
+    pixels = {job.job_id: layout.image_path(tmp_path, job).read_bytes() for job in before}
     # The prompts rotated: 0 -> 1 -> 2 -> 0.
     after = [make_job(prompt_index=(job.prompt_index + 1) % 3, seed=0, job_id=job.job_id) for job in before]
     after.sort(key=lambda job: job.prompt_index)
     done = find_finished(tmp_path, after)
-    assert set(done) == set(pixels) and all(done[j.job_id].stem != outputs.image_stem(j) for j in after)
+    assert set(done) == set(pixels) and all(done[j.job_id].stem != layout.image_stem(j) for j in after)
 
     real_replace, calls = os.replace, []
 
@@ -294,8 +294,8 @@ def test_a_move_cut_short_is_finished_by_the_next_resume(tmp_path, monkeypatch) 
     assert set(done) == set(pixels)
     done = move_to_positions(tmp_path, after, done)
     for job in after:
-        assert outputs.image_path(tmp_path, job).read_bytes() == pixels[job.job_id]
-        assert json.loads(outputs.sidecar_path(tmp_path, job).read_text())["prompt_index"] == job.prompt_index
+        assert layout.image_path(tmp_path, job).read_bytes() == pixels[job.job_id]
+        assert json.loads(layout.sidecar_path(tmp_path, job).read_text())["prompt_index"] == job.prompt_index
     assert set(find_finished(tmp_path, after, anywhere=False)) == set(pixels)
 
 

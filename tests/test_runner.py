@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from squeeze_cli import outputs
+from squeeze_cli.outputs import records
 
 MANIFEST = """\
 version: 1
@@ -86,8 +86,8 @@ def test_gen_writes_the_documented_outputs(project: Path, gen) -> None:
     assert record["seed"] == 5 and record["params"]["num_inference_steps"] == 3
     assert sum(record["stage_plan"]["counts"]) == 3
     assert record["preset"] == "tiny" and record["versions"]["torch"]
-    assert outputs.read_png_record(out / "dog" / "001-s5.png")["job_id"] == record["job_id"]
-    assert "Seed: 5" in outputs.read_png_parameters(out / "dog" / "001-s5.png")
+    assert records.read_png_record(out / "dog" / "001-s5.png")["job_id"] == record["job_id"]
+    assert "Seed: 5" in records.read_png_parameters(out / "dog" / "001-s5.png")
 
     index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     assert len(index) == NUM_JOBS and {entry["status"] for entry in index} == {"ok"}

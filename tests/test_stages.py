@@ -8,7 +8,14 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from squeeze_cli.pipelines.stages import DEFAULT_SCHEDULER_CONFIG, StagePlan, stage_plan
+from squeeze_cli.pipelines.stages import (
+    DEFAULT_SCHEDULER_CONFIG,
+    StagePlan,
+    _shifted_sigma,
+    calculate_shift,
+    stage_plan,
+    time_shift,
+)
 
 
 def test_paper_default_28_steps_512():
@@ -58,6 +65,31 @@ def test_matches_the_real_scheduler_exactly_over_many_steps_and_sizes():
     scheduler = FlowMatchEulerDiscreteScheduler(**config)
     scheduler.set_timesteps(sigmas=list(plan.sigmas), mu=plan.mu)
     assert torch.equal(scheduler.sigmas[:-1], torch.tensor(plan.shifted_sigmas, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("shift_type", ["exponential", "linear"])
+def test_the_stage_plan_shift_is_time_shift_in_float32(shift_type):
+    """The stage plan's pure-Python shift of one σ is `time_shift`: bit for bit on a float32 array (as the
+    scheduler shifts its σ), and within a float32 ulp on the tensors training shifts (torch divides a number
+    by a tensor through its reciprocal)."""
+    import numpy as np
+
+    config = {**DEFAULT_SCHEDULER_CONFIG, "time_shift_type": shift_type}
+    sigmas = np.linspace(1.0, 0.001, 997).astype(np.float32)
+    for tokens in (16, 256, 1024, 4096, 16384):
+        mu = calculate_shift(tokens)
+        ours = np.array([_shifted_sigma(float(s), mu, config) for s in sigmas], dtype=np.float32)
+        assert np.array_equal(ours, time_shift(mu, sigmas, shift_type)), tokens
+        on_tensors = time_shift(mu, torch.from_numpy(sigmas), shift_type)
+        torch.testing.assert_close(on_tensors, torch.from_numpy(ours), rtol=0, atol=2**-24)
+
+
+def test_an_unknown_shift_type_is_one_error_for_the_plan_and_training():
+    with pytest.raises(ValueError, match="`time_shift_type` must be") as training:
+        time_shift(0.5, torch.tensor([0.5]), "cosine")
+    with pytest.raises(ValueError) as plan:
+        stage_plan(4, 64, 64, scheduler_config={**DEFAULT_SCHEDULER_CONFIG, "time_shift_type": "cosine"})
+    assert str(plan.value) == str(training.value)
 
 
 def test_accepts_a_scheduler_config_and_static_shift():

@@ -313,11 +313,11 @@ class GenRun:
                     failure = error  # raised once the other processes have their (empty) list and are done
             work = self.processes.gather(work)[0]
             if self.processes.count == 1:
-                outputs.draw_views(self.out_dir, work, should_stop, workers=outputs.pool_workers(work))
+                outputs.draw_views(self.out_dir, work, should_stop)
             else:
                 try:
                     mine = outputs.share_views(work, self.processes.index, self.processes.count)
-                    outputs.draw_views(self.out_dir, mine, should_stop)
+                    outputs.draw_views(self.out_dir, mine, should_stop, workers=1)  # no pool per process
                 finally:  # the lock is held until every process has drawn its share
                     self.processes.barrier()
             if failure is not None:

@@ -23,8 +23,9 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Field, StrictStr
 
 from squeeze_cli.errors import ManifestError, RecipeError
-from squeeze_cli.manifest.located import FieldPath, Location, YamlDocument, load_yaml, validate_schema
+from squeeze_cli.manifest.located import FieldPath, Location, YamlDocument, load_yaml
 from squeeze_cli.manifest.schema import ModelSpec, SamplingOverrides, StrictModel, non_empty
+from squeeze_cli.manifest.schema_errors import validate_schema
 from squeeze_cli.reading import MANIFEST_MAX_BYTES, read_regular_file
 
 PRESETS_PACKAGE = "squeeze_cli.recipes"

@@ -25,7 +25,6 @@ from squeeze_cli.manifest.located import (
     load_yaml,
     read_manifest_text,
     sort_problems,
-    validate_schema,
 )
 from squeeze_cli.manifest.recipes import (
     COMMAND_LINE_PATHS_HINT,
@@ -49,6 +48,7 @@ from squeeze_cli.manifest.schema import (
     SeedRange,
     Subject,
 )
+from squeeze_cli.manifest.schema_errors import validate_schema
 from squeeze_cli.model_checks import source_problems
 from squeeze_cli.params import SamplingParams
 from squeeze_cli.pipelines.registry import pipeline_spec, unused_sampling_keys

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from squeeze_cli.manifest.located import schema_error
+from squeeze_cli.manifest.schema_errors import schema_error
 from squeeze_cli.params import (
     DEFAULT_STEP_CACHE_THRESHOLD,
     DEFAULT_TAYLORSEER_INTERVAL,

@@ -1,6 +1,16 @@
 """Everything about the files a run writes: names, atomic writes, PNG metadata, sidecars, the run index,
 grids and contact sheets. Torch-free: PIL, json and os only.
 
+Modules: `layout` (every name on disk, `safe_join`), `files` (atomic writes), `records` (an image's record,
+PNG chunks, sidecar), `resume` (finished jobs by job id), `index` (the run index and run-level files),
+`grids` (how a grid or contact-sheet page looks, and the hash of what it shows), `views` (which views to
+redraw, shared between processes), `tree` (the output tree's shape, checked before a run).
+
+Imports follow one rule: code outside this package imports the package (`from squeeze_cli import outputs`)
+and uses the names below, which are exactly the ones it uses; the modules inside import each other
+directly and never this `__init__`, so the facade sits on top of its modules, not between them. Tests may
+import the modules themselves.
+
 The output directory is a documented contract (docs/outputs.md)::
 
     OUT/<subject>/<prompt_index:03d>-s<seed>.png   the image; metadata in `parameters` and `squeeze` chunks
@@ -24,36 +34,15 @@ Guarantees the runner builds on:
   `repair_index` rebuilds it from the sidecars at the start of a run.
 """
 
-# The public API of the layer, in one namespace for `from squeeze_cli import outputs`.
 from .files import (  # noqa: F401
     OutputWriteError,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     ensure_dir,
-    json_ready,
     remove_stale_temp_files,
-    strict_json_dumps,
 )
-from .grids import (  # noqa: F401
-    GRID_MAX_COLUMNS,
-    GRID_THUMB_HEIGHT,
-    SHEET_MAX_COLUMNS,
-    SHEET_THUMB_HEIGHT,
-    PageViews,
-    PromptViews,
-    SheetRow,
-    draw_views,
-    plan_views,
-    pool_workers,
-    share_views,
-    update_views,
-    view_inputs,
-    views_inputs,
-    write_contact_sheet,
-    write_prompt_grid,
-    write_validation_grid,
-)
+from .grids import PageViews, write_validation_grid  # noqa: F401
 from .index import (  # noqa: F401
     append_index,
     failed_index_entry,
@@ -65,8 +54,6 @@ from .index import (  # noqa: F401
     write_run_summary,
 )
 from .layout import (  # noqa: F401
-    CONTACT_SHEET_NAME,
-    CONTACT_SHEET_PAGE_PROMPTS,
     INDEX_NAME,
     LAYOUT_LOCK_NAME,
     LOCK_NAME,
@@ -74,48 +61,14 @@ from .layout import (  # noqa: F401
     METRICS_JSON_NAME,
     METRICS_JSONL_NAME,
     REPORT_NAME,
-    RESERVED_NAMES,
     RESOLVED_MANIFEST_NAME,
     RUN_SUMMARY_NAME,
     SHARDS_DIR_NAME,
     UnsafeOutputPathError,
-    check_subject_name,
-    contact_sheet_name,
-    contact_sheet_page,
-    contact_sheet_pages,
-    contact_sheet_path,
-    grid_path,
-    image_name,
-    image_path,
-    image_stem,
-    index_path,
-    position_stem,
-    resolved_manifest_path,
     run_dir,
-    run_summary_path,
     safe_join,
-    sidecar_name,
-    sidecar_path,
-    subject_dir,
 )
-from .records import (  # noqa: F401
-    PNG_FILE_KEY,
-    PNG_PARAMETERS_KEY,
-    PNG_RECORD_KEY,
-    RECORD_FORMAT,
-    encode_png,
-    image_record,
-    package_versions,
-    parameters_text,
-    read_png_parameters,
-    read_png_record,
-    read_sidecar,
-    save_image,
-)
-from .resume import (  # noqa: F401
-    Finished,
-    find_finished,
-    finished_job_ids,
-    move_to_positions,
-)
+from .records import image_record, package_versions, read_sidecar, save_image  # noqa: F401
+from .resume import Finished, find_finished, finished_job_ids, move_to_positions  # noqa: F401
 from .tree import check_output_tree  # noqa: F401
+from .views import draw_views, plan_views, share_views, update_views  # noqa: F401

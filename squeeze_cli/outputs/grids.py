@@ -1,4 +1,7 @@
-"""Labelled grids (references + every seed of one prompt) and contact sheets (every prompt of a subject)."""
+"""What a view looks like: a labelled grid per prompt (the references, then every seed), the pages of a
+subject's contact sheet (every prompt), and `squeeze train`'s validation grid. A grid or page records in
+its PNG the hash of what it was drawn from (`views_inputs`), so `views.plan_views` can tell when it is out
+of date."""
 
 from __future__ import annotations
 
@@ -7,34 +10,16 @@ import hashlib
 import io
 import os
 import stat
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from itertools import groupby
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 
 from squeeze_cli.images import load_rgb
-from squeeze_cli.outputs.files import OutputWriteError, atomic_write_bytes, strict_json_dumps
-from squeeze_cli.outputs.layout import (
-    contact_sheet_page,
-    contact_sheet_page_prompts,
-    contact_sheet_pages,
-    contact_sheet_path,
-    grid_path,
-    image_path,
-    subject_dir,
-)
-
-if TYPE_CHECKING:
-    from squeeze_cli.outputs.resume import Finished
-    from squeeze_cli.plan import Job
-
-
-# ----------------------------------------------------------------------------------------------------
-# Grids and contact sheets
-# ----------------------------------------------------------------------------------------------------
+from squeeze_cli.outputs.files import atomic_write_bytes, strict_json_dumps
+from squeeze_cli.outputs.layout import contact_sheet_path, grid_path
 
 GRID_THUMB_HEIGHT = 256
 SHEET_THUMB_HEIGHT = 160
@@ -55,13 +40,47 @@ _VIEW_COMPRESS_LEVEL = 1
 Thumb = Image.Image | None  # None: a grey "missing" tile
 
 
+# ----------------------------------------------------------------------------------------------------
+# What to draw
+# ----------------------------------------------------------------------------------------------------
+
+
 @dataclasses.dataclass(frozen=True)
-class SheetRow:
-    """One prompt of a contact sheet: its index, text, and `(seed, image path or None)` entries."""
+class PromptViews:
+    """One prompt of a `PageViews`: its `(seed, image path or None)` entries, and the inputs hash to record
+    in its grid when the grid is to be drawn (None: the grid on disk is up to date, or grids are off)."""
 
     prompt_index: int
     prompt: str
-    entries: Sequence[tuple[int, str | os.PathLike | None]]
+    entries: tuple[tuple[int, str | None], ...]
+    grid_inputs: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class PageViews:
+    """What to draw for one contact-sheet page of a subject: the stale grids of its prompts, and the page
+    itself when `sheet_inputs` is set. One page's views are drawn together, so an image shown on both its
+    grid and the page is decoded once. Plain data: it travels to other processes."""
+
+    subject: str
+    page: int
+    references: tuple[str, ...]
+    prompts: tuple[PromptViews, ...]  # every prompt of the page: the sheet shows them all
+    sheet_inputs: str | None
+
+    @property
+    def cost(self) -> int:
+        """Images to decode: what the drawing time follows."""
+        sheet_columns = SHEET_MAX_COLUMNS if self.sheet_inputs is not None else 0
+        return sum(
+            len(p.entries) if p.grid_inputs is not None else min(len(p.entries), sheet_columns)
+            for p in self.prompts
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Drawing
+# ----------------------------------------------------------------------------------------------------
 
 
 @lru_cache(maxsize=8)
@@ -159,34 +178,6 @@ def _encode_plain_png(image: Image.Image, inputs: str | None = None) -> bytes:
     return buffer.getvalue()
 
 
-def write_prompt_grid(
-    out_dir: str | os.PathLike,
-    subject: str,
-    prompt_index: int,
-    prompt_text: str,
-    reference_paths: Sequence[str | os.PathLike],
-    entries: Sequence[tuple[int, str | os.PathLike | None]],
-    *,
-    thumb_height: int = GRID_THUMB_HEIGHT,
-    max_columns: int = GRID_MAX_COLUMNS,
-    inputs: str | None = None,
-) -> Path:
-    """`OUT/<subject>/grid-<prompt_index:03d>.png`: the references, then every seed of one prompt.
-
-    Layout: a caption `#<prompt_index> <prompt>` (cut to the width), then the reference thumbnails
-    labelled `ref 1`, `ref 2`, ..., a gap, and the generated thumbnails labelled `seed <seed>`, in rows of
-    at most `max_columns`. Thumbnails share one height. Missing or unreadable images are grey tiles.
-
-    Args:
-        entries: `(seed, image path)` pairs in the order to show them; the path may be None (failed).
-        inputs: the `views_inputs` key of what is drawn, kept in the PNG's `squeeze-view` text chunk.
-    """
-    references = [_thumbnail(path, thumb_height) for path in reference_paths]
-    generated = [(seed, _thumbnail(path, thumb_height)) for seed, path in entries]
-    canvas = _grid_canvas(prompt_index, prompt_text, references, generated, thumb_height, max_columns)
-    return atomic_write_bytes(grid_path(out_dir, subject, prompt_index), _encode_plain_png(canvas, inputs))
-
-
 def _grid_canvas(
     prompt_index: int,
     prompt_text: str,
@@ -226,38 +217,11 @@ def _grid_canvas(
     return canvas
 
 
-def write_contact_sheet(
-    out_dir: str | os.PathLike,
-    subject: str,
-    reference_paths: Sequence[str | os.PathLike],
-    rows: Sequence[SheetRow],
-    *,
-    page: int = 1,
-    thumb_height: int = SHEET_THUMB_HEIGHT,
-    max_columns: int = SHEET_MAX_COLUMNS,
-    inputs: str | None = None,
-) -> Path:
-    """`OUT/<subject>/contact-sheet.png` (page 1; `contact-sheet-<page:03d>.png` after it): the subject's
-    references once, then one row per prompt of `rows`.
-
-    Each prompt row has a caption `#<prompt_index> <prompt>` and its images labelled `seed <seed>`; a row
-    shows at most `max_columns` images and its caption says how many more there are. `update_views` puts
-    `layout.CONTACT_SHEET_PAGE_PROMPTS` prompts on each page.
-    """
-    references = [_thumbnail(path, thumb_height) for path in reference_paths]
-    tiles = [
-        (row, [(seed, _thumbnail(path, thumb_height)) for seed, path in list(row.entries)[:max_columns]])
-        for row in rows
-    ]
-    canvas = _sheet_canvas(subject, page, references, tiles, thumb_height)
-    return atomic_write_bytes(contact_sheet_path(out_dir, subject, page), _encode_plain_png(canvas, inputs))
-
-
 def _sheet_canvas(
     subject: str,
     page: int,
     references: Sequence[Thumb],
-    prompt_rows: Sequence[tuple[SheetRow, Sequence[tuple[int, Thumb]]]],
+    prompt_rows: Sequence[tuple[PromptViews, Sequence[tuple[int, Thumb]]]],
     thumb_height: int,
 ) -> Image.Image:
     label_height = _line_height(_font(14)) + 6
@@ -293,6 +257,95 @@ def _sheet_canvas(
         y += block_height
     return canvas
 
+
+class ReferenceThumbs:
+    """Reference thumbnails by (paths, height), made once per subject and size for one drawing pass."""
+
+    def __init__(self) -> None:
+        self._thumbs: dict[tuple[tuple[str, ...], int], list[Thumb]] = {}
+
+    def get(self, paths: tuple[str, ...], height: int) -> list[Thumb]:
+        key = (paths, height)
+        if key not in self._thumbs:
+            self._thumbs[key] = [_thumbnail(path, height) for path in paths]
+        return self._thumbs[key]
+
+    def of(self, page: PageViews) -> dict[int, list[Thumb]]:
+        """The thumbnails `page`'s views need, by height."""
+        heights = [GRID_THUMB_HEIGHT] if any(p.grid_inputs is not None for p in page.prompts) else []
+        heights += [SHEET_THUMB_HEIGHT] if page.sheet_inputs is not None else []
+        return {height: self.get(page.references, height) for height in heights}
+
+
+def draw_page(
+    out_dir: Path, page: PageViews, references: dict[int, list[Thumb]], should_stop: Callable[[], bool]
+) -> None:
+    """Draw `page`'s stale grids and, when stale, the page itself, decoding each image once."""
+    sheet_rows = []
+    for prompt in page.prompts:
+        if should_stop():
+            return
+        grid_tiles: list[tuple[int, Thumb]] = []
+        sheet_tiles: list[tuple[int, Thumb]] = []
+        for column, (seed, path) in enumerate(prompt.entries):
+            on_sheet = page.sheet_inputs is not None and column < SHEET_MAX_COLUMNS
+            if prompt.grid_inputs is None and not on_sheet:
+                break
+            image = _decode(path)
+            if prompt.grid_inputs is not None:
+                grid_tiles.append((seed, _shrink(image, GRID_THUMB_HEIGHT)))
+            if on_sheet:
+                sheet_tiles.append((seed, _shrink(image, SHEET_THUMB_HEIGHT)))
+        if prompt.grid_inputs is not None:
+            canvas = _grid_canvas(
+                prompt.prompt_index,
+                prompt.prompt,
+                references[GRID_THUMB_HEIGHT],
+                grid_tiles,
+                GRID_THUMB_HEIGHT,
+                GRID_MAX_COLUMNS,
+            )
+            path = grid_path(out_dir, page.subject, prompt.prompt_index)
+            atomic_write_bytes(path, _encode_plain_png(canvas, prompt.grid_inputs))
+        sheet_rows.append((prompt, sheet_tiles))
+    if page.sheet_inputs is not None:
+        canvas = _sheet_canvas(
+            page.subject, page.page, references[SHEET_THUMB_HEIGHT], sheet_rows, SHEET_THUMB_HEIGHT
+        )
+        path = contact_sheet_path(out_dir, page.subject, page.page)
+        atomic_write_bytes(path, _encode_plain_png(canvas, page.sheet_inputs))
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a view was drawn from
+# ----------------------------------------------------------------------------------------------------
+
+
+def views_inputs(kind: str, references: Sequence[str], rows: Sequence[tuple[int, str, list]]) -> str:
+    """The hash of what a view shows: its kind, the references, and per prompt `(index, text,
+    [(seed, job id, PNG sha256 or None)])`. Job ids cover the references' bytes, the PNG hashes the
+    pixels."""
+    payload = {"format": _VIEW_FORMAT, "kind": kind, "references": list(references), "rows": rows}
+    return hashlib.sha256(strict_json_dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def view_inputs(path: Path) -> str | None:
+    """The inputs hash recorded in a grid or sheet, or None when the file is missing or does not read
+    through to its end with valid chunk checksums (truncated, damaged)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None  # not a file squeeze drew (a link, a FIFO): replaced by the redraw
+        with Image.open(path) as image:
+            recorded = image.info.get(VIEW_INPUTS_KEY)
+            image.verify()  # every chunk's CRC, up to IEND: catches a cut or damaged file without decoding
+    except Exception:  # noqa: BLE001 - any failure to read means "draw it again"
+        return None
+    return recorded if isinstance(recorded, str) else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training validation grid
+# ----------------------------------------------------------------------------------------------------
 
 VALIDATION_THUMB_HEIGHT = 192  # the training validation grid's images
 
@@ -332,320 +385,3 @@ def write_validation_grid(
         _draw_tile(canvas, x, top, image, "generated", thumb_height)
         y += row_height
     return atomic_write_bytes(path, _encode_plain_png(canvas))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Which views to draw
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptViews:
-    """One prompt of a `PageViews`: its `(seed, image path or None)` entries, and the inputs hash to record
-    in its grid when the grid is to be drawn (None: the grid on disk is up to date, or grids are off)."""
-
-    prompt_index: int
-    prompt: str
-    entries: tuple[tuple[int, str | None], ...]
-    grid_inputs: str | None
-
-
-@dataclasses.dataclass(frozen=True)
-class PageViews:
-    """What to draw for one contact-sheet page of a subject: the stale grids of its prompts, and the page
-    itself when `sheet_inputs` is set. One page's views are drawn together, so an image shown on both its
-    grid and the page is decoded once. Plain data: it travels to other processes."""
-
-    subject: str
-    page: int
-    references: tuple[str, ...]
-    prompts: tuple[PromptViews, ...]  # every prompt of the page: the sheet shows them all
-    sheet_inputs: str | None
-
-    @property
-    def cost(self) -> int:
-        """Images to decode: what the drawing time follows."""
-        sheet_columns = SHEET_MAX_COLUMNS if self.sheet_inputs is not None else 0
-        return sum(
-            len(p.entries) if p.grid_inputs is not None else min(len(p.entries), sheet_columns)
-            for p in self.prompts
-        )
-
-
-def plan_views(
-    out_dir: Path,
-    jobs: Sequence[Job],
-    finished: Mapping[str, Finished],
-    *,
-    grids: bool = True,
-    contact_sheets: bool = True,
-) -> list[PageViews]:
-    """The grids and contact-sheet pages whose file is not what this plan's finished images make: missing,
-    undecodable, or drawn from other images (the `squeeze-view` chunk records the hash of a view's inputs:
-    the prompt, the references and each image's job id and PNG hash). Removes the subject's contact-sheet
-    pages beyond its page count (regular files only: those squeeze drew), so no stale page lingers.
-
-    Args:
-        finished: `{job_id: Finished}` of the finished images, at their positions' names.
-    """
-    work = []
-    for subject, subject_jobs in groupby(jobs, key=lambda job: job.subject):
-        subject_jobs = list(subject_jobs)
-        references = tuple(str(path) for path in subject_jobs[0].references)
-        by_prompt = [list(group) for _, group in groupby(subject_jobs, key=lambda job: job.prompt_index)]
-        pages = contact_sheet_pages(len(by_prompt))
-        if contact_sheets:
-            _remove_pages_after(out_dir, subject, pages)
-        for page in range(1, pages + 1):
-            page_jobs = by_prompt[contact_sheet_page_prompts(page)]
-            prompts, sheet_rows = [], []
-            for prompt_jobs in page_jobs:
-                prompt_index, prompt = prompt_jobs[0].prompt_index, prompt_jobs[0].prompt
-                images = [
-                    (job.seed, job.job_id, finished[job.job_id].sha256 if job.job_id in finished else None)
-                    for job in prompt_jobs
-                ]
-                sheet_rows.append((prompt_index, prompt, images))
-                grid_inputs = None
-                if grids:
-                    inputs = views_inputs("grid", references, [(prompt_index, prompt, images)])
-                    if view_inputs(grid_path(out_dir, subject, prompt_index)) != inputs:
-                        grid_inputs = inputs
-                entries = tuple(
-                    (job.seed, str(image_path(out_dir, job)) if job.job_id in finished else None)
-                    for job in prompt_jobs
-                )
-                prompts.append(PromptViews(prompt_index, prompt, entries, grid_inputs))
-            sheet_inputs = None
-            if contact_sheets:
-                kind = "contact-sheet" if page == 1 else f"contact-sheet page {page}"
-                inputs = views_inputs(kind, references, sheet_rows)
-                if view_inputs(contact_sheet_path(out_dir, subject, page)) != inputs:
-                    sheet_inputs = inputs
-            if sheet_inputs is not None or any(p.grid_inputs is not None for p in prompts):
-                work.append(PageViews(subject, page, references, tuple(prompts), sheet_inputs))
-    return work
-
-
-def _remove_pages_after(out_dir: Path, subject: str, pages: int) -> None:
-    folder = subject_dir(out_dir, subject)
-    try:
-        with os.scandir(folder) as entries:
-            extra = [
-                entry.path
-                for entry in entries
-                if (contact_sheet_page(entry.name) or 0) > pages and entry.is_file(follow_symlinks=False)
-            ]
-    except FileNotFoundError:
-        return
-    for path in extra:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            raise OutputWriteError.from_os_error(Path(path), error, "remove") from error
-
-
-def share_views(work: Sequence[PageViews], index: int, count: int) -> list[PageViews]:
-    """Process `index`'s share of `work` among `count` processes: every page exactly once, the costliest
-    first to whichever process has the least so far, so the shares end at about the same time."""
-    loads = [0] * count
-    shares: list[list[PageViews]] = [[] for _ in range(count)]
-    for page in sorted(work, key=lambda page: -page.cost):  # stable: equal costs keep the plan's order
-        least = loads.index(min(loads))
-        shares[least].append(page)
-        loads[least] += page.cost
-    return shares[index]
-
-
-def draw_views(
-    out_dir: Path,
-    work: Sequence[PageViews],
-    should_stop: Callable[[], bool],
-    *,
-    workers: int = 1,
-) -> None:
-    """Draw `work` (from `plan_views`): in this process, or in a pool of `workers` processes. Reference
-    thumbnails are made once per subject and size. Stops early when `should_stop()`; an error in a
-    worker is raised here."""
-    references = _ReferenceThumbs()
-    if should_stop():
-        return
-    if workers <= 1 or len(work) < 2:
-        for page in work:
-            if should_stop():
-                return
-            _draw_page(out_dir, page, references.of(page), should_stop)
-        return
-    _draw_in_pool(out_dir, work, references, should_stop, workers)
-
-
-def update_views(
-    out_dir: Path,
-    jobs: Sequence[Job],
-    finished: Mapping[str, Finished],
-    should_stop: Callable[[], bool],
-    *,
-    grids: bool = True,
-    contact_sheets: bool = True,
-    workers: int | None = None,
-) -> None:
-    """Draw a grid per (subject, prompt) and a contact sheet per subject (in pages of
-    `layout.CONTACT_SHEET_PAGE_PROMPTS` prompts) where the file is not what this plan's finished images make
-    (`plan_views`). So a view is redrawn after any of its images was made, remade, moved or lost, and
-    after a killed or stopped run, and left alone otherwise. Stops early when `should_stop()`.
-
-    Args:
-        finished: `{job_id: Finished}` of the finished images, at their positions' names.
-        workers: processes to draw with; None: every available core when there is enough to draw
-            (`POOL_MIN_IMAGES`), else this process alone.
-    """
-    work = plan_views(out_dir, jobs, finished, grids=grids, contact_sheets=contact_sheets)
-    if workers is None:
-        workers = pool_workers(work)
-    draw_views(out_dir, work, should_stop, workers=workers)
-
-
-POOL_MIN_IMAGES = 200  # below this many images to decode, starting worker processes costs more than it saves
-
-
-def pool_workers(work: Sequence[PageViews]) -> int:
-    """Processes to draw `work` with: the available cores, or 1 when there is too little to draw."""
-    if len(work) < 2 or sum(page.cost for page in work) < POOL_MIN_IMAGES:
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cores, len(work))
-
-
-class _ReferenceThumbs:
-    """Reference thumbnails by (paths, height), made once per subject and size for one drawing pass."""
-
-    def __init__(self) -> None:
-        self._thumbs: dict[tuple[tuple[str, ...], int], list[Thumb]] = {}
-
-    def get(self, paths: tuple[str, ...], height: int) -> list[Thumb]:
-        key = (paths, height)
-        if key not in self._thumbs:
-            self._thumbs[key] = [_thumbnail(path, height) for path in paths]
-        return self._thumbs[key]
-
-    def of(self, page: PageViews) -> dict[int, list[Thumb]]:
-        """The thumbnails `page`'s views need, by height."""
-        heights = [GRID_THUMB_HEIGHT] if any(p.grid_inputs is not None for p in page.prompts) else []
-        heights += [SHEET_THUMB_HEIGHT] if page.sheet_inputs is not None else []
-        return {height: self.get(page.references, height) for height in heights}
-
-
-def _draw_page(
-    out_dir: Path, page: PageViews, references: dict[int, list[Thumb]], should_stop: Callable[[], bool]
-) -> None:
-    """Draw `page`'s stale grids and, when stale, the page itself, decoding each image once."""
-    sheet_rows = []
-    for prompt in page.prompts:
-        if should_stop():
-            return
-        grid_tiles: list[tuple[int, Thumb]] = []
-        sheet_tiles: list[tuple[int, Thumb]] = []
-        for column, (seed, path) in enumerate(prompt.entries):
-            on_sheet = page.sheet_inputs is not None and column < SHEET_MAX_COLUMNS
-            if prompt.grid_inputs is None and not on_sheet:
-                break
-            image = _decode(path)
-            if prompt.grid_inputs is not None:
-                grid_tiles.append((seed, _shrink(image, GRID_THUMB_HEIGHT)))
-            if on_sheet:
-                sheet_tiles.append((seed, _shrink(image, SHEET_THUMB_HEIGHT)))
-        if prompt.grid_inputs is not None:
-            canvas = _grid_canvas(
-                prompt.prompt_index,
-                prompt.prompt,
-                references[GRID_THUMB_HEIGHT],
-                grid_tiles,
-                GRID_THUMB_HEIGHT,
-                GRID_MAX_COLUMNS,
-            )
-            path = grid_path(out_dir, page.subject, prompt.prompt_index)
-            atomic_write_bytes(path, _encode_plain_png(canvas, prompt.grid_inputs))
-        sheet_rows.append((SheetRow(prompt.prompt_index, prompt.prompt, prompt.entries), sheet_tiles))
-    if page.sheet_inputs is not None:
-        canvas = _sheet_canvas(
-            page.subject, page.page, references[SHEET_THUMB_HEIGHT], sheet_rows, SHEET_THUMB_HEIGHT
-        )
-        path = contact_sheet_path(out_dir, page.subject, page.page)
-        atomic_write_bytes(path, _encode_plain_png(canvas, page.sheet_inputs))
-
-
-# A pool worker's stop flag, set by the main process when it is told to stop (workers ignore the signals
-# themselves: the main process decides, and waits for them).
-_worker_stop: Any = None
-
-
-def _start_worker(stop: Any) -> None:
-    import signal
-
-    global _worker_stop
-    _worker_stop = stop
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _worker_should_stop() -> bool:
-    return _worker_stop.is_set()
-
-
-def _draw_page_in_worker(out_dir: Path, page: PageViews, references: dict[int, list[Thumb]]) -> None:
-    _draw_page(out_dir, page, references, _worker_should_stop)
-
-
-def _draw_in_pool(
-    out_dir: Path,
-    work: Sequence[PageViews],
-    references: _ReferenceThumbs,
-    should_stop: Callable[[], bool],
-    workers: int,
-) -> None:
-    # Imported here: `squeeze status` imports this module and never draws with a pool.
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    # spawn: fresh workers that inherit no threads (torch's) and no signal handlers, and are this process's
-    # own children (their CPU time and memory count as its children's).
-    context = multiprocessing.get_context("spawn")
-    stop = context.Event()
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(stop,))
-    with pool:
-        pending = {pool.submit(_draw_page_in_worker, out_dir, page, references.of(page)) for page in work}
-        try:
-            while pending:
-                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                for future in done:
-                    future.result()  # a worker's error is raised here
-                if should_stop():
-                    break
-        finally:  # stopped, or an error: no new page starts, and the running ones end at their next prompt
-            stop.set()
-            for future in pending:
-                future.cancel()
-
-
-def views_inputs(kind: str, references: Sequence[str], rows: Sequence[tuple[int, str, list]]) -> str:
-    """The hash of what a view shows: its kind, the references, and per prompt `(index, text,
-    [(seed, job id, PNG sha256 or None)])`. Job ids cover the references' bytes, the PNG hashes the
-    pixels."""
-    payload = {"format": _VIEW_FORMAT, "kind": kind, "references": list(references), "rows": rows}
-    return hashlib.sha256(strict_json_dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def view_inputs(path: Path) -> str | None:
-    """The inputs hash recorded in a grid or sheet, or None when the file is missing or does not read
-    through to its end with valid chunk checksums (truncated, damaged)."""
-    try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return None  # not a file squeeze drew (a link, a FIFO): replaced by the redraw
-        with Image.open(path) as image:
-            recorded = image.info.get(VIEW_INPUTS_KEY)
-            image.verify()  # every chunk's CRC, up to IEND: catches a cut or damaged file without decoding
-    except Exception:  # noqa: BLE001 - any failure to read means "draw it again"
-        return None
-    return recorded if isinstance(recorded, str) else None

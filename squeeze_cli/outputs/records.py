@@ -49,7 +49,7 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     if "squeeze_cli" not in versions:
-        from . import __version__
+        from squeeze_cli import __version__
 
         versions["squeeze_cli"] = __version__
     return versions

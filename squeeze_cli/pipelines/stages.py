@@ -113,13 +113,21 @@ def calculate_shift(
     return image_seq_len * m + b
 
 
-def time_shift(mu: float, sigmas: Any, shift_type: str) -> Any:
-    """FLUX's dynamic shift of `sigmas` (a tensor or array), as FlowMatchEulerDiscreteScheduler writes it."""
+def _time_shift_scale(mu: float, shift_type: str) -> float:
+    """The numerator of FLUX's dynamic shift: e^μ (`exponential`) or μ (`linear`)."""
     if shift_type == "exponential":
-        return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+        return math.exp(mu)
     if shift_type == "linear":
-        return mu / (mu + (1 / sigmas - 1) ** 1.0)
+        return mu
     raise ValueError(f"`time_shift_type` must be 'exponential' or 'linear' but is {shift_type!r}")
+
+
+def time_shift(mu: float, sigmas: Any, shift_type: str) -> Any:
+    """FLUX's dynamic shift of `sigmas` (a tensor or array), as FlowMatchEulerDiscreteScheduler writes it:
+    scale / (scale + (1 / σ - 1)), with scale = e^μ or μ. `_shifted_sigma` is the same shift of one float32
+    σ, rounded as the scheduler's float32 arrays round it."""
+    scale = _time_shift_scale(mu, shift_type)
+    return scale / (scale + (1 / sigmas - 1) ** 1.0)
 
 
 def _f32(x: float) -> float:
@@ -129,17 +137,11 @@ def _f32(x: float) -> float:
 
 def _shifted_sigma(sigma: float, mu: float | None, config: Mapping[str, Any]) -> float:
     """The scheduler's shift of one float32 `sigma`, every operation rounded to float32 as its float32
-    tensors compute it (a Python scalar joins a float32 operation as float32), so the thresholds see
+    arrays compute it (a Python scalar joins a float32 operation as float32), so the thresholds see
     bit-identical σ values to the ones the scheduler steps through."""
     inverse = _f32(_f32(1 / sigma) - 1)  # (1 / sigmas - 1) ** 1.0
-    if mu is not None:
-        shift_type = config.get("time_shift_type", "exponential")
-        if shift_type == "exponential":
-            scale = _f32(math.exp(mu))
-        elif shift_type == "linear":
-            scale = _f32(mu)
-        else:
-            raise ValueError(f"`time_shift_type` must be 'exponential' or 'linear' but is {shift_type!r}")
+    if mu is not None:  # `time_shift`, one float32 operation at a time
+        scale = _f32(_time_shift_scale(mu, config.get("time_shift_type", "exponential")))
         return _f32(scale / _f32(scale + inverse))
     shift = float(config.get("shift", 1.0))  # shift * s / (1 + (shift - 1) * s)
     return _f32(_f32(_f32(shift) * sigma) / _f32(1 + _f32(_f32(shift - 1) * sigma)))

@@ -5,8 +5,9 @@
   and the deterministic batch order;
 - `models`: the recipe's frozen components, the new aggregator and the LoRA;
 - `objective`: the rectified-flow loss on the pipeline's own packing, ids and null condition;
-- `loop`: the accelerate training loop, checkpoints, exact resume, validation grids (drawn by
-  `outputs/grids.py`) and exports;
+- `loop`: the accelerate training loop, exact resume, validation grids (drawn by `outputs.grids`);
+- `checkpoints`: `checkpoints/step-N`, written whole, pruned, and the one `--resume` continues;
+- `export`: the aggregator, the LoRA and the recipe `squeeze gen` loads;
 - `estimate`: `--dry-run` (meta-device models, parameter counts, memory estimate);
 - `presets/`: the packaged configs (`tiny`, `paper`); `model_configs/`: full-size configs for `--dry-run`.
 """

@@ -24,12 +24,12 @@ from squeeze_cli.manifest.located import (
     apply_overrides,
     load_yaml,
     read_manifest_text,
-    schema_error,
     sort_problems,
-    validate_schema,
 )
 from squeeze_cli.manifest.recipes import COMMAND_LINE_PATHS_HINT, load_recipe, on_command_line, path_base
 from squeeze_cli.manifest.schema import SideInt, StrictModel, Thresholds, non_empty
+from squeeze_cli.manifest.schema_errors import schema_error, validate_schema
+from squeeze_cli.params import DEFAULT_NUM_INFERENCE_STEPS, PAPER_GUIDANCE_SCALE, PAPER_STAGE_THRESHOLDS
 
 CONFIG_VERSION = 1
 PRESET_SUFFIX = ".yaml"
@@ -257,11 +257,11 @@ class ValidationPrompt(StrictModel):
 
 class ValidationSpec(StrictModel):
     every: NonNegativeInt = 0  # 0: only at the end of each stage
-    steps: PositiveInt = 28
+    steps: PositiveInt = DEFAULT_NUM_INFERENCE_STEPS
     size: tuple[SideInt, SideInt] = (512, 512)
     seed: NonNegativeInt = 0
-    guidance_scale: FiniteFloat = 2.5
-    stage_thresholds: Thresholds = (0.95, 0.85)
+    guidance_scale: FiniteFloat = PAPER_GUIDANCE_SCALE
+    stage_thresholds: Thresholds = PAPER_STAGE_THRESHOLDS
     prompts: list[ValidationPrompt] = Field(default_factory=list)
 
 

@@ -5,27 +5,41 @@ the global step (the stage's rate for that group, with the stage's warm-up; 0 wh
 train it), so a checkpoint anywhere restores the exact schedule. The batch order, the noise, the σ and the
 dropout of micro-batch m on process p come from (seed, m, p) alone (`BatchSchedule`, `_generator`), so a
 run resumed from step N sees exactly what an uninterrupted run sees; accelerate's `save_state` also keeps
-the global RNG states, optimiser and schedule.
+the global RNG states, optimiser and schedule. Beside it: `checkpoints` (writing, pruning and choosing
+them) and `export` (the weights and recipe `squeeze gen` loads).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_SIGINT, ManifestError, SqueezeError
 from squeeze_cli.images import load_rgb
-from squeeze_cli.outputs.files import atomic_write_json, atomic_write_text, ensure_dir
+from squeeze_cli.train.checkpoints import (
+    CHECKPOINTS,
+    TrainState,
+    checkpoint_dirs,
+    checkpoint_to_resume,
+    load_trainable,
+    save_checkpoint,
+    save_trainable,
+)
 from squeeze_cli.train.config import LoadedConfig, StageSpec
 from squeeze_cli.train.data import BatchSchedule, TrainData, fit_to_bucket
+from squeeze_cli.train.export import (
+    NULL_CONDITION_DEFINITION,
+    export_weights,
+    run_recipe_text,
+    trained_recipe_text,
+)
 from squeeze_cli.train.objective import (
     PreparedSample,
     draw_dropout,
@@ -34,40 +48,11 @@ from squeeze_cli.train.objective import (
     sample_sigmas,
 )
 
-CHECKPOINTS = "checkpoints"
-CHECKPOINT_PREFIX = "step-"
-TRAINABLE_FILE = "trainable.safetensors"
-NULL_CONDITION_FILE = "null_condition.json"
-# What the dropped MLLM condition is, stored with the aggregator so gen and training cannot drift apart.
-NULL_CONDITION_DEFINITION = {
-    "definition": "SqueezePipeline.encode_null_condition: aggregator(MLLMEncoder.encode_null())",
-    "mllm_input": {"images": 0, "instruction": ""},
-    "text_tokens": "the <|im_end|> closing the empty user turn stands in (see MLLMEncoder)",
-    "used_for": ["training: condition dropout (text, both)", "inference: stage 3 (σ < τ2)"],
-}
-
-
-class RunError(SqueezeError):
-    """The output folder or a checkpoint cannot be used as asked."""
-
 
 class TrainingInterrupted(SqueezeError):
     """Ctrl-C during training: the checkpoints written so far are kept for `--resume latest`."""
 
     exit_code = EXIT_SIGINT
-
-
-@dataclass
-class TrainState:
-    """The run's position, saved in every checkpoint (accelerate `register_for_checkpointing`)."""
-
-    step: int = 0  # optimiser steps done
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
 
 
 def stage_of(step: int, stages: list[tuple[str, StageSpec]]) -> tuple[str, StageSpec, int]:
@@ -94,15 +79,6 @@ def _generator(seed: int, micro_step: int, process: int, purpose: int) -> torch.
     return torch.Generator().manual_seed(hash((seed, micro_step, process, purpose)) & (2**63 - 1))
 
 
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a partial one is a `.partial-` folder, never listed)."""
-    folder = output_dir / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
 class Trainer:
     """One training run of a loaded config over validated data.
 
@@ -125,25 +101,6 @@ class Trainer:
         self.state = TrainState()
 
     # Setup ---------------------------------------------------------------------------------------------
-
-    def _check_output_dir(self) -> Path | None:
-        """The checkpoint to resume from; refuses to mix a new run into an old one."""
-        existing = checkpoint_dirs(self.output_dir)
-        if self.resume is None:
-            if existing or (self.output_dir / "recipe.yaml").exists():
-                raise RunError(
-                    f"{self.output_dir} already holds a training run",
-                    "pass --resume latest to continue it, or set another `output_dir`",
-                )
-            return None
-        if self.resume == "latest":
-            return existing[-1] if existing else None
-        path = Path(self.resume).expanduser().absolute()
-        if not (path / "train_state.json").is_file():
-            raise RunError(
-                f"{path} is not a squeeze checkpoint", "use --resume latest or a checkpoints/step-N folder"
-            )
-        return path
 
     def _setup(self) -> None:
         from accelerate import Accelerator
@@ -240,52 +197,22 @@ class Trainer:
         return {name: p.detach().contiguous() for params in self.groups.values() for name, p in params}
 
     def _save_hook(self, models: list, weights: list, output_dir: str) -> None:
-        # Only what training changes is saved (the frozen base would be 24 GB per checkpoint for FLUX).
-        from safetensors.torch import save_file
-
+        # Only what training changes is saved: accelerate's own copy of the models is dropped.
         if self.accelerator.is_main_process:
-            save_file(
-                {k: v.cpu() for k, v in self.trainable_state_dict().items()},
-                os.path.join(output_dir, TRAINABLE_FILE),
-            )
+            save_trainable(self.trainable_state_dict(), output_dir)
         while weights:
             weights.pop()
 
     def _load_hook(self, models: list, input_dir: str) -> None:
-        from safetensors.torch import load_file
-
-        state = load_file(os.path.join(input_dir, TRAINABLE_FILE))
-        params = {name: p for group in self.groups.values() for name, p in group}
-        if set(state) != set(params):
-            raise RunError(
-                f"the checkpoint {input_dir} does not match this config's trainable parameters",
-                "resume with the config the run was started with",
-            )
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        load_trainable({name: p for group in self.groups.values() for name, p in group}, input_dir)
         while models:
             models.pop()
 
     def save_checkpoint(self) -> Path:
-        """`checkpoints/step-N`, written as `.partial-step-N` and renamed when complete; old ones pruned."""
-        folder = self.output_dir / CHECKPOINTS
-        name = f"{CHECKPOINT_PREFIX}{self.state.step:07d}"
-        partial = folder / f".partial-{name}"
-        final = folder / name
-        if self.accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-            ensure_dir(partial)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(partial))
-        if self.accelerator.is_main_process:
-            atomic_write_json(partial / "train_state.json", {"step": self.state.step})
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(partial, final)
-            for old in checkpoint_dirs(self.output_dir)[: -self.config.checkpointing.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        return final
+        """`checkpoints/step-N` of the current step (`checkpoints.save_checkpoint`)."""
+        return save_checkpoint(
+            self.accelerator, self.output_dir, self.state.step, self.config.checkpointing.keep
+        )
 
     # Steps ---------------------------------------------------------------------------------------------
 
@@ -341,11 +268,9 @@ class Trainer:
             return
         from safetensors.torch import save
 
-        from squeeze_cli.outputs.files import atomic_write_bytes
-
         tensors = {"target": target.cpu().contiguous()}
         tensors.update({f"reference_{i}": r.cpu().contiguous() for i, r in enumerate(references)})
-        atomic_write_bytes(
+        outputs.atomic_write_bytes(
             self._cache_path(sample_id, bucket), save(tensors, metadata={"sample_id": sample_id})
         )
 
@@ -390,64 +315,14 @@ class Trainer:
     # Outputs -------------------------------------------------------------------------------------------
 
     def export(self, folder: Path, stage_name: str) -> Path:
-        """Aggregator (`save_pretrained`), LoRA (diffusers format) and a recipe for `squeeze gen`, written
-        into `folder` atomically (a `.partial` folder renamed into place)."""
-        from peft.utils import get_peft_model_state_dict
-
-        from squeeze_cli.pipelines.squeeze import SqueezePipeline
-
-        partial = folder.with_name(f".partial-{folder.name}")
-        shutil.rmtree(partial, ignore_errors=True)
-        ensure_dir(partial)
-        aggregator = self.trainable.aggregator
-        aggregator.save_pretrained(partial / "aggregator")
-        atomic_write_json(partial / "aggregator" / NULL_CONDITION_FILE, NULL_CONDITION_DEFINITION)
+        """The current weights and a recipe for them in `folder` (`export.export_weights`)."""
         transformer = self.accelerator.unwrap_model(self.models).transformer
-        lora_state = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
-        # The adapter's config (rank, alpha, targets) goes into the file's metadata, so loading uses the
-        # trained alpha / rank scale rather than assuming alpha = rank.
-        SqueezePipeline.save_lora_weights(
-            partial / "lora",
-            transformer_lora_layers=lora_state,
-            transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
-        )
-        atomic_write_text(partial / "recipe.yaml", self.recipe_text(folder, stage_name))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.rename(partial, folder)
-        return folder
-
-    def recipe_text(self, folder: Path, stage_name: str) -> str:
-        """A recipe file for the exported weights, valid where it is written (`folder/recipe.yaml`)."""
-        spec = self.recipe.model
-        model: dict[str, Any] = {}
-        if self.pipeline_source is not None:
-            model["pipeline"] = self.pipeline_source
-        if spec.family:
-            model["family"] = spec.family
-        components = {n: c.model_dump(exclude_none=True) for n, c in spec.components.items()}
-        components["aggregator"] = {"path": "./aggregator"}
-        model["components"] = components
-        model["lora"] = {"path": "./lora", "scale": 1.0}
-        model["dtype"] = spec.dtype
-        defaults = self.recipe.defaults.model_dump(exclude_none=True, mode="json")
-        if stage_name == "stage1":  # trained without reference tokens: MLLM condition throughout
-            defaults["stage_thresholds"] = [0.0, 0.0]
-        document = {
-            "name": f"trained-{self.output_dir.name}-{stage_name}",
-            "description": f"{self.recipe.name} + the aggregator and LoRA trained by squeeze ({stage_name}).",
-            "model": model,
-            "defaults": defaults,
-        }
-        header = (
-            f"# Written by `squeeze train` ({stage_name} of {self.output_dir}).\n"
-            f"#   squeeze gen my-manifest.yaml --recipe {folder / 'recipe.yaml'}\n"
-        )
-        return header + yaml.safe_dump(document, sort_keys=False, allow_unicode=True, default_flow_style=None)
+        text = trained_recipe_text(self.recipe, self.pipeline_source, self.output_dir, folder, stage_name)
+        return export_weights(folder, self.trainable.aggregator, transformer, text)
 
     def validate_images(self, stage_name: str) -> Path | None:
         """Render the config's validation prompts with the current weights through a fresh `SqueezePipeline`
         (fresh, so its cached null condition is the current aggregator's) into a labelled grid."""
-        from squeeze_cli.outputs.grids import write_validation_grid
         from squeeze_cli.pipelines.squeeze import SqueezePipeline
 
         validation = self.config.validation
@@ -486,7 +361,7 @@ class Trainer:
         finally:
             unwrapped.train()
         path = self.output_dir / "validation" / f"step-{self.state.step:07d}.png"
-        return write_validation_grid(path, f"step {self.state.step} ({stage_name})", rows)
+        return outputs.write_validation_grid(path, f"step {self.state.step} ({stage_name})", rows)
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
@@ -508,7 +383,7 @@ class Trainer:
             for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= self.state.step
         ]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        outputs.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def summary(self) -> dict[str, Any]:
         """What trains in each stage (recorded as training.json)."""
@@ -542,14 +417,14 @@ class Trainer:
         main process; None on the others)."""
         from tqdm.auto import tqdm
 
-        checkpoint = self._check_output_dir()
+        checkpoint = checkpoint_to_resume(self.output_dir, self.resume)
         self._setup()
         self.check_fits()
         accelerator = self.accelerator
         if accelerator.is_main_process:
-            ensure_dir(self.output_dir)
-            atomic_write_text(self.output_dir / "config.yaml", self.loaded.text)
-            atomic_write_json(self.output_dir / "training.json", self.summary())
+            outputs.ensure_dir(self.output_dir)
+            outputs.atomic_write_text(self.output_dir / "config.yaml", self.loaded.text)
+            outputs.atomic_write_json(self.output_dir / "training.json", self.summary())
         if accelerator.is_main_process:  # what a killed save or export left behind is never used
             for folder in (self.output_dir, self.output_dir / CHECKPOINTS):
                 for stale in folder.glob(".partial-*") if folder.is_dir() else []:
@@ -662,11 +537,8 @@ class Trainer:
         if accelerator.is_main_process:
             if not (self.output_dir / final_stage).is_dir():  # resumed after everything was trained
                 self.export(self.output_dir / final_stage, final_stage)
-            text = self.recipe_text(self.output_dir, final_stage).replace(
-                "./aggregator", f"./{final_stage}/aggregator"
-            )
-            text = text.replace("./lora", f"./{final_stage}/lora")
-            atomic_write_text(self.output_dir / "recipe.yaml", text)
+            text = run_recipe_text(self.recipe, self.pipeline_source, self.output_dir, final_stage)
+            outputs.atomic_write_text(self.output_dir / "recipe.yaml", text)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return self.output_dir / "recipe.yaml" if accelerator.is_main_process else None

@@ -1,0 +1,238 @@
+"""Which views to draw, and who draws them: `plan_views` finds the grids and contact-sheet pages whose
+file is not what the finished images make, `share_views` splits them between the processes of a run, and
+`draw_views` draws them here or in a pool of worker processes (`grids` holds how a view looks)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from itertools import groupby
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from squeeze_cli.outputs.files import OutputWriteError
+from squeeze_cli.outputs.grids import (
+    PageViews,
+    PromptViews,
+    ReferenceThumbs,
+    Thumb,
+    draw_page,
+    view_inputs,
+    views_inputs,
+)
+from squeeze_cli.outputs.layout import (
+    contact_sheet_page,
+    contact_sheet_page_prompts,
+    contact_sheet_pages,
+    contact_sheet_path,
+    grid_path,
+    image_path,
+    subject_dir,
+)
+
+if TYPE_CHECKING:
+    from squeeze_cli.outputs.resume import Finished
+    from squeeze_cli.plan import Job
+
+
+def plan_views(
+    out_dir: Path,
+    jobs: Sequence[Job],
+    finished: Mapping[str, Finished],
+    *,
+    grids: bool = True,
+    contact_sheets: bool = True,
+) -> list[PageViews]:
+    """The grids and contact-sheet pages whose file is not what this plan's finished images make: missing,
+    undecodable, or drawn from other images (the `squeeze-view` chunk records the hash of a view's inputs:
+    the prompt, the references and each image's job id and PNG hash). Removes the subject's contact-sheet
+    pages beyond its page count (regular files only: those squeeze drew), so no stale page lingers.
+
+    Args:
+        finished: `{job_id: Finished}` of the finished images, at their positions' names.
+    """
+    work = []
+    for subject, subject_jobs in groupby(jobs, key=lambda job: job.subject):
+        subject_jobs = list(subject_jobs)
+        references = tuple(str(path) for path in subject_jobs[0].references)
+        by_prompt = [list(group) for _, group in groupby(subject_jobs, key=lambda job: job.prompt_index)]
+        pages = contact_sheet_pages(len(by_prompt))
+        if contact_sheets:
+            _remove_pages_after(out_dir, subject, pages)
+        for page in range(1, pages + 1):
+            page_jobs = by_prompt[contact_sheet_page_prompts(page)]
+            prompts, sheet_rows = [], []
+            for prompt_jobs in page_jobs:
+                prompt_index, prompt = prompt_jobs[0].prompt_index, prompt_jobs[0].prompt
+                images = [
+                    (job.seed, job.job_id, finished[job.job_id].sha256 if job.job_id in finished else None)
+                    for job in prompt_jobs
+                ]
+                sheet_rows.append((prompt_index, prompt, images))
+                grid_inputs = None
+                if grids:
+                    inputs = views_inputs("grid", references, [(prompt_index, prompt, images)])
+                    if view_inputs(grid_path(out_dir, subject, prompt_index)) != inputs:
+                        grid_inputs = inputs
+                entries = tuple(
+                    (job.seed, str(image_path(out_dir, job)) if job.job_id in finished else None)
+                    for job in prompt_jobs
+                )
+                prompts.append(PromptViews(prompt_index, prompt, entries, grid_inputs))
+            sheet_inputs = None
+            if contact_sheets:
+                kind = "contact-sheet" if page == 1 else f"contact-sheet page {page}"
+                inputs = views_inputs(kind, references, sheet_rows)
+                if view_inputs(contact_sheet_path(out_dir, subject, page)) != inputs:
+                    sheet_inputs = inputs
+            if sheet_inputs is not None or any(p.grid_inputs is not None for p in prompts):
+                work.append(PageViews(subject, page, references, tuple(prompts), sheet_inputs))
+    return work
+
+
+def _remove_pages_after(out_dir: Path, subject: str, pages: int) -> None:
+    folder = subject_dir(out_dir, subject)
+    try:
+        with os.scandir(folder) as entries:
+            extra = [
+                entry.path
+                for entry in entries
+                if (contact_sheet_page(entry.name) or 0) > pages and entry.is_file(follow_symlinks=False)
+            ]
+    except FileNotFoundError:
+        return
+    for path in extra:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise OutputWriteError.from_os_error(Path(path), error, "remove") from error
+
+
+def share_views(work: Sequence[PageViews], index: int, count: int) -> list[PageViews]:
+    """Process `index`'s share of `work` among `count` processes: every page exactly once, the costliest
+    first to whichever process has the least so far, so the shares end at about the same time."""
+    loads = [0] * count
+    shares: list[list[PageViews]] = [[] for _ in range(count)]
+    for page in sorted(work, key=lambda page: -page.cost):  # stable: equal costs keep the plan's order
+        least = loads.index(min(loads))
+        shares[least].append(page)
+        loads[least] += page.cost
+    return shares[index]
+
+
+def draw_views(
+    out_dir: Path,
+    work: Sequence[PageViews],
+    should_stop: Callable[[], bool],
+    *,
+    workers: int | None = None,
+) -> None:
+    """Draw `work` (from `plan_views`): in this process, or in a pool of `workers` processes. Reference
+    thumbnails are made once per subject and size. Stops early when `should_stop()`; an error in a
+    worker is raised here.
+
+    Args:
+        workers: processes to draw with; None: every available core when there is enough to draw
+            (`POOL_MIN_IMAGES` images to decode), else this process alone.
+    """
+    if workers is None:
+        workers = pool_workers(work)
+    references = ReferenceThumbs()
+    if should_stop():
+        return
+    if workers <= 1 or len(work) < 2:
+        for page in work:
+            if should_stop():
+                return
+            draw_page(out_dir, page, references.of(page), should_stop)
+        return
+    _draw_in_pool(out_dir, work, references, should_stop, workers)
+
+
+def update_views(
+    out_dir: Path,
+    jobs: Sequence[Job],
+    finished: Mapping[str, Finished],
+    should_stop: Callable[[], bool],
+    *,
+    grids: bool = True,
+    contact_sheets: bool = True,
+    workers: int | None = None,
+) -> None:
+    """Draw a grid per (subject, prompt) and a contact sheet per subject (in pages of
+    `layout.CONTACT_SHEET_PAGE_PROMPTS` prompts) where the file is not what this plan's finished images make
+    (`plan_views`). So a view is redrawn after any of its images was made, remade, moved or lost, and
+    after a killed or stopped run, and left alone otherwise. Stops early when `should_stop()`.
+
+    Args:
+        finished: `{job_id: Finished}` of the finished images, at their positions' names.
+        workers: processes to draw with, as `draw_views` takes it (None: as many as the work needs).
+    """
+    work = plan_views(out_dir, jobs, finished, grids=grids, contact_sheets=contact_sheets)
+    draw_views(out_dir, work, should_stop, workers=workers)
+
+
+POOL_MIN_IMAGES = 200  # below this many images to decode, starting worker processes costs more than it saves
+
+
+def pool_workers(work: Sequence[PageViews]) -> int:
+    """Processes to draw `work` with: the available cores, or 1 when there is too little to draw."""
+    if len(work) < 2 or sum(page.cost for page in work) < POOL_MIN_IMAGES:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, len(work))
+
+
+# A pool worker's stop flag, set by the main process when it is told to stop (workers ignore the signals
+# themselves: the main process decides, and waits for them).
+_worker_stop: Any = None
+
+
+def _start_worker(stop: Any) -> None:
+    import signal
+
+    global _worker_stop
+    _worker_stop = stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _worker_should_stop() -> bool:
+    return _worker_stop.is_set()
+
+
+def _draw_page_in_worker(out_dir: Path, page: PageViews, references: dict[int, list[Thumb]]) -> None:
+    draw_page(out_dir, page, references, _worker_should_stop)
+
+
+def _draw_in_pool(
+    out_dir: Path,
+    work: Sequence[PageViews],
+    references: ReferenceThumbs,
+    should_stop: Callable[[], bool],
+    workers: int,
+) -> None:
+    # Imported here: `squeeze status` imports this module and never draws with a pool.
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    # spawn: fresh workers that inherit no threads (torch's) and no signal handlers, and are this process's
+    # own children (their CPU time and memory count as its children's).
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(stop,))
+    with pool:
+        pending = {pool.submit(_draw_page_in_worker, out_dir, page, references.of(page)) for page in work}
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()  # a worker's error is raised here
+                if should_stop():
+                    break
+        finally:  # stopped, or an error: no new page starts, and the running ones end at their next prompt
+            stop.set()
+            for future in pending:
+                future.cancel()

@@ -1,0 +1,101 @@
+"""Helpers for the tests that run the `squeeze` command on the tiny recipe: small manifests, the one-line
+error squeeze must print, the files a run left, and time limits for calls that could block."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from pathlib import Path
+
+# One subject, one prompt, four seeds: a --shard 0/2 and a --shard 1/2 each make part of the same grid.
+FOUR_SEEDS = """\
+version: 1
+recipe: tiny
+defaults:
+  height: 32
+  width: 32
+  num_inference_steps: 2
+  reference_size: 32
+  seeds: [0, 1, 2, 3]
+subjects:
+  - name: dog
+    class: dog
+    references: [images/dog/00.jpg]
+    prompts:
+      - a {class} in the snow
+"""
+
+
+# One subject, one prompt, the tiny recipe's seed: one image.
+ONE_IMAGE = """\
+version: 1
+recipe: tiny
+defaults:
+  height: 32
+  width: 32
+  num_inference_steps: 2
+  reference_size: 32
+subjects:
+  - name: dog
+    class: dog
+    references: [images/dog/00.jpg]
+    prompts: ["a {class} in the snow"]
+"""
+
+# The same subject with two prompts of two seeds: four images.
+TWO_PROMPTS = ONE_IMAGE.replace(
+    'prompts: ["a {class} in the snow"]',
+    'prompts: ["a {class} in the snow", "a {class} at sea"]\n    seeds: [0, 1]',
+)
+
+
+def env(cache: str) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "SQUEEZE_CACHE": cache, "OMP_NUM_THREADS": "1"}
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def finishes(function, *args, timeout: float = 20.0):
+    """`function(*args)` run in a thread: its result, failing the test if it blocks (a FIFO opened for
+    reading waits for a writer forever)."""
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["value"] = function(*args)
+        except BaseException as error:  # handed to the test
+            result["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{function.__name__} blocked"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+@contextlib.contextmanager
+def deadline(seconds: int = 60):
+    """Fail (rather than hang) when the main thread blocks longer than `seconds`, e.g. opening a FIFO."""
+
+    def expired(signum, frame):
+        raise TimeoutError(f"blocked for more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

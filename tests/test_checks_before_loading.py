@@ -1,0 +1,158 @@
+"""Every input error is found before the model loads: weight folders that are missing and hub ids absent
+from the offline cache (by `validate` and by `gen`), a folder that is not a checkpoint, a device or
+offload mode this machine lacks; and a model's small parts load before its large ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from support import ONE_IMAGE
+
+from squeeze_cli.model_checks import device_problem
+
+
+@pytest.fixture
+def project(make_project) -> Path:
+    return make_project(m=ONE_IMAGE)
+
+
+def test_validate_with_the_paper_recipe_names_the_missing_weight_folders(project: Path, squeeze) -> None:
+    result = squeeze("validate", str(project / "m.yaml"), "--recipe", "paper-internvl3-flux")
+    assert result.code == 2, result.out
+    errors = result.err.splitlines()
+    aggregator = f"no such folder: {project / 'weights' / 'aggregator'}"
+    assert any("model.components.aggregator.path: " + aggregator in line for line in errors), errors
+    assert any(f"model.lora.path: no such folder: {project / 'weights' / 'lora'}" in line for line in errors)
+    assert any("--set model.lora.path=DIR" in line for line in errors)
+    # Offline, hub ids that are not in the cache are reported too, with how to get them.
+    # One line per absent repo, although the MLLM, its tokenizer and its image processor all name it.
+    assert sum("OpenGVLab/InternVL3-8B-hf is not in the Hugging Face cache" in line for line in errors) == 1
+    assert any("hf download black-forest-labs/FLUX.1-dev" in line for line in errors)
+
+
+def test_gen_reports_missing_weights_without_loading(project: Path, squeeze, monkeypatch) -> None:
+    import squeeze_cli.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(squeeze_cli.loading, "load_pipeline", no_loading)
+    result = squeeze(
+        "gen",
+        str(project / "m.yaml"),
+        "--set",
+        f"model={{pipeline: {project / 'nowhere'}}}",
+        "--out",
+        str(project / "out"),
+    )
+    assert result.code == 2 and f"model.pipeline: no such folder: {project / 'nowhere'}" in result.err
+    assert not (project / "out").exists()
+
+
+def test_a_local_folder_that_is_not_a_checkpoint_is_refused(project: Path, squeeze, monkeypatch) -> None:
+    (project / "empty").mkdir()
+    monkeypatch.chdir(project)  # `--set` paths start from the current folder
+    result = squeeze("validate", str(project / "m.yaml"), "--set", "model={pipeline: ./empty}")
+    assert result.code == 2 and "has no model_index.json: not a saved checkpoint" in result.err
+
+
+def test_hub_ids_in_the_offline_cache_pass(tmp_path: Path, monkeypatch) -> None:
+    """A hub id whose snapshot is in the Hugging Face cache is fine offline; a missing subfolder is not."""
+    import huggingface_hub.constants
+
+    from squeeze_cli.manifest.schema import ModelSpec
+    from squeeze_cli.model_checks import source_problems
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--flux"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    (snapshot / "transformer").mkdir(parents=True)
+    (snapshot / "transformer" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def spec(**components) -> ModelSpec:
+        base = {"mllm": {"path": "org/flux", "subfolder": "transformer"}}
+        for name in ("aggregator", "vae", "scheduler"):
+            base[name] = {"path": "org/flux", "subfolder": "transformer"}
+        return ModelSpec(components={**base, **components}, dtype="float32")
+
+    problems = source_problems(spec(transformer={"path": "org/flux", "subfolder": "transformer"}))
+    assert [p.field for p in problems] == ["model.components.scheduler.path"]  # no scheduler_config.json
+    missing = source_problems(spec(transformer={"path": "org/flux", "subfolder": "vae2"}))
+    assert "org/flux/vae2 in the Hugging Face cache has no config.json" in [p.message for p in missing]
+    absent = source_problems(spec(transformer={"path": "org/other"}))
+    assert "org/other is not in the Hugging Face cache" in [p.message for p in absent]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online: from_pretrained may download, nothing to check
+    assert source_problems(spec(transformer={"path": "org/other"})) == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--device", "cuda"], "error: --device cuda: no CUDA GPU is visible on this machine"),
+        (["--device", "mps"], "error: --device mps: Apple's MPS is not available here"),
+        (["--device", "tpu"], "error: --device tpu:"),
+        (["--offload", "model", "--device", "cpu"], "error: --offload model moves weights to a GPU"),
+        (["--offload", "model"], "error: --offload model needs a CUDA GPU and none is visible"),
+    ],
+)
+def test_a_device_that_is_not_here_is_exit_2_before_loading(
+    project: Path, squeeze, monkeypatch, flags, message
+) -> None:
+    import torch
+
+    import squeeze_cli.loading
+
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("this machine has a GPU")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(squeeze_cli.loading, "load_pipeline", no_loading)
+    result = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "out"), *flags)
+    assert result.code == 2 and result.err.startswith(message), result.err
+    assert len(result.err.splitlines()) == 1 and "loading" not in result.err
+    assert not (project / "out").exists()
+
+
+def test_device_problem_accepts_what_exists() -> None:
+    assert device_problem("cpu", "none") is None and device_problem("auto", "none") is None
+
+
+def test_validate_checks_the_device_and_offload_mode_gen_would_use(project: Path, squeeze) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = squeeze("validate", str(project / "m.yaml"), "--device", "cuda")
+    assert result.code == 2 and result.err.startswith("error: --device cuda: no CUDA GPU is visible")
+    as_json = json.loads(squeeze("validate", str(project / "m.yaml"), "--offload", "model", "--json").out)
+    assert as_json["ok"] is False and "--offload model needs a CUDA GPU" in as_json["problems"][0]["message"]
+    assert squeeze("validate", str(project / "m.yaml"), "--device", "cpu").code == 0
+
+
+def test_small_local_parts_load_before_the_large_ones(monkeypatch) -> None:
+    import squeeze_cli.loading as loading
+    from squeeze_cli.manifest.schema import ModelSpec
+
+    tiny = loading.ensure_tiny_checkpoint("internvl")
+    parts = ("mllm", "transformer", "vae", "scheduler", "aggregator", "tokenizer", "image_processor")
+    spec = ModelSpec(
+        components={name: {"path": str(tiny), "subfolder": name} for name in parts}, dtype="float32"
+    )
+    order = []
+    real = loading.load_component
+
+    def recording(name, *args, **kwargs):
+        order.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_component", recording)
+    loading.load_pipeline(spec)
+    assert order == ["aggregator", "scheduler", "tokenizer", "image_processor", "vae", "mllm", "transformer"]

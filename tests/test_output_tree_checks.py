@@ -1,0 +1,106 @@
+"""The output folder is checked before a run loads the model or writes a file: a symbolic link, a FIFO or a
+file where squeeze would write, and an empty `--out`, are each refused in one line that names the path and
+the fix, and nothing is created or written through."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from support import FOUR_SEEDS, deadline, files_under, one_error_line
+
+from squeeze_cli.errors import EXIT_INVALID
+
+
+@pytest.fixture
+def project(make_project) -> Path:
+    return make_project(m=FOUR_SEEDS)
+
+
+@pytest.mark.parametrize("name", [".squeeze.lock", "run.json", "index.jsonl", "manifest.resolved.yaml"])
+def test_a_run_file_that_is_a_symlink_is_refused_and_its_target_untouched(
+    project: Path, squeeze, name
+) -> None:
+    out = project / "out"
+    out.mkdir()
+    victim = project / "victim.txt"
+    victim.write_text("precious\n")
+    (out / name).symlink_to(victim)
+    result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--quiet")
+    line = one_error_line(result.err)
+    assert result.code == EXIT_INVALID
+    assert line.startswith(f"error: {out / name} is a symbolic link, not a regular file (hint: remove it")
+    assert victim.read_text() == "precious\n"
+    assert files_under(out) == [name]
+
+
+def test_a_shard_folder_that_is_a_symlink_is_refused(project: Path, squeeze) -> None:
+    out, elsewhere = project / "out", project / "elsewhere"
+    elsewhere.mkdir()
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "0-of-2").symlink_to(elsewhere)
+    result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--shard", "0/2", "--quiet")
+    line = one_error_line(result.err)
+    assert result.code == EXIT_INVALID
+    assert line.startswith(
+        f"error: {out / 'shards' / '0-of-2'} is a symbolic link (hint: replace it by a real"
+    )
+    assert list(elsewhere.iterdir()) == []
+    assert files_under(out) == ["shards", "shards/0-of-2"]
+
+
+def test_a_subject_folder_that_is_a_symlink_inside_out_is_refused(project: Path, squeeze) -> None:
+    out = project / "out"
+    (out / "cat").mkdir(parents=True)
+    (out / "dog").symlink_to(out / "cat")
+    result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--quiet")
+    assert result.code == EXIT_INVALID
+    assert one_error_line(result.err).startswith(f"error: {out / 'dog'} is a symbolic link")
+    assert list((out / "cat").iterdir()) == []
+
+
+def test_a_fifo_at_a_sidecar_path_is_refused_before_anything_runs(project: Path, squeeze) -> None:
+    out = project / "out"
+    (out / "dog").mkdir(parents=True)
+    os.mkfifo(out / "dog" / "000-s1.json")
+    with deadline():
+        result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--quiet")
+    assert result.code == EXIT_INVALID
+    assert one_error_line(result.err).startswith(
+        f"error: {out / 'dog' / '000-s1.json'} is a FIFO (named pipe), not a regular file (hint: remove it"
+    )
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_an_empty_out_is_refused(project: Path, squeeze, monkeypatch, value) -> None:
+    work = project / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = squeeze("gen", str(project / "m.yaml"), "--out", value, "--quiet")
+    assert result.code == EXIT_INVALID
+    assert one_error_line(result.err) == (
+        f"error: --out {value!r}: the output folder is empty (hint: give the output folder, e.g. --out out)"
+    )
+    assert list(work.iterdir()) == []
+
+
+def test_a_file_where_a_subject_folder_goes_is_refused_before_loading(
+    project: Path, squeeze, monkeypatch
+) -> None:
+    from squeeze_cli.gen import worker
+
+    def must_not_load(self) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(worker.Worker, "load", must_not_load)
+    out = project / "out"
+    out.mkdir()
+    (out / "dog").write_text("not a folder")
+    result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--quiet")
+    assert result.code == EXIT_INVALID
+    assert one_error_line(result.err) == (
+        f"error: {out / 'dog'} is a regular file, not a folder (hint: move or remove it: the images of "
+        f"subject 'dog' go in the folder {out / 'dog'})"
+    )
+    assert files_under(out) == ["dog"]

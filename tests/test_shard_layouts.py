@@ -1,0 +1,149 @@
+"""One shard layout per output folder: runs of different `--shard` layouts exclude each other, the shards
+of one layout share the folder and draw its views one at a time, and once they all finish every grid and
+contact sheet shows every image."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from support import FOUR_SEEDS, files_under, one_error_line
+
+from squeeze_cli import outputs
+from squeeze_cli.errors import EXIT_INVALID, EXIT_OK
+from squeeze_cli.outputs import layout
+from squeeze_cli.outputs.grids import PageViews, PromptViews
+
+
+@pytest.fixture
+def project(make_project) -> Path:
+    return make_project(m=FOUR_SEEDS)
+
+
+HOLD_LAYOUT = """
+import sys, time
+from pathlib import Path
+from squeeze_cli.gen.lock import LayoutLock
+shard = None if sys.argv[2] == "plain" else tuple(int(n) for n in sys.argv[2].split("/"))
+LayoutLock(Path(sys.argv[1]), shard).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def hold_layout():
+    """`hold_layout(out, "0/2")` (or "plain"): another process holding OUT with that shard layout."""
+    holders = []
+
+    def hold(out: Path, layout: str) -> subprocess.Popen:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LAYOUT, str(out), layout], stdout=subprocess.PIPE, text=True
+        )
+        holders.append(holder)
+        assert holder.stdout.readline().strip() == "locked"
+        return holder
+
+    yield hold
+    for holder in holders:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize(
+    "held, ours, refused",
+    [
+        ("0/2", [], True),  # a plain run while shards run: it would redo their jobs
+        ("0/2", ["--shard", "0/3"], True),  # another layout overlaps too
+        ("plain", ["--shard", "1/2"], True),
+        ("plain", ["--shard", "0/1"], True),  # the same jobs as the plain run
+        ("0/2", ["--shard", "1/2"], False),  # the shards of one layout share the folder
+    ],
+)
+def test_runs_of_different_shard_layouts_exclude_each_other(
+    project: Path, squeeze, hold_layout, held, ours, refused
+) -> None:
+    out = project / "out"
+    out.mkdir()
+    hold_layout(out, held)
+    result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--quiet", *ours)
+    if refused:
+        line = one_error_line(result.err)
+        assert result.code == EXIT_INVALID
+        assert line.startswith(f"error: {out} is in use by another squeeze gen with another shard layout")
+        assert {Path(name).name for name in files_under(out)} <= {outputs.LAYOUT_LOCK_NAME, outputs.LOCK_NAME}
+    else:
+        assert result.code == EXIT_OK, result.err
+        assert (out / "shards" / "1-of-2" / "run.json").exists()
+
+
+HOLD_VIEWS = """
+import sys, time
+from pathlib import Path
+from squeeze_cli.gen.lock import LayoutLock
+lock = LayoutLock(Path(sys.argv[1]), (0, 2))
+lock.acquire()
+with lock.drawing_views():
+    print("drawing", flush=True)
+    sys.stdin.readline()
+print("done", flush=True)
+time.sleep(120)
+"""
+
+
+def test_shards_draw_their_views_one_at_a_time(tmp_path: Path) -> None:
+    import fcntl
+
+    from squeeze_cli.gen.lock import LayoutLock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_VIEWS, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "drawing"
+        ours = LayoutLock(tmp_path, (1, 2))
+        ours.acquire()  # the same layout: shares the folder
+        with pytest.raises(OSError) as busy:  # but not the drawing of the views
+            fcntl.lockf(ours._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+        assert busy.value.errno in (errno.EACCES, errno.EAGAIN)
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "done"
+        with ours.drawing_views():  # free again
+            pass
+        ours.release()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_after_the_shards_finish_every_grid_shows_every_image(project: Path, squeeze, plan_of) -> None:
+    from squeeze_cli.plan import shard_jobs
+
+    jobs = plan_of(project / "m.yaml")
+    assert shard_jobs(jobs, 0, 2) and shard_jobs(jobs, 1, 2)  # one prompt's seeds split over both shards
+    out = project / "out"
+    for shard in ("0/2", "1/2"):
+        result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--shard", shard, "--quiet")
+        assert result.code == EXIT_OK, result.err
+
+    # Nothing left to redraw, and the grid and contact sheet as drawn from every image.
+    finished = outputs.find_finished(out, jobs)
+    assert len(finished) == len(jobs) and outputs.plan_views(out, jobs, finished) == []
+    expected = project / "expected"
+    entries = tuple((job.seed, str(layout.image_path(out, job))) for job in jobs)
+    prompt = PromptViews(0, jobs[0].prompt, entries, grid_inputs="every image")
+    page = PageViews("dog", 1, tuple(jobs[0].references), (prompt,), sheet_inputs="every image")
+    outputs.draw_views(expected, [page], lambda: False)
+    for name in ("grid-000.png", "contact-sheet.png"):
+        drawn = np.asarray(Image.open(out / "dog" / name).convert("RGB"))
+        complete = np.asarray(Image.open(expected / "dog" / name).convert("RGB"))
+        assert drawn.shape == complete.shape and (drawn == complete).all(), name
