@@ -224,3 +224,40 @@ def test_dreambench_prints_a_next_command_that_works_without_weights(project: Pa
     validated = squeeze(*command[1:])
     assert validated.code == 0, validated.err
     assert "jobs      100 (limit 100,000)" in validated.out
+
+
+def test_images_in_the_output_folder_never_become_references(
+    tmp_path: Path, squeeze, make_image, monkeypatch
+) -> None:
+    """An output folder inside a reference glob: the run's images, grids and sidecars (in the subjects'
+    folders of OUT) are not swept into the next run's references, so a rerun has nothing to generate (it
+    used to change every job id, for ever); the same with `--out`. A glob that matches only outputs says
+    so."""
+    photo = make_image("images/photo.png")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        "version: 1\n"
+        "recipe: tiny\n"
+        "output: {dir: images, grids: true, contact_sheet: true}\n"
+        "defaults: {height: 32, width: 32, num_inference_steps: 2, reference_size: 32}\n"
+        'subjects: [{name: dog, class: dog, references: ["images/**/*.png"], prompts: ["a {class}"]}]\n'
+    )
+
+    def pending(*flags: str) -> int:
+        result = squeeze("gen", str(manifest), "--dry-run", "--json", *flags)
+        assert result.code == 0, result.err
+        return json.loads(result.out.splitlines()[-1])["pending"]
+
+    assert squeeze("gen", str(manifest), "--quiet").code == 0
+    assert (tmp_path / "images" / "dog" / "000-s0.png").is_file()
+    assert load_manifest(manifest).subjects[0].references == (str(photo),)
+    assert pending() == 0
+    # With --out the same: the folder given on the command line is the one kept out of the globs.
+    monkeypatch.chdir(tmp_path)
+    assert squeeze("gen", str(manifest), "--out", "images/run", "--quiet").code == 0
+    assert pending("--out", "images/run") == 0
+    # A glob that matches nothing but outputs is refused, and says why.
+    shutil.rmtree(tmp_path / "images" / "run")
+    photo.unlink()
+    refused = squeeze("validate", str(manifest))
+    assert refused.code == 2 and "where squeeze writes: keep the photos elsewhere" in refused.err

@@ -93,9 +93,8 @@ def _check_input(
         raise UsageError(
             f"--out {out!r}: the output folder is empty", "give the output folder, e.g. --out out"
         )
-    loaded = load_from_cli(manifest, overrides, recipe, max_jobs)
     if out is not None:
-        from dataclasses import replace
+        import json
 
         from squeeze_cli.manifest.resolve import output_dir_problem
 
@@ -103,8 +102,10 @@ def _check_input(
         reason = output_dir_problem(out_dir)
         if reason is not None:
             raise UsageError(f"--out {out}: {reason}", "choose another --out")
-        # The folder actually used: `manifest.resolved.yaml` records it, so gen on that file finds the run.
-        loaded = replace(loaded, output_dir=out_dir)
+        # The manifest's `output.dir` from here on: the resolver keeps its images out of reference globs,
+        # and `manifest.resolved.yaml` records it, so gen on that file finds the run. (JSON is YAML: quoted.)
+        overrides.append(f"output.dir={json.dumps(str(out_dir))}")
+    loaded = load_from_cli(manifest, overrides, recipe, max_jobs)
     # A device that is not here is bad input: said now (a dry run too), not after loading the model.
     wrong_device = device_problem(device, offload)
     if wrong_device is not None:

@@ -249,6 +249,8 @@ class _Resolver:
         self.base_dir = manifest_path.parent
         self.problems: list[Problem] = []
         self.warnings: list[Problem] = []
+        self.output_dir: Path | None = None  # resolved first: reference globs never reach into it
+        self._written_folders: list[str] | None = None
 
     def problem(self, path: FieldPath, message: str, hint: str | None = None) -> None:
         self.problems.append(self.document.problem(path, message, hint))
@@ -266,6 +268,7 @@ class _Resolver:
     def resolve(self, max_jobs: int | None) -> LoadedManifest | None:
         head = self.head
         recipe, model = self.resolve_model(head) if head is not None else (None, None)
+        output_dir = self.output_dir = self.resolve_output_dir(head) if head is not None else None
         names_seen: dict[str, int] = {}
         subjects = []
         for index, subject in enumerate(self.subjects):
@@ -288,7 +291,6 @@ class _Resolver:
         total = count_jobs(subjects)
         if total > limit:
             self.problem(("subjects",), *too_many_jobs(total, limit))
-        output_dir = self.resolve_output_dir(head) if head is not None else None
         if model is not None and head is not None:
             self.check_sampling_keys(head, model, recipe)
         # (`output_dir` is None only with a problem reported.)
@@ -529,6 +531,18 @@ class _Resolver:
                 'set `negative_prompt` (an empty one is `negative_prompt: ""`)',
             )
 
+    def written_by_squeeze(self, file: str) -> bool:
+        """Whether `file` lies where a run of this manifest writes: a subject's folder in the output folder
+        (its images, sidecars, grids and contact sheets), or the shards' run files (links resolved)."""
+        if self.output_dir is None:
+            return False
+        if self._written_folders is None:
+            names = {subject.name for subject in self.subjects if subject is not None}
+            out = os.path.realpath(self.output_dir)
+            self._written_folders = [os.path.join(out, name) for name in sorted(names | {"shards"})]
+        real = os.path.realpath(file)
+        return any(_inside(real, folder) for folder in self._written_folders)
+
     def resolve_references(self, path: FieldPath, patterns: list[str]) -> tuple[str, ...]:
         found: dict[str, int] = {}  # file -> index of the first pattern that named it
         from_glob: set[str] = set()
@@ -542,7 +556,16 @@ class _Resolver:
             absolute = os.path.join(self.path_base(ref_path), os.path.expanduser(pattern))
             if glob.has_magic(pattern):
                 matches = [m for m in glob_paths(absolute) if os.path.isfile(m)]
+                # squeeze's own images, grids and sidecars are never references: a glob that reaches into
+                # the output folder would take a run's images into the next run's job ids, for ever.
+                outputs = [m for m in matches if self.written_by_squeeze(m)]
+                matches = [m for m in matches if m not in outputs]
                 if not matches:
+                    if outputs:
+                        folder_hint = (
+                            f"it matches only files in the subject folders of the output folder "
+                            f"{self.output_dir}, where squeeze writes: keep the photos elsewhere"
+                        )
                     self.problem(ref_path, f"no file matches {pattern!r}", folder_hint)
                 for match in matches:
                     normalized = os.path.normpath(match)
@@ -580,6 +603,10 @@ class _Resolver:
                     hint = f"{patterns[found[reference]]!r} matches it: narrow the pattern, e.g. to *.jpg"
                 self.problem((*path, "references", found[reference]), f"{shown}: {message}", hint)
         return references
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
 
 
 def output_dir_problem(path: Path) -> str | None:
