@@ -8,9 +8,7 @@ What differs from diffusers' `__call__`:
   how Kontext marks its single context image (index 1) and how `SqueezePipeline` adds its references;
 - each prompt's T5/CLIP encoding is computed once and kept (a small LRU), whatever the batches;
 - each image's noise comes from its own CPU generator (drawn in float32), so a seed gives the same image
-  whatever the batch size or number of processes;
-
-(the last two, with the runner's other glue, from `contract.SubjectBatchMixin`);
+  whatever the batch size or number of processes (this and the LRU are `contract.SubjectBatchMixin`'s);
 - references are resized so their longer side is `reference_size` (aspect kept, multiples of 16), in
   place of diffusers' snapping to Kontext's preferred ~1 MP resolutions.
 """
@@ -25,21 +23,10 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import (
-    AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
     FluxKontextPipeline,
-    FluxTransformer2DModel,
 )
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift, retrieve_timesteps
 from diffusers.utils import BaseOutput
-from transformers import (
-    CLIPImageProcessor,
-    CLIPTextModel,
-    CLIPTokenizer,
-    CLIPVisionModelWithProjection,
-    T5EncoderModel,
-    T5Tokenizer,
-)
 
 from .contract import SubjectBatchMixin
 from .registry import PIPELINES
@@ -91,30 +78,6 @@ class KontextPipeline(SubjectBatchMixin, FluxKontextPipeline):
     """
 
     sampling_parameters = PIPELINES["kontext"].sampling_parameters
-
-    def __init__(
-        self,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        text_encoder_2: T5EncoderModel,
-        tokenizer_2: T5Tokenizer,
-        transformer: FluxTransformer2DModel,
-        image_encoder: CLIPVisionModelWithProjection | None = None,
-        feature_extractor: CLIPImageProcessor | None = None,
-    ):
-        super().__init__(
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            text_encoder_2=text_encoder_2,
-            tokenizer_2=tokenizer_2,
-            transformer=transformer,
-            image_encoder=image_encoder,
-            feature_extractor=feature_extractor,
-        )
 
     @property
     def max_sequence_length(self) -> int:
