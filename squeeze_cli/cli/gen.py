@@ -93,19 +93,17 @@ def _check_input(
         raise UsageError(
             f"--out {out!r}: the output folder is empty", "give the output folder, e.g. --out out"
         )
+    out_dir = None
     if out is not None:
-        import json
-
         from squeeze_cli.manifest.resolve import output_dir_problem
 
         out_dir = Path(out).expanduser().absolute()  # from the current folder, as on any command line
         reason = output_dir_problem(out_dir)
         if reason is not None:
             raise UsageError(f"--out {out}: {reason}", "choose another --out")
-        # The manifest's `output.dir` from here on: the resolver keeps its images out of reference globs,
-        # and `manifest.resolved.yaml` records it, so gen on that file finds the run. (JSON is YAML: quoted.)
-        overrides.append(f"output.dir={json.dumps(str(out_dir))}")
-    loaded = load_from_cli(manifest, overrides, recipe, max_jobs)
+    # The folder used from here on: the resolver keeps its images out of reference globs, and
+    # `manifest.resolved.yaml` records it, so gen on that file finds the run.
+    loaded = load_from_cli(manifest, overrides, recipe, max_jobs, out=out_dir)
     # A device that is not here is bad input: said now (a dry run too), not after loading the model.
     wrong_device = device_problem(device, offload)
     if wrong_device is not None:

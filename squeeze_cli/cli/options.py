@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -68,11 +69,14 @@ def load_from_cli(
     max_jobs: int | None,
     *,
     check_sources: bool = True,
+    out: Path | None = None,
 ) -> LoadedManifest:
-    """`load_manifest` with the shared flags."""
+    """`load_manifest` with the shared flags (`out`: `--out`, absolute)."""
     from squeeze_cli.manifest.resolve import load_manifest
 
-    return load_manifest(manifest, set_ or (), recipe=recipe, max_jobs=max_jobs, check_sources=check_sources)
+    return load_manifest(
+        manifest, set_ or (), recipe=recipe, max_jobs=max_jobs, check_sources=check_sources, output_dir=out
+    )
 
 
 def parse_choice(flag: str, value: str, enum: type[Enum]) -> str:

@@ -176,6 +176,7 @@ def load_manifest(
     recipe: str | None = None,
     max_jobs: int | None = None,
     check_sources: bool = True,
+    output_dir: Path | None = None,
 ) -> LoadedManifest:
     """Read, validate and resolve a manifest; nothing is loaded but the YAML and image headers.
 
@@ -186,6 +187,7 @@ def load_manifest(
         max_jobs: job limit (``--max-jobs``); beats the manifest's `max_jobs`, default `DEFAULT_MAX_JOBS`.
         check_sources: check that the model's local folders exist (and, with ``HF_HUB_OFFLINE``, that its
             hub ids are cached); off for reading a finished run's manifest where the weights are not.
+        output_dir: the output folder to use instead of `output.dir` (``--out``, absolute and checked).
 
     Raises:
         `ManifestError`: with every problem found, each located in the file (or at the ``--set`` flag).
@@ -218,7 +220,9 @@ def load_manifest(
         subject, subject_problems = validate_schema(Subject, document, ("subjects", index))
         problems += subject_problems
         subjects.append(subject if isinstance(subject, Subject) else None)
-    resolver = _Resolver(document, head, subjects, manifest_path, check_sources=check_sources)
+    resolver = _Resolver(
+        document, head, subjects, manifest_path, check_sources=check_sources, output_dir=output_dir
+    )
     loaded = resolver.resolve(max_jobs)
     problems += resolver.problems
     if problems or loaded is None:
@@ -240,8 +244,10 @@ class _Resolver:
         manifest_path: Path,
         *,
         check_sources: bool = True,
+        output_dir: Path | None = None,
     ):
         self.check_sources = check_sources
+        self.out_flag = output_dir
         self.document = document
         self.head = head
         self.subjects = subjects
@@ -269,6 +275,8 @@ class _Resolver:
         head = self.head
         recipe, model = self.resolve_model(head) if head is not None else (None, None)
         output_dir = self.output_dir = self.resolve_output_dir(head) if head is not None else None
+        if self.out_flag is not None:  # `output.dir` was still checked: a bad one is bad input all the same
+            output_dir = self.output_dir = self.out_flag
         names_seen: dict[str, int] = {}
         subjects = []
         for index, subject in enumerate(self.subjects):
