@@ -78,6 +78,12 @@ def eval_run(squeeze, *args: str, expect: int = 0):
     return result
 
 
+def last_line(stderr: str) -> str:
+    """The error line (the first command of a session may print the tiny models' build above it)."""
+    assert "Traceback" not in stderr, stderr
+    return one_error_line(stderr.replace("\r", "\n").strip().splitlines()[-1])
+
+
 def summary_of(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
@@ -293,7 +299,7 @@ def test_a_damaged_metrics_cache_counts_as_no_cache(squeeze, run: Path, damage):
     damage(cache)
     if damage is _cache_endless:  # read as no cache; the link leads out of the run, so writing is refused
         result = eval_run(squeeze, str(run), expect=2)
-        assert "metrics-cache.json" in one_error_line(result.err.split("\r")[-1])
+        assert "metrics-cache.json" in last_line(result.err)
         return
     result = eval_run(squeeze, str(run))
     assert "scores: " in result.out and "scores: 0 computed" not in result.out
@@ -419,3 +425,32 @@ def test_the_reports_sort_from_the_address_never_builds_a_selector_from_it(squee
     page = (run / "report.html").read_text()
     assert "th.dataset.column===col" in page
     assert "'+col+'" not in page
+
+
+# ---------------------------------------------------------------------------------------------------
+# Messages that say what is wrong
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content", [b"garbage\n", b"", b'[1, 2]\n{"job_id": 3}\n'], ids=["garbage", "empty", "wrong"]
+)
+def test_a_folder_whose_index_has_no_valid_line_is_not_evaluated(squeeze, tmp_path: Path, content: bytes):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "index.jsonl").write_bytes(content)
+    result = squeeze("eval", str(folder), "--metrics", "tiny")
+    assert result.code == 2, (result.out, result.err)
+    line = last_line(result.err)
+    assert str(folder) in line and "no valid line" in line, line
+    assert sorted(p.name for p in folder.iterdir()) == ["index.jsonl"]  # nothing written there
+
+
+def test_an_index_over_the_size_limit_says_so(squeeze, run: Path, monkeypatch):
+    from squeeze_cli.outputs import index
+
+    monkeypatch.setattr(index, "INDEX_MAX_BYTES", 100)
+    result = squeeze("eval", str(run), "--metrics", "tiny")
+    assert result.code != 0
+    line = last_line(result.err)
+    assert "index.jsonl" in line and "limit" in line and "file system" not in line, line

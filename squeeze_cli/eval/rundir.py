@@ -88,6 +88,12 @@ def read_run(path: str | Path) -> RunContents:
         for entry in outputs.read_index(index_file.parent):
             latest.pop(entry["job_id"], None)
             latest[entry["job_id"]] = entry
+    if not latest:  # garbage, or a run killed before its first image: nothing to evaluate, nothing written
+        raise RunDirError(
+            f"{run_dir}: its {outputs.INDEX_NAME} has no valid line (not a squeeze run, or none of its "
+            "jobs has finished)",
+            "run `squeeze gen` on it (it rebuilds a damaged index from the sidecars), then eval",
+        )
     contents = RunContents(run_dir)
     for entry in latest.values():
         if entry.get("status") != "ok":
