@@ -12,6 +12,7 @@ from PIL import Image
 
 from squeeze_cli.eval.rundir import RunImage
 from squeeze_cli.eval.scoring import clip_t_text
+from squeeze_cli.outputs.resume import png_file_facts
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_IMAGES = REPO / "examples" / "images"
@@ -147,6 +148,11 @@ def test_a_rerun_computes_nothing_and_a_grown_run_only_what_is_new(squeeze, run:
 def test_a_changed_image_is_scored_again(squeeze, run: Path):
     evaluate(squeeze, str(run))
     Image.new("RGB", (32, 32), (0, 0, 255)).save(run / "dog" / "000-s0.png")
+    # A PNG its sidecar does not vouch for is not finished (listed missing): the sidecar follows it here.
+    sidecar = run / "dog" / "000-s0.json"
+    record = json.loads(sidecar.read_text())
+    record["png"] = png_file_facts(run / "dog" / "000-s0.png")
+    sidecar.write_text(json.dumps(record))
     assert evaluate(squeeze, str(run))["runs"][0]["cache"]["computed"] == 2
 
 

@@ -16,6 +16,7 @@ import yaml
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import SqueezeError, UsageError
+from squeeze_cli.reading import MANIFEST_MAX_BYTES, read_regular_file
 
 PROMPTS_FILE = "prompts_and_classes.txt"
 PROMPTS_PER_KIND = 25
@@ -51,12 +52,17 @@ def parse_prompts_and_classes(path: Path) -> tuple[dict[str, str], list[str], li
     Raises:
         `DatasetError`: when the file is missing or does not hold 25 + 25 prompts.
     """
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+    hint = f"give the DreamBench `dataset` folder, the one with {PROMPTS_FILE} and one folder per subject"
+    try:  # a FIFO or a device in its place is refused at once; an endless file is not read whole
+        data = read_regular_file(path, MANIFEST_MAX_BYTES)
     except OSError as error:
+        raise DatasetError(f"cannot read {path}: {error.strerror or error}", hint) from error
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
         raise DatasetError(
-            f"cannot read {path}: {error.strerror or error}",
-            f"give the DreamBench `dataset` folder, the one with {PROMPTS_FILE} and one folder per subject",
+            f"cannot read {path}: not UTF-8 text (byte {error.start})",
+            "use the unmodified prompts_and_classes.txt of the DreamBench dataset",
         ) from error
     classes: dict[str, str] = {}
     prompts: dict[str, list[str]] = {"object": [], "live": []}
@@ -112,7 +118,7 @@ def _reference_count(references: str) -> int | None:
         return None
     if references == "first":
         return 1
-    if references.isdigit() and int(references) > 0:
+    if references.isascii() and references.isdigit() and int(references) > 0:
         return int(references)
     raise UsageError(f"--references {references!r}: expected first, a number, or all", "e.g. --references 3")
 

@@ -119,7 +119,7 @@ document.addEventListener('DOMContentLoaded',()=>{
   if(hash.get('filter')){document.getElementById('filter').value=hash.get('filter');}
   applyFilter();
   const col=hash.get('sort');
-  if(col){document.querySelectorAll('th[data-column="'+col+'"]').forEach(th=>{th.click();if(hash.has('desc'))th.click();});}
+  if(col){[...document.querySelectorAll('th[data-column]')].filter(th=>th.dataset.column===col).forEach(th=>{th.click();if(hash.has('desc'))th.click();});}
 });
 window.addEventListener('load',()=>{
   let broken=0;

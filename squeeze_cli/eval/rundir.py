@@ -88,6 +88,12 @@ def read_run(path: str | Path) -> RunContents:
         for entry in outputs.read_index(index_file.parent):
             latest.pop(entry["job_id"], None)
             latest[entry["job_id"]] = entry
+    if not latest:  # garbage, or a run killed before its first image: nothing to evaluate, nothing written
+        raise RunDirError(
+            f"{run_dir}: its {outputs.INDEX_NAME} has no valid line (not a squeeze run, or none of its "
+            "jobs has finished)",
+            "run `squeeze gen` on it (it rebuilds a damaged index from the sidecars), then eval",
+        )
     contents = RunContents(run_dir)
     for entry in latest.values():
         if entry.get("status") != "ok":
@@ -118,13 +124,61 @@ def _run_image(run_dir: Path, entry: dict[str, Any], missing: list[str]) -> RunI
     if record is None or record.get("job_id") != entry["job_id"]:
         missing.append(f"{sidecar_name}: the sidecar is missing or belongs to another job")
         return None
+    damaged = _damaged_field(record)
+    if damaged is not None:
+        missing.append(f"{sidecar_name}: the sidecar is damaged: {damaged}")
+        return None
+    # Gen's definition of finished (size and sha256 as the sidecar records), then a header and
+    # completeness check that decodes nothing: a truncated, replaced or bomb PNG is listed, not scored.
+    reason = outputs.png_mismatch(image_path, record) or _unreadable(image_path)
+    if reason is not None:
+        missing.append(f"{image_name}: {reason}")
+        return None
+    references = record.get("references")
     return RunImage(
         job_id=entry["job_id"],
         subject=str(record.get("subject")),
-        prompt_index=int(record.get("prompt_index", 0)),
-        seed=int(record.get("seed", 0)),
+        prompt_index=record.get("prompt_index", 0),
+        seed=record.get("seed", 0),
         prompt=str(record.get("prompt") or ""),
         class_noun=record.get("class_noun"),
         image=image_name,
-        references=tuple(record.get("references") or ()),
+        # Paths only: anything else in the list (a number would be taken as a file descriptor) is ignored.
+        references=tuple(r for r in references if isinstance(r, str) and r)
+        if isinstance(references, list)
+        else (),
     )
+
+
+def _damaged_field(record: dict[str, Any]) -> str | None:
+    """Which field of a sidecar has the wrong type for scoring, in words; None when all are usable."""
+    for name in ("prompt_index", "seed"):
+        value = record.get(name, 0)
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"`{name}` is {json_type(value)}, not an integer"
+    class_noun = record.get("class_noun")
+    if class_noun is not None and not isinstance(class_noun, str):
+        return f"`class_noun` is {json_type(class_noun)}, not text"
+    return None
+
+
+def json_type(value: Any) -> str:
+    """A JSON value's type in words: `a list`, `null`, `a number (1.5)`, ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"text ({value[:20]!r})"
+    if isinstance(value, list):
+        return "a list"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _unreadable(image_path: Path) -> str | None:
+    from squeeze_cli.images import check_image
+
+    reason = check_image(str(image_path))
+    return None if reason is None else f"cannot be read: {reason}"

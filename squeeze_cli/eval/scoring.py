@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import statistics
 import sys
@@ -21,8 +22,16 @@ from squeeze_cli import outputs
 from squeeze_cli.errors import UsageError
 from squeeze_cli.eval.rundir import RunContents, RunImage
 from squeeze_cli.metrics.protocol import EncoderSpec, Protocol
+from squeeze_cli.reading import INDEX_MAX_BYTES, open_regular_file, read_regular_file
 
 CACHE_FORMAT = 1
+# The files eval writes in a run: the temporaries of these that a killed eval left are removed.
+EVAL_FILE_NAMES = (
+    outputs.METRICS_CACHE_NAME,
+    outputs.METRICS_JSONL_NAME,
+    outputs.METRICS_JSON_NAME,
+    outputs.REPORT_NAME,
+)
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -43,7 +52,7 @@ class RunEvaluation:
 def file_hash(path: str | Path) -> str:
     """sha256 of a file's bytes: the cache follows the pixels, not the name."""
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
+    with open_regular_file(path) as file:  # a FIFO or a device: refused at once, never read
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -73,17 +82,44 @@ def _cache_key(spec: EncoderSpec, image_hash: str, reference_hashes: Sequence[st
 
 
 def _read_cache(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The cached scores; no cache, or a broken one (a FIFO, an endless or deep file, wrong types, NaN):
+    nothing cached, and what is not usable is recomputed."""
     try:
-        data = json.loads((run_dir / outputs.METRICS_CACHE_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}  # no cache, or a broken one: everything is recomputed
+        data = json.loads(
+            read_regular_file(run_dir / outputs.METRICS_CACHE_NAME, INDEX_MAX_BYTES).decode("utf-8"),
+            parse_constant=_refuse_constant,
+        )
+    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return {}
     if (
         not isinstance(data, dict)
         or data.get("format") != CACHE_FORMAT
         or not isinstance(data.get("scores"), dict)
     ):
         return {}
-    return data["scores"]
+    return {key: scores for key, scores in data["scores"].items() if _valid_scores(scores)}
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _valid_scores(scores: Any) -> bool:
+    """Whether a cache entry has the shape `score_images` returns: finite numbers, or null for a score
+    that was NaN."""
+    if not isinstance(scores, dict):
+        return False
+    for name, value in scores.items():
+        if name == "per_reference":
+            if not isinstance(value, list) or not all(item is None or _finite(item) for item in value):
+                return False
+        elif name not in ("identity", "copy", "text_cosine") or not (value is None or _finite(value)):
+            return False
+    return True
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -143,6 +179,8 @@ def evaluate_run(
     identity scores (noted); their CLIP-T is still computed. With `processes` (several processes of
     `accelerate launch`), the uncached images are split between them and only the main one writes.
     """
+    from squeeze_cli.images import check_image
+
     run_dir = contents.path
     cache = _read_cache(run_dir)
     notes: list[str] = []
@@ -150,11 +188,17 @@ def evaluate_run(
 
     def hash_of(path: str) -> str | None:
         if path not in hashes:
-            try:
-                hashes[path] = file_hash(path)
-            except OSError:
+            # The checks gen makes of a reference (a regular file, its header's size, complete data),
+            # so a FIFO, /dev/zero, a bomb or a file that is no image is left out, never read or decoded.
+            reason = check_image(path)
+            if reason is None:
+                try:
+                    hashes[path] = file_hash(path)
+                except OSError as error:
+                    reason = f"cannot read it: {error.strerror or error}"
+            if reason is not None:
                 hashes[path] = None
-                notes.append(f"reference {path} cannot be read: left out")
+                notes.append(f"reference {path} cannot be read ({reason}): left out")
         return hashes[path]
 
     plan = []  # per image: (image, image hash, its reference paths, their hashes, text)
@@ -171,6 +215,9 @@ def evaluate_run(
 
     raw: dict[tuple[int, str], dict[str, Any]] = {}
     computed = reused = 0
+    is_main = processes is None or processes.is_main
+    if is_main:  # what a killed eval left (the temporaries of its own files, by dead processes only)
+        outputs.remove_stale_temp_files(run_dir, only=EVAL_FILE_NAMES)
     for spec in protocol.encoders:
         todo = []
         for position, (_, image_hash, _, ref_hashes, text) in enumerate(plan):
@@ -194,7 +241,6 @@ def evaluate_run(
         for position, key in todo:
             raw[position, spec.role] = cache[key] = scores[key]
         computed += len(todo)
-    is_main = processes is None or processes.is_main
     if computed and is_main:
         outputs.atomic_write_json(
             outputs.safe_join(run_dir, outputs.METRICS_CACHE_NAME), {"format": CACHE_FORMAT, "scores": cache}
@@ -239,7 +285,7 @@ def _score_with(
             texts.append(text)
         results = score_images(encoder, pil_images, ref_embeddings, texts)
         for (_, key), result in zip(chunk, results, strict=True):
-            scores[key] = result
+            scores[key] = outputs.json_ready(result)  # a NaN score (a blank image) is no score: null
         bar.update(len(chunk))
     bar.close()
     return scores
@@ -332,7 +378,7 @@ def summarise(
 def write_metrics(evaluation: RunEvaluation) -> None:
     """`metrics.jsonl` (one line per image) and `metrics.json` (the summary), atomically, in the run."""
     run_dir = evaluation.contents.path
-    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in evaluation.rows)
+    lines = "".join(outputs.strict_json_dumps(row) + "\n" for row in evaluation.rows)
     outputs.atomic_write_text(outputs.safe_join(run_dir, outputs.METRICS_JSONL_NAME), lines)
     outputs.atomic_write_json(outputs.safe_join(run_dir, outputs.METRICS_JSON_NAME), evaluation.summary)
 

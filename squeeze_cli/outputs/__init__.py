@@ -40,7 +40,9 @@ from .files import (  # noqa: F401
     atomic_write_json,
     atomic_write_text,
     ensure_dir,
+    json_ready,
     remove_stale_temp_files,
+    strict_json_dumps,
 )
 from .grids import PageViews, write_validation_grid  # noqa: F401
 from .index import (  # noqa: F401
@@ -69,6 +71,6 @@ from .layout import (  # noqa: F401
     safe_join,
 )
 from .records import image_record, package_versions, read_sidecar, save_image  # noqa: F401
-from .resume import Finished, find_finished, finished_job_ids, move_to_positions  # noqa: F401
+from .resume import Finished, find_finished, finished_job_ids, move_to_positions, png_mismatch  # noqa: F401
 from .tree import check_output_tree  # noqa: F401
 from .views import draw_views, plan_views, share_views, update_views  # noqa: F401

@@ -8,11 +8,12 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_JOBS_FAILED, SqueezeError
+from ..reading import FileTooLargeError
 from .layout import UnsafeOutputPathError
 
 # `.<name>.<pid>.tmp`: hidden, recognisable, and tied to the process that wrote it.
@@ -47,6 +48,8 @@ class OutputWriteError(SqueezeError):
             hint = f"make {path.parent} writable for this user, or choose another --out"
         elif code == errno.EROFS:
             hint = "the output directory is on a read-only file system: choose another --out"
+        elif isinstance(error, FileTooLargeError):  # squeeze's own limit for a file it reads whole
+            hint = "is it the right file? squeeze never writes one this large: move it away"
         elif code == errno.EFBIG:
             # A file-size limit (`ulimit -f`): SIGXFSZ is ignored, so the write fails with EFBIG.
             if file_size_limit() is not None:
@@ -186,12 +189,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, strict_json_dumps(obj, indent=2) + "\n")
 
 
-def remove_stale_temp_files(out_dir: str | os.PathLike) -> list[Path]:
+def remove_stale_temp_files(out_dir: str | os.PathLike, *, only: Collection[str] | None = None) -> list[Path]:
     """Remove temporary files left by killed runs in `out_dir` and its subject directories.
 
     Only names of the form `.<name>.<pid>.tmp` are touched, and only when `<pid>` is not a live process
     on this machine other than this one (a temporary file of this process is stale at start-up). Call it
     at the start of a run, while holding the output directory's lock and before any worker writes.
+    With `only`, just the temporaries of those `<name>`s directly in `out_dir` (eval's own files, which
+    it removes without gen's lock).
 
     Returns:
         `list[Path]`: the files removed.
@@ -200,11 +205,15 @@ def remove_stale_temp_files(out_dir: str | os.PathLike) -> list[Path]:
     if not out_dir.is_dir():
         return []
     removed = []
-    directories = [out_dir] + [entry for entry in _scandir(out_dir) if entry.is_dir(follow_symlinks=False)]
+    directories: list[str | os.PathLike] = [out_dir]
+    if only is None:
+        directories += [entry for entry in _scandir(out_dir) if entry.is_dir(follow_symlinks=False)]
     for directory in directories:
         for entry in _scandir(directory):
             match = _TEMP_FILE_RE.match(entry.name)
             if match is None or not entry.is_file(follow_symlinks=False):
+                continue
+            if only is not None and match.group("name") not in only:
                 continue
             pid = int(match.group("pid"))
             if pid != os.getpid() and _process_alive(pid):

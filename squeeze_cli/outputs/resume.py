@@ -26,6 +26,7 @@ from squeeze_cli.outputs.files import OutputWriteError, atomic_write_json, fsync
 from squeeze_cli.outputs.index import index_entry
 from squeeze_cli.outputs.layout import image_stem, subject_dir
 from squeeze_cli.outputs.records import PNG_FILE_KEY, read_sidecar
+from squeeze_cli.reading import file_kind
 
 if TYPE_CHECKING:
     from ..plan import Job
@@ -65,25 +66,33 @@ def png_file_facts(path: str | os.PathLike) -> dict[str, Any]:
     return {"size": os.stat(path).st_size, "sha256": file_sha256(path)}
 
 
-def _verified(directory: Path, stem: str, record: Mapping[str, Any] | None) -> Finished | None:
-    """`Finished` when the sidecar `record` and the PNG `<stem>.png` agree: the size and hash match."""
-    if record is None:
-        return None
+def png_mismatch(png: str | os.PathLike, record: Mapping[str, Any]) -> str | None:
+    """Why the PNG `png` is not the one its sidecar `record` vouches for (its size and sha256); None when
+    it is. The definition of a finished image, shared by resume and `squeeze eval`."""
     facts = record.get(PNG_FILE_KEY)
     if not isinstance(facts, dict):
-        return None  # written before sidecars recorded their PNG: cannot be checked, so made again
+        return "its sidecar records no size and sha256 for it (written by an older squeeze)"
     size, sha256 = facts.get("size"), facts.get("sha256")
     if not isinstance(size, int) or not isinstance(sha256, str):
-        return None
-    png = directory / f"{stem}.png"
+        return "its sidecar's size and sha256 are damaged"
     try:
         info = os.lstat(png)
-        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
-            return None  # truncated, grown, or not a file squeeze wrote (a link, a FIFO): cheap checks first
+        if not stat.S_ISREG(info.st_mode):  # not a file squeeze wrote (a link, a FIFO)
+            return f"does not match its sidecar: {file_kind(info.st_mode)}, not the PNG squeeze wrote"
+        if info.st_size != size:  # truncated or grown: cheap checks first
+            return f"does not match its sidecar: {info.st_size:,} bytes, the sidecar records {size:,}"
         if file_sha256(png) != sha256:
-            return None  # edited in place
-    except OSError:
-        return None
+            return "does not match its sidecar: its sha256 differs (edited or replaced)"
+    except OSError as error:
+        return f"cannot be read: {error.strerror or error}"
+    return None
+
+
+def _verified(directory: Path, stem: str, record: Mapping[str, Any] | None) -> Finished | None:
+    """`Finished` when the sidecar `record` and the PNG `<stem>.png` agree: the size and hash match."""
+    if record is None or png_mismatch(directory / f"{stem}.png", record) is not None:
+        return None  # an old sidecar without the PNG's facts cannot be checked either: made again
+    sha256 = record[PNG_FILE_KEY]["sha256"]
     entry = index_entry(record)
     subject = directory.name
     entry["image"], entry["sidecar"] = f"{subject}/{stem}.png", f"{subject}/{stem}.json"
