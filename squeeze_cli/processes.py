@@ -19,6 +19,19 @@ def threads_per_process(environ: Mapping[str, str], num_processes: int) -> int |
     return max(1, cores // max(1, local))
 
 
+def one_process_launch_warning(environ: Mapping[str, str]) -> str | None:
+    """The warning for `accelerate launch --num_processes N` without `--multi_gpu` (or `--use_cpu` with
+    mpirun): accelerate then starts one plain process, which sets `MASTER_ADDR` for the N it was asked for
+    but no `WORLD_SIZE`, so the run would quietly use one process."""
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in environ
+    if launched_by_accelerate and "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ:
+        return (
+            "accelerate launch started 1 process, not --num_processes: add --multi_gpu "
+            "(accelerate launch --multi_gpu --num_processes N -m squeeze_cli ...), also on a CPU machine"
+        )
+    return None
+
+
 class Processes:
     """This process's place among the processes of the run: one, or one of `accelerate launch`'s."""
 

@@ -353,3 +353,35 @@ def test_each_local_process_gets_its_share_of_the_cores_unless_the_user_set_thre
     assert threads_per_process({"LOCAL_WORLD_SIZE": "2"}, 4) == max(1, cores // 2)
     assert threads_per_process({}, 1) == cores  # one process alone keeps every core
     assert threads_per_process({}, 10 * cores) == 1  # never below one thread
+
+
+def test_accelerate_launch_without_multi_gpu_says_it_runs_one_process(project: Path, tmp_path: Path) -> None:
+    """`accelerate launch --num_processes 2` without `--multi_gpu` starts one plain process on a CPU
+    machine (the form `eval --help` used to recommend): gen and eval say so instead of quietly running 1."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2"]
+    launch += [
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "squeeze_cli",
+    ]
+    gen = [*launch, "gen", str(project / "m.yaml"), "--out", str(tmp_path / "out"), "--dry-run"]
+    evaluate = [*launch, "eval", str(tmp_path / "no-such-run"), "--metrics", "tiny"]
+    for command in (gen, evaluate):
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        warnings = [
+            line for line in result.stderr.splitlines() if "accelerate launch started 1 process" in line
+        ]
+        # (accelerate repeats a failed process's output: eval of a missing run ends with its error twice)
+        assert warnings and "add --multi_gpu" in warnings[0], result.stderr[-3000:]
+    # With --multi_gpu, or without accelerate, no such warning.
+    plain = subprocess.run(
+        [sys.executable, "-m", "squeeze_cli", *gen[len(launch) :]], capture_output=True, text=True, env=env
+    )
+    assert plain.returncode == 0 and "accelerate launch started" not in plain.stderr, plain.stderr
