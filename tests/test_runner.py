@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -385,3 +386,81 @@ def test_accelerate_launch_without_multi_gpu_says_it_runs_one_process(project: P
         [sys.executable, "-m", "squeeze_cli", *gen[len(launch) :]], capture_output=True, text=True, env=env
     )
     assert plain.returncode == 0 and "accelerate launch started" not in plain.stderr, plain.stderr
+
+
+# Loaded by every Python of the launch through PYTHONPATH: a worker's first batch writes `<pid>.waiting` in
+# the gate folder and then waits (up to 5 minutes) for a gate that this test never opens.
+WORKER_GATE_HOOK = """
+import os, time
+from squeeze_cli.gen import worker
+
+_generate = worker.Worker._generate
+
+
+def _gated(self, batch, condition):
+    gate = os.environ["SQUEEZE_TEST_GATE"]
+    open(os.path.join(gate, f"{os.getpid()}.waiting"), "w").close()
+    deadline = time.monotonic() + 300
+    while not os.path.exists(os.path.join(gate, "open")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _generate(self, batch, condition)
+
+
+worker.Worker._generate = _gated
+"""
+
+
+def process_is_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.slow
+def test_workers_end_when_their_launcher_is_killed(project: Path) -> None:
+    """torchrun puts each worker in a session of its own, so SIGKILL of `accelerate launch` does not reach
+    them: they watch their launcher and end when it is gone, instead of running on alone."""
+    import signal
+
+    hook, gate = project / "hook", project / "gate"
+    hook.mkdir()
+    gate.mkdir()
+    (hook / "sitecustomize.py").write_text(WORKER_GATE_HOOK)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "SQUEEZE_CACHE": str(project / "cache"),
+        "PYTHONPATH": str(hook),
+        "SQUEEZE_TEST_GATE": str(gate),
+    }
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no"]
+    command += ["--dynamo_backend", "no", "-m", "squeeze_cli", "gen", str(project / "m.yaml")]
+    command += ["--out", str(project / "out"), "--json"]
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    workers: list[int] = []
+    try:
+        for _ in range(6000):  # both workers at the gate (a generous bound for a loaded machine)
+            workers = [int(p.name.split(".")[0]) for p in gate.glob("*.waiting")]
+            if len(workers) == 2 or launcher.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert len(workers) == 2, launcher.stderr.read().decode()[-3000:] if launcher.poll() else workers
+        for pid in workers:  # the launcher is their parent, as the watch assumes
+            with open(f"/proc/{pid}/stat") as stat:
+                assert int(stat.read().rsplit(")", 1)[1].split()[1]) == launcher.pid
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        for _ in range(600):  # they look once a second; 60 s is a generous bound
+            if all(process_is_gone(pid) for pid in workers):
+                break
+            time.sleep(0.1)
+        assert all(process_is_gone(pid) for pid in workers), workers
+    finally:
+        (gate / "open").touch()
+        for pid in workers:
+            if not process_is_gone(pid):
+                os.kill(pid, signal.SIGKILL)
