@@ -27,7 +27,7 @@ LAUNCHER_CHECK_SECONDS = 1.0
 
 
 def exit_with_launcher(environ: Mapping[str, str]) -> bool:
-    """Under `accelerate launch` or torchrun (`WORLD_SIZE` set), end this process when its launcher dies.
+    """Under `accelerate launch` or torchrun (`WORLD_SIZE` > 1), end this process when its launcher dies.
 
     torchrun starts each worker in a session of its own, so a SIGKILL of the launcher (or of its process
     group) does not reach the workers: they would go on alone, holding the output folder's lock. A thread
@@ -36,7 +36,9 @@ def exit_with_launcher(environ: Mapping[str, str]) -> bool:
     finished is kept and the same command resumes. Returns whether it watches.
     """
     launcher = os.getppid()
-    if "WORLD_SIZE" not in environ or launcher <= 1:
+    world_size = environ.get("WORLD_SIZE", "1")
+    # One process (WORLD_SIZE unset or 1) has no launcher to outlive: under `nohup` its parent may go.
+    if not world_size.isdecimal() or int(world_size) < 2 or launcher <= 1:
         return False
 
     def watch() -> None:

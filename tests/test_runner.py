@@ -465,3 +465,39 @@ def test_workers_end_when_their_launcher_is_killed(project: Path) -> None:
         for pid in workers:
             if not process_is_gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# A launcher that starts one worker in a session of its own (as torchrun does), prints its pid and exits.
+LAUNCHER = """
+import os, subprocess, sys
+worker = subprocess.Popen(
+    [sys.executable, "-c", "import os, time; from squeeze_cli.processes import exit_with_launcher; "
+     "assert exit_with_launcher(os.environ); time.sleep(300)"],
+    env={**os.environ, "WORLD_SIZE": sys.argv[1]},
+    start_new_session=True,
+)
+print(worker.pid, flush=True)
+"""
+
+
+def test_a_worker_ends_when_its_launcher_is_gone() -> None:
+    launched = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, "2"], capture_output=True, text=True, check=True
+    )
+    worker = int(launched.stdout)
+    try:
+        for _ in range(600):  # it looks once a second; 60 s is a generous bound on a loaded machine
+            if process_is_gone(worker):
+                break
+            time.sleep(0.1)
+        assert process_is_gone(worker)
+    finally:
+        if not process_is_gone(worker):
+            os.kill(worker, 9)
+
+
+def test_one_process_does_not_watch_its_parent() -> None:
+    from squeeze_cli.processes import exit_with_launcher
+
+    assert not exit_with_launcher({})  # `nohup squeeze gen ...`: its shell may go, the run goes on
+    assert not exit_with_launcher({"WORLD_SIZE": "1"})
