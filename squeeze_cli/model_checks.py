@@ -87,7 +87,7 @@ def source_problems(model: ModelSpec) -> list[SourceProblem]:
         if problem is None and not is_local(path):
             problem = _cache_problem(field, path, subfolder, revision, first_file)
             if problem is not None and not offline():  # online, a hub id need not be cached yet
-                problem = _unreachable_problem(field, path) if hub_unreachable() else None
+                problem = _unreachable_problem(problem, path) if hub_unreachable() else None
         if problem is not None:
             problems.append(problem)
             if problem.absent:
@@ -182,13 +182,14 @@ def hub_unreachable() -> str | None:
         return f"{constants.ENDPOINT}: {getattr(error, 'strerror', None) or error or type(error).__name__}"
 
 
-def _unreachable_problem(field: str, repo_id: str) -> SourceProblem:
+def _unreachable_problem(cache_problem: SourceProblem, repo_id: str) -> SourceProblem:
+    """What the cache lacks, and that the hub cannot supply it: say so now rather than after retries."""
     return SourceProblem(
-        field,
-        f"{repo_id} is not in the Hugging Face cache and the hub is offline ({hub_unreachable()})",
+        cache_problem.field,
+        f"{cache_problem.message} and the hub is offline ({hub_unreachable()})",
         f"download it on a machine with network (`hf download {repo_id}`) into this machine's cache "
         "(HF_HOME), then set HF_HUB_OFFLINE=1",
-        absent=True,
+        absent=cache_problem.absent,
     )
 
 
