@@ -8,6 +8,7 @@ in a second, not a traceback after minutes of loading. Torch-free unless a GPU d
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ _FIRST_FILE = {
     "image_processor": "preprocessor_config.json",
     "scheduler": "scheduler_config.json",
 }
+# Off the network a hub request is retried for ~40 s before it fails: one quick request says so at once.
+HUB_PROBE_SECONDS = 1.5
 # Small parts first: they are the likeliest to be missing (trained locally) and the quickest to load.
 LOAD_ORDER = ("aggregator", "scheduler", "tokenizer", "image_processor", "vae", "mllm", "transformer")
 
@@ -53,8 +56,8 @@ def offline() -> bool:
 def source_problems(model: ModelSpec) -> list[SourceProblem]:
     """Why the model section's weights cannot be found, one problem per source; loads nothing.
 
-    Local folders must exist (with the file `from_pretrained` reads first); with ``HF_HUB_OFFLINE`` set,
-    hub ids must be in the Hugging Face cache.
+    Local folders must exist (with the file `from_pretrained` reads first); hub ids must be in the Hugging
+    Face cache with ``HF_HUB_OFFLINE`` set, or when the hub does not answer one quick request.
     """
     sources: list[tuple[str, str, str | None, str | None, str | None]] = []  # field, path, sub, rev, file
     if model.pipeline is not None:
@@ -81,8 +84,10 @@ def source_problems(model: ModelSpec) -> list[SourceProblem]:
             continue
         seen.add(key)
         problem = _local_problem(field, path, subfolder, first_file) if is_local(path) else None
-        if problem is None and not is_local(path) and offline():
+        if problem is None and not is_local(path):
             problem = _cache_problem(field, path, subfolder, revision, first_file)
+            if problem is not None and not offline():  # online, a hub id need not be cached yet
+                problem = _unreachable_problem(problem, path) if hub_unreachable() else None
         if problem is not None:
             problems.append(problem)
             if problem.absent:
@@ -153,6 +158,39 @@ def _cache_problem(
         where = f"{repo_id}/{subfolder}" if subfolder else repo_id
         return SourceProblem(field, f"{where} in the Hugging Face cache has no {first_file}", hint)
     return None
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub (``HF_ENDPOINT``) does not answer, asked once per process with one request
+    of at most `HUB_PROBE_SECONDS`; None when it answers (any HTTP status: the network is there)."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=HUB_PROBE_SECONDS
+        ):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as error:
+        return f"{constants.ENDPOINT}: {getattr(error.reason, 'strerror', None) or error.reason}"
+    except (OSError, ValueError) as error:  # a timeout, a reset, a broken endpoint address
+        return f"{constants.ENDPOINT}: {getattr(error, 'strerror', None) or error or type(error).__name__}"
+
+
+def _unreachable_problem(cache_problem: SourceProblem, repo_id: str) -> SourceProblem:
+    """What the cache lacks, and that the hub cannot supply it: say so now rather than after retries."""
+    return SourceProblem(
+        cache_problem.field,
+        f"{cache_problem.message} and the hub is offline ({hub_unreachable()})",
+        f"download it on a machine with network (`hf download {repo_id}`) into this machine's cache "
+        "(HF_HOME), then set HF_HUB_OFFLINE=1",
+        absent=cache_problem.absent,
+    )
 
 
 def device_problem(device: str, offload: str) -> tuple[str, str] | None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -17,6 +20,53 @@ def threads_per_process(environ: Mapping[str, str], num_processes: int) -> int |
     local = int(environ.get("LOCAL_WORLD_SIZE", num_processes))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // max(1, local))
+
+
+# How often a worker looks whether its launcher is still there.
+LAUNCHER_CHECK_SECONDS = 1.0
+
+
+def exit_with_launcher(environ: Mapping[str, str]) -> bool:
+    """Under `accelerate launch` or torchrun (`WORLD_SIZE` > 1), end this process when its launcher dies.
+
+    torchrun starts each worker in a session of its own, so a SIGKILL of the launcher (or of its process
+    group) does not reach the workers: they would go on alone, holding the output folder's lock. A thread
+    watches the parent process instead (portable, unlike Linux's parent-death signal, which also fires
+    when the launcher's spawning *thread* ends) and ends this process at once: as with kill -9, what is
+    finished is kept and the same command resumes. Returns whether it watches.
+    """
+    launcher = os.getppid()
+    world_size = environ.get("WORLD_SIZE", "1")
+    # One process (WORLD_SIZE unset or 1) has no launcher to outlive: under `nohup` its parent may go.
+    if not world_size.isdecimal() or int(world_size) < 2 or launcher <= 1:
+        return False
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(LAUNCHER_CHECK_SECONDS)
+        print(
+            f"error: the launcher of this process (pid {launcher}) is gone: stopping "
+            "(hint: run the same command again: finished images are kept and skipped)",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
+
+    threading.Thread(target=watch, name="squeeze-launcher-watch", daemon=True).start()
+    return True
+
+
+def one_process_launch_warning(environ: Mapping[str, str]) -> str | None:
+    """The warning for `accelerate launch --num_processes N` without `--multi_gpu` (or `--use_cpu` with
+    mpirun): accelerate then starts one plain process, which sets `MASTER_ADDR` for the N it was asked for
+    but no `WORLD_SIZE`, so the run would quietly use one process."""
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in environ
+    if launched_by_accelerate and "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ:
+        return (
+            "accelerate launch started 1 process, not --num_processes: add --multi_gpu "
+            "(accelerate launch --multi_gpu --num_processes N -m squeeze_cli ...), also on a CPU machine"
+        )
+    return None
 
 
 class Processes:

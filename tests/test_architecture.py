@@ -40,7 +40,7 @@ UNITS: dict[str, tuple[str, ...]] = {
     # model_checks checks the manifest's model section (`ModelSpec`) for `manifest.resolve`.
     "manifest": ("manifest", "model_checks"),
     "pipelines": ("pipelines",),
-    "vocabulary": ("__init__", "params", "errors", "images", "reading", "processes"),
+    "vocabulary": ("__init__", "params", "errors", "images", "reading", "processes", "logs"),
 }
 
 

@@ -62,6 +62,7 @@ def test_hub_ids_in_the_offline_cache_pass(tmp_path: Path, monkeypatch) -> None:
     """A hub id whose snapshot is in the Hugging Face cache is fine offline; a missing subfolder is not."""
     import huggingface_hub.constants
 
+    from squeeze_cli import model_checks
     from squeeze_cli.manifest.schema import ModelSpec
     from squeeze_cli.model_checks import source_problems
 
@@ -88,7 +89,17 @@ def test_hub_ids_in_the_offline_cache_pass(tmp_path: Path, monkeypatch) -> None:
     absent = source_problems(spec(transformer={"path": "org/other"}))
     assert "org/other is not in the Hugging Face cache" in [p.message for p in absent]
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online: from_pretrained may download, nothing to check
+    monkeypatch.setattr(model_checks, "hub_unreachable", lambda: None)  # the hub answers
     assert source_problems(spec(transformer={"path": "org/other"})) == []
+    # No network (the hub does not answer): the model must be in the cache after all.
+    monkeypatch.setattr(model_checks, "hub_unreachable", lambda: "https://huggingface.co: timed out")
+    unreachable = [p.message for p in source_problems(spec(transformer={"path": "org/other"}))]
+    assert unreachable == [
+        "org/flux/transformer in the Hugging Face cache has no scheduler_config.json and the hub is offline "
+        "(https://huggingface.co: timed out)",
+        "org/other is not in the Hugging Face cache and the hub is offline "
+        "(https://huggingface.co: timed out)",
+    ]
 
 
 @pytest.mark.parametrize(

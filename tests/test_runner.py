@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -294,7 +295,8 @@ def test_an_instruction_longer_than_the_context_is_refused_before_writing(projec
 
 def test_progress_off_a_terminal_is_a_few_plain_lines(project: Path, gen) -> None:
     summary = gen(str(project / "m.yaml"), "--out", str(project / "out"))
-    progress = [line for line in gen.stderr.splitlines() if line.startswith("[")]
+    logged = [line.split(" ", 1)[1] for line in gen.stderr.splitlines() if line[:4].isdigit()]  # UTC time
+    progress = [line for line in logged if line.startswith("[")]
     # The first and the last image; the rest only every 30 s, which this run is far below.
     assert [line.split("]")[0] for line in progress] == ["[1/7", "[7/7"]
     # The summary is the command's output (stdout); logs and progress stay on stderr.
@@ -353,3 +355,149 @@ def test_each_local_process_gets_its_share_of_the_cores_unless_the_user_set_thre
     assert threads_per_process({"LOCAL_WORLD_SIZE": "2"}, 4) == max(1, cores // 2)
     assert threads_per_process({}, 1) == cores  # one process alone keeps every core
     assert threads_per_process({}, 10 * cores) == 1  # never below one thread
+
+
+def test_accelerate_launch_without_multi_gpu_says_it_runs_one_process(project: Path, tmp_path: Path) -> None:
+    """`accelerate launch --num_processes 2` without `--multi_gpu` starts one plain process on a CPU
+    machine (the form `eval --help` used to recommend): gen and eval say so instead of quietly running 1."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2"]
+    launch += [
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "squeeze_cli",
+    ]
+    gen = [*launch, "gen", str(project / "m.yaml"), "--out", str(tmp_path / "out"), "--dry-run"]
+    evaluate = [*launch, "eval", str(tmp_path / "no-such-run"), "--metrics", "tiny"]
+    for command in (gen, evaluate):
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        warnings = [
+            line for line in result.stderr.splitlines() if "accelerate launch started 1 process" in line
+        ]
+        # (accelerate repeats a failed process's output: eval of a missing run ends with its error twice)
+        assert warnings and "add --multi_gpu" in warnings[0], result.stderr[-3000:]
+    # With --multi_gpu, or without accelerate, no such warning.
+    plain = subprocess.run(
+        [sys.executable, "-m", "squeeze_cli", *gen[len(launch) :]], capture_output=True, text=True, env=env
+    )
+    assert plain.returncode == 0 and "accelerate launch started" not in plain.stderr, plain.stderr
+
+
+# Loaded by every Python of the launch through PYTHONPATH: a worker's first batch writes `<pid>.waiting` in
+# the gate folder and then waits (up to 5 minutes) for a gate that this test never opens.
+WORKER_GATE_HOOK = """
+import os, time
+from squeeze_cli.gen import worker
+
+_generate = worker.Worker._generate
+
+
+def _gated(self, batch, condition):
+    gate = os.environ["SQUEEZE_TEST_GATE"]
+    open(os.path.join(gate, f"{os.getpid()}.waiting"), "w").close()
+    deadline = time.monotonic() + 300
+    while not os.path.exists(os.path.join(gate, "open")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _generate(self, batch, condition)
+
+
+worker.Worker._generate = _gated
+"""
+
+
+def process_is_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.slow
+def test_workers_end_when_their_launcher_is_killed(project: Path) -> None:
+    """torchrun puts each worker in a session of its own, so SIGKILL of `accelerate launch` does not reach
+    them: they watch their launcher and end when it is gone, instead of running on alone."""
+    import signal
+
+    hook, gate = project / "hook", project / "gate"
+    hook.mkdir()
+    gate.mkdir()
+    (hook / "sitecustomize.py").write_text(WORKER_GATE_HOOK)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "SQUEEZE_CACHE": str(project / "cache"),
+        "PYTHONPATH": str(hook),
+        "SQUEEZE_TEST_GATE": str(gate),
+    }
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no"]
+    command += ["--dynamo_backend", "no", "-m", "squeeze_cli", "gen", str(project / "m.yaml")]
+    command += ["--out", str(project / "out"), "--json"]
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    workers: list[int] = []
+    try:
+        for _ in range(6000):  # both workers at the gate (a generous bound for a loaded machine)
+            workers = [int(p.name.split(".")[0]) for p in gate.glob("*.waiting")]
+            if len(workers) == 2 or launcher.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert len(workers) == 2, launcher.stderr.read().decode()[-3000:] if launcher.poll() else workers
+        for pid in workers:  # the launcher is their parent, as the watch assumes
+            with open(f"/proc/{pid}/stat") as stat:
+                assert int(stat.read().rsplit(")", 1)[1].split()[1]) == launcher.pid
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        for _ in range(600):  # they look once a second; 60 s is a generous bound
+            if all(process_is_gone(pid) for pid in workers):
+                break
+            time.sleep(0.1)
+        assert all(process_is_gone(pid) for pid in workers), workers
+    finally:
+        (gate / "open").touch()
+        for pid in workers:
+            if not process_is_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+# A launcher that starts one worker in a session of its own (as torchrun does), prints its pid and exits.
+LAUNCHER = """
+import os, subprocess, sys
+worker = subprocess.Popen(
+    [sys.executable, "-c", "import os, time; from squeeze_cli.processes import exit_with_launcher; "
+     "assert exit_with_launcher(os.environ); time.sleep(300)"],
+    env={**os.environ, "WORLD_SIZE": sys.argv[1]},
+    start_new_session=True,
+)
+print(worker.pid, flush=True)
+"""
+
+
+def test_a_worker_ends_when_its_launcher_is_gone() -> None:
+    launched = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, "2"], capture_output=True, text=True, check=True
+    )
+    worker = int(launched.stdout)
+    try:
+        for _ in range(600):  # it looks once a second; 60 s is a generous bound on a loaded machine
+            if process_is_gone(worker):
+                break
+            time.sleep(0.1)
+        assert process_is_gone(worker)
+    finally:
+        if not process_is_gone(worker):
+            os.kill(worker, 9)
+
+
+def test_one_process_does_not_watch_its_parent() -> None:
+    from squeeze_cli.processes import exit_with_launcher
+
+    assert not exit_with_launcher({})  # `nohup squeeze gen ...`: its shell may go, the run goes on
+    assert not exit_with_launcher({"WORLD_SIZE": "1"})

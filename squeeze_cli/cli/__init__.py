@@ -110,6 +110,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: run the app; known errors become ``error: ...`` and an exit code."""
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit (ulimit -f) must fail the write (EFBIG), not kill us
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    from squeeze_cli.logs import is_terminal
+    from squeeze_cli.processes import exit_with_launcher
+
+    if not is_terminal(sys.stderr):  # no library bars (loading, writing shards) redrawn with `\r` in a log
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+    exit_with_launcher(os.environ)  # a worker of a killed `accelerate launch` must not run on alone
     try:
         code = app(args=argv, prog_name="squeeze", standalone_mode=False)
     except SqueezeError as error:

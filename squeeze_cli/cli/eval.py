@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -63,11 +64,16 @@ def eval_command(
     """Score a run's images (DINO, CLIP-I, CLIP-T, copy) and write metrics.json, metrics.jsonl, report.html.
 
     With several runs, also print them side by side. Scores are cached in each run: a re-run computes
-    only new images. Several GPUs: accelerate launch --num_processes N -m squeeze_cli eval RUN_DIR.
+    only new images. Several GPUs: accelerate launch --multi_gpu --num_processes N -m squeeze_cli eval
+    RUN_DIR.
     """
     from squeeze_cli.eval.report import format_comparison, format_run
     from squeeze_cli.eval.scoring import evaluate_paths
     from squeeze_cli.metrics.protocol import make_protocol
+    from squeeze_cli.processes import one_process_launch_warning
+
+    if one_process := one_process_launch_warning(os.environ):
+        typer.echo(f"warning: {one_process}", err=True)
 
     if references != "conditioning" and not Path(references).is_dir():
         from squeeze_cli.errors import UsageError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING, Annotated
 
@@ -162,13 +163,20 @@ def gen(
         if json_output:  # stdout gets the document `validate --json` prints; stderr the usual lines
             print_json_failure(error, one_line=True)
         raise
+    from squeeze_cli.processes import one_process_launch_warning
+
+    one_process = one_process_launch_warning(os.environ)
     if json_output:
         from squeeze_cli.gen.progress import Reporter
 
         for warning in loaded.warnings:
             Reporter.emit_json("warning", message=str(warning), problem=warning.to_dict())
+        if one_process:
+            Reporter.emit_json("warning", message=one_process)
     elif not quiet:
         print_warnings(loaded)
+        if one_process:
+            typer.echo(f"warning: {one_process}", err=True)
     from squeeze_cli.gen.runner import GenOptions, run_gen
 
     options = GenOptions(

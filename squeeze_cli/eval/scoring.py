@@ -11,7 +11,6 @@ import json
 import math
 import re
 import statistics
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -406,9 +405,9 @@ def _load_encoder(spec: EncoderSpec, device: str) -> Any:
 
 
 def _progress(total: int, label: str, enabled: bool) -> Any:
-    from tqdm import tqdm
+    from squeeze_cli.logs import progress_bar
 
-    return tqdm(total=total, desc=label, unit="img", file=sys.stderr, disable=not enabled, leave=False)
+    return progress_bar(total, label, unit="img", enabled=enabled, leave=False)
 
 
 def evaluate_paths(

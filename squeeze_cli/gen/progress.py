@@ -11,11 +11,12 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
+from squeeze_cli.logs import PLAIN_INTERVAL_SECONDS, stamped
+
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-# Off a terminal (cron, CI) a progress line is printed at most this often, plus the first and last.
-PLAIN_INTERVAL_SECONDS = 30.0
+__all__ = ["PLAIN_INTERVAL_SECONDS", "Reporter", "plan_line"]
 
 
 def plan_line(pending: int, skipped: int, processes: int = 1, out: str | None = None) -> str:
@@ -192,8 +193,8 @@ class Reporter:
     def _write(self, text: str) -> None:
         if self._bar is not None:
             self._bar.write(text, file=self.stream)
-        else:
-            print(text, file=self.stream, flush=True)
+        else:  # off a terminal (plain), every line starts with its UTC time
+            print(stamped(text) if self.mode == "plain" else text, file=self.stream, flush=True)
 
     @staticmethod
     def emit_json(event: str, **fields: Any) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -415,7 +416,7 @@ class Trainer:
     def run(self, progress: bool = True) -> Path | None:
         """Train both stages (or what is left of them) and export; returns the run's recipe file (on the
         main process; None on the others)."""
-        from tqdm.auto import tqdm
+        from squeeze_cli.logs import log_line, progress_bar
 
         checkpoint = checkpoint_to_resume(self.output_dir, self.resume)
         self._setup()
@@ -432,9 +433,9 @@ class Trainer:
         if checkpoint is not None:
             accelerator.load_state(str(checkpoint))
             self._trim_log()
-            print(f"resumed from {checkpoint} at step {self.state.step}", flush=True)
+            log_line(f"resumed from {checkpoint} at step {self.state.step}", sys.stdout)
         elif self.resume == "latest":
-            print("no checkpoint to resume from: starting a new run", flush=True)
+            log_line("no checkpoint to resume from: starting a new run", sys.stdout)
         self.tensorboard = None
         if self.config.logging.tensorboard and accelerator.is_main_process:
             import importlib.util
@@ -448,12 +449,12 @@ class Trainer:
 
         accumulation = self.config.training.gradient_accumulation_steps
         self.models.train()
-        bar = tqdm(
-            total=self.total_steps,
+        bar = progress_bar(
+            self.total_steps,
+            "train",
+            unit="step",
             initial=self.state.step,
-            disable=not (progress and accelerator.is_main_process),
-            desc="train",
-            dynamic_ncols=True,
+            enabled=progress and accelerator.is_main_process,
         )
         window_loss, window_steps, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
         current_stage = None
