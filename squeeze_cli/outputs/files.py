@@ -221,7 +221,7 @@ def remove_stale_temp_files(out_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _scandir(directory: str | os.PathLike) -> list[os.DirEntry]:
+def _scandir(directory: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(directory) as entries:
             return list(entries)
