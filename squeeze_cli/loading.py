@@ -50,7 +50,7 @@ def ensure_tiny_checkpoint(family: str, pipeline_class: str | None = None) -> Pa
     """
     registered = pipeline_spec(pipeline_class)
     # The squeeze pipeline's twin mimics an MLLM family; the cache keeps one per family.
-    options = {"family": family} if registered.takes_components else {}
+    options: dict[str, Any] = {"family": family} if registered.takes_components else {}
     name = family if registered.takes_components else registered.name
     target = cache_dir() / f"tiny-{name}-v{TINY_FORMAT}"
     return build_into_cache(
@@ -222,6 +222,7 @@ def load_pipeline(
             registered.load_class(), spec, source, dtype=dtype, allow_pickle=allow_pickle
         )
     else:
+        assert source is not None  # ModelSpec: another pipeline_class needs `pipeline` or `builtin`
         try:
             pipe = registered.load_class().from_pretrained(
                 source, dtype=dtype, use_safetensors=_use_safetensors(allow_pickle)
@@ -250,6 +251,7 @@ def _assemble_pipeline(
         for name, component in ordered
     }
     if "mllm" not in overrides:
+        assert source is not None  # without a folder, ModelSpec requires every component, the MLLM too
         # The folder's model_index names the MLLM with its LM head; load it as the base model instead.
         overrides["mllm"] = load_component(
             "mllm",

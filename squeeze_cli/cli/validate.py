@@ -53,6 +53,7 @@ def validate(
     """
     from squeeze_cli.plan import plan_jobs
 
+    not_ready: SqueezeError | None  # the manifest's, or the device check's
     try:
         loaded, not_ready = _load(manifest, set_, recipe, max_jobs)
         jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)

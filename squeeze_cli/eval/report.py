@@ -195,7 +195,8 @@ def render_report(
             ]
         parts.append(f"<table><thead><tr>{''.join(header)}</tr></thead><tbody>")
         keys = [key for key in by_key if key[0] == subject]
-        keys.sort(key=lambda k: _sort_value(by_key[k].get(0, {}).get(first_metric)))
+        if first_metric is not None:  # no metrics: every key sorts as missing, the order stays
+            keys.sort(key=lambda k: _sort_value(by_key[k].get(0, {}).get(first_metric)))
         for key in keys:
             runs = by_key[key]
             any_row = next(iter(runs.values()))
@@ -204,13 +205,13 @@ def render_report(
                 _number_cell(key[2], str(key[2])),
             ]
             for run_number, (_, run_dir, _, _) in enumerate(evaluations):
-                row = runs.get(run_number)
-                if row is None:
+                run = runs.get(run_number)
+                if run is None:
                     cells.append("<td>missing</td>" + _number_cell(None, "-") * len(metrics))
                     continue
-                source, alt = _link(run_dir / row["image"], report_dir), html.escape(row["image"], quote=True)
+                source, alt = _link(run_dir / run["image"], report_dir), html.escape(run["image"], quote=True)
                 cells.append(f"<td><img src='{source}' alt='{alt}'></td>")
-                cells += [_number_cell(row.get(m), _fmt(row.get(m))) for m in metrics]
+                cells += [_number_cell(run.get(m), _fmt(run.get(m))) for m in metrics]
             row_key = html.escape(f"{key[0]}/{key[1]}/{key[2]}", quote=True)
             parts.append(f"<tr data-key='{row_key}'>{''.join(cells)}</tr>")
         parts.append("</tbody></table></section>")

@@ -210,7 +210,9 @@ def evaluate_run(
         refs = [r for r in reference_paths(image, protocol) if hash_of(r) is not None]
         if not refs:
             notes.append(f"{image.image}: no reference image to compare with: identity not scored")
-        plan.append((image, image_hash, refs, [hashes[r] for r in refs], clip_t_text(image)))
+        plan.append(
+            (image, image_hash, refs, [h for r in refs if (h := hashes[r]) is not None], clip_t_text(image))
+        )
 
     raw: dict[tuple[int, str], dict[str, Any]] = {}
     computed = reused = 0

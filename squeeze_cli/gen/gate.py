@@ -79,7 +79,7 @@ class IdentityGate:
             "dino", "history": [{"seed", "dino"}, ...], "error"?}`.
         """
         best = list(images)
-        records = []
+        records: list[dict[str, Any]] = []
         for job, image in zip(jobs, images, strict=True):
             dino = self.score(image, job.references)
             records.append({"min_dino": self.quality.min_dino, "history": [{"seed": job.seed, "dino": dino}]})

@@ -182,6 +182,7 @@ class GenRun:
         )
         self.stop.graceful = True
         if self.is_main:
+            assert self.lock is not None and self.layout_lock is not None  # the main process's (__init__)
             outputs.ensure_dir(self.out_dir)
             if not self.lock.held:
                 self.lock.acquire()
@@ -294,11 +295,12 @@ class GenRun:
         None) and each process draws its share; a process alone draws with a pool when there is much."""
         output = self.manifest.document.output
         should_stop = lambda: self.stop.signum is not None  # noqa: E731
-        drawing = self.is_main and finished is not None
-        with self.layout_lock.drawing_views() if drawing else contextlib.nullcontext():
+        # Only the main process has the layout lock (`__init__`): it plans the views, when given `finished`.
+        layout_lock = self.layout_lock if self.is_main and finished is not None else None
+        with layout_lock.drawing_views() if layout_lock is not None else contextlib.nullcontext():
             work: list[outputs.PageViews] = []
             failure: outputs.OutputWriteError | None = None
-            if drawing:
+            if layout_lock is not None and finished is not None:
                 try:
                     if self.view_jobs is not self.jobs:  # other shards' images: read inside the lock
                         finished = outputs.find_finished(self.out_dir, self.view_jobs, anywhere=False)

@@ -61,13 +61,13 @@ PROMPTS_AHEAD = 16
 def _batches(jobs: Sequence[Job], batch_size: int) -> Iterator[list[Job]]:
     """Consecutive jobs of one subject with equal sampling parameters, at most `batch_size` at a time."""
     for _, group in groupby(jobs, key=lambda job: (job.subject_index, job.params)):
-        group = list(group)
+        same_params = list(group)
         # First Block Cache decides for a whole batch whether to skip a step, so such images go one at a
         # time to stay independent of their batch.
-        step_cache = group[0].params.step_cache
+        step_cache = same_params[0].params.step_cache
         size = 1 if step_cache is not None and step_cache.decides_per_batch else batch_size
-        for start in range(0, len(group), size):
-            yield group[start : start + size]
+        for start in range(0, len(same_params), size):
+            yield same_params[start : start + size]
 
 
 class Worker:
@@ -148,8 +148,8 @@ class Worker:
 
         Reads only the references' headers, so a manifest of thousands of subjects is checked quickly."""
         problems: list[Problem] = []
-        for _, subject_jobs in groupby(jobs, key=lambda job: job.subject_index):
-            subject_jobs = list(subject_jobs)
+        for _, group in groupby(jobs, key=lambda job: job.subject_index):
+            subject_jobs = list(group)
             try:
                 sizes = [upright_size(path) for path in subject_jobs[0].references]
             except Exception as error:  # changed since validation: e.g. swapped for a FIFO, or deleted
@@ -164,13 +164,14 @@ class Worker:
                 except ValueError as error:
                     subject_index = subject_jobs[0].subject_index
                     where = self.manifest.subjects[subject_index].prompts[prompt_index].location
+                    assert where is not None  # the resolver records every prompt's location
                     field = f"subjects[{subject_index}].prompts[{prompt_index}]"
                     problems.append(Problem(where.file, where.line, where.column, field, str(error)))
         return problems
 
     def run(self, jobs: Sequence[Job], stop: StopSignal) -> None:
-        for _, subject_jobs in groupby(jobs, key=lambda job: job.subject_index):
-            subject_jobs = list(subject_jobs)
+        for _, group in groupby(jobs, key=lambda job: job.subject_index):
+            subject_jobs = list(group)
             if stop.signum is not None:
                 return
             conditions = self._encode_subject(subject_jobs)
@@ -205,7 +206,7 @@ class Worker:
         """Encode the prompts of `batches[start:end]` (at most `PROMPTS_AHEAD` distinct ones) before they
         run, so the MLLM runs for them together (with model offload: one move onto the GPU, not one per
         batch); returns `end`. Encoding failures are left to each batch's own call, which reports them."""
-        end, prompts = start, set()
+        end, prompts = start, set[str]()
         while end < len(batches) and len(prompts | {job.prompt for job in batches[end]}) <= PROMPTS_AHEAD:
             prompts |= {job.prompt for job in batches[end]}
             end += 1

@@ -167,9 +167,11 @@ def load_yaml(text: str, file: str) -> YamlDocument:
 
 def _position(text: str | bytes, index: int) -> tuple[int, int]:
     """1-based (line, column) of the character (or byte) at `index`."""
-    newline = "\n" if isinstance(text, str) else b"\n"
-    line_start = text.rfind(newline, 0, index) + 1
-    return text.count(newline, 0, index) + 1, index - line_start + 1
+    if isinstance(text, str):
+        line_start, line = text.rfind("\n", 0, index) + 1, text.count("\n", 0, index) + 1
+    else:
+        line_start, line = text.rfind(b"\n", 0, index) + 1, text.count(b"\n", 0, index) + 1
+    return line, index - line_start + 1
 
 
 def _explain_yaml_error(message: str, text: str, mark: Any) -> tuple[str, str | None]:
@@ -288,9 +290,10 @@ def _walk(node: Any, path: FieldPath, document: YamlDocument, on_stack: set[int]
                 )
                 continue
             first_seen[key] = key_node
-            document.key_marks[(*path, key)] = _location(document.file, key_node.start_mark)
-            document.marks.pop((*path, key), None)  # an explicit key beats one merged in earlier
-            _walk(value_node, (*path, key), document, on_stack, depth + 1)
+            key_path = (*path, key)
+            document.key_marks[key_path] = _location(document.file, key_node.start_mark)
+            document.marks.pop(key_path, None)  # an explicit key beats one merged in earlier
+            _walk(value_node, key_path, document, on_stack, depth + 1)
     on_stack.discard(id(node))
 
 

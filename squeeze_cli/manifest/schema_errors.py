@@ -7,13 +7,15 @@ from __future__ import annotations
 import difflib
 import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from squeeze_cli.errors import Problem
 from squeeze_cli.manifest.located import FieldPath, YamlDocument
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 def schema_error(message: str, hint: str | None = None) -> PydanticCustomError:
@@ -120,7 +122,7 @@ OTHER_TOOLS_NAMES["num_steps"] = OTHER_TOOLS_NAMES["sampling_steps"] = OTHER_TOO
 
 
 def _problem_from_error(
-    error: dict, document: YamlDocument, root: type[BaseModel], prefix: FieldPath, data: Any
+    error: ErrorDetails, document: YamlDocument, root: type[BaseModel], prefix: FieldPath, data: Any
 ) -> Problem:
     """One pydantic error on `data` (the document's value at `prefix`) as a located problem."""
     kind = error["type"]
@@ -163,8 +165,8 @@ def _problem_from_error(
 
 
 def validate_schema(
-    model: type[BaseModel], document: YamlDocument, prefix: FieldPath = ()
-) -> tuple[BaseModel | None, list[Problem]]:
+    model: type[ModelT], document: YamlDocument, prefix: FieldPath = ()
+) -> tuple[ModelT | None, list[Problem]]:
     """Validate the data at `prefix` of `document` against `model`; errors become located problems."""
     data = document.data
     for part in prefix:

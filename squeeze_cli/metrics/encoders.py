@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from PIL import Image
 
 from squeeze_cli.errors import ModelLoadError
 from squeeze_cli.metrics.protocol import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel, Dinov2Model, ViTModel
 
 
 def resize_center_crop(image: Image.Image, resize: int, crop: int) -> torch.Tensor:
@@ -70,6 +73,7 @@ class Encoder:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()  # eval's own bar is the one to watch
+        self.model: CLIPModel | ViTModel | Dinov2Model
         try:
             if spec.role == "clip":
                 from transformers import CLIPModel, CLIPProcessor
@@ -89,16 +93,20 @@ class Encoder:
                 raise ValueError(f"unknown encoder role {spec.role!r}")
         except (OSError, ValueError, ImportError) as error:
             raise _load_error(spec, error) from error
-        self.model.to(self.device, dtype=torch.float32).eval()
+        # transformers types `PreTrainedModel.to` through functools.wraps, which loses the bound `self`.
+        self.model.to(self.device, dtype=torch.float32).eval()  # type: ignore[arg-type]
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Image.Image]) -> ImageEmbeddings:
         """Normalised embeddings of `images` (CLS token for DINO/DINOv2, projected embedding for CLIP)."""
         if self.spec.role == "clip":
             pixel_values = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
-            features = self.model.get_image_features(pixel_values=pixel_values.to(self.device)).pooler_output
+            clip = cast("CLIPModel", self.model)  # the role's model
+            features = clip.get_image_features(pixel_values=pixel_values.to(self.device)).pooler_output
             return ImageEmbeddings(_normalise(features))
-        pixel_values = torch.stack([resize_center_crop(i, self.spec.resize, self.spec.crop) for i in images])
+        resize, crop = self.spec.resize, self.spec.crop
+        assert resize is not None and crop is not None  # the protocol sets both for DINO and DINOv2
+        pixel_values = torch.stack([resize_center_crop(i, resize, crop) for i in images])
         hidden = self.model(pixel_values=pixel_values.to(self.device)).last_hidden_state  # (B, 1 + N, D)
         patches = _normalise(hidden[:, 1:]) if self.spec.role == "dino" else None
         return ImageEmbeddings(_normalise(hidden[:, 0]), patches)
@@ -109,7 +117,8 @@ class Encoder:
         tokens = self.processor.tokenizer(
             list(texts), padding=True, truncation=True, max_length=77, return_tensors="pt"
         ).to(self.device)
-        return _normalise(self.model.get_text_features(**tokens).pooler_output)
+        clip = cast("CLIPModel", self.model)  # texts are embedded by the CLIP encoder only
+        return _normalise(clip.get_text_features(**tokens).pooler_output)
 
 
 def _normalise(features: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from squeeze_cli.loading import build_into_cache, cache_dir
+
+if TYPE_CHECKING:
+    from transformers import ImageProcessingMixin, PreTrainedModel, ProcessorMixin
 
 # Bump when a builder changes what it writes, so old caches are not reused.
 TINY_METRIC_FORMAT = 1
@@ -59,7 +63,8 @@ def _build_clip_tokenizer():
 
     bpe = json.loads(tokenizer.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"]]
-    return CLIPTokenizer(vocab=dict(bpe["vocab"]), merges=merges, model_max_length=77)
+    # transformers annotates `merges` as list[str]; its tokenizers backend takes (a, b) pairs as well.
+    return CLIPTokenizer(vocab=dict(bpe["vocab"]), merges=merges, model_max_length=77)  # type: ignore[arg-type]
 
 
 def build_tiny_metric_model(name: str, path: str | os.PathLike, seed: int = 0) -> Path:
@@ -88,7 +93,11 @@ def build_tiny_metric_model(name: str, path: str | os.PathLike, seed: int = 0) -
     mean, std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
     path = Path(path)
     torch.manual_seed(seed)
-    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    small: dict[str, Any] = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    model: PreTrainedModel
+    processor: ImageProcessingMixin | ProcessorMixin
     if name == "dino":
         model = ViTModel(ViTConfig(image_size=32, patch_size=8, **small), add_pooling_layer=False)
         processor = ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=mean, image_std=std)

@@ -230,7 +230,7 @@ def remove_stale_temp_files(out_dir: str | os.PathLike, *, only: Collection[str]
     return removed
 
 
-def _scandir(directory: str | os.PathLike) -> list[os.DirEntry]:
+def _scandir(directory: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(directory) as entries:
             return list(entries)

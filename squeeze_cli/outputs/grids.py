@@ -305,15 +305,15 @@ def draw_page(
                 GRID_THUMB_HEIGHT,
                 GRID_MAX_COLUMNS,
             )
-            path = grid_path(out_dir, page.subject, prompt.prompt_index)
-            atomic_write_bytes(path, _encode_plain_png(canvas, prompt.grid_inputs))
+            grid_file = grid_path(out_dir, page.subject, prompt.prompt_index)
+            atomic_write_bytes(grid_file, _encode_plain_png(canvas, prompt.grid_inputs))
         sheet_rows.append((prompt, sheet_tiles))
     if page.sheet_inputs is not None:
         canvas = _sheet_canvas(
             page.subject, page.page, references[SHEET_THUMB_HEIGHT], sheet_rows, SHEET_THUMB_HEIGHT
         )
-        path = contact_sheet_path(out_dir, page.subject, page.page)
-        atomic_write_bytes(path, _encode_plain_png(canvas, page.sheet_inputs))
+        sheet_file = contact_sheet_path(out_dir, page.subject, page.page)
+        atomic_write_bytes(sheet_file, _encode_plain_png(canvas, page.sheet_inputs))
 
 
 # ----------------------------------------------------------------------------------------------------

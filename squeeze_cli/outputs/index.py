@@ -222,6 +222,7 @@ def repair_index(
     # Lines are parsed one at a time and a finished job's parsed line is dropped for its `done` entry, so
     # the index is never held twice as dicts.
     kept: dict[str, Mapping[str, Any]] = {}  # insertion order = order of each id's kept line
+    entry: Mapping[str, Any] | None
     for entry in _index_lines(data):
         if entry is None:
             changed = True
@@ -235,7 +236,8 @@ def repair_index(
                 changed = True  # an old failure, or the image moved to its new position's name
             entry = done[job_id]
         else:
-            owner = owners.get(_line_image(entry))
+            image = _line_image(entry)
+            owner = owners.get(image) if image is not None else None
             if owner is not None and owner != job_id:
                 changed = True  # an old job's line for a name a current job owns
                 continue

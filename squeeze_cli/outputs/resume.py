@@ -114,11 +114,11 @@ def find_finished(
             only checks the names this run wrote.
     """
     done: dict[str, Finished] = {}
-    for subject, subject_jobs in groupby(jobs, key=lambda job: job.subject):
+    for subject, group in groupby(jobs, key=lambda job: job.subject):
         directory = subject_dir(out_dir, subject)
         if not directory.is_dir():
             continue
-        subject_jobs = list(subject_jobs)
+        subject_jobs = list(group)
         other_ids: dict[str, object] = {}  # stem -> the job id its sidecar names, when not that job's
         for job in subject_jobs:
             stem = image_stem(job)

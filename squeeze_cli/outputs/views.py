@@ -52,8 +52,8 @@ def plan_views(
         finished: `{job_id: Finished}` of the finished images, at their positions' names.
     """
     work = []
-    for subject, subject_jobs in groupby(jobs, key=lambda job: job.subject):
-        subject_jobs = list(subject_jobs)
+    for subject, subject_group in groupby(jobs, key=lambda job: job.subject):
+        subject_jobs = list(subject_group)
         references = tuple(str(path) for path in subject_jobs[0].references)
         by_prompt = [list(group) for _, group in groupby(subject_jobs, key=lambda job: job.prompt_index)]
         pages = contact_sheet_pages(len(by_prompt))

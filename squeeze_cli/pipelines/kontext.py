@@ -253,6 +253,7 @@ class KontextPipeline(SubjectBatchMixin, FluxKontextPipeline):
         prompt_embeds, pooled_prompt_embeds = self.encode_prompts(prompts, device, dtype)
         do_true_cfg = true_cfg_scale > 1 and negative_prompt is not None
         if do_true_cfg:
+            assert negative_prompt is not None  # `do_true_cfg` says so
             negative_embeds, negative_pooled = self.encode_prompts(
                 [negative_prompt] * batch_size, device, dtype
             )
@@ -285,8 +286,13 @@ class KontextPipeline(SubjectBatchMixin, FluxKontextPipeline):
             self.scheduler.config.get("base_shift", 0.5),
             self.scheduler.config.get("max_shift", 1.15),
         )
+        # diffusers annotates `sigmas` as list[float]; its own pipelines pass this numpy array too.
         timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu
+            self.scheduler,
+            num_inference_steps,
+            device,
+            sigmas=sigmas,  # type: ignore[arg-type]
+            mu=mu,
         )
         self._num_timesteps = len(timesteps)
         guidance = None

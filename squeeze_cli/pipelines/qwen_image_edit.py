@@ -305,6 +305,7 @@ class QwenImageEditPlusPipeline(SubjectBatchMixin, DiffusersQwenImageEditPlusPip
         if prompt in subject.prompt_encodings:
             return subject.prompt_encodings[prompt]
         device = self._execution_device
+        assert subject.prefix_ids is not None and subject.prefix_hidden is not None  # set by encode_subject
         cache, prefix_length = subject.prefix_cache, subject.prefix_ids.shape[0]
         if cache.get_seq_length() != prefix_length:
             raise RuntimeError("The subject's prefix cache was changed outside encode_instruction.")
@@ -430,6 +431,7 @@ class QwenImageEditPlusPipeline(SubjectBatchMixin, DiffusersQwenImageEditPlusPip
         prompt_embeds, prompt_mask = self._batch_encodings(subject_condition, prompts, device, dtype)
         do_true_cfg = true_cfg_scale > 1 and negative_prompt is not None
         if do_true_cfg:
+            assert negative_prompt is not None  # `do_true_cfg` says so
             negative_embeds, negative_mask = self._batch_encodings(
                 subject_condition, [negative_prompt] * batch_size, device, dtype
             )
@@ -443,15 +445,15 @@ class QwenImageEditPlusPipeline(SubjectBatchMixin, DiffusersQwenImageEditPlusPip
             latents = self._pack_latents(noise, batch_size, channels, latent_height, latent_width)
         else:
             latents = latents.to(device=device, dtype=dtype)
-        reference_tokens, shapes = [], [(1, latent_height // 2, latent_width // 2)]
+        packed_references, shapes = [], [(1, latent_height // 2, latent_width // 2)]
         for reference in subject_condition.reference_latents:
             _, _, h, w = reference.shape
             packed = self._pack_latents(
                 reference.unsqueeze(0).to(device=device, dtype=dtype), 1, channels, h, w
             )
-            reference_tokens.append(packed)
+            packed_references.append(packed)
             shapes.append((1, h // 2, w // 2))
-        reference_tokens = torch.cat(reference_tokens, dim=1).expand(batch_size, -1, -1)
+        reference_tokens = torch.cat(packed_references, dim=1).expand(batch_size, -1, -1)
         img_shapes = [shapes] * batch_size
         num_latent_tokens = latents.shape[1]
 
@@ -464,8 +466,13 @@ class QwenImageEditPlusPipeline(SubjectBatchMixin, DiffusersQwenImageEditPlusPip
             self.scheduler.config.get("base_shift", 0.5),
             self.scheduler.config.get("max_shift", 1.15),
         )
+        # diffusers annotates `sigmas` as list[float]; its own pipelines pass this numpy array too.
         timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu
+            self.scheduler,
+            num_inference_steps,
+            device,
+            sigmas=sigmas,  # type: ignore[arg-type]
+            mu=mu,
         )
         self._num_timesteps = len(timesteps)
 

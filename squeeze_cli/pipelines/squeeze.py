@@ -168,8 +168,9 @@ class SqueezePipeline(SubjectBatchMixin, DiffusionPipeline, FluxLoraLoaderMixin)
             FLUX's flow-matching scheduler.
     """
 
-    model_cpu_offload_seq = "mllm->aggregator->transformer->vae"
-    _optional_components = []
+    # diffusers leaves `model_cpu_offload_seq = None` unannotated, so mypy types it as None.
+    model_cpu_offload_seq = "mllm->aggregator->transformer->vae"  # type: ignore[assignment]
+    _optional_components: list[str] = []
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
     # The LoRA goes into the transformer only; there is no CLIP text encoder to load one into.
     _lora_loadable_modules = ["transformer"]
@@ -284,7 +285,7 @@ class SqueezePipeline(SubjectBatchMixin, DiffusionPipeline, FluxLoraLoaderMixin)
         dtype = dtype or self.transformer.dtype
         return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
 
-    def check_prompt_fits(self, reference_sizes: list[tuple[int, int]], prompts: list[str]) -> None:
+    def check_prompt_fits(self, reference_sizes: Sequence[tuple[int, int]], prompts: Sequence[str]) -> None:
         """Raise `ValueError` for a prompt too long for the MLLM's context with references of these sizes."""
         self.mllm_encoder.check_fits(reference_sizes, prompts)
 
@@ -324,18 +325,23 @@ class SqueezePipeline(SubjectBatchMixin, DiffusionPipeline, FluxLoraLoaderMixin)
         """Each prompt's aggregated condition `(embeds (n, D), pooled (P,))`, from the subject's memo or
         encoded on its prefix (then remembered); without a prefix the MLLM reads the instruction alone."""
         prefix = subject_condition.prefix if subject_condition is not None else None
-        known = subject_condition.instruction_conditions if prefix is not None else {}
+        # (`prefix` is not None only with a `subject_condition`: the checks below say so to the type checker.)
+        known = (
+            subject_condition.instruction_conditions
+            if subject_condition is not None and prefix is not None
+            else {}
+        )
         encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for text in prompts:
             if text in encoded or text in known:  # the same text gives the same condition: encode it once
                 encoded[text] = encoded.get(text) or known[text]
-            elif prefix is not None:
+            elif subject_condition is not None and prefix is not None:
                 # Only the instruction's positions: the prefix's image tokens are aggregated already.
                 encoding = self.mllm_encoder.encode_instruction(prefix, text, include_prefix=False)
                 encoded[text] = self.aggregator(encoding, image_tokens=subject_condition.image_tokens)
             else:
                 encoded[text] = self.aggregator(self.mllm_encoder.encode([], text))
-        if prefix is not None:
+        if subject_condition is not None and prefix is not None:
             memo = subject_condition.instruction_conditions
             for text, condition in encoded.items():  # most recent last; the oldest go first
                 memo.pop(text, None)
@@ -391,10 +397,16 @@ class SqueezePipeline(SubjectBatchMixin, DiffusionPipeline, FluxLoraLoaderMixin)
         device = device or self._execution_device
         dtype = dtype or self.transformer.dtype
         if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("Provide either `prompt` or `prompt_embeds`. Cannot leave both undefined.")
             prompt = [prompt] if isinstance(prompt, str) else list(prompt)
             conditions = self._instruction_conditions(prompt, subject_condition)
             prompt_embeds, prompt_attention_mask = self._pad_conditions([e for e, _ in conditions])
             pooled_prompt_embeds = torch.stack([p for _, p in conditions])
+        elif pooled_prompt_embeds is None:
+            raise ValueError(
+                "If `prompt_embeds` are provided, `pooled_prompt_embeds` also have to be passed."
+            )
 
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(
             num_images_per_prompt, 0
@@ -470,6 +482,7 @@ class SqueezePipeline(SubjectBatchMixin, DiffusionPipeline, FluxLoraLoaderMixin)
             reference_images = [reference_images]
         reference_images = [image.convert("RGB") for image in reference_images]
         prefix = self.mllm_encoder.encode_prefix(reference_images)
+        assert prefix.hidden_states is not None  # released below, after the aggregator reads them
         # Through the aggregator's forward (not `aggregate_image_tokens`) so offload hooks see the call; the
         # prefix has no text positions, so this is exactly its image tokens.
         image_tokens, _ = self.aggregator(
@@ -818,7 +831,7 @@ class SqueezePipeline(SubjectBatchMixin, DiffusionPipeline, FluxLoraLoaderMixin)
         width: int | None = None,
         num_inference_steps: int = 28,
         guidance_scale: float = 2.5,
-        stage_thresholds: tuple[float, float] = PAPER_STAGE_THRESHOLDS,
+        stage_thresholds: Sequence[float] = PAPER_STAGE_THRESHOLDS,
         keep_mllm_condition: bool = False,
         reference_size: int = 512,
         step_cache: StepCache | None = None,
@@ -959,6 +972,7 @@ class SqueezePipeline(SubjectBatchMixin, DiffusionPipeline, FluxLoraLoaderMixin)
         if prompt is not None:
             batch_size = 1 if isinstance(prompt, str) else len(prompt)
         else:
+            assert prompt_embeds is not None  # `check_inputs` requires `prompt` or `prompt_embeds`
             batch_size = prompt_embeds.shape[0]
         device = self._execution_device
         dtype = self.transformer.dtype

@@ -167,12 +167,18 @@ class LoraTrainSpec(StrictModel):
 # Stages and optimisation -----------------------------------------------------------------------------
 
 
+def _default_train() -> list[Group]:
+    return ["aggregator", "lora"]
+
+
+def _default_learning_rates() -> dict[Group, float | int]:
+    return {"aggregator": 1e-4, "lora": 1e-4}
+
+
 class StageSpec(StrictModel):
     steps: NonNegativeInt
-    train: Annotated[list[Group], Field(min_length=1)] = Field(default_factory=lambda: ["aggregator", "lora"])
-    learning_rates: dict[Group, LearningRate] = Field(
-        default_factory=lambda: {"aggregator": 1e-4, "lora": 1e-4}
-    )
+    train: Annotated[list[Group], Field(min_length=1)] = Field(default_factory=_default_train)
+    learning_rates: dict[Group, LearningRate] = Field(default_factory=_default_learning_rates)
     warmup_steps: NonNegativeInt = 0
 
     @model_validator(mode="after")

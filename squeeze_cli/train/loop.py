@@ -15,6 +15,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ class Trainer:
         self.pipe.set_progress_bar_config(disable=True)
 
         optimizer_spec = training.optimizer
-        param_groups = [
+        param_groups: list[dict[str, Any]] = [
             {"params": [p for _, p in self.groups[g]], "lr": 1.0, "name": g}
             for g in ("aggregator", "lora")
             if g in trained_anywhere
@@ -167,7 +168,11 @@ class Trainer:
             weight_decay=optimizer_spec.weight_decay,
         )
         stages = self.stages
-        lambdas = [(lambda step, g=g: group_learning_rate(step, g, stages)) for g in self.group_names]
+
+        def rate_of(group: str) -> Callable[[int], float]:
+            return lambda step: group_learning_rate(step, group, stages)
+
+        lambdas = [rate_of(g) for g in self.group_names]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         self.models, self.optimizer = self.accelerator.prepare(self.trainable, optimizer)
         self.accelerator.register_for_checkpointing(self.state)

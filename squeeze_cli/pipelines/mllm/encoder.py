@@ -15,6 +15,7 @@ the result equals a full `encode` pass up to float rounding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -274,7 +275,7 @@ class MLLMEncoder:
         hidden_states = torch.cat([prefix.hidden_states, new_hidden_states], dim=1)
         return MLLMEncoding(hidden_states, image_mask, text_mask, input_ids)
 
-    def check_fits(self, image_sizes: list[tuple[int, int]], instructions: list[str]) -> None:
+    def check_fits(self, image_sizes: Sequence[tuple[int, int]], instructions: Sequence[str]) -> None:
         """Raise the `ValueError` of an instruction too long for the context, without running the model.
 
         Needs only the references' (width, height), upright: the image processor's patch count follows
