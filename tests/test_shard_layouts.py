@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from support import FOUR_SEEDS, files_under, one_error_line
+from support import FOUR_SEEDS, TWO_SUBJECTS, files_under, one_error_line
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_INVALID, EXIT_OK
@@ -149,27 +149,6 @@ def test_after_the_shards_finish_every_grid_shows_every_image(project: Path, squ
         assert drawn.shape == complete.shape and (drawn == complete).all(), name
 
 
-TWO_SUBJECTS_TWO_PROMPTS = """\
-version: 1
-recipe: tiny
-defaults:
-  height: 32
-  width: 32
-  num_inference_steps: 2
-  reference_size: 32
-  seeds: [0, 1]
-subjects:
-  - name: dog
-    class: dog
-    references: [images/dog/00.jpg]
-    prompts: ["a {class} in the snow", "a {class} on a beach"]
-  - name: cat
-    class: cat
-    references: [images/dog/00.jpg]
-    prompts: ["a {class} in the snow", "a {class} on a beach"]
-"""
-
-
 def _views_on_disk(out: Path) -> set[str]:
     return {
         f"{path.parent.name}/{path.name}"
@@ -181,7 +160,7 @@ def _views_on_disk(out: Path) -> set[str]:
 def test_a_shard_draws_only_the_views_of_its_own_prompts(make_project, squeeze, plan_of) -> None:
     from squeeze_cli.plan import shard_jobs
 
-    project = make_project(m=TWO_SUBJECTS_TWO_PROMPTS)
+    project = make_project(m=TWO_SUBJECTS)
     jobs = plan_of(project / "m.yaml")
     out = project / "out"
     shards = [shard_jobs(jobs, index, 4) for index in range(4)]
@@ -205,7 +184,7 @@ def test_a_shard_draws_only_the_views_of_its_own_prompts(make_project, squeeze, 
 
 
 def test_a_shard_s_json_events_carry_the_shard(make_project, squeeze) -> None:
-    project = make_project(m=TWO_SUBJECTS_TWO_PROMPTS)
+    project = make_project(m=TWO_SUBJECTS)
     result = squeeze(
         "gen", str(project / "m.yaml"), "--out", str(project / "out"), "--shard", "1/4", "--json"
     )
@@ -217,7 +196,7 @@ def test_a_shard_s_json_events_carry_the_shard(make_project, squeeze) -> None:
 
 
 def test_status_merge_draws_every_view_the_shards_left(make_project, squeeze, plan_of) -> None:
-    project = make_project(m=TWO_SUBJECTS_TWO_PROMPTS)
+    project = make_project(m=TWO_SUBJECTS)
     jobs = plan_of(project / "m.yaml")
     out = project / "out"
     for shard in ("0/4", "1/4", "2/4", "3/4"):
