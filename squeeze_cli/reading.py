@@ -86,12 +86,32 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int, *, follow_symlink
         `NotARegularFileError`, `FileTooLargeError`, `OSError`.
     """
     fd = open_regular(path, follow_symlinks=follow_symlinks)
-    with os.fdopen(fd, "rb") as file:
-        data = file.read(max_bytes + 1)  # the size may change under us: the read itself is bounded
-    if len(data) > max_bytes:
+    with os.fdopen(fd, "rb", buffering=0) as file:
+        # The size may change under us: the reads themselves are bounded. `read(n)` sets n bytes aside
+        # first, so they are sized by the file, not the limit (a 1 GiB limit is no 1 GiB allocation).
+        size = os.fstat(fd).st_size
+        parts: list[bytes] = []
+        left = max_bytes + 1 if size <= max_bytes else 0  # too large already: nothing to read
+        chunk = min(size, max_bytes) + 1
+        while left > 0:
+            part = file.read(min(chunk, left))
+            if not part:
+                break
+            parts.append(part)
+            left -= len(part)
+            chunk = max(chunk, MiB)  # grown since fstat, or a /proc file that says 0 bytes
+        data = b"".join(parts) if len(parts) != 1 else parts[0]
+    if len(data) > max_bytes or size > max_bytes:
         raise FileTooLargeError(
             errno.EFBIG,
-            f"larger than the {max_bytes // MiB} MiB limit for this kind of file",
+            f"larger than the {size_text(max_bytes)} limit for this kind of file",
             os.fspath(path),
         )
     return data
+
+
+def size_text(size: int) -> str:
+    """A size limit as people write it: `16 MiB`, `1 GiB` (not `1024 MiB`)."""
+    if size >= 1024 * MiB and size % (1024 * MiB) == 0:
+        return f"{size // (1024 * MiB)} GiB"
+    return f"{size // MiB} MiB" if size % MiB == 0 else f"{size:,} bytes"

@@ -99,3 +99,25 @@ def deadline(seconds: int = 60):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# Two subjects of two prompts and two seeds: eight images, four grids, two contact sheets.
+TWO_SUBJECTS = """\
+version: 1
+recipe: tiny
+defaults:
+  height: 32
+  width: 32
+  num_inference_steps: 2
+  reference_size: 32
+  seeds: [0, 1]
+subjects:
+  - name: dog
+    class: dog
+    references: [images/dog/00.jpg]
+    prompts: ["a {class} in the snow", "a {class} on a beach"]
+  - name: cat
+    class: cat
+    references: [images/dog/00.jpg]
+    prompts: ["a {class} in the snow", "a {class} on a beach"]
+"""

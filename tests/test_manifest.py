@@ -281,6 +281,27 @@ def test_unsafe_subject_names(refs, write_file, name):
     assert "not usable as a folder name" in problem.message
 
 
+@pytest.mark.parametrize(
+    "name", ["index.jsonl", "shards", "run.json", "report.html", "metrics.json", "Manifest.Resolved.yaml"]
+)
+def test_reserved_subject_names_fail_validate(refs, write_file, squeeze, name):
+    path = write_file(
+        f"version: 1\nrecipe: tiny\nsubjects:\n  - name: '{name}'\n"
+        "    references: [refs/dog/a.png]\n    prompts: [x]\n"
+    )
+    problem = only_problem(path)
+    assert problem.field == "subjects[0].name" and problem.line == 4
+    assert "cannot name a subject: squeeze writes its own" in problem.message
+    assert squeeze("validate", str(path)).code == 2
+
+
+def test_the_reserved_subject_names_are_the_output_folder_s():
+    from squeeze_cli.manifest.schema import RESERVED_SUBJECT_NAMES
+    from squeeze_cli.outputs.layout import RESERVED_NAMES
+
+    assert RESERVED_SUBJECT_NAMES == RESERVED_NAMES
+
+
 def test_duplicate_subject_names_ignore_case(refs, write_file):
     path = write_file(
         """

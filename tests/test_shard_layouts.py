@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from support import FOUR_SEEDS, files_under, one_error_line
+from support import FOUR_SEEDS, TWO_SUBJECTS, files_under, one_error_line
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_INVALID, EXIT_OK
@@ -147,3 +147,63 @@ def test_after_the_shards_finish_every_grid_shows_every_image(project: Path, squ
         drawn = np.asarray(Image.open(out / "dog" / name).convert("RGB"))
         complete = np.asarray(Image.open(expected / "dog" / name).convert("RGB"))
         assert drawn.shape == complete.shape and (drawn == complete).all(), name
+
+
+def _views_on_disk(out: Path) -> set[str]:
+    return {
+        f"{path.parent.name}/{path.name}"
+        for path in out.glob("*/*.png")
+        if path.name.startswith(("grid-", "contact-sheet"))
+    }
+
+
+def test_a_shard_draws_only_the_views_of_its_own_prompts(make_project, squeeze, plan_of) -> None:
+    from squeeze_cli.plan import shard_jobs
+
+    project = make_project(m=TWO_SUBJECTS)
+    jobs = plan_of(project / "m.yaml")
+    out = project / "out"
+    shards = [shard_jobs(jobs, index, 4) for index in range(4)]
+    assert all(shards)  # one prompt each: every shard holds one grid of the four
+
+    result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--shard", "0/4")
+    assert result.code == EXIT_OK, result.err
+    held = {(job.subject, job.prompt_index) for job in shards[0]}
+    expected = {f"{subject}/grid-{prompt:03d}.png" for subject, prompt in held}
+    expected |= {f"{subject}/contact-sheet.png" for subject, _ in held}
+    assert _views_on_disk(out) == expected  # not the other shards' three grids and the other sheet
+    # Its lines say which shard wrote them (a job array's logs land side by side).
+    lines = [line for line in (result.err + result.out).splitlines() if line.strip()]
+    assert lines and all(line.startswith("shard 0/4: ") for line in lines), lines
+
+    for shard in ("2/4", "3/4", "1/4"):  # in any order: the last to finish a view draws it complete
+        result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--shard", shard, "--quiet")
+        assert result.code == EXIT_OK, result.err
+    finished = outputs.find_finished(out, jobs)
+    assert len(finished) == len(jobs) and outputs.plan_views(out, jobs, finished) == []
+
+
+def test_a_shard_s_json_events_carry_the_shard(make_project, squeeze) -> None:
+    project = make_project(m=TWO_SUBJECTS)
+    result = squeeze(
+        "gen", str(project / "m.yaml"), "--out", str(project / "out"), "--shard", "1/4", "--json"
+    )
+    assert result.code == EXIT_OK, result.err
+    import json
+
+    events = [json.loads(line) for line in result.out.splitlines()]
+    assert events and all(event["shard"] == [1, 4] for event in events)
+
+
+def test_status_merge_draws_every_view_the_shards_left(make_project, squeeze, plan_of) -> None:
+    project = make_project(m=TWO_SUBJECTS)
+    jobs = plan_of(project / "m.yaml")
+    out = project / "out"
+    for shard in ("0/4", "1/4", "2/4", "3/4"):
+        assert squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--shard", shard, "-q").code == 0
+    for view in out.glob("*/grid-*.png"):
+        view.unlink()
+    assert squeeze("status", str(out), "--merge").code == EXIT_OK
+    finished = outputs.find_finished(out, jobs)
+    assert outputs.plan_views(out, jobs, finished) == []
+    assert len(_views_on_disk(out)) == 4 + 2

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from support import ONE_IMAGE, TWO_PROMPTS
+from support import ONE_IMAGE, TWO_PROMPTS, deadline, one_error_line
 
 
 @pytest.fixture
@@ -156,3 +156,55 @@ def test_two_machines_on_loopback_share_one_output_folder(make_project, squeeze)
         two = np.asarray(Image.open(project / "two" / "dog" / image.name).convert("RGB"), dtype=np.int16)
         assert np.abs(one - two).max() <= 1, image.name
     assert squeeze("status", str(project / "two")).code == 0
+
+
+NINES = "9" * 5000
+
+
+@pytest.mark.parametrize(
+    "shard",
+    ["²/3", "1/³", "١/٣", f"{NINES}/{NINES}9", f"0/{NINES}", "0/99999999999999999999999", "0/100001"],
+    ids=[
+        "superscript",
+        "superscript-count",
+        "arabic-indic",
+        "5000-digits",
+        "5000-digit-count",
+        "1e23",
+        "max+1",
+    ],
+)
+def test_odd_shards_are_one_error_line(project: Path, squeeze, shard: str) -> None:
+    with deadline(60):  # a safety net: cutting a plan into 10**23 shards never ended
+        result = squeeze("gen", str(project / "m.yaml"), "--dry-run", "--shard", shard)
+    assert result.code == 2
+    line = one_error_line(result.err)
+    assert line.startswith("error: --shard ") and len(line) < 300, line
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SLURM_ARRAY_TASK_ID": "²", "SLURM_ARRAY_TASK_COUNT": "3"},
+        {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "³"},
+        {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "¹"},
+        {"SLURM_ARRAY_TASK_ID": NINES, "SLURM_ARRAY_TASK_COUNT": "3"},
+        {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "99999999999999999999999"},
+    ],
+    ids=["id-superscript", "count-superscript", "min-superscript", "id-5000-digits", "count-1e23"],
+)
+def test_odd_slurm_variables_are_one_error_line(project: Path, squeeze, monkeypatch, env) -> None:
+    for name in ("SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with deadline(60):
+        result = squeeze("gen", str(project / "m.yaml"), "--dry-run", "--shard", "slurm")
+    assert result.code == 2
+    line = one_error_line(result.err)
+    assert line.startswith("error: --shard slurm: ") and len(line) < 300, line
+
+
+def test_the_largest_shard_count_is_accepted(project: Path, squeeze) -> None:
+    result = squeeze("gen", str(project / "m.yaml"), "--dry-run", "--shard", "99999/100000")
+    assert result.code == 0, result.err

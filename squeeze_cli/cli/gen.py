@@ -28,6 +28,28 @@ if TYPE_CHECKING:
     from squeeze_cli.manifest import LoadedManifest
 
 
+# More shards than a plan has jobs (100,000 by default) only adds empty ones: a larger count is a typo,
+# refused before the plan is cut (cutting it walks every shard's boundary).
+MAX_SHARDS = 100_000
+
+
+def _number(text: str) -> int | None:
+    """`text` as a whole number if it is ASCII digits, else None; one too long for any count (thousands of
+    digits, which `int` refuses) is `MAX_SHARDS + 1`, too large for any shard's place or count."""
+    if not (text.isascii() and text.isdigit()):  # isdigit alone accepts '²' and '١', which int refuses
+        return None
+    return int(text) if len(text.lstrip("0")) <= 18 else MAX_SHARDS + 1
+
+
+def _too_many_shards(flag: str, count: int) -> None:
+    from squeeze_cli.errors import UsageError
+
+    if count > MAX_SHARDS:
+        raise UsageError(
+            f"{flag}: more than {MAX_SHARDS:,} shards", "give the number of tasks, e.g. --shard 0/8"
+        )
+
+
 def _parse_shard(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -35,10 +57,13 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 
     if value == "slurm":
         return _slurm_shard()
-    index, _, count = value.partition("/")
-    if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
-        raise UsageError(f"--shard {value}: expected I/N with 0 <= I < N", "e.g. --shard 0/4 ... --shard 3/4")
-    return int(index), int(count)
+    shown = value if len(value) <= 40 else f"{value[:37]}..."  # 5000 digits make no error line
+    index_text, _, count_text = value.partition("/")
+    index, count = _number(index_text), _number(count_text)
+    if index is None or count is None or not 0 <= index < count:
+        raise UsageError(f"--shard {shown}: expected I/N with 0 <= I < N", "e.g. --shard 0/4 ... --shard 3/4")
+    _too_many_shards(f"--shard {shown}", count)
+    return index, count
 
 
 def _slurm_shard() -> tuple[int, int]:
@@ -53,17 +78,20 @@ def _slurm_shard() -> tuple[int, int]:
     names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP")
     defaults = {"SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "1"}
     values = {name: os.environ.get(name, defaults.get(name, "")) for name in names}
-    bad = [name for name, text in values.items() if not text.isdigit()]
+    numbers = {name: _number(text) for name, text in values.items()}
+    bad = [name for name, number in numbers.items() if number is None]
     if bad:
         raise UsageError(
             f"--shard slurm: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not set to a number",
             "run it as a task of a job array (sbatch --array=0-N), or use --shard I/N",
         )
-    task, count, first, step = (int(values[name]) for name in names)
+    task, count, first, step = (int(numbers[name] or 0) for name in names)
     index, off_step = divmod(task - first, max(step, 1))
+    _too_many_shards("--shard slurm: SLURM_ARRAY_TASK_COUNT", count)
     if off_step or not 0 <= index < count:
         raise UsageError(
-            f"--shard slurm: task {task} is not one of {count} tasks from {first} in steps of {step}",
+            f"--shard slurm: task {values['SLURM_ARRAY_TASK_ID'][:40]} is not one of {count} tasks "
+            f"from {first} in steps of {step}",
             "use --shard I/N",
         )
     return index, count

@@ -39,10 +39,19 @@ class Reporter:
         mode: `tty` (tqdm bars), `plain` (a line on stderr now and then), `json` (one event per line on
             stdout), or `quiet` (errors only).
         enabled: False on every process but the main one, so a multi-process run prints once.
+        shard: `(I, N)` for a `--shard I/N` run: every text line starts with `shard I/N: ` and every JSON
+            event carries `"shard": [I, N]`, so the logs of a job array's tasks say whose they are.
     """
 
-    def __init__(self, mode: str, enabled: bool = True, stream: TextIO | None = None):
+    def __init__(
+        self,
+        mode: str,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        shard: tuple[int, int] | None = None,
+    ):
         self.mode = mode if enabled else "quiet"
+        self.shard = shard
         self.stream = stream or sys.stderr
         self.total = 0
         self.done = 0
@@ -69,7 +78,7 @@ class Reporter:
 
     def warning(self, text: str) -> None:
         if self.mode == "json":
-            self.emit_json("warning", message=text)
+            self._event("warning", message=text)
         else:
             self._write(f"warning: {text}")
 
@@ -77,19 +86,21 @@ class Reporter:
         self.total = total
         self.started = time.monotonic()
         if self.mode == "json":
-            self.emit_json("run_started", jobs=total, **info)
+            self._event("run_started", jobs=total, **info)
             return
         if self.mode in ("tty", "plain"):  # the plan, before any bar
             self._write(plan_line(total, info.get("skipped", 0), info.get("processes", 1), info.get("out")))
         if self.mode == "tty":
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, desc="images", unit="img", file=self.stream, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total, desc=f"{self._prefix}images", unit="img", file=self.stream, dynamic_ncols=True
+            )
 
     def batch_started(self, jobs: list[Any], num_steps: int) -> None:
         if self.mode == "json":
             for job in jobs:
-                self.emit_json("job_started", **_job_fields(job))
+                self._event("job_started", **_job_fields(job))
         elif self.mode == "tty":
             from tqdm.auto import tqdm
 
@@ -111,13 +122,13 @@ class Reporter:
     def job_finished(self, job: Any, image: str, seconds: float) -> None:
         self.done += 1
         if self.mode == "json":
-            self.emit_json("job_finished", **_job_fields(job), image=image, seconds=round(seconds, 3))
+            self._event("job_finished", **_job_fields(job), image=image, seconds=round(seconds, 3))
         self._advance(job.subject)
 
     def job_failed(self, job: Any, error: str) -> None:
         self.failed += 1
         if self.mode == "json":
-            self.emit_json("job_failed", **_job_fields(job), error=error)
+            self._event("job_failed", **_job_fields(job), error=error)
         elif self.mode != "quiet":
             self._write(f"failed: {job.subject} prompt {job.prompt_index} seed {job.seed}: {error}")
         self._advance(job.subject)
@@ -148,18 +159,20 @@ class Reporter:
             self.done, self.failed = jobs["succeeded"], jobs["failed"]
             self._progress_line()
         if self.mode == "json":
-            self.emit_json("run_summary", **summary)
+            self._event("run_summary", **summary)
         elif self.mode in ("tty", "plain"):
             print(
-                f"{summary['status']}: {jobs['succeeded']} generated, {jobs['skipped']} already done, "
-                f"{jobs['failed']} failed, in {summary['timings']['total']:.1f}s → {summary['out']}",
+                f"{self._prefix}{summary['status']}: {jobs['succeeded']} generated, "
+                f"{jobs['skipped']} already done, {jobs['failed']} failed, "
+                f"in {summary['timings']['total']:.1f}s → {summary['out']}",
                 file=sys.stdout,
                 flush=True,
             )
             if quality := summary.get("quality"):  # the identity gate (squeeze_cli/gen/gate.py)
                 print(
-                    f"quality: {quality['gated']} images gated (DINO >= {quality['min_dino']:g}), "
-                    f"{quality['regenerated']} remade, {quality['still_failing']} still below",
+                    f"{self._prefix}quality: {quality['gated']} images gated "
+                    f"(DINO >= {quality['min_dino']:g}), {quality['regenerated']} remade, "
+                    f"{quality['still_failing']} still below",
                     file=sys.stdout,
                     flush=True,
                 )
@@ -190,11 +203,21 @@ class Reporter:
         eta = max(self.total - finished, 0) / rate if rate > 0 else float("nan")
         self._write(f"[{finished}/{self.total}] {self.failed} failed, {rate:.2f} img/s, ETA {eta:.0f}s")
 
+    @property
+    def _prefix(self) -> str:
+        return f"shard {self.shard[0]}/{self.shard[1]}: " if self.shard is not None else ""
+
     def _write(self, text: str) -> None:
+        text = self._prefix + text
         if self._bar is not None:
             self._bar.write(text, file=self.stream)
         else:  # off a terminal (plain), every line starts with its UTC time
             print(stamped(text) if self.mode == "plain" else text, file=self.stream, flush=True)
+
+    def _event(self, event: str, **fields: Any) -> None:
+        if self.shard is not None:
+            fields = {"shard": list(self.shard), **fields}
+        self.emit_json(event, **fields)
 
     @staticmethod
     def emit_json(event: str, **fields: Any) -> None:

@@ -125,14 +125,21 @@ class GenRun:
         self.processes = Processes()
         self.is_main = self.processes.is_main
         self.reporter = Reporter(
-            Reporter.choose_mode(json_events=json_events, quiet=quiet), enabled=self.is_main
+            Reporter.choose_mode(json_events=json_events, quiet=quiet),
+            enabled=self.is_main,
+            shard=options.shard,
         )
         stop.notify = self.reporter.interrupted
         self.lock = DirectoryLock(self.run_dir) if self.is_main else None
         # Runs of one --shard layout share OUT; any other run on it is refused (gen/lock.py).
         self.layout_lock = LayoutLock(out_dir, options.shard) if self.is_main else None
-        # The grids show the whole plan: with --shard, every shard's images.
+        # The views show the whole plan: with --shard, every shard's images. A shard draws only the views
+        # of the prompts it holds (their grids and contact-sheet pages), so the shard that finishes a
+        # prompt's images last leaves its views complete, and `status --merge` draws every view.
         self.view_jobs = jobs if view_jobs is None or options.shard is None else view_jobs
+        self.view_prompts = (
+            None if self.view_jobs is jobs else {(job.subject, job.prompt_index) for job in jobs}
+        )
         self.write_error: outputs.OutputWriteError | None = None
 
     def prepare(self) -> None:
@@ -289,8 +296,9 @@ class GenRun:
         return EXIT_JOBS_FAILED if failures else EXIT_OK
 
     def _draw_views(self, finished: dict[str, Any] | None) -> None:
-        """Grids and contact sheets of the whole plan, from the images on disk: a shard draws every shard's
-        images, and one at a time, so the shard that finishes last leaves complete views. Every process
+        """Grids and contact sheets, from the images on disk: of the whole plan, or a shard's prompts (from
+        every shard's images, one shard at a time, so the shard that finishes a prompt last leaves its views
+        complete). Every process
         calls this: the main process finds the stale views under the layout lock (none when `finished` is
         None) and each process draws its share; a process alone draws with a pool when there is much."""
         output = self.manifest.document.output
@@ -302,14 +310,16 @@ class GenRun:
             failure: outputs.OutputWriteError | None = None
             if layout_lock is not None and finished is not None:
                 try:
-                    if self.view_jobs is not self.jobs:  # other shards' images: read inside the lock
-                        finished = outputs.find_finished(self.out_dir, self.view_jobs, anywhere=False)
+                    if self.view_prompts is not None:  # other shards' images: read inside the lock
+                        shown = outputs.views_jobs(self.view_jobs, self.view_prompts)
+                        finished = outputs.find_finished(self.out_dir, shown, anywhere=False)
                     work = outputs.plan_views(
                         self.out_dir,
                         self.view_jobs,
                         finished,
                         grids=output.grids,
                         contact_sheets=output.contact_sheet,
+                        prompts=self.view_prompts,
                     )
                 except outputs.OutputWriteError as error:
                     failure = error  # raised once the other processes have their (empty) list and are done

@@ -9,7 +9,10 @@ and every shard's). Torch-free and GPU-free: a cron job can ask whether a catalo
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK, UsageError
 from squeeze_cli.manifest import LoadedManifest
 from squeeze_cli.plan import Job, plan_jobs
+from squeeze_cli.reading import MANIFEST_MAX_BYTES, file_kind, read_regular_file
 
 
 @dataclass(frozen=True)
@@ -117,10 +121,17 @@ def find_run_manifest(out: Path) -> Path:
     return max(candidates, key=lambda path: path.stat().st_mtime)
 
 
+# A run.json holds counts, timings and the failures: megabytes at most, even with 100,000 failed jobs.
+SUMMARY_MAX_BYTES = MANIFEST_MAX_BYTES
+
+
 def _read_summary(folder: Path) -> dict[str, Any] | None:
+    """A run's `run.json`, or None when it is missing or damaged: not a regular file (a FIFO, a link to
+    /dev/zero), too large, not JSON, nested too deep for the parser, or not an object."""
     try:
-        summary = json.loads((folder / outputs.RUN_SUMMARY_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = read_regular_file(folder / outputs.RUN_SUMMARY_NAME, SUMMARY_MAX_BYTES, follow_symlinks=False)
+        summary = json.loads(data)
+    except (OSError, ValueError, RecursionError):  # ValueError: UnicodeDecodeError and JSON errors
         return None
     return summary if isinstance(summary, dict) else None
 
@@ -186,9 +197,12 @@ def merge_run(status: RunStatus) -> None:
                 outputs.append_index(status.out, entry)
         assert status.loaded is not None, "run_status always reads the manifest"
         output = status.loaded.document.output
+        # A subject whose folder is in the way (a FIFO, a file, a link where it goes) keeps its views as
+        # they are; every other subject's are drawn, then the first such path is reported.
+        drawable, refused = _drawable_jobs(status.out, status.jobs)
         outputs.update_views(
             status.out,
-            status.jobs,
+            drawable,
             status.finished,
             lambda: False,
             grids=output.grids,
@@ -196,6 +210,38 @@ def merge_run(status: RunStatus) -> None:
         )
     finally:
         lock.release()
+    if refused:
+        first = refused[0]
+        more = f" (and {len(refused) - 1} more subjects)" if len(refused) > 1 else ""
+        raise outputs.UnsafeOutputPathError(
+            f"{first.message}: its views were not drawn{more}; the index and the other views are merged",
+            first.hint,
+        )
+
+
+def _drawable_jobs(out: Path, jobs: list[Job]) -> tuple[list[Job], list[outputs.UnsafeOutputPathError]]:
+    """The jobs of the subjects whose folder is a real folder (or absent), and what stops the others: a
+    FIFO, a file or a link where a subject's folder goes."""
+    drawable: list[Job] = []
+    refused: list[outputs.UnsafeOutputPathError] = []
+    for subject, subject_jobs in groupby(jobs, key=lambda job: job.subject):
+        folder = out / subject
+        try:
+            mode: int | None = os.lstat(folder).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError:
+            mode = None  # unreadable: the drawing reports it, naming the file
+        if mode is not None and not stat.S_ISDIR(mode):
+            refused.append(
+                outputs.UnsafeOutputPathError(
+                    f"{folder} is {file_kind(mode)}, not a folder",
+                    f"move or remove it: the images of subject {subject!r} go in the folder {folder}",
+                )
+            )
+        else:
+            drawable.extend(subject_jobs)
+    return drawable, refused
 
 
 def format_status(status: RunStatus, merged: bool = False) -> str:

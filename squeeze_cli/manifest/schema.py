@@ -62,6 +62,12 @@ MAX_SIDE = 8192  # of a generated image
 
 
 SUBJECT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# What squeeze writes at the top of the output folder beside the subjects' folders (outputs/layout.py's
+# RESERVED_NAMES, which a test keeps equal): no subject may take one of these names, in any case.
+RESERVED_SUBJECT_NAMES = frozenset(
+    {"index.jsonl", "run.json", "manifest.resolved.yaml", "shards"}
+    | {"metrics.jsonl", "metrics.json", "metrics-cache.json", "report.html"}
+)
 PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 
 ComponentName = Literal[
@@ -282,6 +288,12 @@ def _subject_name(value: str) -> str:
         raise schema_error(
             f"{value!r} is not usable as a folder name",
             "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
+    if value.casefold() in RESERVED_SUBJECT_NAMES:
+        raise schema_error(
+            f"{value!r} cannot name a subject: squeeze writes its own {value.casefold()} beside the "
+            "subjects' folders",
+            f"choose another name (not one of {', '.join(sorted(RESERVED_SUBJECT_NAMES))})",
         )
     return value
 

@@ -73,4 +73,4 @@ from .layout import (  # noqa: F401
 from .records import image_record, package_versions, read_sidecar, save_image  # noqa: F401
 from .resume import Finished, find_finished, finished_job_ids, move_to_positions, png_mismatch  # noqa: F401
 from .tree import check_output_tree  # noqa: F401
-from .views import draw_views, plan_views, share_views, update_views  # noqa: F401
+from .views import draw_views, plan_views, share_views, update_views, views_jobs  # noqa: F401

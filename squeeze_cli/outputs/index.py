@@ -22,13 +22,14 @@ from squeeze_cli.outputs.files import (
     strict_json_dumps,
 )
 from squeeze_cli.outputs.layout import (
+    INDEX_NAME,
     image_name,
     index_path,
     position_stem,
     resolved_manifest_path,
     run_summary_path,
 )
-from squeeze_cli.reading import INDEX_MAX_BYTES, file_kind, read_regular_file
+from squeeze_cli.reading import INDEX_MAX_BYTES, FileTooLargeError, file_kind, read_regular_file
 
 if TYPE_CHECKING:
     from ..plan import Job
@@ -156,6 +157,13 @@ def _read_index_bytes(path: Path) -> bytes:
         return read_regular_file(path, INDEX_MAX_BYTES, follow_symlinks=False)
     except FileNotFoundError:
         return b""
+    except FileTooLargeError as error:  # the limit, not a full file system: say which
+        raise OutputWriteError(
+            f"cannot read {path}: {error.strerror}",
+            f"move it away and run the same command again: squeeze rebuilds {INDEX_NAME} from the sidecars",
+            path=path,
+            errno=error.errno,
+        ) from error
     except OSError as error:
         raise OutputWriteError.from_os_error(path, error, "read") from error
 

@@ -124,7 +124,7 @@ def find_finished(
             stem = image_stem(job)
             record = read_sidecar(directory / f"{stem}.json")
             if record is not None and record.get("job_id") != job.job_id:
-                other_ids[stem] = record.get("job_id")
+                other_ids[stem] = _job_id(record)
                 continue
             found = _verified(directory, stem, record)
             if found is not None:
@@ -153,13 +153,19 @@ def _search_directory(
         if stem in read_stems and other_ids.get(stem) not in missing:
             continue  # read already: it is not one of the jobs we are looking for
         record = read_sidecar(directory / name)
-        job_id = record.get("job_id") if record is not None else None
-        if job_id not in missing or job_id in found:
+        job_id = _job_id(record) if record is not None else None
+        if job_id is None or job_id not in missing or job_id in found:
             continue
         verified = _verified(directory, stem, record)
         if verified is not None:
             found[job_id] = verified
     return found
+
+
+def _job_id(record: Mapping[str, Any]) -> str | None:
+    """A sidecar's job id; None when it is not a string (a list or a mapping is a damaged sidecar)."""
+    job_id = record.get("job_id")
+    return job_id if isinstance(job_id, str) else None
 
 
 def finished_job_ids(out_dir: str | os.PathLike, jobs: Iterable[Job]) -> set[str]:

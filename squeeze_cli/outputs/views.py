@@ -5,7 +5,7 @@ file is not what the finished images make, `share_views` splits them between the
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +42,7 @@ def plan_views(
     *,
     grids: bool = True,
     contact_sheets: bool = True,
+    prompts: Collection[tuple[str, int]] | None = None,
 ) -> list[PageViews]:
     """The grids and contact-sheet pages whose file is not what this plan's finished images make: missing,
     undecodable, or drawn from other images (the `squeeze-view` chunk records the hash of a view's inputs:
@@ -49,11 +50,18 @@ def plan_views(
     pages beyond its page count (regular files only: those squeeze drew), so no stale page lingers.
 
     Args:
-        finished: `{job_id: Finished}` of the finished images, at their positions' names.
+        jobs: the whole plan, or at least every job of the subjects to draw (a page's number follows from
+            its subject's prompts).
+        finished: `{job_id: Finished}` of the finished images, at their positions' names (with `prompts`,
+            those of `views_jobs(jobs, prompts)` suffice).
+        prompts: only the views of these `(subject, prompt_index)`: their grids, and the contact-sheet
+            pages that show them (a shard draws the views of its own images); None: every view.
     """
     work = []
     for subject, subject_group in groupby(jobs, key=lambda job: job.subject):
         subject_jobs = list(subject_group)
+        if prompts is not None and not any((subject, job.prompt_index) in prompts for job in subject_jobs):
+            continue
         references = tuple(str(path) for path in subject_jobs[0].references)
         by_prompt = [list(group) for _, group in groupby(subject_jobs, key=lambda job: job.prompt_index)]
         pages = contact_sheet_pages(len(by_prompt))
@@ -61,7 +69,9 @@ def plan_views(
             _remove_pages_after(out_dir, subject, pages)
         for page in range(1, pages + 1):
             page_jobs = by_prompt[contact_sheet_page_prompts(page)]
-            prompts, sheet_rows = [], []
+            if prompts is not None and not any((subject, p[0].prompt_index) in prompts for p in page_jobs):
+                continue
+            page_prompts, sheet_rows = [], []
             for prompt_jobs in page_jobs:
                 prompt_index, prompt = prompt_jobs[0].prompt_index, prompt_jobs[0].prompt
                 images = [
@@ -70,7 +80,7 @@ def plan_views(
                 ]
                 sheet_rows.append((prompt_index, prompt, images))
                 grid_inputs = None
-                if grids:
+                if grids and (prompts is None or (subject, prompt_index) in prompts):
                     inputs = views_inputs("grid", references, [(prompt_index, prompt, images)])
                     if view_inputs(grid_path(out_dir, subject, prompt_index)) != inputs:
                         grid_inputs = inputs
@@ -78,16 +88,29 @@ def plan_views(
                     (job.seed, str(image_path(out_dir, job)) if job.job_id in finished else None)
                     for job in prompt_jobs
                 )
-                prompts.append(PromptViews(prompt_index, prompt, entries, grid_inputs))
+                page_prompts.append(PromptViews(prompt_index, prompt, entries, grid_inputs))
             sheet_inputs = None
             if contact_sheets:
                 kind = "contact-sheet" if page == 1 else f"contact-sheet page {page}"
                 inputs = views_inputs(kind, references, sheet_rows)
                 if view_inputs(contact_sheet_path(out_dir, subject, page)) != inputs:
                     sheet_inputs = inputs
-            if sheet_inputs is not None or any(p.grid_inputs is not None for p in prompts):
-                work.append(PageViews(subject, page, references, tuple(prompts), sheet_inputs))
+            if sheet_inputs is not None or any(p.grid_inputs is not None for p in page_prompts):
+                work.append(PageViews(subject, page, references, tuple(page_prompts), sheet_inputs))
     return work
+
+
+def views_jobs(jobs: Sequence[Job], prompts: Collection[tuple[str, int]]) -> list[Job]:
+    """The jobs of `jobs` whose images the views of `prompts` show (`plan_views(prompts=...)`): every job
+    of the contact-sheet pages holding one of them, so only those images need to be looked for."""
+    shown: list[Job] = []
+    for subject, subject_jobs in groupby(jobs, key=lambda job: job.subject):
+        by_prompt = [list(group) for _, group in groupby(subject_jobs, key=lambda job: job.prompt_index)]
+        for page in range(1, contact_sheet_pages(len(by_prompt)) + 1):
+            page_jobs = by_prompt[contact_sheet_page_prompts(page)]
+            if any((subject, p[0].prompt_index) in prompts for p in page_jobs):
+                shown.extend(job for prompt_jobs in page_jobs for job in prompt_jobs)
+    return shown
 
 
 def _remove_pages_after(out_dir: Path, subject: str, pages: int) -> None:
