@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from squeeze_cli.errors import ManifestError, Problem
-from squeeze_cli.manifest.resolve import too_many_jobs
+from squeeze_cli.manifest.loaded import too_many_jobs
 from squeeze_cli.params import SamplingParams
 from squeeze_cli.pipelines.registry import pipeline_spec
 from squeeze_cli.reading import open_regular_file
 
 if TYPE_CHECKING:
-    from squeeze_cli.manifest.resolve import LoadedManifest
+    from squeeze_cli.manifest.loaded import LoadedManifest
 
 # Bumped only when the hashing scheme itself changes (that invalidates every stored job id: a folder made
 # under an older scheme is regenerated, since its sidecars name ids no job has any more).

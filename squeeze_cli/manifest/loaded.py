@@ -1,0 +1,130 @@
+"""What a resolved manifest is: `LoadedManifest` (with its subjects and prompts), all the planner needs,
+and how it writes itself back as `manifest.resolved.yaml`. `resolve.py` makes one from the file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from squeeze_cli.errors import Problem
+from squeeze_cli.manifest.located import Location
+from squeeze_cli.manifest.recipes import Recipe
+from squeeze_cli.manifest.schema import MANIFEST_VERSION, Manifest, ModelSpec
+from squeeze_cli.params import SamplingParams
+from squeeze_cli.pipelines.registry import pipeline_spec
+
+
+@dataclass(frozen=True)
+class ResolvedPrompt:
+    index: int
+    template: str  # as written, placeholders included
+    text: str  # placeholders substituted
+    params: SamplingParams
+    seeds: Sequence[int]  # a tuple, or a range for {count, base}
+    location: Location | None = None  # where the prompt is written, for problems found after loading
+
+
+@dataclass(frozen=True)
+class ResolvedSubject:
+    index: int
+    name: str
+    class_noun: str | None
+    references: tuple[str, ...]  # absolute paths, sorted, deduplicated
+    prompts: tuple[ResolvedPrompt, ...]
+
+
+@dataclass(frozen=True)
+class LoadedManifest:
+    """A validated manifest with its recipe merged in and its references found: all the planner needs."""
+
+    path: Path
+    document: Manifest
+    recipe: Recipe | None
+    model: ModelSpec
+    model_identity: str
+    output_dir: Path
+    max_jobs: int
+    subjects: tuple[ResolvedSubject, ...]
+    # Valid but probably not what was meant (e.g. a negative prompt that true CFG does not use): each is
+    # printed as `warning: FILE:LINE: ... (hint: ...)` by `validate` and `gen`, and does not stop them.
+    warnings: tuple[Problem, ...] = ()
+
+    @property
+    def num_jobs(self) -> int:
+        return count_jobs(self.subjects)
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """A self-contained manifest that plans the same jobs: every path absolute, every value explicit.
+
+        Written as ``manifest.resolved.yaml`` next to the outputs, so a run can be reproduced from it. Only
+        the sampling keys the model's pipeline reads are written (validation refuses the others; left out,
+        they keep their defaults, so the job ids are the same).
+        """
+        used = pipeline_spec(self.model.pipeline_class).sampling_parameters
+        return {
+            "version": MANIFEST_VERSION,
+            **({"recipe": self.recipe.source} if self.recipe is not None else {}),
+            "model": self.model.model_dump(mode="json"),
+            "output": {**self.document.output.model_dump(mode="json"), "dir": str(self.output_dir)},
+            "max_jobs": self.max_jobs,
+            **({"quality": self.document.quality.model_dump(mode="json")} if self.document.quality else {}),
+            "subjects": [
+                {
+                    "name": subject.name,
+                    **({"class": subject.class_noun} if subject.class_noun is not None else {}),
+                    "references": list(subject.references),
+                    "prompts": [
+                        {
+                            "text": prompt.template,
+                            **{k: v for k, v in prompt.params.to_dict().items() if k in used},
+                            "seeds": _seeds_to_yaml(prompt.seeds),
+                        }
+                        for prompt in subject.prompts
+                    ],
+                }
+                for subject in self.subjects
+            ],
+        }
+
+    def resolved_yaml(self, shard: tuple[int, int] | None = None) -> str:
+        """`resolved_dict` as YAML; a shard's copy says which part of the plan it ran (a comment: the
+        file stays a manifest that plans every job)."""
+        header = "# Written by squeeze: the manifest as it was run, every value explicit.\n"
+        if shard is not None:
+            header += (
+                f"# This is shard {shard[0]}/{shard[1]} (--shard {shard[0]}/{shard[1]}): it ran part "
+                f"{shard[0]} (0-based) of the {shard[1]} parts of this plan.\n"
+            )
+        # libyaml's dumper when PyYAML has it: several times faster than pure Python at 100k jobs, same text.
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+        return header + yaml.dump(
+            self.resolved_dict(),
+            Dumper=dumper,
+            sort_keys=False,
+            allow_unicode=True,
+            width=1000,
+            default_flow_style=None,
+        )
+
+
+def count_jobs(subjects: Iterable[ResolvedSubject]) -> int:
+    """Number of jobs without building them (seed ranges are never expanded here)."""
+    return sum(len(prompt.seeds) for subject in subjects for prompt in subject.prompts)
+
+
+def too_many_jobs(total: int, limit: int) -> tuple[str, str]:
+    """The message and hint of a plan over the job limit."""
+    return (
+        f"the manifest plans {total:,} jobs, more than the limit of {limit:,}",
+        "raise it with `--max-jobs N` or `max_jobs: N` if that many images is intended",
+    )
+
+
+def _seeds_to_yaml(seeds: Sequence[int]) -> Any:
+    if isinstance(seeds, range):
+        return {"count": len(seeds), "base": seeds.start}
+    return list(seeds)
