@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,35 @@ def test_stale_files_are_moved_within_out_and_never_through_a_link(tmp_path: Pat
 def test_no_subject_can_take_the_stale_folder_name() -> None:
     with pytest.raises(outputs.UnsafeOutputPathError):
         layout.check_subject_name(outputs.STALE_DIR_NAME)
+
+
+# `squeeze eval` scores the plan's images only ------------------------------------------------------------
+
+import test_eval  # noqa: E402
+
+made_run, run = test_eval.made_run, test_eval.run  # its fixtures: one tiny run, and a copy per test
+
+
+def test_eval_scores_the_plans_images_only_and_names_the_recipe(squeeze, run: Path, made_run: Path) -> None:
+    project = run.parent
+    shutil.copytree(made_run.parent / "images", project / "images")  # the references, beside the manifest
+    (project / "m.yaml").write_text(test_eval.MANIFEST.replace("      - a {class} on the beach\n", ""))
+    assert squeeze("gen", str(project / "m.yaml"), "--out", str(run), "-q").code == 0
+    summary = test_eval.evaluate(squeeze, str(run))["runs"][0]
+    assert summary["images"] == 4  # not the 2 stale images of the removed prompt
+    assert summary["stale"] == ["dog/001-s0.png", "dog/001-s1.png"]
+    assert summary["recipe"] == "tiny"
+    text = squeeze("eval", str(run), "--metrics", "tiny")
+    assert "recipe tiny" in text.out and "2 stale image(s)" in text.out
+
+
+def test_eval_never_scores_two_models_as_one_run(squeeze, run: Path) -> None:
+    (run / "manifest.resolved.yaml").unlink()  # no plan to tell the current images from the others
+    sidecar = run / "dog" / "000-s0.json"
+    record = json.loads(sidecar.read_text())
+    record["preset"], record["model"] = "trained-tiny-stage2", {**record["model"], "lora": {"path": "/x"}}
+    sidecar.write_text(json.dumps(record))
+    result = squeeze("eval", str(run), "--metrics", "tiny")
+    assert result.code == 2, result.out
+    assert "holds images of 2 models (tiny: 5, trained-tiny-stage2: 1)" in result.err
+    assert not (run / "metrics.json").exists()
