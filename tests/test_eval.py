@@ -159,13 +159,13 @@ def test_a_changed_image_is_scored_again(squeeze, run: Path):
 def test_failed_jobs_and_missing_files_are_reported_and_the_rest_is_scored(squeeze, run: Path):
     (run / "dog" / "001-s1.png").unlink()
     with open(run / "index.jsonl", "a") as index:
-        failed = {
-            "job_id": "f" * 16,
+        failed = {  # a planned job (only those count) whose last line says it failed
+            "job_id": json.loads((run / "backpack" / "000-s0.json").read_text())["job_id"],
             "status": "failed",
-            "subject": "dog",
-            "prompt_index": 2,
+            "subject": "backpack",
+            "prompt_index": 0,
             "seed": 0,
-            "prompt": "a dog",
+            "prompt": "a backpack on a table",
             "error": "out of memory",
         }
         index.write(json.dumps(failed) + "\n")
@@ -174,7 +174,7 @@ def test_failed_jobs_and_missing_files_are_reported_and_the_rest_is_scored(squee
     assert "missing: dog/001-s1.png: the image is missing" in result.out
     assert "1 failed job(s)" in result.out
     summary = json.loads((run / "metrics.json").read_text())
-    assert summary["images"] == NUM_IMAGES - 1
+    assert summary["images"] == NUM_IMAGES - 2
     assert summary["failed"][0]["error"] == "out of memory"
     assert summary["missing"] == ["dog/001-s1.png: the image is missing"]
 

@@ -152,6 +152,14 @@ def gen(
         bool,
         typer.Option("--overwrite", help="Regenerate every job (default: resume, skipping finished ones)."),
     ] = False,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune",
+            help="Move the images of jobs this manifest no longer plans (with their sidecars and views) to "
+            "OUT/.stale/<UTC time>/, and drop their index lines (default: keep them, and say how many).",
+        ),
+    ] = False,
     shard: Annotated[
         str | None,
         typer.Option(
@@ -210,6 +218,7 @@ def gen(
     options = GenOptions(
         out=Path(out) if out is not None else None,
         overwrite=overwrite,
+        prune=prune,
         shard=shard_part,
         batch_size=batch_size,
         device=device,

@@ -35,9 +35,10 @@ def format_run(summary: dict[str, Any]) -> str:
     ]
     rows.append(["overall", str(summary["images"]), *(_fmt(summary["overall"][m]) for m in metrics)])
     protocol = summary["protocol"]
+    recipe = f"recipe {summary['recipe']}, " if summary.get("recipe") else ""
     lines = [
-        f"run {summary['run']}  (metrics: {protocol['metric_set']}, references: {protocol['references']}, "
-        f"CLIP-T weight {protocol['clip_t']['weight']:g})"
+        f"run {summary['run']}  ({recipe}metrics: {protocol['metric_set']}, "
+        f"references: {protocol['references']}, CLIP-T weight {protocol['clip_t']['weight']:g})"
     ]
     if "notes" in protocol:
         lines.append(f"note: {protocol['notes']['warning']}")
@@ -52,6 +53,11 @@ def _not_evaluated(summary: dict[str, Any]) -> list[str]:
         lines.append(f"not evaluated: {len(summary['failed'])} failed job(s) (see metrics.json)")
     for item in summary["missing"]:
         lines.append(f"missing: {item}")
+    if stale := summary.get("stale"):
+        lines.append(
+            f"not evaluated: {len(stale)} stale image(s) of jobs the run's plan does not have "
+            "(see metrics.json; `squeeze gen MANIFEST --prune` moves them to .stale/)"
+        )
     return lines
 
 
@@ -70,6 +76,8 @@ def format_comparison(summaries: Sequence[dict[str, Any]], names: Sequence[str])
             rows.append([subject or "overall", name, str(count), *(_fmt(block.get(m)) for m in metrics)])
     lines = _table(header, rows)
     for name, summary in zip(names, summaries, strict=True):
+        if summary.get("recipe"):
+            lines.append(f"{name}: recipe {summary['recipe']}")
         lines += [f"{name}: {line}" for line in _not_evaluated(summary)]
     return "\n".join(lines)
 

@@ -1,9 +1,13 @@
 """What a run directory holds, for evaluation: its finished images (with their sidecars), failed jobs and
-missing files, read from `index.jsonl` (and the shards' indexes) as docs/outputs.md describes. Torch-free.
+missing files, read from `index.jsonl` (and the shards' indexes) as docs/outputs.md describes. Only the
+jobs of the run's plan (its `manifest.resolved.yaml`) count: stale images of an earlier plan or another
+model in the same folder are left out and listed. Torch-free.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,8 @@ class RunImage:
     class_noun: str | None
     image: str  # relative to the run directory, with `/`
     references: tuple[str, ...]  # absolute paths, in the order the model saw them
+    recipe: str = ""  # the sidecar's `preset`: the recipe (model preset) that made it
+    model: str = ""  # a hash of the sidecar's `model` section: images of one model identity share it
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -45,6 +51,12 @@ class RunContents:
     images: list[RunImage] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # one line each: which file and why
+    stale: list[str] = field(default_factory=list)  # images of jobs the run's plan does not have: not scored
+
+    @property
+    def recipe(self) -> str | None:
+        """The recipe of the images (one model identity per run: `read_run` refuses a mix)."""
+        return self.images[0].recipe if self.images else None
 
     @property
     def name(self) -> str:
@@ -95,7 +107,12 @@ def read_run(path: str | Path) -> RunContents:
             "run `squeeze gen` on it (it rebuilds a damaged index from the sidecars), then eval",
         )
     contents = RunContents(run_dir)
+    planned = planned_job_ids(run_dir)
     for entry in latest.values():
+        if planned is not None and entry["job_id"] not in planned:
+            if entry.get("status") == "ok":
+                contents.stale.append(str(entry.get("image") or entry["job_id"]))
+            continue
         if entry.get("status") != "ok":
             contents.failed.append(entry)
             continue
@@ -103,7 +120,48 @@ def read_run(path: str | Path) -> RunContents:
         if image is not None:
             contents.images.append(image)
     contents.images.sort(key=lambda image: image.key)
+    _refuse_mixed_models(contents)
     return contents
+
+
+def _run_manifests(run_dir: Path) -> list[Path]:
+    """The run's `manifest.resolved.yaml`, else its shards' (each holds the whole plan)."""
+    found = [run_dir / outputs.RESOLVED_MANIFEST_NAME]
+    shards = run_dir / SHARDS_DIR
+    if shards.is_dir():
+        found += sorted(shards.glob(f"*-of-*/{outputs.RESOLVED_MANIFEST_NAME}"))
+    return [path for path in found if path.is_file()]
+
+
+def planned_job_ids(run_dir: Path) -> set[str] | None:
+    """The job ids of the run's plan, from its resolved manifest; None when it has none that loads (a
+    folder from an older squeeze, references since moved): then every indexed image counts."""
+    from squeeze_cli.manifest import load_manifest
+    from squeeze_cli.plan import plan_jobs
+
+    for path in _run_manifests(run_dir):
+        try:
+            loaded = load_manifest(path, check_sources=False)
+            jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
+        except (SqueezeError, OSError):
+            continue
+        return {job.job_id for job in jobs}
+    return None
+
+
+def _refuse_mixed_models(contents: RunContents) -> None:
+    """Images of two model identities are never scored as one run (possible only without a plan)."""
+    models: dict[str, list[RunImage]] = {}
+    for image in contents.images:
+        models.setdefault(image.model, []).append(image)
+    if len(models) > 1:
+        counts = ", ".join(f"{group[0].recipe or 'unknown'}: {len(group)}" for group in models.values())
+        raise RunDirError(
+            f"{contents.path}: holds images of {len(models)} models ({counts}) and no plan that says which "
+            "count",
+            "give each recipe its own --out, or run `squeeze gen MANIFEST --out RUN --prune` to move the "
+            "other model's images to RUN/.stale/",
+        )
 
 
 def _run_image(run_dir: Path, entry: dict[str, Any], missing: list[str]) -> RunImage | None:
@@ -147,6 +205,10 @@ def _run_image(run_dir: Path, entry: dict[str, Any], missing: list[str]) -> RunI
         references=tuple(r for r in references if isinstance(r, str) and r)
         if isinstance(references, list)
         else (),
+        recipe=str(record.get("preset") or ""),
+        model=hashlib.sha256(
+            json.dumps(record.get("model"), sort_keys=True, default=str).encode()
+        ).hexdigest()[:16],
     )
 
 

@@ -352,6 +352,7 @@ def summarise(
         "protocol": protocol.to_dict(),
         "metrics": metrics,
         "images": len(rows),
+        "recipe": contents.recipe,  # every image is of one model identity (`read_run`)
         "overall": mean_metrics(rows, metrics),
         "subjects": {
             name: {"images": len(group), **mean_metrics(group, metrics)}
@@ -372,6 +373,7 @@ def summarise(
             for entry in contents.failed
         ],
         "missing": list(contents.missing),
+        "stale": list(contents.stale),
         "notes": list(notes),
     }
 

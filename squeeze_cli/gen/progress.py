@@ -176,6 +176,14 @@ class Reporter:
                     file=sys.stdout,
                     flush=True,
                 )
+            stale = summary.get("stale") or {}
+            if stale.get("moved"):
+                self._write(f"moved {stale['moved']} stale images to {stale['moved_to']}")
+            if stale.get("left"):
+                self._write(
+                    f"stale: {stale['left']} images in {summary['out']} are of jobs this manifest does not "
+                    "plan (`squeeze status OUT` lists them; `--prune` moves them to OUT/.stale/)"
+                )
             if summary["status"] in ("interrupted", "failed") and summary.get("command"):
                 self._write(f"to resume, run the same command again: {shlex.join(summary['command'])}")
 

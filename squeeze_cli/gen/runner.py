@@ -195,7 +195,9 @@ class GenRun:
                 self.lock.acquire()
             if not self.layout_lock.held:
                 self.layout_lock.acquire()
-            # Finished images of prompts that moved take their new position's name before anything runs.
+            # Stale images (jobs the plan does not have) leave the names this run needs (all with --prune);
+            # then finished images of prompts that moved take their new position's name, before anything runs.
+            self.summary["stale"] = self._move_stale()
             self.done = outputs.move_to_positions(self.out_dir, self.jobs, self.done)
             _open_run_files(
                 self.out_dir,
@@ -206,8 +208,27 @@ class GenRun:
                 self.pending,
                 self.summary,
                 self.options.shard,
+                keep_job_ids={job.job_id for job in self.view_jobs} if self.options.prune else None,
             )
         self.processes.barrier()
+
+    def _move_stale(self) -> dict[str, Any]:
+        """Move the stale images in the way of this run's names (every stale image and view with
+        `--prune`) to `OUT/.stale/<UTC time>/`; returns `run.json`'s `stale`: how many were moved, where,
+        and how many are left."""
+        # Stale is judged against the whole plan: another shard's images are not stale.
+        stale = outputs.find_stale(self.out_dir, self.view_jobs, self.done)
+        moving = stale if self.options.prune else outputs.in_the_way(stale, self.jobs)
+        views = outputs.find_stale_views(self.out_dir, self.view_jobs) if self.options.prune else []
+        when = outputs.stale_folder_name()
+        moved = outputs.move_stale(self.out_dir, moving, views, folder=when)
+        moved_images = {name for name in moved if name.endswith(".png")}
+        moved_count = sum(image.image in moved_images for image in moving)
+        return {
+            "moved": moved_count,
+            "moved_to": f"{outputs.STALE_DIR_NAME}/{when}" if moved else None,
+            "left": len(stale) - moved_count,
+        }
 
     def execute(self) -> None:
         self.reporter.run_started(
@@ -351,6 +372,7 @@ def _open_run_files(
     pending: Sequence[Job],
     summary: dict[str, Any],
     shard: tuple[int, int] | None = None,
+    keep_job_ids: set[str] | None = None,
 ) -> None:
     """The main process's writes before any image: clean up after killed runs, make the index agree with
     the finished images, and record the resolved manifest and the starting summary."""
@@ -362,6 +384,7 @@ def _open_run_files(
         {job_id: found.entry for job_id, found in done.items()},
         pending_job_ids=[job.job_id for job in pending],
         planned_images=outputs.planned_images(jobs),
+        keep_job_ids=keep_job_ids,
     )
     outputs.write_resolved_manifest(run_dir, manifest.resolved_yaml(shard))
     outputs.write_run_summary(run_dir, summary)

@@ -47,6 +47,7 @@ class RunStatus:
     jobs: list[Job] = field(repr=False, default_factory=list)
     finished: dict[str, outputs.Finished] = field(repr=False, default_factory=dict)
     loaded: LoadedManifest | None = field(repr=False, default=None)
+    stale: list[outputs.StaleImage] = field(default_factory=list)  # images of jobs the plan does not have
 
     @property
     def totals(self) -> dict[str, int]:
@@ -70,6 +71,11 @@ class RunStatus:
 
         return shlex.join(["squeeze", "gen", str(self.manifest), "--out", str(self.out)])
 
+    def prune_command(self) -> str:
+        import shlex
+
+        return shlex.join(["squeeze", "gen", str(self.manifest), "--out", str(self.out), "--prune"])
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "out": str(self.out),
@@ -88,6 +94,13 @@ class RunStatus:
             ],
             "failures": self.failures,
             "runs": self.runs,
+            "stale": {
+                "count": len(self.stale),
+                "images": [
+                    {"image": image.image, "sidecar": image.sidecar, "job_id": image.job_id}
+                    for image in self.stale
+                ],
+            },
         }
 
 
@@ -178,7 +191,8 @@ def run_status(out: str | Path) -> RunStatus:
                 failed=sum(job_id in failed for job_id in ids),
             )
         )
-    return RunStatus(out, manifest, subjects, runs, list(failed.values()), jobs, finished, loaded)
+    stale = outputs.find_stale(out, jobs, finished)
+    return RunStatus(out, manifest, subjects, runs, list(failed.values()), jobs, finished, loaded, stale)
 
 
 def merge_run(status: RunStatus) -> None:
@@ -244,6 +258,9 @@ def _drawable_jobs(out: Path, jobs: list[Job]) -> tuple[list[Job], list[outputs.
     return drawable, refused
 
 
+STALE_SHOWN = 5  # stale images named in the text; `--json` lists them all
+
+
 def format_status(status: RunStatus, merged: bool = False) -> str:
     """The text `squeeze status` prints."""
     width = max((len(subject.name) for subject in status.subjects), default=0)
@@ -254,6 +271,12 @@ def format_status(status: RunStatus, merged: bool = False) -> str:
     lines.append(f"jobs      {_counts(totals['planned'], totals['done'], totals['failed'])}")
     for run in status.runs:
         lines.append(f"last run  {run['folder']}: {run['status']} ({run['finished_at'] or 'not finished'})")
+    if status.stale:
+        shown = ", ".join(image.image for image in status.stale[:STALE_SHOWN])
+        more = f" and {len(status.stale) - STALE_SHOWN:,} more" if len(status.stale) > STALE_SHOWN else ""
+        count = len(status.stale)
+        lines.append(f"stale     {count:,} images of jobs this manifest does not plan: {shown}{more}")
+        lines.append(f"          to move them to {outputs.STALE_DIR_NAME}/: {status.prune_command()}")
     if merged:
         lines.append(f"merged    {outputs.INDEX_NAME} and grids rebuilt from the images on disk")
     if status.complete:

@@ -35,6 +35,7 @@ class GenOptions:
 
     out: Path | None = None
     overwrite: bool = False
+    prune: bool = False  # move every stale image (a job the plan does not have) to OUT/.stale/<UTC time>/
     shard: tuple[int, int] | None = None  # (index, count), 0-based
     batch_size: int = 1
     device: str = "auto"

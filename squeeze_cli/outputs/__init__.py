@@ -4,7 +4,8 @@ grids and contact sheets. Torch-free: PIL, json and os only.
 Modules: `layout` (every name on disk, `safe_join`), `files` (atomic writes), `records` (an image's record,
 PNG chunks, sidecar), `resume` (finished jobs by job id), `index` (the run index and run-level files),
 `grids` (how a grid or contact-sheet page looks, and the hash of what it shows), `views` (which views to
-redraw, shared between processes), `tree` (the output tree's shape, checked before a run).
+redraw, shared between processes), `stale` (images of jobs the plan no longer has, moved to `.stale/`),
+`tree` (the output tree's shape, checked before a run).
 
 Imports follow one rule: code outside this package imports the package (`from squeeze_cli import outputs`)
 and uses the names below, which are exactly the ones it uses; the modules inside import each other
@@ -21,6 +22,7 @@ The output directory is a documented contract (docs/outputs.md)::
     OUT/index.jsonl                                one line per finished (or failed) job
     OUT/run.json                                   the run summary
     OUT/manifest.resolved.yaml                     the manifest with the preset merged: reproduces the run
+    OUT/.stale/<UTC time>/<subject>/               stale images moved out of the way (`gen --prune`)
 
 Guarantees the runner builds on:
 - nothing is written outside OUT (`safe_join` resolves every path, symlinks included);
@@ -66,11 +68,13 @@ from .layout import (  # noqa: F401
     RESOLVED_MANIFEST_NAME,
     RUN_SUMMARY_NAME,
     SHARDS_DIR_NAME,
+    STALE_DIR_NAME,
     UnsafeOutputPathError,
     run_dir,
     safe_join,
 )
 from .records import image_record, package_versions, read_sidecar, save_image  # noqa: F401
 from .resume import Finished, find_finished, finished_job_ids, move_to_positions, png_mismatch  # noqa: F401
+from .stale import StaleImage, find_stale, find_stale_views, in_the_way, move_stale, stale_folder_name  # noqa: F401
 from .tree import check_output_tree  # noqa: F401
 from .views import draw_views, plan_views, share_views, update_views, views_jobs  # noqa: F401

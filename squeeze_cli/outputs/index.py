@@ -197,6 +197,7 @@ def repair_index(
     *,
     pending_job_ids: Iterable[str] = (),
     planned_images: Mapping[str, str] | None = None,
+    keep_job_ids: Iterable[str] | None = None,
 ) -> bool:
     """Make `index.jsonl` describe what is on disk, at the start and the end of a run.
 
@@ -210,12 +211,14 @@ def repair_index(
       model changed; prompts moved) is dropped: one line per image path, the current job's.
 
     Lines of other jobs whose image names no planned job owns (a subject or prompt since removed) are
-    kept. The file is rewritten atomically, and only when something changed. Call it before any worker
+    kept, unless `keep_job_ids` is given (`gen --prune`): then only those jobs' lines are kept. The file
+    is rewritten atomically, and only when something changed. Call it before any worker
     appends.
 
     Args:
         done_entries: `{job_id: index line}` of the finished images (`resume.find_finished` entries).
         planned_images: `{image name relative to OUT: job_id}` of every planned job.
+        keep_job_ids: when given, every line of another job is dropped (its stale files were moved).
 
     Returns:
         `bool`: whether the index was rewritten.
@@ -223,6 +226,7 @@ def repair_index(
     done = done_entries  # read, never changed: at 100k finished images a copy would be ~0.1 GB
     pending = set(pending_job_ids) - set(done)
     owners = planned_images or {}
+    keep = None if keep_job_ids is None else set(keep_job_ids)
     path = index_path(out_dir)
     data = _read_index_bytes(path)
     changed = _cut_off(data)
@@ -243,6 +247,9 @@ def repair_index(
             if entry != done[job_id]:
                 changed = True  # an old failure, or the image moved to its new position's name
             entry = done[job_id]
+        elif keep is not None and job_id not in keep:
+            changed = True  # `--prune`: a job the plan does not have
+            continue
         else:
             image = _line_image(entry)
             owner = owners.get(image) if image is not None else None

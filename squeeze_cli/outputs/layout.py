@@ -21,6 +21,9 @@ CONTACT_SHEET_PAGE_PROMPTS = 50  # prompts per contact-sheet page: a page stays 
 LOCK_NAME = ".squeeze.lock"  # in OUT, or in a shard's folder
 LAYOUT_LOCK_NAME = ".squeeze-layout.lock"  # in OUT: which shard layout (plain, or --shard I/N) holds OUT
 SHARDS_DIR_NAME = "shards"  # OUT/shards/<I>-of-<N>/ holds one shard's run files
+# OUT/.stale/<UTC time>/<subject>/: images of jobs the plan no longer has, moved out of the way. It starts
+# with `.`, so no subject can take it (`check_subject_name`).
+STALE_DIR_NAME = ".stale"
 # What `squeeze eval` writes at the top of OUT (squeeze_cli/eval/).
 METRICS_JSONL_NAME = "metrics.jsonl"
 METRICS_JSON_NAME = "metrics.json"
