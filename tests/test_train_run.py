@@ -355,6 +355,8 @@ def test_ctrl_c_stops_with_exit_130_and_says_how_to_resume(tmp_path: Path) -> No
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # As a script's background job gets it: SIGINT ignored. Ctrl-C must stop training all the same.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     checkpoints = tmp_path / "run" / "checkpoints"
     deadline = time.monotonic() + 300

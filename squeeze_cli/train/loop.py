@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -463,6 +464,9 @@ class Trainer:
         )
         window_loss, window_steps, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
         current_stage = None
+        # Ctrl-C stops at a step boundary with a resume hint, also when the parent handed down SIGINT
+        # ignored (a script's background job; `gen` takes its signals the same way).
+        previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while self.state.step < self.total_steps:
                 stage_name, spec, _ = stage_of(self.state.step, self.stages)
@@ -536,6 +540,8 @@ class Trainer:
                 f"stopped by SIGINT at step {self.state.step}",
                 f"continue with `--resume latest`, {where}",
             ) from None
+        finally:
+            signal.signal(signal.SIGINT, previous_sigint)
         bar.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
