@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -76,7 +74,5 @@ def test_a_compiled_transformer_generates_the_eager_image(tmp_path):
     blocks = [*compiled.transformer.transformer_blocks, *compiled.transformer.single_transformer_blocks]
     assert all(block._compiled_call_impl is not None for block in blocks)
     assert eager.transformer.transformer_blocks[0]._compiled_call_impl is None
-    started = time.perf_counter()
     image = generate(compiled)
-    print(f"first compiled image (compiling included): {time.perf_counter() - started:.1f} s")
     np.testing.assert_allclose(image, generate(eager), atol=1e-4)

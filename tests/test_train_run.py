@@ -173,6 +173,27 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return {**{f"lora.{k}": v for k, v in weights.items()}, **{f"agg.{k}": v for k, v in aggregator.items()}}
 
 
+# Imported by a run the test stops (PYTHONPATH): after its checkpoint at step SQUEEZE_TEST_GATE_STEP it
+# waits for the test's signal, so the signal lands there however the machine's load delays the test.
+CHECKPOINT_GATE_HOOK = """
+import os, time
+from squeeze_cli.train import loop
+
+_save = loop.Trainer.save_checkpoint
+
+
+def _save_then_wait(self):
+    saved = _save(self)
+    if self.state.step == int(os.environ["SQUEEZE_TEST_GATE_STEP"]):
+        open(os.environ["SQUEEZE_TEST_GATE"], "w").close()
+        time.sleep(600)  # the test signals the run here
+    return saved
+
+
+loop.Trainer.save_checkpoint = _save_then_wait
+"""
+
+
 @pytest.mark.slow
 def test_run_killed_with_sigkill_and_resumed_ends_like_an_uninterrupted_run(
     tmp_path: Path, squeeze, one_thread
@@ -184,15 +205,19 @@ def test_run_killed_with_sigkill_and_resumed_ends_like_an_uninterrupted_run(
 
     killed = tmp_path / "killed.yaml"
     killed.write_text(RESUME_CONFIG.format(out=tmp_path / "killed", data=data))
+    hook, gate = tmp_path / "hook", tmp_path / "at-step-6"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(CHECKPOINT_GATE_HOOK)
     process = subprocess.Popen(
         [sys.executable, "-m", "squeeze_cli", "train", str(killed), "--no-progress"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(hook)}
+        | {"SQUEEZE_TEST_GATE": str(gate), "SQUEEZE_TEST_GATE_STEP": "6"},
     )
     checkpoint = tmp_path / "killed" / "checkpoints" / "step-0000006"
-    deadline = time.monotonic() + 300
-    while not checkpoint.is_dir() and process.poll() is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + 600  # a hang guard: the run waits at the gate until killed
+    while not gate.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -345,22 +370,22 @@ def test_configs_that_do_not_fit_the_models_are_located_and_write_nothing(squeez
 @pytest.mark.slow
 def test_ctrl_c_stops_with_exit_130_and_says_how_to_resume(tmp_path: Path) -> None:
     config = tmp_path / "train.yaml"
-    # A long first stage, so the signal lands mid-run however slowly this machine polls (`keep: 2` rotates
-    # the early checkpoints away: wait for any of them, not one that may already be gone).
-    text = RESUME_CONFIG.format(out=tmp_path / "run", data=TINY_DATA / "samples.jsonl")
-    config.write_text(text.replace("stage1: {steps: 8,", "stage1: {steps: 2000,"))
+    config.write_text(RESUME_CONFIG.format(out=tmp_path / "run", data=TINY_DATA / "samples.jsonl"))
+    hook, gate = tmp_path / "hook", tmp_path / "at-step-2"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(CHECKPOINT_GATE_HOOK)
     process = subprocess.Popen(
         [sys.executable, "-m", "squeeze_cli", "train", str(config), "--no-progress"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(hook)}
+        | {"SQUEEZE_TEST_GATE": str(gate), "SQUEEZE_TEST_GATE_STEP": "2"},
         # As a script's background job gets it: SIGINT ignored. Ctrl-C must stop training all the same.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
-    checkpoints = tmp_path / "run" / "checkpoints"
-    deadline = time.monotonic() + 300
-    while not any(checkpoints.glob("step-*")) and process.poll() is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + 600  # a hang guard: the run waits at the gate for the signal
+    while not gate.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=300)
