@@ -40,6 +40,7 @@ import PIL.Image
 import pytest
 
 from squeeze_cli.params import FAMILY_ADAPTERS, SAMPLING_KEYS, SamplingParams
+from squeeze_cli.pipelines.contract import SubjectPipeline
 from squeeze_cli.pipelines.registry import DEFAULT_PIPELINE, PIPELINES, PipelineSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,6 +227,7 @@ def test_every_registered_pipeline_has_a_tiny_recipe(case: Case) -> None:
 def test_the_pipeline_meets_the_contract_shape(twin: Twin) -> None:
     spec, pipe = twin.case.spec, twin.pipe
     assert type(pipe) is spec.load_class() and type(pipe).__name__ == spec.class_name
+    assert isinstance(pipe, SubjectPipeline)  # every member of the Protocol the runner types it by
     assert type(pipe).sampling_parameters == spec.sampling_parameters
     assert spec.sampling_parameters <= set(SAMPLING_KEYS)
 
