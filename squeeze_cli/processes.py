@@ -69,6 +69,18 @@ def one_process_launch_warning(environ: Mapping[str, str]) -> str | None:
     return None
 
 
+def end_process_group() -> None:
+    """Leave torch.distributed's process group, if this process joined one, before the interpreter exits.
+
+    Left to the interpreter's exit, the gloo backend's threads can abort the process ("terminate called
+    without an active exception", exit -6) after all its work is done. Imports nothing: a command that
+    never loaded torch.distributed has nothing to end.
+    """
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+
+
 class Processes:
     """This process's place among the processes of the run: one, or one of `accelerate launch`'s."""
 

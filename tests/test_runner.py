@@ -501,3 +501,17 @@ def test_one_process_does_not_watch_its_parent() -> None:
 
     assert not exit_with_launcher({})  # `nohup squeeze gen ...`: its shell may go, the run goes on
     assert not exit_with_launcher({"WORLD_SIZE": "1"})
+
+
+def test_a_joined_process_group_is_left_before_exit(tmp_path: Path) -> None:
+    """`main` ends with `end_process_group`: a process group left to the interpreter's exit can abort the
+    process (gloo's threads) after its work is done; without one it does nothing."""
+    import torch.distributed as dist
+
+    from squeeze_cli.processes import end_process_group
+
+    end_process_group()  # none joined
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    end_process_group()
+    assert not dist.is_initialized()

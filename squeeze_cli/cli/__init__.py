@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit (ulimit -f) must fail the write (EFBIG), not kill us
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     from squeeze_cli.logs import is_terminal
-    from squeeze_cli.processes import exit_with_launcher
+    from squeeze_cli.processes import end_process_group, exit_with_launcher
 
     if not is_terminal(sys.stderr):  # no library bars (loading, writing shards) redrawn with `\r` in a log
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -129,4 +129,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except typer.Abort:  # Ctrl-C before a run started: nothing was written
         typer.echo("stopped by SIGINT: nothing was generated", err=True)
         code = EXIT_SIGINT
+    finally:
+        end_process_group()
     sys.exit(code if isinstance(code, int) else 0)
