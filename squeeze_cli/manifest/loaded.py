@@ -128,3 +128,12 @@ def _seeds_to_yaml(seeds: Sequence[int]) -> Any:
     if isinstance(seeds, range):
         return {"count": len(seeds), "base": seeds.start}
     return list(seeds)
+
+
+def seeds_overlap(first: Sequence[int], second: Sequence[int]) -> bool:
+    """Whether two prompts' seeds share one (ranges are never expanded)."""
+    if isinstance(first, range) and isinstance(second, range):
+        return max(first.start, second.start) < min(first.stop, second.stop)
+    small, large = (first, second) if len(first) <= len(second) else (second, first)
+    lookup = large if isinstance(large, range) else set(large)
+    return any(seed in lookup for seed in small)

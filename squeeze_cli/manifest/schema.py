@@ -283,18 +283,29 @@ def _prompt_shape(value: Any) -> Any:
     return value
 
 
-def _subject_name(value: str) -> str:
+UNIQUE_NAMES_HINT = "subject names must be unique (ignoring case): they name the output folders"
+
+
+def subject_name_problem(value: str) -> tuple[str, str] | None:
+    """Why `value` cannot name a subject (its output folder), with the fix; None when it can."""
     if not SUBJECT_NAME_PATTERN.match(value) or ".." in value:
-        raise schema_error(
+        return (
             f"{value!r} is not usable as a folder name",
             "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
     if value.casefold() in RESERVED_SUBJECT_NAMES:
-        raise schema_error(
+        return (
             f"{value!r} cannot name a subject: squeeze writes its own {value.casefold()} beside the "
             "subjects' folders",
             f"choose another name (not one of {', '.join(sorted(RESERVED_SUBJECT_NAMES))})",
         )
+    return None
+
+
+def _subject_name(value: str) -> str:
+    problem = subject_name_problem(value)
+    if problem is not None:
+        raise schema_error(*problem)
     return value
 
 
@@ -311,6 +322,40 @@ class Subject(SamplingOverrides):
     class_noun: Annotated[StrictStr, AfterValidator(non_empty)] | None = Field(None, alias="class")
     references: Annotated[list[StrictStr], Field(min_length=1)]
     prompts: Annotated[list[Annotated[PromptSpec, BeforeValidator(_prompt_shape)]], Field(min_length=1)]
+
+
+# What a feed's cell holds several of (references, prompts) is split at this, in CSV files; JSONL and
+# Parquet cells may be lists instead. `|` is rare in paths and prompts, and needs no quoting in CSV.
+DEFAULT_FEED_SEPARATOR = "|"
+FEED_FORMATS = ("csv", "jsonl", "parquet")
+FeedFormat = Literal["csv", "jsonl", "parquet"]
+ColumnName = Annotated[StrictStr, AfterValidator(non_empty)]
+
+
+class SubjectFeed(StrictModel):
+    """``subjects_from``: one subject per row of a CSV, JSONL or Parquet file (a shop's product feed).
+
+    The keys name the file's columns; `scenes` are the prompts every row gets (subjects x scenes), before
+    the row's own prompts (the `prompts` column). Every column is a placeholder for prompt text.
+    """
+
+    path: Annotated[StrictStr, AfterValidator(non_empty)]
+    format: FeedFormat | None = None  # unset: from the file's suffix
+    name: ColumnName
+    class_column: ColumnName | None = Field(None, alias="class")
+    references: ColumnName
+    prompts: ColumnName | None = None
+    separator: Annotated[StrictStr, AfterValidator(non_empty)] = DEFAULT_FEED_SEPARATOR
+    scenes: list[Annotated[PromptSpec, BeforeValidator(_prompt_shape)]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _some_prompts(self) -> SubjectFeed:
+        if not self.scenes and self.prompts is None:
+            raise schema_error(
+                "the rows get no prompts: set `scenes` (prompts every row gets) or `prompts` (a column)",
+                "e.g. scenes: ['a {class} on a marble counter']",
+            )
+        return self
 
 
 class OutputSpec(StrictModel):
@@ -443,8 +488,19 @@ class Manifest(StrictModel):
     output: Annotated[OutputSpec, BeforeValidator(_output_shape)] = Field(default_factory=OutputSpec)
     max_jobs: StrictInt | None = None
     defaults: SamplingOverrides = Field(default_factory=SamplingOverrides)
-    subjects: Annotated[list[Subject], Field(min_length=1)]
+    # Optional beside a feed; written, a list of at least one.
+    subjects: Annotated[list[Subject], Field(min_length=1)] = Field(default_factory=list)
+    subjects_from: SubjectFeed | None = None
     quality: QualityGate | None = None
+
+    @model_validator(mode="after")
+    def _some_subjects(self) -> Manifest:
+        if not self.subjects and self.subjects_from is None:
+            raise schema_error(
+                "missing required key `subjects` (or `subjects_from`, a feed of subjects)",
+                "see docs/manifest.md",
+            )
+        return self
 
     @field_validator("version")
     @classmethod
@@ -465,7 +521,7 @@ class Manifest(StrictModel):
 
 class ManifestHead(Manifest):
     # Subjects are validated one by one (see `load_manifest`), so a broken subject cannot hide the others.
-    subjects: Annotated[list[Any], Field(min_length=1)]
+    subjects: Annotated[list[Any], Field(min_length=1)] = Field(default_factory=list)
 
 
 # YAML with locations ---------------------------------------------------------------------------------
