@@ -239,8 +239,8 @@ class _Resolver:
             self.problem(place, f"no such file: {spec.path!r}", hint)
             return None
         feed = read_feed(absolute, _shown_path(absolute), format)
-        self.problems += feed.problems
-        if feed.problems:
+        self.problems += feed.problems  # a bad line is one problem: the others are still checked
+        if not feed.columns:
             return None
         mapped = {
             "name": spec.name,
