@@ -217,14 +217,3 @@ def test_a_parquet_feed_without_pyarrow_says_which_extra_to_install(make_project
         "products.parquet: reading a Parquet feed needs pyarrow, which is not installed (hint: install the "
         "optional extra: pip install 'squeeze_cli[parquet]' (it adds pyarrow))"
     ]
-
-
-def test_gen_renders_a_feed(make_project, squeeze) -> None:
-    project = _project(make_project)
-    result = squeeze("gen", str(project / "m.yaml"), "--quiet")
-    assert result.code == 0, result.err
-    assert sorted(p.name for p in (project / "squeeze-out" / "BP-2").glob("0*.png")) == [
-        "000-s0.png",
-        "001-s1.png",
-        "001-s2.png",
-    ]

@@ -29,7 +29,7 @@ from squeeze_cli.gen.summary import describe_plan, finish_summary, now, report_d
 from squeeze_cli.gen.worker import GenOptions, Worker
 from squeeze_cli.manifest import LoadedManifest
 from squeeze_cli.pipelines.registry import pipeline_spec
-from squeeze_cli.plan import Job, plan_jobs, shard_jobs
+from squeeze_cli.plan import Job, plan_jobs, select_jobs, shard_jobs
 from squeeze_cli.processes import Processes
 
 
@@ -47,7 +47,8 @@ def run_gen(
     try:
         with stop:
             planned = plan_jobs(manifest, model_identity=manifest.model_identity, max_jobs=manifest.max_jobs)
-            jobs = planned if options.shard is None else shard_jobs(planned, *options.shard)
+            jobs = select_jobs(planned, options.only, options.limit)
+            jobs = jobs if options.shard is None else shard_jobs(jobs, *options.shard)
             out_dir = (options.out or manifest.output_dir).expanduser().absolute()
             if options.dry_run:
                 return _dry_run(manifest, options, jobs, out_dir, json_events=json_events, quiet=quiet)
@@ -133,10 +134,10 @@ class GenRun:
         self.lock = DirectoryLock(self.run_dir) if self.is_main else None
         # Runs of one --shard layout share OUT; any other run on it is refused (gen/lock.py).
         self.layout_lock = LayoutLock(out_dir, options.shard) if self.is_main else None
-        # The views show the whole plan: with --shard, every shard's images. A shard draws only the views
-        # of the prompts it holds (their grids and contact-sheet pages), so the shard that finishes a
-        # prompt's images last leaves its views complete, and `status --merge` draws every view.
-        self.view_jobs = jobs if view_jobs is None or options.shard is None else view_jobs
+        # The views show the whole plan: with --shard (or a slice), every shard's images. A shard draws only
+        # the views of the prompts it holds (their grids and contact-sheet pages), so the shard that
+        # finishes a prompt's images last leaves its views complete, and `status --merge` draws every view.
+        self.view_jobs = jobs if view_jobs is None or not options.part_of_the_plan else view_jobs
         self.view_prompts = (
             None if self.view_jobs is jobs else {(job.subject, job.prompt_index) for job in jobs}
         )

@@ -37,12 +37,19 @@ class GenOptions:
     overwrite: bool = False
     prune: bool = False  # move every stale image (a job the plan does not have) to OUT/.stale/<UTC time>/
     shard: tuple[int, int] | None = None  # (index, count), 0-based
+    only: tuple[str, ...] = ()  # subject name globs (`--only`): a slice of the plan
+    limit: int | None = None  # the first N subjects (`--limit`), after `only`
     batch_size: int = 1
     device: str = "auto"
     offload: str = "none"
     dry_run: bool = False
     allow_pickle: bool = False
     command: list[str] = field(default_factory=list)
+
+    @property
+    def part_of_the_plan(self) -> bool:
+        """Whether this run makes only part of the plan's images (a shard, a slice, or both)."""
+        return self.shard is not None or bool(self.only) or self.limit is not None
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
