@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from squeeze_cli.errors import Problem
-from squeeze_cli.manifest import templates
 from squeeze_cli.manifest.loaded import ResolvedPrompt, ResolvedSubject, seeds_overlap
 from squeeze_cli.manifest.located import Location
 from squeeze_cli.manifest.schema import UNIQUE_NAMES_HINT, SubjectFeed, subject_name_problem
+from squeeze_cli.manifest.templates import Template, literal
 from squeeze_cli.params import SamplingParams
 from squeeze_cli.reading import MiB, read_regular_file
 
@@ -222,10 +222,9 @@ def cell_list(value: Any, separator: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Scene:
-    """A shared scene, read once for every row: its template, placeholders, parameters and place."""
+    """A shared scene, read once for every row: its template, parameters, seeds and place."""
 
-    template: str
-    placeholders: list[str]
+    template: Template
     params: SamplingParams
     seeds: Sequence[int]
     location: Location
@@ -295,7 +294,7 @@ def resolve_row(
     prompts: list[ResolvedPrompt] = []
     empty: set[str] = set()  # each empty column once, however many scenes use it
     for index, scene in enumerate(scenes):
-        for placeholder in scene.placeholders:
+        for placeholder in scene.template.names:
             column = spec.class_column if placeholder == "class" else placeholder
             # (A placeholder that is no column was reported once, at the scene.)
             if (
@@ -306,30 +305,27 @@ def resolve_row(
             ):
                 empty.add(column)
                 report(column, f"empty, but scenes[{index}] uses {{{placeholder}}}", "fill it in")
-        text = templates.fill(scene.template, values)
-        prompts.append(
-            ResolvedPrompt(index, templates.literal(text), text, scene.params, scene.seeds, scene.location)
-        )
-    for template in cell_list(row.values.get(spec.prompts), spec.separator) if spec.prompts else []:
-        names, brace_problems = templates.placeholders(template)
-        for message, hint in brace_problems:
+        text = scene.template.fill(values)
+        prompts.append(ResolvedPrompt(index, literal(text), text, scene.params, scene.seeds, scene.location))
+    for own in cell_list(row.values.get(spec.prompts), spec.separator) if spec.prompts else []:
+        template = Template(own)
+        for message, hint in template.problems:
             report(spec.prompts or "", message, hint)
-        for placeholder in names:
+        for placeholder in template.names:
             if values.get(placeholder) is None:
                 report(spec.prompts or "", f"{{{placeholder}}} is not a column, or is empty in this row")
-        text = templates.fill(template, values)
+        text = template.fill(values)
         where = Location(row.file, row.line)
         prompts.append(
-            ResolvedPrompt(
-                len(prompts), templates.literal(text), text, inherited.params, inherited.seeds, where
-            )
+            ResolvedPrompt(len(prompts), literal(text), text, inherited.params, inherited.seeds, where)
         )
     if not prompts:
         report(
             spec.prompts or spec.name, "empty, and `subjects_from` has no `scenes`: the row has no prompts"
         )
     seen: dict[tuple[str, SamplingParams], ResolvedPrompt] = {}
-    for prompt in prompts:
+    texts = {prompt.text for prompt in prompts}
+    for prompt in prompts if len(texts) < len(prompts) else ():  # (no two texts alike: nothing to compare)
         other = seen.setdefault((prompt.text, prompt.params), prompt)
         if other is not prompt and seeds_overlap(prompt.seeds, other.seeds):
             report(

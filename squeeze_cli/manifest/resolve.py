@@ -13,7 +13,6 @@ from typing import Any
 
 from squeeze_cli.errors import ManifestError, Problem, RecipeError
 from squeeze_cli.images import IMAGE_HINTS, check_image
-from squeeze_cli.manifest import templates
 from squeeze_cli.manifest.feed import Feed, Row, Scene, cell_text, feed_format, read_feed, resolve_row
 from squeeze_cli.manifest.globs import file_identity, glob_paths
 from squeeze_cli.manifest.loaded import (
@@ -57,6 +56,7 @@ from squeeze_cli.manifest.schema import (
     SubjectFeed,
 )
 from squeeze_cli.manifest.schema_errors import validate_schema
+from squeeze_cli.manifest.templates import Template
 from squeeze_cli.model_checks import source_problems
 from squeeze_cli.params import SamplingParams
 from squeeze_cli.pipelines.registry import pipeline_spec, unused_sampling_keys
@@ -276,10 +276,10 @@ class _Resolver:
         for index, scene in enumerate(spec.scenes):
             scene_path: FieldPath = ("subjects_from", "scenes", index)
             text_path = self.text_path(scene_path)
-            names, problems = templates.placeholders(scene.text)
-            for message, hint in problems:
+            template = Template(scene.text)
+            for message, hint in template.problems:
                 self.problem(text_path, message, hint)
-            for name in dict.fromkeys(names):
+            for name in dict.fromkeys(template.names):
                 if name == "class" and spec.class_column is None:
                     self.problem(
                         text_path,
@@ -294,7 +294,7 @@ class _Resolver:
                     )
             params, seeds = _prompt_params(base, base_seeds, scene)
             self.check_prompt(scene_path, params, [*levels, (scene_path, scene)])
-            scenes.append(Scene(scene.text, names, params, seeds, self.document.locate(text_path)))
+            scenes.append(Scene(template, params, seeds, self.document.locate(text_path)))
 
         subjects: list[ResolvedSubject] = []
         for row in feed.rows:
@@ -445,11 +445,11 @@ class _Resolver:
 
     def substitute(self, text_path: FieldPath, template: str, subject: Subject) -> str:
         """`template` with its placeholders filled in; problems with them are located at `text_path`."""
-        names, problems = templates.placeholders(template)
-        for message, hint in problems:
+        parsed = Template(template)
+        for message, hint in parsed.problems:
             self.problem(text_path, message, hint)
         values = {"subject": subject.name, "class": subject.class_noun}
-        for name in names:
+        for name in parsed.names:
             if name not in values:
                 self.problem(
                     text_path,
@@ -460,7 +460,7 @@ class _Resolver:
                 self.problem(
                     text_path, "uses {class} but the subject has no class noun", "add `class: <noun>` to it"
                 )
-        text = templates.fill(template, values)
+        text = parsed.fill(values)
         if not text.strip():
             self.problem(text_path, "the prompt is empty")
         return text

@@ -1,7 +1,8 @@
 """Prompt templates: ``a {class} in {color}`` with `{name}` placeholders, and `{{`/`}}` for literal braces.
 
-A template is read once (`placeholders`: its names, or why it is malformed) and filled per subject
-(`fill`); which names are known, and what an empty value means, is the caller's.
+A template is read once (`Template`: its placeholder names, or why it is malformed) and filled per subject
+(`Template.fill`: a feed's scene is filled for every row); which names are known, and what an empty value
+means, is the caller's.
 """
 
 from __future__ import annotations
@@ -11,41 +12,46 @@ from collections.abc import Mapping
 from squeeze_cli.manifest.schema import PLACEHOLDER_RE
 
 
-def placeholders(template: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """The placeholder names in `template`, in order, and its brace problems as (message, hint)."""
-    names: list[str] = []
-    problems: list[tuple[str, str]] = []
-    if "{" not in template and "}" not in template:
-        return names, problems
-    for match in PLACEHOLDER_RE.finditer(template):
-        token = match.group(0)
-        if token in ("{{", "}}"):
-            continue
-        if token in ("{", "}"):
-            problems.append(
-                (
-                    f"unmatched {token} at character {match.start() + 1}",
-                    f"write {token}{token} for a literal brace, or close it: {{subject}}, {{class}}",
+class Template:
+    def __init__(self, text: str):
+        self.text = text
+        self.names: list[str] = []  # the placeholders, in order
+        self.problems: list[tuple[str, str]] = []  # (message, hint) of each lone brace
+        # The text as (literal, placeholder or None) pieces: filling joins them, with no regex per subject.
+        self._pieces: list[tuple[str, str | None]] = []
+        literal, end = [], 0
+        for match in PLACEHOLDER_RE.finditer(text) if "{" in text or "}" in text else ():
+            literal.append(text[end : match.start()])
+            end = match.end()
+            token = match.group(0)
+            if token in ("{{", "}}"):
+                literal.append(token[0])
+            elif token in ("{", "}"):
+                literal.append(token)
+                self.problems.append(
+                    (
+                        f"unmatched {token} at character {match.start() + 1}",
+                        f"write {token}{token} for a literal brace, or close it: {{subject}}, {{class}}",
+                    )
                 )
-            )
-        else:
-            names.append(match.group(1))
-    return names, problems
+            else:
+                self.names.append(match.group(1))
+                self._pieces.append(("".join(literal), match.group(1)))
+                literal = []
+        literal.append(text[end:])
+        self._pieces.append(("".join(literal), None))
 
-
-def fill(template: str, values: Mapping[str, str | None]) -> str:
-    """`template` with each known placeholder replaced by its value (unknown ones are left as written)."""
-    if "{" not in template and "}" not in template:
-        return template
-
-    def replace(match) -> str:
-        token = match.group(0)
-        if token in ("{{", "}}"):
-            return token[0]
-        value = values.get(match.group(1) or "")
-        return token if value is None else value
-
-    return PLACEHOLDER_RE.sub(replace, template)
+    def fill(self, values: Mapping[str, str | None]) -> str:
+        """The text with each placeholder replaced by its value (one without a value is left as written)."""
+        if len(self._pieces) == 1:
+            return self._pieces[0][0]
+        parts = []
+        for literal, name in self._pieces:
+            parts.append(literal)
+            if name is not None:
+                value = values.get(name)
+                parts.append(f"{{{name}}}" if value is None else value)
+        return "".join(parts)
 
 
 def literal(text: str) -> str:
