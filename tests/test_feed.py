@@ -217,3 +217,21 @@ def test_a_parquet_feed_without_pyarrow_says_which_extra_to_install(make_project
         "products.parquet: reading a Parquet feed needs pyarrow, which is not installed (hint: install the "
         "optional extra: pip install 'squeeze_cli[parquet]' (it adds pyarrow))"
     ]
+
+
+def test_a_feed_without_rows_and_a_scene_key_the_pipeline_ignores_are_errors(
+    make_project, monkeypatch
+) -> None:
+    project = _project(make_project, CSV.splitlines()[0] + "\n")
+    monkeypatch.chdir(project)
+    (project / "m.yaml").write_text(
+        (project / "m.yaml").read_text().replace("      seeds: [1, 2]", "      guidance_scale: 3.0")
+    )
+    assert _problems("m.yaml") == [
+        "m.yaml:5:9: subjects_from.path: products.csv has no rows "
+        "(hint: one product per row, below the header)"
+    ]
+    (project / "products.csv").write_text(CSV)
+    with pytest.raises(ManifestError) as error:
+        load_manifest("m.yaml", recipe="tiny-qwen-image-edit")
+    assert [p.field for p in error.value.problems] == ["subjects_from.scenes[1].guidance_scale"]

@@ -257,6 +257,8 @@ class _Resolver:
             )
         if missing:
             return None
+        if not feed.rows and not feed.problems:
+            self.problem(place, f"{feed.file} has no rows", "one product per row, below the header")
         self.feed_names = {cell_text(row.values.get(spec.name)) or "" for row in feed.rows}
         return feed
 
@@ -477,6 +479,8 @@ class _Resolver:
             if subject is not None:
                 levels.append((("subjects", index), subject))
                 levels += [(("subjects", index, "prompts", i), p) for i, p in enumerate(subject.prompts)]
+        scenes = head.subjects_from.scenes if head.subjects_from is not None else []
+        levels += [(("subjects_from", "scenes", i), scene) for i, scene in enumerate(scenes)]
         used_by = f"the {name} pipeline" + (f" (recipe {recipe.name})" if recipe is not None else "")
         reads = ", ".join(sorted(pipeline_spec(name).sampling_parameters))
         for path, level in levels:
