@@ -111,8 +111,8 @@ def test_every_bad_row_is_located_at_once(make_project, monkeypatch) -> None:
         "products.csv:6: sku: subject name 'TP-1' is already used by products.csv:2 (hint: subject names "
         "must be unique (ignoring case): they name the output folders)",
         "products.csv:7: images: empty: every row needs at least one reference image",
-        "products.csv:8: 3 fields, but the header names 5 columns (hint: quote a field that holds a comma: "
-        '"a, b")',
+        "products.csv:8: 3 fields, but the header names 5 columns (hint: give every column a field; an "
+        "empty one is nothing between two commas)",
     ]
 
 

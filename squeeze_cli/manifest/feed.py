@@ -1,8 +1,9 @@
-"""Reading a subject feed (`subjects_from`): the rows of a CSV, JSONL or Parquet file, each with where it
-is written, so that a bad row is reported as ``products.csv:17: references: ...``.
+"""A subject feed (`subjects_from`): the rows of a CSV, JSONL or Parquet file, each with where it is
+written, so that a bad row is reported as ``products.csv:17: references: ...``; and the subject of a row
+(`resolve_row`), with the scenes `resolve.py` read once for every row.
 
-Reads only: what a row means (names, references, prompts) is `resolve.py`'s. A file that cannot be read at
-all is one `Problem`; a CSV or JSONL line that cannot be parsed is one each, and the other rows still read.
+A file that cannot be read at all is one `Problem`; a CSV or JSONL line that cannot be parsed is one each,
+and the other rows are still read and checked.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from squeeze_cli.manifest.located import Location
 from squeeze_cli.manifest.schema import UNIQUE_NAMES_HINT, SubjectFeed, subject_name_problem
 from squeeze_cli.manifest.templates import Template, literal
 from squeeze_cli.params import SamplingParams
-from squeeze_cli.reading import MiB, read_regular_file
+from squeeze_cli.reading import MiB, open_regular_file, read_regular_file
 
 # A feed of a million products is some hundreds of MB; a larger file is a mistake (a wrong path).
 FEED_MAX_BYTES = 1024 * MiB
@@ -100,6 +101,7 @@ def _read_csv(text: str, feed: Feed) -> None:
             return
         feed.columns = [name.strip() for name in header]
         if not _unique_columns(feed, reader.line_num):
+            feed.columns = []  # no row can be read by a name that is not one column's
             return
         first_line = reader.line_num + 1
         for number, cells in enumerate(reader, start=1):
@@ -114,7 +116,9 @@ def _read_csv(text: str, feed: Feed) -> None:
                         None,
                         "",
                         f"{len(cells)} fields, but the header names {len(feed.columns)} columns",
-                        'quote a field that holds a comma: "a, b"',
+                        'quote a field that holds a comma: "a, b"'
+                        if len(cells) > len(feed.columns)
+                        else "give every column a field; an empty one is nothing between two commas",
                     )
                 )
             else:
@@ -182,8 +186,6 @@ def _read_parquet(path: Path, feed: Feed) -> None:
         )
         return
     from pyarrow import ArrowException
-
-    from squeeze_cli.reading import open_regular_file
 
     try:
         with open_regular_file(path) as handle:

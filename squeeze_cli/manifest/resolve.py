@@ -259,7 +259,7 @@ class _Resolver:
             return None
         if not feed.rows and not feed.problems:
             self.problem(place, f"{feed.file} has no rows", "one product per row, below the header")
-        self.feed_names = {cell_text(row.values.get(spec.name)) or "" for row in feed.rows}
+        self.feed_names = {name for row in feed.rows if (name := cell_text(row.values.get(spec.name)))}
         return feed
 
     def resolve_feed(
