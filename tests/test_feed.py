@@ -235,3 +235,19 @@ def test_a_feed_without_rows_and_a_scene_key_the_pipeline_ignores_are_errors(
     with pytest.raises(ManifestError) as error:
         load_manifest("m.yaml", recipe="tiny-qwen-image-edit")
     assert [p.field for p in error.value.problems] == ["subjects_from.scenes[1].guidance_scale"]
+
+
+def test_the_documented_feed_example_is_valid(make_image, tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "manifest.md").read_text()
+    section = text.split("### Subjects from a feed", 1)[1]
+    mapping = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "products.csv").write_text(section.split("```csv\n", 1)[1].split("```", 1)[0])
+    (tmp_path / "m.yaml").write_text("version: 1\nrecipe: tiny\n" + mapping)
+    for photo in ("photos/mug-001/a.jpg", "photos/tp-002-front.jpg", "photos/tp-002-side.jpg"):
+        make_image(photo)
+    mug, teapot = load_manifest(tmp_path / "m.yaml").subjects
+    assert [p.text for p in mug.prompts] == [
+        "a mug in sage green on a marble kitchen counter, Stoneware mug 350 ml",
+        "a mug on a white studio background",
+    ]
+    assert len(teapot.references) == 2 and teapot.prompts[-1].text == "a teapot on a tray"
