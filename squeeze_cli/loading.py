@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from squeeze_cli.errors import ModelLoadError, UsageError
+from squeeze_cli.logs import log_line
 from squeeze_cli.manifest.schema import ComponentSource, ModelSpec
 from squeeze_cli.model_checks import LOAD_ORDER
 from squeeze_cli.params import Dtype
@@ -209,11 +209,7 @@ def load_pipeline(
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     if spec.trust_remote_code:
-        print(
-            "warning: the preset sets trust_remote_code: code from the model repository will run",
-            file=sys.stderr,
-            flush=True,
-        )
+        log_line("warning: the preset sets trust_remote_code: code from the model repository will run")
     dtype = torch_dtype(spec.dtype)
     registered = pipeline_spec(spec.pipeline_class)
     source = str(builtin_checkpoint(spec)) if spec.builtin else spec.pipeline

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from squeeze_cli.logs import log_line
+
 
 def eval_command(
     run_dirs: Annotated[
@@ -73,7 +75,7 @@ def eval_command(
     from squeeze_cli.processes import one_process_launch_warning
 
     if one_process := one_process_launch_warning(os.environ):
-        typer.echo(f"warning: {one_process}", err=True)
+        log_line(f"warning: {one_process}")
 
     if references != "conditioning" and not Path(references).is_dir():
         from squeeze_cli.errors import UsageError

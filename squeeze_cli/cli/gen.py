@@ -22,6 +22,7 @@ from squeeze_cli.cli.options import (
     print_json_failure,
     print_warnings,
 )
+from squeeze_cli.logs import log_line
 from squeeze_cli.params import Dtype, Offload
 
 if TYPE_CHECKING:
@@ -212,7 +213,7 @@ def gen(
     elif not quiet:
         print_warnings(loaded)
         if one_process:
-            typer.echo(f"warning: {one_process}", err=True)
+            log_line(f"warning: {one_process}")
     from squeeze_cli.gen.runner import GenOptions, run_gen
 
     options = GenOptions(

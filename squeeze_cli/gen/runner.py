@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import shlex
 import signal
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from squeeze_cli.gen.progress import Reporter
 from squeeze_cli.gen.signals import StopNow, StopSignal, exit_code
 from squeeze_cli.gen.summary import describe_plan, finish_summary, now, report_dry_run, starting_summary
 from squeeze_cli.gen.worker import GenOptions, Worker
+from squeeze_cli.logs import log_line
 from squeeze_cli.manifest import LoadedManifest
 from squeeze_cli.pipelines.registry import pipeline_spec
 from squeeze_cli.plan import Job, plan_jobs, shard_jobs
@@ -75,7 +75,7 @@ def run_gen(
             note = f"finished images are kept and the run summary was not updated; to resume, run {again}"
         else:
             note = "nothing was generated"
-        print(f"stopped at once by {name}: {note}", file=sys.stderr, flush=True)
+        log_line(f"stopped at once by {name}: {note}")
         return exit_code(stopped.signum)
 
 
