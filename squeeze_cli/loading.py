@@ -21,7 +21,7 @@ import torch
 from squeeze_cli.errors import ModelLoadError, UsageError
 from squeeze_cli.logs import log_line
 from squeeze_cli.manifest.schema import ComponentSource, ModelSpec
-from squeeze_cli.model_checks import LOAD_ORDER
+from squeeze_cli.model_checks import LOAD_ORDER, read_cache_only_if_hub_unreachable
 from squeeze_cli.params import Dtype
 from squeeze_cli.pipelines.registry import pipeline_spec
 
@@ -202,6 +202,8 @@ def load_pipeline(
         fuse_lora: merge the LoRA into the transformer's weights (its scale is fixed for the run), so
             denoising runs no extra LoRA matmuls; `pipe.lora_fused` records it. False keeps it separate.
     """
+    if note := read_cache_only_if_hub_unreachable(spec):
+        log_line(f"note: {note}")
     import diffusers
     import transformers
 
