@@ -50,7 +50,9 @@ def run_gen(
             jobs = planned if options.shard is None else shard_jobs(planned, *options.shard)
             out_dir = (options.out or manifest.output_dir).expanduser().absolute()
             if options.dry_run:
-                return _dry_run(manifest, options, jobs, out_dir, json_events=json_events, quiet=quiet)
+                return _dry_run(
+                    manifest, options, jobs, planned, out_dir, json_events=json_events, quiet=quiet
+                )
             run = GenRun(
                 manifest,
                 options,
@@ -83,17 +85,21 @@ def _dry_run(
     manifest: LoadedManifest,
     options: GenOptions,
     jobs: list[Job],
+    planned: list[Job],
     out_dir: Path,
     *,
     json_events: bool,
     quiet: bool,
 ) -> int:
-    """Report what a run would do: counts, sizes, steps per stage; loads and writes nothing."""
+    """Report what a run would do: counts, sizes, steps per stage, the stale images `--prune` would move
+    (those of jobs not in the whole plan `planned`); loads and writes nothing."""
     reporter = Reporter(Reporter.choose_mode(json_events=json_events, quiet=quiet))
     resume = not options.overwrite and out_dir.is_dir()
     done = outputs.finished_job_ids(out_dir, jobs) if resume else set()
     plan = describe_plan(jobs, done, staged=pipeline_spec(manifest.model.pipeline_class).staged)
-    report_dry_run(reporter, {"event": "dry_run", "out": str(out_dir), **plan}, json_events)
+    stale = len(outputs.find_stale(out_dir, planned)) if out_dir.is_dir() else 0
+    report = {"event": "dry_run", "out": str(out_dir), **plan, "stale": stale}
+    report_dry_run(reporter, report, json_events)
     return EXIT_OK
 
 
