@@ -55,9 +55,15 @@ from squeeze_cli.manifest.schema import (
 from squeeze_cli.manifest.schema_errors import validate_schema
 from squeeze_cli.model_checks import source_problems
 from squeeze_cli.params import SamplingParams
-from squeeze_cli.pipelines.registry import pipeline_spec, unused_sampling_keys
+from squeeze_cli.pipelines.registry import PIPELINES, pipeline_spec, unused_sampling_keys
 
 EXTENSION_PREFIX = "x-"
+
+
+def _key_path(level: FieldPath, *keys: str) -> FieldPath:
+    """Where a key of a sampling level is: under the level, or the `recipe` line for the recipe's defaults
+    (the recipe file is not the manifest)."""
+    return level if level == ("recipe",) else (*level, *keys)
 
 
 def load_manifest(
@@ -168,6 +174,7 @@ class _Resolver:
         output_dir = self.output_dir = self.resolve_output_dir(head) if head is not None else None
         if self.out_flag is not None:  # `output.dir` was still checked: a bad one is bad input all the same
             output_dir = self.output_dir = self.out_flag
+        pipeline = pipeline_spec(model.pipeline_class).name if model is not None else None
         names_seen: dict[str, int] = {}
         subjects = []
         for index, subject in enumerate(self.subjects):
@@ -182,7 +189,7 @@ class _Resolver:
                     )
                 names_seen.setdefault(folded, index)
             if subject is not None:
-                subjects.append(self.resolve_subject(index, subject, recipe))
+                subjects.append(self.resolve_subject(index, subject, recipe, pipeline))
             else:
                 self.check_invalid_subject(index)
 
@@ -310,7 +317,9 @@ class _Resolver:
             if isinstance(text, str):
                 self.substitute(self.text_path((*path, "prompts", prompt_index)), text, stand_in)
 
-    def resolve_subject(self, index: int, subject: Subject, recipe: Recipe | None) -> ResolvedSubject:
+    def resolve_subject(
+        self, index: int, subject: Subject, recipe: Recipe | None, pipeline: str | None
+    ) -> ResolvedSubject:
         path: FieldPath = ("subjects", index)
         references = self.resolve_references(path, subject.references)
         levels: list[tuple[FieldPath, SamplingOverrides]] = []
@@ -320,14 +329,14 @@ class _Resolver:
         levels += [(("defaults",), defaults), (path, subject)]
         base = SamplingParams()
         for _, level in levels:
-            base = replace(base, **level.explicit())
+            base = replace(base, **level.explicit(pipeline))
         base_seeds = next((lvl.seeds for _, lvl in reversed(levels) if lvl.seeds is not None), None)
 
         prompts: list[ResolvedPrompt] = []
         seen: dict[tuple[str, SamplingParams], list[int]] = {}
         for prompt_index, spec in enumerate(subject.prompts):
             prompt_path = (*path, "prompts", prompt_index)
-            overrides = spec.explicit()
+            overrides = spec.explicit(pipeline)
             params = replace(base, **overrides) if overrides else base
             seed_spec = spec.seeds if spec.seeds is not None else base_seeds
             seeds = _seed_values(seed_spec)
@@ -390,7 +399,8 @@ class _Resolver:
 
     def check_sampling_keys(self, head: Manifest, model: ModelSpec, recipe: Recipe | None) -> None:
         """A sampling key the model's pipeline does not read is an error where it is set, rather than a value
-        silently dropped while the metadata claims it was used."""
+        silently dropped while the metadata claims it was used; so is a key in a `for_pipeline` block that its
+        own pipeline does not read."""
         name = pipeline_spec(model.pipeline_class).name
         levels: list[tuple[FieldPath, SamplingOverrides]] = []
         if recipe is not None:
@@ -404,8 +414,26 @@ class _Resolver:
         reads = ", ".join(sorted(pipeline_spec(name).sampling_parameters))
         for path, level in levels:
             for key in unused_sampling_keys(name, sorted(level.explicit())):
-                where = path if path == ("recipe",) else (*path, key)
-                self.problem(where, f"`{key}` is not used by {used_by}", f"remove it; {name} reads: {reads}")
+                self.problem(
+                    _key_path(path, key),
+                    f"`{key}` is not used by {used_by}",
+                    f"remove it, or move it under `for_pipeline: {{PIPELINE: ...}}` for another recipe's "
+                    f"pipeline; {name} reads: {reads}",
+                )
+            for block_name, block in (level.for_pipeline or {}).items():
+                if block_name not in PIPELINES:
+                    where = _key_path(path, "for_pipeline", block_name)
+                    self.problem(
+                        where, f"no pipeline is called {block_name!r}", f"pipelines: {', '.join(PIPELINES)}"
+                    )
+                    continue
+                block_reads = ", ".join(sorted(pipeline_spec(block_name).sampling_parameters))
+                for key in unused_sampling_keys(block_name, sorted(block.explicit())):
+                    self.problem(
+                        _key_path(path, "for_pipeline", block_name, key),
+                        f"`{key}` is not used by the {block_name} pipeline",
+                        f"remove it; {block_name} reads: {block_reads}",
+                    )
 
     def check_prompt(
         self, path: FieldPath, params: SamplingParams, levels: list[tuple[FieldPath, SamplingOverrides]]
