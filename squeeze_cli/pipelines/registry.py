@@ -39,6 +39,8 @@ class PipelineSpec:
         step_tokens: what its transformer steps run on, for the cost model (`pipelines/cost.py`).
         takes_components: whether `model.components` / `model.family` apply (the squeeze pipeline only):
             the loader assembles it from separately loaded parts, checks the MLLM family and sets its options.
+        reference_sizing: how `reference_size` sizes a reference for the VAE, recorded in every sidecar
+            (baselines are sized as their authors' diffusers pipelines size them, for a fair comparison).
     """
 
     name: str
@@ -49,6 +51,7 @@ class PipelineSpec:
     staged: bool = False
     step_tokens: StepTokens = field(default_factory=StepTokens)
     takes_components: bool = False
+    reference_sizing: str = "longer side reference_size, aspect kept, multiples of 16"
 
     @property
     def class_name(self) -> str:
@@ -105,6 +108,10 @@ PIPELINES: dict[str, PipelineSpec] = {
             tiny_builder="squeeze_cli.pipelines.tiny_pipelines:build_tiny_kontext",
             # FLUX.1's width; T5 pads every prompt to its 512 tokens, and the references are not in the text.
             step_tokens=StepTokens(condition_template_tokens=512, counts_instruction=False),
+            reference_sizing=(
+                "diffusers' FluxKontextPipeline: the preferred Kontext resolution nearest the aspect ratio, "
+                "scaled to reference_size² area (kontext.kontext_reference_size)"
+            ),
         ),
         PipelineSpec(
             name="qwen-image-edit-plus",
@@ -116,6 +123,10 @@ PIPELINES: dict[str, PipelineSpec] = {
             # Qwen-Image's width (24 heads x 128); Qwen2.5-VL sees each reference at ~384² (196 tokens of
             # 28 px, plus "Picture k:"), and a few template tokens remain after the system prompt is dropped.
             step_tokens=StepTokens(condition_tokens_per_reference=200, condition_template_tokens=6),
+            reference_sizing=(
+                "diffusers' QwenImageEditPlusPipeline: reference_size² area, aspect kept, multiples of 32 "
+                "(qwen_image_edit.vae_reference_size); the VL encoder at ~384² area"
+            ),
         ),
     )
 }
