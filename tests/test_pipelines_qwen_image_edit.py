@@ -195,7 +195,7 @@ def squeeze_latents(pipe, subject, prompt: str, seed: int, **args) -> torch.Tens
 NON_SQUARE = ((400, 300), (300, 500))  # 4:3 and 3:5
 
 
-@pytest.mark.parametrize("pipeline_class", ["qwen-image-edit-plus"])
+@pytest.mark.parametrize("pipeline_class", ["qwen-image-edit-plus", "qwen-image-edit-2511"])
 def test_an_image_equals_diffusers_qwen_image_edit_plus(pipeline_class, monkeypatch) -> None:
     """Issue 23: each tiny twin (2509; 2511 with `zero_cond_t`) gives diffusers' latents bit for bit, with two
     non-square references and true CFG. diffusers sizes the VAE's references at 1024² area; here at 64² (its
@@ -241,3 +241,25 @@ def test_non_square_references_are_sized_as_diffusers_sizes_them(pipe) -> None:
 )
 def test_vae_reference_sizes_keep_the_area_and_aspect(size, reference_size, expected) -> None:
     assert vae_reference_size(*size, reference_size) == expected
+
+
+def test_more_references_than_2511_takes_are_refused_at_validation(tmp_path, squeeze) -> None:
+    for i in range(4):
+        reference(i, (32, 32)).save(tmp_path / f"{i}.png")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        "version: 1\nrecipe: tiny-qwen-image-edit-2511\nsubjects:\n"
+        "  - {name: a, references: ['[0-2].png'], prompts: [x]}\n"
+        "  - {name: b, references: ['*.png'], prompts: [x]}\n"
+    )
+    result = squeeze("validate", str(manifest))
+    assert result.code == 2
+    errors = [line for line in result.err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: {manifest}:5:27: subjects[1].references: 4 reference images, more than the 3 the "
+        "qwen-image-edit-2511 pipeline takes (hint: list at most 3, or run a recipe that takes more)"
+    ]
+    # The 2509 pipeline has no such limit; three are fine with 2511.
+    assert squeeze("validate", str(manifest), "--recipe", "tiny-qwen-image-edit").code == 0
+    manifest.write_text(manifest.read_text().replace("'*.png'", "'[1-3].png'"))
+    assert squeeze("validate", str(manifest)).code == 0

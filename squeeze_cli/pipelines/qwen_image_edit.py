@@ -1,4 +1,6 @@
-"""Qwen-Image-Edit-2509 through squeeze: diffusers' `QwenImageEditPlusPipeline` with the runner's contract.
+"""Qwen-Image-Edit-2509 and -2511 through squeeze: diffusers' `QwenImageEditPlusPipeline` with the runner's
+contract (2511 differs only in its checkpoint: the transformer config's `zero_cond_t`, which diffusers'
+transformer reads).
 
 What differs from diffusers' `__call__`:
 
@@ -107,8 +109,8 @@ class QwenImageEditPlusPipeline(SubjectBatchMixin, DiffusersQwenImageEditPlusPip
     VAE latents and VL image inputs prepared once per subject, VL encodings cached per prompt, one CPU
     generator per image, batches of several prompts.
 
-    Loads the same checkpoints (e.g. `Qwen/Qwen-Image-Edit-2509`); `from_pretrained` takes the image processor
-    from `processor/` (see there).
+    Loads the same checkpoints (`Qwen/Qwen-Image-Edit-2509`, `Qwen/Qwen-Image-Edit-2511`); `from_pretrained`
+    takes the image processor from `processor/` (see there).
     """
 
     sampling_parameters = PIPELINES["qwen-image-edit-plus"].sampling_parameters

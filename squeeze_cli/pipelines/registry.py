@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from squeeze_cli.params import SamplingParams
@@ -39,6 +39,7 @@ class PipelineSpec:
         step_tokens: what its transformer steps run on, for the cost model (`pipelines/cost.py`).
         takes_components: whether `model.components` / `model.family` apply (the squeeze pipeline only):
             the loader assembles it from separately loaded parts, checks the MLLM family and sets its options.
+        max_references: the most references a subject may have (checked at validation), or None.
         reference_sizing: how `reference_size` sizes a reference for the VAE, recorded in every sidecar
             (baselines are sized as their authors' diffusers pipelines size them, for a fair comparison).
     """
@@ -51,6 +52,7 @@ class PipelineSpec:
     staged: bool = False
     step_tokens: StepTokens = field(default_factory=StepTokens)
     takes_components: bool = False
+    max_references: int | None = None
     reference_sizing: str = "longer side reference_size, aspect kept, multiples of 16"
 
     @property
@@ -130,6 +132,16 @@ PIPELINES: dict[str, PipelineSpec] = {
         ),
     )
 }
+# Qwen-Image-Edit-2511 runs the same pipeline: what differs is in its checkpoint (its transformer's
+# `zero_cond_t`, which diffusers' QwenImageTransformer2DModel reads), so a row of its own only for its tiny
+# twin, built with that switch on, and for its reference limit.
+PIPELINES["qwen-image-edit-2511"] = replace(
+    PIPELINES["qwen-image-edit-plus"],
+    name="qwen-image-edit-2511",
+    tiny_builder="squeeze_cli.pipelines.tiny_pipelines:build_tiny_qwen_image_edit_2511",
+    # Qwen's model cards: multi-image editing works best with 1 to 3 input images.
+    max_references=3,
+)
 
 
 def pipeline_spec(name: str | None) -> PipelineSpec:
