@@ -94,7 +94,11 @@ def test_vl_encoding_is_computed_once_per_prompt(pipe, subject, monkeypatch) -> 
     assert set(subject.prompt_encodings) == {"a dog", "a cat", " "}
 
 
-def test_every_reference_changes_the_image(pipe, subject) -> None:
+@pytest.mark.parametrize("pipeline_class", ["qwen-image-edit-plus", "qwen-image-edit-2511"])
+def test_every_reference_changes_the_image(pipeline_class) -> None:
+    spec = ModelSpec(builtin="tiny", pipeline_class=pipeline_class, dtype="float32")
+    pipe = load_pipeline(spec, device="cpu")
+    subject = pipe.encode_subject([reference(0, (48, 40)), reference(1, (32, 64))], reference_size=SIZE)
     base = run(pipe, ["a dog"], (0,), subject)
     swapped = pipe.encode_subject([reference(0, (48, 40)), reference(9, (32, 64))], reference_size=SIZE)
     # The tiny random VAE decoder damps differences; the run-to-run spread is zero (test_pipeline_contract).
