@@ -139,7 +139,7 @@ PIPELINES["qwen-image-edit-2511"] = replace(
     PIPELINES["qwen-image-edit-plus"],
     name="qwen-image-edit-2511",
     tiny_builder="squeeze_cli.pipelines.tiny_pipelines:build_tiny_qwen_image_edit_2511",
-    # Qwen's model cards: multi-image editing works best with 1 to 3 input images.
+    # Qwen's 2509 model card, which 2511 builds on: multi-image editing works best with 1 to 3 input images.
     max_references=3,
 )
 
