@@ -199,6 +199,8 @@ class _Resolver:
             self.problem(("subjects",), *too_many_jobs(total, limit))
         if model is not None and head is not None:
             self.check_sampling_keys(head, model, recipe)
+        if model is not None:
+            self.check_reference_limit(model, subjects)
         # (`output_dir` is None only with a problem reported.)
         if self.problems or model is None or head is None or output_dir is None or None in self.subjects:
             return None
@@ -434,6 +436,21 @@ class _Resolver:
                         f"`{key}` is not used by the {block_name} pipeline",
                         f"remove it; {block_name} reads: {block_reads}",
                     )
+
+    def check_reference_limit(self, model: ModelSpec, subjects: list[ResolvedSubject]) -> None:
+        """A subject with more references than its model takes is refused, not run on a model out of its
+        depth (`PipelineSpec.max_references`)."""
+        spec = pipeline_spec(model.pipeline_class)
+        if spec.max_references is None:
+            return
+        for subject in subjects:
+            if len(subject.references) > spec.max_references:
+                self.problem(
+                    ("subjects", subject.index, "references"),
+                    f"{len(subject.references)} reference images, more than the {spec.max_references} "
+                    f"the {spec.name} pipeline takes",
+                    f"list at most {spec.max_references}, or run a recipe that takes more",
+                )
 
     def check_prompt(
         self, path: FieldPath, params: SamplingParams, levels: list[tuple[FieldPath, SamplingOverrides]]
