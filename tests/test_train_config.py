@@ -131,6 +131,40 @@ def test_resume_from_a_folder_that_is_no_checkpoint_is_refused(squeeze, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume", "latest"]], ids=["new", "resume-latest"])
+def test_an_existing_folder_that_is_no_training_run_is_refused_untouched(
+    squeeze, tmp_path: Path, resume: list[str]
+) -> None:
+    """`output_dir` naming a user's folder: refused before anything is written or deleted (the run's stage
+    exports and its clean-up of `.partial-*` used to delete these)."""
+    mine = tmp_path / "project"
+    (mine / "stage1").mkdir(parents=True)
+    (mine / "stage1" / "notes.txt").write_text("mine")
+    (mine / "stage2").mkdir()
+    (mine / "stage2" / "thesis.tex").write_text("mine")
+    (mine / ".partial-drafts").mkdir()
+    (mine / "checkpoints" / ".partial-x").mkdir(parents=True)
+    before = _tree(mine)
+    result = squeeze("train", "tiny", "--no-progress", "--set", f"output_dir={mine}", *resume)
+    assert result.code == 2
+    assert f"output_dir {mine} is not empty and is not a squeeze training run (it has no training.json)" in (
+        result.err
+    )
+    assert len([line for line in result.err.splitlines() if line.startswith("error")]) == 1
+    assert _tree(mine) == before
+
+
+def test_an_output_dir_that_is_a_file_is_refused(squeeze, tmp_path: Path) -> None:
+    (tmp_path / "run").write_text("mine")
+    result = squeeze("train", "tiny", "--no-progress", "--set", f"output_dir={tmp_path / 'run'}")
+    assert result.code == 2 and "is not a folder" in result.err
+    assert (tmp_path / "run").read_text() == "mine"
+
+
 def test_help_lists_train(squeeze) -> None:
     assert "train" in squeeze("--help").out
     help_text = squeeze("train", "--help").out

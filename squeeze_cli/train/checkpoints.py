@@ -17,6 +17,9 @@ from squeeze_cli.errors import SqueezeError
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
 TRAINABLE_FILE = "trainable.safetensors"
+# The run record, the first file a run writes: a folder holding it is a squeeze training run, the only kind
+# of existing folder training writes into (it replaces and deletes files there).
+RUN_RECORD = "training.json"
 
 
 class RunError(SqueezeError):
@@ -45,12 +48,32 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """Refuses an `output_dir` that exists and is neither empty nor a squeeze training run (`RUN_RECORD`)."""
+    hint = "set `output_dir` to a new or empty folder"
+    if not output_dir.exists() or (output_dir / RUN_RECORD).is_file():
+        return
+    if not output_dir.is_dir():
+        raise RunError(f"output_dir {output_dir} is not a folder", hint)
+    try:
+        empty = next(output_dir.iterdir(), None) is None
+    except OSError as error:
+        raise RunError(f"cannot read output_dir {output_dir}: {error.strerror or error}", hint) from None
+    if not empty:
+        raise RunError(
+            f"output_dir {output_dir} is not empty and is not a squeeze training run "
+            f"(it has no {RUN_RECORD})",
+            f"{hint}: training writes and deletes files in it",
+        )
+
+
 def checkpoint_to_resume(output_dir: Path, resume: str | None) -> Path | None:
     """The checkpoint to resume from (`resume`: "latest", a checkpoint folder, or None for a new run);
-    refuses to mix a new run into an old one."""
+    refuses an output folder that is not a training run's, and to mix a new run into an old one."""
+    check_output_dir(output_dir)
     existing = checkpoint_dirs(output_dir)
     if resume is None:
-        if existing or (output_dir / "recipe.yaml").exists():
+        if (output_dir / RUN_RECORD).exists():
             raise RunError(
                 f"{output_dir} already holds a training run",
                 "pass --resume latest to continue it, or set another `output_dir`",

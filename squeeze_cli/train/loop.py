@@ -28,6 +28,7 @@ from squeeze_cli.errors import EXIT_SIGINT, ManifestError, SqueezeError
 from squeeze_cli.images import load_rgb
 from squeeze_cli.train.checkpoints import (
     CHECKPOINTS,
+    RUN_RECORD,
     TrainState,
     checkpoint_dirs,
     checkpoint_to_resume,
@@ -430,8 +431,8 @@ class Trainer:
         accelerator = self.accelerator
         if accelerator.is_main_process:
             outputs.ensure_dir(self.output_dir)
+            outputs.atomic_write_json(self.output_dir / RUN_RECORD, self.summary())  # first: the marker
             outputs.atomic_write_text(self.output_dir / "config.yaml", self.loaded.text)
-            outputs.atomic_write_json(self.output_dir / "training.json", self.summary())
         if accelerator.is_main_process:  # what a killed save or export left behind is never used
             for folder in (self.output_dir, self.output_dir / CHECKPOINTS):
                 for stale in folder.glob(".partial-*") if folder.is_dir() else []:
