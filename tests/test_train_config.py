@@ -4,6 +4,7 @@ all at once, before any model loads, and nothing is written."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -238,6 +239,108 @@ def test_cli_bad_data_exits_2_before_any_model_and_writes_nothing(
     assert result.code == 2
     assert "data.jsonl:1: references[0]: no such image" in result.err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"not an image", "not a readable image"),
+        ("truncated", "the file is truncated"),
+        (b"", "the file is empty"),
+    ],
+)
+def test_validation_references_are_checked_like_gens_before_training(
+    write_file, tmp_path: Path, make_image, content, reason: str
+) -> None:
+    """A bad validation reference used to train all of stage 1 before failing in the first grid."""
+    bad = make_image("val/bad.png")
+    bad.write_bytes(bad.read_bytes()[:-12] if content == "truncated" else content)
+    path = _config(
+        write_file,
+        """stages: {stage1: {steps: 1}, stage2: {steps: 1}}
+        validation:
+          prompts: [{references: [val/bad.png], instruction: a toy}]
+        """,
+    )
+    with pytest.raises(ManifestError) as info:
+        load_config(path)
+    [problem] = info.value.problems
+    assert f"validation.prompts[0].references[0]: {bad}: {reason}" in str(problem)
+    assert problem.line == 7 and problem.hint  # located, with gen's hint
+
+
+def _jsonl(tmp_path: Path, make_image, **record: object) -> Path:
+    make_image("ref.png")
+    make_image("target.png")
+    path = tmp_path / "data.jsonl"
+    line = {"references": ["ref.png"], "instruction": "x", "target": "target.png", **record}
+    path.write_text(json.dumps(line) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"target": "a\u0000b.png"}, "target: the path 'a\\x00b.png' contains a NUL character"),
+        ({"references": ["~nosuchuser/x.png"]}, "references[0]: the path '~nosuchuser/x.png' starts with"),
+    ],
+    ids=["nul", "unknown-user"],
+)
+def test_unusable_image_paths_in_the_data_are_located(tmp_path: Path, make_image, record, message) -> None:
+    path = _jsonl(tmp_path, make_image, **record)
+    with pytest.raises(ManifestError, match=re.escape(f"data.jsonl:1: {message}")):
+        load_jsonl_data(path)
+
+
+def test_deeply_nested_json_is_located(tmp_path: Path, make_image) -> None:
+    path = _jsonl(tmp_path, make_image)
+    path.write_text(path.read_text() + "[" * 100000 + "\n")
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "deep.json").write_text("[" * 100000)
+    with pytest.raises(ManifestError, match=r"data.jsonl:2: not valid JSON: nested too deeply"):
+        load_jsonl_data(path)
+    with pytest.raises(ManifestError, match=r"deep.json: not valid JSON: nested too deeply"):
+        load_jsonl_data(tmp_path / "samples")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "folder-fifo"])
+def test_a_data_file_that_is_no_regular_file_is_refused_without_reading(tmp_path: Path, kind: str) -> None:
+    """A FIFO used to hang the check and /dev/zero to read until memory ran out."""
+    import os
+
+    if kind == "dev-zero":
+        path = Path("/dev/zero")
+    elif kind == "fifo":
+        path = tmp_path / "data.jsonl"
+        os.mkfifo(path)
+    else:
+        path = tmp_path / "samples"
+        path.mkdir()
+        os.mkfifo(path / "a.json")
+    with pytest.raises(ManifestError, match=r"cannot read (the data file|it): not a regular file"):
+        load_jsonl_data(path)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("~nosuchuser/a.jsonl", "data.path: the path '~nosuchuser/a.jsonl' starts with ~nosuchuser"),
+        ('"./a\\0b.jsonl"', "data.path: the path './a\\x00b.jsonl' contains a NUL character"),
+    ],
+    ids=["unknown-user", "nul"],
+)
+def test_unusable_config_paths_are_located(write_file, value: str, message: str) -> None:
+    path = write_file(
+        f"""
+        version: 1
+        recipe: tiny
+        output_dir: out
+        data: {{format: jsonl, path: {value}}}
+        stages: {{stage1: {{steps: 1}}, stage2: {{steps: 1}}}}
+        """
+    )
+    with pytest.raises(ManifestError, match=r":4:\d+: " + re.escape(message)):
+        load_config(path)
 
 
 def _pair_image(side: int, padding: int, left: tuple, right: tuple) -> Image.Image:

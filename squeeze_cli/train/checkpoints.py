@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_JOBS_FAILED, SqueezeError
 from squeeze_cli.reading import MiB, read_regular_file
+from squeeze_cli.train.config import user_path
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
@@ -164,7 +165,10 @@ def checkpoint_to_resume(output_dir: Path, resume: str | None) -> Resume:
                 "move the damaged checkpoints away to start the run again",
             )
         return Resume(None, [])
-    path = Path(resume).expanduser().absolute()
+    try:
+        path = user_path(resume).absolute()
+    except ValueError as error:
+        raise RunError(f"--resume: {error}", "use --resume latest or a checkpoints/step-N folder") from None
     if not (path / STATE_FILE).is_file():
         raise RunError(
             f"{path} is not a squeeze checkpoint", "use --resume latest or a checkpoints/step-N folder"
