@@ -350,12 +350,13 @@ def _pair_image(side: int, padding: int, left: tuple, right: tuple) -> Image.Ima
     return image
 
 
-def _subjects200k_parquet(path: Path, padding: int = 8) -> Path:
+def _subjects200k_parquet(path: Path, padding: int = 8, images: list[Image.Image] | None = None) -> Path:
     """A tiny parquet in the layout of Yuanshi/Subjects200K (image pair, description, quality scores)."""
     import datasets
 
     rows = {
-        "image": [
+        "image": images
+        or [
             _pair_image(32, padding, (255, 0, 0), (0, 0, 255)),
             _pair_image(32, padding, (0, 255, 0), (9, 9, 9)),
         ],
@@ -414,6 +415,38 @@ def test_subjects200k_rows_split_into_reference_and_target_and_filter_by_quality
     assert right_target.target.getpixel((16, 16)) == (0, 0, 255)
     assert right_target.instruction == "a mug in the snow"
     assert data.ids == ["row0-left", "row0-right"]
+
+
+def test_subjects200k_halves_are_the_two_panels_without_their_padding(write_file, tmp_path) -> None:
+    """A row is two 528x528 panels side by side, each a 512x512 image framed by 8 px (1056 = 2 x (512 + 2 x
+    8)): the right image starts at 528 + 8 = 536. The dataset authors' loader (OminiControl,
+    `image_size + 2 * padding` = 528) starts at the right panel's frame, so its right image has 8 px of
+    padding on its left and lacks the panel's last 8 columns; squeeze crops the panels exactly."""
+    import numpy as np
+
+    side, padding = 512, 8
+    noise = np.random.default_rng(0).integers(0, 256, (2, side, side, 3), dtype=np.uint8)
+    panels = [Image.fromarray(n) for n in noise]
+    row = Image.new("RGB", (2 * side + 4 * padding, side + 2 * padding), (255, 255, 255))
+    for index, panel in enumerate(panels):  # each panel framed on all four sides
+        row.paste(panel, (index * (side + 2 * padding) + padding, padding))
+    assert row.size == (1056, 528)  # the published rows' size
+    _subjects200k_parquet(tmp_path / "subjects.parquet", images=[row, row])
+    path = write_file(
+        """
+        version: 1
+        recipe: tiny
+        output_dir: out
+        data: {format: hf, path: subjects.parquet, layout: subjects200k, filter: {min_quality: 5}}
+        stages: {stage1: {steps: 1}, stage2: {steps: 1}}
+        """
+    )
+    sample = load_data(load_config(path)).load(0)  # the left half as target, the right as reference
+    assert np.array_equal(np.asarray(sample.target), noise[0])
+    assert np.array_equal(np.asarray(sample.references[0]), noise[1])
+    authors = np.asarray(row.crop((side + 2 * padding, padding, 2 * side + 2 * padding, side + padding)))
+    assert (authors[:, :padding] == 255).all()  # the frame, where the panel should start
+    assert np.array_equal(authors[:, padding:], noise[1][:, :-padding])
 
 
 def test_subjects200k_padding_is_configurable_and_bad_geometry_is_caught(write_file, tmp_path) -> None:

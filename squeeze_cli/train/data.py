@@ -369,6 +369,9 @@ def load_hf_data(spec: HfData, data_path: str, where: str) -> TrainData:
                     f"row {row}: a {image.width}x{image.height} image is not two {side}-px halves with "
                     f"{padding} px padding"
                 )
+            # Two panels side by side, each a side-px image framed by `padding` on all four sides (a row is
+            # 2 x (side + 2 x padding) wide). The dataset authors' loader (OminiControl) starts the right
+            # image at side + 2 x padding, in the right panel's frame: 8 px of padding and 8 columns short.
             left = image.crop((padding, padding, side + padding, side + padding))
             right = image.crop((side + 3 * padding, padding, 2 * side + 3 * padding, side + padding))
             return left, right, item["description"]
