@@ -143,6 +143,31 @@ def test_a_batch_of_two_subjects_trains_like_each_alone(trainer: Trainer, use_re
         assert torch.allclose(batched, (alone_red + alone_blue) / 2, rtol=1e-4, atol=1e-7)
 
 
+def test_stage_one_never_encodes_the_references(trainer: Trainer, monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("stage 1 VAE-encoded references it never uses")
+
+    monkeypatch.setattr(trainer.pipe, "encode_references", refuse)
+    monkeypatch.setattr(trainer.state, "step", 0)  # stage 1
+    with torch.no_grad():
+        loss, count = trainer.micro_step(0)
+    assert count == 2 and torch.isfinite(loss)
+
+
+def test_sharded_training_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """Checkpoints and exports read whole parameters: FSDP or DeepSpeed would save shards."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    from squeeze_cli.train.checkpoints import RunError
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    loaded = load_config("tiny", [f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(RunError, match="squeeze train runs under DDP only, not FSDP"):
+        Trainer(loaded, load_data(loaded))._setup()
+    assert not (tmp_path / "run").exists()
+
+
 def test_loss_has_gradients_only_for_trained_groups(trainer: Trainer) -> None:
     sample = trainer.prepare_sample(1, (64, 64))
     generator = torch.Generator().manual_seed(1)

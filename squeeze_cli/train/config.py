@@ -162,6 +162,9 @@ class LoraTrainSpec(StrictModel):
     targets: Annotated[list[NonEmptyStr], Field(min_length=1)] = Field(
         default_factory=lambda: list(FLUX_ATTENTION_TARGETS)
     )
+    # Also the single blocks' fused output projection `proj_out` (as UNO's rank-512 LoRA); not the
+    # transformer's own final `proj_out`, which a `proj_out` target would take too.
+    single_blocks_proj_out: StrictBool = False
     dropout: Probability = 0.0
 
 

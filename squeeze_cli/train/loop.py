@@ -29,6 +29,7 @@ from squeeze_cli.images import load_rgb
 from squeeze_cli.train.checkpoints import (
     CHECKPOINTS,
     RUN_RECORD,
+    RunError,
     TrainState,
     checkpoint_dirs,
     checkpoint_to_resume,
@@ -50,6 +51,9 @@ from squeeze_cli.train.objective import (
     noise_like_packed,
     sample_sigmas,
 )
+
+# accelerate's distributed types that shard parameters (DDP keeps a whole copy on every process).
+SHARDED_TYPES = ("DEEPSPEED", "FSDP", "MEGATRON_LM")
 
 
 class TrainingInterrupted(SqueezeError):
@@ -121,6 +125,13 @@ class Trainer:
             # sample of a micro-batch has its MLLM condition dropped (the null condition has no image).
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        if self.accelerator.distributed_type in SHARDED_TYPES:
+            # Checkpoints, exports and gradient clipping read whole parameters; sharded ones would be
+            # saved as shards, or not at all.
+            raise RunError(
+                f"squeeze train runs under DDP only, not {self.accelerator.distributed_type.value}",
+                "accelerate launch --multi_gpu (no --use_fsdp, --use_deepspeed or a config that sets them)",
+            )
         self.recipe = load_recipe(self.config.recipe, relative_to=self.loaded.recipe_base)
         self.weight_dtype = train_models.weight_dtype(training.mixed_precision)
         # The main process first: it fills the caches (hub downloads, the tiny checkpoint) the others read;
@@ -213,22 +224,30 @@ class Trainer:
     # Steps ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def prepare_sample(self, index: int, bucket: tuple[int, int]) -> PreparedSample:
-        """The frozen models' view of sample `index`: MLLM encoding, target and reference latents."""
+    def prepare_sample(
+        self, index: int, bucket: tuple[int, int], with_references: bool = True
+    ) -> PreparedSample:
+        """The frozen models' view of sample `index`: MLLM encoding, target latents and, for stage 2
+        (`with_references`), reference latents (stage 1 never uses them, so they are not encoded)."""
         sample = self.data.load(index)
         pipe = self.pipe
         device = self.accelerator.device
         cached = self._cached_latents(sample.id, bucket)
-        if cached is None:
-            target = fit_to_bucket(sample.target, bucket)
-            pixels = pipe.vae_image_processor.preprocess(target, height=bucket[1], width=bucket[0])
-            target_latents = pipe._encode_vae_image(pixels.to(device=device, dtype=pipe.vae.dtype))[0]
-            reference_latents = pipe.encode_references(
-                sample.references, self.config.training.reference_size, device=device
+        if cached is None or (with_references and not cached[1]):
+            if cached is None:
+                target = fit_to_bucket(sample.target, bucket)
+                pixels = pipe.vae_image_processor.preprocess(target, height=bucket[1], width=bucket[0])
+                target_latents = pipe._encode_vae_image(pixels.to(device=device, dtype=pipe.vae.dtype))[0]
+            else:
+                target_latents = cached[0]
+            reference_latents = (
+                pipe.encode_references(sample.references, self.config.training.reference_size, device=device)
+                if with_references
+                else []
             )
             self._store_latents(sample.id, bucket, target_latents, reference_latents)
         else:
-            target_latents, reference_latents = cached
+            target_latents, reference_latents = cached[0], cached[1] if with_references else []
         encoding = pipe.mllm_encoder.encode(sample.references, sample.instruction)
         return PreparedSample(sample.id, encoding, target_latents, reference_latents)
 
@@ -275,8 +294,8 @@ class Trainer:
         accelerator = self.accelerator
         process = accelerator.process_index
         indices, bucket = self.schedule.batch(micro * accelerator.num_processes + process)
-        samples = [self.prepare_sample(i, bucket) for i in indices]
         stage_name, _, _ = stage_of(self.state.step, self.stages)
+        samples = [self.prepare_sample(i, bucket, with_references=stage_name == "stage2") for i in indices]
         training = self.config.training
         dropout_spec = training.dropout
         drops = draw_dropout(len(samples), dropout_spec, _generator(self.config.seed, micro, process, 0))
