@@ -209,7 +209,7 @@ def test_disk_full_while_checkpointing_keeps_the_earlier_checkpoints(
     assert raised.value.exit_code == 1
     assert raised.value.one_line() == (
         f"cannot write checkpoint {_checkpoint(run, 6)}: No space left on device (hint: free some space on "
-        f"the disk of {run} and continue with `--resume latest`, from step-0000004)"
+        "that disk (or make it writable) and continue with `--resume latest`, from step-0000004)"
     )
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     assert {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()} == before

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,21 +59,22 @@ def rng_file(process: int) -> str:
     return f"rng-{process}.safetensors"
 
 
+def _step_of(folder: Path) -> int | None:
+    """N of a `step-N` folder name (ASCII digits only); None for any other name."""
+    suffix = folder.name[len(CHECKPOINT_PREFIX) :]
+    if folder.name.startswith(CHECKPOINT_PREFIX) and suffix.isascii() and suffix.isdigit():
+        return int(suffix)
+    return None
+
+
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """The `step-N` folders, oldest first (a partial one is a `.partial-` folder, never listed; names
-    other than `step-` and ASCII digits are not squeeze's and are left alone)."""
+    """The `step-N` folders, oldest first (a partial one is a `.partial-` folder, never listed; other names
+    are not squeeze's and are left alone)."""
     folder = output_dir / CHECKPOINTS
     if not folder.is_dir():
         return []
-    found = [
-        p
-        for p in folder.iterdir()
-        if p.name.startswith(CHECKPOINT_PREFIX)
-        and p.name[len(CHECKPOINT_PREFIX) :].isascii()
-        and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
-        and p.is_dir()
-    ]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+    found = [p for p in folder.iterdir() if _step_of(p) is not None and p.is_dir()]
+    return sorted(found, key=lambda p: _step_of(p) or 0)
 
 
 def _sha256(path: Path) -> str:
@@ -95,8 +96,8 @@ def checkpoint_problem(folder: Path) -> str | None:
         return f"its {STATE_FILE} cannot be read"
     files = record.get("files") if isinstance(record, dict) else None
     if (
-        not isinstance(record.get("step"), int)
-        or not isinstance(files, dict)
+        not isinstance(files, dict)
+        or not isinstance(record.get("step"), int)
         or not {TRAINABLE_FILE, OPTIMIZER_FILE} <= set(files)
     ):
         return f"its {STATE_FILE} is not a checkpoint record"
@@ -104,8 +105,9 @@ def checkpoint_problem(folder: Path) -> str | None:
         path = folder / name
         if os.path.basename(name) != name or not isinstance(expected, dict) or not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != expected.get("bytes"):
-            return f"{name} is {path.stat().st_size} bytes, not the {expected.get('bytes')} written"
+        size = path.stat().st_size
+        if size != expected.get("bytes"):
+            return f"{name} is {size} bytes, not the {expected.get('bytes')} written"
         if _sha256(path) != expected.get("sha256"):
             return f"{name} has changed since it was written (SHA-256)"
     return None
@@ -194,7 +196,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
     with safe_open(str(path), "pt") as file:
         metadata = {k: json.loads(v) for k, v in (file.metadata() or {}).items()}
-        return {k: file.get_tensor(k) for k in file.keys()}, metadata  # noqa: SIM118 (not a dict)
+        return {k: file.get_tensor(k) for k in file.keys()}, metadata
 
 
 def _optimizer_file(optimizer: Any, scheduler: Any, scaler: Any) -> bytes:
@@ -224,10 +226,6 @@ def _rng_state() -> dict[str, torch.Tensor]:
     if torch.cuda.is_available():
         state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     return state
-
-
-def _files(folder: Path) -> Iterator[tuple[str, Path]]:
-    return ((p.name, p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != STATE_FILE)
 
 
 def save_checkpoint(
@@ -261,7 +259,11 @@ def save_checkpoint(
             )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            files = {n: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for n, p in _files(partial)}
+            files = {
+                p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                for p in sorted(partial.iterdir())
+                if p.is_file() and p.name != STATE_FILE
+            }
             record = {"step": step, "processes": accelerator.num_processes, "files": files}
             outputs.atomic_write_json(partial / STATE_FILE, record)
             shutil.rmtree(final, ignore_errors=True)
@@ -273,10 +275,11 @@ def save_checkpoint(
         since = f"from {saved[-1]}" if saved else "from the start (no checkpoint yet)"
         raise CheckpointWriteError(
             f"cannot write checkpoint {final}: {reason}",
-            f"free some space on the disk of {output_dir} and continue with `--resume latest`, {since}",
+            "free some space on that disk (or make it writable) and continue with "
+            f"`--resume latest`, {since}",
         ) from None
     if accelerator.is_main_process:
-        older = [d for d in checkpoint_dirs(output_dir) if int(d.name[len(CHECKPOINT_PREFIX) :]) < step]
+        older = [d for d in checkpoint_dirs(output_dir) if (_step_of(d) or 0) < step]
         for old in older[: max(len(older) - (keep - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

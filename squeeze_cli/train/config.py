@@ -446,16 +446,14 @@ def load_config(
         for number, reference in enumerate(prompt.references):
             where = ("validation", "prompts", index, "references", number)
             reference_path = resolve(where, data_base, reference)
-            if reference_path is not None and not reference_path.exists():
+            if reference_path is None:
+                continue
+            if not reference_path.exists():
                 problems.append(
                     document.problem(where, f"no such image: {reference_path}", relative_hint(where))
                 )
-            elif reference_path is not None:  # decoded and checked as gen checks its references
-                reason = check_image(str(reference_path))
-                if reason is not None:
-                    problems.append(
-                        document.problem(where, f"{reference_path}: {reason}", image_hint(reason))
-                    )
+            elif (reason := check_image(str(reference_path))) is not None:  # as gen checks references
+                problems.append(document.problem(where, f"{reference_path}: {reason}", image_hint(reason)))
             resolved.append(reference_path)
         references.append(tuple(resolved))
     recipe_base = start(("recipe",), base)
@@ -471,7 +469,7 @@ def load_config(
         document=document,
         output_dir=output_dir,
         data_path=data_path,
-        validation_references=tuple(tuple(p for p in paths if p is not None) for paths in references),
+        validation_references=tuple(references),
         recipe_base=recipe_base,
     )
 

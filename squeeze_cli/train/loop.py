@@ -233,23 +233,22 @@ class Trainer:
         pipe = self.pipe
         device = self.accelerator.device
         cached = self._cached_latents(sample.id, bucket)
-        if cached is None or (with_references and not cached[1]):
-            if cached is None:
-                target = fit_to_bucket(sample.target, bucket)
-                pixels = pipe.vae_image_processor.preprocess(target, height=bucket[1], width=bucket[0])
-                target_latents = pipe._encode_vae_image(pixels.to(device=device, dtype=pipe.vae.dtype))[0]
-            else:
-                target_latents = cached[0]
-            reference_latents = (
-                pipe.encode_references(sample.references, self.config.training.reference_size, device=device)
-                if with_references
-                else []
+        target_latents, reference_latents = cached if cached is not None else (None, [])
+        complete = cached is not None and (bool(reference_latents) or not with_references)
+        if target_latents is None:
+            target = fit_to_bucket(sample.target, bucket)
+            pixels = pipe.vae_image_processor.preprocess(target, height=bucket[1], width=bucket[0])
+            target_latents = pipe._encode_vae_image(pixels.to(device=device, dtype=pipe.vae.dtype))[0]
+        if with_references and not reference_latents:
+            reference_latents = pipe.encode_references(
+                sample.references, self.config.training.reference_size, device=device
             )
+        if not complete:  # a stage-1 entry gains its references in stage 2
             self._store_latents(sample.id, bucket, target_latents, reference_latents)
-        else:
-            target_latents, reference_latents = cached[0], cached[1] if with_references else []
         encoding = pipe.mllm_encoder.encode(sample.references, sample.instruction)
-        return PreparedSample(sample.id, encoding, target_latents, reference_latents)
+        return PreparedSample(
+            sample.id, encoding, target_latents, reference_latents if with_references else []
+        )
 
     def _cache_path(self, sample_id: str, bucket: tuple[int, int]) -> Path:
         import hashlib
@@ -451,7 +450,6 @@ class Trainer:
             for folder in (self.output_dir, self.output_dir / CHECKPOINTS):
                 for stale in folder.glob(".partial-*") if folder.is_dir() else []:
                     shutil.rmtree(stale, ignore_errors=True)
-        if accelerator.is_main_process:
             for folder, problem in start.skipped:
                 log_line(f"skipping the damaged checkpoint {folder}: {problem}", sys.stdout)
         if start.checkpoint is not None:
