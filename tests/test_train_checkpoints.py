@@ -132,6 +132,14 @@ def test_empty_and_foreign_checkpoint_folders_are_passed_over(run: Path) -> None
     assert all("has no train_state.json" in problem for _, problem in start.skipped)
 
 
+@pytest.mark.parametrize("record", ["[1, 2]", '{"step": 4}', '{"step": "4", "files": {}}', "[" * 100000])
+def test_a_record_that_is_no_checkpoint_record_is_damage(run: Path, record: str) -> None:
+    (_checkpoint(run, 4) / "train_state.json").write_text(record)
+    start = checkpoint_to_resume(run, "latest")
+    assert start.checkpoint == _checkpoint(run, 2)
+    assert "train_state.json" in start.skipped[0][1]
+
+
 def test_no_intact_checkpoint_is_one_line(run: Path) -> None:
     for step in (2, 4):
         _garble(_checkpoint(run, step) / "trainable.safetensors")
