@@ -32,7 +32,7 @@ def train_command(
         typer.Option(
             "--resume",
             metavar="latest|DIR",
-            help="Continue from the newest checkpoint in the output folder (or this checkpoint folder).",
+            help="Continue from the newest intact checkpoint in the output folder (or this checkpoint).",
         ),
     ] = None,
     dry_run: Annotated[
