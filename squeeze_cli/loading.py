@@ -176,7 +176,7 @@ def load_component(
     if name in ("mllm", "tokenizer", "image_processor"):
         kwargs["trust_remote_code"] = spec.trust_remote_code
     if name == "image_processor":
-        kwargs["use_fast"] = False  # the fast processors need torchvision
+        kwargs["backend"] = "pil"  # the torchvision backend needs torchvision
     try:
         return loader.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as error:

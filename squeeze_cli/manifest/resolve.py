@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from squeeze_cli.errors import ManifestError, Problem, RecipeError
-from squeeze_cli.images import IMAGE_HINTS, check_image
+from squeeze_cli.images import check_image, image_hint
 from squeeze_cli.manifest.globs import file_identity, glob_paths
 from squeeze_cli.manifest.loaded import (
     LoadedManifest,
@@ -542,7 +542,7 @@ class _Resolver:
             message = check_image(reference)
             if message:
                 shown = os.path.relpath(reference, self.base_dir)
-                hint = IMAGE_HINTS.get(message.split(":")[0].split(" (")[0])
+                hint = image_hint(message)
                 if reference in from_glob and message.startswith("not a readable image"):
                     hint = f"{patterns[found[reference]]!r} matches it: narrow the pattern, e.g. to *.jpg"
                 self.problem((*path, "references", found[reference]), f"{shown}: {message}", hint)
