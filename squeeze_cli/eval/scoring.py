@@ -23,7 +23,8 @@ from squeeze_cli.eval.rundir import RunContents, RunImage
 from squeeze_cli.metrics.protocol import EncoderSpec, Protocol
 from squeeze_cli.reading import INDEX_MAX_BYTES, open_regular_file, read_regular_file
 
-CACHE_FORMAT = 1
+# 2: DINO preprocessed exactly as torchvision and with the release's LayerNorm epsilon (other scores).
+CACHE_FORMAT = 2
 # The files eval writes in a run: the temporaries of these that a killed eval left are removed.
 EVAL_FILE_NAMES = (
     outputs.METRICS_CACHE_NAME,
