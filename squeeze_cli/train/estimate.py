@@ -158,8 +158,11 @@ def _lora_layers(transformer: Any) -> int:
     return sum(1 for n, _ in transformer.named_modules() if n.endswith("lora_A.default"))
 
 
-def _largest(module: Any) -> int:
-    return max((p.numel() for n, p in module.named_parameters() if "lora_" in n), default=0)
+def _largest(module: Any, lora: bool | None = None) -> int:
+    return max(
+        (p.numel() for n, p in module.named_parameters() if lora is None or (("lora_" in n) == lora)),
+        default=0,
+    )
 
 
 def estimate_memory(
@@ -196,7 +199,10 @@ def estimate_memory(
     target_tokens = (largest[0] // 16) * (largest[1] // 16)
     reference_tokens = (training.reference_size // 16) ** 2  # one reference, square
     condition_tokens = tokens_per_image + instruction_tokens
-    largest_tensor = {"lora": _largest(models.transformer), "aggregator": _largest(models.aggregator)}
+    largest_tensor = {
+        "lora": _largest(models.transformer, lora=True),
+        "aggregator": _largest(models.aggregator),
+    }
 
     stages = {}
     for name, stage in (("stage1", config.stages.stage1), ("stage2", config.stages.stage2)):
