@@ -80,7 +80,7 @@ def test_eval_marks_a_gated_run_in_metrics_json_the_rows_the_table_and_the_repor
         "regenerated": 2,
         "min_dino": [0.9999],
         "max_attempts": [2],
-        "warning": "DINO and CLIP-I are inflated (best DINO of several seeds): not DreamBench's protocol",
+        "warning": "DINO and CLIP-I are inflated, not DreamBench's protocol (one image per seed)",
     }
     rows = [json.loads(line) for line in (runs["gated"] / "metrics.jsonl").read_text().splitlines()]
     assert [(row["gated"], row["gate_attempts"]) for row in rows] == [(True, 2), (True, 2)]

@@ -13,7 +13,7 @@ from squeeze_cli.errors import SqueezeError
 from squeeze_cli.eval.rundir import RunContents
 from squeeze_cli.metrics.protocol import Protocol
 
-EFFECT = "DINO and CLIP-I are inflated (best DINO of several seeds): not DreamBench's protocol"
+EFFECT = "DINO and CLIP-I are inflated, not DreamBench's protocol (one image per seed)"
 
 
 class GatedRunError(SqueezeError):
@@ -36,10 +36,11 @@ def gate_summary(contents: RunContents) -> dict[str, Any] | None:
 
 
 def gate_line(gate: dict[str, Any]) -> str:
-    """One line for tables and the report: `gated: 6 of 6 images chosen by gen's identity gate ...`."""
-    up_to = f" of up to {'/'.join(map(str, gate['max_attempts']))}" if gate["max_attempts"] else ""
+    """One line for tables and the report: `gated: 6 of 6 images are the best DINO of up to 3 seeds ...`."""
+    # Sidecars older than `max_attempts` in the record do not say how many seeds were allowed.
+    seeds = f"up to {'/'.join(map(str, gate['max_attempts']))}" if gate["max_attempts"] else "several"
     return (
-        f"gated: {gate['images']} of {gate['of']} images are the best DINO{up_to} seeds (gen's identity "
+        f"gated: {gate['images']} of {gate['of']} images are the best DINO of {seeds} seeds (gen's identity "
         f"gate, {gate['regenerated']} remade): {EFFECT}"
     )
 
