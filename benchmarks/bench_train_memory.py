@@ -19,6 +19,7 @@ CUDA's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 import tempfile
@@ -107,7 +108,6 @@ training:
   reference_size: {size}
   dropout: {{text: 0.0, references: 0.0, both: 0.0}}
 checkpointing: {{every: 1000}}
-
 """
     )
     return config
@@ -125,7 +125,10 @@ def measure(config: Path) -> dict[str, tuple[float, float]]:
     trainer = Trainer(loaded, load_data(loaded))
     trainer._setup()
     # The plan assumes a 77-token instruction; the tiny data's are shorter: the plan is given theirs.
-    encodings = [trainer.prepare_sample(i, loaded.config.training.buckets[0]).encoding for i in range(4)]
+    encodings = [
+        trainer.prepare_sample(i, loaded.config.training.buckets[0]).encoding
+        for i in range(len(trainer.data))
+    ]
     instruction = max(int(e.text_mask.sum()) for e in encodings)
     del encodings  # not to be counted in the step
     models = build_meta_models(loaded)
@@ -140,7 +143,7 @@ def measure(config: Path) -> dict[str, tuple[float, float]]:
         for step in range(3):  # two warm-up steps: latents cached, AdamW's moments made
             trainer.state.step = (0 if stage_name == "stage1" else trainer.stages[0][1].steps) + step
             tracker = PeakMemory() if step == 2 else None
-            with tracker or _nothing():
+            with tracker or contextlib.nullcontext():
                 loss, _ = trainer.micro_step(trainer.state.step)
                 trainer.accelerator.backward(loss)
                 trained = [p for g in spec.train for _, p in trainer.groups[g]]
@@ -148,17 +151,9 @@ def measure(config: Path) -> dict[str, tuple[float, float]]:
                 trainer.optimizer.step()
                 trainer.optimizer.zero_grad(set_to_none=True)
                 del loss
-        assert tracker is not None
+        assert tracker is not None  # the third step was measured
         results[stage_name] = (tracker.peak / MIB, plan["stages"][stage_name][f"total{suffix}_gib"] * 1024)
     return results
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: object) -> None:
-        return None
 
 
 def main() -> int:
