@@ -63,8 +63,9 @@ def test_every_sidecar_and_run_json_record_the_gate(runs):
         quality = record["quality"]
         assert (quality["min_dino"], quality["max_attempts"], quality["attempts"]) == (0.9999, 2, 2)
     assert json.loads((runs["gated"] / "run.json").read_text())["quality"]["gated"] == 2
-    # Without a gate the sidecar says so, rather than leaving the field out.
+    # Without a gate the sidecars and run.json say so, rather than leaving the field out.
     assert [record["quality"] for record in sidecars(runs["plain"])] == [None, None]
+    assert json.loads((runs["plain"] / "run.json").read_text())["quality"] is None
 
 
 def test_eval_marks_a_gated_run_in_metrics_json_the_rows_the_table_and_the_report(squeeze, runs):
