@@ -280,6 +280,7 @@ class GenRun:
                 already_appended=self.worker.failures,
             )
             quality = self.manifest.document.quality
+            self.summary["quality"] = None  # no identity gate: said, not left out (eval reads gated runs)
             if quality is not None:
                 from squeeze_cli.gen.gate import quality_summary
 
