@@ -28,6 +28,11 @@ IMAGE_HINTS = {
 }
 
 
+def image_hint(reason: str) -> str | None:
+    """The fix for a `check_image` reason, when there is an obvious one."""
+    return IMAGE_HINTS.get(reason.split(":")[0].split(" (")[0])
+
+
 def check_image(path: str) -> str | None:
     """Why `path` is not a usable reference image; None when it is fine.
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +19,9 @@ from typing import Any
 import torch
 
 from squeeze_cli.errors import ModelLoadError, UsageError
+from squeeze_cli.logs import log_line
 from squeeze_cli.manifest.schema import ComponentSource, ModelSpec
-from squeeze_cli.model_checks import LOAD_ORDER
+from squeeze_cli.model_checks import LOAD_ORDER, read_cache_only_if_hub_unreachable
 from squeeze_cli.params import Dtype
 from squeeze_cli.pipelines.registry import pipeline_spec
 
@@ -176,7 +176,7 @@ def load_component(
     if name in ("mllm", "tokenizer", "image_processor"):
         kwargs["trust_remote_code"] = spec.trust_remote_code
     if name == "image_processor":
-        kwargs["use_fast"] = False  # the fast processors need torchvision
+        kwargs["backend"] = "pil"  # the torchvision backend needs torchvision
     try:
         return loader.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as error:
@@ -202,6 +202,8 @@ def load_pipeline(
         fuse_lora: merge the LoRA into the transformer's weights (its scale is fixed for the run), so
             denoising runs no extra LoRA matmuls; `pipe.lora_fused` records it. False keeps it separate.
     """
+    if note := read_cache_only_if_hub_unreachable(spec):
+        log_line(f"note: {note}")
     import diffusers
     import transformers
 
@@ -209,11 +211,7 @@ def load_pipeline(
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     if spec.trust_remote_code:
-        print(
-            "warning: the preset sets trust_remote_code: code from the model repository will run",
-            file=sys.stderr,
-            flush=True,
-        )
+        log_line("warning: the preset sets trust_remote_code: code from the model repository will run")
     dtype = torch_dtype(spec.dtype)
     registered = pipeline_spec(spec.pipeline_class)
     source = str(builtin_checkpoint(spec)) if spec.builtin else spec.pipeline

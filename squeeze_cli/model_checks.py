@@ -182,6 +182,28 @@ def hub_unreachable() -> str | None:
         return f"{constants.ENDPOINT}: {getattr(error, 'strerror', None) or error or type(error).__name__}"
 
 
+def read_cache_only_if_hub_unreachable(model: ModelSpec) -> str | None:
+    """Off the network, `from_pretrained` asks the hub about a cached hub id before reading the cache (about
+    40 s of retries): when the hub does not answer one quick request, this process reads the cache only,
+    as with ``HF_HUB_OFFLINE=1``. Returns the line that says so, or None (online, offline already, or no hub
+    id in the model section)."""
+    paths = [model.pipeline, *(source.path for source in model.components.values())]
+    if model.lora is not None:
+        paths.append(model.lora.path)
+    if (
+        offline()
+        or all(path is None or is_local(path) for path in paths)
+        or (reason := hub_unreachable()) is None
+    ):
+        return None
+    from huggingface_hub import constants
+
+    # huggingface_hub reads the variable once, at import; its requests check the constant at call time.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    return f"the hub does not answer ({reason}): loading from the local Hugging Face cache only"
+
+
 def _unreachable_problem(cache_problem: SourceProblem, repo_id: str) -> SourceProblem:
     """What the cache lacks, and that the hub cannot supply it: say so now rather than after retries."""
     return SourceProblem(

@@ -10,6 +10,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from squeeze_cli.logs import log_line
+
 
 def threads_per_process(environ: Mapping[str, str], num_processes: int) -> int | None:
     """Each of several processes gets its share of the cores (torch's default is all of them in every
@@ -44,11 +46,9 @@ def exit_with_launcher(environ: Mapping[str, str]) -> bool:
     def watch() -> None:
         while os.getppid() == launcher:
             time.sleep(LAUNCHER_CHECK_SECONDS)
-        print(
+        log_line(
             f"error: the launcher of this process (pid {launcher}) is gone: stopping "
-            "(hint: run the same command again: finished images are kept and skipped)",
-            file=sys.stderr,
-            flush=True,
+            "(hint: run the same command again: finished images are kept and skipped)"
         )
         os._exit(1)
 

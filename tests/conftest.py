@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from support import unstamped
 
 # Before any test module imports huggingface_hub (it reads the variable once, at import): no test may
 # reach a hub, even when pytest is started without HF_HUB_OFFLINE=1.
@@ -94,7 +95,8 @@ def squeeze() -> Callable[..., CliRun]:
     """``squeeze("validate", path)`` runs the console entry point ``squeeze_cli.cli.main`` in this process.
 
     The run must end in SystemExit, as the installed ``squeeze`` command does. Its stdout and stderr are
-    captured here rather than with ``capsys`` so that module-scoped fixtures can use it too; should the run
+    captured here, without the UTC time stamps that start log lines off a terminal (tests/test_logs.py checks
+    those), rather than with ``capsys`` so that module-scoped fixtures can use it too; should the run
     raise anything else, what it printed is passed on to pytest's own capture for the failure report.
     """
     from squeeze_cli.cli import main
@@ -109,7 +111,7 @@ def squeeze() -> Callable[..., CliRun]:
             sys.stderr.write(err.getvalue())
             raise
         code = info.value.code
-        return CliRun(0 if code is None else code, out.getvalue(), err.getvalue())
+        return CliRun(0 if code is None else code, unstamped(out.getvalue()), unstamped(err.getvalue()))
 
     return run
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -59,8 +60,17 @@ def files_under(folder: Path) -> list[str]:
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
 
 
+# Off a terminal squeeze starts every log line with its UTC time (squeeze_cli/logs.py; tests/test_logs.py).
+STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", re.MULTILINE)
+
+
+def unstamped(text: str) -> str:
+    """`text` without the UTC time stamps that start its lines, for tests that read what was said."""
+    return STAMP.sub("", text)
+
+
 def one_error_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
+    lines = unstamped(stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
     return lines[0]
 

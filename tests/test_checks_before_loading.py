@@ -5,6 +5,7 @@ offload mode this machine lacks; and a model's small parts load before its large
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,36 @@ def test_hub_ids_in_the_offline_cache_pass(tmp_path: Path, monkeypatch) -> None:
         "org/other is not in the Hugging Face cache and the hub is offline "
         "(https://huggingface.co: timed out)",
     ]
+
+
+def test_a_cached_hub_id_loads_from_the_cache_at_once_when_the_hub_does_not_answer(monkeypatch) -> None:
+    """Without HF_HUB_OFFLINE and without network, from_pretrained would ask the hub about a cached model
+    first (retries for ~40 s): once one quick probe fails, every hub request of the process is refused at
+    once (huggingface_hub's offline mode) and the libraries fall back to the cache."""
+    import huggingface_hub
+    import huggingface_hub.constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from squeeze_cli import model_checks
+    from squeeze_cli.manifest.schema import ModelSpec
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    local = ModelSpec(pipeline="/models/kontext", dtype="float32")
+    hub = ModelSpec(pipeline="org/kontext", dtype="float32")
+    monkeypatch.setattr(model_checks, "hub_unreachable", lambda: None)  # the hub answers
+    assert model_checks.read_cache_only_if_hub_unreachable(hub) is None
+    monkeypatch.setattr(model_checks, "hub_unreachable", lambda: "https://huggingface.co: timed out")
+    assert model_checks.read_cache_only_if_hub_unreachable(local) is None  # no hub id: nothing to ask
+    assert not huggingface_hub.constants.HF_HUB_OFFLINE
+    note = model_checks.read_cache_only_if_hub_unreachable(hub)
+    assert note == (
+        "the hub does not answer (https://huggingface.co: timed out): loading from the local Hugging Face "
+        "cache only"
+    )
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    with pytest.raises(OfflineModeIsEnabled):  # no request leaves the process
+        huggingface_hub.model_info("org/kontext")
 
 
 @pytest.mark.parametrize(

@@ -131,15 +131,17 @@ def test_missing_manifest(squeeze):
 def test_recipes_list_and_show():
     result = runner.invoke(app, ["recipes"])
     assert result.exit_code == 0
-    names = [line.split()[0] for line in result.stdout.splitlines()[:7]]
+    names = [line.split()[0] for line in result.stdout.splitlines()[:9]]
     assert names == [
         "kontext-dev",
         "paper-internvl3-flux",
+        "qwen-image-edit-2511",
         "qwen-image-edit-plus",
         "qwen2.5vl-flux",
         "tiny",
         "tiny-kontext",
         "tiny-qwen-image-edit",
+        "tiny-qwen-image-edit-2511",
     ]
     shown = runner.invoke(app, ["recipes", "tiny"])
     assert shown.exit_code == 0
@@ -151,8 +153,8 @@ def test_known_errors_become_one_line_with_a_hint(squeeze):
     assert run.code == 2 and run.out == ""
     assert run.err.splitlines() == [
         "error: unknown recipe 'nope' (hint: known recipes: kontext-dev, paper-internvl3-flux, "
-        "qwen-image-edit-plus, qwen2.5vl-flux, tiny, tiny-kontext, tiny-qwen-image-edit; "
-        "or give the path of a .yaml file)"
+        "qwen-image-edit-2511, qwen-image-edit-plus, qwen2.5vl-flux, tiny, tiny-kontext, "
+        "tiny-qwen-image-edit, tiny-qwen-image-edit-2511; or give the path of a .yaml file)"
     ]
 
 

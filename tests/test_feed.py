@@ -251,3 +251,18 @@ def test_the_documented_feed_example_is_valid(make_image, tmp_path: Path) -> Non
         "a mug on a white studio background",
     ]
     assert len(teapot.references) == 2 and teapot.prompts[-1].text == "a teapot on a tray"
+
+
+def test_a_row_with_more_references_than_the_pipeline_takes_is_located_at_its_line(
+    make_project, make_image, monkeypatch
+) -> None:
+    project = _project(make_project, CSV + "TP-9,teapot,white,T,extra/*.png\n")
+    for index in range(4):
+        make_image(f"extra/{index}.png", color=(index * 60, 0, 0))
+    monkeypatch.chdir(project)
+    with pytest.raises(ManifestError) as error:
+        load_manifest("m.yaml", recipe="tiny-qwen-image-edit-2511")
+    assert [str(p) for p in error.value.problems] == [
+        "products.csv:4: images: 4 reference images, more than the 3 the qwen-image-edit-2511 pipeline takes "
+        "(hint: list at most 3, or run a recipe that takes more)"
+    ]

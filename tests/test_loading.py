@@ -64,6 +64,25 @@ def test_a_pipeline_assembled_from_parts_equals_the_folder(tiny_dir: Path) -> No
     np.testing.assert_allclose(generate(whole), generate(assembled), atol=1e-5)
 
 
+def test_image_processors_load_with_the_pil_backend_not_the_deprecated_use_fast(
+    tiny_dir: Path, monkeypatch
+) -> None:
+    """transformers 5 deprecates `use_fast` (and warns on every load): the PIL backend is asked by name."""
+    from transformers import AutoImageProcessor
+
+    calls: list[dict] = []
+    from_pretrained = AutoImageProcessor.from_pretrained
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return from_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr(AutoImageProcessor, "from_pretrained", recording)
+    parts = {name: {"path": str(tiny_dir), "subfolder": name} for name in PARTS}
+    load_pipeline(ModelSpec(components=parts, dtype="float32"))
+    assert calls and all(call.get("backend") == "pil" and "use_fast" not in call for call in calls)
+
+
 def test_pickle_weights_are_refused_unless_allowed(tiny_dir: Path, tmp_path: Path) -> None:
     from squeeze_cli.pipelines.aggregator import DualLayerAggregator
 

@@ -71,3 +71,20 @@ def test_gen_eval_and_train_write_stamped_lines_and_no_carriage_return_off_a_ter
         # The progress is there: its first and its last line.
         progress = [line for line in lines if re.search(r"\[\d+/\d+\]", line)]
         assert len(progress) >= 2, (name, lines)
+
+
+def test_errors_and_warnings_off_a_terminal_start_with_their_utc_time(tmp_path: Path) -> None:
+    """A cron log of a failed night: the `error:` line and the manifest's warnings are time-stamped too."""
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(DEMO.read_text().replace("version: 1", "version: 1\nunknown_key: 1"))
+    result = subprocess.run(
+        [sys.executable, "-m", "squeeze_cli", "validate", str(manifest)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and lines, result.stderr
+    assert all(STAMP.match(line) for line in lines), lines
+    assert any(STAMP.sub("", line).startswith("error: ") for line in lines), lines

@@ -466,6 +466,7 @@ def test_gen_records_the_pipeline_in_every_image(case: Case, one_process: GenRun
             "class": spec.class_name,
             "distilled_guidance": spec.distilled_guidance,
             "sampling_parameters": sorted(spec.sampling_parameters),
+            "reference_sizing": spec.reference_sizing,
         }
         assert (record["model"]["pipeline_class"] or DEFAULT_PIPELINE) == spec.name
         assert record["model"]["family"] == case.family

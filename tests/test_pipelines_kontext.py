@@ -13,7 +13,7 @@ import torch
 
 from squeeze_cli.loading import ensure_tiny_checkpoint, load_pipeline
 from squeeze_cli.manifest.schema import ModelSpec
-from squeeze_cli.pipelines.kontext import KontextPipeline, KontextSubject
+from squeeze_cli.pipelines.kontext import KontextPipeline, KontextSubject, kontext_reference_size
 
 SIZE = 32
 STEPS = 3
@@ -66,8 +66,48 @@ def test_the_trained_tokenizers_split_words(pipe) -> None:
 
 def test_encode_subject_keeps_one_latent_per_reference_at_its_aspect(subject) -> None:
     shapes = [tuple(latents.shape) for latents in subject.reference_latents]
-    # 48×40 → 32×26 → 32×16 px (multiples of 16) → 4×2 latents; 32×64 → 16×32 px → 2×4 latents.
+    # 48×40 → Kontext's 1104×944 at 32² area → 32×16 px (multiples of 16) → 4×2 latents; 32×64 → 720×1456
+    # → 16×32 px → 2×4 latents.
     assert shapes == [(16, 2, 4), (16, 4, 2)]
+
+
+def test_a_non_square_reference_gives_the_image_of_diffusers_kontext(pipe) -> None:
+    """Issue 19 item 8: at `reference_size` 1024 a reference is sized as diffusers' FluxKontextPipeline
+    sizes it (`_auto_resize`: 4:3 → 1184×880, 4,070 tokens; the longer side at 1024 gave 1024×768, 3,072),
+    so the baseline is run as its authors run it; the images are then equal bit for bit."""
+    from diffusers import FluxKontextPipeline
+
+    image = reference(5, (400, 300))
+    subject = pipe.encode_subject([image], reference_size=1024)
+    assert subject.reference_latents[0].shape == (16, 110, 148)  # 880×1184 px, 8× down
+    args = dict(height=32, width=48, num_inference_steps=1, guidance_scale=2.5, output_type="latent")
+    ours = pipe(["a dog"], subject_condition=subject, generator=generators(3), **args).images
+    diffusers_pipe = FluxKontextPipeline(**pipe.components)
+    diffusers_pipe.set_progress_bar_config(disable=True)
+    theirs = diffusers_pipe(
+        image=image,
+        prompt="a dog",
+        generator=torch.Generator("cpu").manual_seed(3),
+        max_sequence_length=pipe.max_sequence_length,
+        max_area=32 * 48,  # diffusers scales the output to ~1 MP unless told its area
+        **args,
+    ).images
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((400, 300), (1184, 880)),
+        ((600, 1000), (800, 1328)),
+        ((1000, 600), (1328, 800)),
+        ((64, 64), (1024, 1024)),
+    ],
+)
+def test_reference_sizes_follow_kontexts_preferred_resolutions(size, expected) -> None:
+    assert kontext_reference_size(*size, 1024) == expected
+    # Smaller `reference_size`: the same preferred aspect ratio at that area, multiples of 16.
+    assert kontext_reference_size(*size, 512) == (expected[0] // 2 // 16 * 16, expected[1] // 2 // 16 * 16)
 
 
 def test_references_get_their_own_position_index(pipe, subject) -> None:

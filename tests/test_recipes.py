@@ -24,11 +24,13 @@ def test_packaged_presets_are_listed():
     assert [recipe.name for recipe in list_recipes()] == [
         "kontext-dev",
         "paper-internvl3-flux",
+        "qwen-image-edit-2511",
         "qwen-image-edit-plus",
         "qwen2.5vl-flux",
         "tiny",
         "tiny-kontext",
         "tiny-qwen-image-edit",
+        "tiny-qwen-image-edit-2511",
     ]
     assert {path.stem for path in PRESET_FILES} == {recipe.name for recipe in list_recipes()}
 
@@ -75,7 +77,7 @@ def test_unknown_recipe_lists_the_known_ones():
     with pytest.raises(RecipeError) as info:
         load_recipe("paper")
     assert info.value.message == "unknown recipe 'paper'"
-    assert "kontext-dev, paper-internvl3-flux, qwen-image-edit-plus, qwen2.5vl-flux, tiny," in info.value.hint
+    assert "kontext-dev, paper-internvl3-flux, qwen-image-edit-2511, qwen-image-edit-plus," in info.value.hint
 
 
 def test_recipe_file_by_path(write_file, tmp_path):

@@ -75,6 +75,9 @@ def test_status_and_gen_report_the_images_the_plan_does_not_have(gen, squeeze, p
     assert not planned & {image["job_id"] for image in as_json["stale"]["images"]}
     assert not (gen.out / ".stale").exists()  # nothing moved without --prune, nothing deleted
     assert (gen.out / "dog" / "001-s8.png").is_file()
+    dry = ("gen", str(gen.project / "m.yaml"), "--out", str(gen.out), "--dry-run")
+    assert "  stale: 2 images of jobs this manifest does not plan" in squeeze(*dry).out
+    assert json.loads(squeeze(*dry, "--json").out)["stale"] == 2
 
 
 def test_a_stale_image_never_keeps_a_name_the_plan_gives_another_prompt(gen, plan_of) -> None:

@@ -4,6 +4,7 @@ all at once, before any model loads, and nothing is written."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,40 @@ def test_resume_from_a_folder_that_is_no_checkpoint_is_refused(squeeze, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume", "latest"]], ids=["new", "resume-latest"])
+def test_an_existing_folder_that_is_no_training_run_is_refused_untouched(
+    squeeze, tmp_path: Path, resume: list[str]
+) -> None:
+    """`output_dir` naming a user's folder: refused before anything is written or deleted (the run's stage
+    exports and its clean-up of `.partial-*` used to delete these)."""
+    mine = tmp_path / "project"
+    (mine / "stage1").mkdir(parents=True)
+    (mine / "stage1" / "notes.txt").write_text("mine")
+    (mine / "stage2").mkdir()
+    (mine / "stage2" / "thesis.tex").write_text("mine")
+    (mine / ".partial-drafts").mkdir()
+    (mine / "checkpoints" / ".partial-x").mkdir(parents=True)
+    before = _tree(mine)
+    result = squeeze("train", "tiny", "--no-progress", "--set", f"output_dir={mine}", *resume)
+    assert result.code == 2
+    assert f"output_dir {mine} is not empty and is not a squeeze training run (it has no training.json)" in (
+        result.err
+    )
+    assert len([line for line in result.err.splitlines() if line.startswith("error")]) == 1
+    assert _tree(mine) == before
+
+
+def test_an_output_dir_that_is_a_file_is_refused(squeeze, tmp_path: Path) -> None:
+    (tmp_path / "run").write_text("mine")
+    result = squeeze("train", "tiny", "--no-progress", "--set", f"output_dir={tmp_path / 'run'}")
+    assert result.code == 2 and "is not a folder" in result.err
+    assert (tmp_path / "run").read_text() == "mine"
+
+
 def test_help_lists_train(squeeze) -> None:
     assert "train" in squeeze("--help").out
     help_text = squeeze("train", "--help").out
@@ -206,6 +241,108 @@ def test_cli_bad_data_exits_2_before_any_model_and_writes_nothing(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"not an image", "not a readable image"),
+        ("truncated", "the file is truncated"),
+        (b"", "the file is empty"),
+    ],
+)
+def test_validation_references_are_checked_like_gens_before_training(
+    write_file, tmp_path: Path, make_image, content, reason: str
+) -> None:
+    """A bad validation reference used to train all of stage 1 before failing in the first grid."""
+    bad = make_image("val/bad.png")
+    bad.write_bytes(bad.read_bytes()[:-12] if content == "truncated" else content)
+    path = _config(
+        write_file,
+        """stages: {stage1: {steps: 1}, stage2: {steps: 1}}
+        validation:
+          prompts: [{references: [val/bad.png], instruction: a toy}]
+        """,
+    )
+    with pytest.raises(ManifestError) as info:
+        load_config(path)
+    [problem] = info.value.problems
+    assert f"validation.prompts[0].references[0]: {bad}: {reason}" in str(problem)
+    assert problem.line == 7 and problem.hint  # located, with gen's hint
+
+
+def _jsonl(tmp_path: Path, make_image, **record: object) -> Path:
+    make_image("ref.png")
+    make_image("target.png")
+    path = tmp_path / "data.jsonl"
+    line = {"references": ["ref.png"], "instruction": "x", "target": "target.png", **record}
+    path.write_text(json.dumps(line) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"target": "a\u0000b.png"}, "target: the path 'a\\x00b.png' contains a NUL character"),
+        ({"references": ["~nosuchuser/x.png"]}, "references[0]: the path '~nosuchuser/x.png' starts with"),
+    ],
+    ids=["nul", "unknown-user"],
+)
+def test_unusable_image_paths_in_the_data_are_located(tmp_path: Path, make_image, record, message) -> None:
+    path = _jsonl(tmp_path, make_image, **record)
+    with pytest.raises(ManifestError, match=re.escape(f"data.jsonl:1: {message}")):
+        load_jsonl_data(path)
+
+
+def test_deeply_nested_json_is_located(tmp_path: Path, make_image) -> None:
+    path = _jsonl(tmp_path, make_image)
+    path.write_text(path.read_text() + "[" * 100000 + "\n")
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "deep.json").write_text("[" * 100000)
+    with pytest.raises(ManifestError, match=r"data.jsonl:2: not valid JSON: nested too deeply"):
+        load_jsonl_data(path)
+    with pytest.raises(ManifestError, match=r"deep.json: not valid JSON: nested too deeply"):
+        load_jsonl_data(tmp_path / "samples")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "folder-fifo"])
+def test_a_data_file_that_is_no_regular_file_is_refused_without_reading(tmp_path: Path, kind: str) -> None:
+    """A FIFO used to hang the check and /dev/zero to read until memory ran out."""
+    import os
+
+    if kind == "dev-zero":
+        path = Path("/dev/zero")
+    elif kind == "fifo":
+        path = tmp_path / "data.jsonl"
+        os.mkfifo(path)
+    else:
+        path = tmp_path / "samples"
+        path.mkdir()
+        os.mkfifo(path / "a.json")
+    with pytest.raises(ManifestError, match=r"cannot read (the data file|it): not a regular file"):
+        load_jsonl_data(path)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("~nosuchuser/a.jsonl", "data.path: the path '~nosuchuser/a.jsonl' starts with ~nosuchuser"),
+        ('"./a\\0b.jsonl"', "data.path: the path './a\\x00b.jsonl' contains a NUL character"),
+    ],
+    ids=["unknown-user", "nul"],
+)
+def test_unusable_config_paths_are_located(write_file, value: str, message: str) -> None:
+    path = write_file(
+        f"""
+        version: 1
+        recipe: tiny
+        output_dir: out
+        data: {{format: jsonl, path: {value}}}
+        stages: {{stage1: {{steps: 1}}, stage2: {{steps: 1}}}}
+        """
+    )
+    with pytest.raises(ManifestError, match=r":4:\d+: " + re.escape(message)):
+        load_config(path)
+
+
 def _pair_image(side: int, padding: int, left: tuple, right: tuple) -> Image.Image:
     image = Image.new("RGB", (2 * side + 4 * padding, side + 2 * padding), (255, 255, 255))
     image.paste(Image.new("RGB", (side, side), left), (padding, padding))
@@ -213,12 +350,13 @@ def _pair_image(side: int, padding: int, left: tuple, right: tuple) -> Image.Ima
     return image
 
 
-def _subjects200k_parquet(path: Path, padding: int = 8) -> Path:
+def _subjects200k_parquet(path: Path, padding: int = 8, images: list[Image.Image] | None = None) -> Path:
     """A tiny parquet in the layout of Yuanshi/Subjects200K (image pair, description, quality scores)."""
     import datasets
 
     rows = {
-        "image": [
+        "image": images
+        or [
             _pair_image(32, padding, (255, 0, 0), (0, 0, 255)),
             _pair_image(32, padding, (0, 255, 0), (9, 9, 9)),
         ],
@@ -277,6 +415,38 @@ def test_subjects200k_rows_split_into_reference_and_target_and_filter_by_quality
     assert right_target.target.getpixel((16, 16)) == (0, 0, 255)
     assert right_target.instruction == "a mug in the snow"
     assert data.ids == ["row0-left", "row0-right"]
+
+
+def test_subjects200k_halves_are_the_two_panels_without_their_padding(write_file, tmp_path) -> None:
+    """A row is two 528x528 panels side by side, each a 512x512 image framed by 8 px (1056 = 2 x (512 + 2 x
+    8)): the right image starts at 528 + 8 = 536. The dataset authors' loader (OminiControl,
+    `image_size + 2 * padding` = 528) starts at the right panel's frame, so its right image has 8 px of
+    padding on its left and lacks the panel's last 8 columns; squeeze crops the panels exactly."""
+    import numpy as np
+
+    side, padding = 512, 8
+    noise = np.random.default_rng(0).integers(0, 256, (2, side, side, 3), dtype=np.uint8)
+    panels = [Image.fromarray(n) for n in noise]
+    row = Image.new("RGB", (2 * side + 4 * padding, side + 2 * padding), (255, 255, 255))
+    for index, panel in enumerate(panels):  # each panel framed on all four sides
+        row.paste(panel, (index * (side + 2 * padding) + padding, padding))
+    assert row.size == (1056, 528)  # the published rows' size
+    _subjects200k_parquet(tmp_path / "subjects.parquet", images=[row, row])
+    path = write_file(
+        """
+        version: 1
+        recipe: tiny
+        output_dir: out
+        data: {format: hf, path: subjects.parquet, layout: subjects200k, filter: {min_quality: 5}}
+        stages: {stage1: {steps: 1}, stage2: {steps: 1}}
+        """
+    )
+    sample = load_data(load_config(path)).load(0)  # the left half as target, the right as reference
+    assert np.array_equal(np.asarray(sample.target), noise[0])
+    assert np.array_equal(np.asarray(sample.references[0]), noise[1])
+    authors = np.asarray(row.crop((side + 2 * padding, padding, 2 * side + 2 * padding, side + padding)))
+    assert (authors[:, :padding] == 255).all()  # the frame, where the panel should start
+    assert np.array_equal(authors[:, padding:], noise[1][:, :-padding])
 
 
 def test_subjects200k_padding_is_configurable_and_bad_geometry_is_caught(write_file, tmp_path) -> None:

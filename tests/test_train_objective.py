@@ -105,6 +105,69 @@ def test_loss_is_normalised_per_token(trainer: Trainer) -> None:
     assert torch.allclose(loss(1), loss(2), rtol=1e-5)
 
 
+@pytest.mark.parametrize("use_references", [False, True], ids=["stage1", "stage2"])
+def test_a_batch_of_two_subjects_trains_like_each_alone(trainer: Trainer, use_references: bool) -> None:
+    """Every sample of a micro-batch is conditioned on its own references, also when the references of
+    different subjects share a shape (they are batched together then)."""
+    red, blue = trainer.prepare_sample(0, (64, 64)), trainer.prepare_sample(2, (64, 64))
+    assert [r.shape for r in red.reference_latents] == [r.shape for r in blue.reference_latents]
+    assert not torch.equal(red.reference_latents[0], blue.reference_latents[0])
+    generator = torch.Generator().manual_seed(0)
+    noise = [noise_like_packed(s.target_latents, generator) for s in (red, blue)]
+    sigmas = torch.tensor([0.3, 0.8])
+    params = [p for group in trainer.groups.values() for _, p in group]
+
+    def loss_and_gradients(indices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        loss = loss_on_batch(
+            trainer.pipe,
+            trainer.trainable,
+            [(red, blue)[i] for i in indices],
+            [DROP_NONE] * len(indices),
+            sigmas[indices],
+            [noise[i] for i in indices],
+            trainer.null_encoding,
+            use_references=use_references,
+            guidance=1.0,
+        )
+        gradients = torch.autograd.grad(loss, params, allow_unused=True)
+        return loss.detach(), [
+            torch.zeros_like(p) if g is None else g for p, g in zip(params, gradients, strict=True)
+        ]
+
+    batch_loss, batch_gradients = loss_and_gradients([0, 1])
+    red_loss, red_gradients = loss_and_gradients([0])
+    blue_loss, blue_gradients = loss_and_gradients([1])
+    # Equal target sizes: the per-token mean over the batch is the mean of the two samples' losses.
+    assert torch.allclose(batch_loss, (red_loss + blue_loss) / 2, rtol=1e-5)
+    for batched, alone_red, alone_blue in zip(batch_gradients, red_gradients, blue_gradients, strict=True):
+        assert torch.allclose(batched, (alone_red + alone_blue) / 2, rtol=1e-4, atol=1e-7)
+
+
+def test_stage_one_never_encodes_the_references(trainer: Trainer, monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("stage 1 VAE-encoded references it never uses")
+
+    monkeypatch.setattr(trainer.pipe, "encode_references", refuse)
+    monkeypatch.setattr(trainer.state, "step", 0)  # stage 1
+    with torch.no_grad():
+        loss, count = trainer.micro_step(0)
+    assert count == 2 and torch.isfinite(loss)
+
+
+def test_sharded_training_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """Checkpoints and exports read whole parameters: FSDP or DeepSpeed would save shards."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    from squeeze_cli.train.checkpoints import RunError
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    loaded = load_config("tiny", [f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(RunError, match="squeeze train runs under DDP only, not FSDP"):
+        Trainer(loaded, load_data(loaded))._setup()
+    assert not (tmp_path / "run").exists()
+
+
 def test_loss_has_gradients_only_for_trained_groups(trainer: Trainer) -> None:
     sample = trainer.prepare_sample(1, (64, 64))
     generator = torch.Generator().manual_seed(1)

@@ -342,6 +342,26 @@ def test_instruction_too_long_for_the_mllm_is_refused_before_anything_is_written
     assert not (tmp_path / "out").exists()
 
 
+def test_lora_can_take_the_single_blocks_proj_out(tmp_path: Path) -> None:
+    loaded = load_config("tiny", [f"output_dir={tmp_path / 'run'}", "lora.single_blocks_proj_out=true"])
+    trainer = Trainer(loaded, load_data(loaded))
+    trainer._setup()
+    transformer = trainer.pipe.transformer
+    adapted = {
+        n.removesuffix(".lora_A.default")
+        for n, _ in transformer.named_modules()
+        if n.endswith("lora_A.default")
+    }
+    single = {
+        f"single_transformer_blocks.{i}.proj_out" for i in range(len(transformer.single_transformer_blocks))
+    }
+    assert single <= adapted
+    assert "proj_out" not in adapted  # the transformer's own output projection stays as it is
+    assert all(
+        n.endswith(("to_q", "to_k", "to_v", "to_out.0", "_proj", "to_add_out")) for n in adapted - single
+    )
+
+
 def test_lora_alpha_travels_with_the_weights(squeeze, tmp_path: Path) -> None:
     """gen must scale the LoRA as training did: rank and alpha are stored in the LoRA file's metadata."""
     from squeeze_cli.loading import load_pipeline

@@ -229,7 +229,9 @@ def test_a_pool_stops_when_told(tmp_path):
 
     outputs.update_views(out, jobs, finished, any_grid_drawn, contact_sheets=False, workers=2)
     drawn = len(list(out.glob("*/grid-*.png")))
-    assert 1 <= drawn < 20  # the pages started when it was told finish; no other starts
+    # The pages started when it was told finish and no other starts; how many were started by then depends on
+    # how soon a busy machine runs the main process again, so the bound is only that it stopped early.
+    assert 1 <= drawn < len(jobs)
     outputs.update_views(out, jobs, finished, lambda: True, workers=1)
     assert len(list(out.glob("*/grid-*.png"))) == drawn  # told before anything: nothing drawn
 

@@ -23,6 +23,7 @@ from squeeze_cli.cli.eval import dreambench_command, eval_command
 from squeeze_cli.cli.options import EPILOG
 from squeeze_cli.cli.train import TRAIN_EPILOG, train_command
 from squeeze_cli.errors import EXIT_SIGINT, ManifestError, SqueezeError
+from squeeze_cli.logs import log_line
 
 if TYPE_CHECKING:  # the click that typer vendors (typer 0.29): what TyperCommand's methods take
     from typer._click import Context as ClickContext
@@ -94,14 +95,14 @@ def _report(error: SqueezeError) -> None:
     """Every known error is one `error: ...` line (with its hint); manifest problems one line each."""
     if isinstance(error, ManifestError):
         for problem in error.problems:
-            typer.echo(f"error: {problem}", err=True)
+            log_line(f"error: {problem}")
         if len(error.problems) > 1:
             files = list(dict.fromkeys(p.file for p in error.problems if not p.file.startswith("--")))
             if any(p.file.startswith("--") for p in error.problems):
                 files.append("the command line")
-            typer.echo(f"error: {len(error.problems)} problems in {', '.join(files)}", err=True)
+            log_line(f"error: {len(error.problems)} problems in {', '.join(files)}")
         return
-    typer.echo(f"error: {error.one_line()}", err=True)
+    log_line(f"error: {error.one_line()}")
     if os.environ.get("SQUEEZE_DEBUG") == "1":  # the traceback, with the chained cause a one-liner hides
         traceback.print_exception(error, file=sys.stderr)
 
@@ -124,10 +125,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = error.exit_code
     except typer.TyperException as error:  # click's usage errors: the message with usage, exit 2
         show = getattr(error, "show", None)
-        show() if show else typer.echo(f"error: {error.format_message()}", err=True)
+        show() if show else log_line(f"error: {error.format_message()}")
         code = error.exit_code
     except typer.Abort:  # Ctrl-C before a run started: nothing was written
-        typer.echo("stopped by SIGINT: nothing was generated", err=True)
+        log_line("stopped by SIGINT: nothing was generated")
         code = EXIT_SIGINT
     finally:
         end_process_group()

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from squeeze_cli.logs import log_line
+
 
 def eval_command(
     run_dirs: Annotated[
@@ -54,6 +56,15 @@ def eval_command(
     device: Annotated[
         str | None, typer.Option("--device", help="cuda, cpu, ... (default: cuda when there is one).")
     ] = None,
+    allow_gated: Annotated[
+        bool,
+        typer.Option(
+            "--allow-gated",
+            help="Score runs made with gen's identity gate (`quality:`) under --metrics dreambench, marked "
+            "as gated: the gate keeps the best DINO of several seeds, so these are not DreamBench protocol "
+            "numbers (without it: exit 2).",
+        ),
+    ] = False,
     report: Annotated[
         bool, typer.Option("--report/--no-report", help="Write report.html in each run.")
     ] = True,
@@ -73,7 +84,7 @@ def eval_command(
     from squeeze_cli.processes import one_process_launch_warning
 
     if one_process := one_process_launch_warning(os.environ):
-        typer.echo(f"warning: {one_process}", err=True)
+        log_line(f"warning: {one_process}")
 
     if references != "conditioning" and not Path(references).is_dir():
         from squeeze_cli.errors import UsageError
@@ -88,7 +99,13 @@ def eval_command(
         metrics, clip=clip, dinov2=dinov2, clip_t_weight=clip_t_weight, references=references
     )
     evaluations = evaluate_paths(
-        run_dirs, protocol, batch_size=batch_size, device=device, report=report, progress=not json_output
+        run_dirs,
+        protocol,
+        batch_size=batch_size,
+        device=device,
+        report=report,
+        progress=not json_output,
+        allow_gated=allow_gated,
     )
     if not evaluations:
         return  # another process of `accelerate launch`: the main one reports

@@ -26,6 +26,7 @@ from squeeze_cli.cli.options import (
     print_warnings,
 )
 from squeeze_cli.cli.shard import SHARD_METAVAR, parse_shard
+from squeeze_cli.logs import log_line
 from squeeze_cli.params import Dtype, Offload
 
 if TYPE_CHECKING:
@@ -150,7 +151,7 @@ def gen(
     elif not quiet:
         print_warnings(loaded)
         if one_process:
-            typer.echo(f"warning: {one_process}", err=True)
+            log_line(f"warning: {one_process}")
     from squeeze_cli.gen.runner import GenOptions, run_gen
 
     options = GenOptions(

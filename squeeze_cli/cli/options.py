@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from squeeze_cli.logs import log_line
 from squeeze_cli.params import Dtype, Offload, choices
 
 if TYPE_CHECKING:
@@ -126,4 +127,4 @@ def print_json_failure(error: SqueezeError, *, one_line: bool = False, plan: dic
 def print_warnings(loaded: LoadedManifest) -> None:
     """A manifest's warnings on stderr, one `warning: FILE:LINE: ...` line each."""
     for warning in loaded.warnings:
-        typer.echo(f"warning: {warning}", err=True)
+        log_line(f"warning: {warning}")

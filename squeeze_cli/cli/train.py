@@ -11,8 +11,9 @@ from typing import Annotated
 import typer
 
 TRAIN_EPILOG = """\b
-Exit codes: 0 trained; 2 invalid config, data or usage (nothing written);
-130 stopped by Ctrl-C (continue with --resume latest).
+Exit codes: 0 trained; 2 invalid config, data, output folder or usage (nothing
+written), or no intact checkpoint to resume; 1 a checkpoint could not be written
+(disk full; earlier ones kept); 130 stopped by Ctrl-C (continue with --resume latest).
 Several GPUs or machines: accelerate launch -m squeeze_cli train CONFIG.yaml
 """
 
@@ -31,7 +32,7 @@ def train_command(
         typer.Option(
             "--resume",
             metavar="latest|DIR",
-            help="Continue from the newest checkpoint in the output folder (or this checkpoint folder).",
+            help="Continue from the newest intact checkpoint in the output folder (or this checkpoint).",
         ),
     ] = None,
     dry_run: Annotated[

@@ -161,20 +161,16 @@ class Reporter:
         if self.mode == "json":
             self._event("run_summary", **summary)
         elif self.mode in ("tty", "plain"):
-            print(
-                f"{self._prefix}{summary['status']}: {jobs['succeeded']} generated, "
+            self._result(
+                f"{summary['status']}: {jobs['succeeded']} generated, "
                 f"{jobs['skipped']} already done, {jobs['failed']} failed, "
-                f"in {summary['timings']['total']:.1f}s → {summary['out']}",
-                file=sys.stdout,
-                flush=True,
+                f"in {summary['timings']['total']:.1f}s → {summary['out']}"
             )
             if quality := summary.get("quality"):  # the identity gate (squeeze_cli/gen/gate.py)
-                print(
-                    f"{self._prefix}quality: {quality['gated']} images gated "
+                self._result(
+                    f"quality: {quality['gated']} images gated "
                     f"(DINO >= {quality['min_dino']:g}), {quality['regenerated']} remade, "
-                    f"{quality['still_failing']} still below",
-                    file=sys.stdout,
-                    flush=True,
+                    f"{quality['still_failing']} still below"
                 )
             stale = summary.get("stale") or {}
             if stale.get("moved"):
@@ -221,6 +217,11 @@ class Reporter:
             self._bar.write(text, file=self.stream)
         else:  # off a terminal (plain), every line starts with its UTC time
             print(stamped(text) if self.mode == "plain" else text, file=self.stream, flush=True)
+
+    def _result(self, text: str) -> None:
+        """The run's outcome, on stdout (time-stamped off a terminal, as every log line)."""
+        text = self._prefix + text
+        print(stamped(text) if self.mode == "plain" else text, file=sys.stdout, flush=True)
 
     def _event(self, event: str, **fields: Any) -> None:
         if self.shard is not None:

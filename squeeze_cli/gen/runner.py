@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import shlex
 import signal
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from squeeze_cli.gen.progress import Reporter
 from squeeze_cli.gen.signals import StopNow, StopSignal, exit_code
 from squeeze_cli.gen.summary import describe_plan, finish_summary, now, report_dry_run, starting_summary
 from squeeze_cli.gen.worker import GenOptions, Worker
+from squeeze_cli.logs import log_line
 from squeeze_cli.manifest import LoadedManifest
 from squeeze_cli.pipelines.registry import pipeline_spec
 from squeeze_cli.plan import Job, plan_jobs, select_jobs, shard_jobs
@@ -51,7 +51,9 @@ def run_gen(
             jobs = jobs if options.shard is None else shard_jobs(jobs, *options.shard)
             out_dir = (options.out or manifest.output_dir).expanduser().absolute()
             if options.dry_run:
-                return _dry_run(manifest, options, jobs, out_dir, json_events=json_events, quiet=quiet)
+                return _dry_run(
+                    manifest, options, jobs, planned, out_dir, json_events=json_events, quiet=quiet
+                )
             run = GenRun(
                 manifest,
                 options,
@@ -76,7 +78,7 @@ def run_gen(
             note = f"finished images are kept and the run summary was not updated; to resume, run {again}"
         else:
             note = "nothing was generated"
-        print(f"stopped at once by {name}: {note}", file=sys.stderr, flush=True)
+        log_line(f"stopped at once by {name}: {note}")
         return exit_code(stopped.signum)
 
 
@@ -84,17 +86,21 @@ def _dry_run(
     manifest: LoadedManifest,
     options: GenOptions,
     jobs: list[Job],
+    planned: list[Job],
     out_dir: Path,
     *,
     json_events: bool,
     quiet: bool,
 ) -> int:
-    """Report what a run would do: counts, sizes, steps per stage; loads and writes nothing."""
+    """Report what a run would do: counts, sizes, steps per stage, the stale images `--prune` would move
+    (those of jobs not in the whole plan `planned`); loads and writes nothing."""
     reporter = Reporter(Reporter.choose_mode(json_events=json_events, quiet=quiet))
     resume = not options.overwrite and out_dir.is_dir()
     done = outputs.finished_job_ids(out_dir, jobs) if resume else set()
     plan = describe_plan(jobs, done, staged=pipeline_spec(manifest.model.pipeline_class).staged)
-    report_dry_run(reporter, {"event": "dry_run", "out": str(out_dir), **plan}, json_events)
+    stale = len(outputs.find_stale(out_dir, planned)) if out_dir.is_dir() else 0
+    report = {"event": "dry_run", "out": str(out_dir), **plan, "stale": stale}
+    report_dry_run(reporter, report, json_events)
     return EXIT_OK
 
 
@@ -275,6 +281,7 @@ class GenRun:
                 already_appended=self.worker.failures,
             )
             quality = self.manifest.document.quality
+            self.summary["quality"] = None  # no identity gate: said, not left out (eval reads gated runs)
             if quality is not None:
                 from squeeze_cli.gen.gate import quality_summary
 

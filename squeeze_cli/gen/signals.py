@@ -4,12 +4,12 @@ afterwards."""
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from squeeze_cli.errors import EXIT_SIGINT, EXIT_SIGTERM
+from squeeze_cli.logs import log_line
 
 
 class StopNow(BaseException):
@@ -52,7 +52,7 @@ class StopSignal:
         if self.notify is not None:  # the reporter writes above its bars instead of over them
             self.notify(signal.Signals(signum).name)
         else:
-            print("stopping after the current batch (signal again to stop now)", file=sys.stderr, flush=True)
+            log_line("stopping after the current batch (signal again to stop now)")
 
 
 def exit_code(signum: int) -> int:

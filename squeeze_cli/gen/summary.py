@@ -61,6 +61,10 @@ def report_dry_run(reporter: Reporter, report: dict[str, Any], json_events: bool
             for key, counts in report["steps_per_stage"].items()
         ),
     ]
+    if report["stale"]:
+        lines.append(
+            f"  stale: {report['stale']} images of jobs this manifest does not plan (`--prune` moves them)"
+        )
     print("\n".join(lines))
 
 

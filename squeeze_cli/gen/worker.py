@@ -137,6 +137,7 @@ class Worker:
             "class": type(self.pipe).__name__,
             "distilled_guidance": registered.distilled_guidance,
             "sampling_parameters": self.pipe.sampling_parameters,
+            "reference_sizing": registered.reference_sizing,
         }
 
     def build_tiny_models(self) -> None:

@@ -12,8 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from squeeze_cli.errors import ManifestError, Problem, RecipeError
-from squeeze_cli.images import IMAGE_HINTS, check_image
-from squeeze_cli.manifest.feed import Feed, Row, Scene, cell_text, feed_format, read_feed, resolve_row
+from squeeze_cli.images import check_image, image_hint
+from squeeze_cli.manifest.feed import (
+    Feed,
+    FeedRow,
+    Row,
+    Scene,
+    cell_text,
+    feed_format,
+    read_feed,
+    resolve_row,
+)
 from squeeze_cli.manifest.globs import file_identity, glob_paths
 from squeeze_cli.manifest.loaded import (
     LoadedManifest,
@@ -59,10 +68,16 @@ from squeeze_cli.manifest.schema_errors import validate_schema
 from squeeze_cli.manifest.templates import Template
 from squeeze_cli.model_checks import source_problems
 from squeeze_cli.params import SamplingParams
-from squeeze_cli.pipelines.registry import pipeline_spec, unused_sampling_keys
+from squeeze_cli.pipelines.registry import PIPELINES, pipeline_spec, unused_sampling_keys
 
 EXTENSION_PREFIX = "x-"
 SeedSpec = list[int] | SeedRange | None
+
+
+def _key_path(level: FieldPath, *keys: str) -> FieldPath:
+    """Where a key of a sampling level is: under the level, or the `recipe` line for the recipe's defaults
+    (the recipe file is not the manifest)."""
+    return level if level == ("recipe",) else (*level, *keys)
 
 
 def load_manifest(
@@ -154,6 +169,7 @@ class _Resolver:
         self.output_dir: Path | None = None  # resolved first: reference globs never reach into it
         self._written_folders: list[str] | None = None
         self.feed_names: set[str] = set()  # the subjects of `subjects_from`, once read
+        self.feed_rows: dict[int, tuple[FeedRow, str]] = {}  # subject index -> its row, references column
 
     def problem(self, path: FieldPath, message: str, hint: str | None = None) -> None:
         self.problems.append(self.document.problem(path, message, hint))
@@ -174,6 +190,7 @@ class _Resolver:
         output_dir = self.output_dir = self.resolve_output_dir(head) if head is not None else None
         if self.out_flag is not None:  # `output.dir` was still checked: a bad one is bad input all the same
             output_dir = self.output_dir = self.out_flag
+        pipeline = pipeline_spec(model.pipeline_class).name if model is not None else None
         # Read before any reference is resolved: a glob must not reach into a feed subject's folder either.
         feed = self.read_feed(head.subjects_from) if head is not None and head.subjects_from else None
         names_seen: dict[str, str] = {}  # casefolded name -> where it is first used
@@ -190,11 +207,13 @@ class _Resolver:
                     )
                 names_seen.setdefault(folded, f"subjects[{index}]")
             if subject is not None:
-                subjects.append(self.resolve_subject(index, subject, recipe))
+                subjects.append(self.resolve_subject(index, subject, recipe, pipeline))
             else:
                 self.check_invalid_subject(index)
         if feed is not None and head is not None and head.subjects_from is not None:
-            subjects += self.resolve_feed(head.subjects_from, feed, recipe, names_seen, first=len(subjects))
+            subjects += self.resolve_feed(
+                head.subjects_from, feed, recipe, pipeline, names_seen, first=len(subjects)
+            )
 
         limit = max_jobs or (head.max_jobs if head is not None else None) or DEFAULT_MAX_JOBS
         total = count_jobs(subjects)
@@ -202,6 +221,8 @@ class _Resolver:
             self.problem(("subjects",), *too_many_jobs(total, limit))
         if model is not None and head is not None:
             self.check_sampling_keys(head, model, recipe)
+        if model is not None:
+            self.check_reference_limit(model, subjects)
         # (`output_dir` is None only with a problem reported.)
         if self.problems or model is None or head is None or output_dir is None or None in self.subjects:
             return None
@@ -267,12 +288,13 @@ class _Resolver:
         spec: SubjectFeed,
         feed: Feed,
         recipe: Recipe | None,
+        pipeline: str | None,
         names_seen: dict[str, str],
         first: int,
     ) -> list[ResolvedSubject]:
         """One subject per row: the shared scenes (read once), then the row's own prompts."""
         levels = self.default_levels(recipe)
-        base, base_seeds = _merged(levels)
+        base, base_seeds = _merged(levels, pipeline)
         known = {"subject", "class", *feed.columns}
         scenes: list[Scene] = []
         for index, scene in enumerate(spec.scenes):
@@ -294,7 +316,7 @@ class _Resolver:
                         f"unknown placeholder {{{name}}}: {feed.file} has no such column",
                         f"known: {{subject}}, {{class}} and the columns {', '.join(feed.columns)}",
                     )
-            params, seeds = _prompt_params(base, base_seeds, scene)
+            params, seeds = _prompt_params(base, base_seeds, scene, pipeline)
             self.check_prompt(scene_path, params, [*levels, (scene_path, scene)])
             scenes.append(Scene(template, params, seeds, self.document.locate(text_path)))
 
@@ -307,6 +329,7 @@ class _Resolver:
             self.problems += row_problems
             if subject is not None:
                 subjects.append(subject)
+                self.feed_rows[subject.index] = (row, spec.references)
         return subjects
 
     def resolve_output_dir(self, head: Manifest) -> Path | None:
@@ -418,17 +441,19 @@ class _Resolver:
         defaults = self.head.defaults if self.head is not None else SamplingOverrides()
         return [*levels, (("defaults",), defaults)]
 
-    def resolve_subject(self, index: int, subject: Subject, recipe: Recipe | None) -> ResolvedSubject:
+    def resolve_subject(
+        self, index: int, subject: Subject, recipe: Recipe | None, pipeline: str | None
+    ) -> ResolvedSubject:
         path: FieldPath = ("subjects", index)
         references = self.resolve_references(path, subject.references)
         levels = [*self.default_levels(recipe), (path, subject)]
-        base, base_seeds = _merged(levels)
+        base, base_seeds = _merged(levels, pipeline)
 
         prompts: list[ResolvedPrompt] = []
         seen: dict[tuple[str, SamplingParams], list[int]] = {}
         for prompt_index, spec in enumerate(subject.prompts):
             prompt_path = (*path, "prompts", prompt_index)
-            params, seeds = _prompt_params(base, base_seeds, spec)
+            params, seeds = _prompt_params(base, base_seeds, spec, pipeline)
             text_path = self.text_path(prompt_path)
             text = self.substitute(text_path, spec.text, subject)
             self.check_prompt(prompt_path, params, [*levels, (prompt_path, spec)])
@@ -469,7 +494,8 @@ class _Resolver:
 
     def check_sampling_keys(self, head: Manifest, model: ModelSpec, recipe: Recipe | None) -> None:
         """A sampling key the model's pipeline does not read is an error where it is set, rather than a value
-        silently dropped while the metadata claims it was used."""
+        silently dropped while the metadata claims it was used; so is a key in a `for_pipeline` block that its
+        own pipeline does not read."""
         name = pipeline_spec(model.pipeline_class).name
         levels: list[tuple[FieldPath, SamplingOverrides]] = []
         if recipe is not None:
@@ -485,8 +511,45 @@ class _Resolver:
         reads = ", ".join(sorted(pipeline_spec(name).sampling_parameters))
         for path, level in levels:
             for key in unused_sampling_keys(name, sorted(level.explicit())):
-                where = path if path == ("recipe",) else (*path, key)
-                self.problem(where, f"`{key}` is not used by {used_by}", f"remove it; {name} reads: {reads}")
+                self.problem(
+                    _key_path(path, key),
+                    f"`{key}` is not used by {used_by}",
+                    f"remove it, or move it under `for_pipeline: {{PIPELINE: ...}}` for another recipe's "
+                    f"pipeline; {name} reads: {reads}",
+                )
+            for block_name, block in (level.for_pipeline or {}).items():
+                if block_name not in PIPELINES:
+                    where = _key_path(path, "for_pipeline", block_name)
+                    self.problem(
+                        where, f"no pipeline is called {block_name!r}", f"pipelines: {', '.join(PIPELINES)}"
+                    )
+                    continue
+                block_reads = ", ".join(sorted(pipeline_spec(block_name).sampling_parameters))
+                for key in unused_sampling_keys(block_name, sorted(block.explicit())):
+                    self.problem(
+                        _key_path(path, "for_pipeline", block_name, key),
+                        f"`{key}` is not used by the {block_name} pipeline",
+                        f"remove it; {block_name} reads: {block_reads}",
+                    )
+
+    def check_reference_limit(self, model: ModelSpec, subjects: list[ResolvedSubject]) -> None:
+        """A subject with more references than its model takes is refused, not run on a model out of its
+        depth (`PipelineSpec.max_references`)."""
+        spec = pipeline_spec(model.pipeline_class)
+        if spec.max_references is None:
+            return
+        for subject in subjects:
+            if len(subject.references) > spec.max_references:
+                message = (
+                    f"{len(subject.references)} reference images, more than the {spec.max_references} "
+                    f"the {spec.name} pipeline takes"
+                )
+                hint = f"list at most {spec.max_references}, or run a recipe that takes more"
+                if subject.index in self.feed_rows:  # a feed's row: at its line
+                    row, column = self.feed_rows[subject.index]
+                    self.problems.append(row.problem(column, message, hint))
+                else:
+                    self.problem(("subjects", subject.index, "references"), message, hint)
 
     def check_prompt(
         self, path: FieldPath, params: SamplingParams, levels: list[tuple[FieldPath, SamplingOverrides]]
@@ -596,7 +659,7 @@ class _Resolver:
             message = check_image(reference)
             if message:
                 shown = os.path.relpath(reference, bases[found[reference]])
-                hint = IMAGE_HINTS.get(message.split(":")[0].split(" (")[0])
+                hint = image_hint(message)
                 if reference in from_glob and message.startswith("not a readable image"):
                     hint = f"{patterns[found[reference]]!r} matches it: narrow the pattern, e.g. to *.jpg"
                 report(found[reference], f"{shown}: {message}", hint)
@@ -625,19 +688,21 @@ def _dotted_path(field: str) -> FieldPath:
     return tuple(field.split("."))
 
 
-def _merged(levels: Sequence[tuple[FieldPath, SamplingOverrides]]) -> tuple[SamplingParams, SeedSpec]:
-    """The parameters and the seeds that `levels` set, later levels winning."""
+def _merged(
+    levels: Sequence[tuple[FieldPath, SamplingOverrides]], pipeline: str | None
+) -> tuple[SamplingParams, SeedSpec]:
+    """The parameters and the seeds that `levels` set for `pipeline`, later levels winning."""
     params = SamplingParams()
     for _, level in levels:
-        params = replace(params, **level.explicit())
+        params = replace(params, **level.explicit(pipeline))
     return params, next((level.seeds for _, level in reversed(levels) if level.seeds is not None), None)
 
 
 def _prompt_params(
-    base: SamplingParams, base_seeds: SeedSpec, prompt: PromptSpec
+    base: SamplingParams, base_seeds: SeedSpec, prompt: PromptSpec, pipeline: str | None
 ) -> tuple[SamplingParams, Sequence[int]]:
-    """A prompt's parameters and seeds: its own overrides on those of its subject."""
-    overrides = prompt.explicit()
+    """A prompt's parameters and seeds for `pipeline`: its own overrides on those of its subject."""
+    overrides = prompt.explicit(pipeline)
     params = replace(base, **overrides) if overrides else base
     return params, _seed_values(prompt.seeds if prompt.seeds is not None else base_seeds)
 

@@ -21,6 +21,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     Tag,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -250,6 +251,10 @@ class SamplingOverrides(StrictModel):
     reference_size: SideInt | None = None
     step_cache: StepCacheSpec | None = None
     seeds: Seeds | None = None
+    # Keys for one pipeline only (`for_pipeline: {squeeze: {stage_thresholds: [0.95, 0.85]}}`): applied over
+    # this level's own when the recipe runs that pipeline, skipped otherwise, so one manifest runs with every
+    # recipe. Each block is checked against its own pipeline's keys.
+    for_pipeline: dict[StrictStr, PipelineOverrides] | None = None
 
     @field_validator(
         *[key for key in SAMPLING_KEYS if key not in NULLABLE_SAMPLING_KEYS], "seeds", mode="before"
@@ -261,12 +266,29 @@ class SamplingOverrides(StrictModel):
             raise schema_error("expected a value, got null", "remove the key to use the default")
         return value
 
-    def explicit(self) -> dict[str, Any]:
-        """The sampling parameters this level sets (``seeds`` excluded)."""
+    def explicit(self, pipeline: str | None = None) -> dict[str, Any]:
+        """The sampling parameters this level sets (``seeds`` excluded), with its `for_pipeline` block for
+        `pipeline` over them."""
         values = {key: getattr(self, key) for key in self.model_fields_set.intersection(SAMPLING_KEYS)}
         if isinstance(values.get("step_cache"), StepCacheSpec):
             values["step_cache"] = values["step_cache"].to_params()
-        return values
+        block = (self.for_pipeline or {}).get(pipeline) if pipeline is not None else None
+        return {**values, **block.explicit()} if block is not None else values
+
+
+class PipelineOverrides(SamplingOverrides):
+    """A `for_pipeline` block: sampling keys only."""
+
+    @field_validator("seeds", "for_pipeline", mode="before")
+    @classmethod
+    def _not_in_a_block(cls, value: Any, info: ValidationInfo) -> Any:
+        raise schema_error(
+            f"`{info.field_name}` cannot be set for one pipeline: a block holds sampling keys only",
+            f"move `{info.field_name}` out of `for_pipeline`",
+        )
+
+
+SamplingOverrides.model_rebuild()
 
 
 class PromptSpec(SamplingOverrides):

@@ -104,6 +104,7 @@ def image_record(
         "stage_plan": dict(stage_plan) if stage_plan is not None else None,
         "steps_per_stage": _steps_per_stage(stage_plan),
         "references": list(job.references),
+        "quality": None,  # the identity gate's verdict (`gen/gate.py`), when the run has one
         "preset": preset_name,
         "model": json_ready(dict(model_info)),
         "versions": dict(versions) if versions is not None else package_versions(),

@@ -9,8 +9,8 @@ What differs from diffusers' `__call__`:
 - each prompt's T5/CLIP encoding is computed once and kept (a small LRU), whatever the batches;
 - each image's noise comes from its own CPU generator (drawn in float32), so a seed gives the same image
   whatever the batch size or number of processes (this and the LRU are `contract.SubjectBatchMixin`'s);
-- references are resized so their longer side is `reference_size` (aspect kept, multiples of 16), in
-  place of diffusers' snapping to Kontext's preferred ~1 MP resolutions.
+- references are sized as diffusers sizes Kontext's context image (`kontext_reference_size`): the preferred
+  Kontext resolution nearest their aspect ratio, at `reference_size`² area (1024: diffusers' own sizes).
 """
 
 from __future__ import annotations
@@ -25,17 +25,40 @@ import torch
 from diffusers import (
     FluxKontextPipeline,
 )
-from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.flux.pipeline_flux_kontext import (
+    PREFERRED_KONTEXT_RESOLUTIONS,
+    calculate_shift,
+    retrieve_timesteps,
+)
 from diffusers.utils import BaseOutput
 
 from .contract import SubjectBatchMixin
 from .registry import PIPELINES
-from .squeeze import reference_image_size
 
-__all__ = ["KontextPipeline", "KontextPipelineOutput", "KontextSubject"]
+__all__ = ["KontextPipeline", "KontextPipelineOutput", "KontextSubject", "kontext_reference_size"]
 
 # T5 tokens FLUX reads at most; longer prompts are refused by `check_prompt_fits`, not silently truncated.
 MAX_T5_TOKENS = 512
+# The side of the square with the area of Kontext's preferred resolutions (~1 MP), which diffusers uses.
+PREFERRED_SIDE = 1024
+
+
+def kontext_reference_size(
+    width: int, height: int, reference_size: int, multiple: int = 16
+) -> tuple[int, int]:
+    """(width, height) a `width`×`height` reference is resized to, as diffusers' `FluxKontextPipeline` sizes
+    its context image: the preferred Kontext resolution nearest its aspect ratio (`_auto_resize`), scaled
+    from their ~1024² area to `reference_size`² (at 1024, diffusers' sizes exactly), each side rounded
+    down to a multiple of `multiple`, never below it."""
+    aspect = width / height
+    _, preferred_width, preferred_height = min(
+        (abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS
+    )
+    scale = reference_size / PREFERRED_SIDE
+    return (
+        max(multiple, int(preferred_width * scale) // multiple * multiple),
+        max(multiple, int(preferred_height * scale) // multiple * multiple),
+    )
 
 
 @dataclass
@@ -44,7 +67,7 @@ class KontextSubject:
 
     Args:
         reference_latents: per reference, normalised VAE latents of shape (latent_channels, h, w).
-        reference_size: the longer side the references were resized to.
+        reference_size: the side of the square whose area the references were resized to.
     """
 
     reference_latents: list[torch.Tensor]
@@ -97,8 +120,9 @@ class KontextPipeline(SubjectBatchMixin, FluxKontextPipeline):
 
         Args:
             reference_images (`PIL.Image.Image` or `list[PIL.Image.Image]`): the subject's photo(s).
-            reference_size (`int`, defaults to 1024): longer side each reference is resized to (aspect kept,
-                sides rounded down to a multiple of 16).
+            reference_size (`int`, defaults to 1024): each reference is resized to the preferred Kontext
+                resolution nearest its aspect ratio, at this side's square area (`kontext_reference_size`;
+                1024 sizes as diffusers' `FluxKontextPipeline`).
 
         Returns:
             [`KontextSubject`]: per reference, the latent distribution's mode, normalised with the VAE's
@@ -113,7 +137,7 @@ class KontextPipeline(SubjectBatchMixin, FluxKontextPipeline):
         latents = []
         for image in reference_images:
             image = image.convert("RGB")
-            width, height = reference_image_size(image.width, image.height, reference_size, multiple)
+            width, height = kontext_reference_size(image.width, image.height, reference_size, multiple)
             pixels = self.image_processor.preprocess(image, height=height, width=width)
             pixels = pixels.to(device=device, dtype=self.vae.dtype)
             encoded = self.vae.encode(pixels).latent_dist.mode()

@@ -1,4 +1,6 @@
-"""Qwen-Image-Edit-2509 through squeeze: diffusers' `QwenImageEditPlusPipeline` with the runner's contract.
+"""Qwen-Image-Edit-2509 and -2511 through squeeze: diffusers' `QwenImageEditPlusPipeline` with the runner's
+contract (2511 differs only in its checkpoint: the transformer config's `zero_cond_t`, which diffusers'
+transformer reads).
 
 What differs from diffusers' `__call__`:
 
@@ -16,7 +18,8 @@ What differs from diffusers' `__call__`:
   does (each `<|image_pad|>` expanded to the image's merged patch count): that processor cannot be built
   without torchvision in transformers 5 (its video processor needs it), so the pipeline's `processor` is the
   image processor itself (a `Qwen2VLProcessor` is also accepted);
-- references are resized so their longer side is `reference_size` for the VAE (diffusers: ~1 MP area).
+- references are sized for the VAE as diffusers sizes them, at `reference_size`² area (`vae_reference_size`;
+  1024: diffusers' own sizes), and for the VL encoder at diffusers' ~384² area.
 """
 
 from __future__ import annotations
@@ -42,12 +45,21 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwe
 
 from .contract import SubjectBatchMixin
 from .registry import PIPELINES
-from .squeeze import reference_image_size
 
-__all__ = ["QwenImageEditPlusPipeline", "QwenImageEditPlusOutput", "QwenEditSubject"]
+__all__ = ["QwenImageEditPlusPipeline", "QwenImageEditPlusOutput", "QwenEditSubject", "vae_reference_size"]
 
 IMAGE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
+SIZE_MULTIPLE = 32  # `calculate_dimensions` rounds each side to a multiple of 32
+
+
+def vae_reference_size(width: int, height: int, reference_size: int) -> tuple[int, int]:
+    """(width, height) a `width`×`height` reference is resized to for the VAE, as diffusers'
+    `QwenImageEditPlusPipeline` does (`calculate_dimensions`) but at `reference_size`² area in place of its
+    `VAE_IMAGE_SIZE` (1024²): aspect kept, sides rounded to multiples of 32, never below 32 (where diffusers
+    would make 0 at a small area and an extreme aspect ratio)."""
+    new_width, new_height = calculate_dimensions(reference_size * reference_size, width / height)
+    return max(SIZE_MULTIPLE, new_width), max(SIZE_MULTIPLE, new_height)
 
 
 @dataclass
@@ -57,7 +69,7 @@ class QwenEditSubject:
     Args:
         reference_latents: per reference, normalised VAE latents of shape (z_dim, 1, h, w).
         vl_inputs: the Qwen2.5-VL image inputs: `pixel_values` and `image_grid_thw` of the condition images.
-        reference_size: the longer side the references were resized to for the VAE.
+        reference_size: the side of the square whose area the references were resized to for the VAE.
         prefix_ids: the tokens before the instruction (system prompt, then each "Picture k: <image>").
         prefix_hidden: Qwen2.5-VL's last hidden layer over `prefix_ids`, (prefix_length, D).
         prefix_cache: the KV cache over `prefix_ids`; `encode_instruction` extends it and crops it back.
@@ -97,8 +109,8 @@ class QwenImageEditPlusPipeline(SubjectBatchMixin, DiffusersQwenImageEditPlusPip
     VAE latents and VL image inputs prepared once per subject, VL encodings cached per prompt, one CPU
     generator per image, batches of several prompts.
 
-    Loads the same checkpoints (e.g. `Qwen/Qwen-Image-Edit-2509`); `from_pretrained` takes the image processor
-    from `processor/` (see there).
+    Loads the same checkpoints (`Qwen/Qwen-Image-Edit-2509`, `Qwen/Qwen-Image-Edit-2511`); `from_pretrained`
+    takes the image processor from `processor/` (see there).
     """
 
     sampling_parameters = PIPELINES["qwen-image-edit-plus"].sampling_parameters
@@ -221,8 +233,9 @@ class QwenImageEditPlusPipeline(SubjectBatchMixin, DiffusersQwenImageEditPlusPip
 
         Args:
             reference_images (`PIL.Image.Image` or `list[PIL.Image.Image]`): the subject's photo(s).
-            reference_size (`int`, defaults to 1024): longer side each reference is resized to for the VAE
-                (aspect kept, multiples of 16). The VL encoder sees them at ~384×384 (diffusers' size).
+            reference_size (`int`, defaults to 1024): each reference is resized for the VAE to this side's
+                square area, aspect kept (`vae_reference_size`; 1024 sizes as diffusers). The VL encoder sees
+                them at ~384² area (diffusers' size).
 
         Returns:
             [`QwenEditSubject`]: the VAE latents (normalised with the VAE's latents_mean/std) and the
@@ -240,12 +253,11 @@ class QwenImageEditPlusPipeline(SubjectBatchMixin, DiffusersQwenImageEditPlusPip
             condition_images.append(self.image_processor.resize(image, height, width))
         vl_inputs = dict(self.vl_image_processor(images=condition_images, return_tensors="pt"))
 
-        multiple = self.vae_scale_factor * 2
         mean = torch.tensor(self.vae.config.latents_mean).view(1, self.latent_channels, 1, 1, 1)
         std = torch.tensor(self.vae.config.latents_std).view(1, self.latent_channels, 1, 1, 1)
         latents = []
         for image in images:
-            width, height = reference_image_size(image.width, image.height, reference_size, multiple)
+            width, height = vae_reference_size(image.width, image.height, reference_size)
             pixels = self.image_processor.preprocess(image, height=height, width=width).unsqueeze(2)
             encoded = self.vae.encode(pixels.to(device=device, dtype=self.vae.dtype)).latent_dist.mode()
             latents.append(((encoded - mean.to(encoded)) / std.to(encoded))[0])

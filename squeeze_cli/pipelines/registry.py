@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from squeeze_cli.params import SamplingParams
@@ -39,6 +39,9 @@ class PipelineSpec:
         step_tokens: what its transformer steps run on, for the cost model (`pipelines/cost.py`).
         takes_components: whether `model.components` / `model.family` apply (the squeeze pipeline only):
             the loader assembles it from separately loaded parts, checks the MLLM family and sets its options.
+        max_references: the most references a subject may have (checked at validation), or None.
+        reference_sizing: how `reference_size` sizes a reference for the VAE, recorded in every sidecar
+            (baselines are sized as their authors' diffusers pipelines size them, for a fair comparison).
     """
 
     name: str
@@ -49,6 +52,8 @@ class PipelineSpec:
     staged: bool = False
     step_tokens: StepTokens = field(default_factory=StepTokens)
     takes_components: bool = False
+    max_references: int | None = None
+    reference_sizing: str = "longer side reference_size, aspect kept, multiples of 16"
 
     @property
     def class_name(self) -> str:
@@ -105,6 +110,10 @@ PIPELINES: dict[str, PipelineSpec] = {
             tiny_builder="squeeze_cli.pipelines.tiny_pipelines:build_tiny_kontext",
             # FLUX.1's width; T5 pads every prompt to its 512 tokens, and the references are not in the text.
             step_tokens=StepTokens(condition_template_tokens=512, counts_instruction=False),
+            reference_sizing=(
+                "diffusers' FluxKontextPipeline: the preferred Kontext resolution nearest the aspect ratio, "
+                "scaled to reference_size² area (kontext.kontext_reference_size)"
+            ),
         ),
         PipelineSpec(
             name="qwen-image-edit-plus",
@@ -116,9 +125,23 @@ PIPELINES: dict[str, PipelineSpec] = {
             # Qwen-Image's width (24 heads x 128); Qwen2.5-VL sees each reference at ~384² (196 tokens of
             # 28 px, plus "Picture k:"), and a few template tokens remain after the system prompt is dropped.
             step_tokens=StepTokens(condition_tokens_per_reference=200, condition_template_tokens=6),
+            reference_sizing=(
+                "diffusers' QwenImageEditPlusPipeline: reference_size² area, aspect kept, multiples of 32 "
+                "(qwen_image_edit.vae_reference_size); the VL encoder at ~384² area"
+            ),
         ),
     )
 }
+# Qwen-Image-Edit-2511 runs the same pipeline: what differs is in its checkpoint (its transformer's
+# `zero_cond_t`, which diffusers' QwenImageTransformer2DModel reads), so a row of its own only for its tiny
+# twin, built with that switch on, and for its reference limit.
+PIPELINES["qwen-image-edit-2511"] = replace(
+    PIPELINES["qwen-image-edit-plus"],
+    name="qwen-image-edit-2511",
+    tiny_builder="squeeze_cli.pipelines.tiny_pipelines:build_tiny_qwen_image_edit_2511",
+    # Qwen's 2509 model card, which 2511 builds on: multi-image editing works best with 1 to 3 input images.
+    max_references=3,
+)
 
 
 def pipeline_spec(name: str | None) -> PipelineSpec:

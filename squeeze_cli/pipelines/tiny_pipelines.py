@@ -22,7 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
 from .stages import DEFAULT_SCHEDULER_CONFIG
 from .tiny import tiny_transformer, tiny_vae
 
-__all__ = ["build_tiny_kontext", "build_tiny_qwen_image_edit"]
+__all__ = ["build_tiny_kontext", "build_tiny_qwen_image_edit", "build_tiny_qwen_image_edit_2511"]
 
 TINY_TEXT_WIDTH = 32  # T5 d_model = transformer joint_attention_dim; CLIP width = pooled_projection_dim
 TINY_T5_MAX_LENGTH = 64  # the tiny T5's `max_sequence_length` (the real one reads 512)
@@ -190,9 +190,10 @@ QWEN_IMAGE_SCHEDULER_CONFIG = {
 }
 
 
-def build_tiny_qwen_image_edit_components(seed: int = 0) -> dict[str, Any]:
+def build_tiny_qwen_image_edit_components(seed: int = 0, zero_cond_t: bool = False) -> dict[str, Any]:
     """Tiny random components of a `QwenImageEditPlusPipeline`; `processor` is the Qwen2-VL image processor
-    (see `squeeze_cli.pipelines.qwen_image_edit` for why not the full `Qwen2VLProcessor`)."""
+    (see `squeeze_cli.pipelines.qwen_image_edit` for why not the full `Qwen2VLProcessor`). `zero_cond_t`
+    is the transformer config switch of Qwen-Image-Edit-2511."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
     from .mllm.tiny import TINY_HIDDEN_SIZE, build_tiny_mllm
@@ -210,6 +211,7 @@ def build_tiny_qwen_image_edit_components(seed: int = 0) -> dict[str, Any]:
             num_attention_heads=2,
             joint_attention_dim=TINY_HIDDEN_SIZE,
             axes_dims_rope=(4, 6, 6),  # sums to the head dim, like Qwen-Image's (16, 56, 56) for 128
+            zero_cond_t=zero_cond_t,
         )
         torch.manual_seed(seed + 8)
         # Three downsamplings → 8× like the real VAE; 16 latent channels with its latents_mean/std.
@@ -235,4 +237,17 @@ def build_tiny_qwen_image_edit(path: str | os.PathLike, seed: int = 0) -> Path:
 
     path = Path(path)
     QwenImageEditPlusPipeline(**build_tiny_qwen_image_edit_components(seed)).save_pretrained(path)
+    return path
+
+
+def build_tiny_qwen_image_edit_2511(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random Qwen-Image-Edit-2511 checkpoint to `path`: 2509's layout and classes, with the
+    transformer config's `zero_cond_t: true` as in Qwen/Qwen-Image-Edit-2511 (diffusers'
+    `QwenImageTransformer2DModel` then modulates the reference tokens with timestep 0).
+    """
+    from .qwen_image_edit import QwenImageEditPlusPipeline
+
+    path = Path(path)
+    components = build_tiny_qwen_image_edit_components(seed, zero_cond_t=True)
+    QwenImageEditPlusPipeline(**components).save_pretrained(path)
     return path

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from squeeze_cli.errors import ManifestError, Problem, RecipeError
+from squeeze_cli.images import check_image, image_hint
 from squeeze_cli.manifest.located import (
     FieldPath,
     Location,
@@ -161,6 +162,9 @@ class LoraTrainSpec(StrictModel):
     targets: Annotated[list[NonEmptyStr], Field(min_length=1)] = Field(
         default_factory=lambda: list(FLUX_ATTENTION_TARGETS)
     )
+    # Also the single blocks' fused output projection `proj_out` (as UNO's rank-512 LoRA); not the
+    # transformer's own final `proj_out`, which a `proj_out` target would take too.
+    single_blocks_proj_out: StrictBool = False
     dropout: Probability = 0.0
 
 
@@ -334,8 +338,21 @@ def presets() -> dict[str, Any]:
     }
 
 
+def user_path(text: str) -> Path:
+    """`text` as a path with `~` expanded; `ValueError` saying why it cannot be one (a NUL, an unknown
+    user), which `Path` would raise as a traceback."""
+    if "\0" in text:
+        raise ValueError(f"the path {text!r} contains a NUL character")
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # `~name` of no user on this machine
+        raise ValueError(
+            f"the path {text!r} starts with {text.split('/')[0]}, which is no user here"
+        ) from None
+
+
 def _is_local(value: str, base: Path) -> bool:
-    return value.startswith(("./", "../", "/", "~")) or (base / value).exists()
+    return value.startswith(("./", "../", "/", "~")) or ("\0" not in value and (base / value).exists())
 
 
 def _recipe_problems(document: YamlDocument, recipe: str, base: Path, relative_hint: str) -> list[Problem]:
@@ -371,7 +388,10 @@ def load_config(
         base = Path.cwd()
         data_base = config_path.parent
     else:
-        config_path = Path(name).expanduser().absolute()
+        try:
+            config_path = user_path(name).absolute()
+        except ValueError as error:
+            raise ManifestError([Problem(name, None, None, "", str(error))]) from None
         file = name
         text = read_manifest_text(config_path, file)
         base = data_base = config_path.parent
@@ -397,12 +417,20 @@ def load_config(
             return COMMAND_LINE_PATHS_HINT
         return "paths are relative to the config's folder"
 
-    output_dir = (start(("output_dir",), base) / Path(config.output_dir).expanduser()).resolve()
+    def resolve(where: FieldPath, file_base: Path, text: str) -> Path | None:
+        try:
+            return (start(where, file_base) / user_path(text)).resolve()
+        except ValueError as error:
+            problems.append(document.problem(where, str(error)))
+            return None
+
+    output_dir = resolve(("output_dir",), base, config.output_dir)
     data_path = config.data.path
     data_start = start(("data", "path"), data_base)
     if _is_local(data_path, data_start):
-        data_path = str((data_start / Path(data_path).expanduser()).resolve())
-        if not Path(data_path).exists():
+        resolved_data = resolve(("data", "path"), data_base, data_path)
+        data_path = str(resolved_data)
+        if resolved_data is not None and not resolved_data.exists():
             problems.append(
                 document.problem(
                     ("data", "path"), f"no such file or folder: {data_path}", relative_hint(("data", "path"))
@@ -417,18 +445,22 @@ def load_config(
         resolved = []
         for number, reference in enumerate(prompt.references):
             where = ("validation", "prompts", index, "references", number)
-            reference_path = (start(where, data_base) / Path(reference).expanduser()).resolve()
-            if not reference_path.is_file():
+            reference_path = resolve(where, data_base, reference)
+            if reference_path is None:
+                continue
+            if not reference_path.exists():
                 problems.append(
                     document.problem(where, f"no such image: {reference_path}", relative_hint(where))
                 )
+            elif (reason := check_image(str(reference_path))) is not None:  # as gen checks references
+                problems.append(document.problem(where, f"{reference_path}: {reason}", image_hint(reason)))
             resolved.append(reference_path)
         references.append(tuple(resolved))
     recipe_base = start(("recipe",), base)
     problems += _recipe_problems(document, config.recipe, recipe_base, relative_hint(("recipe",)))
-    if output_dir.exists() and not output_dir.is_dir():
+    if output_dir is not None and output_dir.exists() and not output_dir.is_dir():
         problems.append(document.problem(("output_dir",), f"{output_dir} exists and is not a folder"))
-    if problems:
+    if problems or output_dir is None:  # a path that cannot be resolved is one of the problems
         raise ManifestError(sort_problems(problems))
     return LoadedConfig(
         path=config_path,

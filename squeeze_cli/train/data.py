@@ -23,10 +23,13 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from squeeze_cli.errors import ManifestError, Problem
-from squeeze_cli.images import check_image, load_rgb, upright_size
-from squeeze_cli.train.config import HfData, JsonlData, LoadedConfig
+from squeeze_cli.images import check_image, image_hint, load_rgb, upright_size
+from squeeze_cli.reading import MiB, read_regular_file
+from squeeze_cli.train.config import HfData, JsonlData, LoadedConfig, user_path
 
 JSONL_KEYS = ("references", "instruction", "target")
+DATA_FILE_MAX_BYTES = 1024 * MiB  # a JSONL file: millions of samples
+SAMPLE_FILE_MAX_BYTES = 16 * MiB  # one sample's JSON file in the folder form
 SUBJECTS200K_QUALITY_KEYS = ("compositeStructure", "objectConsistency", "imageQuality")
 
 
@@ -117,13 +120,17 @@ def _check_record(record: Any, file: str, line: int | None, base: Path) -> tuple
     paths += [("target", target)] if isinstance(target, str) else []
     resolved = {}
     for field, relative in paths:
-        path = (base / Path(relative).expanduser()).resolve()
-        if not path.is_file():
+        try:
+            path = (base / user_path(relative)).resolve()
+        except ValueError as error:
+            problem(field, str(error))
+            continue
+        if not path.exists():
             problem(field, f"no such image: {path}", "image paths are relative to the data file")
             continue
         reason = check_image(str(path))
         if reason is not None:
-            problem(field, f"{path}: {reason}")
+            problem(field, f"{path}: {reason}", image_hint(reason))
         resolved[field] = path
     if problems:
         return problems, None
@@ -139,8 +146,10 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[Problem]]:
     file = str(path)
     records, problems = [], []
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
+        text = read_regular_file(path, DATA_FILE_MAX_BYTES).decode("utf-8")
+    except OSError as error:  # a FIFO or a device (never read), too large, unreadable
+        return [], [Problem(file, None, None, "", f"cannot read the data file: {error.strerror or error}")]
+    except UnicodeDecodeError as error:
         return [], [Problem(file, None, None, "", f"cannot read the data file: {error}")]
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -154,6 +163,9 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[Problem]]:
                 )
             )
             continue
+        except RecursionError:
+            problems.append(Problem(file, number, None, "", "not valid JSON: nested too deeply"))
+            continue
         found, checked = _check_record(record, file, number, path.parent)
         problems += found
         if checked is not None:
@@ -166,9 +178,15 @@ def _read_json_folder(folder: Path) -> tuple[list[dict], list[Problem]]:
     records, problems = [], []
     for path in sorted(folder.glob("*.json")):
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            record = json.loads(read_regular_file(path, SAMPLE_FILE_MAX_BYTES).decode("utf-8"))
+        except OSError as error:  # a FIFO or a device (never read), too large, unreadable
+            problems.append(Problem(str(path), None, None, "", f"cannot read it: {error.strerror or error}"))
+            continue
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
             problems.append(Problem(str(path), None, None, "", f"not a readable JSON file: {error}"))
+            continue
+        except RecursionError:
+            problems.append(Problem(str(path), None, None, "", "not valid JSON: nested too deeply"))
             continue
         found, checked = _check_record(record, str(path), None, folder)
         problems += found
@@ -351,6 +369,9 @@ def load_hf_data(spec: HfData, data_path: str, where: str) -> TrainData:
                     f"row {row}: a {image.width}x{image.height} image is not two {side}-px halves with "
                     f"{padding} px padding"
                 )
+            # Two panels side by side, each a side-px image framed by `padding` on all four sides (a row is
+            # 2 x (side + 2 x padding) wide). The dataset authors' loader (OminiControl) starts the right
+            # image at side + 2 x padding, in the right panel's frame: 8 px of padding and 8 columns short.
             left = image.crop((padding, padding, side + padding, side + padding))
             right = image.crop((side + 3 * padding, padding, 2 * side + 3 * padding, side + padding))
             return left, right, item["description"]

@@ -4,8 +4,8 @@ One optimiser and one LR schedule cover both stages: each parameter group's lear
 the global step (the stage's rate for that group, with the stage's warm-up; 0 when the stage does not
 train it), so a checkpoint anywhere restores the exact schedule. The batch order, the noise, the σ and the
 dropout of micro-batch m on process p come from (seed, m, p) alone (`BatchSchedule`, `_generator`), so a
-run resumed from step N sees exactly what an uninterrupted run sees; accelerate's `save_state` also keeps
-the global RNG states, optimiser and schedule. Beside it: `checkpoints` (writing, pruning and choosing
+run resumed from step N sees exactly what an uninterrupted run sees; a checkpoint also keeps the global
+torch RNG states, optimiser and schedule. Beside it: `checkpoints` (writing, pruning and choosing
 them) and `export` (the weights and recipe `squeeze gen` loads).
 """
 
@@ -28,12 +28,13 @@ from squeeze_cli.errors import EXIT_SIGINT, ManifestError, SqueezeError
 from squeeze_cli.images import load_rgb
 from squeeze_cli.train.checkpoints import (
     CHECKPOINTS,
+    RUN_RECORD,
+    RunError,
     TrainState,
     checkpoint_dirs,
     checkpoint_to_resume,
-    load_trainable,
+    load_checkpoint,
     save_checkpoint,
-    save_trainable,
 )
 from squeeze_cli.train.config import LoadedConfig, StageSpec
 from squeeze_cli.train.data import BatchSchedule, TrainData, fit_to_bucket
@@ -50,6 +51,9 @@ from squeeze_cli.train.objective import (
     noise_like_packed,
     sample_sigmas,
 )
+
+# accelerate's distributed types that shard parameters (DDP keeps a whole copy on every process).
+SHARDED_TYPES = ("DEEPSPEED", "FSDP", "MEGATRON_LM")
 
 
 class TrainingInterrupted(SqueezeError):
@@ -107,7 +111,7 @@ class Trainer:
 
     def _setup(self) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+        from accelerate.utils import DistributedDataParallelKwargs
 
         from squeeze_cli.manifest.recipes import load_recipe
         from squeeze_cli.pipelines.squeeze import SqueezePipeline
@@ -117,11 +121,17 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=training.mixed_precision,
             gradient_accumulation_steps=training.gradient_accumulation_steps,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir)),
             # Some parameters can sit out a step: a group the stage freezes, or the image LAP when every
             # sample of a micro-batch has its MLLM condition dropped (the null condition has no image).
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        if self.accelerator.distributed_type in SHARDED_TYPES:
+            # Checkpoints, exports and gradient clipping read whole parameters; sharded ones would be
+            # saved as shards, or not at all.
+            raise RunError(
+                f"squeeze train runs under DDP only, not {self.accelerator.distributed_type.value}",
+                "accelerate launch --multi_gpu (no --use_fsdp, --use_deepspeed or a config that sets them)",
+            )
         self.recipe = load_recipe(self.config.recipe, relative_to=self.loaded.recipe_base)
         self.weight_dtype = train_models.weight_dtype(training.mixed_precision)
         # The main process first: it fills the caches (hub downloads, the tiny checkpoint) the others read;
@@ -176,10 +186,6 @@ class Trainer:
         lambdas = [rate_of(g) for g in self.group_names]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         self.models, self.optimizer = self.accelerator.prepare(self.trainable, optimizer)
-        self.accelerator.register_for_checkpointing(self.state)
-        self.accelerator.register_for_checkpointing(self.scheduler)
-        self.accelerator.register_save_state_pre_hook(self._save_hook)
-        self.accelerator.register_load_state_pre_hook(self._load_hook)
         self.null_encoding = self.pipe.mllm_encoder.encode_null()
         self.schedule = BatchSchedule(self.data, training.buckets, training.batch_size, self.config.seed)
 
@@ -200,48 +206,49 @@ class Trainer:
 
     # Checkpoints ---------------------------------------------------------------------------------------
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().contiguous() for params in self.groups.values() for name, p in params}
-
-    def _save_hook(self, models: list, weights: list, output_dir: str) -> None:
-        # Only what training changes is saved: accelerate's own copy of the models is dropped.
-        if self.accelerator.is_main_process:
-            save_trainable(self.trainable_state_dict(), output_dir)
-        while weights:
-            weights.pop()
-
-    def _load_hook(self, models: list, input_dir: str) -> None:
-        load_trainable({name: p for group in self.groups.values() for name, p in group}, input_dir)
-        while models:
-            models.pop()
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for params in self.groups.values() for name, p in params}
 
     def save_checkpoint(self) -> Path:
         """`checkpoints/step-N` of the current step (`checkpoints.save_checkpoint`)."""
         return save_checkpoint(
-            self.accelerator, self.output_dir, self.state.step, self.config.checkpointing.keep
+            self.accelerator,
+            self.output_dir,
+            self.state.step,
+            self.config.checkpointing.keep,
+            self.trainable_parameters(),
+            self.optimizer,
+            self.scheduler,
         )
 
     # Steps ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def prepare_sample(self, index: int, bucket: tuple[int, int]) -> PreparedSample:
-        """The frozen models' view of sample `index`: MLLM encoding, target and reference latents."""
+    def prepare_sample(
+        self, index: int, bucket: tuple[int, int], with_references: bool = True
+    ) -> PreparedSample:
+        """The frozen models' view of sample `index`: MLLM encoding, target latents and, for stage 2
+        (`with_references`), reference latents (stage 1 never uses them, so they are not encoded)."""
         sample = self.data.load(index)
         pipe = self.pipe
         device = self.accelerator.device
         cached = self._cached_latents(sample.id, bucket)
-        if cached is None:
+        target_latents, reference_latents = cached if cached is not None else (None, [])
+        complete = cached is not None and (bool(reference_latents) or not with_references)
+        if target_latents is None:
             target = fit_to_bucket(sample.target, bucket)
             pixels = pipe.vae_image_processor.preprocess(target, height=bucket[1], width=bucket[0])
             target_latents = pipe._encode_vae_image(pixels.to(device=device, dtype=pipe.vae.dtype))[0]
+        if with_references and not reference_latents:
             reference_latents = pipe.encode_references(
                 sample.references, self.config.training.reference_size, device=device
             )
+        if not complete:  # a stage-1 entry gains its references in stage 2
             self._store_latents(sample.id, bucket, target_latents, reference_latents)
-        else:
-            target_latents, reference_latents = cached
         encoding = pipe.mllm_encoder.encode(sample.references, sample.instruction)
-        return PreparedSample(sample.id, encoding, target_latents, reference_latents)
+        return PreparedSample(
+            sample.id, encoding, target_latents, reference_latents if with_references else []
+        )
 
     def _cache_path(self, sample_id: str, bucket: tuple[int, int]) -> Path:
         import hashlib
@@ -286,8 +293,8 @@ class Trainer:
         accelerator = self.accelerator
         process = accelerator.process_index
         indices, bucket = self.schedule.batch(micro * accelerator.num_processes + process)
-        samples = [self.prepare_sample(i, bucket) for i in indices]
         stage_name, _, _ = stage_of(self.state.step, self.stages)
+        samples = [self.prepare_sample(i, bucket, with_references=stage_name == "stage2") for i in indices]
         training = self.config.training
         dropout_spec = training.dropout
         drops = draw_dropout(len(samples), dropout_spec, _generator(self.config.seed, micro, process, 0))
@@ -381,15 +388,22 @@ class Trainer:
                     self.tensorboard.add_scalar(key, value, record["step"])
 
     def _trim_log(self) -> None:
-        """On resume, drop log lines past the checkpoint: those steps are run again."""
+        """At the start, drop log lines past the step the run starts from: those steps are run again."""
         path = self.output_dir / "log.jsonl"
         if not path.is_file() or not self.accelerator.is_main_process:
             return
-        kept = [
-            line
-            for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= self.state.step
-        ]
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):  # a line cut short by a crash or a full disk
+                continue
+            if (
+                isinstance(record, dict)
+                and isinstance(record.get("step"), int)
+                and record["step"] <= self.state.step
+            ):
+                kept.append(line)
         outputs.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def summary(self) -> dict[str, Any]:
@@ -424,24 +438,28 @@ class Trainer:
         main process; None on the others)."""
         from squeeze_cli.logs import log_line, progress_bar
 
-        checkpoint = checkpoint_to_resume(self.output_dir, self.resume)
+        start = checkpoint_to_resume(self.output_dir, self.resume)
         self._setup()
         self.check_fits()
         accelerator = self.accelerator
         if accelerator.is_main_process:
             outputs.ensure_dir(self.output_dir)
+            outputs.atomic_write_json(self.output_dir / RUN_RECORD, self.summary())  # first: the marker
             outputs.atomic_write_text(self.output_dir / "config.yaml", self.loaded.text)
-            outputs.atomic_write_json(self.output_dir / "training.json", self.summary())
         if accelerator.is_main_process:  # what a killed save or export left behind is never used
             for folder in (self.output_dir, self.output_dir / CHECKPOINTS):
                 for stale in folder.glob(".partial-*") if folder.is_dir() else []:
                     shutil.rmtree(stale, ignore_errors=True)
-        if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
-            self._trim_log()
-            log_line(f"resumed from {checkpoint} at step {self.state.step}", sys.stdout)
+            for folder, problem in start.skipped:
+                log_line(f"skipping the damaged checkpoint {folder}: {problem}", sys.stdout)
+        if start.checkpoint is not None:
+            self.state.step = load_checkpoint(
+                start.checkpoint, accelerator, self.trainable_parameters(), self.optimizer, self.scheduler
+            )
+            log_line(f"resumed from {start.checkpoint} at step {self.state.step}", sys.stdout)
         elif self.resume == "latest":
             log_line("no checkpoint to resume from: starting a new run", sys.stdout)
+        self._trim_log()  # the steps after the checkpoint (all of them, without one) are run again
         self.tensorboard = None
         if self.config.logging.tensorboard and accelerator.is_main_process:
             import importlib.util

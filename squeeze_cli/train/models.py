@@ -72,16 +72,20 @@ def new_aggregator(spec: AggregatorSpec, mllm: Any, transformer: Any, seed: int)
         )
 
 
-def lora_config(spec: LoraTrainSpec) -> Any:
+def lora_config(spec: LoraTrainSpec, transformer: Any) -> Any:
     from peft import LoraConfig
 
+    targets = list(spec.targets)
+    if spec.single_blocks_proj_out:  # full module names: peft matches those exactly
+        count = len(transformer.single_transformer_blocks)
+        targets += [f"single_transformer_blocks.{i}.proj_out" for i in range(count)]
     return LoraConfig(
         r=spec.rank,
         # peft annotates lora_alpha as int, but uses it as a float (scale = alpha / rank).
         lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,  # type: ignore[arg-type]
         lora_dropout=spec.dropout,
         init_lora_weights="gaussian",  # B = 0: the untrained LoRA leaves the transformer unchanged
-        target_modules=list(spec.targets),
+        target_modules=targets,
     )
 
 
@@ -91,7 +95,7 @@ def add_lora(transformer: Any, spec: LoraTrainSpec, seed: int) -> None:
     Raises `ValueError` when `spec.targets` names no module of the transformer."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer.add_adapter(lora_config(spec))
+        transformer.add_adapter(lora_config(spec, transformer))
 
 
 def build_trainable(loaded: LoadedConfig, mllm: Any, transformer: Any, seed: int) -> DualLayerAggregator:

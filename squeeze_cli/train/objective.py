@@ -123,7 +123,7 @@ def loss_on_batch(
     transformer = pipe.transformer
     device = next(p for p in models.parameters()).device
     dtype = transformer.dtype
-    # Samples sharing a reference layout run as one transformer call (the image ids are per sequence).
+    # Samples sharing a reference layout (shapes, so the image ids) run as one transformer call.
     groups: dict[tuple, list[int]] = defaultdict(list)
     for index, (sample, drop) in enumerate(zip(samples, drops, strict=True)):
         with_references = use_references and drop not in (DROP_REFERENCES, DROP_BOTH)
@@ -155,11 +155,13 @@ def loss_on_batch(
 
         hidden_states = noisy.to(dtype)
         if layout:
-            reference_tokens, reference_ids = pipe._prepare_reference_tokens(
-                samples[members[0]].reference_latents, device, dtype
-            )
-            hidden_states = torch.cat([hidden_states, reference_tokens.unsqueeze(0).expand(batch, -1, -1)], 1)
-            image_ids = torch.cat([image_ids, reference_ids])
+            # Each sample its own references' tokens; only their ids, a function of the layout, are shared.
+            prepared = [
+                pipe._prepare_reference_tokens(samples[i].reference_latents, device, dtype) for i in members
+            ]
+            reference_tokens = torch.stack([tokens for tokens, _ in prepared])
+            hidden_states = torch.cat([hidden_states, reference_tokens], 1)
+            image_ids = torch.cat([image_ids, prepared[0][1]])
         guidance_tensor = (
             torch.full([batch], guidance, device=device, dtype=torch.float32)
             if transformer.config.guidance_embeds

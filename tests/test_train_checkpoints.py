@@ -1,0 +1,265 @@
+"""Training checkpoints on the tiny model: safetensors and JSON only (a pickle in one never runs), checked
+against their record before `--resume` uses them (a damaged newest one falls back to the newest intact
+one), written whole or not at all (a full disk keeps the earlier ones)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from squeeze_cli import outputs
+from squeeze_cli.train.checkpoints import (
+    CheckpointWriteError,
+    RunError,
+    checkpoint_problem,
+    checkpoint_to_resume,
+    load_checkpoint,
+)
+from squeeze_cli.train.config import load_config
+from squeeze_cli.train.data import load_data
+from squeeze_cli.train.loop import Trainer
+
+SETTINGS = [
+    "stages.stage1.steps=2",
+    "stages.stage2.steps=2",
+    "checkpointing={every: 2, keep: 3}",
+    "validation.prompts=[]",
+]
+CHECKPOINT_FILES = ["trainable.safetensors", "optimizer.safetensors", "rng-0.safetensors", "train_state.json"]
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory: pytest.TempPathFactory) -> Trainer:
+    out = tmp_path_factory.mktemp("checkpoints") / "run"
+    loaded = load_config("tiny", [f"output_dir={out}", *SETTINGS])
+    trainer = Trainer(loaded, load_data(loaded))
+    trainer._setup()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def template(trainer: Trainer) -> Path:
+    """A training run's folder with the checkpoints of steps 2 and 4 (of different weights)."""
+    out = trainer.output_dir
+    outputs.atomic_write_json(out / "training.json", trainer.summary())
+    for step in (2, 4):
+        with torch.no_grad():
+            for parameter in trainer.trainable_parameters().values():
+                parameter.add_(0.01)
+        trainer.state.step = step
+        trainer.save_checkpoint()
+    return out
+
+
+@pytest.fixture
+def run(template: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(template, copy)
+    return copy
+
+
+def _checkpoint(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step:07d}"
+
+
+def _rewrite_record(folder: Path) -> None:
+    """What an attacker can do too: a record that matches whatever the folder now holds."""
+    record = json.loads((folder / "train_state.json").read_text())
+    record["files"] = {
+        p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in folder.iterdir()
+        if p.name != "train_state.json"
+    }
+    (folder / "train_state.json").write_text(json.dumps(record))
+
+
+def test_a_checkpoint_is_safetensors_and_json_only(template: Path) -> None:
+    folder = _checkpoint(template, 4)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(CHECKPOINT_FILES)
+    assert checkpoint_problem(folder) is None
+    assert sorted(p.name for p in (template / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garble(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "truncated": _truncate,
+    "garbled": _garble,
+    "emptied": lambda path: path.write_bytes(b""),
+    "missing": Path.unlink,
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("name", CHECKPOINT_FILES)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(
+    run: Path, name: str, damage: str
+) -> None:
+    DAMAGES[damage](_checkpoint(run, 4) / name)
+    start = checkpoint_to_resume(run, "latest")
+    assert start.checkpoint == _checkpoint(run, 2)
+    [(skipped, problem)] = start.skipped
+    assert skipped == _checkpoint(run, 4) and problem
+    # Asked for by name, the damaged checkpoint is one line, not a fall-back.
+    with pytest.raises(RunError, match=r"step-0000004 is (damaged: |not a squeeze checkpoint)"):
+        checkpoint_to_resume(run, str(_checkpoint(run, 4)))
+
+
+def test_empty_and_foreign_checkpoint_folders_are_passed_over(run: Path) -> None:
+    (run / "checkpoints" / "step-abc").mkdir()  # not squeeze's name: ignored
+    (run / "checkpoints" / "step-٣").mkdir()  # a non-ASCII digit: not squeeze's either
+    (run / "checkpoints" / "step-9999999").mkdir()  # squeeze's name, no checkpoint in it
+    for path in _checkpoint(run, 4).iterdir():
+        path.unlink()
+    start = checkpoint_to_resume(run, "latest")
+    assert start.checkpoint == _checkpoint(run, 2)
+    assert [folder.name for folder, _ in start.skipped] == ["step-9999999", "step-0000004"]
+    assert all("has no train_state.json" in problem for _, problem in start.skipped)
+
+
+@pytest.mark.parametrize("record", ["[1, 2]", '{"step": 4}', '{"step": "4", "files": {}}', "[" * 100000])
+def test_a_record_that_is_no_checkpoint_record_is_damage(run: Path, record: str) -> None:
+    (_checkpoint(run, 4) / "train_state.json").write_text(record)
+    start = checkpoint_to_resume(run, "latest")
+    assert start.checkpoint == _checkpoint(run, 2)
+    assert "train_state.json" in start.skipped[0][1]
+
+
+def test_no_intact_checkpoint_is_one_line(run: Path) -> None:
+    for step in (2, 4):
+        _garble(_checkpoint(run, step) / "trainable.safetensors")
+    with pytest.raises(RunError, match=r"no intact checkpoint in .*step-0000004, is damaged: trainable"):
+        checkpoint_to_resume(run, "latest")
+
+
+def test_resuming_loads_the_checkpoint_exactly(trainer: Trainer, template: Path) -> None:
+    saved = {k: v.clone() for k, v in trainer.trainable_parameters().items()}  # as at step 4
+    with torch.no_grad():
+        for parameter in trainer.trainable_parameters().values():
+            parameter.zero_()
+    step = load_checkpoint(
+        _checkpoint(template, 4),
+        trainer.accelerator,
+        trainer.trainable_parameters(),
+        trainer.optimizer,
+        trainer.scheduler,
+    )
+    assert step == 4
+    assert all(torch.equal(saved[k], v) for k, v in trainer.trainable_parameters().items())
+
+
+class _Payload:
+    """Unpickling this creates the file `path`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+@pytest.mark.parametrize("where", ["beside", "instead"])
+def test_resuming_never_unpickles(trainer: Trainer, run: Path, tmp_path: Path, where: str) -> None:
+    """Pickles in a checkpoint, with a record that vouches for them: ignored beside squeeze's files (the
+    names accelerate's checkpoints used), refused in place of them; never run."""
+    folder, marker = _checkpoint(run, 4), tmp_path / "pwned"
+    payload = pickle.dumps(_Payload(marker))
+    assert not marker.exists()
+    if where == "beside":
+        for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin"):
+            (folder / name).write_bytes(payload)
+    else:
+        for name in ("trainable.safetensors", "optimizer.safetensors", "rng-0.safetensors"):
+            torch.save(_Payload(marker), folder / name)
+    _rewrite_record(folder)
+    assert checkpoint_to_resume(run, "latest").checkpoint == folder
+    parameters = trainer.trainable_parameters()
+    if where == "beside":
+        load_checkpoint(folder, trainer.accelerator, parameters, trainer.optimizer, trainer.scheduler)
+    else:
+        with pytest.raises(RunError, match=r"step-0000004 cannot be read"):
+            load_checkpoint(folder, trainer.accelerator, parameters, trainer.optimizer, trainer.scheduler)
+    assert not marker.exists()
+
+
+def test_disk_full_while_checkpointing_keeps_the_earlier_checkpoints(
+    trainer: Trainer, run: Path, monkeypatch
+) -> None:
+    before = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
+    write = outputs.atomic_write_bytes
+
+    def full_disk(path, data):
+        if Path(path).parent.name.startswith(".partial-") and Path(path).name == "optimizer.safetensors":
+            error = OSError(errno.ENOSPC, "No space left on device")
+            raise outputs.OutputWriteError.from_os_error(Path(path), error)
+        return write(path, data)
+
+    monkeypatch.setattr(outputs, "atomic_write_bytes", full_disk)
+    monkeypatch.setattr(trainer, "output_dir", run)
+    monkeypatch.setattr(trainer.state, "step", 6)
+    with pytest.raises(CheckpointWriteError) as raised:
+        trainer.save_checkpoint()
+    assert raised.value.exit_code == 1
+    assert raised.value.one_line() == (
+        f"cannot write checkpoint {_checkpoint(run, 6)}: No space left on device (hint: free some space on "
+        "that disk (or make it writable) and continue with `--resume latest`, from step-0000004)"
+    )
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    assert {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()} == before
+
+
+def test_a_checkpoint_of_another_lora_rank_is_one_line(run: Path, squeeze) -> None:
+    settings = [arg for s in SETTINGS for arg in ("--set", s)]
+    result = squeeze(
+        "train", "tiny", "--no-progress", "--set", f"output_dir={run}", *settings, "--set", "lora.rank=4",
+        "--resume", "latest",
+    )  # fmt: skip
+    assert result.code == 2
+    assert "does not match this config's trainable parameters" in result.err
+    assert "Traceback" not in result.err
+
+
+def test_resume_falls_back_and_logs_each_step_once(run: Path, squeeze) -> None:
+    _truncate(_checkpoint(run, 4) / "optimizer.safetensors")
+    settings = [arg for s in SETTINGS for arg in ("--set", s)]
+    # A log with steps past the checkpoint it resumes from, and a line cut short by a crash.
+    (run / "log.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo'
+    )
+    result = squeeze(
+        "train", "tiny", "--no-progress", "--set", f"output_dir={run}", *settings, "--resume", "latest"
+    )
+    assert result.code == 0, result.err
+    assert f"skipping the damaged checkpoint {_checkpoint(run, 4)}: optimizer.safetensors is " in result.out
+    assert f"resumed from {_checkpoint(run, 2)} at step 2" in result.out
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert checkpoint_problem(_checkpoint(run, 4)) is None  # written again
+
+
+def test_resume_without_a_checkpoint_starts_the_log_again(run: Path, squeeze) -> None:
+    shutil.rmtree(run / "checkpoints")
+    (run / "log.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2)))
+    settings = [arg for s in SETTINGS for arg in ("--set", s)]
+    result = squeeze(
+        "train", "tiny", "--no-progress", "--set", f"output_dir={run}", *settings, "--resume", "latest"
+    )
+    assert result.code == 0, result.err
+    assert "no checkpoint to resume from: starting a new run" in result.out
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
