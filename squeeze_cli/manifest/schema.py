@@ -349,7 +349,6 @@ class Subject(SamplingOverrides):
 # What a feed's cell holds several of (references, prompts) is split at this, in CSV files; JSONL and
 # Parquet cells may be lists instead. `|` is rare in paths and prompts, and needs no quoting in CSV.
 DEFAULT_FEED_SEPARATOR = "|"
-FEED_FORMATS = ("csv", "jsonl", "parquet")
 FeedFormat = Literal["csv", "jsonl", "parquet"]
 ColumnName = Annotated[StrictStr, AfterValidator(non_empty)]
 
