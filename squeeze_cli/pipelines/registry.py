@@ -39,6 +39,8 @@ class PipelineSpec:
         step_tokens: what its transformer steps run on, for the cost model (`pipelines/cost.py`).
         takes_components: whether `model.components` / `model.family` apply (the squeeze pipeline only):
             the loader assembles it from separately loaded parts, checks the MLLM family and sets its options.
+        max_references: the most reference images of one subject the model conditions on (`None`: no limit);
+            a subject with more is refused at validation.
     """
 
     name: str
@@ -49,6 +51,7 @@ class PipelineSpec:
     staged: bool = False
     step_tokens: StepTokens = field(default_factory=StepTokens)
     takes_components: bool = False
+    max_references: int | None = None
 
     @property
     def class_name(self) -> str:
@@ -116,6 +119,31 @@ PIPELINES: dict[str, PipelineSpec] = {
             # Qwen-Image's width (24 heads x 128); Qwen2.5-VL sees each reference at ~384² (196 tokens of
             # 28 px, plus "Picture k:"), and a few template tokens remain after the system prompt is dropped.
             step_tokens=StepTokens(condition_tokens_per_reference=200, condition_template_tokens=6),
+        ),
+        PipelineSpec(
+            name="flux2-klein",
+            class_path="squeeze_cli.pipelines.flux2:Flux2KleinPipeline",
+            # Step-distilled: no guidance of any kind.
+            sampling_parameters=frozenset(_COMMON),
+            distilled_guidance=False,
+            tiny_builder="squeeze_cli.pipelines.tiny_pipelines:build_tiny_flux2_klein",
+            # FLUX.2 [klein] 4B's width (24 heads x 128); Qwen3 pads every prompt to 512 tokens.
+            step_tokens=StepTokens(
+                transformer_width=3072, condition_template_tokens=512, counts_instruction=False
+            ),
+            max_references=4,  # Black Forest Labs: "up to 4" for [klein] 4B and 9B
+        ),
+        PipelineSpec(
+            name="flux2-dev",
+            class_path="squeeze_cli.pipelines.flux2:Flux2DevPipeline",
+            sampling_parameters=frozenset((*_COMMON, "guidance_scale")),
+            distilled_guidance=True,
+            tiny_builder="squeeze_cli.pipelines.tiny_pipelines:build_tiny_flux2_dev",
+            # FLUX.2 [dev]'s width (48 heads x 128); Mistral pads every prompt to 512 tokens.
+            step_tokens=StepTokens(
+                transformer_width=6144, condition_template_tokens=512, counts_instruction=False
+            ),
+            max_references=10,  # FLUX.2 [dev]'s limit (Black Forest Labs recommend at most 6)
         ),
     )
 }
