@@ -166,3 +166,24 @@ def test_klein_refuses_guidance_and_dev_reads_it(pipe, subject) -> None:
 def test_the_text_layers_read_are_diffusers_defaults_for_the_real_encoders(config, layers) -> None:
     stand_in = SimpleNamespace(text_encoder=SimpleNamespace(config=config))
     assert Flux2KleinPipeline.text_encoder_out_layers.fget(stand_in) == layers
+
+
+def test_validation_refuses_more_references_than_the_model_takes(tmp_path, squeeze) -> None:
+    for index in range(5):
+        PIL.Image.new("RGB", (32, 32), (index, 0, 0)).save(tmp_path / f"{index}.png")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        "version: 1\nrecipe: tiny-flux2-klein\nsubjects:\n"
+        "  - {name: four, references: ['[0-3].png'], prompts: [x]}\n"
+        "  - {name: five, references: ['*.png'], prompts: [x]}\n"
+    )
+    result = squeeze("validate", str(manifest))
+    assert result.code == 2
+    assert (
+        f"error: {manifest}:5:" in result.err
+        and "subjects[1].references: 5 reference images, more than the 4 the flux2-klein pipeline "
+        "(recipe tiny-flux2-klein) conditions on (hint: keep at most 4 for this subject)" in result.err
+    )
+    assert "subjects[0]" not in result.err
+    # FLUX.2 [dev] takes up to 10.
+    assert squeeze("validate", str(manifest), "--recipe", "tiny-flux2-dev").code == 0

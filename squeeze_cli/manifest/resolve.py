@@ -192,6 +192,8 @@ class _Resolver:
             self.problem(("subjects",), *too_many_jobs(total, limit))
         if model is not None and head is not None:
             self.check_sampling_keys(head, model, recipe)
+        if model is not None:
+            self.check_reference_limit(model, recipe, subjects)
         # (`output_dir` is None only with a problem reported.)
         if self.problems or model is None or head is None or output_dir is None or None in self.subjects:
             return None
@@ -406,6 +408,24 @@ class _Resolver:
             for key in unused_sampling_keys(name, sorted(level.explicit())):
                 where = path if path == ("recipe",) else (*path, key)
                 self.problem(where, f"`{key}` is not used by {used_by}", f"remove it; {name} reads: {reads}")
+
+    def check_reference_limit(
+        self, model: ModelSpec, recipe: Recipe | None, subjects: Sequence[ResolvedSubject]
+    ) -> None:
+        """A subject with more references (globs expanded) than the model's pipeline conditions on is an
+        error, rather than references silently left out."""
+        spec = pipeline_spec(model.pipeline_class)
+        if spec.max_references is None:
+            return
+        used_by = f"the {spec.name} pipeline" + (f" (recipe {recipe.name})" if recipe is not None else "")
+        for subject in subjects:
+            if len(subject.references) > spec.max_references:
+                self.problem(
+                    ("subjects", subject.index, "references"),
+                    f"{len(subject.references)} reference images, more than the {spec.max_references} "
+                    f"{used_by} conditions on",
+                    f"keep at most {spec.max_references} for this subject",
+                )
 
     def check_prompt(
         self, path: FieldPath, params: SamplingParams, levels: list[tuple[FieldPath, SamplingOverrides]]
