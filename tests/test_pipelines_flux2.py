@@ -1,6 +1,6 @@
-"""Flux2KleinPipeline and Flux2DevPipeline on their tiny random checkpoints, loaded as `squeeze gen` loads them
-(CPU, small images): what is FLUX.2's own, above all that the images are diffusers' own. The contract every
-pipeline meets (batches, seeds, callbacks, two processes, ...) is in tests/test_pipeline_contract.py."""
+"""Flux2KleinPipeline and Flux2DevPipeline on their tiny random checkpoints, loaded as `squeeze gen` loads
+them (CPU, small images): what is FLUX.2's own, above all that the images are diffusers' own. The contract
+every pipeline meets (batches, seeds, callbacks, two processes, ...) is in tests/test_pipeline_contract.py."""
 
 from __future__ import annotations
 
@@ -113,7 +113,9 @@ def test_references_get_their_own_time_coordinate(pipe, subject) -> None:
 
 def test_every_reference_changes_the_image(pipe, subject) -> None:
     base = run(pipe, ["a dog"], (0,), subject)
-    swapped = pipe.encode_subject([reference(0, (64, 80)), reference(9, (80, 64))], reference_size=REFERENCE_SIZE)
+    swapped = pipe.encode_subject(
+        [reference(0, (64, 80)), reference(9, (80, 64))], reference_size=REFERENCE_SIZE
+    )
     # Random tiny weights pass the references on weakly, but far above float32 rounding (~1e-7).
     assert np.abs(run(pipe, ["a dog"], (0,), swapped) - base).max() > 1e-5
 
@@ -182,7 +184,8 @@ def test_validation_refuses_more_references_than_the_model_takes(tmp_path, squee
     assert (
         f"error: {manifest}:5:" in result.err
         and "subjects[1].references: 5 reference images, more than the 4 the flux2-klein pipeline "
-        "(recipe tiny-flux2-klein) conditions on (hint: keep at most 4 for this subject)" in result.err
+        "(recipe tiny-flux2-klein) conditions on (hint: keep at most 4 for this subject)"
+        in result.err
     )
     assert "subjects[0]" not in result.err
     # FLUX.2 [dev] takes up to 10.

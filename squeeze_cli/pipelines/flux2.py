@@ -1,10 +1,10 @@
-"""FLUX.2 [klein] and FLUX.2 [dev] through squeeze: diffusers' `Flux2KleinPipeline` and `Flux2Pipeline` with the
-runner's subject/prompt contract.
+"""FLUX.2 [klein] and FLUX.2 [dev] through squeeze: diffusers' `Flux2KleinPipeline` and `Flux2Pipeline` with
+the runner's subject/prompt contract.
 
 The two models share everything but their text encoder (Qwen3 for [klein], Mistral Small 3.1 with a system
-prompt for [dev]) and guidance ([dev] has FLUX's distilled guidance embedding; [klein] 4B is step-distilled and
-has none), so one class holds the shared path and each model's class adds its encoder. What differs from
-diffusers' `__call__`:
+prompt for [dev]) and guidance ([dev] has FLUX's distilled guidance embedding; [klein] 4B is step-distilled
+and has none), so one class holds the shared path and each model's class adds its encoder. What differs
+from diffusers' `__call__`:
 
 - a subject's references are VAE-encoded once (`encode_subject`) and reused for all its prompts and seeds;
   each joins the image stream with its own time coordinate (10, 20, ...), exactly as diffusers does for a list
@@ -104,8 +104,8 @@ class _Flux2Subjects(SubjectBatchMixin):
     @property
     def text_encoder_out_layers(self) -> tuple[int, ...]:
         """The text encoder's layers FLUX.2 stacks into its prompt embedding: the hidden states after each
-        quarter of its depth, which is diffusers' (9, 18, 27) for [klein]'s 36-layer Qwen3 and (10, 20, 30) for
-        [dev]'s 40-layer Mistral, and (1, 2, 3) for the tiny 4-layer encoders."""
+        quarter of its depth, which is diffusers' (9, 18, 27) for [klein]'s 36-layer Qwen3 and (10, 20, 30)
+        for [dev]'s 40-layer Mistral, and (1, 2, 3) for the tiny 4-layer encoders."""
         depth = self.text_encoder.config.get_text_config().num_hidden_layers
         return tuple(depth * quarter // 4 for quarter in (1, 2, 3))
 
@@ -135,8 +135,8 @@ class _Flux2Subjects(SubjectBatchMixin):
                 sides rounded down to a multiple of 16).
 
         Returns:
-            [`Flux2Subject`]: per reference, the latent distribution's mode, patchified and normalised with the
-            VAE's batch-norm statistics (diffusers' `_encode_vae_image`).
+            [`Flux2Subject`]: per reference, the latent distribution's mode, patchified and normalised with
+            the VAE's batch-norm statistics (diffusers' `_encode_vae_image`).
         """
         if isinstance(reference_images, PIL.Image.Image):
             reference_images = [reference_images]
@@ -240,13 +240,13 @@ class _Flux2Subjects(SubjectBatchMixin):
 
         Args:
             prompt (`str` or `list[str]`): the instruction(s), one image each.
-            subject_condition ([`Flux2Subject`], *optional*): from `encode_subject`; or give `reference_images`
-                (encoded on the fly at `reference_size`).
+            subject_condition ([`Flux2Subject`], *optional*): from `encode_subject`; or give
+                `reference_images` (encoded on the fly at `reference_size`).
             height (`int`), width (`int`): output size in pixels, multiples of 16.
-            num_inference_steps (`int`, defaults to 50): denoising steps (FLUX.2 [klein] 4B is distilled to 4).
-            guidance_scale (`float`, *optional*): FLUX.2 [dev]'s distilled guidance (the transformer's guidance
-                embedding, not classifier-free guidance; 4.0 when not given). FLUX.2 [klein] 4B has none and
-                refuses it.
+            num_inference_steps (`int`, defaults to 50): denoising steps ([klein] 4B is distilled to 4).
+            guidance_scale (`float`, *optional*): FLUX.2 [dev]'s distilled guidance (the transformer's
+                guidance embedding, not classifier-free guidance; 4.0 when not given). FLUX.2 [klein] 4B has
+                none and refuses it.
             reference_size (`int`, defaults to 1024): used with `reference_images` only.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): one CPU generator per image
                 makes each image independent of the batch it is in.
@@ -285,7 +285,9 @@ class _Flux2Subjects(SubjectBatchMixin):
         latent_width = width // multiple
         channels = self.transformer.config.in_channels
         if latents is None:
-            noise = self._initial_noise((batch_size, channels, latent_height, latent_width), generator, device, dtype)
+            noise = self._initial_noise(
+                (batch_size, channels, latent_height, latent_width), generator, device, dtype
+            )
             latents = self._pack_latents(noise)  # type: ignore[attr-defined]
         else:
             latents = latents.to(device=device, dtype=dtype)
@@ -361,8 +363,8 @@ class _Flux2Subjects(SubjectBatchMixin):
 
 class Flux2KleinPipeline(_Flux2Subjects, DiffusersFlux2KleinPipeline):
     r"""
-    [`diffusers.Flux2KleinPipeline`] for subject-driven batches: references encoded once per subject (up to 4),
-    prompt encodings cached, one CPU generator per image.
+    [`diffusers.Flux2KleinPipeline`] for subject-driven batches: references encoded once per subject (up to
+    4), prompt encodings cached, one CPU generator per image.
 
     Loads the same checkpoints as diffusers' class (e.g. `black-forest-labs/FLUX.2-klein-4B`); step-distilled
     ones only (`is_distilled` in `model_index.json`), which need no guidance.
@@ -399,7 +401,9 @@ class Flux2KleinPipeline(_Flux2Subjects, DiffusersFlux2KleinPipeline):
                 "use a distilled one such as black-forest-labs/FLUX.2-klein-4B"
             )
         if guidance_scale is not None:
-            raise ValueError("`guidance_scale` is not used by the step-distilled FLUX.2 [klein]; leave it out.")
+            raise ValueError(
+                "`guidance_scale` is not used by the step-distilled FLUX.2 [klein]; leave it out."
+            )
         return None
 
 
@@ -416,7 +420,7 @@ class Flux2DevPipeline(_Flux2Subjects, DiffusersFlux2Pipeline):
     sampling_parameters = PIPELINES["flux2-dev"].sampling_parameters
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any):  # type: ignore[override]
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any):
         """diffusers' `from_pretrained`, with the tokenizer from the checkpoint's `tokenizer/` folder in place
         of the `PixtralProcessor` its `model_index.json` names (which needs torchvision in transformers 5; the
         prompt is text only, so the tokenizer and its chat template are all FLUX.2 [dev] uses), unless
@@ -427,7 +431,9 @@ class Flux2DevPipeline(_Flux2Subjects, DiffusersFlux2Pipeline):
 
         pipe = super().from_pretrained(pretrained_model_name_or_path, tokenizer=None, **kwargs)
         options = {key: kwargs[key] for key in ("revision", "cache_dir", "local_files_only") if key in kwargs}
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder="tokenizer", **options)
+        tokenizer = AutoTokenizer.from_pretrained(
+            pretrained_model_name_or_path, subfolder="tokenizer", **options
+        )
         pipe.register_modules(tokenizer=tokenizer)
         return pipe
 

@@ -1,10 +1,11 @@
 """Tiny random FLUX.1 Kontext, Qwen-Image-Edit-Plus, FLUX.2 [klein] and FLUX.2 [dev] checkpoints, written to
 disk in the real layout.
 
-Product code: the `tiny-kontext`, `tiny-qwen-image-edit`, `tiny-flux2-klein` and `tiny-flux2-dev` recipes and the tests load these through the
-same `from_pretrained` as the full-size checkpoints. Every component is the real class with a shrunk config
-(`save_pretrained` of each, plus `model_index.json`), and the tokenizers are real `CLIPTokenizer`,
-`T5Tokenizer`, `Qwen2Tokenizer` and byte-level BPE objects over vocabularies trained here, in-process, on a few sentences.
+Product code: the `tiny-kontext`, `tiny-qwen-image-edit`, `tiny-flux2-klein` and `tiny-flux2-dev` recipes and
+the tests load these through the same `from_pretrained` as the full-size checkpoints. Every component is the
+real class with a shrunk config (`save_pretrained` of each, plus `model_index.json`), and the tokenizers are
+real `CLIPTokenizer`, `T5Tokenizer`, `Qwen2Tokenizer` and byte-level BPE objects over vocabularies trained
+here, in-process, on a few sentences.
 """
 
 from __future__ import annotations
@@ -275,7 +276,15 @@ MISTRAL3_CHAT_TEMPLATE = (
     "{%- else %}{{- text + eos_token }}{%- endif %}"
     "{%- endfor %}"
 )
-_MISTRAL3_SPECIAL_TOKENS = ("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "[IMG_BREAK]", "[IMG_END]")
+_MISTRAL3_CONTROL_TOKENS = (
+    "[INST]",
+    "[/INST]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[IMG]",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+)
 
 # FLUX.2's image path shrunk: 32 latent channels patchified 2×2 into the transformer's 128 (as the real
 # model), 8× VAE downsampling from four levels; one double and one single block of 2 heads × 16.
@@ -317,7 +326,7 @@ def build_tiny_mistral3_tokenizer() -> Any:
         pad_token="<pad>",
         model_max_length=512,
     )
-    tokenizer.add_tokens(list(_MISTRAL3_SPECIAL_TOKENS), special_tokens=True)
+    tokenizer.add_tokens(list(_MISTRAL3_CONTROL_TOKENS), special_tokens=True)
     tokenizer.chat_template = MISTRAL3_CHAT_TEMPLATE
     return tokenizer
 
