@@ -131,10 +131,11 @@ def test_missing_manifest(squeeze):
 def test_recipes_list_and_show():
     result = runner.invoke(app, ["recipes"])
     assert result.exit_code == 0
-    names = [line.split()[0] for line in result.stdout.splitlines()[:11]]
+    names = [line.split()[0] for line in result.stdout.splitlines()[:13]]
     assert names == [
         "flux2-dev",
         "flux2-klein-4b",
+        "flux2-klein-9b-kv",
         "kontext-dev",
         "paper-internvl3-flux",
         "qwen-image-edit-plus",
@@ -142,6 +143,7 @@ def test_recipes_list_and_show():
         "tiny",
         "tiny-flux2-dev",
         "tiny-flux2-klein",
+        "tiny-flux2-klein-kv",
         "tiny-kontext",
         "tiny-qwen-image-edit",
     ]
@@ -154,9 +156,9 @@ def test_known_errors_become_one_line_with_a_hint(squeeze):
     run = squeeze("recipes", "nope")
     assert run.code == 2 and run.out == ""
     assert run.err.splitlines() == [
-        "error: unknown recipe 'nope' (hint: known recipes: flux2-dev, flux2-klein-4b, kontext-dev, "
-        "paper-internvl3-flux, qwen-image-edit-plus, qwen2.5vl-flux, tiny, tiny-flux2-dev, tiny-flux2-klein, "
-        "tiny-kontext, tiny-qwen-image-edit; "
+        "error: unknown recipe 'nope' (hint: known recipes: flux2-dev, flux2-klein-4b, flux2-klein-9b-kv, "
+        "kontext-dev, paper-internvl3-flux, qwen-image-edit-plus, qwen2.5vl-flux, tiny, tiny-flux2-dev, "
+        "tiny-flux2-klein, tiny-flux2-klein-kv, tiny-kontext, tiny-qwen-image-edit; "
         "or give the path of a .yaml file)"
     ]
 

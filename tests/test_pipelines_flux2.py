@@ -16,11 +16,11 @@ from transformers import MistralConfig, Qwen3Config
 
 from squeeze_cli.loading import ensure_tiny_checkpoint, load_pipeline
 from squeeze_cli.manifest.schema import ModelSpec
-from squeeze_cli.pipelines.flux2 import Flux2KleinPipeline
+from squeeze_cli.pipelines.flux2 import Flux2DevPipeline, Flux2KleinKVPipeline, Flux2KleinPipeline
 
 HEIGHT, WIDTH = 32, 48
 STEPS = 3
-MODELS = ("flux2-klein", "flux2-dev")
+MODELS = ("flux2-klein", "flux2-klein-kv", "flux2-dev")
 
 
 def generators(*seeds: int) -> list[torch.Generator]:
@@ -61,6 +61,7 @@ def test_tiny_checkpoint_has_the_hub_layout(name) -> None:
     index = json.loads((path / "model_index.json").read_text())
     expected = {
         "flux2-klein": ("Flux2KleinPipeline", "Qwen3ForCausalLM", "Qwen2Tokenizer"),
+        "flux2-klein-kv": ("Flux2KleinKVPipeline", "Qwen3ForCausalLM", "Qwen2Tokenizer"),
         "flux2-dev": ("Flux2Pipeline", "Mistral3ForConditionalGeneration", "PixtralProcessor"),
     }[name]
     assert (index["_class_name"], index["text_encoder"][1], index["tokenizer"][1]) == expected
@@ -71,16 +72,21 @@ def test_tiny_checkpoint_has_the_hub_layout(name) -> None:
     assert (path / "tokenizer" / "tokenizer.json").is_file()
     if name == "flux2-klein":
         assert index["is_distilled"] is True  # as FLUX.2-klein-4B's
-    else:
+    if name == "flux2-dev":
         assert (path / "tokenizer" / "processor_config.json").is_file()
 
 
 def test_images_equal_diffusers_own_pipeline(pipe, subject) -> None:
     # diffusers' own class over the very same modules, given the references as images, one prompt, one seed.
-    if isinstance(pipe, Flux2KleinPipeline):
+    # The KV pipeline computes the references' keys and values once per subject, diffusers' in the first step
+    # of the call: the same numbers.
+    guidance: dict = {}
+    ours: dict = {}
+    if isinstance(pipe, Flux2KleinKVPipeline):
+        reference_pipe = diffusers.Flux2KleinKVPipeline(**pipe.components)
+    elif isinstance(pipe, Flux2KleinPipeline):
         reference_pipe = diffusers.Flux2KleinPipeline(**pipe.components, is_distilled=True)
         guidance = {"guidance_scale": 1.0}  # unused by a distilled model either way
-        ours = {}
     else:
         reference_pipe = diffusers.Flux2Pipeline(**pipe.components)
         guidance = ours = {"guidance_scale": 3.5}
@@ -106,7 +112,7 @@ def test_encode_subject_keeps_one_latent_per_reference_at_its_aspect(subject) ->
 
 
 def test_references_get_their_own_time_coordinate(pipe, subject) -> None:
-    tokens, ids = pipe._reference_tokens(subject, torch.device("cpu"), torch.float32)
+    tokens, ids = pipe._reference_tokens(subject.reference_latents, torch.device("cpu"), torch.float32)
     assert tokens.shape == (20 + 20, 128)
     assert ids[:20, 0].unique().tolist() == [10] and ids[20:, 0].unique().tolist() == [20]
 
@@ -149,8 +155,24 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_refused(pipe) -> None:
         pipe.check_prompt_fits([(32, 32)], ["a dog on the beach " * 200])
 
 
+def test_the_kv_pipeline_runs_the_reference_tokens_once_per_subject(pipe, subject) -> None:
+    # Tokens the transformer runs on, per step: the KV pipeline's steps see the 6 image tokens alone (its
+    # reference keys and values came from `encode_subject`); the others also the 2 × 20 reference tokens.
+    lengths: list[int] = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["hidden_states"].shape[1]), with_kwargs=True
+    )
+    try:
+        run(pipe, ["a dog", "a cat"], (0, 1), subject)
+    finally:
+        hook.remove()
+    kv = isinstance(pipe, Flux2KleinKVPipeline)
+    assert (subject.reference_kv is not None) == kv
+    assert lengths == [6 if kv else 6 + 40] * STEPS
+
+
 def test_klein_refuses_guidance_and_dev_reads_it(pipe, subject) -> None:
-    if isinstance(pipe, Flux2KleinPipeline):
+    if not isinstance(pipe, Flux2DevPipeline):
         with pytest.raises(ValueError, match="`guidance_scale` is not used by the step-distilled"):
             run(pipe, ["a dog"], (0,), subject, guidance_scale=2.0)
     else:

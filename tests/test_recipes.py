@@ -24,6 +24,7 @@ def test_packaged_presets_are_listed():
     assert [recipe.name for recipe in list_recipes()] == [
         "flux2-dev",
         "flux2-klein-4b",
+        "flux2-klein-9b-kv",
         "kontext-dev",
         "paper-internvl3-flux",
         "qwen-image-edit-plus",
@@ -31,6 +32,7 @@ def test_packaged_presets_are_listed():
         "tiny",
         "tiny-flux2-dev",
         "tiny-flux2-klein",
+        "tiny-flux2-klein-kv",
         "tiny-kontext",
         "tiny-qwen-image-edit",
     ]

@@ -27,8 +27,10 @@ from typing import Any, ClassVar
 import numpy as np
 import PIL.Image
 import torch
+from diffusers import Flux2KleinKVPipeline as DiffusersFlux2KleinKVPipeline
 from diffusers import Flux2KleinPipeline as DiffusersFlux2KleinPipeline
 from diffusers import Flux2Pipeline as DiffusersFlux2Pipeline
+from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu, format_input, retrieve_timesteps
 from diffusers.utils import BaseOutput
 
@@ -36,7 +38,13 @@ from .contract import SubjectBatchMixin
 from .registry import PIPELINES
 from .squeeze import reference_image_size
 
-__all__ = ["Flux2DevPipeline", "Flux2KleinPipeline", "Flux2PipelineOutput", "Flux2Subject"]
+__all__ = [
+    "Flux2DevPipeline",
+    "Flux2KleinKVPipeline",
+    "Flux2KleinPipeline",
+    "Flux2PipelineOutput",
+    "Flux2Subject",
+]
 
 # Text tokens FLUX.2 reads at most (chat template included); longer prompts are refused by
 # `check_prompt_fits`, not silently truncated.
@@ -50,10 +58,13 @@ class Flux2Subject:
     Args:
         reference_latents: per reference, VAE latents patchified 2×2 and batch-normalised, (4 * C, h, w).
         reference_size: the longer side the references were resized to.
+        reference_kv: for a checkpoint trained for it (FLUX.2 [klein] 9B-KV), the reference tokens' keys and
+            values in every block, for one image (`None` otherwise).
     """
 
     reference_latents: list[torch.Tensor]
     reference_size: int
+    reference_kv: Flux2KVCache | None = None
 
     @property
     def num_references(self) -> int:
@@ -82,6 +93,10 @@ class _Flux2Subjects(SubjectBatchMixin):
     model_name: ClassVar[str]
     #: Its name in the registry (`pipelines.registry.PIPELINES`).
     registry_name: ClassVar[str]
+    #: Whether the checkpoint was trained with reference tokens that attend only to themselves, modulated at
+    #: a fixed time (FLUX.2 [klein] 9B-KV): their keys and values are then the same at every step, for every
+    #: prompt and seed, and are computed once per subject.
+    reuses_reference_kv: ClassVar[bool] = False
 
     # Provided by the diffusers base class.
     text_encoder: Any
@@ -156,8 +171,9 @@ class _Flux2Subjects(SubjectBatchMixin):
             pixels = self.image_processor.preprocess(image, height=height, width=width)
             pixels = pixels.to(device=device, dtype=self.vae.dtype)
             latents.append(self._encode_vae_image(pixels, generator=None)[0])  # type: ignore[attr-defined]
+        reference_kv = self._extract_reference_kv(latents) if self.reuses_reference_kv else None
         self.maybe_free_model_hooks()  # type: ignore[attr-defined]
-        return Flux2Subject(reference_latents=latents, reference_size=reference_size)
+        return Flux2Subject(latents, reference_size, reference_kv)
 
     def check_prompt_fits(self, reference_sizes: Sequence[tuple[int, int]], prompts: Sequence[str]) -> None:
         """Raise `ValueError` for a prompt whose chat-templated text is longer than the text encoder reads (it
@@ -199,14 +215,57 @@ class _Flux2Subjects(SubjectBatchMixin):
         return prompt_embeds, text_ids
 
     def _reference_tokens(
-        self, subject: Flux2Subject, device: torch.device, dtype: torch.dtype
+        self, reference_latents: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed reference tokens (n, 4 * C) and position ids (n, 4): reference k has time coordinate 10 k
         (from 1), as diffusers' `_prepare_image_ids` gives a list of images."""
-        latents = [latent.unsqueeze(0).to(device=device, dtype=dtype) for latent in subject.reference_latents]
+        latents = [latent.unsqueeze(0).to(device=device, dtype=dtype) for latent in reference_latents]
         ids = self._prepare_image_ids(latents)[0].to(device)  # type: ignore[attr-defined]
         tokens = torch.cat([self._pack_latents(latent)[0] for latent in latents])  # type: ignore[attr-defined]
         return tokens, ids
+
+    @torch.no_grad()
+    def _extract_reference_kv(self, reference_latents: Sequence[torch.Tensor]) -> Flux2KVCache:
+        """The reference tokens' keys and values in every block, for one image, from one transformer pass in
+        diffusers' "extract" mode. They depend on the references alone (the reference tokens attend only to
+        each other, at a fixed time), so one stand-in text token and image token complete the pass."""
+        device = self._execution_device  # type: ignore[attr-defined]
+        dtype = self.transformer.dtype
+        tokens, ids = self._reference_tokens(reference_latents, device, dtype)
+        config = self.transformer.config
+        stand_in_image = torch.zeros(1, 1, config.in_channels, device=device, dtype=dtype)
+        stand_in_text = torch.zeros(1, 1, config.joint_attention_dim, device=device, dtype=dtype)
+        origin = torch.zeros(1, 4, device=device, dtype=ids.dtype)
+        _, cache = self.transformer(
+            hidden_states=torch.cat([tokens.unsqueeze(0), stand_in_image], dim=1),  # [references, image]
+            encoder_hidden_states=stand_in_text,
+            timestep=torch.ones(1, device=device, dtype=dtype),
+            img_ids=torch.cat([ids, origin]),
+            txt_ids=origin,
+            guidance=None,
+            return_dict=False,
+            kv_cache_mode="extract",
+            num_ref_tokens=tokens.shape[0],
+        )
+        return cache
+
+    @staticmethod
+    def _batched_kv(cache: Flux2KVCache, batch_size: int, device: torch.device) -> Flux2KVCache:
+        """`cache` (one image) for a batch of `batch_size` images: the same keys and values for each."""
+        batched = Flux2KVCache(len(cache.double_block_caches), len(cache.single_block_caches))
+        batched.num_ref_tokens = cache.num_ref_tokens
+        layers = zip(
+            cache.double_block_caches + cache.single_block_caches,
+            batched.double_block_caches + batched.single_block_caches,
+            strict=True,
+        )
+        for source, target in layers:
+            keys, values = source.get()  # (1, n, heads, head_dim)
+            target.store(
+                keys.to(device).expand(batch_size, -1, -1, -1),
+                values.to(device).expand(batch_size, -1, -1, -1),
+            )
+        return batched
 
     def _check_guidance(self, guidance_scale: float | None) -> torch.Tensor | None:
         """The transformer's guidance input (B,) or `None` for a model without a guidance embedding."""
@@ -292,11 +351,19 @@ class _Flux2Subjects(SubjectBatchMixin):
         else:
             latents = latents.to(device=device, dtype=dtype)
         latent_ids = self._prepare_latent_ids(  # type: ignore[attr-defined]
-            torch.empty(batch_size, 0, latent_height, latent_width)
+            torch.empty(batch_size, 0, latent_height, latent_width)  # (its shape only)
         ).to(device)
-        reference_tokens, reference_ids = self._reference_tokens(subject_condition, device, dtype)
-        reference_tokens = reference_tokens.unsqueeze(0).expand(batch_size, -1, -1)
-        image_ids = torch.cat([latent_ids, reference_ids.unsqueeze(0).expand(batch_size, -1, -1)], dim=1)
+        reference_tokens: torch.Tensor | None = None
+        if subject_condition.reference_kv is None:
+            reference_tokens, reference_ids = self._reference_tokens(
+                subject_condition.reference_latents, device, dtype
+            )
+            reference_tokens = reference_tokens.unsqueeze(0).expand(batch_size, -1, -1)
+            reference_ids = reference_ids.unsqueeze(0).expand(batch_size, -1, -1)
+            step_inputs: dict[str, Any] = {"img_ids": torch.cat([latent_ids, reference_ids], dim=1)}
+        else:  # the references' keys and values come from the subject: the image tokens run alone
+            reference_kv = self._batched_kv(subject_condition.reference_kv, batch_size, device)
+            step_inputs = {"img_ids": latent_ids, "kv_cache": reference_kv, "kv_cache_mode": "cached"}
         num_latent_tokens = latents.shape[1]
 
         # 3. Timesteps: linear sigmas, shifted by FLUX.2's empirical mu for this size and number of steps
@@ -321,18 +388,20 @@ class _Flux2Subjects(SubjectBatchMixin):
                 if self._interrupt:
                     continue
                 self._current_timestep = t
-                hidden = torch.cat([latents, reference_tokens], dim=1).to(self.transformer.dtype)
+                hidden = (
+                    latents if reference_tokens is None else torch.cat([latents, reference_tokens], dim=1)
+                )
                 timestep = t.expand(batch_size).to(latents.dtype)
                 with self.transformer.cache_context("cond"):
                     noise_pred = self.transformer(
-                        hidden_states=hidden,
+                        hidden_states=hidden.to(self.transformer.dtype),
                         timestep=timestep / 1000,
                         guidance=guidance,
                         encoder_hidden_states=prompt_embeds,
                         txt_ids=text_ids,
-                        img_ids=image_ids,
                         joint_attention_kwargs=self._attention_kwargs,
                         return_dict=False,
+                        **step_inputs,
                     )[0]
                 noise_pred = noise_pred[:, :num_latent_tokens]  # the reference tokens' outputs are dropped
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
@@ -361,18 +430,16 @@ class _Flux2Subjects(SubjectBatchMixin):
         return Flux2PipelineOutput(images=image)
 
 
-class Flux2KleinPipeline(_Flux2Subjects, DiffusersFlux2KleinPipeline):
-    r"""
-    [`diffusers.Flux2KleinPipeline`] for subject-driven batches: references encoded once per subject (up to
-    4), prompt encodings cached, one CPU generator per image.
-
-    Loads the same checkpoints as diffusers' class (e.g. `black-forest-labs/FLUX.2-klein-4B`); step-distilled
-    ones only (`is_distilled` in `model_index.json`), which need no guidance.
-    """
+class _KleinPrompts:
+    """FLUX.2 [klein]'s prompt encoding (Qwen3, one user turn, thinking off) and its lack of guidance."""
 
     model_name = "FLUX.2 [klein]"
-    registry_name = "flux2-klein"
-    sampling_parameters = PIPELINES["flux2-klein"].sampling_parameters
+    tokenizer: Any
+    text_encoder: Any
+    config: Any
+    max_sequence_length: int
+    text_encoder_out_layers: tuple[int, ...]
+    _get_qwen3_prompt_embeds: Any
 
     def _chat_text(self, prompt: str) -> str:
         # diffusers' `_get_qwen3_prompt_embeds` template: one user turn, thinking turned off.
@@ -394,7 +461,8 @@ class Flux2KleinPipeline(_Flux2Subjects, DiffusersFlux2KleinPipeline):
         )
 
     def _check_guidance(self, guidance_scale: float | None) -> None:
-        if not self.config.is_distilled:
+        # (diffusers' KV pipeline does not record `is_distilled`: its only checkpoint is distilled.)
+        if not self.config.get("is_distilled", True):
             # The base models need classifier-free guidance over ~50 steps, which this class does not run.
             raise ValueError(
                 "this FLUX.2 [klein] checkpoint is not step-distilled (`is_distilled: false`); "
@@ -402,9 +470,37 @@ class Flux2KleinPipeline(_Flux2Subjects, DiffusersFlux2KleinPipeline):
             )
         if guidance_scale is not None:
             raise ValueError(
-                "`guidance_scale` is not used by the step-distilled FLUX.2 [klein]; leave it out."
+                "`guidance_scale` is not used by the step-distilled FLUX.2 [klein]; leave it out"
             )
         return None
+
+
+class Flux2KleinPipeline(_KleinPrompts, _Flux2Subjects, DiffusersFlux2KleinPipeline):
+    r"""
+    [`diffusers.Flux2KleinPipeline`] for subject-driven batches: references encoded once per subject (up to
+    4), prompt encodings cached, one CPU generator per image.
+
+    Loads the same checkpoints as diffusers' class (e.g. `black-forest-labs/FLUX.2-klein-4B`); step-distilled
+    ones only (`is_distilled` in `model_index.json`), which need no guidance.
+    """
+
+    registry_name = "flux2-klein"
+    sampling_parameters = PIPELINES["flux2-klein"].sampling_parameters
+
+
+class Flux2KleinKVPipeline(_KleinPrompts, _Flux2Subjects, DiffusersFlux2KleinKVPipeline):
+    r"""
+    [`diffusers.Flux2KleinKVPipeline`] for subject-driven batches: the references' VAE latents and their keys
+    and values in every block computed once per subject (diffusers recomputes them in the first step of every
+    call), so each step runs the image and text tokens only; prompt encodings cached, one CPU generator per
+    image.
+
+    Loads the checkpoints trained for it (e.g. `black-forest-labs/FLUX.2-klein-9b-kv`).
+    """
+
+    registry_name = "flux2-klein-kv"
+    reuses_reference_kv = True
+    sampling_parameters = PIPELINES["flux2-klein-kv"].sampling_parameters
 
 
 class Flux2DevPipeline(_Flux2Subjects, DiffusersFlux2Pipeline):

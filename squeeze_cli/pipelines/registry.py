@@ -134,6 +134,20 @@ PIPELINES: dict[str, PipelineSpec] = {
             max_references=4,  # Black Forest Labs: "up to 4" for [klein] 4B and 9B
         ),
         PipelineSpec(
+            name="flux2-klein-kv",
+            class_path="squeeze_cli.pipelines.flux2:Flux2KleinKVPipeline",
+            sampling_parameters=frozenset(_COMMON),
+            distilled_guidance=False,
+            tiny_builder="squeeze_cli.pipelines.tiny_pipelines:build_tiny_flux2_klein_kv",
+            # FLUX.2 [klein] 9B's width (32 heads x 128); Qwen3 pads every prompt to 512 tokens. The reference
+            # tokens' keys and values are computed once per subject: the cost model counts them as if every
+            # step ran them, an overestimate.
+            step_tokens=StepTokens(
+                transformer_width=4096, condition_template_tokens=512, counts_instruction=False
+            ),
+            max_references=4,
+        ),
+        PipelineSpec(
             name="flux2-dev",
             class_path="squeeze_cli.pipelines.flux2:Flux2DevPipeline",
             sampling_parameters=frozenset((*_COMMON, "guidance_scale")),

@@ -27,6 +27,7 @@ from .tiny import tiny_transformer, tiny_vae
 __all__ = [
     "build_tiny_flux2_dev",
     "build_tiny_flux2_klein",
+    "build_tiny_flux2_klein_kv",
     "build_tiny_kontext",
     "build_tiny_qwen_image_edit",
 ]
@@ -396,6 +397,17 @@ def build_tiny_flux2_klein(path: str | os.PathLike, seed: int = 0) -> Path:
 
     path = Path(path)
     Flux2KleinPipeline(**build_tiny_flux2_klein_components(seed)).save_pretrained(path)
+    return path
+
+
+def build_tiny_flux2_klein_kv(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random FLUX.2 [klein] KV checkpoint to `path` and return it: the [klein] twin's components
+    under `Flux2KleinKVPipeline` (the layout of black-forest-labs/FLUX.2-klein-9b-kv), whose reference tokens
+    attend only to themselves; the architecture is the same, the attention processors differ."""
+    from diffusers import Flux2KleinKVPipeline
+
+    path = Path(path)
+    Flux2KleinKVPipeline(**build_tiny_flux2_klein_components(seed)).save_pretrained(path)
     return path
 
 
