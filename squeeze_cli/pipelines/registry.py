@@ -139,7 +139,7 @@ PIPELINES: dict[str, PipelineSpec] = {
             sampling_parameters=frozenset(_COMMON),
             distilled_guidance=False,
             tiny_builder="squeeze_cli.pipelines.tiny_pipelines:build_tiny_flux2_klein_kv",
-            # FLUX.2 [klein] 9B's width (32 heads x 128); Qwen3 pads every prompt to 512 tokens. The reference
+            # FLUX.2 [klein] 9B's width (about 4,096); Qwen3 pads every prompt to 512 tokens. The reference
             # tokens' keys and values are computed once per subject: the cost model counts them as if every
             # step ran them, an overestimate.
             step_tokens=StepTokens(
