@@ -263,6 +263,6 @@ def test_a_row_with_more_references_than_the_pipeline_takes_is_located_at_its_li
     with pytest.raises(ManifestError) as error:
         load_manifest("m.yaml", recipe="tiny-qwen-image-edit-2511")
     assert [str(p) for p in error.value.problems] == [
-        "products.csv:4: images: 4 reference images, more than the 3 the qwen-image-edit-2511 pipeline takes "
-        "(hint: list at most 3, or run a recipe that takes more)"
+        "products.csv:4: images: 4 reference images, more than the 3 the qwen-image-edit-2511 pipeline "
+        "(recipe tiny-qwen-image-edit-2511) conditions on (hint: keep at most 3 for this subject)"
     ]

@@ -22,12 +22,18 @@ PRESET_FILES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
 
 def test_packaged_presets_are_listed():
     assert [recipe.name for recipe in list_recipes()] == [
+        "flux2-dev",
+        "flux2-klein-4b",
+        "flux2-klein-9b-kv",
         "kontext-dev",
         "paper-internvl3-flux",
         "qwen-image-edit-2511",
         "qwen-image-edit-plus",
         "qwen2.5vl-flux",
         "tiny",
+        "tiny-flux2-dev",
+        "tiny-flux2-klein",
+        "tiny-flux2-klein-kv",
         "tiny-kontext",
         "tiny-qwen-image-edit",
         "tiny-qwen-image-edit-2511",

@@ -222,7 +222,7 @@ class _Resolver:
         if model is not None and head is not None:
             self.check_sampling_keys(head, model, recipe)
         if model is not None:
-            self.check_reference_limit(model, subjects)
+            self.check_reference_limit(model, recipe, subjects)
         # (`output_dir` is None only with a problem reported.)
         if self.problems or model is None or head is None or output_dir is None or None in self.subjects:
             return None
@@ -532,19 +532,22 @@ class _Resolver:
                         f"remove it; {block_name} reads: {block_reads}",
                     )
 
-    def check_reference_limit(self, model: ModelSpec, subjects: list[ResolvedSubject]) -> None:
-        """A subject with more references than its model takes is refused, not run on a model out of its
-        depth (`PipelineSpec.max_references`)."""
+    def check_reference_limit(
+        self, model: ModelSpec, recipe: Recipe | None, subjects: Sequence[ResolvedSubject]
+    ) -> None:
+        """A subject with more references (globs expanded) than the model's pipeline conditions on is an
+        error, rather than references silently left out."""
         spec = pipeline_spec(model.pipeline_class)
         if spec.max_references is None:
             return
+        used_by = f"the {spec.name} pipeline" + (f" (recipe {recipe.name})" if recipe is not None else "")
         for subject in subjects:
             if len(subject.references) > spec.max_references:
                 message = (
                     f"{len(subject.references)} reference images, more than the {spec.max_references} "
-                    f"the {spec.name} pipeline takes"
+                    f"{used_by} conditions on"
                 )
-                hint = f"list at most {spec.max_references}, or run a recipe that takes more"
+                hint = f"keep at most {spec.max_references} for this subject"
                 if subject.index in self.feed_rows:  # a feed's row: at its line
                     row, column = self.feed_rows[subject.index]
                     self.problems.append(row.problem(column, message, hint))
