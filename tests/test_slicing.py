@@ -47,6 +47,12 @@ def test_validate_prints_the_slice_and_refuses_a_pattern_that_matches_nothing(ma
     assert "  BP-2  class backpack: 1 references, 1 prompts, 1 jobs" in result.out
     assert "TP-1" not in result.out and "BP-3" not in result.out
     assert "jobs      1 (a slice of the 4 planned: --only, --limit)" in result.out
+    plan = json.loads(squeeze("validate", manifest, "--only", "BP-*", "--limit", "1", "--json").out)
+    assert (plan["jobs"], plan["jobs_in_the_whole_plan"], [s["name"] for s in plan["subjects"]]) == (
+        1,
+        4,
+        ["BP-2"],
+    )
     result = squeeze("validate", manifest, "--only", "TP-1,nothing*")
     assert result.code == 2
     assert result.err.strip() == (
