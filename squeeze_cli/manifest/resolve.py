@@ -192,6 +192,8 @@ class _Resolver:
             self.problem(("subjects",), *too_many_jobs(total, limit))
         if model is not None and head is not None:
             self.check_sampling_keys(head, model, recipe)
+        if recipe is not None and head is not None:
+            self.check_license(head, recipe)
         # (`output_dir` is None only with a problem reported.)
         if self.problems or model is None or head is None or output_dir is None or None in self.subjects:
             return None
@@ -406,6 +408,19 @@ class _Resolver:
             for key in unused_sampling_keys(name, sorted(level.explicit())):
                 where = path if path == ("recipe",) else (*path, key)
                 self.problem(where, f"`{key}` is not used by {used_by}", f"remove it; {name} reads: {reads}")
+
+    def check_license(self, head: Manifest, recipe: Recipe) -> None:
+        """Warn, once, that the recipe's weights may not be used commercially, unless acknowledged."""
+        if recipe.license.commercial_use is False and head.acknowledge_license != "non-commercial":
+            self.warnings.append(
+                self.document.problem(
+                    ("recipe",),
+                    f"recipe {recipe.name!r} runs weights under the {recipe.license.name}, which does not "
+                    "allow commercial use",
+                    "read the licence before using these images in a business; "
+                    "`acknowledge_license: non-commercial` in the manifest silences this warning",
+                )
+            )
 
     def check_prompt(
         self, path: FieldPath, params: SamplingParams, levels: list[tuple[FieldPath, SamplingOverrides]]

@@ -445,6 +445,8 @@ class Manifest(StrictModel):
     defaults: SamplingOverrides = Field(default_factory=SamplingOverrides)
     subjects: Annotated[list[Subject], Field(min_length=1)]
     quality: QualityGate | None = None
+    # Silences the warning about a recipe whose weights' licence does not allow commercial use.
+    acknowledge_license: Literal["non-commercial"] | None = None
 
     @field_validator("version")
     @classmethod

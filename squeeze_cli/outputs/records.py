@@ -71,6 +71,7 @@ def image_record(
     timings: Mapping[str, float | int],
     versions: Mapping[str, str] | None = None,
     pipeline: Mapping[str, Any] | None = None,
+    license: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The full record of one image: what the sidecar holds and the PNG's `squeeze` chunk embeds.
 
@@ -84,6 +85,8 @@ def image_record(
         versions (`dict`, *optional*): package versions; `package_versions()` when not given.
         pipeline (`dict`, *optional*): the pipeline that made the image: `name`, `class`,
             `distilled_guidance` and `sampling_parameters` (the params recorded are those it read).
+        license (`dict`, *optional*): the weights' licence: `name`, `commercial_use` (`None`: unknown)
+            and `url` (or `None`).
     """
     params = job.params.to_dict()
     if pipeline is not None:
@@ -105,6 +108,7 @@ def image_record(
         "steps_per_stage": _steps_per_stage(stage_plan),
         "references": list(job.references),
         "preset": preset_name,
+        **({"license": dict(license)} if license is not None else {}),
         "model": json_ready(dict(model_info)),
         "versions": dict(versions) if versions is not None else package_versions(),
         # Counts stay integers (`batch_size`); seconds are rounded.
