@@ -289,7 +289,7 @@ class Worker:
             record["process"] = self.processes.index
             if quality is not None:
                 record["quality"] = quality
-            outputs.save_image(self.out_dir, job, image, record)
+            outputs.save_image(self.out_dir, job, image, record, self.manifest.document.output.metadata)
             # Finished from here on (the sidecar is the marker), whatever happens to its index line: a
             # line that cannot be written is added by the repair at the start of the next run.
             self.succeeded.append(job.job_id)

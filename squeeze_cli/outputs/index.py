@@ -55,6 +55,20 @@ def index_entry(record: Mapping[str, Any]) -> dict[str, Any]:
         "seconds": (record.get("timings") or {}).get("total"),
         "created_at": record.get("created_at"),
         **({"quality": {k: quality[k] for k in ("passed", "attempts", "dino")}} if quality else {}),
+        **({"variants": variants} if (variants := variant_files(record)) else {}),
+    }
+
+
+def variant_files(record: Mapping[str, Any]) -> dict[str, str]:
+    """`{variant: file relative to OUT}` of the channel variants a sidecar records (a damaged entry is
+    left out: the variant is made again)."""
+    recorded = record.get("variants")
+    if not isinstance(recorded, Mapping):
+        return {}
+    return {
+        name: entry["file"]
+        for name, entry in recorded.items()
+        if isinstance(entry, Mapping) and isinstance(entry.get("file"), str)
     }
 
 

@@ -72,16 +72,22 @@ def png_mismatch(png: str | os.PathLike, record: Mapping[str, Any]) -> str | Non
     facts = record.get(PNG_FILE_KEY)
     if not isinstance(facts, dict):
         return "its sidecar records no size and sha256 for it (written by an older squeeze)"
+    return file_mismatch(png, facts)
+
+
+def file_mismatch(path: str | os.PathLike, facts: Mapping[str, Any]) -> str | None:
+    """Why the file at `path` is not the one a sidecar's `facts` (`{"size", "sha256"}`) vouch for; None
+    when it is."""
     size, sha256 = facts.get("size"), facts.get("sha256")
     if not isinstance(size, int) or not isinstance(sha256, str):
         return "its sidecar's size and sha256 are damaged"
     try:
-        info = os.lstat(png)
+        info = os.lstat(path)
         if not stat.S_ISREG(info.st_mode):  # not a file squeeze wrote (a link, a FIFO)
-            return f"does not match its sidecar: {file_kind(info.st_mode)}, not the PNG squeeze wrote"
+            return f"does not match its sidecar: {file_kind(info.st_mode)}, not the file squeeze wrote"
         if info.st_size != size:  # truncated or grown: cheap checks first
             return f"does not match its sidecar: {info.st_size:,} bytes, the sidecar records {size:,}"
-        if file_sha256(png) != sha256:
+        if file_sha256(path) != sha256:
             return "does not match its sidecar: its sha256 differs (edited or replaced)"
     except OSError as error:
         return f"cannot be read: {error.strerror or error}"
