@@ -30,7 +30,10 @@ SHOTS = {
     "tall-bottle": (product_shot((1000, 1000), (400, 40, 600, 960)), []),
     "small-product": (product_shot((1000, 1000), (250, 250, 750, 750)), ["min_fill"]),
     "touches-border": (product_shot((1000, 1000), (0, 50, 950, 950)), ["border_background"]),
-    "off-white": (product_shot((1000, 1000), (50, 50, 950, 950), background=(254, 254, 254)), ["border_background"]),
+    "off-white": (
+        product_shot((1000, 1000), (50, 50, 950, 950), background=(254, 254, 254)),
+        ["border_background"],
+    ),
     "too-small": (product_shot((900, 900), (30, 30, 870, 870)), ["min_longest_side"]),
 }
 
@@ -80,7 +83,9 @@ def test_text_report_says_pass_or_fail_per_image_and_counts(run_folder: Path, sq
     lines = result.out.splitlines()
     assert result.code == 1
     assert "pass  shop/passes.png: longest side 1000 px (≥ 1000), border 100.0% background" in lines[1]
-    assert any(line.startswith("FAIL  shop/small-product.png") and "fill 50.0% (≥ 85%)" in line for line in lines)
+    assert any(
+        line.startswith("FAIL  shop/small-product.png") and "fill 50.0% (≥ 85%)" in line for line in lines
+    )
     assert lines[-1] == "amazon-main on the masters: 2 passed, 4 failed"
 
 
@@ -99,7 +104,9 @@ def test_a_padded_jpeg_variant_keeps_a_pure_white_border(tmp_path: Path, squeeze
     (out / "shop/variants/amazon").mkdir(parents=True)
     (out / "shop/variants/amazon/000-s0.jpg").write_bytes(encode_variant(master, variant, {}, "none"))
     line = {"job_id": "a" * 16, "status": "ok", "image": "shop/000-s0.png"}
-    (out / "index.jsonl").write_text(json.dumps({**line, "variants": {"amazon": "shop/variants/amazon/000-s0.jpg"}}))
+    (out / "index.jsonl").write_text(
+        json.dumps({**line, "variants": {"amazon": "shop/variants/amazon/000-s0.jpg"}})
+    )
     result = squeeze("check", str(out), "--rules", "amazon-main", "--variant", "amazon", "--json")
     assert result.code == 0, result.out
     assert json.loads(result.out)["images"][0]["measured"]["border_background"] == 1.0

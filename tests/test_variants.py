@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageCms
+from test_outputs import make_job, make_record
 
 from squeeze_cli.manifest.schema import OutputVariant
 from squeeze_cli.outputs.records import PNG_PARAMETERS_KEY, PNG_RECORD_KEY, encode_png
 from squeeze_cli.outputs.variants import encode_variant, fit_image, srgb_profile
-from test_outputs import make_job, make_record
 
 MANIFEST = """\
 version: 1

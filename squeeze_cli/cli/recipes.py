@@ -22,5 +22,7 @@ def recipes_command(
     for preset in presets:
         typer.echo(f"{preset.name:<{width}}  {preset.description}")
         license = preset.license
-        typer.echo(f"{'':<{width}}  licence: {license.name}; commercial use: {commercial[license.commercial_use]}")
+        typer.echo(
+            f"{'':<{width}}  licence: {license.name}; commercial use: {commercial[license.commercial_use]}"
+        )
     typer.echo("\nShow one with `squeeze recipes NAME`; use it with `recipe: NAME` or `--recipe NAME`.")

@@ -317,7 +317,9 @@ class GenRun:
             return exit_code(signum)
         return EXIT_JOBS_FAILED if failures else EXIT_OK
 
-    def _make_variants(self, finished: dict[str, outputs.Finished], stopped: bool) -> dict[str, outputs.Finished]:
+    def _make_variants(
+        self, finished: dict[str, outputs.Finished], stopped: bool
+    ) -> dict[str, outputs.Finished]:
         """The channel variants (`output.variants`) of this run's finished images that are missing or of
         another spec; returns `finished` with their index lines. A stopped run leaves them to the next."""
         output = self.manifest.document.output
@@ -332,7 +334,9 @@ class GenRun:
             should_stop=lambda: self.stop.signum is not None,
         )
         if made:
-            self.reporter.status(f"variants: {made} files made ({', '.join(v.name for v in output.variants)})")
+            self.reporter.status(
+                f"variants: {made} files made ({', '.join(v.name for v in output.variants)})"
+            )
         return finished
 
     def _draw_views(self, finished: dict[str, Any] | None) -> None:

@@ -415,8 +415,8 @@ class _Resolver:
             self.warnings.append(
                 self.document.problem(
                     ("recipe",),
-                    f"recipe {recipe.name!r} runs weights under the {recipe.license.name}, which does not "
-                    "allow commercial use",
+                    f"{recipe.name!r} runs weights under the {recipe.license.name}, which does not allow "
+                    "commercial use",
                     "read the licence before using these images in a business; "
                     "`acknowledge_license: non-commercial` in the manifest silences this warning",
                 )

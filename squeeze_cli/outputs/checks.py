@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from PIL import Image, ImageChops
-from pydantic import AfterValidator, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import AfterValidator, Field, StrictInt, StrictStr
 
 from squeeze_cli.errors import EXIT_INVALID, ManifestError, SqueezeError
 from squeeze_cli.manifest.located import load_yaml
@@ -150,7 +150,11 @@ def measure(image: Image.Image, rules: RuleSet) -> dict[str, float | int]:
     if rules.min_fill is not None:
         product = largest.point(lambda value: 255 if value > rules.product_difference else 0).getbbox()
         width, height = rgb.size
-        fill = 0.0 if product is None else max((product[2] - product[0]) / width, (product[3] - product[1]) / height)
+        fill = (
+            0.0
+            if product is None
+            else max((product[2] - product[0]) / width, (product[3] - product[1]) / height)
+        )
         measured["fill"] = round(fill, 4)
     return measured
 
@@ -224,7 +228,9 @@ def format_report(report: CheckReport) -> str:
     lines = []
     for check in report.images:
         verdict = "pass" if check.passed else "FAIL"
-        numbers = check.error or ", ".join(_describe(key, value, report.rules) for key, value in check.measured.items())
+        numbers = check.error or ", ".join(
+            _describe(key, value, report.rules) for key, value in check.measured.items()
+        )
         broken = f"  (breaks {', '.join(check.failed)})" if check.failed else ""
         lines.append(f"{verdict}  {check.image}: {numbers}{broken}")
     lines.append(

@@ -24,7 +24,7 @@ SHARDS_DIR_NAME = "shards"  # OUT/shards/<I>-of-<N>/ holds one shard's run files
 # OUT/.stale/<UTC time>/<subject>/: images of jobs the plan no longer has, moved out of the way. It starts
 # with `.`, so no subject can take it (`check_subject_name`).
 STALE_DIR_NAME = ".stale"
-# OUT/<subject>/variants/<variant>/<stem>.<ext>: the channel copies of the subject's images (`output.variants`).
+# OUT/<subject>/variants/<variant>/<stem>.<ext>: channel copies of the images (`output.variants`).
 VARIANTS_DIR_NAME = "variants"
 VARIANT_EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png"}
 # What `squeeze eval` writes at the top of OUT (squeeze_cli/eval/).
