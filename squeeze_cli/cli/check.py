@@ -46,7 +46,7 @@ def check(
     json_output: JsonOpt = False,
 ) -> int:
     """Check a run's images against a marketplace's rules: per image pass or fail, with the numbers."""
-    from squeeze_cli.outputs.checks import check_run, format_report, load_rules
+    from squeeze_cli.outputs import check_run, format_report, load_rules
 
     try:
         report = check_run(out, load_rules(rules), variant)

@@ -45,7 +45,7 @@ def status(
 ) -> int:
     """Say how far a run folder is: per subject done / failed / pending, shards included."""
     from squeeze_cli.gen.status import format_status, merge_run, run_status
-    from squeeze_cli.outputs.checks import check_run, format_report, load_rules
+    from squeeze_cli.outputs import check_run, format_report, load_rules
 
     if variant is not None and rules is None:
         raise typer.BadParameter("--variant says which images --rules checks: give --rules too")

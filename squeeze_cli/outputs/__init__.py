@@ -38,6 +38,7 @@ Guarantees the runner builds on:
   `repair_index` rebuilds it from the sidecars at the start of a run.
 """
 
+from .checks import check_run, format_report, load_rules  # noqa: F401
 from .files import (  # noqa: F401
     OutputWriteError,
     atomic_write_bytes,
