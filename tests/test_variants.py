@@ -251,3 +251,47 @@ def _bytes(data: bytes):
     import io
 
     return io.BytesIO(data)
+
+
+# Stale images, killed runs and the tree ---------------------------------------------------------------
+
+
+def fresh_project(tmp_path: Path) -> Path:
+    shutil.copytree(Path(__file__).parents[1] / "examples" / "images", tmp_path / "images")
+    return write_manifest(tmp_path)
+
+
+def test_a_stale_image_moves_to_stale_with_its_variants(tmp_path: Path, squeeze) -> None:
+    manifest = fresh_project(tmp_path)
+    assert squeeze("gen", str(manifest), "--quiet").code == 0
+    old = json.loads((tmp_path / "out/dog/000-s0.json").read_text())
+    manifest.write_text(manifest.read_text().replace("on a rug", "on a sofa"))  # new job ids, same names
+    result = squeeze("gen", str(manifest), "--quiet")
+    assert result.code == 0, result.err[-3000:]
+    (stale,) = (tmp_path / "out/.stale").iterdir()
+    for pattern in VARIANT_FILES.values():
+        assert (stale / pattern.format(seed=0)).is_file()  # moved, under the same name
+    assert json.loads((stale / "dog/000-s0.json").read_text())["job_id"] == old["job_id"]
+    new = json.loads((tmp_path / "out/dog/000-s0.json").read_text())
+    assert new["prompt"] == "a dog on a sofa" and set(new["variants"]) == set(VARIANT_FILES)
+    assert (tmp_path / "out" / VARIANT_FILES["amazon"].format(seed=0)).is_file()
+
+
+def test_a_killed_runs_temporary_variant_files_are_removed(tmp_path: Path, squeeze) -> None:
+    manifest = fresh_project(tmp_path)
+    leftover = tmp_path / "out/dog/variants/amazon/.000-s0.jpg.999999999.tmp"  # no such process
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half a jpeg")
+    assert squeeze("gen", str(manifest), "--quiet").code == 0
+    assert not leftover.exists()
+
+
+def test_a_link_in_place_of_a_variants_folder_is_refused_before_loading(tmp_path: Path, squeeze) -> None:
+    manifest = fresh_project(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out/dog/variants").mkdir(parents=True)
+    (tmp_path / "out/dog/variants/amazon").symlink_to(tmp_path / "elsewhere")
+    result = squeeze("gen", str(manifest), "--quiet")
+    assert result.code == 2
+    assert result.err.startswith(f"error: {tmp_path / 'out/dog/variants/amazon'} is a symbolic link")
+    assert not (tmp_path / "out/dog/000-s0.png").exists() and list((tmp_path / "elsewhere").iterdir()) == []

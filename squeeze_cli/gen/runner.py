@@ -148,7 +148,9 @@ class GenRun:
         early."""
         # A file, a link or a FIFO in the way is reported now, before the model loads (and before the locks,
         # whose files it checks too).
-        outputs.check_output_tree(self.out_dir, self.run_dir, self.jobs)
+        outputs.check_output_tree(
+            self.out_dir, self.run_dir, self.jobs, self.manifest.document.output.variants
+        )
         if self.lock is not None and self.run_dir.is_dir():
             self.lock.acquire()
         if self.layout_lock is not None and self.out_dir.is_dir():
