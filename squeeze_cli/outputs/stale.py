@@ -100,7 +100,7 @@ def find_stale(
                 continue
             record = read_sidecar(entry.path)
             job_id = record.get("job_id") if record is not None else None
-            if isinstance(job_id, str) and job_id not in planned:
+            if record is not None and isinstance(job_id, str) and job_id not in planned:
                 stale.append(StaleImage(folder, stem, job_id, _own_variants(record, folder, stem)))
     return stale
 
