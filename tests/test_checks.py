@@ -155,3 +155,24 @@ def test_a_rules_file_with_problems_is_located(run_folder: Path, write_file, squ
 def test_a_folder_without_an_index_exits_2(tmp_path: Path, squeeze) -> None:
     result = squeeze("check", str(tmp_path), "--rules", "amazon-main")
     assert result.code == 2 and "has no index.jsonl" in result.err
+
+
+def test_a_damaged_index_line_or_a_fifo_fails_that_image_only(run_folder: Path, squeeze) -> None:
+    import os
+
+    os.mkfifo(run_folder / "shop" / "fifo.png")
+    lines = [
+        {
+            "job_id": "1" * 16,
+            "status": "ok",
+            "image": "shop/passes.png",
+            "variants": {"v": "../../outside.jpg"},
+        },
+        {"job_id": "2" * 16, "status": "ok", "image": "shop/fifo.png", "variants": {"v": "shop/fifo.png"}},
+    ]
+    (run_folder / "index.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = squeeze("check", str(run_folder), "--rules", "amazon-main", "--variant", "v", "--json")
+    assert result.code == 1
+    errors = {check["image"]: check["error"] for check in json.loads(result.out)["images"]}
+    assert "outside the output directory" in errors["../../outside.jpg"]
+    assert errors["shop/fifo.png"] == "cannot be read: not a regular file (a FIFO (named pipe))"

@@ -28,8 +28,8 @@ from squeeze_cli.manifest.located import load_yaml
 from squeeze_cli.manifest.schema import StrictModel, non_empty
 from squeeze_cli.manifest.schema_errors import validate_schema
 from squeeze_cli.outputs.index import read_index
-from squeeze_cli.outputs.layout import safe_join
-from squeeze_cli.reading import MANIFEST_MAX_BYTES, read_regular_file
+from squeeze_cli.outputs.layout import UnsafeOutputPathError, safe_join
+from squeeze_cli.reading import MANIFEST_MAX_BYTES, open_regular_file, read_regular_file
 
 RULES_PACKAGE = "squeeze_cli.outputs"
 RULES_FOLDER = "rules"
@@ -183,8 +183,12 @@ def check_file(out_dir: Path, image: str, rules: RuleSet) -> ImageCheck:
     """One image (a name relative to `out_dir`) against `rules`."""
     check = ImageCheck(image)
     try:
-        with Image.open(safe_join(out_dir, *image.split("/"))) as opened:
+        # A regular file only: a FIFO at an image's name must not hang the check.
+        with open_regular_file(safe_join(out_dir, *image.split("/"))) as file, Image.open(file) as opened:
             check.measured = measure(opened, rules)
+    except UnsafeOutputPathError as error:  # a damaged index line naming a file outside OUT
+        check.error = error.message
+        return check
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         check.error = f"cannot be read: {getattr(error, 'strerror', None) or error}"
         return check

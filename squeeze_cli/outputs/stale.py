@@ -15,7 +15,7 @@ import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from squeeze_cli.outputs.files import OutputWriteError, fsync_dir
@@ -23,9 +23,11 @@ from squeeze_cli.outputs.index import variant_files
 from squeeze_cli.outputs.layout import (
     RESERVED_NAMES,
     STALE_DIR_NAME,
+    VARIANT_EXTENSIONS,
     contact_sheet_page,
     image_stem,
     safe_join,
+    variant_name,
 )
 from squeeze_cli.outputs.records import read_sidecar
 
@@ -106,10 +108,16 @@ def find_stale(
 
 
 def _own_variants(record: Mapping[str, Any], folder: str, stem: str) -> tuple[str, ...]:
-    """The variant files a sidecar records that carry its own name (one made under an older name may
-    since hold another image's variant: it stays)."""
-    files = variant_files(record).values()
-    return tuple(file for file in files if file.startswith(f"{folder}/") and PurePosixPath(file).stem == stem)
+    """The variant files a sidecar records under the names its own image gives them (one made under an
+    older name may since hold another image's variant, and a damaged sidecar may name anything: those
+    stay)."""
+    return tuple(
+        file
+        for name, file in variant_files(record).items()
+        if "/" not in name
+        and name not in (".", "..")
+        and file in {variant_name(folder, stem, name, image_format) for image_format in VARIANT_EXTENSIONS}
+    )
 
 
 def find_stale_views(out_dir: str | os.PathLike, jobs: Iterable[Job]) -> list[str]:

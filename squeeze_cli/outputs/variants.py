@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import ExifTags, Image, ImageCms, ImageColor, ImageOps
 
 from squeeze_cli.outputs.files import atomic_write_bytes, atomic_write_json
-from squeeze_cli.outputs.index import index_entry
+from squeeze_cli.outputs.index import variant_files
 from squeeze_cli.outputs.layout import safe_join, subject_dir, variant_name
 from squeeze_cli.outputs.records import PNG_FILE_KEY, png_text_chunks, published_parameters, read_sidecar
 from squeeze_cli.outputs.resume import Finished, file_mismatch
@@ -117,9 +117,9 @@ def make_variants(
     out_dir = Path(out_dir)
     result, made = dict(finished), 0
     specs = [(variant, variant_spec(variant, metadata)) for variant in variants]
-    for job in jobs:
+    for job in jobs if specs else ():
         found = finished.get(job.job_id)
-        if found is None or not specs:
+        if found is None:
             continue
         if should_stop():
             break
@@ -153,10 +153,6 @@ def make_variants(
                 made += 1
         record["variants"] = recorded
         atomic_write_json(sidecar, record)
-        result[job.job_id] = Finished(found.stem, found.sha256, {**found.entry, **_variants_field(record)})
+        entry = {**found.entry, "variants": variant_files(record)}
+        result[job.job_id] = Finished(found.stem, found.sha256, entry)
     return result, made
-
-
-def _variants_field(record: Mapping[str, Any]) -> dict[str, Any]:
-    entry = index_entry(record)
-    return {"variants": entry["variants"]} if "variants" in entry else {}
