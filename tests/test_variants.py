@@ -295,3 +295,19 @@ def test_a_link_in_place_of_a_variants_folder_is_refused_before_loading(tmp_path
     assert result.code == 2
     assert result.err.startswith(f"error: {tmp_path / 'out/dog/variants/amazon'} is a symbolic link")
     assert not (tmp_path / "out/dog/000-s0.png").exists() and list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_a_stale_image_takes_only_the_variants_under_its_own_name(tmp_path: Path) -> None:
+    from squeeze_cli.outputs.stale import find_stale
+
+    (tmp_path / "dog").mkdir()
+    files = {
+        "amazon": "dog/variants/amazon/000-s0.jpg",  # its own
+        "moved": "dog/variants/moved/001-s0.jpg",  # made under an older name: another image's now
+        "..": "dog/variants/../000-s0.jpg",  # a damaged sidecar
+        "far": "../../000-s0.jpg",
+    }
+    sidecar = {"job_id": "f" * 16, "variants": {name: {"file": file} for name, file in files.items()}}
+    (tmp_path / "dog/000-s0.json").write_text(json.dumps(sidecar))
+    (stale,) = find_stale(tmp_path, [])
+    assert stale.variants == ("dog/variants/amazon/000-s0.jpg",)
