@@ -80,6 +80,14 @@ def test_every_finished_image_gets_its_variants_recorded_in_sidecar_and_index(ru
             assert Image.open(out / file).info["icc_profile"] == srgb_profile()
 
 
+def test_the_resolved_manifest_keeps_the_variants_and_replans_the_run(run: Path, squeeze) -> None:
+    import yaml
+
+    resolved = yaml.safe_load((run / "out/manifest.resolved.yaml").read_text())
+    assert [variant["name"] for variant in resolved["output"]["variants"]] == list(VARIANT_FILES)
+    assert squeeze("status", str(run / "out")).code == 0  # it loads, and every job is done
+
+
 def test_jpeg_and_webp_carry_the_parameters_as_a1111_tools_read_them(run: Path) -> None:
     from sd_parsers import ParserManager
 
