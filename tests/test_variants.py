@@ -104,19 +104,22 @@ def test_jpeg_and_webp_carry_the_parameters_as_a1111_tools_read_them(run: Path) 
 
 
 @pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool is not installed")
-def test_exiftool_reads_the_parameters_of_jpeg_and_webp(run: Path) -> None:
+def test_exiftool_reads_the_parameters_and_the_srgb_profile_of_every_format(run: Path) -> None:
+    from squeeze_cli.outputs.records import read_png_parameters
+
     out = run / "out"
-    for name in ("amazon", "social"):
+    parameters = read_png_parameters(out / "dog/000-s0.png")
+    for name, tag in (("amazon", "UserComment"), ("social", "UserComment"), ("thumb", "Parameters")):
         path = out / VARIANT_FILES[name].format(seed=0)
         shown = subprocess.run(
-            ["exiftool", "-j", "-UserComment", "-ICC_Profile:ProfileDescription", str(path)],
+            ["exiftool", "-j", f"-{tag}", "-ICC_Profile:ProfileDescription", str(path)],
             capture_output=True,
             text=True,
             check=True,
         )
         tags = json.loads(shown.stdout)[0]
-        assert tags["UserComment"].startswith("a dog on a rug") and "Seed: 0" in tags["UserComment"]
-        assert "sRGB" in tags["ProfileDescription"]
+        assert tags[tag] == parameters, name
+        assert tags["ProfileDescription"] == "sRGB built-in"
 
 
 def test_a_rerun_leaves_everything_alone_and_a_changed_spec_redoes_only_that_variant(
