@@ -322,3 +322,25 @@ def test_a_stale_image_takes_only_the_variants_under_its_own_name(tmp_path: Path
     (tmp_path / "dog/000-s0.json").write_text(json.dumps(sidecar))
     (stale,) = find_stale(tmp_path, [])
     assert stale.variants == ("dog/variants/amazon/000-s0.jpg",)
+
+
+def test_variants_move_with_their_image_when_its_prompt_moves(tmp_path: Path, squeeze) -> None:
+    manifest = fresh_project(tmp_path)
+    assert squeeze("gen", str(manifest), "--quiet").code == 0
+    out = tmp_path / "out"
+    made = {name: (out / pattern.format(seed=0)).stat().st_ino for name, pattern in VARIANT_FILES.items()}
+    # A new first prompt: the old prompt's images move from 000-s* to 001-s*, and keep their variants.
+    manifest.write_text(manifest.read_text().replace('prompts: ["a', 'prompts: ["a {class} in a box", "a'))
+    result = squeeze("gen", str(manifest), "--quiet")
+    assert result.code == 0, result.err[-3000:]
+    sidecar = json.loads((out / "dog/001-s0.json").read_text())
+    assert sidecar["prompt"] == "a dog on a rug"
+    index = {line["image"]: line for line in map(json.loads, (out / "index.jsonl").read_text().splitlines())}
+    for name, pattern in VARIANT_FILES.items():
+        moved = pattern.format(seed=0).replace("/000-", "/001-")
+        assert (out / moved).stat().st_ino == made[name]  # renamed, not made again
+        assert sidecar["variants"][name]["file"] == moved == index["dog/001-s0.png"]["variants"][name]
+        # The new prompt's image has its own variant at the old name.
+        assert json.loads((out / "dog/000-s0.json").read_text())["variants"][name]["file"] == pattern.format(
+            seed=0
+        )

@@ -23,11 +23,13 @@ from squeeze_cli.outputs.files import (
 )
 from squeeze_cli.outputs.layout import (
     INDEX_NAME,
+    VARIANT_EXTENSIONS,
     image_name,
     index_path,
     position_stem,
     resolved_manifest_path,
     run_summary_path,
+    variant_name,
 )
 from squeeze_cli.reading import INDEX_MAX_BYTES, FileTooLargeError, file_kind, read_regular_file
 
@@ -69,6 +71,19 @@ def variant_files(record: Mapping[str, Any]) -> dict[str, str]:
         name: entry["file"]
         for name, entry in recorded.items()
         if isinstance(entry, Mapping) and isinstance(entry.get("file"), str)
+    }
+
+
+def own_variant_files(record: Mapping[str, Any], folder: str, stem: str) -> dict[str, str]:
+    """`{variant: file}` of the variants a sidecar records under the names its own image (`<folder>/<stem>`)
+    gives them. One made under an older name may since hold another image's variant, and a damaged sidecar
+    may name anything: those are left out, so moving an image's variants moves nothing else."""
+    return {
+        name: file
+        for name, file in variant_files(record).items()
+        if "/" not in name
+        and name not in (".", "..")
+        and file in {variant_name(folder, stem, name, image_format) for image_format in VARIANT_EXTENSIONS}
     }
 
 

@@ -19,12 +19,12 @@ import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from squeeze_cli.outputs.files import OutputWriteError, atomic_write_json, fsync_dir
-from squeeze_cli.outputs.index import index_entry
-from squeeze_cli.outputs.layout import image_stem, subject_dir
+from squeeze_cli.outputs.index import index_entry, own_variant_files, variant_files
+from squeeze_cli.outputs.layout import image_stem, safe_join, subject_dir
 from squeeze_cli.outputs.records import PNG_FILE_KEY, read_sidecar
 from squeeze_cli.reading import file_kind
 
@@ -219,6 +219,14 @@ def _move(directory: Path, job: Job, found: Finished, stem: str) -> Finished:
     if record is None:  # changed under us since the scan: keep it where it is, it is checked next run
         return found
     subject = directory.name
+    # Its channel variants move with it (kept, not made again); killed before they do, the sidecar names
+    # files that are not there yet, and the variants are made again.
+    variant_moves = {
+        name: (file, f"{file.rsplit('/', 1)[0]}/{stem}{PurePosixPath(file).suffix}")
+        for name, file in own_variant_files(record, subject, found.stem).items()
+    }
+    for name, (_, new_file) in variant_moves.items():
+        record["variants"][name]["file"] = new_file
     record.update(
         job_index=job.index,
         subject_index=job.subject_index,
@@ -231,10 +239,27 @@ def _move(directory: Path, job: Job, found: Finished, stem: str) -> Finished:
     except OSError as error:
         raise OutputWriteError.from_os_error(new_png, error, "rename a finished image to") from error
     fsync_dir(directory)
+    for old_file, new_file in variant_moves.values():
+        _rename_variant(directory.parent, old_file, new_file)
     try:
         old_sidecar.unlink(missing_ok=True)
     except OSError as error:
         raise OutputWriteError.from_os_error(old_sidecar, error, "remove the moved sidecar") from error
     entry = dict(found.entry, prompt_index=job.prompt_index)
     entry["image"], entry["sidecar"] = record["files"]["image"], record["files"]["sidecar"]
+    if variant_moves:
+        entry["variants"] = variant_files(record)
     return Finished(stem, found.sha256, entry)
+
+
+def _rename_variant(out_dir: Path, old_file: str, new_file: str) -> None:
+    old_path, new_path = safe_join(out_dir, *old_file.split("/")), safe_join(out_dir, *new_file.split("/"))
+    try:
+        if not stat.S_ISREG(os.lstat(old_path).st_mode):
+            return  # not the file squeeze wrote: the variant is made again
+        os.replace(old_path, new_path)
+    except FileNotFoundError:
+        return  # gone: made again
+    except OSError as error:
+        raise OutputWriteError.from_os_error(new_path, error, "rename a channel variant to") from error
+    fsync_dir(new_path.parent)

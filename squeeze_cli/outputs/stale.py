@@ -16,18 +16,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from squeeze_cli.outputs.files import OutputWriteError, fsync_dir
-from squeeze_cli.outputs.index import variant_files
+from squeeze_cli.outputs.index import own_variant_files
 from squeeze_cli.outputs.layout import (
     RESERVED_NAMES,
     STALE_DIR_NAME,
-    VARIANT_EXTENSIONS,
     contact_sheet_page,
     image_stem,
     safe_join,
-    variant_name,
 )
 from squeeze_cli.outputs.records import read_sidecar
 
@@ -103,21 +101,9 @@ def find_stale(
             record = read_sidecar(entry.path)
             job_id = record.get("job_id") if record is not None else None
             if record is not None and isinstance(job_id, str) and job_id not in planned:
-                stale.append(StaleImage(folder, stem, job_id, _own_variants(record, folder, stem)))
+                variants = tuple(own_variant_files(record, folder, stem).values())
+                stale.append(StaleImage(folder, stem, job_id, variants))
     return stale
-
-
-def _own_variants(record: Mapping[str, Any], folder: str, stem: str) -> tuple[str, ...]:
-    """The variant files a sidecar records under the names its own image gives them (one made under an
-    older name may since hold another image's variant, and a damaged sidecar may name anything: those
-    stay)."""
-    return tuple(
-        file
-        for name, file in variant_files(record).items()
-        if "/" not in name
-        and name not in (".", "..")
-        and file in {variant_name(folder, stem, name, image_format) for image_format in VARIANT_EXTENSIONS}
-    )
 
 
 def find_stale_views(out_dir: str | os.PathLike, jobs: Iterable[Job]) -> list[str]:
