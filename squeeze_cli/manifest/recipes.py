@@ -83,7 +83,9 @@ def list_recipes() -> list[Recipe]:
     return [load_recipe(name) for name in sorted(_packaged())]
 
 
-def _is_path(name_or_path: str) -> bool:
+def is_file_path(name_or_path: str) -> bool:
+    """Whether a `--recipe` or `--rules` value names a file (has a `/` or ends in `.yaml`/`.yml`) rather
+    than something packaged."""
     return "/" in name_or_path or os.sep in name_or_path or name_or_path.endswith(RECIPE_SUFFIXES)
 
 
@@ -112,7 +114,7 @@ def load_recipe(
         `RecipeError`: unknown name (the message lists the known ones) or unreadable file.
         `ManifestError`: the recipe file has problems, each located in it.
     """
-    if _is_path(name_or_path):
+    if is_file_path(name_or_path):
         path = Path(relative_to or ".") / Path(name_or_path).expanduser()
         try:
             # A regular file only, read up to a limit: `/dev/urandom` must not hang or eat the memory.

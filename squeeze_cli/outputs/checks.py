@@ -25,10 +25,11 @@ from pydantic import AfterValidator, Field, StrictInt, StrictStr
 
 from squeeze_cli.errors import EXIT_INVALID, ManifestError, SqueezeError
 from squeeze_cli.manifest.located import load_yaml
+from squeeze_cli.manifest.recipes import is_file_path
 from squeeze_cli.manifest.schema import StrictModel, non_empty
 from squeeze_cli.manifest.schema_errors import validate_schema
 from squeeze_cli.outputs.index import read_index
-from squeeze_cli.outputs.layout import UnsafeOutputPathError, safe_join
+from squeeze_cli.outputs.layout import INDEX_NAME, UnsafeOutputPathError, safe_join
 from squeeze_cli.reading import MANIFEST_MAX_BYTES, open_regular_file, read_regular_file
 
 RULES_PACKAGE = "squeeze_cli.outputs"
@@ -113,7 +114,7 @@ def load_rules(name_or_path: str) -> RuleSet:
         `RulesError`: unknown name (the message lists the known ones) or unreadable file.
         `ManifestError`: the file has problems, each located in it.
     """
-    if "/" in name_or_path or os.sep in name_or_path or name_or_path.endswith((".yaml", ".yml")):
+    if is_file_path(name_or_path):
         path = Path(name_or_path).expanduser()
         try:
             text = read_regular_file(path, MANIFEST_MAX_BYTES).decode("utf-8")
@@ -143,8 +144,8 @@ def measure(image: Image.Image, rules: RuleSet) -> dict[str, float | int]:
     measured: dict[str, float | int] = {"longest_side": max(image.size)}
     rgb = image.convert("RGB")
     # Per pixel, the largest channel difference from the background.
-    difference = ImageChops.difference(rgb, Image.new("RGB", rgb.size, rules.background))
-    largest = ImageChops.lighter(ImageChops.lighter(*difference.split()[:2]), difference.split()[2])
+    red, green, blue = ImageChops.difference(rgb, Image.new("RGB", rgb.size, rules.background)).split()
+    largest = ImageChops.lighter(ImageChops.lighter(red, green), blue)
     if rules.border_background is not None:
         measured["border_background"] = round(_border_share(largest), 4)
     if rules.min_fill is not None:
@@ -204,9 +205,9 @@ def check_run(out_dir: str | os.PathLike, rules: RuleSet, variant: str | None = 
         `RulesError`: `out_dir` has no run index.
     """
     out = Path(out_dir)
-    if not (out / "index.jsonl").is_file():
+    if not (out / INDEX_NAME).is_file():
         raise RulesError(
-            f"{out} has no index.jsonl: it is not the output folder of a finished `squeeze gen` run",
+            f"{out} has no {INDEX_NAME}: it is not the output folder of a finished `squeeze gen` run",
             "give the folder `squeeze gen` wrote (after a --shard run, `squeeze status OUT --merge` first)",
         )
     checks = []
