@@ -30,6 +30,7 @@ from squeeze_cli.manifest.schema import StrictModel, non_empty
 from squeeze_cli.manifest.schema_errors import validate_schema
 from squeeze_cli.outputs.index import read_index
 from squeeze_cli.outputs.layout import INDEX_NAME, UnsafeOutputPathError, safe_join
+from squeeze_cli.outputs.records import VARIANTS_KEY
 from squeeze_cli.reading import MANIFEST_MAX_BYTES, open_regular_file, read_regular_file
 
 RULES_PACKAGE = "squeeze_cli.outputs"
@@ -215,7 +216,7 @@ def check_run(out_dir: str | os.PathLike, rules: RuleSet, variant: str | None = 
         if variant is None:
             checks.append(check_file(out, line["image"], rules))
             continue
-        file = (line.get("variants") or {}).get(variant)
+        file = (line.get(VARIANTS_KEY) or {}).get(variant)
         if isinstance(file, str):
             checks.append(check_file(out, file, rules))
         else:

@@ -31,6 +31,7 @@ from squeeze_cli.outputs.layout import (
     run_summary_path,
     variant_name,
 )
+from squeeze_cli.outputs.records import VARIANTS_KEY
 from squeeze_cli.reading import INDEX_MAX_BYTES, FileTooLargeError, file_kind, read_regular_file
 
 if TYPE_CHECKING:
@@ -57,14 +58,14 @@ def index_entry(record: Mapping[str, Any]) -> dict[str, Any]:
         "seconds": (record.get("timings") or {}).get("total"),
         "created_at": record.get("created_at"),
         **({"quality": {k: quality[k] for k in ("passed", "attempts", "dino")}} if quality else {}),
-        **({"variants": variants} if (variants := variant_files(record)) else {}),
+        **({VARIANTS_KEY: variants} if (variants := variant_files(record)) else {}),
     }
 
 
 def variant_files(record: Mapping[str, Any]) -> dict[str, str]:
     """`{variant: file relative to OUT}` of the channel variants a sidecar records (a damaged entry is
     left out: the variant is made again)."""
-    recorded = record.get("variants")
+    recorded = record.get(VARIANTS_KEY)
     if not isinstance(recorded, Mapping):
         return {}
     return {

@@ -34,6 +34,9 @@ PNG_RECORD_KEY = "squeeze"  # the full JSON record
 RECORD_FORMAT = 1  # bumped when a field changes meaning
 # The sidecar's own field: the PNG's `{"size", "sha256"}`, which the PNG cannot carry about itself.
 PNG_FILE_KEY = "png"
+# The sidecar's record of the image's channel variants (`outputs/variants.py`), also a field of its
+# `index.jsonl` line (`{name: file}` there).
+VARIANTS_KEY = "variants"
 
 
 # ----------------------------------------------------------------------------------------------------

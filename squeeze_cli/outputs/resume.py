@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from squeeze_cli.outputs.files import OutputWriteError, atomic_write_json, fsync_dir
 from squeeze_cli.outputs.index import index_entry, own_variant_files, variant_files
 from squeeze_cli.outputs.layout import image_stem, safe_join, subject_dir
-from squeeze_cli.outputs.records import PNG_FILE_KEY, read_sidecar
+from squeeze_cli.outputs.records import PNG_FILE_KEY, VARIANTS_KEY, read_sidecar
 from squeeze_cli.reading import file_kind
 
 if TYPE_CHECKING:
@@ -226,7 +226,7 @@ def _move(directory: Path, job: Job, found: Finished, stem: str) -> Finished:
         for name, file in own_variant_files(record, subject, found.stem).items()
     }
     for name, (_, new_file) in variant_moves.items():
-        record["variants"][name]["file"] = new_file
+        record[VARIANTS_KEY][name]["file"] = new_file
     record.update(
         job_index=job.index,
         subject_index=job.subject_index,
@@ -248,7 +248,7 @@ def _move(directory: Path, job: Job, found: Finished, stem: str) -> Finished:
     entry = dict(found.entry, prompt_index=job.prompt_index)
     entry["image"], entry["sidecar"] = record["files"]["image"], record["files"]["sidecar"]
     if variant_moves:
-        entry["variants"] = variant_files(record)
+        entry[VARIANTS_KEY] = variant_files(record)
     return Finished(stem, found.sha256, entry)
 
 

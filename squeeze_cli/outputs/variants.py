@@ -21,7 +21,13 @@ from PIL import ExifTags, Image, ImageCms, ImageColor, ImageOps
 from squeeze_cli.outputs.files import atomic_write_bytes, atomic_write_json
 from squeeze_cli.outputs.index import variant_files
 from squeeze_cli.outputs.layout import safe_join, subject_dir, variant_name
-from squeeze_cli.outputs.records import PNG_FILE_KEY, png_text_chunks, published_parameters, read_sidecar
+from squeeze_cli.outputs.records import (
+    PNG_FILE_KEY,
+    VARIANTS_KEY,
+    png_text_chunks,
+    published_parameters,
+    read_sidecar,
+)
 from squeeze_cli.outputs.resume import Finished, file_mismatch
 
 if TYPE_CHECKING:
@@ -127,7 +133,7 @@ def make_variants(
         record = read_sidecar(sidecar)
         if record is None or record.get("job_id") != job.job_id:
             continue  # changed since the resume scan: the next run looks again
-        recorded = record.get("variants")
+        recorded = record.get(VARIANTS_KEY)
         recorded = dict(recorded) if isinstance(recorded, Mapping) else {}
         names = [variant_name(job.subject, found.stem, v.name, v.format) for v, _ in specs]
         todo = [
@@ -138,7 +144,7 @@ def make_variants(
         if not todo:
             continue
         # What the master's `squeeze` chunk holds: the sidecar without its own fields.
-        embedded = {key: value for key, value in record.items() if key not in (PNG_FILE_KEY, "variants")}
+        embedded = {key: value for key, value in record.items() if key not in (PNG_FILE_KEY, VARIANTS_KEY)}
         with Image.open(sidecar.with_suffix(".png")) as master:
             master.load()
             for variant, spec, name in todo:
@@ -151,8 +157,8 @@ def make_variants(
                     "sha256": hashlib.sha256(data).hexdigest(),
                 }
                 made += 1
-        record["variants"] = recorded
+        record[VARIANTS_KEY] = recorded
         atomic_write_json(sidecar, record)
-        entry = {**found.entry, "variants": variant_files(record)}
+        entry = {**found.entry, VARIANTS_KEY: variant_files(record)}
         result[job.job_id] = Finished(found.stem, found.sha256, entry)
     return result, made
