@@ -49,9 +49,15 @@ def write_manifest(project: Path, *, metadata: str = "full", social_quality: int
     return path
 
 
-def inodes(out: Path) -> dict[str, int]:
-    """Each file's inode: an atomic rewrite gives a new one, so an unchanged inode is a file left alone."""
-    return {str(path.relative_to(out)): path.stat().st_ino for path in sorted(out.rglob("*.*"))}
+def identities(out: Path) -> dict[str, tuple[int, int]]:
+    """Each file's inode and modification time: an atomic rewrite, a run later, changes them (the inode
+    alone may be reused), a rename keeps both."""
+    return {str(path.relative_to(out)): _identity(path) for path in sorted(out.rglob("*.*"))}
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_ino, info.st_mtime_ns
 
 
 @pytest.fixture(scope="module")
@@ -126,16 +132,16 @@ def test_a_rerun_leaves_everything_alone_and_a_changed_spec_redoes_only_that_var
     run: Path, squeeze
 ) -> None:
     out = run / "out"
-    before = inodes(out)
+    before = identities(out)
     result = squeeze("gen", str(write_manifest(run)), "--quiet")
     assert result.code == 0, result.err[-3000:]
-    after = inodes(out)
+    after = identities(out)
     rewritten_every_run = {"run.json", "manifest.resolved.yaml"}
     assert {name for name in after if after[name] != before.get(name)} == rewritten_every_run
 
     result = squeeze("gen", str(write_manifest(run, social_quality=60)), "--quiet")
     assert result.code == 0, result.err[-3000:]
-    changed = {name for name, inode in inodes(out).items() if after.get(name) != inode}
+    changed = {name for name, identity in identities(out).items() if after.get(name) != identity}
     assert changed - {"run.json", "manifest.resolved.yaml", "index.jsonl"} == {
         "dog/variants/social/000-s0.webp",
         "dog/variants/social/000-s1.webp",
@@ -327,7 +333,7 @@ def test_variants_move_with_their_image_when_its_prompt_moves(tmp_path: Path, sq
     manifest = fresh_project(tmp_path)
     assert squeeze("gen", str(manifest), "--quiet").code == 0
     out = tmp_path / "out"
-    made = {name: (out / pattern.format(seed=0)).stat().st_ino for name, pattern in VARIANT_FILES.items()}
+    made = {name: _identity(out / pattern.format(seed=0)) for name, pattern in VARIANT_FILES.items()}
     # A new first prompt: the old prompt's images move from 000-s* to 001-s*, and keep their variants.
     manifest.write_text(manifest.read_text().replace('prompts: ["a', 'prompts: ["a {class} in a box", "a'))
     result = squeeze("gen", str(manifest), "--quiet")
@@ -337,7 +343,7 @@ def test_variants_move_with_their_image_when_its_prompt_moves(tmp_path: Path, sq
     index = {line["image"]: line for line in map(json.loads, (out / "index.jsonl").read_text().splitlines())}
     for name, pattern in VARIANT_FILES.items():
         moved = pattern.format(seed=0).replace("/000-", "/001-")
-        assert (out / moved).stat().st_ino == made[name]  # renamed, not made again
+        assert _identity(out / moved) == made[name]  # renamed, not made again
         assert sidecar["variants"][name]["file"] == moved == index["dog/001-s0.png"]["variants"][name]
         # The new prompt's image has its own variant at the old name.
         assert json.loads((out / "dog/000-s0.json").read_text())["variants"][name]["file"] == pattern.format(
