@@ -52,7 +52,8 @@ def write_manifest(project: Path, *, metadata: str = "full", social_quality: int
 def identities(out: Path) -> dict[str, tuple[int, int]]:
     """Each file's inode and modification time: an atomic rewrite, a run later, changes them (the inode
     alone may be reused), a rename keeps both."""
-    return {str(path.relative_to(out)): _identity(path) for path in sorted(out.rglob("*.*"))}
+    files = [path for path in sorted(out.rglob("*.*")) if not path.name.startswith(".")]  # not the locks
+    return {str(path.relative_to(out)): _identity(path) for path in files}
 
 
 def _identity(path: Path) -> tuple[int, int]:
