@@ -55,6 +55,8 @@ def run_folder(tmp_path: Path) -> Path:
 def test_amazon_main_is_packaged_with_the_marketplace_numbers() -> None:
     rules = load_rules("amazon-main")
     assert "amazon-main" in packaged_rules()
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"squeeze_cli.outputs" = ["rules/*.yaml"]' in pyproject  # package data: in wheels too
     assert (rules.background, rules.border_background, rules.min_fill, rules.min_longest_side) == (
         WHITE,
         1.0,
