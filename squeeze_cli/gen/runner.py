@@ -155,7 +155,9 @@ class GenRun:
         early."""
         # A file, a link or a FIFO in the way is reported now, before the model loads (and before the locks,
         # whose files it checks too).
-        outputs.check_output_tree(self.out_dir, self.run_dir, self.jobs)
+        outputs.check_output_tree(
+            self.out_dir, self.run_dir, self.jobs, self.manifest.document.output.variants
+        )
         if self.lock is not None and self.run_dir.is_dir():
             self.lock.acquire()
         if self.layout_lock is not None and self.out_dir.is_dir():
@@ -272,6 +274,7 @@ class GenRun:
         try:
             # Every process's images are on disk now, under their positions' names (moves came first).
             finished = {**self.done, **outputs.find_finished(self.out_dir, self.pending, anywhere=False)}
+            finished = self._make_variants(finished, stopped=any(stopped))
             _merge_index(
                 self.run_dir,
                 self.jobs,
@@ -323,6 +326,28 @@ class GenRun:
         if signum is not None:
             return exit_code(signum)
         return EXIT_JOBS_FAILED if failures else EXIT_OK
+
+    def _make_variants(
+        self, finished: dict[str, outputs.Finished], stopped: bool
+    ) -> dict[str, outputs.Finished]:
+        """The channel variants (`output.variants`) of this run's finished images that are missing or of
+        another spec; returns `finished` with their index lines. A stopped run leaves them to the next."""
+        output = self.manifest.document.output
+        if not output.variants or stopped or self.stop.signum is not None or self.write_error is not None:
+            return finished
+        finished, made = outputs.make_variants(
+            self.out_dir,
+            self.jobs,
+            finished,
+            output.variants,
+            output.metadata,
+            should_stop=lambda: self.stop.signum is not None,
+        )
+        if made:
+            self.reporter.status(
+                f"variants: {made} files made ({', '.join(v.name for v in output.variants)})"
+            )
+        return finished
 
     def _draw_views(self, finished: dict[str, Any] | None) -> None:
         """Grids and contact sheets, from the images on disk: of the whole plan, or a shard's prompts (from

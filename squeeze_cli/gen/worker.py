@@ -105,12 +105,19 @@ class Worker:
         self.timings = {"load": 0.0, "encode_subjects": 0.0, "generate": 0.0}
         self.preset_name = manifest.recipe.name if manifest.recipe is not None else "custom"
         self.model_info = manifest.model.model_dump(mode="json")
+        self.license = manifest.license.model_dump(mode="json")
         self.versions = outputs.package_versions()
 
     @property
     def model_record(self) -> dict[str, Any]:
-        """What `run.json` says about the model: the preset's name, the model section, package versions."""
-        return {"preset": self.preset_name, "model": self.model_info, "versions": self.versions}
+        """What `run.json` says about the model: the preset's name and licence, the model section, package
+        versions."""
+        return {
+            "preset": self.preset_name,
+            "license": self.license,
+            "model": self.model_info,
+            "versions": self.versions,
+        }
 
     def load(self) -> None:
         from squeeze_cli.loading import load_pipeline
@@ -285,11 +292,12 @@ class Worker:
                 timings={"total": seconds / len(batch), "batch": seconds, "batch_size": len(batch)},
                 versions=self.versions,
                 pipeline=self.pipeline_info,
+                license=self.license,
             )
             record["process"] = self.processes.index
             if quality is not None:
                 record["quality"] = quality
-            outputs.save_image(self.out_dir, job, image, record)
+            outputs.save_image(self.out_dir, job, image, record, self.manifest.document.output.metadata)
             # Finished from here on (the sidecar is the marker), whatever happens to its index line: a
             # line that cannot be written is added by the repair at the start of the next run.
             self.succeeded.append(job.job_id)

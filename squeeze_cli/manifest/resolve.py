@@ -223,6 +223,8 @@ class _Resolver:
             self.check_sampling_keys(head, model, recipe)
         if model is not None:
             self.check_reference_limit(model, recipe, subjects)
+        if recipe is not None and head is not None:
+            self.check_license(head, recipe)
         # (`output_dir` is None only with a problem reported.)
         if self.problems or model is None or head is None or output_dir is None or None in self.subjects:
             return None
@@ -553,6 +555,19 @@ class _Resolver:
                     self.problems.append(row.problem(column, message, hint))
                 else:
                     self.problem(("subjects", subject.index, "references"), message, hint)
+
+    def check_license(self, head: Manifest, recipe: Recipe) -> None:
+        """Warn, once, that the recipe's weights may not be used commercially, unless acknowledged."""
+        if recipe.license.commercial_use is False and head.acknowledge_license != "non-commercial":
+            self.warnings.append(
+                self.document.problem(
+                    ("recipe",),
+                    f"{recipe.name!r} runs weights under the {recipe.license.name}, which does not allow "
+                    "commercial use",
+                    "read the licence before using these images in a business; "
+                    "`acknowledge_license: non-commercial` in the manifest silences this warning",
+                )
+            )
 
     def check_prompt(
         self, path: FieldPath, params: SamplingParams, levels: list[tuple[FieldPath, SamplingOverrides]]

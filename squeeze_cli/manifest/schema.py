@@ -308,13 +308,20 @@ def _prompt_shape(value: Any) -> Any:
 UNIQUE_NAMES_HINT = "subject names must be unique (ignoring case): they name the output folders"
 
 
-def subject_name_problem(value: str) -> tuple[str, str] | None:
-    """Why `value` cannot name a subject (its output folder), with the fix; None when it can."""
+def folder_name_problem(value: str) -> tuple[str, str] | None:
+    """Why `value` cannot name a folder squeeze writes (a subject's, a variant's), with the fix; or None."""
     if not SUBJECT_NAME_PATTERN.match(value) or ".." in value:
         return (
             f"{value!r} is not usable as a folder name",
             "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
+    return None
+
+
+def subject_name_problem(value: str) -> tuple[str, str] | None:
+    """Why `value` cannot name a subject (its output folder), with the fix; None when it can."""
+    if (problem := folder_name_problem(value)) is not None:
+        return problem
     if value.casefold() in RESERVED_SUBJECT_NAMES:
         return (
             f"{value!r} cannot name a subject: squeeze writes its own {value.casefold()} beside the "
@@ -324,9 +331,14 @@ def subject_name_problem(value: str) -> tuple[str, str] | None:
     return None
 
 
+def _folder_name(value: str) -> str:
+    if (problem := folder_name_problem(value)) is not None:
+        raise schema_error(*problem)
+    return value
+
+
 def _subject_name(value: str) -> str:
-    problem = subject_name_problem(value)
-    if problem is not None:
+    if (problem := subject_name_problem(value)) is not None:
         raise schema_error(*problem)
     return value
 
@@ -379,10 +391,81 @@ class SubjectFeed(StrictModel):
         return self
 
 
+VARIANT_SIZE_PATTERN = re.compile(r"^([1-9][0-9]*)x([1-9][0-9]*)$")
+MAX_VARIANT_SIDE = 10_000  # of a channel variant: beyond any marketplace's largest
+DEFAULT_VARIANT_QUALITY = 90  # JPEG and WebP
+MetadataLevel = Literal["full", "minimal", "none"]
+
+
+def _variant_size(value: str) -> str:
+    match = VARIANT_SIZE_PATTERN.match(value)
+    if match is None or not all(1 <= int(side) <= MAX_VARIANT_SIDE for side in match.groups()):
+        raise schema_error(
+            f"must be WIDTHxHEIGHT in pixels, each between 1 and {MAX_VARIANT_SIDE}, got {value!r}",
+            "for example 2000x2000",
+        )
+    return value
+
+
+def _color(value: str) -> str:
+    from PIL import ImageColor
+
+    try:
+        ImageColor.getrgb(value)
+    except ValueError:
+        raise schema_error(f"{value!r} is not a colour", "use a name (white) or #rrggbb") from None
+    return value
+
+
+class OutputVariant(StrictModel):
+    """One channel copy of every finished image (`output.variants`), made from its PNG master."""
+
+    name: Annotated[StrictStr, AfterValidator(_folder_name)]
+    size: Annotated[StrictStr, AfterValidator(_variant_size)]
+    fit: Literal["pad", "crop", "contain"] = "pad"
+    background: Annotated[StrictStr, AfterValidator(_color)] = "#ffffff"
+    format: Literal["jpeg", "webp", "png"] = "jpeg"
+    quality: Annotated[StrictInt, Field(ge=1, le=100)] | None = None
+
+    @model_validator(mode="after")
+    def _quality_is_lossy(self) -> OutputVariant:
+        if self.quality is not None and self.format == "png":
+            raise schema_error("`quality` is for jpeg and webp: png is lossless", "remove `quality`")
+        return self
+
+    @property
+    def box(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        width, height = self.size.split("x")
+        return int(width), int(height)
+
+    @property
+    def encoder_quality(self) -> int | None:
+        """The quality the encoder gets: the variant's, or the default for a lossy format."""
+        return None if self.format == "png" else self.quality or DEFAULT_VARIANT_QUALITY
+
+
+def _unique_variant_names(value: list[OutputVariant]) -> list[OutputVariant]:
+    seen: set[str] = set()
+    for variant in value:
+        if variant.name.casefold() in seen:
+            raise schema_error(
+                f"variant name {variant.name!r} appears more than once",
+                "variant names must be unique (ignoring case): they name the folders",
+            )
+        seen.add(variant.name.casefold())
+    return value
+
+
 class OutputSpec(StrictModel):
     dir: Annotated[StrictStr, AfterValidator(non_empty)] = "squeeze-out"
     grids: StrictBool = True
     contact_sheet: StrictBool = True
+    # What the image files carry (the sidecar always has everything): see docs/outputs.md.
+    metadata: MetadataLevel = "full"
+    variants: Annotated[list[OutputVariant], AfterValidator(_unique_variant_names)] = Field(
+        default_factory=list
+    )
 
 
 def _output_shape(value: Any) -> Any:
@@ -513,6 +596,8 @@ class Manifest(StrictModel):
     subjects: Annotated[list[Subject], Field(min_length=1)] = Field(default_factory=list)
     subjects_from: SubjectFeed | None = None
     quality: QualityGate | None = None
+    # Silences the warning about a recipe whose weights' licence does not allow commercial use.
+    acknowledge_license: Literal["non-commercial"] | None = None
 
     @model_validator(mode="after")
     def _some_subjects(self) -> Manifest:
