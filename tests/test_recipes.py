@@ -226,6 +226,14 @@ EXPECTED_LICENSES = {
     "tiny": ("none (random weights)", True),
     "tiny-kontext": ("none (random weights)", True),
     "tiny-qwen-image-edit": ("none (random weights)", True),
+    "qwen-image-edit-2511": ("Apache-2.0", True),
+    "tiny-qwen-image-edit-2511": ("none (random weights)", True),
+    "flux2-klein-4b": ("Apache-2.0", True),
+    "flux2-klein-9b-kv": ("FLUX.2 [klein] Non-Commercial License", False),
+    "flux2-dev": ("FLUX.2 [dev] Non-Commercial License", False),
+    "tiny-flux2-klein": ("none (random weights)", True),
+    "tiny-flux2-klein-kv": ("none (random weights)", True),
+    "tiny-flux2-dev": ("none (random weights)", True),
 }
 
 
