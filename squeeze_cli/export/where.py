@@ -1,0 +1,143 @@
+"""`--where`: a small expression language over an export row's fields, e.g. `dino >= 0.6 and clip_t >= 0.28`.
+
+Python's `ast` parses the text; only comparisons (`==`, `!=`, `<`, `<=`, `>`, `>=`, chains included),
+`and`, `or`, `not`, parentheses, field names and number, text, `true`/`false`/`null` constants are accepted,
+and the tree is walked here: nothing is ever evaluated by Python. Every field has a kind (number or text),
+checked before any row is read. A comparison with a missing value (an image `squeeze eval` did not score)
+is false, as in SQL.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from squeeze_cli.errors import UsageError
+
+Row = Mapping[str, Any]
+Predicate = Callable[[Row], bool]
+
+_COMPARISONS: dict[type, Callable[[Any, Any], bool]] = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+}
+# Lowercase, as in YAML and JSON; Python's spellings work too.
+_NAMED_CONSTANTS = {"true": True, "false": False, "null": None, "True": True, "False": False, "None": None}
+
+
+class WhereError(UsageError):
+    """A `--where` expression that does not parse, or names a field an export row does not have."""
+
+
+def parse_where(text: str, fields: Mapping[str, str]) -> Predicate:
+    """A predicate over rows from `text`.
+
+    Args:
+        fields: `{name: "number" | "text"}`: the fields a row has, with their kind.
+
+    Raises:
+        `WhereError`: the text is not an expression of the language, or names an unknown field, or compares
+            a number with text; the message gives the column.
+    """
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as error:
+        column = error.offset or 1
+        raise WhereError(
+            f"--where {text!r}: column {column}: not an expression ({error.msg})",
+            "e.g. --where 'dino >= 0.6 and clip_t >= 0.28'",
+        ) from None
+    return _Compiler(text, fields).predicate(tree.body)
+
+
+class _Compiler:
+    def __init__(self, text: str, fields: Mapping[str, str]):
+        self.text = text
+        self.fields = fields
+
+    def error(self, node: ast.AST, message: str, hint: str | None = None) -> WhereError:
+        column = getattr(node, "col_offset", 0) + 1
+        return WhereError(f"--where {self.text!r}: column {column}: {message}", hint)
+
+    def predicate(self, node: ast.expr) -> Predicate:
+        if isinstance(node, ast.BoolOp):
+            parts = [self.predicate(value) for value in node.values]
+            if isinstance(node.op, ast.And):
+                return lambda row: all(part(row) for part in parts)
+            return lambda row: any(part(row) for part in parts)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            inner = self.predicate(node.operand)
+            return lambda row: not inner(row)
+        if isinstance(node, ast.Compare):
+            return self.comparison(node)
+        raise self.error(
+            node,
+            f"`{ast.unparse(node)}` is not a condition",
+            "compare a field: `dino >= 0.6`, `subject == 'dog'`",
+        )
+
+    def comparison(self, node: ast.Compare) -> Predicate:
+        operands = [self.operand(node.left), *(self.operand(value) for value in node.comparators)]
+        kinds = {kind for kind, _ in operands if kind is not None}
+        if len(kinds) > 1:
+            raise self.error(node, f"`{ast.unparse(node)}` compares a number with text")
+        steps = []
+        for op in node.ops:
+            compare = _COMPARISONS.get(type(op))
+            if compare is None:
+                raise self.error(node, f"`{ast.unparse(node)}`: only == != < <= > >= compare")
+            steps.append(compare)
+        getters = [getter for _, getter in operands]
+
+        def holds(row: Row) -> bool:
+            values = [getter(row) for getter in getters]
+            for compare, left, right in zip(steps, values, values[1:], strict=False):
+                if left is None or right is None:
+                    if compare not in (operator.eq, operator.ne):
+                        return False  # a missing value is neither above nor below anything
+                if not compare(left, right):
+                    return False
+            return True
+
+        return holds
+
+    def operand(self, node: ast.expr) -> tuple[str | None, Callable[[Row], Any]]:
+        """(the kind of value: "number", "text" or None for null, a getter)."""
+        if isinstance(node, ast.Name) and node.id not in _NAMED_CONSTANTS:
+            if node.id not in self.fields:
+                raise self.error(
+                    node, f"unknown field `{node.id}`", f"fields: {', '.join(sorted(self.fields))}"
+                )
+            name = node.id
+            return self.fields[name], lambda row: row.get(name)
+        value = _constant(node)
+        if value is _NOT_A_CONSTANT:
+            raise self.error(
+                node,
+                f"`{ast.unparse(node)}` is not a field or a constant",
+                "use field names, numbers, 'quoted text', true, false or null",
+            )
+        kind = None if value is None else "text" if isinstance(value, str) else "number"
+        return kind, lambda row: value
+
+
+_NOT_A_CONSTANT = object()
+
+
+def _constant(node: ast.expr) -> Any:
+    """The value of a constant operand (`0.6`, `-1`, `'dog'`, `true`, `null`), or `_NOT_A_CONSTANT`."""
+    if isinstance(node, ast.Name):
+        return _NAMED_CONSTANTS[node.id]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        inner = _constant(node.operand)
+        is_number = isinstance(inner, (int, float)) and not isinstance(inner, bool)
+        return -inner if is_number else _NOT_A_CONSTANT
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (str, int, float))):
+        return node.value  # bool is an int: true/false compare as 1/0
+    return _NOT_A_CONSTANT
