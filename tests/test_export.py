@@ -267,3 +267,73 @@ def test_the_run_folder_itself_loads_as_its_images_only(squeeze, made_run, tmp_p
     assert list((made_run / ".views").glob("*/grid-*.png"))
     train = load("imagefolder", made_run, tmp_path / "cache")["train"]
     assert train.num_rows == NUM_IMAGES
+
+
+@pytest.mark.parametrize("export_format", ["imagefolder", "parquet", "webdataset"])
+def test_training_reads_an_export_as_subject_pairs(squeeze, run, tmp_path, export_format):
+    from squeeze_cli.train.exported import load_export_data
+
+    folder = tmp_path / "export"
+    export(squeeze, run, folder, "--format", export_format, "--split", "val=0.3")
+    data = load_export_data(folder, "train", "config.yaml")
+    prompts = prompts_of(run)
+    assert 0 < len(data) < NUM_IMAGES
+    for index in range(len(data)):
+        sample = data.load(index)
+        assert sample.instruction == prompts[sample.id]
+        assert sample.target.size == (32, 32) and sample.references
+    assert len(load_export_data(folder, "validation", "config.yaml")) == NUM_IMAGES - len(data)
+
+
+KONTEXT_MANIFEST = """\
+version: 1
+recipe: tiny-kontext
+defaults:
+  seeds: [0, 1, 2]
+subjects:
+  - name: dog
+    class: dog
+    references: [images/dog/*.jpg]
+    prompts: ["a {class} in the snow", "a {class} on the beach"]
+  - name: backpack
+    class: backpack
+    references: [images/backpack/00.jpg]
+    prompts: ["a {class} on a table"]
+"""
+
+
+@pytest.mark.slow
+def test_render_score_filter_train_and_render_again(squeeze, tmp_path):
+    """The loop of docs/datasets.md on tiny models: gen with a baseline recipe, score, keep the pairs that
+    hold identity, train on them, and gen with the trained recipe."""
+    shutil.copytree(EXAMPLE_IMAGES, tmp_path / "images")
+    (tmp_path / "pairs.yaml").write_text(KONTEXT_MANIFEST)
+    run = tmp_path / "pairs"
+    assert squeeze("gen", str(tmp_path / "pairs.yaml"), "--out", str(run), "--quiet").code == 0
+    assert squeeze("eval", str(run), "--metrics", "tiny", "--json").code == 0
+    scores = sorted(json.loads(line)["dino"] for line in (run / "metrics.jsonl").read_text().splitlines())
+    threshold = scores[len(scores) // 2]
+    folder = tmp_path / "dataset"
+    export(squeeze, run, folder, "--format", "parquet", "--where", f"dino >= {threshold}")
+    kept = sum(score >= threshold for score in scores)
+    assert load("parquet", folder, tmp_path / "cache")["train"].num_rows == kept
+
+    trained = tmp_path / "trained"
+    data = f"data={{format: hf, path: {folder}}}"
+    result = squeeze("train", "tiny", "--no-progress", "--set", data, "--set", f"output_dir={trained}")
+    assert result.code == 0, result.err
+    assert json.loads((trained / "training.json").read_text())["data"].startswith(f"{kept} samples from ")
+
+    (tmp_path / "again.yaml").write_text(MANIFEST.replace("output:\n  views_dir: .views\n", ""))
+    again = tmp_path / "again"
+    result = squeeze(
+        "gen",
+        str(tmp_path / "again.yaml"),
+        "--recipe",
+        str(trained / "recipe.yaml"),
+        "--out",
+        str(again),
+        "--quiet",
+    )
+    assert result.code == 0, result.err
+    assert len(list(again.glob("*/*.png"))) >= NUM_IMAGES
