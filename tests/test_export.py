@@ -337,3 +337,82 @@ def test_render_score_filter_train_and_render_again(squeeze, tmp_path):
     )
     assert result.code == 0, result.err
     assert len(list(again.glob("*/*.png"))) >= NUM_IMAGES
+
+
+def test_stale_images_are_never_exported(squeeze, run, tmp_path, made_run):
+    # The cat is removed from the manifest: its images stay in the run folder, stale, and are left out.
+    manifest = (made_run.parent / "m.yaml").read_text()
+    (tmp_path / "no-cat.yaml").write_text(manifest[: manifest.index("  - name: cat")])
+    shutil.copytree(EXAMPLE_IMAGES, tmp_path / "images")
+    assert squeeze("gen", str(tmp_path / "no-cat.yaml"), "--out", str(run), "--quiet").code == 0
+    assert list((run / "cat").glob("*.png"))
+    folder = tmp_path / "export"
+    export(squeeze, run, folder, "--format", "parquet")
+    train = load("parquet", folder, tmp_path / "cache")["train"]
+    assert train.num_rows == NUM_IMAGES - 2 and "cat" not in set(train["subject"])
+
+
+def test_imagefolder_links_the_images(squeeze, made_run, tmp_path):
+    folder = tmp_path / "export"
+    export(squeeze, made_run, folder)
+    exported = sorted(folder.glob("train/part-00000/*/*.png"))
+    assert len(exported) == NUM_IMAGES
+    for path in exported:
+        source = made_run / path.parent.name / path.name
+        assert path.stat().st_ino == source.stat().st_ino  # one file, two names: no bytes copied
+
+
+def test_where_language():
+    from squeeze_cli.export.where import WhereError, parse_where
+
+    fields = {"dino": "number", "seed": "number", "subject": "text"}
+    rows = [
+        {"dino": 0.7, "seed": 0, "subject": "dog"},
+        {"dino": 0.5, "seed": 1, "subject": "cat"},
+        {"dino": None, "seed": 2, "subject": "dog"},  # not scored
+    ]
+
+    def kept(text: str) -> list[int]:
+        keep = parse_where(text, fields)
+        return [row["seed"] for row in rows if keep(row)]
+
+    assert kept("dino >= 0.6") == [0]
+    assert kept("dino < 0.6") == [1]  # a missing score is neither above nor below
+    assert kept("not dino >= 0.6") == [1, 2]
+    assert kept("dino == null") == [2]
+    assert kept("0.4 < dino <= 0.7 and subject != 'cat'") == [0]
+    assert kept("subject == 'cat' or seed >= 2") == [1, 2]
+    assert kept("seed > -1 and (dino >= 0.6 or dino == null)") == [0, 2]
+    for bad in ("dino >= 0.6 and", "dino", "dino > 1j", "dino in (1, 2)", "dino > seed + 1", "subject < 1"):
+        with pytest.raises(WhereError, match="--where"):
+            parse_where(bad, fields)
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"), [(".views", True), ("__views", True), ("views", False), (".stale", False)]
+)
+def test_views_dir_names(squeeze, make_project, name, ok):
+    project = make_project(m=MANIFEST)
+    result = squeeze("validate", str(project / "m.yaml"), "--set", f"output.views_dir={name}")
+    assert result.code == (0 if ok else 2), result.err
+    if not ok:
+        assert "output.views_dir" in result.err and "is not a folder name for the views" in result.err
+
+
+def test_licence_and_variants_come_from_the_sidecars(squeeze, run, tmp_path):
+    import yaml
+
+    for sidecar in run.glob("*/*.json"):
+        record = json.loads(sidecar.read_text())
+        record["license"] = "apache-2.0"
+        record["variants"] = {"alpha": f"{sidecar.parent.name}/{sidecar.stem}-alpha.png"}
+        sidecar.write_text(json.dumps(record))
+    folder = tmp_path / "export"
+    export(squeeze, run, folder, "--format", "parquet")
+    row = load("parquet", folder, tmp_path / "cache")["train"][0]
+    assert row["license"] == "apache-2.0"
+    assert json.loads(row["variants"]) == {
+        "alpha": f"{row['subject']}/{row['prompt_index']:03d}-s{row['seed']}-alpha.png"
+    }
+    header = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
+    assert header["license"] == "apache-2.0"

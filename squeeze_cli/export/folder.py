@@ -106,9 +106,9 @@ def export_run(
     writers: dict[str, tuple[str, Any]] = {}
     added = 0
     try:
-        for image in images.images(chosen):
+        for image in images.images(set(chosen), skip=exported):
             row = image.row
-            if row["job_id"] in exported or (keep is not None and not keep(row)):
+            if keep is not None and not keep(row):
                 continue
             split = assignment[row["subject"]]
             if split not in writers:

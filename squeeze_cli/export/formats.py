@@ -198,7 +198,7 @@ class WebDatasetPart:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.tar = tarfile.open(path, "w", format=tarfile.PAX_FORMAT)
+        self.tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)  # names are short: no PAX headers
 
     def add(self, png: Path, row: dict[str, Any]) -> None:
         key = row["job_id"]  # no `.`: the loader splits a member's name at its first dot

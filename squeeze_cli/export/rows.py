@@ -8,7 +8,7 @@ import math
 import os
 import random
 import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,18 +50,21 @@ class RunImages:
         kinds = dict.fromkeys(TEXT_FIELDS, "text") | dict.fromkeys(NUMBER_FIELDS, "number")
         return kinds | dict.fromkeys(self.metric_names, "number")
 
-    def images(self, subjects: Sequence[str] | None = None) -> Iterator[ExportImage]:
-        """The finished images of the plan, in plan order (of `subjects` only, when given), one at a time.
+    def images(self, subjects: Collection[str], skip: Collection[str] = ()) -> Iterator[ExportImage]:
+        """The finished images of the plan's `subjects`, in plan order, one at a time; the jobs in `skip`
+        (exported already) are not read.
 
         An image is finished as `gen` decides it (`outputs.png_mismatch`): its sidecar, at its position's
         name, names its job and the PNG beside it has the size and sha256 it records.
         """
-        wanted = None if subjects is None else set(subjects)
         identity = self.plan.loaded.model_identity
+        folders: dict[str, Path] = {}
         for job in self.plan.jobs:
-            if wanted is not None and job.subject not in wanted:
+            if job.subject not in subjects or job.job_id in skip:
                 continue
-            png = outputs.safe_join(self.out, *outputs.image_name(job).split("/"))
+            if job.subject not in folders:  # resolved once a subject: the names inside are squeeze's own
+                folders[job.subject] = outputs.safe_join(self.out, job.subject)
+            png = folders[job.subject] / outputs.image_name(job).split("/")[1]
             record = outputs.read_sidecar(png.with_suffix(".json"))
             if record is None or record.get("job_id") != job.job_id or outputs.png_mismatch(png, record):
                 continue
