@@ -416,3 +416,23 @@ def test_licence_and_variants_come_from_the_sidecars(squeeze, run, tmp_path):
     }
     header = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
     assert header["license"] == "apache-2.0"
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_export(squeeze, run, tmp_path, made_run, monkeypatch):
+    import errno
+
+    from squeeze_cli.export import formats
+
+    folder = tmp_path / "export"
+    export(squeeze, run, folder, "--format", "parquet")
+    before = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    grow(squeeze, run, made_run, tmp_path)
+
+    def full(self, png, row):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.rows.path))
+
+    monkeypatch.setattr(formats.ParquetPart, "add", full)
+    result = export(squeeze, run, folder, "--format", "parquet", expect=1)
+    assert result.err.startswith("error: ") and "No space left on device" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before

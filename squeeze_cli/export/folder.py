@@ -15,7 +15,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,8 @@ from typing import Any
 from squeeze_cli import __version__, outputs
 from squeeze_cli.errors import UsageError
 from squeeze_cli.export.card import dataset_card
-from squeeze_cli.export.formats import FORMATS, open_part, part_name
-from squeeze_cli.export.rows import assign_splits, parse_splits, read_run_images
+from squeeze_cli.export.formats import FORMATS, PartWriter, open_part, part_name
+from squeeze_cli.export.rows import ExportImage, assign_splits, parse_splits, read_run_images
 from squeeze_cli.export.where import parse_where
 
 STATE_FORMAT = 1
@@ -92,32 +92,53 @@ def export_run(
         "with_references": with_references,
         "metrics": list(images.metric_names),
     }
-    state = _open_folder(folder, selection)
-    assignment = assign_splits(subject_names, fractions, seed) | state["subject_splits"]
-    exported = set(state["job_ids"])
-    planned = {job.job_id for job in images.plan.jobs}
-    if not exported <= planned:
-        raise UsageError(
-            f"-o {folder}: {len(exported - planned)} of its images are no longer in the run's plan (stale)",
-            "export into a new folder: rows already exported are never rewritten",
+    try:
+        state = _open_folder(folder, selection)
+        exported = set(state["job_ids"])
+        planned = {job.job_id for job in images.plan.jobs}
+        if not exported <= planned:
+            raise UsageError(
+                f"-o {folder}: {len(exported - planned)} of its images have left the run's plan (stale)",
+                "export into a new folder: rows already exported are never rewritten",
+            )
+        assignment = assign_splits(subject_names, fractions, seed) | state["subject_splits"]
+        rows = (
+            image for image in images.images(set(chosen), skip=exported) if keep is None or keep(image.row)
         )
+        added = _add_parts(folder, state, rows, assignment, images.metric_names)
+        if added or not (folder / "README.md").exists():
+            outputs.atomic_write_json(folder / outputs.EXPORT_STATE_NAME, state)
+            outputs.atomic_write_text(folder / "README.md", dataset_card(images, state, version=__version__))
+    except OSError as error:  # disk full, permission denied: what was exported before stays whole
+        path = Path(error.filename) if error.filename else folder
+        raise outputs.OutputWriteError.from_os_error(path, error) from error
+    return ExportResult(folder, added, len(state["job_ids"]), dict(state["rows"]))
 
+
+def _add_parts(
+    folder: Path,
+    state: dict[str, Any],
+    images: Iterable[ExportImage],
+    assignment: Mapping[str, str],
+    metric_names: Sequence[str],
+) -> int:
+    """Write `images` as new parts of the export in `folder` (one a split), each under the staging folder
+    and then renamed into place; record them in `state` (not saved here). Returns how many were added."""
+    selection = state["selection"]
     staging = outputs.safe_join(folder, outputs.EXPORT_STAGING_NAME)
-    writers: dict[str, tuple[str, Any]] = {}
+    writers: dict[str, tuple[str, PartWriter]] = {}
     added = 0
     try:
-        for image in images.images(set(chosen), skip=exported):
+        for image in images:
             row = image.row
-            if keep is not None and not keep(row):
-                continue
             split = assignment[row["subject"]]
             if split not in writers:
-                name = part_name(export_format, split, state["next_part"])
+                name = part_name(selection["format"], split, state["next_part"])
                 state["next_part"] += 1
-                writers[split] = (
-                    name,
-                    open_part(export_format, staging / name, images.metric_names, with_references),
+                part = open_part(
+                    selection["format"], staging / name, metric_names, selection["with_references"]
                 )
+                writers[split] = (name, part)
             writers[split][1].add(image.png, row)
             state["subject_splits"][row["subject"]] = split
             state["job_ids"].append(row["job_id"])
@@ -125,19 +146,15 @@ def export_run(
             if row["license"] and row["license"] not in state["licenses"]:
                 state["licenses"].append(row["license"])
             added += 1
-        for name, writer in writers.values():
-            writer.close()
+        for name, part in writers.values():
+            part.close()
             target = outputs.safe_join(folder, *name.split("/"))
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(staging / name, target)
             state["parts"].append(name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if added or not (folder / "README.md").exists():
-        outputs.atomic_write_json(folder / outputs.EXPORT_STATE_NAME, state)
-        card = dataset_card(images, state, version=__version__)
-        outputs.atomic_write_text(folder / "README.md", card)
-    return ExportResult(folder, added, len(state["job_ids"]), dict(state["rows"]))
+    return added
 
 
 def _open_folder(folder: Path, selection: dict[str, Any]) -> dict[str, Any]:
