@@ -73,7 +73,6 @@ from .layout import (  # noqa: F401
     REPORT_NAME,
     RESOLVED_MANIFEST_NAME,
     RUN_SUMMARY_NAME,
-    SHARDS_DIR_NAME,
     STALE_DIR_NAME,
     UnsafeOutputPathError,
     image_name,
