@@ -232,6 +232,7 @@ def test_a_part_renamed_before_the_state_was_saved_is_written_again(squeeze, run
     [
         (["--where", "dino >="], "--where 'dino >=': column"),
         (["--where", "dinoo > 1"], "column 1: unknown field `dinoo`"),
+        (["--where", "class == 'x' and clas == 'dog'"], "column 18: unknown field `clas`"),
         (["--where", "subject > 1"], "compares a number with text"),
         (["--where", "__import__('os')"], "is not a condition"),
         (["--where", "dino + 1 > 2"], "is not a field or a constant"),
@@ -365,11 +366,11 @@ def test_imagefolder_links_the_images(squeeze, made_run, tmp_path):
 def test_where_language():
     from squeeze_cli.export.where import WhereError, parse_where
 
-    fields = {"dino": "number", "seed": "number", "subject": "text"}
+    fields = {"dino": "number", "seed": "number", "subject": "text", "class": "text"}
     rows = [
-        {"dino": 0.7, "seed": 0, "subject": "dog"},
-        {"dino": 0.5, "seed": 1, "subject": "cat"},
-        {"dino": None, "seed": 2, "subject": "dog"},  # not scored
+        {"dino": 0.7, "seed": 0, "subject": "dog", "class": "dog"},
+        {"dino": 0.5, "seed": 1, "subject": "cat", "class": "cat"},
+        {"dino": None, "seed": 2, "subject": "dog", "class": "dog"},  # not scored
     ]
 
     def kept(text: str) -> list[int]:
@@ -383,6 +384,7 @@ def test_where_language():
     assert kept("0.4 < dino <= 0.7 and subject != 'cat'") == [0]
     assert kept("subject == 'cat' or seed >= 2") == [1, 2]
     assert kept("seed > -1 and (dino >= 0.6 or dino == null)") == [0, 2]
+    assert kept("class == 'cat' or subject == 'class'") == [1]  # `class`, a Python keyword, is a field
     for bad in ("dino >= 0.6 and", "dino", "dino > 1j", "dino in (1, 2)", "dino > seed + 1", "subject < 1"):
         with pytest.raises(WhereError, match="--where"):
             parse_where(bad, fields)

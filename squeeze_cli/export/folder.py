@@ -151,6 +151,7 @@ def _add_parts(
             target = outputs.safe_join(folder, *name.split("/"))
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(staging / name, target)
+            outputs.fsync_dir(target.parent)  # the rename survives a power cut before the state lists it
             state["parts"].append(name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

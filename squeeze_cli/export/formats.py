@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from squeeze_cli import outputs
+
 FORMATS = ("imagefolder", "parquet", "webdataset")
 PARQUET_ROW_GROUP = 256  # rows per row group: a few MB of images, read by `datasets` a group at a time
 
@@ -157,6 +159,8 @@ class ImageFolderPart:
 
     def close(self) -> None:
         self.rows.close()
+        for folder in {path.parent for path in self.folder.rglob("*")}:  # the links' names
+            outputs.fsync_dir(folder)
 
 
 class ParquetPart:

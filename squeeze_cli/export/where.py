@@ -10,7 +10,9 @@ is false, as in SQL.
 from __future__ import annotations
 
 import ast
+import io
 import operator
+import tokenize
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -46,7 +48,7 @@ def parse_where(text: str, fields: Mapping[str, str]) -> Predicate:
             a number with text; the message gives the column.
     """
     try:
-        tree = ast.parse(text.strip(), mode="eval")
+        tree = ast.parse(_spell_keywords(text), mode="eval")
     except SyntaxError as error:
         column = error.offset or 1
         raise WhereError(
@@ -54,6 +56,33 @@ def parse_where(text: str, fields: Mapping[str, str]) -> Predicate:
             "e.g. --where 'dino >= 0.6 and clip_t >= 0.28'",
         ) from None
     return _Compiler(text, fields).predicate(tree.body)
+
+
+# Fields named by a Python keyword, and the name (as long, so columns stay right) the parser is given.
+_KEYWORD_FIELDS = {"class": "_cls_"}
+_FIELD_OF_SPELLING = {spelling: field for field, spelling in _KEYWORD_FIELDS.items()}
+
+
+def _spell_keywords(text: str) -> str:
+    """`text` with every keyword field (`class`) outside quotes spelled as `ast` can parse it."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return text  # `ast.parse` says what is wrong
+    spelled = list(text)
+    for token in tokens:
+        if token.type == tokenize.NAME and token.string in _KEYWORD_FIELDS and token.start[0] == 1:
+            start = token.start[1]
+            spelled[start : start + len(token.string)] = _KEYWORD_FIELDS[token.string]
+    return "".join(spelled)
+
+
+def _source(node: ast.AST) -> str:
+    """The text of `node` as the user spells it."""
+    text = ast.unparse(node)
+    for spelling, field in _FIELD_OF_SPELLING.items():
+        text = text.replace(spelling, field)
+    return text
 
 
 class _Compiler:
@@ -78,7 +107,7 @@ class _Compiler:
             return self.comparison(node)
         raise self.error(
             node,
-            f"`{ast.unparse(node)}` is not a condition",
+            f"`{_source(node)}` is not a condition",
             "compare a field: `dino >= 0.6`, `subject == 'dog'`",
         )
 
@@ -86,12 +115,12 @@ class _Compiler:
         operands = [self.operand(node.left), *(self.operand(value) for value in node.comparators)]
         kinds = {kind for kind, _ in operands if kind is not None}
         if len(kinds) > 1:
-            raise self.error(node, f"`{ast.unparse(node)}` compares a number with text")
+            raise self.error(node, f"`{_source(node)}` compares a number with text")
         steps = []
         for op in node.ops:
             compare = _COMPARISONS.get(type(op))
             if compare is None:
-                raise self.error(node, f"`{ast.unparse(node)}`: only == != < <= > >= compare")
+                raise self.error(node, f"`{_source(node)}`: only == != < <= > >= compare")
             steps.append(compare)
         getters = [getter for _, getter in operands]
 
@@ -110,17 +139,15 @@ class _Compiler:
     def operand(self, node: ast.expr) -> tuple[str | None, Callable[[Row], Any]]:
         """(the kind of value: "number", "text" or None for null, a getter)."""
         if isinstance(node, ast.Name) and node.id not in _NAMED_CONSTANTS:
-            if node.id not in self.fields:
-                raise self.error(
-                    node, f"unknown field `{node.id}`", f"fields: {', '.join(sorted(self.fields))}"
-                )
-            name = node.id
+            name = _FIELD_OF_SPELLING.get(node.id, node.id)
+            if name not in self.fields:
+                raise self.error(node, f"unknown field `{name}`", f"fields: {', '.join(sorted(self.fields))}")
             return self.fields[name], lambda row: row.get(name)
         value = _constant(node)
         if value is _NOT_A_CONSTANT:
             raise self.error(
                 node,
-                f"`{ast.unparse(node)}` is not a field or a constant",
+                f"`{_source(node)}` is not a field or a constant",
                 "use field names, numbers, 'quoted text', true, false or null",
             )
         kind = None if value is None else "text" if isinstance(value, str) else "number"

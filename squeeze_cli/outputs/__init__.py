@@ -46,6 +46,7 @@ from .files import (  # noqa: F401
     atomic_write_json,
     atomic_write_text,
     ensure_dir,
+    fsync_dir,
     json_ready,
     remove_stale_temp_files,
     strict_json_dumps,
