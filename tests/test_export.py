@@ -437,3 +437,14 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_export(squeeze, run, tmp
     result = export(squeeze, run, folder, "--format", "parquet", expect=1)
     assert "No space left on device" in one_error_line(result.err)
     assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+
+
+def test_one_export_into_a_folder_at_a_time(squeeze, made_run, tmp_path):
+    import filelock
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    with filelock.FileLock(folder / ".squeeze-export.lock"):
+        result = export(squeeze, made_run, folder, expect=2)
+    assert "another squeeze export is writing it" in one_error_line(result.err)
+    export(squeeze, made_run, folder)  # the lock file left behind is no obstacle

@@ -10,22 +10,25 @@ again; a part is never half there.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import filelock
 
 from squeeze_cli import __version__, outputs
 from squeeze_cli.errors import UsageError
 from squeeze_cli.export.card import dataset_card
 from squeeze_cli.export.formats import FORMATS, PartWriter, open_part, part_name
-from squeeze_cli.export.rows import ExportImage, assign_splits, parse_splits, read_run_images
-from squeeze_cli.export.where import parse_where
+from squeeze_cli.export.rows import ExportImage, RunImages, assign_splits, parse_splits, read_run_images
+from squeeze_cli.export.where import Predicate, parse_where
 
 STATE_FORMAT = 1
 # The names of the parts a format writes (relative to the export folder): what a rerun may remove when the
@@ -93,25 +96,63 @@ def export_run(
         "metrics": list(images.metric_names),
     }
     try:
-        state = _open_folder(folder, selection)
-        exported = set(state["job_ids"])
-        planned = {job.job_id for job in images.plan.jobs}
-        if not exported <= planned:
-            raise UsageError(
-                f"-o {folder}: {len(exported - planned)} of its images have left the run's plan (stale)",
-                "export into a new folder: rows already exported are never rewritten",
-            )
-        assignment = assign_splits(subject_names, fractions, seed) | state["subject_splits"]
-        rows = (
-            image for image in images.images(set(chosen), skip=exported) if keep is None or keep(image.row)
-        )
-        added = _add_parts(folder, state, rows, assignment, images.metric_names)
-        if added or not (folder / "README.md").exists():
-            outputs.atomic_write_json(folder / outputs.EXPORT_STATE_NAME, state)
-            outputs.atomic_write_text(folder / "README.md", dataset_card(images, state, version=__version__))
+        with _export_lock(folder):
+            return _export(images, folder, selection, subject_names, chosen, keep)
     except OSError as error:  # disk full, permission denied: what was exported before stays whole
         path = Path(error.filename) if error.filename else folder
         raise outputs.OutputWriteError.from_os_error(path, error) from error
+
+
+@contextlib.contextmanager
+def _export_lock(folder: Path) -> Iterator[None]:
+    """One export into `folder` at a time: a `filelock` lock, which the OS releases when its process dies.
+    A folder that is neither new, empty nor an export is refused first: nothing is written into it."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"-o {folder}: not a folder", "give a new or empty folder")
+    ours = {outputs.EXPORT_STATE_NAME, outputs.EXPORT_LOCK_NAME, outputs.EXPORT_STAGING_NAME}
+    if folder.is_dir() and any(path.name not in ours for path in folder.iterdir()):
+        if not (folder / outputs.EXPORT_STATE_NAME).is_file():
+            raise UsageError(
+                f"-o {folder}: the folder holds other files and no squeeze export",
+                "give a new or empty folder: squeeze never writes over files it did not make",
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(folder / outputs.EXPORT_LOCK_NAME, fallback_to_soft=False)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise UsageError(
+            f"-o {folder}: another squeeze export is writing it", "wait for it to finish"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _export(
+    images: RunImages,
+    folder: Path,
+    selection: dict[str, Any],
+    subject_names: Sequence[str],
+    chosen: Sequence[str],
+    keep: Predicate | None,
+) -> ExportResult:
+    """The export of the selected images into the locked `folder`."""
+    state = _open_folder(folder, selection)
+    exported = set(state["job_ids"])
+    planned = {job.job_id for job in images.plan.jobs}
+    if not exported <= planned:
+        raise UsageError(
+            f"-o {folder}: {len(exported - planned)} of its images have left the run's plan (stale)",
+            "export into a new folder: rows already exported are never rewritten",
+        )
+    assignment = assign_splits(subject_names, selection["split"], selection["seed"]) | state["subject_splits"]
+    rows = (image for image in images.images(set(chosen), skip=exported) if keep is None or keep(image.row))
+    added = _add_parts(folder, state, rows, assignment, images.metric_names)
+    if added or not (folder / "README.md").exists():
+        outputs.atomic_write_json(folder / outputs.EXPORT_STATE_NAME, state)
+        outputs.atomic_write_text(folder / "README.md", dataset_card(images, state, version=__version__))
     return ExportResult(folder, added, len(state["job_ids"]), dict(state["rows"]))
 
 
@@ -159,22 +200,15 @@ def _add_parts(
 
 
 def _open_folder(folder: Path, selection: dict[str, Any]) -> dict[str, Any]:
-    """The export state of `folder`: a new one for a new or empty folder; the saved one when it holds an
-    export of the same run and selection, with what a killed export left removed.
+    """The export state of the locked `folder`: a new one for a new folder; the saved one when it holds an
+    export of the same run and selection. What a killed export left is removed.
 
     Raises:
-        `UsageError`: `folder` is a file, holds other files, or an export made another way.
+        `UsageError`: `folder` holds an export made another way, or a damaged state.
     """
     state_path = folder / outputs.EXPORT_STATE_NAME
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"-o {folder}: not a folder", "give a new or empty folder")
     if not state_path.is_file():
-        if folder.is_dir() and any(folder.iterdir()):
-            raise UsageError(
-                f"-o {folder}: the folder holds other files and no squeeze export",
-                "give a new or empty folder: squeeze never writes over files it did not make",
-            )
-        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder / outputs.EXPORT_STAGING_NAME, ignore_errors=True)
         return {
             "format": STATE_FORMAT,
             "selection": selection,

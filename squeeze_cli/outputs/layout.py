@@ -31,6 +31,7 @@ VARIANT_EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png"}
 # so dataset loaders skip it), and where a part is written before it is renamed into place.
 EXPORT_STATE_NAME = ".squeeze-export.json"
 EXPORT_STAGING_NAME = ".squeeze-export-staging"
+EXPORT_LOCK_NAME = ".squeeze-export.lock"  # one export into a folder at a time
 # What `squeeze eval` writes at the top of OUT (squeeze_cli/eval/).
 METRICS_JSONL_NAME = "metrics.jsonl"
 METRICS_JSON_NAME = "metrics.json"
