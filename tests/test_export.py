@@ -250,6 +250,14 @@ def test_bad_flags_are_one_line_errors(squeeze, made_run, tmp_path, args, messag
     assert not (tmp_path / "export").exists()
 
 
+def test_filtering_on_scores_of_a_run_never_evaluated_says_to_run_eval(squeeze, made_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(made_run, run)
+    (run / "metrics.jsonl").unlink()
+    result = export(squeeze, run, tmp_path / "export", "--where", "dino >= 0.6", expect=2)
+    assert "column 1: no field `dino` in this run (hint: run `squeeze eval" in one_error_line(result.err)
+
+
 def test_other_folders_are_refused(squeeze, made_run, tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()

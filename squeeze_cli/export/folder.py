@@ -74,7 +74,7 @@ def export_run(
         )
     fractions = parse_splits(splits)
     images = read_run_images(run)
-    keep = parse_where(where, images.fields) if where else None
+    keep = parse_where(where, images.fields, images.absent_fields) if where else None
     subject_names = [subject.name for subject in images.plan.loaded.subjects]
     chosen = [name for name in subject_names if subjects is None or fnmatch.fnmatchcase(name, subjects)]
     if not chosen:

@@ -50,6 +50,12 @@ class RunImages:
         kinds = dict.fromkeys(TEXT_FIELDS, "text") | dict.fromkeys(NUMBER_FIELDS, "number")
         return kinds | dict.fromkeys(self.metric_names, "number")
 
+    @property
+    def absent_fields(self) -> dict[str, str]:
+        """`{field: hint}` of the eval scores this run has none of."""
+        hint = f"run `squeeze eval {self.out}` first: its scores become fields"
+        return {name: hint for name in METRIC_LABELS if name not in self.metric_names}
+
     def images(self, subjects: Collection[str], skip: Collection[str] = ()) -> Iterator[ExportImage]:
         """The finished images of the plan's `subjects`, in plan order, one at a time; the jobs in `skip`
         (exported already) are not read.

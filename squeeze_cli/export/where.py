@@ -37,11 +37,13 @@ class WhereError(UsageError):
     """A `--where` expression that does not parse, or names a field an export row does not have."""
 
 
-def parse_where(text: str, fields: Mapping[str, str]) -> Predicate:
+def parse_where(text: str, fields: Mapping[str, str], absent: Mapping[str, str] | None = None) -> Predicate:
     """A predicate over rows from `text`.
 
     Args:
         fields: `{name: "number" | "text"}`: the fields a row has, with their kind.
+        absent: `{name: hint}`: fields the rows could have but do not (the eval scores of a run not
+            evaluated), with what to do.
 
     Raises:
         `WhereError`: the text is not an expression of the language, or names an unknown field, or compares
@@ -55,7 +57,7 @@ def parse_where(text: str, fields: Mapping[str, str]) -> Predicate:
             f"--where {text!r}: column {column}: not an expression ({error.msg})",
             "e.g. --where 'dino >= 0.6 and clip_t >= 0.28'",
         ) from None
-    return _Compiler(text, fields).predicate(tree.body)
+    return _Compiler(text, fields, absent or {}).predicate(tree.body)
 
 
 # Fields named by a Python keyword, and the name (as long, so columns stay right) the parser is given.
@@ -86,9 +88,10 @@ def _source(node: ast.AST) -> str:
 
 
 class _Compiler:
-    def __init__(self, text: str, fields: Mapping[str, str]):
+    def __init__(self, text: str, fields: Mapping[str, str], absent: Mapping[str, str]):
         self.text = text
         self.fields = fields
+        self.absent = absent
 
     def error(self, node: ast.AST, message: str, hint: str | None = None) -> WhereError:
         column = getattr(node, "col_offset", 0) + 1
@@ -140,6 +143,8 @@ class _Compiler:
         """(the kind of value: "number", "text" or None for null, a getter)."""
         if isinstance(node, ast.Name) and node.id not in _NAMED_CONSTANTS:
             name = _FIELD_OF_SPELLING.get(node.id, node.id)
+            if name in self.absent:
+                raise self.error(node, f"no field `{name}` in this run", self.absent[name])
             if name not in self.fields:
                 raise self.error(node, f"unknown field `{name}`", f"fields: {', '.join(sorted(self.fields))}")
             return self.fields[name], lambda row: row.get(name)
