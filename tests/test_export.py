@@ -270,6 +270,17 @@ def test_other_folders_are_refused(squeeze, made_run, tmp_path):
     assert "another where" in export(squeeze, made_run, folder, "--where", "seed == 0", expect=2).err
 
 
+def test_grids_and_contact_sheets_are_never_exported(squeeze, run, tmp_path):
+    for view in run.glob(".views/*/*.png"):  # as a run without `output.views_dir` draws them
+        view.rename(run / view.parent.name / view.name)
+    assert list(run.glob("*/grid-*.png")) and list(run.glob("*/contact-sheet*.png"))
+    folder = tmp_path / "export"
+    export(squeeze, run, folder)
+    assert load("imagefolder", folder, tmp_path / "cache")["train"].num_rows == NUM_IMAGES
+    names = [path.name for path in folder.rglob("*.png")]
+    assert len(names) == NUM_IMAGES and not [name for name in names if "grid" in name or "contact" in name]
+
+
 def test_the_run_folder_itself_loads_as_its_images_only(squeeze, made_run, tmp_path):
     # output.views_dir: .views keeps grids and contact sheets out of the subject folders
     assert list(made_run.glob("*/grid-*.png")) == []
