@@ -97,7 +97,7 @@ def test_each_format_loads_with_datasets_one_row_per_image(squeeze, run, tmp_pat
     assert row["recipe"] == "tiny" and row["class"] in {"dog", "backpack", "cat"}
     assert isinstance(row["dino"], float) and isinstance(row["clip_t"], float)
     assert all(Path(path).is_file() for path in row["references"])
-    assert row["license"] is None and row["variants"] is None
+    assert row["license"] == "none (random weights)" and row["variants"] is None  # the tiny recipe's
 
 
 def test_webdataset_loads_with_its_captions(squeeze, run, tmp_path):
@@ -421,22 +421,44 @@ def test_views_dir_names(squeeze, make_project, name, ok):
 
 
 def test_licence_and_variants_come_from_the_sidecars(squeeze, run, tmp_path):
-    import yaml
-
     for sidecar in run.glob("*/*.json"):
         record = json.loads(sidecar.read_text())
-        record["license"] = "apache-2.0"
-        record["variants"] = {"alpha": f"{sidecar.parent.name}/{sidecar.stem}-alpha.png"}
+        record["license"] = {"name": "Apache-2.0", "commercial_use": True, "url": None}
+        record["variants"] = {"amazon": {"file": f"{sidecar.parent.name}/variants/amazon/{sidecar.stem}.jpg"}}
         sidecar.write_text(json.dumps(record))
     folder = tmp_path / "export"
-    export(squeeze, run, folder, "--format", "parquet")
-    row = load("parquet", folder, tmp_path / "cache")["train"][0]
-    assert row["license"] == "apache-2.0"
-    assert json.loads(row["variants"]) == {
-        "alpha": f"{row['subject']}/{row['prompt_index']:03d}-s{row['seed']}-alpha.png"
-    }
-    header = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
-    assert header["license"] == "apache-2.0"
+    export(squeeze, run, folder, "--format", "parquet", "--where", "license == 'Apache-2.0'")
+    train = load("parquet", folder, tmp_path / "cache")["train"]
+    assert train.num_rows == NUM_IMAGES
+    row = train[0]
+    stem = f"{row['prompt_index']:03d}-s{row['seed']}"
+    assert json.loads(row["variants"]) == {"amazon": {"file": f"{row['subject']}/variants/amazon/{stem}.jpg"}}
+
+
+@pytest.mark.parametrize(
+    ("license_", "header"),
+    [
+        ({"name": "Apache-2.0", "commercial_use": True}, {"license": "apache-2.0"}),
+        (
+            {
+                "name": "FLUX.1 [dev] Non-Commercial License",
+                "commercial_use": False,
+                "url": "https://x/LICENSE.md",
+            },
+            {
+                "license": "other",
+                "license_name": "flux-1-dev-non-commercial-license",
+                "license_link": "https://x/LICENSE.md",
+            },
+        ),
+        ({"name": "unknown", "commercial_use": None}, {"license": "other"}),
+    ],
+)
+def test_the_card_carries_the_recipe_licence(license_, header):
+    from squeeze_cli.export.card import license_header
+    from squeeze_cli.manifest.recipes import License
+
+    assert license_header(License(**license_)) == header
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_previous_export(squeeze, run, tmp_path, made_run, monkeypatch):

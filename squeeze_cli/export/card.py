@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from squeeze_cli.export.rows import RunImages
+from squeeze_cli.manifest.recipes import UNKNOWN_LICENSE, License
 
 
 def size_category(rows: int) -> str:
@@ -30,15 +31,31 @@ COLUMNS = (
 )
 
 
+# Licence names recipes use that the Hub knows by an id of its own; any other is `other`, named and linked.
+HUB_LICENSE_IDS = {"apache-2.0", "mit", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "openrail", "openrail++"}
+
+
+def license_header(license_: License) -> dict[str, str]:
+    """The card header's licence keys for the recipe's licence."""
+    if license_.name.lower() in HUB_LICENSE_IDS:
+        return {"license": license_.name.lower()}
+    if license_ == UNKNOWN_LICENSE:
+        return {"license": "other"}
+    slug = "-".join("".join(c if c.isalnum() else " " for c in license_.name.lower()).split())
+    return {
+        "license": "other",
+        "license_name": slug,
+        **({"license_link": license_.url} if license_.url else {}),
+    }
+
+
 def dataset_card(images: RunImages, state: dict[str, Any], *, version: str) -> str:
     """The card's text for an export with `state` (see `folder.py`) of the run `images`."""
     total = len(state["job_ids"])
     selection = state["selection"]
-    licenses = state["licenses"]  # the recipe's, as the sidecars record it
     loaded = images.plan.loaded
     header = {
-        # "other" when none is recorded: the terms of the model that made the images apply.
-        "license": licenses[0] if len(licenses) == 1 else "other",
+        **license_header(loaded.license),
         "task_categories": ["text-to-image", "image-to-image"],
         "size_categories": [size_category(total)],
         "tags": ["synthetic", "subject-driven-generation", "squeeze"],
@@ -49,9 +66,13 @@ def dataset_card(images: RunImages, state: dict[str, Any], *, version: str) -> s
     metrics = ", ".join(f"`{name}`" for name in selection["metrics"])
     recipe = loaded.recipe.source if loaded.recipe is not None else "the manifest's own model section"
     licence = (
-        f"Licence: {', '.join(f'`{name}`' for name in licenses)}, as the recipe records it."
-        if licenses
-        else "No licence is recorded in the recipe: the terms of the model that made the images apply."
+        "No licence is recorded in the recipe: the terms of the model that made the images apply."
+        if loaded.license == UNKNOWN_LICENSE
+        else f"Licence of the weights that made the images, from the recipe: {loaded.license.name}"
+        + (f" ({loaded.license.url})" if loaded.license.url else "")
+        + {True: "; commercial use allowed.", False: "; no commercial use.", None: "."}[
+            loaded.license.commercial_use
+        ]
     )
     manifest = images.plan.manifest.read_text(encoding="utf-8").rstrip()
     lines = [

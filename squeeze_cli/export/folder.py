@@ -184,8 +184,6 @@ def _add_parts(
             state["subject_splits"][row["subject"]] = split
             state["job_ids"].append(row["job_id"])
             state["rows"][split] = state["rows"].get(split, 0) + 1
-            if row["license"] and row["license"] not in state["licenses"]:
-                state["licenses"].append(row["license"])
             added += 1
         for name, part in writers.values():
             part.close()
@@ -216,7 +214,6 @@ def _open_folder(folder: Path, selection: dict[str, Any]) -> dict[str, Any]:
             "parts": [],
             "rows": {},
             "subject_splits": {},
-            "licenses": [],
             "job_ids": [],
         }
     try:

@@ -78,6 +78,7 @@ class RunImages:
 
     def _row(self, job: Job, record: Mapping[str, Any], identity: str) -> dict[str, Any]:
         variants = record.get("variants")
+        license_ = record.get("license")  # the recipe's: {"name", "commercial_use", "url"}
         row: dict[str, Any] = {
             "prompt": job.prompt,
             "subject": job.subject,
@@ -88,7 +89,7 @@ class RunImages:
             "recipe": record.get("preset"),
             "model_identity": identity,
             "model": json.dumps(record.get("model"), sort_keys=True),
-            "license": record.get("license"),
+            "license": license_.get("name") if isinstance(license_, dict) else None,
             "references": list(job.references),
             "variants": None if variants is None else json.dumps(variants, sort_keys=True),
         }
