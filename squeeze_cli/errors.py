@@ -3,6 +3,7 @@
 Exit codes (also in the README and ``squeeze --help``):
     0  everything asked for was done
     1  the run finished but some jobs failed (they are recorded in the run index)
+       (`check`: some image fails a marketplace rule)
     2  invalid input or usage: nothing was generated
     130 / 143  stopped by SIGINT / SIGTERM after the current batch
 """

@@ -131,7 +131,8 @@ def test_missing_manifest(squeeze):
 def test_recipes_list_and_show():
     result = runner.invoke(app, ["recipes"])
     assert result.exit_code == 0
-    names = [line.split()[0] for line in result.stdout.splitlines()[:15]]
+    lines = [line for line in result.stdout.splitlines() if line and not line.startswith(" ")]
+    names = [line.split()[0] for line in lines[:15]]
     assert names == [
         "flux2-dev",
         "flux2-klein-4b",

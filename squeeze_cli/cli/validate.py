@@ -11,11 +11,14 @@ import typer
 
 from squeeze_cli.cli.options import (
     JsonOpt,
+    LimitOpt,
     ManifestArg,
     MaxJobsOpt,
+    OnlyOpt,
     RecipeOpt,
     SetOpt,
     load_from_cli,
+    only_patterns,
     parse_choice,
     print_json_failure,
     print_warnings,
@@ -34,6 +37,8 @@ def validate(
     max_jobs: MaxJobsOpt = None,
     set_: SetOpt = None,
     recipe: RecipeOpt = None,
+    only: OnlyOpt = None,
+    limit: LimitOpt = None,
     device: Annotated[
         str | None,
         typer.Option(
@@ -50,13 +55,15 @@ def validate(
     """Check a manifest and print its plan; loads no model and writes nothing.
 
     The plan is printed also when the model's weights are missing or the device is not here (exit 2).
+    With --only or --limit, the plan is that slice's (the whole manifest is checked all the same).
     """
-    from squeeze_cli.plan import plan_jobs
+    from squeeze_cli.plan import plan_jobs, select_jobs
 
     not_ready: SqueezeError | None  # the manifest's, or the device check's
     try:
         loaded, not_ready = _load(manifest, set_, recipe, max_jobs)
-        jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
+        planned = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
+        jobs = select_jobs(planned, only_patterns(only), limit)
         if not_ready is None and (device is not None or offload is not None):
             from squeeze_cli.model_checks import device_problem  # the same check as at the start of `gen`
 
@@ -70,6 +77,8 @@ def validate(
         print_json_failure(error)
         raise typer.Exit(error.exit_code) from None
     summary = plan_summary(loaded, jobs)
+    if len(jobs) != len(planned):
+        summary["jobs_in_the_whole_plan"] = len(planned)
     if json_output:
         warnings = [warning.to_dict() for warning in loaded.warnings]
         if not_ready is None:
@@ -126,6 +135,7 @@ def plan_summary(loaded: LoadedManifest, jobs: Sequence[Job]) -> dict:
                 "jobs": per_subject[subject.index],
             }
             for subject in loaded.subjects
+            if per_subject[subject.index]  # (every subject has jobs; those of a slice, only its own)
         ],
         "jobs": len(jobs),
         "max_jobs": loaded.max_jobs,
@@ -151,7 +161,9 @@ def format_summary(summary: dict, verdict: str = "ok: the manifest is valid; not
             f"  {subject['name']:<{width}}  {noun}: {subject['references']} references, "
             f"{subject['prompts']} prompts, {subject['jobs']} jobs"
         )
-    lines.append(f"jobs      {summary['jobs']:,} (limit {summary['max_jobs']:,})")
+    whole = summary.get("jobs_in_the_whole_plan")
+    of_whole = f" (a slice of the {whole:,} planned: --only, --limit)" if whole is not None else ""
+    lines.append(f"jobs      {summary['jobs']:,}{of_whole} (limit {summary['max_jobs']:,})")
     lines.append("images    " + ", ".join(f"{size}: {n:,}" for size, n in summary["images_per_size"].items()))
     cost, unit = summary["estimated_cost"], summary["estimated_cost_unit"]
     lines.append(f"work      about {cost:,.1f} units (1 unit = {unit})")

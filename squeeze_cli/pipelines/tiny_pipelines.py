@@ -259,6 +259,7 @@ def build_tiny_qwen_image_edit_2511(path: str | os.PathLike, seed: int = 0) -> P
     path = Path(path)
     components = build_tiny_qwen_image_edit_components(seed, zero_cond_t=True)
     QwenImageEditPlusPipeline(**components).save_pretrained(path)
+    return path
 
 
 # FLUX.2 [klein] and FLUX.2 [dev] ------------------------------------------------------------------------
