@@ -40,8 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
@@ -280,6 +282,25 @@ def step_stages(pipe: Any, output: Any, steps: int, params: dict) -> list[int]:
     )
 
 
+def project(
+    calls: list[tuple[float, list[float]]], ran: list[int], planned: list[int], batch: int
+) -> tuple[dict[int, float], list[float]]:
+    """Seconds per image of each timed call (its wall time and its steps' times, the steps of stages `ran`)
+    had it run the steps of stages `planned`: plus, per stage, each missing step at that stage's median step
+    time over every call (minus each extra one). Returns those medians and the projections."""
+    missing = set(planned) - set(ran)
+    if missing:
+        raise ValueError(f"stages {sorted(missing)} do not run in {len(ran)} steps; run more steps")
+    step_seconds = {
+        stage: statistics.median(
+            s for _, seconds in calls for st, s in zip(ran, seconds, strict=True) if st == stage
+        )
+        for stage in set(ran)
+    }
+    extra = sum((planned.count(st) - ran.count(st)) * step_seconds[st] for st in set(ran))
+    return step_seconds, [(wall + extra) / batch for wall, _ in calls]
+
+
 def measure(pipe, condition, params: dict, batch: int, steps: int, repeats: int, device: str) -> dict:
     """One case: warm-up (FLOPs counted), then `repeats` timed calls of `params["num_inference_steps"]`
     steps; seconds per image projected to `steps` steps, stage by stage."""
@@ -308,19 +329,8 @@ def measure(pipe, condition, params: dict, batch: int, steps: int, repeats: int,
     for _ in range(repeats):
         clock = StepClock(pipe.transformer, device)
         calls.append((call(clock)[1], clock.seconds))
-    # Per stage, the median step over every timed call.
-    step_seconds = {
-        stage: statistics.median(
-            s for _, seconds in calls for st, s in zip(ran, seconds, strict=True) if st == stage
-        )
-        for stage in set(ran)
-    }
     planned = step_stages(pipe, None, steps, params)
-    missing = set(planned) - set(ran)
-    if missing:
-        raise ValueError(f"stages {sorted(missing)} do not run in {len(ran)} steps; run more steps")
-    extra = sum((planned.count(st) - ran.count(st)) * step_seconds[st] for st in set(planned) | set(ran))
-    per_image = [(wall + extra) / batch for wall, _ in calls]
+    step_seconds, per_image = project(calls, ran, planned, batch)
     measured = [wall / batch for wall, _ in calls]
     flops_per_image = sum(flops[st] for st in planned) / batch
     transformer_seconds = sum(step_seconds[st] for st in planned) / batch
@@ -505,6 +515,9 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    # Casts of random models and the PIL image processors' notices would bury the table.
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not args.small and not device.startswith("cuda"):
         sys.exit("gpu.py: no GPU here; the full-size run needs one (use --small for the CPU check)")
@@ -529,11 +542,7 @@ def main() -> None:
         "quick": args.quick,
         "references": 1,
     }
-    with contextlib.suppress(ImportError):
-        import diffusers
-        import transformers
-
-        environment.update(diffusers=diffusers.__version__, transformers=transformers.__version__)
+    environment.update(diffusers=diffusers.__version__, transformers=transformers.__version__)
     print(json.dumps(environment), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(

@@ -90,6 +90,22 @@ def test_squeeze_mllm_feeds_the_aggregator_and_the_aggregator_the_transformer(gp
         assert aggregator.joint_attention_dim == models["transformer"].config.joint_attention_dim
 
 
+def test_projection_adds_each_missing_step_at_its_stages_median(gpu) -> None:
+    # One stage: 4 steps ran in 1.0 s (0.2 s each), 28 planned: 24 more steps.
+    seconds, per_image = gpu.project([(1.0, [0.2] * 4)], [0] * 4, [0] * 28, batch=1)
+    assert seconds == {0: 0.2} and per_image == pytest.approx([1.0 + 24 * 0.2])
+    # The stage plan: 1 / 1 / 4 steps ran, 3 / 4 / 21 planned; two calls of batch 2, medians over both.
+    ran = [1, 2, 3, 3, 3, 3]
+    calls = [(2.0, [0.1, 0.3, 0.2, 0.2, 0.2, 0.2]), (3.0, [0.1, 0.5, 0.2, 0.2, 0.2, 0.4])]
+    planned = [1] * 3 + [2] * 4 + [3] * 21
+    seconds, per_image = gpu.project(calls, ran, planned, batch=2)
+    assert seconds == pytest.approx({1: 0.1, 2: 0.4, 3: 0.2})
+    extra = 2 * 0.1 + 3 * 0.4 + 17 * 0.2
+    assert per_image == pytest.approx([(2.0 + extra) / 2, (3.0 + extra) / 2])
+    with pytest.raises(ValueError, match="stages \\[2\\] do not run"):
+        gpu.project(calls, [1, 3, 3, 3, 3, 3], planned, batch=1)
+
+
 def test_case_plan(gpu) -> None:
     assert gpu.case_plan(True, [512, 1024], [2, 4]) == [
         (512, "on", 1),
