@@ -92,15 +92,13 @@ def build_model(
     `token_ids` are set in its config (the tokenizer it runs with is the tiny twin's); `layers` builds a
     stand-in with that many decoder layers and the real width.
     """
-    from transformers import PreTrainedModel
-
     entry = CONFIGS["models"][name]
     cls = _load(class_path or entry["class"])
     config = copy.deepcopy(entry["config"])
     if layers is not None:
         (config.get("text_config") or config)["num_hidden_layers"] = layers
     with torch.device(device), _default_dtype(dtype):
-        if issubclass(cls, PreTrainedModel):
+        if issubclass(cls, transformers.PreTrainedModel):
             model = cls(cls.config_class(**config, **(token_ids or {})))
         else:
             model = cls(**config)
@@ -113,13 +111,11 @@ def parameter_count(module: torch.nn.Module) -> int:
 
 def build_models(recipe: str, device: str, dtype: torch.dtype, tiny: dict[str, Any] | None = None) -> dict:
     """The full-size networks of `recipe` (stand-ins where its entry says so); `tiny` gives token ids."""
-    from transformers import PreTrainedModel
-
     entry = CONFIGS["recipes"][recipe]
     models = {}
     for part, name in entry["models"].items():
         token_ids = None
-        if tiny is not None and isinstance(tiny.get(part), PreTrainedModel):
+        if tiny is not None and isinstance(tiny.get(part), transformers.PreTrainedModel):
             token_ids = {
                 key: value
                 for key, value in tiny[part].config.to_dict().items()
