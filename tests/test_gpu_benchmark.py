@@ -80,7 +80,14 @@ def test_full_size_networks_have_the_real_sizes(gpu, recipe: str) -> None:
         assert config.num_hidden_layers == stand_in["layers"] and billions[part] < real[part]
 
 
-def test_squeeze_mllm_feeds_the_aggregator_and_the_aggregator_the_transformer(gpu) -> None:
+@pytest.mark.slow
+def test_squeeze_pipeline_at_full_size_reads_a_reference_as_the_real_model(gpu) -> None:
+    # The real 448-px InternVL processor and image_seq_length over the tiny tokenizer: 256 tokens a
+    # reference, every hidden layer into the aggregator, and its condition is the transformer's width.
+    pipe, _ = gpu.build_pipeline("paper-internvl3-flux", "meta", torch.bfloat16, small=False)
+    encoder = pipe.mllm_encoder
+    shape = (encoder.adapter.tokens_per_tile, encoder.num_hidden_states, encoder.hidden_size)
+    assert shape == (256, 29, 3584)
     for recipe in ("paper-internvl3-flux", "qwen2.5vl-flux"):
         models = gpu.build_models(recipe, "meta", torch.bfloat16)
         text = models["mllm"].config.get_text_config()

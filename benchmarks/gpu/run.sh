@@ -8,6 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 python=${PYTHON:-python3}
 if [ -z "${SQUEEZE_GPU_KIT_INSTALLED:-}" ]; then
+  if ! compgen -G ".whl/*.whl" >/dev/null; then
+    echo "run.sh: no wheels in .whl/: run benchmarks/gpu/fetch_wheels.py first and carry .whl" >&2
+    exit 2
+  fi
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   "$python" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target /tmp/site .
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
