@@ -15,8 +15,6 @@ from typing import Any
 from squeeze_cli import outputs
 from squeeze_cli.errors import SqueezeError
 
-SHARDS_DIR = "shards"
-
 
 class RunDirError(SqueezeError):
     """A path given to `squeeze eval` that is not a run directory (exit code 2)."""
@@ -82,13 +80,10 @@ class RunContents:
 def _index_files(run_dir: Path) -> list[Path]:
     """Every shard's index, then the run's own: images of a sharded run not merged yet are found, and the
     merged index (written last, by the run that retried the shards' failures) has the final word."""
-    found = []
-    shards = run_dir / SHARDS_DIR
-    if shards.is_dir():
-        found += sorted(p for p in shards.glob(f"*-of-*/{outputs.INDEX_NAME}") if p.is_file())
-    if (run_dir / outputs.INDEX_NAME).is_file():
-        found.append(run_dir / outputs.INDEX_NAME)
-    return found
+    run, *shards = outputs.run_folders(run_dir)
+    return [
+        folder / outputs.INDEX_NAME for folder in (*shards, run) if (folder / outputs.INDEX_NAME).is_file()
+    ]
 
 
 def read_run(path: str | Path) -> RunContents:
@@ -140,29 +135,13 @@ def read_run(path: str | Path) -> RunContents:
     return contents
 
 
-def _run_manifests(run_dir: Path) -> list[Path]:
-    """The run's `manifest.resolved.yaml`, else its shards' (each holds the whole plan)."""
-    found = [run_dir / outputs.RESOLVED_MANIFEST_NAME]
-    shards = run_dir / SHARDS_DIR
-    if shards.is_dir():
-        found += sorted(shards.glob(f"*-of-*/{outputs.RESOLVED_MANIFEST_NAME}"))
-    return [path for path in found if path.is_file()]
-
-
 def planned_job_ids(run_dir: Path) -> set[str] | None:
-    """The job ids of the run's plan, from its resolved manifest; None when it has none that loads (a
-    folder from an older squeeze, references since moved): then every indexed image counts."""
-    from squeeze_cli.manifest import load_manifest
-    from squeeze_cli.plan import plan_jobs
-
-    for path in _run_manifests(run_dir):
-        try:
-            loaded = load_manifest(path, check_sources=False)
-            jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
-        except (SqueezeError, OSError):
-            continue
-        return {job.job_id for job in jobs}
-    return None
+    """The job ids of the run's plan (`outputs.load_run_plan`); None when it has no resolved manifest that
+    loads (a folder from an older squeeze, references since moved): then every indexed image counts."""
+    try:
+        return {job.job_id for job in outputs.load_run_plan(run_dir).jobs}
+    except (SqueezeError, OSError):
+        return None
 
 
 def _refuse_mixed_models(contents: RunContents) -> None:
