@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,6 +159,27 @@ def test_an_existing_folder_that_is_no_training_run_is_refused_untouched(
     )
     assert len([line for line in result.err.splitlines() if line.startswith("error")]) == 1
     assert _tree(mine) == before
+
+
+def test_a_run_killed_while_writing_its_first_record_is_still_its_own(tmp_path: Path) -> None:
+    """Only the temporary file of `training.json` of a process that is gone: the folder is the killed run's,
+    not a user's, and the next run may start there; a user's file beside it still refuses the folder."""
+    from squeeze_cli.train.checkpoints import RunError, check_output_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    leftover = run / f".training.json.{dead.stdout.strip()}.tmp"
+    leftover.write_text("{")
+    check_output_dir(run)
+    assert not leftover.exists()
+    leftover.write_text("{")
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="is not empty and is not a squeeze training run"):
+        check_output_dir(run)
+    assert (run / "notes.txt").read_text() == "mine"
 
 
 def test_an_output_dir_that_is_a_file_is_refused(squeeze, tmp_path: Path) -> None:

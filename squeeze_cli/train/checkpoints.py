@@ -128,6 +128,8 @@ def check_output_dir(output_dir: Path) -> None:
         return
     if not output_dir.is_dir():
         raise RunError(f"output_dir {output_dir} is not a folder", hint)
+    # A run killed while writing its first record left only that record's temporary file: still ours.
+    outputs.remove_stale_temp_files(output_dir, only={RUN_RECORD})
     try:
         empty = next(output_dir.iterdir(), None) is None
     except OSError as error:
