@@ -70,7 +70,9 @@ from .layout import (  # noqa: F401
     SHARDS_DIR_NAME,
     STALE_DIR_NAME,
     UnsafeOutputPathError,
+    is_run_folder,
     run_dir,
+    runs_inside,
     safe_join,
 )
 from .records import image_record, package_versions, read_sidecar, save_image  # noqa: F401
