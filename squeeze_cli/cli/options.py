@@ -85,12 +85,12 @@ def load_from_cli(
     )
 
 
-def split_recipes(value: str | None) -> list[str | None]:
-    """`--recipe A,B,C` as its recipes, in order; `[value]` for one recipe or none."""
+def split_recipes(value: str | None) -> list[str]:
+    """`--recipe A,B,C` as its recipes, in order (none without the flag)."""
     from squeeze_cli.errors import UsageError
 
     if value is None or "," not in value:
-        return [value]
+        return [] if value is None else [value]
     names = [name.strip() for name in value.split(",")]
     if not all(names):
         raise UsageError(f"--recipe {value}: an empty recipe name", "e.g. --recipe tiny,tiny-kontext")

@@ -60,11 +60,12 @@ def validate(
 
     checked: list[tuple[LoadedManifest, dict, SqueezeError | None]] = []
     try:
-        recipes = split_recipes(recipe)
+        recipes: list[str | None] = [*split_recipes(recipe)] or [None]
         parent = _load(manifest, set_, recipes[0], max_jobs)[0].output_dir if len(recipes) > 1 else None
         for name in recipes:
             out = parent / recipe_folder_name(name) if parent is not None and name is not None else None
-            loaded, not_ready = _load(manifest, set_, name, max_jobs, out)
+            loaded, ready_error = _load(manifest, set_, name, max_jobs, out)
+            not_ready: SqueezeError | None = ready_error
             jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
             if not_ready is None and (device is not None or offload is not None):
                 from squeeze_cli.model_checks import device_problem  # the same check as at the start of `gen`
@@ -97,7 +98,7 @@ def validate(
         for place, (loaded, summary, not_ready) in enumerate(checked):
             print_warnings(loaded)
             typer.echo(("\n" if place else "") + format_summary(summary, verdict=_verdict(not_ready)))
-    failure = next((not_ready for *_, not_ready in checked if not_ready is not None), None)
+    failure = next((error for *_, error in checked if error is not None), None)
     if failure is not None:
         if json_output:
             raise typer.Exit(failure.exit_code)
