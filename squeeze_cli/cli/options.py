@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 EPILOG = """\b
 Exit codes:
   0    everything asked for was done
-  1    the run finished but some jobs failed (see the run index)
+  1    the run finished but some jobs failed (see the run index), or, with several
+       recipes, one recipe's run stopped with an error
   2    invalid input or usage: nothing was generated
   130  stopped by SIGINT (Ctrl-C) / 143 by SIGTERM, after the current batch
 """
