@@ -47,6 +47,7 @@ class Job:
     params: SamplingParams
     references: tuple[str, ...]
     cost: float  # the pipeline's `estimate_cost`: shard balancing and validate's estimate
+    sweep: str = ""  # `ResolvedPrompt.sweep_label`: which values of a sweep the job takes, for grids
 
 
 def file_digest(path: str, cache: dict[str, bytes] | None = None) -> bytes:
@@ -172,6 +173,7 @@ def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -
                         params,
                         subject.references,
                         cost,
+                        prompt.sweep_label,
                     )
                 )
                 index += 1

@@ -5,6 +5,8 @@ placeholders substituted, the job limit enforced. Reads only YAML and image head
 from __future__ import annotations
 
 import glob
+import itertools
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -45,6 +47,7 @@ from squeeze_cli.manifest.recipes import (
 from squeeze_cli.manifest.schema import (
     DEFAULT_MAX_JOBS,
     PLACEHOLDER_RE,
+    SWEPT_KEYS,
     Manifest,
     ManifestHead,
     ModelSpec,
@@ -121,7 +124,7 @@ def load_manifest(
         document, head, subjects, manifest_path, check_sources=check_sources, output_dir=output_dir
     )
     loaded = resolver.resolve(max_jobs)
-    problems += resolver.problems
+    problems += dict.fromkeys(resolver.problems)  # once, however many of a sweep's values share one
     if problems or loaded is None:
         raise ManifestError(sort_problems(problems))
     return loaded
@@ -154,6 +157,7 @@ class _Resolver:
         self.warnings: list[Problem] = []
         self.output_dir: Path | None = None  # resolved first: reference globs never reach into it
         self._written_folders: list[str] | None = None
+        self.limit = DEFAULT_MAX_JOBS  # the job limit, known once the top level is read
 
     def problem(self, path: FieldPath, message: str, hint: str | None = None) -> None:
         self.problems.append(self.document.problem(path, message, hint))
@@ -175,6 +179,7 @@ class _Resolver:
         if self.out_flag is not None:  # `output.dir` was still checked: a bad one is bad input all the same
             output_dir = self.output_dir = self.out_flag
         pipeline = pipeline_spec(model.pipeline_class).name if model is not None else None
+        limit = self.limit = max_jobs or (head.max_jobs if head is not None else None) or DEFAULT_MAX_JOBS
         names_seen: dict[str, int] = {}
         subjects = []
         for index, subject in enumerate(self.subjects):
@@ -193,7 +198,6 @@ class _Resolver:
             else:
                 self.check_invalid_subject(index)
 
-        limit = max_jobs or (head.max_jobs if head is not None else None) or DEFAULT_MAX_JOBS
         total = count_jobs(subjects)
         if total > limit:
             self.problem(("subjects",), *too_many_jobs(total, limit))
@@ -329,34 +333,54 @@ class _Resolver:
             levels.append(((), recipe.defaults))
         defaults = self.head.defaults if self.head is not None else SamplingOverrides()
         levels += [(("defaults",), defaults), (path, subject)]
-        base = SamplingParams()
+        inherited: dict[str, Any] = {}  # each key as the nearest level sets it: a value, or a sweep's list
         for _, level in levels:
-            base = replace(base, **level.explicit(pipeline))
+            inherited.update(level.explicit(pipeline))
         base_seeds = next((lvl.seeds for _, lvl in reversed(levels) if lvl.seeds is not None), None)
 
         prompts: list[ResolvedPrompt] = []
-        seen: dict[tuple[str, SamplingParams], list[int]] = {}
+        seen: dict[tuple[str, SamplingParams], list[tuple[int, Sequence[int]]]] = {}
         for prompt_index, spec in enumerate(subject.prompts):
             prompt_path = (*path, "prompts", prompt_index)
-            overrides = spec.explicit(pipeline)
-            params = replace(base, **overrides) if overrides else base
             seed_spec = spec.seeds if spec.seeds is not None else base_seeds
             seeds = _seed_values(seed_spec)
             text_path = self.text_path(prompt_path)
             text = self.substitute(text_path, spec.text, subject)
-            self.check_prompt(prompt_path, params, [*levels, (prompt_path, spec)])
-            for other in seen.get((text, params), []):
-                if _seeds_overlap(seeds, prompts[other].seeds):
-                    self.problem(
-                        prompt_path,
-                        f"same text, parameters and seeds as prompts[{other}]: the images would be identical",
-                        "remove it, or give it different seeds",
-                    )
-                    break
-            seen.setdefault((text, params), []).append(prompt_index)
             location = self.document.locate(text_path)
-            prompts.append(ResolvedPrompt(prompt_index, spec.text, text, params, seeds, location))
+            for params, sweep in self.sweep_variants(prompt_path, {**inherited, **spec.explicit(pipeline)}):
+                self.check_prompt(prompt_path, params, [*levels, (prompt_path, spec)])
+                for other, other_seeds in seen.get((text, params), []):
+                    if _seeds_overlap(seeds, other_seeds):
+                        self.problem(
+                            prompt_path,
+                            f"same text, parameters and seeds as prompts[{other}]: the images would be "
+                            "identical",
+                            "remove it, or give it different seeds",
+                        )
+                        break
+                seen.setdefault((text, params), []).append((prompt_index, seeds))
+                prompts.append(ResolvedPrompt(len(prompts), spec.text, text, params, seeds, location, sweep))
         return ResolvedSubject(index, subject.name, subject.class_noun, references, tuple(prompts))
+
+    def sweep_variants(
+        self, prompt_path: FieldPath, values: dict[str, Any]
+    ) -> list[tuple[SamplingParams, tuple[tuple[str, Any], ...]]]:
+        """A prompt's parameters, one set per combination of its swept keys' values (the cartesian product,
+        the first swept key varying slowest), each with the `(key, value)` pairs it takes from the sweeps."""
+        swept = [key for key in SWEPT_KEYS if isinstance(values.get(key), list)]
+        fixed = replace(SamplingParams(), **{k: v for k, v in values.items() if k not in swept})
+        combinations = math.prod(len(values[key]) for key in swept)
+        if combinations > self.limit:  # found before building them: `[1..1000]` on three keys is 10^9
+            self.problem(
+                prompt_path,
+                f"its sweeps make {combinations:,} sets of parameters, more than the job limit of "
+                f"{self.limit:,}",
+                "sweep fewer values, or raise the limit with `--max-jobs N` or `max_jobs: N`",
+            )
+            return [(fixed, ())]
+        lists: list[list[Any]] = [values[key] for key in swept]
+        sweeps = [tuple(zip(swept, chosen, strict=True)) for chosen in itertools.product(*lists)]
+        return [(replace(fixed, **dict(sweep)), sweep) for sweep in sweeps]
 
     def substitute(self, text_path: FieldPath, template: str, subject: Subject) -> str:
         """`template` with its placeholders filled in; problems with them are located at `text_path`."""
