@@ -157,6 +157,7 @@ def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -
             params_json = params_cache[params]
             cost = pipeline.estimate_cost(params, num_references, prompt.text)
             prefix = _prompt_hasher(references, prompt.text, params_json, model_json)
+            sweep = prompt.sweep_label
             for seed in prompt.seeds:
                 hasher = prefix.copy()
                 hasher.update(str(seed).encode())
@@ -173,7 +174,7 @@ def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -
                         params,
                         subject.references,
                         cost,
-                        prompt.sweep_label,
+                        sweep,
                     )
                 )
                 index += 1

@@ -175,10 +175,10 @@ def _check_recipes(
         )
     runs = []
     for recipe in recipes:
-        folder = str(parent / recipe_folder_name(recipe))
-        loaded = _check_input(manifest, set_, recipe, max_jobs, folder, dtype, device, offload)
+        name = recipe_folder_name(recipe)
+        loaded = _check_input(manifest, set_, recipe, max_jobs, str(parent / name), dtype, device, offload)
         plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
-        runs.append((recipe_folder_name(recipe), loaded))
+        runs.append((name, loaded))
     return runs
 
 
