@@ -10,13 +10,14 @@ subjects with the same references, prompts and seeds are two sets of jobs, each 
 from __future__ import annotations
 
 import bisect
+import fnmatch
 import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from squeeze_cli.errors import ManifestError, Problem
+from squeeze_cli.errors import ManifestError, Problem, UsageError
 from squeeze_cli.manifest.loaded import too_many_jobs
 from squeeze_cli.params import SamplingParams
 from squeeze_cli.pipelines.registry import pipeline_spec
@@ -179,6 +180,32 @@ def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -
                 )
                 index += 1
     return jobs
+
+
+# Slicing ---------------------------------------------------------------------------------------------
+
+
+def select_jobs(jobs: Sequence[Job], only: Sequence[str] = (), limit: int | None = None) -> list[Job]:
+    """The jobs of the subjects that `only` names (fnmatch globs, any case; all subjects when empty), of
+    the first `limit` of them in plan order. Jobs keep their ids: a slice and the whole plan share images.
+
+    Raises:
+        `UsageError`: a pattern matches no subject.
+    """
+    if not only and limit is None:
+        return list(jobs)
+    names = list(dict.fromkeys(job.subject for job in jobs))
+    folded = [name.casefold() for name in names]
+    chosen: set[str] = set()
+    for pattern in only:
+        matches = {names[i] for i in range(len(names)) if fnmatch.fnmatchcase(folded[i], pattern.casefold())}
+        if not matches:
+            shown = ", ".join(names[:5]) + (f", ... ({len(names):,} in all)" if len(names) > 5 else "")
+            raise UsageError(f"--only {pattern}: no subject matches it", f"the subjects: {shown}")
+        chosen |= matches
+    kept = [name for name in names if not only or name in chosen][:limit]
+    keep = set(kept)
+    return [job for job in jobs if job.subject in keep]
 
 
 # Sharding --------------------------------------------------------------------------------------------

@@ -131,14 +131,21 @@ def test_missing_manifest(squeeze):
 def test_recipes_list_and_show():
     result = runner.invoke(app, ["recipes"])
     assert result.exit_code == 0
-    names = [line.split()[0] for line in result.stdout.splitlines()[:9]]
+    lines = [line for line in result.stdout.splitlines() if line and not line.startswith(" ")]
+    names = [line.split()[0] for line in lines[:15]]
     assert names == [
+        "flux2-dev",
+        "flux2-klein-4b",
+        "flux2-klein-9b-kv",
         "kontext-dev",
         "paper-internvl3-flux",
         "qwen-image-edit-2511",
         "qwen-image-edit-plus",
         "qwen2.5vl-flux",
         "tiny",
+        "tiny-flux2-dev",
+        "tiny-flux2-klein",
+        "tiny-flux2-klein-kv",
         "tiny-kontext",
         "tiny-qwen-image-edit",
         "tiny-qwen-image-edit-2511",
@@ -152,9 +159,10 @@ def test_known_errors_become_one_line_with_a_hint(squeeze):
     run = squeeze("recipes", "nope")
     assert run.code == 2 and run.out == ""
     assert run.err.splitlines() == [
-        "error: unknown recipe 'nope' (hint: known recipes: kontext-dev, paper-internvl3-flux, "
-        "qwen-image-edit-2511, qwen-image-edit-plus, qwen2.5vl-flux, tiny, tiny-kontext, "
-        "tiny-qwen-image-edit, tiny-qwen-image-edit-2511; or give the path of a .yaml file)"
+        "error: unknown recipe 'nope' (hint: known recipes: flux2-dev, flux2-klein-4b, flux2-klein-9b-kv, "
+        "kontext-dev, paper-internvl3-flux, qwen-image-edit-2511, qwen-image-edit-plus, qwen2.5vl-flux, "
+        "tiny, tiny-flux2-dev, tiny-flux2-klein, tiny-flux2-klein-kv, tiny-kontext, tiny-qwen-image-edit, "
+        "tiny-qwen-image-edit-2511; or give the path of a .yaml file)"
     ]
 
 

@@ -145,6 +145,18 @@ def test_a_rerun_computes_nothing_and_a_grown_run_only_what_is_new(squeeze, run:
     assert third["cache"] == {"computed": 2 * 3, "reused": 2 * NUM_IMAGES}
 
 
+def test_scores_cached_by_an_older_squeeze_are_recomputed(squeeze, run: Path):
+    # Format 1 scored DINO with a crop one pixel off for some aspect ratios and LayerNorm epsilon 1e-12.
+    first = evaluate(squeeze, str(run))["runs"][0]
+    cache = run / "metrics-cache.json"
+    data = json.loads(cache.read_text())
+    assert data["format"] == 2
+    cache.write_text(json.dumps({**data, "format": 1}))
+    again = evaluate(squeeze, str(run))["runs"][0]
+    assert again["cache"] == {"computed": 2 * NUM_IMAGES, "reused": 0}
+    assert again["overall"] == first["overall"]
+
+
 def test_a_changed_image_is_scored_again(squeeze, run: Path):
     evaluate(squeeze, str(run))
     Image.new("RGB", (32, 32), (0, 0, 255)).save(run / "dog" / "000-s0.png")

@@ -82,3 +82,84 @@ def test_a_tiny_metric_model_without_its_weights_never_enters_the_cache(tmp_path
     with pytest.raises(ModelLoadError, match=lacking):
         ensure_tiny_metric_checkpoint("dino")
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Protocol parity with DINO's release: torchvision's transform, the release's LayerNorm epsilon
+# ---------------------------------------------------------------------------------------------------
+
+
+def _torchvision_resize_center_crop(image: Image.Image, resize: int, crop: int) -> torch.Tensor:
+    """`Resize(resize, BICUBIC)`, `CenterCrop(crop)`, `ToTensor()`, `Normalize` written out from
+    torchvision's `_compute_resized_output_size` and `center_crop` (torchvision is not a dependency)."""
+    import numpy as np
+
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = resize, int(resize * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
+    image = image.crop((left, top, left + crop, top + crop))
+    tensor = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(255)
+    mean, std = torch.as_tensor(IMAGENET_MEAN), torch.as_tensor(IMAGENET_STD)
+    return tensor.sub(mean.view(3, 1, 1)).div(std.view(3, 1, 1))
+
+
+def _noise(width: int, height: int) -> Image.Image:
+    generator = torch.Generator().manual_seed(width * 10007 + height)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+@pytest.mark.parametrize(
+    "size",
+    [(1000, 600), (600, 1000), (700, 467), (467, 700), (400, 300), (300, 400), (256, 256), (257, 256)]
+    + [(1024, 683), (333, 1000), (2000, 257), (225, 900)],
+)
+def test_dino_preprocessing_is_torchvisions_pixel_for_pixel(size):
+    image = _noise(*size)
+    assert torch.equal(resize_center_crop(image, 256, 224), _torchvision_resize_center_crop(image, 256, 224))
+
+
+def test_dino_preprocessing_is_torchvisions_for_every_aspect_ratio_of_small_images():
+    # Every shape from 1:3 to 3:1 at the tiny protocol's sizes (resize 36, crop 32): odd and even sides.
+    for width in range(33, 110, 3):
+        for height in range(max(33, width // 3), min(110, 3 * width), 4):
+            image = _noise(width, height)
+            expected = _torchvision_resize_center_crop(image, 36, 32)
+            assert torch.equal(resize_center_crop(image, 36, 32), expected), (width, height)
+
+
+def test_dino_preprocessing_matches_torchvision_itself_when_installed():
+    transforms = pytest.importorskip("torchvision.transforms")
+    pipeline = transforms.Compose(
+        [
+            transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    for size in [(1000, 600), (600, 1000), (700, 467), (400, 300), (256, 256)]:
+        image = _noise(*size)
+        assert torch.equal(resize_center_crop(image, 256, 224), pipeline(image)), size
+
+
+@pytest.mark.parametrize("metrics", ["tiny", "dreambench"])
+def test_dino_uses_the_layer_norm_epsilon_of_the_original_release(metrics):
+    # facebookresearch/dino `vision_transformer.py`: `partial(nn.LayerNorm, eps=1e-6)`; the hub's 1e-12.
+    spec = make_protocol(metrics).encoder("dino")
+    assert spec.layer_norm_eps == 1e-6
+    assert spec.to_dict()["layer_norm_eps"] == 1e-6
+
+
+def test_the_dino_model_is_built_with_the_release_epsilon():
+    import json
+
+    spec = make_protocol("tiny").encoder("dino")
+    saved = json.loads((ensure_tiny_metric_checkpoint("dino") / "config.json").read_text())
+    assert saved["layer_norm_eps"] == 1e-12  # as the hub's facebook/dino-vits16 config.json
+    model = Encoder(spec).model
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(norm.eps == 1e-6 for norm in norms)

@@ -16,7 +16,7 @@ from squeeze_cli.manifest.recipes import list_recipes
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 RECIPES = sorted(recipe.name for recipe in list_recipes())
 TINY_RECIPES = [name for name in RECIPES if name.startswith("tiny")]
-MANIFESTS = ["demo.yaml", "catalog.yaml"]
+MANIFESTS = ["demo.yaml", "catalog/catalog.yaml"]  # the catalog reads catalog/products.csv beside it
 
 SCOPED = """\
 version: 1
@@ -123,7 +123,11 @@ def test_every_example_runs_with_every_tiny_recipe(
     tmp_path: Path, squeeze, manifest: str, recipe: str
 ) -> None:
     shutil.copytree(EXAMPLES / "images", tmp_path / "images")
-    shutil.copy(EXAMPLES / manifest, tmp_path / manifest)
+    folder = Path(manifest).parent  # a manifest in a folder of its own comes with that folder (its feed)
+    if folder != Path("."):
+        shutil.copytree(EXAMPLES / folder, tmp_path / folder)
+    else:
+        shutil.copy(EXAMPLES / manifest, tmp_path / manifest)
     out = tmp_path / "out"
     result = squeeze(
         "gen",

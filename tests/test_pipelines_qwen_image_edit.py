@@ -261,7 +261,8 @@ def test_more_references_than_2511_takes_are_refused_at_validation(tmp_path, squ
     errors = [line for line in result.err.splitlines() if line.startswith("error:")]
     assert errors == [
         f"error: {manifest}:5:27: subjects[1].references: 4 reference images, more than the 3 the "
-        "qwen-image-edit-2511 pipeline takes (hint: list at most 3, or run a recipe that takes more)"
+        "qwen-image-edit-2511 pipeline (recipe tiny-qwen-image-edit-2511) conditions on "
+        "(hint: keep at most 3 for this subject)"
     ]
     # The 2509 pipeline has no such limit; three are fine with 2511.
     assert squeeze("validate", str(manifest), "--recipe", "tiny-qwen-image-edit").code == 0

@@ -22,12 +22,18 @@ PRESET_FILES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
 
 def test_packaged_presets_are_listed():
     assert [recipe.name for recipe in list_recipes()] == [
+        "flux2-dev",
+        "flux2-klein-4b",
+        "flux2-klein-9b-kv",
         "kontext-dev",
         "paper-internvl3-flux",
         "qwen-image-edit-2511",
         "qwen-image-edit-plus",
         "qwen2.5vl-flux",
         "tiny",
+        "tiny-flux2-dev",
+        "tiny-flux2-klein",
+        "tiny-flux2-klein-kv",
         "tiny-kontext",
         "tiny-qwen-image-edit",
         "tiny-qwen-image-edit-2511",
@@ -210,3 +216,43 @@ def test_resolve_model_paths_leaves_hub_ids(tmp_path):
     assert resolved.pipeline == "org/pipe"
     assert resolved.lora.path == str(tmp_path / "weights")
     assert resolved.components["vae"].path == str(Path("~/vae").expanduser())
+
+
+EXPECTED_LICENSES = {
+    "kontext-dev": ("FLUX.1 [dev] Non-Commercial License", False),
+    "paper-internvl3-flux": ("FLUX.1 [dev] Non-Commercial License", False),
+    "qwen2.5vl-flux": ("FLUX.1 [dev] Non-Commercial License", False),
+    "qwen-image-edit-plus": ("Apache-2.0", True),
+    "tiny": ("none (random weights)", True),
+    "tiny-kontext": ("none (random weights)", True),
+    "tiny-qwen-image-edit": ("none (random weights)", True),
+    "qwen-image-edit-2511": ("Apache-2.0", True),
+    "tiny-qwen-image-edit-2511": ("none (random weights)", True),
+    "flux2-klein-4b": ("Apache-2.0", True),
+    "flux2-klein-9b-kv": ("FLUX.2 [klein] Non-Commercial License", False),
+    "flux2-dev": ("FLUX.2 [dev] Non-Commercial License", False),
+    "tiny-flux2-klein": ("none (random weights)", True),
+    "tiny-flux2-klein-kv": ("none (random weights)", True),
+    "tiny-flux2-dev": ("none (random weights)", True),
+}
+
+
+def test_every_packaged_recipe_states_its_weights_license():
+    for recipe in list_recipes():
+        assert "license" in recipe.text, f"{recipe.name} must state its licence"
+        assert (recipe.license.name, recipe.license.commercial_use) == EXPECTED_LICENSES[recipe.name]
+
+
+def test_a_recipe_file_without_a_license_has_an_unknown_one(write_file, tmp_path):
+    write_file("name: mine\ndescription: local\nmodel: {builtin: tiny}\n", name="mine.yaml")
+    recipe = load_recipe("mine.yaml", relative_to=tmp_path)
+    assert (recipe.license.name, recipe.license.commercial_use) == ("unknown", None)
+
+
+def test_a_license_must_say_whether_it_allows_commercial_use(write_file, tmp_path):
+    write_file(
+        "name: mine\ndescription: local\nlicense: {name: Mine}\nmodel: {builtin: tiny}\n", name="mine.yaml"
+    )
+    with pytest.raises(ManifestError) as info:
+        load_recipe("mine.yaml", relative_to=tmp_path)
+    assert "mine.yaml:3" in str(info.value) and "commercial_use" in str(info.value)

@@ -62,7 +62,7 @@ def test_shard_jobs_keeps_prompts_whole(make_project) -> None:
     ],
 )
 def test_shard_slurm_reads_the_job_array(monkeypatch, env, expected) -> None:
-    from squeeze_cli.cli.gen import _parse_shard
+    from squeeze_cli.cli.shard import parse_shard
 
     for name in (
         "SLURM_ARRAY_TASK_ID",
@@ -73,7 +73,7 @@ def test_shard_slurm_reads_the_job_array(monkeypatch, env, expected) -> None:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert _parse_shard("slurm") == expected
+    assert parse_shard("slurm") == expected
 
 
 def test_shard_slurm_outside_a_job_array_is_a_usage_error(project: Path, squeeze, monkeypatch) -> None:
@@ -208,3 +208,60 @@ def test_odd_slurm_variables_are_one_error_line(project: Path, squeeze, monkeypa
 def test_the_largest_shard_count_is_accepted(project: Path, squeeze) -> None:
     result = squeeze("gen", str(project / "m.yaml"), "--dry-run", "--shard", "99999/100000")
     assert result.code == 0, result.err
+
+
+@pytest.mark.parametrize(
+    ("flag", "env", "expected"),
+    [
+        ("k8s/8", {"JOB_COMPLETION_INDEX": "5"}, (5, 8)),
+        ("aws-batch", {"AWS_BATCH_JOB_ARRAY_INDEX": "0", "AWS_BATCH_JOB_ARRAY_SIZE": "3"}, (0, 3)),
+        ("gcp-batch", {"BATCH_TASK_INDEX": "9", "BATCH_TASK_COUNT": "10"}, (9, 10)),
+        ("env:TASK/TASKS", {"TASK": "2", "TASKS": "4"}, (2, 4)),
+    ],
+)
+def test_shard_reads_cloud_array_jobs(flag, env, expected) -> None:
+    from squeeze_cli.cli.shard import parse_shard
+
+    assert parse_shard(flag, env) == expected
+
+
+@pytest.mark.parametrize(
+    ("flag", "env", "error"),
+    [
+        ("k8s", {"JOB_COMPLETION_INDEX": "0"}, "--shard k8s: expected k8s/N, N the Job's completions"),
+        ("k8s/4", {}, "--shard k8s/4: JOB_COMPLETION_INDEX is not set"),
+        ("k8s/4", {"JOB_COMPLETION_INDEX": "4"}, "--shard k8s/4: task 4 is not one of 4 tasks"),
+        (
+            "aws-batch",
+            {"AWS_BATCH_JOB_ARRAY_INDEX": "1"},
+            "--shard aws-batch: AWS_BATCH_JOB_ARRAY_SIZE is not set",
+        ),
+        (
+            "gcp-batch",
+            {"BATCH_TASK_INDEX": "x", "BATCH_TASK_COUNT": "-2"},
+            "BATCH_TASK_COUNT='-2' are not a whole",
+        ),
+        ("env:TASK", {"TASK": "1"}, "--shard env:TASK: expected env:INDEX_VAR/COUNT_VAR"),
+        ("env:A/B", {"A": "0", "B": "100001"}, "--shard env:A/B: more than 100,000 shards"),
+    ],
+)
+def test_a_missing_or_malformed_array_job_variable_is_a_usage_error(flag, env, error) -> None:
+    from squeeze_cli.cli.shard import parse_shard
+    from squeeze_cli.errors import UsageError
+
+    with pytest.raises(UsageError) as raised:
+        parse_shard(flag, env)
+    assert error in raised.value.one_line()
+
+
+def test_gen_shard_k8s_runs_the_pod_s_part(project: Path, squeeze, monkeypatch) -> None:
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    result = squeeze("gen", str(project / "m.yaml"), "--dry-run", "--json", "--shard", "k8s/2")
+    assert result.code == 0, result.err
+    assert squeeze("gen", str(project / "m.yaml"), "--dry-run", "--json", "--shard", "1/2").out == result.out
+    monkeypatch.delenv("JOB_COMPLETION_INDEX")
+    result = squeeze("gen", str(project / "m.yaml"), "--dry-run", "--shard", "k8s/2")
+    assert result.code == 2
+    assert result.err.startswith(
+        "error: --shard k8s/2: JOB_COMPLETION_INDEX is not set (hint: run it in a pod"
+    )

@@ -135,3 +135,31 @@ def test_a_sweep_larger_than_the_job_limit_is_refused_before_it_is_built(make_pr
 
 def test_every_swept_key_has_a_label() -> None:
     assert tuple(SWEEP_LABELS) == SWEPT_KEYS
+
+
+def test_a_sweep_over_feed_subjects_is_refused_where_it_is_set(make_project, squeeze) -> None:
+    # Feed subjects (`subjects_from`) take one value per key for now: a sweep is a located error, not
+    # lists passed on to the pipeline.
+    project = make_project(
+        m="""\
+version: 1
+recipe: tiny
+defaults: {height: 32, width: 32, num_inference_steps: [2, 3]}
+subjects_from:
+  path: products.csv
+  name: sku
+  references: images
+  scenes:
+    - a photo of {subject}
+"""
+    )
+    (project / "products.csv").write_text("sku,images\nTP-1,images/dog/00.jpg\n")
+    result = squeeze("validate", str(project / "m.yaml"), "--json")
+    assert result.code == 2, result.out
+    problems = json.loads(result.out)["problems"]
+    assert [(p["field"], p["message"]) for p in problems] == [
+        (
+            "defaults.num_inference_steps",
+            "a sweep (a list of values) is not available with `subjects_from` yet",
+        )
+    ]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from squeeze_cli import __version__
-from squeeze_cli.cli import gen, recipes, status, validate
+from squeeze_cli.cli import check, gen, recipes, status, validate
 from squeeze_cli.cli.eval import dreambench_command, eval_command
 from squeeze_cli.cli.options import EPILOG
 from squeeze_cli.cli.train import TRAIN_EPILOG, train_command
@@ -86,6 +86,7 @@ app.command("validate", cls=_Command)(validate.validate)
 app.command("gen", epilog=EPILOG, cls=_Command)(gen.gen)
 app.command("recipes", cls=_Command)(recipes.recipes_command)
 app.command("status", epilog=status.STATUS_EPILOG, cls=_Command)(status.status)
+app.command("check", epilog=check.CHECK_EPILOG, cls=_Command)(check.check)
 app.command("eval", cls=_Command)(eval_command)
 app.command("dreambench", cls=_Command)(dreambench_command)
 app.command("train", epilog=TRAIN_EPILOG, cls=_Command)(train_command)

@@ -60,6 +60,15 @@ def eval_command(
     device: Annotated[
         str | None, typer.Option("--device", help="cuda, cpu, ... (default: cuda when there is one).")
     ] = None,
+    allow_gated: Annotated[
+        bool,
+        typer.Option(
+            "--allow-gated",
+            help="Score runs made with gen's identity gate (`quality:`) under --metrics dreambench, marked "
+            "as gated: the gate keeps the best DINO of several seeds, so these are not DreamBench protocol "
+            "numbers (without it: exit 2).",
+        ),
+    ] = False,
     report: Annotated[
         bool, typer.Option("--report/--no-report", help="Write report.html in each run.")
     ] = True,
@@ -98,7 +107,13 @@ def eval_command(
     # The folder of `gen --recipe A,B` stands for its runs, compared side by side.
     run_dirs = [run for folder in run_dirs for run in runs_inside(folder.expanduser().absolute()) or [folder]]
     evaluations = evaluate_paths(
-        run_dirs, protocol, batch_size=batch_size, device=device, report=report, progress=not json_output
+        run_dirs,
+        protocol,
+        batch_size=batch_size,
+        device=device,
+        report=report,
+        progress=not json_output,
+        allow_gated=allow_gated,
     )
     if not evaluations:
         return  # another process of `accelerate launch`: the main one reports

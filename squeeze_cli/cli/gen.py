@@ -13,91 +13,26 @@ from squeeze_cli.cli.options import (
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
+    LimitOpt,
     ManifestArg,
     MaxJobsOpt,
     OffloadOpt,
+    OnlyOpt,
     RecipeOpt,
     SetOpt,
     load_from_cli,
+    only_patterns,
     parse_choice,
     print_json_failure,
     recipe_folder_name,
     split_recipes,
 )
+from squeeze_cli.cli.shard import SHARD_METAVAR, parse_shard
 from squeeze_cli.logs import log_line
 from squeeze_cli.params import Dtype, Offload
 
 if TYPE_CHECKING:
     from squeeze_cli.manifest import LoadedManifest
-
-
-# More shards than a plan has jobs (100,000 by default) only adds empty ones: a larger count is a typo,
-# refused before the plan is cut (cutting it walks every shard's boundary).
-MAX_SHARDS = 100_000
-
-
-def _number(text: str) -> int | None:
-    """`text` as a whole number if it is ASCII digits, else None; one too long for any count (thousands of
-    digits, which `int` refuses) is `MAX_SHARDS + 1`, too large for any shard's place or count."""
-    if not (text.isascii() and text.isdigit()):  # isdigit alone accepts '²' and '١', which int refuses
-        return None
-    return int(text) if len(text.lstrip("0")) <= 18 else MAX_SHARDS + 1
-
-
-def _too_many_shards(flag: str, count: int) -> None:
-    from squeeze_cli.errors import UsageError
-
-    if count > MAX_SHARDS:
-        raise UsageError(
-            f"{flag}: more than {MAX_SHARDS:,} shards", "give the number of tasks, e.g. --shard 0/8"
-        )
-
-
-def _parse_shard(value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    from squeeze_cli.errors import UsageError
-
-    if value == "slurm":
-        return _slurm_shard()
-    shown = value if len(value) <= 40 else f"{value[:37]}..."  # 5000 digits make no error line
-    index_text, _, count_text = value.partition("/")
-    index, count = _number(index_text), _number(count_text)
-    if index is None or count is None or not 0 <= index < count:
-        raise UsageError(f"--shard {shown}: expected I/N with 0 <= I < N", "e.g. --shard 0/4 ... --shard 3/4")
-    _too_many_shards(f"--shard {shown}", count)
-    return index, count
-
-
-def _slurm_shard() -> tuple[int, int]:
-    """`--shard slurm`: this task's part of a Slurm job array, from the variables Slurm sets.
-
-    With ``--array=1-8`` (or ``0-30:2``) the tasks are numbered from SLURM_ARRAY_TASK_MIN in steps of
-    SLURM_ARRAY_TASK_STEP; the shard is the task's position among them, of SLURM_ARRAY_TASK_COUNT."""
-    import os
-
-    from squeeze_cli.errors import UsageError
-
-    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP")
-    defaults = {"SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "1"}
-    values = {name: os.environ.get(name, defaults.get(name, "")) for name in names}
-    numbers = {name: _number(text) for name, text in values.items()}
-    bad = [name for name, number in numbers.items() if number is None]
-    if bad:
-        raise UsageError(
-            f"--shard slurm: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not set to a number",
-            "run it as a task of a job array (sbatch --array=0-N), or use --shard I/N",
-        )
-    task, count, first, step = (int(numbers[name] or 0) for name in names)
-    index, off_step = divmod(task - first, max(step, 1))
-    _too_many_shards("--shard slurm: SLURM_ARRAY_TASK_COUNT", count)
-    if off_step or not 0 <= index < count:
-        raise UsageError(
-            f"--shard slurm: task {values['SLURM_ARRAY_TASK_ID'][:40]} is not one of {count} tasks "
-            f"from {first} in steps of {step}",
-            "use --shard I/N",
-        )
-    return index, count
 
 
 def _out_dir(out: str | None) -> Path | None:
@@ -206,10 +141,13 @@ def gen(
         str | None,
         typer.Option(
             "--shard",
-            metavar="I/N|slurm",
-            help="Run only part I of N (0-based); `slurm` reads it from the Slurm job array's variables.",
+            metavar=SHARD_METAVAR,
+            help="Run only part I of N (0-based). From an array job's variables: `slurm`, `k8s/N` (an "
+            "Indexed Job of N completions), `aws-batch`, `gcp-batch`, or `env:INDEX_VAR/COUNT_VAR`.",
         ),
     ] = None,
+    only: OnlyOpt = None,
+    limit: LimitOpt = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, metavar="N", help="Images per forward pass.")
     ] = 1,
@@ -238,7 +176,7 @@ def gen(
             runs = _check_recipes(manifest, set_, recipes, max_jobs, out, dtype, device, offload)
         else:
             runs = [("", _check_input(manifest, set_, recipe, max_jobs, out, dtype, device, offload))]
-        shard_part = _parse_shard(shard)
+        shard_part = parse_shard(shard)
     except SqueezeError as error:
         if json_output:  # stdout gets the document `validate --json` prints; stderr the usual lines
             print_json_failure(error, one_line=True)
@@ -266,6 +204,8 @@ def gen(
         overwrite=overwrite,
         prune=prune,
         shard=shard_part,
+        only=only_patterns(only),
+        limit=limit,
         batch_size=batch_size,
         device=device,
         offload=parse_choice("--offload", offload, Offload),

@@ -52,6 +52,25 @@ MaxJobsOpt = Annotated[
     typer.Option("--max-jobs", min=1, metavar="N", help="Refuse plans with more jobs (default 100000)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document instead of text.")]
+# A slice of the plan, to try a feed: job ids do not change, so a slice and the whole run share images.
+OnlyOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--only",
+        metavar="PATTERN[,PATTERN]",
+        help="Only the subjects whose names match a pattern (globs such as 'SKU-1*', any case). Repeatable.",
+        show_default=False,
+    ),
+]
+LimitOpt = Annotated[
+    int | None,
+    typer.Option("--limit", min=1, metavar="N", help="Only the first N subjects (after --only)."),
+]
+
+
+def only_patterns(only: Sequence[str] | None) -> tuple[str, ...]:
+    """`--only` values as patterns: each may hold several, separated by commas."""
+    return tuple(pattern.strip() for value in only or () for pattern in value.split(",") if pattern.strip())
 
 
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:1, ...")]

@@ -8,14 +8,15 @@ from typing import Annotated
 
 import typer
 
+from squeeze_cli.cli.check import VariantOpt
 from squeeze_cli.cli.options import JsonOpt, print_json_failure
-from squeeze_cli.errors import SqueezeError
+from squeeze_cli.errors import EXIT_JOBS_FAILED, SqueezeError
 
 STATUS_EPILOG = """\b
 Exit codes:
-  0    complete: every planned image is done
-  1    incomplete: jobs pending or failed
-  2    not a run folder, or its manifest cannot be read
+  0    complete: every planned image is done (and, with --rules, passes)
+  1    incomplete: jobs pending or failed; with --rules, also an image that fails a rule
+  2    not a run folder, or its manifest (or rule set) cannot be read
 """
 
 
@@ -37,27 +38,52 @@ def status(
             "(the shards' included); generates nothing.",
         ),
     ] = False,
+    rules: Annotated[
+        str | None,
+        typer.Option(
+            "--rules",
+            metavar="NAME|FILE",
+            help="Also check the finished images against these rules, as `squeeze check` does.",
+        ),
+    ] = None,
+    variant: VariantOpt = None,
 ) -> int:
     """Say how far a run folder is: per subject done / failed / pending, shards included.
 
     On the folder of `gen --recipe A,B`, the same for each recipe's run folder in it."""
     from squeeze_cli.gen.status import format_status, merge_run, run_status
-    from squeeze_cli.outputs import runs_inside
+    from squeeze_cli.outputs import check_run, format_report, load_rules, runs_inside
 
+    if variant is not None and rules is None:
+        raise typer.BadParameter("--variant says which images --rules checks: give --rules too")
     folders = runs_inside(Path(out).expanduser().absolute()) or [Path(out)]
     try:
         found = [run_status(folder) for folder in folders]
         for run in found if merge else ():
             merge_run(run)
+        rule_set = load_rules(rules) if rules is not None else None
+        checks = [check_run(run.out, rule_set, variant) if rule_set is not None else None for run in found]
     except SqueezeError as error:
         if not json_output:
             raise
         print_json_failure(error)
         raise typer.Exit(error.exit_code) from None
-    documents = [{**run.to_dict(), "merged": merge} for run in found]
     if json_output:
+        documents = [
+            {**run.to_dict(), "merged": merge, **({"checks": check.to_dict()} if check is not None else {})}
+            for run, check in zip(found, checks, strict=True)
+        ]
         document = documents[0] if len(found) == 1 else {"runs": documents}
         typer.echo(json.dumps({"ok": True, **document}, indent=2))
     else:
-        typer.echo("\n\n".join(format_status(run, merged=merge) for run in found))
-    return max(run.exit_code for run in found)
+        typer.echo(
+            "\n\n".join(
+                format_status(run, merged=merge)
+                + (f"\n{format_report(check).splitlines()[-1]}" if check is not None else "")
+                for run, check in zip(found, checks, strict=True)
+            )
+        )
+    return max(
+        max(run.exit_code, EXIT_JOBS_FAILED) if check is not None and check.failed else run.exit_code
+        for run, check in zip(found, checks, strict=True)
+    )

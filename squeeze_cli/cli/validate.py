@@ -12,12 +12,15 @@ import typer
 
 from squeeze_cli.cli.options import (
     JsonOpt,
+    LimitOpt,
     ManifestArg,
     MaxJobsOpt,
+    OnlyOpt,
     RecipeOpt,
     SetOpt,
     json_problems,
     load_from_cli,
+    only_patterns,
     parse_choice,
     print_json_failure,
     print_warnings,
@@ -38,6 +41,8 @@ def validate(
     max_jobs: MaxJobsOpt = None,
     set_: SetOpt = None,
     recipe: RecipeOpt = None,
+    only: OnlyOpt = None,
+    limit: LimitOpt = None,
     device: Annotated[
         str | None,
         typer.Option(
@@ -55,8 +60,9 @@ def validate(
 
     The plan is printed also when the model's weights are missing or the device is not here (exit 2).
     With several recipes (`--recipe A,B`), each one's plan, as `gen` would run it into OUT/<recipe>/.
+    With --only or --limit, the plan is that slice's (the whole manifest is checked all the same).
     """
-    from squeeze_cli.plan import plan_jobs
+    from squeeze_cli.plan import plan_jobs, select_jobs
 
     checked: list[tuple[LoadedManifest, dict, SqueezeError | None]] = []
     try:
@@ -66,7 +72,8 @@ def validate(
             out = parent / recipe_folder_name(name) if parent is not None and name is not None else None
             loaded, ready_error = _load(manifest, set_, name, max_jobs, out)
             not_ready: SqueezeError | None = ready_error
-            jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
+            planned = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
+            jobs = select_jobs(planned, only_patterns(only), limit)
             if not_ready is None and (device is not None or offload is not None):
                 from squeeze_cli.model_checks import device_problem  # the same check as at the start of `gen`
 
@@ -74,7 +81,10 @@ def validate(
                 wrong_device = device_problem(device or "auto", mode)
                 if wrong_device is not None:
                     not_ready = UsageError(*wrong_device)
-            checked.append((loaded, plan_summary(loaded, jobs), not_ready))
+            summary = plan_summary(loaded, jobs)
+            if len(jobs) != len(planned):
+                summary["jobs_in_the_whole_plan"] = len(planned)
+            checked.append((loaded, summary, not_ready))
     except SqueezeError as error:
         if not json_output:
             raise
@@ -152,6 +162,7 @@ def plan_summary(loaded: LoadedManifest, jobs: Sequence[Job]) -> dict:
                 "jobs": per_subject[subject.index],
             }
             for subject in loaded.subjects
+            if per_subject[subject.index]  # (every subject has jobs; those of a slice, only its own)
         ],
         "jobs": len(jobs),
         "max_jobs": loaded.max_jobs,
@@ -177,7 +188,9 @@ def format_summary(summary: dict, verdict: str) -> str:
             f"  {subject['name']:<{width}}  {noun}: {subject['references']} references, "
             f"{subject['prompts']} prompts, {subject['jobs']} jobs"
         )
-    lines.append(f"jobs      {summary['jobs']:,} (limit {summary['max_jobs']:,})")
+    whole = summary.get("jobs_in_the_whole_plan")
+    of_whole = f" (a slice of the {whole:,} planned: --only, --limit)" if whole is not None else ""
+    lines.append(f"jobs      {summary['jobs']:,}{of_whole} (limit {summary['max_jobs']:,})")
     lines.append("images    " + ", ".join(f"{size}: {n:,}" for size, n in summary["images_per_size"].items()))
     cost, unit = summary["estimated_cost"], summary["estimated_cost_unit"]
     lines.append(f"work      about {cost:,.1f} units (1 unit = {unit})")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from squeeze_cli import outputs
+from squeeze_cli.eval.gated import gate_line
 from squeeze_cli.metrics.protocol import METRIC_LABELS
 
 
@@ -33,7 +34,8 @@ def format_run(summary: dict[str, Any]) -> str:
     rows = [
         [name, str(s["images"]), *(_fmt(s[m]) for m in metrics)] for name, s in summary["subjects"].items()
     ]
-    rows.append(["overall", str(summary["images"]), *(_fmt(summary["overall"][m]) for m in metrics)])
+    overall = "overall (gated)" if summary.get("gate") else "overall"
+    rows.append([overall, str(summary["images"]), *(_fmt(summary["overall"][m]) for m in metrics)])
     protocol = summary["protocol"]
     recipe = f"recipe {summary['recipe']}, " if summary.get("recipe") else ""
     lines = [
@@ -42,6 +44,8 @@ def format_run(summary: dict[str, Any]) -> str:
     ]
     if "notes" in protocol:
         lines.append(f"note: {protocol['notes']['warning']}")
+    if summary.get("gate"):
+        lines.append(gate_line(summary["gate"]))
     lines += _table(header, rows)
     lines += _not_evaluated(summary)
     return "\n".join(lines)
@@ -73,11 +77,14 @@ def format_comparison(summaries: Sequence[dict[str, Any]], names: Sequence[str])
             if block is None:
                 continue
             count = summary["images"] if subject is None else block["images"]
-            rows.append([subject or "overall", name, str(count), *(_fmt(block.get(m)) for m in metrics)])
+            run = f"{name} (gated)" if summary.get("gate") else name
+            rows.append([subject or "overall", run, str(count), *(_fmt(block.get(m)) for m in metrics)])
     lines = _table(header, rows)
     for name, summary in zip(names, summaries, strict=True):
         if summary.get("recipe"):
             lines.append(f"{name}: recipe {summary['recipe']}")
+        if summary.get("gate"):
+            lines.append(f"{name}: {gate_line(summary['gate'])}")
         lines += [f"{name}: {line}" for line in _not_evaluated(summary)]
     return "\n".join(lines)
 
@@ -218,7 +225,8 @@ def render_report(
                     cells.append("<td>missing</td>" + _number_cell(None, "-") * len(metrics))
                     continue
                 source, alt = _link(run_dir / run["image"], report_dir), html.escape(run["image"], quote=True)
-                cells.append(f"<td><img src='{source}' alt='{alt}'></td>")
+                gated = f"<br><small class='gated'>{_gated_caption(run)}</small>" if run.get("gated") else ""
+                cells.append(f"<td><img src='{source}' alt='{alt}'>{gated}</td>")
                 cells += [_number_cell(run.get(m), _fmt(run.get(m))) for m in metrics]
             row_key = html.escape(f"{key[0]}/{key[1]}/{key[2]}", quote=True)
             parts.append(f"<tr data-key='{row_key}'>{''.join(cells)}</tr>")
@@ -238,11 +246,18 @@ def _run_line(name: str, run_dir: Path, summary: dict[str, Any]) -> str:
     ]
     if "notes" in protocol:
         facts.append(f"<span class='warning'>{html.escape(protocol['notes']['warning'])}</span>")
+    if summary.get("gate"):
+        facts.append(f"<span class='warning gated'>{html.escape(gate_line(summary['gate']))}</span>")
     if summary["failed"]:
         facts.append(f"{len(summary['failed'])} failed")
     if summary["missing"]:
         facts.append(f"{len(summary['missing'])} missing")
     return f"<p><b>{html.escape(name)}</b> ({html.escape(str(run_dir))}): {'; '.join(facts)}</p>"
+
+
+def _gated_caption(row: dict[str, Any]) -> str:
+    attempts = row.get("gate_attempts")
+    return f"gated: best DINO of {attempts} seed{'s' if attempts > 1 else ''}" if attempts else "gated"
 
 
 def _number_cell(value: float | None, text: str) -> str:

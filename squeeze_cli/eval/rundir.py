@@ -23,6 +23,16 @@ class RunDirError(SqueezeError):
 
 
 @dataclass(frozen=True)
+class GateVerdict:
+    """How `gen`'s identity gate chose an image (its sidecar's `quality`): the highest DINO of `attempts`
+    images made with different seeds. None where an older sidecar does not say."""
+
+    attempts: int | None
+    max_attempts: int | None
+    min_dino: float | None
+
+
+@dataclass(frozen=True)
 class RunImage:
     """One finished image of a run, with what scoring it needs from its sidecar."""
 
@@ -36,6 +46,7 @@ class RunImage:
     references: tuple[str, ...]  # absolute paths, in the order the model saw them
     recipe: str = ""  # the sidecar's `preset`: the recipe (model preset) that made it
     model: str = ""  # a hash of the sidecar's `model` section: images of one model identity share it
+    gate: GateVerdict | None = None  # chosen by `gen`'s identity gate (best DINO of several seeds)
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -61,6 +72,11 @@ class RunContents:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def gated(self) -> list[RunImage]:
+        """The images `gen`'s identity gate chose (each the best DINO of its attempts)."""
+        return [image for image in self.images if image.gate is not None]
 
 
 def _index_files(run_dir: Path) -> list[Path]:
@@ -209,7 +225,19 @@ def _run_image(run_dir: Path, entry: dict[str, Any], missing: list[str]) -> RunI
         model=hashlib.sha256(
             json.dumps(record.get("model"), sort_keys=True, default=str).encode()
         ).hexdigest()[:16],
+        gate=_gate_verdict(record.get("quality")),
     )
+
+
+def _gate_verdict(quality: Any) -> GateVerdict | None:
+    if quality is None:
+        return None
+
+    def number(name: str, kind: type | tuple[type, ...]) -> Any:
+        value = quality.get(name)
+        return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+    return GateVerdict(number("attempts", int), number("max_attempts", int), number("min_dino", (int, float)))
 
 
 def _damaged_field(record: dict[str, Any]) -> str | None:
@@ -221,6 +249,9 @@ def _damaged_field(record: dict[str, Any]) -> str | None:
     class_noun = record.get("class_noun")
     if class_noun is not None and not isinstance(class_noun, str):
         return f"`class_noun` is {json_type(class_noun)}, not text"
+    quality = record.get("quality")  # whether the image was chosen by DINO must not be guessed
+    if quality is not None and not isinstance(quality, dict):
+        return f"`quality` is {json_type(quality)}, not an object"
     return None
 
 

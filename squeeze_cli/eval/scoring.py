@@ -19,11 +19,13 @@ from typing import Any
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import UsageError
+from squeeze_cli.eval.gated import gate_summary, refuse_gated_runs
 from squeeze_cli.eval.rundir import RunContents, RunImage
 from squeeze_cli.metrics.protocol import EncoderSpec, Protocol
 from squeeze_cli.reading import INDEX_MAX_BYTES, open_regular_file, read_regular_file
 
-CACHE_FORMAT = 1
+# 2: DINO preprocessed exactly as torchvision and with the release's LayerNorm epsilon (other scores).
+CACHE_FORMAT = 2
 # The files eval writes in a run: the temporaries of these that a killed eval left are removed.
 EVAL_FILE_NAMES = (
     outputs.METRICS_CACHE_NAME,
@@ -307,6 +309,8 @@ def _row(planned: tuple, protocol: Protocol, raw: dict[str, dict[str, Any]]) -> 
         "clip_t_text": text,
         "image": image.image,
         "references": refs,
+        "gated": image.gate is not None,  # chosen by gen's identity gate (squeeze_cli/eval/gated.py)
+        **({"gate_attempts": image.gate.attempts} if image.gate is not None else {}),
     }
     dino, clip, dinov2 = raw.get("dino", {}), raw.get("clip", {}), raw.get("dinov2", {})
     for name in protocol.metrics():
@@ -353,6 +357,7 @@ def summarise(
         "metrics": metrics,
         "images": len(rows),
         "recipe": contents.recipe,  # every image is of one model identity (`read_run`)
+        "gate": gate_summary(contents),
         "overall": mean_metrics(rows, metrics),
         "subjects": {
             name: {"images": len(group), **mean_metrics(group, metrics)}
@@ -422,14 +427,21 @@ def evaluate_paths(
     device: str | None = None,
     report: bool = True,
     progress: bool = True,
+    allow_gated: bool = False,
 ) -> list[RunEvaluation]:
     """Evaluate each run (all are read first, so a bad one stops before any work), then write each
-    run's `report.html`, holding every run evaluated together side by side."""
+    run's `report.html`, holding every run evaluated together side by side.
+
+    Raises:
+        `GatedRunError`: before any work, when a run's images were chosen by gen's identity gate, the
+            protocol is `dreambench` and `allow_gated` is not set.
+    """
     from squeeze_cli.eval.report import write_report
     from squeeze_cli.eval.rundir import read_run
     from squeeze_cli.processes import Processes as _Processes
 
     runs = [read_run(path) for path in paths]
+    refuse_gated_runs(runs, protocol, allow_gated)
     processes = _Processes()
     if device is None and processes.count > 1:
         device = processes.device("auto")  # this process's GPU

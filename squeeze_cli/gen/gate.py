@@ -75,14 +75,21 @@ class IdentityGate:
             regenerate: makes images for (jobs, seeds) with the pipeline, in one batch.
 
         Returns:
-            (images, records): per job, the kept image, and `{"min_dino", "passed", "attempts", "seed",
-            "dino", "history": [{"seed", "dino"}, ...], "error"?}`.
+            (images, records): per job, the kept image, and `{"min_dino", "max_attempts", "passed",
+            "attempts", "seed", "dino", "history": [{"seed", "dino"}, ...], "error"?}`: the sidecar's
+            `quality`, which `squeeze eval` reads to mark the image as chosen by DINO.
         """
         best = list(images)
         records: list[dict[str, Any]] = []
         for job, image in zip(jobs, images, strict=True):
             dino = self.score(image, job.references)
-            records.append({"min_dino": self.quality.min_dino, "history": [{"seed": job.seed, "dino": dino}]})
+            records.append(
+                {
+                    "min_dino": self.quality.min_dino,
+                    "max_attempts": self.quality.max_attempts,
+                    "history": [{"seed": job.seed, "dino": dino}],
+                }
+            )
         for attempt in range(1, self.quality.max_attempts):
             weak = [i for i, record in enumerate(records) if _best(record)["dino"] < self.quality.min_dino]
             if not weak:

@@ -36,7 +36,7 @@ from squeeze_cli.gen.worker import GenOptions, Worker
 from squeeze_cli.logs import log_line
 from squeeze_cli.manifest import LoadedManifest
 from squeeze_cli.pipelines.registry import pipeline_spec
-from squeeze_cli.plan import Job, plan_jobs, shard_jobs
+from squeeze_cli.plan import Job, plan_jobs, select_jobs, shard_jobs
 from squeeze_cli.processes import Processes
 
 
@@ -54,7 +54,8 @@ def run_gen(
     try:
         with stop:
             planned = plan_jobs(manifest, model_identity=manifest.model_identity, max_jobs=manifest.max_jobs)
-            jobs = planned if options.shard is None else shard_jobs(planned, *options.shard)
+            jobs = select_jobs(planned, options.only, options.limit)
+            jobs = jobs if options.shard is None else shard_jobs(jobs, *options.shard)
             out_dir = (options.out or manifest.output_dir).expanduser().absolute()
             if options.dry_run:
                 return _dry_run(
@@ -191,10 +192,10 @@ class GenRun:
         self.lock = DirectoryLock(self.run_dir) if self.is_main else None
         # Runs of one --shard layout share OUT; any other run on it is refused (gen/lock.py).
         self.layout_lock = LayoutLock(out_dir, options.shard) if self.is_main else None
-        # The views show the whole plan: with --shard, every shard's images. A shard draws only the views
-        # of the prompts it holds (their grids and contact-sheet pages), so the shard that finishes a
-        # prompt's images last leaves its views complete, and `status --merge` draws every view.
-        self.view_jobs = jobs if view_jobs is None or options.shard is None else view_jobs
+        # The views show the whole plan: with --shard (or a slice), every shard's images. A shard draws only
+        # the views of the prompts it holds (their grids and contact-sheet pages), so the shard that
+        # finishes a prompt's images last leaves its views complete, and `status --merge` draws every view.
+        self.view_jobs = jobs if view_jobs is None or not options.part_of_the_plan else view_jobs
         self.view_prompts = (
             None if self.view_jobs is jobs else {(job.subject, job.prompt_index) for job in jobs}
         )
@@ -206,7 +207,9 @@ class GenRun:
         early."""
         # A file, a link or a FIFO in the way is reported now, before the model loads (and before the locks,
         # whose files it checks too).
-        outputs.check_output_tree(self.out_dir, self.run_dir, self.jobs)
+        outputs.check_output_tree(
+            self.out_dir, self.run_dir, self.jobs, self.manifest.document.output.variants
+        )
         if self.lock is not None and self.run_dir.is_dir():
             self.lock.acquire()
         if self.layout_lock is not None and self.out_dir.is_dir():
@@ -323,6 +326,7 @@ class GenRun:
         try:
             # Every process's images are on disk now, under their positions' names (moves came first).
             finished = {**self.done, **outputs.find_finished(self.out_dir, self.pending, anywhere=False)}
+            finished = self._make_variants(finished, stopped=any(stopped))
             _merge_index(
                 self.run_dir,
                 self.jobs,
@@ -332,6 +336,7 @@ class GenRun:
                 already_appended=self.worker.failures,
             )
             quality = self.manifest.document.quality
+            self.summary["quality"] = None  # no identity gate: said, not left out (eval reads gated runs)
             if quality is not None:
                 from squeeze_cli.gen.gate import quality_summary
 
@@ -373,6 +378,28 @@ class GenRun:
         if signum is not None:
             return exit_code(signum)
         return EXIT_JOBS_FAILED if failures else EXIT_OK
+
+    def _make_variants(
+        self, finished: dict[str, outputs.Finished], stopped: bool
+    ) -> dict[str, outputs.Finished]:
+        """The channel variants (`output.variants`) of this run's finished images that are missing or of
+        another spec; returns `finished` with their index lines. A stopped run leaves them to the next."""
+        output = self.manifest.document.output
+        if not output.variants or stopped or self.stop.signum is not None or self.write_error is not None:
+            return finished
+        finished, made = outputs.make_variants(
+            self.out_dir,
+            self.jobs,
+            finished,
+            output.variants,
+            output.metadata,
+            should_stop=lambda: self.stop.signum is not None,
+        )
+        if made:
+            self.reporter.status(
+                f"variants: {made} files made ({', '.join(v.name for v in output.variants)})"
+            )
+        return finished
 
     def _draw_views(self, finished: dict[str, Any] | None) -> None:
         """Grids and contact sheets, from the images on disk: of the whole plan, or a shard's prompts (from

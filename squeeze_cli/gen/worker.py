@@ -37,12 +37,19 @@ class GenOptions:
     overwrite: bool = False
     prune: bool = False  # move every stale image (a job the plan does not have) to OUT/.stale/<UTC time>/
     shard: tuple[int, int] | None = None  # (index, count), 0-based
+    only: tuple[str, ...] = ()  # subject name globs (`--only`): a slice of the plan
+    limit: int | None = None  # the first N subjects (`--limit`), after `only`
     batch_size: int = 1
     device: str = "auto"
     offload: str = "none"
     dry_run: bool = False
     allow_pickle: bool = False
     command: list[str] = field(default_factory=list)
+
+    @property
+    def part_of_the_plan(self) -> bool:
+        """Whether this run makes only part of the plan's images (a shard, a slice, or both)."""
+        return self.shard is not None or bool(self.only) or self.limit is not None
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -98,12 +105,19 @@ class Worker:
         self.timings = {"load": 0.0, "encode_subjects": 0.0, "generate": 0.0}
         self.preset_name = manifest.recipe.name if manifest.recipe is not None else "custom"
         self.model_info = manifest.model.model_dump(mode="json")
+        self.license = manifest.license.model_dump(mode="json")
         self.versions = outputs.package_versions()
 
     @property
     def model_record(self) -> dict[str, Any]:
-        """What `run.json` says about the model: the preset's name, the model section, package versions."""
-        return {"preset": self.preset_name, "model": self.model_info, "versions": self.versions}
+        """What `run.json` says about the model: the preset's name and licence, the model section, package
+        versions."""
+        return {
+            "preset": self.preset_name,
+            "license": self.license,
+            "model": self.model_info,
+            "versions": self.versions,
+        }
 
     def load(self) -> None:
         from squeeze_cli.loading import load_pipeline
@@ -278,11 +292,12 @@ class Worker:
                 timings={"total": seconds / len(batch), "batch": seconds, "batch_size": len(batch)},
                 versions=self.versions,
                 pipeline=self.pipeline_info,
+                license=self.license,
             )
             record["process"] = self.processes.index
             if quality is not None:
                 record["quality"] = quality
-            outputs.save_image(self.out_dir, job, image, record)
+            outputs.save_image(self.out_dir, job, image, record, self.manifest.document.output.metadata)
             # Finished from here on (the sidecar is the marker), whatever happens to its index line: a
             # line that cannot be written is added by the repair at the start of the next run.
             self.succeeded.append(job.job_id)

@@ -12,7 +12,7 @@ import yaml
 
 from squeeze_cli.errors import Problem
 from squeeze_cli.manifest.located import Location
-from squeeze_cli.manifest.recipes import Recipe
+from squeeze_cli.manifest.recipes import UNKNOWN_LICENSE, License, Recipe
 from squeeze_cli.manifest.schema import MANIFEST_VERSION, Manifest, ModelSpec
 from squeeze_cli.params import SamplingParams
 from squeeze_cli.pipelines.registry import pipeline_spec
@@ -73,6 +73,11 @@ class LoadedManifest:
     warnings: tuple[Problem, ...] = ()
 
     @property
+    def license(self) -> License:
+        """The licence of the weights: the recipe's; unknown for a manifest's own `model:`."""
+        return self.recipe.license if self.recipe is not None else UNKNOWN_LICENSE
+
+    @property
     def num_jobs(self) -> int:
         return count_jobs(self.subjects)
 
@@ -91,6 +96,11 @@ class LoadedManifest:
             "output": {**self.document.output.model_dump(mode="json"), "dir": str(self.output_dir)},
             "max_jobs": self.max_jobs,
             **({"quality": self.document.quality.model_dump(mode="json")} if self.document.quality else {}),
+            **(
+                {"acknowledge_license": self.document.acknowledge_license}
+                if self.document.acknowledge_license
+                else {}
+            ),
             "subjects": [
                 {
                     "name": subject.name,
@@ -149,3 +159,12 @@ def _seeds_to_yaml(seeds: Sequence[int]) -> Any:
     if isinstance(seeds, range):
         return {"count": len(seeds), "base": seeds.start}
     return list(seeds)
+
+
+def seeds_overlap(first: Sequence[int], second: Sequence[int]) -> bool:
+    """Whether two prompts' seeds share one (ranges are never expanded)."""
+    if isinstance(first, range) and isinstance(second, range):
+        return max(first.start, second.start) < min(first.stop, second.stop)
+    small, large = (first, second) if len(first) <= len(second) else (second, first)
+    lookup = large if isinstance(large, range) else set(large)
+    return any(seed in lookup for seed in small)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field, StrictStr
+from pydantic import AfterValidator, Field, StrictBool, StrictStr
 
 from squeeze_cli.errors import ManifestError, RecipeError
 from squeeze_cli.manifest.located import FieldPath, Location, YamlDocument, load_yaml
@@ -36,11 +36,24 @@ _SOURCE_KEYS = ("builtin", "pipeline", "components")
 COMMAND_LINE_PATHS_HINT = "a path on the command line is relative to the current folder"
 
 
+class License(StrictModel):
+    """The licence of a recipe's weights: what a business may do with them. Packaged recipes state it; a
+    recipe file of your own may leave it out (`UNKNOWN_LICENSE`)."""
+
+    name: Annotated[StrictStr, AfterValidator(non_empty)]
+    commercial_use: StrictBool | None  # None: not known
+    url: StrictStr | None = None
+
+
+UNKNOWN_LICENSE = License(name="unknown", commercial_use=None)
+
+
 class RecipeFile(StrictModel):
     """The schema of a recipe file."""
 
     name: Annotated[StrictStr, AfterValidator(non_empty)]
     description: Annotated[StrictStr, AfterValidator(non_empty)]
+    license: License = UNKNOWN_LICENSE
     model: ModelSpec
     defaults: SamplingOverrides = Field(default_factory=SamplingOverrides)
 
@@ -49,6 +62,7 @@ class RecipeFile(StrictModel):
 class Recipe:
     name: str
     description: str
+    license: License
     model: ModelSpec
     defaults: SamplingOverrides
     source: str  # the packaged preset's name, or the absolute path of the file it came from
@@ -69,7 +83,9 @@ def list_recipes() -> list[Recipe]:
     return [load_recipe(name) for name in sorted(_packaged())]
 
 
-def _is_path(name_or_path: str) -> bool:
+def is_file_path(name_or_path: str) -> bool:
+    """Whether a `--recipe` or `--rules` value names a file (has a `/` or ends in `.yaml`/`.yml`) rather
+    than something packaged."""
     return "/" in name_or_path or os.sep in name_or_path or name_or_path.endswith(RECIPE_SUFFIXES)
 
 
@@ -98,7 +114,7 @@ def load_recipe(
         `RecipeError`: unknown name (the message lists the known ones) or unreadable file.
         `ManifestError`: the recipe file has problems, each located in it.
     """
-    if _is_path(name_or_path):
+    if is_file_path(name_or_path):
         path = Path(relative_to or ".") / Path(name_or_path).expanduser()
         try:
             # A regular file only, read up to a limit: `/dev/urandom` must not hang or eat the memory.
@@ -133,7 +149,7 @@ def load_recipe(
     if problems or not isinstance(parsed, RecipeFile):
         raise ManifestError(problems)
     model = parsed.model if base_dir is None else resolve_model_paths(parsed.model, base_dir)
-    return Recipe(parsed.name, parsed.description, model, parsed.defaults, source, text)
+    return Recipe(parsed.name, parsed.description, parsed.license, model, parsed.defaults, source, text)
 
 
 def recipe_text(name_or_path: str, relative_to: str | os.PathLike | None = None) -> str:

@@ -8,20 +8,30 @@ import glob
 import itertools
 import math
 import os
-import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from squeeze_cli.errors import ManifestError, Problem, RecipeError
 from squeeze_cli.images import check_image, image_hint
+from squeeze_cli.manifest.feed import (
+    Feed,
+    FeedRow,
+    Row,
+    Scene,
+    cell_text,
+    feed_format,
+    read_feed,
+    resolve_row,
+)
 from squeeze_cli.manifest.globs import file_identity, glob_paths
 from squeeze_cli.manifest.loaded import (
     LoadedManifest,
     ResolvedPrompt,
     ResolvedSubject,
     count_jobs,
+    seeds_overlap,
     too_many_jobs,
 )
 from squeeze_cli.manifest.located import (
@@ -46,21 +56,25 @@ from squeeze_cli.manifest.recipes import (
 )
 from squeeze_cli.manifest.schema import (
     DEFAULT_MAX_JOBS,
-    PLACEHOLDER_RE,
     SWEPT_KEYS,
+    UNIQUE_NAMES_HINT,
     Manifest,
     ManifestHead,
     ModelSpec,
+    PromptSpec,
     SamplingOverrides,
     SeedRange,
     Subject,
+    SubjectFeed,
 )
 from squeeze_cli.manifest.schema_errors import validate_schema
+from squeeze_cli.manifest.templates import Template
 from squeeze_cli.model_checks import source_problems
 from squeeze_cli.params import SamplingParams
 from squeeze_cli.pipelines.registry import PIPELINES, pipeline_spec, unused_sampling_keys
 
 EXTENSION_PREFIX = "x-"
+SeedSpec = list[int] | SeedRange | None
 
 
 def _key_path(level: FieldPath, *keys: str) -> FieldPath:
@@ -158,6 +172,8 @@ class _Resolver:
         self.output_dir: Path | None = None  # resolved first: reference globs never reach into it
         self._written_folders: list[str] | None = None
         self.limit = DEFAULT_MAX_JOBS  # the job limit, known once the top level is read
+        self.feed_names: set[str] = set()  # the subjects of `subjects_from`, once read
+        self.feed_rows: dict[int, tuple[FeedRow, str]] = {}  # subject index -> its row, references column
 
     def problem(self, path: FieldPath, message: str, hint: str | None = None) -> None:
         self.problems.append(self.document.problem(path, message, hint))
@@ -180,7 +196,9 @@ class _Resolver:
             output_dir = self.output_dir = self.out_flag
         pipeline = pipeline_spec(model.pipeline_class).name if model is not None else None
         limit = self.limit = max_jobs or (head.max_jobs if head is not None else None) or DEFAULT_MAX_JOBS
-        names_seen: dict[str, int] = {}
+        # Read before any reference is resolved: a glob must not reach into a feed subject's folder either.
+        feed = self.read_feed(head.subjects_from) if head is not None and head.subjects_from else None
+        names_seen: dict[str, str] = {}  # casefolded name -> where it is first used
         subjects = []
         for index, subject in enumerate(self.subjects):
             name = subject.name if subject is not None else self.raw_subject(index).get("name")
@@ -189,14 +207,18 @@ class _Resolver:
                 if folded in names_seen:
                     self.problem(
                         ("subjects", index, "name"),
-                        f"subject name {name!r} is already used by subjects[{names_seen[folded]}]",
-                        "subject names must be unique (ignoring case): they name the output folders",
+                        f"subject name {name!r} is already used by {names_seen[folded]}",
+                        UNIQUE_NAMES_HINT,
                     )
-                names_seen.setdefault(folded, index)
+                names_seen.setdefault(folded, f"subjects[{index}]")
             if subject is not None:
                 subjects.append(self.resolve_subject(index, subject, recipe, pipeline))
             else:
                 self.check_invalid_subject(index)
+        if feed is not None and head is not None and head.subjects_from is not None:
+            subjects += self.resolve_feed(
+                head.subjects_from, feed, recipe, pipeline, names_seen, first=len(subjects)
+            )
 
         total = count_jobs(subjects)
         if total > limit:
@@ -204,7 +226,9 @@ class _Resolver:
         if model is not None and head is not None:
             self.check_sampling_keys(head, model, recipe)
         if model is not None:
-            self.check_reference_limit(model, subjects)
+            self.check_reference_limit(model, recipe, subjects)
+        if recipe is not None and head is not None:
+            self.check_license(head, recipe)
         # (`output_dir` is None only with a problem reported.)
         if self.problems or model is None or head is None or output_dir is None or None in self.subjects:
             return None
@@ -221,6 +245,113 @@ class _Resolver:
             subjects=tuple(subjects),
             warnings=tuple(dict.fromkeys(self.warnings)),  # one per place, however many prompts inherit it
         )
+
+    # Subjects from a feed (`subjects_from`) ----------------------------------------------------------
+
+    def read_feed(self, spec: SubjectFeed) -> Feed | None:
+        """The feed's rows, with the names of their subjects noted; None when it cannot be read or lacks a
+        mapped column (reported)."""
+        place: FieldPath = ("subjects_from", "path")
+        format = feed_format(spec.path, spec.format)
+        if format is None:
+            self.problem(
+                ("subjects_from", "path"),
+                f"cannot tell the format of {spec.path!r} from its name",
+                "name a .csv, .jsonl or .parquet file, or set `format: csv|jsonl|parquet`",
+            )
+            return None
+        absolute = Path(self.path_base(place), os.path.expanduser(spec.path))
+        if not absolute.exists():
+            hint = None if os.path.isabs(os.path.expanduser(spec.path)) else self.relative_hint(place)
+            self.problem(place, f"no such file: {spec.path!r}", hint)
+            return None
+        feed = read_feed(absolute, _shown_path(absolute), format)
+        self.problems += feed.problems  # a bad line is one problem: the others are still checked
+        if not feed.columns:
+            return None
+        mapped = {
+            "name": spec.name,
+            "class": spec.class_column,
+            "references": spec.references,
+            "prompts": spec.prompts,
+        }
+        missing = {key: column for key, column in mapped.items() if column and column not in feed.columns}
+        for key, column in missing.items():
+            self.problem(
+                ("subjects_from", key),
+                f"{feed.file} has no column {column!r}",
+                f"its columns: {', '.join(feed.columns)}",
+            )
+        if missing:
+            return None
+        if not feed.rows and not feed.problems:
+            self.problem(place, f"{feed.file} has no rows", "one product per row, below the header")
+        self.feed_names = {name for row in feed.rows if (name := cell_text(row.values.get(spec.name)))}
+        return feed
+
+    def resolve_feed(
+        self,
+        spec: SubjectFeed,
+        feed: Feed,
+        recipe: Recipe | None,
+        pipeline: str | None,
+        names_seen: dict[str, str],
+        first: int,
+    ) -> list[ResolvedSubject]:
+        """One subject per row: the shared scenes (read once), then the row's own prompts."""
+        levels = self.default_levels(recipe)
+        scene_levels = [(("subjects_from", "scenes", i), scene) for i, scene in enumerate(spec.scenes)]
+        swept = [
+            _key_path(where, key)
+            for where, level in [*levels, *scene_levels]
+            for key, value in level.explicit(pipeline).items()
+            if isinstance(value, list)
+        ]
+        for where in swept:
+            self.problem(
+                where,
+                "a sweep (a list of values) is not available with `subjects_from` yet",
+                "give one value, or list the subjects under `subjects`",
+            )
+        if swept:
+            return []
+        base, base_seeds = _merged(levels, pipeline)
+        known = {"subject", "class", *feed.columns}
+        scenes: list[Scene] = []
+        for index, scene in enumerate(spec.scenes):
+            scene_path: FieldPath = ("subjects_from", "scenes", index)
+            text_path = self.text_path(scene_path)
+            template = Template(scene.text)
+            for message, hint in template.problems:
+                self.problem(text_path, message, hint)
+            for name in dict.fromkeys(template.names):
+                if name == "class" and spec.class_column is None:
+                    self.problem(
+                        text_path,
+                        "uses {class}, but `subjects_from` maps no class column",
+                        "set `class: COLUMN`",
+                    )
+                elif name not in known:
+                    self.problem(
+                        text_path,
+                        f"unknown placeholder {{{name}}}: {feed.file} has no such column",
+                        f"known: {{subject}}, {{class}} and the columns {', '.join(feed.columns)}",
+                    )
+            params, seeds = _prompt_params(base, base_seeds, scene, pipeline)
+            self.check_prompt(scene_path, params, [*levels, (scene_path, scene)])
+            scenes.append(Scene(template, params, seeds, self.document.locate(text_path)))
+
+        subjects: list[ResolvedSubject] = []
+        for row in feed.rows:
+            inherited = Row(feed.path.parent, base, _seed_values(base_seeds), first + len(subjects))
+            subject, row_problems = resolve_row(
+                spec, row, scenes, inherited, names_seen, self.find_references
+            )
+            self.problems += row_problems
+            if subject is not None:
+                subjects.append(subject)
+                self.feed_rows[subject.index] = (row, spec.references)
+        return subjects
 
     def resolve_output_dir(self, head: Manifest) -> Path | None:
         """The output folder, absolute. Any place is allowed (it is the user's choice), but it must be a
@@ -323,34 +454,34 @@ class _Resolver:
             if isinstance(text, str):
                 self.substitute(self.text_path((*path, "prompts", prompt_index)), text, stand_in)
 
+    def default_levels(self, recipe: Recipe | None) -> list[tuple[FieldPath, SamplingOverrides]]:
+        """The levels every subject's parameters start from: the recipe's defaults, then the manifest's."""
+        levels: list[tuple[FieldPath, SamplingOverrides]] = []
+        if recipe is not None:
+            levels.append(((), recipe.defaults))
+        defaults = self.head.defaults if self.head is not None else SamplingOverrides()
+        return [*levels, (("defaults",), defaults)]
+
     def resolve_subject(
         self, index: int, subject: Subject, recipe: Recipe | None, pipeline: str | None
     ) -> ResolvedSubject:
         path: FieldPath = ("subjects", index)
         references = self.resolve_references(path, subject.references)
-        levels: list[tuple[FieldPath, SamplingOverrides]] = []
-        if recipe is not None:
-            levels.append(((), recipe.defaults))
-        defaults = self.head.defaults if self.head is not None else SamplingOverrides()
-        levels += [(("defaults",), defaults), (path, subject)]
-        inherited: dict[str, Any] = {}  # each key as the nearest level sets it: a value, or a sweep's list
-        for _, level in levels:
-            inherited.update(level.explicit(pipeline))
-        base_seeds = next((lvl.seeds for _, lvl in reversed(levels) if lvl.seeds is not None), None)
+        levels = [*self.default_levels(recipe), (path, subject)]
+        inherited, base_seeds = _merged_values(levels, pipeline)
 
         prompts: list[ResolvedPrompt] = []
         seen: dict[tuple[str, SamplingParams], list[tuple[int, Sequence[int]]]] = {}
         for prompt_index, spec in enumerate(subject.prompts):
             prompt_path = (*path, "prompts", prompt_index)
-            seed_spec = spec.seeds if spec.seeds is not None else base_seeds
-            seeds = _seed_values(seed_spec)
+            seeds = _seed_values(spec.seeds if spec.seeds is not None else base_seeds)
             text_path = self.text_path(prompt_path)
             text = self.substitute(text_path, spec.text, subject)
             location = self.document.locate(text_path)
             for params, sweep in self.sweep_variants(prompt_path, {**inherited, **spec.explicit(pipeline)}):
                 self.check_prompt(prompt_path, params, [*levels, (prompt_path, spec)])
                 for other, other_seeds in seen.get((text, params), []):
-                    if _seeds_overlap(seeds, other_seeds):
+                    if seeds_overlap(seeds, other_seeds):
                         self.problem(
                             prompt_path,
                             f"same text, parameters and seeds as prompts[{other}]: the images would be "
@@ -384,41 +515,22 @@ class _Resolver:
 
     def substitute(self, text_path: FieldPath, template: str, subject: Subject) -> str:
         """`template` with its placeholders filled in; problems with them are located at `text_path`."""
-
-        def replace_placeholder(match: re.Match) -> str:
-            token = match.group(0)
-            if token in ("{{", "}}"):
-                return token[0]
-            if token in ("{", "}"):
+        parsed = Template(template)
+        for message, hint in parsed.problems:
+            self.problem(text_path, message, hint)
+        values = {"subject": subject.name, "class": subject.class_noun}
+        for name in parsed.names:
+            if name not in values:
                 self.problem(
                     text_path,
-                    f"unmatched {token} at character {match.start() + 1}",
-                    f"write {token}{token} for a literal brace, or close it: {{subject}}, {{class}}",
+                    f"unknown placeholder {{{name}}}",
+                    "known: {subject}, {class}; write {{ and }} for literal braces",
                 )
-                return token
-            name = match.group(1)
-            if name == "subject":
-                return subject.name
-            if name == "class":
-                if subject.class_noun is None:
-                    self.problem(
-                        text_path,
-                        "uses {class} but the subject has no class noun",
-                        "add `class: <noun>` to it",
-                    )
-                return subject.class_noun or ""
-            self.problem(
-                text_path,
-                f"unknown placeholder {token}",
-                "known: {subject}, {class}; write {{ and }} for literal braces",
-            )
-            return token
-
-        text = (
-            PLACEHOLDER_RE.sub(replace_placeholder, template)
-            if "{" in template or "}" in template
-            else template
-        )
+            elif values[name] is None:
+                self.problem(
+                    text_path, "uses {class} but the subject has no class noun", "add `class: <noun>` to it"
+                )
+        text = parsed.fill(values)
         if not text.strip():
             self.problem(text_path, "the prompt is empty")
         return text
@@ -436,6 +548,8 @@ class _Resolver:
             if subject is not None:
                 levels.append((("subjects", index), subject))
                 levels += [(("subjects", index, "prompts", i), p) for i, p in enumerate(subject.prompts)]
+        scenes = head.subjects_from.scenes if head.subjects_from is not None else []
+        levels += [(("subjects_from", "scenes", i), scene) for i, scene in enumerate(scenes)]
         used_by = f"the {name} pipeline" + (f" (recipe {recipe.name})" if recipe is not None else "")
         reads = ", ".join(sorted(pipeline_spec(name).sampling_parameters))
         for path, level in levels:
@@ -461,20 +575,40 @@ class _Resolver:
                         f"remove it; {block_name} reads: {block_reads}",
                     )
 
-    def check_reference_limit(self, model: ModelSpec, subjects: list[ResolvedSubject]) -> None:
-        """A subject with more references than its model takes is refused, not run on a model out of its
-        depth (`PipelineSpec.max_references`)."""
+    def check_reference_limit(
+        self, model: ModelSpec, recipe: Recipe | None, subjects: Sequence[ResolvedSubject]
+    ) -> None:
+        """A subject with more references (globs expanded) than the model's pipeline conditions on is an
+        error, rather than references silently left out."""
         spec = pipeline_spec(model.pipeline_class)
         if spec.max_references is None:
             return
+        used_by = f"the {spec.name} pipeline" + (f" (recipe {recipe.name})" if recipe is not None else "")
         for subject in subjects:
             if len(subject.references) > spec.max_references:
-                self.problem(
-                    ("subjects", subject.index, "references"),
+                message = (
                     f"{len(subject.references)} reference images, more than the {spec.max_references} "
-                    f"the {spec.name} pipeline takes",
-                    f"list at most {spec.max_references}, or run a recipe that takes more",
+                    f"{used_by} conditions on"
                 )
+                hint = f"keep at most {spec.max_references} for this subject"
+                if subject.index in self.feed_rows:  # a feed's row: at its line
+                    row, column = self.feed_rows[subject.index]
+                    self.problems.append(row.problem(column, message, hint))
+                else:
+                    self.problem(("subjects", subject.index, "references"), message, hint)
+
+    def check_license(self, head: Manifest, recipe: Recipe) -> None:
+        """Warn, once, that the recipe's weights may not be used commercially, unless acknowledged."""
+        if recipe.license.commercial_use is False and head.acknowledge_license != "non-commercial":
+            self.warnings.append(
+                self.document.problem(
+                    ("recipe",),
+                    f"{recipe.name!r} runs weights under the {recipe.license.name}, which does not allow "
+                    "commercial use",
+                    "read the licence before using these images in a business; "
+                    "`acknowledge_license: non-commercial` in the manifest silences this warning",
+                )
+            )
 
     def check_prompt(
         self, path: FieldPath, params: SamplingParams, levels: list[tuple[FieldPath, SamplingOverrides]]
@@ -505,23 +639,41 @@ class _Resolver:
         if self.output_dir is None:
             return False
         if self._written_folders is None:
-            names = {subject.name for subject in self.subjects if subject is not None}
+            names = {subject.name for subject in self.subjects if subject is not None} | self.feed_names
             out = os.path.realpath(self.output_dir)
             self._written_folders = [os.path.join(out, name) for name in sorted(names | {"shards"})]
         real = os.path.realpath(file)
         return any(_inside(real, folder) for folder in self._written_folders)
 
     def resolve_references(self, path: FieldPath, patterns: list[str]) -> tuple[str, ...]:
+        """A manifest subject's references: relative to the manifest's folder (the current folder for
+        `--set`), problems at each pattern's place."""
+        places = [(*path, "references", index) for index in range(len(patterns))]
+        return self.find_references(
+            patterns,
+            [self.path_base(place) for place in places],
+            [self.relative_hint(place) for place in places],
+            lambda index, message, hint: self.problem(places[index], message, hint),
+        )
+
+    def find_references(
+        self,
+        patterns: Sequence[str],
+        bases: Sequence[Path],
+        hints: Sequence[str],
+        report: Callable[[int, str, str | None], None],
+    ) -> tuple[str, ...]:
+        """The image files `patterns` name (each relative to its base), sorted and deduplicated; a
+        problem with pattern `i` goes to `report(i, message, hint)`."""
         found: dict[str, int] = {}  # file -> index of the first pattern that named it
         from_glob: set[str] = set()
         for ref_index, pattern in enumerate(patterns):
-            ref_path = (*path, "references", ref_index)
             # Where relative paths start from helps only with relative paths.
-            folder_hint = None if os.path.isabs(os.path.expanduser(pattern)) else self.relative_hint(ref_path)
+            folder_hint = None if os.path.isabs(os.path.expanduser(pattern)) else hints[ref_index]
             if "\0" in pattern:
-                self.problem(ref_path, f"{pattern!r} contains a NUL character", "remove it from the path")
+                report(ref_index, f"{pattern!r} contains a NUL character", "remove it from the path")
                 continue
-            absolute = os.path.join(self.path_base(ref_path), os.path.expanduser(pattern))
+            absolute = os.path.join(bases[ref_index], os.path.expanduser(pattern))
             if glob.has_magic(pattern):
                 matches = [m for m in glob_paths(absolute) if os.path.isfile(m)]
                 # squeeze's own images, grids and sidecars are never references: a glob that reaches into
@@ -534,27 +686,27 @@ class _Resolver:
                             f"it matches only files in the subject folders of the output folder "
                             f"{self.output_dir}, where squeeze writes: keep the photos elsewhere"
                         )
-                    self.problem(ref_path, f"no file matches {pattern!r}", folder_hint)
+                    report(ref_index, f"no file matches {pattern!r}", folder_hint)
                 for match in matches:
                     normalized = os.path.normpath(match)
                     found.setdefault(normalized, ref_index)
                     from_glob.add(normalized)
             elif os.path.islink(absolute) and not os.path.exists(absolute):
-                self.problem(
-                    ref_path,
+                report(
+                    ref_index,
                     f"{pattern!r} is a broken symbolic link (to {os.readlink(absolute)!r})",
                     "point it at an existing image, or list the image itself",
                 )
             elif not os.path.exists(absolute):
-                self.problem(ref_path, f"no such file: {pattern!r}", folder_hint)
+                report(ref_index, f"no such file: {pattern!r}", folder_hint)
             elif os.path.isdir(absolute):
-                self.problem(
-                    ref_path,
+                report(
+                    ref_index,
                     f"{pattern!r} is not a file",
                     f"to use every image in it: '{pattern.rstrip('/')}/*'",
                 )
             elif not os.path.isfile(absolute):  # a device, a pipe, a socket: never open those
-                self.problem(ref_path, f"{pattern!r} is not a regular file", "list image files only")
+                report(ref_index, f"{pattern!r} is not a regular file", "list image files only")
             else:
                 found.setdefault(os.path.normpath(absolute), ref_index)
         # One file reached by two paths (a symbolic link, a hard link, two patterns) is one reference.
@@ -565,11 +717,11 @@ class _Resolver:
         for reference in references:
             message = check_image(reference)
             if message:
-                shown = os.path.relpath(reference, self.base_dir)
+                shown = os.path.relpath(reference, bases[found[reference]])
                 hint = image_hint(message)
                 if reference in from_glob and message.startswith("not a readable image"):
                     hint = f"{patterns[found[reference]]!r} matches it: narrow the pattern, e.g. to *.jpg"
-                self.problem((*path, "references", found[reference]), f"{shown}: {message}", hint)
+                report(found[reference], f"{shown}: {message}", hint)
         return references
 
 
@@ -595,17 +747,43 @@ def _dotted_path(field: str) -> FieldPath:
     return tuple(field.split("."))
 
 
-def _seed_values(spec: list[int] | SeedRange | None) -> Sequence[int]:
+def _merged_values(
+    levels: Sequence[tuple[FieldPath, SamplingOverrides]], pipeline: str | None
+) -> tuple[dict[str, Any], SeedSpec]:
+    """The sampling keys (a value, or a sweep's list) and the seeds that `levels` set for `pipeline`, later
+    levels winning."""
+    values: dict[str, Any] = {}
+    for _, level in levels:
+        values.update(level.explicit(pipeline))
+    return values, next((level.seeds for _, level in reversed(levels) if level.seeds is not None), None)
+
+
+def _merged(
+    levels: Sequence[tuple[FieldPath, SamplingOverrides]], pipeline: str | None
+) -> tuple[SamplingParams, SeedSpec]:
+    """The parameters and the seeds that `levels` set for `pipeline` (no sweep among them)."""
+    values, seeds = _merged_values(levels, pipeline)
+    return replace(SamplingParams(), **values), seeds
+
+
+def _prompt_params(
+    base: SamplingParams, base_seeds: SeedSpec, prompt: PromptSpec, pipeline: str | None
+) -> tuple[SamplingParams, Sequence[int]]:
+    """A prompt's parameters and seeds for `pipeline`: its own overrides on those of its subject."""
+    overrides = prompt.explicit(pipeline)
+    params = replace(base, **overrides) if overrides else base
+    return params, _seed_values(prompt.seeds if prompt.seeds is not None else base_seeds)
+
+
+def _shown_path(path: Path) -> str:
+    """A feed's path in problems: relative to the current folder when it is inside it, else absolute."""
+    relative = os.path.relpath(path)
+    return path.as_posix() if relative.startswith("..") else relative
+
+
+def _seed_values(spec: SeedSpec) -> Sequence[int]:
     if spec is None:
         return (0,)
     if isinstance(spec, SeedRange):
         return spec.seeds()
     return tuple(spec)
-
-
-def _seeds_overlap(first: Sequence[int], second: Sequence[int]) -> bool:
-    if isinstance(first, range) and isinstance(second, range):
-        return max(first.start, second.start) < min(first.stop, second.stop)
-    small, large = (first, second) if len(first) <= len(second) else (second, first)
-    lookup = large if isinstance(large, range) else set(large)
-    return any(seed in lookup for seed in small)

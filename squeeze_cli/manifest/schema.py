@@ -347,18 +347,41 @@ def _prompt_shape(value: Any) -> Any:
     return value
 
 
-def _subject_name(value: str) -> str:
+UNIQUE_NAMES_HINT = "subject names must be unique (ignoring case): they name the output folders"
+
+
+def folder_name_problem(value: str) -> tuple[str, str] | None:
+    """Why `value` cannot name a folder squeeze writes (a subject's, a variant's), with the fix; or None."""
     if not SUBJECT_NAME_PATTERN.match(value) or ".." in value:
-        raise schema_error(
+        return (
             f"{value!r} is not usable as a folder name",
             "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
+    return None
+
+
+def subject_name_problem(value: str) -> tuple[str, str] | None:
+    """Why `value` cannot name a subject (its output folder), with the fix; None when it can."""
+    if (problem := folder_name_problem(value)) is not None:
+        return problem
     if value.casefold() in RESERVED_SUBJECT_NAMES:
-        raise schema_error(
+        return (
             f"{value!r} cannot name a subject: squeeze writes its own {value.casefold()} beside the "
             "subjects' folders",
             f"choose another name (not one of {', '.join(sorted(RESERVED_SUBJECT_NAMES))})",
         )
+    return None
+
+
+def _folder_name(value: str) -> str:
+    if (problem := folder_name_problem(value)) is not None:
+        raise schema_error(*problem)
+    return value
+
+
+def _subject_name(value: str) -> str:
+    if (problem := subject_name_problem(value)) is not None:
+        raise schema_error(*problem)
     return value
 
 
@@ -377,10 +400,114 @@ class Subject(SamplingOverrides):
     prompts: Annotated[list[Annotated[PromptSpec, BeforeValidator(_prompt_shape)]], Field(min_length=1)]
 
 
+# What a feed's cell holds several of (references, prompts) is split at this, in CSV files; JSONL and
+# Parquet cells may be lists instead. `|` is rare in paths and prompts, and needs no quoting in CSV.
+DEFAULT_FEED_SEPARATOR = "|"
+FeedFormat = Literal["csv", "jsonl", "parquet"]
+ColumnName = Annotated[StrictStr, AfterValidator(non_empty)]
+
+
+class SubjectFeed(StrictModel):
+    """``subjects_from``: one subject per row of a CSV, JSONL or Parquet file (a shop's product feed).
+
+    The keys name the file's columns; `scenes` are the prompts every row gets (subjects x scenes), before
+    the row's own prompts (the `prompts` column). Every column is a placeholder for prompt text.
+    """
+
+    path: Annotated[StrictStr, AfterValidator(non_empty)]
+    format: FeedFormat | None = None  # unset: from the file's suffix
+    name: ColumnName
+    class_column: ColumnName | None = Field(None, alias="class")
+    references: ColumnName
+    prompts: ColumnName | None = None
+    separator: Annotated[StrictStr, AfterValidator(non_empty)] = DEFAULT_FEED_SEPARATOR
+    scenes: list[Annotated[PromptSpec, BeforeValidator(_prompt_shape)]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _some_prompts(self) -> SubjectFeed:
+        if not self.scenes and self.prompts is None:
+            raise schema_error(
+                "the rows get no prompts: set `scenes` (prompts every row gets) or `prompts` (a column)",
+                "e.g. scenes: ['a {class} on a marble counter']",
+            )
+        return self
+
+
+VARIANT_SIZE_PATTERN = re.compile(r"^([1-9][0-9]*)x([1-9][0-9]*)$")
+MAX_VARIANT_SIDE = 10_000  # of a channel variant: beyond any marketplace's largest
+DEFAULT_VARIANT_QUALITY = 90  # JPEG and WebP
+MetadataLevel = Literal["full", "minimal", "none"]
+
+
+def _variant_size(value: str) -> str:
+    match = VARIANT_SIZE_PATTERN.match(value)
+    if match is None or not all(1 <= int(side) <= MAX_VARIANT_SIDE for side in match.groups()):
+        raise schema_error(
+            f"must be WIDTHxHEIGHT in pixels, each between 1 and {MAX_VARIANT_SIDE}, got {value!r}",
+            "for example 2000x2000",
+        )
+    return value
+
+
+def _color(value: str) -> str:
+    from PIL import ImageColor
+
+    try:
+        ImageColor.getrgb(value)
+    except ValueError:
+        raise schema_error(f"{value!r} is not a colour", "use a name (white) or #rrggbb") from None
+    return value
+
+
+class OutputVariant(StrictModel):
+    """One channel copy of every finished image (`output.variants`), made from its PNG master."""
+
+    name: Annotated[StrictStr, AfterValidator(_folder_name)]
+    size: Annotated[StrictStr, AfterValidator(_variant_size)]
+    fit: Literal["pad", "crop", "contain"] = "pad"
+    background: Annotated[StrictStr, AfterValidator(_color)] = "#ffffff"
+    format: Literal["jpeg", "webp", "png"] = "jpeg"
+    quality: Annotated[StrictInt, Field(ge=1, le=100)] | None = None
+
+    @model_validator(mode="after")
+    def _quality_is_lossy(self) -> OutputVariant:
+        if self.quality is not None and self.format == "png":
+            raise schema_error("`quality` is for jpeg and webp: png is lossless", "remove `quality`")
+        return self
+
+    @property
+    def box(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        width, height = self.size.split("x")
+        return int(width), int(height)
+
+    @property
+    def encoder_quality(self) -> int | None:
+        """The quality the encoder gets: the variant's, or the default for a lossy format."""
+        return None if self.format == "png" else self.quality or DEFAULT_VARIANT_QUALITY
+
+
+def _unique_variant_names(value: list[OutputVariant]) -> list[OutputVariant]:
+    seen: set[str] = set()
+    for variant in value:
+        if variant.name.casefold() in seen:
+            raise schema_error(
+                f"variant name {variant.name!r} appears more than once",
+                "variant names must be unique (ignoring case): they name the folders",
+            )
+        seen.add(variant.name.casefold())
+    return value
+
+
 class OutputSpec(StrictModel):
     dir: Annotated[StrictStr, AfterValidator(non_empty)] = "squeeze-out"
     grids: StrictBool = True
     contact_sheet: StrictBool = True
+    # What the image files carry (the sidecar always has everything): see docs/outputs.md.
+    metadata: MetadataLevel = "full"
+    variants: Annotated[list[OutputVariant], AfterValidator(_unique_variant_names)] = Field(
+        default_factory=list
+    )
 
 
 def _output_shape(value: Any) -> Any:
@@ -507,8 +634,21 @@ class Manifest(StrictModel):
     output: Annotated[OutputSpec, BeforeValidator(_output_shape)] = Field(default_factory=OutputSpec)
     max_jobs: StrictInt | None = None
     defaults: SamplingOverrides = Field(default_factory=SamplingOverrides)
-    subjects: Annotated[list[Subject], Field(min_length=1)]
+    # Optional beside a feed; written, a list of at least one.
+    subjects: Annotated[list[Subject], Field(min_length=1)] = Field(default_factory=list)
+    subjects_from: SubjectFeed | None = None
     quality: QualityGate | None = None
+    # Silences the warning about a recipe whose weights' licence does not allow commercial use.
+    acknowledge_license: Literal["non-commercial"] | None = None
+
+    @model_validator(mode="after")
+    def _some_subjects(self) -> Manifest:
+        if not self.subjects and self.subjects_from is None:
+            raise schema_error(
+                "missing required key `subjects` (or `subjects_from`, a feed of subjects)",
+                "see docs/manifest.md",
+            )
+        return self
 
     @field_validator("version")
     @classmethod
@@ -529,7 +669,7 @@ class Manifest(StrictModel):
 
 class ManifestHead(Manifest):
     # Subjects are validated one by one (see `load_manifest`), so a broken subject cannot hide the others.
-    subjects: Annotated[list[Any], Field(min_length=1)]
+    subjects: Annotated[list[Any], Field(min_length=1)] = Field(default_factory=list)
 
 
 # YAML with locations ---------------------------------------------------------------------------------

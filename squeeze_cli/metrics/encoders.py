@@ -22,18 +22,21 @@ if TYPE_CHECKING:
 
 
 def resize_center_crop(image: Image.Image, resize: int, crop: int) -> torch.Tensor:
-    """DINO's evaluation transform: shortest side to `resize` (bicubic), centre `crop`, ImageNet norm.
+    """DINO's evaluation transform (its release's `eval_knn.py`): torchvision's `Resize(resize, BICUBIC)`,
+    `CenterCrop(crop)`, `ToTensor()`, `Normalize(ImageNet)`, pixel for pixel without torchvision.
 
-    The same as torchvision's `Resize(resize, BICUBIC)`, `CenterCrop(crop)`, `ToTensor()`, `Normalize`.
+    torchvision truncates the long side (`int(resize * long / short)`) and rounds the crop's offset
+    (`round((size - crop) / 2)`, half to even); both decide which pixels are seen, so both are copied.
 
     Returns:
         `torch.Tensor`: (3, crop, crop), float32.
     """
     width, height = image.size
-    scale = resize / min(width, height)
-    size = (max(resize, round(width * scale)), max(resize, round(height * scale)))
+    short, long = min(width, height), max(width, height)
+    resized_long = int(resize * long / short)
+    size = (resize, resized_long) if width <= height else (resized_long, resize)
     image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - crop) // 2, (size[1] - crop) // 2
+    left, top = round((size[0] - crop) / 2), round((size[1] - crop) / 2)
     image = image.crop((left, top, left + crop, top + crop))
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -84,6 +87,8 @@ class Encoder:
                 from transformers import ViTModel
 
                 # DINO's CLS token is the embedding; the pooler is not part of the checkpoint.
+                if spec.layer_norm_eps is not None:  # the hub config's differs from the release's
+                    kwargs["layer_norm_eps"] = spec.layer_norm_eps
                 self.model = ViTModel.from_pretrained(spec.model_id, add_pooling_layer=False, **kwargs)
             elif spec.role == "dinov2":
                 from transformers import Dinov2Model

@@ -17,6 +17,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 DINO_ID = "facebook/dino-vits16"
+# The DINO release builds its ViTs with `nn.LayerNorm(eps=1e-6)`; the hub's config.json says 1e-12.
+DINO_LAYER_NORM_EPS = 1e-6
 DINOV2_ID = "facebook/dinov2-small"
 CLIP_IDS = {"b32": "openai/clip-vit-base-patch32", "l14": "openai/clip-vit-large-patch14"}
 
@@ -41,6 +43,7 @@ class EncoderSpec:
             image processor decides (CLIP).
         crop (`int`, *optional*): the centre crop's side, with `resize`.
         revision (`str`, *optional*): the hub revision.
+        layer_norm_eps (`float`, *optional*): replaces the checkpoint config's LayerNorm epsilon.
     """
 
     role: str
@@ -48,6 +51,7 @@ class EncoderSpec:
     resize: int | None = None
     crop: int | None = None
     revision: str | None = None
+    layer_norm_eps: float | None = None
 
     def preprocessing(self) -> dict[str, Any]:
         if self.resize is None:
@@ -62,7 +66,7 @@ class EncoderSpec:
 
     def fingerprint(self) -> str:
         """16 hex characters naming the model and its preprocessing: the cache key's model half."""
-        text = json.dumps([self.role, self.model_id, self.revision, self.preprocessing()], sort_keys=True)
+        text = json.dumps(self.to_dict(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,6 +74,7 @@ class EncoderSpec:
             "role": self.role,
             "model": self.model_id,
             "revision": self.revision,
+            **({"layer_norm_eps": self.layer_norm_eps} if self.layer_norm_eps is not None else {}),
             "preprocessing": self.preprocessing(),
         }
 
@@ -151,7 +156,13 @@ def make_protocol(
         from squeeze_cli.metrics.tiny import ensure_tiny_metric_checkpoint
 
         encoders = [
-            EncoderSpec("dino", str(ensure_tiny_metric_checkpoint("dino")), resize=36, crop=32),
+            EncoderSpec(
+                "dino",
+                str(ensure_tiny_metric_checkpoint("dino")),
+                resize=36,
+                crop=32,
+                layer_norm_eps=DINO_LAYER_NORM_EPS,
+            ),
             EncoderSpec("clip", str(ensure_tiny_metric_checkpoint("clip"))),
         ]
         if dinov2:
@@ -165,7 +176,7 @@ def make_protocol(
             f"unknown --metrics {metrics!r}", "use dreambench (real models) or tiny (no download)"
         )
     encoders = [
-        EncoderSpec("dino", DINO_ID, resize=256, crop=224),
+        EncoderSpec("dino", DINO_ID, resize=256, crop=224, layer_norm_eps=DINO_LAYER_NORM_EPS),
         EncoderSpec("clip", CLIP_IDS.get(clip, clip)),
     ]
     if dinov2:

@@ -5,7 +5,8 @@ Modules: `layout` (every name on disk, `safe_join`), `files` (atomic writes), `r
 PNG chunks, sidecar), `resume` (finished jobs by job id), `index` (the run index and run-level files),
 `grids` (how a grid or contact-sheet page looks, and the hash of what it shows), `views` (which views to
 redraw, shared between processes), `stale` (images of jobs the plan no longer has, moved to `.stale/`),
-`tree` (the output tree's shape, checked before a run).
+`tree` (the output tree's shape, checked before a run), `variants` (channel copies of the finished images),
+`checks` (marketplace rules measured on images).
 
 Imports follow one rule: code outside this package imports the package (`from squeeze_cli import outputs`)
 and uses the names below, which are exactly the ones it uses; the modules inside import each other
@@ -19,6 +20,7 @@ The output directory is a documented contract (docs/outputs.md)::
     OUT/<subject>/grid-<prompt_index:03d>.png      references + every seed of one prompt, labelled
     OUT/<subject>/contact-sheet.png                every prompt of one subject (the first 50; then
     OUT/<subject>/contact-sheet-<page:03d>.png     the next 50 per page)
+    OUT/<subject>/variants/<variant>/<stem>.<ext>  a channel copy of an image (`output.variants`)
     OUT/index.jsonl                                one line per finished (or failed) job
     OUT/run.json                                   the run summary
     OUT/manifest.resolved.yaml                     the manifest with the preset merged: reproduces the run
@@ -36,6 +38,7 @@ Guarantees the runner builds on:
   `repair_index` rebuilds it from the sidecars at the start of a run.
 """
 
+from .checks import check_run, format_report, load_rules  # noqa: F401
 from .files import (  # noqa: F401
     OutputWriteError,
     atomic_write_bytes,
@@ -79,4 +82,5 @@ from .records import image_record, package_versions, read_sidecar, save_image  #
 from .resume import Finished, find_finished, finished_job_ids, move_to_positions, png_mismatch  # noqa: F401
 from .stale import StaleImage, find_stale, find_stale_views, in_the_way, move_stale, stale_folder_name  # noqa: F401
 from .tree import check_output_tree  # noqa: F401
+from .variants import make_variants  # noqa: F401
 from .views import draw_views, plan_views, share_views, update_views, views_jobs  # noqa: F401

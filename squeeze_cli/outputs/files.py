@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import EXIT_JOBS_FAILED, SqueezeError
 from ..reading import FileTooLargeError
-from .layout import UnsafeOutputPathError
+from .layout import VARIANTS_DIR_NAME, UnsafeOutputPathError
 
 # `.<name>.<pid>.tmp`: hidden, recognisable, and tied to the process that wrote it.
 _TEMP_FILE_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
@@ -190,7 +190,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def remove_stale_temp_files(out_dir: str | os.PathLike, *, only: Collection[str] | None = None) -> list[Path]:
-    """Remove temporary files left by killed runs in `out_dir` and its subject directories.
+    """Remove temporary files left by killed runs in `out_dir`, its subject directories and their
+    variants' folders.
 
     Only names of the form `.<name>.<pid>.tmp` are touched, and only when `<pid>` is not a live process
     on this machine other than this one (a temporary file of this process is stale at start-up). Call it
@@ -207,7 +208,12 @@ def remove_stale_temp_files(out_dir: str | os.PathLike, *, only: Collection[str]
     removed = []
     directories: list[str | os.PathLike] = [out_dir]
     if only is None:
-        directories += [entry for entry in _scandir(out_dir) if entry.is_dir(follow_symlinks=False)]
+        subjects = [entry for entry in _scandir(out_dir) if entry.is_dir(follow_symlinks=False)]
+        directories += subjects
+        for subject in subjects:  # and each channel variant's folder, `<subject>/variants/<name>`
+            for entry in _scandir(subject.path):
+                if entry.name == VARIANTS_DIR_NAME and entry.is_dir(follow_symlinks=False):
+                    directories += [v for v in _scandir(entry.path) if v.is_dir(follow_symlinks=False)]
     for directory in directories:
         for entry in _scandir(directory):
             match = _TEMP_FILE_RE.match(entry.name)

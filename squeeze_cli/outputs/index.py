@@ -23,12 +23,15 @@ from squeeze_cli.outputs.files import (
 )
 from squeeze_cli.outputs.layout import (
     INDEX_NAME,
+    VARIANT_EXTENSIONS,
     image_name,
     index_path,
     position_stem,
     resolved_manifest_path,
     run_summary_path,
+    variant_name,
 )
+from squeeze_cli.outputs.records import VARIANTS_KEY
 from squeeze_cli.reading import INDEX_MAX_BYTES, FileTooLargeError, file_kind, read_regular_file
 
 if TYPE_CHECKING:
@@ -55,6 +58,33 @@ def index_entry(record: Mapping[str, Any]) -> dict[str, Any]:
         "seconds": (record.get("timings") or {}).get("total"),
         "created_at": record.get("created_at"),
         **({"quality": {k: quality[k] for k in ("passed", "attempts", "dino")}} if quality else {}),
+        **({VARIANTS_KEY: variants} if (variants := variant_files(record)) else {}),
+    }
+
+
+def variant_files(record: Mapping[str, Any]) -> dict[str, str]:
+    """`{variant: file relative to OUT}` of the channel variants a sidecar records (a damaged entry is
+    left out: the variant is made again)."""
+    recorded = record.get(VARIANTS_KEY)
+    if not isinstance(recorded, Mapping):
+        return {}
+    return {
+        name: entry["file"]
+        for name, entry in recorded.items()
+        if isinstance(entry, Mapping) and isinstance(entry.get("file"), str)
+    }
+
+
+def own_variant_files(record: Mapping[str, Any], folder: str, stem: str) -> dict[str, str]:
+    """`{variant: file}` of the variants a sidecar records under the names its own image (`<folder>/<stem>`)
+    gives them. One made under an older name may since hold another image's variant, and a damaged sidecar
+    may name anything: those are left out, so moving an image's variants moves nothing else."""
+    return {
+        name: file
+        for name, file in variant_files(record).items()
+        if "/" not in name
+        and name not in (".", "..")
+        and file in {variant_name(folder, stem, name, image_format) for image_format in VARIANT_EXTENSIONS}
     }
 
 

@@ -24,6 +24,9 @@ SHARDS_DIR_NAME = "shards"  # OUT/shards/<I>-of-<N>/ holds one shard's run files
 # OUT/.stale/<UTC time>/<subject>/: images of jobs the plan no longer has, moved out of the way. It starts
 # with `.`, so no subject can take it (`check_subject_name`).
 STALE_DIR_NAME = ".stale"
+# OUT/<subject>/variants/<variant>/<stem>.<ext>: channel copies of the images (`output.variants`).
+VARIANTS_DIR_NAME = "variants"
+VARIANT_EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png"}
 # What `squeeze eval` writes at the top of OUT (squeeze_cli/eval/).
 METRICS_JSONL_NAME = "metrics.jsonl"
 METRICS_JSON_NAME = "metrics.json"
@@ -141,6 +144,12 @@ def image_path(out_dir: str | os.PathLike, job: Job) -> Path:
 def sidecar_path(out_dir: str | os.PathLike, job: Job) -> Path:
     """`OUT/<subject>/<prompt_index:03d>-s<seed>.json`: the per-image record, written after the PNG."""
     return safe_join(out_dir, *sidecar_name(job).split("/"))
+
+
+def variant_name(subject: str, stem: str, variant: str, image_format: str) -> str:
+    """A channel variant's name relative to OUT, with `/`: `<subject>/variants/<variant>/<stem>.<ext>`."""
+    extension = VARIANT_EXTENSIONS[image_format]
+    return f"{check_subject_name(subject)}/{VARIANTS_DIR_NAME}/{variant}/{stem}.{extension}"
 
 
 def grid_path(out_dir: str | os.PathLike, subject: str, prompt_index: int) -> Path:

@@ -25,6 +25,7 @@ from squeeze_cli.outputs.layout import (
 from squeeze_cli.reading import SIDECAR_MAX_BYTES, read_regular_file
 
 if TYPE_CHECKING:
+    from ..manifest.schema import MetadataLevel
     from ..plan import Job
 
 
@@ -33,6 +34,9 @@ PNG_RECORD_KEY = "squeeze"  # the full JSON record
 RECORD_FORMAT = 1  # bumped when a field changes meaning
 # The sidecar's own field: the PNG's `{"size", "sha256"}`, which the PNG cannot carry about itself.
 PNG_FILE_KEY = "png"
+# The sidecar's record of the image's channel variants (`outputs/variants.py`), also a field of its
+# `index.jsonl` line (`{name: file}` there).
+VARIANTS_KEY = "variants"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,6 +75,7 @@ def image_record(
     timings: Mapping[str, float | int],
     versions: Mapping[str, str] | None = None,
     pipeline: Mapping[str, Any] | None = None,
+    license: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The full record of one image: what the sidecar holds and the PNG's `squeeze` chunk embeds.
 
@@ -84,6 +89,8 @@ def image_record(
         versions (`dict`, *optional*): package versions; `package_versions()` when not given.
         pipeline (`dict`, *optional*): the pipeline that made the image: `name`, `class`,
             `distilled_guidance` and `sampling_parameters` (the params recorded are those it read).
+        license (`dict`, *optional*): the weights' licence: `name`, `commercial_use` (`None`: unknown)
+            and `url` (or `None`).
     """
     params = job.params.to_dict()
     if pipeline is not None:
@@ -104,7 +111,9 @@ def image_record(
         "stage_plan": dict(stage_plan) if stage_plan is not None else None,
         "steps_per_stage": _steps_per_stage(stage_plan),
         "references": list(job.references),
+        "quality": None,  # the identity gate's verdict (`gen/gate.py`), when the run has one
         "preset": preset_name,
+        **({"license": dict(license)} if license is not None else {}),
         "model": json_ready(dict(model_info)),
         "versions": dict(versions) if versions is not None else package_versions(),
         # Counts stay integers (`batch_size`); seconds are rounded.
@@ -182,19 +191,39 @@ def parameters_text(record: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def encode_png(image: Image.Image, record: Mapping[str, Any]) -> bytes:
-    """PNG bytes of `image` with the record embedded in two text chunks.
+def published_parameters(record: Mapping[str, Any], metadata: MetadataLevel) -> str | None:
+    """The `parameters` text an image file carries at the `output.metadata` level: None with `none`;
+    with `minimal`, without `Model id` when it is a folder on this machine (a hub id stays)."""
+    if metadata == "none":
+        return None
+    model = record.get("model") or {}
+    if metadata == "minimal" and os.path.isabs(str(model.get("pipeline") or "")):
+        record = {**record, "model": {**model, "pipeline": None}}
+    return parameters_text(record)
 
-    - `parameters`: `parameters_text(record)` (tEXt, or iTXt when the prompt is not Latin-1);
-    - `squeeze`: the full record as JSON (compressed iTXt, UTF-8).
+
+def png_text_chunks(record: Mapping[str, Any], metadata: MetadataLevel) -> PngImagePlugin.PngInfo:
+    """The text chunks of a PNG at the `output.metadata` level.
+
+    - `parameters`: `published_parameters` (tEXt, or iTXt when the prompt is not Latin-1), unless `none`;
+    - `squeeze`: the full record as JSON (compressed iTXt, UTF-8), with `full` only: it holds the
+      references' paths on this machine.
     """
     info = PngImagePlugin.PngInfo()
-    info.add_text(PNG_PARAMETERS_KEY, parameters_text(record))
-    info.add_itxt(PNG_RECORD_KEY, strict_json_dumps(record), zip=True)
+    parameters = published_parameters(record, metadata)
+    if parameters is not None:
+        info.add_text(PNG_PARAMETERS_KEY, parameters)
+    if metadata == "full":
+        info.add_itxt(PNG_RECORD_KEY, strict_json_dumps(record), zip=True)
+    return info
+
+
+def encode_png(image: Image.Image, record: Mapping[str, Any], metadata: MetadataLevel = "full") -> bytes:
+    """PNG bytes of `image` with the record embedded in text chunks (`png_text_chunks`)."""
     if image.mode not in ("RGB", "RGBA", "L", "LA"):
         image = image.convert("RGB")
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    image.save(buffer, format="PNG", pnginfo=png_text_chunks(record, metadata))
     return buffer.getvalue()
 
 
@@ -221,15 +250,22 @@ def read_png_parameters(path: str | os.PathLike) -> str | None:
     return None if text is None else str(text)
 
 
-def save_image(out_dir: str | os.PathLike, job: Job, image: Image.Image, record: Mapping[str, Any]) -> Path:
-    """Write the PNG (atomically) and then its sidecar (atomically); returns the PNG's path.
+def save_image(
+    out_dir: str | os.PathLike,
+    job: Job,
+    image: Image.Image,
+    record: Mapping[str, Any],
+    metadata: MetadataLevel = "full",
+) -> Path:
+    """Write the PNG (atomically, its metadata at the `output.metadata` level) and then its sidecar
+    (atomically); returns the PNG's path.
 
     The order is the resume guarantee: the sidecar is the "done" marker, so it is written only once the
     PNG is complete and in place. The sidecar is `record` plus the PNG's size and sha256 (`png`), which
     a resume checks against the file on disk.
     """
     png = image_path(out_dir, job)
-    data = encode_png(image, record)
+    data = encode_png(image, record, metadata)
     atomic_write_bytes(png, data)
     sidecar = dict(record)
     sidecar[PNG_FILE_KEY] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -19,13 +19,13 @@ import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from squeeze_cli.outputs.files import OutputWriteError, atomic_write_json, fsync_dir
-from squeeze_cli.outputs.index import index_entry
-from squeeze_cli.outputs.layout import image_stem, subject_dir
-from squeeze_cli.outputs.records import PNG_FILE_KEY, read_sidecar
+from squeeze_cli.outputs.index import index_entry, own_variant_files, variant_files
+from squeeze_cli.outputs.layout import image_stem, safe_join, subject_dir
+from squeeze_cli.outputs.records import PNG_FILE_KEY, VARIANTS_KEY, read_sidecar
 from squeeze_cli.reading import file_kind
 
 if TYPE_CHECKING:
@@ -72,16 +72,22 @@ def png_mismatch(png: str | os.PathLike, record: Mapping[str, Any]) -> str | Non
     facts = record.get(PNG_FILE_KEY)
     if not isinstance(facts, dict):
         return "its sidecar records no size and sha256 for it (written by an older squeeze)"
+    return file_mismatch(png, facts)
+
+
+def file_mismatch(path: str | os.PathLike, facts: Mapping[str, Any]) -> str | None:
+    """Why the file at `path` is not the one a sidecar's `facts` (`{"size", "sha256"}`) vouch for; None
+    when it is."""
     size, sha256 = facts.get("size"), facts.get("sha256")
     if not isinstance(size, int) or not isinstance(sha256, str):
         return "its sidecar's size and sha256 are damaged"
     try:
-        info = os.lstat(png)
+        info = os.lstat(path)
         if not stat.S_ISREG(info.st_mode):  # not a file squeeze wrote (a link, a FIFO)
-            return f"does not match its sidecar: {file_kind(info.st_mode)}, not the PNG squeeze wrote"
+            return f"does not match its sidecar: {file_kind(info.st_mode)}, not the file squeeze wrote"
         if info.st_size != size:  # truncated or grown: cheap checks first
             return f"does not match its sidecar: {info.st_size:,} bytes, the sidecar records {size:,}"
-        if file_sha256(png) != sha256:
+        if file_sha256(path) != sha256:
             return "does not match its sidecar: its sha256 differs (edited or replaced)"
     except OSError as error:
         return f"cannot be read: {error.strerror or error}"
@@ -213,6 +219,14 @@ def _move(directory: Path, job: Job, found: Finished, stem: str) -> Finished:
     if record is None:  # changed under us since the scan: keep it where it is, it is checked next run
         return found
     subject = directory.name
+    # Its channel variants move with it (kept, not made again); killed before they do, the sidecar names
+    # files that are not there yet, and the variants are made again.
+    variant_moves = {
+        name: (file, f"{file.rsplit('/', 1)[0]}/{stem}{PurePosixPath(file).suffix}")
+        for name, file in own_variant_files(record, subject, found.stem).items()
+    }
+    for name, (_, new_file) in variant_moves.items():
+        record[VARIANTS_KEY][name]["file"] = new_file
     record.update(
         job_index=job.index,
         subject_index=job.subject_index,
@@ -225,10 +239,27 @@ def _move(directory: Path, job: Job, found: Finished, stem: str) -> Finished:
     except OSError as error:
         raise OutputWriteError.from_os_error(new_png, error, "rename a finished image to") from error
     fsync_dir(directory)
+    for old_file, new_file in variant_moves.values():
+        _rename_variant(directory.parent, old_file, new_file)
     try:
         old_sidecar.unlink(missing_ok=True)
     except OSError as error:
         raise OutputWriteError.from_os_error(old_sidecar, error, "remove the moved sidecar") from error
     entry = dict(found.entry, prompt_index=job.prompt_index)
     entry["image"], entry["sidecar"] = record["files"]["image"], record["files"]["sidecar"]
+    if variant_moves:
+        entry[VARIANTS_KEY] = variant_files(record)
     return Finished(stem, found.sha256, entry)
+
+
+def _rename_variant(out_dir: Path, old_file: str, new_file: str) -> None:
+    old_path, new_path = safe_join(out_dir, *old_file.split("/")), safe_join(out_dir, *new_file.split("/"))
+    try:
+        if not stat.S_ISREG(os.lstat(old_path).st_mode):
+            return  # not the file squeeze wrote: the variant is made again
+        os.replace(old_path, new_path)
+    except FileNotFoundError:
+        return  # gone: made again
+    except OSError as error:
+        raise OutputWriteError.from_os_error(new_path, error, "rename a channel variant to") from error
+    fsync_dir(new_path.parent)

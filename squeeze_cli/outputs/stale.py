@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from squeeze_cli.outputs.files import OutputWriteError, fsync_dir
+from squeeze_cli.outputs.index import own_variant_files
 from squeeze_cli.outputs.layout import (
     RESERVED_NAMES,
     STALE_DIR_NAME,
@@ -37,11 +38,13 @@ _GRID = re.compile(r"grid-(\d+)\.png")
 
 @dataclass(frozen=True, slots=True)
 class StaleImage:
-    """An image (its sidecar, and the PNG beside it when there is one) of a job the plan does not have."""
+    """An image (its sidecar, the PNG beside it when there is one, and its channel variants) of a job the
+    plan does not have."""
 
     folder: str  # the folder directly under OUT: a subject's, current or removed
     stem: str
     job_id: str
+    variants: tuple[str, ...] = ()  # its variants' files relative to OUT, as its sidecar records them
 
     @property
     def image(self) -> str:
@@ -97,8 +100,9 @@ def find_stale(
                 continue
             record = read_sidecar(entry.path)
             job_id = record.get("job_id") if record is not None else None
-            if isinstance(job_id, str) and job_id not in planned:
-                stale.append(StaleImage(folder, stem, job_id))
+            if record is not None and isinstance(job_id, str) and job_id not in planned:
+                variants = tuple(own_variant_files(record, folder, stem).values())
+                stale.append(StaleImage(folder, stem, job_id, variants))
     return stale
 
 
@@ -142,11 +146,12 @@ def move_stale(
     *,
     folder: str | None = None,
 ) -> list[str]:
-    """Rename `images` (sidecar and PNG) and `views` into `OUT/.stale/<folder>/<subject>/`.
+    """Rename `images` (variants, PNG and sidecar) and `views` into `OUT/.stale/<folder>/`, under the
+    same names relative to OUT.
 
     Every move is an `os.rename` within OUT: nothing is copied, deleted or written through a link (a
-    link or a special file at a stale name is left where it is). The PNG moves first, then its sidecar:
-    killed in between, the sidecar stays, and the next run finds it stale again.
+    link or a special file at a stale name is left where it is). The sidecar moves last: killed before,
+    the sidecar stays, and the next run finds it stale again.
 
     Returns:
         `list[str]`: what was moved, relative to OUT, with `/`.
@@ -155,15 +160,16 @@ def move_stale(
         `OutputWriteError`: a folder could not be made or a file could not be renamed.
     """
     out_dir = Path(out_dir)
-    names = [name for image in images for name in (image.image, image.sidecar)] + list(views)
+    names = [name for image in images for name in (*image.variants, image.image, image.sidecar)]
+    names += views
     if not names:
         return []
     target_root = _stale_dir(out_dir, folder or stale_folder_name())
     moved = []
     touched: set[Path] = set()
     for name in names:
-        subject, base = name.split("/")
-        source = safe_join(out_dir, subject, base)
+        *folders, base = name.split("/")
+        source = safe_join(out_dir, *folders, base)
         try:
             info = os.lstat(source)
         except FileNotFoundError:
@@ -172,7 +178,9 @@ def move_stale(
             raise OutputWriteError.from_os_error(source, error, "read") from error
         if not stat.S_ISREG(info.st_mode):
             continue
-        target_dir = _make_dir(target_root / subject)
+        target_dir = target_root
+        for part in folders:
+            target_dir = _make_dir(target_dir / part)
         target = target_dir / base
         if os.path.lexists(target):
             continue  # never replace what an earlier move put there

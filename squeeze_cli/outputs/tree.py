@@ -16,6 +16,8 @@ from squeeze_cli.outputs.layout import (
     LOCK_NAME,
     RESOLVED_MANIFEST_NAME,
     RUN_SUMMARY_NAME,
+    VARIANT_EXTENSIONS,
+    VARIANTS_DIR_NAME,
     UnsafeOutputPathError,
     check_subject_name,
     contact_sheet_name,
@@ -25,6 +27,7 @@ from squeeze_cli.outputs.layout import (
 from squeeze_cli.reading import file_kind
 
 if TYPE_CHECKING:
+    from squeeze_cli.manifest.schema import OutputVariant
     from squeeze_cli.plan import Job
 
 RUN_FILE_NAMES = (INDEX_NAME, RUN_SUMMARY_NAME, RESOLVED_MANIFEST_NAME, LOCK_NAME, LAYOUT_LOCK_NAME)
@@ -68,13 +71,17 @@ def _check_files(folder: Path, names: set[str], hint: str) -> None:
             raise _refuse(folder / name, f"is {file_kind(mode)}, not a regular file", hint)
 
 
-def check_output_tree(out_dir: Path, run_dir: Path, jobs: Sequence[Job]) -> None:
+def check_output_tree(
+    out_dir: Path, run_dir: Path, jobs: Sequence[Job], variants: Sequence[OutputVariant] = ()
+) -> None:
     """Refuse an output tree squeeze could not write safely, before anything is loaded or written.
 
     - `OUT` must be a folder (it may be a symbolic link to one: that is the user's own choice of place);
-    - the run folders below it (`shards`, `shards/I-of-N`) and each subject folder must be real folders;
+    - the run folders below it (`shards`, `shards/I-of-N`), each subject folder and its channel variants'
+      folders (`variants`, `variants/<name>`) must be real folders;
     - the run files (`index.jsonl`, `run.json`, `manifest.resolved.yaml`, the locks) and each job's image,
-      sidecar, grid and contact sheet must be regular files where they exist (not links, FIFOs, folders).
+      sidecar, grid, contact sheet and variants must be regular files where they exist (not links, FIFOs,
+      folders).
 
     Raises:
         `UnsafeOutputPathError`: (exit 2) naming the first path in the way and what to do about it.
@@ -110,5 +117,15 @@ def check_output_tree(out_dir: Path, run_dir: Path, jobs: Sequence[Job]) -> None
     for subject, names in names_by_subject.items():
         folder = out_dir / subject
         hint = f"move or remove it: the images of subject {subject!r} go in the folder {folder}"
-        if _check_folder(folder, hint):
-            _check_files(folder, names, f"remove it: squeeze writes this file itself ({_NO_LINKS})")
+        file_hint = f"remove it: squeeze writes this file itself ({_NO_LINKS})"
+        if not _check_folder(folder, hint):
+            continue
+        _check_files(folder, names, file_hint)
+        if not variants or not _check_folder(folder / VARIANTS_DIR_NAME, hint):
+            continue
+        stems = {name[: -len(".json")] for name in names if name.endswith(".json")}
+        for variant in variants:
+            variant_folder = folder / VARIANTS_DIR_NAME / variant.name
+            extension = VARIANT_EXTENSIONS[variant.format]
+            if _check_folder(variant_folder, f"move or remove it: variant {variant.name!r} goes there"):
+                _check_files(variant_folder, {f"{stem}.{extension}" for stem in stems}, file_hint)

@@ -130,6 +130,45 @@ PIPELINES: dict[str, PipelineSpec] = {
                 "(qwen_image_edit.vae_reference_size); the VL encoder at ~384² area"
             ),
         ),
+        PipelineSpec(
+            name="flux2-klein",
+            class_path="squeeze_cli.pipelines.flux2:Flux2KleinPipeline",
+            # Step-distilled: no guidance of any kind.
+            sampling_parameters=frozenset(_COMMON),
+            distilled_guidance=False,
+            tiny_builder="squeeze_cli.pipelines.tiny_pipelines:build_tiny_flux2_klein",
+            # FLUX.2 [klein] 4B's width (24 heads x 128); Qwen3 pads every prompt to 512 tokens.
+            step_tokens=StepTokens(
+                transformer_width=3072, condition_template_tokens=512, counts_instruction=False
+            ),
+            max_references=4,  # Black Forest Labs: "up to 4" for [klein] 4B and 9B
+        ),
+        PipelineSpec(
+            name="flux2-klein-kv",
+            class_path="squeeze_cli.pipelines.flux2:Flux2KleinKVPipeline",
+            sampling_parameters=frozenset(_COMMON),
+            distilled_guidance=False,
+            tiny_builder="squeeze_cli.pipelines.tiny_pipelines:build_tiny_flux2_klein_kv",
+            # FLUX.2 [klein] 9B's width (about 4,096); Qwen3 pads every prompt to 512 tokens. The reference
+            # tokens' keys and values are computed once per subject: the cost model counts them as if every
+            # step ran them, an overestimate.
+            step_tokens=StepTokens(
+                transformer_width=4096, condition_template_tokens=512, counts_instruction=False
+            ),
+            max_references=4,
+        ),
+        PipelineSpec(
+            name="flux2-dev",
+            class_path="squeeze_cli.pipelines.flux2:Flux2DevPipeline",
+            sampling_parameters=frozenset((*_COMMON, "guidance_scale")),
+            distilled_guidance=True,
+            tiny_builder="squeeze_cli.pipelines.tiny_pipelines:build_tiny_flux2_dev",
+            # FLUX.2 [dev]'s width (48 heads x 128); Mistral pads every prompt to 512 tokens.
+            step_tokens=StepTokens(
+                transformer_width=6144, condition_template_tokens=512, counts_instruction=False
+            ),
+            max_references=10,  # FLUX.2 [dev]'s limit (Black Forest Labs recommend at most 6)
+        ),
     )
 }
 # Qwen-Image-Edit-2511 runs the same pipeline: what differs is in its checkpoint (its transformer's

@@ -5,20 +5,29 @@ Configs come from the recipe's local folders, the Hugging Face cache, or — for
 InternVL3-8B-hf — the copies of their `config.json` shipped in `squeeze_cli/train/model_configs/`, so the
 paper preset is planned offline.
 
-The memory model (bytes per process):
+The memory model (bytes per process; docs/training.md works it through for the paper preset):
 
 - weights: frozen parameters (transformer base, MLLM, VAE) in the mixed-precision dtype, trained ones (LoRA,
   aggregator) in float32;
 - gradients: float32, for the groups the stage trains;
 - optimiser: AdamW's two float32 moments for every group trained in any stage (they persist);
+- DDP's gradient buckets (several processes): a second float32 copy of those groups' gradients, since
+  accelerate leaves `gradient_as_bucket_view` off;
 - activations of the transformer's backward, per sample, with s = condition + target + reference tokens and
-  h the hidden size: 34·s·h bytes per block without checkpointing (Korthikanti et al. 2022, 16-bit, memory-
-  efficient attention so no s² term), or 2·s·h per block plus one block recomputed with it; plus the
-  aggregator's blocks over the layer axis (34·L·d per condition token and block) and the LoRA
-  intermediates (2·r bytes per token and adapted layer).
+  h the hidden size: 34·s·h bytes per block at 16 bits (twice that in float32) without checkpointing
+  (Korthikanti et al. 2022, memory-efficient attention so no s² term), or 2·s·h per block plus one block
+  recomputed with it; plus the aggregator's blocks over the layer axis (34·L·d per condition token and
+  block) and the LoRA intermediates (2·r bytes per token and adapted layer);
+- autocast's cache (mixed precision): a 16-bit copy of every float32 weight the stage trains, held from
+  the first use in the forward to its end;
+- the AdamW step's temporary: the foreach implementation (CUDA) takes `sqrt` of every second moment at
+  once, a float32 copy of the stage's trained parameters; the per-tensor one (CPU) two copies of the
+  largest. It comes after the backward has freed the activations, so the peak is the larger of the two.
 
-It is an estimate for planning, not a measurement: allocator fragmentation, CUDA context (~0.5-1 GB) and
-the frozen MLLM/VAE forward passes (transient, small next to the transformer's backward) are not counted.
+Planned = peak + the CUDA context and allocator fragmentation (1 GiB + 5 % of the peak, a rule of thumb,
+not measured). The frozen MLLM/VAE forwards (transient, small next to the transformer's backward) are
+not counted. On the CPU the peak is checked against the allocations of a `small`-model step
+(`benchmarks/bench_train_memory.py`).
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ PACKAGED_CONFIGS = {
     ("OpenGVLab/InternVL3-8B-hf", None): "internvl3-8b-hf.json",
 }
 BYTES_PER_ACTIVATION_PER_LAYER = 34  # × tokens × hidden, 16-bit (Korthikanti et al. 2022)
+CUDA_CONTEXT_GIB = 1.0  # the CUDA context and the kernels it loads (~0.5-1 GiB)
+FRAGMENTATION = 0.05  # the caching allocator's blocks that are reserved and not in use
 INSTRUCTION_TOKENS = 77  # a typical instruction, for the condition length
 
 
@@ -147,11 +158,35 @@ def _lora_layers(transformer: Any) -> int:
     return sum(1 for n, _ in transformer.named_modules() if n.endswith("lora_A.default"))
 
 
-def estimate_memory(loaded: LoadedConfig, models: MetaModels, counts: dict[str, int]) -> dict[str, Any]:
-    """Per stage: GiB of weights, gradients, optimiser and activations (with and without checkpointing)."""
+def _largest(module: Any, lora: bool | None = None) -> int:
+    return max(
+        (p.numel() for n, p in module.named_parameters() if lora is None or (("lora_" in n) == lora)),
+        default=0,
+    )
+
+
+def estimate_memory(
+    loaded: LoadedConfig,
+    models: MetaModels,
+    counts: dict[str, int],
+    *,
+    distributed: bool = True,
+    device: str = "cuda",
+    instruction_tokens: int = INSTRUCTION_TOKENS,
+) -> dict[str, Any]:
+    """Per stage: GiB of weights, gradients, optimiser, DDP buckets, activations (with and without
+    checkpointing), autocast's copies and the optimiser step's temporary, and their peak.
+
+    Args:
+        distributed (`bool`): several processes under DDP (its gradient buckets are counted).
+        device (`str`): `cuda` (foreach AdamW, the CUDA context) or `cpu` (per-tensor AdamW, no context).
+        instruction_tokens (`int`): the instruction's length in the condition.
+    """
     config = loaded.config
     training = config.training
-    weight_bytes = 2 if training.mixed_precision in ("bf16", "fp16") else 4
+    mixed = training.mixed_precision in ("bf16", "fp16")
+    weight_bytes = 2 if mixed else 4
+    activation_scale = 1 if mixed else 2  # the 34·s·h constant counts 16-bit activations
     frozen = counts["transformer"] + counts["mllm"] + counts["vae"]
     trained_any = sorted({g for stage in (config.stages.stage1, config.stages.stage2) for g in stage.train})
     transformer_config = models.transformer.config
@@ -163,7 +198,11 @@ def estimate_memory(loaded: LoadedConfig, models: MetaModels, counts: dict[str, 
     largest = max(training.buckets, key=lambda b: b[0] * b[1])
     target_tokens = (largest[0] // 16) * (largest[1] // 16)
     reference_tokens = (training.reference_size // 16) ** 2  # one reference, square
-    condition_tokens = tokens_per_image + INSTRUCTION_TOKENS
+    condition_tokens = tokens_per_image + instruction_tokens
+    largest_tensor = {
+        "lora": _largest(models.transformer, lora=True),
+        "aggregator": _largest(models.aggregator),
+    }
 
     stages = {}
     for name, stage in (("stage1", config.stages.stage1), ("stage2", config.stages.stage2)):
@@ -182,6 +221,10 @@ def estimate_memory(loaded: LoadedConfig, models: MetaModels, counts: dict[str, 
         lora_activations = 2 * config.lora.rank * tokens * lora_layers // max(blocks, 1) * blocks
         extra = aggregator_activations + lora_activations
         trained = sum(counts[g] for g in stage.train)
+        if device == "cuda":
+            step_temporary = trained * 4
+        else:
+            step_temporary = 2 * max((largest_tensor[g] for g in stage.train), default=0) * 4
         entry = {
             "steps": stage.steps,
             "trains": list(stage.train),
@@ -190,17 +233,34 @@ def estimate_memory(loaded: LoadedConfig, models: MetaModels, counts: dict[str, 
             "weights_gib": (frozen * weight_bytes + sum(counts[g] for g in ("lora", "aggregator")) * 4) / GIB,
             "gradients_gib": trained * 4 / GIB,
             "optimizer_gib": sum(counts[g] for g in trained_any) * 8 / GIB,
-            "activations_gib": training.batch_size * (per_sample_full + extra) / GIB,
-            "activations_checkpointed_gib": training.batch_size * (per_sample_checkpointed + extra) / GIB,
+            "ddp_buckets_gib": sum(counts[g] for g in trained_any) * 4 / GIB if distributed else 0.0,
+            "activations_gib": activation_scale * training.batch_size * (per_sample_full + extra) / GIB,
+            "activations_checkpointed_gib": activation_scale
+            * training.batch_size
+            * (per_sample_checkpointed + extra)
+            / GIB,
+            "autocast_cache_gib": trained * 2 / GIB if mixed else 0.0,
+            "optimizer_step_gib": step_temporary / GIB,
         }
-        fixed = entry["weights_gib"] + entry["gradients_gib"] + entry["optimizer_gib"]
-        entry["total_gib"] = fixed + entry["activations_gib"]
-        entry["total_checkpointed_gib"] = fixed + entry["activations_checkpointed_gib"]
+        fixed = (
+            entry["weights_gib"] + entry["gradients_gib"] + entry["optimizer_gib"] + entry["ddp_buckets_gib"]
+        )
+        for suffix, activations in (
+            ("", entry["activations_gib"]),
+            ("_checkpointed", entry["activations_checkpointed_gib"]),
+        ):
+            peak = fixed + max(activations + entry["autocast_cache_gib"], entry["optimizer_step_gib"])
+            entry[f"total{suffix}_gib"] = peak
+            entry[f"planned{suffix}_gib"] = (
+                peak * (1 + FRAGMENTATION) + CUDA_CONTEXT_GIB if device == "cuda" else peak
+            )
         stages[name] = entry
     return {
         "mixed_precision": training.mixed_precision,
         "batch_size_per_process": training.batch_size,
         "gradient_checkpointing": training.gradient_checkpointing,
+        "distributed": distributed,
+        "device": device,
         "bucket": list(largest),
         "reference_size": training.reference_size,
         "stages": stages,
@@ -233,17 +293,23 @@ def dry_run_report(loaded: LoadedConfig) -> str:
         f"{memory['bucket'][0]}x{memory['bucket'][1]} targets, {memory['reference_size']}-px reference):",
     ]
     checkpointing = memory["gradient_checkpointing"]
+    suffix = "_checkpointed" if checkpointing else ""
     for name, stage in memory["stages"].items():
-        chosen = stage["total_checkpointed_gib"] if checkpointing else stage["total_gib"]
         lines += [
             f"  {name} ({stage['steps']} steps, trains {', '.join(stage['trains'])}: "
             f"{_billions(stage['trainable_parameters'])}; {stage['sequence_tokens']} tokens per sample)",
-            f"    weights {stage['weights_gib']:.1f} GiB + gradients {stage['gradients_gib']:.1f} GiB + "
-            f"optimiser {stage['optimizer_gib']:.1f} GiB",
-            f"    activations {stage['activations_gib']:.1f} GiB without checkpointing, "
-            f"{stage['activations_checkpointed_gib']:.1f} GiB with",
-            f"    total {stage['total_gib']:.1f} GiB without checkpointing, "
-            f"{stage['total_checkpointed_gib']:.1f} GiB with  -> this config: {chosen:.1f} GiB",
+            f"    weights {stage['weights_gib']:.1f} GiB + gradients {stage['gradients_gib']:.1f} "
+            f"+ optimiser {stage['optimizer_gib']:.1f} + DDP buckets {stage['ddp_buckets_gib']:.1f}",
+            f"    + max(activations {stage['activations_checkpointed_gib']:.1f} GiB with checkpointing / "
+            f"{stage['activations_gib']:.1f} without + autocast copies {stage['autocast_cache_gib']:.1f}, "
+            f"AdamW step {stage['optimizer_step_gib']:.1f})",
+            f"    = peak {stage['total_checkpointed_gib']:.1f} / {stage['total_gib']:.1f} GiB; "
+            f"planned {stage['planned_checkpointed_gib']:.1f} / {stage['planned_gib']:.1f} GiB"
+            f"  -> this config: {stage['planned' + suffix + '_gib']:.1f} GiB",
         ]
-    lines.append("  (not counted: CUDA context, allocator fragmentation, the frozen MLLM/VAE forward passes)")
+    lines.append(
+        f"  (per GPU under DDP; one process has no DDP buckets. planned = peak + the CUDA context and "
+        f"fragmentation, {CUDA_CONTEXT_GIB:g} GiB + {FRAGMENTATION:.0%}. Not counted: the frozen MLLM/VAE "
+        "forward passes)"
+    )
     return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""`squeeze check OUT --rules NAME`: a run's images against a marketplace's rules; no model, no GPU."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from squeeze_cli.cli.options import JsonOpt, print_json_failure
+from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK, SqueezeError
+
+CHECK_EPILOG = """\b
+Exit codes:
+  0    every image passes
+  1    some image fails a rule (or its variant is missing)
+  2    not a run folder, an unknown rule set, or a rules file with problems
+"""
+
+RulesOpt = Annotated[
+    str,
+    typer.Option(
+        "--rules",
+        metavar="NAME|FILE",
+        help="A packaged rule set (amazon-main) or the path of your own rules .yaml.",
+        show_default=False,
+    ),
+]
+VariantOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--variant",
+        metavar="NAME",
+        help="Check this channel variant (output.variants) of each image instead of the PNG masters.",
+    ),
+]
+
+
+def check(
+    out: Annotated[
+        str,
+        typer.Argument(metavar="OUT", help="The output folder of a `squeeze gen` run.", show_default=False),
+    ],
+    rules: RulesOpt,
+    variant: VariantOpt = None,
+    json_output: JsonOpt = False,
+) -> int:
+    """Check a run's images against a marketplace's rules: per image pass or fail, with the numbers."""
+    from squeeze_cli.outputs import check_run, format_report, load_rules
+
+    try:
+        report = check_run(out, load_rules(rules), variant)
+    except SqueezeError as error:
+        if not json_output:
+            raise
+        print_json_failure(error)
+        raise typer.Exit(error.exit_code) from None
+    if json_output:
+        typer.echo(json.dumps({"ok": True, **report.to_dict()}, indent=2))
+    else:
+        typer.echo(format_report(report))
+    return EXIT_JOBS_FAILED if report.failed else EXIT_OK

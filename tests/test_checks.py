@@ -1,0 +1,180 @@
+"""Marketplace checks (`squeeze check`, `status --rules`): synthetic images that pass and fail each rule of
+the packaged `amazon-main` set, your own rules files, and the exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from squeeze_cli.manifest.schema import OutputVariant
+from squeeze_cli.outputs.checks import load_rules, packaged_rules
+from squeeze_cli.outputs.variants import encode_variant
+
+WHITE = (255, 255, 255)
+
+
+def product_shot(size: tuple[int, int], box: tuple[int, int, int, int], background=WHITE) -> Image.Image:
+    """A background with a dark product filling `box` (left, top, right, bottom; right/bottom exclusive)."""
+    image = Image.new("RGB", size, background)
+    ImageDraw.Draw(image).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=(40, 60, 90))
+    return image
+
+
+# name: (image, the rules it breaks)
+SHOTS = {
+    "passes": (product_shot((1000, 1000), (50, 50, 950, 950)), []),
+    # Fill is measured along the side the product spans most: a tall bottle passes.
+    "tall-bottle": (product_shot((1000, 1000), (400, 40, 600, 960)), []),
+    "small-product": (product_shot((1000, 1000), (250, 250, 750, 750)), ["min_fill"]),
+    "touches-border": (product_shot((1000, 1000), (0, 50, 950, 950)), ["border_background"]),
+    "off-white": (
+        product_shot((1000, 1000), (50, 50, 950, 950), background=(254, 254, 254)),
+        ["border_background"],
+    ),
+    "too-small": (product_shot((900, 900), (30, 30, 870, 870)), ["min_longest_side"]),
+}
+
+
+@pytest.fixture
+def run_folder(tmp_path: Path) -> Path:
+    """An output folder as `gen` leaves it: images under a subject and their `ok` lines in the index."""
+    out = tmp_path / "out"
+    (out / "shop").mkdir(parents=True)
+    lines = []
+    for index, (name, (image, _)) in enumerate(SHOTS.items()):
+        image.save(out / "shop" / f"{name}.png")
+        lines.append({"job_id": f"{index:016x}", "status": "ok", "image": f"shop/{name}.png"})
+    lines.append({"job_id": "f" * 16, "status": "failed", "error": "out of memory"})
+    (out / "index.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return out
+
+
+def test_amazon_main_is_packaged_with_the_marketplace_numbers() -> None:
+    rules = load_rules("amazon-main")
+    assert "amazon-main" in packaged_rules()
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"squeeze_cli.outputs" = ["rules/*.yaml"]' in pyproject  # package data: in wheels too
+    assert (rules.background, rules.border_background, rules.min_fill, rules.min_longest_side) == (
+        WHITE,
+        1.0,
+        0.85,
+        1000,
+    )
+
+
+def test_each_image_passes_or_fails_with_the_numbers_measured(run_folder: Path, squeeze) -> None:
+    result = squeeze("check", str(run_folder), "--rules", "amazon-main", "--json")
+    assert result.code == 1
+    report = json.loads(result.out)
+    assert (report["passed"], report["failed"]) == (2, 4)
+    by_name = {Path(check["image"]).stem: check for check in report["images"]}
+    assert {name: check["failed"] for name, check in by_name.items()} == {
+        name: broken for name, (_, broken) in SHOTS.items()
+    }
+    assert by_name["passes"]["measured"] == {"longest_side": 1000, "border_background": 1.0, "fill": 0.9}
+    assert by_name["small-product"]["measured"]["fill"] == 0.5
+    assert by_name["touches-border"]["measured"]["border_background"] < 1.0
+    assert by_name["too-small"]["measured"]["longest_side"] == 900
+
+
+def test_text_report_says_pass_or_fail_per_image_and_counts(run_folder: Path, squeeze) -> None:
+    result = squeeze("check", str(run_folder), "--rules", "amazon-main")
+    lines = result.out.splitlines()
+    assert result.code == 1
+    assert "pass  shop/passes.png: longest side 1000 px (≥ 1000), border 100.0% background" in lines[1]
+    assert any(
+        line.startswith("FAIL  shop/small-product.png") and "fill 50.0% (≥ 85%)" in line for line in lines
+    )
+    assert lines[-1] == "amazon-main on the masters: 2 passed, 4 failed"
+
+
+def test_all_passing_exits_0_and_your_own_rules_file_is_read(run_folder: Path, write_file, squeeze) -> None:
+    rules = write_file("name: lenient\nmin_longest_side: 500\n", name="lenient.yaml")
+    result = squeeze("check", str(run_folder), "--rules", str(rules))
+    assert result.code == 0, result.out
+    assert result.out.splitlines()[-1] == "lenient on the masters: 6 passed, 0 failed"
+
+
+def test_a_padded_jpeg_variant_keeps_a_pure_white_border(tmp_path: Path, squeeze) -> None:
+    """The path a catalog takes: a master padded onto white, saved as JPEG, passes amazon-main."""
+    master = product_shot((512, 640), (20, 20, 492, 620))
+    variant = OutputVariant(name="amazon", size="1000x1000", fit="pad", format="jpeg")
+    out = tmp_path / "out"
+    (out / "shop/variants/amazon").mkdir(parents=True)
+    (out / "shop/variants/amazon/000-s0.jpg").write_bytes(encode_variant(master, variant, {}, "none"))
+    line = {"job_id": "a" * 16, "status": "ok", "image": "shop/000-s0.png"}
+    (out / "index.jsonl").write_text(
+        json.dumps({**line, "variants": {"amazon": "shop/variants/amazon/000-s0.jpg"}})
+    )
+    result = squeeze("check", str(out), "--rules", "amazon-main", "--variant", "amazon", "--json")
+    assert result.code == 0, result.out
+    assert json.loads(result.out)["images"][0]["measured"]["border_background"] == 1.0
+
+
+def test_an_image_without_the_variant_fails_as_missing(run_folder: Path, squeeze) -> None:
+    result = squeeze("check", str(run_folder), "--rules", "amazon-main", "--variant", "amazon", "--json")
+    assert result.code == 1
+    report = json.loads(result.out)
+    assert report["failed"] == 6
+    assert report["images"][0]["error"] == "missing: it has no variant 'amazon'"
+
+
+def test_status_json_carries_the_same_results(run_folder: Path, make_image, squeeze) -> None:
+    checked = json.loads(squeeze("check", str(run_folder), "--rules", "amazon-main", "--json").out)
+    reference = make_image("refs/shop.png")
+    (run_folder / "manifest.resolved.yaml").write_text(
+        f"version: 1\nrecipe: tiny\nsubjects:\n  - {{name: shop, references: [{reference}], prompts: [a]}}\n"
+    )
+    result = squeeze("status", str(run_folder), "--json", "--rules", "amazon-main")
+    assert result.code == 1, result.err  # no job of this stand-in plan is done, and images fail
+    assert json.loads(result.out)["checks"] == {key: value for key, value in checked.items() if key != "ok"}
+    text = squeeze("status", str(run_folder), "--rules", "amazon-main").out
+    assert text.splitlines()[-1] == "amazon-main on the masters: 2 passed, 4 failed"
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        ("nope", "error: unknown rule set 'nope' (hint: known rule sets: amazon-main"),
+        ("missing.yaml", "error: cannot read rules file 'missing.yaml': No such file or directory"),
+    ],
+)
+def test_unknown_rules_exit_2(run_folder: Path, squeeze, rules: str, message: str) -> None:
+    result = squeeze("check", str(run_folder), "--rules", rules)
+    assert result.code == 2 and result.err.startswith(message)
+
+
+def test_a_rules_file_with_problems_is_located(run_folder: Path, write_file, squeeze) -> None:
+    rules = write_file("name: bad\nmin_fill: 1.5\nborder_colour: white\n", name="bad.yaml")
+    result = squeeze("check", str(run_folder), "--rules", str(rules))
+    assert result.code == 2
+    assert "bad.yaml:2:" in result.err and "bad.yaml:3:" in result.err
+
+
+def test_a_folder_without_an_index_exits_2(tmp_path: Path, squeeze) -> None:
+    result = squeeze("check", str(tmp_path), "--rules", "amazon-main")
+    assert result.code == 2 and "has no index.jsonl" in result.err
+
+
+def test_a_damaged_index_line_or_a_fifo_fails_that_image_only(run_folder: Path, squeeze) -> None:
+    import os
+
+    os.mkfifo(run_folder / "shop" / "fifo.png")
+    lines = [
+        {
+            "job_id": "1" * 16,
+            "status": "ok",
+            "image": "shop/passes.png",
+            "variants": {"v": "../../outside.jpg"},
+        },
+        {"job_id": "2" * 16, "status": "ok", "image": "shop/fifo.png", "variants": {"v": "shop/fifo.png"}},
+    ]
+    (run_folder / "index.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = squeeze("check", str(run_folder), "--rules", "amazon-main", "--variant", "v", "--json")
+    assert result.code == 1
+    errors = {check["image"]: check["error"] for check in json.loads(result.out)["images"]}
+    assert "outside the output directory" in errors["../../outside.jpg"]
+    assert errors["shop/fifo.png"] == "cannot be read: not a regular file (a FIFO (named pipe))"

@@ -1,0 +1,268 @@
+"""Subjects from a feed (`subjects_from`): a CSV, JSONL or Parquet product feed becomes subjects x the
+manifest's shared scenes, beside hand-written subjects; a bad row is located at its line, every problem at
+once; Parquet through the optional pyarrow."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from squeeze_cli.errors import ManifestError
+from squeeze_cli.manifest import load_manifest
+
+MANIFEST = """\
+version: 1
+recipe: tiny
+defaults: {{height: 32, width: 32, num_inference_steps: 2, seeds: [0]}}
+subjects_from:
+  path: {feed}
+  name: sku
+  class: category
+  references: images
+{extra}  scenes:
+    - a {{class}} in {{color}}, {{title}}
+    - text: a {{class}} on a table
+      seeds: [1, 2]
+"""
+
+CSV = """\
+sku,category,color,title,images
+TP-1,teapot,white,"Porcelain teapot, 1 l",images/teapot/00.jpg|images/teapot/01.jpg
+BP-2,backpack,red,Hiking backpack,images/backpack/*.jpg
+"""
+
+
+def _project(make_project, feed: str = CSV, name: str = "products.csv", extra: str = "", subjects: str = ""):
+    project = make_project(m=MANIFEST.format(feed=name, extra=extra) + subjects)
+    (project / name).write_text(feed)
+    return project
+
+
+def _problems(path: Path | str) -> list[str]:
+    with pytest.raises(ManifestError) as error:
+        load_manifest(path)
+    return [str(problem) for problem in error.value.problems]
+
+
+def test_rows_become_subjects_times_the_shared_scenes(make_project) -> None:
+    project = _project(make_project)
+    loaded = load_manifest(project / "m.yaml")
+    assert [s.name for s in loaded.subjects] == ["TP-1", "BP-2"]
+    teapot, backpack = loaded.subjects
+    assert teapot.class_noun == "teapot"
+    assert [Path(r).relative_to(project).as_posix() for r in teapot.references] == [
+        "images/teapot/00.jpg",
+        "images/teapot/01.jpg",
+    ]
+    assert len(backpack.references) == 2  # the glob, relative to the feed's folder
+    assert [p.text for p in teapot.prompts] == [
+        "a teapot in white, Porcelain teapot, 1 l",
+        "a teapot on a table",
+    ]
+    assert [list(p.seeds) for p in backpack.prompts] == [[0], [1, 2]]
+    assert loaded.num_jobs == 6
+
+
+def test_the_resolved_manifest_plans_the_same_jobs(make_project, plan_of) -> None:
+    # A value with braces must stay text when manifest.resolved.yaml is read back as a manifest.
+    project = _project(make_project, CSV.replace("Hiking backpack", "Backpack {XL}"))
+    loaded = load_manifest(project / "m.yaml")
+    resolved = project / "resolved.yaml"
+    resolved.write_text(loaded.resolved_yaml())
+    assert [j.job_id for j in plan_of(resolved)] == [j.job_id for j in plan_of(project / "m.yaml")]
+    assert "a backpack in red, Backpack {XL}" in [j.prompt for j in plan_of(resolved)]
+
+
+def test_rows_sit_beside_hand_written_subjects_and_a_name_clash_is_an_error(
+    make_project, monkeypatch
+) -> None:
+    hand = "subjects:\n  - name: dog\n    references: [images/dog/*.jpg]\n    prompts: [a dog]\n"
+    project = _project(make_project, subjects=hand)
+    assert [s.name for s in load_manifest(project / "m.yaml").subjects] == ["dog", "TP-1", "BP-2"]
+    (project / "products.csv").write_text(CSV + "DOG,dog,brown,A dog,images/dog/00.jpg\n")
+    monkeypatch.chdir(project)
+    assert _problems(project / "m.yaml") == [
+        "products.csv:4: sku: subject name 'DOG' is already used by subjects[0] (hint: subject names must be "
+        "unique (ignoring case): they name the output folders)"
+    ]
+
+
+def test_every_bad_row_is_located_at_once(make_project, monkeypatch) -> None:
+    feed = (
+        CSV
+        + "CAN-3,can,,Soda can,images/can/missing.jpg\n"  # line 4: an empty placeholder, a missing file
+        + "bad name!,can,blue,Can,images/can/00.jpg\n"  # line 5
+        + "TP-1,teapot,green,Again,images/teapot/00.jpg\n"  # line 6: the name of line 2
+        + "CAN-7,can,blue,Can,\n"  # line 7: no references
+        + "CAN-8,can,blue\n"  # line 8: too few fields
+    )
+    project = _project(make_project, feed)
+    monkeypatch.chdir(project)
+    problems = _problems(project / "m.yaml")
+    assert problems == [
+        "products.csv:4: images: no such file: 'images/can/missing.jpg' "
+        f"(hint: paths are relative to the feed's folder {project})",
+        "products.csv:4: color: empty, but scenes[0] uses {color} (hint: fill it in)",
+        "products.csv:5: sku: 'bad name!' is not usable as a folder name (hint: use 1-64 letters, digits, "
+        "'.', '_' or '-', starting with a letter or digit)",
+        "products.csv:6: sku: subject name 'TP-1' is already used by products.csv:2 (hint: subject names "
+        "must be unique (ignoring case): they name the output folders)",
+        "products.csv:7: images: empty: every row needs at least one reference image",
+        "products.csv:8: 3 fields, but the header names 5 columns (hint: give every column a field; an "
+        "empty one is nothing between two commas)",
+    ]
+
+
+def test_the_mapping_and_the_scenes_are_checked_against_the_columns(make_project, monkeypatch) -> None:
+    project = _project(make_project, CSV.replace("category", "kind"))
+    monkeypatch.chdir(project)
+    (project / "m.yaml").write_text((project / "m.yaml").read_text().replace("{{title}}", "{{colour}}"))
+    problems = _problems("m.yaml")
+    assert problems == [
+        "m.yaml:7:10: subjects_from.class: products.csv has no column 'category' "
+        "(hint: its columns: sku, kind, color, title, images)"
+    ]
+    (project / "m.yaml").write_text((project / "m.yaml").read_text().replace("category", "kind"))
+    (project / "m.yaml").write_text((project / "m.yaml").read_text().replace("{title}", "{colour}"))
+    assert _problems("m.yaml") == [
+        "m.yaml:10:7: subjects_from.scenes[0]: unknown placeholder {colour}: products.csv has no such column "
+        "(hint: known: {subject}, {class} and the columns sku, kind, color, title, images)"
+    ]
+
+
+def test_a_missing_feed_and_an_unknown_format_are_located_in_the_manifest(make_project) -> None:
+    project = _project(make_project, name="products.txt")
+    assert _problems(project / "m.yaml") == [
+        "{}:5:9: subjects_from.path: cannot tell the format of 'products.txt' from its name (hint: name a "
+        ".csv, .jsonl or .parquet file, or set `format: csv|jsonl|parquet`)".format(project / "m.yaml")
+    ]
+    (project / "products.txt").rename(project / "other.csv")
+    (project / "m.yaml").write_text((project / "m.yaml").read_text().replace("products.txt", "products.csv"))
+    assert _problems(project / "m.yaml")[0].endswith(
+        f"subjects_from.path: no such file: 'products.csv' (hint: paths are relative to the manifest's "
+        f"folder {project})"
+    )
+
+
+def test_per_row_prompts_follow_the_scenes(make_project) -> None:
+    feed = (
+        "sku,category,color,title,images,extra\n"
+        + "TP-1,teapot,white,T,images/teapot/00.jpg,a {class} in snow|a {class} in {color} rain\n"
+    )
+    project = _project(make_project, feed, extra="  prompts: extra\n")
+    (subject,) = load_manifest(project / "m.yaml").subjects
+    assert [p.text for p in subject.prompts] == [
+        "a teapot in white, T",
+        "a teapot on a table",
+        "a teapot in snow",
+        "a teapot in white rain",
+    ]
+    assert [list(p.seeds) for p in subject.prompts][2:] == [[0], [0]]  # the manifest's defaults
+
+
+def test_jsonl_rows_are_located_at_their_lines_and_take_lists(make_project, monkeypatch) -> None:
+    rows = [
+        {
+            "sku": "TP-1",
+            "category": "teapot",
+            "color": "white",
+            "title": "T",
+            "images": ["images/teapot/*.jpg"],
+        },
+        {"sku": 42, "category": "can", "color": "red", "title": "C", "images": "images/can/00.jpg"},
+    ]
+    text = "\n".join(json.dumps(row) for row in rows) + "\n\n{not json\n"
+    project = _project(make_project, text, name="products.jsonl")
+    monkeypatch.chdir(project)
+    assert _problems(project / "m.yaml") == [
+        "products.jsonl:4:2: not valid JSON: Expecting property name enclosed in double quotes"
+    ]
+    (project / "products.jsonl").write_text(text.rsplit("\n\n", 1)[0])
+    loaded = load_manifest(project / "m.yaml")
+    assert [(s.name, len(s.references)) for s in loaded.subjects] == [("TP-1", 3), ("42", 1)]
+
+
+def test_parquet_feeds_are_read_with_pyarrow(make_project, monkeypatch) -> None:
+    pyarrow = pytest.importorskip("pyarrow")
+    from pyarrow import parquet
+
+    table = pyarrow.table(
+        {
+            "sku": ["TP-1", "CAN-3"],
+            "category": ["teapot", "can"],
+            "color": ["white", None],
+            "title": ["T", "C"],
+            "images": [["images/teapot/00.jpg"], ["images/can/*.jpg"]],
+        }
+    )
+    project = _project(make_project, "", name="products.parquet")
+    parquet.write_table(table, project / "products.parquet")
+    monkeypatch.chdir(project)
+    assert _problems(project / "m.yaml") == [
+        "products.parquet: row 2: color: empty, but scenes[0] uses {color} (hint: fill it in)"
+    ]
+    (project / "m.yaml").write_text((project / "m.yaml").read_text().replace(" in {color},", ","))
+    assert [s.name for s in load_manifest(project / "m.yaml").subjects] == ["TP-1", "CAN-3"]
+
+
+def test_a_parquet_feed_without_pyarrow_says_which_extra_to_install(make_project, monkeypatch) -> None:
+    project = _project(make_project, "", name="products.parquet")
+    monkeypatch.chdir(project)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    assert _problems(project / "m.yaml") == [
+        "products.parquet: reading a Parquet feed needs pyarrow, which is not installed (hint: install the "
+        "optional extra: pip install 'squeeze_cli[parquet]' (it adds pyarrow))"
+    ]
+
+
+def test_a_feed_without_rows_and_a_scene_key_the_pipeline_ignores_are_errors(
+    make_project, monkeypatch
+) -> None:
+    project = _project(make_project, CSV.splitlines()[0] + "\n")
+    monkeypatch.chdir(project)
+    (project / "m.yaml").write_text(
+        (project / "m.yaml").read_text().replace("      seeds: [1, 2]", "      guidance_scale: 3.0")
+    )
+    assert _problems("m.yaml") == [
+        "m.yaml:5:9: subjects_from.path: products.csv has no rows "
+        "(hint: one product per row, below the header)"
+    ]
+    (project / "products.csv").write_text(CSV)
+    with pytest.raises(ManifestError) as error:
+        load_manifest("m.yaml", recipe="tiny-qwen-image-edit")
+    assert [p.field for p in error.value.problems] == ["subjects_from.scenes[1].guidance_scale"]
+
+
+def test_the_documented_feed_example_is_valid(make_image, tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "manifest.md").read_text()
+    section = text.split("### Subjects from a feed", 1)[1]
+    mapping = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "products.csv").write_text(section.split("```csv\n", 1)[1].split("```", 1)[0])
+    (tmp_path / "m.yaml").write_text("version: 1\nrecipe: tiny\n" + mapping)
+    for photo in ("photos/mug-001/a.jpg", "photos/tp-002-front.jpg", "photos/tp-002-side.jpg"):
+        make_image(photo)
+    mug, teapot = load_manifest(tmp_path / "m.yaml").subjects
+    assert [p.text for p in mug.prompts] == [
+        "a mug in sage green on a marble kitchen counter, Stoneware mug 350 ml",
+        "a mug on a white studio background",
+    ]
+    assert len(teapot.references) == 2 and teapot.prompts[-1].text == "a teapot on a tray"
+
+
+def test_a_row_with_more_references_than_the_pipeline_takes_is_located_at_its_line(
+    make_project, make_image, monkeypatch
+) -> None:
+    project = _project(make_project, CSV + "TP-9,teapot,white,T,extra/*.png\n")
+    for index in range(4):
+        make_image(f"extra/{index}.png", color=(index * 60, 0, 0))
+    monkeypatch.chdir(project)
+    with pytest.raises(ManifestError) as error:
+        load_manifest("m.yaml", recipe="tiny-qwen-image-edit-2511")
+    assert [str(p) for p in error.value.problems] == [
+        "products.csv:4: images: 4 reference images, more than the 3 the qwen-image-edit-2511 pipeline "
+        "(recipe tiny-qwen-image-edit-2511) conditions on (hint: keep at most 3 for this subject)"
+    ]
