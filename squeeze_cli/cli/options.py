@@ -43,8 +43,8 @@ RecipeOpt = Annotated[
     typer.Option(
         "--recipe",
         metavar="NAME|PATH[,...]",
-        help="Model preset to use instead of the manifest's; several, comma-separated, run one after "
-        "another, each into OUT/<recipe>/.",
+        help="Model preset to use instead of the manifest's; several, comma-separated, each into its own "
+        "OUT/<recipe>/.",
     ),
 ]
 MaxJobsOpt = Annotated[
