@@ -361,7 +361,7 @@ CASES = [
         ("@:4:11: defaults.height: expected an integer, got 'tall'",),
     ),
     # (a list is a sweep: tests/test_sweeps.py)
-    Case("wrong-type-guidance", manifest(defaults="guidance_scale: high"), ("expected a number, got 'high'",)),
+    Case("wrong-type-guidance", manifest(defaults="guidance_scale: hi"), ("expected a number, got 'hi'",)),
     Case("wrong-type-bool", manifest(defaults="keep_mllm_condition: maybe"), ("expected true or false",)),
     Case(
         "null-value",

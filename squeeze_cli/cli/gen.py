@@ -184,16 +184,17 @@ def gen(
     from squeeze_cli.processes import one_process_launch_warning
 
     one_process = one_process_launch_warning(os.environ)
+    # A warning about a key that several recipes read is said once.
+    warnings = dict.fromkeys(warning for _, loaded in runs for warning in loaded.warnings)
     if json_output:
         from squeeze_cli.gen.progress import Reporter
 
-        # A warning about a key every recipe reads is said once.
-        for warning in dict.fromkeys(w for _, loaded in runs for w in loaded.warnings):
+        for warning in warnings:
             Reporter.emit_json("warning", message=str(warning), problem=warning.to_dict())
         if one_process:
             Reporter.emit_json("warning", message=one_process)
     elif not quiet:
-        for warning in dict.fromkeys(w for _, loaded in runs for w in loaded.warnings):
+        for warning in warnings:
             log_line(f"warning: {warning}")
         if one_process:
             log_line(f"warning: {one_process}")
