@@ -163,3 +163,22 @@ subjects_from:
             "a sweep (a list of values) is not available with `subjects_from` yet",
         )
     ]
+
+
+@pytest.mark.slow
+def test_a_swept_run_resumes_and_its_status_is_complete(make_project, squeeze) -> None:
+    project = make_project(m=TWO_PROMPTS.replace("num_inference_steps: 2", "num_inference_steps: [1, 2]"))
+    first = squeeze("gen", str(project / "m.yaml"))
+    assert first.code == 0, first.err
+    out = project / "squeeze-out"
+    assert sorted(p.name for p in (out / "dog").glob("grid-*.png")) == [f"grid-00{i}.png" for i in range(4)]
+    again = squeeze("gen", str(project / "m.yaml"), "--json")
+    summary = [json.loads(line) for line in again.out.splitlines()][-1]
+    assert again.code == 0 and summary["jobs"]["skipped"] == 8, again.out
+    status = squeeze("status", str(out), "--json")  # plans from manifest.resolved.yaml
+    assert status.code == 0 and json.loads(status.out)["jobs"] == {
+        "planned": 8,
+        "done": 8,
+        "failed": 0,
+        "pending": 0,
+    }
