@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "squeeze_cli"
 # own unit and any unit on a lower floor; the units of one floor never import each other.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("cli",),
-    ("gen", "eval", "train"),
+    ("gen", "eval", "train", "export"),
     ("outputs", "metrics"),
     ("plan", "loading"),
     ("manifest",),
@@ -33,6 +33,7 @@ UNITS: dict[str, tuple[str, ...]] = {
     "gen": ("gen",),
     "eval": ("eval",),
     "train": ("train",),
+    "export": ("export",),
     "outputs": ("outputs",),
     "metrics": ("metrics",),
     "plan": ("plan",),

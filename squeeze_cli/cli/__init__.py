@@ -20,6 +20,7 @@ import typer
 from squeeze_cli import __version__
 from squeeze_cli.cli import check, gen, recipes, status, validate
 from squeeze_cli.cli.eval import dreambench_command, eval_command
+from squeeze_cli.cli.export import EXPORT_EPILOG, export_command
 from squeeze_cli.cli.options import EPILOG
 from squeeze_cli.cli.train import TRAIN_EPILOG, train_command
 from squeeze_cli.errors import EXIT_SIGINT, ManifestError, SqueezeError
@@ -90,6 +91,7 @@ app.command("check", epilog=check.CHECK_EPILOG, cls=_Command)(check.check)
 app.command("eval", cls=_Command)(eval_command)
 app.command("dreambench", cls=_Command)(dreambench_command)
 app.command("train", epilog=TRAIN_EPILOG, cls=_Command)(train_command)
+app.command("export", epilog=EXPORT_EPILOG, cls=_Command)(export_command)
 
 
 def _report(error: SqueezeError) -> None:

@@ -60,9 +60,9 @@ def train_command(
 
         typer.echo(dry_run_report(loaded))
         return
-    from squeeze_cli.train.data import load_data
+    from squeeze_cli.train.exported import load_training_data
 
-    data = load_data(loaded)  # every data problem, before any model loads
+    data = load_training_data(loaded)  # every data problem, before any model loads
     from squeeze_cli.train.loop import Trainer
 
     recipe = Trainer(loaded, data, resume=resume).run(progress=not no_progress)

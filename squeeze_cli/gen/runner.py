@@ -426,16 +426,18 @@ class GenRun:
                         grids=output.grids,
                         contact_sheets=output.contact_sheet,
                         prompts=self.view_prompts,
+                        views_dir=output.views_dir,
                     )
                 except outputs.OutputWriteError as error:
                     failure = error  # raised once the other processes have their (empty) list and are done
             work = self.processes.gather(work)[0]
+            views = outputs.views_root(self.out_dir, output.views_dir)
             if self.processes.count == 1:
-                outputs.draw_views(self.out_dir, work, should_stop)
+                outputs.draw_views(views, work, should_stop)
             else:
                 try:
                     mine = outputs.share_views(work, self.processes.index, self.processes.count)
-                    outputs.draw_views(self.out_dir, mine, should_stop, workers=1)  # no pool per process
+                    outputs.draw_views(views, mine, should_stop, workers=1)  # no pool per process
                 finally:  # the lock is held until every process has drawn its share
                     self.processes.barrier()
             if failure is not None:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from squeeze_cli import outputs
-from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK, UsageError
+from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK
 from squeeze_cli.manifest import LoadedManifest
-from squeeze_cli.plan import Job, plan_jobs
+from squeeze_cli.plan import Job
 from squeeze_cli.reading import MANIFEST_MAX_BYTES, file_kind, read_regular_file
 
 
@@ -104,36 +104,6 @@ class RunStatus:
         }
 
 
-def _run_folders(out: Path) -> list[Path]:
-    """OUT and its shards' folders (`OUT/shards/I-of-N`), in that order."""
-    shards = out / outputs.SHARDS_DIR_NAME
-    found = sorted(p for p in shards.iterdir() if p.is_dir()) if shards.is_dir() else []
-    return [out, *found]
-
-
-def find_run_manifest(out: Path) -> Path:
-    """OUT's `manifest.resolved.yaml`, else the newest of its shards'.
-
-    Raises:
-        `UsageError`: OUT is not a folder `squeeze gen` wrote (exit code 2).
-    """
-    if not out.is_dir():
-        raise UsageError(f"{out}: no such folder", "give the output folder of a `squeeze gen` run")
-    candidates = [
-        folder / outputs.RESOLVED_MANIFEST_NAME
-        for folder in _run_folders(out)
-        if (folder / outputs.RESOLVED_MANIFEST_NAME).is_file()
-    ]
-    if not candidates:
-        raise UsageError(
-            f"{out} is not a squeeze run folder: it has no {outputs.RESOLVED_MANIFEST_NAME} (nor its shards)",
-            "give the output folder of a `squeeze gen` run",
-        )
-    if candidates[0].parent == out:
-        return candidates[0]
-    return max(candidates, key=lambda path: path.stat().st_mtime)
-
-
 # A run.json holds counts, timings and the failures: megabytes at most, even with 100,000 failed jobs.
 SUMMARY_MAX_BYTES = MANIFEST_MAX_BYTES
 
@@ -151,18 +121,14 @@ def _read_summary(folder: Path) -> dict[str, Any] | None:
 
 def run_status(out: str | Path) -> RunStatus:
     """Read a run folder: its plan, what is finished, what failed, each run's summary; writes nothing."""
-    from squeeze_cli.manifest.resolve import load_manifest
-
     out = Path(out).expanduser().absolute()
-    manifest = find_run_manifest(out)
-    # The weights need not be on this machine to count images.
-    loaded = load_manifest(manifest, check_sources=False)
-    jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
+    plan = outputs.load_run_plan(out)
+    manifest, loaded, jobs = plan.manifest, plan.loaded, plan.jobs
     finished = outputs.find_finished(out, jobs)
     planned_ids = {job.job_id for job in jobs}
     failed: dict[str, dict[str, Any]] = {}
     runs = []
-    for folder in _run_folders(out):
+    for folder in outputs.run_folders(out):
         for entry in outputs.read_index(folder):
             job_id = entry.get("job_id")
             if job_id in planned_ids and job_id not in finished:
@@ -221,6 +187,7 @@ def merge_run(status: RunStatus) -> None:
             lambda: False,
             grids=output.grids,
             contact_sheets=output.contact_sheet,
+            views_dir=output.views_dir,
         )
     finally:
         lock.release()

@@ -449,6 +449,20 @@ def _variant_size(value: str) -> str:
     return value
 
 
+# `output.views_dir`: one folder name starting with `.` or `_`, which no subject name can (a `.` or `__`
+# folder is also one dataset loaders skip).
+VIEWS_DIR_PATTERN = re.compile(r"^[._][A-Za-z0-9._-]{0,63}$")
+
+
+def _views_dir(value: str) -> str:
+    if not VIEWS_DIR_PATTERN.match(value) or value in {".", "..", ".stale"} or value.startswith(".squeeze"):
+        raise schema_error(
+            f"{value!r} is not a folder name for the views",
+            "one name starting with `.` or `__`, e.g. `.views`: dataset loaders skip it",
+        )
+    return value
+
+
 def _color(value: str) -> str:
     from PIL import ImageColor
 
@@ -508,6 +522,8 @@ class OutputSpec(StrictModel):
     variants: Annotated[list[OutputVariant], AfterValidator(_unique_variant_names)] = Field(
         default_factory=list
     )
+    # Grids and contact sheets in `OUT/<views_dir>/<subject>/`, so the subjects' folders hold only images.
+    views_dir: Annotated[StrictStr, AfterValidator(_views_dir)] | None = None
 
 
 def _output_shape(value: Any) -> Any:

@@ -6,7 +6,8 @@ PNG chunks, sidecar), `resume` (finished jobs by job id), `index` (the run index
 `grids` (how a grid or contact-sheet page looks, and the hash of what it shows), `views` (which views to
 redraw, shared between processes), `stale` (images of jobs the plan no longer has, moved to `.stale/`),
 `tree` (the output tree's shape, checked before a run), `variants` (channel copies of the finished images),
-`checks` (marketplace rules measured on images).
+`checks` (marketplace rules measured on images), `run_plan` (a run folder's own plan, from its
+`manifest.resolved.yaml`).
 
 Imports follow one rule: code outside this package imports the package (`from squeeze_cli import outputs`)
 and uses the names below, which are exactly the ones it uses; the modules inside import each other
@@ -45,6 +46,7 @@ from .files import (  # noqa: F401
     atomic_write_json,
     atomic_write_text,
     ensure_dir,
+    fsync_dir,
     json_ready,
     remove_stale_temp_files,
     strict_json_dumps,
@@ -61,6 +63,9 @@ from .index import (  # noqa: F401
     write_run_summary,
 )
 from .layout import (  # noqa: F401
+    EXPORT_LOCK_NAME,
+    EXPORT_STAGING_NAME,
+    EXPORT_STATE_NAME,
     INDEX_NAME,
     LAYOUT_LOCK_NAME,
     LOCK_NAME,
@@ -70,16 +75,18 @@ from .layout import (  # noqa: F401
     REPORT_NAME,
     RESOLVED_MANIFEST_NAME,
     RUN_SUMMARY_NAME,
-    SHARDS_DIR_NAME,
     STALE_DIR_NAME,
     UnsafeOutputPathError,
+    image_name,
     is_run_folder,
     run_dir,
     runs_inside,
     safe_join,
+    views_root,
 )
 from .records import image_record, package_versions, read_sidecar, save_image  # noqa: F401
 from .resume import Finished, find_finished, finished_job_ids, move_to_positions, png_mismatch  # noqa: F401
+from .run_plan import RunPlan, load_run_plan, run_folders  # noqa: F401
 from .stale import StaleImage, find_stale, find_stale_views, in_the_way, move_stale, stale_folder_name  # noqa: F401
 from .tree import check_output_tree  # noqa: F401
 from .variants import make_variants  # noqa: F401

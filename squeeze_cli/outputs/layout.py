@@ -27,6 +27,11 @@ STALE_DIR_NAME = ".stale"
 # OUT/<subject>/variants/<variant>/<stem>.<ext>: channel copies of the images (`output.variants`).
 VARIANTS_DIR_NAME = "variants"
 VARIANT_EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png"}
+# What `squeeze export` keeps in its export folder: which images are in it and how it was selected (hidden,
+# so dataset loaders skip it), and where a part is written before it is renamed into place.
+EXPORT_STATE_NAME = ".squeeze-export.json"
+EXPORT_STAGING_NAME = ".squeeze-export-staging"
+EXPORT_LOCK_NAME = ".squeeze-export.lock"  # one export into a folder at a time
 # What `squeeze eval` writes at the top of OUT (squeeze_cli/eval/).
 METRICS_JSONL_NAME = "metrics.jsonl"
 METRICS_JSON_NAME = "metrics.json"
@@ -185,6 +190,12 @@ def contact_sheet_page_prompts(page: int) -> slice:
 def contact_sheet_path(out_dir: str | os.PathLike, subject: str, page: int = 1) -> Path:
     """`OUT/<subject>/contact-sheet.png`, or `OUT/<subject>/contact-sheet-<page:03d>.png` after page 1."""
     return safe_join(subject_dir(out_dir, subject), contact_sheet_name(page))
+
+
+def views_root(out_dir: str | os.PathLike, views_dir: str | None) -> Path:
+    """Where grids and contact sheets go: OUT, or `OUT/<output.views_dir>` so that OUT's subject folders
+    hold images and sidecars only."""
+    return safe_join(out_dir, views_dir) if views_dir else Path(out_dir)
 
 
 def index_path(out_dir: str | os.PathLike) -> Path:

@@ -28,6 +28,7 @@ from squeeze_cli.outputs.layout import (
     grid_path,
     image_path,
     subject_dir,
+    views_root,
 )
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ def plan_views(
     grids: bool = True,
     contact_sheets: bool = True,
     prompts: Collection[tuple[str, int]] | None = None,
+    views_dir: str | None = None,
 ) -> list[PageViews]:
     """The grids and contact-sheet pages whose file is not what this plan's finished images make: missing,
     undecodable, or drawn from other images (the `squeeze-view` chunk records the hash of a view's inputs:
@@ -54,9 +56,12 @@ def plan_views(
             its subject's prompts).
         finished: `{job_id: Finished}` of the finished images, at their positions' names (with `prompts`,
             those of `views_jobs(jobs, prompts)` suffice).
+        views_dir: `output.views_dir`: the views are in `OUT/<views_dir>/<subject>/` (None: in the subject's
+            folder); `draw_views` is then given `views_root(out_dir, views_dir)`.
         prompts: only the views of these `(subject, prompt_index)`: their grids, and the contact-sheet
             pages that show them (a shard draws the views of its own images); None: every view.
     """
+    root = views_root(out_dir, views_dir)
     work = []
     for subject, subject_group in groupby(jobs, key=lambda job: job.subject):
         subject_jobs = list(subject_group)
@@ -66,7 +71,7 @@ def plan_views(
         by_prompt = [list(group) for _, group in groupby(subject_jobs, key=lambda job: job.prompt_index)]
         pages = contact_sheet_pages(len(by_prompt))
         if contact_sheets:
-            _remove_pages_after(out_dir, subject, pages)
+            _remove_pages_after(root, subject, pages)
         for page in range(1, pages + 1):
             page_jobs = by_prompt[contact_sheet_page_prompts(page)]
             if prompts is not None and not any((subject, p[0].prompt_index) in prompts for p in page_jobs):
@@ -82,7 +87,7 @@ def plan_views(
                 grid_inputs = None
                 if grids and (prompts is None or (subject, prompt_index) in prompts):
                     inputs = views_inputs("grid", references, [(prompt_index, prompt, images)])
-                    if view_inputs(grid_path(out_dir, subject, prompt_index)) != inputs:
+                    if view_inputs(grid_path(root, subject, prompt_index)) != inputs:
                         grid_inputs = inputs
                 entries = tuple(
                     (job.seed, str(image_path(out_dir, job)) if job.job_id in finished else None)
@@ -93,7 +98,7 @@ def plan_views(
             if contact_sheets:
                 kind = "contact-sheet" if page == 1 else f"contact-sheet page {page}"
                 inputs = views_inputs(kind, references, sheet_rows)
-                if view_inputs(contact_sheet_path(out_dir, subject, page)) != inputs:
+                if view_inputs(contact_sheet_path(root, subject, page)) != inputs:
                     sheet_inputs = inputs
             if sheet_inputs is not None or any(p.grid_inputs is not None for p in page_prompts):
                 work.append(PageViews(subject, page, references, tuple(page_prompts), sheet_inputs))
@@ -152,9 +157,9 @@ def draw_views(
     *,
     workers: int | None = None,
 ) -> None:
-    """Draw `work` (from `plan_views`): in this process, or in a pool of `workers` processes. Reference
-    thumbnails are made once per subject and size. Stops early when `should_stop()`; an error in a
-    worker is raised here.
+    """Draw `work` (from `plan_views`) under `out_dir` (`views_root` of the run's `output.views_dir`): in
+    this process, or in a pool of `workers` processes. Reference thumbnails are made once per subject and
+    size. Stops early when `should_stop()`; an error in a worker is raised here.
 
     Args:
         workers: processes to draw with; None: every available core when there is enough to draw
@@ -183,6 +188,7 @@ def update_views(
     grids: bool = True,
     contact_sheets: bool = True,
     workers: int | None = None,
+    views_dir: str | None = None,
 ) -> None:
     """Draw a grid per (subject, prompt) and a contact sheet per subject (in pages of
     `layout.CONTACT_SHEET_PAGE_PROMPTS` prompts) where the file is not what this plan's finished images make
@@ -192,9 +198,12 @@ def update_views(
     Args:
         finished: `{job_id: Finished}` of the finished images, at their positions' names.
         workers: processes to draw with, as `draw_views` takes it (None: as many as the work needs).
+        views_dir: `output.views_dir`, as `plan_views` takes it.
     """
-    work = plan_views(out_dir, jobs, finished, grids=grids, contact_sheets=contact_sheets)
-    draw_views(out_dir, work, should_stop, workers=workers)
+    work = plan_views(
+        out_dir, jobs, finished, grids=grids, contact_sheets=contact_sheets, views_dir=views_dir
+    )
+    draw_views(views_root(out_dir, views_dir), work, should_stop, workers=workers)
 
 
 POOL_MIN_IMAGES = 200  # below this many images to decode, starting worker processes costs more than it saves

@@ -5,6 +5,7 @@
   and the deterministic batch order;
 - `models`: the recipe's frozen components, the new aggregator and the LoRA;
 - `objective`: the rectified-flow loss on the pipeline's own packing, ids and null condition;
+- `exported`: a `squeeze export` folder as training data (subject pairs);
 - `loop`: the accelerate training loop, exact resume, validation grids (drawn by `outputs.grids`);
 - `checkpoints`: `checkpoints/step-N`, written whole, pruned, and the one `--resume` continues;
 - `export`: the aggregator, the LoRA and the recipe `squeeze gen` loads;

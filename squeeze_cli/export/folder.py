@@ -1,0 +1,247 @@
+"""`squeeze export`: a run's finished images into a dataset folder, incrementally and crash-safely.
+
+The export folder keeps its state in `.squeeze-export.json` (hidden: loaders skip it): the run, the
+selection, the columns, each part and the job ids exported. A rerun adds the new images only, as new
+parts. Each part is written under `.squeeze-export-staging/` and renamed into place whole; the state is
+written (atomically) after the rename, the card last. Killed at any point, the folder holds the previous
+export and at most one whole new part the state does not list yet, which the next run removes and writes
+again; a part is never half there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from squeeze_cli import __version__, outputs
+from squeeze_cli.errors import UsageError
+from squeeze_cli.export.card import dataset_card
+from squeeze_cli.export.formats import FORMATS, PartWriter, open_part, part_name
+from squeeze_cli.export.rows import ExportImage, RunImages, assign_splits, parse_splits, read_run_images
+from squeeze_cli.export.where import Predicate, parse_where
+
+STATE_FORMAT = 1
+# The names of the parts a format writes (relative to the export folder): what a rerun may remove when the
+# state does not list it (a part renamed into place just before a kill).
+_PARTS = {
+    "imagefolder": ("*/part-*", re.compile(r"[a-z]+/part-\d{5}")),
+    "parquet": ("data/*.parquet", re.compile(r"data/[a-z]+-\d{5}\.parquet")),
+    "webdataset": ("*.tar", re.compile(r"[a-z]+-\d{5}\.tar")),
+}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    folder: Path
+    added: int
+    total: int
+    splits: dict[str, int]  # rows per split, in all
+
+
+def export_run(
+    run: str | os.PathLike,
+    folder: str | os.PathLike,
+    *,
+    export_format: str,
+    where: str | None = None,
+    subjects: str | None = None,
+    splits: Sequence[str] = (),
+    seed: int = 0,
+    with_references: bool = False,
+) -> ExportResult:
+    """Export the finished images of `run`'s current plan that the selection keeps into `folder`.
+
+    Raises:
+        `UsageError`: a bad flag or expression, `run` is not a run folder, `folder` holds something other
+            than an export of this run with this selection.
+    """
+    if export_format not in FORMATS:
+        raise UsageError(f"--format {export_format}: expected one of {', '.join(FORMATS)}")
+    if with_references and export_format == "webdataset":
+        raise UsageError(
+            "--with-references: the webdataset format has no place for a list of images",
+            "use --format imagefolder or parquet, or leave the references as paths",
+        )
+    fractions = parse_splits(splits)
+    images = read_run_images(run)
+    keep = parse_where(where, images.fields, images.absent_fields) if where else None
+    subject_names = [subject.name for subject in images.plan.loaded.subjects]
+    chosen = [name for name in subject_names if subjects is None or fnmatch.fnmatchcase(name, subjects)]
+    if not chosen:
+        raise UsageError(
+            f"--subjects {subjects}: no subject of the run matches",
+            f"its subjects: {', '.join(subject_names)}",
+        )
+    folder = Path(folder).expanduser().absolute()
+    if folder == images.out or images.out in folder.parents:
+        raise UsageError(f"-o {folder}: inside the run folder {images.out}", "export to a folder outside it")
+    selection = {
+        "run": str(images.out),
+        "format": export_format,
+        "where": where,
+        "subjects": subjects,
+        "split": fractions,
+        "seed": seed,
+        "with_references": with_references,
+        "metrics": list(images.metric_names),
+    }
+    try:
+        with _export_lock(folder):
+            return _export(images, folder, selection, subject_names, chosen, keep)
+    except OSError as error:  # disk full, permission denied: what was exported before stays whole
+        path = Path(error.filename) if error.filename else folder
+        raise outputs.OutputWriteError.from_os_error(path, error) from error
+
+
+@contextlib.contextmanager
+def _export_lock(folder: Path) -> Iterator[None]:
+    """One export into `folder` at a time: a `filelock` lock, which the OS releases when its process dies.
+    A folder that is neither new, empty nor an export is refused first: nothing is written into it."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"-o {folder}: not a folder", "give a new or empty folder")
+    ours = {outputs.EXPORT_STATE_NAME, outputs.EXPORT_LOCK_NAME, outputs.EXPORT_STAGING_NAME}
+    if folder.is_dir() and any(path.name not in ours for path in folder.iterdir()):
+        if not (folder / outputs.EXPORT_STATE_NAME).is_file():
+            raise UsageError(
+                f"-o {folder}: the folder holds other files and no squeeze export",
+                "give a new or empty folder: squeeze never writes over files it did not make",
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(folder / outputs.EXPORT_LOCK_NAME, fallback_to_soft=False)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise UsageError(
+            f"-o {folder}: another squeeze export is writing it", "wait for it to finish"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _export(
+    images: RunImages,
+    folder: Path,
+    selection: dict[str, Any],
+    subject_names: Sequence[str],
+    chosen: Sequence[str],
+    keep: Predicate | None,
+) -> ExportResult:
+    """The export of the selected images into the locked `folder`."""
+    state = _open_folder(folder, selection)
+    exported = set(state["job_ids"])
+    planned = {job.job_id for job in images.plan.jobs}
+    if not exported <= planned:
+        raise UsageError(
+            f"-o {folder}: {len(exported - planned)} of its images have left the run's plan (stale)",
+            "export into a new folder: rows already exported are never rewritten",
+        )
+    assignment = assign_splits(subject_names, selection["split"], selection["seed"]) | state["subject_splits"]
+    rows = (image for image in images.images(set(chosen), skip=exported) if keep is None or keep(image.row))
+    added = _add_parts(folder, state, rows, assignment, images.metric_names)
+    if added or not (folder / "README.md").exists():
+        outputs.atomic_write_json(folder / outputs.EXPORT_STATE_NAME, state)
+        outputs.atomic_write_text(folder / "README.md", dataset_card(images, state, version=__version__))
+    return ExportResult(folder, added, len(state["job_ids"]), dict(state["rows"]))
+
+
+def _add_parts(
+    folder: Path,
+    state: dict[str, Any],
+    images: Iterable[ExportImage],
+    assignment: Mapping[str, str],
+    metric_names: Sequence[str],
+) -> int:
+    """Write `images` as new parts of the export in `folder` (one a split), each under the staging folder
+    and then renamed into place; record them in `state` (not saved here). Returns how many were added."""
+    selection = state["selection"]
+    staging = outputs.safe_join(folder, outputs.EXPORT_STAGING_NAME)
+    writers: dict[str, tuple[str, PartWriter]] = {}
+    added = 0
+    try:
+        for image in images:
+            row = image.row
+            split = assignment[row["subject"]]
+            if split not in writers:
+                name = part_name(selection["format"], split, state["next_part"])
+                state["next_part"] += 1
+                part = open_part(
+                    selection["format"], staging / name, metric_names, selection["with_references"]
+                )
+                writers[split] = (name, part)
+            writers[split][1].add(image.png, row)
+            state["subject_splits"][row["subject"]] = split
+            state["job_ids"].append(row["job_id"])
+            state["rows"][split] = state["rows"].get(split, 0) + 1
+            added += 1
+        for name, part in writers.values():
+            part.close()
+            target = outputs.safe_join(folder, *name.split("/"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(staging / name, target)
+            outputs.fsync_dir(target.parent)  # the rename survives a power cut before the state lists it
+            state["parts"].append(name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return added
+
+
+def _open_folder(folder: Path, selection: dict[str, Any]) -> dict[str, Any]:
+    """The export state of the locked `folder`: a new one for a new folder; the saved one when it holds an
+    export of the same run and selection. What a killed export left is removed.
+
+    Raises:
+        `UsageError`: `folder` holds an export made another way, or a damaged state.
+    """
+    state_path = folder / outputs.EXPORT_STATE_NAME
+    if not state_path.is_file():
+        shutil.rmtree(folder / outputs.EXPORT_STAGING_NAME, ignore_errors=True)
+        return {
+            "format": STATE_FORMAT,
+            "selection": selection,
+            "next_part": 0,
+            "parts": [],
+            "rows": {},
+            "subject_splits": {},
+            "job_ids": [],
+        }
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        saved = state["selection"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(
+            f"{state_path}: damaged", "export into a new folder (or delete this one and export again)"
+        ) from None
+    if saved != selection:
+        changed = ", ".join(key for key in selection if saved.get(key) != selection[key])
+        raise UsageError(
+            f"-o {folder}: holds an export made with another {changed}",
+            "rerun with the same options to add new images, or export into a new folder",
+        )
+    shutil.rmtree(folder / outputs.EXPORT_STAGING_NAME, ignore_errors=True)
+    _remove_unlisted_parts(folder, selection["format"], set(state["parts"]))
+    return state
+
+
+def _remove_unlisted_parts(folder: Path, export_format: str, listed: set[str]) -> None:
+    """Parts renamed into place by an export killed before it saved its state: their images are exported
+    again, so no image is in two parts."""
+    where, pattern = _PARTS[export_format]
+    for path in folder.glob(where):
+        name = path.relative_to(folder).as_posix()
+        if pattern.fullmatch(name) and name not in listed:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()

@@ -1,0 +1,491 @@
+"""`squeeze export` on a tiny evaluated run: each format loads with the real `datasets` loader, selection,
+splits by subject, the dataset card, incremental and crash-safe reruns, and the errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from support import one_error_line
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_IMAGES = REPO / "examples" / "images"
+
+MANIFEST = """\
+version: 1
+recipe: tiny
+output:
+  views_dir: .views
+defaults:
+  height: 32
+  width: 32
+  num_inference_steps: 2
+  reference_size: 32
+  seeds: [0, 1]
+subjects:
+  - name: dog
+    class: dog
+    references: [images/dog/*.jpg]
+    prompts:
+      - a {class} in the snow
+      - a {class} on the beach
+  - name: backpack
+    class: backpack
+    references: [images/backpack/00.jpg]
+    prompts:
+      - a {class} on a table
+  - name: cat
+    class: cat
+    references: [images/cat/*.jpg]
+    prompts:
+      - a {class} on a sofa
+"""
+NUM_IMAGES = 8
+
+
+@pytest.fixture(scope="module")
+def made_run(tmp_path_factory, squeeze) -> Path:
+    """One tiny `squeeze gen` run scored by `squeeze eval --metrics tiny`, made once."""
+    project = tmp_path_factory.mktemp("project")
+    shutil.copytree(EXAMPLE_IMAGES, project / "images")
+    (project / "m.yaml").write_text(MANIFEST)
+    result = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "run"), "--quiet")
+    assert result.code == 0, result.err
+    result = squeeze("eval", str(project / "run"), "--metrics", "tiny", "--json")
+    assert result.code == 0, result.err
+    return project / "run"
+
+
+@pytest.fixture
+def run(made_run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "runs" / "run"
+    shutil.copytree(made_run, copy)
+    return copy
+
+
+def export(squeeze, run: Path, folder: Path, *args: str, expect: int = 0):
+    result = squeeze("export", str(run), "-o", str(folder), *args)
+    assert result.code == expect, (result.out, result.err)
+    return result
+
+
+def load(builder: str, folder: Path, cache: Path):
+    import datasets
+
+    datasets.utils.logging.disable_progress_bar()
+    return datasets.load_dataset(builder, data_dir=str(folder), cache_dir=str(cache))
+
+
+def prompts_of(run: Path) -> dict[str, str]:
+    """`{job_id: prompt}` of the run's finished images, from its index."""
+    lines = [json.loads(line) for line in (run / "index.jsonl").read_text().splitlines()]
+    return {line["job_id"]: line["prompt"] for line in lines if line["status"] == "ok"}
+
+
+@pytest.mark.parametrize("export_format", ["imagefolder", "parquet"])
+def test_each_format_loads_with_datasets_one_row_per_image(squeeze, run, tmp_path, export_format):
+    folder = tmp_path / "export"
+    export(squeeze, run, folder, "--format", export_format)
+    dataset = load(export_format, folder, tmp_path / "cache")
+    train = dataset["train"]
+    assert train.num_rows == NUM_IMAGES
+    assert {row["job_id"]: row["prompt"] for row in train} == prompts_of(run)
+    row = train[0]
+    assert row["image"].size == (32, 32)
+    assert row["recipe"] == "tiny" and row["class"] in {"dog", "backpack", "cat"}
+    assert isinstance(row["dino"], float) and isinstance(row["clip_t"], float)
+    assert all(Path(path).is_file() for path in row["references"])
+    assert row["license"] == "none (random weights)" and row["variants"] is None  # the tiny recipe's
+
+
+def test_webdataset_loads_with_its_captions(squeeze, run, tmp_path):
+    folder = tmp_path / "export"
+    export(squeeze, run, folder, "--format", "webdataset")
+    train = load("webdataset", folder, tmp_path / "cache")["train"]
+    assert train.num_rows == NUM_IMAGES
+    assert {row["__key__"]: row["txt"] for row in train} == prompts_of(run)
+    assert {row["json"]["subject"] for row in train} == {"dog", "backpack", "cat"}
+
+
+def test_references_as_images(squeeze, run, tmp_path):
+    for export_format in ("imagefolder", "parquet"):
+        folder = tmp_path / export_format
+        export(squeeze, run, folder, "--format", export_format, "--with-references")
+        train = load(export_format, folder, tmp_path / "cache")["train"]
+        dogs = [row for row in train if row["subject"] == "dog"]
+        assert len(dogs[0]["references"]) == len(list((EXAMPLE_IMAGES / "dog").glob("*.jpg")))
+        assert all(reference.size[0] > 0 for reference in dogs[0]["references"])
+
+
+def test_where_subjects_and_split(squeeze, run, tmp_path):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    threshold = sorted(row["dino"] for row in rows)[3]
+    folder = tmp_path / "export"
+    result = export(
+        squeeze, run, folder, "--format", "parquet", "--where", f"dino >= {threshold} and seed != 7"
+    )
+    kept = {row["job_id"] for row in rows if row["dino"] >= threshold}
+    train = load("parquet", folder, tmp_path / "cache")["train"]
+    assert {row["job_id"] for row in train} == kept
+    assert f"{len(kept)} new images" in result.out
+    card = (folder / "README.md").read_text()
+    assert f"dino >= {threshold}" in card
+
+    folder = tmp_path / "dogs"
+    export(squeeze, run, folder, "--subjects", "d*")
+    assert {row["subject"] for row in load("imagefolder", folder, tmp_path / "cache")["train"]} == {"dog"}
+
+    splits = {}
+    for attempt in range(2):  # the same seed gives the same split
+        folder = tmp_path / f"split{attempt}"
+        export(squeeze, run, folder, "--format", "parquet", "--split", "val=0.3", "--seed", "3")
+        dataset = load("parquet", folder, tmp_path / "cache")
+        splits[attempt] = {name: {row["subject"] for row in dataset[name]} for name in dataset}
+    assert splits[0] == splits[1]
+    assert set(splits[0]) == {"train", "validation"}
+    assert not splits[0]["train"] & splits[0]["validation"]
+    assert len(splits[0]["validation"]) == 1
+
+
+def test_dataset_card_has_the_hub_header(squeeze, run, tmp_path):
+    import yaml
+
+    folder = tmp_path / "export"
+    export(squeeze, run, folder)
+    text = (folder / "README.md").read_text()
+    header = yaml.safe_load(text.split("---")[1])
+    assert header["size_categories"] == ["n<1K"]
+    assert "text-to-image" in header["task_categories"]
+    assert header["license"] == "other"
+    assert "squeeze " in text and "reference_size: 32" in text  # the version, the resolved manifest
+
+
+def grow(squeeze, run: Path, made_run: Path, tmp_path: Path) -> None:
+    """Add a third seed to every prompt of `run`: 4 new images."""
+    grown = (made_run.parent / "m.yaml").read_text().replace("seeds: [0, 1]", "seeds: [0, 1, 2]")
+    (tmp_path / "grown.yaml").write_text(grown)
+    shutil.copytree(EXAMPLE_IMAGES, tmp_path / "images")
+    result = squeeze("gen", str(tmp_path / "grown.yaml"), "--out", str(run), "--quiet")
+    assert result.code == 0, result.err
+
+
+def test_a_rerun_adds_only_new_images(squeeze, run, tmp_path, made_run):
+    folder = tmp_path / "export"
+    export(squeeze, run, folder, "--format", "parquet")
+    first = sorted(path.name for path in (folder / "data").iterdir())
+    result = export(squeeze, run, folder, "--format", "parquet")
+    assert "exported 0 new images" in result.out
+    assert sorted(path.name for path in (folder / "data").iterdir()) == first
+    grow(squeeze, run, made_run, tmp_path)
+    result = export(squeeze, run, folder, "--format", "parquet")
+    assert "exported 4 new images" in result.out
+    train = load("parquet", folder, tmp_path / "cache")["train"]
+    assert train.num_rows == NUM_IMAGES + 4
+    assert len(set(train["job_id"])) == NUM_IMAGES + 4
+
+
+@pytest.mark.parametrize("export_format", ["imagefolder", "webdataset"])
+def test_a_killed_export_leaves_the_previous_one_whole(
+    squeeze, run, tmp_path, made_run, monkeypatch, export_format
+):
+    from squeeze_cli.export import formats
+    from squeeze_cli.export.folder import export_run
+
+    folder = tmp_path / "export"
+    export(squeeze, run, folder, "--format", export_format)
+    before = sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+    grow(squeeze, run, made_run, tmp_path)
+    writer = formats.ImageFolderPart if export_format == "imagefolder" else formats.WebDatasetPart
+    add = writer.add
+    added = []
+
+    def killed_after_two(self, png, row):
+        if len(added) == 2:
+            raise KeyboardInterrupt  # as a kill in the middle of a part
+        added.append(row["job_id"])
+        add(self, png, row)
+
+    monkeypatch.setattr(writer, "add", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(run, folder, export_format=export_format)
+    assert sorted(str(path.relative_to(folder)) for path in folder.rglob("*")) == before
+    assert load(export_format, folder, tmp_path / "cache")["train"].num_rows == NUM_IMAGES
+    monkeypatch.undo()
+    export(squeeze, run, folder, "--format", export_format)
+    assert load(export_format, folder, tmp_path / "cache2")["train"].num_rows == NUM_IMAGES + 4
+
+
+def test_a_part_renamed_before_the_state_was_saved_is_written_again(squeeze, run, tmp_path):
+    folder = tmp_path / "export"
+    export(squeeze, run, folder, "--format", "parquet", "--subjects", "dog")
+    state = json.loads((folder / ".squeeze-export.json").read_text())
+    orphan = folder / "data" / "train-00007.parquet"
+    shutil.copyfile(folder / "data" / "train-00000.parquet", orphan)  # a kill after the rename
+    export(squeeze, run, folder, "--format", "parquet", "--subjects", "dog")
+    assert not orphan.exists()
+    assert json.loads((folder / ".squeeze-export.json").read_text()) == state
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--where", "dino >="], "--where 'dino >=': column"),
+        (["--where", "dinoo > 1"], "column 1: unknown field `dinoo`"),
+        (["--where", "class == 'x' and clas == 'dog'"], "column 18: unknown field `clas`"),
+        (["--where", "subject > 1"], "compares a number with text"),
+        (["--where", "__import__('os')"], "is not a condition"),
+        (["--where", "dino + 1 > 2"], "is not a field or a constant"),
+        (["--format", "csv"], "--format csv: expected one of"),
+        (["--split", "holdout=0.1"], "unknown split 'holdout'"),
+        (["--split", "val=2"], "0 < FRACTION < 1"),
+        (["--subjects", "zebra*"], "no subject of the run matches"),
+        (["--format", "webdataset", "--with-references"], "--with-references"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(squeeze, made_run, tmp_path, args, message):
+    result = export(squeeze, made_run, tmp_path / "export", *args, expect=2)
+    assert message in one_error_line(result.err)
+    assert not (tmp_path / "export").exists()
+
+
+def test_filtering_on_scores_of_a_run_never_evaluated_says_to_run_eval(squeeze, made_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(made_run, run)
+    (run / "metrics.jsonl").unlink()
+    result = export(squeeze, run, tmp_path / "export", "--where", "dino >= 0.6", expect=2)
+    assert "column 1: no field `dino` in this run (hint: run `squeeze eval" in one_error_line(result.err)
+
+
+def test_other_folders_are_refused(squeeze, made_run, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep")
+    assert "holds other files" in export(squeeze, made_run, taken, expect=2).err
+    assert "inside the run folder" in export(squeeze, made_run, made_run / "x", expect=2).err
+    assert "not a squeeze run folder" in export(squeeze, taken, tmp_path / "e", expect=2).err
+    folder = tmp_path / "export"
+    export(squeeze, made_run, folder)
+    assert "another where" in export(squeeze, made_run, folder, "--where", "seed == 0", expect=2).err
+
+
+def test_grids_and_contact_sheets_are_never_exported(squeeze, run, tmp_path):
+    for view in run.glob(".views/*/*.png"):  # as a run without `output.views_dir` draws them
+        view.rename(run / view.parent.name / view.name)
+    assert list(run.glob("*/grid-*.png")) and list(run.glob("*/contact-sheet*.png"))
+    folder = tmp_path / "export"
+    export(squeeze, run, folder)
+    assert load("imagefolder", folder, tmp_path / "cache")["train"].num_rows == NUM_IMAGES
+    names = [path.name for path in folder.rglob("*.png")]
+    assert len(names) == NUM_IMAGES and not [name for name in names if "grid" in name or "contact" in name]
+
+
+def test_the_run_folder_itself_loads_as_its_images_only(squeeze, made_run, tmp_path):
+    # output.views_dir: .views keeps grids and contact sheets out of the subject folders
+    assert list(made_run.glob("*/grid-*.png")) == []
+    assert list((made_run / ".views").glob("*/grid-*.png"))
+    train = load("imagefolder", made_run, tmp_path / "cache")["train"]
+    assert train.num_rows == NUM_IMAGES
+
+
+@pytest.mark.parametrize("export_format", ["imagefolder", "parquet", "webdataset"])
+def test_training_reads_an_export_as_subject_pairs(squeeze, run, tmp_path, export_format):
+    from squeeze_cli.train.exported import load_export_data
+
+    folder = tmp_path / "export"
+    export(squeeze, run, folder, "--format", export_format, "--split", "val=0.3")
+    data = load_export_data(folder, "train", "config.yaml")
+    prompts = prompts_of(run)
+    assert 0 < len(data) < NUM_IMAGES
+    for index in range(len(data)):
+        sample = data.load(index)
+        assert sample.instruction == prompts[sample.id]
+        assert sample.target.size == (32, 32) and sample.references
+    assert len(load_export_data(folder, "validation", "config.yaml")) == NUM_IMAGES - len(data)
+
+
+KONTEXT_MANIFEST = """\
+version: 1
+recipe: tiny-kontext
+defaults:
+  seeds: [0, 1, 2]
+subjects:
+  - name: dog
+    class: dog
+    references: [images/dog/*.jpg]
+    prompts: ["a {class} in the snow", "a {class} on the beach"]
+  - name: backpack
+    class: backpack
+    references: [images/backpack/00.jpg]
+    prompts: ["a {class} on a table"]
+"""
+
+
+@pytest.mark.slow
+def test_render_score_filter_train_and_render_again(squeeze, tmp_path):
+    """The loop of docs/datasets.md on tiny models: gen with a baseline recipe, score, keep the pairs that
+    hold identity, train on them, and gen with the trained recipe."""
+    shutil.copytree(EXAMPLE_IMAGES, tmp_path / "images")
+    (tmp_path / "pairs.yaml").write_text(KONTEXT_MANIFEST)
+    run = tmp_path / "pairs"
+    assert squeeze("gen", str(tmp_path / "pairs.yaml"), "--out", str(run), "--quiet").code == 0
+    assert squeeze("eval", str(run), "--metrics", "tiny", "--json").code == 0
+    scores = sorted(json.loads(line)["dino"] for line in (run / "metrics.jsonl").read_text().splitlines())
+    threshold = scores[len(scores) // 2]
+    folder = tmp_path / "dataset"
+    export(squeeze, run, folder, "--format", "parquet", "--where", f"dino >= {threshold}")
+    kept = sum(score >= threshold for score in scores)
+    assert load("parquet", folder, tmp_path / "cache")["train"].num_rows == kept
+
+    trained = tmp_path / "trained"
+    data = f"data={{format: hf, path: {folder}}}"
+    result = squeeze("train", "tiny", "--no-progress", "--set", data, "--set", f"output_dir={trained}")
+    assert result.code == 0, result.err
+    assert json.loads((trained / "training.json").read_text())["data"].startswith(f"{kept} samples from ")
+
+    (tmp_path / "again.yaml").write_text(MANIFEST.replace("output:\n  views_dir: .views\n", ""))
+    again = tmp_path / "again"
+    result = squeeze(
+        "gen",
+        str(tmp_path / "again.yaml"),
+        "--recipe",
+        str(trained / "recipe.yaml"),
+        "--out",
+        str(again),
+        "--quiet",
+    )
+    assert result.code == 0, result.err
+    assert len(list(again.glob("*/*.png"))) >= NUM_IMAGES
+
+
+def test_stale_images_are_never_exported(squeeze, run, tmp_path, made_run):
+    # The cat is removed from the manifest: its images stay in the run folder, stale, and are left out.
+    manifest = (made_run.parent / "m.yaml").read_text()
+    (tmp_path / "no-cat.yaml").write_text(manifest[: manifest.index("  - name: cat")])
+    shutil.copytree(EXAMPLE_IMAGES, tmp_path / "images")
+    assert squeeze("gen", str(tmp_path / "no-cat.yaml"), "--out", str(run), "--quiet").code == 0
+    assert list((run / "cat").glob("*.png"))
+    folder = tmp_path / "export"
+    export(squeeze, run, folder, "--format", "parquet")
+    train = load("parquet", folder, tmp_path / "cache")["train"]
+    assert train.num_rows == NUM_IMAGES - 2 and "cat" not in set(train["subject"])
+
+
+def test_imagefolder_links_the_images(squeeze, made_run, tmp_path):
+    folder = tmp_path / "export"
+    export(squeeze, made_run, folder)
+    exported = sorted(folder.glob("train/part-00000/*/*.png"))
+    assert len(exported) == NUM_IMAGES
+    for path in exported:
+        source = made_run / path.parent.name / path.name
+        assert path.stat().st_ino == source.stat().st_ino  # one file, two names: no bytes copied
+
+
+def test_where_language():
+    from squeeze_cli.export.where import WhereError, parse_where
+
+    fields = {"dino": "number", "seed": "number", "subject": "text", "class": "text"}
+    rows = [
+        {"dino": 0.7, "seed": 0, "subject": "dog", "class": "dog"},
+        {"dino": 0.5, "seed": 1, "subject": "cat", "class": "cat"},
+        {"dino": None, "seed": 2, "subject": "dog", "class": "dog"},  # not scored
+    ]
+
+    def kept(text: str) -> list[int]:
+        keep = parse_where(text, fields)
+        return [row["seed"] for row in rows if keep(row)]
+
+    assert kept("dino >= 0.6") == [0]
+    assert kept("dino < 0.6") == [1]  # a missing score is neither above nor below
+    assert kept("not dino >= 0.6") == [1, 2]
+    assert kept("dino == null") == [2]
+    assert kept("0.4 < dino <= 0.7 and subject != 'cat'") == [0]
+    assert kept("subject == 'cat' or seed >= 2") == [1, 2]
+    assert kept("seed > -1 and (dino >= 0.6 or dino == null)") == [0, 2]
+    assert kept("class == 'cat' or subject == 'class'") == [1]  # `class`, a Python keyword, is a field
+    for bad in ("dino >= 0.6 and", "dino", "dino > 1j", "dino in (1, 2)", "dino > seed + 1", "subject < 1"):
+        with pytest.raises(WhereError, match="--where"):
+            parse_where(bad, fields)
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"), [(".views", True), ("__views", True), ("views", False), (".stale", False)]
+)
+def test_views_dir_names(squeeze, make_project, name, ok):
+    project = make_project(m=MANIFEST)
+    result = squeeze("validate", str(project / "m.yaml"), "--set", f"output.views_dir={name}")
+    assert result.code == (0 if ok else 2), result.err
+    if not ok:
+        assert "output.views_dir" in result.err and "is not a folder name for the views" in result.err
+
+
+def test_licence_and_variants_come_from_the_sidecars(squeeze, run, tmp_path):
+    for sidecar in run.glob("*/*.json"):
+        record = json.loads(sidecar.read_text())
+        record["license"] = {"name": "Apache-2.0", "commercial_use": True, "url": None}
+        record["variants"] = {"amazon": {"file": f"{sidecar.parent.name}/variants/amazon/{sidecar.stem}.jpg"}}
+        sidecar.write_text(json.dumps(record))
+    folder = tmp_path / "export"
+    export(squeeze, run, folder, "--format", "parquet", "--where", "license == 'Apache-2.0'")
+    train = load("parquet", folder, tmp_path / "cache")["train"]
+    assert train.num_rows == NUM_IMAGES
+    row = train[0]
+    stem = f"{row['prompt_index']:03d}-s{row['seed']}"
+    assert json.loads(row["variants"]) == {"amazon": {"file": f"{row['subject']}/variants/amazon/{stem}.jpg"}}
+
+
+@pytest.mark.parametrize(
+    ("license_", "header"),
+    [
+        ({"name": "Apache-2.0", "commercial_use": True}, {"license": "apache-2.0"}),
+        (
+            {
+                "name": "FLUX.1 [dev] Non-Commercial License",
+                "commercial_use": False,
+                "url": "https://x/LICENSE.md",
+            },
+            {
+                "license": "other",
+                "license_name": "flux-1-dev-non-commercial-license",
+                "license_link": "https://x/LICENSE.md",
+            },
+        ),
+        ({"name": "unknown", "commercial_use": None}, {"license": "other"}),
+    ],
+)
+def test_the_card_carries_the_recipe_licence(license_, header):
+    from squeeze_cli.export.card import license_header
+    from squeeze_cli.manifest.recipes import License
+
+    assert license_header(License(**license_)) == header
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_export(squeeze, run, tmp_path, made_run, monkeypatch):
+    import errno
+
+    from squeeze_cli.export import formats
+
+    folder = tmp_path / "export"
+    export(squeeze, run, folder, "--format", "parquet")
+    before = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    grow(squeeze, run, made_run, tmp_path)
+
+    def full(self, png, row):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.rows.path))
+
+    monkeypatch.setattr(formats.ParquetPart, "add", full)
+    result = export(squeeze, run, folder, "--format", "parquet", expect=1)
+    assert "No space left on device" in one_error_line(result.err)
+    assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+
+
+def test_one_export_into_a_folder_at_a_time(squeeze, made_run, tmp_path):
+    import filelock
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    with filelock.FileLock(folder / ".squeeze-export.lock"):
+        result = export(squeeze, made_run, folder, expect=2)
+    assert "another squeeze export is writing it" in one_error_line(result.err)
+    export(squeeze, made_run, folder)  # the lock file left behind is no obstacle
