@@ -3,7 +3,8 @@
 Exit codes (also in the README and ``squeeze --help``):
     0  everything asked for was done
     1  the run finished but some jobs failed (they are recorded in the run index)
-       (`check`: some image fails a marketplace rule)
+       (`check`: some image fails a marketplace rule; several recipes: one recipe's run stopped
+       with an error, the others ran)
     2  invalid input or usage: nothing was generated
     130 / 143  stopped by SIGINT / SIGTERM after the current batch
 """

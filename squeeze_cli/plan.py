@@ -48,6 +48,7 @@ class Job:
     params: SamplingParams
     references: tuple[str, ...]
     cost: float  # the pipeline's `estimate_cost`: shard balancing and validate's estimate
+    sweep: str = ""  # `ResolvedPrompt.sweep_label`: which values of a sweep the job takes, for grids
 
 
 def file_digest(path: str, cache: dict[str, bytes] | None = None) -> bytes:
@@ -157,6 +158,7 @@ def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -
             params_json = params_cache[params]
             cost = pipeline.estimate_cost(params, num_references, prompt.text)
             prefix = _prompt_hasher(references, prompt.text, params_json, model_json)
+            sweep = prompt.sweep_label
             for seed in prompt.seeds:
                 hasher = prefix.copy()
                 hasher.update(str(seed).encode())
@@ -173,6 +175,7 @@ def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -
                         params,
                         subject.references,
                         cost,
+                        sweep,
                     )
                 )
                 index += 1

@@ -360,7 +360,8 @@ CASES = [
         manifest(defaults="height: tall"),
         ("@:4:11: defaults.height: expected an integer, got 'tall'",),
     ),
-    Case("wrong-type-guidance", manifest(defaults="guidance_scale: [1]"), ("expected a number, got a list",)),
+    # (a list is a sweep: tests/test_sweeps.py)
+    Case("wrong-type-guidance", manifest(defaults="guidance_scale: hi"), ("expected a number, got 'hi'",)),
     Case("wrong-type-bool", manifest(defaults="keep_mllm_condition: maybe"), ("expected true or false",)),
     Case(
         "null-value",

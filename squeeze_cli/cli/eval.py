@@ -15,7 +15,11 @@ from squeeze_cli.logs import log_line
 def eval_command(
     run_dirs: Annotated[
         list[Path],
-        typer.Argument(metavar="RUN_DIR", help="Output folders of `squeeze gen` runs.", show_default=False),
+        typer.Argument(
+            metavar="RUN_DIR",
+            help="Output folders of `squeeze gen` runs (the folder of `gen --recipe A,B`: each run in it).",
+            show_default=False,
+        ),
     ],
     metrics: Annotated[
         str,
@@ -98,6 +102,10 @@ def eval_command(
     protocol = make_protocol(
         metrics, clip=clip, dinov2=dinov2, clip_t_weight=clip_t_weight, references=references
     )
+    from squeeze_cli.outputs import runs_inside
+
+    # The folder of `gen --recipe A,B` stands for its runs, compared side by side.
+    run_dirs = [run for folder in run_dirs for run in runs_inside(folder.expanduser().absolute()) or [folder]]
     evaluations = evaluate_paths(
         run_dirs,
         protocol,

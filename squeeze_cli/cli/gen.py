@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -23,7 +24,8 @@ from squeeze_cli.cli.options import (
     only_patterns,
     parse_choice,
     print_json_failure,
-    print_warnings,
+    recipe_folder_name,
+    split_recipes,
 )
 from squeeze_cli.cli.shard import SHARD_METAVAR, parse_shard
 from squeeze_cli.logs import log_line
@@ -31,6 +33,26 @@ from squeeze_cli.params import Dtype, Offload
 
 if TYPE_CHECKING:
     from squeeze_cli.manifest import LoadedManifest
+
+
+def _out_dir(out: str | None) -> Path | None:
+    """`--out`, absolute (from the current folder, as on any command line), if it can be a folder."""
+    from squeeze_cli.errors import UsageError
+
+    if out is None:
+        return None
+    if not out.strip():
+        # An empty $OUT in a script must not scatter a run over the current folder.
+        raise UsageError(
+            f"--out {out!r}: the output folder is empty", "give the output folder, e.g. --out out"
+        )
+    from squeeze_cli.manifest.resolve import output_dir_problem
+
+    out_dir = Path(out).expanduser().absolute()
+    reason = output_dir_problem(out_dir)
+    if reason is not None:
+        raise UsageError(f"--out {out}: {reason}", "choose another --out")
+    return out_dir
 
 
 def _check_input(
@@ -44,8 +66,6 @@ def _check_input(
     offload: str,
 ) -> LoadedManifest:
     """Every check of the flags and the manifest that `gen` makes before loading anything."""
-    from pathlib import Path
-
     from squeeze_cli.errors import UsageError
     from squeeze_cli.model_checks import device_problem
 
@@ -53,19 +73,7 @@ def _check_input(
     if dtype is not None:
         dtype = parse_choice("--dtype", dtype, Dtype)
     overrides = list(set_ or ()) + ([f"model.dtype={dtype}"] if dtype is not None else [])
-    if out is not None and not out.strip():
-        # An empty $OUT in a script must not scatter a run over the current folder.
-        raise UsageError(
-            f"--out {out!r}: the output folder is empty", "give the output folder, e.g. --out out"
-        )
-    out_dir = None
-    if out is not None:
-        from squeeze_cli.manifest.resolve import output_dir_problem
-
-        out_dir = Path(out).expanduser().absolute()  # from the current folder, as on any command line
-        reason = output_dir_problem(out_dir)
-        if reason is not None:
-            raise UsageError(f"--out {out}: {reason}", "choose another --out")
+    out_dir = _out_dir(out)
     # The folder used from here on: the resolver keeps its images out of reference globs, and
     # `manifest.resolved.yaml` records it, so gen on that file finds the run.
     loaded = load_from_cli(manifest, overrides, recipe, max_jobs, out=out_dir)
@@ -74,6 +82,39 @@ def _check_input(
     if wrong_device is not None:
         raise UsageError(*wrong_device)
     return loaded
+
+
+def _check_recipes(
+    manifest: str,
+    set_: list[str] | None,
+    recipes: list[str],
+    max_jobs: int | None,
+    out: str | None,
+    dtype: str | None,
+    device: str,
+    offload: str,
+) -> list[tuple[str, LoadedManifest]]:
+    """`_check_input` for each of several recipes, each into its folder OUT/<recipe>/, and each plan made:
+    every recipe's input is checked before any model loads."""
+    from squeeze_cli.errors import UsageError
+    from squeeze_cli.outputs import is_run_folder
+    from squeeze_cli.plan import plan_jobs
+
+    # --out, or the manifest's `output.dir`, which no recipe changes
+    parent = _out_dir(out) or load_from_cli(manifest, set_, recipes[0], max_jobs).output_dir
+    if is_run_folder(parent):
+        raise UsageError(
+            f"{parent} is the run folder of one recipe: with several, each writes its own run folder "
+            "inside OUT",
+            "choose another --out",
+        )
+    runs = []
+    for recipe in recipes:
+        name = recipe_folder_name(recipe)
+        loaded = _check_input(manifest, set_, recipe, max_jobs, str(parent / name), dtype, device, offload)
+        plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
+        runs.append((name, loaded))
+    return runs
 
 
 def gen(
@@ -127,12 +168,14 @@ def gen(
     images are kept and skipped. For several GPUs: accelerate launch --multi_gpu --num_processes N -m
     squeeze_cli gen MANIFEST.
     """
-    from pathlib import Path
-
     from squeeze_cli.errors import SqueezeError
 
     try:
-        loaded = _check_input(manifest, set_, recipe, max_jobs, out, dtype, device, offload)
+        recipes = split_recipes(recipe)
+        if len(recipes) > 1:
+            runs = _check_recipes(manifest, set_, recipes, max_jobs, out, dtype, device, offload)
+        else:
+            runs = [("", _check_input(manifest, set_, recipe, max_jobs, out, dtype, device, offload))]
         shard_part = parse_shard(shard)
     except SqueezeError as error:
         if json_output:  # stdout gets the document `validate --json` prints; stderr the usual lines
@@ -141,18 +184,21 @@ def gen(
     from squeeze_cli.processes import one_process_launch_warning
 
     one_process = one_process_launch_warning(os.environ)
+    # A warning about a key that several recipes read is said once.
+    warnings = dict.fromkeys(warning for _, loaded in runs for warning in loaded.warnings)
     if json_output:
         from squeeze_cli.gen.progress import Reporter
 
-        for warning in loaded.warnings:
+        for warning in warnings:
             Reporter.emit_json("warning", message=str(warning), problem=warning.to_dict())
         if one_process:
             Reporter.emit_json("warning", message=one_process)
     elif not quiet:
-        print_warnings(loaded)
+        for warning in warnings:
+            log_line(f"warning: {warning}")
         if one_process:
             log_line(f"warning: {one_process}")
-    from squeeze_cli.gen.runner import GenOptions, run_gen
+    from squeeze_cli.gen.runner import GenOptions, run_gen, run_recipes
 
     options = GenOptions(
         out=Path(out) if out is not None else None,
@@ -168,8 +214,10 @@ def gen(
         allow_pickle=allow_pickle,
         command=["squeeze", *sys.argv[1:]],
     )
+    if len(runs) > 1:  # each run's errors are reported as they happen; the next recipe runs
+        return run_recipes(runs, options, json_events=json_output, quiet=quiet)
     try:
-        return run_gen(loaded, options, json_events=json_output, quiet=quiet)
+        return run_gen(runs[0][1], options, json_events=json_output, quiet=quiet)
     except SqueezeError as error:
         # Found after loading (an instruction too long for the MLLM, a model that will not load, a busy
         # output folder, a full disk): the same document, after whatever events came before.

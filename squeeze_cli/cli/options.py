@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 EPILOG = """\b
 Exit codes:
   0    everything asked for was done
-  1    the run finished but some jobs failed (see the run index)
+  1    the run finished but some jobs failed (see the run index), or, with several
+       recipes, one recipe's run stopped with an error
   2    invalid input or usage: nothing was generated
   130  stopped by SIGINT (Ctrl-C) / 143 by SIGTERM, after the current batch
 """
@@ -39,7 +40,12 @@ SetOpt = Annotated[
 ]
 RecipeOpt = Annotated[
     str | None,
-    typer.Option("--recipe", metavar="NAME|PATH", help="Model preset to use instead of the manifest's."),
+    typer.Option(
+        "--recipe",
+        metavar="NAME|PATH[,...]",
+        help="Model preset to use instead of the manifest's; several, comma-separated, each into its own "
+        "OUT/<recipe>/.",
+    ),
 ]
 MaxJobsOpt = Annotated[
     int | None,
@@ -99,6 +105,34 @@ def load_from_cli(
     )
 
 
+def split_recipes(value: str | None) -> list[str]:
+    """`--recipe A,B,C` as its recipes, in order (none without the flag)."""
+    from squeeze_cli.errors import UsageError
+
+    if value is None or "," not in value:
+        return [] if value is None else [value]
+    names = [name.strip() for name in value.split(",")]
+    if not all(names):
+        raise UsageError(f"--recipe {value}: an empty recipe name", "e.g. --recipe tiny,tiny-kontext")
+    folders = [recipe_folder_name(name).casefold() for name in names]  # one folder on macOS
+    for place, folder in enumerate(folders):
+        if folder in folders[:place]:
+            raise UsageError(
+                f"--recipe {value}: two recipes would share the folder OUT/{folder}/",
+                "name each recipe once (a recipe file's folder is its file name without the extension)",
+            )
+    return list(names)
+
+
+def recipe_folder_name(recipe: str) -> str:
+    """The folder under OUT that a run of several recipes gives `recipe`: a preset's name, or a recipe
+    file's name without its extension."""
+    from squeeze_cli.manifest.recipes import RECIPE_SUFFIXES
+
+    path = Path(recipe)
+    return path.stem if path.suffix in RECIPE_SUFFIXES else path.name
+
+
 def parse_choice(flag: str, value: str, enum: type[Enum]) -> str:
     """`value` if it names a member of `enum`; otherwise a `UsageError` listing the choices."""
     from squeeze_cli.errors import UsageError
@@ -114,14 +148,17 @@ def print_json_failure(error: SqueezeError, *, one_line: bool = False, plan: dic
     known error is one problem without one. `plan`'s keys come first when there is a plan to show."""
     import json
 
+    document = {"ok": False, **(plan or {}), "problems": json_problems(error)}
+    typer.echo(json.dumps(document, ensure_ascii=False) if one_line else json.dumps(document, indent=2))
+
+
+def json_problems(error: SqueezeError) -> list[dict]:
+    """A manifest's problems with their locations; any other known error as one problem without one."""
     from squeeze_cli.errors import ManifestError, Problem
 
     if isinstance(error, ManifestError):
-        problems = error.problems
-    else:
-        problems = [Problem("", None, None, "", error.message, error.hint)]
-    document = {"ok": False, **(plan or {}), "problems": [problem.to_dict() for problem in problems]}
-    typer.echo(json.dumps(document, ensure_ascii=False) if one_line else json.dumps(document, indent=2))
+        return [problem.to_dict() for problem in error.problems]
+    return [Problem("", None, None, "", error.message, error.hint).to_dict()]
 
 
 def print_warnings(loaded: LoadedManifest) -> None:

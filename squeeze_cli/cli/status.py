@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,7 +23,11 @@ Exit codes:
 def status(
     out: Annotated[
         str,
-        typer.Argument(metavar="OUT", help="The output folder of a `squeeze gen` run.", show_default=False),
+        typer.Argument(
+            metavar="OUT",
+            help="The output folder of a `squeeze gen` run (or of `gen --recipe A,B`: each run in it).",
+            show_default=False,
+        ),
     ],
     json_output: JsonOpt = False,
     merge: Annotated[
@@ -43,29 +48,42 @@ def status(
     ] = None,
     variant: VariantOpt = None,
 ) -> int:
-    """Say how far a run folder is: per subject done / failed / pending, shards included."""
+    """Say how far a run folder is: per subject done / failed / pending, shards included.
+
+    On the folder of `gen --recipe A,B`, the same for each recipe's run folder in it."""
     from squeeze_cli.gen.status import format_status, merge_run, run_status
-    from squeeze_cli.outputs import check_run, format_report, load_rules
+    from squeeze_cli.outputs import check_run, format_report, load_rules, runs_inside
 
     if variant is not None and rules is None:
         raise typer.BadParameter("--variant says which images --rules checks: give --rules too")
+    folders = runs_inside(Path(out).expanduser().absolute()) or [Path(out)]
     try:
-        found = run_status(out)
-        if merge:
-            merge_run(found)
-        checks = check_run(out, load_rules(rules), variant) if rules is not None else None
+        found = [run_status(folder) for folder in folders]
+        for run in found if merge else ():
+            merge_run(run)
+        rule_set = load_rules(rules) if rules is not None else None
+        checks = [check_run(run.out, rule_set, variant) if rule_set is not None else None for run in found]
     except SqueezeError as error:
         if not json_output:
             raise
         print_json_failure(error)
         raise typer.Exit(error.exit_code) from None
     if json_output:
-        checked = {"checks": checks.to_dict()} if checks is not None else {}
-        typer.echo(json.dumps({"ok": True, **found.to_dict(), "merged": merge, **checked}, indent=2))
+        documents = [
+            {**run.to_dict(), "merged": merge, **({"checks": check.to_dict()} if check is not None else {})}
+            for run, check in zip(found, checks, strict=True)
+        ]
+        document = documents[0] if len(found) == 1 else {"runs": documents}
+        typer.echo(json.dumps({"ok": True, **document}, indent=2))
     else:
-        typer.echo(format_status(found, merged=merge))
-        if checks is not None:
-            typer.echo(format_report(checks).splitlines()[-1])
-    if checks is not None and checks.failed:
-        return max(found.exit_code, EXIT_JOBS_FAILED)
-    return found.exit_code
+        typer.echo(
+            "\n\n".join(
+                format_status(run, merged=merge)
+                + (f"\n{format_report(check).splitlines()[-1]}" if check is not None else "")
+                for run, check in zip(found, checks, strict=True)
+            )
+        )
+    return max(
+        max(run.exit_code, EXIT_JOBS_FAILED) if check is not None and check.failed else run.exit_code
+        for run, check in zip(found, checks, strict=True)
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -17,11 +18,14 @@ from squeeze_cli.cli.options import (
     OnlyOpt,
     RecipeOpt,
     SetOpt,
+    json_problems,
     load_from_cli,
     only_patterns,
     parse_choice,
     print_json_failure,
     print_warnings,
+    recipe_folder_name,
+    split_recipes,
 )
 from squeeze_cli.errors import ManifestError, SqueezeError, UsageError
 from squeeze_cli.params import Offload
@@ -55,60 +59,83 @@ def validate(
     """Check a manifest and print its plan; loads no model and writes nothing.
 
     The plan is printed also when the model's weights are missing or the device is not here (exit 2).
+    With several recipes (`--recipe A,B`), each one's plan, as `gen` would run it into OUT/<recipe>/.
     With --only or --limit, the plan is that slice's (the whole manifest is checked all the same).
     """
     from squeeze_cli.plan import plan_jobs, select_jobs
 
-    not_ready: SqueezeError | None  # the manifest's, or the device check's
+    checked: list[tuple[LoadedManifest, dict, SqueezeError | None]] = []
     try:
-        loaded, not_ready = _load(manifest, set_, recipe, max_jobs)
-        planned = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
-        jobs = select_jobs(planned, only_patterns(only), limit)
-        if not_ready is None and (device is not None or offload is not None):
-            from squeeze_cli.model_checks import device_problem  # the same check as at the start of `gen`
+        recipes: list[str | None] = [*split_recipes(recipe)] or [None]
+        parent = _load(manifest, set_, recipes[0], max_jobs)[0].output_dir if len(recipes) > 1 else None
+        for name in recipes:
+            out = parent / recipe_folder_name(name) if parent is not None and name is not None else None
+            loaded, ready_error = _load(manifest, set_, name, max_jobs, out)
+            not_ready: SqueezeError | None = ready_error
+            planned = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
+            jobs = select_jobs(planned, only_patterns(only), limit)
+            if not_ready is None and (device is not None or offload is not None):
+                from squeeze_cli.model_checks import device_problem  # the same check as at the start of `gen`
 
-            mode = parse_choice("--offload", offload, Offload) if offload is not None else "none"
-            wrong_device = device_problem(device or "auto", mode)
-            if wrong_device is not None:
-                not_ready = UsageError(*wrong_device)
+                mode = parse_choice("--offload", offload, Offload) if offload is not None else "none"
+                wrong_device = device_problem(device or "auto", mode)
+                if wrong_device is not None:
+                    not_ready = UsageError(*wrong_device)
+            summary = plan_summary(loaded, jobs)
+            if len(jobs) != len(planned):
+                summary["jobs_in_the_whole_plan"] = len(planned)
+            checked.append((loaded, summary, not_ready))
     except SqueezeError as error:
         if not json_output:
             raise
         print_json_failure(error)
         raise typer.Exit(error.exit_code) from None
-    summary = plan_summary(loaded, jobs)
-    if len(jobs) != len(planned):
-        summary["jobs_in_the_whole_plan"] = len(planned)
     if json_output:
-        warnings = [warning.to_dict() for warning in loaded.warnings]
-        if not_ready is None:
-            typer.echo(json.dumps({"ok": True, **summary, "warnings": warnings}, indent=2))
-            return
-        print_json_failure(not_ready, plan={**summary, "warnings": warnings})
-        raise typer.Exit(not_ready.exit_code)
-    print_warnings(loaded)
+        documents = [
+            {"ok": not_ready is None, **summary, "warnings": [w.to_dict() for w in loaded.warnings]}
+            | ({} if not_ready is None else {"problems": json_problems(not_ready)})
+            for loaded, summary, not_ready in checked
+        ]
+        typer.echo(
+            json.dumps(
+                documents[0]
+                if len(documents) == 1
+                else {"ok": all(d["ok"] for d in documents), "recipes": documents},
+                indent=2,
+            )
+        )
+    else:
+        for place, (loaded, summary, not_ready) in enumerate(checked):
+            print_warnings(loaded)
+            typer.echo(("\n" if place else "") + format_summary(summary, verdict=_verdict(not_ready)))
+    failure = next((error for *_, error in checked if error is not None), None)
+    if failure is not None:
+        if json_output:
+            raise typer.Exit(failure.exit_code)
+        raise failure
+
+
+def _verdict(not_ready: SqueezeError | None) -> str:
     if not_ready is None:
-        typer.echo(format_summary(summary))
-        return
+        return "ok: the manifest is valid; nothing was generated"
     cause = (
         "the model's weights are not ready"
         if isinstance(not_ready, ManifestError)
         else "`gen` cannot run it on this device"
     )
-    typer.echo(format_summary(summary, verdict=f"not ok: the plan is valid, but {cause} (see the errors)"))
-    raise not_ready
+    return f"not ok: the plan is valid, but {cause} (see the errors)"
 
 
 def _load(
-    manifest: str, set_: list[str] | None, recipe: str | None, max_jobs: int | None
+    manifest: str, set_: list[str] | None, recipe: str | None, max_jobs: int | None, out: Path | None = None
 ) -> tuple[LoadedManifest, ManifestError | None]:
     """The manifest, and its problems when they are only about the model's weights (a folder not trained
     yet, a hub id not downloaded): such a manifest still has a plan to show. Any other problem raises."""
     try:
-        return load_from_cli(manifest, set_, recipe, max_jobs), None
+        return load_from_cli(manifest, set_, recipe, max_jobs, out=out), None
     except ManifestError as error:
         try:
-            loaded = load_from_cli(manifest, set_, recipe, max_jobs, check_sources=False)
+            loaded = load_from_cli(manifest, set_, recipe, max_jobs, check_sources=False, out=out)
         except SqueezeError:
             raise error from None
         return loaded, error
@@ -146,7 +173,7 @@ def plan_summary(loaded: LoadedManifest, jobs: Sequence[Job]) -> dict:
     }
 
 
-def format_summary(summary: dict, verdict: str = "ok: the manifest is valid; nothing was generated") -> str:
+def format_summary(summary: dict, verdict: str) -> str:
     recipe = summary["recipe"] or "(model from the manifest)"
     lines = [
         f"manifest  {summary['manifest']}",

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from squeeze_cli import outputs
-from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK, ManifestError
+from squeeze_cli.errors import (
+    EXIT_JOBS_FAILED,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    ManifestError,
+    SqueezeError,
+)
 from squeeze_cli.gen.lock import DirectoryLock, LayoutLock
 from squeeze_cli.gen.progress import Reporter
 from squeeze_cli.gen.signals import StopNow, StopSignal, exit_code
@@ -80,6 +87,51 @@ def run_gen(
             note = "nothing was generated"
         log_line(f"stopped at once by {name}: {note}")
         return exit_code(stopped.signum)
+
+
+def run_recipes(
+    runs: Sequence[tuple[str, LoadedManifest]],
+    options: GenOptions,
+    *,
+    json_events: bool = False,
+    quiet: bool = False,
+) -> int:
+    """`squeeze gen --recipe A,B,C`: each recipe's run in turn, each into its own folder (its manifest's
+    output folder), so one model is loaded at a time.
+
+    A run that stops with an error (its model does not load, a file cannot be written) is reported and the
+    next recipe runs: every image made is kept, and running the command again resumes each folder. Returns
+    0 when every recipe finished every job, 130/143 at once when a signal stopped one, else 1.
+    """
+    from dataclasses import replace
+
+    results: dict[str, int] = {}
+    for name, manifest in runs:
+        if json_events:
+            Reporter.emit_json("recipe", recipe=name, out=str(manifest.output_dir))
+        elif not quiet:
+            log_line(f"recipe {name}: {manifest.output_dir}")
+        try:
+            code = run_gen(
+                manifest, replace(options, out=manifest.output_dir), json_events=json_events, quiet=quiet
+            )
+        except SqueezeError as error:
+            if json_events:
+                Reporter.emit_json("error", recipe=name, message=error.one_line())
+            log_line(f"error: recipe {name}: {error.one_line()}")
+            code = error.exit_code
+        if code in (EXIT_SIGINT, EXIT_SIGTERM):
+            return code
+        results[name] = code
+    failed = [name for name, code in results.items() if code != EXIT_OK]
+    if json_events:
+        Reporter.emit_json("recipes", results=results)
+    elif not quiet or failed:
+        log_line(
+            f"recipes: {len(results) - len(failed)} of {len(results)} finished every job"
+            + (f"; not: {', '.join(failed)}" if failed else "")
+        )
+    return EXIT_JOBS_FAILED if failed else EXIT_OK
 
 
 def _dry_run(

@@ -26,6 +26,25 @@ class ResolvedPrompt:
     params: SamplingParams
     seeds: Sequence[int]  # a tuple, or a range for {count, base}
     location: Location | None = None  # where the prompt is written, for problems found after loading
+    sweep: tuple[tuple[str, Any], ...] = ()  # (key, value) of each swept key: one value of a list
+
+    @property
+    def sweep_label(self) -> str:
+        """What tells this prompt's sweep values apart in grids, short enough for a caption: ``steps=4
+        guidance=2.5 τ=0.9,0.8``; empty without a sweep."""
+        return " ".join(
+            f"{SWEEP_LABELS[key]}={','.join(map(str, value)) if isinstance(value, tuple) else value}"
+            for key, value in self.sweep
+        )
+
+
+# How a grid's caption names each swept key (`schema.SWEPT_KEYS`).
+SWEEP_LABELS = {
+    "num_inference_steps": "steps",
+    "guidance_scale": "guidance",
+    "true_cfg_scale": "true_cfg",
+    "stage_thresholds": "τ",
+}
 
 
 @dataclass(frozen=True)
@@ -91,6 +110,8 @@ class LoadedManifest:
                         {
                             "text": prompt.template,
                             **{k: v for k, v in prompt.params.to_dict().items() if k in used},
+                            # a swept value as a sweep of one: the same job, still labelled in grids
+                            **{key: [prompt.params.to_dict()[key]] for key, _ in prompt.sweep},
                             "seeds": _seeds_to_yaml(prompt.seeds),
                         }
                         for prompt in subject.prompts

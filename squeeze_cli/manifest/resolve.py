@@ -5,6 +5,8 @@ placeholders substituted, the job limit enforced. Reads only YAML and image head
 from __future__ import annotations
 
 import glob
+import itertools
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -54,6 +56,7 @@ from squeeze_cli.manifest.recipes import (
 )
 from squeeze_cli.manifest.schema import (
     DEFAULT_MAX_JOBS,
+    SWEPT_KEYS,
     UNIQUE_NAMES_HINT,
     Manifest,
     ManifestHead,
@@ -135,7 +138,7 @@ def load_manifest(
         document, head, subjects, manifest_path, check_sources=check_sources, output_dir=output_dir
     )
     loaded = resolver.resolve(max_jobs)
-    problems += resolver.problems
+    problems += dict.fromkeys(resolver.problems)  # once, however many of a sweep's values share one
     if problems or loaded is None:
         raise ManifestError(sort_problems(problems))
     return loaded
@@ -168,6 +171,7 @@ class _Resolver:
         self.warnings: list[Problem] = []
         self.output_dir: Path | None = None  # resolved first: reference globs never reach into it
         self._written_folders: list[str] | None = None
+        self.limit = DEFAULT_MAX_JOBS  # the job limit, known once the top level is read
         self.feed_names: set[str] = set()  # the subjects of `subjects_from`, once read
         self.feed_rows: dict[int, tuple[FeedRow, str]] = {}  # subject index -> its row, references column
 
@@ -191,6 +195,7 @@ class _Resolver:
         if self.out_flag is not None:  # `output.dir` was still checked: a bad one is bad input all the same
             output_dir = self.output_dir = self.out_flag
         pipeline = pipeline_spec(model.pipeline_class).name if model is not None else None
+        limit = self.limit = max_jobs or (head.max_jobs if head is not None else None) or DEFAULT_MAX_JOBS
         # Read before any reference is resolved: a glob must not reach into a feed subject's folder either.
         feed = self.read_feed(head.subjects_from) if head is not None and head.subjects_from else None
         names_seen: dict[str, str] = {}  # casefolded name -> where it is first used
@@ -215,7 +220,6 @@ class _Resolver:
                 head.subjects_from, feed, recipe, pipeline, names_seen, first=len(subjects)
             )
 
-        limit = max_jobs or (head.max_jobs if head is not None else None) or DEFAULT_MAX_JOBS
         total = count_jobs(subjects)
         if total > limit:
             self.problem(("subjects",), *too_many_jobs(total, limit))
@@ -296,6 +300,21 @@ class _Resolver:
     ) -> list[ResolvedSubject]:
         """One subject per row: the shared scenes (read once), then the row's own prompts."""
         levels = self.default_levels(recipe)
+        scene_levels = [(("subjects_from", "scenes", i), scene) for i, scene in enumerate(spec.scenes)]
+        swept = [
+            _key_path(where, key)
+            for where, level in [*levels, *scene_levels]
+            for key, value in level.explicit(pipeline).items()
+            if isinstance(value, list)
+        ]
+        for where in swept:
+            self.problem(
+                where,
+                "a sweep (a list of values) is not available with `subjects_from` yet",
+                "give one value, or list the subjects under `subjects`",
+            )
+        if swept:
+            return []
         base, base_seeds = _merged(levels, pipeline)
         known = {"subject", "class", *feed.columns}
         scenes: list[Scene] = []
@@ -449,28 +468,50 @@ class _Resolver:
         path: FieldPath = ("subjects", index)
         references = self.resolve_references(path, subject.references)
         levels = [*self.default_levels(recipe), (path, subject)]
-        base, base_seeds = _merged(levels, pipeline)
+        inherited, base_seeds = _merged_values(levels, pipeline)
 
         prompts: list[ResolvedPrompt] = []
-        seen: dict[tuple[str, SamplingParams], list[int]] = {}
+        seen: dict[tuple[str, SamplingParams], list[tuple[int, Sequence[int]]]] = {}
         for prompt_index, spec in enumerate(subject.prompts):
             prompt_path = (*path, "prompts", prompt_index)
-            params, seeds = _prompt_params(base, base_seeds, spec, pipeline)
+            seeds = _seed_values(spec.seeds if spec.seeds is not None else base_seeds)
             text_path = self.text_path(prompt_path)
             text = self.substitute(text_path, spec.text, subject)
-            self.check_prompt(prompt_path, params, [*levels, (prompt_path, spec)])
-            for other in seen.get((text, params), []):
-                if seeds_overlap(seeds, prompts[other].seeds):
-                    self.problem(
-                        prompt_path,
-                        f"same text, parameters and seeds as prompts[{other}]: the images would be identical",
-                        "remove it, or give it different seeds",
-                    )
-                    break
-            seen.setdefault((text, params), []).append(prompt_index)
             location = self.document.locate(text_path)
-            prompts.append(ResolvedPrompt(prompt_index, spec.text, text, params, seeds, location))
+            for params, sweep in self.sweep_variants(prompt_path, {**inherited, **spec.explicit(pipeline)}):
+                self.check_prompt(prompt_path, params, [*levels, (prompt_path, spec)])
+                for other, other_seeds in seen.get((text, params), []):
+                    if seeds_overlap(seeds, other_seeds):
+                        self.problem(
+                            prompt_path,
+                            f"same text, parameters and seeds as prompts[{other}]: the images would be "
+                            "identical",
+                            "remove it, or give it different seeds",
+                        )
+                        break
+                seen.setdefault((text, params), []).append((prompt_index, seeds))
+                prompts.append(ResolvedPrompt(len(prompts), spec.text, text, params, seeds, location, sweep))
         return ResolvedSubject(index, subject.name, subject.class_noun, references, tuple(prompts))
+
+    def sweep_variants(
+        self, prompt_path: FieldPath, values: dict[str, Any]
+    ) -> list[tuple[SamplingParams, tuple[tuple[str, Any], ...]]]:
+        """A prompt's parameters, one set per combination of its swept keys' values (the cartesian product,
+        the first swept key varying slowest), each with the `(key, value)` pairs it takes from the sweeps."""
+        swept = [key for key in SWEPT_KEYS if isinstance(values.get(key), list)]
+        fixed = replace(SamplingParams(), **{k: v for k, v in values.items() if k not in swept})
+        combinations = math.prod(len(values[key]) for key in swept)
+        if combinations > self.limit:  # found before building them: `[1..1000]` on three keys is 10^9
+            self.problem(
+                prompt_path,
+                f"its sweeps make {combinations:,} sets of parameters, more than the job limit of "
+                f"{self.limit:,}",
+                "sweep fewer values, or raise the limit with `--max-jobs N` or `max_jobs: N`",
+            )
+            return [(fixed, ())]
+        lists: list[list[Any]] = [values[key] for key in swept]
+        sweeps = [tuple(zip(swept, chosen, strict=True)) for chosen in itertools.product(*lists)]
+        return [(replace(fixed, **dict(sweep)), sweep) for sweep in sweeps]
 
     def substitute(self, text_path: FieldPath, template: str, subject: Subject) -> str:
         """`template` with its placeholders filled in; problems with them are located at `text_path`."""
@@ -706,14 +747,23 @@ def _dotted_path(field: str) -> FieldPath:
     return tuple(field.split("."))
 
 
+def _merged_values(
+    levels: Sequence[tuple[FieldPath, SamplingOverrides]], pipeline: str | None
+) -> tuple[dict[str, Any], SeedSpec]:
+    """The sampling keys (a value, or a sweep's list) and the seeds that `levels` set for `pipeline`, later
+    levels winning."""
+    values: dict[str, Any] = {}
+    for _, level in levels:
+        values.update(level.explicit(pipeline))
+    return values, next((level.seeds for _, level in reversed(levels) if level.seeds is not None), None)
+
+
 def _merged(
     levels: Sequence[tuple[FieldPath, SamplingOverrides]], pipeline: str | None
 ) -> tuple[SamplingParams, SeedSpec]:
-    """The parameters and the seeds that `levels` set for `pipeline`, later levels winning."""
-    params = SamplingParams()
-    for _, level in levels:
-        params = replace(params, **level.explicit(pipeline))
-    return params, next((level.seeds for _, level in reversed(levels) if level.seeds is not None), None)
+    """The parameters and the seeds that `levels` set for `pipeline` (no sweep among them)."""
+    values, seeds = _merged_values(levels, pipeline)
+    return replace(SamplingParams(), **values), seeds
 
 
 def _prompt_params(

@@ -153,6 +153,47 @@ Thresholds = Annotated[
 SeedInt = Annotated[StrictInt, AfterValidator(_seed)]
 
 
+# Sampling keys that take a list of values, one job per value (a sweep, as A1111's X/Y/Z plot). A sweep of
+# `stage_thresholds`, itself a pair, is a list of pairs.
+SWEPT_KEYS = ("num_inference_steps", "guidance_scale", "true_cfg_scale", "stage_thresholds")
+
+
+def _unique_values(values: list[Any]) -> list[Any]:
+    for place, value in enumerate(values):
+        if value in values[:place]:
+            raise schema_error(
+                f"{list(value) if isinstance(value, tuple) else value} appears more than once in the sweep",
+                "each value makes its own images: list it once",
+            )
+    return values
+
+
+def _sweepable(one: Any, *, pair: bool = False) -> Any:
+    """`one` value, or a sweep: a list of such values, at least one, each once (errors at `key[i]`)."""
+
+    def kind(value: Any) -> str:
+        if not isinstance(value, list):
+            return "one"
+        # A pair (stage_thresholds) is itself a list: only a list of lists sweeps it.
+        return "sweep" if not pair or any(isinstance(item, list) for item in value) else "one"
+
+    sweep = Annotated[list[one], Field(min_length=1), AfterValidator(_unique_values)]
+    return Annotated[Annotated[one, Tag("one")] | Annotated[sweep, Tag("sweep")], Discriminator(kind)]
+
+
+# Built at run time for pydantic; a static type checker sees the plain value or its list.
+if TYPE_CHECKING:
+    SweptSteps: TypeAlias = int | list[int]
+    SweptFloat: TypeAlias = float | list[float]
+    SweptThresholds: TypeAlias = tuple[float, float] | list[tuple[float, float]]
+    SweptTrueCfg: TypeAlias = float | list[float]
+else:
+    SweptSteps = _sweepable(StepsInt)
+    SweptFloat = _sweepable(NonNegativeFloat)
+    SweptThresholds = _sweepable(Thresholds, pair=True)
+    SweptTrueCfg = _sweepable(TrueCfg)
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -240,13 +281,14 @@ NULLABLE_SAMPLING_KEYS = ("negative_prompt", "step_cache")
 class SamplingOverrides(StrictModel):
     """Sampling parameters, every one optional: a level of the merge sets only what it names."""
 
-    num_inference_steps: StepsInt | None = None
-    guidance_scale: NonNegativeFloat | None = None
+    # The keys in SWEPT_KEYS take a list of values too: one job per value.
+    num_inference_steps: SweptSteps | None = None
+    guidance_scale: SweptFloat | None = None
     height: SideInt | None = None
     width: SideInt | None = None
-    stage_thresholds: Thresholds | None = None
+    stage_thresholds: SweptThresholds | None = None
     keep_mllm_condition: StrictBool | None = None
-    true_cfg_scale: TrueCfg | None = None
+    true_cfg_scale: SweptTrueCfg | None = None
     negative_prompt: StrictStr | None = None
     reference_size: SideInt | None = None
     step_cache: StepCacheSpec | None = None

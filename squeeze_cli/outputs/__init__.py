@@ -78,7 +78,9 @@ from .layout import (  # noqa: F401
     STALE_DIR_NAME,
     UnsafeOutputPathError,
     image_name,
+    is_run_folder,
     run_dir,
+    runs_inside,
     safe_join,
     views_root,
 )

@@ -44,6 +44,19 @@ RESERVED_NAMES = frozenset(
 )
 
 
+def is_run_folder(folder: Path) -> bool:
+    """Whether `squeeze gen` ran in `folder`: it holds the run's manifest, or shards' folders."""
+    return (folder / RESOLVED_MANIFEST_NAME).is_file() or (folder / SHARDS_DIR_NAME).is_dir()
+
+
+def runs_inside(folder: Path) -> list[Path]:
+    """The run folders directly inside `folder`, by name, when it is not one itself: what
+    `gen --recipe A,B` writes (OUT/A/, OUT/B/). Empty for a run folder, or one without runs."""
+    if is_run_folder(folder) or not folder.is_dir():
+        return []
+    return sorted(sub for sub in folder.iterdir() if sub.is_dir() and is_run_folder(sub))
+
+
 class UnsafeOutputPathError(SqueezeError):
     """A path that would land outside the output directory, or on one of its reserved names."""
 

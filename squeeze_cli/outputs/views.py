@@ -78,7 +78,7 @@ def plan_views(
                 continue
             page_prompts, sheet_rows = [], []
             for prompt_jobs in page_jobs:
-                prompt_index, prompt = prompt_jobs[0].prompt_index, prompt_jobs[0].prompt
+                prompt_index, prompt = prompt_jobs[0].prompt_index, _caption(prompt_jobs[0])
                 images = [
                     (job.seed, job.job_id, finished[job.job_id].sha256 if job.job_id in finished else None)
                     for job in prompt_jobs
@@ -268,3 +268,9 @@ def _draw_in_pool(
             stop.set()
             for future in pending:
                 future.cancel()
+
+
+def _caption(job: Job) -> str:
+    """A prompt's text in its grid and contact-sheet row, led by the sweep values it takes (they are what
+    tells the rows of a sweep apart; the text, which may be cut, comes after)."""
+    return f"[{job.sweep}]  {job.prompt}" if job.sweep else job.prompt
