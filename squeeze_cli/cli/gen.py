@@ -175,6 +175,14 @@ def gen(
     dtype: DtypeOpt = None,
     offload: OffloadOpt = Offload.none.value,
     allow_pickle: AllowPickleOpt = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Hash every finished image to check it (default: trust an image whose size, mtime and inode "
+            "are those its sidecar records).",
+        ),
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Plan and report what would run; load nothing.")
     ] = False,
@@ -225,6 +233,7 @@ def gen(
         offload=parse_choice("--offload", offload, Offload),
         dry_run=dry_run,
         allow_pickle=allow_pickle,
+        verify=verify,
         command=["squeeze", *sys.argv[1:]],
     )
     try:

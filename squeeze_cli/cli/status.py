@@ -32,12 +32,20 @@ def status(
             "(the shards' included); generates nothing.",
         ),
     ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Hash every finished image to check it (default: trust an image whose size, mtime and inode "
+            "are those its sidecar records); one that fails counts as pending.",
+        ),
+    ] = False,
 ) -> int:
     """Say how far a run folder is: per subject done / failed / pending, shards included."""
     from squeeze_cli.gen.status import format_status, merge_run, run_status
 
     try:
-        found = run_status(out)
+        found = run_status(out, verify=verify)
         if merge:
             merge_run(found)
     except SqueezeError as error:

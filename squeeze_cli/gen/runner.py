@@ -91,7 +91,7 @@ def _dry_run(
     """Report what a run would do: counts, sizes, steps per stage; loads and writes nothing."""
     reporter = Reporter(Reporter.choose_mode(json_events=json_events, quiet=quiet))
     resume = not options.overwrite and out_dir.is_dir()
-    done = outputs.finished_job_ids(out_dir, jobs) if resume else set()
+    done = outputs.finished_job_ids(out_dir, jobs, verify=options.verify) if resume else set()
     plan = describe_plan(jobs, done, staged=pipeline_spec(manifest.model.pipeline_class).staged)
     report_dry_run(reporter, {"event": "dry_run", "out": str(out_dir), **plan}, json_events)
     return EXIT_OK
@@ -156,7 +156,9 @@ class GenRun:
         # One read of the sidecars serves the skip decision, the moves and the index repair: finished work
         # is found by job id, wherever it sits in its subject's directory.
         resume = not self.options.overwrite and self.out_dir.is_dir()
-        self.done = outputs.find_finished(self.out_dir, self.jobs) if resume else {}
+        self.done = (
+            outputs.find_finished(self.out_dir, self.jobs, verify=self.options.verify) if resume else {}
+        )
         self.pending = [job for job in self.jobs if job.job_id not in self.done]
         self.mine = shard_jobs(self.pending, self.processes.index, self.processes.count)
         self.worker = Worker(
@@ -199,6 +201,7 @@ class GenRun:
             # then finished images of prompts that moved take their new position's name, before anything runs.
             self.summary["stale"] = self._move_stale()
             self.done = outputs.move_to_positions(self.out_dir, self.jobs, self.done)
+            outputs.record_stamps(self.out_dir, self.jobs, self.done)  # found by hash: not read next time
             _open_run_files(
                 self.out_dir,
                 self.run_dir,

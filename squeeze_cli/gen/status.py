@@ -149,8 +149,9 @@ def _read_summary(folder: Path) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) else None
 
 
-def run_status(out: str | Path) -> RunStatus:
-    """Read a run folder: its plan, what is finished, what failed, each run's summary; writes nothing."""
+def run_status(out: str | Path, *, verify: bool = False) -> RunStatus:
+    """Read a run folder: its plan, what is finished, what failed, each run's summary; writes nothing.
+    With `verify`, every finished image is hashed (`outputs.find_finished`)."""
     from squeeze_cli.manifest.resolve import load_manifest
 
     out = Path(out).expanduser().absolute()
@@ -158,7 +159,7 @@ def run_status(out: str | Path) -> RunStatus:
     # The weights need not be on this machine to count images.
     loaded = load_manifest(manifest, check_sources=False)
     jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
-    finished = outputs.find_finished(out, jobs)
+    finished = outputs.find_finished(out, jobs, verify=verify)
     planned_ids = {job.job_id for job in jobs}
     failed: dict[str, dict[str, Any]] = {}
     runs = []

@@ -42,6 +42,7 @@ class GenOptions:
     offload: str = "none"
     dry_run: bool = False
     allow_pickle: bool = False
+    verify: bool = False  # hash every finished PNG, even those whose stat matches their sidecar's
     command: list[str] = field(default_factory=list)
 
 

@@ -74,7 +74,14 @@ from .layout import (  # noqa: F401
     safe_join,
 )
 from .records import image_record, package_versions, read_sidecar, save_image  # noqa: F401
-from .resume import Finished, find_finished, finished_job_ids, move_to_positions, png_mismatch  # noqa: F401
+from .resume import (  # noqa: F401
+    Finished,
+    find_finished,
+    finished_job_ids,
+    move_to_positions,
+    png_mismatch,
+    record_stamps,
+)
 from .stale import StaleImage, find_stale, find_stale_views, in_the_way, move_stale, stale_folder_name  # noqa: F401
 from .tree import check_output_tree  # noqa: F401
 from .views import draw_views, plan_views, share_views, update_views, views_jobs  # noqa: F401
