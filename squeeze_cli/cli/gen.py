@@ -172,6 +172,15 @@ def gen(
         int, typer.Option("--batch-size", min=1, metavar="N", help="Images per forward pass.")
     ] = 1,
     device: DeviceOpt = "auto",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            metavar="N",
+            help="CPU threads for torch (default: OMP_NUM_THREADS, else the cores the load leaves idle).",
+        ),
+    ] = None,
     dtype: DtypeOpt = None,
     offload: OffloadOpt = Offload.none.value,
     allow_pickle: AllowPickleOpt = False,
@@ -234,6 +243,7 @@ def gen(
         dry_run=dry_run,
         allow_pickle=allow_pickle,
         verify=verify,
+        threads=threads,
         command=["squeeze", *sys.argv[1:]],
     )
     try:

@@ -239,6 +239,7 @@ class GenRun:
             out=str(self.out_dir),
             processes=self.processes.count,
             skipped=len(self.done),
+            **self.worker.threads.to_dict() if self.worker.threads is not None else {},
         )
         try:
             self.worker.run(self.mine, self.stop)
