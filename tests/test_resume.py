@@ -210,6 +210,22 @@ def test_a_no_op_resume_trusts_a_matching_stat_and_reads_no_image(tmp_path, monk
     assert hashed == [str(png)]
 
 
+def test_a_no_op_rerun_reads_each_record_once_and_checks_no_image_path(run, monkeypatch) -> None:
+    """A rerun with every image and view current: the index is repaired once (not again at the end), and
+    no image path is checked for drawing (`safe_join` resolves every part: minutes at 100k images)."""
+    from squeeze_cli.outputs import index, views
+
+    text = HEAD.format(seeds="[0, 1]") + subject("dog", ["a {class}", "a {class} on a rug"])
+    run(text)
+    repairs, paths = [], []
+    real_repair, real_path = index.repair_index, views.image_path
+    monkeypatch.setattr(outputs, "repair_index", lambda *a, **k: repairs.append(1) or real_repair(*a, **k))
+    monkeypatch.setattr(views, "image_path", lambda *a: paths.append(a) or real_path(*a))
+    summary = run(text)
+    assert summary["jobs"]["skipped"] == 4 and summary["jobs"]["succeeded"] == 0
+    assert len(repairs) == 1 and paths == []
+
+
 def test_an_image_edited_with_its_mtime_put_back_is_caught_by_verify(run, squeeze) -> None:
     text = HEAD.format(seeds="[0, 1]") + subject("dog", ["a {class}"])
     run(text)

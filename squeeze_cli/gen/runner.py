@@ -269,14 +269,15 @@ class GenRun:
         try:
             # Every process's images are on disk now, under their positions' names (moves came first).
             finished = {**self.done, **outputs.find_finished(self.out_dir, self.pending, anywhere=False)}
-            _merge_index(
-                self.run_dir,
-                self.jobs,
-                finished,
-                self.pending,
-                failures,
-                already_appended=self.worker.failures,
-            )
+            if self.pending:  # else `open` left the index agreeing with the images: no second pass
+                _merge_index(
+                    self.run_dir,
+                    self.jobs,
+                    finished,
+                    self.pending,
+                    failures,
+                    already_appended=self.worker.failures,
+                )
             quality = self.manifest.document.quality
             if quality is not None:
                 from squeeze_cli.gen.gate import quality_summary
