@@ -47,8 +47,8 @@ from squeeze_cli.pipelines.stages import stage_plan
 from squeeze_cli.plan import plan_jobs
 
 
-def timed_process(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one fresh process."""
+def timed_process(command: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MiB, CPU seconds: user + system) of one fresh process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -60,7 +60,7 @@ def timed_process(command: list[str]) -> tuple[float, float]:
             f"{' '.join(command)} exited {process.returncode}: {process.stderr.read()[-2000:]}"
         )
     process.stderr.close()
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 # Hard links per copy of the fixture's PNG: under ext4's 65,000 links per file.
@@ -120,12 +120,16 @@ def write_finished(manifest_path: Path, out: Path, png_px: int | None = None) ->
 
 def median_process(command: list[str], runs: int) -> dict[str, float]:
     samples = [timed_process(command) for _ in range(runs)]
-    walls = [w for w, _ in samples]
+    walls, cpus = [w for w, _, _ in samples], [c for _, _, c in samples]
     return {
         "median_s": statistics.median(walls),
         "min_s": min(walls),
         "max_s": max(walls),
-        "peak_rss_mib": max(m for _, m in samples),
+        # CPU time: what the command costs, which other jobs on a shared machine disturb far less.
+        "cpu_median_s": statistics.median(cpus),
+        "cpu_min_s": min(cpus),
+        "cpu_max_s": max(cpus),
+        "peak_rss_mib": max(m for _, m, _ in samples),
     }
 
 
@@ -239,24 +243,25 @@ def main() -> None:
                 )
                 inner = in_process(path, out)
                 report["resume"][n] = {"finished": written, "dry_run": dry, "gen_all_done": rerun, **inner}
+                print(
+                    f"{n:>7} jobs, all {written} done (written in {setup:.0f} s): dry run "
+                    f"{dry['median_s']:.2f} s ({dry['min_s']:.2f}–{dry['max_s']:.2f}), "
+                    f"{dry['peak_rss_mib']:.0f} MiB; gen {rerun['median_s']:.2f} s ({rerun['min_s']:.2f}–"
+                    f"{rerun['max_s']:.2f}), CPU {rerun['cpu_median_s']:.2f} s ({rerun['cpu_min_s']:.2f}–"
+                    f"{rerun['cpu_max_s']:.2f}), {rerun['peak_rss_mib']:.0f} MiB; find_finished "
+                    f"{inner['scan_s']:.2f} s, Python peak {inner['scan_peak_mib']:.1f} MiB",
+                    flush=True,
+                )
                 if args.verify:
                     verify = median_process(
                         [*squeeze, str(path), "--out", str(out), "--quiet", "--verify", *views_off], 1
                     )
                     report["resume"][n]["gen_verify"] = verify
                     print(
-                        f"{n:>7} jobs: gen --verify {verify['median_s']:.2f} s, "
-                        f"{verify['peak_rss_mib']:.0f} MiB",
+                        f"{n:>7} jobs: gen --verify {verify['median_s']:.2f} s, CPU "
+                        f"{verify['cpu_median_s']:.2f} s, {verify['peak_rss_mib']:.0f} MiB",
                         flush=True,
                     )
-                print(
-                    f"{n:>7} jobs, all {written} done (written in {setup:.0f} s): dry run "
-                    f"{dry['median_s']:.2f} s ({dry['min_s']:.2f}–{dry['max_s']:.2f}), "
-                    f"{dry['peak_rss_mib']:.0f} MiB; gen {rerun['median_s']:.2f} s ({rerun['min_s']:.2f}–"
-                    f"{rerun['max_s']:.2f}), {rerun['peak_rss_mib']:.0f} MiB; find_finished "
-                    f"{inner['scan_s']:.2f} s, Python peak {inner['scan_peak_mib']:.1f} MiB",
-                    flush=True,
-                )
     report["load_average_after"] = os.getloadavg()
     print(f"load average before {report['load_average_before']}, after {report['load_average_after']}")
     if args.json:
