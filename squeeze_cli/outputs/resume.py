@@ -70,7 +70,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def png_file_facts(path: str | os.PathLike) -> dict[str, Any]:
     """What a sidecar records about its PNG: `{"size", "sha256", "mtime_ns", "inode"}`."""
-    return {"size": os.stat(path).st_size, "sha256": file_sha256(path), **png_stamp(os.stat(path))}
+    info = os.stat(path)
+    return {"size": info.st_size, "sha256": file_sha256(path), **png_stamp(info)}
 
 
 def png_mismatch(png: str | os.PathLike, record: Mapping[str, Any], *, verify: bool = False) -> str | None:
