@@ -24,7 +24,9 @@ def test_the_text_summary_of_gen_goes_to_stdout(project: Path, squeeze) -> None:
     # The plan comes before the progress.
     # Off a terminal each of squeeze's lines starts with its UTC time (a library's warning may come first).
     logged = [line.split(" ", 1)[1] for line in result.err.splitlines() if line[:4].isdigit()]
-    assert logged[0] == f"1 job, 0 already done, 1 to generate → {project / 'out'}"
+    assert (
+        logged[0] == f"1 job, 0 already done, 1 to generate, 1 thread (OMP_NUM_THREADS) → {project / 'out'}"
+    )
 
 
 def _job(subject: str = "dog"):
