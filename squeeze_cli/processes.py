@@ -31,7 +31,7 @@ def choose_threads(
     (the 1-minute load average, other processes' work) leaves idle, at least one.
 
     torch's default, every core in every process, oversubscribes a busy machine: one `squeeze gen` on 2
-    busy cores ran ×3.0–3.4 slower with 2 threads than with 1 (BENCHMARKS.md).
+    busy cores ran ×3.0–3.4 slower with 2 threads than with 1, ×49 at a load of 8–10 (BENCHMARKS.md, 17).
     """
     if requested is not None:
         return ThreadChoice(requested, "--threads")
