@@ -210,6 +210,28 @@ def test_a_no_op_resume_trusts_a_matching_stat_and_reads_no_image(tmp_path, monk
     assert hashed == [str(png)]
 
 
+def test_a_rerun_of_the_same_plan_does_not_write_the_resolved_manifest_again(run, monkeypatch) -> None:
+    """Its YAML is most of a no-op rerun at 100,000 jobs: the header's fingerprint says it is current."""
+    from squeeze_cli.manifest.loaded import LoadedManifest
+
+    text = HEAD.format(seeds="[0, 1]") + subject("dog", ["a {class}"])
+    run(text)
+    resolved = run.project / "out" / "manifest.resolved.yaml"
+    written = []
+    real_yaml = LoadedManifest.resolved_yaml
+    monkeypatch.setattr(
+        LoadedManifest, "resolved_yaml", lambda self, *a: written.append(1) or real_yaml(self, *a)
+    )
+    before = resolved.read_text()
+    run(text)
+    assert written == [] and resolved.read_text() == before
+    run(HEAD.format(seeds="[0, 1]") + subject("dog", ["a {class}", "a {class} on a rug"]))  # a new plan
+    assert written == [1] and "a {class} on a rug" in resolved.read_text()
+    resolved.write_text(before.replace("# fingerprint: ", "# (edited) "))  # no fingerprint: written again
+    run(text)
+    assert len(written) == 2 and "# fingerprint: " in resolved.read_text()
+
+
 def test_a_no_op_rerun_reads_each_record_once_and_checks_no_image_path(run, monkeypatch) -> None:
     """A rerun with every image and view current: the index is repaired once (not again at the end), and
     no image path is checked for drawing (`safe_join` resolves every part: minutes at 100k images)."""

@@ -35,9 +35,11 @@ from squeeze_cli.gen.summary import describe_plan, finish_summary, now, report_d
 from squeeze_cli.gen.worker import GenOptions, Worker
 from squeeze_cli.logs import log_line
 from squeeze_cli.manifest import LoadedManifest
+from squeeze_cli.manifest.loaded import RESOLVED_FINGERPRINT_PREFIX
 from squeeze_cli.pipelines.registry import pipeline_spec
 from squeeze_cli.plan import Job, plan_jobs, select_jobs, shard_jobs
 from squeeze_cli.processes import Processes
+from squeeze_cli.reading import open_regular_file
 
 
 def run_gen(
@@ -478,8 +480,23 @@ def _open_run_files(
         planned_images=outputs.planned_images(jobs),
         keep_job_ids=keep_job_ids,
     )
-    outputs.write_resolved_manifest(run_dir, manifest.resolved_yaml(shard))
+    if _recorded_fingerprint(run_dir) != manifest.resolved_fingerprint(shard):
+        outputs.write_resolved_manifest(run_dir, manifest.resolved_yaml(shard))
     outputs.write_run_summary(run_dir, summary)
+
+
+def _recorded_fingerprint(run_dir: Path) -> str | None:
+    """The fingerprint in the header of the run's `manifest.resolved.yaml`, or None (none there, or not a
+    regular file: then it is written again)."""
+    try:
+        with open_regular_file(outputs.resolved_manifest_path(run_dir), follow_symlinks=False) as file:
+            head = file.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in head.splitlines()[:4]:
+        if line.startswith(RESOLVED_FINGERPRINT_PREFIX):
+            return line[len(RESOLVED_FINGERPRINT_PREFIX) :].strip()
+    return None
 
 
 def _merge_index(

@@ -78,6 +78,7 @@ from .layout import (  # noqa: F401
     UnsafeOutputPathError,
     image_name,
     is_run_folder,
+    resolved_manifest_path,
     run_dir,
     runs_inside,
     safe_join,
