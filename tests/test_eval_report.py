@@ -1,8 +1,9 @@
 """report.html in a real browser: headless Chromium, driven over the DevTools protocol on 127.0.0.1.
 
-What is checked is what a person sees: the rows, their order (worst first, then after a mouse click on a
-column header), typing into the filter, and that every image is loaded. Skipped when Chromium or the
-`websockets` package is missing (.ci/run installs Chromium).
+What is checked is what a person sees: the summary, the plots, the gallery's rows and their order (worst
+first, then after a mouse click on a column header), typing into the filter, and that every thumbnail loads
+when scrolled to (they load lazily) and links its full image. Skipped when Chromium or the `websockets`
+package is missing (.ci/run installs Chromium).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Browser:
                 return reply["result"]
 
     def evaluate(self, expression: str):
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
         return result["result"].get("value")
 
     def open(self, url: str) -> None:
@@ -103,6 +104,17 @@ class Browser:
         ):
             assert time.monotonic() < deadline, "the page did not finish loading"
             time.sleep(0.05)
+
+    def load_every_image(self) -> list[int]:
+        """Scroll to each image in turn (lazy thumbnails load when near the viewport) and wait for its
+        `load` or `error`; the natural widths (0: it could not be loaded)."""
+        return self.evaluate(
+            "(async () => { for (const img of document.images) { img.scrollIntoView();"
+            " if (!img.complete) await new Promise(done => {"
+            " img.addEventListener('load', done, {once: true});"
+            " img.addEventListener('error', done, {once: true});"
+            " }); } return [...document.images].map(i => i.naturalWidth); })()"
+        )
 
     def click(self, selector: str) -> None:
         """A person's click: the mouse pressed and released at the element's centre."""
@@ -141,27 +153,40 @@ def browser(tmp_path: Path):
     opened.close()
 
 
+GALLERY_ROWS = "[...document.querySelectorAll('table.gallery tbody tr')]"
+SUMMARY_ROWS = "[...document.querySelectorAll('table.summary tbody tr')]"
+
+
 def visible_keys(browser: Browser) -> list[str]:
-    return browser.evaluate(
-        "[...document.querySelectorAll('tbody tr')].filter(r => !r.hidden).map(r => r.dataset.key)"
-    )
+    return browser.evaluate(f"{GALLERY_ROWS}.filter(r => !r.hidden).map(r => r.dataset.key)")
 
 
 def keys_sorted_by(run: Path, metric: str, reverse: bool = False) -> list[str]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    rows.sort(key=lambda r: r[metric], reverse=reverse)
-    return [f"{r['subject']}/{r['prompt_index']}/{r['seed']}" for r in rows]
+    """The gallery's rows (one per prompt) in the order of the prompt's mean `metric` (metrics.json)."""
+    prompts = json.loads((run / "metrics.json").read_text())["prompts"]
+    prompts.sort(key=lambda p: p[metric], reverse=reverse)
+    return [f"{p['subject']}/{p['prompt_index']}" for p in prompts]
 
 
-def test_the_report_shows_every_image_worst_first_and_sorts_on_a_click(evaluated_run: Path, browser: Browser):
+def test_the_report_shows_every_prompt_worst_first_and_sorts_on_a_click(
+    evaluated_run: Path, browser: Browser
+):
     browser.open((evaluated_run / "report.html").as_uri())
 
-    # Every image of the run is a row, worst DINO first; every image (references too) is loaded.
+    # A row per prompt, worst mean DINO first: its references, then the run's image of every seed.
     assert visible_keys(browser) == keys_sorted_by(evaluated_run, "dino")
-    widths = browser.evaluate("[...document.images].map(i => i.complete ? i.naturalWidth : 0)")
-    assert len(widths) == 6 + 2 and all(width > 0 for width in widths)
+    first = "document.querySelector('table.gallery tbody tr')"
+    assert browser.evaluate(f"{first}.querySelectorAll('td.refs img').length") == 2
+    seeds = browser.evaluate(f"[...{first}.querySelectorAll('td.shots figcaption')].map(c => c.textContent)")
+    assert [caption.split("DINO")[0] for caption in seeds] == ["s0", "s1", "s2"]
+
+    # Every thumbnail is lazy, links its full image, and loads once scrolled to: 2 × (2 references + 3 seeds).
+    assert browser.evaluate(
+        "[...document.images].every(i => i.loading === 'lazy' && i.closest('a').href === i.src)"
+    )
+    widths = browser.load_every_image()
+    assert len(widths) == 2 * (2 + 3) and all(width > 0 for width in widths)
     assert browser.evaluate("document.getElementById('broken').textContent") == ""
-    assert browser.evaluate("document.querySelector('.refs').textContent").startswith("references")
 
     assert browser.evaluate("document.querySelector('th.sorted-asc').dataset.column") == "dino"
     browser.click("th[data-column='dino']")  # already worst first: a click shows the best first
@@ -172,14 +197,47 @@ def test_the_report_shows_every_image_worst_first_and_sorts_on_a_click(evaluated
     browser.click("th[data-column='clip_t']")
     assert visible_keys(browser) == keys_sorted_by(evaluated_run, "clip_t", reverse=True)
     column = browser.evaluate("document.querySelector(\"th[data-column='clip_t']\").cellIndex")
-    shown = browser.evaluate(
-        f"[...document.querySelectorAll('tbody tr')].map(r => r.cells[{column}].textContent)"
-    )
+    shown = browser.evaluate(f"{GALLERY_ROWS}.map(r => r.cells[{column}].textContent)")
     assert shown == sorted(shown, reverse=True)  # what a person reads is in order too
 
     browser.type_text("#filter", "beach")
-    assert visible_keys(browser) == [k for k in keys_sorted_by(evaluated_run, "clip_t", True) if "/1/" in k]
-    assert browser.evaluate("document.getElementById('shown').textContent") == "3"
+    assert visible_keys(browser) == ["dog/1"]
+    assert browser.evaluate("document.getElementById('shown').textContent") == "1"
+    # The filter keeps to the gallery: the summary still shows the subject and the overall row.
+    assert browser.evaluate(f"{SUMMARY_ROWS}.filter(r => !r.hidden).map(r => r.cells[0].textContent)") == [
+        "dog",
+        "overall",
+    ]
+
+
+def test_the_summary_and_the_distributions(evaluated_run: Path, browser: Browser):
+    browser.open((evaluated_run / "report.html").as_uri())
+    summary = json.loads((evaluated_run / "metrics.json").read_text())
+    cells = browser.evaluate(f"{SUMMARY_ROWS}.map(r => [...r.cells].map(c => c.textContent))")
+    assert [row[:3] for row in cells] == [["dog", "run", "6"], ["overall", "run", "6"]]
+    assert cells[1][3] == f"{summary['overall']['dino']:.3f}"
+    # One plot per metric, each with one histogram per run, as many images as the run has values.
+    plots = browser.evaluate(
+        "[...document.querySelectorAll('figure.dist')].map(f => [f.dataset.metric,"
+        " [...f.querySelectorAll('rect title')].reduce((n, t) => n + Number(t.textContent), 0)])"
+    )
+    assert plots == [[metric, 6] for metric in summary["metrics"]]
+
+
+def test_runs_side_by_side_in_the_gallery(evaluated_run: Path, browser: Browser, tmp_path: Path, squeeze):
+    other = tmp_path / "other"
+    shutil.copytree(evaluated_run, other)  # the same images (and scores, cached) under another name
+    assert squeeze("eval", str(evaluated_run), str(other), "--metrics", "tiny").code == 0
+    browser.open((other / "report.html").as_uri())
+    shots = browser.evaluate(
+        f"{GALLERY_ROWS}.map(r => [...r.querySelectorAll('td.shots')]"
+        ".map(cell => cell.querySelectorAll('img').length))"
+    )
+    assert shots == [[3, 3], [3, 3]]
+    runs = browser.evaluate(f"{SUMMARY_ROWS}.map(r => r.cells[1].textContent)")
+    assert runs == ["run", "other", "run", "other"]
+    assert browser.evaluate("document.querySelectorAll('figure.dist svg text').length") > 0
+    assert len(browser.load_every_image()) == 2 * (2 + 3 + 3)
 
 
 def test_a_missing_image_is_visible_in_the_report(evaluated_run: Path, browser: Browser, tmp_path: Path):
@@ -188,6 +246,11 @@ def test_a_missing_image_is_visible_in_the_report(evaluated_run: Path, browser: 
     shutil.copytree(evaluated_run.parent / "images", tmp_path / "images")  # references are linked relatively
     (run / "dog" / "000-s0.png").unlink()  # deleted after the report was written
     browser.open((run / "report.html").as_uri())
+    widths = browser.load_every_image()  # lazily loaded: counted when its own request fails
+    assert widths.count(0) == 1
     assert re.fullmatch(
         r"1 image\(s\) could not be loaded", browser.evaluate("document.getElementById('broken').textContent")
+    )
+    assert browser.evaluate("document.querySelector('img.broken').closest('figure').dataset.image") == (
+        "dog/000-s0.png"
     )
