@@ -9,8 +9,10 @@ package is missing (.ci/run installs Chromium).
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -19,6 +21,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from squeeze_cli.eval.report import write_report
+from squeeze_cli.eval.scoring import mean_metrics
 
 websockets_sync = pytest.importorskip("websockets.sync.client", reason="needs the websockets package")
 
@@ -254,3 +260,82 @@ def test_a_missing_image_is_visible_in_the_report(evaluated_run: Path, browser: 
     assert browser.evaluate("document.querySelector('img.broken').closest('figure').dataset.image") == (
         "dog/000-s0.png"
     )
+
+
+def synthetic_evaluations(root: Path, subjects: int, prompts: int, seeds: int, runs: int) -> list:
+    """`render_report`'s input for `runs` runs of subjects × prompts × seeds images, written as tiny PNGs
+    (a few colours, so the browser decodes real files) with random scores: the report without scoring."""
+    metrics = ["dino", "clip_i", "clip_t", "copy"]
+    colours = []
+    for shade in range(8):
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), (30 * shade, 120, 255 - 30 * shade)).save(buffer, "PNG")
+        colours.append(buffer.getvalue())
+    references = {}
+    for subject in range(subjects):
+        folder = root / "references" / f"subject{subject:02d}"
+        folder.mkdir(parents=True)
+        references[subject] = [str(folder / f"{n}.png") for n in range(4)]
+        for n, path in enumerate(references[subject]):
+            Path(path).write_bytes(colours[n])
+    generator = random.Random(0)
+    evaluations = []
+    for run in range(runs):
+        run_dir = root / f"run{run}"
+        rows = []
+        for subject, prompt, seed in itertools.product(range(subjects), range(prompts), range(seeds)):
+            image = f"subject{subject:02d}/{prompt:03d}-s{seed}.png"
+            (run_dir / image).parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / image).write_bytes(colours[(subject + prompt + seed) % len(colours)])
+            rows.append(
+                {
+                    "subject": f"subject{subject:02d}",
+                    "prompt_index": prompt,
+                    "seed": seed,
+                    "prompt": f"a photo of subject{subject:02d} in scene {prompt}",
+                    "image": image,
+                    "references": references[subject],
+                    "gated": False,
+                    **{metric: generator.uniform(0.2, 0.9) for metric in metrics},
+                }
+            )
+        by_subject: dict[str, list] = {}
+        for row in rows:
+            by_subject.setdefault(row["subject"], []).append(row)
+        summary = {
+            "protocol": {"metric_set": "dreambench", "references": "conditioning"},
+            "metrics": metrics,
+            "images": len(rows),
+            "recipe": f"recipe{run}",
+            "gate": None,
+            "overall": mean_metrics(rows, metrics),
+            "subjects": {
+                name: {"images": len(group), **mean_metrics(group, metrics)}
+                for name, group in by_subject.items()
+            },
+            "failed": [],
+            "missing": [],
+        }
+        evaluations.append((f"run{run}", run_dir, summary, rows))
+    return evaluations
+
+
+@pytest.mark.slow
+def test_a_dreambench_size_report_opens_in_chromium(tmp_path: Path, browser: Browser):
+    """3,000 images × 3 runs (DreamBench's 30 subjects × 25 prompts × 4 seeds): the time to the page's
+    `load` is printed for BENCHMARKS.md; only a hang guard is asserted."""
+    evaluations = synthetic_evaluations(tmp_path, subjects=30, prompts=25, seeds=4, runs=3)
+    report = write_report(evaluations, evaluations[0][1])
+    browser.open(report.as_uri())  # waits (up to a hang guard) for the page's load event
+    timing = browser.evaluate(
+        "(() => { const n = performance.getEntriesByType('navigation')[0];"
+        " return [n.domContentLoadedEventEnd, n.loadEventEnd]; })()"
+    )
+    assert browser.evaluate(f"{GALLERY_ROWS}.length") == 30 * 25
+    assert browser.evaluate("document.querySelectorAll('td.shots img').length") == 3 * 3000
+    assert browser.evaluate("document.getElementById('broken').textContent") == ""
+    print(
+        f"\nreport of 3,000 images x 3 runs: {report.stat().st_size / 1e6:.1f} MB of HTML; "
+        f"DOMContentLoaded {timing[0]:.0f} ms, load {timing[1]:.0f} ms"
+    )
+    assert 0 < timing[1] < 120_000  # a hang guard, not a speed check
