@@ -300,8 +300,10 @@ def synthetic_evaluations(root: Path, subjects: int, prompts: int, seeds: int, r
                 }
             )
         by_subject: dict[str, list] = {}
+        by_prompt: dict[tuple[str, int], list] = {}
         for row in rows:
             by_subject.setdefault(row["subject"], []).append(row)
+            by_prompt.setdefault((row["subject"], row["prompt_index"]), []).append(row)
         summary = {
             "protocol": {"metric_set": "dreambench", "references": "conditioning"},
             "metrics": metrics,
@@ -313,6 +315,10 @@ def synthetic_evaluations(root: Path, subjects: int, prompts: int, seeds: int, r
                 name: {"images": len(group), **mean_metrics(group, metrics)}
                 for name, group in by_subject.items()
             },
+            "prompts": [
+                {"subject": subject, "prompt_index": prompt, **mean_metrics(group, metrics)}
+                for (subject, prompt), group in by_prompt.items()
+            ],
             "failed": [],
             "missing": [],
         }

@@ -12,7 +12,6 @@ from typing import Any
 
 from squeeze_cli import outputs
 from squeeze_cli.eval.gated import gate_line
-from squeeze_cli.eval.scoring import mean_metrics
 from squeeze_cli.metrics.protocol import METRIC_LABELS
 
 
@@ -387,6 +386,11 @@ def _gallery(evaluations: Sequence[Evaluation], metrics: Sequence[str], report_d
     for number, (_, _, _, rows) in enumerate(evaluations):
         for row in rows:
             prompts.setdefault((row["subject"], row["prompt_index"]), {}).setdefault(number, []).append(row)
+    # Each run's means over a prompt's images: its summary's `prompts`.
+    means: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+    for number, (_, _, summary, _) in enumerate(evaluations):
+        for block in summary["prompts"]:
+            means.setdefault((block["subject"], block["prompt_index"]), {})[number] = block
     first_metric = metrics[0] if metrics else None
     several = len(evaluations) > 1
     header = ["<th>prompt</th><th>references</th>"]
@@ -405,9 +409,8 @@ def _gallery(evaluations: Sequence[Evaluation], metrics: Sequence[str], report_d
             f"<table class='gallery'><thead><tr>{''.join(header)}</tr></thead><tbody>"
         )
         keys = [key for key in prompts if key[0] == subject]
-        means = {key: {n: mean_metrics(runs, metrics) for n, runs in prompts[key].items()} for key in keys}
         if first_metric is not None:  # rows without a value sort last, in prompt order
-            keys.sort(key=lambda k: _sort_value(means[k].get(0, {}).get(first_metric)))
+            keys.sort(key=lambda k: _sort_value(means.get(k, {}).get(0, {}).get(first_metric)))
         for key in keys:
             runs = prompts[key]
             any_run = next(iter(runs.values()))
@@ -430,7 +433,8 @@ def _gallery(evaluations: Sequence[Evaluation], metrics: Sequence[str], report_d
                     + "".join(_shot(row, run_dir, report_dir, metrics) for row in rows)
                     + "</td>"
                 )
-                cells += [_number_cell(means[key][number][m], _fmt(means[key][number][m])) for m in metrics]
+                mean = means.get(key, {}).get(number, {})
+                cells += [_number_cell(mean.get(m), _fmt(mean.get(m))) for m in metrics]
             text = html.escape(f"{subject} #{key[1]} {any_run[0]['prompt']}".lower(), quote=True)
             row_key = html.escape(f"{key[0]}/{key[1]}", quote=True)
             parts.append(f"<tr data-key='{row_key}' data-text='{text}'>{''.join(cells)}</tr>")
