@@ -461,7 +461,9 @@ def _shot(row: dict[str, Any], run_dir: Path, report_dir: Path, metrics: Sequenc
         caption.append(f"<span class='gated'>{_gated_caption(row)}</span>")
     check, fails = row.get("check"), ""
     if check is not None:
-        measured = ", ".join(f"{key} {value:g}" for key, value in check["measured"].items())
+        measured = check.get("error") or ", ".join(
+            f"{key} {value:g}" for key, value in check["measured"].items()
+        )
         scores.append(("passes the rules" if check["passed"] else "fails the rules") + f": {measured}")
         if not check["passed"]:
             fails = " class='fails'"
