@@ -137,7 +137,11 @@ table.summary td.subject{{font-weight:600}}
 .run-mark{{display:inline-block;width:10px;height:10px;margin-right:4px;border-radius:2px}}
 figure{{display:inline-block;margin:0 4px 4px 0;vertical-align:top;font-size:12px}}
 figure img{{width:{_THUMB_PX}px;height:{_THUMB_PX}px;object-fit:contain;background:#f6f6f6;display:block}}
-td.refs img{{border:1px solid #ccc}}
+td.shots{{white-space:nowrap}}
+td.refs div{{display:grid;grid-template-columns:repeat(2,{_THUMB_PX // 2}px);gap:2px}}
+td.refs img{{width:{_THUMB_PX // 2 - 2}px;height:{_THUMB_PX // 2 - 2}px;object-fit:contain;
+  border:1px solid #ccc}}
+td.prompt{{min-width:160px}}
 figure.fails img{{outline:3px solid #e8a33d}}
 .fail{{color:#a40}}
 .dist{{display:inline-block;margin:0 16px 16px 0}}
@@ -418,10 +422,10 @@ def _gallery(evaluations: Sequence[Evaluation], metrics: Sequence[str], report_d
                 dict.fromkeys(r for rows in runs.values() for row in rows for r in row["references"])
             )
             cells = [
-                f"<td>#{key[1]} {html.escape(any_run[0]['prompt'])}</td>",
-                "<td class='refs'>"
+                f"<td class='prompt'>#{key[1]} {html.escape(any_run[0]['prompt'])}</td>",
+                "<td class='refs'><div>"
                 + "".join(_thumbnail(Path(r), report_dir, "reference", r) for r in references)
-                + "</td>",
+                + "</div></td>",
             ]
             for number, (_, run_dir, _, _) in enumerate(evaluations):
                 rows = sorted(runs.get(number, []), key=lambda row: row["seed"])
