@@ -1,6 +1,7 @@
 """Micro-ratios on the small random model, each measured side by side (A/B alternated) in one run.
 
-    python benchmarks/bench_micro.py [--only prefix stages overhead processes cost step_cache compile]
+    python benchmarks/bench_micro.py [--only prefix stages overhead processes threads cost step_cache
+                                             compile]
                                       [--rounds 5] [--quick]
 
 - prefix:    prefix-cached MLLM encoding (one `encode_prefix`, then `encode_instruction` per prompt) against
@@ -13,6 +14,9 @@
 - processes: `squeeze gen` as 1 process (1 thread) against 2 under `accelerate launch` (target >= 1.6x on 2
              cores); with --all-process-variants also 1 process on all cores, and 2 processes with
              OMP_NUM_THREADS = all cores each (what torch does when nobody sets it).
+- threads:   one `squeeze gen` process with the threads it picks itself (`processes.choose_threads`: the
+             cores the load leaves idle) against `--threads <all cores>` (torch's default) and
+             `OMP_NUM_THREADS=1`; images/s of generation (run.json) and wall time, side by side.
 - cost:      transformer CPU seconds per image with 1, 2 and 4 references (28 steps) against the cost model
              (`pipelines/cost.py`, the pipeline's registry row) with the model's real width and condition
              tokens; `--pipelines squeeze kontext qwen-image-edit-plus` (the others on their tiny twins with
@@ -554,6 +558,48 @@ def bench_processes(args: argparse.Namespace, manifest: Path, work: Path) -> dic
     }
 
 
+def bench_threads(args: argparse.Namespace, manifest: Path, work: Path) -> dict:
+    base_env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    base_env["HF_HUB_OFFLINE"] = "1"
+    cores = len(os.sched_getaffinity(0))
+    speeds: dict[str, list[float]] = {}
+    chosen: list[dict] = []
+
+    def variant(name: str, flags: list[str], env: dict) -> Callable[[], None]:
+        def run() -> None:
+            out = work / f"threads-{name.replace(' ', '-')}"
+            command = [sys.executable, "-m", "squeeze_cli", "gen", str(manifest), "--out", str(out)]
+            done = subprocess.run(
+                [*command, "--overwrite", "--json", *flags], env=env, capture_output=True, text=True
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"{name} exited {done.returncode}: {done.stderr[-3000:]}")
+            events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+            started = next(event for event in events if event["event"] == "run_started")
+            if name == "chosen":
+                chosen.append({key: started[key] for key in ("threads", "threads_from")})
+            speeds.setdefault(name, []).append(
+                json.loads((out / "run.json").read_text())["images_per_second"]
+            )
+
+        return run
+
+    variants = {
+        "chosen": variant("chosen", [], base_env),
+        f"{cores} threads": variant(f"{cores} threads", ["--threads", str(cores)], base_env),
+        "1 thread": variant("1 thread", [], {**base_env, "OMP_NUM_THREADS": "1"}),
+    }
+    wall = alternate(variants, args.rounds)
+    speeds = {name: values[1:] for name, values in speeds.items()}  # the warm-up round
+    return {
+        "cores": cores,
+        "chosen": chosen[1:],
+        "wall_seconds": {name: summary(times) for name, times in wall.items()},
+        "generate_images_per_second": {name: summary(values) for name, values in speeds.items()},
+        "speed_up_wall": {name: ratios(wall, name, "chosen") for name in wall if name != "chosen"},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -672,6 +718,17 @@ def main() -> None:
                     line += f", speed-up ×{fmt(r['speed_up_wall'][name], digits=2)}"
                 if name in r["generate_images_per_second"]:
                     line += f", generate {fmt(r['generate_images_per_second'][name], ' img/s')}"
+                print(line, flush=True)
+        if "threads" in args.only:
+            load_before = os.getloadavg()
+            report["threads"] = r = bench_threads(args, manifest, work)
+            r["load_average"] = {"before": load_before, "after": os.getloadavg()}
+            print(f"threads: {r['cores']} cores, chosen {r['chosen']}, load average {r['load_average']}")
+            for name, stats in r["wall_seconds"].items():
+                line = f"{name:<12} wall {fmt(stats, ' s', digits=1)}"
+                line += f", generate {fmt(r['generate_images_per_second'][name], ' img/s')}"
+                if name in r["speed_up_wall"]:
+                    line += f"; chosen is ×{fmt(r['speed_up_wall'][name], digits=2)} faster by wall time"
                 print(line, flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -1,16 +1,24 @@
 """Planning and the resume scan at 1k / 10k / 100k jobs: time and peak memory, with finished images on disk.
 
     python benchmarks/bench_resume.py [--jobs 1000 10000 100000] [--finished 1000 10000] [--runs 3]
+        [--subjects 10 --seeds-per-prompt 10] [--png-px 512 [--verify]]
 
-For each size N it writes a manifest (10 subjects, `seeds: {count: 10}`, tiny recipe) and times, as fresh
-processes (median of `--runs`, peak RSS from the kernel):
+For each size N it writes a manifest (`--subjects` subjects, `seeds: {count: --seeds-per-prompt}`, tiny
+recipe) and times, as fresh processes (median of `--runs`, peak RSS from the kernel):
   - `squeeze gen --dry-run` with no output yet: load + validate + plan;
 and for each size in `--finished`, after writing N finished images in the real layout (a PNG and the
 real sidecar record per job; 8×8 pixels, so the disk holds what resume reads):
   - `squeeze gen --dry-run`: plan + the scan of what is done;
   - `squeeze gen` (grids and contact sheets off): the whole start of a run whose every image exists (scan,
-    index repair, resolved manifest, summary), i.e. what a rerun of a finished job list costs.
+    index repair, resolved manifest, summary), i.e. what a rerun of a finished job list costs;
+  - with `--verify`, one `squeeze gen --verify`: the same rerun hashing every PNG (what every rerun did
+    before the stat fast path).
 In this process it also times `plan_jobs` and `find_finished` alone with their Python peak (tracemalloc).
+
+`--png-px 512` is the copying fixture: the finished images are one real PNG of 512² (~0.42 MB, a
+gradient with noise, as hard to compress as a photo) hard-linked under every job's name (a new copy
+every 50,000 links, ext4's limit is 65,000), each with its real sidecar: 100k images of 512² without
+40 GB of disk. Links share an inode and an mtime, which the sidecars record as squeeze would.
 """
 
 from __future__ import annotations
@@ -32,12 +40,15 @@ from PIL import Image
 
 from squeeze_cli import outputs
 from squeeze_cli.manifest.resolve import load_manifest
+from squeeze_cli.outputs.layout import image_path, sidecar_path
+from squeeze_cli.outputs.records import PNG_FILE_KEY, encode_png
+from squeeze_cli.outputs.resume import png_file_facts
 from squeeze_cli.pipelines.stages import stage_plan
 from squeeze_cli.plan import plan_jobs
 
 
-def timed_process(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one fresh process."""
+def timed_process(command: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MiB, CPU seconds: user + system) of one fresh process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -49,18 +60,35 @@ def timed_process(command: list[str]) -> tuple[float, float]:
             f"{' '.join(command)} exited {process.returncode}: {process.stderr.read()[-2000:]}"
         )
     process.stderr.close()
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
-def write_finished(manifest_path: Path, out: Path) -> int:
-    """Every job of the manifest finished in `out`, as `squeeze gen` writes them (PNG, then sidecar)."""
+# Hard links per copy of the fixture's PNG: under ext4's 65,000 links per file.
+LINKS_PER_COPY = 50_000
+
+
+def noisy_png(size_px: int, record: dict) -> bytes:
+    """A PNG of `size_px`² that compresses like a photo (~0.42 MB at 512²), with `record` embedded."""
+    import numpy as np
+
+    y, x = np.mgrid[0:size_px, 0:size_px]
+    base = np.stack([x // 2, y // 2, (x + y) // 4], -1) % 256
+    noise = np.random.default_rng(0).integers(0, 12, (size_px, size_px, 3))
+    pixels = (base + noise).clip(0, 255).astype("uint8")
+    return encode_png(Image.fromarray(pixels), record)
+
+
+def write_finished(manifest_path: Path, out: Path, png_px: int | None = None) -> int:
+    """Every job of the manifest finished in `out`: as `squeeze gen` writes them (PNG, then sidecar), or
+    with `png_px` by the copying fixture (one PNG of `png_px`² hard-linked, sidecars written unsynced)."""
     manifest = load_manifest(manifest_path)
     jobs = plan_jobs(manifest, model_identity=manifest.model_identity, max_jobs=manifest.max_jobs)
     model_info = manifest.model.model_dump(mode="json")
     versions = outputs.package_versions()
     image = Image.new("RGB", (8, 8), (120, 60, 30))
     plans = {}
-    for job in jobs:
+    sources: list[Path] = []
+    for number, job in enumerate(jobs):
         p = job.params
         key = (p.num_inference_steps, p.height, p.width, p.stage_thresholds)
         if key not in plans:
@@ -74,18 +102,34 @@ def write_finished(manifest_path: Path, out: Path) -> int:
             versions=versions,
         )
         record["process"] = 0
-        outputs.save_image(out, job, image, record)
+        if png_px is None:
+            outputs.save_image(out, job, image, record)
+            continue
+        if number % LINKS_PER_COPY == 0:
+            source = out.parent / f"fixture-{len(sources)}.png"
+            source.write_bytes(noisy_png(png_px, record))
+            sources.append(source)
+            facts = png_file_facts(source)
+        png = image_path(out, job)
+        png.parent.mkdir(parents=True, exist_ok=True)
+        os.link(sources[-1], png)
+        sidecar = {**record, PNG_FILE_KEY: facts}
+        sidecar_path(out, job).write_text(outputs.strict_json_dumps(sidecar, indent=2) + "\n")
     return len(jobs)
 
 
 def median_process(command: list[str], runs: int) -> dict[str, float]:
     samples = [timed_process(command) for _ in range(runs)]
-    walls = [w for w, _ in samples]
+    walls, cpus = [w for w, _, _ in samples], [c for _, _, c in samples]
     return {
         "median_s": statistics.median(walls),
         "min_s": min(walls),
         "max_s": max(walls),
-        "peak_rss_mib": max(m for _, m in samples),
+        # CPU time: what the command costs, which other jobs on a shared machine disturb far less.
+        "cpu_median_s": statistics.median(cpus),
+        "cpu_min_s": min(cpus),
+        "cpu_max_s": max(cpus),
+        "peak_rss_mib": max(m for _, m, _ in samples),
     }
 
 
@@ -140,6 +184,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--finished", type=int, nargs="*", default=[1000, 10000])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--subjects", type=int, default=10)
+    parser.add_argument("--seeds-per-prompt", type=int, default=10)
+    parser.add_argument(
+        "--png-px", type=int, default=None, help="the copying fixture: finished PNGs of this size, linked"
+    )
+    parser.add_argument("--verify", action="store_true", help="also time one `gen --verify` rerun")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--work",
@@ -150,7 +200,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     squeeze = [sys.executable, "-m", "squeeze_cli", "gen"]
-    report: dict = {"planning": {}, "resume": {}}
+    report: dict = {"planning": {}, "resume": {}, "load_average_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         for n in sorted(set(args.jobs) | set(args.finished)):
@@ -159,7 +209,7 @@ def main() -> None:
             if not reuse:
                 shutil.rmtree(folder, ignore_errors=True)
                 folder.mkdir(parents=True)
-                write_manifest(folder, n, subjects=10, seeds_per_prompt=10)
+                write_manifest(folder, n, subjects=args.subjects, seeds_per_prompt=args.seeds_per_prompt)
             path = folder / "manifest.yaml"
             if n in args.jobs:
                 row = median_process(
@@ -182,7 +232,7 @@ def main() -> None:
                 if reuse:
                     written = int((folder / "written").read_text())
                 else:
-                    written = write_finished(path, out)
+                    written = write_finished(path, out, args.png_px)
                     (folder / "written").write_text(str(written))
                 setup = time.perf_counter() - started
                 dry = median_process([*squeeze, str(path), "--dry-run", "--out", str(out)], args.runs)
@@ -197,10 +247,23 @@ def main() -> None:
                     f"{n:>7} jobs, all {written} done (written in {setup:.0f} s): dry run "
                     f"{dry['median_s']:.2f} s ({dry['min_s']:.2f}–{dry['max_s']:.2f}), "
                     f"{dry['peak_rss_mib']:.0f} MiB; gen {rerun['median_s']:.2f} s ({rerun['min_s']:.2f}–"
-                    f"{rerun['max_s']:.2f}), {rerun['peak_rss_mib']:.0f} MiB; find_finished "
+                    f"{rerun['max_s']:.2f}), CPU {rerun['cpu_median_s']:.2f} s ({rerun['cpu_min_s']:.2f}–"
+                    f"{rerun['cpu_max_s']:.2f}), {rerun['peak_rss_mib']:.0f} MiB; find_finished "
                     f"{inner['scan_s']:.2f} s, Python peak {inner['scan_peak_mib']:.1f} MiB",
                     flush=True,
                 )
+                if args.verify:
+                    verify = median_process(
+                        [*squeeze, str(path), "--out", str(out), "--quiet", "--verify", *views_off], 1
+                    )
+                    report["resume"][n]["gen_verify"] = verify
+                    print(
+                        f"{n:>7} jobs: gen --verify {verify['median_s']:.2f} s, CPU "
+                        f"{verify['cpu_median_s']:.2f} s, {verify['peak_rss_mib']:.0f} MiB",
+                        flush=True,
+                    )
+    report["load_average_after"] = os.getloadavg()
+    print(f"load average before {report['load_average_before']}, after {report['load_average_after']}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -1,5 +1,6 @@
 """Cold start of the CLI against a bare `python -c pass`: `squeeze --help`, `squeeze validate` (the demo
-manifest, and one whose references are WebP and TIFF) and `squeeze status` of a finished demo run.
+manifest, and one whose references are WebP and TIFF), `squeeze status` of a finished demo run and a
+cached `squeeze eval --metrics tiny --no-report` of it (every score already in its cache).
 
     python benchmarks/bench_startup.py [--runs 10]
 
@@ -7,17 +8,19 @@ Each command runs as a fresh process. A warm-up round first, then `--runs` round
 each round so machine noise hits all alike; it prints the median and min–max of the wall time and of the
 child's CPU time (user + system, far less disturbed by other jobs on a shared machine), and the excess
 over the bare interpreter, taken round by round. The status run folder is made once first by
-`squeeze gen` (the tiny model, ~10 s).
+`squeeze gen` (the tiny model, ~10 s) and scored once by `squeeze eval` (its cache filled).
 
 squeeze's bytecode is compiled first, as `pip install` does: in a fresh clone with PYTHONDONTWRITEBYTECODE
 set, every start would otherwise compile squeeze's own modules again (~50 ms more). None of these commands
-imports torch, diffusers or transformers (tests/test_architecture.py checks `sys.modules`).
+imports torch, diffusers or transformers (tests/test_architecture.py and
+tests/test_eval.py::test_a_cached_eval_and_status_import_no_model_library check `sys.modules`).
 """
 
 from __future__ import annotations
 
 import argparse
 import compileall
+import os
 import resource
 import statistics
 import subprocess
@@ -44,11 +47,15 @@ subjects:
 """
 
 
+EVAL_FLAGS = ["--metrics", "tiny", "--no-report"]
+
+
 def make_inputs(folder: Path) -> tuple[Path, Path]:
     """A finished demo run (for `status`) and a manifest with WebP and TIFF references."""
     run = folder / "demo-run"
     squeeze = [sys.executable, "-m", "squeeze_cli"]
     subprocess.run([*squeeze, "gen", str(DEMO), "--out", str(run), "--quiet"], check=True)
+    subprocess.run([*squeeze, "eval", str(run), *EVAL_FLAGS], check=True, stdout=subprocess.DEVNULL)
     for index, suffix in enumerate(("webp", "tiff")):
         with Image.open(ROOT / f"examples/images/dog/0{2 * index}.jpg") as image:
             image.save(folder / f"dog-{index}.{suffix}")
@@ -74,6 +81,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()
     compileall.compile_dir(ROOT / "squeeze_cli", quiet=1)
+    print(f"load average {os.getloadavg()}")
     with tempfile.TemporaryDirectory(prefix="squeeze-startup-") as tmp:
         run, webp_tiff = make_inputs(Path(tmp))
         squeeze = [sys.executable, "-m", "squeeze_cli"]
@@ -83,6 +91,7 @@ def main() -> None:
             "squeeze validate demo": [*squeeze, "validate", str(DEMO)],
             "squeeze validate webp/tiff": [*squeeze, "validate", str(webp_tiff)],
             "squeeze status demo run": [*squeeze, "status", str(run)],
+            "squeeze eval, cached": [*squeeze, "eval", str(run), *EVAL_FLAGS],
         }
         names = list(commands)
         wall: dict[str, list[float]] = {name: [] for name in names}
@@ -99,6 +108,7 @@ def main() -> None:
         print(f"{name:<28} wall {summary(wall[name])}, over {summary(per_round_excess(wall, name))}")
         print(f"{'':<28} cpu  {summary(cpu[name])}, over {summary(per_round_excess(cpu, name))}")
     print(f"{names[0]:<28} wall {summary(wall[names[0]])}; cpu {summary(cpu[names[0]])}")
+    print(f"load average {os.getloadavg()}")
 
 
 def per_round_excess(samples: dict[str, list[float]], name: str) -> list[float]:

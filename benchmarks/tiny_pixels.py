@@ -5,8 +5,9 @@ refactor changed no pixel.
     python benchmarks/tiny_pixels.py > after.txt    # on the new one
     diff before.txt after.txt
 
-Run both with the same threads (the same `OMP_NUM_THREADS`, or neither set): another thread count sums in
-another order, and the pixels differ by that alone.
+Run both with the same threads (the same `OMP_NUM_THREADS`): another thread count sums in another order,
+and the pixels differ by that alone. With neither set, `squeeze gen` picks its threads by the load
+(`--threads`), which may differ between the two runs.
 
 For each registered pipeline's tiny recipe (and the squeeze pipeline with both MLLM families), `squeeze gen`
 makes 9 images of two subjects (one with two references), three seeds, prompts of two lengths, true CFG

@@ -4,7 +4,9 @@ The pipeline class comes from the registry (`pipelines/registry.py`); this modul
 that `takes_components` (the squeeze pipeline) is assembled from separately loaded parts; any other loads
 through its class's `from_pretrained`, which handles its own checkpoint's quirks.
 
-Imports torch, diffusers and transformers: only `squeeze gen` (not `--help` or `validate`) comes here.
+Loading imports torch, diffusers and transformers: only `squeeze gen` (not `--help` or `validate`) comes
+here. Importing this module imports none of them, so finding a cached tiny checkpoint (`cache_dir`,
+`build_into_cache`: a cached `squeeze eval --metrics tiny`) stays light.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from squeeze_cli.errors import ModelLoadError, UsageError
 from squeeze_cli.logs import log_line
@@ -25,9 +25,14 @@ from squeeze_cli.model_checks import LOAD_ORDER, read_cache_only_if_hub_unreacha
 from squeeze_cli.params import Dtype
 from squeeze_cli.pipelines.registry import pipeline_spec
 
+if TYPE_CHECKING:
+    import torch
+
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a `params.Dtype` name."""
+    import torch
+
     return getattr(torch, Dtype(name).value)
 
 

@@ -8,20 +8,57 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from squeeze_cli.logs import log_line
 
 
-def threads_per_process(environ: Mapping[str, str], num_processes: int) -> int | None:
-    """Each of several processes gets its share of the cores (torch's default is all of them in every
-    process, which oversubscribes), on CPU and for CPU work beside a GPU; None when the user set
-    `OMP_NUM_THREADS` (theirs wins)."""
-    if environ.get("OMP_NUM_THREADS"):
-        return None
-    local = int(environ.get("LOCAL_WORLD_SIZE", num_processes))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, local))
+@dataclass(frozen=True)
+class ThreadChoice:
+    """How many threads torch uses in this process, and why (`--threads`, `OMP_NUM_THREADS`, the cores)."""
+
+    threads: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"threads": self.threads, "threads_from": self.reason}
+
+
+def choose_threads(
+    cores: int, load: float, environ: Mapping[str, str], processes: int = 1, requested: int | None = None
+) -> ThreadChoice:
+    """The torch thread count of one process: `requested` (`--threads`), else `OMP_NUM_THREADS`, else each
+    of several local processes gets its share of the `cores`, and a lone process the cores the `load`
+    (the 1-minute load average, other processes' work) leaves idle, at least one.
+
+    torch's default, every core in every process, oversubscribes a busy machine: one `squeeze gen` on 2
+    busy cores ran ×3.0–3.4 slower with 2 threads than with 1, ×49 at a load of 8–10 (BENCHMARKS.md, 17).
+    """
+    if requested is not None:
+        return ThreadChoice(requested, "--threads")
+    omp = environ.get("OMP_NUM_THREADS", "")
+    if omp.isdecimal() and int(omp) > 0:
+        return ThreadChoice(int(omp), "OMP_NUM_THREADS")
+    local = environ.get("LOCAL_WORLD_SIZE", "")
+    local_processes = int(local) if local.isdecimal() and int(local) > 0 else processes
+    if local_processes > 1:
+        return ThreadChoice(max(1, cores // local_processes), f"{cores} cores, {local_processes} processes")
+    idle = round(cores - load)
+    return ThreadChoice(max(1, min(cores, idle)), f"{cores} cores, load {load:.1f}")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def load_average() -> float:
+    """The 1-minute load average; 0 where the platform has none (Windows)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
 
 
 # How often a worker looks whether its launcher is still there.
@@ -94,9 +131,15 @@ class Processes:
             # Without cpu=True on a machine with no GPU, each process would believe it is alone.
             self.state = PartialState(cpu=not torch.cuda.is_available())
             self.index, self.count = self.state.process_index, self.state.num_processes
-            threads = threads_per_process(os.environ, self.count)
-            if threads is not None:
-                torch.set_num_threads(threads)
+            self.set_threads()
+
+    def set_threads(self, requested: int | None = None) -> ThreadChoice:
+        """Give torch the thread count `choose_threads` picks for this process (imports torch)."""
+        import torch
+
+        choice = choose_threads(usable_cores(), load_average(), os.environ, self.count, requested)
+        torch.set_num_threads(choice.threads)
+        return choice
 
     @property
     def is_main(self) -> bool:

@@ -20,6 +20,9 @@ from support import unstamped
 # Before any test module imports huggingface_hub (it reads the variable once, at import): no test may
 # reach a hub, even when pytest is started without HF_HUB_OFFLINE=1.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Before torch is imported: the in-process `gen` runs use one thread whatever the load, so the pixels of
+# two runs in one session never differ by their thread count (`processes.choose_threads` reads the load).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_IMAGES = REPO_ROOT / "examples" / "images"

@@ -24,7 +24,9 @@ def test_the_text_summary_of_gen_goes_to_stdout(project: Path, squeeze) -> None:
     assert "completed:" not in result.err
     # The plan comes before the progress.
     logged = result.err.splitlines()  # (the fixture takes off the UTC time stamps; a library may warn first)
-    plan = logged.index(f"1 job, 0 already done, 1 to generate → {project / 'out'}")
+    plan = logged.index(
+        f"1 job, 0 already done, 1 to generate, 1 thread (OMP_NUM_THREADS) → {project / 'out'}"
+    )
     assert not any(re.match(r"\[\d+/\d+\]", line) for line in logged[:plan])
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -324,3 +327,28 @@ def test_the_merged_index_has_the_final_word_over_a_shards(squeeze, run: Path):
     (shard / "index.jsonl").write_text(json.dumps(failed) + "\n")
     summary = evaluate(squeeze, str(run))["runs"][0]
     assert summary["images"] == NUM_IMAGES and summary["failed"] == []
+
+
+def test_a_cached_eval_and_status_import_no_model_library(squeeze, run: Path) -> None:
+    """Scores all cached: `eval` reads sidecars and the cache, `status` the run's files; neither imports
+    torch, diffusers or transformers (they were ~75 % of a cached eval's time)."""
+    evaluate(squeeze, str(run))  # fills the cache (and the tiny metric models) in this process
+    script = (
+        "import sys\n"
+        "from squeeze_cli.cli import main\n"
+        "for argv in (['eval', sys.argv[1], '--metrics', 'tiny', '--no-report'], ['status', sys.argv[1]]):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code in (0, None), (argv, exit.code)\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(run)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "0 computed" in result.stdout and result.stdout.splitlines()[-1] == "HEAVY []", result.stdout

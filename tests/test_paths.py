@@ -261,3 +261,26 @@ def test_images_in_the_output_folder_never_become_references(
     photo.unlink()
     refused = squeeze("validate", str(manifest))
     assert refused.code == 2 and "where squeeze writes: keep the photos elsewhere" in refused.err
+
+
+def test_keeping_outputs_out_of_globs_is_one_check_per_file_whatever_the_subjects(
+    tmp_path: Path, make_image, monkeypatch
+) -> None:
+    """10,000 subjects with a glob each (a catalog feed) made `load_manifest` compare every file with every
+    subject's folder: 3·10⁸ path comparisons, minutes. Now one comparison per file."""
+    from squeeze_cli.manifest import resolve
+
+    subjects = 40
+    for index in range(subjects):
+        make_image(f"photos/s{index}/a.png")
+    lines = [
+        f'  - {{name: s{index}, class: dog, references: ["photos/s{index}/*.png"], prompts: ["a {{class}}"]}}'
+        for index in range(subjects)
+    ]
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("version: 1\nrecipe: tiny\noutput: {dir: out}\nsubjects:\n" + "\n".join(lines) + "\n")
+    checks = []
+    real = resolve._inside
+    monkeypatch.setattr(resolve, "_inside", lambda path, folder: checks.append(path) or real(path, folder))
+    loaded = load_manifest(manifest)
+    assert len(loaded.subjects) == subjects and len(checks) == subjects

@@ -156,9 +156,123 @@ def test_a_sidecar_that_does_not_vouch_for_its_png_is_not_finished(tmp_path) -> 
     record = json.loads(other.read_text())
     record[records.PNG_FILE_KEY]["sha256"] = "0" * 64
     other.write_text(json.dumps(record))
+    assert set(find_finished(tmp_path, jobs, verify=True)) == {jobs[2].job_id}
+    # Without --verify an untouched PNG's stat vouches for it; a sidecar whose stat is not the PNG's
+    # (a copied folder) falls back on the hash, which this one fails.
+    assert set(find_finished(tmp_path, jobs)) == {jobs[1].job_id, jobs[2].job_id}
+    record[records.PNG_FILE_KEY]["mtime_ns"] += 1
+    other.write_text(json.dumps(record))
     assert set(find_finished(tmp_path, jobs)) == {jobs[2].job_id}
     # The PNG's own chunk carries the record without the sidecar-only facts about the file.
     assert records.PNG_FILE_KEY not in records.read_png_record(layout.image_path(tmp_path, jobs[2]))
+
+
+def _count_hashes(monkeypatch) -> list[str]:
+    from squeeze_cli.outputs import resume
+
+    hashed: list[str] = []
+    real = resume.file_sha256
+    monkeypatch.setattr(resume, "file_sha256", lambda path: hashed.append(str(path)) or real(path))
+    return hashed
+
+
+def _edit_in_place_keeping_the_mtime(png: Path) -> None:
+    """Same size, other bytes, same inode, and the mtime put back: only a hash tells."""
+    before = os.stat(png)
+    with open(png, "r+b") as handle:
+        handle.seek(-30, os.SEEK_END)
+        byte = handle.read(1)
+        handle.seek(-30, os.SEEK_END)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(png, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(png)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+
+
+def test_a_no_op_resume_trusts_a_matching_stat_and_reads_no_image(tmp_path, monkeypatch) -> None:
+    jobs = [make_job(seed=seed) for seed in range(4)]
+    for job in jobs:
+        outputs.save_image(tmp_path, job, solid((30, 60, 90)), make_record(job))
+    hashed = _count_hashes(monkeypatch)
+    assert set(find_finished(tmp_path, jobs)) == {job.job_id for job in jobs}
+    assert hashed == []
+    assert set(find_finished(tmp_path, jobs, verify=True)) == {job.job_id for job in jobs}
+    assert len(hashed) == len(jobs)
+    # A stat that differs (here the mtime) is checked by hash: a touched file is still finished.
+    png = layout.image_path(tmp_path, jobs[1])
+    os.utime(png, ns=(1, 1))
+    hashed.clear()
+    assert set(find_finished(tmp_path, jobs)) == {job.job_id for job in jobs}
+    assert hashed == [str(png)]
+
+
+def test_a_no_op_rerun_reads_each_record_once_and_checks_no_image_path(run, monkeypatch) -> None:
+    """A rerun with every image and view current: the index is repaired once (not again at the end), and
+    no image path is checked for drawing (`safe_join` resolves every part: minutes at 100k images)."""
+    from squeeze_cli.outputs import index, views
+
+    text = HEAD.format(seeds="[0, 1]") + subject("dog", ["a {class}", "a {class} on a rug"])
+    run(text)
+    repairs, paths = [], []
+    real_repair, real_path = index.repair_index, views.image_path
+    monkeypatch.setattr(outputs, "repair_index", lambda *a, **k: repairs.append(1) or real_repair(*a, **k))
+    monkeypatch.setattr(views, "image_path", lambda *a: paths.append(a) or real_path(*a))
+    summary = run(text)
+    assert summary["jobs"]["skipped"] == 4 and summary["jobs"]["succeeded"] == 0
+    assert len(repairs) == 1 and paths == []
+
+
+def test_an_image_edited_with_its_mtime_put_back_is_caught_by_verify(run, squeeze) -> None:
+    text = HEAD.format(seeds="[0, 1]") + subject("dog", ["a {class}"])
+    run(text)
+    out = run.out
+    _edit_in_place_keeping_the_mtime(out / "dog" / "000-s1.png")
+    assert squeeze("status", str(out)).code == EXIT_OK  # trusted by its stat, as documented
+    status = squeeze("status", str(out), "--verify", "--json")
+    assert status.code == 1 and json.loads(status.out)["jobs"]["done"] == 1, status.out
+    # The other image's sidecar as an older squeeze wrote it: gen checks it by hash and records its stat.
+    old = out / "dog" / "000-s0.json"
+    record = json.loads(old.read_text())
+    stamp = {key: record[records.PNG_FILE_KEY].pop(key) for key in ("mtime_ns", "inode")}
+    old.write_text(json.dumps(record))
+    summary = run(text, "--verify")
+    assert summary["jobs"]["succeeded"] == 1 and summary["jobs"]["skipped"] == 1
+    assert squeeze("status", str(out), "--verify").code == EXIT_OK
+    assert json.loads(old.read_text())[records.PNG_FILE_KEY] == {**record[records.PNG_FILE_KEY], **stamp}
+
+
+def test_an_old_sidecar_without_the_stat_is_hashed_once_then_stamped(tmp_path, monkeypatch) -> None:
+    jobs = [make_job(seed=seed) for seed in range(3)]
+    for job in jobs:
+        outputs.save_image(tmp_path, job, solid((30, 60, 90)), make_record(job))
+    old_records = {}
+    for job in jobs:  # as an older squeeze wrote them: size and sha256 only
+        sidecar = layout.sidecar_path(tmp_path, job)
+        record = json.loads(sidecar.read_text())
+        record[records.PNG_FILE_KEY] = {key: record[records.PNG_FILE_KEY][key] for key in ("size", "sha256")}
+        sidecar.write_text(json.dumps(record))
+        old_records[job.job_id] = record
+    hashed = _count_hashes(monkeypatch)
+    done = find_finished(tmp_path, jobs)
+    assert set(done) == {job.job_id for job in jobs} and len(hashed) == len(jobs)
+    assert outputs.record_stamps(tmp_path, jobs, done) == len(jobs)
+    for job in jobs:  # only the stamp was added: nothing the sidecar held is lost
+        record = json.loads(layout.sidecar_path(tmp_path, job).read_text())
+        facts = record[records.PNG_FILE_KEY]
+        assert {key: facts[key] for key in ("size", "sha256")} == old_records[job.job_id][
+            records.PNG_FILE_KEY
+        ]
+        assert {**record, records.PNG_FILE_KEY: old_records[job.job_id][records.PNG_FILE_KEY]} == old_records[
+            job.job_id
+        ]
+    hashed.clear()
+    done = find_finished(tmp_path, jobs)
+    assert set(done) == {job.job_id for job in jobs} and hashed == []
+    assert outputs.record_stamps(tmp_path, jobs, done) == 0
 
 
 def test_grids_not_drawn_from_the_images_on_disk_are_redrawn(run, plan_of) -> None:

@@ -345,16 +345,41 @@ def test_grids_and_contact_sheets_follow_the_output_settings(project: Path, gen,
     assert bool(list(out.glob("*/contact-sheet.png"))) is sheets
 
 
-def test_each_local_process_gets_its_share_of_the_cores_unless_the_user_set_threads() -> None:
-    import os
+def test_the_thread_count_fits_the_cores_and_the_load_unless_the_user_set_it() -> None:
+    from squeeze_cli.processes import choose_threads
 
-    from squeeze_cli.processes import threads_per_process
+    def threads(cores: int, load: float, environ: dict, processes: int = 1, requested=None) -> int:
+        return choose_threads(cores, load, environ, processes, requested).threads
 
-    cores = len(os.sched_getaffinity(0))
-    assert threads_per_process({"OMP_NUM_THREADS": "3"}, 2) is None
-    assert threads_per_process({"LOCAL_WORLD_SIZE": "2"}, 4) == max(1, cores // 2)
-    assert threads_per_process({}, 1) == cores  # one process alone keeps every core
-    assert threads_per_process({}, 10 * cores) == 1  # never below one thread
+    # A lone process takes the cores the others leave idle, at least one and at most every core.
+    assert threads(16, 0.0, {}) == 16
+    assert threads(16, 3.2, {}) == 13
+    assert threads(2, 7.6, {}) == 1  # the busy 2-core machine: ×3.0–3.4 faster than torch's 2 threads
+    assert threads(2, 0.4, {}) == 2
+    assert threads(4, -1.0, {}) == 4
+    # Several local processes share the cores, never below one thread each.
+    assert threads(8, 0.0, {"LOCAL_WORLD_SIZE": "2"}, 2) == 4
+    assert threads(8, 0.0, {}, 80) == 1
+    # An explicit setting wins: --threads over OMP_NUM_THREADS over the choice.
+    assert threads(2, 7.6, {"OMP_NUM_THREADS": "3"}) == 3
+    assert threads(16, 0.0, {"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "2"}, 2) == 3
+    assert threads(2, 7.6, {"OMP_NUM_THREADS": "3"}, requested=2) == 2
+    assert threads(2, 0.0, {"OMP_NUM_THREADS": "many"}) == 2  # not a count: as if unset
+    choice = choose_threads(2, 7.6, {})
+    assert choice.to_dict() == {"threads": 1, "threads_from": "2 cores, load 7.6"}
+
+
+def test_gen_says_its_threads_in_the_plan_line_and_threads_wins(project: Path, gen) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        gen(str(project / "m.yaml"), "--out", str(project / "out"), "--threads", "2")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    plan = next(line for line in gen.stderr.splitlines() if "to generate" in line)
+    assert "to generate, 2 threads (--threads) → " in plan, plan
 
 
 def test_accelerate_launch_without_multi_gpu_says_it_runs_one_process(project: Path, tmp_path: Path) -> None:

@@ -152,9 +152,26 @@ def gen(
         int, typer.Option("--batch-size", min=1, metavar="N", help="Images per forward pass.")
     ] = 1,
     device: DeviceOpt = "auto",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            metavar="N",
+            help="CPU threads for torch (default: OMP_NUM_THREADS, else the cores the load leaves idle).",
+        ),
+    ] = None,
     dtype: DtypeOpt = None,
     offload: OffloadOpt = Offload.none.value,
     allow_pickle: AllowPickleOpt = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Hash every finished image to check it (default: trust an image whose size, mtime and inode "
+            "are those its sidecar records).",
+        ),
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Plan and report what would run; load nothing.")
     ] = False,
@@ -212,6 +229,8 @@ def gen(
         offload=parse_choice("--offload", offload, Offload),
         dry_run=dry_run,
         allow_pickle=allow_pickle,
+        verify=verify,
+        threads=threads,
         command=["squeeze", *sys.argv[1:]],
     )
     if len(runs) > 1:  # each run's errors are reported as they happen; the next recipe runs

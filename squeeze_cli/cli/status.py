@@ -47,6 +47,14 @@ def status(
         ),
     ] = None,
     variant: VariantOpt = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Hash every finished image to check it (default: trust an image whose size, mtime and inode "
+            "are those its sidecar records); one that fails counts as pending.",
+        ),
+    ] = False,
 ) -> int:
     """Say how far a run folder is: per subject done / failed / pending, shards included.
 
@@ -58,7 +66,7 @@ def status(
         raise typer.BadParameter("--variant says which images --rules checks: give --rules too")
     folders = runs_inside(Path(out).expanduser().absolute()) or [Path(out)]
     try:
-        found = [run_status(folder) for folder in folders]
+        found = [run_status(folder, verify=verify) for folder in folders]
         for run in found if merge else ():
             merge_run(run)
         rule_set = load_rules(rules) if rules is not None else None

@@ -19,12 +19,23 @@ if TYPE_CHECKING:
 __all__ = ["PLAIN_INTERVAL_SECONDS", "Reporter", "plan_line"]
 
 
-def plan_line(pending: int, skipped: int, processes: int = 1, out: str | None = None) -> str:
-    """``120 jobs, 30 already done, 90 to generate``: what a run is about to do, printed before the bars."""
+def plan_line(
+    pending: int,
+    skipped: int,
+    processes: int = 1,
+    out: str | None = None,
+    threads: int | None = None,
+    threads_from: str | None = None,
+) -> str:
+    """``120 jobs, 30 already done, 90 to generate, 1 thread (2 cores, load 7.6)``: what a run is about to
+    do, printed before the bars."""
     total = pending + skipped
     line = f"{total:,} job{'' if total == 1 else 's'}, {skipped:,} already done, {pending:,} to generate"
     if processes > 1:
         line += f" by {processes} processes"
+    if threads is not None:
+        each = " each" if processes > 1 else ""
+        line += f", {threads} thread{'' if threads == 1 else 's'}{each} ({threads_from})"
     return line + (f" → {out}" if out else "")
 
 
@@ -89,7 +100,8 @@ class Reporter:
             self._event("run_started", jobs=total, **info)
             return
         if self.mode in ("tty", "plain"):  # the plan, before any bar
-            self._write(plan_line(total, info.get("skipped", 0), info.get("processes", 1), info.get("out")))
+            shown = {key: info[key] for key in ("processes", "out", "threads", "threads_from") if key in info}
+            self._write(plan_line(total, info.get("skipped", 0), **shown))
         if self.mode == "tty":
             from tqdm.auto import tqdm
 

@@ -148,7 +148,7 @@ def _dry_run(
     (those of jobs not in the whole plan `planned`); loads and writes nothing."""
     reporter = Reporter(Reporter.choose_mode(json_events=json_events, quiet=quiet))
     resume = not options.overwrite and out_dir.is_dir()
-    done = outputs.finished_job_ids(out_dir, jobs) if resume else set()
+    done = outputs.finished_job_ids(out_dir, jobs, verify=options.verify) if resume else set()
     plan = describe_plan(jobs, done, staged=pipeline_spec(manifest.model.pipeline_class).staged)
     stale = len(outputs.find_stale(out_dir, planned)) if out_dir.is_dir() else 0
     report = {"event": "dry_run", "out": str(out_dir), **plan, "stale": stale}
@@ -217,7 +217,9 @@ class GenRun:
         # One read of the sidecars serves the skip decision, the moves and the index repair: finished work
         # is found by job id, wherever it sits in its subject's directory.
         resume = not self.options.overwrite and self.out_dir.is_dir()
-        self.done = outputs.find_finished(self.out_dir, self.jobs) if resume else {}
+        self.done = (
+            outputs.find_finished(self.out_dir, self.jobs, verify=self.options.verify) if resume else {}
+        )
         self.pending = [job for job in self.jobs if job.job_id not in self.done]
         self.mine = shard_jobs(self.pending, self.processes.index, self.processes.count)
         self.worker = Worker(
@@ -260,6 +262,7 @@ class GenRun:
             # then finished images of prompts that moved take their new position's name, before anything runs.
             self.summary["stale"] = self._move_stale()
             self.done = outputs.move_to_positions(self.out_dir, self.jobs, self.done)
+            outputs.record_stamps(self.out_dir, self.jobs, self.done)  # found by hash: not read next time
             _open_run_files(
                 self.out_dir,
                 self.run_dir,
@@ -297,6 +300,7 @@ class GenRun:
             out=str(self.out_dir),
             processes=self.processes.count,
             skipped=len(self.done),
+            **self.worker.threads.to_dict() if self.worker.threads is not None else {},
         )
         try:
             self.worker.run(self.mine, self.stop)
@@ -327,14 +331,15 @@ class GenRun:
             # Every process's images are on disk now, under their positions' names (moves came first).
             finished = {**self.done, **outputs.find_finished(self.out_dir, self.pending, anywhere=False)}
             finished = self._make_variants(finished, stopped=any(stopped))
-            _merge_index(
-                self.run_dir,
-                self.jobs,
-                finished,
-                self.pending,
-                failures,
-                already_appended=self.worker.failures,
-            )
+            if self.pending:  # else `open` left the index agreeing with the images: no second pass
+                _merge_index(
+                    self.run_dir,
+                    self.jobs,
+                    finished,
+                    self.pending,
+                    failures,
+                    already_appended=self.worker.failures,
+                )
             quality = self.manifest.document.quality
             self.summary["quality"] = None  # no identity gate: said, not left out (eval reads gated runs)
             if quality is not None:

@@ -23,7 +23,7 @@ from squeeze_cli.images import load_rgb, upright_size
 from squeeze_cli.manifest import LoadedManifest
 from squeeze_cli.pipelines.registry import pipeline_spec
 from squeeze_cli.plan import Job
-from squeeze_cli.processes import Processes
+from squeeze_cli.processes import Processes, ThreadChoice
 
 if TYPE_CHECKING:
     from squeeze_cli.pipelines.contract import SubjectPipeline
@@ -44,6 +44,8 @@ class GenOptions:
     offload: str = "none"
     dry_run: bool = False
     allow_pickle: bool = False
+    verify: bool = False  # hash every finished PNG, even those whose stat matches their sidecar's
+    threads: int | None = None  # torch's threads (`--threads`); None: `processes.choose_threads` picks
     command: list[str] = field(default_factory=list)
 
     @property
@@ -99,6 +101,7 @@ class Worker:
         self.run_dir = run_dir
         self.processes = processes
         self.pipeline_info: dict[str, Any] = {}  # set by `load`: name, class, sampling_parameters
+        self.threads: ThreadChoice | None = None  # set by `load`
         self.gate: Any = None  # the identity gate (squeeze_cli/eval/gate.py), when the manifest has `quality`
         self.succeeded: list[str] = []
         self.failures: list[dict[str, Any]] = []
@@ -123,6 +126,7 @@ class Worker:
         from squeeze_cli.loading import load_pipeline
 
         started = time.perf_counter()
+        self.threads = self.processes.set_threads(self.options.threads)
         device = self.processes.device(self.options.device)
         self.reporter.status(f"loading {self.preset_name} on {device} ({self.manifest.model.dtype})")
         self.pipe = load_pipeline(

@@ -170,7 +170,9 @@ class _Resolver:
         self.problems: list[Problem] = []
         self.warnings: list[Problem] = []
         self.output_dir: Path | None = None  # resolved first: reference globs never reach into it
-        self._written_folders: list[str] | None = None
+        self._written_folders: tuple[str, set[str]] | None = (
+            None  # the real output folder, its folders' names
+        )
         self.limit = DEFAULT_MAX_JOBS  # the job limit, known once the top level is read
         self.feed_names: set[str] = set()  # the subjects of `subjects_from`, once read
         self.feed_rows: dict[int, tuple[FeedRow, str]] = {}  # subject index -> its row, references column
@@ -640,10 +642,11 @@ class _Resolver:
             return False
         if self._written_folders is None:
             names = {subject.name for subject in self.subjects if subject is not None} | self.feed_names
-            out = os.path.realpath(self.output_dir)
-            self._written_folders = [os.path.join(out, name) for name in sorted(names | {"shards"})]
+            self._written_folders = (os.path.realpath(self.output_dir), names | {"shards"})
+        out, names = self._written_folders
         real = os.path.realpath(file)
-        return any(_inside(real, folder) for folder in self._written_folders)
+        # One look at the first folder under OUT, not one per subject: 10,000 subjects' globs stay linear.
+        return _inside(real, out) and os.path.relpath(real, out).split(os.sep)[0] in names
 
     def resolve_references(self, path: FieldPath, patterns: list[str]) -> tuple[str, ...]:
         """A manifest subject's references: relative to the manifest's folder (the current folder for

@@ -81,7 +81,6 @@ from .layout import (  # noqa: F401
     METRICS_JSON_NAME,
     METRICS_JSONL_NAME,
     REPORT_NAME,
-    RESOLVED_MANIFEST_NAME,
     RUN_SUMMARY_NAME,
     STALE_DIR_NAME,
     UnsafeOutputPathError,
@@ -93,7 +92,14 @@ from .layout import (  # noqa: F401
     views_root,
 )
 from .records import VARIANTS_KEY, image_record, package_versions, read_sidecar, save_image  # noqa: F401
-from .resume import Finished, find_finished, finished_job_ids, move_to_positions, png_mismatch  # noqa: F401
+from .resume import (  # noqa: F401
+    Finished,
+    find_finished,
+    finished_job_ids,
+    move_to_positions,
+    png_mismatch,
+    record_stamps,
+)
 from .run_plan import RunPlan, load_run_plan, run_folders  # noqa: F401
 from .stale import StaleImage, find_stale, find_stale_views, in_the_way, move_stale, stale_folder_name  # noqa: F401
 from .tree import check_output_tree  # noqa: F401

@@ -32,11 +32,18 @@ if TYPE_CHECKING:
 PNG_PARAMETERS_KEY = "parameters"  # the chunk A1111, ComfyUI viewers and exiftool show
 PNG_RECORD_KEY = "squeeze"  # the full JSON record
 RECORD_FORMAT = 1  # bumped when a field changes meaning
-# The sidecar's own field: the PNG's `{"size", "sha256"}`, which the PNG cannot carry about itself.
+# The sidecar's own field: the PNG's `{"size", "sha256", "mtime_ns", "inode"}`, which the PNG cannot carry
+# about itself.
 PNG_FILE_KEY = "png"
 # The sidecar's record of the image's channel variants (`outputs/variants.py`), also a field of its
 # `index.jsonl` line (`{name: file}` there).
 VARIANTS_KEY = "variants"
+
+
+def png_stamp(info: os.stat_result) -> dict[str, int]:
+    """The PNG's `mtime_ns` and `inode` as its sidecar records them: with the size, a stat that matches
+    them lets a resume trust the file without reading it (`resume.png_mismatch`)."""
+    return {"mtime_ns": info.st_mtime_ns, "inode": info.st_ino}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,14 +268,18 @@ def save_image(
     (atomically); returns the PNG's path.
 
     The order is the resume guarantee: the sidecar is the "done" marker, so it is written only once the
-    PNG is complete and in place. The sidecar is `record` plus the PNG's size and sha256 (`png`), which
-    a resume checks against the file on disk.
+    PNG is complete and in place. The sidecar is `record` plus the PNG's size, sha256, mtime and inode
+    (`png`), which a resume checks against the file on disk.
     """
     png = image_path(out_dir, job)
     data = encode_png(image, record, metadata)
     atomic_write_bytes(png, data)
     sidecar = dict(record)
-    sidecar[PNG_FILE_KEY] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    sidecar[PNG_FILE_KEY] = {
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        **png_stamp(os.stat(png)),
+    }
     atomic_write_json(sidecar_path(out_dir, job), sidecar)
     return png
 

@@ -7,8 +7,12 @@ but not their positions: they are found by id and renamed to their new position'
 again.
 
 A job is finished when a sidecar in its subject's directory parses, names its job id and records the
-PNG's size and sha256, and the PNG beside it (same stem) has exactly that size and hash. Hashing reads
-each finished PNG once per resume: about 2 ms per megabyte, against seconds of generation per image.
+PNG's size and sha256, and the PNG beside it (same stem) has exactly that size and hash. The hash is
+taken only when the PNG's stat differs from the size, mtime and inode its sidecar records (as git trusts
+its index): a nightly no-op rerun of 100k images reads no image, where hashing read ~40 GB at 512². With
+`verify` (`gen --verify`, `status --verify`) every PNG is hashed, which also catches bytes changed in
+place with the mtime put back. A PNG whose hash matches a stat that does not (an older squeeze's sidecar,
+a copied folder) is hashed once: `gen` then records its stat (`record_stamps`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from squeeze_cli.outputs.files import OutputWriteError, atomic_write_json, fsync_dir
 from squeeze_cli.outputs.index import index_entry, own_variant_files, variant_files
 from squeeze_cli.outputs.layout import image_stem, safe_join, subject_dir
-from squeeze_cli.outputs.records import PNG_FILE_KEY, VARIANTS_KEY, read_sidecar
+from squeeze_cli.outputs.records import PNG_FILE_KEY, VARIANTS_KEY, png_stamp, read_sidecar
 from squeeze_cli.reading import file_kind
 
 if TYPE_CHECKING:
@@ -45,11 +49,14 @@ class Finished:
         stem: the file name without extension in the subject's directory (`003-s7`).
         sha256: the PNG's hash, as recorded in the sidecar and verified on disk.
         entry: its `index.jsonl` line.
+        new_stamp: the PNG's stat (`records.png_stamp`) when its sidecar records another one and the hash
+            matched; `record_stamps` writes it, so the next resume need not read the PNG again.
     """
 
     stem: str
     sha256: str
     entry: dict[str, Any]
+    new_stamp: dict[str, int] | None = None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -62,55 +69,84 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def png_file_facts(path: str | os.PathLike) -> dict[str, Any]:
-    """`{"size": bytes, "sha256": hex}` of a file: what a sidecar records about its PNG."""
-    return {"size": os.stat(path).st_size, "sha256": file_sha256(path)}
+    """What a sidecar records about its PNG: `{"size", "sha256", "mtime_ns", "inode"}`."""
+    info = os.stat(path)
+    return {"size": info.st_size, "sha256": file_sha256(path), **png_stamp(info)}
 
 
-def png_mismatch(png: str | os.PathLike, record: Mapping[str, Any]) -> str | None:
-    """Why the PNG `png` is not the one its sidecar `record` vouches for (its size and sha256); None when
-    it is. The definition of a finished image, shared by resume and `squeeze eval`."""
+def png_mismatch(png: str | os.PathLike, record: Mapping[str, Any], *, verify: bool = False) -> str | None:
+    """Why the PNG `png` is not the one its sidecar `record` vouches for; None when it is. The definition
+    of a finished image, shared by resume, `status` and `squeeze eval` (see `png_check`)."""
+    return png_check(png, record, verify=verify)[0]
+
+
+def png_check(
+    png: str | os.PathLike, record: Mapping[str, Any], *, verify: bool = False
+) -> tuple[str | None, dict[str, int] | None]:
+    """`(why png does not match its sidecar or None, its stat to record or None)`.
+
+    The PNG matches when it is a regular file of the recorded size whose stat is the recorded mtime and
+    inode, or whose sha256 is the recorded one (always hashed with `verify`). The second value is the
+    PNG's stamp when it matched by hash but its stat differs from the recorded one.
+    """
     facts = record.get(PNG_FILE_KEY)
     if not isinstance(facts, dict):
-        return "its sidecar records no size and sha256 for it (written by an older squeeze)"
-    return file_mismatch(png, facts)
+        return "its sidecar records no size and sha256 for it (written by an older squeeze)", None
+    return file_check(png, facts, verify=verify)
 
 
-def file_mismatch(path: str | os.PathLike, facts: Mapping[str, Any]) -> str | None:
-    """Why the file at `path` is not the one a sidecar's `facts` (`{"size", "sha256"}`) vouch for; None
-    when it is."""
+def file_mismatch(path: str | os.PathLike, facts: Mapping[str, Any], *, verify: bool = False) -> str | None:
+    """Why the file at `path` is not the one a sidecar's `facts` (`{"size", "sha256"}`, and the `mtime_ns`
+    and `inode` it had when written, where recorded) vouch for; None when it is (`file_check`)."""
+    return file_check(path, facts, verify=verify)[0]
+
+
+def file_check(
+    path: str | os.PathLike, facts: Mapping[str, Any], *, verify: bool = False
+) -> tuple[str | None, dict[str, int] | None]:
+    """`(why the file does not match facts or None, its stat to record or None)`: a regular file of the
+    recorded size whose stat is the recorded one is trusted unread (unless `verify`); otherwise its sha256
+    decides, and a match whose stat differs returns the new stat to record."""
     size, sha256 = facts.get("size"), facts.get("sha256")
     if not isinstance(size, int) or not isinstance(sha256, str):
-        return "its sidecar's size and sha256 are damaged"
+        return "its sidecar's size and sha256 are damaged", None
     try:
         info = os.lstat(path)
         if not stat.S_ISREG(info.st_mode):  # not a file squeeze wrote (a link, a FIFO)
-            return f"does not match its sidecar: {file_kind(info.st_mode)}, not the file squeeze wrote"
+            return f"does not match its sidecar: {file_kind(info.st_mode)}, not the file squeeze wrote", None
         if info.st_size != size:  # truncated or grown: cheap checks first
-            return f"does not match its sidecar: {info.st_size:,} bytes, the sidecar records {size:,}"
+            return f"does not match its sidecar: {info.st_size:,} bytes, the sidecar records {size:,}", None
+        stamp = png_stamp(info)
+        stamped = all(facts.get(key) == value for key, value in stamp.items())
+        if stamped and not verify:
+            return None, None  # the file squeeze wrote, untouched since: not read
         if file_sha256(path) != sha256:
-            return "does not match its sidecar: its sha256 differs (edited or replaced)"
+            return "does not match its sidecar: its sha256 differs (edited or replaced)", None
     except OSError as error:
-        return f"cannot be read: {error.strerror or error}"
-    return None
+        return f"cannot be read: {error.strerror or error}", None
+    return None, None if stamped else stamp
 
 
-def _verified(directory: Path, stem: str, record: Mapping[str, Any] | None) -> Finished | None:
-    """`Finished` when the sidecar `record` and the PNG `<stem>.png` agree: the size and hash match."""
-    if record is None or png_mismatch(directory / f"{stem}.png", record) is not None:
+def _verified(directory: Path, stem: str, record: Mapping[str, Any] | None, verify: bool) -> Finished | None:
+    """`Finished` when the sidecar `record` and the PNG `<stem>.png` agree (`png_check`)."""
+    if record is None:
+        return None
+    mismatch, new_stamp = png_check(directory / f"{stem}.png", record, verify=verify)
+    if mismatch is not None:
         return None  # an old sidecar without the PNG's facts cannot be checked either: made again
     sha256 = record[PNG_FILE_KEY]["sha256"]
     entry = index_entry(record)
     subject = directory.name
     entry["image"], entry["sidecar"] = f"{subject}/{stem}.png", f"{subject}/{stem}.json"
-    return Finished(stem, sha256, entry)
+    return Finished(stem, sha256, entry, new_stamp)
 
 
 def find_finished(
-    out_dir: str | os.PathLike, jobs: Iterable[Job], *, anywhere: bool = True
+    out_dir: str | os.PathLike, jobs: Iterable[Job], *, anywhere: bool = True, verify: bool = False
 ) -> dict[str, Finished]:
     """`{job_id: Finished}` for the planned jobs whose image is finished in `out_dir`.
 
-    Each job is first looked for under its own position's name (one sidecar read, one PNG hash: the
+    Each job is first looked for under its own position's name (one sidecar read, one PNG stat: the
     usual case). With `anywhere`, the jobs not found there are looked for among the other sidecars of
     their subject's directory, each read once; several valid copies of one job: the first found counts.
 
@@ -118,6 +154,7 @@ def find_finished(
         jobs: the planned jobs (in plan order).
         anywhere: search the whole subject directory for jobs not at their own name (resume); `False`
             only checks the names this run wrote.
+        verify: hash every PNG, even those whose stat matches their sidecar's.
     """
     done: dict[str, Finished] = {}
     for subject, group in groupby(jobs, key=lambda job: job.subject):
@@ -132,19 +169,21 @@ def find_finished(
             if record is not None and record.get("job_id") != job.job_id:
                 other_ids[stem] = _job_id(record)
                 continue
-            found = _verified(directory, stem, record)
+            found = _verified(directory, stem, record, verify)
             if found is not None:
                 done[job.job_id] = found
         missing = {job.job_id for job in subject_jobs} - done.keys()
         if anywhere and missing:
             done.update(
-                _search_directory(directory, missing, {image_stem(job) for job in subject_jobs}, other_ids)
+                _search_directory(
+                    directory, missing, {image_stem(job) for job in subject_jobs}, other_ids, verify
+                )
             )
     return done
 
 
 def _search_directory(
-    directory: Path, missing: set[str], read_stems: set[str], other_ids: Mapping[str, object]
+    directory: Path, missing: set[str], read_stems: set[str], other_ids: Mapping[str, object], verify: bool
 ) -> dict[str, Finished]:
     found: dict[str, Finished] = {}
     try:
@@ -162,7 +201,7 @@ def _search_directory(
         job_id = _job_id(record) if record is not None else None
         if job_id is None or job_id not in missing or job_id in found:
             continue
-        verified = _verified(directory, stem, record)
+        verified = _verified(directory, stem, record, verify)
         if verified is not None:
             found[job_id] = verified
     return found
@@ -174,9 +213,36 @@ def _job_id(record: Mapping[str, Any]) -> str | None:
     return job_id if isinstance(job_id, str) else None
 
 
-def finished_job_ids(out_dir: str | os.PathLike, jobs: Iterable[Job]) -> set[str]:
+def finished_job_ids(out_dir: str | os.PathLike, jobs: Iterable[Job], *, verify: bool = False) -> set[str]:
     """The ids of the jobs already finished in `out_dir` (see `find_finished`)."""
-    return set(find_finished(out_dir, jobs))
+    return set(find_finished(out_dir, jobs, verify=verify))
+
+
+def record_stamps(out_dir: str | os.PathLike, jobs: Sequence[Job], done: Mapping[str, Finished]) -> int:
+    """Write the PNG's current stat into the sidecar of each finished image that matched by hash alone
+    (`Finished.new_stamp`), so that the next resume trusts the stat instead of reading the PNG. Only the
+    `png` field's `mtime_ns` and `inode` change; a sidecar changed since the scan is left as it is. Call it
+    while holding the output folder's lock, after `move_to_positions`. Returns how many were written.
+
+    Raises:
+        `OutputWriteError`: a sidecar could not be written.
+    """
+    written = 0
+    for job in jobs:
+        found = done.get(job.job_id)
+        if found is None or found.new_stamp is None:
+            continue
+        sidecar = subject_dir(out_dir, job.subject) / f"{found.stem}.json"
+        record = read_sidecar(sidecar)
+        facts = record.get(PNG_FILE_KEY) if record is not None else None
+        if record is None or _job_id(record) != job.job_id or not isinstance(facts, dict):
+            continue
+        if facts.get("sha256") != found.sha256:
+            continue
+        record[PNG_FILE_KEY] = {**facts, **found.new_stamp}
+        atomic_write_json(sidecar, record)
+        written += 1
+    return written
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -249,7 +315,7 @@ def _move(directory: Path, job: Job, found: Finished, stem: str) -> Finished:
     entry["image"], entry["sidecar"] = record["files"]["image"], record["files"]["sidecar"]
     if variant_moves:
         entry[VARIANTS_KEY] = variant_files(record)
-    return Finished(stem, found.sha256, entry)
+    return Finished(stem, found.sha256, entry, found.new_stamp)  # a rename keeps the mtime and inode
 
 
 def _rename_variant(out_dir: Path, old_file: str, new_file: str) -> None:

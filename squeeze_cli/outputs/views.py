@@ -76,7 +76,8 @@ def plan_views(
             page_jobs = by_prompt[contact_sheet_page_prompts(page)]
             if prompts is not None and not any((subject, p[0].prompt_index) in prompts for p in page_jobs):
                 continue
-            page_prompts, sheet_rows = [], []
+            page_prompts: list[tuple[list[Job], str | None]] = []  # each prompt's jobs and grid inputs
+            sheet_rows = []
             for prompt_jobs in page_jobs:
                 prompt_index, prompt = prompt_jobs[0].prompt_index, _caption(prompt_jobs[0])
                 images = [
@@ -89,20 +90,28 @@ def plan_views(
                     inputs = views_inputs("grid", references, [(prompt_index, prompt, images)])
                     if view_inputs(grid_path(root, subject, prompt_index)) != inputs:
                         grid_inputs = inputs
-                entries = tuple(
-                    (job.seed, str(image_path(out_dir, job)) if job.job_id in finished else None)
-                    for job in prompt_jobs
-                )
-                page_prompts.append(PromptViews(prompt_index, prompt, entries, grid_inputs))
+                page_prompts.append((prompt_jobs, grid_inputs))
             sheet_inputs = None
             if contact_sheets:
                 kind = "contact-sheet" if page == 1 else f"contact-sheet page {page}"
                 inputs = views_inputs(kind, references, sheet_rows)
                 if view_inputs(contact_sheet_path(root, subject, page)) != inputs:
                     sheet_inputs = inputs
-            if sheet_inputs is not None or any(p.grid_inputs is not None for p in page_prompts):
-                work.append(PageViews(subject, page, references, tuple(page_prompts), sheet_inputs))
+            if sheet_inputs is not None or any(grid is not None for _, grid in page_prompts):
+                # The images' paths only for a page to draw: a nightly rerun with every view current
+                # checks (safe_join) no image path.
+                drawn = tuple(_prompt_views(out_dir, group, finished, grid) for group, grid in page_prompts)
+                work.append(PageViews(subject, page, references, drawn, sheet_inputs))
     return work
+
+
+def _prompt_views(
+    out_dir: Path, prompt_jobs: Sequence[Job], finished: Mapping[str, Finished], grid_inputs: str | None
+) -> PromptViews:
+    entries = tuple(
+        (job.seed, str(image_path(out_dir, job)) if job.job_id in finished else None) for job in prompt_jobs
+    )
+    return PromptViews(prompt_jobs[0].prompt_index, prompt_jobs[0].prompt, entries, grid_inputs)
 
 
 def views_jobs(jobs: Sequence[Job], prompts: Collection[tuple[str, int]]) -> list[Job]:
