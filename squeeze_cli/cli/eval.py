@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from squeeze_cli.cli.check import VariantOpt
 from squeeze_cli.logs import log_line
 
 
@@ -72,6 +73,16 @@ def eval_command(
     report: Annotated[
         bool, typer.Option("--report/--no-report", help="Write report.html in each run.")
     ] = True,
+    rules: Annotated[
+        str | None,
+        typer.Option(
+            "--rules",
+            metavar="NAME|FILE",
+            help="Also check each image against these marketplace rules, as `squeeze check` does: pass or "
+            "fail with the numbers in the report, the counts in metrics.json.",
+        ),
+    ] = None,
+    variant: VariantOpt = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print a JSON document instead of text.")
     ] = False,
@@ -89,6 +100,8 @@ def eval_command(
 
     if one_process := one_process_launch_warning(os.environ):
         log_line(f"warning: {one_process}")
+    if variant is not None and rules is None:
+        raise typer.BadParameter("--variant says which images --rules checks: give --rules too")
 
     if references != "conditioning" and not Path(references).is_dir():
         from squeeze_cli.errors import UsageError
@@ -102,8 +115,9 @@ def eval_command(
     protocol = make_protocol(
         metrics, clip=clip, dinov2=dinov2, clip_t_weight=clip_t_weight, references=references
     )
-    from squeeze_cli.outputs import runs_inside
+    from squeeze_cli.outputs import load_rules, runs_inside
 
+    rule_set = load_rules(rules) if rules is not None else None  # a bad rule set stops before any work
     # The folder of `gen --recipe A,B` stands for its runs, compared side by side.
     run_dirs = [run for folder in run_dirs for run in runs_inside(folder.expanduser().absolute()) or [folder]]
     evaluations = evaluate_paths(
@@ -114,6 +128,8 @@ def eval_command(
         report=report,
         progress=not json_output,
         allow_gated=allow_gated,
+        rules=rule_set,
+        variant=variant,
     )
     if not evaluations:
         return  # another process of `accelerate launch`: the main one reports

@@ -45,6 +45,8 @@ class RunImage:
     recipe: str = ""  # the sidecar's `preset`: the recipe (model preset) that made it
     model: str = ""  # a hash of the sidecar's `model` section: images of one model identity share it
     gate: GateVerdict | None = None  # chosen by `gen`'s identity gate (best DINO of several seeds)
+    # The index line's channel variants (`{name: file}`, `output.variants`), for `eval --rules --variant`.
+    variants: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -205,6 +207,7 @@ def _run_image(run_dir: Path, entry: dict[str, Any], missing: list[str]) -> RunI
             json.dumps(record.get("model"), sort_keys=True, default=str).encode()
         ).hexdigest()[:16],
         gate=_gate_verdict(record.get("quality")),
+        variants=variants if isinstance(variants := entry.get(outputs.VARIANTS_KEY), dict) else {},
     )
 
 

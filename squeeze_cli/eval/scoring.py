@@ -173,12 +173,16 @@ def evaluate_run(
     progress: bool = True,
     encoder_factory: Callable[[EncoderSpec, str], Any] | None = None,
     processes: Any = None,
+    rules: outputs.RuleSet | None = None,
+    variant: str | None = None,
 ) -> RunEvaluation:
     """Score every finished image of a run; write `metrics.jsonl`, `metrics.json` and the cache.
 
     Models are loaded only when something is not cached. Images whose references are all gone get no
     identity scores (noted); their CLIP-T is still computed. With `processes` (several processes of
     `accelerate launch`), the uncached images are split between them and only the main one writes.
+    With `rules`, each image (its master, or its channel `variant`) is also checked against them, as
+    `squeeze check` does: a row's `check`, the summary's `checks` counts (main process only).
     """
     from squeeze_cli.images import check_image
 
@@ -254,11 +258,32 @@ def evaluate_run(
         for i in range(len(plan))
     ]
     summary = summarise(rows, protocol, contents, notes)
+    if rules is not None and is_main:
+        summary["checks"] = check_rows(rows, run_dir, [image for image, *_ in plan], rules, variant)
     evaluation = RunEvaluation(contents, protocol, rows, summary, computed, reused, notes)
     summary["cache"] = {"computed": computed, "reused": reused}
     if is_main:
         write_metrics(evaluation)
     return evaluation
+
+
+def check_rows(
+    rows: Sequence[dict[str, Any]],
+    run_dir: Path,
+    images: Sequence[RunImage],
+    rules: outputs.RuleSet,
+    variant: str | None,
+) -> dict[str, Any]:
+    """Each image against `rules` (`outputs.check_job_image`: the measuring of `squeeze check`), into its
+    row's `check`; returns the run's counts: `{rules, variant, passed, failed}`."""
+    checks = []
+    for row, image in zip(rows, images, strict=True):
+        check = outputs.check_job_image(run_dir, image.image, image.variants, rules, variant)
+        row["check"] = check.to_dict()
+        checks.append(check)
+    counts = outputs.CheckReport(rules, variant, checks).to_dict()
+    del counts["images"]  # they are in the rows
+    return counts
 
 
 def _score_with(
@@ -428,9 +453,12 @@ def evaluate_paths(
     report: bool = True,
     progress: bool = True,
     allow_gated: bool = False,
+    rules: outputs.RuleSet | None = None,
+    variant: str | None = None,
 ) -> list[RunEvaluation]:
     """Evaluate each run (all are read first, so a bad one stops before any work), then write each
-    run's `report.html`, holding every run evaluated together side by side.
+    run's `report.html`, holding every run evaluated together side by side. With `rules`, each image is
+    also checked against them (`evaluate_run`).
 
     Raises:
         `GatedRunError`: before any work, when a run's images were chosen by gen's identity gate, the
@@ -461,6 +489,8 @@ def evaluate_paths(
             progress=progress,
             encoder_factory=shared_encoder,
             processes=processes,
+            rules=rules,
+            variant=variant,
         )
         for contents in runs
     ]

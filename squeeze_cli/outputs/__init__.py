@@ -39,7 +39,15 @@ Guarantees the runner builds on:
   `repair_index` rebuilds it from the sidecars at the start of a run.
 """
 
-from .checks import check_run, format_report, load_rules  # noqa: F401
+from .checks import (  # noqa: F401
+    CheckReport,
+    RuleSet,
+    check_job_image,
+    check_run,
+    checks_counts_line,
+    format_report,
+    load_rules,
+)
 from .files import (  # noqa: F401
     OutputWriteError,
     atomic_write_bytes,
@@ -84,7 +92,7 @@ from .layout import (  # noqa: F401
     safe_join,
     views_root,
 )
-from .records import image_record, package_versions, read_sidecar, save_image  # noqa: F401
+from .records import VARIANTS_KEY, image_record, package_versions, read_sidecar, save_image  # noqa: F401
 from .resume import (  # noqa: F401
     Finished,
     find_finished,

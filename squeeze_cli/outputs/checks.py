@@ -211,17 +211,24 @@ def check_run(out_dir: str | os.PathLike, rules: RuleSet, variant: str | None = 
             f"{out} has no {INDEX_NAME}: it is not the output folder of a finished `squeeze gen` run",
             "give the folder `squeeze gen` wrote (after a --shard run, `squeeze status OUT --merge` first)",
         )
-    checks = []
-    for line in sorted(_finished_lines(read_index(out)), key=lambda line: str(line.get("image"))):
-        if variant is None:
-            checks.append(check_file(out, line["image"], rules))
-            continue
-        file = (line.get(VARIANTS_KEY) or {}).get(variant)
-        if isinstance(file, str):
-            checks.append(check_file(out, file, rules))
-        else:
-            checks.append(ImageCheck(line["image"], error=f"missing: it has no variant {variant!r}"))
+    checks = [
+        check_job_image(out, line["image"], line.get(VARIANTS_KEY), rules, variant)
+        for line in sorted(_finished_lines(read_index(out)), key=lambda line: str(line.get("image")))
+    ]
     return CheckReport(rules, variant, checks)
+
+
+def check_job_image(
+    out_dir: Path, image: str, variants: Any, rules: RuleSet, variant: str | None = None
+) -> ImageCheck:
+    """A finished job's PNG master (`image`, relative to `out_dir`), or with `variant` that channel variant
+    of it, from the job's `variants` record (`{name: file}`); a job without that variant fails: `missing`."""
+    if variant is None:
+        return check_file(out_dir, image, rules)
+    file = variants.get(variant) if isinstance(variants, Mapping) else None
+    if isinstance(file, str):
+        return check_file(out_dir, file, rules)
+    return ImageCheck(image, error=f"missing: it has no variant {variant!r}")
 
 
 def _finished_lines(lines: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -230,7 +237,6 @@ def _finished_lines(lines: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any
 
 def format_report(report: CheckReport) -> str:
     """The text `squeeze check` prints: one line per image, then the counts."""
-    what = f"variant {report.variant!r}" if report.variant else "the masters"
     lines = []
     for check in report.images:
         verdict = "pass" if check.passed else "FAIL"
@@ -239,10 +245,15 @@ def format_report(report: CheckReport) -> str:
         )
         broken = f"  (breaks {', '.join(check.failed)})" if check.failed else ""
         lines.append(f"{verdict}  {check.image}: {numbers}{broken}")
-    lines.append(
-        f"{report.rules.name} on {what}: {len(report.images) - report.failed} passed, {report.failed} failed"
-    )
+    passed = len(report.images) - report.failed
+    lines.append(checks_counts_line(report.rules.name, report.variant, passed, report.failed))
     return "\n".join(lines)
+
+
+def checks_counts_line(rules: str, variant: str | None, passed: int, failed: int) -> str:
+    """`amazon-main on the masters: 4 passed, 2 failed`."""
+    what = f"variant {variant!r}" if variant else "the masters"
+    return f"{rules} on {what}: {passed} passed, {failed} failed"
 
 
 def _describe(key: str, value: float | int, rules: RuleSet) -> str:
