@@ -111,7 +111,7 @@ def _prompt_views(
     entries = tuple(
         (job.seed, str(image_path(out_dir, job)) if job.job_id in finished else None) for job in prompt_jobs
     )
-    return PromptViews(prompt_jobs[0].prompt_index, prompt_jobs[0].prompt, entries, grid_inputs)
+    return PromptViews(prompt_jobs[0].prompt_index, _caption(prompt_jobs[0]), entries, grid_inputs)
 
 
 def views_jobs(jobs: Sequence[Job], prompts: Collection[tuple[str, int]]) -> list[Job]:
