@@ -17,17 +17,40 @@ repeated around them lives in `SubjectBatchMixin`.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import PIL.Image
 import torch
+from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 from diffusers.utils.torch_utils import randn_tensor
 
-__all__ = ["SubjectBatchMixin", "SubjectPipeline", "SubjectPipelineOutput"]
+from squeeze_cli.params import StepCache, StepCacheMethod, choices
+
+__all__ = ["SubjectBatchMixin", "SubjectPipeline", "SubjectPipelineOutput", "step_cache_config"]
 
 T = TypeVar("T")
+
+
+def step_cache_config(step_cache: StepCache) -> FirstBlockCacheConfig | TaylorSeerCacheConfig:
+    """diffusers' cache config for a `StepCache` (`transformer.enable_cache` takes it)."""
+    if step_cache.method == StepCacheMethod.first_block.value:
+        return FirstBlockCacheConfig(threshold=step_cache.threshold)
+    if step_cache.method == StepCacheMethod.taylorseer.value:
+        # The lite variant forecasts only the transformer's output projection and skips every block on a
+        # forecast step: a full pass saved, and a few MB of state instead of every block's features (GBs
+        # at full size). Factors in float32 (diffusers defaults to bfloat16): they are that small, and a
+        # difference of two bfloat16 outputs keeps few bits.
+        return TaylorSeerCacheConfig(
+            cache_interval=step_cache.interval,
+            disable_cache_before_step=step_cache.warmup_steps,
+            max_order=step_cache.order,
+            taylor_factors_dtype=torch.float32,
+            use_lite_mode=True,
+        )
+    raise ValueError(f"Unknown step cache method {step_cache.method!r}; use {choices(StepCacheMethod)}.")
 
 
 class SubjectPipelineOutput(Protocol):
@@ -68,13 +91,17 @@ class SubjectPipeline(Protocol):
 
 class SubjectBatchMixin:
     """The glue around each pipeline's denoising loop: subject from references, input checks, per-image
-    noise, the step callback and a small prompt-encoding LRU.
+    noise, the step cache, the step callback and a small prompt-encoding LRU.
 
     For a class that also derives from `DiffusionPipeline` (it provides `_execution_device`,
     `_callback_tensor_inputs` and `encode_subject`).
     """
 
     lora_fused = False
+    #: The `StepCacheMethod` values its transformer runs with (the registry's `step_cache_methods`).
+    step_cache_methods: frozenset[str] = frozenset()
+    #: The diffusers cache config `_set_step_cache` put on the transformer (`None`: none of ours is on).
+    _applied_step_cache: Any = None
     #: Prompt encodings `_remember_prompt` keeps: a subject's prompts run together, so a few dozen is plenty.
     prompt_cache_size = 64
 
@@ -119,6 +146,50 @@ class SubjectBatchMixin:
         dtype; with a list of CPU generators each image's noise comes from its own generator, so an image
         does not depend on the batch it is in."""
         return randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32).to(dtype)
+
+    def _set_step_cache(self, step_cache: StepCache | None) -> None:
+        """Put diffusers' step-caching hook on the transformer as `step_cache` asks (or take off the one
+        a previous call put there), and empty its cached residuals so nothing carries over between calls.
+        The denoising loop names a cache context around every transformer call (one per CFG branch).
+
+        A cache the caller enabled on `pipe.transformer` directly is left in place when `step_cache` is
+        `None`.
+        """
+        transformer = self.transformer  # type: ignore[attr-defined]
+        wanted = None
+        if step_cache is not None:
+            if step_cache.method not in self.step_cache_methods:
+                takes = ", ".join(sorted(self.step_cache_methods)) or "none"
+                raise ValueError(
+                    f"{type(self).__name__} cannot run step cache method {step_cache.method!r}; "
+                    f"it takes: {takes}."
+                )
+            wanted = step_cache_config(step_cache)
+        applied = self._applied_step_cache
+        if wanted is not None and transformer._cache_config != wanted:
+            if transformer.is_cache_enabled:
+                transformer.disable_cache()
+            transformer.enable_cache(wanted)
+            self._applied_step_cache = wanted
+        elif wanted is None and applied is not None and transformer._cache_config is applied:
+            transformer.disable_cache()
+            self._applied_step_cache = None
+        if transformer.is_cache_enabled:
+            transformer._reset_stateful_cache()
+
+    @contextlib.contextmanager
+    def _step_cache_off(self) -> Iterator[None]:
+        """The transformer without its step-cache hook, for a pass outside the denoising loop: diffusers'
+        hooks refuse a call outside a cache context, and a forecast there would be wrong."""
+        transformer = self.transformer  # type: ignore[attr-defined]
+        config = transformer._cache_config if transformer.is_cache_enabled else None
+        if config is not None:
+            transformer.disable_cache()
+        try:
+            yield
+        finally:
+            if config is not None:
+                transformer.enable_cache(config)
 
     def _step_callback(
         self,

@@ -1,0 +1,167 @@
+"""`step_cache` on the pipelines other than squeeze's (its staged one is in tests/test_step_cache.py): each
+method a pipeline's registry row lists runs on its tiny twin, skips transformer passes and keeps the images
+close to exact sampling; a method it cannot run is refused at validation and by the pipeline. That
+`step_cache` absent leaves the pixels as they were is the equality with diffusers' own pipelines
+(tests/test_pipelines_kontext.py, test_pipelines_qwen_image_edit.py, test_pipelines_flux2.py)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from squeeze_cli.loading import load_pipeline
+from squeeze_cli.manifest.schema import ModelSpec
+from squeeze_cli.params import StepCache, StepCacheMethod
+from squeeze_cli.pipelines.registry import PIPELINES
+
+NAMES = tuple(name for name in sorted(PIPELINES) if name != "squeeze")
+STEPS = 8
+SIZE = {"height": 32, "width": 48}
+# Settings that skip on the random twins: First Block Cache skips when the first block's output moved by
+# less than the threshold (a random model's moves a lot); TaylorSeer runs one pass in two after the first.
+CACHES = {
+    StepCacheMethod.first_block.value: StepCache("first_block", threshold=0.9),
+    StepCacheMethod.taylorseer.value: StepCache("taylorseer", interval=2, warmup_steps=1, order=1),
+}
+
+
+CASES = [
+    pytest.param(name, method, id=f"{name}-{method}")
+    for name in NAMES
+    for method in sorted(PIPELINES[name].step_cache_methods)
+]
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    loaded: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in loaded:
+            spec = ModelSpec(builtin="tiny", pipeline_class=name, dtype="float32")
+            loaded[name] = load_pipeline(spec, device="cpu")
+        return loaded[name]
+
+    return get
+
+
+def reference() -> PIL.Image.Image:
+    rng = np.random.default_rng(0)
+    return PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+class FullPasses:
+    """Counts full transformer passes: a layer inside the last block runs only when no cache skipped it
+    (First Block Cache skips every block after the first, TaylorSeer's lite variant every block)."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        blocks = [
+            module for name, module in transformer.named_modules() if re.fullmatch(r"\w*blocks\.\d+", name)
+        ]
+        layer = next(module for module in blocks[-1].modules() if isinstance(module, torch.nn.Linear))
+        self.count = 0
+        self.handle = layer.register_forward_hook(self)
+
+    def __call__(self, *args: object) -> None:
+        self.count += 1
+
+
+def run(pipe, step_cache: StepCache | None = None) -> tuple[np.ndarray, int]:
+    # Encoded first: [klein] 9B-KV runs the transformer on the references once per subject.
+    subject = pipe.encode_subject([reference()], reference_size=64)
+    passes = FullPasses(pipe.transformer)
+    try:
+        images = pipe(
+            ["a dog", "a dog in the snow"],
+            subject_condition=subject,
+            num_inference_steps=STEPS,
+            generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)],
+            output_type="np",
+            step_cache=step_cache,
+            **SIZE,
+        ).images
+    finally:
+        passes.handle.remove()
+    return images, passes.count
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "method"), CASES)
+def test_each_cache_skips_passes_and_stays_close(pipes, name, method):
+    pipe = pipes(name)
+    exact, passes = run(pipe)
+    assert passes == STEPS and not pipe.transformer.is_cache_enabled
+    cached, passes = run(pipe, CACHES[method])
+    assert passes < STEPS
+    difference = np.abs(cached - exact)
+    # Not a bound (it depends on the random twin): the cache changed the image, and nothing blew up.
+    assert np.isfinite(cached).all() and difference.max() > 0
+    print(f"{name} {method}: {passes}/{STEPS} full passes, max |Δ| {difference.max():.4f}")
+    again, _ = run(pipe, CACHES[method])
+    assert np.array_equal(cached, again)  # the cache starts empty on every call
+    back, passes = run(pipe)
+    assert passes == STEPS and not pipe.transformer.is_cache_enabled and np.array_equal(back, exact)
+
+
+@pytest.mark.slow
+def test_a_subject_encoded_after_a_cached_call_is_unchanged(pipes):
+    # [klein] 9B-KV runs the transformer in `encode_subject`, where the last call's cache hook must not act.
+    pipe = pipes("flux2-klein-kv")
+    before = pipe.encode_subject([reference()], reference_size=64).reference_kv
+    run(pipe, CACHES["taylorseer"])
+    after = pipe.encode_subject([reference()], reference_size=64).reference_kv
+    for old, new in zip(before.double_block_caches, after.double_block_caches, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(old.get(), new.get(), strict=True))
+
+
+def test_every_pipeline_reads_step_cache_and_flux2_takes_taylorseer_only():
+    for name, spec in PIPELINES.items():
+        assert "step_cache" in spec.sampling_parameters
+        expected = {"taylorseer"} if name.startswith("flux2") else {"first_block", "taylorseer"}
+        assert spec.step_cache_methods == expected, name
+
+
+def test_the_pipeline_refuses_a_method_it_cannot_run(pipes):
+    pipe = pipes("flux2-klein")
+    with pytest.raises(ValueError, match="cannot run step cache method 'first_block'; it takes: taylorseer"):
+        run(pipe, StepCache("first_block"))
+
+
+@pytest.mark.parametrize(
+    ("defaults", "field"),
+    [
+        ("{step_cache: {method: first_block}}", "defaults.step_cache"),
+        ("{step_cache: {}}", "defaults.step_cache"),  # first_block is the default method
+        (
+            "{for_pipeline: {flux2-dev: {step_cache: {threshold: 0.2}}}}",
+            "defaults.for_pipeline.flux2-dev.step_cache",
+        ),
+    ],
+)
+def test_validation_refuses_a_method_the_pipeline_cannot_run(
+    write_file, make_image, squeeze, defaults, field
+):
+    make_image("refs/a.png")
+    path = write_file(
+        f"""
+        version: 1
+        recipe: tiny-flux2-klein
+        defaults: {defaults}
+        subjects:
+          - name: dog
+            references: [refs/a.png]
+            prompts: [a dog]
+        """
+    )
+    result = squeeze("validate", str(path))
+    assert result.code == 2, result.err
+    (line,) = [line for line in result.err.splitlines() if "step cache method" in line]
+    assert (
+        line.startswith(f"error: {path}:")
+        and f"{field}: step cache method first_block does not run on the flux2" in line
+    )
+    assert "use `method: taylorseer`" in line
