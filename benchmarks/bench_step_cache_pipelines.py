@@ -6,8 +6,8 @@ Per pipeline: the tiny twin at `--size`² and `--steps` steps, one subject encod
 per call (one seed each); for exact sampling and each cache the pipeline takes (its registry row's
 `step_cache_methods`), `--rounds` rounds after a warm-up, each calling every variant (the order rotated).
 Printed per variant: CPU seconds per image (median, min–max over the rounds), exact's CPU time over the
-variant's (median, min–max of the per-round ratios), full transformer passes per image (a layer in the last
-block counted, as tests/test_step_cache_pipelines.py does), and against the exact images of the same seeds
+variant's (median, min–max of the per-round ratios), full transformer passes per image
+(`pipelines.contract.TransformerPasses`), and against the exact images of the same seeds
 the largest pixel difference in levels of 255 and the PSNR. The twins' weights are random and their
 transformers two blocks deep, so the speed-up says little about full size (where the transformer's share of
 the time is larger, and First Block Cache's first block is one of dozens, not half the model), and the
@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_step_cache_pipelines import FullPasses, reference  # noqa: E402 - the tests' pass counter
+from test_step_cache_pipelines import reference  # noqa: E402 - the tests' reference image
 
 from squeeze_cli.loading import load_pipeline  # noqa: E402
 from squeeze_cli.manifest.schema import ModelSpec  # noqa: E402
 from squeeze_cli.params import StepCache  # noqa: E402
+from squeeze_cli.pipelines.contract import TransformerPasses  # noqa: E402
 from squeeze_cli.pipelines.registry import PIPELINES  # noqa: E402
 
 VARIANTS = {
@@ -74,10 +75,10 @@ def measure(name: str, args: argparse.Namespace) -> list[str]:
     }
     images, passes, seconds = {}, {}, {label: [] for label in variants}
     for label, step_cache in variants.items():  # warm-up, and the images and passes of each variant
-        counter = FullPasses(pipe.transformer)
+        counter = TransformerPasses(pipe.transformer)
         images[label] = call(step_cache)
-        counter.handle.remove()
-        passes[label] = counter.count  # one pass runs the whole batch: per call is per image
+        counter.remove()
+        passes[label] = counter.full  # one pass runs the whole batch: per call is per image
     labels = list(variants)
     for round_ in range(args.rounds):  # side by side: every variant in each round, the order rotated
         for label in labels[round_ % len(labels) :] + labels[: round_ % len(labels)]:

@@ -6,7 +6,7 @@ close to exact sampling; a method it cannot run is refused at validation and by 
 
 from __future__ import annotations
 
-import re
+import json
 
 import numpy as np
 import PIL.Image
@@ -16,6 +16,7 @@ import torch
 from squeeze_cli.loading import load_pipeline
 from squeeze_cli.manifest.schema import ModelSpec
 from squeeze_cli.params import StepCache, StepCacheMethod
+from squeeze_cli.pipelines.contract import TransformerPasses
 from squeeze_cli.pipelines.registry import PIPELINES
 
 NAMES = tuple(name for name in sorted(PIPELINES) if name != "squeeze")
@@ -54,26 +55,10 @@ def reference() -> PIL.Image.Image:
     return PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
 
 
-class FullPasses:
-    """Counts full transformer passes: a layer inside the last block runs only when no cache skipped it
-    (First Block Cache skips every block after the first, TaylorSeer's lite variant every block)."""
-
-    def __init__(self, transformer: torch.nn.Module):
-        blocks = [
-            module for name, module in transformer.named_modules() if re.fullmatch(r"\w*blocks\.\d+", name)
-        ]
-        layer = next(module for module in blocks[-1].modules() if isinstance(module, torch.nn.Linear))
-        self.count = 0
-        self.handle = layer.register_forward_hook(self)
-
-    def __call__(self, *args: object) -> None:
-        self.count += 1
-
-
 def run(pipe, step_cache: StepCache | None = None) -> tuple[np.ndarray, int]:
     # Encoded first: [klein] 9B-KV runs the transformer on the references once per subject.
     subject = pipe.encode_subject([reference()], reference_size=64)
-    passes = FullPasses(pipe.transformer)
+    passes = TransformerPasses(pipe.transformer)
     try:
         images = pipe(
             ["a dog", "a dog in the snow"],
@@ -85,8 +70,10 @@ def run(pipe, step_cache: StepCache | None = None) -> tuple[np.ndarray, int]:
             **SIZE,
         ).images
     finally:
-        passes.handle.remove()
-    return images, passes.count
+        passes.remove()
+    # What the runner records: the pipeline's own count, while a cache is on.
+    assert pipe.step_cache_passes == (None if step_cache is None else (passes.full, passes.calls))
+    return images, passes.full
 
 
 @pytest.mark.slow
@@ -165,3 +152,30 @@ def test_validation_refuses_a_method_the_pipeline_cannot_run(
         and f"{field}: step cache method first_block does not run on the flux2" in line
     )
     assert "use `method: taylorseer`" in line
+
+
+def test_skipped_passes_are_recorded_per_image_and_per_run(write_file, make_image, squeeze, tmp_path):
+    make_image("refs/a.png", size=(64, 64))
+    path = write_file(
+        """
+        version: 1
+        recipe: tiny-kontext
+        defaults: {height: 32, width: 48, num_inference_steps: 6, reference_size: 64, seeds: [0, 1]}
+        subjects:
+          - name: dog
+            references: [refs/a.png]
+            prompts:
+              - a dog
+              - {text: a dog in the snow, step_cache: {method: taylorseer, interval: 2, warmup_steps: 1}}
+        """
+    )
+    out = tmp_path / "out"
+    result = squeeze("gen", str(path), "--out", str(out))
+    assert result.code == 0, result.err
+    exact = json.loads((out / "dog" / "000-s0.json").read_text())
+    assert "step_cache_passes" not in exact
+    cached = json.loads((out / "dog" / "001-s1.json").read_text())
+    # Steps 0, 2 and 4 run, 1, 3 and 5 are forecast: 3 of the 6 passes skipped.
+    assert cached["step_cache_passes"] == {"transformer_passes": 6, "skipped": 3}
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["step_cache"] == {"images": 2, "transformer_passes": 12, "skipped": 6}

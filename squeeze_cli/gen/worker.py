@@ -106,6 +106,8 @@ class Worker:
         self.succeeded: list[str] = []
         self.failures: list[dict[str, Any]] = []
         self.timings = {"load": 0.0, "encode_subjects": 0.0, "generate": 0.0}
+        # Over the images made with a step cache: transformer passes, and those the cache skipped (run.json).
+        self.step_cache = {"images": 0, "transformer_passes": 0, "skipped": 0}
         self.preset_name = manifest.recipe.name if manifest.recipe is not None else "custom"
         self.model_info = manifest.model.model_dump(mode="json")
         self.license = manifest.license.model_dump(mode="json")
@@ -279,6 +281,7 @@ class Worker:
                 self._fail(job, describe_exception(error))
             return
         self.reporter.batch_finished()
+        passes = self.pipe.step_cache_passes  # this call's, per image: a remake by the gate makes its own
         images, qualities = result.images, [None] * len(batch)
         if self.gate is not None:
             images, qualities = self.gate.apply(
@@ -299,6 +302,12 @@ class Worker:
                 license=self.license,
             )
             record["process"] = self.processes.index
+            if passes is not None:
+                full, calls = passes
+                record["step_cache_passes"] = {"transformer_passes": calls, "skipped": calls - full}
+                self.step_cache["images"] += 1
+                self.step_cache["transformer_passes"] += calls
+                self.step_cache["skipped"] += calls - full
             if quality is not None:
                 record["quality"] = quality
             outputs.save_image(self.out_dir, job, image, record, self.manifest.document.output.metadata)

@@ -18,6 +18,7 @@ repeated around them lives in `SubjectBatchMixin`.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -29,7 +30,13 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from squeeze_cli.params import StepCache, StepCacheMethod, choices
 
-__all__ = ["SubjectBatchMixin", "SubjectPipeline", "SubjectPipelineOutput", "step_cache_config"]
+__all__ = [
+    "SubjectBatchMixin",
+    "SubjectPipeline",
+    "SubjectPipelineOutput",
+    "TransformerPasses",
+    "step_cache_config",
+]
 
 T = TypeVar("T")
 
@@ -53,6 +60,33 @@ def step_cache_config(step_cache: StepCache) -> FirstBlockCacheConfig | TaylorSe
     raise ValueError(f"Unknown step cache method {step_cache.method!r}; use {choices(StepCacheMethod)}.")
 
 
+class TransformerPasses:
+    """Counts a transformer's calls and its full passes, through forward hooks until `remove()`: a layer
+    inside its last block runs only when no step cache skipped the pass (First Block Cache skips every
+    block after the first, TaylorSeer's lite variant every block)."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        blocks = [
+            module for name, module in transformer.named_modules() if re.fullmatch(r"\w*blocks\.\d+", name)
+        ]
+        layer = next(module for module in blocks[-1].modules() if isinstance(module, torch.nn.Linear))
+        self.calls = self.full = 0
+        self.handles = [
+            transformer.register_forward_pre_hook(lambda *_: self._count("calls")),
+            layer.register_forward_hook(lambda *_: self._count("full")),
+        ]
+
+    def _count(self, name: str) -> None:
+        setattr(self, name, getattr(self, name) + 1)
+
+    def reset(self) -> None:
+        self.calls = self.full = 0
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 class SubjectPipelineOutput(Protocol):
     """What a pipeline call returns: the images, and the stage plan (`None` for one-stage pipelines)."""
 
@@ -69,6 +103,8 @@ class SubjectPipeline(Protocol):
     sampling_parameters: frozenset[str]
     #: Whether the loader fused a LoRA into the transformer (recorded in every image's sidecar).
     lora_fused: bool
+    #: (full, all) transformer passes of the last call per image with a step cache on, else `None`.
+    step_cache_passes: tuple[int, int] | None
 
     def encode_subject(self, reference_images: Sequence[PIL.Image.Image], reference_size: int) -> Any: ...
 
@@ -102,6 +138,8 @@ class SubjectBatchMixin:
     step_cache_methods: frozenset[str] = frozenset()
     #: The diffusers cache config `_set_step_cache` put on the transformer (`None`: none of ours is on).
     _applied_step_cache: Any = None
+    #: Counts the transformer's passes while a step cache is on (`step_cache_passes`).
+    _passes: TransformerPasses | None = None
     #: Prompt encodings `_remember_prompt` keeps: a subject's prompts run together, so a few dozen is plenty.
     prompt_cache_size = 64
 
@@ -176,6 +214,23 @@ class SubjectBatchMixin:
             self._applied_step_cache = None
         if transformer.is_cache_enabled:
             transformer._reset_stateful_cache()
+        self._count_passes(transformer if transformer.is_cache_enabled else None)
+
+    def _count_passes(self, transformer: torch.nn.Module | None) -> None:
+        """Count `transformer`'s passes from now (`None`: stop counting)."""
+        if self._passes is not None and transformer is None:
+            self._passes.remove()
+            self._passes = None
+        elif transformer is not None:
+            if self._passes is None:
+                self._passes = TransformerPasses(transformer)
+            self._passes.reset()
+
+    @property
+    def step_cache_passes(self) -> tuple[int, int] | None:
+        """(full, all) transformer passes of the last call, for each of its images; `None` when it ran
+        without a step cache (every pass full)."""
+        return None if self._passes is None else (self._passes.full, self._passes.calls)
 
     @contextlib.contextmanager
     def _step_cache_off(self) -> Iterator[None]:
