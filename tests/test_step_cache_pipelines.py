@@ -101,7 +101,12 @@ def test_a_subject_encoded_after_a_cached_call_is_unchanged(pipes):
     before = pipe.encode_subject([reference()], reference_size=64).reference_kv
     run(pipe, CACHES["taylorseer"])
     after = pipe.encode_subject([reference()], reference_size=64).reference_kv
-    for old, new in zip(before.double_block_caches, after.double_block_caches, strict=True):
+    layers = zip(
+        before.double_block_caches + before.single_block_caches,
+        after.double_block_caches + after.single_block_caches,
+        strict=True,
+    )
+    for old, new in layers:
         assert all(torch.equal(a, b) for a, b in zip(old.get(), new.get(), strict=True))
 
 
@@ -112,6 +117,7 @@ def test_every_pipeline_reads_step_cache_and_flux2_takes_taylorseer_only():
         assert spec.step_cache_methods == expected, name
 
 
+@pytest.mark.slow
 def test_the_pipeline_refuses_a_method_it_cannot_run(pipes):
     pipe = pipes("flux2-klein")
     with pytest.raises(ValueError, match="cannot run step cache method 'first_block'; it takes: taylorseer"):
