@@ -13,10 +13,12 @@ import PIL.Image
 import pytest
 import torch
 
+from squeeze_cli.errors import ManifestError
 from squeeze_cli.loading import load_pipeline
+from squeeze_cli.manifest.resolve import load_manifest
 from squeeze_cli.manifest.schema import ModelSpec
 from squeeze_cli.params import StepCache, StepCacheMethod
-from squeeze_cli.pipelines.contract import TransformerPasses
+from squeeze_cli.pipelines.contract import PROBE_PROMPT, SubjectBatchMixin, TransformerPasses, probe_reference
 from squeeze_cli.pipelines.registry import PIPELINES
 
 NAMES = tuple(name for name in sorted(PIPELINES) if name != "squeeze")
@@ -185,3 +187,95 @@ def test_skipped_passes_are_recorded_per_image_and_per_run(write_file, make_imag
     assert cached["step_cache_passes"] == {"transformer_passes": 6, "skipped": 3}
     summary = json.loads((out / "run.json").read_text())
     assert summary["step_cache"] == {"images": 2, "transformer_passes": 12, "skipped": 6}
+
+
+# A `skip` target instead of a threshold (issue 22) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "field", "message"),
+    [
+        ("{skip: 0.4, threshold: 0.1}", "defaults.step_cache", "`threshold` and `skip` both set"),
+        ("{method: taylorseer, skip: 0.4}", "defaults.step_cache", "`skip` is not a setting of"),
+        ("{skip: 1}", "defaults.step_cache.skip", "less than 1"),
+        ("{skip: 0}", "defaults.step_cache.skip", "greater than 0"),
+    ],
+)
+def test_bad_skip_target_is_located(write_file, make_image, value, field, message):
+    make_image("refs/a.png")
+    path = write_file(
+        f"""
+        version: 1
+        recipe: tiny
+        defaults: {{step_cache: {value}}}
+        subjects:
+          - {{name: dog, references: [refs/a.png], prompts: [a dog]}}
+        """
+    )
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    (problem,) = info.value.problems
+    assert problem.field == field and message in problem.message, problem
+
+
+def test_a_skip_target_is_the_job_id_and_the_threshold_is_not():
+    target = StepCache("first_block", skip=0.4)
+    assert target.to_dict() == {"method": "first_block", "skip": 0.4}
+    assert StepCache("first_block", threshold=0.1).to_dict() == {"method": "first_block", "threshold": 0.1}
+
+
+@pytest.mark.slow
+def test_a_skip_target_is_calibrated_once_and_recorded(
+    write_file, make_image, squeeze, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SQUEEZE_CACHE", str(tmp_path / "cache"))  # a fresh calibration store
+    make_image("refs/a.png", size=(64, 64))
+    path = write_file(
+        """
+        version: 1
+        recipe: tiny-kontext
+        defaults: {height: 32, width: 48, num_inference_steps: 8, reference_size: 64, seeds: [0]}
+        subjects:
+          - name: dog
+            references: [refs/a.png]
+            prompts: [{text: a dog, step_cache: {skip: 0.5}}]
+        """
+    )
+    probes = []
+    calibrate = SubjectBatchMixin.calibrate_step_cache
+    monkeypatch.setattr(
+        SubjectBatchMixin,
+        "calibrate_step_cache",
+        lambda self, *args, **kwargs: probes.append(1) or calibrate(self, *args, **kwargs),
+    )
+    for run_index in range(2):
+        out = tmp_path / f"out{run_index}"
+        result = squeeze("gen", str(path), "--out", str(out))
+        assert result.code == 0, result.err
+        record = json.loads((out / "dog" / "000-s0.json").read_text())
+        assert record["params"]["step_cache"] == {"method": "first_block", "skip": 0.5}
+        passes = record["step_cache_passes"]
+        assert 0 < passes["calibrated_threshold"] < 1 and passes["skipped"] > 0
+    assert len(probes) == 1  # the second run found the calibration in the cache
+    assert len(json.loads((tmp_path / "cache" / "step-cache-calibrations.json").read_text())) == 1
+
+
+@pytest.mark.slow
+def test_calibration_reaches_the_target_on_the_probe(pipes):
+    pipe = pipes("qwen-image-edit-plus")
+    sampling = {"num_inference_steps": STEPS, **SIZE}
+    target = StepCache("first_block", skip=0.5)
+    threshold = pipe.calibrate_step_cache(target, reference_size=64, **sampling)
+    assert 0 < threshold < 1
+    pipe(
+        [PROBE_PROMPT],
+        subject_condition=pipe.encode_subject([probe_reference()], 64),
+        generator=[torch.Generator().manual_seed(0)],
+        output_type="latent",
+        step_cache=StepCache("first_block", threshold=threshold),
+        **sampling,
+    )
+    full, calls = pipe.step_cache_passes
+    assert calls - full >= 0.5 * calls
+    with pytest.raises(ValueError, match="needs its threshold first"):
+        pipe._set_step_cache(target)

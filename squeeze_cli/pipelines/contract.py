@@ -21,8 +21,10 @@ import contextlib
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+import numpy as np
 import PIL.Image
 import torch
 from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
@@ -35,10 +37,15 @@ __all__ = [
     "SubjectPipeline",
     "SubjectPipelineOutput",
     "TransformerPasses",
+    "probe_reference",
     "step_cache_config",
 ]
 
 T = TypeVar("T")
+
+# A `skip` target's threshold is found by bisection in (0, 1) over this many probe images (2⁻⁸ apart).
+CALIBRATION_PROBES = 8
+PROBE_PROMPT = "a photo of the object"
 
 
 def step_cache_config(step_cache: StepCache) -> FirstBlockCacheConfig | TaylorSeerCacheConfig:
@@ -58,6 +65,11 @@ def step_cache_config(step_cache: StepCache) -> FirstBlockCacheConfig | TaylorSe
             use_lite_mode=True,
         )
     raise ValueError(f"Unknown step cache method {step_cache.method!r}; use {choices(StepCacheMethod)}.")
+
+
+def probe_reference() -> PIL.Image.Image:
+    """The reference of the probe image that calibrates a `skip` target: fixed random pixels."""
+    return PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
 
 
 class TransformerPasses:
@@ -113,6 +125,8 @@ class SubjectPipeline(Protocol):
     ) -> None: ...
 
     def prepare_prompts(self, subject_condition: Any, prompts: Sequence[str]) -> None: ...
+
+    def calibrate_step_cache(self, step_cache: StepCache, **sampling: Any) -> float: ...
 
     def __call__(
         self,
@@ -202,6 +216,11 @@ class SubjectBatchMixin:
                     f"{type(self).__name__} cannot run step cache method {step_cache.method!r}; "
                     f"it takes: {takes}."
                 )
+            if step_cache.skip is not None:
+                raise ValueError(
+                    "A `skip` target needs its threshold first: pass `replace(step_cache, skip=None, "
+                    "threshold=pipe.calibrate_step_cache(step_cache, **sampling))`."
+                )
             wanted = step_cache_config(step_cache)
         applied = self._applied_step_cache
         if wanted is not None and transformer._cache_config != wanted:
@@ -231,6 +250,32 @@ class SubjectBatchMixin:
         """(full, all) transformer passes of the last call, for each of its images; `None` when it ran
         without a step cache (every pass full)."""
         return None if self._passes is None else (self._passes.full, self._passes.calls)
+
+    def calibrate_step_cache(self, step_cache: StepCache, **sampling: Any) -> float:
+        """The `first_block` threshold that skips at least `step_cache.skip` of the transformer passes of a
+        probe image (`probe_reference()`, `PROBE_PROMPT`, seed 0) made with `sampling` (the job's
+        other sampling keys: size, steps, guidance): the smallest of `CALIBRATION_PROBES` bisection steps,
+        1.0 when even that skips less. Deterministic, so the images of one target are reproducible."""
+        assert step_cache.skip is not None
+        reference_size = sampling.get("reference_size", 512)
+        subject = self.encode_subject([probe_reference()], reference_size)  # type: ignore[attr-defined]
+        low, high = 0.0, 1.0
+        for _ in range(CALIBRATION_PROBES):
+            threshold = (low + high) / 2
+            self(  # type: ignore[operator]
+                [PROBE_PROMPT],
+                subject_condition=subject,
+                generator=[torch.Generator("cpu").manual_seed(0)],
+                output_type="latent",
+                **{**sampling, "step_cache": replace(step_cache, skip=None, threshold=threshold)},
+            )
+            assert self.step_cache_passes is not None
+            full, calls = self.step_cache_passes
+            if calls - full >= step_cache.skip * calls:
+                high = threshold
+            else:
+                low = threshold
+        return high
 
     @contextlib.contextmanager
     def _step_cache_off(self) -> Iterator[None]:
