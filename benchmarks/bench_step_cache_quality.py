@@ -36,6 +36,9 @@ VARIANTS = {
     "exact": "null",
     "first_block-0.6": "{method: first_block, threshold: 0.6}",
     "taylorseer-5:3:1": "{method: taylorseer, interval: 5, warmup_steps: 3, order: 1}",
+    # Targets instead of thresholds: calibrated on a probe image once (in the first batch's time).
+    "first_block-skip0.4": "{method: first_block, skip: 0.4}",
+    "first_block-skip0.6": "{method: first_block, skip: 0.6}",
 }
 METRICS = ("dino", "clip_i", "clip_t")
 
@@ -113,6 +116,7 @@ def main() -> None:
                     m: overall.get(m) - exact_scores.get(m) for m in METRICS if overall.get(m) is not None
                 },
                 "mean_abs_pixel_difference": difference,
+                "step_cache": run.get("step_cache"),
             }
             row = report["variants"][name]
             scored = ", ".join(
@@ -120,9 +124,11 @@ def main() -> None:
                 for m in METRICS
                 if m in row["minus_exact"]
             )
+            passes = row["step_cache"] or {"skipped": 0, "transformer_passes": 1}
             print(
-                f"{name:<18} {row['images_per_second']:.3f} img/s; {scored}; "
-                f"|Δ| vs exact {difference:.2f} levels",
+                f"{name:<20} {row['images_per_second']:.3f} img/s; {scored}; "
+                f"|Δ| vs exact {difference:.2f} levels; "
+                f"{passes['skipped'] / passes['transformer_passes']:.0%} of passes skipped",
                 flush=True,
             )
     if args.metrics == "tiny":

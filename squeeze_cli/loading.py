@@ -37,7 +37,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 # Bump when the tiny builder changes what it writes, so old caches are not reused.
-TINY_FORMAT = 2  # bumped when the tiny checkpoint's layout or class paths change
+TINY_FORMAT = 3  # bumped when the tiny checkpoint's layout or class paths change
 
 
 def cache_dir() -> Path:

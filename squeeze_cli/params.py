@@ -57,7 +57,7 @@ DEFAULT_TAYLORSEER_ORDER = 1
 
 # The `StepCache` fields each method reads; only these are written to job ids and metadata.
 STEP_CACHE_FIELDS: dict[str, tuple[str, ...]] = {
-    StepCacheMethod.first_block.value: ("threshold",),
+    StepCacheMethod.first_block.value: ("threshold", "skip"),
     StepCacheMethod.taylorseer.value: ("interval", "warmup_steps", "order"),
 }
 
@@ -72,6 +72,9 @@ class StepCache:
         threshold: `first_block` only. When the first transformer block's output changed by less than this
             (mean absolute change relative to its previous value), the other blocks are skipped and their
             cached residual reused. Higher skips more.
+        skip: `first_block` only, instead of `threshold`: the share of transformer passes to skip, in
+            (0, 1). The threshold that skips about that much is calibrated with a probe image, once per
+            model, size and sampling settings (`SubjectBatchMixin.calibrate_step_cache`).
         interval: `taylorseer` only. A full transformer pass every `interval` steps; the steps between are
             forecast from the last full passes by a Taylor series instead of run.
         warmup_steps: `taylorseer` only. Full passes at the start of each stage (and CFG branch) before
@@ -85,6 +88,7 @@ class StepCache:
     interval: int = DEFAULT_TAYLORSEER_INTERVAL
     warmup_steps: int = DEFAULT_TAYLORSEER_WARMUP_STEPS
     order: int = DEFAULT_TAYLORSEER_ORDER
+    skip: float | None = None
 
     @property
     def decides_per_batch(self) -> bool:
@@ -93,8 +97,13 @@ class StepCache:
         return self.method == StepCacheMethod.first_block.value
 
     def to_dict(self) -> dict[str, Any]:
-        # The method's own fields only: a first_block cache keeps the job ids it had before taylorseer.
+        # The method's own fields only, so a first_block cache keeps the job ids it had before taylorseer
+        # and `skip`; with a `skip` target the threshold is calibrated from it, so the target is the id.
         settings = {name: getattr(self, name) for name in STEP_CACHE_FIELDS[self.method]}
+        if settings.get("skip") is None:
+            settings.pop("skip", None)
+        else:
+            settings.pop("threshold")
         return {"method": self.method, **settings}
 
 

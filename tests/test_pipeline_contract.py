@@ -71,7 +71,7 @@ KEY_VALUES = {
     "true_cfg_scale": "2.0",
     "negative_prompt": "blurry",
     "reference_size": "32",
-    "step_cache": "{method: first_block, threshold: 0.1}",
+    "step_cache": "{method: taylorseer, interval: 4}",  # the method every pipeline runs (FLUX.2: only it)
 }
 
 MANIFEST = """\

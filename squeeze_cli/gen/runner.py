@@ -321,6 +321,7 @@ class GenRun:
                 "succeeded": self.worker.succeeded,
                 "failures": self.worker.failures,
                 "timings": self.worker.timings,
+                "step_cache": self.worker.step_cache,
             }
         )
         if not self.is_main:

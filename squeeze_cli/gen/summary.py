@@ -124,5 +124,9 @@ def finish_summary(
             for name in results[0]["timings"]
         },
     }
+    step_cache = {
+        name: sum(result["step_cache"][name] for result in results) for name in results[0]["step_cache"]
+    }
+    summary["step_cache"] = step_cache if step_cache["images"] else None
     if write_error is not None:
         summary["error"] = write_error.one_line()

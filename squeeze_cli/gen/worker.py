@@ -8,9 +8,10 @@ image as soon as it is made and records every failure.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,6 +107,8 @@ class Worker:
         self.succeeded: list[str] = []
         self.failures: list[dict[str, Any]] = []
         self.timings = {"load": 0.0, "encode_subjects": 0.0, "generate": 0.0}
+        # Over the images made with a step cache: transformer passes, and those the cache skipped (run.json).
+        self.step_cache = {"images": 0, "transformer_passes": 0, "skipped": 0}
         self.preset_name = manifest.recipe.name if manifest.recipe is not None else "custom"
         self.model_info = manifest.model.model_dump(mode="json")
         self.license = manifest.license.model_dump(mode="json")
@@ -255,13 +258,14 @@ class Worker:
         self.reporter.batch_started(batch, batch[0].params.num_inference_steps)
         started = time.perf_counter()
         try:
+            kwargs = self._sampling_kwargs(batch[0])
             result = self.pipe(
                 prompt=[job.prompt for job in batch],
                 subject_condition=condition,
                 # Each image's noise from its own seed: the same image whatever batch it lands in.
                 generator=[torch.Generator("cpu").manual_seed(job.seed) for job in batch],
                 callback_on_step_end=self._on_step,
-                **self._sampling_kwargs(batch[0]),
+                **kwargs,
             )
         except Exception as error:
             self.reporter.batch_finished()
@@ -279,6 +283,7 @@ class Worker:
                 self._fail(job, describe_exception(error))
             return
         self.reporter.batch_finished()
+        passes = self.pipe.step_cache_passes  # this call's, per image: a remake by the gate makes its own
         images, qualities = result.images, [None] * len(batch)
         if self.gate is not None:
             images, qualities = self.gate.apply(
@@ -299,6 +304,14 @@ class Worker:
                 license=self.license,
             )
             record["process"] = self.processes.index
+            if passes is not None:
+                full, calls = passes
+                record["step_cache_passes"] = {"transformer_passes": calls, "skipped": calls - full}
+                if job.params.step_cache is not None and job.params.step_cache.skip is not None:
+                    record["step_cache_passes"]["calibrated_threshold"] = kwargs["step_cache"].threshold
+                self.step_cache["images"] += 1
+                self.step_cache["transformer_passes"] += calls
+                self.step_cache["skipped"] += calls - full
             if quality is not None:
                 record["quality"] = quality
             outputs.save_image(self.out_dir, job, image, record, self.manifest.document.output.metadata)
@@ -312,7 +325,34 @@ class Worker:
     def _sampling_kwargs(self, job: Job) -> dict[str, Any]:
         """The job's sampling parameters that the loaded pipeline reads (validation refused the others)."""
         used = self.pipeline_info["sampling_parameters"]
-        return {key: value for key, value in job.params.to_pipeline_kwargs().items() if key in used}
+        kwargs = {key: value for key, value in job.params.to_pipeline_kwargs().items() if key in used}
+        step_cache = kwargs.get("step_cache")
+        if step_cache is not None and step_cache.skip is not None:
+            threshold = self._calibrated_threshold(job, kwargs)
+            kwargs["step_cache"] = replace(step_cache, skip=None, threshold=threshold)
+        return kwargs
+
+    def _calibrated_threshold(self, job: Job, kwargs: dict[str, Any]) -> float:
+        """The threshold of a `skip` target for this model and these sampling settings: calibrated with a
+        probe image once, then kept in squeeze's cache folder for every later run (and process)."""
+        from squeeze_cli.loading import cache_dir
+
+        settings = {key: value for key, value in job.params.to_dict().items() if key in kwargs}
+        key = json.dumps({"model": self.manifest.model_identity, **settings}, sort_keys=True)
+        path = cache_dir() / "step-cache-calibrations.json"
+        try:
+            known = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            known = {}
+        if key not in known:
+            self.reporter.status(
+                f"calibrating step_cache skip={kwargs['step_cache'].skip} with a probe image"
+            )
+            probe_kwargs = {name: value for name, value in kwargs.items() if name != "step_cache"}
+            known[key] = self.pipe.calibrate_step_cache(kwargs["step_cache"], **probe_kwargs)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            outputs.atomic_write_text(path, json.dumps(known, indent=1, sort_keys=True))
+        return known[key]
 
     def _remake(self, jobs: list[Job], seeds: list[int], condition: Any) -> list[Any]:
         """The identity gate's next attempt: the same jobs with other seeds, in one batch."""

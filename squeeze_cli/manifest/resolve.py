@@ -555,6 +555,7 @@ class _Resolver:
         used_by = f"the {name} pipeline" + (f" (recipe {recipe.name})" if recipe is not None else "")
         reads = ", ".join(sorted(pipeline_spec(name).sampling_parameters))
         for path, level in levels:
+            self.check_step_cache_method(_key_path(path, "step_cache"), name, used_by, level.explicit())
             for key in unused_sampling_keys(name, sorted(level.explicit())):
                 self.problem(
                     _key_path(path, key),
@@ -570,12 +571,31 @@ class _Resolver:
                     )
                     continue
                 block_reads = ", ".join(sorted(pipeline_spec(block_name).sampling_parameters))
+                self.check_step_cache_method(
+                    _key_path(path, "for_pipeline", block_name, "step_cache"),
+                    block_name,
+                    f"the {block_name} pipeline",
+                    block.explicit(),
+                )
                 for key in unused_sampling_keys(block_name, sorted(block.explicit())):
                     self.problem(
                         _key_path(path, "for_pipeline", block_name, key),
                         f"`{key}` is not used by the {block_name} pipeline",
                         f"remove it; {block_name} reads: {block_reads}",
                     )
+
+    def check_step_cache_method(self, where: FieldPath, name: str, used_by: str, values: dict) -> None:
+        """A `step_cache` whose method the pipeline's transformer cannot run under diffusers' hooks is an
+        error where it is set (FLUX.2's blocks break First Block Cache), not a crash mid-run."""
+        step_cache = values.get("step_cache")
+        takes = pipeline_spec(name).step_cache_methods
+        if step_cache is None or step_cache.method in takes:
+            return
+        self.problem(
+            where,
+            f"step cache method {step_cache.method} does not run on {used_by}",
+            f"use `method: {' or '.join(sorted(takes))}`, or leave step_cache out for {name}",
+        )
 
     def check_reference_limit(
         self, model: ModelSpec, recipe: Recipe | None, subjects: Sequence[ResolvedSubject]

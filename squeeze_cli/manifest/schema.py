@@ -252,6 +252,8 @@ class StepCacheSpec(StrictModel):
     # At least one full pass per stage before the first forecast: there is nothing to forecast from.
     warmup_steps: Annotated[StrictInt, Field(ge=1, le=1000)] = DEFAULT_TAYLORSEER_WARMUP_STEPS
     order: Annotated[StrictInt, Field(ge=0, le=4)] = DEFAULT_TAYLORSEER_ORDER
+    # A target instead of a threshold: the share of transformer passes to skip (first_block).
+    skip: Annotated[float, Field(strict=True, gt=0, lt=1)] | None = None
 
     @model_validator(mode="after")
     def _keys_of_the_method(self) -> StepCacheSpec:
@@ -262,6 +264,11 @@ class StepCacheSpec(StrictModel):
                 f"`{others[0]}` is not a setting of method {self.method.value} (it takes {', '.join(own)})",
                 f"remove `{others[0]}`, or set the method it belongs to",
             )
+        if {"threshold", "skip"} <= self.model_fields_set:
+            raise schema_error(
+                "`threshold` and `skip` both set: `skip` calibrates the threshold",
+                "keep one: `skip` (a share of passes to skip) or `threshold`",
+            )
         return self
 
     def to_params(self) -> StepCache:
@@ -271,6 +278,7 @@ class StepCacheSpec(StrictModel):
             interval=self.interval,
             warmup_steps=self.warmup_steps,
             order=self.order,
+            skip=None if self.skip is None else float(self.skip),
         )
 
 

@@ -34,6 +34,8 @@ from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu, format_input, retrieve_timesteps
 from diffusers.utils import BaseOutput
 
+from squeeze_cli.params import StepCache
+
 from .contract import SubjectBatchMixin
 from .registry import PIPELINES
 from .squeeze import reference_image_size
@@ -236,17 +238,18 @@ class _Flux2Subjects(SubjectBatchMixin):
         stand_in_image = torch.zeros(1, 1, config.in_channels, device=device, dtype=dtype)
         stand_in_text = torch.zeros(1, 1, config.joint_attention_dim, device=device, dtype=dtype)
         origin = torch.zeros(1, 4, device=device, dtype=ids.dtype)
-        _, cache = self.transformer(
-            hidden_states=torch.cat([tokens.unsqueeze(0), stand_in_image], dim=1),  # [references, image]
-            encoder_hidden_states=stand_in_text,
-            timestep=torch.ones(1, device=device, dtype=dtype),
-            img_ids=torch.cat([ids, origin]),
-            txt_ids=origin,
-            guidance=None,
-            return_dict=False,
-            kv_cache_mode="extract",
-            num_ref_tokens=tokens.shape[0],
-        )
+        with self._step_cache_off():  # a step cache of the last `__call__` may still be on
+            _, cache = self.transformer(
+                hidden_states=torch.cat([tokens.unsqueeze(0), stand_in_image], dim=1),  # [references, image]
+                encoder_hidden_states=stand_in_text,
+                timestep=torch.ones(1, device=device, dtype=dtype),
+                img_ids=torch.cat([ids, origin]),
+                txt_ids=origin,
+                guidance=None,
+                return_dict=False,
+                kv_cache_mode="extract",
+                num_ref_tokens=tokens.shape[0],
+            )
         return cache
 
     @staticmethod
@@ -286,6 +289,7 @@ class _Flux2Subjects(SubjectBatchMixin):
         num_inference_steps: int = 50,
         guidance_scale: float | None = None,
         reference_size: int = 1024,
+        step_cache: StepCache | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -307,6 +311,9 @@ class _Flux2Subjects(SubjectBatchMixin):
                 guidance embedding, not classifier-free guidance; 4.0 when not given). FLUX.2 [klein] 4B has
                 none and refuses it.
             reference_size (`int`, defaults to 1024): used with `reference_images` only.
+            step_cache (`StepCache`, *optional*): opt-in step caching through diffusers' hooks (a method of
+                `step_cache_methods`); faster, and the pixels differ a little from exact sampling. `None`
+                samples exactly.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): one CPU generator per image
                 makes each image independent of the batch it is in.
             latents (`torch.Tensor`, *optional*): packed starting noise (batch, tokens, 4 * latent channels).
@@ -382,6 +389,7 @@ class _Flux2Subjects(SubjectBatchMixin):
         self._num_timesteps = len(timesteps)
 
         # 4. Denoising loop
+        self._set_step_cache(step_cache)
         self.scheduler.set_begin_index(0)
         with self.progress_bar(total=num_inference_steps) as progress_bar:  # type: ignore[attr-defined]
             for i, t in enumerate(timesteps):
@@ -486,6 +494,7 @@ class Flux2KleinPipeline(_KleinPrompts, _Flux2Subjects, DiffusersFlux2KleinPipel
 
     registry_name = "flux2-klein"
     sampling_parameters = PIPELINES["flux2-klein"].sampling_parameters
+    step_cache_methods = PIPELINES["flux2-klein"].step_cache_methods
 
 
 class Flux2KleinKVPipeline(_KleinPrompts, _Flux2Subjects, DiffusersFlux2KleinKVPipeline):
@@ -501,6 +510,7 @@ class Flux2KleinKVPipeline(_KleinPrompts, _Flux2Subjects, DiffusersFlux2KleinKVP
     registry_name = "flux2-klein-kv"
     reuses_reference_kv = True
     sampling_parameters = PIPELINES["flux2-klein-kv"].sampling_parameters
+    step_cache_methods = PIPELINES["flux2-klein-kv"].step_cache_methods
 
 
 class Flux2DevPipeline(_Flux2Subjects, DiffusersFlux2Pipeline):
@@ -514,6 +524,7 @@ class Flux2DevPipeline(_Flux2Subjects, DiffusersFlux2Pipeline):
     model_name = "FLUX.2 [dev]"
     registry_name = "flux2-dev"
     sampling_parameters = PIPELINES["flux2-dev"].sampling_parameters
+    step_cache_methods = PIPELINES["flux2-dev"].step_cache_methods
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any):

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from squeeze_cli.params import SamplingParams
+from squeeze_cli.params import SamplingParams, StepCacheMethod
 
 from .cost import StepTokens, estimate_cost
 
@@ -42,6 +42,8 @@ class PipelineSpec:
         max_references: the most references a subject may have (checked at validation), or None.
         reference_sizing: how `reference_size` sizes a reference for the VAE, recorded in every sidecar
             (baselines are sized as their authors' diffusers pipelines size them, for a fair comparison).
+        step_cache_methods: the `step_cache.method` values its transformer runs with under diffusers'
+            hooks; a manifest naming another is refused at validation.
     """
 
     name: str
@@ -54,6 +56,7 @@ class PipelineSpec:
     takes_components: bool = False
     max_references: int | None = None
     reference_sizing: str = "longer side reference_size, aspect kept, multiples of 16"
+    step_cache_methods: frozenset[str] = frozenset(method.value for method in StepCacheMethod)
 
     @property
     def class_name(self) -> str:
@@ -75,7 +78,10 @@ def _import(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-_COMMON = ("num_inference_steps", "height", "width", "reference_size")
+_COMMON = ("num_inference_steps", "height", "width", "reference_size", "step_cache")
+# diffusers 0.42.1's First Block Cache fails on FLUX.2's blocks (a TypeError in its tail-block hook, with
+# diffusers' own Flux2KleinPipeline too); TaylorSeer's lite variant hooks only `proj_out` and runs.
+_FLUX2_STEP_CACHES = frozenset({StepCacheMethod.taylorseer.value})
 
 PIPELINES: dict[str, PipelineSpec] = {
     spec.name: spec
@@ -91,7 +97,6 @@ PIPELINES: dict[str, PipelineSpec] = {
                     "keep_mllm_condition",
                     "true_cfg_scale",
                     "negative_prompt",
-                    "step_cache",
                 )
             ),
             distilled_guidance=True,
@@ -142,6 +147,7 @@ PIPELINES: dict[str, PipelineSpec] = {
                 transformer_width=3072, condition_template_tokens=512, counts_instruction=False
             ),
             max_references=4,  # Black Forest Labs: "up to 4" for [klein] 4B and 9B
+            step_cache_methods=_FLUX2_STEP_CACHES,
         ),
         PipelineSpec(
             name="flux2-klein-kv",
@@ -156,6 +162,7 @@ PIPELINES: dict[str, PipelineSpec] = {
                 transformer_width=4096, condition_template_tokens=512, counts_instruction=False
             ),
             max_references=4,
+            step_cache_methods=_FLUX2_STEP_CACHES,
         ),
         PipelineSpec(
             name="flux2-dev",
@@ -168,6 +175,7 @@ PIPELINES: dict[str, PipelineSpec] = {
                 transformer_width=6144, condition_template_tokens=512, counts_instruction=False
             ),
             max_references=10,  # FLUX.2 [dev]'s limit (Black Forest Labs recommend at most 6)
+            step_cache_methods=_FLUX2_STEP_CACHES,
         ),
     )
 }

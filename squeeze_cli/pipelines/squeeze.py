@@ -24,7 +24,6 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import FluxLoraLoaderMixin
 from diffusers.models import AutoencoderKL, FluxTransformer2DModel
@@ -34,7 +33,7 @@ from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from transformers import PreTrainedModel
 
-from squeeze_cli.params import PAPER_STAGE_THRESHOLDS, StepCache, StepCacheMethod, choices
+from squeeze_cli.params import PAPER_STAGE_THRESHOLDS, StepCache
 
 from .aggregator import DualLayerAggregator
 from .contract import SubjectBatchMixin
@@ -126,25 +125,6 @@ def reference_image_size(width: int, height: int, reference_size: int, multiple:
     return new_width, new_height
 
 
-def step_cache_config(step_cache: StepCache) -> FirstBlockCacheConfig | TaylorSeerCacheConfig:
-    """diffusers' cache config for a `StepCache` (`transformer.enable_cache` takes it)."""
-    if step_cache.method == StepCacheMethod.first_block.value:
-        return FirstBlockCacheConfig(threshold=step_cache.threshold)
-    if step_cache.method == StepCacheMethod.taylorseer.value:
-        # The lite variant forecasts only the transformer's output projection and skips every block on a
-        # forecast step: a full pass saved, and a few MB of state instead of every block's features (GBs
-        # at full size). Factors in float32 (diffusers defaults to bfloat16): they are that small, and a
-        # difference of two bfloat16 outputs keeps few bits.
-        return TaylorSeerCacheConfig(
-            cache_interval=step_cache.interval,
-            disable_cache_before_step=step_cache.warmup_steps,
-            max_order=step_cache.order,
-            taylor_factors_dtype=torch.float32,
-            use_lite_mode=True,
-        )
-    raise ValueError(f"Unknown step cache method {step_cache.method!r}; use {choices(StepCacheMethod)}.")
-
-
 class SqueezePipeline(SubjectBatchMixin, DiffusionPipeline, FluxLoraLoaderMixin):
     r"""
     Subject-driven generation: an MLLM reads the reference image(s) and the instruction together, a Dual Layer
@@ -176,6 +156,7 @@ class SqueezePipeline(SubjectBatchMixin, DiffusionPipeline, FluxLoraLoaderMixin)
     _lora_loadable_modules = ["transformer"]
     text_encoder = None
     sampling_parameters = PIPELINES["squeeze"].sampling_parameters
+    step_cache_methods = PIPELINES["squeeze"].step_cache_methods
 
     def __init__(
         self,
@@ -210,7 +191,6 @@ class SqueezePipeline(SubjectBatchMixin, DiffusionPipeline, FluxLoraLoaderMixin)
         self._null_condition: tuple[torch.Tensor, torch.Tensor] | None = None
         self._null_condition_key: tuple | None = None
         self._stage_plan: StagePlan | None = None
-        self._applied_step_cache: Any = None  # the diffusers cache config `step_cache` put on the transformer
         self._guidance_scale = 2.5
         self._joint_attention_kwargs: dict[str, Any] = {}
         self._num_timesteps = 0
@@ -239,29 +219,6 @@ class SqueezePipeline(SubjectBatchMixin, DiffusionPipeline, FluxLoraLoaderMixin)
         self._mllm_options = dict(options)
         self._mllm_encoder = None
         self.mllm_encoder  # noqa: B018 (built now, so that an option of another family fails here)
-
-    def _set_step_cache(self, step_cache: StepCache | None) -> None:
-        """Put diffusers' step-caching hook on the transformer as `step_cache` asks (or take off the one
-        a previous call put there), and empty its cached residuals so nothing carries over between calls.
-
-        A cache the caller enabled on `pipe.transformer` directly is left in place when `step_cache` is
-        `None`; the denoising loop wraps every transformer call in a cache context whenever one is on.
-        """
-        transformer = self.transformer
-        wanted = None
-        if step_cache is not None:
-            wanted = step_cache_config(step_cache)
-        applied = self._applied_step_cache
-        if wanted is not None and transformer._cache_config != wanted:
-            if transformer.is_cache_enabled:
-                transformer.disable_cache()
-            transformer.enable_cache(wanted)
-            self._applied_step_cache = wanted
-        elif wanted is None and applied is not None and transformer._cache_config is applied:
-            transformer.disable_cache()
-            self._applied_step_cache = None
-        if transformer.is_cache_enabled:
-            transformer._reset_stateful_cache()
 
     @torch.no_grad()
     def encode_null_condition(

@@ -215,7 +215,7 @@ def build_tiny_qwen_image_edit_components(seed: int = 0, zero_cond_t: bool = Fal
             patch_size=2,
             in_channels=64,  # 16 latent channels packed 2×2
             out_channels=16,
-            num_layers=1,
+            num_layers=2,  # First Block Cache needs a head and a tail block to run
             attention_head_dim=16,
             num_attention_heads=2,
             joint_attention_dim=TINY_HIDDEN_SIZE,
