@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from support import unstamped
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_INVALID, EXIT_JOBS_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
@@ -419,7 +420,7 @@ def test_a_second_gen_on_a_directory_in_use_is_refused(project: Path, tiny_cache
     )
     assert first.proc.poll() is None, "the first run ended before the second one was refused"
     assert second.returncode == EXIT_INVALID
-    lines = second.stderr.strip().splitlines()
+    lines = unstamped(second.stderr).strip().splitlines()
     assert lines == [
         f"error: {out} is in use by another squeeze gen (pid {first.proc.pid}) "
         "(hint: wait for it to finish, or choose another --out)"

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from squeeze_cli.loading import TINY_FORMAT
 from squeeze_cli.outputs import records
 
 MANIFEST = """\
@@ -273,7 +274,8 @@ def test_two_processes_split_the_jobs_and_match_one_process(project: Path, gen) 
     ranks = {json.loads(p.read_text())["process"] for p in (project / "two").glob("*/[0-9]*-s*.json")}
     assert ranks == {0, 1}
     assert_same_images(images_of(project / "one"), images_of(project / "two"))
-    assert [p.name for p in cold_cache.iterdir()] == ["tiny-internvl-v2"]  # one complete build, no staging
+    # One complete build, no staging.
+    assert [p.name for p in cold_cache.iterdir()] == [f"tiny-internvl-v{TINY_FORMAT}"]
 
 
 def test_an_instruction_longer_than_the_context_is_refused_before_writing(project: Path, gen) -> None:
