@@ -110,6 +110,32 @@ worker.Worker._generate = _gated
 """
 
 
+# For the kill storm's last try at a phase: the run waits, where `SQUEEZE_TEST_GATE_AT` says (before a batch
+# is generated, or before the final index merge), after saying so in `<gate>.waiting`, until it is killed.
+STORM_GATE_HOOK = """
+import os, time
+from squeeze_cli.gen import runner, worker
+
+
+def _gated(owner, name):
+    real = getattr(owner, name)
+
+    def gated(*args, **kwargs):
+        open(os.environ["SQUEEZE_TEST_GATE"] + ".waiting", "w").close()
+        deadline = time.monotonic() + 600  # a hang guard: the test kills the run here
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+        return real(*args, **kwargs)
+
+    setattr(owner, name, gated)
+
+
+_gated(*{"generation": (worker.Worker, "_generate"), "final": (runner, "_merge_index")}[
+    os.environ["SQUEEZE_TEST_GATE_AT"]
+])
+"""
+
+
 class GenProcess:
     """`python -m squeeze_cli gen ... --json` with its JSON events timestamped as they arrive."""
 
@@ -240,27 +266,46 @@ def test_sigkill_at_random_moments(project: Path, tiny_cache: str, plan_of) -> N
     killed: list[str] = []
     completed: list[str] = []  # a kill that came too late: the run had already finished
 
-    def one_trial(out: Path, phase: str, rng: random.Random, scale: float) -> bool:
-        """One run killed at a random moment of `phase` (its window scaled by `scale`); whether the kill
-        landed before the run ended."""
-        process = GenProcess(manifest, out, tiny_cache)
-        if phase == "start-up":  # imports, model load, lock, index repair
-            time.sleep(rng.uniform(0.0, scale * times["run_started"]))
+    hook = project / "storm-hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STORM_GATE_HOOK)
+
+    def gated_trial(out: Path, phase: str) -> GenProcess:
+        """A run killed at a gate in `phase`: the last try, which no machine's speed can make too late."""
+        gate = out.parent / f"{out.name}.gate"
+        env = {"PYTHONPATH": str(hook), "SQUEEZE_TEST_GATE": str(gate), "SQUEEZE_TEST_GATE_AT": phase}
+        process = GenProcess(manifest, out, tiny_cache, env=env)
+        waiting = Path(f"{gate}.waiting")
+        deadline = time.monotonic() + 600  # a hang guard: the run waits at the gate
+        while not waiting.exists() and process.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        waiting.unlink(missing_ok=True)
+        return process
+
+    def one_trial(out: Path, phase: str, rng: random.Random, scale: float | None) -> bool:
+        """One run killed at a random moment of `phase` (its window scaled by `scale`; None: at a gate in
+        it); whether the kill landed before the run ended."""
+        if scale is None:
+            process = gated_trial(out, phase)
         else:
-            started = process.wait_for("run_started")
-            pending = started["jobs"] if started else 0
-            if phase == "generation" and pending:
-                # 0-2 jobs in (the final trial needs work left: grids are drawn when images are new),
-                # then somewhere inside a job: generating, encoding the PNG, writing, appending the index.
-                jobs_in = rng.randrange(min(pending, 3))
-                if jobs_in:
-                    process.wait_for("job_finished", jobs_in)
-                time.sleep(rng.uniform(0.0, scale * per_job))
+            process = GenProcess(manifest, out, tiny_cache)
+            if phase == "start-up":  # imports, model load, lock, index repair
+                time.sleep(rng.uniform(0.0, scale * times["run_started"]))
             else:
-                phase = "final"
-                if pending:
-                    process.wait_for("job_finished", pending)
-                time.sleep(rng.uniform(0.0, scale * final_phase))
+                started = process.wait_for("run_started")
+                pending = started["jobs"] if started else 0
+                if phase == "generation" and pending:
+                    # 0-2 jobs in (the final trial needs work left: grids are drawn when images are new),
+                    # then somewhere inside a job: generating, encoding the PNG, writing, appending the index.
+                    jobs_in = rng.randrange(min(pending, 3))
+                    if jobs_in:
+                        process.wait_for("job_finished", jobs_in)
+                    time.sleep(rng.uniform(0.0, scale * per_job))
+                else:
+                    phase = "final"
+                    if pending:
+                        process.wait_for("job_finished", pending)
+                    time.sleep(rng.uniform(0.0, scale * final_phase))
         if process.proc.poll() is None:
             process.proc.send_signal(signal.SIGKILL)
         code = process.finish()
@@ -276,8 +321,10 @@ def test_sigkill_at_random_moments(project: Path, tiny_cache: str, plan_of) -> N
         for phase in lane_phases:
             # The moments come from the reference run's timeline, and this machine may be faster or slower
             # now: a kill that came after the run ended is tried again on a fresh folder, in a window half
-            # as wide each time, and at last at the phase's first moment (which a run cannot outpace).
-            for scale in (1.0, 0.5, 0.25, 0.125, 0.0):
+            # as wide each time, and at last at a gate in the phase (start-up: its first moment), where the
+            # run waits to be killed however busy the machine is.
+            last: float | None = 0.0 if phase == "start-up" else None
+            for scale in (1.0, 0.5, 0.25, 0.125, last):
                 if one_trial(out, phase, lane_rng, scale):
                     break
                 shutil.rmtree(out)
