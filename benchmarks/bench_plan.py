@@ -11,12 +11,14 @@ rank of `squeeze gen` pay before the first image.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import yaml
 from PIL import Image
 
@@ -24,19 +26,28 @@ from squeeze_cli.manifest.resolve import load_manifest
 from squeeze_cli.plan import plan_jobs, shard_jobs
 
 
-def write_manifest(folder: Path, jobs: int, subjects: int, seeds_per_prompt: int) -> Path:
+def write_manifest(
+    folder: Path, jobs: int, subjects: int, seeds_per_prompt: int, reference_kb: int | None = None
+) -> Path:
+    """A manifest of `jobs` jobs over `subjects` subjects with three reference images each: tiny PNGs, or
+    with `reference_kb` JPEG photos of about that size (three photos hard-linked into every subject's
+    folder, so 10,000 subjects cost three photos of disk; every path is a reference of its own)."""
     prompts_per_subject = max(1, jobs // (subjects * seeds_per_prompt))
+    photos = write_photos(folder / "photos", reference_kb) if reference_kb else []
     entries = []
     for s in range(subjects):
         image_dir = folder / f"subject{s}"
         image_dir.mkdir()
         for r in range(3):
-            Image.new("RGB", (32, 32), (s * 7 % 256, r * 50, 0)).save(image_dir / f"{r}.png")
+            if photos:
+                os.link(photos[r], image_dir / f"{r}.jpg")
+            else:
+                Image.new("RGB", (32, 32), (s * 7 % 256, r * 50, 0)).save(image_dir / f"{r}.png")
         entries.append(
             {
                 "name": f"subject{s}",
                 "class": "thing",
-                "references": [f"subject{s}/*.png"],
+                "references": [f"subject{s}/*.{'jpg' if photos else 'png'}"],
                 "prompts": [f"a {{class}} number {p} in scene {s}" for p in range(prompts_per_subject)],
             }
         )
@@ -50,6 +61,21 @@ def write_manifest(folder: Path, jobs: int, subjects: int, seeds_per_prompt: int
     path = folder / "manifest.yaml"
     path.write_text(yaml.safe_dump(manifest, sort_keys=False))
     return path
+
+
+def write_photos(folder: Path, kilobytes: int) -> list[Path]:
+    """Three JPEG photos of about `kilobytes` each: noise over a gradient compresses like a photo."""
+    folder.mkdir(parents=True)
+    side = int((kilobytes * 1024 / 0.28) ** 0.5)  # ~0.28 bytes per pixel at quality 90 for this content
+    y, x = np.mgrid[0:side, 0:side]
+    paths = []
+    for number in range(3):
+        noise = np.random.default_rng(number).integers(0, 24, (side, side, 3))
+        pixels = (np.stack([x % 256, y % 256, (x + y) % 256], -1) + noise).clip(0, 255).astype("uint8")
+        path = folder / f"photo{number}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
 
 
 def main() -> None:

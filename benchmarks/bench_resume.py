@@ -1,7 +1,7 @@
 """Planning and the resume scan at 1k / 10k / 100k jobs: time and peak memory, with finished images on disk.
 
     python benchmarks/bench_resume.py [--jobs 1000 10000 100000] [--finished 1000 10000] [--runs 3]
-        [--subjects 10 --seeds-per-prompt 10] [--png-px 512 [--verify]]
+        [--subjects 10 --seeds-per-prompt 10] [--png-px 512 [--verify]] [--reference-kb 300]
 
 For each size N it writes a manifest (`--subjects` subjects, `seeds: {count: --seeds-per-prompt}`, tiny
 recipe) and times, as fresh processes (median of `--runs`, peak RSS from the kernel):
@@ -9,8 +9,10 @@ recipe) and times, as fresh processes (median of `--runs`, peak RSS from the ker
 and for each size in `--finished`, after writing N finished images in the real layout (a PNG and the
 real sidecar record per job; 8×8 pixels, so the disk holds what resume reads):
   - `squeeze gen --dry-run`: plan + the scan of what is done;
-  - `squeeze gen` (grids and contact sheets off): the whole start of a run whose every image exists (scan,
-    index repair, resolved manifest, summary), i.e. what a rerun of a finished job list costs;
+  - `squeeze gen` (grids and contact sheets off) once, then timed: the whole start of a run whose every
+    image exists (scan, index repair, summary), i.e. what a rerun of a finished job list costs;
+  - with `--reference-kb`, the same rerun with the reference cache deleted before each run (every photo
+    checked and hashed, as every rerun did before `.squeeze-references.json`);
   - with `--verify`, one `squeeze gen --verify`: the same rerun hashing every PNG (what every rerun did
     before the stat fast path).
 In this process it also times `plan_jobs` and `find_finished` alone with their Python peak (tracemalloc).
@@ -39,6 +41,7 @@ from bench_plan import write_manifest  # benchmarks/: the script's own folder is
 from PIL import Image
 
 from squeeze_cli import outputs
+from squeeze_cli.manifest.reference_facts import REFERENCE_CACHE_NAME
 from squeeze_cli.manifest.resolve import load_manifest
 from squeeze_cli.outputs.layout import image_path, sidecar_path
 from squeeze_cli.outputs.records import PNG_FILE_KEY, encode_png
@@ -181,7 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--jobs", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--jobs", type=int, nargs="*", default=[1000, 10000, 100000])
     parser.add_argument("--finished", type=int, nargs="*", default=[1000, 10000])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--subjects", type=int, default=10)
@@ -190,6 +193,13 @@ def main() -> None:
         "--png-px", type=int, default=None, help="the copying fixture: finished PNGs of this size, linked"
     )
     parser.add_argument("--verify", action="store_true", help="also time one `gen --verify` rerun")
+    parser.add_argument(
+        "--reference-kb",
+        type=int,
+        default=None,
+        help="references are JPEG photos of about this size (three per subject, hard-linked), and the "
+        "rerun is also timed without the output folder's reference cache (every photo read, as before it)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--work",
@@ -209,7 +219,13 @@ def main() -> None:
             if not reuse:
                 shutil.rmtree(folder, ignore_errors=True)
                 folder.mkdir(parents=True)
-                write_manifest(folder, n, subjects=args.subjects, seeds_per_prompt=args.seeds_per_prompt)
+                write_manifest(
+                    folder,
+                    n,
+                    subjects=args.subjects,
+                    seeds_per_prompt=args.seeds_per_prompt,
+                    reference_kb=args.reference_kb,
+                )
             path = folder / "manifest.yaml"
             if n in args.jobs:
                 row = median_process(
@@ -238,9 +254,37 @@ def main() -> None:
                 dry = median_process([*squeeze, str(path), "--dry-run", "--out", str(out)], args.runs)
                 # Grids off: drawing them is another measurement (bench_gen / the grid benchmarks).
                 views_off = ["--set", "output.grids=false", "--set", "output.contact_sheet=false"]
+                # The first run on the fixture writes the resolved manifest and the reference cache: a rerun
+                # of the same plan writes neither.
+                first_wall, first_rss, first_cpu = timed_process(
+                    [*squeeze, str(path), "--out", str(out), "--quiet", *views_off]
+                )
+                print(
+                    f"{n:>7} jobs, the first run on the fixture: {first_wall:.2f} s, CPU {first_cpu:.2f} s, "
+                    f"{first_rss:.0f} MiB",
+                    flush=True,
+                )
                 rerun = median_process(
                     [*squeeze, str(path), "--out", str(out), "--quiet", *views_off], args.runs
                 )
+                if args.reference_kb:
+                    uncached = []
+                    for _ in range(args.runs):
+                        (out / REFERENCE_CACHE_NAME).unlink(missing_ok=True)  # as every rerun was before
+                        uncached.append(
+                            timed_process([*squeeze, str(path), "--out", str(out), "--quiet", *views_off])
+                        )
+                    rerun["photos_read"] = {
+                        "median_s": statistics.median(wall for wall, _, _ in uncached),
+                        "cpu_median_s": statistics.median(cpu for _, _, cpu in uncached),
+                        "peak_rss_mib": max(rss for _, rss, _ in uncached),
+                    }
+                    print(
+                        f"{n:>7} jobs, every photo read (no reference cache): gen "
+                        f"{rerun['photos_read']['median_s']:.2f} s, CPU "
+                        f"{rerun['photos_read']['cpu_median_s']:.2f} s",
+                        flush=True,
+                    )
                 inner = in_process(path, out)
                 report["resume"][n] = {"finished": written, "dry_run": dry, "gen_all_done": rerun, **inner}
                 print(

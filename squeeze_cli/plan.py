@@ -21,7 +21,6 @@ from squeeze_cli.errors import ManifestError, Problem, UsageError
 from squeeze_cli.manifest.loaded import too_many_jobs
 from squeeze_cli.params import SamplingParams
 from squeeze_cli.pipelines.registry import pipeline_spec
-from squeeze_cli.reading import open_regular_file
 
 if TYPE_CHECKING:
     from squeeze_cli.manifest.loaded import LoadedManifest
@@ -51,25 +50,11 @@ class Job:
     sweep: str = ""  # `ResolvedPrompt.sweep_label`: which values of a sweep the job takes, for grids
 
 
-def file_digest(path: str, cache: dict[str, bytes] | None = None) -> bytes:
-    """sha256 of a file's bytes, read in chunks; ``cache`` maps path -> digest within one plan."""
-    if cache is not None and path in cache:
-        return cache[path]
-    digest = hashlib.sha256()
-    # A regular file only: a reference swapped for a FIFO since validation must not block the plan.
-    with open_regular_file(path) as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    result = digest.digest()
-    if cache is not None:
-        cache[path] = result
-    return result
-
-
-def _reference_digest(manifest: LoadedManifest, subject: Any, path: str, cache: dict[str, bytes]) -> bytes:
-    """`file_digest` of a reference; a file that changed kind or vanished since validation is a problem."""
+def _reference_digest(manifest: LoadedManifest, subject: Any, path: str) -> bytes:
+    """A reference's sha256 (`ReferenceFacts.digest`); a file that changed kind or vanished since
+    validation is a problem."""
     try:
-        return file_digest(path, cache)
+        return manifest.reference_facts.digest(path)
     except OSError as error:
         field = f"subjects[{subject.index}].references"
         message = f"{path}: cannot read it: {error.strerror or error}"
@@ -138,7 +123,6 @@ def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -
         message, hint = too_many_jobs(total, max_jobs)
         raise ManifestError([Problem(str(manifest.path), None, None, "subjects", message, hint)])
 
-    digest_cache: dict[str, bytes] = {}
     params_cache: dict[SamplingParams, str] = {}
     pipeline = pipeline_spec(manifest.model.pipeline_class)
     model_json = _canonical_json(model_identity)
@@ -148,7 +132,7 @@ def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -
     for subject in manifest.subjects:
         references = _references_hasher(
             subject.name,
-            [_reference_digest(manifest, subject, path, digest_cache) for path in subject.references],
+            [_reference_digest(manifest, subject, path) for path in subject.references],
         )
         num_references = len(subject.references)
         for prompt in subject.prompts:

@@ -5,8 +5,9 @@ import hashlib
 
 import pytest
 
-from squeeze_cli import plan as plan_module
 from squeeze_cli.errors import ManifestError
+from squeeze_cli.manifest import reference_facts
+from squeeze_cli.manifest.reference_facts import file_digest
 from squeeze_cli.manifest.resolve import load_manifest
 from squeeze_cli.params import StepCache
 from squeeze_cli.pipelines import cost as cost_model
@@ -241,7 +242,7 @@ def test_job_id_hashes_each_input():
 
 def test_plan_ids_match_the_job_id_function(refs, write_file):
     job = plan_text(write_file, BASE)[0]
-    digests = [plan_module.file_digest(path) for path in job.references]
+    digests = [file_digest(path) for path in job.references]
     assert job.job_id == job_id(
         job.subject, digests, job.prompt, job.seed, job.params, load_model_identity(write_file)
     )
@@ -257,20 +258,15 @@ def test_model_identity_argument_changes_ids(refs, write_file):
     assert all(a.job_id != b.job_id for a, b in zip(first, second, strict=True))
 
 
-def test_each_reference_file_is_hashed_once_per_plan(refs, write_file, monkeypatch):
-    opened: list[str] = []
-    real_open = plan_module.open_regular_file
-
-    def counting_open(path, *args, **kwargs):
-        opened.append(str(path))
-        return real_open(path, *args, **kwargs)
-
+def test_each_reference_file_is_hashed_once_per_load_and_plan(refs, write_file, monkeypatch):
+    hashed: list[str] = []
+    real_digest = reference_facts.file_digest
+    monkeypatch.setattr(reference_facts, "file_digest", lambda path: hashed.append(path) or real_digest(path))
     text = BASE.replace("defaults: {seeds: [0, 1]}", "defaults: {seeds: {count: 50}}")
     manifest = load_manifest(write_file(text))
-    monkeypatch.setattr(plan_module, "open_regular_file", counting_open)
     jobs = plan_jobs(manifest, model_identity="m", max_jobs=1000)
     assert len(jobs) == 101
-    assert sorted(opened) == sorted({p for job in jobs for p in job.references})
+    assert sorted(hashed) == sorted({p for job in jobs for p in job.references})
 
 
 def test_plan_refuses_more_jobs_than_the_limit(refs, write_file):
@@ -428,10 +424,15 @@ def test_a_reference_swapped_for_a_fifo_after_validation_is_a_problem_not_a_hang
     import os
 
     manifest = load_manifest(write_file(BASE))
+    checked = plan_jobs(manifest, model_identity="m", max_jobs=1000)
     fifo = manifest.subjects[1].references[0]
     os.unlink(fifo)
     os.mkfifo(fifo)
+    # The plan hashes what validation checked (read once, at the check): the FIFO is never opened here.
+    assert plan_jobs(manifest, model_identity="m", max_jobs=1000) == checked
+    # A reference the load did not read is read by the plan: a FIFO there is a located problem.
+    unread = dataclasses.replace(manifest, reference_facts=reference_facts.ReferenceFacts())
     with pytest.raises(ManifestError) as info:
-        plan_jobs(manifest, model_identity="m", max_jobs=1000)
+        plan_jobs(unread, model_identity="m", max_jobs=1000)
     problem = info.value.problems[0]
     assert problem.field == "subjects[1].references" and "not a regular file (a FIFO" in problem.message

@@ -24,6 +24,7 @@ def test_libyaml_and_pure_python_write_the_same_resolved_manifest(write_file, ma
             references: [refs/a.png]
             prompts:
               - "a {class} on a café table, « quoted » — with a very long tail: {class} {class} {class}"
+              - "a {class} in a second prompt with the same parameters"
               - text: "a {class}: in snow"
                 seeds: [1, 2]
                 negative_prompt: "blurry"
@@ -37,3 +38,4 @@ def test_libyaml_and_pure_python_write_the_same_resolved_manifest(write_file, ma
     assert fast == pure
     assert yaml.safe_load(fast) == yaml.safe_load(pure)
     assert "café" in fast
+    assert "&id" not in fast and "*id" not in fast  # shared parameters are written out, not aliased

@@ -36,6 +36,7 @@ from squeeze_cli.gen.worker import GenOptions, Worker
 from squeeze_cli.logs import log_line
 from squeeze_cli.manifest import LoadedManifest
 from squeeze_cli.manifest.loaded import RESOLVED_FINGERPRINT_PREFIX
+from squeeze_cli.manifest.reference_facts import REFERENCE_CACHE_NAME
 from squeeze_cli.pipelines.registry import pipeline_spec
 from squeeze_cli.plan import Job, plan_jobs, select_jobs, shard_jobs
 from squeeze_cli.processes import Processes
@@ -483,7 +484,21 @@ def _open_run_files(
     )
     if _recorded_fingerprint(run_dir) != manifest.resolved_fingerprint(shard):
         outputs.write_resolved_manifest(run_dir, manifest.resolved_yaml(shard))
+    if shard is None:  # shards, perhaps on several machines at once, only read it
+        _save_reference_facts(out_dir, manifest)
     outputs.write_run_summary(run_dir, summary)
+
+
+def _save_reference_facts(out_dir: Path, manifest: LoadedManifest) -> None:
+    """Keep the references' checks and digests for the next run (`ReferenceFacts`): a cache, so a failed
+    write costs the next run time, not this one its images."""
+    facts = manifest.reference_facts
+    if not facts.changed:
+        return
+    try:
+        outputs.atomic_write_text(out_dir / REFERENCE_CACHE_NAME, facts.cache_json())
+    except outputs.OutputWriteError as error:
+        log_line(f"warning: {error.one_line()} (the reference photos will be read again next run)")
 
 
 def _recorded_fingerprint(run_dir: Path) -> str | None:

@@ -3,10 +3,11 @@ and how it writes itself back as `manifest.resolved.yaml`. `resolve.py` makes on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import yaml
 from squeeze_cli.errors import Problem
 from squeeze_cli.manifest.located import Location
 from squeeze_cli.manifest.recipes import UNKNOWN_LICENSE, License, Recipe
+from squeeze_cli.manifest.reference_facts import ReferenceFacts
 from squeeze_cli.manifest.schema import MANIFEST_VERSION, Manifest, ModelSpec
 from squeeze_cli.params import SamplingParams
 from squeeze_cli.pipelines.registry import pipeline_spec
@@ -76,6 +78,8 @@ class LoadedManifest:
     # Valid but probably not what was meant (e.g. a negative prompt that true CFG does not use): each is
     # printed as `warning: FILE:LINE: ... (hint: ...)` by `validate` and `gen`, and does not stop them.
     warnings: tuple[Problem, ...] = ()
+    # The references' checks and digests, read once (or trusted from the output folder's cache).
+    reference_facts: ReferenceFacts = field(default_factory=ReferenceFacts, compare=False, repr=False)
 
     @property
     def license(self) -> License:
@@ -93,7 +97,10 @@ class LoadedManifest:
         the sampling keys the model's pipeline reads are written (validation refuses the others; left out,
         they keep their defaults, so the job ids are the same).
         """
-        used = pipeline_spec(self.model.pipeline_class).sampling_parameters
+        written = self._written_params()
+        return {**self._resolved_head(), "subjects": [_resolved_subject(s, written) for s in self.subjects]}
+
+    def _resolved_head(self) -> dict[str, Any]:
         return {
             "version": MANIFEST_VERSION,
             **({"recipe": self.recipe.source} if self.recipe is not None else {}),
@@ -106,31 +113,33 @@ class LoadedManifest:
                 if self.document.acknowledge_license
                 else {}
             ),
-            "subjects": [
-                {
-                    "name": subject.name,
-                    **({"class": subject.class_noun} if subject.class_noun is not None else {}),
-                    "references": list(subject.references),
-                    "prompts": [
-                        {
-                            "text": prompt.template,
-                            **{k: v for k, v in prompt.params.to_dict().items() if k in used},
-                            # a swept value as a sweep of one: the same job, still labelled in grids
-                            **{key: [prompt.params.to_dict()[key]] for key, _ in prompt.sweep},
-                            "seeds": _seeds_to_yaml(prompt.seeds),
-                        }
-                        for prompt in subject.prompts
-                    ],
-                }
-                for subject in self.subjects
-            ],
         }
+
+    def _written_params(self) -> Callable[[SamplingParams], dict[str, Any]]:
+        """`params -> the sampling keys written for them`, each distinct set of parameters worked out once."""
+        used = pipeline_spec(self.model.pipeline_class).sampling_parameters
+        written: dict[SamplingParams, dict[str, Any]] = {}
+
+        def write(params: SamplingParams) -> dict[str, Any]:
+            if params not in written:
+                written[params] = {k: v for k, v in params.to_dict().items() if k in used}
+            return written[params]
+
+        return write
 
     def resolved_fingerprint(self, shard: tuple[int, int] | None = None) -> str:
         """A hash of what `resolved_yaml` writes, recorded in its header: a rerun whose file already has it
-        skips the YAML (libyaml takes most of a no-op rerun at 100,000 jobs; this takes a second)."""
-        document = json.dumps([shard, self.resolved_dict()], sort_keys=True, default=str)
-        return hashlib.sha256(document.encode("utf-8")).hexdigest()
+        skips the YAML (libyaml takes most of a no-op rerun at 100,000 jobs; this takes a second). Hashed
+        subject by subject, so that the whole document is never held at once."""
+
+        def encoded(value: Any) -> bytes:
+            return json.dumps(value, sort_keys=True, default=str).encode()
+
+        hasher = hashlib.sha256(encoded([shard, self._resolved_head()]))
+        written = self._written_params()
+        for subject in self.subjects:
+            hasher.update(encoded(_resolved_subject(subject, written)))
+        return hasher.hexdigest()
 
     def resolved_yaml(self, shard: tuple[int, int] | None = None) -> str:
         """`resolved_dict` as YAML; a shard's copy says which part of the plan it ran (a comment: the
@@ -142,16 +151,49 @@ class LoadedManifest:
                 f"# This is shard {shard[0]}/{shard[1]} (--shard {shard[0]}/{shard[1]}): it ran part "
                 f"{shard[0]} (0-based) of the {shard[1]} parts of this plan.\n"
             )
-        # libyaml's dumper when PyYAML has it: several times faster than pure Python at 100k jobs, same text.
-        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-        return header + yaml.dump(
-            self.resolved_dict(),
-            Dumper=dumper,
-            sort_keys=False,
-            allow_unicode=True,
-            width=1000,
-            default_flow_style=None,
+        # Subject by subject: libyaml's dump of the whole document at once held 1.2 GB at 100,000 jobs.
+        written = self._written_params()
+        subjects = "".join(_yaml([_resolved_subject(s, written)]) for s in self.subjects)
+        return (
+            header
+            + _yaml(self._resolved_head())
+            + ("subjects:\n" + subjects if subjects else "subjects: []\n")
         )
+
+
+@functools.cache
+def _dumper(base: type) -> type:
+    """`base` writing a value that several prompts share in full each time, never as a YAML alias."""
+    return type("ResolvedDumper", (base,), {"ignore_aliases": lambda self, data: True})
+
+
+def _yaml(value: Any) -> str:
+    # libyaml's dumper when PyYAML has it: several times faster than pure Python, same text.
+    dumper = _dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper))
+    return yaml.dump(
+        value, Dumper=dumper, sort_keys=False, allow_unicode=True, width=1000, default_flow_style=None
+    )
+
+
+def _resolved_subject(
+    subject: ResolvedSubject, written: Callable[[SamplingParams], dict[str, Any]]
+) -> dict[str, Any]:
+    """A subject of `LoadedManifest.resolved_dict`."""
+    return {
+        "name": subject.name,
+        **({"class": subject.class_noun} if subject.class_noun is not None else {}),
+        "references": list(subject.references),
+        "prompts": [
+            {
+                "text": prompt.template,
+                **written(prompt.params),
+                # a swept value as a sweep of one: the same job, still labelled in grids
+                **{key: [prompt.params.to_dict()[key]] for key, _ in prompt.sweep},
+                "seeds": _seeds_to_yaml(prompt.seeds),
+            }
+            for prompt in subject.prompts
+        ],
+    }
 
 
 def count_jobs(subjects: Iterable[ResolvedSubject]) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from squeeze_cli.errors import ManifestError, Problem, RecipeError
-from squeeze_cli.images import check_image, image_hint
+from squeeze_cli.images import image_hint
 from squeeze_cli.manifest.feed import (
     Feed,
     FeedRow,
@@ -54,6 +54,7 @@ from squeeze_cli.manifest.recipes import (
     path_base,
     resolve_model_paths,
 )
+from squeeze_cli.manifest.reference_facts import ReferenceFacts
 from squeeze_cli.manifest.schema import (
     DEFAULT_MAX_JOBS,
     SWEPT_KEYS,
@@ -176,6 +177,8 @@ class _Resolver:
         self.limit = DEFAULT_MAX_JOBS  # the job limit, known once the top level is read
         self.feed_names: set[str] = set()  # the subjects of `subjects_from`, once read
         self.feed_rows: dict[int, tuple[FeedRow, str]] = {}  # subject index -> its row, references column
+        self.reference_facts = ReferenceFacts()  # from the output folder's cache, once it is known
+        self._params: dict[SamplingParams, SamplingParams] = {}
 
     def problem(self, path: FieldPath, message: str, hint: str | None = None) -> None:
         self.problems.append(self.document.problem(path, message, hint))
@@ -196,6 +199,8 @@ class _Resolver:
         output_dir = self.output_dir = self.resolve_output_dir(head) if head is not None else None
         if self.out_flag is not None:  # `output.dir` was still checked: a bad one is bad input all the same
             output_dir = self.output_dir = self.out_flag
+        if output_dir is not None:  # photos unchanged since a run in it are not read again
+            self.reference_facts = ReferenceFacts(output_dir)
         pipeline = pipeline_spec(model.pipeline_class).name if model is not None else None
         limit = self.limit = max_jobs or (head.max_jobs if head is not None else None) or DEFAULT_MAX_JOBS
         # Read before any reference is resolved: a glob must not reach into a feed subject's folder either.
@@ -246,6 +251,7 @@ class _Resolver:
             max_jobs=limit,
             subjects=tuple(subjects),
             warnings=tuple(dict.fromkeys(self.warnings)),  # one per place, however many prompts inherit it
+            reference_facts=self.reference_facts,
         )
 
     # Subjects from a feed (`subjects_from`) ----------------------------------------------------------
@@ -501,7 +507,9 @@ class _Resolver:
         """A prompt's parameters, one set per combination of its swept keys' values (the cartesian product,
         the first swept key varying slowest), each with the `(key, value)` pairs it takes from the sweeps."""
         swept = [key for key in SWEPT_KEYS if isinstance(values.get(key), list)]
-        fixed = replace(SamplingParams(), **{k: v for k, v in values.items() if k not in swept})
+        fixed = self.shared(SamplingParams(**{k: v for k, v in values.items() if k not in swept}))
+        if not swept:
+            return [(fixed, ())]
         combinations = math.prod(len(values[key]) for key in swept)
         if combinations > self.limit:  # found before building them: `[1..1000]` on three keys is 10^9
             self.problem(
@@ -513,7 +521,11 @@ class _Resolver:
             return [(fixed, ())]
         lists: list[list[Any]] = [values[key] for key in swept]
         sweeps = [tuple(zip(swept, chosen, strict=True)) for chosen in itertools.product(*lists)]
-        return [(replace(fixed, **dict(sweep)), sweep) for sweep in sweeps]
+        return [(self.shared(replace(fixed, **dict(sweep))), sweep) for sweep in sweeps]
+
+    def shared(self, params: SamplingParams) -> SamplingParams:
+        """One object per distinct set of parameters: 100,000 prompts mostly share a few."""
+        return self._params.setdefault(params, params)
 
     def substitute(self, text_path: FieldPath, template: str, subject: Subject) -> str:
         """`template` with its placeholders filled in; problems with them are located at `text_path`."""
@@ -738,7 +750,7 @@ class _Resolver:
             by_file.setdefault(file_identity(reference), reference)
         references = tuple(by_file.values())
         for reference in references:
-            message = check_image(reference)
+            message = self.reference_facts.check(reference)
             if message:
                 shown = os.path.relpath(reference, bases[found[reference]])
                 hint = image_hint(message)

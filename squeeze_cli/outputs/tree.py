@@ -63,12 +63,17 @@ def _check_files(folder: Path, names: set[str], hint: str) -> None:
     """Refuse any of `names` in `folder` that exists as something other than a regular file."""
     try:
         with os.scandir(folder) as entries:
-            found = [(entry.name, entry.stat(follow_symlinks=False).st_mode) for entry in entries]
+            # The entry's type from the directory listing: no stat per file (200,000 at 100,000 images).
+            found = sorted(
+                (entry.name, entry.stat(follow_symlinks=False).st_mode)
+                for entry in entries
+                if entry.name in names and not entry.is_file(follow_symlinks=False)
+            )
     except OSError:
         return
-    for name, mode in sorted(found):
-        if name in names and not stat.S_ISREG(mode):
-            raise _refuse(folder / name, f"is {file_kind(mode)}, not a regular file", hint)
+    if found:
+        name, mode = found[0]
+        raise _refuse(folder / name, f"is {file_kind(mode)}, not a regular file", hint)
 
 
 def check_output_tree(

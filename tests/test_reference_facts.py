@@ -1,0 +1,183 @@
+"""Reference photos are read whole only when they are new or changed (`manifest/reference_facts.py`):
+`gen` keeps each photo's check and sha256 in OUT/.squeeze-references.json with its stat, a rerun trusts
+an unchanged stat, and anything that changes the stat (a rewrite in place with the mtime put back
+included) reads the photo again."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from squeeze_cli.errors import EXIT_OK
+from squeeze_cli.manifest import reference_facts
+from squeeze_cli.manifest.reference_facts import REFERENCE_CACHE_NAME, ReferenceFacts, file_digest
+from squeeze_cli.manifest.resolve import load_manifest
+from squeeze_cli.plan import plan_jobs
+
+MANIFEST = """\
+version: 1
+recipe: tiny
+defaults: {height: 32, width: 32, num_inference_steps: 2, reference_size: 32, seeds: [0]}
+subjects:
+  - name: mug
+    class: mug
+    references: [refs/*.png]
+    prompts: ["a {class} on a table"]
+"""
+
+
+def png_bytes(label: str) -> bytes:
+    """A valid PNG whose bytes, but not length, depend on the one-character `label`."""
+    info = PngInfo()
+    info.add_text("label", label)
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (30, 90, 200)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "refs").mkdir()
+    (tmp_path / "refs" / "a.png").write_bytes(png_bytes("1"))
+    (tmp_path / "refs" / "b.png").write_bytes(png_bytes("2"))
+    (tmp_path / "m.yaml").write_text(MANIFEST)
+    return tmp_path
+
+
+@pytest.fixture
+def reads(monkeypatch) -> list[str]:
+    """The photos read whole from now on (checked or hashed)."""
+    seen: list[str] = []
+    check, digest = reference_facts.check_image, reference_facts.file_digest
+    monkeypatch.setattr(reference_facts, "check_image", lambda path: seen.append(path) or check(path))
+    monkeypatch.setattr(reference_facts, "file_digest", lambda path: seen.append(path) or digest(path))
+    return seen
+
+
+def job_ids(project: Path) -> list[str]:
+    manifest = load_manifest(project / "m.yaml", output_dir=project / "out")
+    return [job.job_id for job in plan_jobs(manifest, model_identity="m", max_jobs=10)]
+
+
+def test_a_rerun_reads_no_reference_photo(project, squeeze, reads):
+    first = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "out"), "--quiet")
+    assert first.code == EXIT_OK, first.err
+    photos = sorted(str(project / "refs" / name) for name in ("a.png", "b.png"))
+    assert sorted(set(reads)) == photos  # the first run reads each photo: checked, then hashed
+    cache = json.loads((project / "out" / REFERENCE_CACHE_NAME).read_text())
+    assert sorted(cache["references"]) == photos
+    reads.clear()
+    again = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "out"), "--quiet")
+    assert again.code == EXIT_OK, again.err
+    assert reads == []
+    assert json.loads((project / "out" / "run.json").read_text())["jobs"]["skipped"] == 1
+
+
+def test_a_photo_rewritten_in_place_with_its_mtime_put_back_is_read_again(project, reads):
+    photo = project / "refs" / "a.png"
+    facts = ReferenceFacts(project)
+    assert facts.check(str(photo)) is None
+    (project / REFERENCE_CACHE_NAME).write_text(facts.cache_json())
+    before = os.stat(photo)
+    with open(photo, "r+b") as file:  # same inode, same size, other bytes
+        file.write(png_bytes("9"))
+    os.utime(photo, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(photo)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+    reads.clear()
+    again = ReferenceFacts(project)
+    assert again.check(str(photo)) is None
+    assert str(photo) in reads  # the ctime moved: read again
+    assert again.digest(str(photo)) == file_digest(str(photo)) != facts.digest(str(photo))
+
+
+def test_an_unchanged_photo_is_trusted_and_the_cache_keeps_only_this_plans_photos(project, reads):
+    a, b = str(project / "refs" / "a.png"), str(project / "refs" / "b.png")
+    first = ReferenceFacts(project)
+    assert first.check(a) is None and first.check(b) is None
+    (project / REFERENCE_CACHE_NAME).write_text(first.cache_json())
+    reads.clear()
+    second = ReferenceFacts(project)
+    assert second.check(a) is None and reads == []
+    assert second.digest(a) == first.digest(a)
+    assert second.changed  # b is no longer referenced: it leaves the cache
+    assert list(json.loads(second.cache_json())["references"]) == [a]
+    third = ReferenceFacts(project)
+    third.check(a), third.check(b)
+    assert not third.changed
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b'{"format": 99, "references": {}}',
+        b'{"format": 1, "references": {"PATH": [1, 2, 3, 4, 5, "not hex"]}}',
+        b'{"format": 1, "references": {"PATH": [1, 2, 3, 4, 5, "00"]}}',
+        b'{"format": 1, "references": {"PATH": ["1", 2, 3, 4, 5, "' + b"0" * 64 + b'"]}}',
+        b'{"format": 1, "references": ["PATH"]}',
+    ],
+)
+def test_a_damaged_or_foreign_cache_only_means_the_photos_are_read(project, reads, content):
+    photo = str(project / "refs" / "a.png")
+    (project / REFERENCE_CACHE_NAME).write_bytes(content.replace(b"PATH", photo.encode()))
+    facts = ReferenceFacts(project)
+    assert facts.check(photo) is None
+    assert photo in reads and facts.digest(photo) == file_digest(photo)
+
+
+def test_a_cache_that_lies_about_a_photo_with_another_stat_is_not_believed(project, reads):
+    photo = str(project / "refs" / "a.png")
+    facts = ReferenceFacts(project)
+    facts.check(photo)
+    entry = json.loads(facts.cache_json())
+    entry["references"][photo][-1] = "0" * 64
+    entry["references"][photo][0] += 1  # another size: not this file
+    (project / REFERENCE_CACHE_NAME).write_text(json.dumps(entry))
+    reads.clear()
+    again = ReferenceFacts(project)
+    assert again.check(photo) is None and photo in reads
+    assert again.digest(photo) == file_digest(photo)
+
+
+def test_a_changed_photo_gives_new_job_ids_on_the_next_run(project, squeeze):
+    first = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "out"), "--quiet")
+    assert first.code == EXIT_OK, first.err
+    before = job_ids(project)
+    photo = project / "refs" / "a.png"
+    stat = os.stat(photo)
+    with open(photo, "r+b") as file:
+        file.write(png_bytes("7"))
+    os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert job_ids(project) != before
+    again = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "out"), "--quiet")
+    assert again.code == EXIT_OK, again.err
+    assert json.loads((project / "out" / "run.json").read_text())["jobs"]["succeeded"] == 1
+
+
+def test_dry_runs_validate_and_shards_leave_the_cache_alone(project, squeeze):
+    out = project / "out"
+    assert squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--dry-run").code == EXIT_OK
+    assert squeeze("validate", str(project / "m.yaml")).code == EXIT_OK
+    assert not (out / REFERENCE_CACHE_NAME).exists()
+    shard = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--shard", "0/2", "--quiet")
+    assert shard.code == EXIT_OK, shard.err
+    assert not (out / REFERENCE_CACHE_NAME).exists()
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning_not_a_failed_run(project, squeeze):
+    out = project / "out"
+    (out / REFERENCE_CACHE_NAME).mkdir(parents=True)  # a folder where the file goes: the rename fails
+    result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--quiet")
+    assert result.code == EXIT_OK, result.err
+    assert "warning:" in result.err and "read again next run" in result.err
