@@ -252,6 +252,13 @@ def test_images_in_the_output_folder_never_become_references(
     assert (tmp_path / "images" / "dog" / "000-s0.png").is_file()
     assert load_manifest(manifest).subjects[0].references == (str(photo),)
     assert pending() == 0
+    # A link beside the photos to an output image is an output too, and so is a link to a subject folder.
+    (tmp_path / "images" / "alias.png").symlink_to(tmp_path / "images" / "dog" / "000-s0.png")
+    (tmp_path / "images" / "folder-alias").symlink_to(tmp_path / "images" / "dog", target_is_directory=True)
+    assert load_manifest(manifest).subjects[0].references == (str(photo),)
+    assert pending() == 0
+    (tmp_path / "images" / "alias.png").unlink()
+    (tmp_path / "images" / "folder-alias").unlink()
     # With --out the same: the folder given on the command line is the one kept out of the globs.
     monkeypatch.chdir(tmp_path)
     assert squeeze("gen", str(manifest), "--out", "images/run", "--quiet").code == 0

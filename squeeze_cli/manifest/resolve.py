@@ -179,6 +179,7 @@ class _Resolver:
         self.feed_rows: dict[int, tuple[FeedRow, str]] = {}  # subject index -> its row, references column
         self.reference_facts = ReferenceFacts()  # from the output folder's cache, once it is known
         self._params: dict[SamplingParams, SamplingParams] = {}
+        self._real_folders: dict[str, str] = {}  # a reference's folder -> its real path
 
     def problem(self, path: FieldPath, message: str, hint: str | None = None) -> None:
         self.problems.append(self.document.problem(path, message, hint))
@@ -676,7 +677,14 @@ class _Resolver:
             names = {subject.name for subject in self.subjects if subject is not None} | self.feed_names
             self._written_folders = (os.path.realpath(self.output_dir), names | {"shards"})
         out, names = self._written_folders
-        real = os.path.realpath(file)
+        # A glob's matches share their folder: resolve it once (not each file's whole path), and the file
+        # itself only when it is a link.
+        folder, name = os.path.split(file)
+        if folder not in self._real_folders:
+            self._real_folders[folder] = os.path.realpath(folder)
+        real = (
+            os.path.realpath(file) if os.path.islink(file) else os.path.join(self._real_folders[folder], name)
+        )
         # One look at the first folder under OUT, not one per subject: 10,000 subjects' globs stay linear.
         return _inside(real, out) and os.path.relpath(real, out).split(os.sep)[0] in names
 
