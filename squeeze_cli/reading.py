@@ -53,6 +53,18 @@ def open_regular(path: str | os.PathLike, *, follow_symlinks: bool = True) -> in
         `NotARegularFileError`: `path` is a folder, a FIFO, a device or a socket.
         `OSError`: the open failed (`ELOOP` for a refused symbolic link).
     """
+    fd, _ = _open_regular(path, follow_symlinks)
+    if hasattr(os, "set_blocking"):
+        try:
+            os.set_blocking(fd, True)  # no effect on a regular file's reads; plain blocking from here on
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+def _open_regular(path: str | os.PathLike, follow_symlinks: bool) -> tuple[int, os.stat_result]:
+    """`open_regular`'s descriptor, left non-blocking (a regular file's reads never wait), and its stat."""
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     if not follow_symlinks:
         flags |= getattr(os, "O_NOFOLLOW", 0)
@@ -61,17 +73,15 @@ def open_regular(path: str | os.PathLike, *, follow_symlinks: bool = True) -> in
     except IsADirectoryError:
         raise NotARegularFileError(errno.EISDIR, "not a regular file (a folder)", os.fspath(path)) from None
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise NotARegularFileError(
-                errno.EINVAL, f"not a regular file ({file_kind(mode)})", os.fspath(path)
+                errno.EINVAL, f"not a regular file ({file_kind(info.st_mode)})", os.fspath(path)
             )
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)  # no effect on a regular file's reads; plain blocking from here on
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, info
 
 
 def open_regular_file(path: str | os.PathLike, *, follow_symlinks: bool = True) -> BinaryIO:
@@ -85,22 +95,25 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int, *, follow_symlink
     Raises:
         `NotARegularFileError`, `FileTooLargeError`, `OSError`.
     """
-    fd = open_regular(path, follow_symlinks=follow_symlinks)
-    with os.fdopen(fd, "rb", buffering=0) as file:
-        # The size may change under us: the reads themselves are bounded. `read(n)` sets n bytes aside
-        # first, so they are sized by the file, not the limit (a 1 GiB limit is no 1 GiB allocation).
-        size = os.fstat(fd).st_size
+    # Plain `os.read` on the descriptor: no file object around it (a no-op rerun reads 100,000 sidecars).
+    fd, info = _open_regular(path, follow_symlinks)
+    try:
+        # The size may change under us: the reads themselves are bounded. Each read is sized by the file,
+        # not the limit (a 1 GiB limit is no 1 GiB allocation).
+        size = info.st_size
         parts: list[bytes] = []
         left = max_bytes + 1 if size <= max_bytes else 0  # too large already: nothing to read
         chunk = min(size, max_bytes) + 1
         while left > 0:
-            part = file.read(min(chunk, left))
+            part = os.read(fd, min(chunk, left))
             if not part:
                 break
             parts.append(part)
             left -= len(part)
             chunk = max(chunk, MiB)  # grown since fstat, or a /proc file that says 0 bytes
-        data = b"".join(parts) if len(parts) != 1 else parts[0]
+    finally:
+        os.close(fd)
+    data = b"".join(parts) if len(parts) != 1 else parts[0]
     if len(data) > max_bytes or size > max_bytes:
         raise FileTooLargeError(
             errno.EFBIG,

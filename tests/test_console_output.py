@@ -128,3 +128,19 @@ def test_usage_lines_show_manifest_plainly(squeeze) -> None:
         text = squeeze(command, "--help").out
         assert f"Usage: squeeze {command} [OPTIONS] MANIFEST\n" in text
         assert "{MANIFEST}" not in text and "MANIFEST <str>" not in text
+
+
+def test_loading_a_pipeline_prints_no_library_notes_about_backends_squeeze_does_not_use() -> None:
+    """transformers 5 says, on the import of diffusers' FLUX pipelines, that CLIP's and SigLIP's image
+    processors fall back to PIL without torchvision: two lines of noise at the top of every `gen` on a
+    CPU install (and an order-dependent extra line in tests that read stderr)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from squeeze_cli.pipelines.registry import PIPELINES\n"
+        "for spec in PIPELINES.values(): spec.load_class()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "requires torchvision" not in result.stderr, result.stderr

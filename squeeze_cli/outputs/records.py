@@ -296,7 +296,8 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any] | None:
     for the parser all count as a damaged sidecar: the job is made again (and the file replaced).
     """
     try:
-        record = json.loads(read_regular_file(path, SIDECAR_MAX_BYTES, follow_symlinks=False))
-    except (OSError, ValueError, RecursionError):
+        # Decoded first: `json.loads` of bytes guesses the encoding, a third of a small sidecar's parse.
+        record = json.loads(read_regular_file(path, SIDECAR_MAX_BYTES, follow_symlinks=False).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
         return None
     return record if isinstance(record, dict) else None
