@@ -83,6 +83,14 @@ def eval_command(
         ),
     ] = None,
     variant: VariantOpt = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Hash and check every image (default: trust an image whose size, mtime and inode are those "
+            "its sidecar records, as gen does); one that fails is listed missing, not scored.",
+        ),
+    ] = False,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print a JSON document instead of text.")
     ] = False,
@@ -130,6 +138,7 @@ def eval_command(
         allow_gated=allow_gated,
         rules=rule_set,
         variant=variant,
+        verify=verify,
     )
     if not evaluations:
         return  # another process of `accelerate launch`: the main one reports
