@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from squeeze_cli.cli.check import VariantOpt
+from squeeze_cli.cli.options import VariantOpt, require_rules_for_variant
 from squeeze_cli.logs import log_line
 
 
@@ -108,8 +108,7 @@ def eval_command(
 
     if one_process := one_process_launch_warning(os.environ):
         log_line(f"warning: {one_process}")
-    if variant is not None and rules is None:
-        raise typer.BadParameter("--variant says which images --rules checks: give --rules too")
+    require_rules_for_variant(rules, variant)
 
     if references != "conditioning" and not Path(references).is_dir():
         from squeeze_cli.errors import UsageError
