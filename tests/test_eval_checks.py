@@ -93,3 +93,11 @@ def test_bad_rules_stop_before_any_work(squeeze, finished_run: Path, tmp_path: P
     assert result.code == 2 and "unknown rule set 'no-such-market'" in one_error_line(result.err)
     assert squeeze("eval", str(run), "--metrics", "tiny", "--variant", "amazon").code == 2
     assert not (run / "metrics.json").exists() and not (run / "report.html").exists()
+
+
+@pytest.mark.parametrize("command", [["eval", "--metrics", "tiny"], ["status"]])
+def test_a_variant_without_rules_is_refused_alike(squeeze, finished_run: Path, command: list[str]):
+    """`eval` and `status` share `--variant` and its refusal without `--rules` (cli/options.py)."""
+    result = squeeze(command[0], str(finished_run), *command[1:], "--variant", "amazon")
+    assert result.code == 2
+    assert "--variant says which images --rules checks: give --rules too" in result.err

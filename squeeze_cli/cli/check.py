@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from squeeze_cli.cli.options import JsonOpt, print_json_failure
+from squeeze_cli.cli.options import JsonOpt, VariantOpt, print_json_failure
 from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK, SqueezeError
 
 CHECK_EPILOG = """\b
@@ -24,14 +24,6 @@ RulesOpt = Annotated[
         metavar="NAME|FILE",
         help="A packaged rule set (amazon-main) or the path of your own rules .yaml.",
         show_default=False,
-    ),
-]
-VariantOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--variant",
-        metavar="NAME",
-        help="Check this channel variant (output.variants) of each image instead of the PNG masters.",
     ),
 ]
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from squeeze_cli.cli.check import VariantOpt
+from squeeze_cli.cli.options import VariantOpt, require_rules_for_variant
 from squeeze_cli.logs import log_line
 
 
@@ -83,6 +83,14 @@ def eval_command(
         ),
     ] = None,
     variant: VariantOpt = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Hash and check every image (default: trust an image whose size, mtime and inode are those "
+            "its sidecar records, as gen does); one that fails is listed missing, not scored.",
+        ),
+    ] = False,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print a JSON document instead of text.")
     ] = False,
@@ -100,8 +108,7 @@ def eval_command(
 
     if one_process := one_process_launch_warning(os.environ):
         log_line(f"warning: {one_process}")
-    if variant is not None and rules is None:
-        raise typer.BadParameter("--variant says which images --rules checks: give --rules too")
+    require_rules_for_variant(rules, variant)
 
     if references != "conditioning" and not Path(references).is_dir():
         from squeeze_cli.errors import UsageError
@@ -130,6 +137,7 @@ def eval_command(
         allow_gated=allow_gated,
         rules=rule_set,
         variant=variant,
+        verify=verify,
     )
     if not evaluations:
         return  # another process of `accelerate launch`: the main one reports

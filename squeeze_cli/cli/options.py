@@ -68,6 +68,27 @@ LimitOpt = Annotated[
 ]
 
 
+# Which images `squeeze check`, and `status` and `eval` with `--rules`, check.
+VariantOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--variant",
+        metavar="NAME",
+        help="Check this channel variant (output.variants) of each image instead of the PNG masters.",
+    ),
+]
+
+
+def require_rules_for_variant(rules: str | None, variant: str | None) -> None:
+    """`status` and `eval` check images only with `--rules`: a `--variant` without it would be ignored.
+
+    Raises:
+        `typer.BadParameter`: `variant` without `rules` (exit code 2).
+    """
+    if variant is not None and rules is None:
+        raise typer.BadParameter("--variant says which images --rules checks: give --rules too")
+
+
 def only_patterns(only: Sequence[str] | None) -> tuple[str, ...]:
     """`--only` values as patterns: each may hold several, separated by commas."""
     return tuple(pattern.strip() for value in only or () for pattern in value.split(",") if pattern.strip())

@@ -8,8 +8,7 @@ from typing import Annotated
 
 import typer
 
-from squeeze_cli.cli.check import VariantOpt
-from squeeze_cli.cli.options import JsonOpt, print_json_failure
+from squeeze_cli.cli.options import JsonOpt, VariantOpt, print_json_failure, require_rules_for_variant
 from squeeze_cli.errors import EXIT_JOBS_FAILED, SqueezeError
 
 STATUS_EPILOG = """\b
@@ -62,8 +61,7 @@ def status(
     from squeeze_cli.gen.status import format_status, merge_run, run_status
     from squeeze_cli.outputs import check_run, format_report, load_rules, runs_inside
 
-    if variant is not None and rules is None:
-        raise typer.BadParameter("--variant says which images --rules checks: give --rules too")
+    require_rules_for_variant(rules, variant)
     folders = runs_inside(Path(out).expanduser().absolute()) or [Path(out)]
     try:
         found = [run_status(folder, verify=verify) for folder in folders]

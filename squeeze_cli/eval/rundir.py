@@ -47,6 +47,11 @@ class RunImage:
     gate: GateVerdict | None = None  # chosen by `gen`'s identity gate (best DINO of several seeds)
     # The index line's channel variants (`{name: file}`, `output.variants`), for `eval --rules --variant`.
     variants: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # The PNG's sha256 as its sidecar records it (the score cache's key): None means hash the file.
+    sha256: str | None = None
+    # Trusted by its stat, as gen's resume does: not read, so not yet checked by `unreadable` either.
+    # `evaluate_run` checks it before decoding it; a cached eval reads it not at all.
+    unread: bool = False
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -88,11 +93,12 @@ def _index_files(run_dir: Path) -> list[Path]:
     ]
 
 
-def read_run(path: str | Path) -> RunContents:
+def read_run(path: str | Path, *, verify: bool = False) -> RunContents:
     """The images of the run in `path`, each finished job once (its latest line wins).
 
     A job whose index line says `ok` but whose PNG or sidecar is gone is listed in `missing`; failed jobs
-    in `failed`; neither stops the evaluation of the rest.
+    in `failed`; neither stops the evaluation of the rest. With `verify`, every PNG is hashed and checked
+    (`eval --verify`), not only those whose stat differs from their sidecar's.
 
     Raises:
         `RunDirError`: when `path` is not a directory or holds no run index.
@@ -129,7 +135,7 @@ def read_run(path: str | Path) -> RunContents:
         if entry.get("status") != "ok":
             contents.failed.append(entry)
             continue
-        image = _run_image(run_dir, entry, contents.missing)
+        image = _run_image(run_dir, entry, contents.missing, verify)
         if image is not None:
             contents.images.append(image)
     contents.images.sort(key=lambda image: image.key)
@@ -161,7 +167,7 @@ def _refuse_mixed_models(contents: RunContents) -> None:
         )
 
 
-def _run_image(run_dir: Path, entry: dict[str, Any], missing: list[str]) -> RunImage | None:
+def _run_image(run_dir: Path, entry: dict[str, Any], missing: list[str], verify: bool) -> RunImage | None:
     image_name, sidecar_name = entry.get("image"), entry.get("sidecar")
     if not isinstance(image_name, str) or not isinstance(sidecar_name, str):
         missing.append(f"job {entry['job_id']}: its index line names no image or sidecar")
@@ -183,9 +189,15 @@ def _run_image(run_dir: Path, entry: dict[str, Any], missing: list[str]) -> RunI
     if damaged is not None:
         missing.append(f"{sidecar_name}: the sidecar is damaged: {damaged}")
         return None
-    # Gen's definition of finished (size and sha256 as the sidecar records), then a header and
-    # completeness check that decodes nothing: a truncated, replaced or bomb PNG is listed, not scored.
-    reason = outputs.png_mismatch(image_path, record) or _unreadable(image_path)
+    # Gen's definition of finished (size and sha256 as the sidecar records, the stat trusted), then a
+    # header and completeness check that decodes nothing: a truncated, replaced or bomb PNG is listed,
+    # not scored. A PNG whose stat is the one squeeze recorded is read by neither (a cached eval of 100k
+    # images reads no image); `evaluate_run` checks it before decoding it. One that was hashed is checked
+    # now: a sidecar edited to match a bomb vouches for nothing.
+    reason, new_stamp = outputs.png_check(image_path, record, verify=verify)
+    unread = reason is None and new_stamp is None and not verify
+    if reason is None and not unread:
+        reason = unreadable(image_path)
     if reason is not None:
         missing.append(f"{image_name}: {reason}")
         return None
@@ -208,6 +220,8 @@ def _run_image(run_dir: Path, entry: dict[str, Any], missing: list[str]) -> RunI
         ).hexdigest()[:16],
         gate=_gate_verdict(record.get("quality")),
         variants=variants if isinstance(variants := entry.get(outputs.VARIANTS_KEY), dict) else {},
+        sha256=record[outputs.PNG_FILE_KEY]["sha256"],  # matched: `png_check` found it a string
+        unread=unread,
     )
 
 
@@ -252,7 +266,8 @@ def json_type(value: Any) -> str:
     return "an object" if isinstance(value, dict) else type(value).__name__
 
 
-def _unreadable(image_path: Path) -> str | None:
+def unreadable(image_path: Path) -> str | None:
+    """Why a run's image is not safe to decode (`check_image`: truncated, damaged, a bomb), or None."""
     from squeeze_cli.images import check_image
 
     reason = check_image(str(image_path))

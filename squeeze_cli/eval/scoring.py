@@ -20,7 +20,7 @@ from typing import Any
 from squeeze_cli import outputs
 from squeeze_cli.errors import UsageError
 from squeeze_cli.eval.gated import gate_summary, refuse_gated_runs
-from squeeze_cli.eval.rundir import RunContents, RunImage
+from squeeze_cli.eval.rundir import RunContents, RunImage, unreadable
 from squeeze_cli.metrics.protocol import EncoderSpec, Protocol
 from squeeze_cli.reading import INDEX_MAX_BYTES, open_regular_file, read_regular_file
 
@@ -184,21 +184,24 @@ def evaluate_run(
     With `rules`, each image (its master, or its channel `variant`) is also checked against them, as
     `squeeze check` does: a row's `check`, the summary's `checks` counts (main process only).
     """
-    from squeeze_cli.images import check_image
+    from squeeze_cli.manifest.reference_facts import ReferenceFacts
 
     run_dir = contents.path
     cache = _read_cache(run_dir)
     notes: list[str] = []
     hashes: dict[str, str | None] = {}
+    # What gen learned of the reference photos (OUT/.squeeze-references.json): a photo unchanged since
+    # (its stat) is neither checked nor hashed again.
+    references = ReferenceFacts(run_dir)
 
     def hash_of(path: str) -> str | None:
         if path not in hashes:
             # The checks gen makes of a reference (a regular file, its header's size, complete data),
             # so a FIFO, /dev/zero, a bomb or a file that is no image is left out, never read or decoded.
-            reason = check_image(path)
+            reason = references.check(path)
             if reason is None:
                 try:
-                    hashes[path] = file_hash(path)
+                    hashes[path] = references.sha256(path)
                 except OSError as error:
                     reason = f"cannot read it: {error.strerror or error}"
             if reason is not None:
@@ -209,16 +212,27 @@ def evaluate_run(
     plan = []  # per image: (image, image hash, its reference paths, their hashes, text)
     for image in contents.images:
         try:
-            image_hash = file_hash(run_dir / image.image)
+            # The sidecar's sha256 of a PNG it vouches for (`read_run`): not read again.
+            image_hash = image.sha256 or file_hash(run_dir / image.image)
         except OSError as error:
             contents.missing.append(f"{image.image}: cannot be read ({error.strerror or error})")
             continue
         refs = [r for r in reference_paths(image, protocol) if hash_of(r) is not None]
+        ref_hashes = [h for r in refs if (h := hashes[r]) is not None]
+        text = clip_t_text(image)
+        if image.unread and not all(
+            _cache_key(spec, image_hash, ref_hashes, text if spec.role == "clip" else None) in cache
+            for spec in protocol.encoders
+        ):
+            # Trusted by its stat, unread: checked before it is decoded, so a bomb or a damaged file
+            # (changed with its mtime put back) is listed, never decoded.
+            reason = unreadable(run_dir / image.image)
+            if reason is not None:
+                contents.missing.append(f"{image.image}: {reason}")
+                continue
         if not refs:
             notes.append(f"{image.image}: no reference image to compare with: identity not scored")
-        plan.append(
-            (image, image_hash, refs, [h for r in refs if (h := hashes[r]) is not None], clip_t_text(image))
-        )
+        plan.append((image, image_hash, refs, ref_hashes, text))
 
     raw: dict[tuple[int, str], dict[str, Any]] = {}
     computed = reused = 0
@@ -455,10 +469,12 @@ def evaluate_paths(
     allow_gated: bool = False,
     rules: outputs.RuleSet | None = None,
     variant: str | None = None,
+    verify: bool = False,
 ) -> list[RunEvaluation]:
     """Evaluate each run (all are read first, so a bad one stops before any work), then write each
     run's `report.html`, holding every run evaluated together side by side. With `rules`, each image is
-    also checked against them (`evaluate_run`).
+    also checked against them (`evaluate_run`). With `verify`, every image is hashed and checked
+    (`read_run`), not only those whose stat differs from their sidecar's.
 
     Raises:
         `GatedRunError`: before any work, when a run's images were chosen by gen's identity gate, the
@@ -468,7 +484,7 @@ def evaluate_paths(
     from squeeze_cli.eval.rundir import read_run
     from squeeze_cli.processes import Processes as _Processes
 
-    runs = [read_run(path) for path in paths]
+    runs = [read_run(path, verify=verify) for path in paths]
     refuse_gated_runs(runs, protocol, allow_gated)
     processes = _Processes()
     if device is None and processes.count > 1:

@@ -92,12 +92,13 @@ from .layout import (  # noqa: F401
     safe_join,
     views_root,
 )
-from .records import VARIANTS_KEY, image_record, package_versions, read_sidecar, save_image  # noqa: F401
+from .records import PNG_FILE_KEY, VARIANTS_KEY, image_record, package_versions, read_sidecar, save_image  # noqa: F401
 from .resume import (  # noqa: F401
     Finished,
     find_finished,
     finished_job_ids,
     move_to_positions,
+    png_check,
     png_mismatch,
     record_stamps,
 )

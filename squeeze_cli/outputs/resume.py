@@ -10,9 +10,9 @@ A job is finished when a sidecar in its subject's directory parses, names its jo
 PNG's size and sha256, and the PNG beside it (same stem) has exactly that size and hash. The hash is
 taken only when the PNG's stat differs from the size, mtime and inode its sidecar records (as git trusts
 its index): a nightly no-op rerun of 100k images reads no image, where hashing read ~40 GB at 512². With
-`verify` (`gen --verify`, `status --verify`) every PNG is hashed, which also catches bytes changed in
-place with the mtime put back. A PNG whose hash matches a stat that does not (an older squeeze's sidecar,
-a copied folder) is hashed once: `gen` then records its stat (`record_stamps`).
+`verify` (`gen --verify`, `status --verify`, `eval --verify`) every PNG is hashed, which also catches
+bytes changed in place with the mtime put back. A PNG whose hash matches a stat that does not (an older
+squeeze's sidecar, a copied folder) is hashed once: `gen` then records its stat (`record_stamps`).
 """
 
 from __future__ import annotations
