@@ -181,27 +181,3 @@ def test_a_cache_that_cannot_be_written_is_a_warning_not_a_failed_run(project, s
     result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--quiet")
     assert result.code == EXIT_OK, result.err
     assert "warning:" in result.err and "read again next run" in result.err
-
-
-def test_sha256_trusts_the_cache_while_the_stat_matches_and_reads_otherwise(project, reads):
-    """`squeeze eval` keys its score cache by the photos' hex sha256, taken from gen's cache file."""
-    photo = project / "refs" / "a.png"
-    first = ReferenceFacts(project)
-    assert first.check(str(photo)) is None
-    (project / REFERENCE_CACHE_NAME).write_text(first.cache_json())
-    reads.clear()
-    trusted = ReferenceFacts(project)  # no `check` first: the cache file alone vouches
-    assert trusted.sha256(str(photo)) == file_digest(str(photo)).hex()
-    reads.clear()
-    assert trusted.sha256(str(photo)) == first.digest(str(photo)).hex() and reads == []
-    assert json.loads(trusted.cache_json())["references"] == {}  # learns nothing: gen's to save
-    before = os.stat(photo)
-    with open(photo, "r+b") as file:  # same inode, size and mtime: only the ctime tells
-        file.write(png_bytes("9"))
-    os.utime(photo, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert (
-        ReferenceFacts(project).sha256(str(photo))
-        == file_digest(str(photo)).hex()
-        != first.digest(str(photo)).hex()
-    )
-    assert str(photo) in reads

@@ -201,7 +201,7 @@ def evaluate_run(
             reason = references.check(path)
             if reason is None:
                 try:
-                    hashes[path] = references.sha256(path)
+                    hashes[path] = references.digest(path).hex()  # checked above: read once at most
                 except OSError as error:
                     reason = f"cannot read it: {error.strerror or error}"
             if reason is not None:

@@ -88,21 +88,6 @@ class ReferenceFacts:
         known = self._known.get(path)
         return known[1] if known is not None else file_digest(path)
 
-    def sha256(self, path: str) -> str:
-        """The photo's sha256 in hex (how `squeeze eval`'s score cache keys it): the one `check` learned,
-        or the cache file's while the photo's stat matches its entry, or read now. Learns nothing: the
-        cache file `gen` saves is unchanged by it.
-
-        Raises:
-            `OSError`: the file cannot be read.
-        """
-        known = self._known.get(path)
-        if known is None:
-            cached = self._cached.get(path)
-            if cached is not None and cached[0] == _stamp(path):
-                known = cached
-        return (known[1] if known is not None else file_digest(path)).hex()
-
     @property
     def changed(self) -> bool:
         """Whether the cache file would differ from the one read: a photo was read, or one is gone."""
