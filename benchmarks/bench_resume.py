@@ -1,7 +1,7 @@
 """Planning and the resume scan at 1k / 10k / 100k jobs: time and peak memory, with finished images on disk.
 
     python benchmarks/bench_resume.py [--jobs 1000 10000 100000] [--finished 1000 10000] [--runs 3]
-        [--subjects 10 --seeds-per-prompt 10] [--png-px 512 [--verify]]
+        [--subjects 10 --seeds-per-prompt 10] [--png-px 512 [--verify]] [--variants]
 
 For each size N it writes a manifest (`--subjects` subjects, `seeds: {count: --seeds-per-prompt}`, tiny
 recipe) and times, as fresh processes (median of `--runs`, peak RSS from the kernel):
@@ -13,6 +13,10 @@ real sidecar record per job; 8×8 pixels, so the disk holds what resume reads):
     index repair, resolved manifest, summary), i.e. what a rerun of a finished job list costs;
   - with `--verify`, one `squeeze gen --verify`: the same rerun hashing every PNG (what every rerun did
     before the stat fast path).
+With `--variants` the manifest has two channel variants (`output.variants`: a 64² JPEG, a 48² WebP) and
+its folders are `n<N>-variants`; one untimed `squeeze gen` makes the variants of the finished images
+(a no-op when an earlier run made them), so the timed reruns are the nightly no-op rerun of a catalog
+with variants.
 In this process it also times `plan_jobs` and `find_finished` alone with their Python peak (tracemalloc).
 
 `--png-px 512` is the copying fixture: the finished images are one real PNG of 512² (~0.42 MB, a
@@ -118,6 +122,21 @@ def write_finished(manifest_path: Path, out: Path, png_px: int | None = None) ->
     return len(jobs)
 
 
+# Two channels, as a catalog's marketplace and social copies (`--variants`).
+VARIANTS = [
+    {"name": "market", "size": "64x64", "fit": "pad", "format": "jpeg"},
+    {"name": "social", "size": "48x48", "fit": "crop", "format": "webp"},
+]
+
+
+def add_variants(manifest_path: Path) -> None:
+    import yaml
+
+    manifest = yaml.safe_load(manifest_path.read_text())
+    manifest["output"] = {"variants": VARIANTS}
+    manifest_path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+
 def median_process(command: list[str], runs: int) -> dict[str, float]:
     samples = [timed_process(command) for _ in range(runs)]
     walls, cpus = [w for w, _, _ in samples], [c for _, _, c in samples]
@@ -190,6 +209,9 @@ def main() -> None:
         "--png-px", type=int, default=None, help="the copying fixture: finished PNGs of this size, linked"
     )
     parser.add_argument("--verify", action="store_true", help="also time one `gen --verify` rerun")
+    parser.add_argument(
+        "--variants", action="store_true", help="two channel variants, made once before the timed reruns"
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--work",
@@ -204,13 +226,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         for n in sorted(set(args.jobs) | set(args.finished)):
-            folder = work / f"n{n}"
+            folder = work / (f"n{n}-variants" if args.variants else f"n{n}")
             reuse = (folder / "written").is_file()  # a complete earlier write
             if not reuse:
                 shutil.rmtree(folder, ignore_errors=True)
                 folder.mkdir(parents=True)
                 write_manifest(folder, n, subjects=args.subjects, seeds_per_prompt=args.seeds_per_prompt)
             path = folder / "manifest.yaml"
+            if args.variants and not reuse:
+                add_variants(path)
             if n in args.jobs:
                 row = median_process(
                     [*squeeze, str(path), "--dry-run", "--out", str(folder / "none")], args.runs
@@ -235,14 +259,22 @@ def main() -> None:
                     written = write_finished(path, out, args.png_px)
                     (folder / "written").write_text(str(written))
                 setup = time.perf_counter() - started
-                dry = median_process([*squeeze, str(path), "--dry-run", "--out", str(out)], args.runs)
                 # Grids off: drawing them is another measurement (bench_gen / the grid benchmarks).
                 views_off = ["--set", "output.grids=false", "--set", "output.contact_sheet=false"]
+                if args.variants:
+                    made = timed_process([*squeeze, str(path), "--out", str(out), "--quiet", *views_off])
+                    print(
+                        f"{n:>7} jobs: the first gen (variants made unless already) {made[0]:.1f} s",
+                        flush=True,
+                    )
+                dry = median_process([*squeeze, str(path), "--dry-run", "--out", str(out)], args.runs)
                 rerun = median_process(
                     [*squeeze, str(path), "--out", str(out), "--quiet", *views_off], args.runs
                 )
                 inner = in_process(path, out)
                 report["resume"][n] = {"finished": written, "dry_run": dry, "gen_all_done": rerun, **inner}
+                if args.variants:
+                    report["resume"][n]["first_gen_s"] = made[0]
                 print(
                     f"{n:>7} jobs, all {written} done (written in {setup:.0f} s): dry run "
                     f"{dry['median_s']:.2f} s ({dry['min_s']:.2f}–{dry['max_s']:.2f}), "
