@@ -1,7 +1,7 @@
 """Planning and the resume scan at 1k / 10k / 100k jobs: time and peak memory, with finished images on disk.
 
     python benchmarks/bench_resume.py [--jobs 1000 10000 100000] [--finished 1000 10000] [--runs 3]
-        [--subjects 10 --seeds-per-prompt 10] [--png-px 512 [--verify]] [--reference-kb 300]
+        [--subjects 10 --seeds-per-prompt 10] [--png-px 512 [--verify]] [--reference-kb 300] [--variants]
 
 For each size N it writes a manifest (`--subjects` subjects, `seeds: {count: --seeds-per-prompt}`, tiny
 recipe) and times, as fresh processes (median of `--runs`, peak RSS from the kernel):
@@ -15,6 +15,10 @@ real sidecar record per job; 8×8 pixels, so the disk holds what resume reads):
     checked and hashed, as every rerun did before `.squeeze-references.json`);
   - with `--verify`, one `squeeze gen --verify`: the same rerun hashing every PNG (what every rerun did
     before the stat fast path).
+With `--variants` the manifest has two channel variants (`output.variants`: a 64² JPEG, a 48² WebP) and
+its folders are `n<N>-variants`; the first `squeeze gen` (timed apart) makes the variants of the
+finished images (a no-op when an earlier run made them), so the timed reruns are the nightly no-op rerun
+of a catalog with variants.
 In this process it also times `plan_jobs` and `find_finished` alone with their Python peak (tracemalloc).
 
 `--png-px 512` is the copying fixture: the finished images are one real PNG of 512² (~0.42 MB, a
@@ -121,6 +125,21 @@ def write_finished(manifest_path: Path, out: Path, png_px: int | None = None) ->
     return len(jobs)
 
 
+# Two channels, as a catalog's marketplace and social copies (`--variants`).
+VARIANTS = [
+    {"name": "market", "size": "64x64", "fit": "pad", "format": "jpeg"},
+    {"name": "social", "size": "48x48", "fit": "crop", "format": "webp"},
+]
+
+
+def add_variants(manifest_path: Path) -> None:
+    import yaml
+
+    manifest = yaml.safe_load(manifest_path.read_text())
+    manifest["output"] = {"variants": VARIANTS}
+    manifest_path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+
 def median_process(command: list[str], runs: int) -> dict[str, float]:
     samples = [timed_process(command) for _ in range(runs)]
     walls, cpus = [w for w, _, _ in samples], [c for _, _, c in samples]
@@ -200,6 +219,9 @@ def main() -> None:
         help="references are JPEG photos of about this size (three per subject, hard-linked), and the "
         "rerun is also timed without the output folder's reference cache (every photo read, as before it)",
     )
+    parser.add_argument(
+        "--variants", action="store_true", help="two channel variants, made once before the timed reruns"
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--work",
@@ -214,7 +236,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         for n in sorted(set(args.jobs) | set(args.finished)):
-            folder = work / f"n{n}"
+            folder = work / (f"n{n}-variants" if args.variants else f"n{n}")
             reuse = (folder / "written").is_file()  # a complete earlier write
             if not reuse:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -227,6 +249,8 @@ def main() -> None:
                     reference_kb=args.reference_kb,
                 )
             path = folder / "manifest.yaml"
+            if args.variants and not reuse:
+                add_variants(path)
             if n in args.jobs:
                 row = median_process(
                     [*squeeze, str(path), "--dry-run", "--out", str(folder / "none")], args.runs
@@ -251,11 +275,10 @@ def main() -> None:
                     written = write_finished(path, out, args.png_px)
                     (folder / "written").write_text(str(written))
                 setup = time.perf_counter() - started
-                dry = median_process([*squeeze, str(path), "--dry-run", "--out", str(out)], args.runs)
                 # Grids off: drawing them is another measurement (bench_gen / the grid benchmarks).
                 views_off = ["--set", "output.grids=false", "--set", "output.contact_sheet=false"]
-                # The first run on the fixture writes the resolved manifest and the reference cache: a rerun
-                # of the same plan writes neither.
+                # The first run on the fixture writes the resolved manifest, the reference cache and (with
+                # `--variants`) the variants: a rerun of the same plan writes none of them.
                 first_wall, first_rss, first_cpu = timed_process(
                     [*squeeze, str(path), "--out", str(out), "--quiet", *views_off]
                 )
@@ -264,6 +287,7 @@ def main() -> None:
                     f"{first_rss:.0f} MiB",
                     flush=True,
                 )
+                dry = median_process([*squeeze, str(path), "--dry-run", "--out", str(out)], args.runs)
                 rerun = median_process(
                     [*squeeze, str(path), "--out", str(out), "--quiet", *views_off], args.runs
                 )
@@ -287,6 +311,7 @@ def main() -> None:
                     )
                 inner = in_process(path, out)
                 report["resume"][n] = {"finished": written, "dry_run": dry, "gen_all_done": rerun, **inner}
+                report["resume"][n]["first_gen_s"] = first_wall
                 print(
                     f"{n:>7} jobs, all {written} done (written in {setup:.0f} s): dry run "
                     f"{dry['median_s']:.2f} s ({dry['min_s']:.2f}–{dry['max_s']:.2f}), "

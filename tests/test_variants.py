@@ -165,6 +165,94 @@ def test_a_damaged_or_missing_variant_is_made_again(run: Path, squeeze) -> None:
     assert (out / "dog/variants/thumb/000-s1.png").is_file()
 
 
+# A rerun trusts a variant by its stat, as a PNG master ------------------------------------------------
+
+
+def _count_variant_reads(monkeypatch) -> tuple[list[str], list[str], list[str]]:
+    """(files hashed, sidecars read by `make_variants`, paths it resolved with `safe_join`)."""
+    from squeeze_cli.outputs import resume, variants
+
+    hashed: list[str] = []
+    sidecars: list[str] = []
+    joined: list[str] = []
+    real_hash, real_read, real_join = resume.file_sha256, variants.read_sidecar, variants.safe_join
+    monkeypatch.setattr(resume, "file_sha256", lambda path: hashed.append(str(path)) or real_hash(path))
+    monkeypatch.setattr(variants, "read_sidecar", lambda path: sidecars.append(str(path)) or real_read(path))
+    monkeypatch.setattr(variants, "safe_join", lambda *a: joined.append(a) or real_join(*a))
+    return hashed, sidecars, joined
+
+
+def test_a_no_op_rerun_reads_no_variant_and_no_sidecar_twice(tmp_path: Path, squeeze, monkeypatch) -> None:
+    manifest = fresh_project(tmp_path)
+    assert squeeze("gen", str(manifest), "--quiet").code == 0
+    out = tmp_path / "out"
+    for seed in (0, 1):  # each variant's stat after its atomic write, as a PNG master's
+        for name, entry in json.loads((out / f"dog/000-s{seed}.json").read_text())["variants"].items():
+            info = (out / entry["file"]).stat()
+            assert (entry["mtime_ns"], entry["inode"]) == (info.st_mtime_ns, info.st_ino), name
+    hashed, sidecars, joined = _count_variant_reads(monkeypatch)
+    before = identities(out)
+    assert squeeze("gen", str(manifest), "--quiet").code == 0
+    assert hashed == [] and sidecars == [] and joined == []
+    assert {name for name, identity in identities(out).items() if before[name] != identity} == {"run.json"}
+
+
+def test_a_variant_edited_with_its_mtime_put_back_is_remade_by_verify(tmp_path: Path, squeeze) -> None:
+    from test_resume import _edit_in_place_keeping_the_mtime
+
+    manifest = fresh_project(tmp_path)
+    assert squeeze("gen", str(manifest), "--quiet").code == 0
+    webp = tmp_path / "out" / VARIANT_FILES["social"].format(seed=1)
+    good = webp.read_bytes()
+    _edit_in_place_keeping_the_mtime(webp)
+    edited = webp.read_bytes()
+    assert edited != good
+    assert squeeze("gen", str(manifest), "--quiet").code == 0
+    assert webp.read_bytes() == edited  # trusted by its stat, as documented (as a PNG master)
+    assert squeeze("gen", str(manifest), "--quiet", "--verify").code == 0
+    assert webp.read_bytes() == good
+
+
+def test_a_replaced_variant_is_remade_without_verify(tmp_path: Path, squeeze) -> None:
+    manifest = fresh_project(tmp_path)
+    assert squeeze("gen", str(manifest), "--quiet").code == 0
+    jpeg = tmp_path / "out" / VARIANT_FILES["amazon"].format(seed=0)
+    good = jpeg.read_bytes()
+    other = tmp_path / "other.jpg"
+    other.write_bytes(bytes(len(good)))  # same size, other bytes, another inode
+    other.replace(jpeg)
+    assert squeeze("gen", str(manifest), "--quiet").code == 0
+    assert jpeg.read_bytes() == good
+
+
+def test_an_old_variant_entry_without_a_stat_is_hashed_once_then_stamped(
+    tmp_path: Path, squeeze, monkeypatch
+) -> None:
+    manifest = fresh_project(tmp_path)
+    assert squeeze("gen", str(manifest), "--quiet").code == 0
+    out = tmp_path / "out"
+    sidecar = out / "dog/000-s0.json"
+    record = json.loads(sidecar.read_text())
+    stamps = {
+        name: {key: entry.pop(key) for key in ("mtime_ns", "inode")}
+        for name, entry in record["variants"].items()
+    }
+    sidecar.write_text(json.dumps(record))  # as a squeeze before the variants' stat wrote it
+    hashed, _, _ = _count_variant_reads(monkeypatch)
+    before = identities(out)
+    assert squeeze("gen", str(manifest), "--quiet").code == 0
+    assert sorted(hashed) == sorted(str(out / pattern.format(seed=0)) for pattern in VARIANT_FILES.values())
+    stamped = json.loads(sidecar.read_text())
+    assert stamped["variants"] == {
+        name: {**entry, **stamps[name]} for name, entry in record["variants"].items()
+    }
+    changed = {name for name, identity in identities(out).items() if before[name] != identity}
+    assert changed == {"run.json", "dog/000-s0.json"}  # no variant made again
+    hashed.clear()
+    assert squeeze("gen", str(manifest), "--quiet").code == 0
+    assert hashed == []
+
+
 # What image files carry: output.metadata --------------------------------------------------------------
 
 
@@ -330,15 +418,18 @@ def test_a_stale_image_takes_only_the_variants_under_its_own_name(tmp_path: Path
     assert stale.variants == ("dog/variants/amazon/000-s0.jpg",)
 
 
-def test_variants_move_with_their_image_when_its_prompt_moves(tmp_path: Path, squeeze) -> None:
+def test_variants_move_with_their_image_when_its_prompt_moves(tmp_path: Path, squeeze, monkeypatch) -> None:
     manifest = fresh_project(tmp_path)
     assert squeeze("gen", str(manifest), "--quiet").code == 0
     out = tmp_path / "out"
     made = {name: _identity(out / pattern.format(seed=0)) for name, pattern in VARIANT_FILES.items()}
     # A new first prompt: the old prompt's images move from 000-s* to 001-s*, and keep their variants.
     manifest.write_text(manifest.read_text().replace('prompts: ["a', 'prompts: ["a {class} in a box", "a'))
+    hashed, sidecars, _ = _count_variant_reads(monkeypatch)
     result = squeeze("gen", str(manifest), "--quiet")
     assert result.code == 0, result.err[-3000:]
+    # The moved variants keep their stamps under the new names: only the new images' sidecars are read.
+    assert hashed == [] and sorted(sidecars) == [str(out / f"dog/000-s{seed}.json") for seed in (0, 1)]
     sidecar = json.loads((out / "dog/001-s0.json").read_text())
     assert sidecar["prompt"] == "a dog on a rug"
     index = {line["image"]: line for line in map(json.loads, (out / "index.jsonl").read_text().splitlines())}

@@ -403,6 +403,7 @@ class GenRun:
             output.variants,
             output.metadata,
             should_stop=lambda: self.stop.signum is not None,
+            verify=self.options.verify,
         )
         if made:
             self.reporter.status(

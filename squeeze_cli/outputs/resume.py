@@ -12,7 +12,8 @@ taken only when the PNG's stat differs from the size, mtime and inode its sideca
 its index): a nightly no-op rerun of 100k images reads no image, where hashing read ~40 GB at 512². With
 `verify` (`gen --verify`, `status --verify`, `eval --verify`) every PNG is hashed, which also catches
 bytes changed in place with the mtime put back. A PNG whose hash matches a stat that does not (an older
-squeeze's sidecar, a copied folder) is hashed once: `gen` then records its stat (`record_stamps`).
+squeeze's sidecar, a copied folder) is hashed once: `gen` then records its stat (`record_stamps`). The
+channel variants' files are trusted the same way (`VariantStamp`, `variants.make_variants`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from squeeze_cli.outputs.files import OutputWriteError, atomic_write_json, fsync_dir
 from squeeze_cli.outputs.index import index_entry, own_variant_files, variant_files
@@ -41,6 +42,68 @@ if TYPE_CHECKING:
 _PARKING_PREFIX = "moving-"
 
 
+class VariantStamp(NamedTuple):
+    """What a rerun needs of a sidecar's `variants.<name>` entry to trust the variant's file unread: its
+    name, spec, and the size and stat (`records.png_stamp`) the file had when written. No hash: a file
+    whose stat differs is checked against the sidecar itself, read again (`variants.make_variants`)."""
+
+    name: str
+    file: str
+    spec: frozenset[tuple[str, Any]]  # `frozen_spec`, one shared object per distinct spec
+    size: int
+    mtime_ns: int
+    inode: int
+
+    def matches(self, info: os.stat_result) -> bool:
+        """Whether `info` (an `lstat`) is the regular file squeeze wrote, untouched since (as `file_check`
+        trusts a matching stat)."""
+        return (
+            stat.S_ISREG(info.st_mode)
+            and info.st_size == self.size
+            and info.st_mtime_ns == self.mtime_ns
+            and info.st_ino == self.inode
+        )
+
+
+def frozen_spec(spec: Any) -> frozenset[tuple[str, Any]] | None:
+    """A variant's spec (`variants.variant_spec`, a flat mapping of JSON scalars) as a hashable value to
+    compare; None for a damaged one (not a mapping, a list among its values)."""
+    if not isinstance(spec, Mapping):
+        return None
+    try:
+        return frozenset(spec.items())
+    except TypeError:  # an unhashable value: not a spec squeeze wrote, so the variant is made again
+        return None
+
+
+# `variant_stamps`' interned specs, `{spec: the same spec}`: one dict per `find_finished` call.
+_Specs = dict[frozenset[tuple[str, Any]], frozenset[tuple[str, Any]]]
+
+
+def variant_stamps(record: Mapping[str, Any], specs: _Specs) -> tuple[VariantStamp, ...]:
+    """The `VariantStamp`s of the variants a sidecar records with a stat (an entry of an older squeeze,
+    without one, or a damaged one is left out: checked against the sidecar). `specs` interns the specs,
+    so 100k images of 3 variants hold 3 of them."""
+    recorded = record.get(VARIANTS_KEY)
+    if not isinstance(recorded, Mapping):
+        return ()
+    stamps = []
+    for name, entry in recorded.items():
+        if not isinstance(entry, Mapping):
+            continue
+        spec = frozen_spec(entry.get("spec"))
+        file, size, mtime_ns, inode = (entry.get(key) for key in ("file", "size", "mtime_ns", "inode"))
+        if (
+            spec is not None
+            and isinstance(file, str)
+            and isinstance(size, int)
+            and isinstance(mtime_ns, int)
+            and isinstance(inode, int)
+        ):
+            stamps.append(VariantStamp(name, file, specs.setdefault(spec, spec), size, mtime_ns, inode))
+    return tuple(stamps)
+
+
 @dataclass(frozen=True, slots=True)
 class Finished:
     """A finished job as found on disk: small, so a 100k-image resume keeps little in memory.
@@ -51,12 +114,15 @@ class Finished:
         entry: its `index.jsonl` line.
         new_stamp: the PNG's stat (`records.png_stamp`) when its sidecar records another one and the hash
             matched; `record_stamps` writes it, so the next resume need not read the PNG again.
+        variants: its channel variants as the sidecar records them, so that a rerun with every variant
+            up to date reads no sidecar twice (`variants.make_variants`).
     """
 
     stem: str
     sha256: str
     entry: dict[str, Any]
     new_stamp: dict[str, int] | None = None
+    variants: tuple[VariantStamp, ...] = ()
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -127,7 +193,9 @@ def file_check(
     return None, None if stamped else stamp
 
 
-def _verified(directory: Path, stem: str, record: Mapping[str, Any] | None, verify: bool) -> Finished | None:
+def _verified(
+    directory: Path, stem: str, record: Mapping[str, Any] | None, verify: bool, specs: _Specs
+) -> Finished | None:
     """`Finished` when the sidecar `record` and the PNG `<stem>.png` agree (`png_check`)."""
     if record is None:
         return None
@@ -138,7 +206,7 @@ def _verified(directory: Path, stem: str, record: Mapping[str, Any] | None, veri
     entry = index_entry(record)
     subject = directory.name
     entry["image"], entry["sidecar"] = f"{subject}/{stem}.png", f"{subject}/{stem}.json"
-    return Finished(stem, sha256, entry, new_stamp)
+    return Finished(stem, sha256, entry, new_stamp, variant_stamps(record, specs))
 
 
 def find_finished(
@@ -157,6 +225,7 @@ def find_finished(
         verify: hash every PNG, even those whose stat matches their sidecar's.
     """
     done: dict[str, Finished] = {}
+    specs: _Specs = {}
     for subject, group in groupby(jobs, key=lambda job: job.subject):
         directory = subject_dir(out_dir, subject)
         if not directory.is_dir():
@@ -169,7 +238,7 @@ def find_finished(
             if record is not None and record.get("job_id") != job.job_id:
                 other_ids[stem] = _job_id(record)
                 continue
-            found = _verified(directory, stem, record, verify)
+            found = _verified(directory, stem, record, verify, specs)
             if found is not None:
                 done[job.job_id] = found
         # Not `{...} - done.keys()`: a set minus a dict view walks the whole view, every finished job
@@ -178,14 +247,19 @@ def find_finished(
         if anywhere and missing:
             done.update(
                 _search_directory(
-                    directory, missing, {image_stem(job) for job in subject_jobs}, other_ids, verify
+                    directory, missing, {image_stem(job) for job in subject_jobs}, other_ids, verify, specs
                 )
             )
     return done
 
 
 def _search_directory(
-    directory: Path, missing: set[str], read_stems: set[str], other_ids: Mapping[str, object], verify: bool
+    directory: Path,
+    missing: set[str],
+    read_stems: set[str],
+    other_ids: Mapping[str, object],
+    verify: bool,
+    specs: _Specs,
 ) -> dict[str, Finished]:
     found: dict[str, Finished] = {}
     try:
@@ -203,7 +277,7 @@ def _search_directory(
         job_id = _job_id(record) if record is not None else None
         if job_id is None or job_id not in missing or job_id in found:
             continue
-        verified = _verified(directory, stem, record, verify)
+        verified = _verified(directory, stem, record, verify, specs)
         if verified is not None:
             found[job_id] = verified
     return found
@@ -317,7 +391,10 @@ def _move(directory: Path, job: Job, found: Finished, stem: str) -> Finished:
     entry["image"], entry["sidecar"] = record["files"]["image"], record["files"]["sidecar"]
     if variant_moves:
         entry[VARIANTS_KEY] = variant_files(record)
-    return Finished(stem, found.sha256, entry, found.new_stamp)  # a rename keeps the mtime and inode
+    # A rename keeps the mtime and inode: the PNG's and the variants' stamps still hold, under new names.
+    moved = {file: new_file for file, new_file in variant_moves.values()}
+    variants = tuple(stamp._replace(file=moved.get(stamp.file, stamp.file)) for stamp in found.variants)
+    return Finished(stem, found.sha256, entry, found.new_stamp, variants)
 
 
 def _rename_variant(out_dir: Path, old_file: str, new_file: str) -> None:

@@ -2,8 +2,11 @@
 format, made from its PNG master, recorded in its sidecar and redone only when their spec changes.
 
 A variant is up to date when its sidecar's `variants.<name>` records the spec it was made with, equal
-to the current one, and a file at the current name with the recorded size and sha256. The file is
-written first (atomically), then the sidecar: killed in between, the variant is made again.
+to the current one, and a file at the current name with the recorded size and sha256. As for the PNG
+masters (`resume.py`), a file whose stat is the `mtime_ns` and `inode` recorded beside them is trusted
+unread (unless `verify`), and from what the resume scan kept (`Finished.variants`): a rerun with every
+variant up to date reads no sidecar again and no variant file. The file is written first (atomically),
+then the sidecar: killed in between, the variant is made again.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from squeeze_cli.outputs.layout import safe_join, subject_dir, variant_name
 from squeeze_cli.outputs.records import (
     PNG_FILE_KEY,
     VARIANTS_KEY,
+    png_stamp,
     png_text_chunks,
     published_parameters,
     read_sidecar,
 )
-from squeeze_cli.outputs.resume import Finished, file_mismatch
+from squeeze_cli.outputs.resume import Finished, VariantStamp, file_check, frozen_spec, variant_stamps
 
 if TYPE_CHECKING:
     from ..manifest.schema import MetadataLevel, OutputVariant
@@ -93,10 +97,30 @@ def encode_variant(
     return buffer.getvalue()
 
 
-def _up_to_date(out_dir: Path, recorded: Any, spec: Mapping[str, Any], name: str) -> bool:
-    if not isinstance(recorded, Mapping) or recorded.get("spec") != spec or recorded.get("file") != name:
+def _trusted(out_dir: str, stamps: Sequence[VariantStamp], name: str, spec: Any, file: str) -> bool:
+    """Whether the scan's stamp of variant `name` vouches for it without reading anything: the current
+    spec and file name, and a file whose stat is the recorded one."""
+    stamp = next((stamp for stamp in stamps if stamp.name == name), None)
+    if stamp is None or stamp.spec != spec or stamp.file != file:
         return False
-    return file_mismatch(safe_join(out_dir, *name.split("/")), recorded) is None
+    # No `safe_join` (a realpath per file): `file` is `variant_name`'s plain names under OUT, whose folders
+    # `check_output_tree` refused as links before the run, and this only reads a stat; every write below
+    # goes through `safe_join`.
+    try:
+        info = os.lstat(f"{out_dir}/{file}")
+    except OSError:
+        return False  # missing or unreadable: the sidecar check below says why and makes it again
+    return stamp.matches(info)
+
+
+def _check(
+    out_dir: Path, recorded: Any, spec: Mapping[str, Any], name: str, verify: bool
+) -> tuple[bool, dict[str, int] | None]:
+    """`(up to date, its stat to record or None)` of a variant from its sidecar entry (`file_check`)."""
+    if not isinstance(recorded, Mapping) or recorded.get("spec") != spec or recorded.get("file") != name:
+        return False, None
+    mismatch, new_stamp = file_check(safe_join(out_dir, *name.split("/")), recorded, verify=verify)
+    return mismatch is None, new_stamp
 
 
 def make_variants(
@@ -106,12 +130,17 @@ def make_variants(
     variants: Sequence[OutputVariant],
     metadata: MetadataLevel,
     should_stop: Callable[[], bool] = lambda: False,
+    *,
+    verify: bool = False,
 ) -> tuple[dict[str, Finished], int]:
     """Make the variants of `jobs`' finished images that are missing, damaged or of another spec.
 
-    Each master is decoded once for all its variants; each variant file is written atomically, then the
-    master's sidecar records them (`variants`). Variants of a name no longer in `variants` are left as
-    they are. Stops between images when `should_stop()`.
+    An image whose variants all match the stamps the resume scan kept (`Finished.variants`) is skipped
+    unread; the others' sidecars are read again, and checked as `file_check` checks a PNG (hashed when
+    the stat differs, always with `verify`). Each master is decoded once for all its variants; each
+    variant file is written atomically, then the master's sidecar records them (`variants`) with the
+    file's stat, and the stat of a file that matched by hash alone. Variants of a name no longer in
+    `variants` are left as they are. Stops between images when `should_stop()`.
 
     Returns:
         `(finished, made)`: `finished` with the index lines of the images that got variants, and how many
@@ -121,44 +150,72 @@ def make_variants(
         `OutputWriteError`: a file could not be written.
     """
     out_dir = Path(out_dir)
+    root = os.fspath(out_dir)
     result, made = dict(finished), 0
     specs = [(variant, variant_spec(variant, metadata)) for variant in variants]
+    frozen = [frozen_spec(spec) for _, spec in specs]
+    interned = {key: key for key in frozen if key is not None}  # for the stamps of the images made
     for job in jobs if specs else ():
         found = finished.get(job.job_id)
         if found is None:
             continue
         if should_stop():
             break
+        names = [variant_name(job.subject, found.stem, v.name, v.format) for v, _ in specs]
+        if not verify and all(
+            _trusted(root, found.variants, variant.name, key, name)
+            for (variant, _), key, name in zip(specs, frozen, names, strict=True)
+        ):
+            continue  # the nightly no-op rerun: one stat per variant
         sidecar = subject_dir(out_dir, job.subject) / f"{found.stem}.json"
-        record = read_sidecar(sidecar)
+        record = read_sidecar(sidecar)  # again: it may have changed since the scan, and is rewritten
         if record is None or record.get("job_id") != job.job_id:
             continue  # changed since the resume scan: the next run looks again
         recorded = record.get(VARIANTS_KEY)
         recorded = dict(recorded) if isinstance(recorded, Mapping) else {}
-        names = [variant_name(job.subject, found.stem, v.name, v.format) for v, _ in specs]
-        todo = [
-            (variant, spec, name)
-            for (variant, spec), name in zip(specs, names, strict=True)
-            if not _up_to_date(out_dir, recorded.get(variant.name), spec, name)
-        ]
-        if not todo:
+        todo, stamped = [], False
+        for (variant, spec), name in zip(specs, names, strict=True):
+            facts = recorded.get(variant.name)
+            up_to_date, new_stamp = _check(out_dir, facts, spec, name, verify)
+            if not up_to_date:
+                todo.append((variant, spec, name))
+            elif new_stamp is not None and isinstance(facts, Mapping):  # matched by hash alone: stamp it
+                recorded[variant.name] = {**facts, **new_stamp}
+                stamped = True
+        if not todo and not stamped:
             continue
-        # What the master's `squeeze` chunk holds: the sidecar without its own fields.
-        embedded = {key: value for key, value in record.items() if key not in (PNG_FILE_KEY, VARIANTS_KEY)}
-        with Image.open(sidecar.with_suffix(".png")) as master:
-            master.load()
-            for variant, spec, name in todo:
-                data = encode_variant(master, variant, embedded, metadata)
-                atomic_write_bytes(safe_join(out_dir, *name.split("/")), data)
-                recorded[variant.name] = {
-                    "file": name,
-                    "spec": spec,
-                    "size": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
-                made += 1
+        if todo:
+            made += _make(out_dir, sidecar.with_suffix(".png"), todo, record, metadata, recorded)
         record[VARIANTS_KEY] = recorded
         atomic_write_json(sidecar, record)
         entry = {**found.entry, VARIANTS_KEY: variant_files(record)}
-        result[job.job_id] = Finished(found.stem, found.sha256, entry)
+        stamps = variant_stamps(record, interned)
+        result[job.job_id] = Finished(found.stem, found.sha256, entry, found.new_stamp, stamps)
     return result, made
+
+
+def _make(
+    out_dir: Path,
+    png: Path,
+    todo: Sequence[tuple[OutputVariant, dict[str, Any], str]],
+    record: Mapping[str, Any],
+    metadata: MetadataLevel,
+    recorded: dict[str, Any],
+) -> int:
+    """Write `todo`'s variants of the master `png` (its sidecar: `record`) and their entries into
+    `recorded`; returns how many."""
+    # What the master's `squeeze` chunk holds: the sidecar without its own fields.
+    embedded = {key: value for key, value in record.items() if key not in (PNG_FILE_KEY, VARIANTS_KEY)}
+    with Image.open(png) as master:
+        master.load()
+        for variant, spec, name in todo:
+            data = encode_variant(master, variant, embedded, metadata)
+            path = atomic_write_bytes(safe_join(out_dir, *name.split("/")), data)
+            recorded[variant.name] = {
+                "file": name,
+                "spec": spec,
+                "size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                **png_stamp(os.lstat(path)),  # so the next run trusts its stat (`resume.file_check`)
+            }
+    return len(todo)
