@@ -16,7 +16,12 @@ from transformers import MistralConfig, Qwen3Config
 
 from squeeze_cli.loading import ensure_tiny_checkpoint, load_pipeline
 from squeeze_cli.manifest.schema import ModelSpec
-from squeeze_cli.pipelines.flux2 import Flux2DevPipeline, Flux2KleinKVPipeline, Flux2KleinPipeline
+from squeeze_cli.pipelines.flux2 import (
+    Flux2DevPipeline,
+    Flux2KleinKVPipeline,
+    Flux2KleinPipeline,
+    flux2_reference_size,
+)
 
 HEIGHT, WIDTH = 32, 48
 STEPS = 3
@@ -212,3 +217,57 @@ def test_validation_refuses_more_references_than_the_model_takes(tmp_path, squee
     assert "subjects[0]" not in result.err
     # FLUX.2 [dev] takes up to 10.
     assert squeeze("validate", str(manifest), "--recipe", "tiny-flux2-dev").code == 0
+
+
+def test_a_large_non_square_reference_gives_the_image_of_diffusers_own_pipeline(pipe) -> None:
+    """At `reference_size` 1024 a reference over 1 MP is sized as diffusers sizes it (scaled to 1024² area,
+    then cropped to multiples of 16: 1300×900 → 1216×848), so the baseline is run as its authors run it; the
+    images are then diffusers' own, bit for bit."""
+    image = reference(11, (1300, 900))
+    subject = pipe.encode_subject([image], reference_size=1024)
+    assert subject.reference_latents[0].shape[1:] == (848 // 16, 1216 // 16)
+    if isinstance(pipe, Flux2KleinKVPipeline):
+        reference_pipe = diffusers.Flux2KleinKVPipeline(**pipe.components)
+        guidance: dict = {}
+    elif isinstance(pipe, Flux2KleinPipeline):
+        reference_pipe = diffusers.Flux2KleinPipeline(**pipe.components, is_distilled=True)
+        guidance = {}
+    else:
+        reference_pipe = diffusers.Flux2Pipeline(**pipe.components)
+        guidance = {"guidance_scale": 3.5}
+    reference_pipe.set_progress_bar_config(disable=True)
+    theirs = reference_pipe(
+        prompt="a dog",
+        image=[image],
+        height=HEIGHT,
+        width=WIDTH,
+        num_inference_steps=1,
+        generator=torch.Generator("cpu").manual_seed(5),
+        max_sequence_length=pipe.max_sequence_length,
+        text_encoder_out_layers=pipe.text_encoder_out_layers,
+        output_type="np",
+        **guidance,
+    ).images
+    ours = run(pipe, ["a dog"], (5,), subject, num_inference_steps=1, **guidance)
+    assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    ("size", "reference_size", "expected"),
+    [
+        ((1600, 1200), 1024, (1168, 880)),  # over 1 MP: scaled to 1024² area, then cut to multiples of 16
+        ((800, 600), 1024, (800, 592)),  # under: never enlarged, only cut
+        ((80, 64), 80, (80, 64)),
+        ((200, 100), 64, (80, 32)),  # a smaller cap: the same rule at 64² area
+    ],
+)
+def test_reference_sizes_follow_diffusers_flux2_rule(size, reference_size, expected) -> None:
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+    assert flux2_reference_size(*size, reference_size) == expected
+    # diffusers' own steps at its 1024² cap give the same sides.
+    if reference_size == 1024:
+        image = PIL.Image.new("RGB", size)
+        if size[0] * size[1] > 1024 * 1024:
+            image = Flux2ImageProcessor._resize_to_target_area(image, 1024 * 1024)
+        assert (image.width // 16 * 16, image.height // 16 * 16) == expected

@@ -12,14 +12,15 @@ from diffusers' `__call__`:
 - each prompt's encoding is computed once and kept (a small LRU), whatever the batches;
 - each image's noise comes from its own CPU generator (drawn in float32), so a seed gives the same image
   whatever the batch size or number of processes (this and the LRU are `contract.SubjectBatchMixin`'s);
-- references are resized so their longer side is `reference_size` (aspect kept, multiples of 16), in place of
-  diffusers' cap at 1 MP.
+- references are sized as diffusers sizes them (`flux2_reference_size`), with `reference_size`² in place of
+  its fixed 1024² cap (at 1024, diffusers' sizes exactly).
 
 On the same inputs the images are diffusers' own, bit for bit (tests/test_pipelines_flux2.py).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -38,7 +39,6 @@ from squeeze_cli.params import StepCache
 
 from .contract import SubjectBatchMixin
 from .registry import PIPELINES
-from .squeeze import reference_image_size
 
 __all__ = [
     "Flux2DevPipeline",
@@ -46,11 +46,24 @@ __all__ = [
     "Flux2KleinPipeline",
     "Flux2PipelineOutput",
     "Flux2Subject",
+    "flux2_reference_size",
 ]
 
 # Text tokens FLUX.2 reads at most (chat template included); longer prompts are refused by
 # `check_prompt_fits`, not silently truncated.
 MAX_TEXT_TOKENS = 512
+
+
+def flux2_reference_size(width: int, height: int, reference_size: int, multiple: int = 16) -> tuple[int, int]:
+    """(width, height) a `width`×`height` reference is encoded at, as diffusers' `Flux2Pipeline` and
+    `Flux2KleinPipeline` size their `image`s: over `reference_size`² pixels (diffusers: 1024²) it is first
+    scaled to that area (aspect kept; `Flux2ImageProcessor._resize_to_target_area`), never enlarged; then
+    each side is rounded down to a multiple of `multiple`, and at least one (diffusers refuses sides under
+    64 px; squeeze takes them)."""
+    if width * height > reference_size**2:
+        scale = math.sqrt(reference_size**2 / (width * height))
+        width, height = int(width * scale), int(height * scale)
+    return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
 
 
 @dataclass
@@ -59,7 +72,7 @@ class Flux2Subject:
 
     Args:
         reference_latents: per reference, VAE latents patchified 2×2 and batch-normalised, (4 * C, h, w).
-        reference_size: the longer side the references were resized to.
+        reference_size: the side of the square area the references were capped at.
         reference_kv: for a checkpoint trained for it (FLUX.2 [klein] 9B-KV), the reference tokens' keys and
             values in every block, for one image (`None` otherwise).
     """
@@ -148,8 +161,9 @@ class _Flux2Subjects(SubjectBatchMixin):
         Args:
             reference_images (`PIL.Image.Image` or `list[PIL.Image.Image]`): the subject's photo(s), at most
                 `max_references`.
-            reference_size (`int`, defaults to 1024): longer side each reference is resized to (aspect kept,
-                sides rounded down to a multiple of 16).
+            reference_size (`int`, defaults to 1024): a reference larger than this side's square area is
+                scaled down to it (aspect kept, never enlarged), then its sides are rounded down to a
+                multiple of 16 by a centred crop: diffusers' rule, whose cap is 1024².
 
         Returns:
             [`Flux2Subject`]: per reference, the latent distribution's mode, patchified and normalised with
@@ -169,8 +183,10 @@ class _Flux2Subjects(SubjectBatchMixin):
         latents = []
         for image in reference_images:
             image = image.convert("RGB")
-            width, height = reference_image_size(image.width, image.height, reference_size, multiple)
-            pixels = self.image_processor.preprocess(image, height=height, width=width)
+            if image.width * image.height > reference_size**2:  # diffusers' own resize to the area
+                image = self.image_processor._resize_to_target_area(image, reference_size**2)
+            width, height = flux2_reference_size(image.width, image.height, reference_size, multiple)
+            pixels = self.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
             pixels = pixels.to(device=device, dtype=self.vae.dtype)
             latents.append(self._encode_vae_image(pixels, generator=None)[0])  # type: ignore[attr-defined]
         reference_kv = self._extract_reference_kv(latents) if self.reuses_reference_kv else None

@@ -91,6 +91,10 @@ _COMMON = ("num_inference_steps", "height", "width", "reference_size", "step_cac
 # diffusers 0.42.1's First Block Cache fails on FLUX.2's blocks (a TypeError in its tail-block hook, with
 # diffusers' own Flux2KleinPipeline too); TaylorSeer's lite variant hooks only `proj_out` and runs.
 _FLUX2_STEP_CACHES = frozenset({StepCacheMethod.taylorseer.value})
+_FLUX2_REFERENCE_SIZING = (
+    "diffusers' Flux2Pipeline: over reference_size² area scaled down to it (never enlarged), aspect kept, "
+    "sides cropped to multiples of 16 (flux2.flux2_reference_size)"
+)
 
 PIPELINES: dict[str, PipelineSpec] = {
     spec.name: spec
@@ -157,6 +161,7 @@ PIPELINES: dict[str, PipelineSpec] = {
             ),
             max_references=4,  # Black Forest Labs: "up to 4" for [klein] 4B and 9B
             step_cache_methods=_FLUX2_STEP_CACHES,
+            reference_sizing=_FLUX2_REFERENCE_SIZING,
         ),
         PipelineSpec(
             name="flux2-klein-kv",
@@ -172,6 +177,7 @@ PIPELINES: dict[str, PipelineSpec] = {
             ),
             max_references=4,
             step_cache_methods=_FLUX2_STEP_CACHES,
+            reference_sizing=_FLUX2_REFERENCE_SIZING,
         ),
         PipelineSpec(
             name="flux2-dev",
@@ -185,6 +191,7 @@ PIPELINES: dict[str, PipelineSpec] = {
             ),
             max_references=10,  # FLUX.2 [dev]'s limit (Black Forest Labs recommend at most 6)
             step_cache_methods=_FLUX2_STEP_CACHES,
+            reference_sizing=_FLUX2_REFERENCE_SIZING,
         ),
     )
 }
