@@ -68,7 +68,7 @@ class LoadedManifest:
     """A validated manifest with its recipe merged in and its references found: all the planner needs."""
 
     path: Path
-    document: Manifest
+    document: Manifest  # the top level as written (its `subjects` empty: they are `subjects` below)
     recipe: Recipe | None
     model: ModelSpec
     model_identity: str
