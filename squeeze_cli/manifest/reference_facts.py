@@ -23,7 +23,7 @@ from squeeze_cli.images import check_image
 from squeeze_cli.reading import SIDECAR_MAX_BYTES, open_regular_file, read_regular_file
 
 REFERENCE_CACHE_NAME = ".squeeze-references.json"  # in OUT
-_FORMAT = 1
+_FORMAT = 1  # bumped when `check_image` grows stricter: an entry vouches for its verdict
 _MAX_BYTES = 64 * SIDECAR_MAX_BYTES  # ~150 bytes per photo: millions of photos
 
 Stamp = tuple[int, int, int, int, int]  # size, mtime_ns, ctime_ns, inode, device
