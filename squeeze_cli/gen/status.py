@@ -147,9 +147,12 @@ def run_status(out: str | Path, *, verify: bool = False) -> RunStatus:
                     "finished_at": summary.get("finished_at"),
                 }
             )
+    ids_by_subject: dict[int, list[str]] = {}  # one pass: not one pass over every job per subject
+    for job in jobs:
+        ids_by_subject.setdefault(job.subject_index, []).append(job.job_id)
     subjects = []
     for subject in loaded.subjects:
-        ids = [job.job_id for job in jobs if job.subject_index == subject.index]
+        ids = ids_by_subject.get(subject.index, [])
         subjects.append(
             SubjectStatus(
                 subject.name,
