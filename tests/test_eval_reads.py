@@ -112,8 +112,16 @@ def test_verify_reads_every_image_and_scores_the_same(squeeze, run: Path, image_
     assert verified["overall"] == first["overall"]
     pngs = {str(sidecar.with_suffix(".png")) for sidecar in run.glob("*/*.json")}
     assert len(pngs) == NUM_IMAGES
-    for kind in ("file_sha256", "check_image"):
-        assert {read.split(" ", 1)[1] for read in image_reads if read.startswith(f"{kind} ")} == pngs
+    # and the reference photos too: `--verify` trusts no stat, not the run's reference cache either
+    photos = {
+        photo for sidecar in run.glob("*/*.json") for photo in json.loads(sidecar.read_text())["references"]
+    }
+    assert photos
+    read = {
+        kind: {r.split(" ", 1)[1] for r in image_reads if r.startswith(f"{kind} ")}
+        for kind in ("file_sha256", "check_image")
+    }
+    assert read["file_sha256"] == pngs and read["check_image"] == pngs | photos
 
 
 def test_an_image_changed_in_place_is_caught_by_verify(squeeze, run: Path):

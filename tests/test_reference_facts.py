@@ -181,3 +181,21 @@ def test_a_cache_that_cannot_be_written_is_a_warning_not_a_failed_run(project, s
     result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--quiet")
     assert result.code == EXIT_OK, result.err
     assert "warning:" in result.err and "read again next run" in result.err
+
+
+def test_verify_reads_every_photo_again_and_refreshes_the_cache(project, squeeze, reads):
+    """`--verify` trusts no stat: not the images' (as before) and not the reference cache's either."""
+    out = project / "out"
+    assert squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--quiet").code == EXIT_OK
+    photos = sorted(str(project / "refs" / name) for name in ("a.png", "b.png"))
+    reads.clear()
+    assert squeeze("status", str(out)).code == EXIT_OK
+    assert reads == []
+    assert squeeze("status", str(out), "--verify").code == EXIT_OK
+    assert sorted(set(reads)) == photos
+    reads.clear()
+    (out / REFERENCE_CACHE_NAME).write_text('{"format": 1, "references": {}}')  # as if photos were new
+    verified = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--quiet", "--verify")
+    assert verified.code == EXIT_OK, verified.err
+    assert sorted(set(reads)) == photos
+    assert sorted(json.loads((out / REFERENCE_CACHE_NAME).read_text())["references"]) == photos

@@ -64,8 +64,11 @@ def _check_input(
     dtype: str | None,
     device: str,
     offload: str,
+    *,
+    verify: bool = False,
 ) -> LoadedManifest:
-    """Every check of the flags and the manifest that `gen` makes before loading anything."""
+    """Every check of the flags and the manifest that `gen` makes before loading anything (with
+    `verify`, every reference photo read: the output folder's reference cache not trusted)."""
     from squeeze_cli.errors import UsageError
     from squeeze_cli.model_checks import device_problem
 
@@ -76,7 +79,7 @@ def _check_input(
     out_dir = _out_dir(out)
     # The folder used from here on: the resolver keeps its images out of reference globs, and
     # `manifest.resolved.yaml` records it, so gen on that file finds the run.
-    loaded = load_from_cli(manifest, overrides, recipe, max_jobs, out=out_dir)
+    loaded = load_from_cli(manifest, overrides, recipe, max_jobs, out=out_dir, reference_cache=not verify)
     # A device that is not here is bad input: said now (a dry run too), not after loading the model.
     wrong_device = device_problem(device, offload)
     if wrong_device is not None:
@@ -93,6 +96,8 @@ def _check_recipes(
     dtype: str | None,
     device: str,
     offload: str,
+    *,
+    verify: bool = False,
 ) -> list[tuple[str, LoadedManifest]]:
     """`_check_input` for each of several recipes, each into its folder OUT/<recipe>/, and each plan made:
     every recipe's input is checked before any model loads."""
@@ -111,7 +116,9 @@ def _check_recipes(
     runs = []
     for recipe in recipes:
         name = recipe_folder_name(recipe)
-        loaded = _check_input(manifest, set_, recipe, max_jobs, str(parent / name), dtype, device, offload)
+        loaded = _check_input(
+            manifest, set_, recipe, max_jobs, str(parent / name), dtype, device, offload, verify=verify
+        )
         plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
         runs.append((name, loaded))
     return runs
@@ -190,9 +197,14 @@ def gen(
     try:
         recipes = split_recipes(recipe)
         if len(recipes) > 1:
-            runs = _check_recipes(manifest, set_, recipes, max_jobs, out, dtype, device, offload)
+            runs = _check_recipes(
+                manifest, set_, recipes, max_jobs, out, dtype, device, offload, verify=verify
+            )
         else:
-            runs = [("", _check_input(manifest, set_, recipe, max_jobs, out, dtype, device, offload))]
+            loaded = _check_input(
+                manifest, set_, recipe, max_jobs, out, dtype, device, offload, verify=verify
+            )
+            runs = [("", loaded)]
         shard_part = parse_shard(shard)
     except SqueezeError as error:
         if json_output:  # stdout gets the document `validate --json` prints; stderr the usual lines

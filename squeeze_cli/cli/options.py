@@ -117,12 +117,20 @@ def load_from_cli(
     *,
     check_sources: bool = True,
     out: Path | None = None,
+    reference_cache: bool = True,
 ) -> LoadedManifest:
-    """`load_manifest` with the shared flags (`out`: `--out`, absolute)."""
+    """`load_manifest` with the shared flags (`out`: `--out`, absolute; `reference_cache`: not with
+    `--verify`)."""
     from squeeze_cli.manifest.resolve import load_manifest
 
     return load_manifest(
-        manifest, set_ or (), recipe=recipe, max_jobs=max_jobs, check_sources=check_sources, output_dir=out
+        manifest,
+        set_ or (),
+        recipe=recipe,
+        max_jobs=max_jobs,
+        check_sources=check_sources,
+        output_dir=out,
+        reference_cache=reference_cache,
     )
 
 

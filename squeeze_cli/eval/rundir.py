@@ -126,7 +126,7 @@ def read_run(path: str | Path, *, verify: bool = False) -> RunContents:
             "run `squeeze gen` on it (it rebuilds a damaged index from the sidecars), then eval",
         )
     contents = RunContents(run_dir)
-    planned = planned_job_ids(run_dir)
+    planned = planned_job_ids(run_dir, verify=verify)
     for entry in latest.values():
         if planned is not None and entry["job_id"] not in planned:
             if entry.get("status") == "ok":
@@ -143,11 +143,11 @@ def read_run(path: str | Path, *, verify: bool = False) -> RunContents:
     return contents
 
 
-def planned_job_ids(run_dir: Path) -> set[str] | None:
+def planned_job_ids(run_dir: Path, *, verify: bool = False) -> set[str] | None:
     """The job ids of the run's plan (`outputs.load_run_plan`); None when it has no resolved manifest that
     loads (a folder from an older squeeze, references since moved): then every indexed image counts."""
     try:
-        return {job.job_id for job in outputs.load_run_plan(run_dir).jobs}
+        return {job.job_id for job in outputs.load_run_plan(run_dir, verify=verify).jobs}
     except (SqueezeError, OSError):
         return None
 

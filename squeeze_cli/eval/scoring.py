@@ -175,6 +175,7 @@ def evaluate_run(
     processes: Any = None,
     rules: outputs.RuleSet | None = None,
     variant: str | None = None,
+    verify: bool = False,
 ) -> RunEvaluation:
     """Score every finished image of a run; write `metrics.jsonl`, `metrics.json` and the cache.
 
@@ -182,7 +183,8 @@ def evaluate_run(
     identity scores (noted); their CLIP-T is still computed. With `processes` (several processes of
     `accelerate launch`), the uncached images are split between them and only the main one writes.
     With `rules`, each image (its master, or its channel `variant`) is also checked against them, as
-    `squeeze check` does: a row's `check`, the summary's `checks` counts (main process only).
+    `squeeze check` does: a row's `check`, the summary's `checks` counts (main process only). With
+    `verify`, every reference photo is read, not trusted from the run's `.squeeze-references.json`.
     """
     from squeeze_cli.manifest.reference_facts import ReferenceFacts
 
@@ -191,8 +193,8 @@ def evaluate_run(
     notes: list[str] = []
     hashes: dict[str, str | None] = {}
     # What gen learned of the reference photos (OUT/.squeeze-references.json): a photo unchanged since
-    # (its stat) is neither checked nor hashed again.
-    references = ReferenceFacts(run_dir)
+    # (its stat) is neither checked nor hashed again, unless `verify`.
+    references = ReferenceFacts(None if verify else run_dir)
 
     def hash_of(path: str) -> str | None:
         if path not in hashes:
@@ -507,6 +509,7 @@ def evaluate_paths(
             processes=processes,
             rules=rules,
             variant=variant,
+            verify=verify,
         )
         for contents in runs
     ]

@@ -92,6 +92,7 @@ def load_manifest(
     max_jobs: int | None = None,
     check_sources: bool = True,
     output_dir: Path | None = None,
+    reference_cache: bool = True,
 ) -> LoadedManifest:
     """Read, validate and resolve a manifest; nothing is loaded but the YAML and image headers.
 
@@ -103,6 +104,8 @@ def load_manifest(
         check_sources: check that the model's local folders exist (and, with ``HF_HUB_OFFLINE``, that its
             hub ids are cached); off for reading a finished run's manifest where the weights are not.
         output_dir: the output folder to use instead of `output.dir` (``--out``, absolute and checked).
+        reference_cache: trust the output folder's `.squeeze-references.json` for photos whose stat is
+            unchanged (`ReferenceFacts`); False reads every photo (``--verify``).
 
     Raises:
         `ManifestError`: with every problem found, each located in the file (or at the ``--set`` flag).
@@ -136,7 +139,13 @@ def load_manifest(
         problems += subject_problems
         subjects.append(subject if isinstance(subject, Subject) else None)
     resolver = _Resolver(
-        document, head, subjects, manifest_path, check_sources=check_sources, output_dir=output_dir
+        document,
+        head,
+        subjects,
+        manifest_path,
+        check_sources=check_sources,
+        output_dir=output_dir,
+        reference_cache=reference_cache,
     )
     loaded = resolver.resolve(max_jobs)
     problems += dict.fromkeys(resolver.problems)  # once, however many of a sweep's values share one
@@ -160,8 +169,10 @@ class _Resolver:
         *,
         check_sources: bool = True,
         output_dir: Path | None = None,
+        reference_cache: bool = True,
     ):
         self.check_sources = check_sources
+        self.reference_cache = reference_cache
         self.out_flag = output_dir
         self.document = document
         self.head = head
@@ -200,7 +211,7 @@ class _Resolver:
         output_dir = self.output_dir = self.resolve_output_dir(head) if head is not None else None
         if self.out_flag is not None:  # `output.dir` was still checked: a bad one is bad input all the same
             output_dir = self.output_dir = self.out_flag
-        if output_dir is not None:  # photos unchanged since a run in it are not read again
+        if output_dir is not None and self.reference_cache:  # photos unchanged since a run: not read again
             self.reference_facts = ReferenceFacts(output_dir)
         pipeline = pipeline_spec(model.pipeline_class).name if model is not None else None
         limit = self.limit = max_jobs or (head.max_jobs if head is not None else None) or DEFAULT_MAX_JOBS

@@ -54,8 +54,9 @@ class RunPlan:
     jobs: list[Job]
 
 
-def load_run_plan(out: Path) -> RunPlan:
-    """The plan of the run in `out` (the weights need not be on this machine: sources are not checked).
+def load_run_plan(out: Path, *, verify: bool = False) -> RunPlan:
+    """The plan of the run in `out` (the weights need not be on this machine: sources are not checked);
+    with `verify`, every reference photo is read, the run's reference cache not trusted.
 
     Raises:
         `UsageError`: `out` is not a run folder; `ManifestError`: its resolved manifest does not load.
@@ -64,6 +65,6 @@ def load_run_plan(out: Path) -> RunPlan:
     from squeeze_cli.plan import plan_jobs
 
     manifest = find_run_manifest(out)
-    loaded = load_manifest(manifest, check_sources=False)
+    loaded = load_manifest(manifest, check_sources=False, reference_cache=not verify)
     jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
     return RunPlan(manifest, loaded, jobs)
