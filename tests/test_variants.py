@@ -18,9 +18,11 @@ from test_runner import two_processes
 
 from squeeze_cli.gen.runner import variant_shares
 from squeeze_cli.manifest.schema import OutputVariant
+from squeeze_cli.outputs.layout import image_stem
 from squeeze_cli.outputs.records import PNG_FILE_KEY, PNG_PARAMETERS_KEY, PNG_RECORD_KEY, encode_png
 from squeeze_cli.outputs.resume import Finished
 from squeeze_cli.outputs.variants import encode_variant, fit_image, srgb_profile
+from squeeze_cli.plan import shard_jobs
 
 MANIFEST = """\
 version: 1
@@ -474,18 +476,15 @@ subjects:
 """
 
 
-def test_each_process_gets_whole_images_and_every_finished_image_is_in_one_share(
-    make_project, plan_of
-) -> None:
+def test_the_finished_images_are_cut_between_the_processes_as_the_plan_is(make_project, plan_of) -> None:
     jobs = plan_of(make_project(m=TWO_SUBJECTS) / "m.yaml")
     finished = {job.job_id: Finished(f"stem-{i}", "0" * 64, {}) for i, job in enumerate(jobs) if i != 1}
     shares = variant_shares(jobs, finished, 2)
     assert all(shares), "both processes get work"
     assert [job_id for share in shares for job_id in share] == list(finished)  # plan order, once each
     assert all(share[job_id] is finished[job_id] for share in shares for job_id in share)
-    # Cut at the subject: each subject's files are written by one process.
-    subjects = [{job.subject for job in jobs if job.job_id in share} for share in shares]
-    assert subjects == [{"dog"}, {"backpack"}]
+    done = [job for job in jobs if job.job_id in finished]
+    assert [list(share) for share in shares] == [[j.job_id for j in shard_jobs(done, i, 2)] for i in (0, 1)]
     assert variant_shares(jobs, finished, 1) == [finished]
 
 
@@ -533,3 +532,44 @@ def test_two_processes_share_the_variants_and_make_the_files_one_process_makes(m
     for line in index:
         recorded = sidecars[line["sidecar"]]["variants"]
         assert line["variants"] == {name: facts["file"] for name, facts in recorded.items()}
+
+
+# Loaded by every Python of the launch through PYTHONPATH: process 1 cannot write a variant (a full disk).
+FULL_DISK_ON_PROCESS_1 = """
+import errno, os
+from pathlib import Path
+
+if os.environ.get("RANK") == "1":
+    from squeeze_cli.outputs import files, variants
+
+    def _full(path, data):
+        full = OSError(errno.ENOSPC, "No space left on device")
+        raise files.OutputWriteError.from_os_error(Path(path), full)
+
+    variants.atomic_write_bytes = _full
+"""
+
+
+@pytest.mark.slow
+def test_a_process_that_cannot_write_a_variant_fails_the_run_and_leaves_none_waiting(
+    make_project, plan_of
+) -> None:
+    project = make_project(m=TWO_SUBJECTS)
+    hook, out = project / "hook", project / "out"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FULL_DISK_ON_PROCESS_1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(hook)}
+    command = two_processes("gen", str(project / "m.yaml"), "--out", str(out), "--quiet")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode != 0
+    assert "No space left on device" in result.stderr, result.stderr[-3000:]
+    # Process 0 made its share and says so; process 1 made none; every image is kept.
+    jobs = plan_of(project / "m.yaml")
+    first, second = variant_shares(jobs, {job.job_id: Finished("", "", {}) for job in jobs}, 2)
+    stems = {f"{job.subject}/{image_stem(job)}" for job in jobs if job.job_id in first}
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["status"] == "failed" and "No space left on device" in summary["error"]
+    assert summary["variants"] == {"made": 2 * len(first), "by_process": [2 * len(first), 0]}
+    made = {f"{path.parts[-4]}/{path.stem}" for path in out.glob("*/variants/*/*")}
+    assert made == stems and len(list(out.glob("*/variants/*/*"))) == 2 * len(first)
+    assert len(list(out.glob("*/[0-9]*-s*.png"))) == len(jobs) and second
