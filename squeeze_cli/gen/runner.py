@@ -335,7 +335,10 @@ class GenRun:
         generated = {job_id for result in results for job_id in result["succeeded"]}
         try:
             finished, stopped = self._make_variants(finished, stopped)
-            if self.pending:  # else `open` left the index agreeing with the images: no second pass
+            variants = self.summary["variants"]
+            # Else `open` left the index agreeing with the images: no second pass, unless variants of images
+            # finished before this run changed their lines.
+            if self.pending or (variants is not None and variants["made"]):
                 _merge_index(
                     self.run_dir,
                     self.jobs,
