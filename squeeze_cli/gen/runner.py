@@ -395,13 +395,13 @@ class GenRun:
         self, finished: dict[str, outputs.Finished], stopped: list[int | None]
     ) -> tuple[dict[str, outputs.Finished], list[int | None]]:
         """The channel variants (`output.variants`) of this run's finished images that are missing or of
-        another spec, made by every process for its share of the main process's `finished` (the others
-        pass none) at once: a catalog's first run makes hundreds of thousands, which one process alone would
-        make while the others wait in a collective, past torch.distributed's timeout. A stopped run
-        leaves them to the next.
+        another spec. Every process calls this and makes those of its share of the main process's
+        `finished` (the others pass `{}`): made by one process alone, a catalog's first run's hundreds of
+        thousands of files would keep the others waiting in a collective past torch.distributed's timeout.
+        A stopped run leaves them to the next.
 
-        Every process calls this. Returns, on the main process, `finished` with the new index lines and
-        `stopped` with the signals that came meanwhile; on the others `({}, stopped)`.
+        Returns, on the main process, `finished` with the new index lines and `stopped` with the signals
+        that came meanwhile; on the others `({}, stopped)`.
 
         Raises:
             `OutputWriteError` (main process only): the first process's, once every process is done; the
