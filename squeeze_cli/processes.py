@@ -175,3 +175,14 @@ class Processes:
         gathered: list[Any] = [None] * self.count
         dist.all_gather_object(gathered, value)
         return gathered
+
+    def scatter(self, values: list[Any] | None) -> Any:
+        """Process `i` gets `values[i]`, the main process's list (the others pass None): each receives only
+        its own share, where `gather` would send every share to every process."""
+        if self.state is None:
+            return None if values is None else values[0]
+        import torch.distributed as dist
+
+        received: list[Any] = [None]
+        dist.scatter_object_list(received, values if self.is_main else None, src=0)
+        return received[0]

@@ -233,14 +233,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_split_the_jobs_and_match_one_process(project: Path, gen) -> None:
-    gen(str(project / "m.yaml"), "--out", str(project / "one"))
-    # A cold cache: the tiny checkpoint is built by the main process while the other waits (built by rank 1,
-    # it would lack the weights transformers writes on rank 0 only).
-    cold_cache = project / "cold-cache"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SQUEEZE_CACHE": str(cold_cache)}
-    command = [
+def two_processes(*args: str) -> list[str]:
+    """The command line of `squeeze ARGS` as two CPU processes of `accelerate launch`."""
+    return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
@@ -257,12 +252,18 @@ def test_two_processes_split_the_jobs_and_match_one_process(project: Path, gen) 
         "no",
         "-m",
         "squeeze_cli",
-        "gen",
-        str(project / "m.yaml"),
-        "--out",
-        str(project / "two"),
-        "--json",
+        *args,
     ]
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_jobs_and_match_one_process(project: Path, gen) -> None:
+    gen(str(project / "m.yaml"), "--out", str(project / "one"))
+    # A cold cache: the tiny checkpoint is built by the main process while the other waits (built by rank 1,
+    # it would lack the weights transformers writes on rank 0 only).
+    cold_cache = project / "cold-cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SQUEEZE_CACHE": str(cold_cache)}
+    command = two_processes("gen", str(project / "m.yaml"), "--out", str(project / "two"), "--json")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((project / "two" / "run.json").read_text())

@@ -4,7 +4,9 @@ only when their spec or file changes."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,10 +14,15 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageCms
 from test_outputs import make_job, make_record
+from test_runner import two_processes
 
+from squeeze_cli.gen.runner import variant_shares
 from squeeze_cli.manifest.schema import OutputVariant
-from squeeze_cli.outputs.records import PNG_PARAMETERS_KEY, PNG_RECORD_KEY, encode_png
+from squeeze_cli.outputs.layout import image_stem
+from squeeze_cli.outputs.records import PNG_FILE_KEY, PNG_PARAMETERS_KEY, PNG_RECORD_KEY, encode_png
+from squeeze_cli.outputs.resume import Finished
 from squeeze_cli.outputs.variants import encode_variant, fit_image, srgb_profile
+from squeeze_cli.plan import shard_jobs
 
 MANIFEST = """\
 version: 1
@@ -319,6 +326,9 @@ def test_pad_fills_with_the_background_crop_covers_contain_fits() -> None:
 def test_the_srgb_profile_is_a_valid_icc_profile() -> None:
     profile = ImageCms.ImageCmsProfile(_bytes(srgb_profile()))
     assert "sRGB" in ImageCms.getProfileDescription(profile)
+    # Not the time it was made: every process, every run embeds the same bytes.
+    assert profile.profile.creation_date == datetime.datetime(2025, 1, 1)
+    assert profile.profile.profile_id == b"\0" * 16
 
 
 @pytest.mark.parametrize(
@@ -441,3 +451,127 @@ def test_variants_move_with_their_image_when_its_prompt_moves(tmp_path: Path, sq
         assert json.loads((out / "dog/000-s0.json").read_text())["variants"][name]["file"] == pattern.format(
             seed=0
         )
+
+
+# Two subjects, three prompts: enough for each of two processes to get a share of the variants.
+TWO_SUBJECTS = """\
+version: 1
+recipe: tiny
+output:
+  grids: false
+  contact_sheet: false
+  variants:
+    - {name: amazon, size: 96x96, fit: pad, format: jpeg}
+    - {name: thumb, size: 40x20, fit: contain, format: png}
+defaults: {height: 32, width: 48, num_inference_steps: 2, reference_size: 32, seeds: [0, 1]}
+subjects:
+  - name: dog
+    class: dog
+    references: [images/dog/*.jpg]
+    prompts: ["a {class} in the snow", "a {class} on the beach"]
+  - name: backpack
+    class: backpack
+    references: [images/backpack/00.jpg]
+    prompts: ["a {class} on a table"]
+"""
+
+
+def test_the_finished_images_are_cut_between_the_processes_as_the_plan_is(make_project, plan_of) -> None:
+    jobs = plan_of(make_project(m=TWO_SUBJECTS) / "m.yaml")
+    finished = {job.job_id: Finished(f"stem-{i}", "0" * 64, {}) for i, job in enumerate(jobs) if i != 1}
+    shares = variant_shares(jobs, finished, 2)
+    assert all(shares), "both processes get work"
+    assert [job_id for share in shares for job_id in share] == list(finished)  # plan order, once each
+    assert all(share[job_id] is finished[job_id] for share in shares for job_id in share)
+    done = [job for job in jobs if job.job_id in finished]
+    assert [list(share) for share in shares] == [[j.job_id for j in shard_jobs(done, i, 2)] for i in (0, 1)]
+    assert variant_shares(jobs, finished, 1) == [finished]
+
+
+def _sidecars(out: Path) -> dict[str, dict]:
+    """Each sidecar, without the stat of its files (another copy: another inode and time)."""
+    records = {}
+    for path in sorted(out.glob("*/[0-9]*-s*.json")):
+        record = json.loads(path.read_text())
+        for facts in [record[PNG_FILE_KEY], *record.get("variants", {}).values()]:
+            del facts["mtime_ns"], facts["inode"]
+        records[str(path.relative_to(out))] = record
+    return records
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_variants_and_make_the_files_one_process_makes(make_project, squeeze) -> None:
+    project = make_project(m=TWO_SUBJECTS)
+    two, one = project / "two", project / "one"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = two_processes("gen", str(project / "m.yaml"), "--out", str(two), "--quiet")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((two / "run.json").read_text())
+    assert summary["status"] == "completed" and summary["processes"] == 2
+    # 6 images, 2 variants each, made by both processes.
+    assert summary["variants"]["made"] == 12 and all(summary["variants"]["by_process"]), summary["variants"]
+
+    # The same images and sidecars without their variants, made again by one process: the same files.
+    shutil.copytree(two, one, ignore=shutil.ignore_patterns("variants"))
+    for path in one.glob("*/[0-9]*-s*.json"):
+        record = json.loads(path.read_text())
+        del record["variants"]
+        path.write_text(json.dumps(record))
+    result = squeeze("gen", str(project / "m.yaml"), "--out", str(one), "--quiet")
+    assert result.code == 0, result.err[-3000:]
+    assert json.loads((one / "run.json").read_text())["variants"] == {"made": 12, "by_process": [12]}
+    files = {str(path.relative_to(two)): path.read_bytes() for path in sorted(two.glob("*/variants/*/*"))}
+    assert len(files) == 12
+    assert files == {str(p.relative_to(one)): p.read_bytes() for p in sorted(one.glob("*/variants/*/*"))}
+    sidecars = _sidecars(two)
+    assert sidecars == _sidecars(one) and len(sidecars) == 6
+    # Each index line names its image's variants, as its sidecar records them (also where the images were
+    # all finished before the run).
+    for out in (two, one):
+        index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+        assert len(index) == 6
+        for line in index:
+            recorded = sidecars[line["sidecar"]]["variants"]
+            assert line["variants"] == {name: facts["file"] for name, facts in recorded.items()}, out
+
+
+# Loaded by every Python of the launch through PYTHONPATH: process 1 cannot write a variant (a full disk).
+FULL_DISK_ON_PROCESS_1 = """
+import errno, os
+from pathlib import Path
+
+if os.environ.get("RANK") == "1":
+    from squeeze_cli.outputs import files, variants
+
+    def _full(path, data):
+        full = OSError(errno.ENOSPC, "No space left on device")
+        raise files.OutputWriteError.from_os_error(Path(path), full)
+
+    variants.atomic_write_bytes = _full
+"""
+
+
+@pytest.mark.slow
+def test_a_process_that_cannot_write_a_variant_fails_the_run_and_leaves_none_waiting(
+    make_project, plan_of
+) -> None:
+    project = make_project(m=TWO_SUBJECTS)
+    hook, out = project / "hook", project / "out"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FULL_DISK_ON_PROCESS_1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(hook)}
+    command = two_processes("gen", str(project / "m.yaml"), "--out", str(out), "--quiet")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode != 0
+    assert "No space left on device" in result.stderr, result.stderr[-3000:]
+    # Process 0 made its share and says so; process 1 made none; every image is kept.
+    jobs = plan_of(project / "m.yaml")
+    first, second = variant_shares(jobs, {job.job_id: Finished("", "", {}) for job in jobs}, 2)
+    stems = {f"{job.subject}/{image_stem(job)}" for job in jobs if job.job_id in first}
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["status"] == "failed" and "No space left on device" in summary["error"]
+    assert summary["variants"] == {"made": 2 * len(first), "by_process": [2 * len(first), 0]}
+    made = {f"{path.parts[-4]}/{path.stem}" for path in out.glob("*/variants/*/*")}
+    assert made == stems and len(list(out.glob("*/variants/*/*"))) == 2 * len(first)
+    assert len(list(out.glob("*/[0-9]*-s*.png"))) == len(jobs) and second

@@ -15,7 +15,7 @@ import contextlib
 import shlex
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -326,16 +326,19 @@ class GenRun:
             }
         )
         if not self.is_main:
+            self._make_variants({}, stopped)  # this process's share of the main process's images
             self._draw_views(None)  # this process's share of the main process's list
             return EXIT_OK
+        # Every process's images are on disk now, under their positions' names (moves came first).
+        finished = {**self.done, **outputs.find_finished(self.out_dir, self.pending, anywhere=False)}
         failures = [failure for result in results for failure in result["failures"]]
         generated = {job_id for result in results for job_id in result["succeeded"]}
-        finished = None
         try:
-            # Every process's images are on disk now, under their positions' names (moves came first).
-            finished = {**self.done, **outputs.find_finished(self.out_dir, self.pending, anywhere=False)}
-            finished = self._make_variants(finished, stopped=any(stopped))
-            if self.pending:  # else `open` left the index agreeing with the images: no second pass
+            finished, stopped = self._make_variants(finished, stopped)
+            variants = self.summary["variants"]
+            # Else `open` left the index agreeing with the images: no second pass, unless variants of images
+            # finished before this run changed their lines.
+            if self.pending or (variants is not None and variants["made"]):
                 _merge_index(
                     self.run_dir,
                     self.jobs,
@@ -389,27 +392,69 @@ class GenRun:
         return EXIT_JOBS_FAILED if failures else EXIT_OK
 
     def _make_variants(
-        self, finished: dict[str, outputs.Finished], stopped: bool
-    ) -> dict[str, outputs.Finished]:
+        self, finished: dict[str, outputs.Finished], stopped: list[int | None]
+    ) -> tuple[dict[str, outputs.Finished], list[int | None]]:
         """The channel variants (`output.variants`) of this run's finished images that are missing or of
-        another spec; returns `finished` with their index lines. A stopped run leaves them to the next."""
+        another spec. Every process calls this and makes those of its share of the main process's
+        `finished` (the others pass `{}`): made by one process alone, a catalog's first run's hundreds of
+        thousands of files would keep the others waiting in a collective past torch.distributed's timeout.
+        A stopped run leaves them to the next.
+
+        Returns, on the main process, `finished` with the new index lines and `stopped` with the signals
+        that came meanwhile; on the others `({}, stopped)`.
+
+        Raises:
+            `OutputWriteError` (main process only): the first process's, once every process is done; the
+            others send theirs to the main process instead, so that none is left waiting in a collective.
+        """
         output = self.manifest.document.output
-        if not output.variants or stopped or self.stop.signum is not None or self.write_error is not None:
-            return finished
-        finished, made = outputs.make_variants(
-            self.out_dir,
-            self.jobs,
-            finished,
-            output.variants,
-            output.metadata,
-            should_stop=lambda: self.stop.signum is not None,
-            verify=self.options.verify,
-        )
-        if made:
-            self.reporter.status(
-                f"variants: {made} files made ({', '.join(v.name for v in output.variants)})"
-            )
-        return finished
+        count = self.processes.count
+        if self.is_main:  # run.json: how many files each process made (none when stopped before)
+            self.summary["variants"] = {"made": 0, "by_process": [0] * count} if output.variants else None
+        # Alike on every process (`stopped` was gathered): all of them reach the collectives below, or none.
+        if not output.variants or any(stopped):
+            return finished, stopped
+        shares = None
+        if self.is_main:
+            shares = [finished] if count == 1 else variant_shares(self.jobs, finished, count)
+        mine: dict[str, outputs.Finished] = self.processes.scatter(shares)
+        result, made, error = mine, 0, None
+        if self.stop.signum is None and self.write_error is None:
+            try:
+                result, made = outputs.make_variants(
+                    self.out_dir,
+                    self.jobs if count == 1 else [job for job in self.jobs if job.job_id in mine],
+                    mine,
+                    output.variants,
+                    output.metadata,
+                    should_stop=lambda: self.stop.signum is not None,
+                    verify=self.options.verify,
+                )
+            except outputs.OutputWriteError as write_error:
+                if count == 1:
+                    raise
+                error = write_error  # raised by the main process, after this gather
+        # Only the index lines that changed go back to the main process (`make_variants` makes new ones).
+        changed = result if count == 1 else {k: v for k, v in result.items() if v is not mine[k]}
+        reports = self.processes.gather((changed, made, error, self.stop.signum))
+        if not self.is_main:
+            return {}, stopped
+        counts = [report[1] for report in reports]
+        self.summary["variants"] = {"made": sum(counts), "by_process": counts}
+        first_error = next((report[2] for report in reports if report[2] is not None), None)
+        if first_error is not None:
+            raise first_error
+        if count == 1:
+            finished = changed
+        else:
+            finished = {**finished}
+            for report in reports:
+                finished.update(report[0])
+        if sum(counts):
+            names = ", ".join(v.name for v in output.variants)
+            by_process = f", by process: {', '.join(map(str, counts))}" if count > 1 else ""
+            self.reporter.status(f"variants: {sum(counts)} files made ({names}){by_process}")
+        return finished, [*stopped, *(report[3] for report in reports)]
 
     def _draw_views(self, finished: dict[str, Any] | None) -> None:
         """Grids and contact sheets, from the images on disk: of the whole plan, or a shard's prompts (from
@@ -458,6 +503,17 @@ class GenRun:
             self.layout_lock.release()
         if self.lock is not None:
             self.lock.release()
+
+
+def variant_shares(
+    jobs: Sequence[Job], finished: Mapping[str, outputs.Finished], count: int
+) -> list[dict[str, outputs.Finished]]:
+    """`finished` (of `jobs`, in plan order) cut into `count` shares, one per process, as `shard_jobs` cuts
+    a plan: contiguous runs of about equal cost (a variant's cost follows its master's size), whole subjects
+    where it can. An image's files (its variants and its sidecar) are in one share: no two processes write
+    one file."""
+    done = [job for job in jobs if job.job_id in finished]
+    return [{job.job_id: finished[job.job_id] for job in shard_jobs(done, i, count)} for i in range(count)]
 
 
 def _open_run_files(

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import io
 import os
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,12 +44,17 @@ RENDER_VERSION = 1
 # EXIF UserComment's character-code prefix for UTF-16, as A1111 (piexif's `UserComment.dump`) writes it.
 _USER_COMMENT_UNICODE = b"UNICODE\0"
 _PIL_FORMATS = {"jpeg": "JPEG", "webp": "WEBP", "png": "PNG"}
+# The ICC header's creation date of `srgb_profile`: year, month, day, hours, minutes, seconds.
+_PROFILE_DATE = struct.pack(">6H", 2025, 1, 1, 0, 0, 0)
 
 
 @functools.cache
 def srgb_profile() -> bytes:
     """The sRGB ICC profile every variant embeds, so colour-managed viewers and shops show what we made."""
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    # lcms dates the profile (header bytes 24-35) when it makes it: a fixed date keeps a variant's bytes the
+    # same whichever process or run made it. The header's profile ID, an MD5 that would cover it, is unset.
+    return profile[:24] + _PROFILE_DATE + profile[36:]
 
 
 def variant_spec(variant: OutputVariant, metadata: MetadataLevel) -> dict[str, Any]:
