@@ -131,3 +131,18 @@ subjects:
     references: [images/dog/00.jpg]
     prompts: ["a {class} in the snow", "a {class} on a beach"]
 """
+
+
+EXAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "examples" / "images"
+
+
+def gen_example_run(project: Path, squeeze, manifest: str) -> Path:
+    """`project/run`: one `squeeze gen` of `manifest` (saved as `project/m.yaml`) with the example photos
+    copied to `project/images`, for tests that read a finished run."""
+    import shutil
+
+    shutil.copytree(EXAMPLE_IMAGES, project / "images")
+    (project / "m.yaml").write_text(manifest)
+    result = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "run"), "--quiet")
+    assert result.code == 0, result.err
+    return project / "run"

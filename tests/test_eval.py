@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from support import EXAMPLE_IMAGES, gen_example_run
 
 from squeeze_cli.eval.rundir import RunImage
 from squeeze_cli.eval.scoring import clip_t_text
 from squeeze_cli.outputs.resume import png_file_facts
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE_IMAGES = REPO / "examples" / "images"
 
 MANIFEST = """\
 version: 1
@@ -49,12 +49,7 @@ METRICS = ["dino", "clip_i", "clip_t", "copy"]
 @pytest.fixture(scope="module")
 def made_run(tmp_path_factory, squeeze) -> Path:
     """One tiny `squeeze gen` run, made once; tests work on copies (`run`)."""
-    project = tmp_path_factory.mktemp("project")
-    shutil.copytree(EXAMPLE_IMAGES, project / "images")
-    (project / "m.yaml").write_text(MANIFEST)
-    result = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "run"), "--quiet")
-    assert result.code == 0, result.err
-    return project / "run"
+    return gen_example_run(tmp_path_factory.mktemp("project"), squeeze, MANIFEST)
 
 
 @pytest.fixture

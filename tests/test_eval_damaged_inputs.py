@@ -15,21 +15,13 @@ import zlib
 from pathlib import Path
 
 import pytest
-from support import one_error_line
+from support import EXAMPLE_IMAGES, gen_example_run, one_error_line
 from test_eval import MANIFEST, NUM_IMAGES
-
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE_IMAGES = REPO / "examples" / "images"
 
 
 @pytest.fixture(scope="module")
 def made_run(tmp_path_factory, squeeze) -> Path:
-    project = tmp_path_factory.mktemp("project")
-    shutil.copytree(EXAMPLE_IMAGES, project / "images")
-    (project / "m.yaml").write_text(MANIFEST)
-    result = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "run"), "--quiet")
-    assert result.code == 0, result.err
-    return project / "run"
+    return gen_example_run(tmp_path_factory.mktemp("project"), squeeze, MANIFEST)
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ import zlib
 from pathlib import Path
 
 import pytest
-from test_eval import EXAMPLE_IMAGES, MANIFEST, NUM_IMAGES, evaluate
+from support import gen_example_run
+from test_eval import MANIFEST, NUM_IMAGES, evaluate
 
 from squeeze_cli import images, reading
 from squeeze_cli.eval import scoring
@@ -24,12 +25,7 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 @pytest.fixture(scope="module")
 def made_run(tmp_path_factory, squeeze) -> Path:
-    project = tmp_path_factory.mktemp("project")
-    shutil.copytree(EXAMPLE_IMAGES, project / "images")
-    (project / "m.yaml").write_text(MANIFEST)
-    result = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "run"), "--quiet")
-    assert result.code == 0, result.err
-    return project / "run"
+    return gen_example_run(tmp_path_factory.mktemp("project"), squeeze, MANIFEST)
 
 
 @pytest.fixture
