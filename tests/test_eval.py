@@ -18,8 +18,6 @@ from squeeze_cli.eval.rundir import RunImage
 from squeeze_cli.eval.scoring import clip_t_text
 from squeeze_cli.outputs.resume import png_file_facts
 
-REPO = Path(__file__).resolve().parents[1]
-
 MANIFEST = """\
 version: 1
 recipe: tiny
