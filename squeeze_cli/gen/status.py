@@ -130,7 +130,7 @@ def run_status(out: str | Path, *, verify: bool = False) -> RunStatus:
     failed: dict[str, dict[str, Any]] = {}
     runs = []
     for folder in outputs.run_folders(out):
-        for entry in outputs.read_index(folder):
+        for entry in outputs.iter_index(folder):
             job_id = entry.get("job_id")
             if job_id in planned_ids and job_id not in finished:
                 if entry.get("status") == "failed":

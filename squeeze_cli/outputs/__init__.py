@@ -64,6 +64,7 @@ from .index import (  # noqa: F401
     append_index,
     failed_index_entry,
     index_entry,
+    iter_index,
     planned_images,
     read_index,
     repair_index,

@@ -221,6 +221,15 @@ def read_index(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return _parse_index(index_path(out_dir))[0]
 
 
+def iter_index(out_dir: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """`read_index`, one line at a time: a reader that keeps few lines does not hold 100,000 dicts (~140 MB).
+
+    Raises:
+        `OutputWriteError`: the index cannot be read.
+    """
+    return (entry for entry in _index_lines(_read_index_bytes(index_path(out_dir))) if entry is not None)
+
+
 def repair_index(
     out_dir: str | os.PathLike,
     done_entries: Mapping[str, Mapping[str, Any]],
