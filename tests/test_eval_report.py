@@ -345,4 +345,5 @@ def test_a_dreambench_size_report_opens_in_chromium(tmp_path: Path, browser: Bro
         f"\nreport of 3,000 images x 3 runs: {report.stat().st_size / 1e6:.1f} MB of HTML; "
         f"DOMContentLoaded {timing[0]:.0f} ms, load {timing[1]:.0f} ms"
     )
-    assert timing[1] > 0  # the load event fired (its time is measured, never asserted)
+    # The load event fired (its time is printed above, never asserted): no clock in the check.
+    assert browser.evaluate("document.readyState") == "complete"
