@@ -146,3 +146,24 @@ def gen_example_run(project: Path, squeeze, manifest: str) -> Path:
     result = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "run"), "--quiet")
     assert result.code == 0, result.err
     return project / "run"
+
+
+def write_in_place(path: Path, at: int, data: bytes) -> None:
+    """Overwrite the bytes at `at` (negative: from the end) with `data`, keeping the file's size and inode
+    and putting its mtime back: only reading the file tells that it changed (what `--verify` is for)."""
+    before = os.stat(path)
+    with open(path, "r+b") as handle:
+        handle.seek(at, os.SEEK_SET if at >= 0 else os.SEEK_END)
+        handle.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+
+
+def flip_byte_in_place(path: Path, at: int) -> None:
+    """`write_in_place` of the byte at `at`, inverted."""
+    write_in_place(path, at, bytes([path.read_bytes()[at] ^ 0xFF]))

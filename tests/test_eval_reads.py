@@ -12,7 +12,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from support import gen_example_run
+from support import flip_byte_in_place, gen_example_run
 from test_eval import MANIFEST, NUM_IMAGES, evaluate
 
 from squeeze_cli import images, reading
@@ -73,19 +73,8 @@ def image_reads(monkeypatch) -> list[str]:
 
 def flip_a_byte_in_place(png: Path) -> None:
     """Same size, same inode, the mtime put back: only reading the file tells (its IDAT's CRC fails)."""
-    before = os.stat(png)
     data = png.read_bytes()
-    at = data.index(b"IDAT") + 8
-    with open(png, "r+b") as handle:
-        handle.seek(at)
-        handle.write(bytes([data[at] ^ 0xFF]))
-    os.utime(png, ns=(before.st_atime_ns, before.st_mtime_ns))
-    after = os.stat(png)
-    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
-        before.st_size,
-        before.st_mtime_ns,
-        before.st_ino,
-    )
+    flip_byte_in_place(png, data.index(b"IDAT") + 8)
     assert zlib.crc32(png.read_bytes()) != zlib.crc32(data)
 
 

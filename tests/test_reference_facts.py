@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from support import write_in_place
 
 from squeeze_cli.errors import EXIT_OK
 from squeeze_cli.manifest import reference_facts
@@ -84,16 +84,7 @@ def test_a_photo_rewritten_in_place_with_its_mtime_put_back_is_read_again(projec
     facts = ReferenceFacts(project)
     assert facts.check(str(photo)) is None
     (project / REFERENCE_CACHE_NAME).write_text(facts.cache_json())
-    before = os.stat(photo)
-    with open(photo, "r+b") as file:  # same inode, same size, other bytes
-        file.write(png_bytes("9"))
-    os.utime(photo, ns=(before.st_atime_ns, before.st_mtime_ns))
-    after = os.stat(photo)
-    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
-        before.st_size,
-        before.st_mtime_ns,
-        before.st_ino,
-    )
+    write_in_place(photo, 0, png_bytes("9"))  # same inode, same size, other bytes, the mtime put back
     reads.clear()
     again = ReferenceFacts(project)
     assert again.check(str(photo)) is None
@@ -155,10 +146,7 @@ def test_a_changed_photo_gives_new_job_ids_on_the_next_run(project, squeeze):
     assert first.code == EXIT_OK, first.err
     before = job_ids(project)
     photo = project / "refs" / "a.png"
-    stat = os.stat(photo)
-    with open(photo, "r+b") as file:
-        file.write(png_bytes("7"))
-    os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    write_in_place(photo, 0, png_bytes("7"))
     assert job_ids(project) != before
     again = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "out"), "--quiet")
     assert again.code == EXIT_OK, again.err

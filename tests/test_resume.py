@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from support import flip_byte_in_place
 from test_outputs import make_job, make_record, solid
 
 from squeeze_cli import outputs
@@ -176,23 +177,6 @@ def _count_hashes(monkeypatch) -> list[str]:
     return hashed
 
 
-def _edit_in_place_keeping_the_mtime(png: Path) -> None:
-    """Same size, other bytes, same inode, and the mtime put back: only a hash tells."""
-    before = os.stat(png)
-    with open(png, "r+b") as handle:
-        handle.seek(-30, os.SEEK_END)
-        byte = handle.read(1)
-        handle.seek(-30, os.SEEK_END)
-        handle.write(bytes([byte[0] ^ 0xFF]))
-    os.utime(png, ns=(before.st_atime_ns, before.st_mtime_ns))
-    after = os.stat(png)
-    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
-        before.st_size,
-        before.st_mtime_ns,
-        before.st_ino,
-    )
-
-
 def test_a_no_op_resume_trusts_a_matching_stat_and_reads_no_image(tmp_path, monkeypatch) -> None:
     jobs = [make_job(seed=seed) for seed in range(4)]
     for job in jobs:
@@ -252,7 +236,7 @@ def test_an_image_edited_with_its_mtime_put_back_is_caught_by_verify(run, squeez
     text = HEAD.format(seeds="[0, 1]") + subject("dog", ["a {class}"])
     run(text)
     out = run.out
-    _edit_in_place_keeping_the_mtime(out / "dog" / "000-s1.png")
+    flip_byte_in_place(out / "dog" / "000-s1.png", -30)
     assert squeeze("status", str(out)).code == EXIT_OK  # trusted by its stat, as documented
     status = squeeze("status", str(out), "--verify", "--json")
     assert status.code == 1 and json.loads(status.out)["jobs"]["done"] == 1, status.out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageCms
+from support import flip_byte_in_place
 from test_outputs import make_job, make_record
 from test_runner import two_processes
 
@@ -205,13 +206,11 @@ def test_a_no_op_rerun_reads_no_variant_and_no_sidecar_twice(tmp_path: Path, squ
 
 
 def test_a_variant_edited_with_its_mtime_put_back_is_remade_by_verify(tmp_path: Path, squeeze) -> None:
-    from test_resume import _edit_in_place_keeping_the_mtime
-
     manifest = fresh_project(tmp_path)
     assert squeeze("gen", str(manifest), "--quiet").code == 0
     webp = tmp_path / "out" / VARIANT_FILES["social"].format(seed=1)
     good = webp.read_bytes()
-    _edit_in_place_keeping_the_mtime(webp)
+    flip_byte_in_place(webp, -30)
     edited = webp.read_bytes()
     assert edited != good
     assert squeeze("gen", str(manifest), "--quiet").code == 0
