@@ -8,10 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from support import one_error_line
-
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE_IMAGES = REPO / "examples" / "images"
+from support import EXAMPLE_IMAGES, gen_example_run, one_error_line
 
 MANIFEST = """\
 version: 1
@@ -48,14 +45,10 @@ NUM_IMAGES = 8
 @pytest.fixture(scope="module")
 def made_run(tmp_path_factory, squeeze) -> Path:
     """One tiny `squeeze gen` run scored by `squeeze eval --metrics tiny`, made once."""
-    project = tmp_path_factory.mktemp("project")
-    shutil.copytree(EXAMPLE_IMAGES, project / "images")
-    (project / "m.yaml").write_text(MANIFEST)
-    result = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "run"), "--quiet")
+    run = gen_example_run(tmp_path_factory.mktemp("project"), squeeze, MANIFEST)
+    result = squeeze("eval", str(run), "--metrics", "tiny", "--json")
     assert result.code == 0, result.err
-    result = squeeze("eval", str(project / "run"), "--metrics", "tiny", "--json")
-    assert result.code == 0, result.err
-    return project / "run"
+    return run
 
 
 @pytest.fixture
