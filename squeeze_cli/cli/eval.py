@@ -87,8 +87,9 @@ def eval_command(
         bool,
         typer.Option(
             "--verify",
-            help="Hash and check every image (default: trust an image whose size, mtime and inode are those "
-            "its sidecar records, as gen does); one that fails is listed missing, not scored.",
+            help="Hash and check every image and read every reference photo (default: trust an image whose "
+            "size, mtime and inode are those its sidecar records, and a photo unchanged since gen, as gen "
+            "does); an image that fails is listed missing, not scored.",
         ),
     ] = False,
     json_output: Annotated[

@@ -175,8 +175,9 @@ def gen(
         bool,
         typer.Option(
             "--verify",
-            help="Hash every finished image to check it (default: trust an image whose size, mtime and inode "
-            "are those its sidecar records).",
+            help="Hash every finished image and channel variant to check it, and read every reference photo "
+            "(default: trust a file whose size, mtime and inode are those its sidecar records, and a photo "
+            "whose stat OUT/.squeeze-references.json records).",
         ),
     ] = False,
     dry_run: Annotated[

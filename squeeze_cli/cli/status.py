@@ -50,8 +50,9 @@ def status(
         bool,
         typer.Option(
             "--verify",
-            help="Hash every finished image to check it (default: trust an image whose size, mtime and inode "
-            "are those its sidecar records); one that fails counts as pending.",
+            help="Hash every finished image to check it and read every reference photo (default: trust an "
+            "image whose size, mtime and inode are those its sidecar records, and a photo unchanged since "
+            "gen); an image that fails counts as pending.",
         ),
     ] = False,
 ) -> int:
