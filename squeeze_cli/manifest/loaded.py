@@ -106,28 +106,20 @@ class LoadedManifest:
         """A hash of what `resolved_yaml` writes, recorded in its header: a rerun whose file already has it
         skips the YAML (libyaml takes most of a no-op rerun at 100,000 jobs; this takes a second). Hashed
         subject by subject, so that the whole document is never held at once."""
-
-        def encoded(value: Any) -> bytes:
-            return json.dumps(value, sort_keys=True, default=str).encode()
-
-        writer = _ResolvedWriter(self)
-        hasher = hashlib.sha256(encoded([shard, writer.head]))
-        for subject in self.subjects:
-            hasher.update(encoded(writer.subject(subject)))
-        return hasher.hexdigest()
+        return _ResolvedWriter(self).fingerprint(self.subjects, shard)
 
     def resolved_yaml(self, shard: tuple[int, int] | None = None) -> str:
         """`resolved_dict` as YAML; a shard's copy says which part of the plan it ran (a comment: the
         file stays a manifest that plans every job)."""
+        writer = _ResolvedWriter(self)
         header = "# Written by squeeze: the manifest as it was run, every value explicit.\n"
-        header += f"{RESOLVED_FINGERPRINT_PREFIX}{self.resolved_fingerprint(shard)}\n"
+        header += f"{RESOLVED_FINGERPRINT_PREFIX}{writer.fingerprint(self.subjects, shard)}\n"
         if shard is not None:
             header += (
                 f"# This is shard {shard[0]}/{shard[1]} (--shard {shard[0]}/{shard[1]}): it ran part "
                 f"{shard[0]} (0-based) of the {shard[1]} parts of this plan.\n"
             )
         # Subject by subject: libyaml's dump of the whole document at once held 1.2 GB at 100,000 jobs.
-        writer = _ResolvedWriter(self)
         subjects = "".join(_yaml([writer.subject(subject)]) for subject in self.subjects)
         return header + _yaml(writer.head) + ("subjects:\n" + subjects if subjects else "subjects: []\n")
 
@@ -178,6 +170,17 @@ class _ResolvedWriter:
                 },
             }
         return self._differing[params]
+
+    def fingerprint(self, subjects: Iterable[ResolvedSubject], shard: tuple[int, int] | None) -> str:
+        """`LoadedManifest.resolved_fingerprint`: the head, then each subject, as canonical JSON."""
+
+        def encoded(value: Any) -> bytes:
+            return json.dumps(value, sort_keys=True, default=str).encode()
+
+        hasher = hashlib.sha256(encoded([shard, self.head]))
+        for subject in subjects:
+            hasher.update(encoded(self.subject(subject)))
+        return hasher.hexdigest()
 
     def subject(self, subject: ResolvedSubject) -> dict[str, Any]:
         return {
