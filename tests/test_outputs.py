@@ -38,6 +38,7 @@ from squeeze_cli.outputs.layout import (
     run_summary_path,
     safe_join,
     sidecar_path,
+    subject_dir,
 )
 from squeeze_cli.outputs.records import (
     encode_png,
@@ -171,6 +172,21 @@ def test_safe_join_refuses_a_symlink_that_leads_out(tmp_path):
     (out / "loop").symlink_to(out / "loop")
     with pytest.raises(SqueezeError):  # refused by safe_join, or (Python ≥ 3.13) by the OS at write time
         atomic_write_bytes(safe_join(out, "loop", "x.png"), b"x")
+
+
+def test_subject_dir_resolves_only_a_link_and_refuses_one_that_leads_out(tmp_path):
+    """`subject_dir` takes one plain name: only a link there can lead out of OUT, so only a link is
+    resolved (a no-op rerun of 10,000 subjects resolved 20,000 paths), and one that leads out is refused."""
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    (out / "cat").mkdir(parents=True)
+    elsewhere.mkdir()
+    (out / "dog").symlink_to(elsewhere, target_is_directory=True)
+    (out / "kitten").symlink_to(out / "cat", target_is_directory=True)
+    with pytest.raises(UnsafeOutputPathError, match="outside the output directory"):
+        subject_dir(out, "dog")
+    assert subject_dir(out, "kitten") == out / "kitten"  # a link that stays inside: allowed, as safe_join
+    assert subject_dir(out, "cat") == out / "cat"
+    assert subject_dir(out, "new") == out / "new"
 
 
 def test_safe_join_allows_paths_inside_even_through_a_symlinked_out_dir(tmp_path):
