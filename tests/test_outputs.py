@@ -435,6 +435,25 @@ def test_append_index_after_a_cut_off_line_starts_a_new_line(tmp_path):
     assert [entry["job_id"] for entry in read_index(tmp_path)] == ["a", "c"]
 
 
+def test_the_index_is_read_a_line_at_a_time(tmp_path):
+    """A catalog's index is ~45 MB: read whole and split it took twice that, the peak of a no-op rerun.
+    Memory, not time: tracemalloc counts allocations exactly, whatever the machine's load."""
+    import tracemalloc
+
+    done = {f"{i:08d}": {"job_id": f"{i:08d}", "status": "ok", "prompt": "x" * 2000} for i in range(10_000)}
+    (tmp_path / "index.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in done.values()))
+    size = (tmp_path / "index.jsonl").stat().st_size  # 20 MB
+    tracemalloc.start()
+    try:
+        lines = sum(1 for _ in outputs.iter_index(tmp_path))
+        assert not repair_index(tmp_path, done)  # every line is its finished job's: not rewritten
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert lines == len(done)
+    assert peak < size / 4, (peak, size)
+
+
 def test_append_index_short_write_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "write", lambda fd, data: len(data) // 2)
     with pytest.raises(OutputWriteError, match="index.jsonl") as caught:

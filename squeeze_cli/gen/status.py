@@ -175,7 +175,7 @@ def merge_run(status: RunStatus) -> None:
     try:
         entries = {job_id: found.entry for job_id, found in status.finished.items()}
         outputs.repair_index(status.out, entries, planned_images=outputs.planned_images(status.jobs))
-        indexed = {entry.get("job_id") for entry in outputs.read_index(status.out)}
+        indexed = {entry["job_id"] for entry in outputs.iter_index(status.out)}
         for entry in status.failures:
             if entry["job_id"] not in indexed:
                 outputs.append_index(status.out, entry)

@@ -32,7 +32,7 @@ from squeeze_cli.outputs.layout import (
     variant_name,
 )
 from squeeze_cli.outputs.records import VARIANTS_KEY
-from squeeze_cli.reading import INDEX_MAX_BYTES, FileTooLargeError, file_kind, read_regular_file
+from squeeze_cli.reading import INDEX_MAX_BYTES, file_kind, open_regular_file, size_text
 
 if TYPE_CHECKING:
     from ..plan import Job
@@ -166,50 +166,55 @@ def _cut_short_append(fd: int, written: int) -> None:
         pass
 
 
-def _parse_index(path: Path) -> tuple[list[dict[str, Any]], bool]:
-    """The valid entries of an index file, and whether any line was invalid."""
-    data = _read_index_bytes(path)
-    entries, invalid = [], _cut_off(data)
-    for entry in _index_lines(data):
-        if entry is None:
-            invalid = True
-        else:
-            entries.append(entry)
-    return entries, invalid
+def _index_lines(path: Path) -> Iterator[bytes]:
+    """The lines of the index file `path`, one at a time, each with its newline (a cut-off last line
+    without); none when there is no file. A 100,000-line index is never held whole: read whole and split,
+    it took twice its size (~90 MB with channel variants), the peak of a catalog's no-op rerun.
 
-
-def _cut_off(data: bytes) -> bool:
-    return bool(data) and not data.endswith(b"\n")  # a cut-off last line; rewriting ends the file cleanly
-
-
-def _read_index_bytes(path: Path) -> bytes:
+    Raises:
+        `OutputWriteError`: the file cannot be read, is not a regular file, or is over `INDEX_MAX_BYTES`.
+    """
     try:
-        return read_regular_file(path, INDEX_MAX_BYTES, follow_symlinks=False)
+        file = open_regular_file(path, follow_symlinks=False)
     except FileNotFoundError:
-        return b""
-    except FileTooLargeError as error:  # the limit, not a full file system: say which
-        raise OutputWriteError(
-            f"cannot read {path}: {error.strerror}",
-            f"move it away and run the same command again: squeeze rebuilds {INDEX_NAME} from the sidecars",
-            path=path,
-            errno=error.errno,
-        ) from error
+        return
     except OSError as error:
         raise OutputWriteError.from_os_error(path, error, "read") from error
-
-
-def _index_lines(data: bytes) -> Iterator[dict[str, Any] | None]:
-    """Each line's entry, or None for an invalid line, one at a time (a 100k-line index is not held as
-    100k dicts when the caller keeps few of them)."""
-    for line in data.split(b"\n"):
-        if not line.strip():
-            continue
+    with file:
+        left = INDEX_MAX_BYTES  # bounds the reads, not only the size at open: the file may grow
         try:
-            entry = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: '[' * 100000
-            yield None
-            continue
-        yield entry if isinstance(entry, dict) and isinstance(entry.get("job_id"), str) else None
+            too_large = os.fstat(file.fileno()).st_size > left
+            for line in () if too_large else file:
+                left -= len(line)
+                if left < 0:
+                    too_large = True
+                    break
+                yield line
+        except OSError as error:
+            raise OutputWriteError.from_os_error(path, error, "read") from error
+    if too_large:  # the limit, not a full file system: say which
+        limit = size_text(INDEX_MAX_BYTES)
+        raise OutputWriteError(
+            f"cannot read {path}: larger than the {limit} limit for this kind of file",
+            f"move it away and run the same command again: squeeze rebuilds {INDEX_NAME} from the sidecars",
+            path=path,
+            errno=errno.EFBIG,
+        )
+
+
+def _cut_off(line: bytes) -> bool:
+    return not line.endswith(b"\n")  # only the last line can be: rewriting ends the file cleanly
+
+
+def _parse_line(line: bytes) -> dict[str, Any] | None:
+    """An index line's entry; None for an invalid line (or a blank one)."""
+    if not line.strip():
+        return None
+    try:
+        entry = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: '[' * 100000
+        return None
+    return entry if isinstance(entry, dict) and isinstance(entry.get("job_id"), str) else None
 
 
 def _refuse_constant(name: str) -> Any:
@@ -218,7 +223,7 @@ def _refuse_constant(name: str) -> Any:
 
 def read_index(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The valid lines of `index.jsonl`, in file order (broken lines are skipped)."""
-    return _parse_index(index_path(out_dir))[0]
+    return list(iter_index(out_dir))
 
 
 def iter_index(out_dir: str | os.PathLike) -> Iterator[dict[str, Any]]:
@@ -227,7 +232,7 @@ def iter_index(out_dir: str | os.PathLike) -> Iterator[dict[str, Any]]:
     Raises:
         `OutputWriteError`: the index cannot be read.
     """
-    return (entry for entry in _index_lines(_read_index_bytes(index_path(out_dir))) if entry is not None)
+    return (entry for line in _index_lines(index_path(out_dir)) if (entry := _parse_line(line)) is not None)
 
 
 def repair_index(
@@ -267,16 +272,17 @@ def repair_index(
     owners = planned_images or {}
     keep = None if keep_job_ids is None else set(keep_job_ids)
     path = index_path(out_dir)
-    data = _read_index_bytes(path)
-    changed = _cut_off(data)
+    changed = False
 
-    # Lines are parsed one at a time and a finished job's parsed line is dropped for its `done` entry, so
-    # the index is never held twice as dicts.
+    # Lines are read and parsed one at a time, and a finished job's parsed line is dropped for its `done`
+    # entry, so the index is never held twice.
     kept: dict[str, Mapping[str, Any]] = {}  # insertion order = order of each id's kept line
     entry: Mapping[str, Any] | None
-    for entry in _index_lines(data):
-        if entry is None:
+    for line in _index_lines(path):
+        entry = _parse_line(line)
+        if _cut_off(line) or (entry is None and line.strip()):
             changed = True
+        if entry is None:
             continue
         job_id = entry["job_id"]
         if job_id in pending:
@@ -305,7 +311,6 @@ def repair_index(
             changed = True
     if not changed:
         return False
-    del data  # before the new text is built
     atomic_write_bytes(path, b"".join(_index_line(entry) for entry in kept.values()))
     return True
 
