@@ -132,12 +132,13 @@ def test_usage_lines_show_manifest_plainly(squeeze) -> None:
 
 def test_loading_a_pipeline_prints_no_library_notes_about_backends_squeeze_does_not_use() -> None:
     """transformers 5 says, on the import of diffusers' FLUX pipelines, that CLIP's and SigLIP's image
-    processors fall back to PIL without torchvision: two lines of noise at the top of every `gen` on a
-    CPU install (and an order-dependent extra line in tests that read stderr)."""
+    processors fall back to PIL without torchvision: two lines of noise at the top of every `gen` and
+    `train` on a CPU install (and an order-dependent extra line in tests that read stderr)."""
     import subprocess
     import sys
 
     code = (
+        "import squeeze_cli.train.loop, squeeze_cli.metrics.encoders\n"  # train reaches diffusers its own way
         "from squeeze_cli.pipelines.registry import PIPELINES\n"
         "for spec in PIPELINES.values(): spec.load_class()\n"
     )

@@ -10,7 +10,6 @@ its own `from_pretrained`. Adding a pipeline: its module, one row here, its tiny
 from __future__ import annotations
 
 import importlib
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -76,15 +75,7 @@ class PipelineSpec:
 
 def _import(path: str) -> Any:
     module, name = path.split(":", 1)
-    logging.getLogger("transformers.utils.import_utils").addFilter(_without_torchvision_fallback_note)
     return getattr(importlib.import_module(module), name)
-
-
-def _without_torchvision_fallback_note(record: logging.LogRecord) -> bool:
-    """Drop transformers' note that CLIP's and SigLIP's image processors fall back to their PIL versions
-    without torchvision: diffusers' FLUX pipelines import both names for IP-Adapters, squeeze uses
-    neither, and the two lines otherwise open every `gen` on a machine without torchvision."""
-    return "requires torchvision (not installed); falling back" not in record.getMessage()
 
 
 _COMMON = ("num_inference_steps", "height", "width", "reference_size", "step_cache")

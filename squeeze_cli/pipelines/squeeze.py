@@ -158,6 +158,11 @@ class SqueezePipeline(SubjectBatchMixin, DiffusionPipeline, FluxLoraLoaderMixin)
     sampling_parameters = PIPELINES["squeeze"].sampling_parameters
     step_cache_methods = PIPELINES["squeeze"].step_cache_methods
 
+    @classmethod
+    def load_lora_into_text_encoder(cls, *args: Any, **kwargs: Any) -> None:
+        """Nothing to load: the MLLM is frozen and never carries a LoRA. diffusers' FLUX loader calls this
+        for every LoRA and would warn that "no LoRA keys" match a `NoneType` text encoder on every `gen`."""
+
     def __init__(
         self,
         mllm: PreTrainedModel,

@@ -41,22 +41,21 @@ class Qwen25VLFamily(MLLMFamily):
         super().__init__(model, tokenizer, image_processor)
         self.merge_length = image_processor.merge_size**2
         # `max_pixels` caps the pixels an image is resized to (28×28 per token): 448² → 256 tokens.
-        self._size = None
-        self._count_kwargs: dict[str, int] = {}
+        # The processor's `size` (not `min_pixels`/`max_pixels`, deprecated in transformers 5) for both the
+        # resize and the token count, so the two cannot disagree.
+        self._sizing: dict[str, dict[str, int]] = {}
         if max_pixels is not None:
             min_pixels = min(image_processor.size["shortest_edge"], max_pixels)
-            self._size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-            self._count_kwargs = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+            self._sizing = {"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}}
 
     def preprocess(self, images: list[Image.Image]) -> ImageInputs:
-        sizing = {} if self._size is None else {"size": self._size}
-        processed = self.image_processor(images=images, return_tensors="pt", **sizing)
+        processed = self.image_processor(images=images, return_tensors="pt", **self._sizing)
         grid_thw = processed["image_grid_thw"]
         tokens = [int(thw.prod()) // self.merge_length for thw in grid_thw]
         return ImageInputs(processed["pixel_values"], grid_thw, tokens)
 
     def image_tokens(self, width: int, height: int) -> int:
-        patches = self.image_processor.get_number_of_image_patches(height, width, self._count_kwargs)
+        patches = self.image_processor.get_number_of_image_patches(height, width, self._sizing)
         return patches // self.merge_length
 
     def expand_placeholder(self, num_tokens: int) -> list[int]:
