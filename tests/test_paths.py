@@ -267,7 +267,33 @@ def test_images_in_the_output_folder_never_become_references(
     shutil.rmtree(tmp_path / "images" / "run")
     photo.unlink()
     refused = squeeze("validate", str(manifest))
-    assert refused.code == 2 and "where squeeze writes: keep the photos elsewhere" in refused.err
+    assert refused.code == 2 and "files squeeze writes in the output folder" in refused.err
+    assert "keep the photos elsewhere" in refused.err
+
+
+def test_the_run_files_of_an_output_folder_that_holds_the_photos_are_not_references(
+    tmp_path: Path, squeeze, make_image
+) -> None:
+    """`--out photos` with `photos/*`: the second run found `run.json`, `index.jsonl` and
+    `manifest.resolved.yaml` among the references ("not a readable image") and could never resume; and a
+    recursive glob reached into the views folder's grids."""
+    photo = make_image("photos/photo.png")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        "version: 1\n"
+        "recipe: tiny\n"
+        "output: {dir: photos, grids: true, views_dir: _views}\n"
+        "defaults: {height: 32, width: 32, num_inference_steps: 2, reference_size: 32}\n"
+        "subjects: [{name: dog, class: dog, prompts: ['a {class}'],"
+        ' references: ["photos/*", "photos/**/*.png"]}]\n'
+    )
+    assert squeeze("gen", str(manifest), "--quiet").code == 0
+    assert {"run.json", "index.jsonl", "manifest.resolved.yaml"} <= {p.name for p in photo.parent.iterdir()}
+    assert any((tmp_path / "photos" / "_views").rglob("*.png"))  # grids a recursive glob reaches
+    assert load_manifest(manifest).subjects[0].references == (str(photo),)
+    again = squeeze("gen", str(manifest), "--dry-run", "--json")
+    assert again.code == 0, again.err
+    assert json.loads(again.out.splitlines()[-1])["pending"] == 0
 
 
 def test_keeping_outputs_out_of_globs_is_one_check_per_file_whatever_the_subjects(

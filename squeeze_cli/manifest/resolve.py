@@ -57,6 +57,7 @@ from squeeze_cli.manifest.recipes import (
 from squeeze_cli.manifest.reference_facts import ReferenceFacts
 from squeeze_cli.manifest.schema import (
     DEFAULT_MAX_JOBS,
+    RESERVED_SUBJECT_NAMES,
     SWEPT_KEYS,
     UNIQUE_NAMES_HINT,
     Manifest,
@@ -683,12 +684,17 @@ class _Resolver:
 
     def written_by_squeeze(self, file: str) -> bool:
         """Whether `file` lies where a run of this manifest writes: a subject's folder in the output folder
-        (its images, sidecars, grids and contact sheets), or the shards' run files (links resolved)."""
+        (its images, sidecars, grids and contact sheets), the views folder, the shards' run files, or the
+        run files at the top of OUT (`index.jsonl`, `run.json`, ...), links resolved. A user may keep the
+        photos in the output folder itself (`--out photos` with `photos/*`): its run files are not photos."""
         if self.output_dir is None:
             return False
         if self._written_folders is None:
             names = {subject.name for subject in self.subjects if subject is not None} | self.feed_names
-            self._written_folders = (os.path.realpath(self.output_dir), names | {"shards"})
+            names |= RESERVED_SUBJECT_NAMES  # the run files and `shards`
+            if self.head is not None and self.head.output.views_dir is not None:
+                names.add(self.head.output.views_dir)
+            self._written_folders = (os.path.realpath(self.output_dir), names)
         out, names = self._written_folders
         # A glob's matches share their folder: resolve it once (not each file's whole path), and the file
         # itself only when it is a link.
@@ -739,8 +745,8 @@ class _Resolver:
                 if not matches:
                     if outputs:
                         folder_hint = (
-                            f"it matches only files in the subject folders of the output folder "
-                            f"{self.output_dir}, where squeeze writes: keep the photos elsewhere"
+                            f"it matches only files squeeze writes in the output folder "
+                            f"{self.output_dir}: keep the photos elsewhere"
                         )
                     report(ref_index, f"no file matches {pattern!r}", folder_hint)
                 for match in matches:
