@@ -446,3 +446,5 @@ def test_an_index_over_the_size_limit_says_so(squeeze, run: Path, monkeypatch):
     assert result.code != 0
     line = last_line(result.err)
     assert "index.jsonl" in line and "limit" in line and "file system" not in line, line
+    # eval does not rebuild an index: the hint names the commands that do.
+    assert "`squeeze status OUT --merge` or the run's `squeeze gen` rebuilds" in line, line

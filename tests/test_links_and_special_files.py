@@ -70,6 +70,16 @@ def test_a_sidecar_or_index_that_is_a_link_is_not_read_through(tmp_path: Path) -
         outputs.read_index(tmp_path)
 
 
+def test_a_path_that_leads_out_of_the_output_folder_is_refused_for_reads_too(tmp_path: Path) -> None:
+    """`status` and `check` only read, yet said "refusing to write" of an index or a variant linked out."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "index.jsonl").symlink_to("/dev/zero")
+    with pytest.raises(outputs.UnsafeOutputPathError) as refused:
+        outputs.safe_join(tmp_path / "out", "index.jsonl")
+    assert refused.value.one_line().startswith("refusing to use "), refused.value.one_line()
+    assert "/dev/zero, outside the output directory" in refused.value.one_line()
+
+
 # Devices, FIFOs and directory loops -------------------------------------------------------------------------
 
 

@@ -196,7 +196,8 @@ def _index_lines(path: Path) -> Iterator[bytes]:
         limit = size_text(INDEX_MAX_BYTES)
         raise OutputWriteError(
             f"cannot read {path}: larger than the {limit} limit for this kind of file",
-            f"move it away and run the same command again: squeeze rebuilds {INDEX_NAME} from the sidecars",
+            f"move it away: `squeeze status OUT --merge` or the run's `squeeze gen` rebuilds {INDEX_NAME} "
+            "from the sidecars",
             path=path,
             errno=errno.EFBIG,
         )

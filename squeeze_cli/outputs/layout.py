@@ -79,7 +79,7 @@ def safe_join(out_dir: str | os.PathLike, *parts: str) -> Path:
     for part in parts:
         if not part or "\0" in part or os.path.isabs(part):
             raise UnsafeOutputPathError(
-                f"refusing to write {part!r}: not a relative name under the output directory {base}",
+                f"refusing to use {part!r}: not a relative name under the output directory {base}",
                 "names under --out must be plain relative names",
             )
     path = base.joinpath(*parts)
@@ -88,12 +88,12 @@ def safe_join(out_dir: str | os.PathLike, *parts: str) -> Path:
         resolved = path.resolve()
     except (OSError, RuntimeError) as error:  # a symlink loop
         raise UnsafeOutputPathError(
-            f"refusing to write {path}: it cannot be resolved ({error})",
+            f"refusing to use {path}: it cannot be resolved ({error})",
             "remove the looping symlink, or choose another --out",
         ) from error
     if resolved != root and root not in resolved.parents:
         raise UnsafeOutputPathError(
-            f"refusing to write {path}: it resolves to {resolved}, outside the output directory {root}",
+            f"refusing to use {path}: it resolves to {resolved}, outside the output directory {root}",
             "remove the symlink or '..' that leads out, or choose another --out",
         )
     return path
