@@ -665,6 +665,17 @@ def test_bad_overrides_are_located_at_the_flag(refs, write_file):
     assert str(value).startswith("--set defaults.height=33: defaults.height: must be")
 
 
+def test_a_key_an_override_creates_is_located_at_the_flag(refs, write_file):
+    # `default` exists only through the flag: the file's first line is no place to report it.
+    path = manifest_with(write_file)
+    unknown = only_problem(path, ["default.height=64"])
+    assert (unknown.file, unknown.line, unknown.field) == ("--set default.height=64", None, "default")
+    assert unknown.message == "unknown key `default`" and unknown.hint == "did you mean `defaults`?"
+    missing = only_problem(path, ["model.lora.scale=1"])
+    assert (missing.file, missing.field) == ("--set model.lora.scale=1", "model.lora")
+    assert missing.message == "missing required key `path`"
+
+
 def test_format_field_path():
     assert format_field_path(("subjects", 2, "prompts", 0, "seeds")) == "subjects[2].prompts[0].seeds"
     assert format_field_path(()) == ""

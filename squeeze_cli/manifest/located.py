@@ -345,7 +345,7 @@ def apply_overrides(document: YamlDocument, overrides: Sequence[str]) -> list[Pr
         where = Location(f"--set {text}")
         try:
             path, value = parse_override(text)
-            _set_path(document.data, path, value)
+            existed = _set_path(document.data, path, value)
         except ValueError as error:
             hint = "for example `--set defaults.seeds=[0,1]`" if "=" not in text else None
             problems.append(Problem(where.file, None, None, "", str(error), hint))
@@ -353,21 +353,28 @@ def apply_overrides(document: YamlDocument, overrides: Sequence[str]) -> list[Pr
         for marks in (document.marks, document.key_marks):
             for stale in [p for p in marks if p[: len(path)] == path]:
                 del marks[stale]
-        document.marks[path] = where
-        document.key_marks[path] = where
+        # The mappings the override created (`default` of `default.height=64`) have no line in the file:
+        # a problem with them (an unknown key) is the flag's, not the document root's.
+        for end in range(min(existed + 1, len(path)), len(path) + 1):
+            document.marks[path[:end]] = where
+            document.key_marks[path[:end]] = where
     return problems
 
 
-def _set_path(data: Any, path: FieldPath, value: Any) -> None:
+def _set_path(data: Any, path: FieldPath, value: Any) -> int:
+    """Set `path` to `value`; returns how many leading components of `path` already existed."""
     if not isinstance(data, dict):
         raise ValueError("the manifest is not a mapping, there is nothing to set")
     current = data
+    existed = len(path)
     for depth, part in enumerate(path):
         last = depth == len(path) - 1
         where = format_field_path(path[:depth]) or "the manifest"
         if isinstance(current, dict):
             if isinstance(part, int):
                 part = str(part)
+            if part not in current:
+                existed = min(existed, depth)
             if last:
                 current[part] = value
             else:
@@ -384,6 +391,7 @@ def _set_path(data: Any, path: FieldPath, value: Any) -> None:
                 current = current[part]
         else:
             raise ValueError(f"cannot set {part!r} inside {where}, which is a {type(current).__name__}")
+    return existed
 
 
 # Loading ---------------------------------------------------------------------------------------------
