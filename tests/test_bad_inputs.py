@@ -526,7 +526,7 @@ CASES = [
     Case(
         "set-bad-yaml",
         VALID,
-        ("--set defaults.seeds=[0,:", "not valid YAML"),
+        ("--set defaults.seeds=[0,:", "not valid YAML", "(hint: close every `[`"),
         args=("--set", "defaults.seeds=[0,"),
     ),
     Case(

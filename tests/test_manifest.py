@@ -643,6 +643,21 @@ def test_parse_override_rejects(text):
         parse_override(text)
 
 
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [
+        ("defaults.seeds=[0,1", "close every `[` and `{`"),
+        ("subjects.0.prompts=[a {class}]", "close every `[` and `{`"),
+        ('subjects.0.class="dog', "close its quotes, or quote text"),
+        ("defaults.seeds=!!python/object/apply:os.system [x]", "remove the tag"),
+    ],
+)
+def test_overrides_that_are_not_yaml_say_how_to_write_them(refs, write_file, text, hint):
+    problem = only_problem(manifest_with(write_file), [text])
+    assert problem.file == f"--set {text}" and problem.message.startswith("the value is not valid YAML")
+    assert hint in problem.hint
+
+
 def test_overrides_apply_before_validation(refs, write_file):
     path = manifest_with(write_file, prompts="[a, b]")
     manifest = load_manifest(

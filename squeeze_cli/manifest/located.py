@@ -322,7 +322,8 @@ def _scalar_key(node: Any) -> str | int | None:
 def parse_override(text: str) -> tuple[FieldPath, Any]:
     """``"subjects.0.prompts=[a, b]"`` -> ``(("subjects", 0, "prompts"), ["a", "b"])``.
 
-    The value is parsed as YAML; digits in the path index lists. Raises `ValueError` with a message.
+    The value is parsed as YAML; digits in the path index lists. Raises `ValueError` with a message (an
+    `OverrideError` with a hint when the value is not YAML).
     """
     key, sep, raw_value = text.partition("=")
     if not sep or not key.strip():
@@ -334,8 +335,32 @@ def parse_override(text: str) -> tuple[FieldPath, Any]:
     try:
         value = yaml.safe_load(raw_value) if raw_value.strip() else None
     except yaml.YAMLError as error:
-        raise ValueError(f"the value is not valid YAML: {str(error).splitlines()[0]}") from None
+        message = str(error).splitlines()[0]
+        raise OverrideError(f"the value is not valid YAML: {message}", _override_yaml_hint(message)) from None
     return path, value
+
+
+class OverrideError(ValueError):
+    """A `--set` that cannot be parsed, with the fix when there is a likely one."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+def _override_yaml_hint(message: str) -> str:
+    if "constructor for the tag" in message:
+        return "a value holds plain YAML only: remove the tag"
+    if "while parsing a flow" in message:  # `[...]` or `{...}`: a sequence, mapping or node in them
+        return (
+            "close every `[` and `{`, e.g. `--set 'defaults.seeds=[0,1]'`; text that holds them goes in "
+            """quotes: `--set 'subjects.0.prompts.0="a {class} on a rug"'`"""
+        )
+    # The shell removed the user's own quotes: text with `:`, `@` or a leading quote needs YAML's.
+    return (
+        "the value is read as YAML: close its quotes, or quote text, "
+        """e.g. `--set 'subjects.0.class="a: b"'`"""
+    )
 
 
 def apply_overrides(document: YamlDocument, overrides: Sequence[str]) -> list[Problem]:
@@ -347,7 +372,9 @@ def apply_overrides(document: YamlDocument, overrides: Sequence[str]) -> list[Pr
             path, value = parse_override(text)
             existed = _set_path(document.data, path, value)
         except ValueError as error:
-            hint = "for example `--set defaults.seeds=[0,1]`" if "=" not in text else None
+            hint = getattr(error, "hint", None)
+            if "=" not in text:
+                hint = "for example `--set defaults.seeds=[0,1]`"
             problems.append(Problem(where.file, None, None, "", str(error), hint))
             continue
         for marks in (document.marks, document.key_marks):
