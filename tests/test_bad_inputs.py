@@ -142,6 +142,16 @@ CASES = [
     # The YAML itself -----------------------------------------------------------------------------------
     Case("malformed-yaml", "version: 1\nsubjects: [a, b\nrecipe: tiny\n", ("@:", "expected ',' or ']'")),
     Case("unclosed-quote", 'version: 1\nrecipe: "tiny\n', ("@:", "found unexpected end of stream")),
+    Case(
+        "key-indented-one-space-more",
+        VALID.replace("  height: 32", "   height: 32"),
+        ("@:5:3:", "did not find expected key", "hint: check the indentation", "keys of one mapping line up"),
+    ),
+    Case(
+        "item-key-indented-one-space-less",
+        VALID.replace("    references:", "   references:"),
+        ("@:10:4:", "expected '-' indicator", "hint: check the indentation", "`-` items of one list"),
+    ),
     Case("tab-indent", VALID.replace("    class: dog", "\tclass: dog"), ("@:9:", "never tabs")),
     Case(
         "duplicate-key",

@@ -186,6 +186,17 @@ def _explain_yaml_error(message: str, text: str, mark: Any) -> tuple[str, str | 
         )
     if _tab_at(text, mark):
         return message, "YAML indents with spaces, never tabs"
+    # A key or `-` indented one space more or less than its neighbours ends the block early.
+    if "block mapping did not find expected key" in message:
+        return message, (
+            "check the indentation here and just above: the keys of one mapping line up, "
+            "indented with the same number of spaces"
+        )
+    if "block collection did not find expected '-' indicator" in message:
+        return message, (
+            "check the indentation here and just above: the `-` items of one list line up, and so do "
+            "the keys inside an item"
+        )
     if "expected a single document" in message:
         return message, "a manifest is one document: remove the `---` line and what follows, or merge them"
     if "flow sequence" in message or "flow mapping" in message:
