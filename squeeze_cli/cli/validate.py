@@ -28,6 +28,7 @@ from squeeze_cli.cli.options import (
     split_recipes,
 )
 from squeeze_cli.errors import ManifestError, SqueezeError, UsageError
+from squeeze_cli.logs import counted
 from squeeze_cli.params import Offload
 
 if TYPE_CHECKING:
@@ -185,8 +186,8 @@ def format_summary(summary: dict, verdict: str) -> str:
     for subject in summary["subjects"]:
         noun = f"class {subject['class']}" if subject["class"] else "no class"
         lines.append(
-            f"  {subject['name']:<{width}}  {noun}: {subject['references']} references, "
-            f"{subject['prompts']} prompts, {subject['jobs']} jobs"
+            f"  {subject['name']:<{width}}  {noun}: {counted(subject['references'], 'reference')}, "
+            f"{counted(subject['prompts'], 'prompt')}, {counted(subject['jobs'], 'job')}"
         )
     whole = summary.get("jobs_in_the_whole_plan")
     of_whole = f" (a slice of the {whole:,} planned: --only, --limit)" if whole is not None else ""

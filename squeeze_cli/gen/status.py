@@ -18,6 +18,7 @@ from typing import Any
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK
+from squeeze_cli.logs import counted
 from squeeze_cli.manifest import LoadedManifest
 from squeeze_cli.plan import Job
 from squeeze_cli.reading import MANIFEST_MAX_BYTES, file_kind, read_regular_file
@@ -254,7 +255,7 @@ def format_status(status: RunStatus, merged: bool = False) -> str:
         lines.append("complete: every planned image is done")
     else:
         left = totals["pending"] + totals["failed"]
-        lines.append(f"incomplete: {left:,} jobs left; to finish them: {status.resume_command()}")
+        lines.append(f"incomplete: {counted(left, 'job')} left; to finish them: {status.resume_command()}")
     return "\n".join(lines)
 
 
