@@ -242,7 +242,9 @@ def format_status(status: RunStatus, merged: bool = False) -> str:
     totals = status.totals
     lines.append(f"jobs      {_counts(totals['planned'], totals['done'], totals['failed'])}")
     for run in status.runs:
-        lines.append(f"last run  {run['folder']}: {run['status']} ({run['finished_at'] or 'not finished'})")
+        # A plain run's folder is OUT itself (`.` in --json), already named on the first line.
+        where = f"{run['folder']}: " if run["folder"] != "." else ""
+        lines.append(f"last run  {where}{run['status']} ({run['finished_at'] or 'not finished'})")
     if status.stale:
         shown = ", ".join(image.image for image in status.stale[:STALE_SHOWN])
         more = f" and {len(status.stale) - STALE_SHOWN:,} more" if len(status.stale) > STALE_SHOWN else ""
