@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from squeeze_cli.errors import ModelLoadError, UsageError
 from squeeze_cli.logs import log_line
 from squeeze_cli.manifest.schema import ComponentSource, ModelSpec
-from squeeze_cli.model_checks import LOAD_ORDER, read_cache_only_if_hub_unreachable
+from squeeze_cli.model_checks import LOAD_ORDER, PICKLE_HINT, read_cache_only_if_hub_unreachable
 from squeeze_cli.params import Dtype
 from squeeze_cli.pipelines.registry import pipeline_spec
 
@@ -145,7 +145,7 @@ def _load_error(what: str, source: str, error: Exception, field: str) -> ModelLo
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     local = source.startswith(("/", "./", "../", "~"))
     if "safetensors" in reason.lower():
-        hint = "squeeze loads safetensors only; pass --allow-pickle if you trust these pickle (.bin) weights"
+        hint = PICKLE_HINT
     elif local and not Path(source).expanduser().exists():
         reason = f"no such folder: {source}"
         hint = f"fix `{field}` in the recipe or manifest, or override it with --set {field}=DIR"

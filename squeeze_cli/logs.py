@@ -20,6 +20,11 @@ def utc_stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def counted(count: int, noun: str) -> str:
+    """``1 subject``, ``2 subjects``, ``1,000 jobs`` (`noun` singular, made plural with an `s`)."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def stamped(text: str) -> str:
     """`text` with a UTC time stamp before each of its lines."""
     stamp = utc_stamp()

@@ -28,6 +28,8 @@ _FIRST_FILE = {
     "image_processor": "preprocessor_config.json",
     "scheduler": "scheduler_config.json",
 }
+# What `gen` says of pickle weights it refused, and what `validate` says of a folder that holds only those.
+PICKLE_HINT = "squeeze loads safetensors only; pass --allow-pickle if you trust these pickle (.bin) weights"
 # Off the network a hub request is retried for ~40 s before it fails: one quick request says so at once.
 HUB_PROBE_SECONDS = 1.5
 # Small parts first: they are the likeliest to be missing (trained locally) and the quickest to load.
@@ -53,11 +55,12 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
 
 
-def source_problems(model: ModelSpec) -> list[SourceProblem]:
+def source_problems(model: ModelSpec, *, allow_pickle: bool = False) -> list[SourceProblem]:
     """Why the model section's weights cannot be found, one problem per source; loads nothing.
 
     Local folders must exist (with the file `from_pretrained` reads first); hub ids must be in the Hugging
-    Face cache with ``HF_HUB_OFFLINE`` set, or when the hub does not answer one quick request.
+    Face cache with ``HF_HUB_OFFLINE`` set, or when the hub does not answer one quick request. A LoRA
+    folder must hold a .safetensors file (or, with `allow_pickle`, a .bin one), as `gen` loads it.
     """
     sources: list[tuple[str, str, str | None, str | None, str | None]] = []  # field, path, sub, rev, file
     if model.pipeline is not None:
@@ -83,7 +86,7 @@ def source_problems(model: ModelSpec) -> list[SourceProblem]:
         if key in seen or (path, revision) in missing:
             continue
         seen.add(key)
-        problem = _local_problem(field, path, subfolder, first_file) if is_local(path) else None
+        problem = _local_problem(field, path, subfolder, first_file, allow_pickle) if is_local(path) else None
         if problem is None and not is_local(path):
             problem = _cache_problem(field, path, subfolder, revision, first_file)
             if problem is not None and not offline():  # online, a hub id need not be cached yet
@@ -96,14 +99,14 @@ def source_problems(model: ModelSpec) -> list[SourceProblem]:
 
 
 def _local_problem(
-    field: str, path: str, subfolder: str | None, first_file: str | None
+    field: str, path: str, subfolder: str | None, first_file: str | None, allow_pickle: bool
 ) -> SourceProblem | None:
     folder = Path(path).expanduser()
     fix = f"fix `{field}` in the recipe or manifest, or override it with --set {field}=DIR"
     if not folder.exists():
         return SourceProblem(field, f"no such folder: {path}", fix, absent=True)
     if field == "model.lora.path":
-        return _lora_problem(field, path, folder, first_file)
+        return _lora_problem(field, path, folder, first_file, allow_pickle)
     if not folder.is_dir():
         return SourceProblem(field, f"{path} is not a folder", fix)
     if subfolder:
@@ -117,7 +120,9 @@ def _local_problem(
     return None
 
 
-def _lora_problem(field: str, path: str, folder: Path, weight_name: str | None) -> SourceProblem | None:
+def _lora_problem(
+    field: str, path: str, folder: Path, weight_name: str | None, allow_pickle: bool
+) -> SourceProblem | None:
     """A LoRA is a file of weights, or a folder holding one: `squeeze train` writes RUN/stageN/lora with
     pytorch_lora_weights.safetensors, and diffusers loads a folder's .safetensors file (.bin with
     --allow-pickle) unless `weight_name` names the file."""
@@ -137,8 +142,14 @@ def _lora_problem(field: str, path: str, folder: Path, weight_name: str | None) 
             f"{path} has no {weight_name}",
             "fix `model.lora.weight_name`, or remove it to load the folder's weights",
         )
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+    if any(folder.glob("*.safetensors")):
+        return None
+    if not any(folder.glob("*.bin")):
         return SourceProblem(field, f"{path} holds no LoRA weights (no .safetensors file)", fix)
+    if not allow_pickle:  # `gen` would refuse it only after loading the whole model
+        return SourceProblem(
+            field, f"{path} holds only pickle (.bin) LoRA weights, no .safetensors file", PICKLE_HINT
+        )
     return None
 
 

@@ -142,6 +142,16 @@ CASES = [
     # The YAML itself -----------------------------------------------------------------------------------
     Case("malformed-yaml", "version: 1\nsubjects: [a, b\nrecipe: tiny\n", ("@:", "expected ',' or ']'")),
     Case("unclosed-quote", 'version: 1\nrecipe: "tiny\n', ("@:", "found unexpected end of stream")),
+    Case(
+        "key-indented-one-space-more",
+        VALID.replace("  height: 32", "   height: 32"),
+        ("@:5:3:", "did not find expected key", "hint: check the indentation", "keys of one mapping line up"),
+    ),
+    Case(
+        "item-key-indented-one-space-less",
+        VALID.replace("    references:", "   references:"),
+        ("@:10:4:", "expected '-' indicator", "hint: check the indentation", "`-` items of one list"),
+    ),
     Case("tab-indent", VALID.replace("    class: dog", "\tclass: dog"), ("@:9:", "never tabs")),
     Case(
         "duplicate-key",
@@ -526,7 +536,7 @@ CASES = [
     Case(
         "set-bad-yaml",
         VALID,
-        ("--set defaults.seeds=[0,:", "not valid YAML"),
+        ("--set defaults.seeds=[0,:", "not valid YAML", "(hint: close every `[`"),
         args=("--set", "defaults.seeds=[0,"),
     ),
     Case(
@@ -680,7 +690,7 @@ def test_absolute_reference_paths_and_symlinks_outside_the_folder_are_allowed(tm
     write(folder, "manifest.yaml", text)
     run = squeeze("validate", str(folder / "manifest.yaml"))
     assert run.code == 0, run.err
-    assert "1 references" in run.out or "2 references" in run.out
+    assert "1 reference," in run.out or "2 references" in run.out
 
 
 def test_a_valid_manifest_passes_the_same_checks(tmp_path, squeeze):

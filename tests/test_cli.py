@@ -48,6 +48,11 @@ def test_validate_prints_the_plan_summary():
     assert "dog       class dog: 2 references, 2 prompts, 4 jobs" in out
     assert "jobs      8 (limit 100,000)" in out
     assert "images    64x64: 8" in out
+    # One of each is not "1 references, 1 prompts, 1 jobs".
+    photo = REPO_ROOT / "examples" / "images" / "dog" / "00.jpg"
+    one_of_each = [f"subjects.0.references=[{photo}]", "subjects.0.prompts=[a dog]", "defaults.seeds=[0]"]
+    one = runner.invoke(app, ["validate", DEMO, *(arg for s in one_of_each for arg in ("--set", s))])
+    assert "dog       class dog: 1 reference, 1 prompt, 1 job" in one.stdout, one.output
 
 
 def test_validate_json():

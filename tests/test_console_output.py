@@ -130,6 +130,15 @@ def test_usage_lines_show_manifest_plainly(squeeze) -> None:
         assert "{MANIFEST}" not in text and "MANIFEST <str>" not in text
 
 
+def test_help_names_every_value_not_its_python_type(squeeze) -> None:
+    from squeeze_cli.cli import app
+
+    # `--device <str>` says nothing; `--device DEVICE` (as gen has it) says what to give.
+    for command in app.registered_commands:
+        text = squeeze(command.name, "--help").out
+        assert not re.search(r"<(str|int|float|path)>", text), text
+
+
 def test_loading_a_pipeline_prints_no_library_notes_about_backends_squeeze_does_not_use() -> None:
     """transformers 5 says, on the import of diffusers' FLUX pipelines, that CLIP's and SigLIP's image
     processors fall back to PIL without torchvision: two lines of noise at the top of every `gen` and

@@ -643,6 +643,21 @@ def test_parse_override_rejects(text):
         parse_override(text)
 
 
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [
+        ("defaults.seeds=[0,1", "close every `[` and `{`"),
+        ("subjects.0.prompts=[a {class}]", "close every `[` and `{`"),
+        ('subjects.0.class="dog', "close its quotes, or quote text"),
+        ("defaults.seeds=!!python/object/apply:os.system [x]", "remove the tag"),
+    ],
+)
+def test_overrides_that_are_not_yaml_say_how_to_write_them(refs, write_file, text, hint):
+    problem = only_problem(manifest_with(write_file), [text])
+    assert problem.file == f"--set {text}" and problem.message.startswith("the value is not valid YAML")
+    assert hint in problem.hint
+
+
 def test_overrides_apply_before_validation(refs, write_file):
     path = manifest_with(write_file, prompts="[a, b]")
     manifest = load_manifest(
@@ -663,6 +678,17 @@ def test_bad_overrides_are_located_at_the_flag(refs, write_file):
     assert (value.file, value.field) == ("--set defaults.height=33", "defaults.height")
     assert "multiple of 16" in value.message
     assert str(value).startswith("--set defaults.height=33: defaults.height: must be")
+
+
+def test_a_key_an_override_creates_is_located_at_the_flag(refs, write_file):
+    # `default` exists only through the flag: the file's first line is no place to report it.
+    path = manifest_with(write_file)
+    unknown = only_problem(path, ["default.height=64"])
+    assert (unknown.file, unknown.line, unknown.field) == ("--set default.height=64", None, "default")
+    assert unknown.message == "unknown key `default`" and unknown.hint == "did you mean `defaults`?"
+    missing = only_problem(path, ["model.lora.scale=1"])
+    assert (missing.file, missing.field) == ("--set model.lora.scale=1", "model.lora")
+    assert missing.message == "missing required key `path`"
 
 
 def test_format_field_path():

@@ -1,7 +1,7 @@
 """Help with manifest mistakes: names from other tools mapped to squeeze's keys, a hint to quote a prompt
-with `{class}` in a flow list, the relative-path hint only for relative paths, `x-` keys that hold YAML
-anchors (and the documented DreamBench example that uses them), and a negative prompt without true CFG
-reported as ignored and left out of the PNG's parameters."""
+with `{class}` in a flow list and one to list a prompt given as a plain string, the relative-path hint only
+for relative paths, `x-` keys that hold YAML anchors (and the documented DreamBench example that uses
+them), and a negative prompt without true CFG reported as ignored and left out of the PNG's parameters."""
 
 from __future__ import annotations
 
@@ -39,6 +39,19 @@ def test_an_unquoted_placeholder_in_a_flow_list_gets_a_hint_to_quote(project: Pa
     )
     result = squeeze("validate", str(manifest))
     assert result.code == 2 and "(hint: inside [...] a `{` starts a mapping: quote each prompt" in result.err
+
+
+def test_a_prompt_written_where_a_list_belongs_gets_a_hint_to_make_it_an_item(project: Path, squeeze) -> None:
+    manifest = project / "m.yaml"
+    manifest.write_text(
+        ONE_IMAGE.replace('prompts: ["a {class} in the snow"]', "prompts: a {class} on a table")
+    )
+    result = squeeze("validate", str(manifest))
+    assert result.code == 2
+    assert (
+        "subjects[0].prompts: expected a list, got 'a {class} on a table' "
+        "(hint: write one `- a {class} on a table` per line)"
+    ) in result.err
 
 
 def test_no_relative_path_hint_for_an_absolute_path(project: Path, squeeze) -> None:

@@ -1,7 +1,7 @@
 """Where a path starts: on the command line (`--recipe`, `--out`, a `--set` value) from the current folder,
 inside a file from that file's folder; `manifest.resolved.yaml` reproduces a run from any folder;
 `validate` prints the plan even when it reports missing weights; a LoRA folder without weights fails
-`validate`."""
+`validate`, and one with only pickle weights fails it and `gen` without `--allow-pickle`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from support import one_error_line
 
 from squeeze_cli.manifest import load_manifest
 from squeeze_cli.plan import plan_jobs
@@ -192,6 +193,20 @@ def test_an_empty_lora_folder_fails_validate(project: Path, squeeze):
     assert squeeze("validate", "manifests/m.yaml", "--set", "model.lora.path=weights/lora").code == 0
     as_file = project / "weights" / "lora" / "pytorch_lora_weights.safetensors"
     assert squeeze("validate", "manifests/m.yaml", "--set", f"model.lora.path={as_file}").code == 0
+
+
+def test_a_pickle_only_lora_folder_needs_allow_pickle_in_validate_as_in_gen(project: Path, squeeze):
+    (project / "pickled").mkdir()
+    (project / "pickled" / "adapter.bin").write_bytes(b"")
+    flags = ("manifests/m.yaml", "--set", "model.lora.path=pickled")
+    for command in (("validate",), ("gen", "--dry-run")):
+        refused = squeeze(*command, *flags)
+        assert refused.code == 2, refused.err
+        line = one_error_line(refused.err)
+        assert f"model.lora.path: {project / 'pickled'} holds only pickle (.bin) LoRA weights" in line
+        assert "(hint: squeeze loads safetensors only; pass --allow-pickle if you trust" in line
+        accepted = squeeze(*command, *flags, "--allow-pickle")
+        assert accepted.code == 0, accepted.err
 
 
 def test_train_set_paths_are_relative_to_the_current_folder(project: Path):

@@ -170,4 +170,4 @@ def test_a_dry_run_reports_no_stages_for_kontext(tmp_path, squeeze) -> None:
     subjects = "subjects:\n  - {name: a, references: [a.png], prompts: [x]}\n"
     manifest.write_text("version: 1\nrecipe: tiny-kontext\n" + subjects)
     result = squeeze("gen", str(manifest), "--dry-run")
-    assert result.code == 0 and "1 jobs" in result.out and "steps per stage" not in result.out
+    assert result.code == 0 and "1 job over" in result.out and "steps per stage" not in result.out

@@ -367,7 +367,7 @@ def test_inserting_removing_and_reordering_prompts_and_seeds_never_redoes_finish
     second = HEAD.format(seeds="[1, 0, 2]") + subject(
         "dog", ["a {class} at the beach", "a {class} on a rug", "a {class} in a box"]
     )
-    assert "9 jobs over 1 subjects, 4 already done, 5 to generate" in run.dry_run(second)
+    assert "9 jobs over 1 subject, 4 already done, 5 to generate" in run.dry_run(second)
     summary = run(second)
     assert summary["jobs"] == {**summary["jobs"], "skipped": 4, "succeeded": 5}
     assert (run.out / "dog" / "001-s0.png").read_bytes() == rug  # moved, not remade

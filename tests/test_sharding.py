@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from support import ONE_IMAGE, TWO_PROMPTS, deadline, one_error_line
+from support import FOUR_SEEDS, ONE_IMAGE, TWO_PROMPTS, deadline, one_error_line
 
 
 @pytest.fixture
@@ -208,6 +208,17 @@ def test_odd_slurm_variables_are_one_error_line(project: Path, squeeze, monkeypa
 def test_the_largest_shard_count_is_accepted(project: Path, squeeze) -> None:
     result = squeeze("gen", str(project / "m.yaml"), "--dry-run", "--shard", "99999/100000")
     assert result.code == 0, result.err
+
+
+def test_a_shard_s_dry_run_says_which_shard_it_is(make_project, squeeze) -> None:
+    project = make_project(m=FOUR_SEEDS)
+    text = squeeze("gen", str(project / "m.yaml"), "--dry-run", "--shard", "0/2")
+    assert text.code == 0, text.err
+    lines = text.out.splitlines()
+    assert lines[0].startswith("shard 0/2: dry run: 2 jobs over 1 subject, 0 already done, 2 to generate")
+    assert all(line.startswith("shard 0/2: ") for line in lines), text.out
+    report = json.loads(squeeze("gen", str(project / "m.yaml"), "--dry-run", "--json", "--shard", "0/2").out)
+    assert (report["shard"], report["jobs"], report["subjects"]) == ([0, 2], 2, 1)
 
 
 @pytest.mark.parametrize(

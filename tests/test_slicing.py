@@ -44,7 +44,7 @@ def test_validate_prints_the_slice_and_refuses_a_pattern_that_matches_nothing(ma
     manifest = str(make_project(m=MANIFEST) / "m.yaml")
     result = squeeze("validate", manifest, "--only", "BP-*", "--limit", "1")
     assert result.code == 0, result.err
-    assert "  BP-2  class backpack: 1 references, 1 prompts, 1 jobs" in result.out
+    assert "  BP-2  class backpack: 1 reference, 1 prompt, 1 job" in result.out
     assert "TP-1" not in result.out and "BP-3" not in result.out
     assert "jobs      1 (a slice of the 4 planned: --only, --limit)" in result.out
     plan = json.loads(squeeze("validate", manifest, "--only", "BP-*", "--limit", "1", "--json").out)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from support import TWO_PROMPTS
+from support import ONE_IMAGE, TWO_PROMPTS, gen_example_run
 
 
 def test_status_of_a_sharded_run_and_merge(make_project, squeeze) -> None:
@@ -41,6 +41,15 @@ def test_status_of_a_sharded_run_and_merge(make_project, squeeze) -> None:
     assert sorted(entry["job_id"] for entry in index) == sorted(job.job_id for job in status.jobs)
     assert all(entry["status"] == "ok" for entry in index)
     assert (out / "dog" / "grid-000.png").is_file() and (out / "dog" / "contact-sheet.png").is_file()
+
+
+def test_status_of_a_plain_run_names_no_folder_for_its_last_run(tmp_path: Path, squeeze) -> None:
+    out = gen_example_run(tmp_path, squeeze, ONE_IMAGE)
+    text = squeeze("status", str(out))
+    assert text.code == 0, text.err
+    (last_run,) = [line for line in text.out.splitlines() if line.startswith("last run")]
+    assert last_run.startswith("last run  completed ("), text.out  # not `last run  .: completed`
+    assert json.loads(squeeze("status", str(out), "--json").out)["runs"][0]["folder"] == "."
 
 
 def test_status_of_a_folder_that_is_not_a_run(tmp_path: Path, squeeze) -> None:

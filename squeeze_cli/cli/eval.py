@@ -59,7 +59,8 @@ def eval_command(
         int, typer.Option("--batch-size", min=1, metavar="N", help="Images per model call.")
     ] = 16,
     device: Annotated[
-        str | None, typer.Option("--device", help="cuda, cpu, ... (default: cuda when there is one).")
+        str | None,
+        typer.Option("--device", metavar="DEVICE", help="cuda, cpu, ... (default: cuda when there is one)."),
     ] = None,
     allow_gated: Annotated[
         bool,

@@ -47,7 +47,7 @@ def export_command(
             show_default=False,
         ),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the split by subject.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the split by subject.")] = 0,
     with_references: Annotated[
         bool,
         typer.Option("--with-references", help="Put the reference images in the dataset, not their paths."),

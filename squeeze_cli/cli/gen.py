@@ -66,6 +66,7 @@ def _check_input(
     offload: str,
     *,
     verify: bool = False,
+    allow_pickle: bool = False,
 ) -> LoadedManifest:
     """Every check of the flags and the manifest that `gen` makes before loading anything (with
     `verify`, every reference photo read: the output folder's reference cache not trusted)."""
@@ -79,7 +80,15 @@ def _check_input(
     out_dir = _out_dir(out)
     # The folder used from here on: the resolver keeps its images out of reference globs, and
     # `manifest.resolved.yaml` records it, so gen on that file finds the run.
-    loaded = load_from_cli(manifest, overrides, recipe, max_jobs, out=out_dir, reference_cache=not verify)
+    loaded = load_from_cli(
+        manifest,
+        overrides,
+        recipe,
+        max_jobs,
+        allow_pickle=allow_pickle,
+        out=out_dir,
+        reference_cache=not verify,
+    )
     # A device that is not here is bad input: said now (a dry run too), not after loading the model.
     wrong_device = device_problem(device, offload)
     if wrong_device is not None:
@@ -98,6 +107,7 @@ def _check_recipes(
     offload: str,
     *,
     verify: bool = False,
+    allow_pickle: bool = False,
 ) -> list[tuple[str, LoadedManifest]]:
     """`_check_input` for each of several recipes, each into its folder OUT/<recipe>/, and each plan made:
     every recipe's input is checked before any model loads."""
@@ -106,7 +116,10 @@ def _check_recipes(
     from squeeze_cli.plan import plan_jobs
 
     # --out, or the manifest's `output.dir`, which no recipe changes
-    parent = _out_dir(out) or load_from_cli(manifest, set_, recipes[0], max_jobs).output_dir
+    parent = (
+        _out_dir(out)
+        or load_from_cli(manifest, set_, recipes[0], max_jobs, allow_pickle=allow_pickle).output_dir
+    )
     if is_run_folder(parent):
         raise UsageError(
             f"{parent} is the run folder of one recipe: with several, each writes its own run folder "
@@ -117,7 +130,16 @@ def _check_recipes(
     for recipe in recipes:
         name = recipe_folder_name(recipe)
         loaded = _check_input(
-            manifest, set_, recipe, max_jobs, str(parent / name), dtype, device, offload, verify=verify
+            manifest,
+            set_,
+            recipe,
+            max_jobs,
+            str(parent / name),
+            dtype,
+            device,
+            offload,
+            verify=verify,
+            allow_pickle=allow_pickle,
         )
         plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
         runs.append((name, loaded))
@@ -199,11 +221,29 @@ def gen(
         recipes = split_recipes(recipe)
         if len(recipes) > 1:
             runs = _check_recipes(
-                manifest, set_, recipes, max_jobs, out, dtype, device, offload, verify=verify
+                manifest,
+                set_,
+                recipes,
+                max_jobs,
+                out,
+                dtype,
+                device,
+                offload,
+                verify=verify,
+                allow_pickle=allow_pickle,
             )
         else:
             loaded = _check_input(
-                manifest, set_, recipe, max_jobs, out, dtype, device, offload, verify=verify
+                manifest,
+                set_,
+                recipe,
+                max_jobs,
+                out,
+                dtype,
+                device,
+                offload,
+                verify=verify,
+                allow_pickle=allow_pickle,
             )
             runs = [("", loaded)]
         shard_part = parse_shard(shard)

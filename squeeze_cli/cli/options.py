@@ -116,11 +116,12 @@ def load_from_cli(
     max_jobs: int | None,
     *,
     check_sources: bool = True,
+    allow_pickle: bool = False,
     out: Path | None = None,
     reference_cache: bool = True,
 ) -> LoadedManifest:
     """`load_manifest` with the shared flags (`out`: `--out`, absolute; `reference_cache`: not with
-    `--verify`)."""
+    `--verify`; `allow_pickle`: `--allow-pickle`)."""
     from squeeze_cli.manifest.resolve import load_manifest
 
     return load_manifest(
@@ -129,6 +130,7 @@ def load_from_cli(
         recipe=recipe,
         max_jobs=max_jobs,
         check_sources=check_sources,
+        allow_pickle=allow_pickle,
         output_dir=out,
         reference_cache=reference_cache,
     )

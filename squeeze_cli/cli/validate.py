@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from squeeze_cli.cli.options import (
+    AllowPickleOpt,
     JsonOpt,
     LimitOpt,
     ManifestArg,
@@ -28,6 +29,7 @@ from squeeze_cli.cli.options import (
     split_recipes,
 )
 from squeeze_cli.errors import ManifestError, SqueezeError, UsageError
+from squeeze_cli.logs import counted
 from squeeze_cli.params import Offload
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ def validate(
             "--offload", metavar="|".join(Offload.__members__), help="Also check this `gen --offload` mode."
         ),
     ] = None,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Check a manifest and print its plan; loads no model and writes nothing.
 
@@ -67,10 +70,14 @@ def validate(
     checked: list[tuple[LoadedManifest, dict, SqueezeError | None]] = []
     try:
         recipes: list[str | None] = [*split_recipes(recipe)] or [None]
-        parent = _load(manifest, set_, recipes[0], max_jobs)[0].output_dir if len(recipes) > 1 else None
+        parent = (
+            _load(manifest, set_, recipes[0], max_jobs, allow_pickle=allow_pickle)[0].output_dir
+            if len(recipes) > 1
+            else None
+        )
         for name in recipes:
             out = parent / recipe_folder_name(name) if parent is not None and name is not None else None
-            loaded, ready_error = _load(manifest, set_, name, max_jobs, out)
+            loaded, ready_error = _load(manifest, set_, name, max_jobs, out, allow_pickle=allow_pickle)
             not_ready: SqueezeError | None = ready_error
             planned = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
             jobs = select_jobs(planned, only_patterns(only), limit)
@@ -127,12 +134,18 @@ def _verdict(not_ready: SqueezeError | None) -> str:
 
 
 def _load(
-    manifest: str, set_: list[str] | None, recipe: str | None, max_jobs: int | None, out: Path | None = None
+    manifest: str,
+    set_: list[str] | None,
+    recipe: str | None,
+    max_jobs: int | None,
+    out: Path | None = None,
+    *,
+    allow_pickle: bool = False,
 ) -> tuple[LoadedManifest, ManifestError | None]:
     """The manifest, and its problems when they are only about the model's weights (a folder not trained
     yet, a hub id not downloaded): such a manifest still has a plan to show. Any other problem raises."""
     try:
-        return load_from_cli(manifest, set_, recipe, max_jobs, out=out), None
+        return load_from_cli(manifest, set_, recipe, max_jobs, allow_pickle=allow_pickle, out=out), None
     except ManifestError as error:
         try:
             loaded = load_from_cli(manifest, set_, recipe, max_jobs, check_sources=False, out=out)
@@ -185,8 +198,8 @@ def format_summary(summary: dict, verdict: str) -> str:
     for subject in summary["subjects"]:
         noun = f"class {subject['class']}" if subject["class"] else "no class"
         lines.append(
-            f"  {subject['name']:<{width}}  {noun}: {subject['references']} references, "
-            f"{subject['prompts']} prompts, {subject['jobs']} jobs"
+            f"  {subject['name']:<{width}}  {noun}: {counted(subject['references'], 'reference')}, "
+            f"{counted(subject['prompts'], 'prompt')}, {counted(subject['jobs'], 'job')}"
         )
     whole = summary.get("jobs_in_the_whole_plan")
     of_whole = f" (a slice of the {whole:,} planned: --only, --limit)" if whole is not None else ""

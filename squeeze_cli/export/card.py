@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from squeeze_cli.export.rows import RunImages
+from squeeze_cli.logs import counted
 from squeeze_cli.manifest.recipes import UNKNOWN_LICENSE, License
 
 
@@ -82,8 +83,8 @@ def dataset_card(images: RunImages, state: dict[str, Any], *, version: str) -> s
         "",
         f"# {header['pretty_name']}",
         "",
-        f"{total} images of {len(state['subject_splits'])} subjects, made by squeeze {version} with the "
-        f"recipe `{recipe}` (model identity `{loaded.model_identity}`), exported as "
+        f"{counted(total, 'image')} of {counted(len(state['subject_splits']), 'subject')}, made by squeeze "
+        f"{version} with the recipe `{recipe}` (model identity `{loaded.model_identity}`), exported as "
         f"`{selection['format']}` from `{selection['run']}`. Only finished images of the run's current "
         "plan are here; grids and contact sheets never are.",
         "",

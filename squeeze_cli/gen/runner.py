@@ -149,7 +149,7 @@ def _dry_run(
 ) -> int:
     """Report what a run would do: counts, sizes, steps per stage, the stale images `--prune` would move
     (those of jobs not in the whole plan `planned`); loads and writes nothing."""
-    reporter = Reporter(Reporter.choose_mode(json_events=json_events, quiet=quiet))
+    reporter = Reporter(Reporter.choose_mode(json_events=json_events, quiet=quiet), shard=options.shard)
     resume = not options.overwrite and out_dir.is_dir()
     done = outputs.finished_job_ids(out_dir, jobs, verify=options.verify) if resume else set()
     plan = describe_plan(jobs, done, staged=pipeline_spec(manifest.model.pipeline_class).staged)

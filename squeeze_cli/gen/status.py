@@ -18,6 +18,7 @@ from typing import Any
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK
+from squeeze_cli.logs import counted
 from squeeze_cli.manifest import LoadedManifest
 from squeeze_cli.plan import Job
 from squeeze_cli.reading import MANIFEST_MAX_BYTES, file_kind, read_regular_file
@@ -241,7 +242,9 @@ def format_status(status: RunStatus, merged: bool = False) -> str:
     totals = status.totals
     lines.append(f"jobs      {_counts(totals['planned'], totals['done'], totals['failed'])}")
     for run in status.runs:
-        lines.append(f"last run  {run['folder']}: {run['status']} ({run['finished_at'] or 'not finished'})")
+        # A plain run's folder is OUT itself (`.` in --json), already named on the first line.
+        where = f"{run['folder']}: " if run["folder"] != "." else ""
+        lines.append(f"last run  {where}{run['status']} ({run['finished_at'] or 'not finished'})")
     if status.stale:
         shown = ", ".join(image.image for image in status.stale[:STALE_SHOWN])
         more = f" and {len(status.stale) - STALE_SHOWN:,} more" if len(status.stale) > STALE_SHOWN else ""
@@ -254,7 +257,7 @@ def format_status(status: RunStatus, merged: bool = False) -> str:
         lines.append("complete: every planned image is done")
     else:
         left = totals["pending"] + totals["failed"]
-        lines.append(f"incomplete: {left:,} jobs left; to finish them: {status.resume_command()}")
+        lines.append(f"incomplete: {counted(left, 'job')} left; to finish them: {status.resume_command()}")
     return "\n".join(lines)
 
 

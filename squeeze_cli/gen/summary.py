@@ -10,6 +10,7 @@ from typing import Any
 
 from squeeze_cli import outputs
 from squeeze_cli.gen.progress import Reporter
+from squeeze_cli.logs import counted
 from squeeze_cli.pipelines.stages import stage_plan
 from squeeze_cli.plan import Job
 
@@ -49,13 +50,17 @@ def describe_plan(jobs: Sequence[Job], done: set[str], *, staged: bool = True) -
 
 
 def report_dry_run(reporter: Reporter, report: dict[str, Any], json_events: bool) -> None:
+    """Print the plan `describe_plan` made; a `--shard I/N` dry run says whose it is, as the run would."""
+    shard = reporter.shard
+    if shard is not None:
+        report = {"shard": list(shard), **report}
     if json_events:
         reporter.emit_json(**report)
         return
     lines = [
-        f"dry run: {report['jobs']} jobs over {report['subjects']} subjects, {report['done']} already done, "
-        f"{report['pending']} to generate → {report['out']}",
-        *(f"  {size}: {count} images" for size, count in report["images_per_size"].items()),
+        f"dry run: {counted(report['jobs'], 'job')} over {counted(report['subjects'], 'subject')}, "
+        f"{report['done']} already done, {report['pending']} to generate → {report['out']}",
+        *(f"  {size}: {counted(count, 'image')}" for size, count in report["images_per_size"].items()),
         *(
             f"  {key}: steps per stage {counts[0]}/{counts[1]}/{counts[2]}"
             for key, counts in report["steps_per_stage"].items()
@@ -63,9 +68,11 @@ def report_dry_run(reporter: Reporter, report: dict[str, Any], json_events: bool
     ]
     if report["stale"]:
         lines.append(
-            f"  stale: {report['stale']} images of jobs this manifest does not plan (`--prune` moves them)"
+            f"  stale: {counted(report['stale'], 'image')} of jobs this manifest does not plan "
+            "(`--prune` moves them)"
         )
-    print("\n".join(lines))
+    prefix = f"shard {shard[0]}/{shard[1]}: " if shard is not None else ""
+    print("\n".join(prefix + line for line in lines))
 
 
 def starting_summary(

@@ -186,6 +186,17 @@ def _explain_yaml_error(message: str, text: str, mark: Any) -> tuple[str, str | 
         )
     if _tab_at(text, mark):
         return message, "YAML indents with spaces, never tabs"
+    # A key or `-` indented one space more or less than its neighbours ends the block early.
+    if "block mapping did not find expected key" in message:
+        return message, (
+            "check the indentation here and just above: the keys of one mapping line up, "
+            "indented with the same number of spaces"
+        )
+    if "block collection did not find expected '-' indicator" in message:
+        return message, (
+            "check the indentation here and just above: the `-` items of one list line up, and so do "
+            "the keys inside an item"
+        )
     if "expected a single document" in message:
         return message, "a manifest is one document: remove the `---` line and what follows, or merge them"
     if "flow sequence" in message or "flow mapping" in message:
@@ -322,7 +333,8 @@ def _scalar_key(node: Any) -> str | int | None:
 def parse_override(text: str) -> tuple[FieldPath, Any]:
     """``"subjects.0.prompts=[a, b]"`` -> ``(("subjects", 0, "prompts"), ["a", "b"])``.
 
-    The value is parsed as YAML; digits in the path index lists. Raises `ValueError` with a message.
+    The value is parsed as YAML; digits in the path index lists. Raises `ValueError` with a message (an
+    `OverrideError` with a hint when the value is not YAML).
     """
     key, sep, raw_value = text.partition("=")
     if not sep or not key.strip():
@@ -334,8 +346,32 @@ def parse_override(text: str) -> tuple[FieldPath, Any]:
     try:
         value = yaml.safe_load(raw_value) if raw_value.strip() else None
     except yaml.YAMLError as error:
-        raise ValueError(f"the value is not valid YAML: {str(error).splitlines()[0]}") from None
+        message = str(error).splitlines()[0]
+        raise OverrideError(f"the value is not valid YAML: {message}", _override_yaml_hint(message)) from None
     return path, value
+
+
+class OverrideError(ValueError):
+    """A `--set` that cannot be parsed, with the fix when there is a likely one."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+def _override_yaml_hint(message: str) -> str:
+    if "constructor for the tag" in message:
+        return "a value holds plain YAML only: remove the tag"
+    if "while parsing a flow" in message:  # `[...]` or `{...}`: a sequence, mapping or node in them
+        return (
+            "close every `[` and `{`, e.g. `--set 'defaults.seeds=[0,1]'`; text that holds them goes in "
+            """quotes: `--set 'subjects.0.prompts.0="a {class} on a rug"'`"""
+        )
+    # The shell removed the user's own quotes: text with `:`, `@` or a leading quote needs YAML's.
+    return (
+        "the value is read as YAML: close its quotes, or quote text, "
+        """e.g. `--set 'subjects.0.class="a: b"'`"""
+    )
 
 
 def apply_overrides(document: YamlDocument, overrides: Sequence[str]) -> list[Problem]:
@@ -345,29 +381,38 @@ def apply_overrides(document: YamlDocument, overrides: Sequence[str]) -> list[Pr
         where = Location(f"--set {text}")
         try:
             path, value = parse_override(text)
-            _set_path(document.data, path, value)
+            existed = _set_path(document.data, path, value)
         except ValueError as error:
-            hint = "for example `--set defaults.seeds=[0,1]`" if "=" not in text else None
+            hint = getattr(error, "hint", None)
+            if "=" not in text:
+                hint = "for example `--set defaults.seeds=[0,1]`"
             problems.append(Problem(where.file, None, None, "", str(error), hint))
             continue
         for marks in (document.marks, document.key_marks):
             for stale in [p for p in marks if p[: len(path)] == path]:
                 del marks[stale]
-        document.marks[path] = where
-        document.key_marks[path] = where
+        # The mappings the override created (`default` of `default.height=64`) have no line in the file:
+        # a problem with them (an unknown key) is the flag's, not the document root's.
+        for end in range(min(existed + 1, len(path)), len(path) + 1):
+            document.marks[path[:end]] = where
+            document.key_marks[path[:end]] = where
     return problems
 
 
-def _set_path(data: Any, path: FieldPath, value: Any) -> None:
+def _set_path(data: Any, path: FieldPath, value: Any) -> int:
+    """Set `path` to `value`; returns how many leading components of `path` already existed."""
     if not isinstance(data, dict):
         raise ValueError("the manifest is not a mapping, there is nothing to set")
     current = data
+    existed = len(path)
     for depth, part in enumerate(path):
         last = depth == len(path) - 1
         where = format_field_path(path[:depth]) or "the manifest"
         if isinstance(current, dict):
             if isinstance(part, int):
                 part = str(part)
+            if part not in current:
+                existed = min(existed, depth)
             if last:
                 current[part] = value
             else:
@@ -384,6 +429,7 @@ def _set_path(data: Any, path: FieldPath, value: Any) -> None:
                 current = current[part]
         else:
             raise ValueError(f"cannot set {part!r} inside {where}, which is a {type(current).__name__}")
+    return existed
 
 
 # Loading ---------------------------------------------------------------------------------------------

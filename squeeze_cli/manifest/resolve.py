@@ -92,6 +92,7 @@ def load_manifest(
     recipe: str | None = None,
     max_jobs: int | None = None,
     check_sources: bool = True,
+    allow_pickle: bool = False,
     output_dir: Path | None = None,
     reference_cache: bool = True,
 ) -> LoadedManifest:
@@ -104,6 +105,7 @@ def load_manifest(
         max_jobs: job limit (``--max-jobs``); beats the manifest's `max_jobs`, default `DEFAULT_MAX_JOBS`.
         check_sources: check that the model's local folders exist (and, with ``HF_HUB_OFFLINE``, that its
             hub ids are cached); off for reading a finished run's manifest where the weights are not.
+        allow_pickle: accept a LoRA folder that holds only pickle (.bin) weights (``--allow-pickle``).
         output_dir: the output folder to use instead of `output.dir` (``--out``, absolute and checked).
         reference_cache: trust the output folder's `.squeeze-references.json` for photos whose stat is
             unchanged (`ReferenceFacts`); False reads every photo (``--verify``).
@@ -145,6 +147,7 @@ def load_manifest(
         subjects,
         manifest_path,
         check_sources=check_sources,
+        allow_pickle=allow_pickle,
         output_dir=output_dir,
         reference_cache=reference_cache,
     )
@@ -169,10 +172,12 @@ class _Resolver:
         manifest_path: Path,
         *,
         check_sources: bool = True,
+        allow_pickle: bool = False,
         output_dir: Path | None = None,
         reference_cache: bool = True,
     ):
         self.check_sources = check_sources
+        self.allow_pickle = allow_pickle
         self.reference_cache = reference_cache
         self.out_flag = output_dir
         self.document = document
@@ -445,7 +450,7 @@ class _Resolver:
             return recipe, None
         spec = resolve_model_paths(parsed, self.base_dir, from_cwd=from_cwd)
         # Missing weights are input errors too: found here, before `gen` loads anything.
-        for problem in source_problems(spec) if self.check_sources else ():
+        for problem in source_problems(spec, allow_pickle=self.allow_pickle) if self.check_sources else ():
             self.problem(_dotted_path(problem.field), problem.message, problem.hint)
         return recipe, spec
 

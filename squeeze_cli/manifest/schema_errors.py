@@ -98,6 +98,10 @@ _TYPE_MESSAGES = {
 }
 
 
+# The lists whose items are text: a single string given instead is most likely their one item.
+_LISTS_OF_TEXT = {"prompts", "scenes", "references"}
+
+
 # Names people bring from other tools (A1111, ComfyUI, diffusers scripts) -> (the key here, the hint).
 OTHER_TOOLS_NAMES: dict[str, tuple[str, str]] = {
     "steps": ("num_inference_steps", "squeeze calls it `num_inference_steps`"),
@@ -152,6 +156,10 @@ def _problem_from_error(
         return document.problem(path, message, hint, key=True)
     elif kind in _TYPE_MESSAGES:
         message = f"{_TYPE_MESSAGES[kind]}, got {_describe(value)}"
+        if kind == "list_type" and isinstance(value, str) and path[-1] in _LISTS_OF_TEXT:
+            # `prompts: a {class} on a table` reads as one string; `[a {class}]` would break on the `{`.
+            item = value if len(value) <= 60 else value[:57] + "..."
+            hint = f"write one `- {item}` per line"
     elif kind == "seeds_shape":
         message = f"expected a list of seeds or {{count: N, base: B}}, got {_describe(value)}"
         hint = "for example `seeds: [0, 1, 2]` or `seeds: {count: 4, base: 0}`"
