@@ -127,7 +127,7 @@ def _lora_problem(
     pytorch_lora_weights.safetensors, and diffusers loads a folder's .safetensors file (.bin with
     --allow-pickle) unless `weight_name` names the file."""
     if folder.is_file():
-        return None
+        return _pickle_file_problem(field, path, folder.name, allow_pickle)
     fix = (
         "give the folder `squeeze train` wrote (RUN/stage2/lora, which holds "
         f"pytorch_lora_weights.safetensors) or the .safetensors file: --set {field}=PATH"
@@ -136,7 +136,7 @@ def _lora_problem(
         return SourceProblem(field, f"{path} is not a folder or a file", fix)
     if weight_name is not None:
         if (folder / weight_name).is_file():
-            return None
+            return _pickle_file_problem(field, f"{path}/{weight_name}", weight_name, allow_pickle)
         return SourceProblem(
             field,
             f"{path} has no {weight_name}",
@@ -151,6 +151,14 @@ def _lora_problem(
             field, f"{path} holds only pickle (.bin) LoRA weights, no .safetensors file", PICKLE_HINT
         )
     return None
+
+
+def _pickle_file_problem(field: str, path: str, name: str, allow_pickle: bool) -> SourceProblem | None:
+    """A LoRA file named outright (the path, or `weight_name`) is loaded whatever its format: one that is
+    not .safetensors is pickle, refused without --allow-pickle as a folder's .bin files are."""
+    if allow_pickle or name.endswith(".safetensors"):
+        return None
+    return SourceProblem(field, f"{path} is not a .safetensors file (pickle weights)", PICKLE_HINT)
 
 
 def _cache_problem(

@@ -209,6 +209,23 @@ def test_a_pickle_only_lora_folder_needs_allow_pickle_in_validate_as_in_gen(proj
         assert accepted.code == 0, accepted.err
 
 
+def test_a_pickle_lora_file_named_outright_needs_allow_pickle_too(project: Path, squeeze):
+    """diffusers loads a file named by the path or by `weight_name` whatever its format: a .bin one loaded
+    without --allow-pickle."""
+    (project / "lora").mkdir()
+    (project / "lora" / "adapter.bin").write_bytes(b"")
+    for flags in (
+        ("--set", "model.lora.path=lora/adapter.bin"),
+        ("--set", "model.lora.path=lora", "--set", "model.lora.weight_name=adapter.bin"),
+    ):
+        refused = squeeze("validate", "manifests/m.yaml", *flags)
+        assert refused.code == 2, refused.err
+        line = one_error_line(refused.err)
+        assert f"model.lora.path: {project / 'lora' / 'adapter.bin'} is not a .safetensors file" in line, line
+        assert "pass --allow-pickle if you trust" in line
+        assert squeeze("validate", "manifests/m.yaml", *flags, "--allow-pickle").code == 0
+
+
 def test_train_set_paths_are_relative_to_the_current_folder(project: Path):
     from squeeze_cli.train.config import load_config, presets
 
