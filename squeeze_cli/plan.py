@@ -117,7 +117,7 @@ def plan_jobs(manifest: LoadedManifest, *, model_identity: str, max_jobs: int) -
 
     Args:
         manifest (`LoadedManifest`): from `squeeze_cli.manifest.load_manifest`.
-        model_identity (`str`): `squeeze_cli.recipes.model_identity` of the resolved model section.
+        model_identity (`str`): `squeeze_cli.manifest.recipes.model_identity` of the resolved model section.
         max_jobs (`int`): refuse plans larger than this before building anything.
 
     Raises:

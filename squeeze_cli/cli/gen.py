@@ -73,7 +73,6 @@ def _check_input(
     from squeeze_cli.errors import UsageError
     from squeeze_cli.model_checks import device_problem
 
-    offload = parse_choice("--offload", offload, Offload)
     if dtype is not None:
         dtype = parse_choice("--dtype", dtype, Dtype)
     overrides = list(set_ or ()) + ([f"model.dtype={dtype}"] if dtype is not None else [])
@@ -218,6 +217,7 @@ def gen(
     from squeeze_cli.errors import SqueezeError
 
     try:
+        offload = parse_choice("--offload", offload, Offload)
         recipes = split_recipes(recipe)
         if len(recipes) > 1:
             runs = _check_recipes(
@@ -279,7 +279,7 @@ def gen(
         limit=limit,
         batch_size=batch_size,
         device=device,
-        offload=parse_choice("--offload", offload, Offload),
+        offload=offload,
         dry_run=dry_run,
         allow_pickle=allow_pickle,
         verify=verify,

@@ -103,7 +103,7 @@ class Worker:
         self.processes = processes
         self.pipeline_info: dict[str, Any] = {}  # set by `load`: name, class, sampling_parameters
         self.threads: ThreadChoice | None = None  # set by `load`
-        self.gate: Any = None  # the identity gate (squeeze_cli/eval/gate.py), when the manifest has `quality`
+        self.gate: Any = None  # the identity gate (squeeze_cli/gen/gate.py), when the manifest has `quality`
         self.succeeded: list[str] = []
         self.failures: list[dict[str, Any]] = []
         self.timings = {"load": 0.0, "encode_subjects": 0.0, "generate": 0.0}
