@@ -163,6 +163,7 @@ def test_a_damaged_index_line_or_a_fifo_fails_that_image_only(run_folder: Path, 
     import os
 
     os.mkfifo(run_folder / "shop" / "fifo.png")
+    (run_folder / "shop" / "garbage.png").write_bytes(b"not an image at all")
     lines = [
         {
             "job_id": "1" * 16,
@@ -171,6 +172,12 @@ def test_a_damaged_index_line_or_a_fifo_fails_that_image_only(run_folder: Path, 
             "variants": {"v": "../../outside.jpg"},
         },
         {"job_id": "2" * 16, "status": "ok", "image": "shop/fifo.png", "variants": {"v": "shop/fifo.png"}},
+        {
+            "job_id": "3" * 16,
+            "status": "ok",
+            "image": "shop/garbage.png",
+            "variants": {"v": "shop/garbage.png"},
+        },
     ]
     (run_folder / "index.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     result = squeeze("check", str(run_folder), "--rules", "amazon-main", "--variant", "v", "--json")
@@ -178,3 +185,4 @@ def test_a_damaged_index_line_or_a_fifo_fails_that_image_only(run_folder: Path, 
     errors = {check["image"]: check["error"] for check in json.loads(result.out)["images"]}
     assert "outside the output directory" in errors["../../outside.jpg"]
     assert errors["shop/fifo.png"] == "cannot be read: not a regular file (a FIFO (named pipe))"
+    assert errors["shop/garbage.png"] == "cannot be read: not an image (PIL cannot identify it)"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from PIL import Image, ImageChops
+from PIL import Image, ImageChops, UnidentifiedImageError
 from pydantic import AfterValidator, Field, StrictInt, StrictStr
 
 from squeeze_cli.errors import EXIT_INVALID, ManifestError, SqueezeError
@@ -190,6 +190,9 @@ def check_file(out_dir: Path, image: str, rules: RuleSet) -> ImageCheck:
             check.measured = measure(opened, rules)
     except UnsafeOutputPathError as error:  # a damaged index line naming a file outside OUT
         check.error = error.message
+        return check
+    except UnidentifiedImageError:  # its message names the file object ("<_io.BufferedReader name=3>")
+        check.error = "cannot be read: not an image (PIL cannot identify it)"
         return check
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         check.error = f"cannot be read: {getattr(error, 'strerror', None) or error}"
