@@ -3,9 +3,12 @@ splits by subject, the dataset card, incremental and crash-safe reruns, and the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -547,3 +550,40 @@ def test_a_special_file_at_the_state_says_what_it_is(squeeze, made_run, tmp_path
         result = export(squeeze, made_run, folder, expect=2)
     assert f".squeeze-export.json: is {kind}, not a regular file" in one_error_line(result.err)
     assert sorted(path.name for path in folder.iterdir()) == [".squeeze-export.json"]
+
+
+def _bomb_png(side: int = 30_000) -> bytes:
+    """A small PNG whose header declares a huge grayscale image (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    idat = chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
+
+
+def test_damaged_images_are_left_out_and_named(squeeze, run, tmp_path):
+    (run / "dog" / "000-s0.png").unlink()
+    os.mkfifo(run / "dog" / "000-s0.png")
+    (run / "dog" / "000-s1.png").write_bytes(b"\x89PNG truncated")
+    (run / "dog" / "001-s0.json").write_text("{not json")
+    bomb = _bomb_png()  # with its sidecar edited to match: size and hash agree, it still must not decode
+    (run / "dog" / "001-s1.png").write_bytes(bomb)
+    sidecar = json.loads((run / "dog" / "001-s1.json").read_text())
+    sidecar["png"] = {"size": len(bomb), "sha256": hashlib.sha256(bomb).hexdigest()}
+    (run / "dog" / "001-s1.json").write_text(json.dumps(sidecar))
+    folder = tmp_path / "export"
+    with deadline(20):
+        result = export(squeeze, run, folder)
+    missing = [line for line in result.out.splitlines() if line.startswith("missing: ")]
+    assert [line.split(":")[1].strip() for line in missing] == [
+        "dog/000-s0.png",
+        "dog/000-s1.png",
+        "dog/001-s0.json",
+        "dog/001-s1.png",
+    ]
+    assert "a FIFO (named pipe)" in missing[0] and "bytes, the sidecar records" in missing[1]
+    assert "the sidecar is damaged" in missing[2] and "cannot be read" in missing[3]
+    assert f"({NUM_IMAGES - 4} in all: train {NUM_IMAGES - 4}); 4 damaged images left out" in result.out
+    assert len(json.loads((folder / ".squeeze-export.json").read_text())["job_ids"]) == NUM_IMAGES - 4

@@ -56,6 +56,7 @@ class ExportResult:
     added: int
     total: int
     splits: dict[str, int]  # rows per split, in all
+    left_out: tuple[str, ...] = ()  # damaged images of the selection, `<subject>/<name>: why`
 
 
 def export_run(
@@ -198,7 +199,7 @@ def _export(
     if added or not (folder / "README.md").exists():
         outputs.atomic_write_json(folder / outputs.EXPORT_STATE_NAME, state)
         outputs.atomic_write_text(folder / "README.md", dataset_card(images, state, version=__version__))
-    return ExportResult(folder, added, len(state["job_ids"]), dict(state["rows"]))
+    return ExportResult(folder, added, len(state["job_ids"]), dict(state["rows"]), tuple(images.left_out))
 
 
 def _add_parts(
