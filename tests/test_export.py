@@ -3,12 +3,16 @@ splits by subject, the dataset card, incremental and crash-safe reruns, and the 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
-from support import EXAMPLE_IMAGES, gen_example_run, one_error_line
+from support import EXAMPLE_IMAGES, deadline, gen_example_run, one_error_line
 
 MANIFEST = """\
 version: 1
@@ -482,3 +486,104 @@ def test_one_export_into_a_folder_at_a_time(squeeze, made_run, tmp_path):
         result = export(squeeze, made_run, folder, expect=2)
     assert "another squeeze export is writing it" in one_error_line(result.err)
     export(squeeze, made_run, folder)  # the lock file left behind is no obstacle
+
+
+def test_a_link_as_the_export_folder_exports_into_the_folder_it_names(squeeze, made_run, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    result = export(squeeze, made_run, tmp_path / "link")
+    assert f"to {real} ({NUM_IMAGES} in all" in result.out
+    assert "exported 0 new images" in export(squeeze, made_run, real).out  # the same export, by either name
+    assert "exported 0 new images" in export(squeeze, made_run, tmp_path / "link").out
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
+    result = export(squeeze, made_run, tmp_path / "broken", expect=2)
+    assert "a broken symbolic link" in one_error_line(result.err)
+    assert not (tmp_path / "nowhere").exists()
+    # The run named through a link: a folder inside the real run folder is still inside it.
+    (tmp_path / "run-link").symlink_to(made_run)
+    result = export(squeeze, tmp_path / "run-link", made_run / "x", expect=2)
+    assert "inside the run folder" in one_error_line(result.err)
+    assert not (made_run / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda state: "[" * 100_000,  # nested too deep for the parser
+        lambda state: "[]",
+        lambda state: json.dumps(state)[:-20],
+        lambda state: json.dumps(state | {"parts": 5}),
+        lambda state: json.dumps(state | {"job_ids": None}),
+        lambda state: json.dumps(state | {"next_part": "1"}),
+        lambda state: json.dumps(state | {"rows": {"train": None}}),
+        lambda state: json.dumps(state | {"subject_splits": {"dog": "../../outside"}}),
+    ],
+    ids=["deep", "list", "truncated", "parts", "job-ids", "next-part", "rows", "split-path"],
+)
+def test_a_damaged_state_is_one_line_and_changes_nothing(squeeze, run, tmp_path, made_run, damage):
+    folder = tmp_path / "export"
+    export(squeeze, run, folder, "--subjects", "dog")
+    state_path = folder / ".squeeze-export.json"
+    state_path.write_text(damage(json.loads(state_path.read_text())))
+    before = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    result = export(squeeze, run, folder, "--subjects", "dog", expect=2)
+    assert f"{state_path}: damaged (hint: export into a new folder" in one_error_line(result.err)
+    assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+    assert not (tmp_path / "outside").exists()
+
+
+@pytest.mark.parametrize(
+    "place, kind",
+    [
+        (lambda path: os.mkfifo(path), "a FIFO (named pipe)"),
+        (lambda path: path.symlink_to("/dev/zero"), "a symbolic link"),
+        (lambda path: path.mkdir(), "a folder"),
+    ],
+    ids=["fifo", "link", "folder"],
+)
+def test_a_special_file_at_the_state_says_what_it_is(squeeze, made_run, tmp_path, place, kind):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    place(folder / ".squeeze-export.json")
+    with deadline(20):
+        result = export(squeeze, made_run, folder, expect=2)
+    assert f".squeeze-export.json: is {kind}, not a regular file" in one_error_line(result.err)
+    assert sorted(path.name for path in folder.iterdir()) == [".squeeze-export.json"]
+
+
+def _bomb_png(side: int = 30_000) -> bytes:
+    """A small PNG whose header declares a huge grayscale image (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    idat = chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
+
+
+def test_damaged_images_are_left_out_and_named(squeeze, run, tmp_path):
+    (run / "dog" / "000-s0.png").unlink()
+    os.mkfifo(run / "dog" / "000-s0.png")
+    (run / "dog" / "000-s1.png").write_bytes(b"\x89PNG truncated")
+    (run / "dog" / "001-s0.json").write_text("{not json")
+    bomb = _bomb_png()  # with its sidecar edited to match: size and hash agree, it still must not decode
+    (run / "dog" / "001-s1.png").write_bytes(bomb)
+    sidecar = json.loads((run / "dog" / "001-s1.json").read_text())
+    sidecar["png"] = {"size": len(bomb), "sha256": hashlib.sha256(bomb).hexdigest()}
+    (run / "dog" / "001-s1.json").write_text(json.dumps(sidecar))
+    folder = tmp_path / "export"
+    with deadline(20):
+        result = export(squeeze, run, folder)
+    missing = [line for line in result.out.splitlines() if line.startswith("missing: ")]
+    assert [line.split(":")[1].strip() for line in missing] == [
+        "dog/000-s0.png",
+        "dog/000-s1.png",
+        "dog/001-s0.json",
+        "dog/001-s1.png",
+    ]
+    assert "a FIFO (named pipe)" in missing[0] and "bytes, the sidecar records" in missing[1]
+    assert "the sidecar is damaged" in missing[2] and "cannot be read" in missing[3]
+    assert f"({NUM_IMAGES - 4} in all: train {NUM_IMAGES - 4}); 4 damaged images left out" in result.out
+    assert len(json.loads((folder / ".squeeze-export.json").read_text())["job_ids"]) == NUM_IMAGES - 4

@@ -66,7 +66,12 @@ def export_command(
         seed=seed,
         with_references=with_references,
     )
+    for item in result.left_out:  # worded as `squeeze eval` lists the images it leaves out
+        typer.echo(f"missing: {item}")
     splits = ", ".join(f"{name} {count}" for name, count in sorted(result.splits.items()))
+    count = len(result.left_out)
+    missing = f"; {count} damaged image{'s' if count > 1 else ''} left out (listed above)" if count else ""
     typer.echo(
         f"exported {result.added} new images to {result.folder} ({result.total} in all: {splits or 'none'})"
+        + missing
     )

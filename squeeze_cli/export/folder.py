@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,17 @@ from squeeze_cli import __version__, outputs
 from squeeze_cli.errors import UsageError
 from squeeze_cli.export.card import dataset_card
 from squeeze_cli.export.formats import FORMATS, PartWriter, open_part, part_name
-from squeeze_cli.export.rows import ExportImage, RunImages, assign_splits, parse_splits, read_run_images
+from squeeze_cli.export.rows import (
+    SPLIT_NAMES,
+    TRAIN_SPLIT,
+    ExportImage,
+    RunImages,
+    assign_splits,
+    parse_splits,
+    read_run_images,
+)
 from squeeze_cli.export.where import Predicate, parse_where
+from squeeze_cli.reading import INDEX_MAX_BYTES, file_kind, read_regular_file
 
 STATE_FORMAT = 1
 # The names of the parts a format writes (relative to the export folder): what a rerun may remove when the
@@ -46,6 +56,7 @@ class ExportResult:
     added: int
     total: int
     splits: dict[str, int]  # rows per split, in all
+    left_out: tuple[str, ...] = ()  # damaged images of the selection, `<subject>/<name>: why`
 
 
 def export_run(
@@ -82,8 +93,9 @@ def export_run(
             f"--subjects {subjects}: no subject of the run matches",
             f"its subjects: {', '.join(subject_names)}",
         )
-    folder = Path(folder).expanduser().absolute()
-    if folder == images.out or images.out in folder.parents:
+    folder = _real_folder(Path(folder).expanduser().absolute())
+    run_folder = Path(os.path.realpath(images.out))  # compared with the real `folder`: a link to the run too
+    if folder == run_folder or run_folder in folder.parents:
         raise UsageError(f"-o {folder}: inside the run folder {images.out}", "export to a folder outside it")
     selection = {
         "run": str(images.out),
@@ -103,6 +115,38 @@ def export_run(
         raise outputs.OutputWriteError.from_os_error(path, error) from error
 
 
+def _real_folder(folder: Path) -> Path:
+    """`folder` with its symbolic links resolved. `-o` may be a link to a folder (the user's choice of place,
+    as `OUT` is for `gen`); resolved here, before anything is written, every later write (which never goes
+    through a link) lands in the folder it names. A broken link is refused, as `gen` refuses one."""
+    if folder.is_symlink() and not folder.exists():
+        raise UsageError(
+            f"-o {folder}: a broken symbolic link (or a loop)", "point it at a folder, or give another folder"
+        )
+    return Path(os.path.realpath(folder))
+
+
+def _check_own_names(folder: Path) -> None:
+    """Refuse what stands at the export's own names other than what export writes there (a link, a FIFO, a
+    device): the state is read, the lock opened and the staging folder written, never through a link."""
+    for name, want, hint in (
+        (
+            outputs.EXPORT_STATE_NAME,
+            stat.S_ISREG,
+            "export into a new folder (or delete this one and export again)",
+        ),
+        (outputs.EXPORT_LOCK_NAME, stat.S_ISREG, "remove it: squeeze export makes its lock itself"),
+        (outputs.EXPORT_STAGING_NAME, stat.S_ISDIR, "remove it: squeeze export makes this folder itself"),
+    ):
+        try:
+            mode = os.lstat(folder / name).st_mode
+        except FileNotFoundError:
+            continue
+        if not want(mode):
+            expected = "a folder" if want is stat.S_ISDIR else "a regular file"
+            raise UsageError(f"{folder / name}: is {file_kind(mode)}, not {expected}", hint)
+
+
 @contextlib.contextmanager
 def _export_lock(folder: Path) -> Iterator[None]:
     """One export into `folder` at a time: a `filelock` lock, which the OS releases when its process dies.
@@ -110,6 +154,8 @@ def _export_lock(folder: Path) -> Iterator[None]:
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"-o {folder}: not a folder", "give a new or empty folder")
     ours = {outputs.EXPORT_STATE_NAME, outputs.EXPORT_LOCK_NAME, outputs.EXPORT_STAGING_NAME}
+    if folder.is_dir():
+        _check_own_names(folder)
     if folder.is_dir() and any(path.name not in ours for path in folder.iterdir()):
         if not (folder / outputs.EXPORT_STATE_NAME).is_file():
             raise UsageError(
@@ -153,7 +199,7 @@ def _export(
     if added or not (folder / "README.md").exists():
         outputs.atomic_write_json(folder / outputs.EXPORT_STATE_NAME, state)
         outputs.atomic_write_text(folder / "README.md", dataset_card(images, state, version=__version__))
-    return ExportResult(folder, added, len(state["job_ids"]), dict(state["rows"]))
+    return ExportResult(folder, added, len(state["job_ids"]), dict(state["rows"]), tuple(images.left_out))
 
 
 def _add_parts(
@@ -217,12 +263,17 @@ def _open_folder(folder: Path, selection: dict[str, Any]) -> dict[str, Any]:
             "job_ids": [],
         }
     try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-        saved = state["selection"]
-    except (OSError, ValueError, KeyError, TypeError):
+        # One entry a job: sized like the run's index. Nested too deep for the parser is damaged too.
+        state = json.loads(
+            read_regular_file(state_path, INDEX_MAX_BYTES, follow_symlinks=False).decode("utf-8")
+        )
+    except (OSError, ValueError, RecursionError):
+        state = None
+    if not _state_is_whole(state):
         raise UsageError(
             f"{state_path}: damaged", "export into a new folder (or delete this one and export again)"
-        ) from None
+        )
+    saved = state["selection"]
     if saved != selection:
         changed = ", ".join(key for key in selection if saved.get(key) != selection[key])
         raise UsageError(
@@ -232,6 +283,32 @@ def _open_folder(folder: Path, selection: dict[str, Any]) -> dict[str, Any]:
     shutil.rmtree(folder / outputs.EXPORT_STAGING_NAME, ignore_errors=True)
     _remove_unlisted_parts(folder, selection["format"], set(state["parts"]))
     return state
+
+
+def _state_is_whole(state: Any) -> bool:
+    """Whether a state read from disk has every field export uses, of its type (an edited or truncated one
+    must be one line, not a traceback halfway through the export)."""
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def strings(values: Any) -> bool:
+        return isinstance(values, list) and all(isinstance(value, str) for value in values)
+
+    def mapping(values: Any, is_value: Any) -> bool:
+        return isinstance(values, dict) and all(is_value(value) for value in values.values())
+
+    return (
+        isinstance(state, dict)
+        and isinstance(state.get("selection"), dict)
+        and is_int(state.get("next_part"))
+        and state["next_part"] >= 0
+        and strings(state.get("parts"))
+        and strings(state.get("job_ids"))
+        and mapping(state.get("rows"), is_int)
+        # A split names a part's file: only the names export itself writes (never a path).
+        and mapping(state.get("subject_splits"), lambda value: value in (TRAIN_SPLIT, *SPLIT_NAMES))
+    )
 
 
 def _remove_unlisted_parts(folder: Path, export_format: str, listed: set[str]) -> None:

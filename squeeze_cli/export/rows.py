@@ -9,7 +9,7 @@ import os
 import random
 import stat
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class RunImages:
     plan: outputs.RunPlan
     metric_names: tuple[str, ...]
     scores: dict[str, tuple[float | None, ...]]
+    # `images` appends each image it leaves out as damaged, `squeeze eval`'s way: `<subject>/<name>: why`.
+    left_out: list[str] = field(default_factory=list)
 
     @property
     def fields(self) -> dict[str, str]:
@@ -60,7 +62,7 @@ class RunImages:
         """The finished images of the plan's `subjects`, in plan order, one at a time; the jobs in `skip`
         (exported already) are not read.
 
-        An image is finished as `gen` decides it (`outputs.png_mismatch`): its sidecar, at its position's
+        An image is finished as `gen` decides it (`outputs.png_check`): its sidecar, at its position's
         name, names its job and the PNG beside it has the size and sha256 it records.
         """
         identity = self.plan.loaded.model_identity
@@ -71,8 +73,19 @@ class RunImages:
             if job.subject not in folders:  # resolved once a subject: the names inside are squeeze's own
                 folders[job.subject] = outputs.safe_join(self.out, job.subject)
             png = folders[job.subject] / outputs.image_name(job).split("/")[1]
-            record = outputs.read_sidecar(png.with_suffix(".json"))
-            if record is None or record.get("job_id") != job.job_id or outputs.png_mismatch(png, record):
+            sidecar = png.with_suffix(".json")
+            record = outputs.read_sidecar(sidecar)
+            if record is None:
+                if os.path.lexists(sidecar):  # there but unreadable: damaged, not a job still to run
+                    self.left_out.append(f"{job.subject}/{sidecar.name}: the sidecar is damaged")
+                continue
+            if record.get("job_id") != job.job_id:  # another plan's image at this position: stale
+                continue
+            reason, new_stamp = outputs.png_check(png, record)
+            if reason is None and new_stamp is not None:
+                reason = _undecodable(png)
+            if reason is not None:
+                self.left_out.append(f"{job.subject}/{png.name}: {reason}")
                 continue
             yield ExportImage(png, self._row(job, record, identity))
 
@@ -96,6 +109,14 @@ class RunImages:
         scores = self.scores.get(job.job_id, (None,) * len(self.metric_names))
         row.update(zip(self.metric_names, scores, strict=True))
         return row
+
+
+def _undecodable(png: Path) -> str | None:
+    """Why `png` is not safe to decode (truncated, damaged, a bomb: nothing decoded to tell), or None."""
+    from squeeze_cli.images import check_image
+
+    reason = check_image(str(png))
+    return None if reason is None else f"cannot be read: {reason}"
 
 
 def read_run_images(out: str | os.PathLike) -> RunImages:

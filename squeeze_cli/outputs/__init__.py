@@ -100,7 +100,6 @@ from .resume import (  # noqa: F401
     finished_job_ids,
     move_to_positions,
     png_check,
-    png_mismatch,
     record_stamps,
 )
 from .run_plan import RunPlan, load_run_plan, run_folders  # noqa: F401
