@@ -4,6 +4,7 @@ the fix, and nothing is created or written through."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -104,3 +105,89 @@ def test_a_file_where_a_subject_folder_goes_is_refused_before_loading(
         f"subject 'dog' go in the folder {out / 'dog'})"
     )
     assert files_under(out) == ["dog"]
+
+
+# `output.views_dir`: the grids and contact sheets go in OUT/.views/<subject>/, drawn after every image.
+VIEWS = FOUR_SEEDS.replace("defaults:", "output:\n  views_dir: .views\ndefaults:")
+
+
+def _must_not_load(monkeypatch) -> None:
+    from squeeze_cli.gen import worker
+
+    def must_not_load(self) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(worker.Worker, "load", must_not_load)
+
+
+@pytest.mark.parametrize(
+    ("in_the_way", "says"),
+    [
+        (".views", "is a regular file, not a folder (hint: move or remove it: the grids and contact sheets"),
+        (".views/dog", "is a regular file, not a folder (hint: move or remove it: the views of subject"),
+        (".views/dog/grid-000.png", "is a FIFO (named pipe), not a regular file (hint: remove it"),
+        (".views/dog/contact-sheet.png", "is a folder, not a regular file (hint: remove it"),
+    ],
+)
+def test_a_views_path_in_the_way_is_refused_before_loading(
+    make_project, squeeze, monkeypatch, in_the_way, says
+) -> None:
+    project = make_project(m=VIEWS)
+    _must_not_load(monkeypatch)
+    out = project / "out"
+    path = out / in_the_way
+    path.parent.mkdir(parents=True)
+    if path.name.startswith("grid"):
+        os.mkfifo(path)
+    elif path.name.startswith("contact"):
+        path.mkdir()
+    else:
+        path.write_text("not a folder")
+    before = files_under(out)
+    with deadline():
+        result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--quiet")
+    assert result.code == EXIT_INVALID
+    assert one_error_line(result.err).startswith(f"error: {path} {says}")
+    assert files_under(out) == before
+
+
+def test_a_views_folder_that_is_a_link_is_refused_before_loading(make_project, squeeze, monkeypatch) -> None:
+    project = make_project(m=VIEWS)
+    _must_not_load(monkeypatch)
+    out, elsewhere = project / "out", project / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / ".views").symlink_to(elsewhere)
+    result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--quiet")
+    assert result.code == EXIT_INVALID
+    assert one_error_line(result.err).startswith(f"error: {out / '.views'} is a symbolic link (hint: replace")
+    assert files_under(out) == [".views"] and list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("replacement", ["file", "link outside OUT"])
+def test_a_views_folder_replaced_during_the_run_is_a_write_error(
+    make_project, squeeze, monkeypatch, replacement
+) -> None:
+    from squeeze_cli.gen import worker
+
+    project = make_project(m=VIEWS)
+    out, elsewhere = project / "out", project / "elsewhere"
+    elsewhere.mkdir()
+    generate = worker.Worker.run
+
+    def generate_then_replace_the_views(self, *args, **kwargs):
+        generate(self, *args, **kwargs)
+        if replacement == "file":
+            (out / ".views").write_text("not a folder")
+        else:
+            (out / ".views").symlink_to(elsewhere)
+
+    monkeypatch.setattr(worker.Worker, "run", generate_then_replace_the_views)
+    result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--quiet")
+    # The images are made: exit 1 (a failed write), not 2 ("nothing was generated"), and run.json finished.
+    assert result.code == 1
+    assert str(out / ".views") in one_error_line(result.err)
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["status"] == "failed" and str(out / ".views") in summary["error"]
+    assert len(list((out / "dog").glob("*.png"))) == 4
+    assert list(elsewhere.iterdir()) == []

@@ -7,12 +7,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from support import deadline, finishes, one_error_line
 
 from squeeze_cli import outputs
 from squeeze_cli.train.checkpoints import (
@@ -263,3 +265,35 @@ def test_resume_without_a_checkpoint_starts_the_log_again(run: Path, squeeze) ->
     assert "no checkpoint to resume from: starting a new run" in result.out
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "link to /dev/zero"])
+def test_a_log_that_is_no_regular_file_is_refused_before_resuming(run: Path, squeeze, kind) -> None:
+    shutil.rmtree(_checkpoint(run, 4))  # steps 3 and 4 to train again
+    log = run / "log.jsonl"
+    if kind == "FIFO":
+        os.mkfifo(log)  # the first append used to wait for a reader for ever
+    else:
+        log.symlink_to("/dev/zero")  # every line used to be lost
+    settings = [arg for s in [*SETTINGS, "logging.every=1"] for arg in ("--set", s)]
+    with deadline():
+        result = squeeze(
+            "train", "tiny", "--no-progress", "--set", f"output_dir={run}", *settings, "--resume", "latest"
+        )
+    assert result.code == 2
+    what = "a FIFO (named pipe)" if kind == "FIFO" else "a symbolic link"
+    line = one_error_line(result.err)
+    assert line.startswith(f"error: {log} is {what}, not a regular file (hint: remove it")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002"]  # nothing trained
+
+
+def test_a_log_replaced_by_a_fifo_during_the_run_is_a_write_error(
+    trainer: Trainer, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(trainer, "output_dir", tmp_path)
+    monkeypatch.setattr(trainer, "tensorboard", None, raising=False)
+    trainer._log({"step": 1, "loss": 1.0})
+    (tmp_path / "log.jsonl").unlink()
+    os.mkfifo(tmp_path / "log.jsonl")
+    with pytest.raises(outputs.OutputWriteError, match="not a regular file"):
+        finishes(trainer._log, {"step": 2, "loss": 1.0})

@@ -210,8 +210,9 @@ class GenRun:
         early."""
         # A file, a link or a FIFO in the way is reported now, before the model loads (and before the locks,
         # whose files it checks too).
+        output = self.manifest.document.output
         outputs.check_output_tree(
-            self.out_dir, self.run_dir, self.jobs, self.manifest.document.output.variants
+            self.out_dir, self.run_dir, self.jobs, output.variants, views_dir=output.views_dir
         )
         if self.lock is not None and self.run_dir.is_dir():
             self.lock.acquire()
@@ -485,18 +486,31 @@ class GenRun:
                     )
                 except outputs.OutputWriteError as error:
                     failure = error  # raised once the other processes have their (empty) list and are done
+                except outputs.UnsafeOutputPathError as error:
+                    failure = self._views_write_error(error)
             work = self.processes.gather(work)[0]
-            views = outputs.views_root(self.out_dir, output.views_dir)
-            if self.processes.count == 1:
-                outputs.draw_views(views, work, should_stop)
-            else:
-                try:
-                    mine = outputs.share_views(work, self.processes.index, self.processes.count)
-                    outputs.draw_views(views, mine, should_stop, workers=1)  # no pool per process
-                finally:  # the lock is held until every process has drawn its share
-                    self.processes.barrier()
+            try:
+                views = outputs.views_root(self.out_dir, output.views_dir)
+                if self.processes.count == 1:
+                    outputs.draw_views(views, work, should_stop)
+                else:
+                    try:
+                        mine = outputs.share_views(work, self.processes.index, self.processes.count)
+                        outputs.draw_views(views, mine, should_stop, workers=1)  # no pool per process
+                    finally:  # the lock is held until every process has drawn its share
+                        self.processes.barrier()
+            except outputs.UnsafeOutputPathError as error:
+                raise failure or self._views_write_error(error) from error
             if failure is not None:
                 raise failure
+
+    def _views_write_error(self, error: outputs.UnsafeOutputPathError) -> outputs.OutputWriteError:
+        """A views path refused after the images are made (`check_output_tree` passed it: the views folder
+        was replaced by a link since) is a failed write, so `run.json` is finished and the exit code is 1:
+        exit 2 says nothing was generated."""
+        views_dir = self.manifest.document.output.views_dir
+        folder = self.out_dir / views_dir if views_dir else self.out_dir
+        return outputs.OutputWriteError(error.message, error.hint, path=folder)
 
     def release(self) -> None:
         if self.layout_lock is not None:

@@ -62,6 +62,7 @@ from .files import (  # noqa: F401
 from .grids import PageViews, write_validation_grid  # noqa: F401
 from .index import (  # noqa: F401
     append_index,
+    append_line,
     failed_index_entry,
     index_entry,
     iter_index,

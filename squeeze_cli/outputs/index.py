@@ -115,18 +115,27 @@ def _index_line(entry: Mapping[str, Any]) -> bytes:
 
 
 def append_index(out_dir: str | os.PathLike, entry: Mapping[str, Any]) -> None:
-    """Append one line to `index.jsonl` with a single `write` on an O_APPEND descriptor, then fsync.
-
-    One write of one whole line means a crash leaves the line entirely there or entirely absent, and
-    several processes may append to the same index without interleaving. If the file does not end with
-    a newline (a write cut short by a full disk), the line starts on a fresh one.
+    """Append one line to `index.jsonl` (`append_line`).
 
     Raises:
         `OutputWriteError`: on any OS error or a short write.
     """
-    path = index_path(out_dir)
+    append_line(index_path(out_dir), _index_line(entry))
+
+
+def append_line(path: Path, data: bytes) -> None:
+    """Append `data`, one whole line ending in a newline, to the file `path` (created if missing) with a
+    single `write` on an O_APPEND descriptor, then fsync: the index, training's `log.jsonl`.
+
+    One write of one whole line means a crash leaves the line entirely there or entirely absent, and
+    several processes may append to the same file without interleaving. If the file does not end with
+    a newline (a write cut short by a full disk), the line starts on a fresh one. Never through a
+    symbolic link, and a FIFO or a device in the file's place is refused without blocking.
+
+    Raises:
+        `OutputWriteError`: on any OS error, a short write, or a path that is not a regular file.
+    """
     ensure_dir(path.parent)
-    data = _index_line(entry)
     try:
         # Never through a symbolic link, never blocking on a FIFO put in its place.
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
@@ -156,8 +165,9 @@ def append_index(out_dir: str | os.PathLike, entry: Mapping[str, Any]) -> None:
 
 
 def _cut_short_append(fd: int, written: int) -> None:
-    # A full disk can take part of a line. Only the run holding the lock appends to an index, so when the
-    # file still ends where our write ended, those bytes are ours to remove; repair_index is the fallback.
+    # A full disk can take part of a line. Only the run holding the lock appends to an index (only the main
+    # process to a training log), so when the file still ends where our write ended, those bytes are ours
+    # to remove; repair_index (or the cut line's being skipped when read) is the fallback.
     try:
         end = os.lseek(fd, 0, os.SEEK_CUR)
         if written and os.fstat(fd).st_size == end:

@@ -77,13 +77,18 @@ def _check_files(folder: Path, names: set[str], hint: str) -> None:
 
 
 def check_output_tree(
-    out_dir: Path, run_dir: Path, jobs: Sequence[Job], variants: Sequence[OutputVariant] = ()
+    out_dir: Path,
+    run_dir: Path,
+    jobs: Sequence[Job],
+    variants: Sequence[OutputVariant] = (),
+    views_dir: str | None = None,
 ) -> None:
     """Refuse an output tree squeeze could not write safely, before anything is loaded or written.
 
     - `OUT` must be a folder (it may be a symbolic link to one: that is the user's own choice of place);
     - the run folders below it (`shards`, `shards/I-of-N`), each subject folder and its channel variants'
-      folders (`variants`, `variants/<name>`) must be real folders;
+      folders (`variants`, `variants/<name>`) must be real folders, and so must `OUT/<views_dir>` and its
+      subject folders with `views_dir` (`output.views_dir`);
     - the run files (`index.jsonl`, `run.json`, `manifest.resolved.yaml`, the locks) and each job's image,
       sidecar, grid, contact sheet and variants must be regular files where they exist (not links, FIFOs,
       folders).
@@ -115,14 +120,29 @@ def check_output_tree(
         names = names_by_subject.setdefault(check_subject_name(job.subject), set())
         prompts_by_subject.setdefault(job.subject, set()).add(job.prompt_index)
         stem = image_stem(job)
-        names.update((f"{stem}.png", f"{stem}.json", f"grid-{job.prompt_index:03d}.png"))
-    for subject, prompts in prompts_by_subject.items():
-        pages = contact_sheet_pages(len(prompts))
-        names_by_subject[subject].update(contact_sheet_name(page) for page in range(1, pages + 1))
+        names.update((f"{stem}.png", f"{stem}.json"))
+    view_names_by_subject = {
+        subject: {f"grid-{index:03d}.png" for index in prompts}
+        | {contact_sheet_name(page) for page in range(1, contact_sheet_pages(len(prompts)) + 1)}
+        for subject, prompts in prompts_by_subject.items()
+    }
+    file_hint = f"remove it: squeeze writes this file itself ({_NO_LINKS})"
+    if views_dir:
+        # The views are drawn after every image: a views folder in the way must stop the run before it.
+        views = out_dir / views_dir
+        views_hint = f"move or remove it: the grids and contact sheets (output.views_dir) go in {views}"
+        if _check_folder(views, views_hint):
+            for subject, view_names in view_names_by_subject.items():
+                folder = views / subject
+                hint = f"move or remove it: the views of subject {subject!r} go in the folder {folder}"
+                if _check_folder(folder, hint):
+                    _check_files(folder, view_names, file_hint)
+    else:
+        for subject, view_names in view_names_by_subject.items():
+            names_by_subject[subject] |= view_names
     for subject, names in names_by_subject.items():
         folder = out_dir / subject
         hint = f"move or remove it: the images of subject {subject!r} go in the folder {folder}"
-        file_hint = f"remove it: squeeze writes this file itself ({_NO_LINKS})"
         if not _check_folder(folder, hint):
             continue
         _check_files(folder, names, file_hint)

@@ -138,6 +138,8 @@ def _remove_pages_after(out_dir: Path, subject: str, pages: int) -> None:
             ]
     except FileNotFoundError:
         return
+    except OSError as error:  # a file in the folder's place: a failed write, not a traceback after the run
+        raise OutputWriteError.from_os_error(folder, error, "read the folder") from error
     for path in extra:
         try:
             os.unlink(path)

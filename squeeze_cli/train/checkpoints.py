@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from safetensors import SafetensorError
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_JOBS_FAILED, SqueezeError
-from squeeze_cli.reading import MiB, read_regular_file
+from squeeze_cli.reading import MiB, file_kind, read_regular_file
 from squeeze_cli.train.config import user_path
 
 CHECKPOINTS = "checkpoints"
@@ -36,6 +37,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 # The run record, the first file a run writes: a folder holding it is a squeeze training run, the only kind
 # of existing folder training writes into (it replaces and deletes files there).
 RUN_RECORD = "training.json"
+LOG_FILE = "log.jsonl"  # a line every `logging.every` steps, appended by the main process
 
 
 class RunError(SqueezeError):
@@ -142,10 +144,27 @@ def check_output_dir(output_dir: Path) -> None:
         )
 
 
+def check_log_file(output_dir: Path) -> None:
+    """Refuses a `log.jsonl` that is not a regular file before a resumed run loads anything: the first
+    append would block on a FIFO, and a link (to /dev/zero, say) would swallow the log."""
+    path = output_dir / LOG_FILE
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return  # missing (started again), or unreadable: the first append reports it, naming the file
+    if not stat.S_ISREG(mode):
+        raise RunError(
+            f"{path} is {file_kind(mode)}, not a regular file",
+            "remove it: training writes its log there itself (never through a link), and resumes it from "
+            "the checkpoint's step",
+        )
+
+
 def checkpoint_to_resume(output_dir: Path, resume: str | None) -> Resume:
     """Where to start (`resume`: "latest", a checkpoint folder, or None for a new run); refuses an output
-    folder that is not a training run's, a new run into an old one, and a damaged checkpoint asked for by
-    name. "latest" passes over damaged checkpoints to the newest intact one."""
+    folder that is not a training run's, a new run into an old one, a resumed run's log that is not a
+    regular file, and a damaged checkpoint asked for by name. "latest" passes over damaged checkpoints to
+    the newest intact one."""
     check_output_dir(output_dir)
     if resume is None:
         if (output_dir / RUN_RECORD).exists():
@@ -154,6 +173,7 @@ def checkpoint_to_resume(output_dir: Path, resume: str | None) -> Resume:
                 "pass --resume latest to continue it, or set another `output_dir`",
             )
         return Resume(None, [])
+    check_log_file(output_dir)
     if resume == "latest":
         skipped: list[tuple[Path, str]] = []
         for folder in reversed(checkpoint_dirs(output_dir)):

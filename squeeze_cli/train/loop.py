@@ -28,6 +28,7 @@ from squeeze_cli.errors import EXIT_SIGINT, ManifestError, SqueezeError
 from squeeze_cli.images import load_rgb
 from squeeze_cli.train.checkpoints import (
     CHECKPOINTS,
+    LOG_FILE,
     RUN_RECORD,
     RunError,
     TrainState,
@@ -380,8 +381,9 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
-        with open(self.output_dir / "log.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        # As the run index is appended: one whole line a write, never through a link or blocking on a FIFO
+        # (`check_log_file` refused those before the run; this catches one put there since).
+        outputs.append_line(self.output_dir / LOG_FILE, (json.dumps(record) + "\n").encode("utf-8"))
         if self.tensorboard is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -389,7 +391,7 @@ class Trainer:
 
     def _trim_log(self) -> None:
         """At the start, drop log lines past the step the run starts from: those steps are run again."""
-        path = self.output_dir / "log.jsonl"
+        path = self.output_dir / LOG_FILE
         if not path.is_file() or not self.accelerator.is_main_process:
             return
         kept = []
