@@ -4,6 +4,7 @@ on a directory link: atomic writes, locks, sidecars and the index; a manifest or
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
@@ -43,6 +44,31 @@ def test_an_atomic_write_never_goes_through_a_link(tmp_path: Path) -> None:
     with pytest.raises(outputs.UnsafeOutputPathError, match="it is a symbolic link"):
         outputs.atomic_write_bytes(out / "dog" / "000-s0.png", b"data")
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_an_output_folder_that_is_a_link_is_written_in_the_folder_it_names(project: Path, squeeze) -> None:
+    """OUT may be a link to a folder (docs/outputs.md): `gen` refused it after writing its locks there,
+    and `eval` after scoring. Now each command works in the folder it names; a broken link is refused."""
+    (project / "real").mkdir()
+    (project / "link").symlink_to(project / "real", target_is_directory=True)
+    made = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "link"), "--quiet")
+    assert made.code == 0, made.err
+    assert len(list((project / "real" / "dog").glob("00*-s*.png"))) == 4
+    again = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "real"), "--dry-run", "--json")
+    assert json.loads(again.out.splitlines()[-1])["pending"] == 0  # one run, whichever name is given
+    for command in (
+        ("status", str(project / "link"), "--merge"),
+        ("eval", str(project / "link"), "--metrics", "tiny"),
+        ("export", str(project / "link"), "-o", str(project / "dataset")),
+    ):
+        result = squeeze(*command)
+        assert result.code == 0, (command, result.err)
+    assert (project / "real" / "metrics.json").is_file() and (project / "link").is_symlink()
+    (project / "broken").symlink_to(project / "nowhere", target_is_directory=True)
+    refused = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "broken"))
+    assert refused.code == EXIT_INVALID
+    assert "broken is a broken symbolic link" in one_error_line(refused.err)
+    assert not (project / "nowhere").exists()
 
 
 def test_the_lock_file_is_never_opened_through_a_link(tmp_path: Path) -> None:

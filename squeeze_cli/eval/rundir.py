@@ -108,6 +108,8 @@ def read_run(path: str | Path, *, verify: bool = False) -> RunContents:
         raise RunDirError(f"{run_dir}: no such directory", "give the --out folder of a `squeeze gen` run")
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: not a directory", "give the --out folder of a `squeeze gen` run")
+    # A link to the run: eval's files are written in the folder it names (never through a link).
+    run_dir = outputs.real_folder(run_dir, "give the --out folder of a `squeeze gen` run")
     index_files = _index_files(run_dir)
     if not index_files:
         raise RunDirError(

@@ -93,7 +93,7 @@ def export_run(
             f"--subjects {subjects}: no subject of the run matches",
             f"its subjects: {', '.join(subject_names)}",
         )
-    folder = _real_folder(Path(folder).expanduser().absolute())
+    folder = outputs.real_folder(folder, "point it at a folder, or give another folder")  # -o may be a link
     run_folder = Path(os.path.realpath(images.out))  # compared with the real `folder`: a link to the run too
     if folder == run_folder or run_folder in folder.parents:
         raise UsageError(f"-o {folder}: inside the run folder {images.out}", "export to a folder outside it")
@@ -113,17 +113,6 @@ def export_run(
     except OSError as error:  # disk full, permission denied: what was exported before stays whole
         path = Path(error.filename) if error.filename else folder
         raise outputs.OutputWriteError.from_os_error(path, error) from error
-
-
-def _real_folder(folder: Path) -> Path:
-    """`folder` with its symbolic links resolved. `-o` may be a link to a folder (the user's choice of place,
-    as `OUT` is for `gen`); resolved here, before anything is written, every later write (which never goes
-    through a link) lands in the folder it names. A broken link is refused, as `gen` refuses one."""
-    if folder.is_symlink() and not folder.exists():
-        raise UsageError(
-            f"-o {folder}: a broken symbolic link (or a loop)", "point it at a folder, or give another folder"
-        )
-    return Path(os.path.realpath(folder))
 
 
 def _check_own_names(folder: Path) -> None:

@@ -59,7 +59,9 @@ def run_gen(
             planned = plan_jobs(manifest, model_identity=manifest.model_identity, max_jobs=manifest.max_jobs)
             jobs = select_jobs(planned, options.only, options.limit)
             jobs = jobs if options.shard is None else shard_jobs(jobs, *options.shard)
-            out_dir = (options.out or manifest.output_dir).expanduser().absolute()
+            out_dir = outputs.real_folder(
+                options.out or manifest.output_dir, "point it at a folder, or choose another --out"
+            )
             if options.dry_run:
                 return _dry_run(
                     manifest, options, jobs, planned, out_dir, json_events=json_events, quiet=quiet

@@ -123,7 +123,7 @@ def _read_summary(folder: Path) -> dict[str, Any] | None:
 def run_status(out: str | Path, *, verify: bool = False) -> RunStatus:
     """Read a run folder: its plan, what is finished, what failed, each run's summary; writes nothing.
     With `verify`, every finished image is hashed (`outputs.find_finished`)."""
-    out = Path(out).expanduser().absolute()
+    out = outputs.real_folder(out, "point it at the run's folder")
     plan = outputs.load_run_plan(out, verify=verify)
     manifest, loaded, jobs = plan.manifest, plan.loaded, plan.jobs
     finished = outputs.find_finished(out, jobs, verify=verify)

@@ -88,6 +88,7 @@ from .layout import (  # noqa: F401
     UnsafeOutputPathError,
     image_name,
     is_run_folder,
+    real_folder,
     resolved_manifest_path,
     run_dir,
     runs_inside,

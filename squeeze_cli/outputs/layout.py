@@ -99,6 +99,21 @@ def safe_join(out_dir: str | os.PathLike, *parts: str) -> Path:
     return path
 
 
+def real_folder(folder: str | os.PathLike, hint: str) -> Path:
+    """`folder`, absolute, with its symbolic links resolved. An output folder may itself be a link to a
+    folder (the user's choice of place, docs/outputs.md): resolved before anything is written, every write
+    (none goes through a link inside it) lands in the folder it names. A broken link, or a loop, is refused
+    with `hint`; it would otherwise be followed to create its target.
+
+    Raises:
+        `UnsafeOutputPathError`: `folder` is a broken symbolic link.
+    """
+    path = Path(folder).expanduser().absolute()
+    if path.is_symlink() and not path.exists():
+        raise UnsafeOutputPathError(f"{path} is a broken symbolic link (or a loop)", hint)
+    return Path(os.path.realpath(path))
+
+
 def check_subject_name(subject: str) -> str:
     """`subject`, when it can be a directory directly under OUT: one plain name, not hidden, not a
     run-level file name. The manifest validates names first; this is the last line of defence."""
