@@ -302,6 +302,35 @@ def test_training_reads_an_export_as_subject_pairs(squeeze, run, tmp_path, expor
     assert len(load_export_data(folder, "validation", "config.yaml")) == NUM_IMAGES - len(data)
 
 
+@pytest.mark.parametrize(
+    "state",
+    ["[" * 100_000, '{"selection": {"format": "some-user/some-hub-dataset"}}', "link", "fifo"],
+    ids=["deep", "hub-name", "link", "fifo"],
+)
+def test_training_reads_a_damaged_export_state_as_one_problem(squeeze, run, tmp_path, state):
+    """Training read the export's state with `read_text` (through a link, blocking on a FIFO, a
+    RecursionError on deep JSON), and handed its `format` to `datasets.load_dataset`, which takes a hub
+    dataset's name too."""
+    import os
+
+    from squeeze_cli.errors import ManifestError
+    from squeeze_cli.train.exported import load_export_data
+
+    folder = tmp_path / "export"
+    export(squeeze, run, folder)
+    path = folder / ".squeeze-export.json"
+    path.unlink()
+    if state == "link":
+        (tmp_path / "elsewhere.json").write_text('{"selection": {"format": "parquet"}}')
+        path.symlink_to(tmp_path / "elsewhere.json")
+    elif state == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_text(state)
+    with pytest.raises(ManifestError, match="cannot read the squeeze export"):
+        load_export_data(folder, "train", "config.yaml")
+
+
 KONTEXT_MANIFEST = """\
 version: 1
 recipe: tiny-kontext

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from squeeze_cli import outputs
 
-FORMATS = ("imagefolder", "parquet", "webdataset")
+FORMATS = outputs.EXPORT_FORMATS
 PARQUET_ROW_GROUP = 256  # rows per row group: a few MB of images, read by `datasets` a group at a time
 
 

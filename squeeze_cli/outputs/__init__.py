@@ -73,6 +73,7 @@ from .index import (  # noqa: F401
     write_run_summary,
 )
 from .layout import (  # noqa: F401
+    EXPORT_FORMATS,
     EXPORT_LOCK_NAME,
     EXPORT_STAGING_NAME,
     EXPORT_STATE_NAME,

@@ -32,6 +32,8 @@ VARIANT_EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png"}
 EXPORT_STATE_NAME = ".squeeze-export.json"
 EXPORT_STAGING_NAME = ".squeeze-export-staging"
 EXPORT_LOCK_NAME = ".squeeze-export.lock"  # one export into a folder at a time
+# The dataset layouts `squeeze export` writes (export/formats.py) and `squeeze train` reads back.
+EXPORT_FORMATS = ("imagefolder", "parquet", "webdataset")
 # What `squeeze eval` writes at the top of OUT (squeeze_cli/eval/).
 METRICS_JSONL_NAME = "metrics.jsonl"
 METRICS_JSON_NAME = "metrics.json"
