@@ -42,7 +42,7 @@ VARIANTS_KEY = "variants"
 
 def png_stamp(info: os.stat_result) -> dict[str, int]:
     """The PNG's `mtime_ns` and `inode` as its sidecar records them: with the size, a stat that matches
-    them lets a resume trust the file without reading it (`resume.png_mismatch`)."""
+    them lets a resume trust the file without reading it (`resume.png_check`)."""
     return {"mtime_ns": info.st_mtime_ns, "inode": info.st_ino}
 
 

@@ -140,16 +140,11 @@ def png_file_facts(path: str | os.PathLike) -> dict[str, Any]:
     return {"size": info.st_size, "sha256": file_sha256(path), **png_stamp(info)}
 
 
-def png_mismatch(png: str | os.PathLike, record: Mapping[str, Any], *, verify: bool = False) -> str | None:
-    """Why the PNG `png` is not the one its sidecar `record` vouches for; None when it is. The definition
-    of a finished image, shared by resume, `status` and `squeeze eval` (see `png_check`)."""
-    return png_check(png, record, verify=verify)[0]
-
-
 def png_check(
     png: str | os.PathLike, record: Mapping[str, Any], *, verify: bool = False
 ) -> tuple[str | None, dict[str, int] | None]:
-    """`(why png does not match its sidecar or None, its stat to record or None)`.
+    """`(why png does not match its sidecar or None, its stat to record or None)`: the definition of a
+    finished image, shared by resume, `status`, `squeeze eval` and `squeeze export`.
 
     The PNG matches when it is a regular file of the recorded size whose stat is the recorded mtime and
     inode, or whose sha256 is the recorded one (always hashed with `verify`). The second value is the
@@ -159,12 +154,6 @@ def png_check(
     if not isinstance(facts, dict):
         return "its sidecar records no size and sha256 for it (written by an older squeeze)", None
     return file_check(png, facts, verify=verify)
-
-
-def file_mismatch(path: str | os.PathLike, facts: Mapping[str, Any], *, verify: bool = False) -> str | None:
-    """Why the file at `path` is not the one a sidecar's `facts` (`{"size", "sha256"}`, and the `mtime_ns`
-    and `inode` it had when written, where recorded) vouch for; None when it is (`file_check`)."""
-    return file_check(path, facts, verify=verify)[0]
 
 
 def file_check(
