@@ -227,6 +227,43 @@ def test_a_second_run_on_a_busy_output_directory_is_refused(project: Path, gen) 
     assert not list(out.glob("*/*.png"))
 
 
+def test_a_run_started_on_the_same_new_folder_while_this_one_loaded_makes_nothing_twice(
+    project: Path, gen, monkeypatch
+) -> None:
+    """Two runs started together on a new OUT: neither could lock a folder that did not exist yet, so the
+    second found nothing finished and, once the first was done, made every image again."""
+    from squeeze_cli.gen.runner import GenRun
+
+    out = project / "out"
+    real_open = GenRun.open
+
+    def open_after_another_run(run: GenRun) -> None:  # the other run, between this one's scan and writes
+        other = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "squeeze_cli",
+                "gen",
+                str(project / "m.yaml"),
+                "--out",
+                str(out),
+                "--quiet",
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+            timeout=600,
+        )
+        assert other.returncode == 0, other.stderr
+        real_open(run)
+
+    monkeypatch.setattr(GenRun, "open", open_after_another_run)
+    gen(str(project / "m.yaml"), "--out", str(out), "--quiet")
+    assert len(list(out.glob("*/[0-9]*-s*.png"))) == NUM_JOBS
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["jobs"]["skipped"] == NUM_JOBS and summary["jobs"]["succeeded"] == 0, summary["jobs"]
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -28,7 +28,7 @@ from squeeze_cli.errors import (
     ManifestError,
     SqueezeError,
 )
-from squeeze_cli.gen.lock import DirectoryLock, LayoutLock
+from squeeze_cli.gen.lock import DirectoryLock, LayoutLock, OutputInUseError
 from squeeze_cli.gen.progress import Reporter
 from squeeze_cli.gen.signals import StopNow, StopSignal, exit_code
 from squeeze_cli.gen.summary import describe_plan, finish_summary, now, report_dry_run, starting_summary
@@ -260,10 +260,13 @@ class GenRun:
         if self.is_main:
             assert self.lock is not None and self.layout_lock is not None  # the main process's (__init__)
             outputs.ensure_dir(self.out_dir)
+            new_folder = not self.lock.held  # none at `prepare`: another run may have begun in it since
             if not self.lock.held:
                 self.lock.acquire()
             if not self.layout_lock.held:
                 self.layout_lock.acquire()
+            if new_folder:
+                self._find_finished_again()
             # Stale images (jobs the plan does not have) leave the names this run needs (all with --prune);
             # then finished images of prompts that moved take their new position's name, before anything runs.
             self.summary["stale"] = self._move_stale()
@@ -281,6 +284,24 @@ class GenRun:
                 keep_job_ids={job.job_id for job in self.view_jobs} if self.options.prune else None,
             )
         self.processes.barrier()
+
+    def _find_finished_again(self) -> None:
+        """The resume scan again, now that the lock is held: a run started on the same new folder while this
+        one loaded may have made images since `prepare` found none (they would all be made twice)."""
+        if self.options.overwrite:
+            return
+        found = outputs.find_finished(self.out_dir, self.jobs, verify=self.options.verify)
+        if found.keys() <= self.done.keys():
+            return
+        if self.processes.count > 1:  # the other processes split the pending jobs at `prepare`
+            raise OutputInUseError(
+                f"another squeeze gen made images in {self.out_dir} while this one was loading",
+                "run the same command again: it resumes, and makes only what is missing",
+            )
+        self.done = found
+        self.pending = [job for job in self.jobs if job.job_id not in found]
+        self.mine = self.pending
+        self.summary["jobs"]["skipped"] = len(found)
 
     def _move_stale(self) -> dict[str, Any]:
         """Move the stale images in the way of this run's names (every stale image and view with
