@@ -115,11 +115,22 @@ def test_a_padded_jpeg_variant_keeps_a_pure_white_border(tmp_path: Path, squeeze
 
 
 def test_an_image_without_the_variant_fails_as_missing(run_folder: Path, squeeze) -> None:
+    lines = [json.loads(line) for line in (run_folder / "index.jsonl").read_text().splitlines()]
+    lines[-2]["variants"] = {"amazon": lines[-2]["image"]}  # one image has it (its master stands in)
+    (run_folder / "index.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     result = squeeze("check", str(run_folder), "--rules", "amazon-main", "--variant", "amazon", "--json")
     assert result.code == 1
     report = json.loads(result.out)
-    assert report["failed"] == 6
-    assert report["images"][0]["error"] == "missing: it has no variant 'amazon'"
+    missing = [check for check in report["images"] if check.get("error", "").startswith("missing")]
+    assert len(missing) == 5 and missing[0]["error"] == "missing: it has no variant 'amazon'"
+
+
+@pytest.mark.parametrize("variant", ["amazon", ""])
+def test_a_variant_no_image_has_is_a_usage_error(run_folder: Path, squeeze, variant: str) -> None:
+    """A misspelt `--variant` (or an empty one) failed every image as "missing", exit 1, and no hint."""
+    result = squeeze("check", str(run_folder), "--rules", "amazon-main", "--variant", variant)
+    assert result.code == 2
+    assert f"no image in {run_folder} has a variant {variant!r} (hint: the run made none" in result.err
 
 
 def test_status_json_carries_the_same_results(run_folder: Path, make_image, squeeze) -> None:
@@ -152,6 +163,18 @@ def test_a_rules_file_with_problems_is_located(run_folder: Path, write_file, squ
     result = squeeze("check", str(run_folder), "--rules", str(rules))
     assert result.code == 2
     assert "bad.yaml:2:" in result.err and "bad.yaml:3:" in result.err
+
+
+def test_a_rules_file_takes_values_as_strictly_as_a_manifest(run_folder: Path, write_file, squeeze) -> None:
+    """`yes` was read as 1.0 and "0.5" as 0.5; a name with a newline printed lines of its own; a colour one
+    item short said the key was missing."""
+    text = 'name: "a\\nFAIL fake"\nborder_background: yes\nmin_fill: "0.5"\nbackground: [255, 255]\n'
+    result = squeeze("check", str(run_folder), "--rules", str(write_file(text, name="loose.yaml")))
+    assert result.code == 2
+    assert "loose.yaml:1:7: name: must be one line of printable characters" in result.err
+    assert "loose.yaml:2:20: border_background: expected a number, got True" in result.err
+    assert "loose.yaml:3:11: min_fill: expected a number, got '0.5'" in result.err
+    assert "loose.yaml:4:13: background: too few items: item 3 is missing" in result.err
 
 
 def test_a_folder_without_an_index_exits_2(tmp_path: Path, squeeze) -> None:

@@ -137,6 +137,9 @@ def _problem_from_error(
     hint = None
     if kind == "squeeze":
         message, hint = error["msg"], context.get("hint")
+    elif kind == "missing" and error["loc"] and isinstance(error["loc"][-1], int):
+        # A fixed-length list one item short (`background: [255, 255]`): located at the list.
+        return document.problem(path, f"too few items: item {error['loc'][-1] + 1} is missing")
     elif kind == "missing":
         # Located at the mapping that lacks the key: the key itself has no line.
         message = f"missing required key `{path[-1]}`"

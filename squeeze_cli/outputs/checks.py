@@ -27,7 +27,7 @@ from squeeze_cli.errors import EXIT_INVALID, ManifestError, SqueezeError
 from squeeze_cli.manifest.located import load_yaml
 from squeeze_cli.manifest.recipes import is_file_path
 from squeeze_cli.manifest.schema import StrictModel, non_empty
-from squeeze_cli.manifest.schema_errors import validate_schema
+from squeeze_cli.manifest.schema_errors import schema_error, validate_schema
 from squeeze_cli.outputs.index import read_index
 from squeeze_cli.outputs.layout import INDEX_NAME, UnsafeOutputPathError, safe_join
 from squeeze_cli.outputs.records import VARIANTS_KEY
@@ -35,7 +35,7 @@ from squeeze_cli.reading import MANIFEST_MAX_BYTES, open_regular_file, read_regu
 
 RULES_PACKAGE = "squeeze_cli.outputs"
 RULES_FOLDER = "rules"
-Share = Annotated[float, Field(ge=0.0, le=1.0)]
+Share = Annotated[float, Field(ge=0.0, le=1.0, strict=True)]  # not `yes` or "0.5", as in a manifest
 Channel = Annotated[StrictInt, Field(ge=0, le=255)]
 
 
@@ -45,10 +45,17 @@ class RulesError(SqueezeError):
     exit_code = EXIT_INVALID
 
 
+def _one_line(value: str) -> str:
+    # The name starts every line `check` prints: a newline in it would print lines of its own.
+    if not value.isprintable():
+        raise schema_error("must be one line of printable characters")
+    return value
+
+
 class RuleSet(StrictModel):
     """The schema of a rules file."""
 
-    name: Annotated[StrictStr, AfterValidator(non_empty)]
+    name: Annotated[StrictStr, AfterValidator(non_empty), AfterValidator(_one_line)]
     description: StrictStr = ""
     background: tuple[Channel, Channel, Channel] = (255, 255, 255)
     border_background: Share | None = None
@@ -214,11 +221,24 @@ def check_run(out_dir: str | os.PathLike, rules: RuleSet, variant: str | None = 
             f"{out} has no {INDEX_NAME}: it is not the output folder of a finished `squeeze gen` run",
             "give the folder `squeeze gen` wrote (after a --shard run, `squeeze status OUT --merge` first)",
         )
-    checks = [
-        check_job_image(out, line["image"], line.get(VARIANTS_KEY), rules, variant)
-        for line in sorted(_finished_lines(read_index(out)), key=lambda line: str(line.get("image")))
-    ]
+    lines = sorted(_finished_lines(read_index(out)), key=lambda line: str(line.get("image")))
+    if variant is not None and lines and not any(_variant_of(line, variant) for line in lines):
+        made = sorted({name for line in lines for name in _variants(line)})
+        raise RulesError(
+            f"no image in {out} has a variant {variant!r}",
+            f"its variants: {', '.join(made)}" if made else "the run made none (`output.variants`)",
+        )
+    checks = [check_job_image(out, line["image"], line.get(VARIANTS_KEY), rules, variant) for line in lines]
     return CheckReport(rules, variant, checks)
+
+
+def _variants(line: Mapping[str, Any]) -> Mapping[str, Any]:
+    variants = line.get(VARIANTS_KEY)
+    return variants if isinstance(variants, Mapping) else {}
+
+
+def _variant_of(line: Mapping[str, Any], variant: str) -> bool:
+    return isinstance(_variants(line).get(variant), str)
 
 
 def check_job_image(

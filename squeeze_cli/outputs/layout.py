@@ -81,7 +81,7 @@ def safe_join(out_dir: str | os.PathLike, *parts: str) -> Path:
     for part in parts:
         if not part or "\0" in part or os.path.isabs(part):
             raise UnsafeOutputPathError(
-                f"refusing to use {part!r}: not a relative name under the output directory {base}",
+                f"refusing to use {'/'.join(parts)!r}: not a relative name under the output directory {base}",
                 "names under --out must be plain relative names",
             )
     path = base.joinpath(*parts)
