@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import ONE_IMAGE, one_error_line
+from support import ONE_IMAGE, files_under, one_error_line
 
-from squeeze_cli.errors import ModelLoadError
+from squeeze_cli.errors import EXIT_SIGINT, ModelLoadError
 
 TWO_RECIPES = "tiny,tiny-kontext"
 
@@ -59,6 +59,74 @@ def test_several_recipes_are_not_written_into_a_run_folder(make_project, squeeze
     result = squeeze("gen", str(project / "m.yaml"), "--recipe", TWO_RECIPES, "--dry-run")
     assert result.code == 2
     assert "is the run folder of one recipe" in one_error_line(result.err)
+
+
+def test_a_recipe_folder_that_is_a_link_is_refused(make_project, squeeze) -> None:
+    # OUT/tiny-kontext leading to OUT/tiny: the second recipe's images would replace the first's.
+    project = make_project(m=ONE_IMAGE)
+    out = project / "squeeze-out"
+    (out / "tiny").mkdir(parents=True)
+    (out / "tiny-kontext").symlink_to("tiny")
+    for dry_run in ((), ("--dry-run",)):
+        result = squeeze("gen", str(project / "m.yaml"), "--recipe", TWO_RECIPES, *dry_run)
+        assert result.code == 2, result.err
+        assert f"{out / 'tiny-kontext'} is a symbolic link" in one_error_line(result.err)
+        assert files_under(out) == ["tiny", "tiny-kontext"]
+
+
+@pytest.mark.parametrize("inside", ["runs", "record"])
+def test_one_recipe_is_not_written_into_the_folder_of_several(make_project, squeeze, inside: str) -> None:
+    project = make_project(m=ONE_IMAGE)
+    out = project / "squeeze-out"
+    if inside == "runs":
+        for recipe in ("tiny", "tiny-kontext"):
+            (out / recipe).mkdir(parents=True)
+            (out / recipe / "manifest.resolved.yaml").write_text("version: 1\n")
+    else:  # `gen --recipe A,B` stopped before either run began
+        out.mkdir()
+        (out / ".squeeze-recipes.json").write_text('{"recipes": ["tiny", "tiny-kontext"]}\n')
+    before = files_under(out)
+    for flags in (("--recipe", "tiny"), ("--dry-run",)):
+        result = squeeze("gen", str(project / "m.yaml"), "--out", str(out), *flags)
+        assert result.code == 2, result.err
+        line = one_error_line(result.err)
+        assert f"{out} holds the run folders of `gen --recipe A,B`" in line and "give one of them" in line
+        assert files_under(out) == before
+
+
+def test_status_names_a_recipe_that_did_not_run(make_project, squeeze, monkeypatch) -> None:
+    from squeeze_cli.gen import runner
+
+    real_run_gen = runner.run_gen
+
+    def run_gen(manifest, options, **kwargs):
+        if manifest.output_dir.name == "tiny-kontext":  # killed before its folder was made
+            return EXIT_SIGINT
+        return real_run_gen(manifest, options, **kwargs)
+
+    monkeypatch.setattr(runner, "run_gen", run_gen)
+    project = make_project(m=ONE_IMAGE)
+    out = project / "squeeze-out"
+    assert squeeze("gen", str(project / "m.yaml"), "--recipe", TWO_RECIPES).code == EXIT_SIGINT
+    assert json.loads((out / ".squeeze-recipes.json").read_text()) == {"recipes": ["tiny", "tiny-kontext"]}
+    for problem, make in [
+        ("missing", lambda path: None),
+        ("not a folder (a regular file)", lambda path: path.write_text("")),
+        ("a broken symbolic link", lambda path: path.symlink_to("nowhere")),
+    ]:
+        make(out / "tiny-kontext")
+        text = squeeze("status", str(out))
+        assert text.code == 1, text.out
+        assert f"recipe tiny-kontext: {out / 'tiny-kontext'} is {problem}" in text.out
+        # One run inside: still the document of several, and `.runs[].complete` sees the missing one.
+        document = squeeze("status", str(out), "--json")
+        assert document.code == 1
+        runs = json.loads(document.out)["runs"]
+        assert [(run["out"], run["complete"]) for run in runs] == [
+            (str(out / "tiny"), True),
+            (str(out / "tiny-kontext"), False),
+        ]
+        (out / "tiny-kontext").unlink(missing_ok=True)
 
 
 @pytest.mark.slow

@@ -88,6 +88,18 @@ def _check_input(
         out=out_dir,
         reference_cache=not verify,
     )
+    from squeeze_cli.outputs import holds_recipes, runs_inside
+
+    # One recipe's files in the folder of `gen --recipe A,B` would sit beside its runs, and `status` and
+    # `eval` on it would see that one run only.
+    if holds_recipes(loaded.output_dir):
+        inside = runs_inside(loaded.output_dir)
+        example = inside[0] if inside else loaded.output_dir / "<recipe>"
+        raise UsageError(
+            f"{loaded.output_dir} holds the run folders of `gen --recipe A,B`: a run of one recipe is "
+            "written into a folder of its own",
+            f"give one of them as --out (e.g. --out {example}), or another folder",
+        )
     # A device that is not here is bad input: said now (a dry run too), not after loading the model.
     wrong_device = device_problem(device, offload)
     if wrong_device is not None:
@@ -125,6 +137,16 @@ def _check_recipes(
             "inside OUT",
             "choose another --out",
         )
+    for recipe in recipes:
+        # Nothing is written through a link inside OUT (docs/outputs.md): a recipe's folder that is one
+        # could lead to another recipe's folder, whose images it would then replace.
+        folder = parent / recipe_folder_name(recipe)
+        if folder.is_symlink():
+            raise UsageError(
+                f"{folder} is a symbolic link: with several recipes each writes a run folder of its own "
+                "inside OUT, never through a link",
+                "remove the link (or move the run it leads to there), or choose another --out",
+            )
     runs = []
     for recipe in recipes:
         name = recipe_folder_name(recipe)
@@ -287,6 +309,14 @@ def gen(
         command=["squeeze", *sys.argv[1:]],
     )
     if len(runs) > 1:  # each run's errors are reported as they happen; the next recipe runs
+        if not dry_run:
+            from squeeze_cli.outputs import real_folder, write_recipes
+
+            # Before any recipe runs: `status OUT` can then name one that never ran.
+            parent = real_folder(
+                runs[0][1].output_dir.parent, "point it at a folder, or choose another --out"
+            )
+            write_recipes(parent, [name for name, _ in runs])
         return run_recipes(runs, options, json_events=json_output, quiet=quiet)
     try:
         return run_gen(runs[0][1], options, json_events=json_output, quiet=quiet)

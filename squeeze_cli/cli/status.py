@@ -14,7 +14,8 @@ from squeeze_cli.errors import EXIT_JOBS_FAILED, SqueezeError
 STATUS_EPILOG = """\b
 Exit codes:
   0    complete: every planned image is done (and, with --rules, passes)
-  1    incomplete: jobs pending or failed; with --rules, also an image that fails a rule
+  1    incomplete: jobs pending or failed, or a recipe of `gen --recipe A,B` not run; with --rules,
+       also an image that fails a rule
   2    not a run folder, or its manifest (or rule set) cannot be read
 """
 
@@ -59,12 +60,15 @@ def status(
     """Say how far a run folder is: per subject done / failed / pending, shards included.
 
     On the folder of `gen --recipe A,B`, the same for each recipe's run folder in it."""
-    from squeeze_cli.gen.status import format_status, merge_run, run_status
-    from squeeze_cli.outputs import check_run, format_report, load_rules, runs_inside
+    from squeeze_cli.gen.status import format_status, merge_run, missing_recipes, run_status
+    from squeeze_cli.outputs import check_run, format_report, holds_recipes, load_rules, runs_inside
 
     require_rules_for_variant(rules, variant)
-    folders = runs_inside(Path(out).expanduser().absolute()) or [Path(out)]
+    root = Path(out).expanduser().absolute()
+    several = holds_recipes(root)  # the folder of `gen --recipe A,B`, however many of its runs are there
+    folders = runs_inside(root) if several else [Path(out)]
     try:
+        missing = missing_recipes(root) if several else []
         found = [run_status(folder, verify=verify) for folder in folders]
         for run in found if merge else ():
             merge_run(run)
@@ -80,17 +84,26 @@ def status(
             {**run.to_dict(), "merged": merge, **({"checks": check.to_dict()} if check is not None else {})}
             for run, check in zip(found, checks, strict=True)
         ]
-        document = documents[0] if len(found) == 1 else {"runs": documents}
-        typer.echo(json.dumps({"ok": True, **document}, indent=2))
+        documents += [
+            {"out": str(root / name), "recipe": name, "complete": False, "problem": problem}
+            for name, problem in missing
+        ]
+        typer.echo(json.dumps({"ok": True, **({"runs": documents} if several else documents[0])}, indent=2))
     else:
         typer.echo(
             "\n\n".join(
-                format_status(run, merged=merge)
-                + (f"\n{format_report(check).splitlines()[-1]}" if check is not None else "")
-                for run, check in zip(found, checks, strict=True)
+                [
+                    format_status(run, merged=merge)
+                    + (f"\n{format_report(check).splitlines()[-1]}" if check is not None else "")
+                    for run, check in zip(found, checks, strict=True)
+                ]
+                + [f"recipe {name}: {root / name} is {problem}: not complete" for name, problem in missing]
             )
         )
     return max(
-        max(run.exit_code, EXIT_JOBS_FAILED) if check is not None and check.failed else run.exit_code
-        for run, check in zip(found, checks, strict=True)
+        [
+            max(run.exit_code, EXIT_JOBS_FAILED) if check is not None and check.failed else run.exit_code
+            for run, check in zip(found, checks, strict=True)
+        ]
+        + [EXIT_JOBS_FAILED for _ in missing]
     )

@@ -26,6 +26,7 @@ The output directory is a documented contract (docs/outputs.md)::
     OUT/run.json                                   the run summary
     OUT/manifest.resolved.yaml                     the manifest with the preset merged: reproduces the run
     OUT/.stale/<UTC time>/<subject>/               stale images moved out of the way (`gen --prune`)
+    OUT/.squeeze-recipes.json                      `gen --recipe A,B`: its recipe folders, OUT/A/, OUT/B/
 
 Guarantees the runner builds on:
 - nothing is written outside OUT (`safe_join` resolves every path, symlinks included);
@@ -68,7 +69,9 @@ from .index import (  # noqa: F401
     iter_index,
     planned_images,
     read_index,
+    read_recipes,
     repair_index,
+    write_recipes,
     write_resolved_manifest,
     write_run_summary,
 )
@@ -87,6 +90,7 @@ from .layout import (  # noqa: F401
     RUN_SUMMARY_NAME,
     STALE_DIR_NAME,
     UnsafeOutputPathError,
+    holds_recipes,
     image_name,
     is_run_folder,
     real_folder,

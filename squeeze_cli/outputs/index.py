@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from squeeze_cli.errors import SqueezeError
 from squeeze_cli.outputs.files import (
     OutputWriteError,
     atomic_write_bytes,
@@ -23,6 +24,7 @@ from squeeze_cli.outputs.files import (
 )
 from squeeze_cli.outputs.layout import (
     INDEX_NAME,
+    RECIPES_NAME,
     VARIANT_EXTENSIONS,
     image_name,
     index_path,
@@ -32,7 +34,7 @@ from squeeze_cli.outputs.layout import (
     variant_name,
 )
 from squeeze_cli.outputs.records import VARIANTS_KEY
-from squeeze_cli.reading import INDEX_MAX_BYTES, file_kind, open_regular_file, size_text
+from squeeze_cli.reading import INDEX_MAX_BYTES, file_kind, open_regular_file, read_regular_file, size_text
 
 if TYPE_CHECKING:
     from ..plan import Job
@@ -350,3 +352,41 @@ def write_run_summary(out_dir: str | os.PathLike, summary: Mapping[str, Any]) ->
 def write_resolved_manifest(out_dir: str | os.PathLike, text: str) -> Path:
     """`OUT/manifest.resolved.yaml`: the manifest with the preset merged; `squeeze gen` on it reproduces."""
     return atomic_write_text(resolved_manifest_path(out_dir), text if text.endswith("\n") else text + "\n")
+
+
+RECIPES_MAX_BYTES = 1024 * 1024  # a few names
+
+
+def write_recipes(out_dir: str | os.PathLike, folders: list[str]) -> Path:
+    """`OUT/.squeeze-recipes.json`: the recipe folders of the last `gen --recipe A,B` into `out_dir`."""
+    return atomic_write_json(Path(out_dir) / RECIPES_NAME, {"recipes": folders})
+
+
+def read_recipes(out_dir: str | os.PathLike) -> list[str]:
+    """The recipe folders `OUT/.squeeze-recipes.json` names (none without it).
+
+    Raises:
+        `SqueezeError`: the file is not one `write_recipes` writes (a link, a FIFO, not that JSON).
+    """
+    path = Path(out_dir) / RECIPES_NAME
+    if not os.path.lexists(path):
+        return []
+    try:
+        folders = json.loads(read_regular_file(path, RECIPES_MAX_BYTES, follow_symlinks=False))["recipes"]
+        # Plain names only: a name is joined to OUT and read.
+        if (
+            not isinstance(folders, list)
+            or not folders
+            or not all(
+                isinstance(name, str) and name and name == Path(name).name and name not in (".", "..")
+                for name in folders
+            )
+        ):
+            raise ValueError("`recipes` is not a list of folder names")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise SqueezeError(
+            f"{path} is not the list of recipes `squeeze gen --recipe A,B` writes ({reason})",
+            "delete it: the next `squeeze gen --recipe A,B` into this folder writes it again",
+        ) from error
+    return folders

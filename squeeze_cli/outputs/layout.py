@@ -21,6 +21,9 @@ CONTACT_SHEET_PAGE_PROMPTS = 50  # prompts per contact-sheet page: a page stays 
 LOCK_NAME = ".squeeze.lock"  # in OUT, or in a shard's folder
 LAYOUT_LOCK_NAME = ".squeeze-layout.lock"  # in OUT: which shard layout (plain, or --shard I/N) holds OUT
 SHARDS_DIR_NAME = "shards"  # OUT/shards/<I>-of-<N>/ holds one shard's run files
+# OUT/.squeeze-recipes.json: the recipe folders `gen --recipe A,B` puts in OUT, written before the first
+# recipe runs, so that `status` can name a recipe that never ran. Hidden: no subject can take it.
+RECIPES_NAME = ".squeeze-recipes.json"
 # OUT/.stale/<UTC time>/<subject>/: images of jobs the plan no longer has, moved out of the way. It starts
 # with `.`, so no subject can take it (`check_subject_name`).
 STALE_DIR_NAME = ".stale"
@@ -57,6 +60,14 @@ def runs_inside(folder: Path) -> list[Path]:
     if is_run_folder(folder) or not folder.is_dir():
         return []
     return sorted(sub for sub in folder.iterdir() if sub.is_dir() and is_run_folder(sub))
+
+
+def holds_recipes(folder: Path) -> bool:
+    """Whether `folder` is the folder of `gen --recipe A,B`: not a run itself, it records its recipes
+    (`RECIPES_NAME`), or holds run folders."""
+    if is_run_folder(folder):
+        return False
+    return os.path.lexists(folder / RECIPES_NAME) or bool(runs_inside(folder))
 
 
 class UnsafeOutputPathError(SqueezeError):
