@@ -139,6 +139,15 @@ def test_merge_with_a_subject_folder_that_is_a_fifo_merges_the_rest(sharded_run,
     assert outputs.plan_views(out, cat, outputs.find_finished(out, cat)) == []
 
 
+def test_bad_rules_stop_a_merge_before_it_writes(sharded_run, squeeze) -> None:
+    """`status --merge --rules bad.yaml` rebuilt the index, then refused the rules."""
+    _, out = sharded_run
+    (out / "index.jsonl").unlink(missing_ok=True)  # what a merge writes
+    result = squeeze("status", str(out), "--merge", "--rules", "missing.yaml")
+    assert result.code == 2 and "cannot read rules file 'missing.yaml'" in result.err
+    assert not (out / "index.jsonl").exists()
+
+
 # The index's size limit -------------------------------------------------------------------------------------
 
 

@@ -70,9 +70,9 @@ def status(
     try:
         missing = missing_recipes(root) if several else []
         found = [run_status(folder, verify=verify) for folder in folders]
+        rule_set = load_rules(rules) if rules is not None else None  # bad rules: before any merge writes
         for run in found if merge else ():
             merge_run(run)
-        rule_set = load_rules(rules) if rules is not None else None
         checks = [check_run(run.out, rule_set, variant) if rule_set is not None else None for run in found]
     except SqueezeError as error:
         if not json_output:
