@@ -504,7 +504,6 @@ def _sort_value(value: float | None) -> float:
 
 
 def write_report(evaluations: Sequence[Evaluation], run_dir: Path) -> Path:
-    """`run_dir/report.html`, atomically."""
-    return outputs.atomic_write_text(
-        outputs.safe_join(run_dir, outputs.REPORT_NAME), render_report(evaluations, run_dir)
-    )
+    """`run_dir/report.html`, atomically: by its plain name (`run_dir` is the run's real folder), so a
+    link there is replaced, not written through (as `write_metrics`)."""
+    return outputs.atomic_write_text(run_dir / outputs.REPORT_NAME, render_report(evaluations, run_dir))
