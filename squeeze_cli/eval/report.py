@@ -12,7 +12,6 @@ from typing import Any
 
 from squeeze_cli import outputs
 from squeeze_cli.eval.gated import gate_line
-from squeeze_cli.eval.scoring import mean_metrics
 from squeeze_cli.metrics.protocol import METRIC_LABELS
 
 
@@ -400,8 +399,7 @@ def _gallery(evaluations: Sequence[Evaluation], metrics: Sequence[str], report_d
     # Each run's means over the row's images: its summary's per-prompt means, or, for a prompt its manifest
     # repeats, over both numbers' images, as the row shows them.
     means = {
-        key: {number: mean_metrics(rows, metrics) for number, rows in runs.items()}
-        for key, runs in prompts.items()
+        key: {number: _means(rows, metrics) for number, rows in runs.items()} for key, runs in prompts.items()
     }
     names = [name for name, *_ in evaluations]
     first_metric = metrics[0] if metrics else None
@@ -460,6 +458,13 @@ def _gallery(evaluations: Sequence[Evaluation], metrics: Sequence[str], report_d
             parts.append(f"<tr data-key='{row_key}' data-text='{text}'>{''.join(cells)}</tr>")
         parts.append("</tbody></table></section>")
     return parts
+
+
+def _means(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[str, float | None]:
+    """Each metric's mean over the rows that have it, as `scoring.mean_metrics` (which imports this
+    module)."""
+    values = {m: [row[m] for row in rows if row.get(m) is not None] for m in metrics}
+    return {m: statistics.fmean(found) if found else None for m, found in values.items()}
 
 
 def _indices(rows: Sequence[dict[str, Any]]) -> str:
