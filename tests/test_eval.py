@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -345,3 +346,39 @@ def test_a_cached_eval_and_status_import_no_model_library(squeeze, run: Path) ->
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "0 computed" in result.stdout and result.stdout.splitlines()[-1] == "HEAVY []", result.stdout
+
+
+def test_side_by_side_rows_compare_the_same_prompt(squeeze, run: Path, tmp_path: Path):
+    """A row is a prompt, not a prompt number: the other run's manifest puts its prompts in another order
+    and adds one, so `#0` is "in the snow" in one run and "on the beach" in the other."""
+    reordered = MANIFEST.replace(
+        "      - a {class} in the snow\n      - a {class} on the beach\n",
+        "      - a {class} on the beach\n      - a {class} in the snow\n      - a {class} in a bucket\n",
+    )
+    other = gen_example_run(tmp_path / "project", squeeze, reordered)
+    assert squeeze("eval", str(run), str(other), "--metrics", "tiny").code == 0
+    prompt_of = {
+        (folder, row["image"]): row["prompt"] for folder in (run, other) for row in read_rows(folder)
+    }
+    rows = {}
+    for cells in re.findall(r"<tr data-key='[^']*' data-text='[^']*'>(.*?)</tr>", read_report(run)):
+        shots = re.findall(r"<td class='shots'>.*?</td>|<td>missing</td>", cells)
+        images = [re.findall(r"data-image='([^']*)'", cell) for cell in shots]
+        prompts = {
+            prompt_of[folder, image]
+            for folder, found in zip((run, other), images, strict=True)
+            for image in found
+        }
+        assert len(prompts) == 1, prompts  # one prompt per row, in every run
+        rows[prompts.pop()] = [len(found) for found in images]
+    assert rows == {
+        "a backpack on a table": [2, 2],
+        "a dog in the snow": [2, 2],
+        "a dog on the beach": [2, 2],
+        "a dog in a bucket": [0, 2],  # only the other run has it: an empty cell for the first
+    }
+    assert list(rows)[-1] == "a dog in a bucket"  # after the first run's prompts
+
+
+def read_report(run: Path) -> str:
+    return (run / "report.html").read_text()

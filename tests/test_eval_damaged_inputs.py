@@ -250,10 +250,6 @@ def test_references_of_the_wrong_type_in_a_sidecar_are_ignored(squeeze, run: Pat
 # ---------------------------------------------------------------------------------------------------
 
 
-def _cache_fifo(path: Path) -> None:
-    os.mkfifo(path)
-
-
 def _cache_endless(path: Path) -> None:
     path.symlink_to("/dev/zero")
 
@@ -279,26 +275,62 @@ def _cache_nan(path: Path) -> None:
 
 @pytest.mark.parametrize(
     "damage",
-    [_cache_fifo, _cache_endless, _cache_deep, _cache_wrong_types, _cache_nan],
-    ids=["fifo", "endless", "deep", "wrong-types", "nan"],
+    [_cache_endless, _cache_deep, _cache_wrong_types, _cache_nan],
+    ids=["endless", "deep", "wrong-types", "nan"],
 )
 def test_a_damaged_metrics_cache_counts_as_no_cache(squeeze, run: Path, damage):
     eval_run(squeeze, str(run))
     expected = (run / "metrics.jsonl").read_text()
     cache = run / "metrics-cache.json"
-    if damage in (_cache_fifo, _cache_endless):
+    if damage is _cache_endless:
         cache.unlink()
     damage(cache)
-    if damage is _cache_endless:  # read as no cache; the link leads out of the run, so writing is refused
-        result = eval_run(squeeze, str(run), expect=2)
-        assert "metrics-cache.json" in last_line(result.err)
-        return
     result = eval_run(squeeze, str(run))
     assert "scores: " in result.out and "scores: 0 computed" not in result.out
     assert (run / "metrics.jsonl").read_text() == expected
+    assert cache.is_file() and not cache.is_symlink()  # a link there (to /dev/zero) is replaced
     for name in ("metrics.jsonl", "metrics.json", "metrics-cache.json"):
         text = (run / name).read_text()
         assert "NaN" not in text and "Infinity" not in text, name
+
+
+EVAL_FILES = ("metrics-cache.json", "metrics.jsonl", "metrics.json", "report.html")
+
+
+@pytest.mark.parametrize("name", EVAL_FILES)
+def test_a_link_at_an_eval_file_is_replaced_never_written_through(squeeze, run: Path, tmp_path: Path, name):
+    """Eval's files are the run's own: a link there (a shared cache elsewhere, a report kept elsewhere)
+    is neither read nor written through but replaced. It used to stop eval after every score was
+    computed ("it resolves to ..., outside the output directory")."""
+    eval_run(squeeze, str(run))
+    shared = tmp_path / "elsewhere" / name
+    shared.parent.mkdir()
+    (run / name).rename(shared)
+    before = shared.read_bytes()
+    (run / name).symlink_to(shared)
+    result = eval_run(squeeze, str(run))
+    computed = 2 * NUM_IMAGES if name == "metrics-cache.json" else 0  # the linked cache is not read
+    assert f"scores: {computed} computed" in result.out
+    assert not (run / name).is_symlink() and (run / name).stat().st_size > 0
+    assert shared.read_bytes() == before
+    assert summary_of(run)["images"] == NUM_IMAGES
+
+
+@pytest.mark.parametrize("name", EVAL_FILES)
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_folder_or_fifo_at_an_eval_file_is_refused_before_scoring(squeeze, run: Path, name, kind):
+    """The rename would fail after every score was computed (exit 1 with gen's "finished images are
+    kept"): refused first, one line naming the file and eval's fix, exit 2."""
+    path = run / name
+    path.mkdir() if kind == "folder" else os.mkfifo(path)
+    result = eval_run(squeeze, str(run), expect=2)
+    line = last_line(result.err)
+    assert f"{path} is {'a folder' if kind == 'folder' else 'a FIFO'}" in line
+    assert "squeeze eval writes" in line and "finished images" not in line and "--out" not in line
+    assert not {"metrics-cache.json", "metrics.json"} & {p.name for p in run.iterdir() if p != path}
+    if name == "report.html":  # not written with --no-report: nothing in the way
+        eval_run(squeeze, str(run), "--no-report")
+        assert summary_of(run)["images"] == NUM_IMAGES
 
 
 def test_nan_scores_are_written_as_null(squeeze, run: Path, monkeypatch):

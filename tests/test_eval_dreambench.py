@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,70 @@ def test_dreambench_gen_then_eval_reproduces_the_protocol(squeeze, full_dataset:
         "a stuffed animal in the jungle",
         "a cube shaped stuffed animal",
     }
+
+
+def test_force_replaces_only_a_regular_file(squeeze, full_dataset: Path, tmp_path: Path):
+    """Renaming over a FIFO, a link or a device would replace it (as root, `-o /dev/null --force` replaced
+    /dev/null): whatever is not a regular file is refused, --force or not, and left as it was."""
+    kept = tmp_path / "kept.yaml"
+    kept.write_text("keep me")
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    link_to_file, link_to_fifo = tmp_path / "link.yaml", tmp_path / "stdout"  # as /dev/stdout is a link
+    link_to_file.symlink_to(kept)
+    link_to_fifo.symlink_to(fifo)
+    broken = tmp_path / "broken.yaml"
+    broken.symlink_to(tmp_path / "nowhere.yaml")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    cases = {fifo: "a FIFO", link_to_file: "a symbolic link", link_to_fifo: "a symbolic link"}
+    cases |= {broken: "a symbolic link", folder: "a folder"}
+    for path, kind in cases.items():
+        for force in ([], ["--force"]):
+            result = squeeze("dreambench", str(full_dataset), "-o", str(path), *force)
+            assert result.code == 2 and result.err.count("\n") == 1, (path, result.err)
+            assert f"-o {path}: is {kind}" in result.err and "regular file" in result.err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.readlink(link_to_fifo) == str(fifo)
+    assert os.readlink(link_to_file) == str(kept) and kept.read_text() == "keep me"
+    assert not (tmp_path / "nowhere.yaml").exists() and list(folder.iterdir()) == []
+
+    assert squeeze("dreambench", str(full_dataset), "-o", str(kept), "--force").code == 0
+    assert yaml.safe_load(kept.read_text())["version"] == 1  # a regular file is replaced
+
+
+@pytest.mark.parametrize("below", ["m.yaml/x.yaml", "m.yaml/sub/x.yaml"])
+def test_a_file_in_place_of_the_manifests_folder_is_a_one_line_error(
+    squeeze, full_dataset: Path, tmp_path: Path, below: str
+):
+    (tmp_path / "m.yaml").write_text("keep me")
+    result = squeeze("dreambench", str(full_dataset), "-o", str(tmp_path / below))
+    assert result.code == 2 and result.err.count("\n") == 1, result.err
+    assert f"{tmp_path / 'm.yaml'} is not a folder" in result.err and "finished images" not in result.err
+    assert (tmp_path / "m.yaml").read_text() == "keep me"
+
+
+def test_a_link_to_a_folder_is_written_in_that_folder(squeeze, full_dataset: Path, tmp_path: Path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "place").symlink_to(tmp_path / "real")
+    assert squeeze("dreambench", str(full_dataset), "-o", str(tmp_path / "place" / "m.yaml")).code == 0
+    assert (tmp_path / "real" / "m.yaml").is_file()
+
+
+def test_only_regular_visible_image_files_are_references(squeeze, full_dataset: Path, tmp_path: Path):
+    """macOS's `._00.jpg` sorts before `00.jpg`: with `--references first` it was the one chosen."""
+    dog = full_dataset / "dog"
+    (dog / "._00.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (dog / "0.jpg").mkdir()
+    os.mkfifo(dog / "000.jpg")
+    (dog / "00-broken.jpg").symlink_to(dog / "gone.jpg")
+    manifest = tmp_path / "m.yaml"
+    assert squeeze("dreambench", str(full_dataset), "-o", str(manifest), "--references", "all").code == 0
+    subjects = {s["name"]: s for s in yaml.safe_load(manifest.read_text())["subjects"]}
+    assert subjects["dog"]["references"] == ["dataset/dog/00.jpg", "dataset/dog/01.jpg"]
+    assert (
+        squeeze("dreambench", str(full_dataset), "-o", str(manifest), "--references", "first", "--force").code
+        == 0
+    )
+    assert {s["name"]: s for s in yaml.safe_load(manifest.read_text())["subjects"]}["dog"]["references"] == [
+        "dataset/dog/00.jpg"
+    ]

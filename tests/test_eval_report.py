@@ -168,10 +168,11 @@ def visible_keys(browser: Browser) -> list[str]:
 
 
 def keys_sorted_by(run: Path, metric: str, reverse: bool = False) -> list[str]:
-    """The gallery's rows (one per prompt) in the order of the prompt's mean `metric` (metrics.json)."""
+    """The gallery's rows (one per prompt, keyed `subject/prompt`) in the order of the prompt's mean `metric`
+    (metrics.json)."""
     prompts = json.loads((run / "metrics.json").read_text())["prompts"]
     prompts.sort(key=lambda p: p[metric], reverse=reverse)
-    return [f"{p['subject']}/{p['prompt_index']}" for p in prompts]
+    return [f"{p['subject']}/{p['prompt']}" for p in prompts]
 
 
 def test_the_report_shows_every_prompt_worst_first_and_sorts_on_a_click(
@@ -207,7 +208,7 @@ def test_the_report_shows_every_prompt_worst_first_and_sorts_on_a_click(
     assert shown == sorted(shown, reverse=True)  # what a person reads is in order too
 
     browser.type_text("#filter", "beach")
-    assert visible_keys(browser) == ["dog/1"]
+    assert visible_keys(browser) == ["dog/a dog on the beach"]
     assert browser.evaluate("document.getElementById('shown').textContent") == "1"
     # The filter keeps to the gallery: the summary still shows the subject and the overall row.
     assert browser.evaluate(f"{SUMMARY_ROWS}.filter(r => !r.hidden).map(r => r.cells[0].textContent)") == [

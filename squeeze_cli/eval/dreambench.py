@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import yaml
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import SqueezeError, UsageError
-from squeeze_cli.reading import MANIFEST_MAX_BYTES, read_regular_file
+from squeeze_cli.reading import MANIFEST_MAX_BYTES, file_kind, read_regular_file
 
 PROMPTS_FILE = "prompts_and_classes.txt"
 PROMPTS_PER_KIND = 25
@@ -88,6 +89,25 @@ def parse_prompts_and_classes(path: Path) -> tuple[dict[str, str], list[str], li
     return classes, prompts["object"], prompts["live"]
 
 
+def reference_images(folder: Path) -> tuple[Path, ...]:
+    """The photos in a subject's folder, sorted: regular image files (a link to one counts), not hidden
+    names (macOS's `._00.jpg` beside `00.jpg` is no photo), nor folders, FIFOs or broken links."""
+    return tuple(
+        sorted(
+            path
+            for path in folder.iterdir()
+            if path.suffix.lower() in _IMAGE_SUFFIXES and not path.name.startswith(".") and _is_regular(path)
+        )
+    )
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)  # follows a link: a broken one is no file
+    except OSError:
+        return False
+
+
 def read_dataset(
     dataset_dir: str | os.PathLike,
 ) -> tuple[list[DreamBenchSubject], list[str], list[str], list[str]]:
@@ -103,7 +123,7 @@ def read_dataset(
         if not folder.is_dir():
             absent.append(name)
             continue
-        images = tuple(sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES))
+        images = reference_images(folder)
         if not images:
             raise DatasetError(f"{folder}: no images", "each subject folder holds its reference photos")
         subjects.append(DreamBenchSubject(name, class_noun, class_noun in LIVE_CLASSES, images))
@@ -180,6 +200,33 @@ def build_manifest(
     return header + body, summary
 
 
+def _manifest_folder(output: Path, force: bool) -> Path:
+    """The real folder the manifest goes in, refusing (exit 2, before any work) what `-o` must not replace:
+    anything but a regular file (a link, a FIFO, a device, a folder: renaming over them would replace, say,
+    /dev/null), and a regular file without `force`; and a path under something that is not a folder."""
+    try:
+        mode: int | None = os.lstat(output).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
+    except OSError as error:
+        raise UsageError(f"-o {output}: {error.strerror or error}", "choose another -o") from error
+    if mode is not None and not stat.S_ISREG(mode):
+        raise UsageError(
+            f"-o {output}: is {file_kind(mode)}, not a regular file",
+            "give a new file name, e.g. -o dreambench.yaml: --force replaces only a regular file",
+        )
+    if mode is not None and not force:
+        raise UsageError(f"-o {output}: the file exists", "choose another name, or add --force to replace it")
+    # The nearest existing folder above it must be a folder (a file there, or a broken link, is refused).
+    ancestor = next((p for p in output.absolute().parents if os.path.lexists(p)), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise UsageError(
+            f"-o {output}: {ancestor} is not a folder",
+            "give the manifest's path in a folder, e.g. -o dreambench.yaml",
+        )
+    return Path(os.path.realpath(output.absolute().parent))
+
+
 def write_dreambench_manifest(
     dataset_dir: str | os.PathLike,
     output: str | os.PathLike,
@@ -192,15 +239,15 @@ def write_dreambench_manifest(
     """Write the manifest to `output` (atomically; an existing file only with `force`); returns a
     short report for the terminal."""
     output = Path(output)
-    if output.is_dir():
-        raise UsageError(
-            f"-o {output}: is a folder", "give the manifest's file name, e.g. -o dreambench.yaml"
-        )
-    if output.exists() and not force:
-        raise UsageError(f"-o {output}: the file exists", "choose another name, or add --force to replace it")
+    folder = _manifest_folder(output, force)
     text, summary = build_manifest(dataset_dir, output, references=references, seeds=seeds, recipe=recipe)
-    outputs.ensure_dir(output.resolve().parent)
-    outputs.atomic_write_text(output, text)
+    try:
+        outputs.ensure_dir(folder)
+        # Into the folder the user named (a link to a folder is the user's choice of place), by its own name:
+        # the rename replaces only the regular file `_manifest_folder` let through.
+        outputs.atomic_write_text(folder / output.name, text)
+    except outputs.OutputWriteError as error:  # not gen's "finished images are kept": nothing was made
+        raise UsageError(error.message, "choose another -o, in a folder you can write") from error
     lines = [
         f"wrote {output}: {summary['subjects']} subjects ({summary['live']} live), "
         f"{summary['prompts']} prompts, {summary['jobs']} images ({seeds} seeds per prompt)"

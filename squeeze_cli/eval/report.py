@@ -385,16 +385,23 @@ def _shorten(text: str, limit: int) -> str:
 
 
 def _gallery(evaluations: Sequence[Evaluation], metrics: Sequence[str], report_dir: Path) -> list[str]:
-    """Per subject a table, a row per prompt: references, then per run its images and means."""
-    prompts: dict[tuple[str, int], dict[int, list[dict[str, Any]]]] = {}
+    """Per subject a table, a row per prompt: references, then per run its images and means.
+
+    A row is a subject's prompt as the images record it, not its `prompt_index`: that is a position in each
+    run's own manifest, so runs whose manifests order or add prompts differently would put different
+    prompts in one row. Rows come in the first run's order, then the prompts only the others have; a run
+    without the prompt shows `missing`.
+    """
+    prompts: dict[tuple[str, str], dict[int, list[dict[str, Any]]]] = {}
     for number, (_, _, _, rows) in enumerate(evaluations):
-        for row in rows:
-            prompts.setdefault((row["subject"], row["prompt_index"]), {}).setdefault(number, []).append(row)
-    # Each run's means over a prompt's images: its summary's `prompts`.
-    means: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
-    for number, (_, _, summary, _) in enumerate(evaluations):
-        for block in summary["prompts"]:
-            means.setdefault((block["subject"], block["prompt_index"]), {})[number] = block
+        for row in sorted(rows, key=lambda row: (row["prompt_index"], row["seed"])):
+            prompts.setdefault((row["subject"], row["prompt"]), {}).setdefault(number, []).append(row)
+    # Each run's means over the row's images: its summary's per-prompt means, or, for a prompt its manifest
+    # repeats, over both numbers' images, as the row shows them.
+    means = {
+        key: {number: _means(rows, metrics) for number, rows in runs.items()} for key, runs in prompts.items()
+    }
+    names = [name for name, *_ in evaluations]
     first_metric = metrics[0] if metrics else None
     several = len(evaluations) > 1
     header = ["<th>prompt</th><th>references</th>"]
@@ -421,8 +428,15 @@ def _gallery(evaluations: Sequence[Evaluation], metrics: Sequence[str], report_d
             references = list(
                 dict.fromkeys(r for rows in runs.values() for row in rows for r in row["references"])
             )
+            # The number of the first run that has it; another run's own number, when it differs, beside it.
+            others = [
+                f"{_indices(rows)} in {names[number]}"
+                for number, rows in runs.items()
+                if _indices(rows) != _indices(any_run)
+            ]
+            label = f"{_indices(any_run)} {key[1]}" + (f" ({'; '.join(others)})" if others else "")
             cells = [
-                f"<td class='prompt'>#{key[1]} {html.escape(any_run[0]['prompt'])}</td>",
+                f"<td class='prompt'>{html.escape(label)}</td>",
                 "<td class='refs'><div>"
                 + "".join(_thumbnail(Path(r), report_dir, "reference", r) for r in references)
                 + "</div></td>",
@@ -439,11 +453,23 @@ def _gallery(evaluations: Sequence[Evaluation], metrics: Sequence[str], report_d
                 )
                 mean = means.get(key, {}).get(number, {})
                 cells += [_number_cell(mean.get(m), _fmt(mean.get(m))) for m in metrics]
-            text = html.escape(f"{subject} #{key[1]} {any_run[0]['prompt']}".lower(), quote=True)
+            text = html.escape(f"{subject} {label}".lower(), quote=True)
             row_key = html.escape(f"{key[0]}/{key[1]}", quote=True)
             parts.append(f"<tr data-key='{row_key}' data-text='{text}'>{''.join(cells)}</tr>")
         parts.append("</tbody></table></section>")
     return parts
+
+
+def _means(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[str, float | None]:
+    """Each metric's mean over the rows that have it, as `scoring.mean_metrics` (which imports this
+    module)."""
+    values = {m: [row[m] for row in rows if row.get(m) is not None] for m in metrics}
+    return {m: statistics.fmean(found) if found else None for m, found in values.items()}
+
+
+def _indices(rows: Sequence[dict[str, Any]]) -> str:
+    """`#2`, the prompt's number in its run's manifest (`#2/#5` when the manifest repeats the prompt)."""
+    return "/".join(f"#{index}" for index in dict.fromkeys(row["prompt_index"] for row in rows))
 
 
 def _thumbnail(target: Path, report_dir: Path, alt: str, title: str) -> str:
@@ -504,7 +530,6 @@ def _sort_value(value: float | None) -> float:
 
 
 def write_report(evaluations: Sequence[Evaluation], run_dir: Path) -> Path:
-    """`run_dir/report.html`, atomically."""
-    return outputs.atomic_write_text(
-        outputs.safe_join(run_dir, outputs.REPORT_NAME), render_report(evaluations, run_dir)
-    )
+    """`run_dir/report.html`, atomically: by its plain name (`run_dir` is the run's real folder), so a
+    link there is replaced, not written through (as `write_metrics`)."""
+    return outputs.atomic_write_text(run_dir / outputs.REPORT_NAME, render_report(evaluations, run_dir))

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import stat
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from squeeze_cli.errors import UsageError
 from squeeze_cli.eval.gated import gate_summary, refuse_gated_runs
 from squeeze_cli.eval.rundir import RunContents, RunImage, unreadable
 from squeeze_cli.metrics.protocol import EncoderSpec, Protocol
-from squeeze_cli.reading import INDEX_MAX_BYTES, open_regular_file, read_regular_file
+from squeeze_cli.reading import INDEX_MAX_BYTES, file_kind, open_regular_file, read_regular_file
 
 # 2: DINO preprocessed exactly as torchvision and with the release's LayerNorm epsilon (other scores).
 CACHE_FORMAT = 2
@@ -84,10 +86,13 @@ def _cache_key(spec: EncoderSpec, image_hash: str, reference_hashes: Sequence[st
 
 def _read_cache(run_dir: Path) -> dict[str, dict[str, Any]]:
     """The cached scores; no cache, or a broken one (a FIFO, an endless or deep file, wrong types, NaN):
-    nothing cached, and what is not usable is recomputed."""
+    nothing cached, and what is not usable is recomputed. A symbolic link there is not followed (the cache
+    is the run's own: the write replaces the link)."""
     try:
         data = json.loads(
-            read_regular_file(run_dir / outputs.METRICS_CACHE_NAME, INDEX_MAX_BYTES).decode("utf-8"),
+            read_regular_file(
+                run_dir / outputs.METRICS_CACHE_NAME, INDEX_MAX_BYTES, follow_symlinks=False
+            ).decode("utf-8"),
             parse_constant=_refuse_constant,
         )
     except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
@@ -266,7 +271,7 @@ def evaluate_run(
         computed += len(todo)
     if computed and is_main:
         outputs.atomic_write_json(
-            outputs.safe_join(run_dir, outputs.METRICS_CACHE_NAME), {"format": CACHE_FORMAT, "scores": cache}
+            run_dir / outputs.METRICS_CACHE_NAME, {"format": CACHE_FORMAT, "scores": cache}
         )
 
     rows = [
@@ -425,11 +430,37 @@ def summarise(
 
 
 def write_metrics(evaluation: RunEvaluation) -> None:
-    """`metrics.jsonl` (one line per image) and `metrics.json` (the summary), atomically, in the run."""
+    """`metrics.jsonl` (one line per image) and `metrics.json` (the summary), atomically, in the run.
+
+    By their plain names in the run's real folder (`read_run` resolved it), not through `safe_join`, which
+    follows a link at the name: the rename replaces a link there (`check_eval_files`), never writes
+    through it.
+    """
     run_dir = evaluation.contents.path
     lines = "".join(outputs.strict_json_dumps(row) + "\n" for row in evaluation.rows)
-    outputs.atomic_write_text(outputs.safe_join(run_dir, outputs.METRICS_JSONL_NAME), lines)
-    outputs.atomic_write_json(outputs.safe_join(run_dir, outputs.METRICS_JSON_NAME), evaluation.summary)
+    outputs.atomic_write_text(run_dir / outputs.METRICS_JSONL_NAME, lines)
+    outputs.atomic_write_json(run_dir / outputs.METRICS_JSON_NAME, evaluation.summary)
+
+
+def check_eval_files(run_dir: Path, names: Sequence[str] = EVAL_FILE_NAMES) -> None:
+    """Refuse, before any scoring, a run where one of eval's files (`names`) is a folder, a FIFO, a device
+    or a socket: the rename that writes it would fail after every score was computed. A symbolic link
+    there is fine: eval's files are its own, rewritten whole, and the rename replaces the link (a cache
+    link to /dev/zero or to a shared cache elsewhere is neither read nor written through).
+
+    Raises:
+        `UsageError`: naming the file and what it is (exit 2).
+    """
+    for name in names:
+        try:
+            mode = os.lstat(run_dir / name).st_mode
+        except OSError:
+            continue  # absent, or unreadable: the write itself says so, naming the file
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise UsageError(
+                f"{run_dir / name} is {file_kind(mode)}, not a regular file",
+                f"move it out of the run or remove it: squeeze eval writes its {name} there",
+            )
 
 
 def _default_device() -> str:
@@ -488,6 +519,9 @@ def evaluate_paths(
 
     runs = [read_run(path, verify=verify) for path in paths]
     refuse_gated_runs(runs, protocol, allow_gated)
+    names = [name for name in EVAL_FILE_NAMES if report or name != outputs.REPORT_NAME]
+    for contents in runs:
+        check_eval_files(contents.path, names)
     processes = _Processes()
     if device is None and processes.count > 1:
         device = processes.device("auto")  # this process's GPU
