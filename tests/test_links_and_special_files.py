@@ -64,11 +64,15 @@ def test_an_output_folder_that_is_a_link_is_written_in_the_folder_it_names(proje
         result = squeeze(*command)
         assert result.code == 0, (command, result.err)
     assert (project / "real" / "metrics.json").is_file() and (project / "link").is_symlink()
+    # The run named by its real folder is the same run: the export goes on where it was.
+    again = squeeze("export", str(project / "real"), "-o", str(project / "dataset"))
+    assert again.code == 0, again.err
     (project / "broken").symlink_to(project / "nowhere", target_is_directory=True)
-    refused = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "broken"))
-    assert refused.code == EXIT_INVALID
-    assert "broken is a broken symbolic link" in one_error_line(refused.err)
-    assert not (project / "nowhere").exists()
+    for out in (project / "broken", project / "broken" / "sub"):  # the folder, or a folder on its way
+        refused = squeeze("gen", str(project / "m.yaml"), "--out", str(out))
+        assert refused.code == EXIT_INVALID
+        assert "broken is a broken symbolic link" in one_error_line(refused.err)
+        assert not (project / "nowhere").exists()
 
 
 def test_the_lock_file_is_never_opened_through_a_link(tmp_path: Path) -> None:

@@ -94,7 +94,7 @@ def export_run(
             f"its subjects: {', '.join(subject_names)}",
         )
     folder = outputs.real_folder(folder, "point it at a folder, or give another folder")  # -o may be a link
-    run_folder = Path(os.path.realpath(images.out))  # compared with the real `folder`: a link to the run too
+    run_folder = images.out  # real, as `folder` is: a link to the run is caught too
     if folder == run_folder or run_folder in folder.parents:
         raise UsageError(f"-o {folder}: inside the run folder {images.out}", "export to a folder outside it")
     selection = {

@@ -125,7 +125,7 @@ def read_run_images(out: str | os.PathLike) -> RunImages:
     Raises:
         `UsageError`: `out` is not a run folder, or its `metrics.jsonl` cannot be read.
     """
-    out = Path(out).expanduser().absolute()
+    out = outputs.real_folder(out, "give the --out folder of a `squeeze gen` run")  # a link: the run it names
     plan = outputs.load_run_plan(out)
     names, scores = _read_scores(out)
     return RunImages(out, plan, names, scores)

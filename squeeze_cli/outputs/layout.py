@@ -115,15 +115,17 @@ def safe_join(out_dir: str | os.PathLike, *parts: str) -> Path:
 def real_folder(folder: str | os.PathLike, hint: str) -> Path:
     """`folder`, absolute, with its symbolic links resolved. An output folder may itself be a link to a
     folder (the user's choice of place, docs/outputs.md): resolved before anything is written, every write
-    (none goes through a link inside it) lands in the folder it names. A broken link, or a loop, is refused
-    with `hint`; it would otherwise be followed to create its target.
+    (none goes through a link inside it) lands in the folder it names. A broken link on the way (the folder
+    itself, or the nearest part of its path that exists), or a loop, is refused with `hint`: it would
+    otherwise be followed to create its target.
 
     Raises:
-        `UnsafeOutputPathError`: `folder` is a broken symbolic link.
+        `UnsafeOutputPathError`: a broken symbolic link on the way.
     """
     path = Path(folder).expanduser().absolute()
-    if path.is_symlink() and not path.exists():
-        raise UnsafeOutputPathError(f"{path} is a broken symbolic link (or a loop)", hint)
+    nearest = next(part for part in (path, *path.parents) if os.path.lexists(part))
+    if nearest.is_symlink() and not nearest.exists():
+        raise UnsafeOutputPathError(f"{nearest} is a broken symbolic link (or a loop)", hint)
     return Path(os.path.realpath(path))
 
 
