@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from squeeze_cli.eval.report import write_report
-from squeeze_cli.eval.scoring import mean_metrics
+from squeeze_cli.eval.report import mean_metrics, write_report
 
 websockets_sync = pytest.importorskip("websockets.sync.client", reason="needs the websockets package")
 

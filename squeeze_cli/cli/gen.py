@@ -308,7 +308,9 @@ def gen(
         threads=threads,
         command=["squeeze", *sys.argv[1:]],
     )
-    if len(runs) > 1:  # each run's errors are reported as they happen; the next recipe runs
+    try:
+        if len(runs) == 1:
+            return run_gen(runs[0][1], options, json_events=json_output, quiet=quiet)
         if not dry_run:
             from squeeze_cli.outputs import real_folder, write_recipes
 
@@ -317,9 +319,8 @@ def gen(
                 runs[0][1].output_dir.parent, "point it at a folder, or choose another --out"
             )
             write_recipes(parent, [name for name, _ in runs])
+        # Each recipe's errors are reported as they happen, and the next recipe runs.
         return run_recipes(runs, options, json_events=json_output, quiet=quiet)
-    try:
-        return run_gen(runs[0][1], options, json_events=json_output, quiet=quiet)
     except SqueezeError as error:
         # Found after loading (an instruction too long for the MLLM, a model that will not load, a busy
         # output folder, a full disk): the same document, after whatever events came before.

@@ -399,7 +399,8 @@ def _gallery(evaluations: Sequence[Evaluation], metrics: Sequence[str], report_d
     # Each run's means over the row's images: its summary's per-prompt means, or, for a prompt its manifest
     # repeats, over both numbers' images, as the row shows them.
     means = {
-        key: {number: _means(rows, metrics) for number, rows in runs.items()} for key, runs in prompts.items()
+        key: {number: mean_metrics(rows, metrics) for number, rows in runs.items()}
+        for key, runs in prompts.items()
     }
     names = [name for name, *_ in evaluations]
     first_metric = metrics[0] if metrics else None
@@ -460,9 +461,9 @@ def _gallery(evaluations: Sequence[Evaluation], metrics: Sequence[str], report_d
     return parts
 
 
-def _means(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[str, float | None]:
-    """Each metric's mean over the rows that have it, as `scoring.mean_metrics` (which imports this
-    module)."""
+def mean_metrics(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[str, float | None]:
+    """The mean of each metric over the rows that have it (None when none has): `metrics.json`'s means
+    (`scoring.summarise`) and the gallery's per prompt."""
     values = {m: [row[m] for row in rows if row.get(m) is not None] for m in metrics}
     return {m: statistics.fmean(found) if found else None for m, found in values.items()}
 

@@ -12,7 +12,6 @@ import math
 import os
 import re
 import stat
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,6 +21,7 @@ from typing import Any
 from squeeze_cli import outputs
 from squeeze_cli.errors import UsageError
 from squeeze_cli.eval.gated import gate_summary, refuse_gated_runs
+from squeeze_cli.eval.report import mean_metrics
 from squeeze_cli.eval.rundir import RunContents, RunImage, unreadable
 from squeeze_cli.metrics.protocol import EncoderSpec, Protocol
 from squeeze_cli.reading import INDEX_MAX_BYTES, file_kind, open_regular_file, read_regular_file
@@ -85,9 +85,10 @@ def _cache_key(spec: EncoderSpec, image_hash: str, reference_hashes: Sequence[st
 
 
 def _read_cache(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """The cached scores; no cache, or a broken one (a FIFO, an endless or deep file, wrong types, NaN):
-    nothing cached, and what is not usable is recomputed. A symbolic link there is not followed (the cache
-    is the run's own: the write replaces the link)."""
+    """The cached scores; no cache, or a broken one (an endless or deep file, wrong types, NaN): nothing
+    cached, and what is not usable is recomputed. A symbolic link there is not followed (the cache is the
+    run's own: the write replaces the link); a FIFO or a folder was refused before scoring
+    (`check_eval_files`)."""
     try:
         data = json.loads(
             read_regular_file(
@@ -373,15 +374,6 @@ def _row(planned: tuple, protocol: Protocol, raw: dict[str, dict[str, Any]]) -> 
     if "per_reference" in dino:
         row["dino_per_reference"] = dino["per_reference"]
     return row
-
-
-def mean_metrics(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[str, float | None]:
-    """The mean of each metric over the rows that have it (None when none has)."""
-    means = {}
-    for name in metrics:
-        values = [row[name] for row in rows if row.get(name) is not None]
-        means[name] = statistics.fmean(values) if values else None
-    return means
 
 
 def summarise(

@@ -287,7 +287,8 @@ class GenRun:
 
     def _find_finished_again(self) -> None:
         """The resume scan again, now that the lock is held: a run started on the same new folder while this
-        one loaded may have made images since `prepare` found none (they would all be made twice)."""
+        one loaded may have made images since `prepare` found none (they would all be made twice). A
+        shard's first run scans twice too (its folder is new): once per shard, cheap beside the load."""
         if self.options.overwrite:
             return
         found = outputs.find_finished(self.out_dir, self.jobs, verify=self.options.verify)

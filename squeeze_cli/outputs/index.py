@@ -243,7 +243,7 @@ def iter_index(out_dir: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """`read_index`, one line at a time: a reader that keeps few lines does not hold 100,000 dicts (~140 MB).
 
     Raises:
-        `OutputWriteError`: the index cannot be read.
+        `OutputWriteError`: the index cannot be read (while iterating: the file is opened at the first line).
     """
     return (entry for line in _index_lines(index_path(out_dir)) if (entry := _parse_line(line)) is not None)
 
