@@ -273,10 +273,18 @@ def _cache_nan(path: Path) -> None:
     path.write_text(json.dumps(data))
 
 
+def _cache_out_of_range(path: Path) -> None:  # a cosine cannot be 1e308: that DINO was reported as such
+    data = json.loads(path.read_text())
+    for scores in data["scores"].values():
+        for name in scores:
+            scores[name] = [1e308] if name == "per_reference" else 1e308
+    path.write_text(json.dumps(data))
+
+
 @pytest.mark.parametrize(
     "damage",
-    [_cache_endless, _cache_deep, _cache_wrong_types, _cache_nan],
-    ids=["endless", "deep", "wrong-types", "nan"],
+    [_cache_endless, _cache_deep, _cache_wrong_types, _cache_nan, _cache_out_of_range],
+    ids=["endless", "deep", "wrong-types", "nan", "out-of-range"],
 )
 def test_a_damaged_metrics_cache_counts_as_no_cache(squeeze, run: Path, damage):
     eval_run(squeeze, str(run))

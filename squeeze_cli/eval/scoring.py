@@ -111,8 +111,15 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _cosine(value: Any) -> bool:
+    """A score `score_images` can give: every one is a cosine of L2-normalised embeddings (or a mean of
+    them), so a number in [-1, 1], give or take float rounding."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and abs(value) <= 1 + 1e-4
+    )
 
 
 def _valid_scores(scores: Any) -> bool:
@@ -122,9 +129,9 @@ def _valid_scores(scores: Any) -> bool:
         return False
     for name, value in scores.items():
         if name == "per_reference":
-            if not isinstance(value, list) or not all(item is None or _finite(item) for item in value):
+            if not isinstance(value, list) or not all(item is None or _cosine(item) for item in value):
                 return False
-        elif name not in ("identity", "copy", "text_cosine") or not (value is None or _finite(value)):
+        elif name not in ("identity", "copy", "text_cosine") or not (value is None or _cosine(value)):
             return False
     return True
 
