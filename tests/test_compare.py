@@ -127,6 +127,10 @@ def test_status_names_a_recipe_that_did_not_run(make_project, squeeze, monkeypat
             (str(out / "tiny-kontext"), False),
         ]
         (out / "tiny-kontext").unlink(missing_ok=True)
+    # eval of the folder compares the runs there, and says which recipe it could not.
+    evaluated = squeeze("eval", str(out), "--metrics", "tiny")
+    assert evaluated.code == 0, evaluated.err
+    assert f"warning: recipe tiny-kontext: {out / 'tiny-kontext'} is missing" in evaluated.err
 
 
 @pytest.mark.slow

@@ -124,10 +124,14 @@ def eval_command(
     protocol = make_protocol(
         metrics, clip=clip, dinov2=dinov2, clip_t_weight=clip_t_weight, references=references
     )
-    from squeeze_cli.outputs import load_rules, runs_inside
+    from squeeze_cli.outputs import holds_recipes, load_rules, missing_recipes, runs_inside
 
     rule_set = load_rules(rules) if rules is not None else None  # a bad rule set stops before any work
-    # The folder of `gen --recipe A,B` stands for its runs, compared side by side.
+    # The folder of `gen --recipe A,B` stands for its runs, compared side by side; a recipe of it that
+    # never ran is said, not silently left out of the comparison.
+    for folder in run_dirs:
+        for name, problem in missing_recipes(folder) if holds_recipes(folder) else ():
+            log_line(f"warning: recipe {name}: {folder / name} is {problem}: not evaluated")
     run_dirs = [run for folder in run_dirs for run in runs_inside(folder.expanduser().absolute()) or [folder]]
     evaluations = evaluate_paths(
         run_dirs,

@@ -60,8 +60,15 @@ def status(
     """Say how far a run folder is: per subject done / failed / pending, shards included.
 
     On the folder of `gen --recipe A,B`, the same for each recipe's run folder in it."""
-    from squeeze_cli.gen.status import format_status, merge_run, missing_recipes, run_status
-    from squeeze_cli.outputs import check_run, format_report, holds_recipes, load_rules, runs_inside
+    from squeeze_cli.gen.status import format_status, merge_run, run_status
+    from squeeze_cli.outputs import (
+        check_run,
+        format_report,
+        holds_recipes,
+        load_rules,
+        missing_recipes,
+        runs_inside,
+    )
 
     require_rules_for_variant(rules, variant)
     root = Path(out).expanduser().absolute()

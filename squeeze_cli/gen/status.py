@@ -166,26 +166,6 @@ def run_status(out: str | Path, *, verify: bool = False) -> RunStatus:
     return RunStatus(out, manifest, subjects, runs, list(failed.values()), jobs, finished, loaded, stale)
 
 
-def missing_recipes(out: Path) -> list[tuple[str, str]]:
-    """The recipes `OUT/.squeeze-recipes.json` names whose folder in `out` is not a run folder, each with
-    what is there instead: a recipe that never ran (stopped before it), or a folder replaced since."""
-    missing = []
-    for name in outputs.read_recipes(out):
-        folder = out / name
-        if not os.path.lexists(folder):
-            problem = "missing (its recipe has not run: run the same `squeeze gen --recipe` again)"
-        elif not folder.exists():
-            problem = "a broken symbolic link"
-        elif not folder.is_dir():
-            problem = f"not a folder ({file_kind(folder.stat().st_mode)})"
-        elif not outputs.is_run_folder(folder):
-            problem = "not a run folder (its recipe stopped before its run began)"
-        else:
-            continue
-        missing.append((name, problem))
-    return missing
-
-
 def merge_run(status: RunStatus) -> None:
     """Bring OUT's run index and grids up to date from every image on disk (the shards' included), and
     record the failures the shards' indexes hold; generates nothing. Takes OUT's lock, like `gen`."""

@@ -67,6 +67,7 @@ from .index import (  # noqa: F401
     failed_index_entry,
     index_entry,
     iter_index,
+    missing_recipes,
     planned_images,
     read_index,
     read_recipes,

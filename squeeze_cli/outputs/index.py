@@ -28,6 +28,7 @@ from squeeze_cli.outputs.layout import (
     VARIANT_EXTENSIONS,
     image_name,
     index_path,
+    is_run_folder,
     position_stem,
     resolved_manifest_path,
     run_summary_path,
@@ -390,3 +391,23 @@ def read_recipes(out_dir: str | os.PathLike) -> list[str]:
             "delete it: the next `squeeze gen --recipe A,B` into this folder writes it again",
         ) from error
     return folders
+
+
+def missing_recipes(out: Path) -> list[tuple[str, str]]:
+    """The recipes `OUT/.squeeze-recipes.json` names whose folder in `out` is not a run folder, each with
+    what is there instead: a recipe that never ran (stopped before it), or a folder replaced since."""
+    missing = []
+    for name in read_recipes(out):
+        folder = out / name
+        if not os.path.lexists(folder):
+            problem = "missing (its recipe has not run: run the same `squeeze gen --recipe` again)"
+        elif not folder.exists():
+            problem = "a broken symbolic link"
+        elif not folder.is_dir():
+            problem = f"not a folder ({file_kind(folder.stat().st_mode)})"
+        elif not is_run_folder(folder):
+            problem = "not a run folder (its recipe stopped before its run began)"
+        else:
+            continue
+        missing.append((name, problem))
+    return missing
