@@ -70,7 +70,6 @@ from .index import (  # noqa: F401
     missing_recipes,
     planned_images,
     read_index,
-    read_recipes,
     repair_index,
     write_recipes,
     write_resolved_manifest,
