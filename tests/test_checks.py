@@ -177,6 +177,13 @@ def test_a_rules_file_takes_values_as_strictly_as_a_manifest(run_folder: Path, w
     assert "loose.yaml:4:13: background: too few items: item 3 is missing" in result.err
 
 
+def test_an_empty_rules_file_gets_a_rules_hint_not_a_manifests(run_folder: Path, write_file, squeeze) -> None:
+    result = squeeze("check", str(run_folder), "--rules", str(write_file("", name="empty.yaml")))
+    assert result.code == 2
+    assert "empty.yaml: the file is empty (hint: a rules file needs at least a `name`" in result.err
+    assert "manifest" not in result.err
+
+
 def test_a_folder_without_an_index_exits_2(tmp_path: Path, squeeze) -> None:
     result = squeeze("check", str(tmp_path), "--rules", "amazon-main")
     assert result.code == 2 and "has no index.jsonl" in result.err

@@ -78,11 +78,12 @@ def _problem_at(file: str, mark: Any, message: str, hint: str | None = None, fie
     return Problem(file, where.line, where.column, field, message, hint)
 
 
-def load_yaml(text: str, file: str) -> YamlDocument:
+def load_yaml(text: str, file: str, *, empty_hint: str | None = None) -> YamlDocument:
     """Parse one YAML document safely (no Python tags), recording each node's line and column.
 
     Syntax errors, tabs, several documents, duplicate keys, Python or custom tags, recursive aliases and
-    alias explosions become `Problem`s in the result.
+    alias explosions become `Problem`s in the result; an empty file too, with `empty_hint` (what the
+    file needs at least).
     """
     document = YamlDocument(data=None, file=file)
     # libyaml's parser when present (10x faster on big manifests); the constructor is SafeConstructor
@@ -91,15 +92,7 @@ def load_yaml(text: str, file: str) -> YamlDocument:
     try:
         node = loader.get_single_node()
         if node is None:
-            document.problems.append(
-                _problem_at(
-                    file,
-                    None,
-                    "the file is empty",
-                    "a manifest needs at least `version: 1`, a `recipe` and a `subjects` list "
-                    "(see docs/manifest.md)",
-                )
-            )
+            document.problems.append(_problem_at(file, None, "the file is empty", empty_hint))
             return document
         # Count the values the aliases expand to before walking them: a "billion laughs" document is a
         # few lines that expand exponentially, and must be refused before anything expands it.

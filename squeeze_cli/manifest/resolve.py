@@ -116,7 +116,12 @@ def load_manifest(
     manifest_path = Path(path).expanduser().absolute()
     file = str(path)
     text = read_manifest_text(manifest_path, file)
-    document = load_yaml(text, file)
+    document = load_yaml(
+        text,
+        file,
+        empty_hint="a manifest needs at least `version: 1`, a `recipe` and a `subjects` list "
+        "(see docs/manifest.md)",
+    )
     problems = list(document.problems)
     if document.data is None:
         raise ManifestError(problems)

@@ -138,7 +138,9 @@ def load_rules(name_or_path: str) -> RuleSet:
                 f"known rule sets: {', '.join(sorted(packaged))}; or give the path of a .yaml file",
             )
         text, display = packaged[name_or_path].read_text(encoding="utf-8"), f"rules/{name_or_path}.yaml"
-    document = load_yaml(text, display)
+    document = load_yaml(
+        text, display, empty_hint="a rules file needs at least a `name` (docs/outputs.md, Marketplace checks)"
+    )
     if document.problems:
         raise ManifestError(document.problems)
     parsed, problems = validate_schema(RuleSet, document)
