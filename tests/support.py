@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import threading
+import time
 from pathlib import Path
 
 # One subject, one prompt, four seeds: a --shard 0/2 and a --shard 1/2 each make part of the same grid.
@@ -73,6 +74,20 @@ def one_error_line(stderr: str) -> str:
     lines = unstamped(stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
     return lines[0]
+
+
+# A hang guard's patience, counted in looks (30,000 × 20 ms ≥ 10 min), never read off a clock: a busy
+# machine only makes the guard wait longer, so no test depends on how fast it is.
+HANG_GUARD_LOOKS = 30_000
+
+
+def poll_until(ready, interval: float = 0.02, looks: int = HANG_GUARD_LOOKS) -> bool:
+    """Whether `ready()` came true, looking at most `looks` times, `interval` apart (a hang guard)."""
+    for _ in range(looks):
+        if ready():
+            return True
+        time.sleep(interval)
+    return bool(ready())
 
 
 def finishes(function, *args, timeout: float = 20.0):

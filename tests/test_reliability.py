@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import itertools
 import json
 import os
 import queue
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from support import unstamped
+from support import poll_until, unstamped
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_INVALID, EXIT_JOBS_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
@@ -99,8 +100,9 @@ _generate, _calls = worker.Worker._generate, []
 def _gated(self, batch, condition):
     if _calls:
         open(os.environ["SQUEEZE_TEST_GATE"] + ".waiting", "w").close()
-        deadline = time.monotonic() + 600  # a hang guard: the test opens the gate
-        while not os.path.exists(os.environ["SQUEEZE_TEST_GATE"]) and time.monotonic() < deadline:
+        for _ in range(30_000):  # a hang guard that counts looks: the test opens the gate
+            if os.path.exists(os.environ["SQUEEZE_TEST_GATE"]):
+                break
             time.sleep(0.02)
     _calls.append(batch)
     return _generate(self, batch, condition)
@@ -122,8 +124,7 @@ def _gated(owner, name):
 
     def gated(*args, **kwargs):
         open(os.environ["SQUEEZE_TEST_GATE"] + ".waiting", "w").close()
-        deadline = time.monotonic() + 600  # a hang guard: the test kills the run here
-        while time.monotonic() < deadline:
+        for _ in range(30_000):  # a hang guard that counts looks: the test kills the run here
             time.sleep(0.02)
         return real(*args, **kwargs)
 
@@ -136,12 +137,15 @@ _gated(*{"generation": (worker.Worker, "_generate"), "final": (runner, "_merge_i
 """
 
 
+_STDERR_NUMBERS = itertools.count()
+
+
 class GenProcess:
     """`python -m squeeze_cli gen ... --json` with its JSON events timestamped as they arrive."""
 
     def __init__(self, manifest: Path, out: Path, cache: str, *extra: str, env: dict[str, str] | None = None):
         self.started = time.monotonic()
-        self.stderr_path = out.parent / f"{out.name}.{time.monotonic_ns()}.stderr"
+        self.stderr_path = out.parent / f"{out.name}.{next(_STDERR_NUMBERS)}.stderr"  # one per process
         with open(self.stderr_path, "w") as stderr:
             self.proc = subprocess.Popen(
                 [
@@ -172,9 +176,8 @@ class GenProcess:
 
     def wait_for(self, name: str, count: int = 1, timeout: float = 600) -> dict | None:
         """The `count`-th event called `name` (counting every one seen so far), or None at exit."""
-        deadline = time.monotonic() + timeout
         while sum(event["event"] == name for _, event in self.seen) < count:
-            item = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            item = self.events.get(timeout=timeout)  # a hang guard on each event, not a speed check
             if item is None:
                 self.events.put(None)
                 return None
@@ -276,9 +279,7 @@ def test_sigkill_at_random_moments(project: Path, tiny_cache: str, plan_of) -> N
         env = {"PYTHONPATH": str(hook), "SQUEEZE_TEST_GATE": str(gate), "SQUEEZE_TEST_GATE_AT": phase}
         process = GenProcess(manifest, out, tiny_cache, env=env)
         waiting = Path(f"{gate}.waiting")
-        deadline = time.monotonic() + 600  # a hang guard: the run waits at the gate
-        while not waiting.exists() and process.proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        poll_until(lambda: waiting.exists() or process.proc.poll() is not None)  # it waits at the gate
         waiting.unlink(missing_ok=True)
         return process
 
@@ -387,9 +388,7 @@ def test_sigint_and_sigterm_stop_after_the_current_batch(project: Path, tiny_cac
     for signum, process in runs.items():
         # The first job is done and the second waits at the gate: the signal lands during the second batch.
         waiting = Path(f"{gates[signum]}.waiting")
-        deadline = time.monotonic() + 600  # a hang guard, as the others: a busy machine loads slowly
-        while not waiting.exists() and process.proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        poll_until(lambda w=waiting, p=process: w.exists() or p.proc.poll() is not None)
         assert waiting.exists(), process.stderr[-3000:]
         process.proc.send_signal(signum)
         # The gate opens once the run has taken the signal in (or has ended: the asserts below say why).

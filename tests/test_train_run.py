@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from support import poll_until
 
 from squeeze_cli.train.config import load_config
 from squeeze_cli.train.data import load_data
@@ -216,9 +216,7 @@ def test_run_killed_with_sigkill_and_resumed_ends_like_an_uninterrupted_run(
         | {"SQUEEZE_TEST_GATE": str(gate), "SQUEEZE_TEST_GATE_STEP": "6"},
     )
     checkpoint = tmp_path / "killed" / "checkpoints" / "step-0000006"
-    deadline = time.monotonic() + 600  # a hang guard: the run waits at the gate until killed
-    while not gate.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    poll_until(lambda: gate.exists() or process.poll() is not None)  # the run waits at the gate until killed
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert checkpoint.is_dir(), "the run ended before its step-6 checkpoint"
@@ -404,9 +402,7 @@ def test_ctrl_c_stops_with_exit_130_and_says_how_to_resume(tmp_path: Path) -> No
         # As a script's background job gets it: SIGINT ignored. Ctrl-C must stop training all the same.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
-    deadline = time.monotonic() + 600  # a hang guard: the run waits at the gate for the signal
-    while not gate.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    poll_until(lambda: gate.exists() or process.poll() is not None)  # the run waits there for the signal
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 130, err[-2000:]
