@@ -304,13 +304,13 @@ def test_training_reads_an_export_as_subject_pairs(squeeze, run, tmp_path, expor
 
 @pytest.mark.parametrize(
     "state",
-    ["[" * 100_000, '{"selection": {"format": "some-user/some-hub-dataset"}}', "link", "fifo"],
-    ids=["deep", "hub-name", "link", "fifo"],
+    ["[" * 100_000, '{"selection": {"format": "some-user/some-hub-dataset"}}', "link", "fifo", "parts"],
+    ids=["deep", "hub-name", "link", "fifo", "damaged-for-export"],
 )
 def test_training_reads_a_damaged_export_state_as_one_problem(squeeze, run, tmp_path, state):
     """Training read the export's state with `read_text` (through a link, blocking on a FIFO, a
     RecursionError on deep JSON), and handed its `format` to `datasets.load_dataset`, which takes a hub
-    dataset's name too."""
+    dataset's name too. A state export itself calls damaged is damaged for training too."""
     import os
 
     from squeeze_cli.errors import ManifestError
@@ -319,8 +319,11 @@ def test_training_reads_a_damaged_export_state_as_one_problem(squeeze, run, tmp_
     folder = tmp_path / "export"
     export(squeeze, run, folder)
     path = folder / ".squeeze-export.json"
+    whole = json.loads(path.read_text())
     path.unlink()
-    if state == "link":
+    if state == "parts":
+        path.write_text(json.dumps(whole | {"parts": 5}))
+    elif state == "link":
         (tmp_path / "elsewhere.json").write_text('{"selection": {"format": "parquet"}}')
         path.symlink_to(tmp_path / "elsewhere.json")
     elif state == "fifo":

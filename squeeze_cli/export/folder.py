@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import os
 import re
 import shutil
@@ -29,8 +28,6 @@ from squeeze_cli.errors import UsageError
 from squeeze_cli.export.card import dataset_card
 from squeeze_cli.export.formats import FORMATS, PartWriter, open_part, part_name
 from squeeze_cli.export.rows import (
-    SPLIT_NAMES,
-    TRAIN_SPLIT,
     ExportImage,
     RunImages,
     assign_splits,
@@ -38,7 +35,7 @@ from squeeze_cli.export.rows import (
     read_run_images,
 )
 from squeeze_cli.export.where import Predicate, parse_where
-from squeeze_cli.reading import INDEX_MAX_BYTES, file_kind, read_regular_file
+from squeeze_cli.reading import file_kind
 
 STATE_FORMAT = 1
 # The names of the parts a format writes (relative to the export folder): what a rerun may remove when the
@@ -252,16 +249,11 @@ def _open_folder(folder: Path, selection: dict[str, Any]) -> dict[str, Any]:
             "job_ids": [],
         }
     try:
-        # One entry a job: sized like the run's index. Nested too deep for the parser is damaged too.
-        state = json.loads(
-            read_regular_file(state_path, INDEX_MAX_BYTES, follow_symlinks=False).decode("utf-8")
-        )
-    except (OSError, ValueError, RecursionError):
-        state = None
-    if not _state_is_whole(state):
+        state = outputs.read_export_state(folder)
+    except (OSError, ValueError):
         raise UsageError(
             f"{state_path}: damaged", "export into a new folder (or delete this one and export again)"
-        )
+        ) from None
     saved = state["selection"]
     if saved != selection:
         changed = ", ".join(key for key in selection if saved.get(key) != selection[key])
@@ -272,32 +264,6 @@ def _open_folder(folder: Path, selection: dict[str, Any]) -> dict[str, Any]:
     shutil.rmtree(folder / outputs.EXPORT_STAGING_NAME, ignore_errors=True)
     _remove_unlisted_parts(folder, selection["format"], set(state["parts"]))
     return state
-
-
-def _state_is_whole(state: Any) -> bool:
-    """Whether a state read from disk has every field export uses, of its type (an edited or truncated one
-    must be one line, not a traceback halfway through the export)."""
-
-    def is_int(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    def strings(values: Any) -> bool:
-        return isinstance(values, list) and all(isinstance(value, str) for value in values)
-
-    def mapping(values: Any, is_value: Any) -> bool:
-        return isinstance(values, dict) and all(is_value(value) for value in values.values())
-
-    return (
-        isinstance(state, dict)
-        and isinstance(state.get("selection"), dict)
-        and is_int(state.get("next_part"))
-        and state["next_part"] >= 0
-        and strings(state.get("parts"))
-        and strings(state.get("job_ids"))
-        and mapping(state.get("rows"), is_int)
-        # A split names a part's file: only the names export itself writes (never a path).
-        and mapping(state.get("subject_splits"), lambda value: value in (TRAIN_SPLIT, *SPLIT_NAMES))
-    )
 
 
 def _remove_unlisted_parts(folder: Path, export_format: str, listed: set[str]) -> None:

@@ -22,9 +22,6 @@ from squeeze_cli.plan import Job
 # run was evaluated.
 TEXT_FIELDS = ("subject", "class", "prompt", "job_id", "recipe", "model_identity", "license")
 NUMBER_FIELDS = ("prompt_index", "seed")
-# Split names the `datasets` loaders recognise from file and folder names (`val` loads as `validation`).
-SPLIT_NAMES = ("val", "validation", "test")
-TRAIN_SPLIT = "train"
 
 
 @dataclass(frozen=True)
@@ -182,10 +179,11 @@ def parse_splits(specs: Sequence[str]) -> dict[str, float]:
             raise UsageError(
                 f"--split {spec}: expected NAME=FRACTION with 0 < FRACTION < 1", "e.g. --split val=0.05"
             )
-        if name not in SPLIT_NAMES:
+        if name not in outputs.EXPORT_OTHER_SPLITS:
             raise UsageError(
                 f"--split {spec}: unknown split {name!r}",
-                f"use {', '.join(SPLIT_NAMES)}: the names dataset loaders recognise (the rest is `train`)",
+                f"use {', '.join(outputs.EXPORT_OTHER_SPLITS)}: the names dataset loaders recognise "
+                "(the rest is `train`)",
             )
         if name in splits:
             raise UsageError(f"--split {spec}: split {name!r} given twice")
@@ -203,7 +201,7 @@ def assign_splits(subjects: Sequence[str], splits: Mapping[str, float], seed: in
     of them (at least one), in the order given; the rest are `train`."""
     order = sorted(subjects)
     random.Random(seed).shuffle(order)
-    assignment = dict.fromkeys(order, TRAIN_SPLIT)
+    assignment = dict.fromkeys(order, outputs.EXPORT_TRAIN_SPLIT)
     start = 0
     for name, fraction in splits.items():
         count = max(1, round(fraction * len(order)))

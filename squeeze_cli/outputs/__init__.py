@@ -49,6 +49,7 @@ from .checks import (  # noqa: F401
     format_report,
     load_rules,
 )
+from .export_state import read_export_state  # noqa: F401
 from .files import (  # noqa: F401
     OutputWriteError,
     atomic_write_bytes,
@@ -78,8 +79,10 @@ from .index import (  # noqa: F401
 from .layout import (  # noqa: F401
     EXPORT_FORMATS,
     EXPORT_LOCK_NAME,
+    EXPORT_OTHER_SPLITS,
     EXPORT_STAGING_NAME,
     EXPORT_STATE_NAME,
+    EXPORT_TRAIN_SPLIT,
     INDEX_NAME,
     LAYOUT_LOCK_NAME,
     LOCK_NAME,

@@ -37,6 +37,10 @@ EXPORT_STAGING_NAME = ".squeeze-export-staging"
 EXPORT_LOCK_NAME = ".squeeze-export.lock"  # one export into a folder at a time
 # The dataset layouts `squeeze export` writes (export/formats.py) and `squeeze train` reads back.
 EXPORT_FORMATS = ("imagefolder", "parquet", "webdataset")
+# The split names export writes: `train`, and the others `datasets` loaders recognise from file and folder
+# names (`val` loads as `validation`).
+EXPORT_TRAIN_SPLIT = "train"
+EXPORT_OTHER_SPLITS = ("val", "validation", "test")
 # What `squeeze eval` writes at the top of OUT (squeeze_cli/eval/).
 METRICS_JSONL_NAME = "metrics.jsonl"
 METRICS_JSON_NAME = "metrics.json"

@@ -7,14 +7,12 @@ The folder is recognised by the state file the export keeps (`.squeeze-export.js
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import ManifestError, Problem
-from squeeze_cli.reading import INDEX_MAX_BYTES, read_regular_file
 from squeeze_cli.train.config import HfData, LoadedConfig
 from squeeze_cli.train.data import Sample, TrainData, _as_image, load_data
 
@@ -56,13 +54,7 @@ def load_export_data(folder: str | os.PathLike, split: str, where: str) -> Train
 
     folder = Path(folder)
     try:
-        # As export reads it: a regular file (no link, no FIFO), bounded, any damage one line.
-        state = json.loads(
-            read_regular_file(folder / outputs.EXPORT_STATE_NAME, INDEX_MAX_BYTES, follow_symlinks=False)
-        )
-        export_format = state["selection"]["format"]
-        if export_format not in outputs.EXPORT_FORMATS:  # not a name `datasets` would fetch from the hub
-            raise ValueError(f"its state names the format {export_format!r}, which export never writes")
+        export_format = outputs.read_export_state(folder)["selection"]["format"]
         datasets.utils.logging.disable_progress_bar()
         dataset = datasets.load_dataset(export_format, data_dir=str(folder), split=split)
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
