@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -55,38 +56,39 @@ def _out_dir(out: str | None) -> Path | None:
     return out_dir
 
 
-def _check_input(
-    manifest: str,
-    set_: list[str] | None,
-    recipe: str | None,
-    max_jobs: int | None,
-    out: str | None,
-    dtype: str | None,
-    device: str,
-    offload: str,
-    *,
-    verify: bool = False,
-    allow_pickle: bool = False,
-) -> LoadedManifest:
+@dataclass(frozen=True)
+class _Input:
+    """The flags `gen` checks with the manifest, whatever the recipe and output folder."""
+
+    manifest: str
+    set_: list[str] | None
+    max_jobs: int | None
+    dtype: str | None
+    device: str
+    offload: str
+    verify: bool
+    allow_pickle: bool
+
+
+def _check_input(flags: _Input, recipe: str | None, out: str | None) -> LoadedManifest:
     """Every check of the flags and the manifest that `gen` makes before loading anything (with
     `verify`, every reference photo read: the output folder's reference cache not trusted)."""
     from squeeze_cli.errors import UsageError
     from squeeze_cli.model_checks import device_problem
 
-    if dtype is not None:
-        dtype = parse_choice("--dtype", dtype, Dtype)
-    overrides = list(set_ or ()) + ([f"model.dtype={dtype}"] if dtype is not None else [])
+    dtype = parse_choice("--dtype", flags.dtype, Dtype) if flags.dtype is not None else None
+    overrides = list(flags.set_ or ()) + ([f"model.dtype={dtype}"] if dtype is not None else [])
     out_dir = _out_dir(out)
     # The folder used from here on: the resolver keeps its images out of reference globs, and
     # `manifest.resolved.yaml` records it, so gen on that file finds the run.
     loaded = load_from_cli(
-        manifest,
+        flags.manifest,
         overrides,
         recipe,
-        max_jobs,
-        allow_pickle=allow_pickle,
+        flags.max_jobs,
+        allow_pickle=flags.allow_pickle,
         out=out_dir,
-        reference_cache=not verify,
+        reference_cache=not flags.verify,
     )
     from squeeze_cli.outputs import holds_recipes, runs_inside
 
@@ -101,25 +103,13 @@ def _check_input(
             f"give one of them as --out (e.g. --out {example}), or another folder",
         )
     # A device that is not here is bad input: said now (a dry run too), not after loading the model.
-    wrong_device = device_problem(device, offload)
+    wrong_device = device_problem(flags.device, flags.offload)
     if wrong_device is not None:
         raise UsageError(*wrong_device)
     return loaded
 
 
-def _check_recipes(
-    manifest: str,
-    set_: list[str] | None,
-    recipes: list[str],
-    max_jobs: int | None,
-    out: str | None,
-    dtype: str | None,
-    device: str,
-    offload: str,
-    *,
-    verify: bool = False,
-    allow_pickle: bool = False,
-) -> list[tuple[str, LoadedManifest]]:
+def _check_recipes(flags: _Input, recipes: list[str], out: str | None) -> list[tuple[str, LoadedManifest]]:
     """`_check_input` for each of several recipes, each into its folder OUT/<recipe>/, and each plan made:
     every recipe's input is checked before any model loads."""
     from squeeze_cli.errors import UsageError
@@ -129,7 +119,9 @@ def _check_recipes(
     # --out, or the manifest's `output.dir`, which no recipe changes
     parent = (
         _out_dir(out)
-        or load_from_cli(manifest, set_, recipes[0], max_jobs, allow_pickle=allow_pickle).output_dir
+        or load_from_cli(
+            flags.manifest, flags.set_, recipes[0], flags.max_jobs, allow_pickle=flags.allow_pickle
+        ).output_dir
     )
     if is_run_folder(parent):
         raise UsageError(
@@ -150,18 +142,7 @@ def _check_recipes(
     runs = []
     for recipe in recipes:
         name = recipe_folder_name(recipe)
-        loaded = _check_input(
-            manifest,
-            set_,
-            recipe,
-            max_jobs,
-            str(parent / name),
-            dtype,
-            device,
-            offload,
-            verify=verify,
-            allow_pickle=allow_pickle,
-        )
+        loaded = _check_input(flags, recipe, str(parent / name))
         plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
         runs.append((name, loaded))
     return runs
@@ -240,34 +221,12 @@ def gen(
 
     try:
         offload = parse_choice("--offload", offload, Offload)
+        flags = _Input(manifest, set_, max_jobs, dtype, device, offload, verify, allow_pickle)
         recipes = split_recipes(recipe)
         if len(recipes) > 1:
-            runs = _check_recipes(
-                manifest,
-                set_,
-                recipes,
-                max_jobs,
-                out,
-                dtype,
-                device,
-                offload,
-                verify=verify,
-                allow_pickle=allow_pickle,
-            )
+            runs = _check_recipes(flags, recipes, out)
         else:
-            loaded = _check_input(
-                manifest,
-                set_,
-                recipe,
-                max_jobs,
-                out,
-                dtype,
-                device,
-                offload,
-                verify=verify,
-                allow_pickle=allow_pickle,
-            )
-            runs = [("", loaded)]
+            runs = [("", _check_input(flags, recipe, out))]
         shard_part = parse_shard(shard)
     except SqueezeError as error:
         if json_output:  # stdout gets the document `validate --json` prints; stderr the usual lines
