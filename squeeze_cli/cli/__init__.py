@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit (ulimit -f) must fail the write (EFBIG), not kill us
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     from squeeze_cli.logs import is_terminal
-    from squeeze_cli.processes import end_process_group, exit_with_launcher
+    from squeeze_cli.processes import end_process_group, exit_with_launcher, exit_without_teardown
 
     if not is_terminal(sys.stderr):  # no library bars (loading, writing shards) redrawn with `\r` in a log
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -134,5 +134,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_line("stopped by SIGINT: nothing was generated")
         code = EXIT_SIGINT
     finally:
-        end_process_group()
-    sys.exit(code if isinstance(code, int) else 0)
+        in_process_group = end_process_group()
+    code = code if isinstance(code, int) else 0
+    if in_process_group:
+        exit_without_teardown(code)
+    sys.exit(code)
