@@ -225,6 +225,52 @@ def test_disk_full_while_checkpointing_keeps_the_earlier_checkpoints(
     assert {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()} == before
 
 
+def test_disk_full_while_exporting_is_one_line_saying_resume(run: Path, squeeze, monkeypatch) -> None:
+    """The stage export writes through diffusers and safetensors, which raise their own errors: a full disk
+    there was a SafetensorError traceback, its `.partial-stage2` left taking the space."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    save_file = safetensors.torch.save_file
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    settings = [arg for s in SETTINGS for arg in ("--set", s)]
+    args = ("train", "tiny", "--no-progress", "--set", f"output_dir={run}", *settings, "--resume", "latest")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    result = squeeze(*args)  # resumes at the last step: only the final export is left to do
+    assert result.code == 1 and "Traceback" not in result.err, result.err
+    line = result.err.strip().splitlines()[-1]  # after the models' loading bars
+    assert line.startswith(
+        f"error: cannot write {run / 'stage2'}: Error while serializing: I/O error: No space"
+    )
+    assert line.endswith("continue with `--resume latest`, from step-0000004)"), line
+    assert not list(run.glob(".partial-*")) and not (run / "stage2").exists()
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    assert squeeze(*args).code == 0
+    assert (run / "stage2" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_disk_full_while_drawing_a_grid_says_resume_not_gens_hint(run: Path, squeeze, monkeypatch) -> None:
+    shutil.rmtree(_checkpoint(run, 4))  # steps 3 and 4 to train again, a grid at the end of each stage
+
+    def full_disk(path, *args):
+        raise outputs.OutputWriteError.from_os_error(
+            Path(path), OSError(errno.ENOSPC, "No space left on device")
+        )
+
+    monkeypatch.setattr(outputs, "write_validation_grid", full_disk)
+    settings = [arg for s in SETTINGS if not s.startswith("validation") for arg in ("--set", s)]
+    result = squeeze(
+        "train", "tiny", "--no-progress", "--set", f"output_dir={run}", *settings, "--resume", "latest"
+    )
+    assert result.code == 1 and "Traceback" not in result.err, result.err
+    line = result.err.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot write {run / 'validation'}"), line
+    assert "finished images" not in line and "continue with `--resume latest`, from step-0000002" in line
+
+
 def test_a_checkpoint_of_another_lora_rank_is_one_line(run: Path, squeeze) -> None:
     settings = [arg for s in SETTINGS for arg in ("--set", s)]
     result = squeeze(

@@ -45,9 +45,18 @@ class RunError(SqueezeError):
 
 
 class CheckpointWriteError(RunError):
-    """A checkpoint could not be written (disk full, ...): the run stops; earlier checkpoints are kept."""
+    """A checkpoint, or another file of the run, could not be written (disk full, ...): the run stops;
+    earlier checkpoints are kept."""
 
     exit_code = EXIT_JOBS_FAILED
+
+
+def resume_hint(output_dir: Path, exclude: Path | None = None) -> str:
+    """What to do after a failed write: `--resume latest`, from the newest checkpoint (not `exclude`, the
+    one that failed). The same command again would be refused: the folder holds a run."""
+    saved = [d.name for d in checkpoint_dirs(output_dir) if d != exclude]
+    since = f"from {saved[-1]}" if saved else "from the start (no checkpoint yet)"
+    return f"free some space on that disk (or make it writable) and continue with `--resume latest`, {since}"
 
 
 @dataclass
@@ -293,12 +302,8 @@ def save_checkpoint(
     except (outputs.OutputWriteError, OSError) as error:
         shutil.rmtree(partial, ignore_errors=True)
         reason = os.strerror(error.errno) if error.errno else str(error)
-        saved = [d.name for d in checkpoint_dirs(output_dir) if d != final]
-        since = f"from {saved[-1]}" if saved else "from the start (no checkpoint yet)"
         raise CheckpointWriteError(
-            f"cannot write checkpoint {final}: {reason}",
-            "free some space on that disk (or make it writable) and continue with "
-            f"`--resume latest`, {since}",
+            f"cannot write checkpoint {final}: {reason}", resume_hint(output_dir, exclude=final)
         ) from None
     if accelerator.is_main_process:
         older = [d for d in checkpoint_dirs(output_dir) if (_step_of(d) or 0) < step]

@@ -30,11 +30,13 @@ from squeeze_cli.train.checkpoints import (
     CHECKPOINTS,
     LOG_FILE,
     RUN_RECORD,
+    CheckpointWriteError,
     RunError,
     TrainState,
     checkpoint_dirs,
     checkpoint_to_resume,
     load_checkpoint,
+    resume_hint,
     save_checkpoint,
 )
 from squeeze_cli.train.config import LoadedConfig, StageSpec
@@ -437,7 +439,18 @@ class Trainer:
 
     def run(self, progress: bool = True) -> Path | None:
         """Train both stages (or what is left of them) and export; returns the run's recipe file (on the
-        main process; None on the others)."""
+        main process; None on the others).
+
+        Raises:
+            `CheckpointWriteError`: a file of the run could not be written (a full disk): the hint says to
+                continue with `--resume latest` (the same command again is refused: the folder holds a run).
+        """
+        try:
+            return self._run(progress)
+        except outputs.OutputWriteError as error:  # a grid, an export, the log, the record, a cached latent
+            raise CheckpointWriteError(error.message, resume_hint(self.output_dir)) from None
+
+    def _run(self, progress: bool) -> Path | None:
         from squeeze_cli.logs import log_line, progress_bar
 
         start = checkpoint_to_resume(self.output_dir, self.resume)
