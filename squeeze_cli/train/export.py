@@ -29,10 +29,9 @@ def export_weights(folder: Path, aggregator: Any, transformer: Any, recipe_text:
     """Aggregator (`save_pretrained`), the transformer's LoRA (diffusers format) and `recipe_text` as
     `recipe.yaml`, written into `folder` atomically (a `.partial` folder renamed into place)."""
     from peft.utils import get_peft_model_state_dict
+    from safetensors import SafetensorError
 
     from squeeze_cli.pipelines.squeeze import SqueezePipeline
-
-    from safetensors import SafetensorError
 
     partial = folder.with_name(f".partial-{folder.name}")
     shutil.rmtree(partial, ignore_errors=True)
