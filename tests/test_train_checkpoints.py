@@ -20,6 +20,7 @@ from squeeze_cli import outputs
 from squeeze_cli.train.checkpoints import (
     CheckpointWriteError,
     RunError,
+    RunLock,
     checkpoint_problem,
     checkpoint_to_resume,
     load_checkpoint,
@@ -269,6 +270,29 @@ def test_disk_full_while_drawing_a_grid_says_resume_not_gens_hint(run: Path, squ
     line = result.err.strip().splitlines()[-1]
     assert line.startswith(f"error: cannot write {run / 'validation'}"), line
     assert "finished images" not in line and "continue with `--resume latest`, from step-0000002" in line
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(run: Path, squeeze) -> None:
+    """Two runs on one folder both went on: every step logged twice, each saving over the other's
+    checkpoints, both exiting 0."""
+    shutil.rmtree(_checkpoint(run, 4))  # steps 3 and 4 left to train
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    other = RunLock(run)
+    other.acquire()  # a run on that folder, still training
+    try:
+        settings = [arg for s in SETTINGS for arg in ("--set", s)]
+        result = squeeze(
+            "train", "tiny", "--no-progress", "--set", f"output_dir={run}", *settings, "--resume", "latest"
+        )
+    finally:
+        other.release()
+    assert result.code == 2, result.err
+    assert result.err.strip().splitlines()[-1] == (
+        f"error: {run} is in use by another squeeze train (hint: wait for it to finish, or set another "
+        "`output_dir`)"
+    )
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".squeeze-train.lock"}
+    assert after == before
 
 
 def test_a_checkpoint_of_another_lora_rank_is_one_line(run: Path, squeeze) -> None:

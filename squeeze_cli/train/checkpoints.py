@@ -38,6 +38,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 # of existing folder training writes into (it replaces and deletes files there).
 RUN_RECORD = "training.json"
 LOG_FILE = "log.jsonl"  # a line every `logging.every` steps, appended by the main process
+LOCK_FILE = ".squeeze-train.lock"  # one run per output folder
 
 
 class RunError(SqueezeError):
@@ -124,6 +125,34 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
+class RunLock:
+    """One `squeeze train` per output folder: two would log every step twice and save over each other's
+    checkpoints. A `filelock` lock, which the OS releases when its process dies, even by kill -9."""
+
+    def __init__(self, output_dir: Path) -> None:
+        import filelock
+
+        self.path = output_dir / LOCK_FILE
+        self._lock = filelock.FileLock(self.path, fallback_to_soft=False)
+
+    def acquire(self) -> None:
+        import filelock
+
+        outputs.ensure_dir(self.path.parent)
+        try:
+            self._lock.acquire(timeout=0)
+        except filelock.Timeout:
+            raise RunError(
+                f"{self.path.parent} is in use by another squeeze train",
+                "wait for it to finish, or set another `output_dir`",
+            ) from None
+        except OSError as error:  # no permission, a file system without locks
+            raise outputs.OutputWriteError.from_os_error(self.path, error, "create the lock file") from error
+
+    def release(self) -> None:
+        self._lock.release()
+
+
 @dataclass(frozen=True)
 class Resume:
     """Where a run starts: `checkpoint` (None: from scratch) and the damaged checkpoints passed over."""
@@ -141,8 +170,8 @@ def check_output_dir(output_dir: Path) -> None:
         raise RunError(f"output_dir {output_dir} is not a folder", hint)
     # A run killed while writing its first record left only that record's temporary file: still ours.
     outputs.remove_stale_temp_files(output_dir, only={RUN_RECORD})
-    try:
-        empty = next(output_dir.iterdir(), None) is None
+    try:  # the lock alone is a run's that was killed before its record
+        empty = all(entry.name == LOCK_FILE for entry in output_dir.iterdir())
     except OSError as error:
         raise RunError(f"cannot read output_dir {output_dir}: {error.strerror or error}", hint) from None
     if not empty:

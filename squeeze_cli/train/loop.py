@@ -32,6 +32,7 @@ from squeeze_cli.train.checkpoints import (
     RUN_RECORD,
     CheckpointWriteError,
     RunError,
+    RunLock,
     TrainState,
     checkpoint_dirs,
     checkpoint_to_resume,
@@ -445,20 +446,28 @@ class Trainer:
             `CheckpointWriteError`: a file of the run could not be written (a full disk): the hint says to
                 continue with `--resume latest` (the same command again is refused: the folder holds a run).
         """
+        self.lock = RunLock(self.output_dir)
         try:
             return self._run(progress)
         except outputs.OutputWriteError as error:  # a grid, an export, the log, the record, a cached latent
             raise CheckpointWriteError(error.message, resume_hint(self.output_dir)) from None
+        finally:
+            self.lock.release()
 
     def _run(self, progress: bool) -> Path | None:
         from squeeze_cli.logs import log_line, progress_bar
 
-        start = checkpoint_to_resume(self.output_dir, self.resume)
+        checkpoint_to_resume(self.output_dir, self.resume)  # refused before any model loads
         self._setup()
         self.check_fits()
         accelerator = self.accelerator
+        # One run per output folder (two would log every step twice and save over each other's checkpoints),
+        # and the folder looked at again under the lock: another run may have written it since.
         if accelerator.is_main_process:
-            outputs.ensure_dir(self.output_dir)
+            self.lock.acquire()
+        accelerator.wait_for_everyone()
+        start = checkpoint_to_resume(self.output_dir, self.resume)
+        if accelerator.is_main_process:
             outputs.atomic_write_json(self.output_dir / RUN_RECORD, self.summary())  # first: the marker
             outputs.atomic_write_text(self.output_dir / "config.yaml", self.loaded.text)
         if accelerator.is_main_process:  # what a killed save or export left behind is never used
