@@ -295,6 +295,26 @@ def test_a_second_run_on_the_same_output_dir_is_refused(run: Path, squeeze) -> N
     assert after == before
 
 
+@pytest.mark.parametrize("damage", ["garbage", "empty", "no target"])
+def test_a_damaged_latent_cache_entry_is_made_again(
+    trainer: Trainer, tmp_path: Path, monkeypatch, damage
+) -> None:
+    """A cache entry that does not load was a SafetensorError traceback at its sample's first batch."""
+    from safetensors.torch import save
+
+    monkeypatch.setattr(trainer.config.training, "cache_latents", True)
+    monkeypatch.setattr(trainer, "output_dir", tmp_path)
+    bucket = trainer.config.training.buckets[0]
+    fresh = trainer.prepare_sample(0, bucket)
+    entry = trainer._cache_path(fresh.id, bucket)
+    entry.write_bytes(
+        {"garbage": os.urandom(100), "empty": b"", "no target": save({"x": torch.zeros(1)})}[damage]
+    )
+    again = trainer.prepare_sample(0, bucket)
+    assert torch.equal(again.target_latents, fresh.target_latents)
+    assert trainer._cached_latents(fresh.id, bucket) is not None  # stored again, whole
+
+
 def test_a_checkpoint_of_another_lora_rank_is_one_line(run: Path, squeeze) -> None:
     settings = [arg for s in SETTINGS for arg in ("--set", s)]
     result = squeeze(

@@ -275,11 +275,15 @@ class Trainer:
         path = self._cache_path(sample_id, bucket)
         if not path.is_file():
             return None
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        tensors = load_file(str(path), device=str(self.accelerator.device))
-        references = [tensors[f"reference_{i}"] for i in range(len(tensors) - 1)]
-        return tensors["target"], references
+        try:
+            tensors = load_file(str(path), device=str(self.accelerator.device))
+            references = [tensors[f"reference_{i}"] for i in range(len(tensors) - 1)]
+            return tensors["target"], references
+        except (SafetensorError, OSError, KeyError):  # a damaged entry is a miss: encoded and stored again
+            return None
 
     def _store_latents(self, sample_id, bucket, target, references) -> None:
         if not self.config.training.cache_latents:
