@@ -116,6 +116,22 @@ def test_status_does_not_read_a_huge_run_json(sharded_run, squeeze) -> None:
     assert peak < 150 * 1024 * 1024, peak  # read up to its limit (64 MiB), not whole
 
 
+# A shard's index ------------------------------------------------------------------------------------------
+
+
+def test_a_shards_index_that_is_a_fifo_says_to_remove_it(sharded_run, squeeze) -> None:
+    """status writes nothing: gen's hint ("run the same command again: finished images are kept") was no
+    help, and running it again changed nothing."""
+    _, out = sharded_run
+    index = out / "shards" / "1-of-2" / "index.jsonl"
+    index.unlink()
+    os.mkfifo(index)
+    for flags in ((), ("--merge",)):
+        line = one_error_line(squeeze("status", str(out), *flags).err)
+        assert line.startswith(f"error: cannot read {index}: not a regular file (a FIFO (named pipe))"), line
+        assert "(hint: remove it: squeeze writes that file itself" in line and "finished images" not in line
+
+
 # status --merge ---------------------------------------------------------------------------------------------
 
 

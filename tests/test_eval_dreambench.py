@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from squeeze_cli.eval.dreambench import LIVE_CLASSES, parse_prompts_and_classes
+from squeeze_cli.eval.dreambench import LIVE_CLASSES, parse_prompts_and_classes, write_dreambench_manifest
 
 SHARED = Path("/work/shared/dreambench/dataset")
 REPO = Path(__file__).resolve().parents[1]
@@ -192,3 +192,31 @@ def test_only_regular_visible_image_files_are_references(squeeze, full_dataset: 
     assert {s["name"]: s for s in yaml.safe_load(manifest.read_text())["subjects"]}["dog"]["references"] == [
         "dataset/dog/00.jpg"
     ]
+
+
+def test_a_photo_name_with_glob_characters_is_that_photo(full_dataset: Path, tmp_path: Path):
+    """A manifest's references are globs: `*.jpg` written as it is would take every photo of the folder,
+    `b[1].jpg` would match `b1.jpg` (or nothing)."""
+    from squeeze_cli.manifest import load_manifest
+
+    shutil.copy(full_dataset / "dog" / "01.jpg", full_dataset / "dog" / "*.jpg")  # sorts first
+    for name in ("b[1].jpg", "b?.jpg"):
+        shutil.copy(full_dataset / "cat" / "00.jpg", full_dataset / "cat" / name)
+    manifest = tmp_path / "m.yaml"
+    every_photo = tmp_path / "all.yaml"
+    write_dreambench_manifest(full_dataset, manifest, references="first", recipe="tiny")
+    write_dreambench_manifest(full_dataset, every_photo, references="all", recipe="tiny")
+    first = {subject.name: subject.references for subject in load_manifest(str(manifest)).subjects}
+    every = {subject.name: subject.references for subject in load_manifest(str(every_photo)).subjects}
+    assert [Path(path).name for path in first["dog"]] == ["*.jpg"]
+    assert sorted(Path(path).name for path in every["cat"]) == ["00.jpg", "01.jpg", "b?.jpg", "b[1].jpg"]
+
+
+def test_a_newline_in_the_datasets_path_stays_in_the_header_comment(full_dataset: Path, tmp_path: Path):
+    odd = tmp_path / "data\nrecipe: other"
+    full_dataset.rename(odd)
+    manifest = tmp_path / "m.yaml"
+    write_dreambench_manifest(odd, manifest, recipe="tiny")
+    header = manifest.read_text().split("version: 1\n")[0]
+    assert all(line.startswith("#") for line in header.splitlines()), header
+    assert "squeeze eval squeeze-out/dreambench --references $'" in manifest.read_text()

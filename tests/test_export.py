@@ -302,6 +302,32 @@ def test_training_reads_an_export_as_subject_pairs(squeeze, run, tmp_path, expor
     assert len(load_export_data(folder, "validation", "config.yaml")) == NUM_IMAGES - len(data)
 
 
+@pytest.mark.parametrize("export_format", ["imagefolder", "webdataset"])
+def test_training_refuses_an_export_whose_reference_photos_are_gone(
+    squeeze, made_run, tmp_path, export_format
+):
+    """An export without --with-references names the photos where gen read them; only row 0 was tried, so a
+    later subject's photos moved away stopped the training at its first batch with a traceback."""
+    from squeeze_cli.errors import ManifestError
+    from squeeze_cli.train.exported import load_export_data
+
+    folder = tmp_path / "export"
+    export(squeeze, made_run, folder, "--format", export_format)
+    photos = made_run.parent / "images" / "cat"
+    photos.rename(tmp_path / "moved")
+    try:
+        with pytest.raises(ManifestError) as raised:
+            load_export_data(folder, "train", "config.yaml")
+    finally:
+        (tmp_path / "moved").rename(photos)
+    problems = raised.value.problems
+    assert {problem.field for problem in problems} == {"data.path"}
+    assert [problem.message.split(": ")[0] for problem in problems] == [
+        f"the export's reference {path}" for path in sorted(str(p) for p in photos.glob("*.jpg"))
+    ]
+    assert "No such file" in problems[0].message and "--with-references" in str(problems[0].hint)
+
+
 @pytest.mark.parametrize(
     "state",
     ["[" * 100_000, '{"selection": {"format": "some-user/some-hub-dataset"}}', "link", "fifo", "parts"],

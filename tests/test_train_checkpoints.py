@@ -20,6 +20,7 @@ from squeeze_cli import outputs
 from squeeze_cli.train.checkpoints import (
     CheckpointWriteError,
     RunError,
+    RunLock,
     checkpoint_problem,
     checkpoint_to_resume,
     load_checkpoint,
@@ -223,6 +224,95 @@ def test_disk_full_while_checkpointing_keeps_the_earlier_checkpoints(
     )
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     assert {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()} == before
+
+
+def test_disk_full_while_exporting_is_one_line_saying_resume(run: Path, squeeze, monkeypatch) -> None:
+    """The stage export writes through diffusers and safetensors, which raise their own errors: a full disk
+    there was a SafetensorError traceback, its `.partial-stage2` left taking the space."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    save_file = safetensors.torch.save_file
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    settings = [arg for s in SETTINGS for arg in ("--set", s)]
+    args = ("train", "tiny", "--no-progress", "--set", f"output_dir={run}", *settings, "--resume", "latest")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    result = squeeze(*args)  # resumes at the last step: only the final export is left to do
+    assert result.code == 1 and "Traceback" not in result.err, result.err
+    line = result.err.strip().splitlines()[-1]  # after the models' loading bars
+    assert line.startswith(
+        f"error: cannot write {run / 'stage2'}: Error while serializing: I/O error: No space"
+    )
+    assert line.endswith("continue with `--resume latest`, from step-0000004)"), line
+    assert not list(run.glob(".partial-*")) and not (run / "stage2").exists()
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    assert squeeze(*args).code == 0
+    assert (run / "stage2" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_disk_full_while_drawing_a_grid_says_resume_not_gens_hint(run: Path, squeeze, monkeypatch) -> None:
+    shutil.rmtree(_checkpoint(run, 4))  # steps 3 and 4 to train again, a grid at the end of each stage
+
+    def full_disk(path, *args):
+        raise outputs.OutputWriteError.from_os_error(
+            Path(path), OSError(errno.ENOSPC, "No space left on device")
+        )
+
+    monkeypatch.setattr(outputs, "write_validation_grid", full_disk)
+    settings = [arg for s in SETTINGS if not s.startswith("validation") for arg in ("--set", s)]
+    result = squeeze(
+        "train", "tiny", "--no-progress", "--set", f"output_dir={run}", *settings, "--resume", "latest"
+    )
+    assert result.code == 1 and "Traceback" not in result.err, result.err
+    line = result.err.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot write {run / 'validation'}"), line
+    assert "finished images" not in line and "continue with `--resume latest`, from step-0000002" in line
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(run: Path, squeeze) -> None:
+    """Two runs on one folder both went on: every step logged twice, each saving over the other's
+    checkpoints, both exiting 0."""
+    shutil.rmtree(_checkpoint(run, 4))  # steps 3 and 4 left to train
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    other = RunLock(run)
+    other.acquire()  # a run on that folder, still training
+    try:
+        settings = [arg for s in SETTINGS for arg in ("--set", s)]
+        result = squeeze(
+            "train", "tiny", "--no-progress", "--set", f"output_dir={run}", *settings, "--resume", "latest"
+        )
+    finally:
+        other.release()
+    assert result.code == 2, result.err
+    assert result.err.strip().splitlines()[-1] == (
+        f"error: {run} is in use by another squeeze train (hint: wait for it to finish, or set another "
+        "`output_dir`)"
+    )
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".squeeze-train.lock"}
+    assert after == before
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "no target"])
+def test_a_damaged_latent_cache_entry_is_made_again(
+    trainer: Trainer, tmp_path: Path, monkeypatch, damage
+) -> None:
+    """A cache entry that does not load was a SafetensorError traceback at its sample's first batch."""
+    from safetensors.torch import save
+
+    monkeypatch.setattr(trainer.config.training, "cache_latents", True)
+    monkeypatch.setattr(trainer, "output_dir", tmp_path)
+    bucket = trainer.config.training.buckets[0]
+    fresh = trainer.prepare_sample(0, bucket)
+    entry = trainer._cache_path(fresh.id, bucket)
+    entry.write_bytes(
+        {"garbage": os.urandom(100), "empty": b"", "no target": save({"x": torch.zeros(1)})}[damage]
+    )
+    again = trainer.prepare_sample(0, bucket)
+    assert torch.equal(again.target_latents, fresh.target_latents)
+    assert trainer._cached_latents(fresh.id, bucket) is not None  # stored again, whole
 
 
 def test_a_checkpoint_of_another_lora_rank_is_one_line(run: Path, squeeze) -> None:

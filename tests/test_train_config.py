@@ -201,6 +201,19 @@ def test_zero_steps_in_both_stages_is_refused(write_file) -> None:
         load_config(path)
 
 
+def test_seeds_torch_cannot_take_are_located(write_file) -> None:
+    # Past 2**64 torch raises "Overflow when unpacking long long": for `validation.seed` only when the
+    # first grid is drawn, a traceback after a whole stage of training.
+    huge = 2**65
+    path = _config(write_file, "stages: {stage1: {steps: 1}, stage2: {steps: 1}}")
+    path.write_text(path.read_text() + f"seed: {huge}\nvalidation: {{seed: {huge}}}\n")
+    with pytest.raises(ManifestError) as caught:
+        load_config(path)
+    paths = sorted(problem.field for problem in caught.value.problems)
+    assert paths == ["seed", "validation.seed"], caught.value.problems
+    assert all("2**63 - 1" in problem.message for problem in caught.value.problems)
+
+
 def test_cli_bad_config_exits_2_and_writes_nothing(squeeze, write_file, tmp_path: Path) -> None:
     path = _config(write_file, "stages: {stage1: {steps: 1}, stage2: {steps: 1}, bogus: 1}")
     result = squeeze("train", str(path))

@@ -12,8 +12,9 @@ import typer
 
 TRAIN_EPILOG = """\b
 Exit codes: 0 trained; 2 invalid config, data, output folder or usage (nothing
-written), or no intact checkpoint to resume; 1 a checkpoint could not be written
-(disk full; earlier ones kept); 130 stopped by Ctrl-C (continue with --resume latest).
+written), or no intact checkpoint to resume; 1 a file of the run could not be
+written (disk full; checkpoints kept); 130 stopped by Ctrl-C. After 1 or 130,
+continue with --resume latest.
 Several GPUs or machines: accelerate launch -m squeeze_cli train CONFIG.yaml
 """
 

@@ -7,8 +7,10 @@ unique_token, class_token)` lines) and one folder of reference photos per subjec
 
 from __future__ import annotations
 
+import glob
 import os
 import re
+import shlex
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +164,9 @@ def build_manifest(
         paths = []
         for image in chosen:
             image = image.resolve()
-            paths.append(str(image.relative_to(manifest_dir) if manifest_dir in image.parents else image))
+            path = str(image.relative_to(manifest_dir) if manifest_dir in image.parents else image)
+            # A manifest's reference is a glob: a photo named `b[1].jpg` would match `b1.jpg` instead.
+            paths.append(glob.escape(path))
         entries.append(
             {
                 "name": subject.name,
@@ -178,7 +182,7 @@ def build_manifest(
         "defaults": {"seeds": {"count": seeds, "base": 0}},
         "subjects": entries,
     }
-    dataset = Path(dataset_dir).resolve()
+    dataset = _shell_word(str(Path(dataset_dir).resolve()))
     header = (
         "# DreamBench (Ruiz et al., DreamBooth, CVPR 2023): every subject of the dataset x its 25 prompts\n"
         f"# (object or live-subject list) x {seeds} seeds. Written by `squeeze dreambench {dataset}`.\n"
@@ -198,6 +202,14 @@ def build_manifest(
         "absent": absent,
     }
     return header + body, summary
+
+
+def _shell_word(text: str) -> str:
+    """`text` as one word of a shell command, on one line: the header's commands are comments to copy, and a
+    newline in a folder's name would end the comment and put the rest into the manifest."""
+    if text.isprintable():
+        return shlex.quote(text)
+    return "$'" + text.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
 
 
 def _manifest_folder(output: Path, force: bool) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_JOBS_FAILED, SqueezeError
-from ..reading import FileTooLargeError
+from ..reading import FileTooLargeError, NotARegularFileError
 from .layout import VARIANTS_DIR_NAME, UnsafeOutputPathError
 
 # `.<name>.<pid>.tmp`: hidden, recognisable, and tied to the process that wrote it.
@@ -48,6 +48,8 @@ class OutputWriteError(SqueezeError):
             hint = f"make {path.parent} writable for this user, or choose another --out"
         elif code == errno.EROFS:
             hint = "the output directory is on a read-only file system: choose another --out"
+        elif isinstance(error, NotARegularFileError):  # a FIFO, a device or a folder in place of a run file
+            hint = "remove it: squeeze writes that file itself (a regular file, never through a link)"
         elif isinstance(error, FileTooLargeError):  # squeeze's own limit for a file it reads whole
             hint = "is it the right file? squeeze never writes one this large: move it away"
         elif code == errno.EFBIG:

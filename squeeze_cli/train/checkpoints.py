@@ -38,6 +38,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 # of existing folder training writes into (it replaces and deletes files there).
 RUN_RECORD = "training.json"
 LOG_FILE = "log.jsonl"  # a line every `logging.every` steps, appended by the main process
+LOCK_FILE = ".squeeze-train.lock"  # one run per output folder
 
 
 class RunError(SqueezeError):
@@ -45,9 +46,18 @@ class RunError(SqueezeError):
 
 
 class CheckpointWriteError(RunError):
-    """A checkpoint could not be written (disk full, ...): the run stops; earlier checkpoints are kept."""
+    """A checkpoint, or another file of the run, could not be written (disk full, ...): the run stops;
+    earlier checkpoints are kept."""
 
     exit_code = EXIT_JOBS_FAILED
+
+
+def resume_hint(output_dir: Path, exclude: Path | None = None) -> str:
+    """What to do after a failed write: `--resume latest`, from the newest checkpoint (not `exclude`, the
+    one that failed). The same command again would be refused: the folder holds a run."""
+    saved = [d.name for d in checkpoint_dirs(output_dir) if d != exclude]
+    since = f"from {saved[-1]}" if saved else "from the start (no checkpoint yet)"
+    return f"free some space on that disk (or make it writable) and continue with `--resume latest`, {since}"
 
 
 @dataclass
@@ -115,6 +125,34 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
+class RunLock:
+    """One `squeeze train` per output folder: two would log every step twice and save over each other's
+    checkpoints. A `filelock` lock, which the OS releases when its process dies, even by kill -9."""
+
+    def __init__(self, output_dir: Path) -> None:
+        import filelock
+
+        self.path = output_dir / LOCK_FILE
+        self._lock = filelock.FileLock(self.path, fallback_to_soft=False)
+
+    def acquire(self) -> None:
+        import filelock
+
+        outputs.ensure_dir(self.path.parent)
+        try:
+            self._lock.acquire(timeout=0)
+        except filelock.Timeout:
+            raise RunError(
+                f"{self.path.parent} is in use by another squeeze train",
+                "wait for it to finish, or set another `output_dir`",
+            ) from None
+        except OSError as error:  # no permission, a file system without locks
+            raise outputs.OutputWriteError.from_os_error(self.path, error, "create the lock file") from error
+
+    def release(self) -> None:
+        self._lock.release()
+
+
 @dataclass(frozen=True)
 class Resume:
     """Where a run starts: `checkpoint` (None: from scratch) and the damaged checkpoints passed over."""
@@ -132,8 +170,8 @@ def check_output_dir(output_dir: Path) -> None:
         raise RunError(f"output_dir {output_dir} is not a folder", hint)
     # A run killed while writing its first record left only that record's temporary file: still ours.
     outputs.remove_stale_temp_files(output_dir, only={RUN_RECORD})
-    try:
-        empty = next(output_dir.iterdir(), None) is None
+    try:  # the lock alone is a run's that was killed before its record
+        empty = all(entry.name == LOCK_FILE for entry in output_dir.iterdir())
     except OSError as error:
         raise RunError(f"cannot read output_dir {output_dir}: {error.strerror or error}", hint) from None
     if not empty:
@@ -293,12 +331,8 @@ def save_checkpoint(
     except (outputs.OutputWriteError, OSError) as error:
         shutil.rmtree(partial, ignore_errors=True)
         reason = os.strerror(error.errno) if error.errno else str(error)
-        saved = [d.name for d in checkpoint_dirs(output_dir) if d != final]
-        since = f"from {saved[-1]}" if saved else "from the start (no checkpoint yet)"
         raise CheckpointWriteError(
-            f"cannot write checkpoint {final}: {reason}",
-            "free some space on that disk (or make it writable) and continue with "
-            f"`--resume latest`, {since}",
+            f"cannot write checkpoint {final}: {reason}", resume_hint(output_dir, exclude=final)
         ) from None
     if accelerator.is_main_process:
         older = [d for d in checkpoint_dirs(output_dir) if (_step_of(d) or 0) < step]

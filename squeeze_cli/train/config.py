@@ -28,7 +28,7 @@ from squeeze_cli.manifest.located import (
     sort_problems,
 )
 from squeeze_cli.manifest.recipes import COMMAND_LINE_PATHS_HINT, load_recipe, on_command_line, path_base
-from squeeze_cli.manifest.schema import SideInt, StrictModel, Thresholds, non_empty
+from squeeze_cli.manifest.schema import SeedInt, SideInt, StrictModel, Thresholds, non_empty
 from squeeze_cli.manifest.schema_errors import schema_error, validate_schema
 from squeeze_cli.params import DEFAULT_NUM_INFERENCE_STEPS, PAPER_GUIDANCE_SCALE, PAPER_STAGE_THRESHOLDS
 
@@ -269,7 +269,7 @@ class ValidationSpec(StrictModel):
     every: NonNegativeInt = 0  # 0: only at the end of each stage
     steps: PositiveInt = DEFAULT_NUM_INFERENCE_STEPS
     size: tuple[SideInt, SideInt] = (512, 512)
-    seed: NonNegativeInt = 0
+    seed: SeedInt = 0  # a torch generator's seed, as gen's
     guidance_scale: FiniteFloat = PAPER_GUIDANCE_SCALE
     stage_thresholds: Thresholds = PAPER_STAGE_THRESHOLDS
     prompts: list[ValidationPrompt] = Field(default_factory=list)
@@ -286,7 +286,7 @@ class TrainConfig(StrictModel):
     version: Literal[1]
     recipe: NonEmptyStr
     output_dir: NonEmptyStr
-    seed: NonNegativeInt = 0
+    seed: SeedInt = 0  # torch takes seeds below 2**64; the run adds 1 and 2 for the LoRA and the DLA
     data: DataSpec
     aggregator: AggregatorSpec = Field(default_factory=AggregatorSpec)
     lora: LoraTrainSpec = Field(default_factory=LoraTrainSpec)

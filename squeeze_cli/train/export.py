@@ -29,25 +29,35 @@ def export_weights(folder: Path, aggregator: Any, transformer: Any, recipe_text:
     """Aggregator (`save_pretrained`), the transformer's LoRA (diffusers format) and `recipe_text` as
     `recipe.yaml`, written into `folder` atomically (a `.partial` folder renamed into place)."""
     from peft.utils import get_peft_model_state_dict
+    from safetensors import SafetensorError
 
     from squeeze_cli.pipelines.squeeze import SqueezePipeline
 
     partial = folder.with_name(f".partial-{folder.name}")
     shutil.rmtree(partial, ignore_errors=True)
-    outputs.ensure_dir(partial)
-    aggregator.save_pretrained(partial / "aggregator")
-    outputs.atomic_write_json(partial / "aggregator" / NULL_CONDITION_FILE, NULL_CONDITION_DEFINITION)
     lora_state = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
-    # The adapter's config (rank, alpha, targets) goes into the file's metadata, so loading uses the
-    # trained alpha / rank scale rather than assuming alpha = rank.
-    SqueezePipeline.save_lora_weights(
-        partial / "lora",
-        transformer_lora_layers=lora_state,
-        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
-    )
-    outputs.atomic_write_text(partial / "recipe.yaml", recipe_text)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.rename(partial, folder)
+    try:
+        outputs.ensure_dir(partial)
+        aggregator.save_pretrained(partial / "aggregator")
+        outputs.atomic_write_json(partial / "aggregator" / NULL_CONDITION_FILE, NULL_CONDITION_DEFINITION)
+        # The adapter's config (rank, alpha, targets) goes into the file's metadata, so loading uses the
+        # trained alpha / rank scale rather than assuming alpha = rank.
+        SqueezePipeline.save_lora_weights(
+            partial / "lora",
+            transformer_lora_layers=lora_state,
+            transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+        )
+        outputs.atomic_write_text(partial / "recipe.yaml", recipe_text)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(partial, folder)
+    except outputs.OutputWriteError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    except (OSError, SafetensorError) as error:  # diffusers' and safetensors' writes raise these as they are
+        shutil.rmtree(partial, ignore_errors=True)
+        code = error.errno if isinstance(error, OSError) else None
+        reason = os.strerror(code) if code else " ".join(str(error).split())
+        raise outputs.OutputWriteError(f"cannot write {folder}: {reason}", path=folder, errno=code) from None
     return folder
 
 

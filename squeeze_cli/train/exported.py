@@ -40,6 +40,29 @@ def _pair(export_format: str, row: dict[str, Any]) -> tuple[str, list[Any], str,
     return row["job_id"], row["references"], row["prompt"], row["image"]
 
 
+def _unreadable_references(dataset: Any, export_format: str) -> list[tuple[str, str, str]]:
+    """(path, reason, hint) of each distinct reference photo that a row names by path and gen's checks
+    refuse. An export without --with-references names the photos where gen read them: one moved or deleted
+    since stopped the training at its row with a traceback. (Images inside the export are export's own.)"""
+    import datasets
+
+    from squeeze_cli.images import check_image, image_hint
+
+    if export_format == "webdataset":
+        rows = [row.get("references") or [] for row in dataset["json"]]
+    elif getattr(dataset.features.get("references"), "feature", None) == datasets.Value("string"):
+        rows = dataset["references"]
+    else:
+        return []  # --with-references: images in the export
+    found = []
+    for path in sorted({path for row in rows for path in row if isinstance(path, str)}):
+        reason = check_image(path)
+        if reason is not None:
+            hint = image_hint(reason) or "put the photo back, or export with --with-references to carry them"
+            found.append((path, reason, hint))
+    return found
+
+
 def load_export_data(folder: str | os.PathLike, split: str, where: str) -> TrainData:
     """The rows of `split` of the export in `folder` as samples; `where` locates errors (the config's
     `data` section).
@@ -68,6 +91,14 @@ def load_export_data(folder: str | os.PathLike, split: str, where: str) -> Train
         return Sample(sample_id, [_as_image(r) for r in references], instruction, _as_image(target))
 
     ids = [str(value) for value in dataset["__key__" if export_format == "webdataset" else "job_id"]]
+    unreadable = _unreadable_references(dataset, export_format)
+    if unreadable:
+        raise ManifestError(
+            [
+                Problem(where, None, None, "data.path", f"the export's reference {path}: {reason}", hint)
+                for path, reason, hint in unreadable[:20]
+            ]
+        )
     try:
         load(0)  # a reference path that is gone fails here, before any model loads
     except (OSError, ValueError) as error:

@@ -30,11 +30,14 @@ from squeeze_cli.train.checkpoints import (
     CHECKPOINTS,
     LOG_FILE,
     RUN_RECORD,
+    CheckpointWriteError,
     RunError,
+    RunLock,
     TrainState,
     checkpoint_dirs,
     checkpoint_to_resume,
     load_checkpoint,
+    resume_hint,
     save_checkpoint,
 )
 from squeeze_cli.train.config import LoadedConfig, StageSpec
@@ -272,11 +275,15 @@ class Trainer:
         path = self._cache_path(sample_id, bucket)
         if not path.is_file():
             return None
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        tensors = load_file(str(path), device=str(self.accelerator.device))
-        references = [tensors[f"reference_{i}"] for i in range(len(tensors) - 1)]
-        return tensors["target"], references
+        try:
+            tensors = load_file(str(path), device=str(self.accelerator.device))
+            references = [tensors[f"reference_{i}"] for i in range(len(tensors) - 1)]
+            return tensors["target"], references
+        except (SafetensorError, OSError, KeyError):  # a damaged entry is a miss: encoded and stored again
+            return None
 
     def _store_latents(self, sample_id, bucket, target, references) -> None:
         if not self.config.training.cache_latents:
@@ -437,15 +444,34 @@ class Trainer:
 
     def run(self, progress: bool = True) -> Path | None:
         """Train both stages (or what is left of them) and export; returns the run's recipe file (on the
-        main process; None on the others)."""
+        main process; None on the others).
+
+        Raises:
+            `CheckpointWriteError`: a file of the run could not be written (a full disk): the hint says to
+                continue with `--resume latest` (the same command again is refused: the folder holds a run).
+        """
+        self.lock = RunLock(self.output_dir)
+        try:
+            return self._run(progress)
+        except outputs.OutputWriteError as error:  # a grid, an export, the log, the record, a cached latent
+            raise CheckpointWriteError(error.message, resume_hint(self.output_dir)) from None
+        finally:
+            self.lock.release()
+
+    def _run(self, progress: bool) -> Path | None:
         from squeeze_cli.logs import log_line, progress_bar
 
-        start = checkpoint_to_resume(self.output_dir, self.resume)
+        checkpoint_to_resume(self.output_dir, self.resume)  # refused before any model loads
         self._setup()
         self.check_fits()
         accelerator = self.accelerator
+        # One run per output folder (two would log every step twice and save over each other's checkpoints),
+        # and the folder looked at again under the lock: another run may have written it since.
         if accelerator.is_main_process:
-            outputs.ensure_dir(self.output_dir)
+            self.lock.acquire()
+        accelerator.wait_for_everyone()
+        start = checkpoint_to_resume(self.output_dir, self.resume)
+        if accelerator.is_main_process:
             outputs.atomic_write_json(self.output_dir / RUN_RECORD, self.summary())  # first: the marker
             outputs.atomic_write_text(self.output_dir / "config.yaml", self.loaded.text)
         if accelerator.is_main_process:  # what a killed save or export left behind is never used
