@@ -179,6 +179,9 @@ def _explain_yaml_error(message: str, text: str, mark: Any) -> tuple[str, str | 
         )
     if _tab_at(text, mark):
         return message, "YAML indents with spaces, never tabs"
+    quoted = _value_quoted_in_part(text, mark)
+    if quoted:
+        return message, quoted
     # A key or `-` indented one space more or less than its neighbours ends the block early.
     if "block mapping did not find expected key" in message:
         return message, (
@@ -190,6 +193,11 @@ def _explain_yaml_error(message: str, text: str, mark: Any) -> tuple[str, str | 
             "check the indentation here and just above: the `-` items of one list line up, and so do "
             "the keys inside an item"
         )
+    if "mapping values are not allowed" in message:
+        return message, _colon_in_value(text, mark) or (
+            "check the indentation here and just above: a key indented deeper than its neighbours "
+            "continues the value before it"
+        )
     if "expected a single document" in message:
         return message, "a manifest is one document: remove the `---` line and what follows, or merge them"
     if "flow sequence" in message or "flow mapping" in message:
@@ -200,6 +208,37 @@ def _explain_yaml_error(message: str, text: str, mark: Any) -> tuple[str, str | 
                 "or write one `- a {class} on a rug` per line"
             )
     return message, None
+
+
+# A value that opens with `{`, `[` or a quote and goes on after its closing one: `- {class} on a rug`.
+_PART_QUOTED_RE = re.compile(
+    r"^\s*(?:-\s+)?(?:[\w.-]+:\s+)?((?:\{[^{}]*\}|\[[^\[\]]*\]|'[^']*'|\"[^\"]*\")\s*[^\s#,].*)$"
+)
+
+
+def _value_quoted_in_part(text: str, mark: Any) -> str | None:
+    """The fix for a value whose first character makes YAML read only its beginning (a `{class}` is a
+    mapping, a quote ends the string): quote the whole value."""
+    found = _PART_QUOTED_RE.match(_line_at(text, mark))
+    if not found:
+        return None
+    value = found.group(1).rstrip()
+    return f"a value that starts with `{value[0]}` must be quoted whole: {_quoted(value)}"
+
+
+def _colon_in_value(text: str, mark: Any) -> str | None:
+    """The fix for `text: a {class}: at night`, whose second `: ` YAML cannot read: quote the value."""
+    found = re.match(r"^\s*(?:-\s+)?[\w.-]+:\s+([^'\"#].*:\s.*?)\s*$", _line_at(text, mark))
+    return f'a value with ": " in it must be quoted: {_quoted(found.group(1))}' if found else None
+
+
+def _line_at(text: str, mark: Any) -> str:
+    lines = text.splitlines()
+    return lines[mark.line] if mark is not None and mark.line < len(lines) else ""
+
+
+def _quoted(value: str) -> str:
+    return f'"{value}"' if '"' not in value else f"'{value}'"
 
 
 def _tab_at(text: str, mark: Any) -> bool:
