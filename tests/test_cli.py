@@ -31,7 +31,13 @@ subjects:
 def test_help_lists_commands_and_exit_codes():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for text in ("validate", "recipes", "Exit codes:", "2    invalid input or usage"):
+    for text in (
+        "validate",
+        "recipes",
+        "Exit codes:",
+        "2    invalid input or usage",
+        "for check (and status --rules), an image fails",
+    ):
         assert text in result.stdout
 
 
@@ -53,6 +59,18 @@ def test_validate_prints_the_plan_summary():
     one_of_each = [f"subjects.0.references=[{photo}]", "subjects.0.prompts=[a dog]", "defaults.seeds=[0]"]
     one = runner.invoke(app, ["validate", DEMO, *(arg for s in one_of_each for arg in ("--set", s))])
     assert "dog       class dog: 1 reference, 1 prompt, 1 job" in one.stdout, one.output
+
+
+@pytest.mark.parametrize("command", ["squeeze validate examples/demo.yaml", "squeeze recipes"])
+def test_the_outputs_shown_in_docs_cli_are_the_real_ones(command: str) -> None:
+    """docs/cli.md shows what these print, as a new user sees it (the clone's path as /path/to)."""
+    doc = (REPO_ROOT / "docs" / "cli.md").read_text()
+    start = doc.index(f"```\n$ {command}\n") + len(f"```\n$ {command}\n")
+    shown = doc[start : doc.index("```", start)]
+    args = command.split()[1:]
+    result = runner.invoke(app, [DEMO if arg == "examples/demo.yaml" else arg for arg in args])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.replace(str(REPO_ROOT), "/path/to") == shown
 
 
 def test_validate_json():

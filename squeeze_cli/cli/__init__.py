@@ -21,7 +21,7 @@ from squeeze_cli import __version__
 from squeeze_cli.cli import check, gen, recipes, status, validate
 from squeeze_cli.cli.eval import dreambench_command, eval_command
 from squeeze_cli.cli.export import EXPORT_EPILOG, export_command
-from squeeze_cli.cli.options import EPILOG
+from squeeze_cli.cli.options import APP_EPILOG, EPILOG
 from squeeze_cli.cli.train import TRAIN_EPILOG, train_command
 from squeeze_cli.errors import EXIT_SIGINT, ManifestError, SqueezeError
 from squeeze_cli.logs import log_line
@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # the click that typer vendors (typer 0.29): what TyperComman
 app = typer.Typer(
     name="squeeze",
     help="Subject-driven image generation in batches: many images of one subject, from a YAML manifest.",
-    epilog=EPILOG,
+    epilog=APP_EPILOG,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,  # unknown errors keep their plain traceback
