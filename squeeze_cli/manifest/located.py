@@ -379,7 +379,8 @@ def parse_override(text: str) -> tuple[FieldPath, Any]:
         value = yaml.safe_load(raw_value) if raw_value.strip() else None
     except yaml.YAMLError as error:
         message = str(error).splitlines()[0]
-        raise OverrideError(f"the value is not valid YAML: {message}", _override_yaml_hint(message)) from None
+        hint = _override_yaml_hint(message, key.strip(), raw_value.strip())
+        raise OverrideError(f"the value is not valid YAML: {message}", hint) from None
     return path, value
 
 
@@ -391,7 +392,7 @@ class OverrideError(ValueError):
         self.hint = hint
 
 
-def _override_yaml_hint(message: str) -> str:
+def _override_yaml_hint(message: str, key: str, value: str) -> str:
     if "constructor for the tag" in message:
         return "a value holds plain YAML only: remove the tag"
     if "while parsing a flow" in message:  # `[...]` or `{...}`: a sequence, mapping or node in them
@@ -399,11 +400,9 @@ def _override_yaml_hint(message: str) -> str:
             "close every `[` and `{`, e.g. `--set 'defaults.seeds=[0,1]'`; text that holds them goes in "
             """quotes: `--set 'subjects.0.prompts.0="a {class} on a rug"'`"""
         )
-    # The shell removed the user's own quotes: text with `:`, `@` or a leading quote needs YAML's.
-    return (
-        "the value is read as YAML: close its quotes, or quote text, "
-        """e.g. `--set 'subjects.0.class="a: b"'`"""
-    )
+    # The shell removed the user's own quotes: text with `:`, `@`, a leading `{` or quote needs YAML's.
+    key, value = (key, value) if not set("'\"") & set(value) else ("subjects.0.class", "a: b")
+    return f"""the value is read as YAML: close its quotes, or quote text, e.g. `--set '{key}="{value}"'`"""
 
 
 def apply_overrides(document: YamlDocument, overrides: Sequence[str]) -> list[Problem]:
