@@ -466,8 +466,9 @@ def _set_path(data: Any, path: FieldPath, value: Any) -> int:
 # Loading ---------------------------------------------------------------------------------------------
 
 
-def read_manifest_text(path: Path, file: str) -> str:
-    """The manifest's text; a missing, unreadable or non-UTF-8 file raises `ManifestError`."""
+def read_manifest_text(path: Path, file: str, kind: str = "manifest", missing_hint: str | None = None) -> str:
+    """The text of a manifest (or of another YAML file `kind` names, e.g. a training config); a missing,
+    unreadable or non-UTF-8 file raises `ManifestError`, with `missing_hint` when it does not exist."""
     try:
         if path.is_dir():
             raise IsADirectoryError(21, "it is a folder")
@@ -475,20 +476,21 @@ def read_manifest_text(path: Path, file: str) -> str:
         data = read_regular_file(path, MANIFEST_MAX_BYTES)
     except OSError as error:
         hints = {
-            IsADirectoryError: "give the path of the manifest's .yaml file, not of its folder",
+            FileNotFoundError: missing_hint,
+            IsADirectoryError: f"give the path of the {kind}'s .yaml file, not of its folder",
             PermissionError: "check the file's permissions",
-            NotARegularFileError: "give the path of the manifest's .yaml file",
-            FileTooLargeError: "a manifest is a few kB of YAML: give the manifest's .yaml file",
+            NotARegularFileError: f"give the path of the {kind}'s .yaml file",
+            FileTooLargeError: f"a {kind} is a few kB of YAML: give the {kind}'s .yaml file",
         }
         hint = next((text for kind, text in hints.items() if isinstance(error, kind)), None)
         reason = error.strerror or str(error)
         raise ManifestError(
-            [Problem(file, None, None, "", f"cannot read the manifest: {reason}", hint)]
+            [Problem(file, None, None, "", f"cannot read the {kind}: {reason}", hint)]
         ) from None
     encoding = next((name for bom, name in _UNICODE_BOMS if data.startswith(bom)), None)
     if encoding is not None:
         raise ManifestError(
-            [Problem(file, None, None, "", f"the manifest is {encoding} text", "save it as UTF-8")]
+            [Problem(file, None, None, "", f"the {kind} is {encoding} text", "save it as UTF-8")]
         )
     try:
         return data.decode("utf-8-sig")  # a UTF-8 byte order mark is harmless: skip it
@@ -501,7 +503,7 @@ def read_manifest_text(path: Path, file: str) -> str:
                     line,
                     column,
                     "",
-                    f"the manifest is not UTF-8 text (byte 0x{data[error.start]:02x})",
+                    f"the {kind} is not UTF-8 text (byte 0x{data[error.start]:02x})",
                     "save it as UTF-8",
                 )
             ]
