@@ -128,7 +128,11 @@ def load_rules(name_or_path: str) -> RuleSet:
             text = read_regular_file(path, MANIFEST_MAX_BYTES).decode("utf-8")
         except (OSError, UnicodeDecodeError) as error:
             reason = getattr(error, "strerror", None) or "it is not UTF-8 text"
-            raise RulesError(f"cannot read rules file {str(path)!r}: {reason}") from None
+            hint = None
+            if isinstance(error, FileNotFoundError):
+                known = ", ".join(sorted(packaged_rules()))
+                hint = f"a path is relative to the current folder; the packaged rule sets: {known}"
+            raise RulesError(f"cannot read rules file {str(path)!r}: {reason}", hint) from None
         display = str(path)
     else:
         packaged = packaged_rules()
