@@ -73,6 +73,28 @@ def test_the_outputs_shown_in_docs_cli_are_the_real_ones(command: str) -> None:
     assert result.stdout.replace(str(REPO_ROOT), "/path/to") == shown
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["eval", "--metrics", "tiny"],
+        ["export", "-o", "{tmp}/export"],
+        ["check", "--rules", "amazon-main"],
+    ],
+)
+def test_a_manifest_given_for_a_run_folder_says_so(squeeze, tmp_path: Path, command: list[str]) -> None:
+    """`squeeze status examples/demo.yaml` said "no such folder" of a file that exists (check: "has no
+    index.jsonl"), and none said what to give instead."""
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in command]
+    result = squeeze(args[0], DEMO, *args[1:])
+    assert result.code == 2 and result.err.count("\n") == 1, result.err
+    assert (
+        "demo.yaml: not a folder (hint: give the output folder of a `squeeze gen` run, not its manifest"
+        in (result.err)
+    )
+    assert not (tmp_path / "export").exists()
+
+
 def test_validate_json():
     result = runner.invoke(app, ["validate", DEMO, "--json"])
     assert result.exit_code == 0
