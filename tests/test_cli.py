@@ -87,12 +87,39 @@ def test_a_manifest_given_for_a_run_folder_says_so(squeeze, tmp_path: Path, comm
     index.jsonl"), and none said what to give instead."""
     args = [arg.replace("{tmp}", str(tmp_path)) for arg in command]
     result = squeeze(args[0], DEMO, *args[1:])
-    assert result.code == 2 and result.err.count("\n") == 1, result.err
-    assert (
-        "demo.yaml: not a folder (hint: give the output folder of a `squeeze gen` run, not its manifest"
-        in (result.err)
-    )
+    assert result.code == 2 and "Traceback" not in result.err, result.err
+    last = result.err.strip().splitlines()[-1]  # (eval may build its tiny metric models first)
+    assert last.startswith("error: ") and last.endswith(
+        "demo.yaml: not a folder (hint: give the output folder of a `squeeze gen` run, not its manifest: "
+        "the folder its `output.dir` names, or gen's --out)"
+    ), result.err
     assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("lost", [False, True])
+def test_ctrl_c_outside_a_run_says_it_stopped(squeeze, monkeypatch, lost: bool) -> None:
+    """Ctrl-C while `train` loaded its config and imports: typer made it a silent exit 130, and an import
+    cut short that lost it (diffusers, numpy) ended in a RecursionError traceback and exit code 1."""
+    import os
+    import signal
+    import time
+
+    import squeeze_cli.train.config
+
+    def interrupted(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            if not lost:
+                raise
+        raise RuntimeError("Failed to import diffusers.loaders.lora_pipeline")
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(squeeze_cli.train.config, "load_config", interrupted)
+    result = squeeze("train", "tiny")
+    assert (result.code, result.err) == (130, "stopped by SIGINT (Ctrl-C)\n")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_validate_json():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated
@@ -121,18 +122,46 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
     exit_with_launcher(os.environ)  # a worker of a killed `accelerate launch` must not run on alone
+    interrupt = _Interrupt()
+    # Not where SIGINT is ignored (a script's background job): Python leaves it ignored there too.
+    watched = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    if watched:
+        signal.signal(signal.SIGINT, interrupt)
+    code = None
     try:
         code = app(args=argv, prog_name="squeeze", standalone_mode=False)
     except SqueezeError as error:
-        _report(error)
+        if not interrupt.seen:
+            _report(error)
         code = error.exit_code
     except typer.TyperException as error:  # click's usage errors: the message with usage, exit 2
         show = getattr(error, "show", None)
         show() if show else log_line(f"error: {error.format_message()}")
         code = error.exit_code
-    except typer.Abort:  # Ctrl-C before a run started: nothing was written
-        log_line("stopped by SIGINT: nothing was generated")
-        code = EXIT_SIGINT
+    except BaseException:
+        if not interrupt.seen:
+            raise
     finally:
+        if watched:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         end_process_group()
+    if interrupt.seen:
+        log_line("stopped by SIGINT (Ctrl-C)")
+        code = EXIT_SIGINT
     sys.exit(code if isinstance(code, int) else 0)
+
+
+class _Interrupt:
+    """Ctrl-C outside a run's own handling (gen's `StopSignal`, train's loop): noted, then the usual
+    KeyboardInterrupt. typer turns that into a silent exit 130, and an import it cuts short may lose it
+    and fail another way (a RecursionError in numpy): either way `main` says the command was stopped."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
