@@ -1,8 +1,8 @@
 """Help with manifest mistakes: names from other tools mapped to squeeze's keys, a hint to quote a prompt
-with `{class}` in a flow list, one that YAML reads in part (a leading `{class}` or quote, a `: ` in it), one to
-list a prompt given as a plain string, the relative-path hint only
-for relative paths, `x-` keys that hold YAML anchors (and the documented DreamBench example that uses
-them), and a negative prompt without true CFG reported as ignored and left out of the PNG's parameters."""
+with `{class}` in a flow list, and one that YAML reads in part (a leading `{class}` or quote, a `: ` in
+it), one to list a prompt given as a plain string, the relative-path hint only for relative paths, `x-`
+keys that hold YAML anchors (and the documented DreamBench example that uses them), and a negative prompt
+without true CFG reported as ignored and left out of the PNG's parameters."""
 
 from __future__ import annotations
 
