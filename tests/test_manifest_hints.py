@@ -88,6 +88,13 @@ def test_a_key_indented_too_deep_gets_the_indentation_hint(project: Path, squeez
     )
 
 
+def test_a_prompt_set_where_a_list_belongs_gets_the_command_lines_list(project: Path, squeeze) -> None:
+    """`- ...` one per line is no fix on the command line."""
+    result = squeeze("validate", str(project / "m.yaml"), "--set", "subjects.0.prompts=a {class} at night")
+    assert result.code == 2
+    assert """(hint: a list: `--set 'subjects.0.prompts=["a {class} at night"]'`)""" in result.err
+
+
 def test_no_relative_path_hint_for_an_absolute_path(project: Path, squeeze) -> None:
     manifest = project / "m.yaml"
     manifest.write_text(ONE_IMAGE.replace("images/dog/00.jpg", str(project / "missing.jpg")))

@@ -175,6 +175,9 @@ def _problem_from_error(
             # `prompts: a {class} on a table` reads as one string; `[a {class}]` would break on the `{`.
             item = value if len(value) <= 60 else value[:57] + "..."
             hint = f"write one `- {item}` per line"
+            flag = document.locate(path).file
+            if flag.startswith("--set ") and '"' not in value:  # a list on the command line is YAML's [...]
+                hint = f"""a list: `--set '{flag[6:].partition("=")[0]}=["{value}"]'`"""
     elif kind == "seeds_shape":
         message = f"expected a list of seeds or {{count: N, base: B}}, got {_describe(value)}"
         hint = "for example `seeds: [0, 1, 2]` or `seeds: {count: 4, base: 0}`"
