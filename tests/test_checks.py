@@ -150,7 +150,11 @@ def test_status_json_carries_the_same_results(run_folder: Path, make_image, sque
     ("rules", "message"),
     [
         ("nope", "error: unknown rule set 'nope' (hint: known rule sets: amazon-main"),
-        ("missing.yaml", "error: cannot read rules file 'missing.yaml': No such file or directory"),
+        (
+            "missing.yaml",
+            "error: cannot read rules file 'missing.yaml': No such file or directory "
+            "(hint: a path is relative to the current folder; the packaged rule sets: amazon-main)",
+        ),
     ],
 )
 def test_unknown_rules_exit_2(run_folder: Path, squeeze, rules: str, message: str) -> None:

@@ -31,7 +31,13 @@ subjects:
 def test_help_lists_commands_and_exit_codes():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for text in ("validate", "recipes", "Exit codes:", "2    invalid input or usage"):
+    for text in (
+        "validate",
+        "recipes",
+        "Exit codes:",
+        "2    invalid input or usage",
+        "for check (and status --rules), an image fails",
+    ):
         assert text in result.stdout
 
 
@@ -53,6 +59,67 @@ def test_validate_prints_the_plan_summary():
     one_of_each = [f"subjects.0.references=[{photo}]", "subjects.0.prompts=[a dog]", "defaults.seeds=[0]"]
     one = runner.invoke(app, ["validate", DEMO, *(arg for s in one_of_each for arg in ("--set", s))])
     assert "dog       class dog: 1 reference, 1 prompt, 1 job" in one.stdout, one.output
+
+
+@pytest.mark.parametrize("command", ["squeeze validate examples/demo.yaml", "squeeze recipes"])
+def test_the_outputs_shown_in_docs_cli_are_the_real_ones(command: str) -> None:
+    """docs/cli.md shows what these print, as a new user sees it (the clone's path as /path/to)."""
+    doc = (REPO_ROOT / "docs" / "cli.md").read_text()
+    start = doc.index(f"```\n$ {command}\n") + len(f"```\n$ {command}\n")
+    shown = doc[start : doc.index("```", start)]
+    args = command.split()[1:]
+    result = runner.invoke(app, [DEMO if arg == "examples/demo.yaml" else arg for arg in args])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.replace(str(REPO_ROOT), "/path/to") == shown
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["eval", "--metrics", "tiny"],
+        ["export", "-o", "{tmp}/export"],
+        ["check", "--rules", "amazon-main"],
+    ],
+)
+def test_a_manifest_given_for_a_run_folder_says_so(squeeze, tmp_path: Path, command: list[str]) -> None:
+    """`squeeze status examples/demo.yaml` said "no such folder" of a file that exists (check: "has no
+    index.jsonl"), and none said what to give instead."""
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in command]
+    result = squeeze(args[0], DEMO, *args[1:])
+    assert result.code == 2 and "Traceback" not in result.err, result.err
+    last = result.err.strip().splitlines()[-1]  # (eval may build its tiny metric models first)
+    assert last.startswith("error: ") and last.endswith(
+        "demo.yaml: not a folder (hint: give the output folder of a `squeeze gen` run, not its manifest: "
+        "the folder its `output.dir` names, or gen's --out)"
+    ), result.err
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("lost", [False, True])
+def test_ctrl_c_outside_a_run_says_it_stopped(squeeze, monkeypatch, lost: bool) -> None:
+    """Ctrl-C while `train` loaded its config and imports: typer made it a silent exit 130, and an import
+    cut short that lost it (diffusers, numpy) ended in a RecursionError traceback and exit code 1."""
+    import os
+    import signal
+    import time
+
+    import squeeze_cli.train.config
+
+    def interrupted(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            if not lost:
+                raise
+        raise RuntimeError("Failed to import diffusers.loaders.lora_pipeline")
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(squeeze_cli.train.config, "load_config", interrupted)
+    result = squeeze("train", "tiny")
+    assert (result.code, result.err) == (130, "stopped by SIGINT (Ctrl-C)\n")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_validate_json():

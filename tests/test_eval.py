@@ -229,8 +229,8 @@ def test_nothing_is_written_outside_the_run(squeeze, run: Path):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda tmp: tmp / "nope", "no such directory"),
-        (lambda tmp: (tmp / "file.txt").write_text("x") and tmp / "file.txt", "not a directory"),
+        (lambda tmp: tmp / "nope", "no such folder"),
+        (lambda tmp: (tmp / "file.txt").write_text("x") and tmp / "file.txt", "not a folder"),
         (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "not a squeeze run"),
     ],
 )

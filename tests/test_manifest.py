@@ -649,6 +649,8 @@ def test_parse_override_rejects(text):
         ("defaults.seeds=[0,1", "close every `[` and `{`"),
         ("subjects.0.prompts=[a {class}]", "close every `[` and `{`"),
         ('subjects.0.class="dog', "close its quotes, or quote text"),
+        # The shell took the user's quotes: the example is their own value, quoted for YAML.
+        ("subjects.0.prompts.1={class} at night", """`--set 'subjects.0.prompts.1="{class} at night"'`"""),
         ("defaults.seeds=!!python/object/apply:os.system [x]", "remove the tag"),
     ],
 )

@@ -1,7 +1,8 @@
 """Help with manifest mistakes: names from other tools mapped to squeeze's keys, a hint to quote a prompt
-with `{class}` in a flow list and one to list a prompt given as a plain string, the relative-path hint only
-for relative paths, `x-` keys that hold YAML anchors (and the documented DreamBench example that uses
-them), and a negative prompt without true CFG reported as ignored and left out of the PNG's parameters."""
+with `{class}` in a flow list, and one that YAML reads in part (a leading `{class}` or quote, a `: ` in
+it), one to list a prompt given as a plain string, the relative-path hint only for relative paths, `x-`
+keys that hold YAML anchors (and the documented DreamBench example that uses them), and a negative prompt
+without true CFG reported as ignored and left out of the PNG's parameters."""
 
 from __future__ import annotations
 
@@ -52,6 +53,46 @@ def test_a_prompt_written_where_a_list_belongs_gets_a_hint_to_make_it_an_item(pr
         "subjects[0].prompts: expected a list, got 'a {class} on a table' "
         "(hint: write one `- a {class} on a table` per line)"
     ) in result.err
+
+
+@pytest.mark.parametrize(
+    ("prompts", "hint"),
+    [
+        # A leading `{class}` opens a YAML mapping; the indentation hint sent people the wrong way.
+        ("prompts:\n      - {class} in the snow", 'must be quoted whole: "{class} in the snow")'),
+        ("prompts:\n      - text: {class} in the snow", 'must be quoted whole: "{class} in the snow")'),
+        ("prompts:\n      - 'a {class}' in the snow", "must be quoted whole: \"'a {class}' in the snow\")"),
+        # `: ` in a prompt: YAML cannot read it after a key, and reads it as a key and value in a list item.
+        ("prompts:\n      - text: a {class}: at night", 'must be quoted: "a {class}: at night")'),
+        ("prompts:\n      - a {class}: at night", 'quote the whole text, e.g. "a {class}: at night")'),
+    ],
+)
+def test_a_prompt_yaml_reads_in_part_gets_a_hint_to_quote_it(
+    project: Path, squeeze, prompts: str, hint: str
+) -> None:
+    manifest = project / "m.yaml"
+    manifest.write_text(ONE_IMAGE.replace('prompts: ["a {class} in the snow"]', prompts))
+    result = squeeze("validate", str(manifest))
+    assert result.code == 2 and hint in result.err, result.err
+    assert "indentation" not in result.err
+
+
+def test_a_key_indented_too_deep_gets_the_indentation_hint(project: Path, squeeze) -> None:
+    manifest = project / "m.yaml"
+    manifest.write_text(ONE_IMAGE.replace("    class: dog", "     class: dog"))
+    result = squeeze("validate", str(manifest))
+    assert result.code == 2
+    assert (
+        "m.yaml:10:11: mapping values are not allowed in this context (hint: check the indentation"
+        in result.err
+    )
+
+
+def test_a_prompt_set_where_a_list_belongs_gets_the_command_lines_list(project: Path, squeeze) -> None:
+    """`- ...` one per line is no fix on the command line."""
+    result = squeeze("validate", str(project / "m.yaml"), "--set", "subjects.0.prompts=a {class} at night")
+    assert result.code == 2
+    assert """(hint: a list: `--set 'subjects.0.prompts=["a {class} at night"]'`)""" in result.err
 
 
 def test_no_relative_path_hint_for_an_absolute_path(project: Path, squeeze) -> None:

@@ -110,6 +110,28 @@ def test_set_paths_are_relative_to_the_current_folder(project: Path):
     assert typo.model.lora.path == str(project / "runs" / "tiny" / "stage9" / "lora")
 
 
+def test_a_set_beside_a_recipe_leaves_the_recipes_paths_where_they_were(project: Path, squeeze):
+    """`--set model.lora.scale=0.5` made the preset's `./weights/...` paths start from the current folder
+    (other weights, or other job ids) and put their errors at that flag."""
+    recipe = ["recipe=paper-internvl3-flux"]
+    plain = load_manifest("manifests/m.yaml", recipe, check_sources=False).model
+    scaled = load_manifest("manifests/m.yaml", [*recipe, "model.lora.scale=0.5"], check_sources=False).model
+    assert scaled.lora.path == plain.lora.path == str(project / "manifests" / "weights" / "lora")
+    assert scaled.components["aggregator"].path == plain.components["aggregator"].path
+    # A component of the recipe's beside one given by --set: each where it was given.
+    dla = load_manifest(
+        "manifests/m.yaml", [*recipe, "model.components.aggregator.path=weights/lora"], check_sources=False
+    ).model
+    assert dla.components["aggregator"].path == str(project / "weights" / "lora")
+    assert dla.lora.path == plain.lora.path
+    result = squeeze(
+        "validate", "manifests/m.yaml", "--recipe", "paper-internvl3-flux", "--set", "model.lora.scale=0.5"
+    )
+    assert result.code == 2
+    assert "error: --recipe paper-internvl3-flux: model.lora.path: no such folder" in result.err, result.err
+    assert "error: --set" not in result.err
+
+
 def test_a_missing_set_path_names_the_current_folder(project: Path, squeeze):
     result = squeeze("validate", "manifests/m.yaml", "--set", "subjects.0.references=[nowhere.jpg]")
     assert result.code == 2

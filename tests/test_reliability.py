@@ -443,6 +443,26 @@ def test_a_signal_before_anything_is_written_stops_at_once_and_a_second_one_too(
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # restored
 
 
+def test_a_signal_a_library_loses_while_loading_still_stops_the_run(project: Path, gen, monkeypatch) -> None:
+    """Ctrl-C in the first second of `gen` landed in an import inside diffusers, which lost the StopNow and
+    then failed with a RecursionError wrapped in RuntimeError: a traceback and exit code 1."""
+    import squeeze_cli.loading
+
+    def loses_the_signal(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except BaseException:  # noqa: BLE001 - as the library did
+            pass
+        raise RuntimeError("Failed to import diffusers.loaders.lora_pipeline")
+
+    monkeypatch.setattr(squeeze_cli.loading, "load_pipeline", loses_the_signal)
+    code, err = gen(str(project / "m.yaml"), "--out", str(project / "out"))
+    assert code == EXIT_SIGINT, err
+    assert err.strip().splitlines()[-1] == "stopped at once by SIGINT: nothing was generated"
+    assert not (project / "out" / "index.jsonl").exists()
+
+
 # One run per output directory ------------------------------------------------------------------------
 
 

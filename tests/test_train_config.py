@@ -189,6 +189,17 @@ def test_an_output_dir_that_is_a_file_is_refused(squeeze, tmp_path: Path) -> Non
     assert (tmp_path / "run").read_text() == "mine"
 
 
+def test_a_config_that_cannot_be_read_is_called_a_training_config(squeeze, tmp_path: Path) -> None:
+    """Not "the manifest", with the manifest's hints: a missing one names the packaged presets."""
+    missing = squeeze("train", str(tmp_path / "my-train.yaml"))
+    assert missing.code == 2, missing.err
+    assert "my-train.yaml: cannot read the training config: No such file or directory" in missing.err
+    assert "(hint: give a training config's .yaml file, or a packaged preset: paper, tiny)" in missing.err
+    folder = squeeze("train", str(tmp_path))
+    assert folder.code == 2 and "(hint: give the path of the training config's .yaml file" in folder.err
+    assert "manifest" not in missing.err + folder.err
+
+
 def test_help_lists_train(squeeze) -> None:
     assert "train" in squeeze("--help").out
     help_text = squeeze("train", "--help").out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated
@@ -21,7 +22,7 @@ from squeeze_cli import __version__
 from squeeze_cli.cli import check, gen, recipes, status, validate
 from squeeze_cli.cli.eval import dreambench_command, eval_command
 from squeeze_cli.cli.export import EXPORT_EPILOG, export_command
-from squeeze_cli.cli.options import EPILOG
+from squeeze_cli.cli.options import APP_EPILOG, EPILOG
 from squeeze_cli.cli.train import TRAIN_EPILOG, train_command
 from squeeze_cli.errors import EXIT_SIGINT, ManifestError, SqueezeError
 from squeeze_cli.logs import log_line
@@ -33,7 +34,7 @@ if TYPE_CHECKING:  # the click that typer vendors (typer 0.29): what TyperComman
 app = typer.Typer(
     name="squeeze",
     help="Subject-driven image generation in batches: many images of one subject, from a YAML manifest.",
-    epilog=EPILOG,
+    epilog=APP_EPILOG,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,  # unknown errors keep their plain traceback
@@ -121,21 +122,49 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
     exit_with_launcher(os.environ)  # a worker of a killed `accelerate launch` must not run on alone
+    interrupt = _Interrupt()
+    # Not where SIGINT is ignored (a script's background job): Python leaves it ignored there too.
+    watched = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    if watched:
+        signal.signal(signal.SIGINT, interrupt)
+    code = None
     try:
         code = app(args=argv, prog_name="squeeze", standalone_mode=False)
     except SqueezeError as error:
-        _report(error)
+        if not interrupt.seen:
+            _report(error)
         code = error.exit_code
     except typer.TyperException as error:  # click's usage errors: the message with usage, exit 2
         show = getattr(error, "show", None)
         show() if show else log_line(f"error: {error.format_message()}")
         code = error.exit_code
-    except typer.Abort:  # Ctrl-C before a run started: nothing was written
-        log_line("stopped by SIGINT: nothing was generated")
-        code = EXIT_SIGINT
+    except BaseException:
+        if not interrupt.seen:
+            raise
     finally:
+        if watched:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         in_process_group = end_process_group()
+    if interrupt.seen:
+        log_line("stopped by SIGINT (Ctrl-C)")
+        code = EXIT_SIGINT
     code = code if isinstance(code, int) else 0
     if in_process_group:
         exit_without_teardown(code)
     sys.exit(code)
+
+
+class _Interrupt:
+    """Ctrl-C outside a run's own handling (gen's `StopSignal`, train's loop): noted, then the usual
+    KeyboardInterrupt. typer turns that into a silent exit 130, and an import it cuts short may lose it
+    and fail another way (a RecursionError in numpy): either way `main` says the command was stopped."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.seen = True
+        raise KeyboardInterrupt

@@ -25,6 +25,13 @@ Exit codes:
   130  stopped by SIGINT (Ctrl-C) / 143 by SIGTERM, after the current batch
 """
 
+# `squeeze --help`: gen's codes, and what 1 means for the commands that judge a run.
+APP_EPILOG = EPILOG.replace(
+    "recipes, one recipe's run stopped with an error\n",
+    "recipes, one recipe's run stopped with an error; for status, the run is incomplete;\n"
+    "       for check (and status --rules), an image fails a rule\n",
+)
+
 # Options shared by the commands that read a manifest.
 ManifestArg = Annotated[
     str, typer.Argument(metavar="MANIFEST", help="The manifest YAML file.", show_default=False)

@@ -104,10 +104,8 @@ def read_run(path: str | Path, *, verify: bool = False) -> RunContents:
         `RunDirError`: when `path` is not a directory or holds no run index.
     """
     run_dir = Path(path)
-    if not run_dir.exists():
-        raise RunDirError(f"{run_dir}: no such directory", "give the --out folder of a `squeeze gen` run")
     if not run_dir.is_dir():
-        raise RunDirError(f"{run_dir}: not a directory", "give the --out folder of a `squeeze gen` run")
+        raise RunDirError(*outputs.not_a_run_folder(run_dir))
     # A link to the run: eval's files are written in the folder it names (never through a link).
     run_dir = outputs.real_folder(run_dir, "give the --out folder of a `squeeze gen` run")
     index_files = _index_files(run_dir)

@@ -83,15 +83,18 @@ def run_gen(
                 return run.finalize()
             finally:
                 run.release()
-    except StopNow as stopped:
-        name = signal.Signals(stopped.signum).name
+    except BaseException as error:
+        signum = error.signum if isinstance(error, StopNow) else stop.raised
+        if signum is None:
+            raise
+        name = signal.Signals(signum).name
         if stop.graceful:
             again = shlex.join(options.command) if options.command else "the same command"
             note = f"finished images are kept and the run summary was not updated; to resume, run {again}"
         else:
             note = "nothing was generated"
         log_line(f"stopped at once by {name}: {note}")
-        return exit_code(stopped.signum)
+        return exit_code(signum)
 
 
 def run_recipes(

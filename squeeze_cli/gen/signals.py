@@ -31,6 +31,9 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        # The signal a StopNow was raised for: a library may lose it (an import it cut short, then failing
+        # another way), and the run is stopped by that signal all the same.
+        self.raised: int | None = None
         self.graceful = False
         self.notify: Callable[[str], None] | None = None  # told the signal's name on the first signal
         self._previous: dict[int, Any] = {}
@@ -47,6 +50,7 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if not self.graceful or self.signum is not None:
+            self.raised = signum
             raise StopNow(signum)
         self.signum = signum
         if self.notify is not None:  # the reporter writes above its bars instead of over them

@@ -179,6 +179,9 @@ def _explain_yaml_error(message: str, text: str, mark: Any) -> tuple[str, str | 
         )
     if _tab_at(text, mark):
         return message, "YAML indents with spaces, never tabs"
+    quoted = _value_quoted_in_part(text, mark)
+    if quoted:
+        return message, quoted
     # A key or `-` indented one space more or less than its neighbours ends the block early.
     if "block mapping did not find expected key" in message:
         return message, (
@@ -190,6 +193,11 @@ def _explain_yaml_error(message: str, text: str, mark: Any) -> tuple[str, str | 
             "check the indentation here and just above: the `-` items of one list line up, and so do "
             "the keys inside an item"
         )
+    if "mapping values are not allowed" in message:
+        return message, _colon_in_value(text, mark) or (
+            "check the indentation here and just above: a key indented deeper than its neighbours "
+            "continues the value before it"
+        )
     if "expected a single document" in message:
         return message, "a manifest is one document: remove the `---` line and what follows, or merge them"
     if "flow sequence" in message or "flow mapping" in message:
@@ -200,6 +208,37 @@ def _explain_yaml_error(message: str, text: str, mark: Any) -> tuple[str, str | 
                 "or write one `- a {class} on a rug` per line"
             )
     return message, None
+
+
+# A value that opens with `{`, `[` or a quote and goes on after its closing one: `- {class} on a rug`.
+_PART_QUOTED_RE = re.compile(
+    r"^\s*(?:-\s+)?(?:[\w.-]+:\s+)?((?:\{[^{}]*\}|\[[^\[\]]*\]|'[^']*'|\"[^\"]*\")\s*[^\s#,].*)$"
+)
+
+
+def _value_quoted_in_part(text: str, mark: Any) -> str | None:
+    """The fix for a value whose first character makes YAML read only its beginning (a `{class}` is a
+    mapping, a quote ends the string): quote the whole value."""
+    found = _PART_QUOTED_RE.match(_line_at(text, mark))
+    if not found:
+        return None
+    value = found.group(1).rstrip()
+    return f"a value that starts with `{value[0]}` must be quoted whole: {_quoted(value)}"
+
+
+def _colon_in_value(text: str, mark: Any) -> str | None:
+    """The fix for `text: a {class}: at night`, whose second `: ` YAML cannot read: quote the value."""
+    found = re.match(r"^\s*(?:-\s+)?[\w.-]+:\s+([^'\"#].*:\s.*?)\s*$", _line_at(text, mark))
+    return f'a value with ": " in it must be quoted: {_quoted(found.group(1))}' if found else None
+
+
+def _line_at(text: str, mark: Any) -> str:
+    lines = text.splitlines()
+    return lines[mark.line] if mark is not None and mark.line < len(lines) else ""
+
+
+def _quoted(value: str) -> str:
+    return f'"{value}"' if '"' not in value else f"'{value}'"
 
 
 def _tab_at(text: str, mark: Any) -> bool:
@@ -340,7 +379,8 @@ def parse_override(text: str) -> tuple[FieldPath, Any]:
         value = yaml.safe_load(raw_value) if raw_value.strip() else None
     except yaml.YAMLError as error:
         message = str(error).splitlines()[0]
-        raise OverrideError(f"the value is not valid YAML: {message}", _override_yaml_hint(message)) from None
+        hint = _override_yaml_hint(message, key.strip(), raw_value.strip())
+        raise OverrideError(f"the value is not valid YAML: {message}", hint) from None
     return path, value
 
 
@@ -352,7 +392,7 @@ class OverrideError(ValueError):
         self.hint = hint
 
 
-def _override_yaml_hint(message: str) -> str:
+def _override_yaml_hint(message: str, key: str, value: str) -> str:
     if "constructor for the tag" in message:
         return "a value holds plain YAML only: remove the tag"
     if "while parsing a flow" in message:  # `[...]` or `{...}`: a sequence, mapping or node in them
@@ -360,11 +400,9 @@ def _override_yaml_hint(message: str) -> str:
             "close every `[` and `{`, e.g. `--set 'defaults.seeds=[0,1]'`; text that holds them goes in "
             """quotes: `--set 'subjects.0.prompts.0="a {class} on a rug"'`"""
         )
-    # The shell removed the user's own quotes: text with `:`, `@` or a leading quote needs YAML's.
-    return (
-        "the value is read as YAML: close its quotes, or quote text, "
-        """e.g. `--set 'subjects.0.class="a: b"'`"""
-    )
+    # The shell removed the user's own quotes: text with `:`, `@`, a leading `{` or quote needs YAML's.
+    key, value = (key, value) if not set("'\"") & set(value) else ("subjects.0.class", "a: b")
+    return f"""the value is read as YAML: close its quotes, or quote text, e.g. `--set '{key}="{value}"'`"""
 
 
 def apply_overrides(document: YamlDocument, overrides: Sequence[str]) -> list[Problem]:
@@ -428,8 +466,9 @@ def _set_path(data: Any, path: FieldPath, value: Any) -> int:
 # Loading ---------------------------------------------------------------------------------------------
 
 
-def read_manifest_text(path: Path, file: str) -> str:
-    """The manifest's text; a missing, unreadable or non-UTF-8 file raises `ManifestError`."""
+def read_manifest_text(path: Path, file: str, kind: str = "manifest", missing_hint: str | None = None) -> str:
+    """The text of a manifest (or of another YAML file `kind` names, e.g. a training config); a missing,
+    unreadable or non-UTF-8 file raises `ManifestError`, with `missing_hint` when it does not exist."""
     try:
         if path.is_dir():
             raise IsADirectoryError(21, "it is a folder")
@@ -437,20 +476,21 @@ def read_manifest_text(path: Path, file: str) -> str:
         data = read_regular_file(path, MANIFEST_MAX_BYTES)
     except OSError as error:
         hints = {
-            IsADirectoryError: "give the path of the manifest's .yaml file, not of its folder",
+            FileNotFoundError: missing_hint,
+            IsADirectoryError: f"give the path of the {kind}'s .yaml file, not of its folder",
             PermissionError: "check the file's permissions",
-            NotARegularFileError: "give the path of the manifest's .yaml file",
-            FileTooLargeError: "a manifest is a few kB of YAML: give the manifest's .yaml file",
+            NotARegularFileError: f"give the path of the {kind}'s .yaml file",
+            FileTooLargeError: f"a {kind} is a few kB of YAML: give the {kind}'s .yaml file",
         }
         hint = next((text for kind, text in hints.items() if isinstance(error, kind)), None)
         reason = error.strerror or str(error)
         raise ManifestError(
-            [Problem(file, None, None, "", f"cannot read the manifest: {reason}", hint)]
+            [Problem(file, None, None, "", f"cannot read the {kind}: {reason}", hint)]
         ) from None
     encoding = next((name for bom, name in _UNICODE_BOMS if data.startswith(bom)), None)
     if encoding is not None:
         raise ManifestError(
-            [Problem(file, None, None, "", f"the manifest is {encoding} text", "save it as UTF-8")]
+            [Problem(file, None, None, "", f"the {kind} is {encoding} text", "save it as UTF-8")]
         )
     try:
         return data.decode("utf-8-sig")  # a UTF-8 byte order mark is harmless: skip it
@@ -463,7 +503,7 @@ def read_manifest_text(path: Path, file: str) -> str:
                     line,
                     column,
                     "",
-                    f"the manifest is not UTF-8 text (byte 0x{data[error.start]:02x})",
+                    f"the {kind} is not UTF-8 text (byte 0x{data[error.start]:02x})",
                     "save it as UTF-8",
                 )
             ]

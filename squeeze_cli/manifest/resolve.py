@@ -163,6 +163,15 @@ def load_manifest(
     return loaded
 
 
+def _holds(data: Any, path: FieldPath) -> bool:
+    """Whether the nested mappings of `data` have a value at `path`."""
+    for part in path:
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
 class _Resolver:
     """The semantic checks that need more than one field: recipe, references, placeholders, limits.
 
@@ -437,18 +446,19 @@ class _Resolver:
 
         base = recipe.model.model_dump(exclude_unset=True) if recipe is not None else {}
         merged = merge_model(base, head.model or {})
-        # Paths that `--set` gave start from the current folder; asked before the recipe's keys are
-        # located at the `recipe:` line below (a packaged preset's paths are the manifest's).
-        from_cwd = [
-            field
-            for field in model_path_fields(merged)
-            if on_command_line(self.document.locate(("model", *field)))
-        ]
-        # Validate the merged section where the manifest wrote it, so locations point into the manifest
-        # (keys that only the recipe sets are located at the manifest's `recipe:` line).
+        # Paths that `--set` gave start from the current folder; a packaged preset's are the manifest's.
+        # Only a path the manifest's section (with its --set values) holds: one the recipe alone gives may
+        # sit in a mapping a --set created (`model.lora` of `--set model.lora.scale=0.5`), located there.
+        written = [field for field in model_path_fields(merged) if _holds(head.model or {}, field)]
+        from_cwd = [field for field in written if on_command_line(self.document.locate(("model", *field)))]
+        # Validate the merged section where the manifest wrote it, so locations point into the manifest;
+        # keys that only the recipe sets are located at the manifest's `recipe:` line (or `--recipe`).
         self.document.data["model"] = merged
-        if ("model",) not in self.document.marks and ("recipe",) in self.document.marks:
-            self.document.marks[("model",)] = self.document.marks[("recipe",)]
+        if ("recipe",) in self.document.marks:
+            for field in [("model",)] + [
+                ("model", *f) for f in model_path_fields(merged) if f not in written
+            ]:
+                self.document.marks.setdefault(field, self.document.marks[("recipe",)])
         parsed, problems = validate_schema(ModelSpec, self.document, ("model",))
         self.problems += problems
         if not isinstance(parsed, ModelSpec):

@@ -125,6 +125,14 @@ OTHER_TOOLS_NAMES["resolution"] = OTHER_TOOLS_NAMES["size"]
 OTHER_TOOLS_NAMES["num_steps"] = OTHER_TOOLS_NAMES["sampling_steps"] = OTHER_TOOLS_NAMES["steps"]
 
 
+def _text_with_a_colon(key: Any, value: Any) -> str | None:
+    """The fix for a text with `: ` in it, which YAML reads as a key and its value (no key has a space)."""
+    if not isinstance(key, str) or " " not in key.strip() or isinstance(value, (dict, list)):
+        return None
+    text = key if value is None else f"{key}: {value}"
+    return f'YAML reads a text with ": " in it as a key and a value: quote the whole text, e.g. "{text}"'
+
+
 def _problem_from_error(
     error: ErrorDetails, document: YamlDocument, root: type[BaseModel], prefix: FieldPath, data: Any
 ) -> Problem:
@@ -144,13 +152,17 @@ def _problem_from_error(
         # Located at the mapping that lacks the key: the key itself has no line.
         message = f"missing required key `{path[-1]}`"
         hint = "add `version: 1` as the first line" if path == ("version",) else None
+        if isinstance(value, dict) and len(value) == 1:  # `- a {class}: red` is {"a {class}": "red"}
+            hint = _text_with_a_colon(*next(iter(value.items()))) or hint
         return document.problem(path[:-1], message, hint)
     elif kind == "extra_forbidden":
         message = f"unknown key `{path[-1]}`"
         model = _model_at(root, sub_path[:-1])
         allowed = [f.alias or n for n, f in model.model_fields.items()] if model else []
         close = difflib.get_close_matches(str(path[-1]), allowed, n=1, cutoff=0.6)
-        if path[-1] in OTHER_TOOLS_NAMES and OTHER_TOOLS_NAMES[path[-1]][0] in allowed:
+        if _text_with_a_colon(path[-1], value):
+            hint = _text_with_a_colon(path[-1], value)
+        elif path[-1] in OTHER_TOOLS_NAMES and OTHER_TOOLS_NAMES[path[-1]][0] in allowed:
             hint = OTHER_TOOLS_NAMES[path[-1]][1]
         elif close:
             hint = f"did you mean `{close[0]}`?"
@@ -163,6 +175,9 @@ def _problem_from_error(
             # `prompts: a {class} on a table` reads as one string; `[a {class}]` would break on the `{`.
             item = value if len(value) <= 60 else value[:57] + "..."
             hint = f"write one `- {item}` per line"
+            flag = document.locate(path).file
+            if flag.startswith("--set ") and '"' not in value:  # a list on the command line is YAML's [...]
+                hint = f"""a list: `--set '{flag[6:].partition("=")[0]}=["{value}"]'`"""
     elif kind == "seeds_shape":
         message = f"expected a list of seeds or {{count: N, base: B}}, got {_describe(value)}"
         hint = "for example `seeds: [0, 1, 2]` or `seeds: {count: 4, base: 0}`"

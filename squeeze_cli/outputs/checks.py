@@ -31,6 +31,7 @@ from squeeze_cli.manifest.schema_errors import schema_error, validate_schema
 from squeeze_cli.outputs.index import read_index
 from squeeze_cli.outputs.layout import INDEX_NAME, UnsafeOutputPathError, safe_join
 from squeeze_cli.outputs.records import VARIANTS_KEY
+from squeeze_cli.outputs.run_plan import not_a_run_folder
 from squeeze_cli.reading import MANIFEST_MAX_BYTES, open_regular_file, read_regular_file
 
 RULES_PACKAGE = "squeeze_cli.outputs"
@@ -128,7 +129,11 @@ def load_rules(name_or_path: str) -> RuleSet:
             text = read_regular_file(path, MANIFEST_MAX_BYTES).decode("utf-8")
         except (OSError, UnicodeDecodeError) as error:
             reason = getattr(error, "strerror", None) or "it is not UTF-8 text"
-            raise RulesError(f"cannot read rules file {str(path)!r}: {reason}") from None
+            hint = None
+            if isinstance(error, FileNotFoundError):
+                known = ", ".join(sorted(packaged_rules()))
+                hint = f"a path is relative to the current folder; the packaged rule sets: {known}"
+            raise RulesError(f"cannot read rules file {str(path)!r}: {reason}", hint) from None
         display = str(path)
     else:
         packaged = packaged_rules()
@@ -218,6 +223,8 @@ def check_run(out_dir: str | os.PathLike, rules: RuleSet, variant: str | None = 
         `RulesError`: `out_dir` has no run index.
     """
     out = Path(out_dir)
+    if not out.is_dir():
+        raise RulesError(*not_a_run_folder(out))
     if not (out / INDEX_NAME).is_file():
         raise RulesError(
             f"{out} has no {INDEX_NAME}: it is not the output folder of a finished `squeeze gen` run",

@@ -15,6 +15,17 @@ if TYPE_CHECKING:
     from squeeze_cli.plan import Job
 
 
+def not_a_run_folder(path: Path) -> tuple[str, str]:
+    """The error and hint for `path`, given as a run folder and not a folder: a manifest is the usual
+    mistake."""
+    hint = "give the output folder of a `squeeze gen` run"
+    if not path.exists():
+        return f"{path}: no such folder", hint
+    if path.suffix in (".yaml", ".yml"):
+        hint += ", not its manifest: the folder its `output.dir` names, or gen's --out"
+    return f"{path}: not a folder", hint
+
+
 def run_folders(out: Path) -> list[Path]:
     """OUT and its shards' folders (`OUT/shards/I-of-N`), in that order."""
     shards = out / SHARDS_DIR_NAME
@@ -29,7 +40,7 @@ def find_run_manifest(out: Path) -> Path:
         `UsageError`: OUT is not a folder `squeeze gen` wrote (exit code 2).
     """
     if not out.is_dir():
-        raise UsageError(f"{out}: no such folder", "give the output folder of a `squeeze gen` run")
+        raise UsageError(*not_a_run_folder(out))
     candidates = [
         folder / RESOLVED_MANIFEST_NAME
         for folder in run_folders(out)

@@ -393,7 +393,12 @@ def load_config(
         except ValueError as error:
             raise ManifestError([Problem(name, None, None, "", str(error))]) from None
         file = name
-        text = read_manifest_text(config_path, file)
+        text = read_manifest_text(
+            config_path,
+            file,
+            "training config",
+            f"give a training config's .yaml file, or a packaged preset: {', '.join(sorted(packaged))}",
+        )
         base = data_base = config_path.parent
 
     document = load_yaml(text, file)
