@@ -123,8 +123,8 @@ def exit_without_teardown(code: int) -> NoReturn:
 
     There, what torch.distributed leaves behind can abort the process ("terminate called without an
     active exception", SIGABRT, no Python frame left) after `destroy_process_group` returned and all its
-    work was done: 5 of 35 two-process evals on a busy 2-core machine. The launcher then counts the run
-    as failed (exit 1) and stops the other processes with SIGTERM, wherever they are.
+    work was done: 5 of 36 two-process evals on a busy 2-core machine, none of 40 since. The launcher
+    then counts the run as failed (exit 1) and stops the other processes with SIGTERM, wherever they are.
     """
     import atexit
 

