@@ -8,12 +8,13 @@ import errno
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from support import FOUR_SEEDS, TWO_SUBJECTS, files_under, one_error_line
+from support import FOUR_SEEDS, TWO_SUBJECTS, files_under, one_error_line, poll_until
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_INVALID, EXIT_OK
@@ -211,3 +212,51 @@ def test_status_merge_draws_every_view_the_shards_left(make_project, squeeze, pl
     finished = outputs.find_finished(out, jobs)
     assert outputs.plan_views(out, jobs, finished) == []
     assert len(_views_on_disk(out)) == 4 + 2
+
+
+HOLD_DRAWING = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX, 1, 0)  # byte 0: a shard drawing its views
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="waiting on a lock is seen in /proc/locks")
+def test_status_merge_draws_after_a_drawing_shard_with_the_images_found_then(
+    make_project, squeeze, plan_of
+) -> None:
+    """`status --merge` drew from the images it read before its lock, without the shards' drawing lock: a
+    shard that finished meanwhile had its fuller views replaced by views without its images."""
+    from squeeze_cli.gen.status import merge_run, run_status
+
+    project = make_project(m=TWO_SUBJECTS)
+    jobs = plan_of(project / "m.yaml")
+    out = project / "out"
+    gen = ("gen", str(project / "m.yaml"), "--out", str(out), "-q", "--shard")
+    assert squeeze(*gen, "0/2").code == EXIT_OK
+    status = run_status(out)  # what merge reads first: shard 1 has not run yet
+    assert squeeze(*gen, "1/2").code == EXIT_OK  # its views show every image
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_DRAWING, str(out / layout.LAYOUT_LOCK_NAME)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        merged = threading.Thread(target=merge_run, args=(status,))
+        merged.start()
+        # A lock request that waits shows in /proc/locks as `N: -> POSIX ...`.
+        waits = lambda: "->" in Path("/proc/locks").read_text()  # noqa: E731
+        assert poll_until(lambda: waits() or not merged.is_alive())
+        assert merged.is_alive() and waits(), "merge did not wait for the shard drawing"
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        merged.join(timeout=120)
+        assert not merged.is_alive()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert outputs.plan_views(out, jobs, outputs.find_finished(out, jobs)) == []

@@ -167,6 +167,39 @@ class LayoutLock:
             self._fd = None
 
 
+@contextmanager
+def drawing_views(out_dir: Path) -> Iterator[None]:
+    """`LayoutLock.drawing_views` for a process that holds no layout (`status --merge`): while it reads the
+    finished images and draws the views, no shard draws them; a shard finishing meanwhile draws after it,
+    with its own images. Without the layout's lock file no run ever drew there: nothing to wait for."""
+    import fcntl
+
+    flags = os.O_RDWR | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
+    path = out_dir / LAYOUT_LOCK_NAME
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        yield
+        return
+    except OSError as error:  # a symbolic link in its place, no permission
+        raise OutputWriteError.from_os_error(path, error, "lock") from error
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OutputWriteError(
+                f"cannot lock {path}: it is {file_kind(mode)}, not a regular file",
+                "remove it, then run the same command again",
+                path=path,
+            )
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, 0)
+        except OSError as error:  # a file system without record locks
+            raise OutputWriteError.from_os_error(path, error, "lock") from error
+        yield
+    finally:
+        os.close(fd)  # drops the lock
+
+
 def _try_lockf(fd: int, kind: int, length: int, start: int) -> bool:
     import fcntl
 

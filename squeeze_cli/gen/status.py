@@ -169,7 +169,7 @@ def run_status(out: str | Path, *, verify: bool = False) -> RunStatus:
 def merge_run(status: RunStatus) -> None:
     """Bring OUT's run index and grids up to date from every image on disk (the shards' included), and
     record the failures the shards' indexes hold; generates nothing. Takes OUT's lock, like `gen`."""
-    from squeeze_cli.gen.lock import DirectoryLock  # filelock costs plain `squeeze status` ~20 ms
+    from squeeze_cli.gen.lock import DirectoryLock, drawing_views  # filelock costs plain `status` ~20 ms
 
     lock = DirectoryLock(status.out)
     lock.acquire()
@@ -185,15 +185,18 @@ def merge_run(status: RunStatus) -> None:
         # A subject whose folder is in the way (a FIFO, a file, a link where it goes) keeps its views as
         # they are; every other subject's are drawn, then the first such path is reported.
         drawable, refused = _drawable_jobs(status.out, status.jobs)
-        outputs.update_views(
-            status.out,
-            drawable,
-            status.finished,
-            lambda: False,
-            grids=output.grids,
-            contact_sheets=output.contact_sheet,
-            views_dir=output.views_dir,
-        )
+        # Shards still running draw views too: the images are read again under the drawing lock, so views
+        # a shard drew since `run_status` read them are never replaced by views with fewer images.
+        with drawing_views(status.out):
+            outputs.update_views(
+                status.out,
+                drawable,
+                outputs.find_finished(status.out, drawable),
+                lambda: False,
+                grids=output.grids,
+                contact_sheets=output.contact_sheet,
+                views_dir=output.views_dir,
+            )
     finally:
         lock.release()
     if refused:
