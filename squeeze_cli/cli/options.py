@@ -23,6 +23,8 @@ Exit codes:
        recipes, one recipe's run stopped with an error
   2    invalid input or usage: nothing was generated
   130  stopped by SIGINT (Ctrl-C) / 143 by SIGTERM, after the current batch
+  141  stdout or stderr closed (`| head -1`), as if by SIGPIPE; gen stops after the
+       current batch
 """
 
 # `squeeze --help`: gen's codes, and what 1 means for the commands that judge a run.
