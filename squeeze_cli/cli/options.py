@@ -131,8 +131,24 @@ def load_from_cli(
 ) -> LoadedManifest:
     """`load_manifest` with the shared flags (`out`: `--out`, absolute; `reference_cache`: not with
     `--verify`; `allow_pickle`: `--allow-pickle`)."""
+    from squeeze_cli.errors import ManifestError, Problem
     from squeeze_cli.manifest.resolve import load_manifest
+    from squeeze_cli.outputs.layout import RESOLVED_MANIFEST_NAME
 
+    recorded = Path(manifest) / RESOLVED_MANIFEST_NAME
+    if recorded.is_file():  # a run folder given for its manifest: name the one that reproduces the run
+        raise ManifestError(
+            [
+                Problem(
+                    manifest,
+                    None,
+                    None,
+                    "",
+                    "cannot read the manifest: it is the folder of a squeeze run",
+                    f"give the manifest it recorded, {recorded}, which reproduces the run",
+                )
+            ]
+        )
     return load_manifest(
         manifest,
         set_ or (),
