@@ -131,12 +131,30 @@ def load_from_cli(
 ) -> LoadedManifest:
     """`load_manifest` with the shared flags (`out`: `--out`, absolute; `reference_cache`: not with
     `--verify`; `allow_pickle`: `--allow-pickle`)."""
-    from squeeze_cli.errors import ManifestError, Problem
     from squeeze_cli.manifest.resolve import load_manifest
-    from squeeze_cli.outputs.layout import RESOLVED_MANIFEST_NAME
+
+    if Path(manifest).is_dir():  # a run folder given for its manifest: name the one that reproduces the run
+        _refuse_a_run_folder(manifest)
+    return load_manifest(
+        manifest,
+        set_ or (),
+        recipe=recipe,
+        max_jobs=max_jobs,
+        check_sources=check_sources,
+        allow_pickle=allow_pickle,
+        output_dir=out,
+        reference_cache=reference_cache,
+    )
+
+
+def _refuse_a_run_folder(manifest: str) -> None:
+    """The folder `manifest`, when it is a run's, refused with the manifest it recorded named; any other
+    folder is left to the manifest's reader."""
+    from squeeze_cli.errors import ManifestError, Problem
+    from squeeze_cli.outputs import RESOLVED_MANIFEST_NAME
 
     recorded = Path(manifest) / RESOLVED_MANIFEST_NAME
-    if recorded.is_file():  # a run folder given for its manifest: name the one that reproduces the run
+    if recorded.is_file():
         raise ManifestError(
             [
                 Problem(
@@ -149,16 +167,6 @@ def load_from_cli(
                 )
             ]
         )
-    return load_manifest(
-        manifest,
-        set_ or (),
-        recipe=recipe,
-        max_jobs=max_jobs,
-        check_sources=check_sources,
-        allow_pickle=allow_pickle,
-        output_dir=out,
-        reference_cache=reference_cache,
-    )
 
 
 def split_recipes(value: str | None) -> list[str]:

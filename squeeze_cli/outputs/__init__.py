@@ -90,6 +90,7 @@ from .layout import (  # noqa: F401
     METRICS_JSON_NAME,
     METRICS_JSONL_NAME,
     REPORT_NAME,
+    RESOLVED_MANIFEST_NAME,
     RUN_SUMMARY_NAME,
     STALE_DIR_NAME,
     UnsafeOutputPathError,
