@@ -60,6 +60,7 @@ from .files import (  # noqa: F401
     json_ready,
     remove_stale_temp_files,
     strict_json_dumps,
+    write_fix,
 )
 from .grids import PageViews, write_validation_grid  # noqa: F401
 from .index import (  # noqa: F401
