@@ -7,6 +7,8 @@ Exit codes (also in the README and ``squeeze --help``):
        with an error, the others ran)
     2  invalid input or usage: nothing was generated
     130 / 143  stopped by SIGINT / SIGTERM after the current batch
+    141  stdout or stderr lost its reader (`| head -1`), as if by SIGPIPE: gen stops after the
+         current batch
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ EXIT_JOBS_FAILED = 1
 EXIT_INVALID = 2
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+EXIT_SIGPIPE = 141  # 128 + SIGPIPE, as the shell reports a process SIGPIPE killed
 
 
 def with_hint(text: str, hint: str | None) -> str:

@@ -6,8 +6,10 @@ time stamp, and a progress bar becomes a few plain lines instead of carriage-ret
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
@@ -39,7 +41,53 @@ def is_terminal(stream: TextIO) -> bool:
 def log_line(text: str, stream: TextIO | None = None) -> None:
     """Print `text`: as it is on a terminal, time-stamped off one."""
     stream = stream or sys.stderr
-    print(text if is_terminal(stream) else stamped(text), file=stream, flush=True)
+    write_line(text if is_terminal(stream) else stamped(text), stream)
+
+
+# Told when a line's stream has lost its reader, while a run wants to stop then (gen's `StopSignal`).
+closed_stream_handler: Callable[[], None] | None = None
+
+
+def write_line(text: str, stream: TextIO) -> None:
+    """`text` and a newline, flushed. A stream whose reader is gone (`squeeze gen ... | head -1`) is
+    pointed at os.devnull and `closed_stream_handler` told, when a run set one: the run stops as if by
+    SIGPIPE. Else the BrokenPipeError goes on to `squeeze`'s `main`, which exits 141."""
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        if closed_stream_handler is None:
+            raise
+        to_devnull(stream)
+        closed_stream_handler()
+
+
+def closed_streams() -> list[TextIO]:
+    """`sys.stdout` and `sys.stderr` where their reader is gone: the write end of a pipe or a socket with
+    no reader polls POLLERR (a file or a terminal never does)."""
+    import select
+
+    closed = []
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+        except (OSError, ValueError):  # not a file (a test's StringIO)
+            continue
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if any(events & select.POLLERR for _, events in poller.poll(0)):
+            closed.append(stream)
+    return closed
+
+
+def to_devnull(stream: TextIO) -> None:
+    """Point a stream whose reader is gone at os.devnull: what is still written to it, the interpreter's
+    own flush at exit included, goes nowhere instead of failing again (the advice of Python's `signal`
+    documentation, "Note on SIGPIPE")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
 
 
 class PlainProgress:

@@ -348,6 +348,33 @@ def test_a_cached_eval_and_status_import_no_model_library(squeeze, run: Path) ->
     assert "0 computed" in result.stdout and result.stdout.splitlines()[-1] == "HEAVY []", result.stdout
 
 
+@pytest.mark.parametrize("folder", ["nope", "not-a-run"])
+def test_a_bad_run_folder_is_said_before_any_metric_model_is_built(tmp_path: Path, folder: str) -> None:
+    """`eval /nope --metrics tiny` built its tiny metric models first (~22 s on a fresh cache) before
+    saying "/nope: no such folder"."""
+    (tmp_path / "not-a-run").mkdir()
+    cache = tmp_path / "cache"
+    script = (
+        "import sys\n"
+        "from squeeze_cli.cli import main\n"
+        "try:\n"
+        "    main(['eval', sys.argv[1], '--metrics', 'tiny'])\n"
+        "except SystemExit as exit:\n"
+        "    print('EXIT', exit.code)\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / folder)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "SQUEEZE_CACHE": str(cache)},
+        timeout=300,
+    )
+    assert result.stdout.splitlines() == ["EXIT 2", "HEAVY []"], result.stdout + result.stderr[-3000:]
+    assert f"{tmp_path / folder}: no" in result.stderr  # "no such folder", "not a squeeze run"
+    assert not cache.exists() or not any(cache.iterdir())  # no metric model built
+
+
 def test_side_by_side_rows_compare_the_same_prompt(squeeze, run: Path, tmp_path: Path):
     """A row is a prompt, not a prompt number: the other run's manifest puts its prompts in another order
     and adds one, so `#0` is "in the snow" in one run and "on the beach" in the other."""

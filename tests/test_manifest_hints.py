@@ -166,3 +166,19 @@ def test_a_negative_prompt_without_true_cfg_is_a_warning_and_left_out_of_the_png
     assert "CFG scale: 1, Distilled CFG Scale: 2.5," in parameters
     sidecar = json.loads(png.with_suffix(".json").read_text())
     assert sidecar["timings"]["batch_size"] == 1 and isinstance(sidecar["timings"]["batch_size"], int)
+
+
+@pytest.mark.parametrize("command", ["gen", "validate"])
+def test_a_run_folder_given_for_the_manifest_names_the_manifest_it_recorded(
+    project: Path, squeeze, command: str
+) -> None:
+    """`squeeze gen examples/squeeze-out` said "give the path of the manifest's .yaml file", not which one:
+    the run folder's `manifest.resolved.yaml` reproduces the run."""
+    assert squeeze("gen", str(project / "m.yaml"), "--out", str(project / "out"), "--quiet").code == 0
+    result = squeeze(command, str(project / "out"))
+    assert result.code == 2
+    assert result.err.strip() == (
+        f"error: {project / 'out'}: cannot read the manifest: it is the folder of a squeeze run (hint: give "
+        f"the manifest it recorded, {project / 'out' / 'manifest.resolved.yaml'}, which reproduces the run)"
+    )
+    assert squeeze(command, str(project / "out" / "manifest.resolved.yaml")).code == 0

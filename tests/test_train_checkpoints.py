@@ -200,27 +200,41 @@ def test_resuming_never_unpickles(trainer: Trainer, run: Path, tmp_path: Path, w
     assert not marker.exists()
 
 
-def test_disk_full_while_checkpointing_keeps_the_earlier_checkpoints(
-    trainer: Trainer, run: Path, monkeypatch
+@pytest.mark.parametrize(
+    ("code", "fix"),
+    [
+        (errno.ENOSPC, "free some space (or raise the quota) on the disk that holds the output directory"),
+        (errno.EACCES, "make {folder} writable for this user"),
+        (errno.EFBIG, "raise the limit (ulimit -f unlimited)"),
+    ],
+    ids=["ENOSPC", "EACCES", "EFBIG"],
+)
+def test_a_failed_checkpoint_write_keeps_the_earlier_checkpoints_and_says_what_to_fix(
+    trainer: Trainer, run: Path, monkeypatch, code: int, fix: str
 ) -> None:
+    """The hint said "free some space on that disk (or make it writable)" whatever the error: under
+    `ulimit -f` too. Its first half is gen's for the same errno (`outputs.write_fix`)."""
+    from squeeze_cli.outputs import files
+
     before = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
     write = outputs.atomic_write_bytes
+    monkeypatch.setattr(files, "file_size_limit", lambda: 3000)  # EFBIG from a `ulimit -f` of 3000 bytes
+    failed = run / "checkpoints" / ".partial-step-0000006" / "optimizer.safetensors"
 
-    def full_disk(path, data):
-        if Path(path).parent.name.startswith(".partial-") and Path(path).name == "optimizer.safetensors":
-            error = OSError(errno.ENOSPC, "No space left on device")
-            raise outputs.OutputWriteError.from_os_error(Path(path), error)
+    def write_fails(path, data):
+        if Path(path) == failed:
+            raise outputs.OutputWriteError.from_os_error(Path(path), OSError(code, os.strerror(code)))
         return write(path, data)
 
-    monkeypatch.setattr(outputs, "atomic_write_bytes", full_disk)
+    monkeypatch.setattr(outputs, "atomic_write_bytes", write_fails)
     monkeypatch.setattr(trainer, "output_dir", run)
     monkeypatch.setattr(trainer.state, "step", 6)
     with pytest.raises(CheckpointWriteError) as raised:
         trainer.save_checkpoint()
     assert raised.value.exit_code == 1
     assert raised.value.one_line() == (
-        f"cannot write checkpoint {_checkpoint(run, 6)}: No space left on device (hint: free some space on "
-        "that disk (or make it writable) and continue with `--resume latest`, from step-0000004)"
+        f"cannot write checkpoint {_checkpoint(run, 6)}: {os.strerror(code)} (hint: "
+        f"{fix.format(folder=failed.parent)} and continue with `--resume latest`, from step-0000004)"
     )
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     assert {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()} == before

@@ -14,7 +14,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -24,15 +24,39 @@ from squeeze_cli.cli.eval import dreambench_command, eval_command
 from squeeze_cli.cli.export import EXPORT_EPILOG, export_command
 from squeeze_cli.cli.options import APP_EPILOG, EPILOG
 from squeeze_cli.cli.train import TRAIN_EPILOG, train_command
-from squeeze_cli.errors import EXIT_SIGINT, ManifestError, SqueezeError
-from squeeze_cli.logs import log_line
+from squeeze_cli.errors import EXIT_SIGINT, EXIT_SIGPIPE, ManifestError, SqueezeError
+from squeeze_cli.logs import closed_streams, log_line, to_devnull
 
 if TYPE_CHECKING:  # the click that typer vendors (typer 0.29): what TyperCommand's methods take
     from typer._click import Context as ClickContext
     from typer._click import HelpFormatter
 
+
+class _Group(typer.core.TyperGroup):
+    """A command whose stdout or stderr lost its reader (`squeeze recipes | head -1`) exits 141, as if
+    by SIGPIPE, before click's own handling turns the BrokenPipeError into exit 1 ("jobs failed")."""
+
+    def invoke(self, ctx: ClickContext) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as error:
+            raise typer.Exit(_closed_pipe_exit(error)) from None
+
+
+def _closed_pipe_exit(error: BrokenPipeError) -> int:
+    """141, the streams that lost their reader pointed at os.devnull so that nothing more is written to
+    them; a broken pipe that is not stdout's or stderr's is raised again."""
+    closed = closed_streams()
+    if not closed:
+        raise error
+    for stream in closed:
+        to_devnull(stream)
+    return EXIT_SIGPIPE
+
+
 app = typer.Typer(
     name="squeeze",
+    cls=_Group,
     help="Subject-driven image generation in batches: many images of one subject, from a YAML manifest.",
     epilog=APP_EPILOG,
     no_args_is_help=True,
@@ -134,9 +158,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = app(args=argv, prog_name="squeeze", standalone_mode=False)
     except SqueezeError as error:
-        if not interrupt.seen:
-            _report(error)
         code = error.exit_code
+        if not interrupt.seen:
+            try:
+                _report(error)
+            except BrokenPipeError as broken:  # `squeeze validate bad.yaml 2>&1 | head -1`
+                code = _closed_pipe_exit(broken)
     except typer.TyperException as error:  # click's usage errors: the message with usage, exit 2
         show = getattr(error, "show", None)
         show() if show else log_line(f"error: {error.format_message()}")

@@ -15,6 +15,7 @@ Exit codes:
   0    every image passes
   1    some image fails a rule (or its variant is missing)
   2    not a run folder, an unknown rule set, or a rules file with problems
+  141  stdout or stderr closed (`| head -1`), as if by SIGPIPE
 """
 
 RulesOpt = Annotated[

@@ -104,7 +104,7 @@ def eval_command(
     RUN_DIR.
     """
     from squeeze_cli.eval.report import format_comparison, format_run
-    from squeeze_cli.eval.scoring import evaluate_paths
+    from squeeze_cli.eval.scoring import evaluate_runs, read_runs
     from squeeze_cli.metrics.protocol import make_protocol
     from squeeze_cli.processes import one_process_launch_warning
 
@@ -121,9 +121,6 @@ def eval_command(
         )
     if references != "conditioning":
         references = str(Path(references).resolve())  # the protocol names the folder unambiguously
-    protocol = make_protocol(
-        metrics, clip=clip, dinov2=dinov2, clip_t_weight=clip_t_weight, references=references
-    )
     from squeeze_cli.outputs import holds_recipes, load_rules, missing_recipes, runs_inside
 
     rule_set = load_rules(rules) if rules is not None else None  # a bad rule set stops before any work
@@ -133,8 +130,12 @@ def eval_command(
         for name, problem in missing_recipes(folder) if holds_recipes(folder) else ():
             log_line(f"warning: recipe {name}: {folder / name} is {problem}: not evaluated")
     run_dirs = [run for folder in run_dirs for run in runs_inside(folder.expanduser().absolute()) or [folder]]
-    evaluations = evaluate_paths(
-        run_dirs,
+    runs = read_runs(run_dirs, report=report, verify=verify)  # a bad folder is said before the models build
+    protocol = make_protocol(
+        metrics, clip=clip, dinov2=dinov2, clip_t_weight=clip_t_weight, references=references
+    )
+    evaluations = evaluate_runs(
+        runs,
         protocol,
         batch_size=batch_size,
         device=device,

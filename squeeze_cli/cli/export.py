@@ -11,6 +11,7 @@ Exit codes:
   0    exported (or nothing new to add)
   1    a file could not be written (the previous export is kept)
   2    invalid input: a bad flag or --where, not a run folder, -o holds something else
+  141  stdout or stderr closed (`| head -1`), as if by SIGPIPE
 """
 
 

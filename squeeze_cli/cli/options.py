@@ -23,6 +23,8 @@ Exit codes:
        recipes, one recipe's run stopped with an error
   2    invalid input or usage: nothing was generated
   130  stopped by SIGINT (Ctrl-C) / 143 by SIGTERM, after the current batch
+  141  stdout or stderr closed (`| head -1`), as if by SIGPIPE; gen stops after the
+       current batch
 """
 
 # `squeeze --help`: gen's codes, and what 1 means for the commands that judge a run.
@@ -131,6 +133,8 @@ def load_from_cli(
     `--verify`; `allow_pickle`: `--allow-pickle`)."""
     from squeeze_cli.manifest.resolve import load_manifest
 
+    if Path(manifest).is_dir():  # a run folder given for its manifest: name the one that reproduces the run
+        _refuse_a_run_folder(manifest)
     return load_manifest(
         manifest,
         set_ or (),
@@ -141,6 +145,28 @@ def load_from_cli(
         output_dir=out,
         reference_cache=reference_cache,
     )
+
+
+def _refuse_a_run_folder(manifest: str) -> None:
+    """The folder `manifest`, when it is a run's, refused with the manifest it recorded named; any other
+    folder is left to the manifest's reader."""
+    from squeeze_cli.errors import ManifestError, Problem
+    from squeeze_cli.outputs import RESOLVED_MANIFEST_NAME
+
+    recorded = Path(manifest) / RESOLVED_MANIFEST_NAME
+    if recorded.is_file():
+        raise ManifestError(
+            [
+                Problem(
+                    manifest,
+                    None,
+                    None,
+                    "",
+                    "cannot read the manifest: it is the folder of a squeeze run",
+                    f"give the manifest it recorded, {recorded}, which reproduces the run",
+                )
+            ]
+        )
 
 
 def split_recipes(value: str | None) -> list[str]:

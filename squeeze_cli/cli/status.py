@@ -17,6 +17,7 @@ Exit codes:
   1    incomplete: jobs pending or failed, or a recipe of `gen --recipe A,B` not run; with --rules,
        also an image that fails a rule
   2    not a run folder, or its manifest (or rule set) cannot be read
+  141  stdout or stderr closed (`| head -1`), as if by SIGPIPE
 """
 
 

@@ -13,8 +13,9 @@ import typer
 TRAIN_EPILOG = """\b
 Exit codes: 0 trained; 2 invalid config, data, output folder or usage (nothing
 written), or no intact checkpoint to resume; 1 a file of the run could not be
-written (disk full; checkpoints kept); 130 stopped by Ctrl-C. After 1 or 130,
-continue with --resume latest.
+written (disk full; checkpoints kept); 130 stopped by Ctrl-C; 141 stdout or
+stderr closed (| head -1), as if by SIGPIPE. After 1, 130 or 141, continue with
+--resume latest.
 Several GPUs or machines: accelerate launch -m squeeze_cli train CONFIG.yaml
 """
 

@@ -490,8 +490,21 @@ def _progress(total: int, label: str, enabled: bool) -> Any:
     return progress_bar(total, label, unit="img", enabled=enabled, leave=False)
 
 
-def evaluate_paths(
-    paths: Sequence[str | Path],
+def read_runs(paths: Sequence[str | Path], *, report: bool = True, verify: bool = False) -> list[RunContents]:
+    """Every run read and eval's files in it checked (`check_eval_files`): the cheap checks, so that a bad
+    run stops before a metric model is built. With `verify`, every image is hashed and checked
+    (`read_run`), not only those whose stat differs from their sidecar's."""
+    from squeeze_cli.eval.rundir import read_run
+
+    runs = [read_run(path, verify=verify) for path in paths]
+    names = [name for name in EVAL_FILE_NAMES if report or name != outputs.REPORT_NAME]
+    for contents in runs:
+        check_eval_files(contents.path, names)
+    return runs
+
+
+def evaluate_runs(
+    runs: Sequence[RunContents],
     protocol: Protocol,
     *,
     batch_size: int = 16,
@@ -503,24 +516,18 @@ def evaluate_paths(
     variant: str | None = None,
     verify: bool = False,
 ) -> list[RunEvaluation]:
-    """Evaluate each run (all are read first, so a bad one stops before any work), then write each
-    run's `report.html`, holding every run evaluated together side by side. With `rules`, each image is
-    also checked against them (`evaluate_run`). With `verify`, every image is hashed and checked
-    (`read_run`), not only those whose stat differs from their sidecar's.
+    """Evaluate each run (`read_runs`' runs), then write each run's `report.html`, holding every run
+    evaluated together side by side. With `rules`, each image is also checked against them
+    (`evaluate_run`); with `verify`, every image is hashed and checked.
 
     Raises:
         `GatedRunError`: before any work, when a run's images were chosen by gen's identity gate, the
             protocol is `dreambench` and `allow_gated` is not set.
     """
     from squeeze_cli.eval.report import write_report
-    from squeeze_cli.eval.rundir import read_run
     from squeeze_cli.processes import Processes as _Processes
 
-    runs = [read_run(path, verify=verify) for path in paths]
     refuse_gated_runs(runs, protocol, allow_gated)
-    names = [name for name in EVAL_FILE_NAMES if report or name != outputs.REPORT_NAME]
-    for contents in runs:
-        check_eval_files(contents.path, names)
     processes = _Processes()
     if device is None and processes.count > 1:
         device = processes.device("auto")  # this process's GPU

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
-from squeeze_cli.logs import PLAIN_INTERVAL_SECONDS, stamped
+from squeeze_cli.logs import PLAIN_INTERVAL_SECONDS, stamped, write_line
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -228,12 +228,12 @@ class Reporter:
         if self._bar is not None:
             self._bar.write(text, file=self.stream)
         else:  # off a terminal (plain), every line starts with its UTC time
-            print(stamped(text) if self.mode == "plain" else text, file=self.stream, flush=True)
+            write_line(stamped(text) if self.mode == "plain" else text, self.stream)
 
     def _result(self, text: str) -> None:
         """The run's outcome, on stdout (time-stamped off a terminal, as every log line)."""
         text = self._prefix + text
-        print(stamped(text) if self.mode == "plain" else text, file=sys.stdout, flush=True)
+        write_line(stamped(text) if self.mode == "plain" else text, sys.stdout)
 
     def _event(self, event: str, **fields: Any) -> None:
         if self.shard is not None:
@@ -242,8 +242,4 @@ class Reporter:
 
     @staticmethod
     def emit_json(event: str, **fields: Any) -> None:
-        print(
-            json.dumps({"event": event, **fields}, ensure_ascii=False, default=str),
-            file=sys.stdout,
-            flush=True,
-        )
+        write_line(json.dumps({"event": event, **fields}, ensure_ascii=False, default=str), sys.stdout)

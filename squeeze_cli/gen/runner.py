@@ -24,6 +24,7 @@ from squeeze_cli.errors import (
     EXIT_JOBS_FAILED,
     EXIT_OK,
     EXIT_SIGINT,
+    EXIT_SIGPIPE,
     EXIT_SIGTERM,
     ManifestError,
     SqueezeError,
@@ -50,8 +51,9 @@ def run_gen(
 
     SIGINT/SIGTERM: before anything is written the run stops at once; afterwards it stops after the
     current batch, writes its summary (status `interrupted`) and returns 130/143; a second signal stops at
-    once. A file that cannot be written (disk full, permission denied) stops the run: what finished is
-    kept, the summary says `failed` when it can still be written, and `OutputWriteError` is raised.
+    once. A stdout or stderr whose reader is gone (`| head -1`) stops it the same way, as SIGPIPE (141).
+    A file that cannot be written (disk full, permission denied) stops the run: what finished is kept,
+    the summary says `failed` when it can still be written, and `OutputWriteError` is raised.
     """
     stop = StopSignal()
     try:
@@ -109,7 +111,8 @@ def run_recipes(
 
     A run that stops with an error (its model does not load, a file cannot be written) is reported and the
     next recipe runs: every image made is kept, and running the command again resumes each folder. Returns
-    0 when every recipe finished every job, 130/143 at once when a signal stopped one, else 1.
+    0 when every recipe finished every job, 130/143/141 at once when a signal (or a closed pipe) stopped
+    one, else 1.
     """
     from dataclasses import replace
 
@@ -128,7 +131,7 @@ def run_recipes(
                 Reporter.emit_json("error", recipe=name, message=error.one_line())
             log_line(f"error: recipe {name}: {error.one_line()}")
             code = error.exit_code
-        if code in (EXIT_SIGINT, EXIT_SIGTERM):
+        if code in (EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGPIPE):
             return code
         results[name] = code
     failed = [name for name, code in results.items() if code != EXIT_OK]

@@ -1,5 +1,5 @@
-"""SIGINT/SIGTERM during a run: stop at once before anything is written, after the current batch
-afterwards."""
+"""SIGINT/SIGTERM during a run, or a closed stdout or stderr (taken as SIGPIPE): stop at once before
+anything is written, after the current batch afterwards."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from squeeze_cli.errors import EXIT_SIGINT, EXIT_SIGTERM
+from squeeze_cli import logs
+from squeeze_cli.errors import EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM
 from squeeze_cli.logs import log_line
 
 
@@ -27,6 +28,9 @@ class StopSignal:
     Until `graceful` is set (planning, locking, loading the model: nothing written yet) a signal stops at
     once. From then on the first one asks the run to stop after the current batch and still write its
     summary; a second one stops at once (atomic writes clean up their temporary file on the way out).
+
+    A stdout or stderr whose reader is gone (`squeeze gen ... | head -1`) stops the run as a signal does,
+    as SIGPIPE (which Python ignores: the write fails instead), but never at once after `graceful`.
     """
 
     def __init__(self) -> None:
@@ -37,16 +41,21 @@ class StopSignal:
         self.graceful = False
         self.notify: Callable[[str], None] | None = None  # told the signal's name on the first signal
         self._previous: dict[int, Any] = {}
+        self._previous_closed_stream_handler: Callable[[], None] | None = None
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
+            self._previous_closed_stream_handler = logs.closed_stream_handler
+            logs.closed_stream_handler = self._stream_closed
         return self
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        if self._previous:
+            logs.closed_stream_handler = self._previous_closed_stream_handler
 
     def _handle(self, signum: int, frame: Any) -> None:
         if not self.graceful or self.signum is not None:
@@ -58,6 +67,16 @@ class StopSignal:
         else:
             log_line("stopping after the current batch (signal again to stop now)")
 
+    def _stream_closed(self) -> None:
+        """A line to stdout or stderr found its reader gone (`logs.write_line` pointed it at os.devnull).
+        Unlike a second signal it never stops at once: a closed pipe says nothing about urgency."""
+        if not self.graceful:
+            self.raised = signal.SIGPIPE
+            raise StopNow(signal.SIGPIPE)
+        if self.signum is None:
+            self.signum = signal.SIGPIPE
+
 
 def exit_code(signum: int) -> int:
-    return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+    codes: dict[int, int] = {signal.SIGINT: EXIT_SIGINT, signal.SIGPIPE: EXIT_SIGPIPE}
+    return codes.get(signum, EXIT_SIGTERM)

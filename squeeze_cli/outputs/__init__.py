@@ -60,6 +60,7 @@ from .files import (  # noqa: F401
     json_ready,
     remove_stale_temp_files,
     strict_json_dumps,
+    write_fix,
 )
 from .grids import PageViews, write_validation_grid  # noqa: F401
 from .index import (  # noqa: F401
@@ -90,6 +91,7 @@ from .layout import (  # noqa: F401
     METRICS_JSON_NAME,
     METRICS_JSONL_NAME,
     REPORT_NAME,
+    RESOLVED_MANIFEST_NAME,
     RUN_SUMMARY_NAME,
     STALE_DIR_NAME,
     UnsafeOutputPathError,

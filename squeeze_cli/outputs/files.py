@@ -39,30 +39,38 @@ class OutputWriteError(SqueezeError):
         """One clear message for an OS error: which file, what the OS said, what to do."""
         code = error.errno
         reason = error.strerror or str(error)
-        if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
-            hint = (
-                "free some space (or raise the quota) on the disk that holds the output directory and run "
-                "the same command again: finished images are kept and skipped"
-            )
-        elif code in (errno.EACCES, errno.EPERM):
-            hint = f"make {path.parent} writable for this user, or choose another --out"
-        elif code == errno.EROFS:
-            hint = "the output directory is on a read-only file system: choose another --out"
-        elif isinstance(error, NotARegularFileError):  # a FIFO, a device or a folder in place of a run file
+        if isinstance(error, NotARegularFileError):  # a FIFO, a device or a folder in place of a run file
             hint = "remove it: squeeze writes that file itself (a regular file, never through a link)"
         elif isinstance(error, FileTooLargeError):  # squeeze's own limit for a file it reads whole
             hint = "is it the right file? squeeze never writes one this large: move it away"
-        elif code == errno.EFBIG:
-            # A file-size limit (`ulimit -f`): SIGXFSZ is ignored, so the write fails with EFBIG.
-            if file_size_limit() is not None:
-                reason = f"file too large (a file-size limit, ulimit -f, of {file_size_limit()} bytes)"
-                hint = "raise the limit (ulimit -f unlimited) and run the same command again"
-            else:
-                reason = "file too large for the file system"
-                hint = "choose an --out on another file system and run the same command again"
         else:
-            hint = "check the output directory and run the same command again: finished images are kept"
+            if code == errno.EFBIG:
+                limit = file_size_limit()
+                reason = (
+                    f"file too large (a file-size limit, ulimit -f, of {limit} bytes)"
+                    if limit is not None
+                    else "file too large for the file system"
+                )
+            again = "run the same command again: finished images are kept and skipped"
+            hint = f"{write_fix(path, code)} and {again}"
         return cls(f"cannot {doing} {path}: {reason}", hint, path=path, errno=code)
+
+
+def write_fix(path: Path, code: int | None) -> str:
+    """What to fix after the OS error `code` writing `path`: the first half of a write error's hint, the
+    command adding how to go on (gen: run the same command again; train: `--resume latest`)."""
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return "free some space (or raise the quota) on the disk that holds the output directory"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"make {path.parent} writable for this user"
+    if code == errno.EROFS:
+        return "the output directory is on a read-only file system: remount it read-write"
+    if code == errno.EFBIG:
+        # A file-size limit (`ulimit -f`): SIGXFSZ is ignored, so the write fails with EFBIG.
+        if file_size_limit() is not None:
+            return "raise the limit (ulimit -f unlimited)"
+        return "move the output directory to a file system that takes larger files"
+    return "check the output directory"
 
 
 def file_size_limit() -> int | None:

@@ -454,7 +454,9 @@ class Trainer:
         try:
             return self._run(progress)
         except outputs.OutputWriteError as error:  # a grid, an export, the log, the record, a cached latent
-            raise CheckpointWriteError(error.message, resume_hint(self.output_dir)) from None
+            raise CheckpointWriteError(
+                error.message, resume_hint(self.output_dir, error.path, error.errno)
+            ) from None
         finally:
             self.lock.release()
 
