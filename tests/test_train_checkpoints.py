@@ -204,7 +204,7 @@ def test_resuming_never_unpickles(trainer: Trainer, run: Path, tmp_path: Path, w
     ("code", "fix"),
     [
         (errno.ENOSPC, "free some space (or raise the quota) on the disk that holds the output directory"),
-        (errno.EACCES, "make {folder} writable for this user"),
+        (errno.EACCES, "make {folder} writable for this user (or write to another output folder)"),
         (errno.EFBIG, "raise the limit (ulimit -f unlimited)"),
     ],
     ids=["ENOSPC", "EACCES", "EFBIG"],

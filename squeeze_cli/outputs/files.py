@@ -62,9 +62,9 @@ def write_fix(path: Path, code: int | None) -> str:
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         return "free some space (or raise the quota) on the disk that holds the output directory"
     if code in (errno.EACCES, errno.EPERM):
-        return f"make {path.parent} writable for this user"
+        return f"make {path.parent} writable for this user (or write to another output folder)"
     if code == errno.EROFS:
-        return "the output directory is on a read-only file system: remount it read-write"
+        return "the output directory is on a read-only file system: write to another output folder"
     if code == errno.EFBIG:
         # A file-size limit (`ulimit -f`): SIGXFSZ is ignored, so the write fails with EFBIG.
         if file_size_limit() is not None:
