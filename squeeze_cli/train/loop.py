@@ -471,6 +471,7 @@ class Trainer:
             self.lock.acquire()
         accelerator.wait_for_everyone()
         start = checkpoint_to_resume(self.output_dir, self.resume)
+        accelerator.wait_for_everyone()  # every process has looked: a record written earlier would refuse it
         if accelerator.is_main_process:
             outputs.atomic_write_json(self.output_dir / RUN_RECORD, self.summary())  # first: the marker
             outputs.atomic_write_text(self.output_dir / "config.yaml", self.loaded.text)
