@@ -295,6 +295,20 @@ def test_a_second_run_on_the_same_output_dir_is_refused(run: Path, squeeze) -> N
     assert after == before
 
 
+def test_an_output_dir_that_cannot_be_made_is_not_a_run_to_resume(tmp_path: Path, squeeze) -> None:
+    """Before its lock, a run has written nothing: an `output_dir` that cannot be made said to free some
+    space and continue with `--resume latest` (exit 1)."""
+    (tmp_path / "file").touch()
+    out = tmp_path / "file" / "run"
+    settings = [arg for s in SETTINGS for arg in ("--set", s)]
+    result = squeeze("train", "tiny", "--no-progress", "--set", f"output_dir={out}", *settings)
+    assert result.code == 2, result.err
+    assert result.err.strip().splitlines()[-1] == (
+        f"error: cannot create the directory {out}: Not a directory (hint: set `output_dir` to a folder "
+        "this user can write, on a disk with space)"
+    )
+
+
 def test_every_process_looks_at_the_output_dir_before_the_main_one_writes(tmp_path: Path, monkeypatch) -> None:
     """Under `accelerate launch`, each process looks at the output folder again once the main one holds the
     lock. The main one wrote its run record as soon as it had looked: another process that looked after
