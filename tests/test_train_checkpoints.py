@@ -309,7 +309,7 @@ def test_an_output_dir_that_cannot_be_made_is_not_a_run_to_resume(tmp_path: Path
     )
 
 
-def test_every_process_looks_at_the_output_dir_before_the_main_one_writes(tmp_path: Path, monkeypatch) -> None:
+def test_every_process_looks_at_output_dir_before_the_main_one_writes(tmp_path: Path, monkeypatch) -> None:
     """Under `accelerate launch`, each process looks at the output folder again once the main one holds the
     lock. The main one wrote its run record as soon as it had looked: another process that looked after
     that was refused ("already holds a training run"), and the launch failed."""
