@@ -309,6 +309,79 @@ def test_a_second_run_on_the_same_output_dir_is_refused(run: Path, squeeze) -> N
     assert after == before
 
 
+def test_an_output_dir_that_cannot_be_made_is_not_a_run_to_resume(tmp_path: Path, squeeze) -> None:
+    """Before its lock, a run has written nothing: an `output_dir` that cannot be made said to free some
+    space and continue with `--resume latest` (exit 1)."""
+    (tmp_path / "file").touch()
+    out = tmp_path / "file" / "run"
+    settings = [arg for s in SETTINGS for arg in ("--set", s)]
+    result = squeeze("train", "tiny", "--no-progress", "--set", f"output_dir={out}", *settings)
+    assert result.code == 2, result.err
+    assert result.err.strip().splitlines()[-1] == (
+        f"error: cannot create the directory {out}: Not a directory (hint: set `output_dir` to a folder "
+        "this user can write, on a disk with space)"
+    )
+
+
+def test_every_process_looks_at_output_dir_before_the_main_one_writes(tmp_path: Path, monkeypatch) -> None:
+    """Under `accelerate launch`, each process looks at the output folder again once the main one holds the
+    lock. The main one wrote its run record as soon as it had looked: another process that looked after
+    that was refused ("already holds a training run"), and the launch failed."""
+    import threading
+    from types import SimpleNamespace
+
+    from squeeze_cli.train import loop
+
+    class Started(Exception):
+        """Where the sketch ends: the run record and config are written."""
+
+    barrier = threading.Barrier(2, timeout=60)
+    written = threading.Event()
+    atomic_write_json, checkpoint_to_resume_ = outputs.atomic_write_json, loop.checkpoint_to_resume
+    looks = {0: 0, 1: 0}
+
+    def write_json(path, data):
+        atomic_write_json(path, data)
+        written.set()
+
+    def look(output_dir, resume):
+        rank = int(threading.current_thread().name)
+        looks[rank] += 1
+        if rank == 1 and looks[rank] == 2:  # the other process looks late: until the main one writes or waits
+            while not written.is_set() and barrier.n_waiting == 0:
+                written.wait(0.01)
+        return checkpoint_to_resume_(output_dir, resume)
+
+    def trim_log(self) -> None:
+        raise Started
+
+    monkeypatch.setattr(outputs, "atomic_write_json", write_json)
+    monkeypatch.setattr(loop, "checkpoint_to_resume", look)
+    for name in ("_setup", "check_fits"):
+        monkeypatch.setattr(Trainer, name, lambda self: None)
+    monkeypatch.setattr(Trainer, "summary", lambda self: {})
+    monkeypatch.setattr(Trainer, "_trim_log", trim_log)
+    errors: dict[int, BaseException] = {}
+
+    def process(rank: int) -> None:
+        trainer = Trainer.__new__(Trainer)
+        trainer.output_dir, trainer.resume = tmp_path / "run", None
+        trainer.loaded = SimpleNamespace(text="version: 1\n")
+        trainer.accelerator = SimpleNamespace(is_main_process=rank == 0, wait_for_everyone=barrier.wait)
+        try:
+            trainer.run(progress=False)
+        except BaseException as error:  # noqa: BLE001 - told to the test's thread
+            errors[rank] = error
+
+    threads = [threading.Thread(target=process, args=(rank,), name=str(rank)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert {rank: type(error) for rank, error in errors.items()} == {0: Started, 1: Started}, errors
+    assert (tmp_path / "run" / "training.json").is_file()
+
+
 @pytest.mark.parametrize("damage", ["garbage", "empty", "no target"])
 def test_a_damaged_latent_cache_entry_is_made_again(
     trainer: Trainer, tmp_path: Path, monkeypatch, damage

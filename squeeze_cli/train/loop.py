@@ -470,9 +470,15 @@ class Trainer:
         # One run per output folder (two would log every step twice and save over each other's checkpoints),
         # and the folder looked at again under the lock: another run may have written it since.
         if accelerator.is_main_process:
-            self.lock.acquire()
+            try:
+                self.lock.acquire()
+            except outputs.OutputWriteError as error:  # nothing written yet: no run to resume
+                raise RunError(
+                    error.message, "set `output_dir` to a folder this user can write, on a disk with space"
+                ) from None
         accelerator.wait_for_everyone()
         start = checkpoint_to_resume(self.output_dir, self.resume)
+        accelerator.wait_for_everyone()  # every process has looked: a record written earlier would refuse it
         if accelerator.is_main_process:
             outputs.atomic_write_json(self.output_dir / RUN_RECORD, self.summary())  # first: the marker
             outputs.atomic_write_text(self.output_dir / "config.yaml", self.loaded.text)
