@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -213,10 +215,14 @@ def test_a_photo_name_with_glob_characters_is_that_photo(full_dataset: Path, tmp
 
 
 def test_a_newline_in_the_datasets_path_stays_in_the_header_comment(full_dataset: Path, tmp_path: Path):
-    odd = tmp_path / "data\nrecipe: other"
+    odd = tmp_path / "données\nrecipe: 'other'\\"
     full_dataset.rename(odd)
     manifest = tmp_path / "m.yaml"
     write_dreambench_manifest(odd, manifest, recipe="tiny")
     header = manifest.read_text().split("version: 1\n")[0]
     assert all(line.startswith("#") for line in header.splitlines()), header
     assert "squeeze eval squeeze-out/dreambench --references $'" in manifest.read_text()
+    # The word is the path again in bash (`é` kept as UTF-8, not `\xe9`, which bash reads as one byte).
+    word = re.search(r"--references (\$'.*') ", header).group(1)
+    shown = subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True, check=True).stdout
+    assert shown == os.fsencode(odd.resolve())

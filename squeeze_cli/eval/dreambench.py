@@ -209,7 +209,13 @@ def _shell_word(text: str) -> str:
     newline in a folder's name would end the comment and put the rest into the manifest."""
     if text.isprintable():
         return shlex.quote(text)
-    return "$'" + text.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
+    # Each \xHH in bash's $'...' is one byte: an escaped character goes as its UTF-8 bytes.
+    return "$'" + "".join(c if c.isprintable() and c not in "\\'" else _bytes(c) for c in text) + "'"
+
+
+def _bytes(character: str) -> str:
+    """`character`'s UTF-8 bytes as `\\xHH` escapes (U+2028 as `\\xe2\\x80\\xa8`)."""
+    return "".join(f"\\x{byte:02x}" for byte in character.encode("utf-8", "surrogateescape"))
 
 
 def _manifest_folder(output: Path, force: bool) -> Path:
