@@ -120,6 +120,11 @@ def test_ctrl_c_outside_a_run_says_it_stopped(squeeze, monkeypatch, lost: bool) 
     result = squeeze("train", "tiny")
     assert (result.code, result.err) == (130, "stopped by SIGINT (Ctrl-C)\n")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    # With SQUEEZE_DEBUG=1, the error an import cut short ended in is shown too.
+    monkeypatch.setenv("SQUEEZE_DEBUG", "1")
+    result = squeeze("train", "tiny")
+    assert result.code == 130 and result.err.endswith("stopped by SIGINT (Ctrl-C)\n")
+    assert ("RuntimeError: Failed to import diffusers" in result.err) == lost, result.err
 
 
 def test_validate_json():

@@ -168,9 +168,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         show = getattr(error, "show", None)
         show() if show else log_line(f"error: {error.format_message()}")
         code = error.exit_code
-    except BaseException:
+    except BaseException as error:
         if not interrupt.seen:
             raise
+        if os.environ.get("SQUEEZE_DEBUG") == "1":  # what the interrupt cut short, which the line hides
+            traceback.print_exception(error, file=sys.stderr)
     finally:
         if watched:
             signal.signal(signal.SIGINT, signal.default_int_handler)
