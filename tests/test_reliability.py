@@ -463,6 +463,28 @@ def test_a_signal_a_library_loses_while_loading_still_stops_the_run(project: Pat
     assert not (project / "out" / "index.jsonl").exists()
 
 
+def test_a_signal_a_library_swallows_while_loading_still_stops_the_run(project, gen, monkeypatch) -> None:
+    """A library that swallows the StopNow of a Ctrl-C while loading, and then loads: the run went on as if
+    no one had pressed Ctrl-C (and a later error of any kind was reported as the signal)."""
+    import squeeze_cli.loading
+
+    load_pipeline = squeeze_cli.loading.load_pipeline
+
+    def swallows_the_signal(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except BaseException:  # noqa: BLE001 - as a library might
+            pass
+        return load_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(squeeze_cli.loading, "load_pipeline", swallows_the_signal)
+    code, err = gen(str(project / "m.yaml"), "--out", str(project / "out"))
+    assert code == EXIT_SIGINT, err
+    assert err.strip().splitlines()[-1] == "stopped at once by SIGINT: nothing was generated"
+    assert not list((project / "out").glob("*/*.png"))
+
+
 # One run per output directory ------------------------------------------------------------------------
 
 

@@ -262,7 +262,7 @@ class GenRun:
             skipped=len(self.done),
             started_at=self.started_at,
         )
-        self.stop.graceful = True
+        self.stop.start_graceful()
         if self.is_main:
             assert self.lock is not None and self.layout_lock is not None  # the main process's (__init__)
             outputs.ensure_dir(self.out_dir)

@@ -57,6 +57,14 @@ class StopSignal:
         if self._previous:
             logs.closed_stream_handler = self._previous_closed_stream_handler
 
+    def start_graceful(self) -> None:
+        """From now on a first signal stops the run after the current batch. A signal that was to stop it
+        at once before, but that a library lost on the way (it caught the StopNow and went on loading),
+        stops it now: nothing is written yet."""
+        if self.raised is not None:
+            raise StopNow(self.raised)
+        self.graceful = True
+
     def _handle(self, signum: int, frame: Any) -> None:
         if not self.graceful or self.signum is not None:
             self.raised = signum
