@@ -260,6 +260,7 @@ def test_disk_full_while_exporting_is_one_line_saying_resume(run: Path, squeeze,
     assert line.startswith(
         f"error: cannot write {run / 'stage2'}: Error while serializing: I/O error: No space"
     )
+    assert "(hint: free some space" in line  # safetensors' "(os error 28)": a full disk's hint
     assert line.endswith("continue with `--resume latest`, from step-0000004)"), line
     assert not list(run.glob(".partial-*")) and not (run / "stage2").exists()
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)

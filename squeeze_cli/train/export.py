@@ -4,6 +4,7 @@ its null condition), the LoRA in diffusers' format, and a recipe that loads them
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,8 +56,13 @@ def export_weights(folder: Path, aggregator: Any, transformer: Any, recipe_text:
         raise
     except (OSError, SafetensorError) as error:  # diffusers' and safetensors' writes raise these as they are
         shutil.rmtree(partial, ignore_errors=True)
-        code = error.errno if isinstance(error, OSError) else None
-        reason = os.strerror(code) if code else " ".join(str(error).split())
+        if isinstance(error, OSError):
+            code = error.errno
+            reason = os.strerror(code) if code else str(error)
+        else:  # safetensors gives the OS error in its text only: "... (os error 28)"
+            found = re.search(r"\(os error (\d+)\)", str(error))
+            code = int(found.group(1)) if found else None
+            reason = " ".join(str(error).split())
         raise outputs.OutputWriteError(f"cannot write {folder}: {reason}", path=folder, errno=code) from None
     return folder
 
