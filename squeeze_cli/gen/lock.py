@@ -109,19 +109,9 @@ class LayoutLock:
         import fcntl
 
         ensure_dir(self.path.parent)
-        flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
+        fd = _open_lock_file(self.path, create=True)
+        assert fd is not None  # created when missing
         try:
-            fd = os.open(self.path, flags, 0o666)
-        except OSError as error:  # a symbolic link in its place, no permission
-            raise OutputWriteError.from_os_error(self.path, error, "create the lock file") from error
-        try:
-            mode = os.fstat(fd).st_mode
-            if not stat.S_ISREG(mode):
-                raise OutputWriteError(
-                    f"cannot lock {self.path}: it is {file_kind(mode)}, not a regular file",
-                    "remove it, then run the same command again",
-                    path=self.path,
-                )
             own = fcntl.LOCK_SH if self.shard is not None else fcntl.LOCK_EX
             if not _try_lockf(fd, own, 1, self.layout):
                 raise self._in_use()
@@ -174,23 +164,12 @@ def drawing_views(out_dir: Path) -> Iterator[None]:
     with its own images. Without the layout's lock file no run ever drew there: nothing to wait for."""
     import fcntl
 
-    flags = os.O_RDWR | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
     path = out_dir / LAYOUT_LOCK_NAME
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
+    fd = _open_lock_file(path, create=False)
+    if fd is None:
         yield
         return
-    except OSError as error:  # a symbolic link in its place, no permission
-        raise OutputWriteError.from_os_error(path, error, "lock") from error
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise OutputWriteError(
-                f"cannot lock {path}: it is {file_kind(mode)}, not a regular file",
-                "remove it, then run the same command again",
-                path=path,
-            )
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX, 1, 0)
         except OSError as error:  # a file system without record locks
@@ -198,6 +177,33 @@ def drawing_views(out_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # drops the lock
+
+
+def _open_lock_file(path: Path, *, create: bool) -> int | None:
+    """A descriptor of the regular file `path` (created when missing with `create`, else None), never
+    through a link; non-blocking, so a FIFO in its place is refused, not waited on.
+
+    Raises:
+        `OutputWriteError`: a link, a FIFO or a folder in its place; no permission.
+    """
+    flags = os.O_RDWR | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | (os.O_CREAT if create else 0), 0o666)
+    except OSError as error:  # a symbolic link in its place, no permission
+        if isinstance(error, FileNotFoundError) and not create:
+            return None
+        raise OutputWriteError.from_os_error(
+            path, error, "create the lock file" if create else "lock"
+        ) from error
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise OutputWriteError(
+            f"cannot lock {path}: it is {file_kind(mode)}, not a regular file",
+            "remove it, then run the same command again",
+            path=path,
+        )
+    return fd
 
 
 def _try_lockf(fd: int, kind: int, length: int, start: int) -> bool:
