@@ -177,7 +177,8 @@ def _problem_from_error(
             hint = f"write one `- {item}` per line"
             flag = document.locate(path).file
             if flag.startswith("--set ") and '"' not in value:  # a list on the command line is YAML's [...]
-                hint = f"""a list: `--set '{flag[6:].partition("=")[0]}=["{value}"]'`"""
+                key = flag.removeprefix("--set ").partition("=")[0]
+                hint = f"""a list: `--set '{key}=["{value}"]'`"""
     elif kind == "seeds_shape":
         message = f"expected a list of seeds or {{count: N, base: B}}, got {_describe(value)}"
         hint = "for example `seeds: [0, 1, 2]` or `seeds: {count: 4, base: 0}`"
