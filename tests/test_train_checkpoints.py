@@ -240,6 +240,48 @@ def test_a_failed_checkpoint_write_keeps_the_earlier_checkpoints_and_says_what_t
     assert {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()} == before
 
 
+def test_tensorboards_events_are_written_when_training_stops(run: Path, squeeze, monkeypatch) -> None:
+    """The TensorBoard writer was closed only after the last step: a Ctrl-C or a failed write left its
+    queued events (up to two minutes of them) unwritten."""
+    import importlib.util
+    import sys
+    import types
+
+    import squeeze_cli.train.loop
+
+    closed = []
+
+    class SummaryWriter:  # as torch.utils.tensorboard's, which needs the tensorboard package
+        def __init__(self, log_dir: str) -> None:
+            pass
+
+        def add_scalar(self, *args) -> None:
+            pass
+
+        def close(self) -> None:
+            closed.append(True)
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: name == "tensorboard" or find_spec(name, *a)
+    )
+    monkeypatch.setitem(
+        sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter)
+    )
+
+    def interrupted(self, *args) -> None:
+        raise KeyboardInterrupt
+
+    shutil.rmtree(_checkpoint(run, 4))  # steps 3 and 4 to train again
+    monkeypatch.setattr(squeeze_cli.train.loop.Trainer, "save_checkpoint", interrupted)
+    settings = [arg for s in [*SETTINGS, "logging.tensorboard=true"] for arg in ("--set", s)]
+    result = squeeze(
+        "train", "tiny", "--no-progress", "--set", f"output_dir={run}", *settings, "--resume", "latest"
+    )
+    assert result.code == 130, result.err
+    assert closed == [True]
+
+
 def test_disk_full_while_exporting_is_one_line_saying_resume(run: Path, squeeze, monkeypatch) -> None:
     """The stage export writes through diffusers and safetensors, which raise their own errors: a full disk
     there was a SafetensorError traceback, its `.partial-stage2` left taking the space."""

@@ -596,9 +596,9 @@ class Trainer:
             ) from None
         finally:
             signal.signal(signal.SIGINT, previous_sigint)
+            if self.tensorboard is not None:  # its queued events written, however the loop ends
+                self.tensorboard.close()
         bar.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
         final_stage = self.stages[-1][0]
         if accelerator.is_main_process:
             if not (self.output_dir / final_stage).is_dir():  # resumed after everything was trained
