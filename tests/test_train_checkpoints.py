@@ -240,6 +240,33 @@ def test_a_failed_checkpoint_write_keeps_the_earlier_checkpoints_and_says_what_t
     assert {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()} == before
 
 
+def test_a_log_replaced_by_a_fifo_mid_run_says_to_remove_it_then_resume(
+    run: Path, squeeze, monkeypatch
+) -> None:
+    """A write error's own fix was replaced by a full disk's ("free some space ..."), for a FIFO put in
+    place of the log too: the hint now keeps what to fix, then says how to go on."""
+    import squeeze_cli.train.loop
+
+    log = squeeze_cli.train.loop.Trainer._log
+
+    def log_into_a_fifo(self, record) -> None:
+        (run / "log.jsonl").unlink(missing_ok=True)
+        os.mkfifo(run / "log.jsonl")
+        log(self, record)
+
+    shutil.rmtree(_checkpoint(run, 4))  # steps 3 and 4 to train again
+    monkeypatch.setattr(squeeze_cli.train.loop.Trainer, "_log", log_into_a_fifo)
+    settings = [arg for s in [*SETTINGS, "logging.every=1"] for arg in ("--set", s)]
+    with deadline():
+        result = squeeze(
+            "train", "tiny", "--no-progress", "--set", f"output_dir={run}", *settings, "--resume", "latest"
+        )
+    assert result.code == 1, result.err
+    line = result.err.strip().splitlines()[-1]  # after the models' loading bars
+    assert "(hint: remove it: squeeze writes that file itself" in line, line
+    assert line.endswith("and continue with `--resume latest`, from step-0000002)"), line
+
+
 def test_tensorboards_events_are_written_when_training_stops(run: Path, squeeze, monkeypatch) -> None:
     """The TensorBoard writer was closed only after the last step: a Ctrl-C or a failed write left its
     queued events (up to two minutes of them) unwritten."""

@@ -29,10 +29,20 @@ class OutputWriteError(SqueezeError):
 
     exit_code = EXIT_JOBS_FAILED
 
-    def __init__(self, message: str, hint: str | None = None, *, path: Path, errno: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        hint: str | None = None,
+        *,
+        path: Path,
+        errno: int | None = None,
+        fix: str | None = None,
+    ):
         super().__init__(message, hint)
         self.path = path
         self.errno = errno
+        # What to fix, without how to go on (the hint's first half): `train` adds `--resume latest`.
+        self.fix = fix or write_fix(path, errno)
 
     @classmethod
     def from_os_error(cls, path: Path, error: OSError, doing: str = "write") -> OutputWriteError:
@@ -40,9 +50,9 @@ class OutputWriteError(SqueezeError):
         code = error.errno
         reason = error.strerror or str(error)
         if isinstance(error, NotARegularFileError):  # a FIFO, a device or a folder in place of a run file
-            hint = "remove it: squeeze writes that file itself (a regular file, never through a link)"
+            fix = hint = "remove it: squeeze writes that file itself (a regular file, never through a link)"
         elif isinstance(error, FileTooLargeError):  # squeeze's own limit for a file it reads whole
-            hint = "is it the right file? squeeze never writes one this large: move it away"
+            fix = hint = "is it the right file? squeeze never writes one this large: move it away"
         else:
             if code == errno.EFBIG:
                 limit = file_size_limit()
@@ -52,8 +62,9 @@ class OutputWriteError(SqueezeError):
                     else "file too large for the file system"
                 )
             again = "run the same command again: finished images are kept and skipped"
-            hint = f"{write_fix(path, code)} and {again}"
-        return cls(f"cannot {doing} {path}: {reason}", hint, path=path, errno=code)
+            fix = write_fix(path, code)
+            hint = f"{fix} and {again}"
+        return cls(f"cannot {doing} {path}: {reason}", hint, path=path, errno=code, fix=fix)
 
 
 def write_fix(path: Path, code: int | None) -> str:

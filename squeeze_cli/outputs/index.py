@@ -35,7 +35,14 @@ from squeeze_cli.outputs.layout import (
     variant_name,
 )
 from squeeze_cli.outputs.records import VARIANTS_KEY
-from squeeze_cli.reading import INDEX_MAX_BYTES, file_kind, open_regular_file, read_regular_file, size_text
+from squeeze_cli.reading import (
+    INDEX_MAX_BYTES,
+    NotARegularFileError,
+    file_kind,
+    open_regular_file,
+    read_regular_file,
+    size_text,
+)
 
 if TYPE_CHECKING:
     from ..plan import Job
@@ -148,7 +155,7 @@ def append_line(path: Path, data: bytes) -> None:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, f"not a regular file ({file_kind(info.st_mode)})")
+            raise NotARegularFileError(errno.EINVAL, f"not a regular file ({file_kind(info.st_mode)})")
         size = info.st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             data = b"\n" + data

@@ -52,13 +52,13 @@ class CheckpointWriteError(RunError):
     exit_code = EXIT_JOBS_FAILED
 
 
-def resume_hint(output_dir: Path, failed: Path, code: int | None, exclude: Path | None = None) -> str:
-    """What to do after the OS error `code` writing `failed`: fix it (`outputs.write_fix`, as gen's hint
-    says), then `--resume latest`, from the newest checkpoint (not `exclude`, the one that failed). The
-    same command again would be refused: the folder holds a run."""
+def resume_hint(output_dir: Path, fix: str, exclude: Path | None = None) -> str:
+    """What to do after a failed write: `fix` it (`OutputWriteError.fix`, the first half of gen's hint),
+    then `--resume latest`, from the newest checkpoint (not `exclude`, the one that failed). The same
+    command again would be refused: the folder holds a run."""
     saved = [d.name for d in checkpoint_dirs(output_dir) if d != exclude]
     since = f"from {saved[-1]}" if saved else "from the start (no checkpoint yet)"
-    return f"{outputs.write_fix(failed, code)} and continue with `--resume latest`, {since}"
+    return f"{fix} and continue with `--resume latest`, {since}"
 
 
 @dataclass
@@ -332,12 +332,12 @@ def save_checkpoint(
     except (outputs.OutputWriteError, OSError) as error:
         shutil.rmtree(partial, ignore_errors=True)
         reason = os.strerror(error.errno) if error.errno else str(error)
-        failed = (
-            error.path if isinstance(error, outputs.OutputWriteError) else Path(error.filename or partial)
-        )
+        if isinstance(error, outputs.OutputWriteError):
+            fix = error.fix
+        else:
+            fix = outputs.write_fix(Path(error.filename or partial), error.errno)
         raise CheckpointWriteError(
-            f"cannot write checkpoint {final}: {reason}",
-            resume_hint(output_dir, failed, error.errno, exclude=final),
+            f"cannot write checkpoint {final}: {reason}", resume_hint(output_dir, fix, exclude=final)
         ) from None
     if accelerator.is_main_process:
         older = [d for d in checkpoint_dirs(output_dir) if (_step_of(d) or 0) < step]

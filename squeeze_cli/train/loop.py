@@ -454,9 +454,7 @@ class Trainer:
         try:
             return self._run(progress)
         except outputs.OutputWriteError as error:  # a grid, an export, the log, the record, a cached latent
-            raise CheckpointWriteError(
-                error.message, resume_hint(self.output_dir, error.path, error.errno)
-            ) from None
+            raise CheckpointWriteError(error.message, resume_hint(self.output_dir, error.fix)) from None
         finally:
             self.lock.release()
 
