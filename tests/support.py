@@ -90,6 +90,13 @@ def poll_until(ready, interval: float = 0.02, looks: int = HANG_GUARD_LOOKS) -> 
     return bool(ready())
 
 
+def signal_and_wait(signum: int) -> None:
+    """Send `signum` to this process and wait for its handler to raise (StopNow, KeyboardInterrupt), which
+    ends the wait; a handler that does not raise leaves it after `HANG_GUARD_LOOKS` looks."""
+    os.kill(os.getpid(), signum)
+    poll_until(lambda: False)
+
+
 def finishes(function, *args, timeout: float = 20.0):
     """`function(*args)` run in a thread: its result, failing the test if it blocks (a FIFO opened for
     reading waits for a writer forever)."""

@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from support import signal_and_wait
 from typer.testing import CliRunner
 
 from squeeze_cli import __version__
@@ -100,16 +101,13 @@ def test_a_manifest_given_for_a_run_folder_says_so(squeeze, tmp_path: Path, comm
 def test_ctrl_c_outside_a_run_says_it_stopped(squeeze, monkeypatch, lost: bool) -> None:
     """Ctrl-C while `train` loaded its config and imports: typer made it a silent exit 130, and an import
     cut short that lost it (diffusers, numpy) ended in a RecursionError traceback and exit code 1."""
-    import os
     import signal
-    import time
 
     import squeeze_cli.train.config
 
     def interrupted(*args, **kwargs):
         try:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)
+            signal_and_wait(signal.SIGINT)
         except KeyboardInterrupt:
             if not lost:
                 raise
