@@ -46,6 +46,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwe
 from squeeze_cli.params import StepCache
 
 from .contract import SubjectBatchMixin
+from .mllm.qwen2_5_vl import mrope_positions
 from .registry import PIPELINES
 
 __all__ = ["QwenImageEditPlusPipeline", "QwenImageEditPlusOutput", "QwenEditSubject", "vae_reference_size"]
@@ -210,15 +211,9 @@ class QwenImageEditPlusPipeline(SubjectBatchMixin, DiffusersQwenImageEditPlusPip
         """The whole sequence the VL encoder reads for `prompt` with images of these token counts."""
         return self._prefix_ids(tokens_per_image) + self._instruction_ids(prompt, len(tokens_per_image))
 
-    def _rope_positions(self, input_ids: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Qwen2.5-VL's M-RoPE positions (3, 1, n) of a whole sequence: image tokens at their grid
-        positions, text after the largest one (so an instruction's positions depend on the images)."""
+    def _mrope_positions(self, input_ids: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         image_token_id = self.text_encoder.config.image_token_id
-        mm_token_type_ids = (input_ids == image_token_id).to(torch.int32).unsqueeze(0)
-        position_ids, _ = self.text_encoder.model.get_rope_index(
-            input_ids.unsqueeze(0), mm_token_type_ids=mm_token_type_ids, image_grid_thw=grid_thw
-        )
-        return position_ids
+        return mrope_positions(self.text_encoder.model, input_ids, image_token_id, grid_thw)
 
     def _condition_size(self, width: int, height: int) -> tuple[int, int]:
         return calculate_dimensions(CONDITION_IMAGE_SIZE, width / height)
@@ -276,7 +271,7 @@ class QwenImageEditPlusPipeline(SubjectBatchMixin, DiffusersQwenImageEditPlusPip
         input_ids = torch.tensor(self._prefix_ids(self._image_tokens(grid_thw)), dtype=torch.long)
         outputs = self.text_encoder(
             input_ids=input_ids.unsqueeze(0).to(device),
-            position_ids=self._rope_positions(input_ids, grid_thw).to(device),
+            position_ids=self._mrope_positions(input_ids, grid_thw).to(device),
             pixel_values=subject.vl_inputs["pixel_values"].to(device=device, dtype=self.text_encoder.dtype),
             image_grid_thw=grid_thw.to(device),
             use_cache=True,
@@ -328,7 +323,7 @@ class QwenImageEditPlusPipeline(SubjectBatchMixin, DiffusersQwenImageEditPlusPip
         # Positions of the whole sequence, sliced: M-RoPE text positions continue from the images' largest.
         full_ids = torch.cat([subject.prefix_ids, new_ids])
         grid_thw = subject.vl_inputs["image_grid_thw"]
-        position_ids = self._rope_positions(full_ids, grid_thw)[..., prefix_length:]
+        position_ids = self._mrope_positions(full_ids, grid_thw)[..., prefix_length:]
         try:
             outputs = self.text_encoder(
                 input_ids=new_ids.unsqueeze(0).to(device),
@@ -361,7 +356,7 @@ class QwenImageEditPlusPipeline(SubjectBatchMixin, DiffusersQwenImageEditPlusPip
         input_ids = torch.tensor(self._input_ids(prompt, self._image_tokens(grid_thw)), dtype=torch.long)
         outputs = self.text_encoder(
             input_ids=input_ids.unsqueeze(0).to(device),
-            position_ids=self._rope_positions(input_ids, grid_thw).to(device),
+            position_ids=self._mrope_positions(input_ids, grid_thw).to(device),
             pixel_values=subject.vl_inputs["pixel_values"].to(device=device, dtype=self.text_encoder.dtype),
             image_grid_thw=grid_thw.to(device),
             output_hidden_states=True,

@@ -64,10 +64,20 @@ class Qwen25VLFamily(MLLMFamily):
     def position_ids(
         self, backbone: PreTrainedModel, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None
     ) -> torch.Tensor:
-        # M-RoPE: image tokens get (t, h, w) grid positions, text continues after the largest one. (3, 1, n)
-        mm_token_type_ids = (input_ids == self.image_token_id).to(torch.int32).unsqueeze(0)
-        # A Qwen2_5_VLModel; typed as a PreTrainedModel, whose nn.Module __getattr__ hides get_rope_index.
-        position_ids, _ = backbone.get_rope_index(  # type: ignore[operator]
-            input_ids.unsqueeze(0), mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw
-        )
-        return position_ids
+        return mrope_positions(backbone, input_ids, self.image_token_id, image_grid_thw)
+
+
+def mrope_positions(
+    backbone: PreTrainedModel,
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    image_grid_thw: torch.Tensor | None,
+) -> torch.Tensor:
+    """Qwen2.5-VL's M-RoPE positions (3, 1, n) of one whole sequence: image tokens at their (t, h, w) grid
+    positions, text after the largest one (so a text's positions depend on the images before it)."""
+    mm_token_type_ids = (input_ids == image_token_id).to(torch.int32).unsqueeze(0)
+    # A Qwen2_5_VLModel; typed as a PreTrainedModel, whose nn.Module __getattr__ hides get_rope_index.
+    position_ids, _ = backbone.get_rope_index(  # type: ignore[operator]
+        input_ids.unsqueeze(0), mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw
+    )
+    return position_ids
