@@ -85,14 +85,16 @@ def test_gen_whose_reader_is_gone_stops_after_the_batch_and_resumes(
     assert (summary["jobs"]["skipped"], summary["jobs"]["succeeded"]) == (1, 2)
 
 
-def test_a_short_command_whose_reader_is_gone_exits_141_without_a_traceback() -> None:
-    """`squeeze recipes | head -1` exited 1. The pipe's reader is closed before the command writes, so
-    that it is gone by the first line however fast the command is."""
+@pytest.mark.parametrize("args", [["recipes"], ["--version"], ["--help"], ["gen", "--help"]], ids=" ".join)
+def test_a_short_command_whose_reader_is_gone_exits_141_without_a_traceback(args: list[str]) -> None:
+    """`squeeze recipes | head -1` exited 1, and so did `squeeze --version | true` (the root's own options
+    are read before any command runs). The pipe's reader is closed before the command writes, so that it
+    is gone by the first line however fast the command is."""
     reader, writer = os.pipe()
     os.close(reader)
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "squeeze_cli", "recipes"],
+            [sys.executable, "-m", "squeeze_cli", *args],
             stdout=writer,
             stderr=subprocess.PIPE,
             text=True,

@@ -13,7 +13,8 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -36,11 +37,21 @@ class _Group(typer.core.TyperGroup):
     """A command whose stdout or stderr lost its reader (`squeeze recipes | head -1`) exits 141, as if
     by SIGPIPE, before click's own handling turns the BrokenPipeError into exit 1 ("jobs failed")."""
 
+    def parse_args(self, ctx: ClickContext, args: list[str]) -> list[str]:
+        with _exit_on_closed_pipe():  # the root's own --help and --version
+            return super().parse_args(ctx, args)
+
     def invoke(self, ctx: ClickContext) -> Any:
-        try:
+        with _exit_on_closed_pipe():
             return super().invoke(ctx)
-        except BrokenPipeError as error:
-            raise typer.Exit(_closed_pipe_exit(error)) from None
+
+
+@contextmanager
+def _exit_on_closed_pipe() -> Iterator[None]:
+    try:
+        yield
+    except BrokenPipeError as error:
+        raise typer.Exit(_closed_pipe_exit(error)) from None
 
 
 def _closed_pipe_exit(error: BrokenPipeError) -> int:
