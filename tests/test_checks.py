@@ -160,6 +160,10 @@ def test_status_json_carries_the_same_results(run_folder: Path, make_image, sque
 def test_unknown_rules_exit_2(run_folder: Path, squeeze, rules: str, message: str) -> None:
     result = squeeze("check", str(run_folder), "--rules", rules)
     assert result.code == 2 and result.err.startswith(message)
+    as_json = squeeze("check", str(run_folder), "--rules", rules, "--json")
+    document = json.loads(as_json.out)
+    assert as_json.code == 2 and document["ok"] is False
+    assert message.startswith(f"error: {document['problems'][0]['message']}")
 
 
 def test_a_rules_file_with_problems_is_located(run_folder: Path, write_file, squeeze) -> None:

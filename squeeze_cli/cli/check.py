@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from squeeze_cli.cli.options import JsonOpt, VariantOpt, print_json_failure
-from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK, SqueezeError
+from squeeze_cli.cli.options import JsonOpt, VariantOpt, failures_as_json
+from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK
 
 CHECK_EPILOG = """\b
 Exit codes:
@@ -41,13 +41,8 @@ def check(
     """Check a run's images against a marketplace's rules: per image pass or fail, with the numbers."""
     from squeeze_cli.outputs import check_run, format_report, load_rules
 
-    try:
+    with failures_as_json(json_output):
         report = check_run(out, load_rules(rules), variant)
-    except SqueezeError as error:
-        if not json_output:
-            raise
-        print_json_failure(error)
-        raise typer.Exit(error.exit_code) from None
     if json_output:
         typer.echo(json.dumps({"ok": True, **report.to_dict()}, indent=2))
     else:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -214,6 +215,21 @@ def print_json_failure(error: SqueezeError, *, one_line: bool = False, plan: dic
 
     document = {"ok": False, **(plan or {}), "problems": json_problems(error)}
     typer.echo(json.dumps(document, ensure_ascii=False) if one_line else json.dumps(document, indent=2))
+
+
+@contextmanager
+def failures_as_json(json_output: bool) -> Iterator[None]:
+    """With --json, a known error inside is the `{"ok": false, ...}` document on stdout and the error's exit
+    code, not an `error:` line (`validate`, `status`, `check`)."""
+    from squeeze_cli.errors import SqueezeError
+
+    try:
+        yield
+    except SqueezeError as error:
+        if not json_output:
+            raise
+        print_json_failure(error)
+        raise typer.Exit(error.exit_code) from None
 
 
 def json_problems(error: SqueezeError) -> list[dict]:

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from squeeze_cli.cli.options import JsonOpt, VariantOpt, print_json_failure, require_rules_for_variant
-from squeeze_cli.errors import EXIT_JOBS_FAILED, SqueezeError
+from squeeze_cli.cli.options import JsonOpt, VariantOpt, failures_as_json, require_rules_for_variant
+from squeeze_cli.errors import EXIT_JOBS_FAILED
 
 STATUS_EPILOG = """\b
 Exit codes:
@@ -75,18 +75,13 @@ def status(
     root = Path(out).expanduser().absolute()
     several = holds_recipes(root)  # the folder of `gen --recipe A,B`, however many of its runs are there
     folders = runs_inside(root) if several else [Path(out)]
-    try:
+    with failures_as_json(json_output):
         missing = missing_recipes(root) if several else []
         found = [run_status(folder, verify=verify) for folder in folders]
         rule_set = load_rules(rules) if rules is not None else None  # bad rules: before any merge writes
         for run in found if merge else ():
             merge_run(run)
         checks = [check_run(run.out, rule_set, variant) if rule_set is not None else None for run in found]
-    except SqueezeError as error:
-        if not json_output:
-            raise
-        print_json_failure(error)
-        raise typer.Exit(error.exit_code) from None
     if json_output:
         documents = [
             {**run.to_dict(), "merged": merge, **({"checks": check.to_dict()} if check is not None else {})}

@@ -19,11 +19,11 @@ from squeeze_cli.cli.options import (
     OnlyOpt,
     RecipeOpt,
     SetOpt,
+    failures_as_json,
     json_problems,
     load_from_cli,
     only_patterns,
     parse_choice,
-    print_json_failure,
     print_warnings,
     recipe_folder_name,
     split_recipes,
@@ -68,7 +68,7 @@ def validate(
     from squeeze_cli.plan import plan_jobs, select_jobs
 
     checked: list[tuple[LoadedManifest, dict, SqueezeError | None]] = []
-    try:
+    with failures_as_json(json_output):
         recipes: list[str | None] = [*split_recipes(recipe)] or [None]
         parent = (
             _load(manifest, set_, recipes[0], max_jobs, allow_pickle=allow_pickle)[0].output_dir
@@ -92,11 +92,6 @@ def validate(
             if len(jobs) != len(planned):
                 summary["jobs_in_the_whole_plan"] = len(planned)
             checked.append((loaded, summary, not_ready))
-    except SqueezeError as error:
-        if not json_output:
-            raise
-        print_json_failure(error)
-        raise typer.Exit(error.exit_code) from None
     if json_output:
         documents = [
             {"ok": not_ready is None, **summary, "warnings": [w.to_dict() for w in loaded.warnings]}
