@@ -195,6 +195,22 @@ def test_sharded_run_indexes_are_read(squeeze, run: Path):
     assert evaluate(squeeze, str(run))["runs"][0]["images"] == NUM_IMAGES
 
 
+def test_jobs_of_the_plan_not_made_yet_are_said(squeeze, run: Path):
+    """A sharded run with one shard done, or a gen still running: the means cover part of the plan, and a
+    researcher reading `overall` must be told so, not left to think the run is complete."""
+    index = run / "index.jsonl"
+    lines = index.read_text().splitlines(keepends=True)
+    index.write_text("".join(lines[:-2]))  # the last two jobs have not been made yet
+    result = squeeze("eval", str(run), "--metrics", "tiny")
+    assert result.code == 0, result.err
+    assert "not evaluated: 2 job(s) of the run's plan not made yet" in result.out
+    summary = json.loads((run / "metrics.json").read_text())
+    assert (summary["images"], summary["pending"]) == (NUM_IMAGES - 2, 2)
+    assert "2 not made yet" in read_report(run)
+    index.write_text("".join(lines))
+    assert evaluate(squeeze, str(run))["runs"][0]["pending"] == 0
+
+
 def test_two_runs_side_by_side(squeeze, run: Path, tmp_path: Path):
     other = tmp_path / "runs" / "other"
     shutil.copytree(run, other)

@@ -56,6 +56,11 @@ def format_run(summary: dict[str, Any]) -> str:
 
 def _not_evaluated(summary: dict[str, Any]) -> list[str]:
     lines = []
+    if pending := summary.get("pending"):
+        lines.append(
+            f"not evaluated: {pending} job(s) of the run's plan not made yet: the means are over part of it "
+            f"(`squeeze status {summary['run']}`)"
+        )
     if summary["failed"]:
         lines.append(f"not evaluated: {len(summary['failed'])} failed job(s) (see metrics.json)")
     for item in summary["missing"]:
@@ -259,6 +264,8 @@ def _run_line(number: int, name: str, run_dir: Path, summary: dict[str, Any]) ->
         checks = summary["checks"]
         kind = "fail checks" if checks["failed"] else "checks"
         facts.append(f"<span class='{kind}'>{html.escape(checks_line(checks))}</span>")
+    if summary.get("pending"):
+        facts.append(f"<span class='warning'>{summary['pending']} not made yet (unfinished run)</span>")
     if summary["failed"]:
         facts.append(f"{len(summary['failed'])} failed")
     if summary["missing"]:

@@ -424,6 +424,7 @@ def summarise(
         ],
         "missing": list(contents.missing),
         "stale": list(contents.stale),
+        "pending": contents.pending,
         "notes": list(notes),
     }
 
