@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -233,6 +234,26 @@ def test_two_runs_side_by_side(squeeze, run: Path, tmp_path: Path):
     for folder in (run, other):
         page = (folder / "report.html").read_text()
         assert "../other/dog/000-s1.png" in page or "../run/dog/000-s1.png" in page
+
+
+def test_runs_side_by_side_that_do_not_hold_the_same_images_are_said_to(squeeze, run: Path, tmp_path: Path):
+    """Each run's means are over its own images: when the other run lacks some (fewer seeds, a prompt
+    less, a failed job), the difference between the rows is partly one of images, which must be said."""
+    same = tmp_path / "runs" / "same"
+    shutil.copytree(run, same)
+    result = squeeze("eval", str(run), str(same), "--metrics", "tiny")
+    assert result.code == 0, result.err
+    assert "do not hold the same images" not in result.out + read_report(run)
+    (same / "dog" / "000-s0.png").unlink()
+    result = squeeze("eval", str(run), str(same), "--metrics", "tiny")
+    assert result.code == 0, result.err
+    warning = (
+        "warning: the runs do not hold the same images (subject, prompt, seed): 5 in every run, besides "
+        "them run 1, same 0: each run's means are over its own images, not over pairs"
+    )
+    assert warning in result.out
+    for folder in (run, same):
+        assert html.escape(warning) in read_report(folder)
 
 
 def test_nothing_is_written_outside_the_run(squeeze, run: Path):
