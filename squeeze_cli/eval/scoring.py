@@ -448,9 +448,26 @@ def check_eval_files(run_dir: Path, names: Sequence[str] = EVAL_FILE_NAMES) -> N
     there is fine: eval's files are its own, rewritten whole, and the rename replaces the link (a cache
     link to /dev/zero or to a shared cache elsewhere is neither read nor written through).
 
+    A run folder eval cannot write in (a read-only file system, another user's run) is refused too: the
+    write would otherwise fail after every score was computed, with gen's advice for its own output.
+
     Raises:
-        `UsageError`: naming the file and what it is (exit 2).
+        `UsageError`: naming the file and what it is, or the folder (exit 2).
     """
+    # A file created and removed, as the writes will: permission bits alone do not say (root, ACLs, NFS).
+    # Named as the writes' temporaries are, so a killed eval's is removed by the next (`evaluate_run`).
+    probe = run_dir / f".{outputs.METRICS_JSON_NAME}.{os.getpid()}.tmp"
+    try:
+        probe.unlink(missing_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(
+            f"{run_dir}: cannot write there ({error.strerror or error}), and squeeze eval writes its "
+            f"{', '.join(names)} into the run",
+            f"copy the run to a folder you can write (cp -r {run_dir} COPY) and evaluate the copy, or make "
+            "the folder writable",
+        ) from error
     for name in names:
         try:
             mode = os.lstat(run_dir / name).st_mode
