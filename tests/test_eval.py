@@ -104,6 +104,21 @@ def test_an_image_against_itself_scores_one(squeeze, run: Path, tmp_path: Path):
     assert any("backpack/000-s0.png" in note for note in summary["notes"])
 
 
+def test_images_left_out_of_a_metrics_means_are_said_under_the_table(squeeze, run: Path, tmp_path: Path):
+    """A subject without references (here: no folder for `backpack` in --references) has no DINO: the
+    overall DINO is over the other images while the row says 6 images, which the table must say."""
+    references = tmp_path / "refs"
+    shutil.copytree(EXAMPLE_IMAGES / "dog", references / "dog")
+    result = squeeze("eval", str(run), "--metrics", "tiny", "--references", str(references))
+    assert result.code == 0, result.err
+    line = "not scored: DINO, CLIP-I, copy of 2 image(s) (null in metrics.jsonl; see metrics.json's notes)"
+    assert line in result.out
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["unscored"] == {"dino": 2, "clip_i": 2, "copy": 2}
+    assert "not scored: DINO, CLIP-I, copy of 2 image(s)" in read_report(run)
+    assert "not scored" not in squeeze("eval", str(run), "--metrics", "tiny").out  # conditioning: all scored
+
+
 def test_the_means_are_the_means_of_the_images(squeeze, run: Path):
     summary = evaluate(squeeze, str(run), "--clip-t-weight", "2.5")["runs"][0]
     rows = read_rows(run)

@@ -54,8 +54,21 @@ def format_run(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def unscored_line(summary: dict[str, Any]) -> str | None:
+    """`DINO, CLIP-I, copy of 2 image(s)`: the metrics some images have no value of (`unscored`), or None."""
+    by_count: dict[int, list[str]] = {}
+    for metric, count in summary.get("unscored", {}).items():
+        by_count.setdefault(count, []).append(METRIC_LABELS[metric])
+    return "; ".join(f"{', '.join(labels)} of {count} image(s)" for count, labels in by_count.items()) or None
+
+
 def _not_evaluated(summary: dict[str, Any]) -> list[str]:
     lines = []
+    if unscored := unscored_line(summary):
+        lines.append(
+            f"not scored: {unscored} (null in metrics.jsonl; see metrics.json's notes): those means are "
+            "over the other images"
+        )
     if pending := summary.get("pending"):
         lines.append(
             f"not evaluated: {pending} job(s) of the run's plan not made yet: the means are over part of it "
@@ -290,6 +303,8 @@ def _run_line(number: int, name: str, run_dir: Path, summary: dict[str, Any]) ->
         checks = summary["checks"]
         kind = "fail checks" if checks["failed"] else "checks"
         facts.append(f"<span class='{kind}'>{html.escape(checks_line(checks))}</span>")
+    if unscored := unscored_line(summary):
+        facts.append(f"<span class='warning'>not scored: {html.escape(unscored)}</span>")
     if summary.get("pending"):
         facts.append(f"<span class='warning'>{summary['pending']} not made yet (unfinished run)</span>")
     if summary["failed"]:

@@ -404,6 +404,9 @@ def summarise(
         "recipe": contents.recipe,  # every image is of one model identity (`read_run`)
         "gate": gate_summary(contents),
         "overall": mean_metrics(rows, metrics),
+        # Per metric, the images without a value (no reference left to compare with, a NaN): left out of
+        # its means, which are then over fewer images than `images` says.
+        "unscored": {m: n for m in metrics if (n := sum(row.get(m) is None for row in rows))},
         "subjects": {
             name: {"images": len(group), **mean_metrics(group, metrics)}
             for name, group in sorted(subjects.items())
