@@ -325,6 +325,10 @@ def test_clip_t_text_names_the_class_not_the_subject():
     assert clip_t_text(image) == "a dog on the beach, dog8-like"
     same = RunImage("0" * 16, "dog", 0, 0, "a dog in the snow", "dog", "dog/000-s0.png", ())
     assert clip_t_text(same) == "a dog in the snow"
+    # A class noun is text, never a regular expression's replacement template (a feed's `AC\DC`, `\1`).
+    for noun in ("AC\\DC adapter", "mug \\1", "jar \\g<0>"):
+        odd = RunImage("0" * 16, "sku-1", 0, 0, "a sku-1 on a shelf", noun, "sku-1/000-s0.png", ())
+        assert clip_t_text(odd) == f"a {noun} on a shelf"
 
 
 @pytest.mark.slow

@@ -66,7 +66,8 @@ def clip_t_text(image: RunImage) -> str:
     its unique token (`a sks dog` is scored as `a dog`). Prompts written with `{class}` are unchanged."""
     if not image.class_noun or image.subject == image.class_noun:
         return image.prompt
-    return re.sub(rf"(?<![\w-]){re.escape(image.subject)}(?![\w-])", image.class_noun, image.prompt)
+    noun = image.class_noun  # a function, not a template: a backslash in the noun is not an escape
+    return re.sub(rf"(?<![\w-]){re.escape(image.subject)}(?![\w-])", lambda _: noun, image.prompt)
 
 
 def reference_paths(image: RunImage, protocol: Protocol) -> list[str]:
