@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -103,6 +104,21 @@ def test_an_image_against_itself_scores_one(squeeze, run: Path, tmp_path: Path):
     assert any("backpack/000-s0.png" in note for note in summary["notes"])
 
 
+def test_images_left_out_of_a_metrics_means_are_said_under_the_table(squeeze, run: Path, tmp_path: Path):
+    """A subject without references (here: no folder for `backpack` in --references) has no DINO: the
+    overall DINO is over the other images while the row says 6 images, which the table must say."""
+    references = tmp_path / "refs"
+    shutil.copytree(EXAMPLE_IMAGES / "dog", references / "dog")
+    result = squeeze("eval", str(run), "--metrics", "tiny", "--references", str(references))
+    assert result.code == 0, result.err
+    line = "not scored: DINO, CLIP-I, copy of 2 image(s) (null in metrics.jsonl; see metrics.json's notes)"
+    assert line in result.out
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["unscored"] == {"dino": 2, "clip_i": 2, "copy": 2}
+    assert "not scored: DINO, CLIP-I, copy of 2 image(s)" in read_report(run)
+    assert "not scored" not in squeeze("eval", str(run), "--metrics", "tiny").out  # conditioning: all scored
+
+
 def test_the_means_are_the_means_of_the_images(squeeze, run: Path):
     summary = evaluate(squeeze, str(run), "--clip-t-weight", "2.5")["runs"][0]
     rows = read_rows(run)
@@ -195,6 +211,22 @@ def test_sharded_run_indexes_are_read(squeeze, run: Path):
     assert evaluate(squeeze, str(run))["runs"][0]["images"] == NUM_IMAGES
 
 
+def test_jobs_of_the_plan_not_made_yet_are_said(squeeze, run: Path):
+    """A sharded run with one shard done, or a gen still running: the means cover part of the plan, and a
+    researcher reading `overall` must be told so, not left to think the run is complete."""
+    index = run / "index.jsonl"
+    lines = index.read_text().splitlines(keepends=True)
+    index.write_text("".join(lines[:-2]))  # the last two jobs have not been made yet
+    result = squeeze("eval", str(run), "--metrics", "tiny")
+    assert result.code == 0, result.err
+    assert "not evaluated: 2 job(s) of the run's plan not made yet" in result.out
+    summary = json.loads((run / "metrics.json").read_text())
+    assert (summary["images"], summary["pending"]) == (NUM_IMAGES - 2, 2)
+    assert "2 not made yet" in read_report(run)
+    index.write_text("".join(lines))
+    assert evaluate(squeeze, str(run))["runs"][0]["pending"] == 0
+
+
 def test_two_runs_side_by_side(squeeze, run: Path, tmp_path: Path):
     other = tmp_path / "runs" / "other"
     shutil.copytree(run, other)
@@ -217,6 +249,26 @@ def test_two_runs_side_by_side(squeeze, run: Path, tmp_path: Path):
     for folder in (run, other):
         page = (folder / "report.html").read_text()
         assert "../other/dog/000-s1.png" in page or "../run/dog/000-s1.png" in page
+
+
+def test_runs_side_by_side_that_do_not_hold_the_same_images_are_said_to(squeeze, run: Path, tmp_path: Path):
+    """Each run's means are over its own images: when the other run lacks some (fewer seeds, a prompt
+    less, a failed job), the difference between the rows is partly one of images, which must be said."""
+    same = tmp_path / "runs" / "same"
+    shutil.copytree(run, same)
+    result = squeeze("eval", str(run), str(same), "--metrics", "tiny")
+    assert result.code == 0, result.err
+    assert "do not hold the same images" not in result.out + read_report(run)
+    (same / "dog" / "000-s0.png").unlink()
+    result = squeeze("eval", str(run), str(same), "--metrics", "tiny")
+    assert result.code == 0, result.err
+    warning = (
+        "warning: the runs do not hold the same images (subject, prompt, seed): 5 in every run, besides "
+        "them run 1, same 0: each run's means are over its own images, not over pairs"
+    )
+    assert warning in result.out
+    for folder in (run, same):
+        assert html.escape(warning) in read_report(folder)
 
 
 def test_nothing_is_written_outside_the_run(squeeze, run: Path):
@@ -273,6 +325,10 @@ def test_clip_t_text_names_the_class_not_the_subject():
     assert clip_t_text(image) == "a dog on the beach, dog8-like"
     same = RunImage("0" * 16, "dog", 0, 0, "a dog in the snow", "dog", "dog/000-s0.png", ())
     assert clip_t_text(same) == "a dog in the snow"
+    # A class noun is text, never a regular expression's replacement template (a feed's `AC\DC`, `\1`).
+    for noun in ("AC\\DC adapter", "mug \\1", "jar \\g<0>"):
+        odd = RunImage("0" * 16, "sku-1", 0, 0, "a sku-1 on a shelf", noun, "sku-1/000-s0.png", ())
+        assert clip_t_text(odd) == f"a {noun} on a shelf"
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ writes `NaN`, and a killed eval's temporaries do not stay."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -339,6 +340,28 @@ def test_a_folder_or_fifo_at_an_eval_file_is_refused_before_scoring(squeeze, run
     if name == "report.html":  # not written with --no-report: nothing in the way
         eval_run(squeeze, str(run), "--no-report")
         assert summary_of(run)["images"] == NUM_IMAGES
+
+
+def test_a_run_folder_eval_cannot_write_in_is_refused_before_scoring(squeeze, run: Path, monkeypatch):
+    """A run on a read-only file system (or another user's): eval used to score every image, then stop
+    at the first write with gen's hint ("write to another output folder ... finished images are kept",
+    exit 1). Refused first: one line naming the folder and eval's fix, exit 2, nothing scored."""
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):  # any file created in the run fails, as on `mount -o ro`
+        if flags & os.O_CREAT and Path(path).parent == run:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    result = eval_run(squeeze, str(run), expect=2)
+    line = last_line(result.err)
+    assert f"{run}: cannot write there (Read-only file system)" in line
+    assert f"cp -r {run} COPY" in line and "finished images" not in line
+    assert "computed" not in result.out
+    assert not {"metrics-cache.json", "metrics.json", "metrics.jsonl", "report.html"} & {
+        p.name for p in run.iterdir()
+    }
 
 
 def test_nan_scores_are_written_as_null(squeeze, run: Path, monkeypatch):

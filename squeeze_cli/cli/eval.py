@@ -154,7 +154,9 @@ def eval_command(
         return
     typer.echo("\n\n".join(format_run(summary) for summary in summaries))
     if len(evaluations) > 1:
-        typer.echo("\n" + format_comparison(summaries, [e.name for e in evaluations]))
+        typer.echo(
+            "\n" + format_comparison(summaries, [e.name for e in evaluations], [e.rows for e in evaluations])
+        )
     computed = sum(e.computed for e in evaluations)
     reused = sum(e.reused for e in evaluations)
     typer.echo(f"\nscores: {computed} computed, {reused} from the cache")

@@ -54,8 +54,26 @@ def format_run(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def unscored_line(summary: dict[str, Any]) -> str | None:
+    """`DINO, CLIP-I, copy of 2 image(s)`: the metrics some images have no value of (`unscored`), or None."""
+    by_count: dict[int, list[str]] = {}
+    for metric, count in summary.get("unscored", {}).items():
+        by_count.setdefault(count, []).append(METRIC_LABELS[metric])
+    return "; ".join(f"{', '.join(labels)} of {count} image(s)" for count, labels in by_count.items()) or None
+
+
 def _not_evaluated(summary: dict[str, Any]) -> list[str]:
     lines = []
+    if unscored := unscored_line(summary):
+        lines.append(
+            f"not scored: {unscored} (null in metrics.jsonl; see metrics.json's notes): those means are "
+            "over the other images"
+        )
+    if pending := summary.get("pending"):
+        lines.append(
+            f"not evaluated: {pending} job(s) of the run's plan not made yet: the means are over part of it "
+            f"(`squeeze status {summary['run']}`)"
+        )
     if summary["failed"]:
         lines.append(f"not evaluated: {len(summary['failed'])} failed job(s) (see metrics.json)")
     for item in summary["missing"]:
@@ -84,11 +102,30 @@ def summary_rows(
     return rows
 
 
-def format_comparison(summaries: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
-    """Runs side by side: one row per (subject, run), the overall rows last."""
+def unpaired_line(names: Sequence[str], rows: Sequence[Sequence[dict[str, Any]]]) -> str | None:
+    """A warning when runs side by side do not hold the same images (subject, prompt, seed): each run's
+    means are over its own images, so a difference between runs is partly one of images. None when
+    they pair up one to one."""
+    keys = [{(row["subject"], row["prompt"], row["seed"]) for row in run_rows} for run_rows in rows]
+    shared = set.intersection(*keys) if keys else set()
+    if all(run_keys == shared for run_keys in keys):
+        return None
+    extra = ", ".join(f"{name} {len(run_keys - shared)}" for name, run_keys in zip(names, keys, strict=True))
+    return (
+        f"warning: the runs do not hold the same images (subject, prompt, seed): {len(shared)} in every run, "
+        f"besides them {extra}: each run's means are over its own images, not over pairs (the report's "
+        "gallery shows them prompt by prompt)"
+    )
+
+
+def format_comparison(
+    summaries: Sequence[dict[str, Any]], names: Sequence[str], rows: Sequence[Sequence[dict[str, Any]]]
+) -> str:
+    """Runs side by side: one row per (subject, run), the overall rows last; a warning when the runs'
+    images (`rows`, each run's) do not pair up."""
     metrics = list(dict.fromkeys(m for s in summaries for m in s["metrics"]))
     header = ["subject", "run", "images", *(METRIC_LABELS[m] for m in metrics)]
-    rows = [
+    table = [
         [
             subject or "overall",
             f"{name} (gated)" if summary.get("gate") else name,
@@ -97,7 +134,9 @@ def format_comparison(summaries: Sequence[dict[str, Any]], names: Sequence[str])
         ]
         for subject, name, summary, block, count in summary_rows(summaries, names)
     ]
-    lines = _table(header, rows)
+    lines = _table(header, table)
+    if warning := unpaired_line(names, rows):
+        lines.append(warning)
     for name, summary in zip(names, summaries, strict=True):
         if summary.get("recipe"):
             lines.append(f"{name}: recipe {summary['recipe']}")
@@ -221,6 +260,11 @@ def render_report(evaluations: Sequence[Evaluation], report_dir: Path) -> str:
         ),
         "<p><span id='broken' class='warning'></span></p>",
         "<h2>Summary</h2>",
+        *(
+            [f"<p class='warning unpaired'>{html.escape(warning)}</p>"]
+            if len(evaluations) > 1 and (warning := unpaired_line(names, [rows for *_, rows in evaluations]))
+            else []
+        ),
         _summary_table(evaluations, metrics),
     ]
     plots = [_distribution(metric, evaluations) for metric in metrics]
@@ -259,6 +303,10 @@ def _run_line(number: int, name: str, run_dir: Path, summary: dict[str, Any]) ->
         checks = summary["checks"]
         kind = "fail checks" if checks["failed"] else "checks"
         facts.append(f"<span class='{kind}'>{html.escape(checks_line(checks))}</span>")
+    if unscored := unscored_line(summary):
+        facts.append(f"<span class='warning'>not scored: {html.escape(unscored)}</span>")
+    if summary.get("pending"):
+        facts.append(f"<span class='warning'>{summary['pending']} not made yet (unfinished run)</span>")
     if summary["failed"]:
         facts.append(f"{len(summary['failed'])} failed")
     if summary["missing"]:

@@ -68,6 +68,9 @@ class RunContents:
     failed: list[dict[str, Any]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # one line each: which file and why
     stale: list[str] = field(default_factory=list)  # images of jobs the run's plan does not have: not scored
+    # Jobs of the run's plan with no index line yet (an unfinished or still running gen): the means are
+    # over part of the plan, which must be said. None when the folder has no plan that loads.
+    pending: int | None = None
 
     @property
     def recipe(self) -> str | None:
@@ -127,6 +130,8 @@ def read_run(path: str | Path, *, verify: bool = False) -> RunContents:
         )
     contents = RunContents(run_dir)
     planned = planned_job_ids(run_dir, verify=verify)
+    if planned is not None:
+        contents.pending = len(planned - latest.keys())
     for entry in latest.values():
         if planned is not None and entry["job_id"] not in planned:
             if entry.get("status") == "ok":

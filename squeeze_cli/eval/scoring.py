@@ -66,7 +66,8 @@ def clip_t_text(image: RunImage) -> str:
     its unique token (`a sks dog` is scored as `a dog`). Prompts written with `{class}` are unchanged."""
     if not image.class_noun or image.subject == image.class_noun:
         return image.prompt
-    return re.sub(rf"(?<![\w-]){re.escape(image.subject)}(?![\w-])", image.class_noun, image.prompt)
+    noun = image.class_noun  # a function, not a template: a backslash in the noun is not an escape
+    return re.sub(rf"(?<![\w-]){re.escape(image.subject)}(?![\w-])", lambda _: noun, image.prompt)
 
 
 def reference_paths(image: RunImage, protocol: Protocol) -> list[str]:
@@ -404,6 +405,9 @@ def summarise(
         "recipe": contents.recipe,  # every image is of one model identity (`read_run`)
         "gate": gate_summary(contents),
         "overall": mean_metrics(rows, metrics),
+        # Per metric, the images without a value (no reference left to compare with, a NaN): left out of
+        # its means, which are then over fewer images than `images` says.
+        "unscored": {m: n for m in metrics if (n := sum(row.get(m) is None for row in rows))},
         "subjects": {
             name: {"images": len(group), **mean_metrics(group, metrics)}
             for name, group in sorted(subjects.items())
@@ -424,6 +428,7 @@ def summarise(
         ],
         "missing": list(contents.missing),
         "stale": list(contents.stale),
+        "pending": contents.pending,
         "notes": list(notes),
     }
 
@@ -447,9 +452,26 @@ def check_eval_files(run_dir: Path, names: Sequence[str] = EVAL_FILE_NAMES) -> N
     there is fine: eval's files are its own, rewritten whole, and the rename replaces the link (a cache
     link to /dev/zero or to a shared cache elsewhere is neither read nor written through).
 
+    A run folder eval cannot write in (a read-only file system, another user's run) is refused too: the
+    write would otherwise fail after every score was computed, with gen's advice for its own output.
+
     Raises:
-        `UsageError`: naming the file and what it is (exit 2).
+        `UsageError`: naming the file and what it is, or the folder (exit 2).
     """
+    # A file created and removed, as the writes will: permission bits alone do not say (root, ACLs, NFS).
+    # Named as the writes' temporaries are, so a killed eval's is removed by the next (`evaluate_run`).
+    probe = run_dir / f".{outputs.METRICS_JSON_NAME}.{os.getpid()}.tmp"
+    try:
+        probe.unlink(missing_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(
+            f"{run_dir}: cannot write there ({error.strerror or error}), and squeeze eval writes its "
+            f"{', '.join(names)} into the run",
+            f"copy the run to a folder you can write (cp -r {run_dir} COPY) and evaluate the copy, or make "
+            "the folder writable",
+        ) from error
     for name in names:
         try:
             mode = os.lstat(run_dir / name).st_mode
