@@ -393,17 +393,64 @@ def test_an_output_dir_that_cannot_be_made_is_not_a_run_to_resume(tmp_path: Path
     )
 
 
+class Started(Exception):
+    """Where the sketch of `Trainer.run` ends: the run record and config are written."""
+
+
+def _two_processes(monkeypatch, output_dir: Path, barrier) -> dict[int, BaseException]:
+    """`Trainer.run` up to its first log trim in two threads as the two processes of a launch (no models;
+    `barrier` stands for the process group's); the exception each ended with."""
+    import threading
+    from types import SimpleNamespace
+
+    from squeeze_cli import processes
+
+    gathered: dict[int, object] = {}
+
+    def all_gather(value, count):
+        gathered[int(threading.current_thread().name)] = value
+        barrier.wait()
+        values = [gathered[rank] for rank in range(count)]
+        barrier.wait()
+        return values
+
+    def trim_log(self) -> None:
+        raise Started
+
+    monkeypatch.setattr(processes, "_all_gather", all_gather)
+    for name in ("_setup", "check_fits"):
+        monkeypatch.setattr(Trainer, name, lambda self: None)
+    monkeypatch.setattr(Trainer, "summary", lambda self: {})
+    monkeypatch.setattr(Trainer, "_trim_log", trim_log)
+    errors: dict[int, BaseException] = {}
+
+    def process(rank: int) -> None:
+        trainer = Trainer.__new__(Trainer)
+        trainer.output_dir, trainer.resume = output_dir, None
+        trainer.loaded = SimpleNamespace(text="version: 1\n")
+        trainer.accelerator = SimpleNamespace(
+            is_main_process=rank == 0, process_index=rank, num_processes=2, wait_for_everyone=barrier.wait
+        )
+        try:
+            trainer.run(progress=False)
+        except BaseException as error:  # noqa: BLE001 - told to the test's thread
+            errors[rank] = error
+
+    threads = [threading.Thread(target=process, args=(rank,), name=str(rank)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return errors
+
+
 def test_every_process_looks_at_output_dir_before_the_main_one_writes(tmp_path: Path, monkeypatch) -> None:
     """Under `accelerate launch`, each process looks at the output folder again once the main one holds the
     lock. The main one wrote its run record as soon as it had looked: another process that looked after
     that was refused ("already holds a training run"), and the launch failed."""
     import threading
-    from types import SimpleNamespace
 
     from squeeze_cli.train import loop
-
-    class Started(Exception):
-        """Where the sketch ends: the run record and config are written."""
 
     barrier = threading.Barrier(2, timeout=60)
     written = threading.Event()
@@ -422,34 +469,31 @@ def test_every_process_looks_at_output_dir_before_the_main_one_writes(tmp_path: 
                 written.wait(0.01)
         return checkpoint_to_resume_(output_dir, resume)
 
-    def trim_log(self) -> None:
-        raise Started
-
     monkeypatch.setattr(outputs, "atomic_write_json", write_json)
     monkeypatch.setattr(loop, "checkpoint_to_resume", look)
-    for name in ("_setup", "check_fits"):
-        monkeypatch.setattr(Trainer, name, lambda self: None)
-    monkeypatch.setattr(Trainer, "summary", lambda self: {})
-    monkeypatch.setattr(Trainer, "_trim_log", trim_log)
-    errors: dict[int, BaseException] = {}
-
-    def process(rank: int) -> None:
-        trainer = Trainer.__new__(Trainer)
-        trainer.output_dir, trainer.resume = tmp_path / "run", None
-        trainer.loaded = SimpleNamespace(text="version: 1\n")
-        trainer.accelerator = SimpleNamespace(is_main_process=rank == 0, wait_for_everyone=barrier.wait)
-        try:
-            trainer.run(progress=False)
-        except BaseException as error:  # noqa: BLE001 - told to the test's thread
-            errors[rank] = error
-
-    threads = [threading.Thread(target=process, args=(rank,), name=str(rank)) for rank in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    errors = _two_processes(monkeypatch, tmp_path / "run", barrier)
     assert {rank: type(error) for rank, error in errors.items()} == {0: Started, 1: Started}, errors
     assert (tmp_path / "run" / "training.json").is_file()
+
+
+def test_a_refusal_of_the_main_process_ends_every_process(tmp_path: Path, monkeypatch) -> None:
+    """Under `accelerate launch`, the main process refused (the folder's lock held by another run) and
+    exited 2 while the others waited at a barrier for it, until torchrun ended them by SIGTERM. Now every
+    process ends with the refusal's exit code; only the main one says it."""
+    import threading
+
+    from squeeze_cli.errors import OtherProcessError
+
+    other = RunLock(tmp_path / "run")
+    other.acquire()  # a run on that folder, still training
+    try:
+        errors = _two_processes(monkeypatch, tmp_path / "run", threading.Barrier(2, timeout=30))
+    finally:
+        other.release()
+    assert {rank: type(error) for rank, error in errors.items()} == {0: RunError, 1: OtherProcessError}
+    assert "in use by another squeeze train" in str(errors[0])
+    assert errors[1].exit_code == errors[0].exit_code == 2
+    assert not (tmp_path / "run" / "training.json").exists()
 
 
 @pytest.mark.parametrize("damage", ["garbage", "empty", "no target"])

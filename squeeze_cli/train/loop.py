@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from squeeze_cli import outputs
+from squeeze_cli import outputs, processes
 from squeeze_cli.errors import EXIT_SIGINT, ManifestError, SqueezeError
 from squeeze_cli.images import load_rgb
 from squeeze_cli.train.checkpoints import (
@@ -123,6 +123,7 @@ class Trainer:
 
         training = self.config.training
         self.accelerator = Accelerator(
+            cpu=processes.accelerate_cpu(),
             mixed_precision=training.mixed_precision,
             gradient_accumulation_steps=training.gradient_accumulation_steps,
             # Some parameters can sit out a step: a group the stage freezes, or the image LAP when every
@@ -465,18 +466,24 @@ class Trainer:
         self._setup()
         self.check_fits()
         accelerator = self.accelerator
-        # One run per output folder (two would log every step twice and save over each other's checkpoints),
-        # and the folder looked at again under the lock: another run may have written it since.
-        if accelerator.is_main_process:
+
+        def lock() -> None:
+            if not accelerator.is_main_process:
+                return
             try:
                 self.lock.acquire()
             except outputs.OutputWriteError as error:  # nothing written yet: no run to resume
                 raise RunError(
                     error.message, "set `output_dir` to a folder this user can write, on a disk with space"
                 ) from None
-        accelerator.wait_for_everyone()
-        start = checkpoint_to_resume(self.output_dir, self.resume)
-        accelerator.wait_for_everyone()  # every process has looked: a record written earlier would refuse it
+
+        # One run per output folder (two would log every step twice and save over each other's checkpoints),
+        # and the folder looked at again under the lock: another run may have written it since. Every
+        # process has looked before the main one writes: a record written earlier would refuse it. A
+        # refusal on any process ends every process (`processes.together`): none waits at a barrier.
+        place = (accelerator.process_index, accelerator.num_processes)
+        processes.together(lock, *place)
+        start = processes.together(lambda: checkpoint_to_resume(self.output_dir, self.resume), *place)
         if accelerator.is_main_process:
             outputs.atomic_write_json(self.output_dir / RUN_RECORD, self.summary())  # first: the marker
             outputs.atomic_write_text(self.output_dir / "config.yaml", self.loaded.text)
