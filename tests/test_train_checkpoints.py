@@ -558,6 +558,57 @@ def test_resume_without_a_checkpoint_starts_the_log_again(run: Path, squeeze) ->
     assert steps == [1, 2, 3, 4]
 
 
+def _trim_log(output_dir: Path, step: int) -> None:
+    """`Trainer._trim_log` of the main process of a run resumed at `step` (no models)."""
+    from types import SimpleNamespace
+
+    from squeeze_cli.train.checkpoints import TrainState
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.output_dir, trainer.state = output_dir, TrainState(step)
+    trainer.accelerator = SimpleNamespace(is_main_process=True)
+    trainer._trim_log()
+
+
+def _log_lines(steps) -> str:
+    return "".join(json.dumps({"step": s, "stage": "stage1", "loss": 1.0}) + "\n" for s in steps)
+
+
+@pytest.mark.parametrize(
+    "tail",
+    ["", '{"step": 99, "lo', '{"step": 99999, "loss": 1.0}', "not json\n", "\0" * 200_000, "\n" * 5],
+    ids=["nothing", "cut short", "no newline", "garbage line", "long torn write", "empty lines"],
+)
+@pytest.mark.parametrize("lines", [10, 20_000])  # one chunk, many
+def test_resuming_trims_the_log_to_the_checkpoints_step(tmp_path: Path, tail: str, lines: int) -> None:
+    step = lines // 2
+    kept = _log_lines(range(1, step + 1))
+    (tmp_path / "log.jsonl").write_text(kept + _log_lines(range(step + 1, lines + 1)) + tail)
+    _trim_log(tmp_path, step)
+    assert (tmp_path / "log.jsonl").read_text() == kept
+    _trim_log(tmp_path, 0)  # resumed without a checkpoint: every step runs again
+    assert (tmp_path / "log.jsonl").read_bytes() == b""
+
+
+@pytest.mark.parametrize("tail", ["", "\0" * 8 * 2**20], ids=["whole lines", "a long torn write"])
+def test_trimming_the_log_does_not_read_it_whole(tmp_path: Path, tail: str) -> None:
+    """The log was read whole into memory (as text, then as lines) at every start: a long run's is GBs.
+    Its end is read backwards in chunks: the memory it takes does not grow with the log."""
+    import tracemalloc
+
+    log = tmp_path / "log.jsonl"
+    log.write_text(_log_lines(range(1, 100_001)) + tail)  # 5 MB
+    size = log.stat().st_size
+    tracemalloc.start()
+    try:
+        _trim_log(tmp_path, 99_990)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 * 2**20, peak
+    assert log.stat().st_size == size - len(_log_lines(range(99_991, 100_001))) - len(tail)
+
+
 @pytest.mark.parametrize("kind", ["FIFO", "link to /dev/zero"])
 def test_a_log_that_is_no_regular_file_is_refused_before_resuming(run: Path, squeeze, kind) -> None:
     shutil.rmtree(_checkpoint(run, 4))  # steps 3 and 4 to train again

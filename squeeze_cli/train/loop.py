@@ -39,6 +39,7 @@ from squeeze_cli.train.checkpoints import (
     load_checkpoint,
     resume_hint,
     save_checkpoint,
+    trim_log,
 )
 from squeeze_cli.train.config import LoadedConfig, StageSpec
 from squeeze_cli.train.data import BatchSchedule, TrainData, fit_to_bucket
@@ -399,22 +400,8 @@ class Trainer:
 
     def _trim_log(self) -> None:
         """At the start, drop log lines past the step the run starts from: those steps are run again."""
-        path = self.output_dir / LOG_FILE
-        if not path.is_file() or not self.accelerator.is_main_process:
-            return
-        kept = []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):  # a line cut short by a crash or a full disk
-                continue
-            if (
-                isinstance(record, dict)
-                and isinstance(record.get("step"), int)
-                and record["step"] <= self.state.step
-            ):
-                kept.append(line)
-        outputs.atomic_write_text(path, "".join(line + "\n" for line in kept))
+        if self.accelerator.is_main_process:
+            trim_log(self.output_dir, self.state.step)
 
     def summary(self) -> dict[str, Any]:
         """What trains in each stage (recorded as training.json)."""
