@@ -63,6 +63,15 @@ def _rebuild_error(cls: type[SqueezeError], args: tuple, state: dict) -> Squeeze
     return error
 
 
+class OtherProcessError(SqueezeError):
+    """The error another process of the run met and reports (`processes.together`): this process ends
+    with the same exit code and says nothing, so the line is printed once."""
+
+    def __init__(self, error: SqueezeError):
+        super().__init__(error.message, error.hint)
+        self.exit_code = error.exit_code
+
+
 class UsageError(SqueezeError):
     """Bad flags or arguments."""
 

@@ -73,10 +73,8 @@ def _check_open_image(file: BinaryIO) -> str | None:
                 width, height = image.size
                 if width < 1 or height < 1:
                     return f"the image has no pixels ({width}x{height})"
-                if width * height > MAX_REFERENCE_PIXELS:
-                    return (
-                        f"the image is too large: {width}x{height}, more than {MAX_REFERENCE_PIXELS:,} pixels"
-                    )
+                if (too_large := _too_large(image)) is not None:
+                    return too_large
                 if image.format == "PNG":
                     image.verify()
                 elif image.format == "JPEG":
@@ -102,6 +100,13 @@ def _check_open_image(file: BinaryIO) -> str | None:
         return f"the file is damaged: {reason}"  # the decoder's
     except Exception as error:  # a decoder's unexpected complaint about a hostile file is still a refusal
         return f"the file is damaged: {type(error).__name__}: {' '.join(str(error).split())}"
+    return None
+
+
+def _too_large(image: Image.Image) -> str | None:
+    width, height = image.size
+    if width * height > MAX_REFERENCE_PIXELS:
+        return f"the image is too large: {width}x{height}, more than {MAX_REFERENCE_PIXELS:,} pixels"
     return None
 
 
@@ -158,8 +163,18 @@ def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> Image.Imag
     converted, palette and grayscale transparency (including a PNG's tRNS colour) is composited on white.
     A broken EXIF block is ignored (the image is used as stored) rather than failing the subject.
     `max_side` lets JPEG decode at a reduced size, which is much faster for thumbnails of large photos.
+
+    Raises:
+        `OSError`: the file cannot be read or decoded. `PIL.Image.DecompressionBombError`: its header
+            declares more than `MAX_REFERENCE_PIXELS` pixels (nothing is decoded).
     """
     with open_regular_file(path) as file, Image.open(file) as image:
+        # From the header, before any pixel is decoded: `check_image` refused such a photo, but a run
+        # trusts an unchanged photo's cached check (`reference_facts`: a file anyone may write) without
+        # reading it, and may load a photo swapped in since its check. PIL itself refuses only above
+        # 179 Mpx (and warns above 89).
+        if (too_large := _too_large(image)) is not None:
+            raise Image.DecompressionBombError(too_large)
         if max_side is not None and image.format == "JPEG":
             image.draft("RGB", (max_side, max_side))
         try:

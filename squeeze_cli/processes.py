@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
+from squeeze_cli.errors import OtherProcessError, SqueezeError
 from squeeze_cli.logs import log_line
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,49 @@ def exit_without_teardown(code: int) -> NoReturn:
     os._exit(code)
 
 
+def accelerate_cpu() -> bool:
+    """accelerate's `cpu` argument: True for several processes on a machine without CUDA. Without it,
+    accelerate runs `accelerate launch --multi_gpu` there as that many lone processes, each its own main
+    process (imports torch)."""
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def _all_gather(value: Any, count: int) -> list[Any]:
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * count
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def together(check: Callable[[], T], index: int, count: int) -> T:
+    """Run `check` in each of the `count` processes (`index` is this one), then wait for the others (a
+    barrier): when a process's check raised a `SqueezeError` (a refusal that only the main process may
+    meet: a lock), every process raises it, the first by index as it is and the others as an
+    `OtherProcessError` with its exit code, which they do not print again. Without this, the processes
+    that passed would wait at their next barrier for one that has gone, until the launcher ends them."""
+    if count == 1:
+        return check()
+    result, error = None, None
+    try:
+        result = check()
+    except SqueezeError as caught:
+        error = caught
+    errors = _all_gather(error, count)
+    first = next((i for i, other in enumerate(errors) if other is not None), None)
+    if first is not None and threading.current_thread() is threading.main_thread():
+        # Every process ends now. The launcher sends SIGTERM to those left once one has exited with an
+        # error: it must not replace their exit code (-15 in its summary of the failed processes).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if first == index:
+        raise errors[first] from None
+    if first is not None:
+        raise OtherProcessError(errors[first]) from None
+    return result  # type: ignore[return-value]  # `check` returned
+
+
 class Processes:
     """This process's place among the processes of the run: one, or one of `accelerate launch`'s."""
 
@@ -144,11 +191,9 @@ class Processes:
         self.state = None
         self.index, self.count = 0, 1
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import torch
             from accelerate import PartialState
 
-            # Without cpu=True on a machine with no GPU, each process would believe it is alone.
-            self.state = PartialState(cpu=not torch.cuda.is_available())
+            self.state = PartialState(cpu=accelerate_cpu())
             self.index, self.count = self.state.process_index, self.state.num_processes
             self.set_threads()
 
@@ -189,11 +234,7 @@ class Processes:
     def gather(self, value: Any) -> list[Any]:
         if self.state is None:
             return [value]
-        import torch.distributed as dist
-
-        gathered: list[Any] = [None] * self.count
-        dist.all_gather_object(gathered, value)
-        return gathered
+        return _all_gather(value, self.count)
 
     def scatter(self, values: list[Any] | None) -> Any:
         """Process `i` gets `values[i]`, the main process's list (the others pass None): each receives only

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from support import write_in_place
 
-from squeeze_cli.errors import EXIT_OK
+from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK
+from squeeze_cli.images import MAX_REFERENCE_PIXELS
 from squeeze_cli.manifest import reference_facts
 from squeeze_cli.manifest.reference_facts import REFERENCE_CACHE_NAME, ReferenceFacts, file_digest
 from squeeze_cli.manifest.resolve import load_manifest
@@ -139,6 +142,56 @@ def test_a_cache_that_lies_about_a_photo_with_another_stat_is_not_believed(proje
     again = ReferenceFacts(project)
     assert again.check(photo) is None and photo in reads
     assert again.digest(photo) == file_digest(photo)
+
+
+def large_png(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height grayscale pixels, with a little (wrong) pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+
+
+@pytest.fixture
+def no_large_decode(monkeypatch) -> None:
+    """Decoding more pixels than the checks allow fails the test: it stands for the seconds and the GBs
+    a decode of 67-179 Mpx takes."""
+    from PIL import ImageFile
+
+    load = ImageFile.ImageFile.load
+
+    def bounded(self):
+        if self.size[0] * self.size[1] > MAX_REFERENCE_PIXELS:
+            raise AssertionError(f"decoded {self.size[0]}x{self.size[1]} pixels")
+        return load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", bounded)
+
+
+# Above the checks' limit (67 Mpx), and PIL's warning (89 Mpx); below PIL's refusal (179 Mpx).
+@pytest.mark.parametrize("size", [(8500, 8500), (9000, 10000), (12000, 12000)])
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's, above 89 Mpx
+def test_a_forged_entry_does_not_let_a_photo_too_large_to_decode_through(
+    project, squeeze, reads, no_large_decode, size
+):
+    """An entry whose stat matches, saying the photo passed its checks, is trusted without reading the
+    photo; a photo of 67-179 Mpx, which the checks refuse (PIL only warns there, or says nothing), was
+    decoded. The decode is bounded by the photo's own header: its jobs fail, naming it, decoding nothing."""
+    photo = project / "refs" / "a.png"
+    photo.write_bytes(large_png(*size))
+    info = photo.stat()
+    stamp = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev]
+    forged = {"format": 1, "references": {str(photo): [*stamp, "00" * 32]}}
+    (project / "out").mkdir()
+    (project / "out" / REFERENCE_CACHE_NAME).write_text(json.dumps(forged))
+    result = squeeze("gen", str(project / "m.yaml"), "--out", str(project / "out"), "--quiet")
+    assert str(photo) not in reads  # trusted, as the cache is meant to be
+    assert result.code == EXIT_JOBS_FAILED, result.err
+    failed = [json.loads(line) for line in (project / "out" / "index.jsonl").read_text().splitlines()]
+    assert [record["status"] for record in failed] == ["failed"]
+    assert f"the image is too large: {size[0]}x{size[1]}, more than" in failed[0]["error"]
 
 
 def test_a_changed_photo_gives_new_job_ids_on_the_next_run(project, squeeze):

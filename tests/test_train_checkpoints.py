@@ -393,17 +393,64 @@ def test_an_output_dir_that_cannot_be_made_is_not_a_run_to_resume(tmp_path: Path
     )
 
 
+class Started(Exception):
+    """Where the sketch of `Trainer.run` ends: the run record and config are written."""
+
+
+def _two_processes(monkeypatch, output_dir: Path, barrier) -> dict[int, BaseException]:
+    """`Trainer.run` up to its first log trim in two threads as the two processes of a launch (no models;
+    `barrier` stands for the process group's); the exception each ended with."""
+    import threading
+    from types import SimpleNamespace
+
+    from squeeze_cli import processes
+
+    gathered: dict[int, object] = {}
+
+    def all_gather(value, count):
+        gathered[int(threading.current_thread().name)] = value
+        barrier.wait()
+        values = [gathered[rank] for rank in range(count)]
+        barrier.wait()
+        return values
+
+    def trim_log(self) -> None:
+        raise Started
+
+    monkeypatch.setattr(processes, "_all_gather", all_gather)
+    for name in ("_setup", "check_fits"):
+        monkeypatch.setattr(Trainer, name, lambda self: None)
+    monkeypatch.setattr(Trainer, "summary", lambda self: {})
+    monkeypatch.setattr(Trainer, "_trim_log", trim_log)
+    errors: dict[int, BaseException] = {}
+
+    def process(rank: int) -> None:
+        trainer = Trainer.__new__(Trainer)
+        trainer.output_dir, trainer.resume = output_dir, None
+        trainer.loaded = SimpleNamespace(text="version: 1\n")
+        trainer.accelerator = SimpleNamespace(
+            is_main_process=rank == 0, process_index=rank, num_processes=2, wait_for_everyone=barrier.wait
+        )
+        try:
+            trainer.run(progress=False)
+        except BaseException as error:  # noqa: BLE001 - told to the test's thread
+            errors[rank] = error
+
+    threads = [threading.Thread(target=process, args=(rank,), name=str(rank)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return errors
+
+
 def test_every_process_looks_at_output_dir_before_the_main_one_writes(tmp_path: Path, monkeypatch) -> None:
     """Under `accelerate launch`, each process looks at the output folder again once the main one holds the
     lock. The main one wrote its run record as soon as it had looked: another process that looked after
     that was refused ("already holds a training run"), and the launch failed."""
     import threading
-    from types import SimpleNamespace
 
     from squeeze_cli.train import loop
-
-    class Started(Exception):
-        """Where the sketch ends: the run record and config are written."""
 
     barrier = threading.Barrier(2, timeout=60)
     written = threading.Event()
@@ -422,34 +469,31 @@ def test_every_process_looks_at_output_dir_before_the_main_one_writes(tmp_path: 
                 written.wait(0.01)
         return checkpoint_to_resume_(output_dir, resume)
 
-    def trim_log(self) -> None:
-        raise Started
-
     monkeypatch.setattr(outputs, "atomic_write_json", write_json)
     monkeypatch.setattr(loop, "checkpoint_to_resume", look)
-    for name in ("_setup", "check_fits"):
-        monkeypatch.setattr(Trainer, name, lambda self: None)
-    monkeypatch.setattr(Trainer, "summary", lambda self: {})
-    monkeypatch.setattr(Trainer, "_trim_log", trim_log)
-    errors: dict[int, BaseException] = {}
-
-    def process(rank: int) -> None:
-        trainer = Trainer.__new__(Trainer)
-        trainer.output_dir, trainer.resume = tmp_path / "run", None
-        trainer.loaded = SimpleNamespace(text="version: 1\n")
-        trainer.accelerator = SimpleNamespace(is_main_process=rank == 0, wait_for_everyone=barrier.wait)
-        try:
-            trainer.run(progress=False)
-        except BaseException as error:  # noqa: BLE001 - told to the test's thread
-            errors[rank] = error
-
-    threads = [threading.Thread(target=process, args=(rank,), name=str(rank)) for rank in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    errors = _two_processes(monkeypatch, tmp_path / "run", barrier)
     assert {rank: type(error) for rank, error in errors.items()} == {0: Started, 1: Started}, errors
     assert (tmp_path / "run" / "training.json").is_file()
+
+
+def test_a_refusal_of_the_main_process_ends_every_process(tmp_path: Path, monkeypatch) -> None:
+    """Under `accelerate launch`, the main process refused (the folder's lock held by another run) and
+    exited 2 while the others waited at a barrier for it, until torchrun ended them by SIGTERM. Now every
+    process ends with the refusal's exit code; only the main one says it."""
+    import threading
+
+    from squeeze_cli.errors import OtherProcessError
+
+    other = RunLock(tmp_path / "run")
+    other.acquire()  # a run on that folder, still training
+    try:
+        errors = _two_processes(monkeypatch, tmp_path / "run", threading.Barrier(2, timeout=30))
+    finally:
+        other.release()
+    assert {rank: type(error) for rank, error in errors.items()} == {0: RunError, 1: OtherProcessError}
+    assert "in use by another squeeze train" in str(errors[0])
+    assert errors[1].exit_code == errors[0].exit_code == 2
+    assert not (tmp_path / "run" / "training.json").exists()
 
 
 @pytest.mark.parametrize("damage", ["garbage", "empty", "no target"])
@@ -512,6 +556,57 @@ def test_resume_without_a_checkpoint_starts_the_log_again(run: Path, squeeze) ->
     assert "no checkpoint to resume from: starting a new run" in result.out
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def _trim_log(output_dir: Path, step: int) -> None:
+    """`Trainer._trim_log` of the main process of a run resumed at `step` (no models)."""
+    from types import SimpleNamespace
+
+    from squeeze_cli.train.checkpoints import TrainState
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.output_dir, trainer.state = output_dir, TrainState(step)
+    trainer.accelerator = SimpleNamespace(is_main_process=True)
+    trainer._trim_log()
+
+
+def _log_lines(steps) -> str:
+    return "".join(json.dumps({"step": s, "stage": "stage1", "loss": 1.0}) + "\n" for s in steps)
+
+
+@pytest.mark.parametrize(
+    "tail",
+    ["", '{"step": 99, "lo', '{"step": 99999, "loss": 1.0}', "not json\n", "\0" * 200_000, "\n" * 5],
+    ids=["nothing", "cut short", "no newline", "garbage line", "long torn write", "empty lines"],
+)
+@pytest.mark.parametrize("lines", [10, 20_000])  # one chunk, many
+def test_resuming_trims_the_log_to_the_checkpoints_step(tmp_path: Path, tail: str, lines: int) -> None:
+    step = lines // 2
+    kept = _log_lines(range(1, step + 1))
+    (tmp_path / "log.jsonl").write_text(kept + _log_lines(range(step + 1, lines + 1)) + tail)
+    _trim_log(tmp_path, step)
+    assert (tmp_path / "log.jsonl").read_text() == kept
+    _trim_log(tmp_path, 0)  # resumed without a checkpoint: every step runs again
+    assert (tmp_path / "log.jsonl").read_bytes() == b""
+
+
+@pytest.mark.parametrize("tail", ["", "\0" * 8 * 2**20], ids=["whole lines", "a long torn write"])
+def test_trimming_the_log_does_not_read_it_whole(tmp_path: Path, tail: str) -> None:
+    """The log was read whole into memory (as text, then as lines) at every start: a long run's is GBs.
+    Its end is read backwards in chunks: the memory it takes does not grow with the log."""
+    import tracemalloc
+
+    log = tmp_path / "log.jsonl"
+    log.write_text(_log_lines(range(1, 100_001)) + tail)  # 5 MB
+    size = log.stat().st_size
+    tracemalloc.start()
+    try:
+        _trim_log(tmp_path, 99_990)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 * 2**20, peak
+    assert log.stat().st_size == size - len(_log_lines(range(99_991, 100_001))) - len(tail)
 
 
 @pytest.mark.parametrize("kind", ["FIFO", "link to /dev/zero"])

@@ -317,6 +317,41 @@ def test_two_processes_train_with_ddp(tmp_path: Path) -> None:
     assert any(not torch.equal(lora1[name], lora2[name]) for name in lora1)
 
 
+@pytest.mark.slow
+def test_a_refused_launch_ends_every_process_with_the_refusals_code(tmp_path: Path) -> None:
+    """`accelerate launch` on CPU ran each process as a lone main process (both took the lock, both said
+    the refusal); with one main process, the others waited at a barrier for it until torchrun ended them
+    by SIGTERM. Now the main process says the refusal once and every process exits 2 (the launcher still
+    exits 1 with its summary of the failed processes)."""
+    import re
+    import socket
+
+    from squeeze_cli.train.checkpoints import RunLock
+
+    out = tmp_path / "run"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "squeeze_cli", "train", "tiny", "--no-progress",
+        "--set", f"output_dir={out}", "--set", "validation.prompts=[]",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    other = RunLock(out)
+    other.acquire()  # a run on that folder, still training
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        other.release()
+    errors = [line for line in result.stderr.splitlines() if " error: " in line]
+    assert len(errors) == 1 and "is in use by another squeeze train" in errors[0], result.stderr[-3000:]
+    codes = re.findall(r"^ +exitcode +: (\S+)", result.stderr, re.MULTILINE)  # the launcher's summary
+    assert codes == ["2", "2"], result.stderr[-3000:]
+    assert result.stderr.count("Traceback") == 1  # the launcher's ChildFailedError, no process's own
+
+
 def test_instruction_too_long_for_the_mllm_is_refused_before_anything_is_written(
     squeeze, tmp_path: Path, make_image
 ) -> None:

@@ -25,7 +25,7 @@ from squeeze_cli.cli.eval import dreambench_command, eval_command
 from squeeze_cli.cli.export import EXPORT_EPILOG, export_command
 from squeeze_cli.cli.options import APP_EPILOG, EPILOG
 from squeeze_cli.cli.train import TRAIN_EPILOG, train_command
-from squeeze_cli.errors import EXIT_SIGINT, EXIT_SIGPIPE, ManifestError, SqueezeError
+from squeeze_cli.errors import EXIT_SIGINT, EXIT_SIGPIPE, ManifestError, OtherProcessError, SqueezeError
 from squeeze_cli.logs import closed_streams, log_line, to_devnull
 
 if TYPE_CHECKING:  # the click that typer vendors (typer 0.29): what TyperCommand's methods take
@@ -132,6 +132,8 @@ app.command("export", epilog=EXPORT_EPILOG, cls=_Command)(export_command)
 
 def _report(error: SqueezeError) -> None:
     """Every known error is one `error: ...` line (with its hint); manifest problems one line each."""
+    if isinstance(error, OtherProcessError):  # its own process says it
+        return
     if isinstance(error, ManifestError):
         for problem in error.problems:
             log_line(f"error: {problem}")

@@ -16,10 +16,10 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError
@@ -197,6 +197,81 @@ def check_log_file(output_dir: Path) -> None:
             "remove it: training writes its log there itself (never through a link), and resumes it from "
             "the checkpoint's step",
         )
+
+
+# The log is read backwards in chunks of this size; a "line" longer than a record can be is damage, passed
+# over without being held whole (a record is a few hundred bytes).
+LOG_CHUNK = 64 * 1024
+LONGEST_LOG_LINE = 64 * 1024
+
+
+def trim_log(output_dir: Path, step: int) -> None:
+    """Cut the log back to its last record of a step <= `step`: the lines after it (steps run again, a
+    line cut short by a crash) are dropped. The log only grows by whole lines and each resume trims it,
+    so those lines are its end: it is read backwards in bounded chunks (a long run's log is large), then
+    truncated in place and fsynced. A crash leaves it trimmed or not, and the next resume trims it.
+
+    Raises:
+        `OutputWriteError`: the log could not be read or truncated.
+    """
+    path = output_dir / LOG_FILE
+    if not path.is_file():
+        return
+    try:
+        with open(path, "r+b", buffering=0, opener=_no_follow) as file:
+            length = _kept_length(file, step)
+            if length < file.seek(0, os.SEEK_END):
+                file.truncate(length)
+                os.fsync(file.fileno())
+    except OSError as error:
+        raise outputs.OutputWriteError.from_os_error(path, error) from error
+
+
+def _no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
+
+
+def _kept_length(file: BinaryIO, step: int) -> int:
+    """The byte length of `file`'s lines up to its last record of a step <= `step` (0: none)."""
+    for start, line in _lines_from_the_end(file):
+        if line is None or not line.endswith(b"\n"):  # too long to be a record, or cut short
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):  # damaged
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            return start + len(line)
+    return 0
+
+
+def _lines_from_the_end(file: BinaryIO) -> Iterator[tuple[int, bytes | None]]:
+    """`file`'s lines, the last first, each as (its offset, its bytes with the newline); None in place of
+    the bytes of a line longer than `LONGEST_LOG_LINE`, which is never held whole."""
+    position = file.seek(0, os.SEEK_END)
+    data = b""  # the file's bytes from `position` to the end of the next line to yield
+
+    def read_before() -> bytes:
+        nonlocal position
+        size = min(LOG_CHUNK, position)
+        position -= size
+        file.seek(position)
+        return file.read(size)
+
+    while data or position > 0:
+        # The line's start: after the last newline before its own (its last byte).
+        newline = data.rfind(b"\n", 0, len(data) - 1)
+        while newline < 0 and position > 0 and len(data) <= LONGEST_LOG_LINE:
+            data = read_before() + data
+            newline = data.rfind(b"\n", 0, len(data) - 1)
+        if newline < 0 and position > 0:  # too long: its start is looked for without keeping it
+            while newline < 0 and position > 0:
+                data = read_before()
+                newline = data.rfind(b"\n")
+            yield position + newline + 1, None
+        else:
+            yield position + newline + 1, data[newline + 1 :]
+        data = data[: newline + 1]
 
 
 def checkpoint_to_resume(output_dir: Path, resume: str | None) -> Resume:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from squeeze_cli import outputs
+from squeeze_cli import outputs, processes
 from squeeze_cli.errors import EXIT_SIGINT, ManifestError, SqueezeError
 from squeeze_cli.images import load_rgb
 from squeeze_cli.train.checkpoints import (
@@ -39,6 +39,7 @@ from squeeze_cli.train.checkpoints import (
     load_checkpoint,
     resume_hint,
     save_checkpoint,
+    trim_log,
 )
 from squeeze_cli.train.config import LoadedConfig, StageSpec
 from squeeze_cli.train.data import BatchSchedule, TrainData, fit_to_bucket
@@ -123,6 +124,7 @@ class Trainer:
 
         training = self.config.training
         self.accelerator = Accelerator(
+            cpu=processes.accelerate_cpu(),
             mixed_precision=training.mixed_precision,
             gradient_accumulation_steps=training.gradient_accumulation_steps,
             # Some parameters can sit out a step: a group the stage freezes, or the image LAP when every
@@ -398,22 +400,8 @@ class Trainer:
 
     def _trim_log(self) -> None:
         """At the start, drop log lines past the step the run starts from: those steps are run again."""
-        path = self.output_dir / LOG_FILE
-        if not path.is_file() or not self.accelerator.is_main_process:
-            return
-        kept = []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):  # a line cut short by a crash or a full disk
-                continue
-            if (
-                isinstance(record, dict)
-                and isinstance(record.get("step"), int)
-                and record["step"] <= self.state.step
-            ):
-                kept.append(line)
-        outputs.atomic_write_text(path, "".join(line + "\n" for line in kept))
+        if self.accelerator.is_main_process:
+            trim_log(self.output_dir, self.state.step)
 
     def summary(self) -> dict[str, Any]:
         """What trains in each stage (recorded as training.json)."""
@@ -465,18 +453,24 @@ class Trainer:
         self._setup()
         self.check_fits()
         accelerator = self.accelerator
-        # One run per output folder (two would log every step twice and save over each other's checkpoints),
-        # and the folder looked at again under the lock: another run may have written it since.
-        if accelerator.is_main_process:
+
+        def lock() -> None:
+            if not accelerator.is_main_process:
+                return
             try:
                 self.lock.acquire()
             except outputs.OutputWriteError as error:  # nothing written yet: no run to resume
                 raise RunError(
                     error.message, "set `output_dir` to a folder this user can write, on a disk with space"
                 ) from None
-        accelerator.wait_for_everyone()
-        start = checkpoint_to_resume(self.output_dir, self.resume)
-        accelerator.wait_for_everyone()  # every process has looked: a record written earlier would refuse it
+
+        # One run per output folder (two would log every step twice and save over each other's checkpoints),
+        # and the folder looked at again under the lock: another run may have written it since. Every
+        # process has looked before the main one writes: a record written earlier would refuse it. A
+        # refusal on any process ends every process (`processes.together`): none waits at a barrier.
+        place = (accelerator.process_index, accelerator.num_processes)
+        processes.together(lock, *place)
+        start = processes.together(lambda: checkpoint_to_resume(self.output_dir, self.resume), *place)
         if accelerator.is_main_process:
             outputs.atomic_write_json(self.output_dir / RUN_RECORD, self.summary())  # first: the marker
             outputs.atomic_write_text(self.output_dir / "config.yaml", self.loaded.text)
