@@ -16,7 +16,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from support import write_in_place
 
-from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK
+from squeeze_cli.errors import EXIT_INVALID, EXIT_JOBS_FAILED, EXIT_OK
 from squeeze_cli.images import MAX_REFERENCE_PIXELS
 from squeeze_cli.manifest import reference_facts
 from squeeze_cli.manifest.reference_facts import REFERENCE_CACHE_NAME, ReferenceFacts, file_digest
@@ -192,6 +192,34 @@ def test_a_forged_entry_does_not_let_a_photo_too_large_to_decode_through(
     failed = [json.loads(line) for line in (project / "out" / "index.jsonl").read_text().splitlines()]
     assert [record["status"] for record in failed] == ["failed"]
     assert f"the image is too large: {size[0]}x{size[1]}, more than" in failed[0]["error"]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's, above 89 Mpx
+def test_eval_stops_on_a_trusted_photo_too_large_to_decode_and_verify_leaves_it_out(
+    project, squeeze, no_large_decode
+):
+    """A photo swapped for one of 90 Mpx with its entry forged to match (its hash kept, so the plan's job
+    ids hold): eval's first scoring decoded it, now refused from its header, which was a traceback. It is
+    one line pointing to --verify, which checks every photo again and leaves this one out."""
+    out = project / "out"
+    assert squeeze("gen", str(project / "m.yaml"), "--out", str(out), "--quiet").code == EXIT_OK
+    photo = project / "refs" / "a.png"
+    photo.write_bytes(large_png(9000, 10000))
+    info = photo.stat()
+    facts = json.loads((out / REFERENCE_CACHE_NAME).read_text())
+    digest = facts["references"][str(photo)][-1]
+    stamp = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev]
+    facts["references"][str(photo)] = [*stamp, digest]
+    (out / REFERENCE_CACHE_NAME).write_text(json.dumps(facts))
+
+    trusted = squeeze("eval", str(out), "--metrics", "tiny")
+    assert trusted.code == EXIT_INVALID and "Traceback" not in trusted.err, trusted.err
+    assert f"error: reference {photo} cannot be decoded (the image is too large: 9000x10000" in trusted.err
+    assert "squeeze eval --verify" in trusted.err
+    verified = squeeze("eval", str(out), "--metrics", "tiny", "--verify")
+    assert verified.code == EXIT_OK, verified.err
+    notes = json.loads((out / "metrics.json").read_text())["notes"]
+    assert any(note.startswith(f"reference {photo} cannot be read (the image is too large") for note in notes)
 
 
 def test_a_changed_photo_gives_new_job_ids_on_the_next_run(project, squeeze):

@@ -338,7 +338,7 @@ def _score_with(
             pil_images.append(load_rgb(run_dir / image.image))
             for ref in refs:
                 if ref not in reference_cache:
-                    reference_cache[ref] = encoder.embed_images([load_rgb(ref)])
+                    reference_cache[ref] = encoder.embed_images([_load_reference(ref)])
             ref_embeddings.append([reference_cache[ref] for ref in refs])
             texts.append(text)
         results = score_images(encoder, pil_images, ref_embeddings, texts)
@@ -347,6 +347,24 @@ def _score_with(
         bar.update(len(chunk))
     bar.close()
     return scores
+
+
+def _load_reference(path: str) -> Any:
+    """A reference photo whose check passed, decoded; one that does not decode was trusted by its stat
+    (`.squeeze-references.json`, a file of the run's) and is no longer what was checked."""
+    from PIL import Image
+
+    from squeeze_cli.images import load_rgb
+    from squeeze_cli.manifest.reference_facts import REFERENCE_CACHE_NAME
+
+    try:
+        return load_rgb(path)
+    except (OSError, Image.DecompressionBombError) as error:
+        raise UsageError(
+            f"reference {path} cannot be decoded ({error}), though its check was trusted from the run's "
+            f"{REFERENCE_CACHE_NAME}",
+            "run squeeze eval --verify, which checks every reference again and leaves out what fails",
+        ) from error
 
 
 def _roles(protocol: Protocol) -> list[str]:
