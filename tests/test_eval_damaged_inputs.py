@@ -209,6 +209,19 @@ def test_a_bad_file_in_a_references_folder_is_left_out_with_a_note(
     assert all(row["references"] == [str(folder / "00.jpg")] and row["dino"] is not None for row in dog)
 
 
+def test_hidden_files_in_a_references_folder_are_no_photos(squeeze, run: Path, tmp_path: Path):
+    """macOS's `._00.jpg` (AppleDouble metadata) beside `00.jpg` counted as a reference that cannot be
+    read."""
+    folder = tmp_path / "dataset" / "dog"
+    folder.mkdir(parents=True)
+    shutil.copy(EXAMPLE_IMAGES / "dog" / "00.jpg", folder / "00.jpg")
+    (folder / "._00.jpg").write_bytes(b"\0\5\26\7" + bytes(100))
+    eval_run(squeeze, str(run), "--references", str(tmp_path / "dataset"))
+    assert not [note for note in summary_of(run)["notes"] if "._00.jpg" in note]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["references"] == [str(folder / "00.jpg")] for row in rows if row["subject"] == "dog")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Sidecar fields of the wrong type
 # ---------------------------------------------------------------------------------------------------

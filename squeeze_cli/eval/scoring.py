@@ -77,7 +77,12 @@ def reference_paths(image: RunImage, protocol: Protocol) -> list[str]:
     folder = Path(protocol.references) / image.subject
     if not folder.is_dir():
         return []
-    return [str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES]
+    # Not hidden names: macOS's `._00.jpg` beside `00.jpg` is no photo (as `squeeze dreambench` reads).
+    return [
+        str(p)
+        for p in sorted(folder.iterdir())
+        if p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".")
+    ]
 
 
 def _cache_key(spec: EncoderSpec, image_hash: str, reference_hashes: Sequence[str], text: str | None) -> str:
