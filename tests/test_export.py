@@ -237,6 +237,11 @@ def test_a_part_renamed_before_the_state_was_saved_is_written_again(squeeze, run
         (["--format", "csv"], "--format csv: expected one of"),
         (["--split", "holdout=0.1"], "unknown split 'holdout'"),
         (["--split", "val=2"], "0 < FRACTION < 1"),
+        (["--split", "val=0.9"], "the splits take val 3 of the run's 3 subjects, leaving none for train"),
+        (["--split", "val=0.1", "--split", "test=0.5"], "take val 1, test 2 of the run's 3 subjects"),
+        (["--split", "val=0.1", "--split", "validation=0.1"], "`val` and `validation` are one split"),
+        (["--where", "not " * 1000 + "dino > 1"], "nested more than 100 deep"),
+        (["--where", "dino > " + "-" * 150 + "1"], "nested more than 100 deep"),
         (["--subjects", "zebra*"], "no subject of the run matches"),
         (["--format", "webdataset", "--with-references"], "--with-references"),
     ],
@@ -533,6 +538,69 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_export(squeeze, run, tmp
     result = export(squeeze, run, folder, "--format", "parquet", expect=1)
     assert "No space left on device" in one_error_line(result.err)
     assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+
+
+@pytest.mark.parametrize("export_format", ["imagefolder", "parquet"])
+def test_a_first_export_killed_after_renaming_a_part_is_finished_by_the_next(
+    squeeze, made_run, tmp_path, monkeypatch, export_format
+):
+    """The first export saved its state only after its parts: killed after a part's rename, it left a
+    folder of parts and no state, which every later export refused as "other files"."""
+    from squeeze_cli.export.folder import export_run
+
+    rename = os.rename
+
+    def killed_after_rename(source, target):
+        rename(source, target)
+        raise KeyboardInterrupt  # as a kill -9 right after the rename
+
+    folder = tmp_path / "export"
+    monkeypatch.setattr(os, "rename", killed_after_rename)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(made_run, folder, export_format=export_format, splits=["val=0.3"])
+    monkeypatch.undo()
+    assert list(folder.glob("*/part-*") if export_format == "imagefolder" else folder.glob("data/*"))
+    result = export(squeeze, made_run, folder, "--format", export_format, "--split", "val=0.3")
+    assert f"exported {NUM_IMAGES} new images" in result.out
+    dataset = load(export_format, folder, tmp_path / "cache")
+    job_ids = [job_id for split in dataset.values() for job_id in split["job_id"]]
+    assert sorted(job_ids) == sorted(prompts_of(made_run))  # each image once
+
+
+def test_a_card_the_kill_left_behind_is_written_again(squeeze, run, tmp_path, made_run, monkeypatch):
+    """Killed after saving its state and before its card, an export left the previous card; a rerun with
+    nothing new wrote nothing, so the card went on counting the images of the export before."""
+    from squeeze_cli import outputs
+    from squeeze_cli.export.folder import export_run
+
+    folder = tmp_path / "export"
+    export(squeeze, run, folder)
+    grow(squeeze, run, made_run, tmp_path)
+    write_text = outputs.atomic_write_text
+
+    def killed_at_the_card(path, text):
+        if Path(path).name == "README.md":
+            raise KeyboardInterrupt
+        write_text(path, text)
+
+    monkeypatch.setattr(outputs, "atomic_write_text", killed_at_the_card)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(run, folder, export_format="imagefolder")
+    monkeypatch.undo()
+    assert f"{NUM_IMAGES} images of 3 subjects" in (folder / "README.md").read_text()
+    assert "exported 0 new images" in export(squeeze, run, folder).out
+    card = (folder / "README.md").read_text()
+    assert f"{NUM_IMAGES + 4} images of 3 subjects" in card and f"train: {NUM_IMAGES + 4}" in card
+    stamp = (folder / "README.md").stat().st_mtime_ns
+    export(squeeze, run, folder)
+    assert (folder / "README.md").stat().st_mtime_ns == stamp  # nothing new, the card right: not written
+
+
+def test_a_metrics_line_that_is_not_utf8_is_one_line(squeeze, run, tmp_path):
+    with open(run / "metrics.jsonl", "ab") as metrics:
+        metrics.write(b'{"job_id": "\xff"}\n')
+    result = export(squeeze, run, tmp_path / "export", expect=2)
+    assert f"metrics.jsonl:{NUM_IMAGES + 1}: not a JSON line" in one_error_line(result.err)
 
 
 def test_one_export_into_a_folder_at_a_time(squeeze, made_run, tmp_path):

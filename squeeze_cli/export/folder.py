@@ -27,17 +27,13 @@ from squeeze_cli import __version__, outputs
 from squeeze_cli.errors import UsageError
 from squeeze_cli.export.card import dataset_card
 from squeeze_cli.export.formats import FORMATS, PartWriter, open_part, part_name
-from squeeze_cli.export.rows import (
-    ExportImage,
-    RunImages,
-    assign_splits,
-    parse_splits,
-    read_run_images,
-)
+from squeeze_cli.export.rows import ExportImage, RunImages, assign_splits, parse_splits, read_run_images
 from squeeze_cli.export.where import Predicate, parse_where
-from squeeze_cli.reading import file_kind
+from squeeze_cli.reading import MANIFEST_MAX_BYTES, file_kind, read_regular_file
 
 STATE_FORMAT = 1
+CARD_NAME = "README.md"
+CARD_MAX_BYTES = 2 * MANIFEST_MAX_BYTES  # the run's resolved manifest and a page about it
 # The names of the parts a format writes (relative to the export folder): what a rerun may remove when the
 # state does not list it (a part renamed into place just before a kill).
 _PARTS = {
@@ -90,6 +86,7 @@ def export_run(
             f"--subjects {subjects}: no subject of the run matches",
             f"its subjects: {', '.join(subject_names)}",
         )
+    assignment = assign_splits(subject_names, fractions, seed)  # refuses splits that leave train no subject
     folder = outputs.real_folder(folder, "point it at a folder, or give another folder")  # -o may be a link
     run_folder = images.out  # real, as `folder` is: a link to the run is caught too
     if folder == run_folder or run_folder in folder.parents:
@@ -106,7 +103,7 @@ def export_run(
     }
     try:
         with _export_lock(folder):
-            return _export(images, folder, selection, subject_names, chosen, keep)
+            return _export(images, folder, selection, assignment, chosen, keep)
     except OSError as error:  # disk full, permission denied: what was exported before stays whole
         path = Path(error.filename) if error.filename else folder
         raise outputs.OutputWriteError.from_os_error(path, error) from error
@@ -166,11 +163,12 @@ def _export(
     images: RunImages,
     folder: Path,
     selection: dict[str, Any],
-    subject_names: Sequence[str],
+    assignment: Mapping[str, str],
     chosen: Sequence[str],
     keep: Predicate | None,
 ) -> ExportResult:
-    """The export of the selected images into the locked `folder`."""
+    """The export of the selected images into the locked `folder`, the run's subjects split as in
+    `assignment` (a subject exported before keeps its split)."""
     state = _open_folder(folder, selection)
     exported = set(state["job_ids"])
     planned = {job.job_id for job in images.plan.jobs}
@@ -179,13 +177,25 @@ def _export(
             f"-o {folder}: {len(exported - planned)} of its images have left the run's plan (stale)",
             "export into a new folder: rows already exported are never rewritten",
         )
-    assignment = assign_splits(subject_names, selection["split"], selection["seed"]) | state["subject_splits"]
+    assignment = {**assignment, **state["subject_splits"]}
     rows = (image for image in images.images(set(chosen), skip=exported) if keep is None or keep(image.row))
     added = _add_parts(folder, state, rows, assignment, images.metric_names)
-    if added or not (folder / "README.md").exists():
+    if added:
         outputs.atomic_write_json(folder / outputs.EXPORT_STATE_NAME, state)
-        outputs.atomic_write_text(folder / "README.md", dataset_card(images, state, version=__version__))
+    # Written whenever it is not the card of the state: an export killed (or out of space) after saving
+    # its state and before its card leaves the old card, which a rerun with nothing new must still replace.
+    card = dataset_card(images, state, version=__version__)
+    if _read_card(folder) != card:
+        outputs.atomic_write_text(folder / CARD_NAME, card)
     return ExportResult(folder, added, len(state["job_ids"]), dict(state["rows"]), tuple(images.left_out))
+
+
+def _read_card(folder: Path) -> str | None:
+    """The text of the dataset card in `folder`, or None when there is none to read (never through a link)."""
+    try:
+        return read_regular_file(folder / CARD_NAME, CARD_MAX_BYTES, follow_symlinks=False).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _add_parts(
@@ -239,7 +249,7 @@ def _open_folder(folder: Path, selection: dict[str, Any]) -> dict[str, Any]:
     state_path = folder / outputs.EXPORT_STATE_NAME
     if not state_path.is_file():
         shutil.rmtree(folder / outputs.EXPORT_STAGING_NAME, ignore_errors=True)
-        return {
+        new: dict[str, Any] = {
             "format": STATE_FORMAT,
             "selection": selection,
             "next_part": 0,
@@ -248,6 +258,10 @@ def _open_folder(folder: Path, selection: dict[str, Any]) -> dict[str, Any]:
             "subject_splits": {},
             "job_ids": [],
         }
+        # Saved before the first part: a first export killed after renaming a part into place leaves a
+        # folder the next export knows as its own (and removes the part from), not "other files".
+        outputs.atomic_write_json(state_path, new)
+        return new
     try:
         state = outputs.read_export_state(folder)
     except (OSError, ValueError):

@@ -57,7 +57,26 @@ def parse_where(text: str, fields: Mapping[str, str], absent: Mapping[str, str] 
             f"--where {text!r}: column {column}: not an expression ({error.msg})",
             "e.g. --where 'dino >= 0.6 and clip_t >= 0.28'",
         ) from None
+    except RecursionError:  # `not not ... ` thousands deep: too deep for the parser itself
+        tree = None
+    if tree is None or _depth(tree) > MAX_DEPTH:
+        # The predicate recurses as deep as the tree, on every row: bounded here, not by a RecursionError.
+        raise WhereError(f"--where {text!r}: nested more than {MAX_DEPTH} deep", "write it flatter")
     return _Compiler(text, fields, absent or {}).predicate(tree.body)
+
+
+MAX_DEPTH = 100  # of nested operators and parentheses: far beyond any filter a person writes
+
+
+def _depth(tree: ast.AST) -> int:
+    """How deep `tree` nests (walked without recursion)."""
+    deepest = 0
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 # Fields named by a Python keyword, and the name (as long, so columns stay right) the parser is given.
