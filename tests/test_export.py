@@ -596,6 +596,19 @@ def test_a_card_the_kill_left_behind_is_written_again(squeeze, run, tmp_path, ma
     assert (folder / "README.md").stat().st_mtime_ns == stamp  # nothing new, the card right: not written
 
 
+def test_the_temporary_files_of_a_killed_export_are_removed(squeeze, made_run, tmp_path):
+    """A kill in the middle of writing the state or the card leaves `.<name>.<pid>.tmp`: beside the first
+    state, the folder was refused as "other files"; beside an export, it stayed (and went to the Hub)."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    dead = 99_999_999  # above any pid_max: no such process
+    (folder / f"..squeeze-export.json.{dead}.tmp").write_text('{"format": 1, "sel')
+    export(squeeze, made_run, folder)
+    (folder / f".README.md.{dead}.tmp").write_text("---\nlicen")
+    export(squeeze, made_run, folder)
+    assert not list(folder.glob("*.tmp"))
+
+
 def test_a_metrics_line_that_is_not_utf8_is_one_line(squeeze, run, tmp_path):
     with open(run / "metrics.jsonl", "ab") as metrics:
         metrics.write(b'{"job_id": "\xff"}\n')

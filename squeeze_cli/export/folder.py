@@ -34,6 +34,8 @@ from squeeze_cli.reading import MANIFEST_MAX_BYTES, file_kind, read_regular_file
 STATE_FORMAT = 1
 CARD_NAME = "README.md"
 CARD_MAX_BYTES = 2 * MANIFEST_MAX_BYTES  # the run's resolved manifest and a page about it
+# The files export writes atomically (through a temporary file beside them).
+_WRITTEN_WHOLE = (outputs.EXPORT_STATE_NAME, CARD_NAME)
 # The names of the parts a format writes (relative to the export folder): what a rerun may remove when the
 # state does not list it (a part renamed into place just before a kill).
 _PARTS = {
@@ -130,16 +132,23 @@ def _check_own_names(folder: Path) -> None:
             raise UsageError(f"{folder / name}: is {file_kind(mode)}, not {expected}", hint)
 
 
+def _is_ours(name: str) -> bool:
+    """Whether `name` in an export folder is one export writes: its state, lock, staging folder, or a
+    temporary file of its state or card (`.<name>.<pid>.tmp`, what a kill in the middle of a write leaves)."""
+    ours = (outputs.EXPORT_STATE_NAME, outputs.EXPORT_LOCK_NAME, outputs.EXPORT_STAGING_NAME)
+    temporary = re.fullmatch(r"\.(.+)\.\d+\.tmp", name)
+    return name in ours or (temporary is not None and temporary[1] in _WRITTEN_WHOLE)
+
+
 @contextlib.contextmanager
 def _export_lock(folder: Path) -> Iterator[None]:
     """One export into `folder` at a time: a `filelock` lock, which the OS releases when its process dies.
     A folder that is neither new, empty nor an export is refused first: nothing is written into it."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"-o {folder}: not a folder", "give a new or empty folder")
-    ours = {outputs.EXPORT_STATE_NAME, outputs.EXPORT_LOCK_NAME, outputs.EXPORT_STAGING_NAME}
     if folder.is_dir():
         _check_own_names(folder)
-    if folder.is_dir() and any(path.name not in ours for path in folder.iterdir()):
+    if folder.is_dir() and not all(_is_ours(path.name) for path in folder.iterdir()):
         if not (folder / outputs.EXPORT_STATE_NAME).is_file():
             raise UsageError(
                 f"-o {folder}: the folder holds other files and no squeeze export",
@@ -169,6 +178,7 @@ def _export(
 ) -> ExportResult:
     """The export of the selected images into the locked `folder`, the run's subjects split as in
     `assignment` (a subject exported before keeps its split)."""
+    outputs.remove_stale_temp_files(folder, only=_WRITTEN_WHOLE)  # of an export killed while writing them
     state = _open_folder(folder, selection)
     exported = set(state["job_ids"])
     planned = {job.job_id for job in images.plan.jobs}
