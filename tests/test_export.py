@@ -145,6 +145,16 @@ def test_where_subjects_and_split(squeeze, run, tmp_path):
     assert not splits[0]["train"] & splits[0]["validation"]
     assert len(splits[0]["validation"]) == 1
 
+    # The subjects --subjects keeps are split (they were split among all the run's, so that one seed put
+    # every dog into validation and another none).
+    for seed in range(4):
+        folder = tmp_path / f"dogs-and-cats{seed}"
+        export(squeeze, run, folder, "--subjects", "[dc]*", "--split", "val=0.3", "--seed", str(seed))
+        dataset = load("imagefolder", folder, tmp_path / "cache")
+        assert [len({row["subject"] for row in dataset[name]}) for name in ("train", "validation")] == [1, 1]
+    result = export(squeeze, run, tmp_path / "dogs", "--subjects", "dog", "--split", "val=0.3", expect=2)
+    assert "the splits take val 1 of the 1 subject exported, leaving none for train" in result.err
+
 
 def test_dataset_card_has_the_hub_header(squeeze, run, tmp_path):
     import yaml
@@ -237,8 +247,8 @@ def test_a_part_renamed_before_the_state_was_saved_is_written_again(squeeze, run
         (["--format", "csv"], "--format csv: expected one of"),
         (["--split", "holdout=0.1"], "unknown split 'holdout'"),
         (["--split", "val=2"], "0 < FRACTION < 1"),
-        (["--split", "val=0.9"], "the splits take val 3 of the run's 3 subjects, leaving none for train"),
-        (["--split", "val=0.1", "--split", "test=0.5"], "take val 1, test 2 of the run's 3 subjects"),
+        (["--split", "val=0.9"], "the splits take val 3 of the 3 subjects exported, leaving none for train"),
+        (["--split", "val=0.1", "--split", "test=0.5"], "take val 1, test 2 of the 3 subjects exported"),
         (["--split", "val=0.1", "--split", "validation=0.1"], "`val` and `validation` are one split"),
         (["--where", "not " * 1000 + "dino > 1"], "nested more than 100 deep"),
         (["--where", "dino > " + "-" * 150 + "1"], "nested more than 100 deep"),

@@ -88,7 +88,8 @@ def export_run(
             f"--subjects {subjects}: no subject of the run matches",
             f"its subjects: {', '.join(subject_names)}",
         )
-    assignment = assign_splits(subject_names, fractions, seed)  # refuses splits that leave train no subject
+    # The subjects `--subjects` keeps are split, not the run's: else a split could take all of them, or none.
+    assignment = assign_splits(chosen, fractions, seed)  # refuses splits that leave train no subject
     folder = outputs.real_folder(folder, "point it at a folder, or give another folder")  # -o may be a link
     run_folder = images.out  # real, as `folder` is: a link to the run is caught too
     if folder == run_folder or run_folder in folder.parents:

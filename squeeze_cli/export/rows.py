@@ -214,9 +214,9 @@ def assign_splits(subjects: Sequence[str], splits: Mapping[str, float], seed: in
     counts = {name: max(1, round(fraction * len(subjects))) for name, fraction in splits.items()}
     if splits and sum(counts.values()) >= len(subjects):
         taken = ", ".join(f"{name} {count}" for name, count in counts.items())
-        of_run = counted(len(subjects), "subject")
         raise UsageError(
-            f"--split: the splits take {taken} of the run's {of_run}, leaving none for train",
+            f"--split: the splits take {taken} of the {counted(len(subjects), 'subject')} exported, "
+            "leaving none for train",
             "lower the fractions: each split takes round(FRACTION x subjects) whole subjects, at least one",
         )
     order = sorted(subjects)
