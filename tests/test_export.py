@@ -279,7 +279,14 @@ def test_other_folders_are_refused(squeeze, made_run, tmp_path):
     assert "not a squeeze run folder" in export(squeeze, taken, tmp_path / "e", expect=2).err
     folder = tmp_path / "export"
     export(squeeze, made_run, folder)
-    assert "another where" in export(squeeze, made_run, folder, "--where", "seed == 0", expect=2).err
+    assert "another --where" in export(squeeze, made_run, folder, "--where", "seed == 0", expect=2).err
+    run = tmp_path / "run"
+    shutil.copytree(made_run, run)
+    (run / "metrics.jsonl").unlink()
+    export(squeeze, run, tmp_path / "unscored")
+    shutil.copyfile(made_run / "metrics.jsonl", run / "metrics.jsonl")  # `squeeze eval` since
+    error = one_error_line(export(squeeze, run, tmp_path / "unscored", expect=2).err)
+    assert "another set of eval scores (hint: `squeeze eval` scored the run since" in error
 
 
 def test_grids_and_contact_sheets_are_never_exported(squeeze, run, tmp_path):
@@ -555,7 +562,8 @@ def test_a_first_export_killed_after_renaming_a_part_is_finished_by_the_next(
     squeeze, made_run, tmp_path, monkeypatch, export_format
 ):
     """The first export saved its state only after its parts: killed after a part's rename, it left a
-    folder of parts and no state, which every later export refused as "other files"."""
+    folder of parts and no state, which every later export refused as "other files". An export that holds
+    no part yet takes other options (the user stopped it to change them)."""
     from squeeze_cli.export.folder import export_run
 
     rename = os.rename
@@ -567,7 +575,7 @@ def test_a_first_export_killed_after_renaming_a_part_is_finished_by_the_next(
     folder = tmp_path / "export"
     monkeypatch.setattr(os, "rename", killed_after_rename)
     with pytest.raises(KeyboardInterrupt):
-        export_run(made_run, folder, export_format=export_format, splits=["val=0.3"])
+        export_run(made_run, folder, export_format=export_format, where="seed >= 0")
     monkeypatch.undo()
     assert list(folder.glob("*/part-*") if export_format == "imagefolder" else folder.glob("data/*"))
     result = export(squeeze, made_run, folder, "--format", export_format, "--split", "val=0.3")

@@ -36,6 +36,17 @@ CARD_NAME = "README.md"
 CARD_MAX_BYTES = 2 * MANIFEST_MAX_BYTES  # the run's resolved manifest and a page about it
 # The files export writes atomically (through a temporary file beside them).
 _WRITTEN_WHOLE = (outputs.EXPORT_STATE_NAME, CARD_NAME)
+# How an error names each option of the selection.
+_OPTION_NAMES = {
+    "run": "run",
+    "format": "--format",
+    "where": "--where",
+    "subjects": "--subjects",
+    "split": "--split",
+    "seed": "--seed",
+    "with_references": "--with-references",
+    "metrics": "set of eval scores",
+}
 # The names of the parts a format writes (relative to the export folder): what a rerun may remove when the
 # state does not list it (a part renamed into place just before a kill).
 _PARTS = {
@@ -251,44 +262,52 @@ def _add_parts(
 
 
 def _open_folder(folder: Path, selection: dict[str, Any]) -> dict[str, Any]:
-    """The export state of the locked `folder`: a new one for a new folder; the saved one when it holds an
-    export of the same run and selection. What a killed export left is removed.
+    """The export state of the locked `folder`: the saved one when it holds an export of the same run and
+    selection; a new one, saved at once, for a new folder or one that holds no part yet. What a killed
+    export left is removed.
 
     Raises:
         `UsageError`: `folder` holds an export made another way, or a damaged state.
     """
     state_path = folder / outputs.EXPORT_STATE_NAME
-    if not state_path.is_file():
+    if state_path.is_file():
+        try:
+            state = outputs.read_export_state(folder)
+        except (OSError, ValueError):
+            raise UsageError(
+                f"{state_path}: damaged", "export into a new folder (or delete this one and export again)"
+            ) from None
+        saved = state["selection"]
+        if saved != selection and state["parts"]:
+            changed = [key for key in selection if saved.get(key) != selection[key]]
+            raise UsageError(
+                f"-o {folder}: holds an export made with another "
+                + ", ".join(_OPTION_NAMES[key] for key in changed),
+                "`squeeze eval` scored the run since: export into a new folder to have its scores as columns"
+                if "metrics" in changed
+                else "rerun with the same options to add new images, or export into a new folder",
+            )
         shutil.rmtree(folder / outputs.EXPORT_STAGING_NAME, ignore_errors=True)
-        new: dict[str, Any] = {
-            "format": STATE_FORMAT,
-            "selection": selection,
-            "next_part": 0,
-            "parts": [],
-            "rows": {},
-            "subject_splits": {},
-            "job_ids": [],
-        }
-        # Saved before the first part: a first export killed after renaming a part into place leaves a
-        # folder the next export knows as its own (and removes the part from), not "other files".
-        outputs.atomic_write_json(state_path, new)
-        return new
-    try:
-        state = outputs.read_export_state(folder)
-    except (OSError, ValueError):
-        raise UsageError(
-            f"{state_path}: damaged", "export into a new folder (or delete this one and export again)"
-        ) from None
-    saved = state["selection"]
-    if saved != selection:
-        changed = ", ".join(key for key in selection if saved.get(key) != selection[key])
-        raise UsageError(
-            f"-o {folder}: holds an export made with another {changed}",
-            "rerun with the same options to add new images, or export into a new folder",
-        )
-    shutil.rmtree(folder / outputs.EXPORT_STAGING_NAME, ignore_errors=True)
-    _remove_unlisted_parts(folder, selection["format"], set(state["parts"]))
-    return state
+        _remove_unlisted_parts(folder, saved["format"], set(state["parts"]))
+        if saved == selection:
+            return state
+        # No part yet (a first export stopped before its first, or a selection that kept no image): nothing
+        # is exported to keep, so the new options hold.
+    else:
+        shutil.rmtree(folder / outputs.EXPORT_STAGING_NAME, ignore_errors=True)
+    new: dict[str, Any] = {
+        "format": STATE_FORMAT,
+        "selection": selection,
+        "next_part": 0,
+        "parts": [],
+        "rows": {},
+        "subject_splits": {},
+        "job_ids": [],
+    }
+    # Saved before the first part: a first export killed after renaming a part into place leaves a folder
+    # the next export knows as its own (and removes the part from), not "other files".
+    outputs.atomic_write_json(state_path, new)
+    return new
 
 
 def _remove_unlisted_parts(folder: Path, export_format: str, listed: set[str]) -> None:
