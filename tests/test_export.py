@@ -169,6 +169,17 @@ def test_dataset_card_has_the_hub_header(squeeze, run, tmp_path):
     assert "squeeze " in text and "reference_size: 32" in text  # the version, the resolved manifest
 
 
+def test_the_card_fences_a_manifest_that_holds_backticks(squeeze, run, tmp_path):
+    """A prompt may hold ```: the card's fence around the manifest ended there, the rest read as Markdown."""
+    with open(run / "manifest.resolved.yaml", "a") as manifest:
+        manifest.write("# a prompt may hold ``` or ````\n")
+    folder = tmp_path / "export"
+    export(squeeze, run, folder)
+    card = (folder / "README.md").read_text()
+    fenced = card.split("`````yaml\n")[1].split("\n`````\n")[0]
+    assert fenced == (run / "manifest.resolved.yaml").read_text().rstrip()
+
+
 def grow(squeeze, run: Path, made_run: Path, tmp_path: Path) -> None:
     """Add a third seed to every prompt of `run`: 4 new images."""
     grown = (made_run.parent / "m.yaml").read_text().replace("seeds: [0, 1]", "seeds: [0, 1, 2]")
@@ -481,6 +492,7 @@ def test_where_language():
     assert kept("subject == 'cat' or seed >= 2") == [1, 2]
     assert kept("seed > -1 and (dino >= 0.6 or dino == null)") == [0, 2]
     assert kept("class == 'cat' or subject == 'class'") == [1]  # `class`, a Python keyword, is a field
+    assert kept("(seed == 2 or\n class == 'cat')") == [1, 2]  # on any line
     for bad in ("dino >= 0.6 and", "dino", "dino > 1j", "dino in (1, 2)", "dino > seed + 1", "subject < 1"):
         with pytest.raises(WhereError, match="--where"):
             parse_where(bad, fields)

@@ -91,9 +91,12 @@ def _spell_keywords(text: str) -> str:
     except (tokenize.TokenError, SyntaxError):
         return text  # `ast.parse` says what is wrong
     spelled = list(text)
+    line_starts = [0]  # where each line starts in `text` (an expression may span lines in parentheses)
+    for line in text.splitlines(keepends=True):
+        line_starts.append(line_starts[-1] + len(line))
     for token in tokens:
-        if token.type == tokenize.NAME and token.string in _KEYWORD_FIELDS and token.start[0] == 1:
-            start = token.start[1]
+        if token.type == tokenize.NAME and token.string in _KEYWORD_FIELDS:
+            start = line_starts[token.start[0] - 1] + token.start[1]
             spelled[start : start + len(token.string)] = _KEYWORD_FIELDS[token.string]
     return "".join(spelled)
 
