@@ -297,7 +297,7 @@ def test_other_folders_are_refused(squeeze, made_run, tmp_path):
     export(squeeze, run, tmp_path / "unscored")
     shutil.copyfile(made_run / "metrics.jsonl", run / "metrics.jsonl")  # `squeeze eval` since
     error = one_error_line(export(squeeze, run, tmp_path / "unscored", expect=2).err)
-    assert "another set of eval scores (hint: `squeeze eval` scored the run since" in error
+    assert "another set of eval scores (hint: the run's `squeeze eval` scores changed since" in error
 
 
 def test_grids_and_contact_sheets_are_never_exported(squeeze, run, tmp_path):

@@ -283,7 +283,7 @@ def _open_folder(folder: Path, selection: dict[str, Any]) -> dict[str, Any]:
             raise UsageError(
                 f"-o {folder}: holds an export made with another "
                 + ", ".join(_OPTION_NAMES[key] for key in changed),
-                "`squeeze eval` scored the run since: export into a new folder to have its scores as columns"
+                "the run's `squeeze eval` scores changed since: export into a new folder for their columns"
                 if "metrics" in changed
                 else "rerun with the same options to add new images, or export into a new folder",
             )
