@@ -463,11 +463,36 @@ def test_stale_images_are_never_exported(squeeze, run, tmp_path, made_run):
 def test_imagefolder_links_the_images(squeeze, made_run, tmp_path):
     folder = tmp_path / "export"
     export(squeeze, made_run, folder)
-    exported = sorted(folder.glob("train/part-00000/*/*.png"))
+    exported = {path.stat().st_ino for path in folder.glob("train/part-00000/*/*.png")}
     assert len(exported) == NUM_IMAGES
-    for path in exported:
-        source = made_run / path.parent.name / path.name
-        assert path.stat().st_ino == source.stat().st_ino  # one file, two names: no bytes copied
+    assert exported == {path.stat().st_ino for path in made_run.glob("*/*.png")}  # one file, two names
+
+
+def test_imagefolder_loads_whatever_the_subjects_and_photos_are_named(squeeze, tmp_path):
+    """`datasets` reads a split from any folder or file name in the path holding `test`, `dev`, `eval`,
+    `val`, ...: a subject (or a reference photo) so named made the imagefolder export fail to load."""
+    photos = tmp_path / "images"
+    photos.mkdir()
+    shutil.copyfile(EXAMPLE_IMAGES / "dog" / "00.jpg", photos / "test-front.jpg")
+    shutil.copyfile(EXAMPLE_IMAGES / "cat" / "00.jpg", photos / "eval.jpg")
+    manifest = (
+        MANIFEST.replace("name: dog", "name: dev-board")
+        .replace("name: cat", "name: cat-eval")
+        .replace("images/dog/*.jpg", "images/test-front.jpg")
+        .replace("images/cat/*.jpg", "images/eval.jpg")
+        .replace("images/backpack/00.jpg", "images/eval.jpg")
+    )
+    (tmp_path / "m.yaml").write_text(manifest)
+    run = tmp_path / "run"
+    assert squeeze("gen", str(tmp_path / "m.yaml"), "--out", str(run), "--quiet").code == 0
+    folder = tmp_path / "export"
+    export(squeeze, run, folder, "--with-references", "--split", "val=0.3")
+    dataset = load("imagefolder", folder, tmp_path / "cache")
+    assert sorted(dataset) == ["train", "validation"]
+    assert sum(split.num_rows for split in dataset.values()) == NUM_IMAGES
+    subjects = [{row["subject"] for row in split} for split in dataset.values()]
+    assert set.union(*subjects) == {"dev-board", "backpack", "cat-eval"} and not set.intersection(*subjects)
+    assert all(len(row["references"]) == 1 for split in dataset.values() for row in split)
 
 
 def test_where_language():
