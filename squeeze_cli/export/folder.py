@@ -27,7 +27,13 @@ from squeeze_cli import __version__, outputs
 from squeeze_cli.errors import UsageError
 from squeeze_cli.export.card import dataset_card
 from squeeze_cli.export.formats import FORMATS, PartWriter, open_part, part_name
-from squeeze_cli.export.rows import ExportImage, RunImages, assign_splits, parse_splits, read_run_images
+from squeeze_cli.export.rows import (
+    ExportImage,
+    RunImages,
+    assign_splits,
+    parse_splits,
+    read_run_images,
+)
 from squeeze_cli.export.where import Predicate, parse_where
 from squeeze_cli.reading import MANIFEST_MAX_BYTES, file_kind, read_regular_file
 
