@@ -145,6 +145,16 @@ def test_where_subjects_and_split(squeeze, run, tmp_path):
     assert not splits[0]["train"] & splits[0]["validation"]
     assert len(splits[0]["validation"]) == 1
 
+    # The subjects --subjects keeps are split (they were split among all the run's, so that one seed put
+    # every dog into validation and another none).
+    for seed in range(4):
+        folder = tmp_path / f"dogs-and-cats{seed}"
+        export(squeeze, run, folder, "--subjects", "[dc]*", "--split", "val=0.3", "--seed", str(seed))
+        dataset = load("imagefolder", folder, tmp_path / "cache")
+        assert [len({row["subject"] for row in dataset[name]}) for name in ("train", "validation")] == [1, 1]
+    result = export(squeeze, run, tmp_path / "dogs", "--subjects", "dog", "--split", "val=0.3", expect=2)
+    assert "the splits take val 1 of the 1 subject exported, leaving none for train" in result.err
+
 
 def test_dataset_card_has_the_hub_header(squeeze, run, tmp_path):
     import yaml
@@ -157,6 +167,17 @@ def test_dataset_card_has_the_hub_header(squeeze, run, tmp_path):
     assert "text-to-image" in header["task_categories"]
     assert header["license"] == "other"
     assert "squeeze " in text and "reference_size: 32" in text  # the version, the resolved manifest
+
+
+def test_the_card_fences_a_manifest_that_holds_backticks(squeeze, run, tmp_path):
+    """A prompt may hold ```: the card's fence around the manifest ended there, the rest read as Markdown."""
+    with open(run / "manifest.resolved.yaml", "a") as manifest:
+        manifest.write("# a prompt may hold ``` or ````\n")
+    folder = tmp_path / "export"
+    export(squeeze, run, folder)
+    card = (folder / "README.md").read_text()
+    fenced = card.split("`````yaml\n")[1].split("\n`````\n")[0]
+    assert fenced == (run / "manifest.resolved.yaml").read_text().rstrip()
 
 
 def grow(squeeze, run: Path, made_run: Path, tmp_path: Path) -> None:
@@ -237,6 +258,11 @@ def test_a_part_renamed_before_the_state_was_saved_is_written_again(squeeze, run
         (["--format", "csv"], "--format csv: expected one of"),
         (["--split", "holdout=0.1"], "unknown split 'holdout'"),
         (["--split", "val=2"], "0 < FRACTION < 1"),
+        (["--split", "val=0.9"], "the splits take val 3 of the 3 subjects exported, leaving none for train"),
+        (["--split", "val=0.1", "--split", "test=0.5"], "take val 1, test 2 of the 3 subjects exported"),
+        (["--split", "val=0.1", "--split", "validation=0.1"], "`val` and `validation` are one split"),
+        (["--where", "not " * 1000 + "dino > 1"], "nested more than 100 deep"),
+        (["--where", "dino > " + "-" * 150 + "1"], "nested more than 100 deep"),
         (["--subjects", "zebra*"], "no subject of the run matches"),
         (["--format", "webdataset", "--with-references"], "--with-references"),
     ],
@@ -264,7 +290,14 @@ def test_other_folders_are_refused(squeeze, made_run, tmp_path):
     assert "not a squeeze run folder" in export(squeeze, taken, tmp_path / "e", expect=2).err
     folder = tmp_path / "export"
     export(squeeze, made_run, folder)
-    assert "another where" in export(squeeze, made_run, folder, "--where", "seed == 0", expect=2).err
+    assert "another --where" in export(squeeze, made_run, folder, "--where", "seed == 0", expect=2).err
+    run = tmp_path / "run"
+    shutil.copytree(made_run, run)
+    (run / "metrics.jsonl").unlink()
+    export(squeeze, run, tmp_path / "unscored")
+    shutil.copyfile(made_run / "metrics.jsonl", run / "metrics.jsonl")  # `squeeze eval` since
+    error = one_error_line(export(squeeze, run, tmp_path / "unscored", expect=2).err)
+    assert "another set of eval scores (hint: the run's `squeeze eval` scores changed since" in error
 
 
 def test_grids_and_contact_sheets_are_never_exported(squeeze, run, tmp_path):
@@ -430,11 +463,36 @@ def test_stale_images_are_never_exported(squeeze, run, tmp_path, made_run):
 def test_imagefolder_links_the_images(squeeze, made_run, tmp_path):
     folder = tmp_path / "export"
     export(squeeze, made_run, folder)
-    exported = sorted(folder.glob("train/part-00000/*/*.png"))
+    exported = {path.stat().st_ino for path in folder.glob("train/part-00000/*/*.png")}
     assert len(exported) == NUM_IMAGES
-    for path in exported:
-        source = made_run / path.parent.name / path.name
-        assert path.stat().st_ino == source.stat().st_ino  # one file, two names: no bytes copied
+    assert exported == {path.stat().st_ino for path in made_run.glob("*/*.png")}  # one file, two names
+
+
+def test_imagefolder_loads_whatever_the_subjects_and_photos_are_named(squeeze, tmp_path):
+    """`datasets` reads a split from any folder or file name in the path holding `test`, `dev`, `eval`,
+    `val`, ...: a subject (or a reference photo) so named made the imagefolder export fail to load."""
+    photos = tmp_path / "images"
+    photos.mkdir()
+    shutil.copyfile(EXAMPLE_IMAGES / "dog" / "00.jpg", photos / "test-front.jpg")
+    shutil.copyfile(EXAMPLE_IMAGES / "cat" / "00.jpg", photos / "eval.jpg")
+    manifest = (
+        MANIFEST.replace("name: dog", "name: dev-board")
+        .replace("name: cat", "name: cat-eval")
+        .replace("images/dog/*.jpg", "images/test-front.jpg")
+        .replace("images/cat/*.jpg", "images/eval.jpg")
+        .replace("images/backpack/00.jpg", "images/eval.jpg")
+    )
+    (tmp_path / "m.yaml").write_text(manifest)
+    run = tmp_path / "run"
+    assert squeeze("gen", str(tmp_path / "m.yaml"), "--out", str(run), "--quiet").code == 0
+    folder = tmp_path / "export"
+    export(squeeze, run, folder, "--with-references", "--split", "val=0.3")
+    dataset = load("imagefolder", folder, tmp_path / "cache")
+    assert sorted(dataset) == ["train", "validation"]
+    assert sum(split.num_rows for split in dataset.values()) == NUM_IMAGES
+    subjects = [{row["subject"] for row in split} for split in dataset.values()]
+    assert set.union(*subjects) == {"dev-board", "backpack", "cat-eval"} and not set.intersection(*subjects)
+    assert all(len(row["references"]) == 1 for split in dataset.values() for row in split)
 
 
 def test_where_language():
@@ -459,6 +517,7 @@ def test_where_language():
     assert kept("subject == 'cat' or seed >= 2") == [1, 2]
     assert kept("seed > -1 and (dino >= 0.6 or dino == null)") == [0, 2]
     assert kept("class == 'cat' or subject == 'class'") == [1]  # `class`, a Python keyword, is a field
+    assert kept("(seed == 2 or\n class == 'cat')") == [1, 2]  # on any line
     for bad in ("dino >= 0.6 and", "dino", "dino > 1j", "dino in (1, 2)", "dino > seed + 1", "subject < 1"):
         with pytest.raises(WhereError, match="--where"):
             parse_where(bad, fields)
@@ -533,6 +592,83 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_export(squeeze, run, tmp
     result = export(squeeze, run, folder, "--format", "parquet", expect=1)
     assert "No space left on device" in one_error_line(result.err)
     assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+
+
+@pytest.mark.parametrize("export_format", ["imagefolder", "parquet"])
+def test_a_first_export_killed_after_renaming_a_part_is_finished_by_the_next(
+    squeeze, made_run, tmp_path, monkeypatch, export_format
+):
+    """The first export saved its state only after its parts: killed after a part's rename, it left a
+    folder of parts and no state, which every later export refused as "other files". An export that holds
+    no part yet takes other options (the user stopped it to change them)."""
+    from squeeze_cli.export.folder import export_run
+
+    rename = os.rename
+
+    def killed_after_rename(source, target):
+        rename(source, target)
+        raise KeyboardInterrupt  # as a kill -9 right after the rename
+
+    folder = tmp_path / "export"
+    monkeypatch.setattr(os, "rename", killed_after_rename)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(made_run, folder, export_format=export_format, where="seed >= 0")
+    monkeypatch.undo()
+    assert list(folder.glob("*/part-*") if export_format == "imagefolder" else folder.glob("data/*"))
+    result = export(squeeze, made_run, folder, "--format", export_format, "--split", "val=0.3")
+    assert f"exported {NUM_IMAGES} new images" in result.out
+    dataset = load(export_format, folder, tmp_path / "cache")
+    job_ids = [job_id for split in dataset.values() for job_id in split["job_id"]]
+    assert sorted(job_ids) == sorted(prompts_of(made_run))  # each image once
+
+
+def test_a_card_the_kill_left_behind_is_written_again(squeeze, run, tmp_path, made_run, monkeypatch):
+    """Killed after saving its state and before its card, an export left the previous card; a rerun with
+    nothing new wrote nothing, so the card went on counting the images of the export before."""
+    from squeeze_cli import outputs
+    from squeeze_cli.export.folder import export_run
+
+    folder = tmp_path / "export"
+    export(squeeze, run, folder)
+    grow(squeeze, run, made_run, tmp_path)
+    write_text = outputs.atomic_write_text
+
+    def killed_at_the_card(path, text):
+        if Path(path).name == "README.md":
+            raise KeyboardInterrupt
+        write_text(path, text)
+
+    monkeypatch.setattr(outputs, "atomic_write_text", killed_at_the_card)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(run, folder, export_format="imagefolder")
+    monkeypatch.undo()
+    assert f"{NUM_IMAGES} images of 3 subjects" in (folder / "README.md").read_text()
+    assert "exported 0 new images" in export(squeeze, run, folder).out
+    card = (folder / "README.md").read_text()
+    assert f"{NUM_IMAGES + 4} images of 3 subjects" in card and f"train: {NUM_IMAGES + 4}" in card
+    stamp = (folder / "README.md").stat().st_mtime_ns
+    export(squeeze, run, folder)
+    assert (folder / "README.md").stat().st_mtime_ns == stamp  # nothing new, the card right: not written
+
+
+def test_the_temporary_files_of_a_killed_export_are_removed(squeeze, made_run, tmp_path):
+    """A kill in the middle of writing the state or the card leaves `.<name>.<pid>.tmp`: beside the first
+    state, the folder was refused as "other files"; beside an export, it stayed (and went to the Hub)."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    dead = 99_999_999  # above any pid_max: no such process
+    (folder / f"..squeeze-export.json.{dead}.tmp").write_text('{"format": 1, "sel')
+    export(squeeze, made_run, folder)
+    (folder / f".README.md.{dead}.tmp").write_text("---\nlicen")
+    export(squeeze, made_run, folder)
+    assert not list(folder.glob("*.tmp"))
+
+
+def test_a_metrics_line_that_is_not_utf8_is_one_line(squeeze, run, tmp_path):
+    with open(run / "metrics.jsonl", "ab") as metrics:
+        metrics.write(b'{"job_id": "\xff"}\n')
+    result = export(squeeze, run, tmp_path / "export", expect=2)
+    assert f"metrics.jsonl:{NUM_IMAGES + 1}: not a JSON line" in one_error_line(result.err)
 
 
 def test_one_export_into_a_folder_at_a_time(squeeze, made_run, tmp_path):

@@ -3,6 +3,7 @@ were made (the run's resolved manifest, the squeeze version) and the selection t
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -76,6 +77,8 @@ def dataset_card(images: RunImages, state: dict[str, Any], *, version: str) -> s
         ]
     )
     manifest = images.plan.manifest.read_text(encoding="utf-8").rstrip()
+    # A fence longer than any run of backticks in the manifest (a prompt may hold ```): else it ends there.
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", manifest)), default=0))
     lines = [
         "---",
         yaml.safe_dump(header, sort_keys=False).rstrip(),
@@ -104,9 +107,9 @@ def dataset_card(images: RunImages, state: dict[str, Any], *, version: str) -> s
         "",
         "`squeeze gen` on the run's `manifest.resolved.yaml`, below, makes these images again:",
         "",
-        "```yaml",
+        f"{fence}yaml",
         manifest,
-        "```",
+        fence,
         "",
     ]
     return "\n".join(lines)

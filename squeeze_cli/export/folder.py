@@ -35,9 +35,24 @@ from squeeze_cli.export.rows import (
     read_run_images,
 )
 from squeeze_cli.export.where import Predicate, parse_where
-from squeeze_cli.reading import file_kind
+from squeeze_cli.reading import MANIFEST_MAX_BYTES, file_kind, read_regular_file
 
 STATE_FORMAT = 1
+CARD_NAME = "README.md"
+CARD_MAX_BYTES = 2 * MANIFEST_MAX_BYTES  # the run's resolved manifest and a page about it
+# The files export writes atomically (through a temporary file beside them).
+_WRITTEN_WHOLE = (outputs.EXPORT_STATE_NAME, CARD_NAME)
+# How an error names each option of the selection.
+_OPTION_NAMES = {
+    "run": "run",
+    "format": "--format",
+    "where": "--where",
+    "subjects": "--subjects",
+    "split": "--split",
+    "seed": "--seed",
+    "with_references": "--with-references",
+    "metrics": "set of eval scores",
+}
 # The names of the parts a format writes (relative to the export folder): what a rerun may remove when the
 # state does not list it (a part renamed into place just before a kill).
 _PARTS = {
@@ -90,6 +105,8 @@ def export_run(
             f"--subjects {subjects}: no subject of the run matches",
             f"its subjects: {', '.join(subject_names)}",
         )
+    # The subjects `--subjects` keeps are split, not the run's: else a split could take all of them, or none.
+    assignment = assign_splits(chosen, fractions, seed)  # refuses splits that leave train no subject
     folder = outputs.real_folder(folder, "point it at a folder, or give another folder")  # -o may be a link
     run_folder = images.out  # real, as `folder` is: a link to the run is caught too
     if folder == run_folder or run_folder in folder.parents:
@@ -106,7 +123,7 @@ def export_run(
     }
     try:
         with _export_lock(folder):
-            return _export(images, folder, selection, subject_names, chosen, keep)
+            return _export(images, folder, selection, assignment, chosen, keep)
     except OSError as error:  # disk full, permission denied: what was exported before stays whole
         path = Path(error.filename) if error.filename else folder
         raise outputs.OutputWriteError.from_os_error(path, error) from error
@@ -133,16 +150,23 @@ def _check_own_names(folder: Path) -> None:
             raise UsageError(f"{folder / name}: is {file_kind(mode)}, not {expected}", hint)
 
 
+def _is_ours(name: str) -> bool:
+    """Whether `name` in an export folder is one export writes: its state, lock, staging folder, or a
+    temporary file of its state or card (`.<name>.<pid>.tmp`, what a kill in the middle of a write leaves)."""
+    ours = (outputs.EXPORT_STATE_NAME, outputs.EXPORT_LOCK_NAME, outputs.EXPORT_STAGING_NAME)
+    temporary = re.fullmatch(r"\.(.+)\.\d+\.tmp", name)
+    return name in ours or (temporary is not None and temporary[1] in _WRITTEN_WHOLE)
+
+
 @contextlib.contextmanager
 def _export_lock(folder: Path) -> Iterator[None]:
     """One export into `folder` at a time: a `filelock` lock, which the OS releases when its process dies.
     A folder that is neither new, empty nor an export is refused first: nothing is written into it."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"-o {folder}: not a folder", "give a new or empty folder")
-    ours = {outputs.EXPORT_STATE_NAME, outputs.EXPORT_LOCK_NAME, outputs.EXPORT_STAGING_NAME}
     if folder.is_dir():
         _check_own_names(folder)
-    if folder.is_dir() and any(path.name not in ours for path in folder.iterdir()):
+    if folder.is_dir() and not all(_is_ours(path.name) for path in folder.iterdir()):
         if not (folder / outputs.EXPORT_STATE_NAME).is_file():
             raise UsageError(
                 f"-o {folder}: the folder holds other files and no squeeze export",
@@ -166,11 +190,13 @@ def _export(
     images: RunImages,
     folder: Path,
     selection: dict[str, Any],
-    subject_names: Sequence[str],
+    assignment: Mapping[str, str],
     chosen: Sequence[str],
     keep: Predicate | None,
 ) -> ExportResult:
-    """The export of the selected images into the locked `folder`."""
+    """The export of the selected images into the locked `folder`, the run's subjects split as in
+    `assignment` (a subject exported before keeps its split)."""
+    outputs.remove_stale_temp_files(folder, only=_WRITTEN_WHOLE)  # of an export killed while writing them
     state = _open_folder(folder, selection)
     exported = set(state["job_ids"])
     planned = {job.job_id for job in images.plan.jobs}
@@ -179,13 +205,25 @@ def _export(
             f"-o {folder}: {len(exported - planned)} of its images have left the run's plan (stale)",
             "export into a new folder: rows already exported are never rewritten",
         )
-    assignment = assign_splits(subject_names, selection["split"], selection["seed"]) | state["subject_splits"]
+    assignment = {**assignment, **state["subject_splits"]}
     rows = (image for image in images.images(set(chosen), skip=exported) if keep is None or keep(image.row))
     added = _add_parts(folder, state, rows, assignment, images.metric_names)
-    if added or not (folder / "README.md").exists():
+    if added:
         outputs.atomic_write_json(folder / outputs.EXPORT_STATE_NAME, state)
-        outputs.atomic_write_text(folder / "README.md", dataset_card(images, state, version=__version__))
+    # Written whenever it is not the card of the state: an export killed (or out of space) after saving
+    # its state and before its card leaves the old card, which a rerun with nothing new must still replace.
+    card = dataset_card(images, state, version=__version__)
+    if _read_card(folder) != card:
+        outputs.atomic_write_text(folder / CARD_NAME, card)
     return ExportResult(folder, added, len(state["job_ids"]), dict(state["rows"]), tuple(images.left_out))
+
+
+def _read_card(folder: Path) -> str | None:
+    """The text of the dataset card in `folder`, or None when there is none to read (never through a link)."""
+    try:
+        return read_regular_file(folder / CARD_NAME, CARD_MAX_BYTES, follow_symlinks=False).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _add_parts(
@@ -230,40 +268,52 @@ def _add_parts(
 
 
 def _open_folder(folder: Path, selection: dict[str, Any]) -> dict[str, Any]:
-    """The export state of the locked `folder`: a new one for a new folder; the saved one when it holds an
-    export of the same run and selection. What a killed export left is removed.
+    """The export state of the locked `folder`: the saved one when it holds an export of the same run and
+    selection; a new one, saved at once, for a new folder or one that holds no part yet. What a killed
+    export left is removed.
 
     Raises:
         `UsageError`: `folder` holds an export made another way, or a damaged state.
     """
     state_path = folder / outputs.EXPORT_STATE_NAME
-    if not state_path.is_file():
+    if state_path.is_file():
+        try:
+            state = outputs.read_export_state(folder)
+        except (OSError, ValueError):
+            raise UsageError(
+                f"{state_path}: damaged", "export into a new folder (or delete this one and export again)"
+            ) from None
+        saved = state["selection"]
+        if saved != selection and state["parts"]:
+            changed = [key for key in selection if saved.get(key) != selection[key]]
+            raise UsageError(
+                f"-o {folder}: holds an export made with another "
+                + ", ".join(_OPTION_NAMES[key] for key in changed),
+                "the run's `squeeze eval` scores changed since: export into a new folder for their columns"
+                if "metrics" in changed
+                else "rerun with the same options to add new images, or export into a new folder",
+            )
         shutil.rmtree(folder / outputs.EXPORT_STAGING_NAME, ignore_errors=True)
-        return {
-            "format": STATE_FORMAT,
-            "selection": selection,
-            "next_part": 0,
-            "parts": [],
-            "rows": {},
-            "subject_splits": {},
-            "job_ids": [],
-        }
-    try:
-        state = outputs.read_export_state(folder)
-    except (OSError, ValueError):
-        raise UsageError(
-            f"{state_path}: damaged", "export into a new folder (or delete this one and export again)"
-        ) from None
-    saved = state["selection"]
-    if saved != selection:
-        changed = ", ".join(key for key in selection if saved.get(key) != selection[key])
-        raise UsageError(
-            f"-o {folder}: holds an export made with another {changed}",
-            "rerun with the same options to add new images, or export into a new folder",
-        )
-    shutil.rmtree(folder / outputs.EXPORT_STAGING_NAME, ignore_errors=True)
-    _remove_unlisted_parts(folder, selection["format"], set(state["parts"]))
-    return state
+        _remove_unlisted_parts(folder, saved["format"], set(state["parts"]))
+        if saved == selection:
+            return state
+        # No part yet (a first export stopped before its first, or a selection that kept no image): nothing
+        # is exported to keep, so the new options hold.
+    else:
+        shutil.rmtree(folder / outputs.EXPORT_STAGING_NAME, ignore_errors=True)
+    new: dict[str, Any] = {
+        "format": STATE_FORMAT,
+        "selection": selection,
+        "next_part": 0,
+        "parts": [],
+        "rows": {},
+        "subject_splits": {},
+        "job_ids": [],
+    }
+    # Saved before the first part: a first export killed after renaming a part into place leaves a folder
+    # the next export knows as its own (and removes the part from), not "other files".
+    outputs.atomic_write_json(state_path, new)
+    return new
 
 
 def _remove_unlisted_parts(folder: Path, export_format: str, listed: set[str]) -> None:

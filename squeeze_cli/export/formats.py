@@ -1,6 +1,6 @@
 """The three export formats, each written as parts that `datasets` loads as they are:
 
-- `imagefolder`: `<split>/part-NNNNN/` holding the images (`<subject>/<stem>.png`, hard links where the file
+- `imagefolder`: `<split>/part-NNNNN/` holding the images (`<jj>/<job id>.png`, hard links where the file
   system allows) and `metadata.parquet` (one row per image, `file_name` naming it);
 - `parquet`: `data/<split>-NNNNN.parquet`, the images' bytes in an `Image` column;
 - `webdataset`: `<split>-NNNNN.tar`, per image `<job id>.png`, `.txt` (the prompt) and `.json` (the row).
@@ -12,6 +12,7 @@ sees half a part. Each writer streams: one image at a time (a parquet row group 
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -124,9 +125,16 @@ class _ParquetRows:
         _fsync(self.path)
 
 
+def _hex_name(key: str, suffix: str) -> str:
+    """`<jj>/<key><suffix>` of a hex `key`: names that hold none of the words `datasets` reads as a split
+    (`test`, `dev`, `eval`, `val`, ... anywhere in a path: a subject or photo so named split the rows, or
+    broke the load), 256 folders to a part (the Hub takes at most 10,000 files a folder)."""
+    return f"{key[:2]}/{key}{suffix}"
+
+
 class ImageFolderPart:
-    """`<part>/<subject>/<stem>.png` (linked) and `<part>/metadata.parquet`; with references, also
-    `<part>/references/<subject>/<n>-<name>`, listed in the row's `references_file_names`."""
+    """`<part>/<jj>/<job id>.png` (linked) and `<part>/metadata.parquet`; with references, also
+    `<part>/references/<jj>/<hash of the photo's path>.<ext>`, listed in the row's `references_file_names`."""
 
     def __init__(self, folder: Path, metric_names: Sequence[str], with_references: bool):
         import datasets
@@ -143,14 +151,15 @@ class ImageFolderPart:
         self.linked: set[str] = set()
 
     def add(self, png: Path, row: dict[str, Any]) -> None:
-        name = f"{png.parent.name}/{png.name}"
+        name = _hex_name(row["job_id"], ".png")
         link_or_copy(png, self.folder / name)
         row = {"file_name": name, **row}
         if self.with_references:
             names = []
-            for number, reference in enumerate(row.pop("references")):
-                name = f"references/{row['subject']}/{number}-{Path(reference).name}"
-                if name not in self.linked:  # a subject's references, once per part
+            for reference in row.pop("references"):
+                key = hashlib.sha256(reference.encode()).hexdigest()[:16]
+                name = "references/" + _hex_name(key, Path(reference).suffix.lower())
+                if name not in self.linked:  # each photo once per part
                     link_or_copy(Path(reference), self.folder / name)
                     self.linked.add(name)
                 names.append(name)

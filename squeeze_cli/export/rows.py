@@ -15,6 +15,7 @@ from typing import Any
 
 from squeeze_cli import outputs
 from squeeze_cli.errors import UsageError
+from squeeze_cli.logs import counted
 from squeeze_cli.metrics.protocol import METRIC_LABELS
 from squeeze_cli.plan import Job
 
@@ -22,6 +23,8 @@ from squeeze_cli.plan import Job
 # run was evaluated.
 TEXT_FIELDS = ("subject", "class", "prompt", "job_id", "recipe", "model_identity", "license")
 NUMBER_FIELDS = ("prompt_index", "seed")
+# The split names `datasets` reads as one split, `validation`.
+_VALIDATION = {"val", "validation"}
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,7 @@ def _read_scores(out: Path) -> tuple[tuple[str, ...], dict[str, tuple[float | No
         return (), {}
     rows: list[tuple[str, dict[str, Any]]] = []
     present: set[str] = set()
-    with open(path, encoding="utf-8") as lines:
+    with open(path, "rb") as lines:  # bytes: a line that is not UTF-8 is a bad line, not a traceback
         for number, line in enumerate(lines, start=1):
             try:
                 row = json.loads(line)
@@ -187,6 +190,11 @@ def parse_splits(specs: Sequence[str]) -> dict[str, float]:
             )
         if name in splits:
             raise UsageError(f"--split {spec}: split {name!r} given twice")
+        if name in _VALIDATION and splits.keys() & _VALIDATION:
+            raise UsageError(
+                f"--split {spec}: `val` and `validation` are one split to dataset loaders",
+                "give one of them",
+            )
         splits[name] = fraction
     if sum(splits.values()) >= 1:
         raise UsageError(
@@ -198,13 +206,25 @@ def parse_splits(specs: Sequence[str]) -> dict[str, float]:
 def assign_splits(subjects: Sequence[str], splits: Mapping[str, float], seed: int) -> dict[str, str]:
     """`{subject: split}`: whole subjects, never one in two splits. The subjects are shuffled with `seed`
     (the same subjects and seed give the same assignment), then each split takes `round(fraction × count)`
-    of them (at least one), in the order given; the rest are `train`."""
+    of them (at least one), in the order given; the rest are `train`.
+
+    Raises:
+        `UsageError`: the splits would take every subject, leaving none for `train` (or none for a split).
+    """
+    counts = {name: max(1, round(fraction * len(subjects))) for name, fraction in splits.items()}
+    if splits and sum(counts.values()) >= len(subjects):
+        taken = ", ".join(f"{name} {count}" for name, count in counts.items())
+        raise UsageError(
+            f"--split: the splits take {taken} of the {counted(len(subjects), 'subject')} exported, "
+            "leaving none for train",
+            "lower the fractions: each split takes round(FRACTION x subjects) whole subjects, at least one",
+        )
     order = sorted(subjects)
     random.Random(seed).shuffle(order)
     assignment = dict.fromkeys(order, outputs.EXPORT_TRAIN_SPLIT)
     start = 0
-    for name, fraction in splits.items():
-        count = max(1, round(fraction * len(order)))
+    for name in splits:
+        count = counts[name]
         for subject in order[start : start + count]:
             assignment[subject] = name
         start += count

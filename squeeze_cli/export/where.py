@@ -57,7 +57,26 @@ def parse_where(text: str, fields: Mapping[str, str], absent: Mapping[str, str] 
             f"--where {text!r}: column {column}: not an expression ({error.msg})",
             "e.g. --where 'dino >= 0.6 and clip_t >= 0.28'",
         ) from None
+    except RecursionError:  # `not not ... ` thousands deep: too deep for the parser itself
+        tree = None
+    if tree is None or _depth(tree) > MAX_DEPTH:
+        # The predicate recurses as deep as the tree, on every row: bounded here, not by a RecursionError.
+        raise WhereError(f"--where {text!r}: nested more than {MAX_DEPTH} deep", "write it flatter")
     return _Compiler(text, fields, absent or {}).predicate(tree.body)
+
+
+MAX_DEPTH = 100  # of nested operators and parentheses: far beyond any filter a person writes
+
+
+def _depth(tree: ast.AST) -> int:
+    """How deep `tree` nests (walked without recursion)."""
+    deepest = 0
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 # Fields named by a Python keyword, and the name (as long, so columns stay right) the parser is given.
@@ -72,9 +91,12 @@ def _spell_keywords(text: str) -> str:
     except (tokenize.TokenError, SyntaxError):
         return text  # `ast.parse` says what is wrong
     spelled = list(text)
+    line_starts = [0]  # where each line starts in `text` (an expression may span lines in parentheses)
+    for line in text.splitlines(keepends=True):
+        line_starts.append(line_starts[-1] + len(line))
     for token in tokens:
-        if token.type == tokenize.NAME and token.string in _KEYWORD_FIELDS and token.start[0] == 1:
-            start = token.start[1]
+        if token.type == tokenize.NAME and token.string in _KEYWORD_FIELDS:
+            start = line_starts[token.start[0] - 1] + token.start[1]
             spelled[start : start + len(token.string)] = _KEYWORD_FIELDS[token.string]
     return "".join(spelled)
 
