@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -215,9 +215,15 @@ def check_file(out_dir: Path, image: str, rules: RuleSet) -> ImageCheck:
     return check
 
 
-def check_run(out_dir: str | os.PathLike, rules: RuleSet, variant: str | None = None) -> CheckReport:
+def check_run(
+    out_dir: str | os.PathLike,
+    rules: RuleSet,
+    variant: str | None = None,
+    planned: Collection[str] | None = None,
+) -> CheckReport:
     """Every finished image in `OUT/index.jsonl` against `rules`: its PNG master, or with `variant` that
-    channel variant (an image without one fails: `missing`).
+    channel variant (an image without one fails: `missing`). With `planned` (the job ids of the run's
+    plan), only the plan's images: a stale one (a product since dropped from the feed) is not published.
 
     Raises:
         `RulesError`: `out_dir` has no run index.
@@ -230,7 +236,7 @@ def check_run(out_dir: str | os.PathLike, rules: RuleSet, variant: str | None = 
             f"{out} has no {INDEX_NAME}: it is not the output folder of a finished `squeeze gen` run",
             "give the folder `squeeze gen` wrote (after a --shard run, `squeeze status OUT --merge` first)",
         )
-    lines = sorted(_finished_lines(read_index(out)), key=lambda line: str(line.get("image")))
+    lines = sorted(_finished_lines(read_index(out), planned), key=lambda line: str(line.get("image")))
     if variant is not None and lines and not any(_variant_of(line, variant) for line in lines):
         made = sorted({name for line in lines for name in _variants(line)})
         raise RulesError(
@@ -263,8 +269,16 @@ def check_job_image(
     return ImageCheck(image, error=f"missing: it has no variant {variant!r}")
 
 
-def _finished_lines(lines: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return [line for line in lines if line.get("status") == "ok" and isinstance(line.get("image"), str)]
+def _finished_lines(
+    lines: Sequence[Mapping[str, Any]], planned: Collection[str] | None
+) -> list[Mapping[str, Any]]:
+    return [
+        line
+        for line in lines
+        if line.get("status") == "ok"
+        and isinstance(line.get("image"), str)
+        and (planned is None or line.get("job_id") in planned)
+    ]
 
 
 def format_report(report: CheckReport) -> str:
