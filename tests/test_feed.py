@@ -266,3 +266,15 @@ def test_a_row_with_more_references_than_the_pipeline_takes_is_located_at_its_li
         "products.csv:4: images: 4 reference images, more than the 3 the qwen-image-edit-2511 pipeline "
         "(recipe tiny-qwen-image-edit-2511) conditions on (hint: keep at most 3 for this subject)"
     ]
+
+
+def test_an_image_url_is_refused_as_a_url(make_project, monkeypatch) -> None:
+    """Shop exports give photos as URLs: that said "no such file", relative to the feed's folder (and, with
+    a `?` in the URL, "no file matches"), as if a local path were misspelt."""
+    url = "https://cdn.shop.example/tp-1.jpg?width=800"
+    project = _project(make_project, CSV.replace("images/teapot/00.jpg|images/teapot/01.jpg", url))
+    monkeypatch.chdir(project)
+    assert _problems("m.yaml") == [
+        f"products.csv:2: images: {url!r} is a URL: squeeze reads local image files only (hint: download "
+        f"the photos and give their paths; paths are relative to the feed's folder {project})"
+    ]

@@ -8,6 +8,7 @@ import glob
 import itertools
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -76,6 +77,8 @@ from squeeze_cli.params import SamplingParams
 from squeeze_cli.pipelines.registry import PIPELINES, pipeline_spec, unused_sampling_keys
 
 EXTENSION_PREFIX = "x-"
+# `https://...`, `file:///...`, `s3://...`: not a path (a path whose first folder ends in `:` would be odd).
+URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 SeedSpec = list[int] | SeedRange | None
 
 
@@ -754,6 +757,13 @@ class _Resolver:
             folder_hint = None if os.path.isabs(os.path.expanduser(pattern)) else hints[ref_index]
             if "\0" in pattern:
                 report(ref_index, f"{pattern!r} contains a NUL character", "remove it from the path")
+                continue
+            if URL_PATTERN.match(pattern):  # a shop export's photo column often holds its CDN's URLs
+                report(
+                    ref_index,
+                    f"{pattern!r} is a URL: squeeze reads local image files only",
+                    f"download the photos and give their paths; {hints[ref_index]}",
+                )
                 continue
             absolute = os.path.join(bases[ref_index], os.path.expanduser(pattern))
             if glob.has_magic(pattern):
