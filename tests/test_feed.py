@@ -278,3 +278,19 @@ def test_an_image_url_is_refused_as_a_url(make_project, monkeypatch) -> None:
         f"products.csv:2: images: {url!r} is a URL: squeeze reads local image files only (hint: download "
         f"the photos and give their paths; paths are relative to the feed's folder {project})"
     ]
+
+
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_a_feed_separated_by_semicolons_or_tabs_says_so(make_project, monkeypatch, separator: str) -> None:
+    """A spreadsheet in a German or French locale saves "CSV" with semicolons: each mapped column was "not a
+    column", the hint listing one column named 'sku;category;color;title;images'."""
+    feed = "\n".join(
+        line.replace(",", separator) for line in CSV.replace('"Porcelain teapot, 1 l"', "Teapot").splitlines()
+    )
+    project = _project(make_project, feed + "\n")
+    monkeypatch.chdir(project)
+    assert _problems("m.yaml") == [
+        f"products.csv:1: the header is one column, {CSV.splitlines()[0].replace(',', separator)!r}: the "
+        f"feed's fields are separated by {separator!r}, not commas (hint: export it comma-separated (CSV "
+        "UTF-8 in a spreadsheet))"
+    ]

@@ -99,6 +99,20 @@ def _read_csv(text: str, feed: Feed) -> None:
                 Problem(feed.file, None, None, "", "the feed is empty", "a header row first")
             )
             return
+        if len(header) == 1 and (separator := next((c for c in ";\t" if c in header[0]), None)):
+            # A spreadsheet in a locale with a decimal comma saves "CSV" with semicolons.
+            feed.problems.append(
+                Problem(
+                    feed.file,
+                    reader.line_num,
+                    None,
+                    "",
+                    f"the header is one column, {header[0]!r}: the feed's fields are separated by "
+                    f"{separator!r}, not commas",
+                    "export it comma-separated (CSV UTF-8 in a spreadsheet)",
+                )
+            )
+            return
         feed.columns = [name.strip() for name in header]
         if not _unique_columns(feed, reader.line_num):
             feed.columns = []  # no row can be read by a name that is not one column's
