@@ -172,6 +172,26 @@ def test_a_product_removed_from_the_feed_is_not_checked(tmp_path: Path, squeeze)
     assert text.splitlines()[-1] == "lenient on variant 'thumb': 1 passed, 0 failed"
 
 
+def test_a_variant_the_run_has_not_made_yet_fails_its_images_not_the_command(tmp_path: Path, squeeze) -> None:
+    """`gen` makes the variants after the images: a monitor's `check --variant` (or `status --rules
+    --variant`) while the night's run renders got exit 2, "the run made none (`output.variants`)"."""
+    (tmp_path / "products.csv").write_text("sku,images\nTEA,images/teapot/00.jpg\n")
+    out = gen_example_run(
+        tmp_path,
+        squeeze,
+        FEED_RUN.replace("variants: [{name: thumb, size: 40x40, format: png}]", "variants: []"),
+    )
+    resolved = out / "manifest.resolved.yaml"  # as the run that makes them left it, before it makes them
+    resolved.write_text(
+        resolved.read_text().replace("variants: []", "variants: [{name: thumb, size: 40x40}]")
+    )
+    for command in ("check", "status"):
+        result = squeeze(command, str(out), "--rules", "amazon-main", "--variant", "thumb")
+        assert result.code == 1, result.err
+        assert result.out.splitlines()[-1] == "amazon-main on variant 'thumb': 0 passed, 1 failed"
+    assert squeeze("check", str(out), "--rules", "amazon-main", "--variant", "thum").code == 2
+
+
 @pytest.mark.parametrize(
     ("rules", "message"),
     [

@@ -40,11 +40,11 @@ def check(
     json_output: JsonOpt = False,
 ) -> int:
     """Check a run's images against a marketplace's rules: per image pass or fail, with the numbers."""
-    from squeeze_cli.outputs import check_run, format_report, load_rules, planned_job_ids
+    from squeeze_cli.outputs import check_run, format_report, load_rules, run_plan_if_any
 
     with failures_as_json(json_output):
         rule_set = load_rules(rules)
-        report = check_run(out, rule_set, variant, planned_job_ids(Path(out)))
+        report = check_run(out, rule_set, variant, run_plan_if_any(Path(out)))
     if json_output:
         typer.echo(json.dumps({"ok": True, **report.to_dict()}, indent=2))
     else:

@@ -82,10 +82,7 @@ def status(
         for run in found if merge else ():
             merge_run(run)
         checks = [
-            check_run(run.out, rule_set, variant, {job.job_id for job in run.jobs})
-            if rule_set is not None
-            else None
-            for run in found
+            check_run(run.out, rule_set, variant, run.plan) if rule_set is not None else None for run in found
         ]
     if json_output:
         documents = [

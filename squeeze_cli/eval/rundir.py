@@ -129,7 +129,8 @@ def read_run(path: str | Path, *, verify: bool = False) -> RunContents:
             "run `squeeze gen` on it (it rebuilds a damaged index from the sidecars), then eval",
         )
     contents = RunContents(run_dir)
-    planned = outputs.planned_job_ids(run_dir, verify=verify)
+    plan = outputs.run_plan_if_any(run_dir, verify=verify)
+    planned = {job.job_id for job in plan.jobs} if plan is not None else None
     if planned is not None:
         contents.pending = len(planned - latest.keys())
     for entry in latest.values():

@@ -31,7 +31,7 @@ from squeeze_cli.manifest.schema_errors import schema_error, validate_schema
 from squeeze_cli.outputs.index import read_index
 from squeeze_cli.outputs.layout import INDEX_NAME, UnsafeOutputPathError, safe_join
 from squeeze_cli.outputs.records import VARIANTS_KEY
-from squeeze_cli.outputs.run_plan import not_a_run_folder
+from squeeze_cli.outputs.run_plan import RunPlan, not_a_run_folder
 from squeeze_cli.reading import MANIFEST_MAX_BYTES, open_regular_file, read_regular_file
 
 RULES_PACKAGE = "squeeze_cli.outputs"
@@ -219,11 +219,12 @@ def check_run(
     out_dir: str | os.PathLike,
     rules: RuleSet,
     variant: str | None = None,
-    planned: Collection[str] | None = None,
+    plan: RunPlan | None = None,
 ) -> CheckReport:
     """Every finished image in `OUT/index.jsonl` against `rules`: its PNG master, or with `variant` that
-    channel variant (an image without one fails: `missing`). With `planned` (the job ids of the run's
-    plan), only the plan's images: a stale one (a product since dropped from the feed) is not published.
+    channel variant (an image without one fails: `missing`). With the run's `plan`, only the plan's
+    images (a stale one, of a product since dropped from the feed, is not published), and its manifest's
+    variants are known before any image has them (`gen` makes them after the images).
 
     Raises:
         `RulesError`: `out_dir` has no run index.
@@ -236,9 +237,12 @@ def check_run(
             f"{out} has no {INDEX_NAME}: it is not the output folder of a finished `squeeze gen` run",
             "give the folder `squeeze gen` wrote (after a --shard run, `squeeze status OUT --merge` first)",
         )
+    planned = {job.job_id for job in plan.jobs} if plan is not None else None
+    declared = {v.name for v in plan.loaded.document.output.variants} if plan is not None else set()
     lines = sorted(_finished_lines(read_index(out), planned), key=lambda line: str(line.get("image")))
-    if variant is not None and lines and not any(_variant_of(line, variant) for line in lines):
-        made = sorted({name for line in lines for name in _variants(line)})
+    known = variant is None or variant in declared or any(_variant_of(line, variant) for line in lines)
+    if lines and not known:
+        made = sorted(declared | {name for line in lines for name in _variants(line)})
         raise RulesError(
             f"no image in {out} has a variant {variant!r}",
             f"its variants: {', '.join(made)}" if made else "the run made none (`output.variants`)",

@@ -82,10 +82,10 @@ def load_run_plan(out: Path, *, verify: bool = False) -> RunPlan:
     return RunPlan(manifest, loaded, jobs)
 
 
-def planned_job_ids(run_dir: Path, *, verify: bool = False) -> set[str] | None:
-    """The job ids of the run's plan (`load_run_plan`); None when it has no resolved manifest that
-    loads (a folder from an older squeeze, references since moved): then every indexed image counts."""
+def run_plan_if_any(run_dir: Path, *, verify: bool = False) -> RunPlan | None:
+    """The run's plan (`load_run_plan`); None when it has no resolved manifest that loads (a folder from an
+    older squeeze, references since moved): then every indexed image counts."""
     try:
-        return {job.job_id for job in load_run_plan(run_dir, verify=verify).jobs}
+        return load_run_plan(run_dir, verify=verify)
     except (SqueezeError, OSError):
         return None
