@@ -294,3 +294,33 @@ def test_a_feed_separated_by_semicolons_or_tabs_says_so(make_project, monkeypatc
         f"feed's fields are separated by {separator!r}, not commas (hint: export it comma-separated (CSV "
         "UTF-8 in a spreadsheet))"
     ]
+
+
+def test_a_json_object_in_a_used_column_is_an_error_not_its_repr(make_project, monkeypatch) -> None:
+    """A product export nests: a title per language, the photos as `[{"src": ...}]`. The title went into
+    the prompt as Python's repr, "a teapot in white, {'en': 'Teapot', ...}", and the photos were "no such
+    file: \"{'src': ...}\""."""
+    rows = [
+        {
+            "sku": "TP-1",
+            "category": "teapot",
+            "color": "white",
+            "title": {"en": "Teapot", "de": "Teekanne"},
+            "images": [{"src": "images/teapot/00.jpg"}],
+            "attributes": {"unused": True},  # a column no scene uses is no problem
+        },
+        {
+            "sku": "TP-2",
+            "category": "teapot",
+            "color": "white",
+            "title": "T",
+            "images": "images/teapot/01.jpg",
+        },
+    ]
+    project = _project(make_project, "".join(json.dumps(row) + "\n" for row in rows), name="products.jsonl")
+    monkeypatch.chdir(project)
+    hint = "(hint: give the column text, or a list of texts: one language's title, the photos' paths)"
+    assert _problems("m.yaml") == [
+        f"products.jsonl:1: images: holds an object, not text {hint}",
+        f"products.jsonl:1: title: holds an object, not text {hint}",
+    ]

@@ -29,6 +29,7 @@ from squeeze_cli.reading import MiB, open_regular_file, read_regular_file
 # A feed of a million products is some hundreds of MB; a larger file is a mistake (a wrong path).
 FEED_MAX_BYTES = 1024 * MiB
 FEED_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+NESTED_HINT = "give the column text, or a list of texts: one language's title, the photos' paths"
 PARQUET_HINT = "install the optional extra: pip install 'squeeze_cli[parquet]' (it adds pyarrow)"
 
 
@@ -224,6 +225,13 @@ def cell_text(value: Any) -> str | None:
     return text or None
 
 
+def _nested(value: Any) -> bool:
+    """Whether a cell holds an object (a JSON object, a Parquet struct), or a list of them or of lists."""
+    return isinstance(value, dict) or (
+        isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value)
+    )
+
+
 def cell_list(value: Any, separator: str) -> list[str]:
     """A cell of several values (references, prompts): a list (JSONL, Parquet) or text split at
     `separator`; empty items dropped."""
@@ -280,9 +288,23 @@ def resolve_row(
     def report(column: str, message: str, hint: str | None = None) -> None:
         problems.append(row.problem(column, message, hint))
 
-    name = cell_text(row.values.get(spec.name))
+    # A nested cell (JSONL, Parquet): its repr must reach no prompt and no path. One the row uses is an error.
+    nested = {column for column, value in row.values.items() if _nested(value)}
+    cells = {column: None if column in nested else value for column, value in row.values.items()}
+    used = {spec.name, spec.class_column, spec.references, spec.prompts}
+    used.update(
+        spec.class_column if placeholder == "class" else placeholder
+        for scene in scenes
+        for placeholder in scene.template.names
+    )
+    reported = {column for column in nested if column in used}
+    for nested_column in sorted(reported):
+        report(nested_column, "holds an object, not text", NESTED_HINT)
+
+    name = cell_text(cells.get(spec.name))
     if name is None:
-        report(spec.name, "empty: every row needs a subject name")
+        if spec.name not in nested:
+            report(spec.name, "empty: every row needs a subject name")
     elif (bad_name := subject_name_problem(name)) is not None:
         report(spec.name, *bad_name)
     elif name.casefold() in names_seen:
@@ -293,10 +315,10 @@ def resolve_row(
         )
     else:
         names_seen[name.casefold()] = row.place()
-    class_noun = cell_text(row.values.get(spec.class_column)) if spec.class_column else None
+    class_noun = cell_text(cells.get(spec.class_column)) if spec.class_column else None
 
-    patterns = cell_list(row.values.get(spec.references), spec.separator)
-    if not patterns:
+    patterns = cell_list(cells.get(spec.references), spec.separator)
+    if not patterns and spec.references not in nested:
         report(spec.references, "empty: every row needs at least one reference image")
     references = find_references(
         patterns,
@@ -305,10 +327,10 @@ def resolve_row(
         lambda _, message, hint: report(spec.references, message, hint),
     )
 
-    values = {column: cell_text(value) for column, value in row.values.items()}
+    values = {column: cell_text(value) for column, value in cells.items()}
     values.update({"subject": name, "class": class_noun})
     prompts: list[ResolvedPrompt] = []
-    empty: set[str] = set()  # each empty column once, however many scenes use it
+    empty = set(reported)  # each empty column once, however many scenes use it
     for index, scene in enumerate(scenes):
         for placeholder in scene.template.names:
             column = spec.class_column if placeholder == "class" else placeholder
@@ -323,19 +345,23 @@ def resolve_row(
                 report(column, f"empty, but scenes[{index}] uses {{{placeholder}}}", "fill it in")
         text = scene.template.fill(values)
         prompts.append(ResolvedPrompt(index, literal(text), text, scene.params, scene.seeds, scene.location))
-    for own in cell_list(row.values.get(spec.prompts), spec.separator) if spec.prompts else []:
+    for own in cell_list(cells.get(spec.prompts), spec.separator) if spec.prompts else []:
         template = Template(own)
         for message, hint in template.problems:
             report(spec.prompts or "", message, hint)
         for placeholder in template.names:
-            if values.get(placeholder) is None:
+            if placeholder in nested:
+                if placeholder not in empty:
+                    empty.add(placeholder)
+                    report(placeholder, "holds an object, not text", NESTED_HINT)
+            elif values.get(placeholder) is None:
                 report(spec.prompts or "", f"{{{placeholder}}} is not a column, or is empty in this row")
         text = template.fill(values)
         where = Location(row.file, row.line)
         prompts.append(
             ResolvedPrompt(len(prompts), literal(text), text, inherited.params, inherited.seeds, where)
         )
-    if not prompts:
+    if not prompts and spec.prompts not in nested:
         report(
             spec.prompts or spec.name, "empty, and `subjects_from` has no `scenes`: the row has no prompts"
         )
