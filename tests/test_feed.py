@@ -324,3 +324,26 @@ def test_a_json_object_in_a_used_column_is_an_error_not_its_repr(make_project, m
         f"products.jsonl:1: images: holds an object, not text {hint}",
         f"products.jsonl:1: title: holds an object, not text {hint}",
     ]
+
+
+def test_a_row_that_is_not_valid_csv_is_located_where_it_starts_and_the_rest_is_read(
+    make_project, monkeypatch
+) -> None:
+    """A title with an inch mark (`"12" pan`) stopped the reading of the feed there, without a hint, and an
+    unclosed quote was reported at the feed's last line, not at the row that opens it."""
+    feed = (
+        CSV
+        + 'TP-4,teapot,white,"12" pan,images/teapot/00.jpg\n'  # line 4
+        + "CAN-5,can,red,Can,images/can/missing.jpg\n"  # line 5: still read and checked
+        + 'CAN-6,can,red,"Can 33 cl,images/can/00.jpg\n'  # line 6: the quote is never closed
+        + "CAN-7,can,red,Can,images/can/00.jpg\n"
+    )
+    project = _project(make_project, feed)
+    monkeypatch.chdir(project)
+    hint = '(hint: quote a field that holds a quote, and double its quotes: "12"" pan")'
+    assert _problems("m.yaml") == [
+        f"products.csv:4: not valid CSV: ',' expected after '\"' {hint}",
+        "products.csv:5: images: no such file: 'images/can/missing.jpg' "
+        f"(hint: paths are relative to the feed's folder {project})",
+        f"products.csv:6: not valid CSV: unexpected end of data {hint}",
+    ]

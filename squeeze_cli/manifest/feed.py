@@ -29,6 +29,7 @@ from squeeze_cli.reading import MiB, open_regular_file, read_regular_file
 # A feed of a million products is some hundreds of MB; a larger file is a mistake (a wrong path).
 FEED_MAX_BYTES = 1024 * MiB
 FEED_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+QUOTE_HINT = 'quote a field that holds a quote, and double its quotes: "12"" pan"'
 NESTED_HINT = "give the column text, or a list of texts: one language's title, the photos' paths"
 PARQUET_HINT = "install the optional extra: pip install 'squeeze_cli[parquet]' (it adds pyarrow)"
 
@@ -95,53 +96,66 @@ def _read_csv(text: str, feed: Feed) -> None:
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader, None)
-        if header is None:
-            feed.problems.append(
-                Problem(feed.file, None, None, "", "the feed is empty", "a header row first")
+    except csv.Error as error:
+        feed.problems.append(
+            Problem(feed.file, reader.line_num, None, "", f"not valid CSV: {error}", QUOTE_HINT)
+        )
+        return
+    if header is None:
+        feed.problems.append(Problem(feed.file, None, None, "", "the feed is empty", "a header row first"))
+        return
+    if len(header) == 1 and (separator := next((c for c in ";\t" if c in header[0]), None)):
+        # A spreadsheet in a locale with a decimal comma saves "CSV" with semicolons.
+        feed.problems.append(
+            Problem(
+                feed.file,
+                reader.line_num,
+                None,
+                "",
+                f"the header is one column, {header[0]!r}: the feed's fields are separated by "
+                f"{separator!r}, not commas",
+                "export it comma-separated (CSV UTF-8 in a spreadsheet)",
             )
-            return
-        if len(header) == 1 and (separator := next((c for c in ";\t" if c in header[0]), None)):
-            # A spreadsheet in a locale with a decimal comma saves "CSV" with semicolons.
+        )
+        return
+    feed.columns = [name.strip() for name in header]
+    if not _unique_columns(feed, reader.line_num):
+        feed.columns = []  # no row can be read by a name that is not one column's
+        return
+    first_line = reader.line_num + 1
+    number = 0
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:  # at the line the record starts; the reader goes on after it
+            feed.problems.append(
+                Problem(feed.file, first_line, None, "", f"not valid CSV: {error}", QUOTE_HINT)
+            )
+            first_line = reader.line_num + 1
+            continue
+        number += 1
+        if not any(cell.strip() for cell in cells):  # a blank line is no product
+            first_line = reader.line_num + 1
+            continue
+        if len(cells) != len(feed.columns):
             feed.problems.append(
                 Problem(
                     feed.file,
-                    reader.line_num,
+                    first_line,
                     None,
                     "",
-                    f"the header is one column, {header[0]!r}: the feed's fields are separated by "
-                    f"{separator!r}, not commas",
-                    "export it comma-separated (CSV UTF-8 in a spreadsheet)",
+                    f"{len(cells)} fields, but the header names {len(feed.columns)} columns",
+                    'quote a field that holds a comma: "a, b"'
+                    if len(cells) > len(feed.columns)
+                    else "give every column a field; an empty one is nothing between two commas",
                 )
             )
-            return
-        feed.columns = [name.strip() for name in header]
-        if not _unique_columns(feed, reader.line_num):
-            feed.columns = []  # no row can be read by a name that is not one column's
-            return
+        else:
+            values = dict(zip(feed.columns, cells, strict=True))
+            feed.rows.append(FeedRow(feed.file, number, first_line, values))
         first_line = reader.line_num + 1
-        for number, cells in enumerate(reader, start=1):
-            if not any(cell.strip() for cell in cells):  # a blank line is no product
-                first_line = reader.line_num + 1
-                continue
-            if len(cells) != len(feed.columns):
-                feed.problems.append(
-                    Problem(
-                        feed.file,
-                        first_line,
-                        None,
-                        "",
-                        f"{len(cells)} fields, but the header names {len(feed.columns)} columns",
-                        'quote a field that holds a comma: "a, b"'
-                        if len(cells) > len(feed.columns)
-                        else "give every column a field; an empty one is nothing between two commas",
-                    )
-                )
-            else:
-                values = dict(zip(feed.columns, cells, strict=True))
-                feed.rows.append(FeedRow(feed.file, number, first_line, values))
-            first_line = reader.line_num + 1
-    except csv.Error as error:
-        feed.problems.append(Problem(feed.file, reader.line_num, None, "", f"not valid CSV: {error}"))
 
 
 def _unique_columns(feed: Feed, line: int) -> bool:
