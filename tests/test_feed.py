@@ -347,3 +347,16 @@ def test_a_row_that_is_not_valid_csv_is_located_where_it_starts_and_the_rest_is_
         f"(hint: paths are relative to the feed's folder {project})",
         f"products.csv:6: not valid CSV: unexpected end of data {hint}",
     ]
+
+
+def test_a_windows_path_gets_a_hint_to_write_slashes(make_project, monkeypatch) -> None:
+    """A feed exported on Windows names `images\\teapot\\00.jpg`: "no such file", with a hint about the
+    feed's folder, for a file that is there."""
+    project = _project(
+        make_project, CSV.replace("images/teapot/00.jpg|images/teapot/01.jpg", "images\\teapot\\00.jpg")
+    )
+    monkeypatch.chdir(project)
+    assert _problems("m.yaml") == [
+        "products.csv:2: images: no such file: 'images\\\\teapot\\\\00.jpg' (hint: write the path with `/`: "
+        "here `\\` is part of a file's name, not a folder separator)"
+    ]

@@ -790,6 +790,10 @@ class _Resolver:
                     "point it at an existing image, or list the image itself",
                 )
             elif not os.path.exists(absolute):
+                if "\\" in pattern:  # a feed exported on Windows
+                    folder_hint = (
+                        "write the path with `/`: here `\\` is part of a file's name, not a folder separator"
+                    )
                 report(ref_index, f"no such file: {pattern!r}", folder_hint)
             elif os.path.isdir(absolute):
                 report(
