@@ -208,6 +208,20 @@ def test_parquet_feeds_are_read_with_pyarrow(make_project, monkeypatch) -> None:
     assert [s.name for s in load_manifest(project / "m.yaml").subjects] == ["TP-1", "CAN-3"]
 
 
+def test_a_parquet_feed_of_no_columns_is_empty(make_project, monkeypatch) -> None:
+    """An export script's empty table (`pandas.DataFrame().to_parquet(...)`): a traceback, `max() arg is an
+    empty sequence`."""
+    pyarrow = pytest.importorskip("pyarrow")
+    from pyarrow import parquet
+
+    project = _project(make_project, "", name="products.parquet")
+    parquet.write_table(pyarrow.table({}), project / "products.parquet")
+    monkeypatch.chdir(project)
+    assert _problems("m.yaml") == [
+        "products.parquet: the feed is empty (hint: export the products with a column per field)"
+    ]
+
+
 def test_a_parquet_feed_without_pyarrow_says_which_extra_to_install(make_project, monkeypatch) -> None:
     project = _project(make_project, "", name="products.parquet")
     monkeypatch.chdir(project)
@@ -360,3 +374,37 @@ def test_a_windows_path_gets_a_hint_to_write_slashes(make_project, monkeypatch) 
         "products.csv:2: images: no such file: 'images\\\\teapot\\\\00.jpg' (hint: write the path with `/`: "
         "here `\\` is part of a file's name, not a folder separator)"
     ]
+
+
+def test_a_spreadsheets_trailing_empty_columns_are_no_columns(make_project, monkeypatch) -> None:
+    """A spreadsheet exports formatted but empty columns after the last one (`images,,`): the whole feed
+    was refused, "a column has no name"."""
+    rows = [f"{line},," for line in CSV.splitlines()]
+    project = _project(make_project, "\n".join(rows) + "\nCAN-3,can,red,Can,images/can/00.jpg,,stray\n")
+    monkeypatch.chdir(project)
+    assert _problems("m.yaml") == [
+        "products.csv:4: 7 fields, but the header names 5 columns "
+        '(hint: quote a field that holds a comma: "a, b")'
+    ]
+    (project / "products.csv").write_text("\n".join(rows) + "\n")
+    assert [s.name for s in load_manifest("m.yaml").subjects] == ["TP-1", "BP-2"]
+    (project / "products.csv").write_text(CSV.replace("color,", ",", 1))  # a column within has no name
+    assert _problems("m.yaml")[0].startswith("products.csv:1: a column has no name")
+
+
+@pytest.mark.parametrize("feed", ["\n", "\r\n\r\n", " , ,\n"])
+def test_a_feed_of_blank_lines_is_empty(make_project, monkeypatch, feed: str) -> None:
+    """An export that failed and left a newline: `validate` and `gen` died with a traceback (`max() arg is
+    an empty sequence`), the blank line taken for a header of no columns."""
+    project = _project(make_project, feed)
+    monkeypatch.chdir(project)
+    assert _problems("m.yaml") == ["products.csv: the feed is empty (hint: a header row first)"]
+
+
+def test_blank_lines_before_the_header_are_skipped(make_project, monkeypatch) -> None:
+    """Each row was "5 fields, but the header names 0 columns": the first blank line was the header."""
+    project = _project(make_project, "\n\n" + CSV)
+    monkeypatch.chdir(project)
+    assert [s.name for s in load_manifest("m.yaml").subjects] == ["TP-1", "BP-2"]
+    (project / "products.csv").write_text("\n\n" + CSV + "CAN-3,can,red,Can,images/can/missing.jpg\n")
+    assert _problems("m.yaml")[0].startswith("products.csv:6: images: no such file")

@@ -94,8 +94,8 @@ def read_feed(path: Path, shown: str, format: str) -> Feed:
 
 def _read_csv(text: str, feed: Feed) -> None:
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    try:
-        header = next(reader, None)
+    try:  # the first line that is not blank (an empty one is no header of no columns)
+        header = next((cells for cells in reader if any(cell.strip() for cell in cells)), None)
     except csv.Error as error:
         feed.problems.append(
             Problem(feed.file, reader.line_num, None, "", f"not valid CSV: {error}", QUOTE_HINT)
@@ -118,6 +118,9 @@ def _read_csv(text: str, feed: Feed) -> None:
             )
         )
         return
+    # A spreadsheet exports formatted but empty columns after the last one: no column, and no field of a row.
+    while header and not header[-1].strip():
+        header.pop()
     feed.columns = [name.strip() for name in header]
     if not _unique_columns(feed, reader.line_num):
         feed.columns = []  # no row can be read by a name that is not one column's
@@ -139,6 +142,8 @@ def _read_csv(text: str, feed: Feed) -> None:
         if not any(cell.strip() for cell in cells):  # a blank line is no product
             first_line = reader.line_num + 1
             continue
+        if len(cells) > len(feed.columns) and not any(cell.strip() for cell in cells[len(feed.columns) :]):
+            del cells[len(feed.columns) :]
         if len(cells) != len(feed.columns):
             feed.problems.append(
                 Problem(
@@ -222,6 +227,13 @@ def _read_parquet(path: Path, feed: Feed) -> None:
     except ArrowException as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         feed.problems.append(Problem(feed.file, None, None, "", f"not a readable Parquet file: {first}"))
+        return
+    if not table.column_names:  # an export script's empty table: no rows, and no columns to check them by
+        feed.problems.append(
+            Problem(
+                feed.file, None, None, "", "the feed is empty", "export the products with a column per field"
+            )
+        )
         return
     feed.columns = list(table.column_names)
     feed.rows = [
