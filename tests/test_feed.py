@@ -292,6 +292,14 @@ def test_an_image_url_is_refused_as_a_url(make_project, monkeypatch) -> None:
         f"products.csv:2: images: {url!r} is a URL: squeeze reads local image files only (hint: download "
         f"the photos and give their paths; paths are relative to the feed's folder {project})"
     ]
+    feed = "https://shop.example/export/products.csv"  # the feed itself, as a nightly script might name it
+    (project / "m.yaml").write_text(
+        (project / "m.yaml").read_text().replace("path: products.csv", f"path: {feed}")
+    )
+    assert _problems("m.yaml") == [
+        f"m.yaml:5:9: subjects_from.path: {feed!r} is a URL: squeeze reads a local file (hint: download "
+        "it first, e.g. `curl -fsS -o products.csv URL && squeeze gen ...`)"
+    ]
 
 
 @pytest.mark.parametrize("separator", [";", "\t"])

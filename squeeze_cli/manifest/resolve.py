@@ -305,6 +305,13 @@ class _Resolver:
                 "name a .csv, .jsonl or .parquet file, or set `format: csv|jsonl|parquet`",
             )
             return None
+        if URL_PATTERN.match(spec.path):
+            self.problem(
+                place,
+                f"{spec.path!r} is a URL: squeeze reads a local file",
+                "download it first, e.g. `curl -fsS -o products.csv URL && squeeze gen ...`",
+            )
+            return None
         absolute = Path(self.path_base(place), os.path.expanduser(spec.path))
         if not absolute.exists():
             hint = None if os.path.isabs(os.path.expanduser(spec.path)) else self.relative_hint(place)
