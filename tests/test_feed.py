@@ -416,3 +416,20 @@ def test_blank_lines_before_the_header_are_skipped(make_project, monkeypatch) ->
     assert [s.name for s in load_manifest("m.yaml").subjects] == ["TP-1", "BP-2"]
     (project / "products.csv").write_text("\n\n" + CSV + "CAN-3,can,red,Can,images/can/missing.jpg\n")
     assert _problems("m.yaml")[0].startswith("products.csv:6: images: no such file")
+
+
+def test_a_photo_named_in_another_unicode_form_is_pointed_at(make_project, make_image, monkeypatch) -> None:
+    """A photo copied from a Mac is named in NFD (`e` + a combining accent), the shop's export writes NFC
+    (`é`): the same name on screen, two names on Linux, and "no such file" said nothing more."""
+    import unicodedata
+
+    make_image(unicodedata.normalize("NFD", "photos/café.jpg"))
+    project = _project(
+        make_project, CSV.replace("images/teapot/00.jpg|images/teapot/01.jpg", "photos/café.jpg")
+    )
+    monkeypatch.chdir(project)
+    problems = _problems("m.yaml")
+    assert problems == [
+        "products.csv:2: images: no such file: 'photos/café.jpg' (hint: its folder has 'cafe\\u0301.jpg', "
+        "the same name in another Unicode form: rename the file, or write the path as it is)"
+    ]

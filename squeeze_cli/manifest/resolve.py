@@ -9,6 +9,7 @@ import itertools
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -80,6 +81,20 @@ EXTENSION_PREFIX = "x-"
 # `https://...`, `file:///...`, `s3://...`: not a path (a path whose first folder ends in `:` would be odd).
 URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 SeedSpec = list[int] | SeedRange | None
+
+
+def _unicode_twin(path: str) -> str | None:
+    """The name in `path`'s folder that is `path`'s name in another Unicode form (a photo copied from a Mac
+    is named in NFD, `e` and a combining accent; a shop's export writes NFC, `é`), or None."""
+    folder, name = os.path.split(path)
+    if name.isascii():  # one form only: no folder to list for each missing photo of a feed
+        return None
+    wanted = unicodedata.normalize("NFC", name)
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return None
+    return next((other for other in names if unicodedata.normalize("NFC", other) == wanted), None)
 
 
 def _key_path(level: FieldPath, *keys: str) -> FieldPath:
@@ -797,7 +812,12 @@ class _Resolver:
                     "point it at an existing image, or list the image itself",
                 )
             elif not os.path.exists(absolute):
-                if "\\" in pattern:  # a feed exported on Windows
+                if (twin := _unicode_twin(absolute)) is not None:
+                    folder_hint = (
+                        f"its folder has {ascii(twin)}, the same name in another Unicode form: rename the "
+                        "file, or write the path as it is"
+                    )
+                elif "\\" in pattern:  # a feed exported on Windows
                     folder_hint = (
                         "write the path with `/`: here `\\` is part of a file's name, not a folder separator"
                     )
