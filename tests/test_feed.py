@@ -433,3 +433,16 @@ def test_a_photo_named_in_another_unicode_form_is_pointed_at(make_project, make_
         "products.csv:2: images: no such file: 'photos/café.jpg' (hint: its folder has 'cafe\\u0301.jpg', "
         "the same name in another Unicode form: rename the file, or write the path as it is)"
     ]
+
+
+def test_a_feed_over_the_job_limit_is_located_at_subjects_from(make_project, monkeypatch) -> None:
+    """A 100,001-row feed was "m.yaml:1:1: subjects: the manifest plans ... jobs", at a key the manifest
+    does not have."""
+    project = _project(make_project)
+    monkeypatch.chdir(project)
+    with pytest.raises(ManifestError) as error:
+        load_manifest("m.yaml", max_jobs=5)
+    assert [str(problem) for problem in error.value.problems] == [
+        "m.yaml:5:3: subjects_from: the manifest plans 6 jobs, more than the limit of 5 (hint: raise it with "
+        "`--max-jobs N` or `max_jobs: N` if that many images is intended)"
+    ]

@@ -279,7 +279,9 @@ class _Resolver:
 
         total = count_jobs(subjects)
         if total > limit:
-            self.problem(("subjects",), *too_many_jobs(total, limit))
+            # At the hand-written subjects, or at the feed when it alone makes them.
+            only_feed = head is not None and head.subjects_from is not None and not self.subjects
+            self.problem(("subjects_from",) if only_feed else ("subjects",), *too_many_jobs(total, limit))
         if model is not None and head is not None:
             self.check_sampling_keys(head, model, recipe)
         if model is not None:
