@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
+from support import gen_example_run
 
 from squeeze_cli.manifest.schema import OutputVariant
 from squeeze_cli.outputs.checks import load_rules, packaged_rules
@@ -133,17 +134,62 @@ def test_a_variant_no_image_has_is_a_usage_error(run_folder: Path, squeeze, vari
     assert f"no image in {run_folder} has a variant {variant!r} (hint: the run made none" in result.err
 
 
-def test_status_json_carries_the_same_results(run_folder: Path, make_image, squeeze) -> None:
-    checked = json.loads(squeeze("check", str(run_folder), "--rules", "amazon-main", "--json").out)
-    reference = make_image("refs/shop.png")
-    (run_folder / "manifest.resolved.yaml").write_text(
-        f"version: 1\nrecipe: tiny\nsubjects:\n  - {{name: shop, references: [{reference}], prompts: [a]}}\n"
+FEED_RUN = """\
+version: 1
+recipe: tiny
+output: {grids: false, contact_sheet: false, variants: [{name: thumb, size: 40x40, format: png}]}
+defaults: {height: 32, width: 32, num_inference_steps: 2, seeds: [0]}
+subjects_from:
+  path: products.csv
+  name: sku
+  references: images
+  scenes: [a product on a table]
+"""
+
+
+def test_a_product_removed_from_the_feed_is_not_checked(tmp_path: Path, squeeze) -> None:
+    """A product dropped from the feed left its images in OUT (stale, until `--prune`), and `check` and
+    `status --rules` still checked them: with a variant added since, it failed as `missing` every night."""
+    (tmp_path / "products.csv").write_text("sku,images\nTEA,images/teapot/00.jpg\nCAN,images/can/00.jpg\n")
+    out = gen_example_run(
+        tmp_path, squeeze, FEED_RUN.replace(", variants: [{name: thumb, size: 40x40, format: png}]", "")
     )
-    result = squeeze("status", str(run_folder), "--json", "--rules", "amazon-main")
-    assert result.code == 1, result.err  # no job of this stand-in plan is done, and images fail
-    assert json.loads(result.out)["checks"] == {key: value for key, value in checked.items() if key != "ok"}
-    text = squeeze("status", str(run_folder), "--rules", "amazon-main").out
-    assert text.splitlines()[-1] == "amazon-main on the masters: 2 passed, 4 failed"
+    (tmp_path / "products.csv").write_text("sku,images\nTEA,images/teapot/00.jpg\n")
+    (tmp_path / "m.yaml").write_text(FEED_RUN)  # and a variant is added
+    assert squeeze("gen", str(tmp_path / "m.yaml"), "--out", str(out), "--quiet").code == 0
+    assert (out / "CAN" / "000-s0.png").is_file()  # still there, not the plan's
+
+    rules = tmp_path / "lenient.yaml"
+    rules.write_text("name: lenient\nmin_longest_side: 16\n")
+    checked = squeeze("check", str(out), "--rules", str(rules), "--variant", "thumb", "--json")
+    assert checked.code == 0, checked.out
+    report = json.loads(checked.out)
+    assert [image["image"] for image in report["images"]] == ["TEA/variants/thumb/000-s0.png"]
+    status = squeeze("status", str(out), "--json", "--rules", str(rules), "--variant", "thumb")
+    assert status.code == 0, status.out
+    assert json.loads(status.out)["checks"] == {key: value for key, value in report.items() if key != "ok"}
+    text = squeeze("status", str(out), "--rules", str(rules), "--variant", "thumb").out
+    assert text.splitlines()[-1] == "lenient on variant 'thumb': 1 passed, 0 failed"
+
+
+def test_a_variant_the_run_has_not_made_yet_fails_its_images_not_the_command(tmp_path: Path, squeeze) -> None:
+    """`gen` makes the variants after the images: a monitor's `check --variant` (or `status --rules
+    --variant`) while the night's run renders got exit 2, "the run made none (`output.variants`)"."""
+    (tmp_path / "products.csv").write_text("sku,images\nTEA,images/teapot/00.jpg\n")
+    out = gen_example_run(
+        tmp_path,
+        squeeze,
+        FEED_RUN.replace("variants: [{name: thumb, size: 40x40, format: png}]", "variants: []"),
+    )
+    resolved = out / "manifest.resolved.yaml"  # as the run that makes them left it, before it makes them
+    resolved.write_text(
+        resolved.read_text().replace("variants: []", "variants: [{name: thumb, size: 40x40}]")
+    )
+    for command in ("check", "status"):
+        result = squeeze(command, str(out), "--rules", "amazon-main", "--variant", "thumb")
+        assert result.code == 1, result.err
+        assert result.out.splitlines()[-1] == "amazon-main on variant 'thumb': 0 passed, 1 failed"
+    assert squeeze("check", str(out), "--rules", "amazon-main", "--variant", "thum").code == 2
 
 
 @pytest.mark.parametrize(

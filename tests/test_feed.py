@@ -208,6 +208,20 @@ def test_parquet_feeds_are_read_with_pyarrow(make_project, monkeypatch) -> None:
     assert [s.name for s in load_manifest(project / "m.yaml").subjects] == ["TP-1", "CAN-3"]
 
 
+def test_a_parquet_feed_of_no_columns_is_empty(make_project, monkeypatch) -> None:
+    """An export script's empty table (`pandas.DataFrame().to_parquet(...)`): a traceback, `max() arg is an
+    empty sequence`."""
+    pyarrow = pytest.importorskip("pyarrow")
+    from pyarrow import parquet
+
+    project = _project(make_project, "", name="products.parquet")
+    parquet.write_table(pyarrow.table({}), project / "products.parquet")
+    monkeypatch.chdir(project)
+    assert _problems("m.yaml") == [
+        "products.parquet: the feed is empty (hint: export the products with a column per field)"
+    ]
+
+
 def test_a_parquet_feed_without_pyarrow_says_which_extra_to_install(make_project, monkeypatch) -> None:
     project = _project(make_project, "", name="products.parquet")
     monkeypatch.chdir(project)
@@ -265,4 +279,170 @@ def test_a_row_with_more_references_than_the_pipeline_takes_is_located_at_its_li
     assert [str(p) for p in error.value.problems] == [
         "products.csv:4: images: 4 reference images, more than the 3 the qwen-image-edit-2511 pipeline "
         "(recipe tiny-qwen-image-edit-2511) conditions on (hint: keep at most 3 for this subject)"
+    ]
+
+
+def test_an_image_url_is_refused_as_a_url(make_project, monkeypatch) -> None:
+    """Shop exports give photos as URLs: that said "no such file", relative to the feed's folder (and, with
+    a `?` in the URL, "no file matches"), as if a local path were misspelt."""
+    url = "https://cdn.shop.example/tp-1.jpg?width=800"
+    project = _project(make_project, CSV.replace("images/teapot/00.jpg|images/teapot/01.jpg", url))
+    monkeypatch.chdir(project)
+    assert _problems("m.yaml") == [
+        f"products.csv:2: images: {url!r} is a URL: squeeze reads local image files only (hint: download "
+        f"the photos and give their paths; paths are relative to the feed's folder {project})"
+    ]
+    feed = "https://shop.example/export/products.csv"  # the feed itself, as a nightly script might name it
+    (project / "m.yaml").write_text(
+        (project / "m.yaml").read_text().replace("path: products.csv", f"path: {feed}")
+    )
+    assert _problems("m.yaml") == [
+        f"m.yaml:5:9: subjects_from.path: {feed!r} is a URL: squeeze reads a local file (hint: download "
+        "it first, e.g. `curl -fsS -o products.csv URL && squeeze gen ...`)"
+    ]
+
+
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_a_feed_separated_by_semicolons_or_tabs_says_so(make_project, monkeypatch, separator: str) -> None:
+    """A spreadsheet in a German or French locale saves "CSV" with semicolons: each mapped column was "not a
+    column", the hint listing one column named 'sku;category;color;title;images'."""
+    feed = "\n".join(
+        line.replace(",", separator) for line in CSV.replace('"Porcelain teapot, 1 l"', "Teapot").splitlines()
+    )
+    project = _project(make_project, feed + "\n")
+    monkeypatch.chdir(project)
+    assert _problems("m.yaml") == [
+        f"products.csv:1: the header is one column, {CSV.splitlines()[0].replace(',', separator)!r}: the "
+        f"feed's fields are separated by {separator!r}, not commas (hint: export it comma-separated (CSV "
+        "UTF-8 in a spreadsheet))"
+    ]
+
+
+def test_a_json_object_in_a_used_column_is_an_error_not_its_repr(make_project, monkeypatch) -> None:
+    """A product export nests: a title per language, the photos as `[{"src": ...}]`. The title went into
+    the prompt as Python's repr, "a teapot in white, {'en': 'Teapot', ...}", and the photos were "no such
+    file: \"{'src': ...}\""."""
+    rows = [
+        {
+            "sku": "TP-1",
+            "category": "teapot",
+            "color": "white",
+            "title": {"en": "Teapot", "de": "Teekanne"},
+            "images": [{"src": "images/teapot/00.jpg"}],
+            "attributes": {"unused": True},  # a column no scene uses is no problem
+        },
+        {
+            "sku": "TP-2",
+            "category": "teapot",
+            "color": "white",
+            "title": "T",
+            "images": "images/teapot/01.jpg",
+        },
+    ]
+    project = _project(make_project, "".join(json.dumps(row) + "\n" for row in rows), name="products.jsonl")
+    monkeypatch.chdir(project)
+    hint = "(hint: give the column text, or a list of texts: one language's title, the photos' paths)"
+    assert _problems("m.yaml") == [
+        f"products.jsonl:1: images: holds an object, not text {hint}",
+        f"products.jsonl:1: title: holds an object, not text {hint}",
+    ]
+
+
+def test_a_row_that_is_not_valid_csv_is_located_where_it_starts_and_the_rest_is_read(
+    make_project, monkeypatch
+) -> None:
+    """A title with an inch mark (`"12" pan`) stopped the reading of the feed there, without a hint, and an
+    unclosed quote was reported at the feed's last line, not at the row that opens it."""
+    feed = (
+        CSV
+        + 'TP-4,teapot,white,"12" pan,images/teapot/00.jpg\n'  # line 4
+        + "CAN-5,can,red,Can,images/can/missing.jpg\n"  # line 5: still read and checked
+        + 'CAN-6,can,red,"Can 33 cl,images/can/00.jpg\n'  # line 6: the quote is never closed
+        + "CAN-7,can,red,Can,images/can/00.jpg\n"
+    )
+    project = _project(make_project, feed)
+    monkeypatch.chdir(project)
+    hint = '(hint: quote a field that holds a quote, and double its quotes: "12"" pan")'
+    assert _problems("m.yaml") == [
+        f"products.csv:4: not valid CSV: ',' expected after '\"' {hint}",
+        "products.csv:5: images: no such file: 'images/can/missing.jpg' "
+        f"(hint: paths are relative to the feed's folder {project})",
+        f"products.csv:6: not valid CSV: unexpected end of data {hint}",
+    ]
+
+
+def test_a_windows_path_gets_a_hint_to_write_slashes(make_project, monkeypatch) -> None:
+    """A feed exported on Windows names `images\\teapot\\00.jpg`: "no such file", with a hint about the
+    feed's folder, for a file that is there."""
+    project = _project(
+        make_project, CSV.replace("images/teapot/00.jpg|images/teapot/01.jpg", "images\\teapot\\00.jpg")
+    )
+    monkeypatch.chdir(project)
+    assert _problems("m.yaml") == [
+        "products.csv:2: images: no such file: 'images\\\\teapot\\\\00.jpg' (hint: write the path with `/`: "
+        "here `\\` is part of a file's name, not a folder separator)"
+    ]
+
+
+def test_a_spreadsheets_trailing_empty_columns_are_no_columns(make_project, monkeypatch) -> None:
+    """A spreadsheet exports formatted but empty columns after the last one (`images,,`): the whole feed
+    was refused, "a column has no name"."""
+    rows = [f"{line},," for line in CSV.splitlines()]
+    project = _project(make_project, "\n".join(rows) + "\nCAN-3,can,red,Can,images/can/00.jpg,,stray\n")
+    monkeypatch.chdir(project)
+    assert _problems("m.yaml") == [
+        "products.csv:4: 7 fields, but the header names 5 columns "
+        '(hint: quote a field that holds a comma: "a, b")'
+    ]
+    (project / "products.csv").write_text("\n".join(rows) + "\n")
+    assert [s.name for s in load_manifest("m.yaml").subjects] == ["TP-1", "BP-2"]
+    (project / "products.csv").write_text(CSV.replace("color,", ",", 1))  # a column within has no name
+    assert _problems("m.yaml")[0].startswith("products.csv:1: a column has no name")
+
+
+@pytest.mark.parametrize("feed", ["\n", "\r\n\r\n", " , ,\n"])
+def test_a_feed_of_blank_lines_is_empty(make_project, monkeypatch, feed: str) -> None:
+    """An export that failed and left a newline: `validate` and `gen` died with a traceback (`max() arg is
+    an empty sequence`), the blank line taken for a header of no columns."""
+    project = _project(make_project, feed)
+    monkeypatch.chdir(project)
+    assert _problems("m.yaml") == ["products.csv: the feed is empty (hint: a header row first)"]
+
+
+def test_blank_lines_before_the_header_are_skipped(make_project, monkeypatch) -> None:
+    """Each row was "5 fields, but the header names 0 columns": the first blank line was the header."""
+    project = _project(make_project, "\n\n" + CSV)
+    monkeypatch.chdir(project)
+    assert [s.name for s in load_manifest("m.yaml").subjects] == ["TP-1", "BP-2"]
+    (project / "products.csv").write_text("\n\n" + CSV + "CAN-3,can,red,Can,images/can/missing.jpg\n")
+    assert _problems("m.yaml")[0].startswith("products.csv:6: images: no such file")
+
+
+def test_a_photo_named_in_another_unicode_form_is_pointed_at(make_project, make_image, monkeypatch) -> None:
+    """A photo copied from a Mac is named in NFD (`e` + a combining accent), the shop's export writes NFC
+    (`é`): the same name on screen, two names on Linux, and "no such file" said nothing more."""
+    import unicodedata
+
+    make_image(unicodedata.normalize("NFD", "photos/café.jpg"))
+    project = _project(
+        make_project, CSV.replace("images/teapot/00.jpg|images/teapot/01.jpg", "photos/café.jpg")
+    )
+    monkeypatch.chdir(project)
+    problems = _problems("m.yaml")
+    assert problems == [
+        "products.csv:2: images: no such file: 'photos/café.jpg' (hint: its folder has 'cafe\\u0301.jpg', "
+        "the same name in another Unicode form: rename the file, or write the path as it is)"
+    ]
+
+
+def test_a_feed_over_the_job_limit_is_located_at_subjects_from(make_project, monkeypatch) -> None:
+    """A 100,001-row feed was "m.yaml:1:1: subjects: the manifest plans ... jobs", at a key the manifest
+    does not have."""
+    project = _project(make_project)
+    monkeypatch.chdir(project)
+    with pytest.raises(ManifestError) as error:
+        load_manifest("m.yaml", max_jobs=5)
+    assert [str(problem) for problem in error.value.problems] == [
+        "m.yaml:5:3: subjects_from: the manifest plans 6 jobs, more than the limit of 5 (hint: raise it with "
+        "`--max-jobs N` or `max_jobs: N` if that many images is intended)"
     ]

@@ -322,6 +322,16 @@ def test_pad_fills_with_the_background_crop_covers_contain_fits() -> None:
     assert fit_image(tall, OutputVariant(name="v", size="100x100", fit="contain")).size == (50, 100)
 
 
+@pytest.mark.parametrize("fit", ["pad", "crop", "contain"])
+def test_a_box_far_narrower_than_the_image_still_gives_an_image(fit: str) -> None:
+    """`contain` of a 64x16 master in a 1x100 box rounded its height to 0 pixels: `gen` died with PIL's
+    "cannot write empty image" traceback."""
+    variant = OutputVariant(name="v", size="1x100", fit=fit, format="png")
+    master = Image.new("RGB", (64, 16), (10, 20, 30))
+    with Image.open(_bytes(encode_variant(master, variant, {}, "none"))) as written:
+        assert written.size == ((1, 1) if fit == "contain" else (1, 100))
+
+
 def test_the_srgb_profile_is_a_valid_icc_profile() -> None:
     profile = ImageCms.ImageCmsProfile(_bytes(srgb_profile()))
     assert "sRGB" in ImageCms.getProfileDescription(profile)

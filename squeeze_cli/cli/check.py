@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -39,10 +40,11 @@ def check(
     json_output: JsonOpt = False,
 ) -> int:
     """Check a run's images against a marketplace's rules: per image pass or fail, with the numbers."""
-    from squeeze_cli.outputs import check_run, format_report, load_rules
+    from squeeze_cli.outputs import check_run, format_report, load_rules, run_plan_if_any
 
     with failures_as_json(json_output):
-        report = check_run(out, load_rules(rules), variant)
+        rule_set = load_rules(rules)
+        report = check_run(out, rule_set, variant, run_plan_if_any(Path(out)))
     if json_output:
         typer.echo(json.dumps({"ok": True, **report.to_dict()}, indent=2))
     else:

@@ -81,7 +81,9 @@ def status(
         rule_set = load_rules(rules) if rules is not None else None  # bad rules: before any merge writes
         for run in found if merge else ():
             merge_run(run)
-        checks = [check_run(run.out, rule_set, variant) if rule_set is not None else None for run in found]
+        checks = [
+            check_run(run.out, rule_set, variant, run.plan) if rule_set is not None else None for run in found
+        ]
     if json_output:
         documents = [
             {**run.to_dict(), "merged": merge, **({"checks": check.to_dict()} if check is not None else {})}

@@ -129,7 +129,8 @@ def read_run(path: str | Path, *, verify: bool = False) -> RunContents:
             "run `squeeze gen` on it (it rebuilds a damaged index from the sidecars), then eval",
         )
     contents = RunContents(run_dir)
-    planned = planned_job_ids(run_dir, verify=verify)
+    plan = outputs.run_plan_if_any(run_dir, verify=verify)
+    planned = {job.job_id for job in plan.jobs} if plan is not None else None
     if planned is not None:
         contents.pending = len(planned - latest.keys())
     for entry in latest.values():
@@ -146,15 +147,6 @@ def read_run(path: str | Path, *, verify: bool = False) -> RunContents:
     contents.images.sort(key=lambda image: image.key)
     _refuse_mixed_models(contents)
     return contents
-
-
-def planned_job_ids(run_dir: Path, *, verify: bool = False) -> set[str] | None:
-    """The job ids of the run's plan (`outputs.load_run_plan`); None when it has no resolved manifest that
-    loads (a folder from an older squeeze, references since moved): then every indexed image counts."""
-    try:
-        return {job.job_id for job in outputs.load_run_plan(run_dir, verify=verify).jobs}
-    except (SqueezeError, OSError):
-        return None
 
 
 def _refuse_mixed_models(contents: RunContents) -> None:

@@ -63,6 +63,11 @@ class RunStatus:
         return totals["done"] == totals["planned"]
 
     @property
+    def plan(self) -> outputs.RunPlan | None:
+        """The plan this status counts (None without its loaded manifest)."""
+        return outputs.RunPlan(self.manifest, self.loaded, self.jobs) if self.loaded is not None else None
+
+    @property
     def exit_code(self) -> int:
         """0 when every planned job is done, 1 otherwise (pending or failed jobs)."""
         return EXIT_OK if self.complete else EXIT_JOBS_FAILED

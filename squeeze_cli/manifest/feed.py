@@ -29,6 +29,8 @@ from squeeze_cli.reading import MiB, open_regular_file, read_regular_file
 # A feed of a million products is some hundreds of MB; a larger file is a mistake (a wrong path).
 FEED_MAX_BYTES = 1024 * MiB
 FEED_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+QUOTE_HINT = 'quote a field that holds a quote, and double its quotes: "12"" pan"'
+NESTED_HINT = "give the column text, or a list of texts: one language's title, the photos' paths"
 PARQUET_HINT = "install the optional extra: pip install 'squeeze_cli[parquet]' (it adds pyarrow)"
 
 
@@ -92,41 +94,73 @@ def read_feed(path: Path, shown: str, format: str) -> Feed:
 
 def _read_csv(text: str, feed: Feed) -> None:
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    try:
-        header = next(reader, None)
-        if header is None:
-            feed.problems.append(
-                Problem(feed.file, None, None, "", "the feed is empty", "a header row first")
-            )
-            return
-        feed.columns = [name.strip() for name in header]
-        if not _unique_columns(feed, reader.line_num):
-            feed.columns = []  # no row can be read by a name that is not one column's
-            return
-        first_line = reader.line_num + 1
-        for number, cells in enumerate(reader, start=1):
-            if not any(cell.strip() for cell in cells):  # a blank line is no product
-                first_line = reader.line_num + 1
-                continue
-            if len(cells) != len(feed.columns):
-                feed.problems.append(
-                    Problem(
-                        feed.file,
-                        first_line,
-                        None,
-                        "",
-                        f"{len(cells)} fields, but the header names {len(feed.columns)} columns",
-                        'quote a field that holds a comma: "a, b"'
-                        if len(cells) > len(feed.columns)
-                        else "give every column a field; an empty one is nothing between two commas",
-                    )
-                )
-            else:
-                values = dict(zip(feed.columns, cells, strict=True))
-                feed.rows.append(FeedRow(feed.file, number, first_line, values))
-            first_line = reader.line_num + 1
+    try:  # the first line that is not blank (an empty one is no header of no columns)
+        header = next((cells for cells in reader if any(cell.strip() for cell in cells)), None)
     except csv.Error as error:
-        feed.problems.append(Problem(feed.file, reader.line_num, None, "", f"not valid CSV: {error}"))
+        feed.problems.append(
+            Problem(feed.file, reader.line_num, None, "", f"not valid CSV: {error}", QUOTE_HINT)
+        )
+        return
+    if header is None:
+        feed.problems.append(Problem(feed.file, None, None, "", "the feed is empty", "a header row first"))
+        return
+    if len(header) == 1 and (separator := next((c for c in ";\t" if c in header[0]), None)):
+        # A spreadsheet in a locale with a decimal comma saves "CSV" with semicolons.
+        feed.problems.append(
+            Problem(
+                feed.file,
+                reader.line_num,
+                None,
+                "",
+                f"the header is one column, {header[0]!r}: the feed's fields are separated by "
+                f"{separator!r}, not commas",
+                "export it comma-separated (CSV UTF-8 in a spreadsheet)",
+            )
+        )
+        return
+    # A spreadsheet exports formatted but empty columns after the last one: no column, and no field of a row.
+    while header and not header[-1].strip():
+        header.pop()
+    feed.columns = [name.strip() for name in header]
+    if not _unique_columns(feed, reader.line_num):
+        feed.columns = []  # no row can be read by a name that is not one column's
+        return
+    first_line = reader.line_num + 1
+    number = 0
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:  # at the line the record starts; the reader goes on after it
+            feed.problems.append(
+                Problem(feed.file, first_line, None, "", f"not valid CSV: {error}", QUOTE_HINT)
+            )
+            first_line = reader.line_num + 1
+            continue
+        number += 1
+        if not any(cell.strip() for cell in cells):  # a blank line is no product
+            first_line = reader.line_num + 1
+            continue
+        if len(cells) > len(feed.columns) and not any(cell.strip() for cell in cells[len(feed.columns) :]):
+            del cells[len(feed.columns) :]
+        if len(cells) != len(feed.columns):
+            feed.problems.append(
+                Problem(
+                    feed.file,
+                    first_line,
+                    None,
+                    "",
+                    f"{len(cells)} fields, but the header names {len(feed.columns)} columns",
+                    'quote a field that holds a comma: "a, b"'
+                    if len(cells) > len(feed.columns)
+                    else "give every column a field; an empty one is nothing between two commas",
+                )
+            )
+        else:
+            values = dict(zip(feed.columns, cells, strict=True))
+            feed.rows.append(FeedRow(feed.file, number, first_line, values))
+        first_line = reader.line_num + 1
 
 
 def _unique_columns(feed: Feed, line: int) -> bool:
@@ -194,6 +228,13 @@ def _read_parquet(path: Path, feed: Feed) -> None:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         feed.problems.append(Problem(feed.file, None, None, "", f"not a readable Parquet file: {first}"))
         return
+    if not table.column_names:  # an export script's empty table: no rows, and no columns to check them by
+        feed.problems.append(
+            Problem(
+                feed.file, None, None, "", "the feed is empty", "export the products with a column per field"
+            )
+        )
+        return
     feed.columns = list(table.column_names)
     feed.rows = [
         FeedRow(feed.file, number, None, values) for number, values in enumerate(table.to_pylist(), 1)
@@ -208,6 +249,13 @@ def cell_text(value: Any) -> str | None:
         value = ", ".join(text for text in map(cell_text, value) if text)
     text = str(value).strip()
     return text or None
+
+
+def _nested(value: Any) -> bool:
+    """Whether a cell holds an object (a JSON object, a Parquet struct), or a list of them or of lists."""
+    return isinstance(value, dict) or (
+        isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value)
+    )
 
 
 def cell_list(value: Any, separator: str) -> list[str]:
@@ -266,9 +314,23 @@ def resolve_row(
     def report(column: str, message: str, hint: str | None = None) -> None:
         problems.append(row.problem(column, message, hint))
 
-    name = cell_text(row.values.get(spec.name))
+    # A nested cell (JSONL, Parquet): its repr must reach no prompt and no path. One the row uses is an error.
+    nested = {column for column, value in row.values.items() if _nested(value)}
+    cells = {column: None if column in nested else value for column, value in row.values.items()}
+    used = {spec.name, spec.class_column, spec.references, spec.prompts}
+    used.update(
+        spec.class_column if placeholder == "class" else placeholder
+        for scene in scenes
+        for placeholder in scene.template.names
+    )
+    reported = {column for column in nested if column in used}
+    for nested_column in sorted(reported):
+        report(nested_column, "holds an object, not text", NESTED_HINT)
+
+    name = cell_text(cells.get(spec.name))
     if name is None:
-        report(spec.name, "empty: every row needs a subject name")
+        if spec.name not in nested:
+            report(spec.name, "empty: every row needs a subject name")
     elif (bad_name := subject_name_problem(name)) is not None:
         report(spec.name, *bad_name)
     elif name.casefold() in names_seen:
@@ -279,10 +341,10 @@ def resolve_row(
         )
     else:
         names_seen[name.casefold()] = row.place()
-    class_noun = cell_text(row.values.get(spec.class_column)) if spec.class_column else None
+    class_noun = cell_text(cells.get(spec.class_column)) if spec.class_column else None
 
-    patterns = cell_list(row.values.get(spec.references), spec.separator)
-    if not patterns:
+    patterns = cell_list(cells.get(spec.references), spec.separator)
+    if not patterns and spec.references not in nested:
         report(spec.references, "empty: every row needs at least one reference image")
     references = find_references(
         patterns,
@@ -291,10 +353,10 @@ def resolve_row(
         lambda _, message, hint: report(spec.references, message, hint),
     )
 
-    values = {column: cell_text(value) for column, value in row.values.items()}
+    values = {column: cell_text(value) for column, value in cells.items()}
     values.update({"subject": name, "class": class_noun})
     prompts: list[ResolvedPrompt] = []
-    empty: set[str] = set()  # each empty column once, however many scenes use it
+    empty = set(reported)  # each empty column once, however many scenes use it
     for index, scene in enumerate(scenes):
         for placeholder in scene.template.names:
             column = spec.class_column if placeholder == "class" else placeholder
@@ -309,19 +371,23 @@ def resolve_row(
                 report(column, f"empty, but scenes[{index}] uses {{{placeholder}}}", "fill it in")
         text = scene.template.fill(values)
         prompts.append(ResolvedPrompt(index, literal(text), text, scene.params, scene.seeds, scene.location))
-    for own in cell_list(row.values.get(spec.prompts), spec.separator) if spec.prompts else []:
+    for own in cell_list(cells.get(spec.prompts), spec.separator) if spec.prompts else []:
         template = Template(own)
         for message, hint in template.problems:
             report(spec.prompts or "", message, hint)
         for placeholder in template.names:
-            if values.get(placeholder) is None:
+            if placeholder in nested:
+                if placeholder not in empty:
+                    empty.add(placeholder)
+                    report(placeholder, "holds an object, not text", NESTED_HINT)
+            elif values.get(placeholder) is None:
                 report(spec.prompts or "", f"{{{placeholder}}} is not a column, or is empty in this row")
         text = template.fill(values)
         where = Location(row.file, row.line)
         prompts.append(
             ResolvedPrompt(len(prompts), literal(text), text, inherited.params, inherited.seeds, where)
         )
-    if not prompts:
+    if not prompts and spec.prompts not in nested:
         report(
             spec.prompts or spec.name, "empty, and `subjects_from` has no `scenes`: the row has no prompts"
         )

@@ -8,6 +8,8 @@ import glob
 import itertools
 import math
 import os
+import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -76,7 +78,23 @@ from squeeze_cli.params import SamplingParams
 from squeeze_cli.pipelines.registry import PIPELINES, pipeline_spec, unused_sampling_keys
 
 EXTENSION_PREFIX = "x-"
+# `https://...`, `file:///...`, `s3://...`: not a path (a path whose first folder ends in `:` would be odd).
+URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 SeedSpec = list[int] | SeedRange | None
+
+
+def _unicode_twin(path: str) -> str | None:
+    """The name in `path`'s folder that is `path`'s name in another Unicode form (a photo copied from a Mac
+    is named in NFD, `e` and a combining accent; a shop's export writes NFC, `é`), or None."""
+    folder, name = os.path.split(path)
+    if name.isascii():  # one form only: no folder to list for each missing photo of a feed
+        return None
+    wanted = unicodedata.normalize("NFC", name)
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return None
+    return next((other for other in names if unicodedata.normalize("NFC", other) == wanted), None)
 
 
 def _key_path(level: FieldPath, *keys: str) -> FieldPath:
@@ -261,7 +279,9 @@ class _Resolver:
 
         total = count_jobs(subjects)
         if total > limit:
-            self.problem(("subjects",), *too_many_jobs(total, limit))
+            # At the hand-written subjects, or at the feed when it alone makes them.
+            only_feed = head is not None and head.subjects_from is not None and not self.subjects
+            self.problem(("subjects_from",) if only_feed else ("subjects",), *too_many_jobs(total, limit))
         if model is not None and head is not None:
             self.check_sampling_keys(head, model, recipe)
         if model is not None:
@@ -300,6 +320,13 @@ class _Resolver:
                 ("subjects_from", "path"),
                 f"cannot tell the format of {spec.path!r} from its name",
                 "name a .csv, .jsonl or .parquet file, or set `format: csv|jsonl|parquet`",
+            )
+            return None
+        if URL_PATTERN.match(spec.path):
+            self.problem(
+                place,
+                f"{spec.path!r} is a URL: squeeze reads a local file",
+                "download it first, e.g. `curl -fsS -o products.csv URL && squeeze gen ...`",
             )
             return None
         absolute = Path(self.path_base(place), os.path.expanduser(spec.path))
@@ -755,6 +782,13 @@ class _Resolver:
             if "\0" in pattern:
                 report(ref_index, f"{pattern!r} contains a NUL character", "remove it from the path")
                 continue
+            if URL_PATTERN.match(pattern):  # a shop export's photo column often holds its CDN's URLs
+                report(
+                    ref_index,
+                    f"{pattern!r} is a URL: squeeze reads local image files only",
+                    f"download the photos and give their paths; {hints[ref_index]}",
+                )
+                continue
             absolute = os.path.join(bases[ref_index], os.path.expanduser(pattern))
             if glob.has_magic(pattern):
                 matches = [m for m in glob_paths(absolute) if os.path.isfile(m)]
@@ -780,6 +814,15 @@ class _Resolver:
                     "point it at an existing image, or list the image itself",
                 )
             elif not os.path.exists(absolute):
+                if (twin := _unicode_twin(absolute)) is not None:
+                    folder_hint = (
+                        f"its folder has {ascii(twin)}, the same name in another Unicode form: rename the "
+                        "file, or write the path as it is"
+                    )
+                elif "\\" in pattern:  # a feed exported on Windows
+                    folder_hint = (
+                        "write the path with `/`: here `\\` is part of a file's name, not a folder separator"
+                    )
                 report(ref_index, f"no such file: {pattern!r}", folder_hint)
             elif os.path.isdir(absolute):
                 report(

@@ -114,7 +114,7 @@ from .resume import (  # noqa: F401
     png_check,
     record_stamps,
 )
-from .run_plan import RunPlan, load_run_plan, not_a_run_folder, run_folders  # noqa: F401
+from .run_plan import RunPlan, load_run_plan, not_a_run_folder, run_folders, run_plan_if_any  # noqa: F401
 from .stale import StaleImage, find_stale, find_stale_views, in_the_way, move_stale, stale_folder_name  # noqa: F401
 from .tree import check_output_tree  # noqa: F401
 from .variants import make_variants  # noqa: F401

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,7 +31,7 @@ from squeeze_cli.manifest.schema_errors import schema_error, validate_schema
 from squeeze_cli.outputs.index import read_index
 from squeeze_cli.outputs.layout import INDEX_NAME, UnsafeOutputPathError, safe_join
 from squeeze_cli.outputs.records import VARIANTS_KEY
-from squeeze_cli.outputs.run_plan import not_a_run_folder
+from squeeze_cli.outputs.run_plan import RunPlan, not_a_run_folder
 from squeeze_cli.reading import MANIFEST_MAX_BYTES, open_regular_file, read_regular_file
 
 RULES_PACKAGE = "squeeze_cli.outputs"
@@ -215,9 +215,16 @@ def check_file(out_dir: Path, image: str, rules: RuleSet) -> ImageCheck:
     return check
 
 
-def check_run(out_dir: str | os.PathLike, rules: RuleSet, variant: str | None = None) -> CheckReport:
+def check_run(
+    out_dir: str | os.PathLike,
+    rules: RuleSet,
+    variant: str | None = None,
+    plan: RunPlan | None = None,
+) -> CheckReport:
     """Every finished image in `OUT/index.jsonl` against `rules`: its PNG master, or with `variant` that
-    channel variant (an image without one fails: `missing`).
+    channel variant (an image without one fails: `missing`). With the run's `plan`, only the plan's
+    images (a stale one, of a product since dropped from the feed, is not published), and its manifest's
+    variants are known before any image has them (`gen` makes them after the images).
 
     Raises:
         `RulesError`: `out_dir` has no run index.
@@ -230,9 +237,12 @@ def check_run(out_dir: str | os.PathLike, rules: RuleSet, variant: str | None = 
             f"{out} has no {INDEX_NAME}: it is not the output folder of a finished `squeeze gen` run",
             "give the folder `squeeze gen` wrote (after a --shard run, `squeeze status OUT --merge` first)",
         )
-    lines = sorted(_finished_lines(read_index(out)), key=lambda line: str(line.get("image")))
-    if variant is not None and lines and not any(_variant_of(line, variant) for line in lines):
-        made = sorted({name for line in lines for name in _variants(line)})
+    planned = {job.job_id for job in plan.jobs} if plan is not None else None
+    declared = {v.name for v in plan.loaded.document.output.variants} if plan is not None else set()
+    lines = sorted(_finished_lines(read_index(out), planned), key=lambda line: str(line.get("image")))
+    known = variant is None or variant in declared or any(_variant_of(line, variant) for line in lines)
+    if lines and not known:
+        made = sorted(declared | {name for line in lines for name in _variants(line)})
         raise RulesError(
             f"no image in {out} has a variant {variant!r}",
             f"its variants: {', '.join(made)}" if made else "the run made none (`output.variants`)",
@@ -263,8 +273,16 @@ def check_job_image(
     return ImageCheck(image, error=f"missing: it has no variant {variant!r}")
 
 
-def _finished_lines(lines: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return [line for line in lines if line.get("status") == "ok" and isinstance(line.get("image"), str)]
+def _finished_lines(
+    lines: Sequence[Mapping[str, Any]], planned: Collection[str] | None
+) -> list[Mapping[str, Any]]:
+    return [
+        line
+        for line in lines
+        if line.get("status") == "ok"
+        and isinstance(line.get("image"), str)
+        and (planned is None or line.get("job_id") in planned)
+    ]
 
 
 def format_report(report: CheckReport) -> str:

@@ -1,5 +1,6 @@
 """A run folder's own plan: its `manifest.resolved.yaml` (OUT's, else a shard's), loaded and planned again,
-so the commands that read a finished run (`status`, `export`) count the jobs `gen` planned and no others."""
+so the commands that read a finished run (`status`, `export`, `eval`, `check`) count the jobs `gen` planned
+and no others."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from squeeze_cli.errors import UsageError
+from squeeze_cli.errors import SqueezeError, UsageError
 from squeeze_cli.outputs.layout import RESOLVED_MANIFEST_NAME, SHARDS_DIR_NAME
 
 if TYPE_CHECKING:
@@ -79,3 +80,12 @@ def load_run_plan(out: Path, *, verify: bool = False) -> RunPlan:
     loaded = load_manifest(manifest, check_sources=False, reference_cache=not verify)
     jobs = plan_jobs(loaded, model_identity=loaded.model_identity, max_jobs=loaded.max_jobs)
     return RunPlan(manifest, loaded, jobs)
+
+
+def run_plan_if_any(run_dir: Path, *, verify: bool = False) -> RunPlan | None:
+    """The run's plan (`load_run_plan`); None when it has no resolved manifest that loads (a folder from an
+    older squeeze, references since moved): then every indexed image counts."""
+    try:
+        return load_run_plan(run_dir, verify=verify)
+    except (SqueezeError, OSError):
+        return None

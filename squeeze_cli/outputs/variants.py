@@ -77,7 +77,11 @@ def fit_image(master: Image.Image, variant: OutputVariant) -> Image.Image:
         return ImageOps.pad(image, box, Image.Resampling.LANCZOS, color=ImageColor.getrgb(variant.background))
     if variant.fit == "crop":
         return ImageOps.fit(image, box, Image.Resampling.LANCZOS)
-    return ImageOps.contain(image, box, Image.Resampling.LANCZOS)
+    fitted = ImageOps.contain(image, box, Image.Resampling.LANCZOS)
+    if min(fitted.size) > 0:
+        return fitted
+    # A box far narrower than the image's shape rounds its short side to 0 pixels, which no format holds.
+    return image.resize((max(1, fitted.width), max(1, fitted.height)), Image.Resampling.LANCZOS)
 
 
 def encode_variant(
