@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -139,6 +140,32 @@ def exit_without_teardown(code: int) -> NoReturn:
         except (OSError, ValueError):  # a closed pipe or stream: as Python's own exit, status 120
             code = code or 120
     os._exit(code)
+
+
+def this_machine() -> str:
+    """Where a pid names a process: the host's name and this process's pid namespace (two containers of one
+    host, such as pods on the host's network, share the name, not the pids). Recorded with a pid."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # `pid:[4026531836]`; Linux only
+    except OSError:
+        return socket.gethostname()
+    return f"{socket.gethostname()} {namespace}"
+
+
+def process_alive(pid: Any, machine: Any) -> bool | None:
+    """Whether process `pid`, recorded on `machine` (`this_machine()`), still runs; None when that cannot
+    be told from here (another machine, an older record without one)."""
+    if machine != this_machine() or not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31:
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: only whether it exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return None
+    return True
 
 
 def accelerate_cpu() -> bool:

@@ -4,9 +4,12 @@ index and the views up to date, a folder that is not a run, and no torch importe
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from support import ONE_IMAGE, TWO_PROMPTS, gen_example_run
+
+from squeeze_cli.processes import this_machine
 
 
 def test_status_of_a_sharded_run_and_merge(make_project, squeeze) -> None:
@@ -69,3 +72,35 @@ def test_status_imports_no_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_run_whose_process_is_gone_is_not_called_running(tmp_path: Path, squeeze) -> None:
+    """A run killed with kill -9 (or by the OOM killer) never writes its summary: `run.json` says `running`
+    for good, and status said so every night. Its pid is looked up where the run ran: this machine's."""
+    import subprocess
+    import sys
+
+    out = gen_example_run(tmp_path, squeeze, ONE_IMAGE)
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["host"] == this_machine()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process now
+
+    def status_with(pid: int, host: str) -> tuple[str, dict]:
+        (out / "run.json").write_text(
+            json.dumps({**summary, "status": "running", "finished_at": None, "pid": pid, "host": host})
+        )
+        text = squeeze("status", str(out)).out
+        (last_run,) = [line for line in text.splitlines() if line.startswith("last run")]
+        return last_run, json.loads(squeeze("status", str(out), "--json").out)["runs"][0]
+
+    line, run = status_with(dead.pid, this_machine())
+    assert line == (
+        f"last run  stopped without its summary: process {dead.pid} is gone (killed, out of memory, or "
+        "run.json could not be written)"
+    )
+    assert run["status"] == "running" and run["alive"] is False and run["pid"] == dead.pid
+    line, run = status_with(os.getpid(), this_machine())  # alive
+    assert line == "last run  running (not finished)" and run["alive"] is True
+    line, run = status_with(dead.pid, "another-host pid:[1]")  # cannot be told from here
+    assert line == "last run  running (not finished)" and run["alive"] is None

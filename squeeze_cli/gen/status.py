@@ -21,6 +21,7 @@ from squeeze_cli.errors import EXIT_JOBS_FAILED, EXIT_OK
 from squeeze_cli.logs import counted
 from squeeze_cli.manifest import LoadedManifest
 from squeeze_cli.plan import Job
+from squeeze_cli.processes import process_alive
 from squeeze_cli.reading import MANIFEST_MAX_BYTES, file_kind, read_regular_file
 
 
@@ -125,6 +126,16 @@ def _read_summary(folder: Path) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) else None
 
 
+def _liveness(summary: dict[str, Any]) -> dict[str, Any]:
+    """For a run whose `run.json` says `running`: its `pid`, and `alive`, whether that process still runs
+    (None when it cannot be told from here: another machine's run, an older run.json). A killed run (kill
+    -9, out of memory) never writes its summary, and says `running` for good."""
+    if summary.get("status") != "running":
+        return {}
+    pid = summary.get("pid")
+    return {"pid": pid, "alive": process_alive(pid, summary.get("host"))}
+
+
 def run_status(out: str | Path, *, verify: bool = False) -> RunStatus:
     """Read a run folder: its plan, what is finished, what failed, each run's summary; writes nothing.
     With `verify`, every finished image is hashed (`outputs.find_finished`)."""
@@ -151,6 +162,7 @@ def run_status(out: str | Path, *, verify: bool = False) -> RunStatus:
                     "shard": summary.get("shard"),
                     "status": summary.get("status"),
                     "finished_at": summary.get("finished_at"),
+                    **_liveness(summary),
                 }
             )
     ids_by_subject: dict[int, list[str]] = {}  # one pass: not one pass over every job per subject
@@ -252,7 +264,11 @@ def format_status(status: RunStatus, merged: bool = False) -> str:
     for run in status.runs:
         # A plain run's folder is OUT itself (`.` in --json), already named on the first line.
         where = f"{run['folder']}: " if run["folder"] != "." else ""
-        lines.append(f"last run  {where}{run['status']} ({run['finished_at'] or 'not finished'})")
+        if run.get("alive") is False:
+            gone = f"process {run['pid']} is gone (killed, out of memory, or run.json could not be written)"
+            lines.append(f"last run  {where}stopped without its summary: {gone}")
+        else:
+            lines.append(f"last run  {where}{run['status']} ({run['finished_at'] or 'not finished'})")
     if status.stale:
         shown = ", ".join(image.image for image in status.stale[:STALE_SHOWN])
         more = f" and {len(status.stale) - STALE_SHOWN:,} more" if len(status.stale) > STALE_SHOWN else ""

@@ -13,6 +13,7 @@ from squeeze_cli.gen.progress import Reporter
 from squeeze_cli.logs import counted
 from squeeze_cli.pipelines.stages import stage_plan
 from squeeze_cli.plan import Job
+from squeeze_cli.processes import this_machine
 
 
 def now() -> str:
@@ -93,6 +94,7 @@ def starting_summary(
         "status": "running",
         "command": command,
         "pid": os.getpid(),
+        "host": this_machine(),  # where `pid` is a process: `squeeze status` tells a killed run by it
         "started_at": started_at,
         "finished_at": None,
         "out": out_dir,
