@@ -133,6 +133,31 @@ def test_the_mapping_and_the_scenes_are_checked_against_the_columns(make_project
     ]
 
 
+@pytest.mark.parametrize("column", ["subject", "class"])
+def test_a_column_named_like_a_built_in_placeholder_is_ambiguous(make_project, monkeypatch, column) -> None:
+    """A feed with a `subject` column (and `name: sku`): `{subject}` is the sku, and the column's text never
+    reached a prompt, without a word."""
+    feed = CSV.replace("title,images", f"{column},images")
+    project = _project(make_project, feed)
+    monkeypatch.chdir(project)
+    manifest = (project / "m.yaml").read_text().replace("{title}", f"{{{column}}}")
+    (project / "m.yaml").write_text(manifest)
+    mapped = "name" if column == "subject" else "class"
+    problems = _problems("m.yaml")
+    assert problems[0] == (
+        f"m.yaml:10:7: subjects_from.scenes[0]: {{{column}}} is ambiguous: products.csv has a column "
+        f"{column!r}, and {{{column}}} is the cell of the `{mapped}:` column (hint: map `{mapped}: {column}` "
+        "in `subjects_from` if that column is meant, or rename it)"
+    )
+    assert len(problems) == (1 if column == "subject" else 2)  # scenes[1] uses {class} too
+    if column == "class":  # mapped: the column is the placeholder's, as asked
+        (project / "m.yaml").write_text(manifest.replace("class: category", "class: class"))
+        assert (
+            load_manifest("m.yaml").subjects[0].prompts[0].text
+            == "a Porcelain teapot, 1 l in white, Porcelain teapot, 1 l"
+        )
+
+
 def test_a_missing_feed_and_an_unknown_format_are_located_in_the_manifest(make_project) -> None:
     project = _project(make_project, name="products.txt")
     assert _problems(project / "m.yaml") == [

@@ -386,6 +386,7 @@ class _Resolver:
             return []
         base, base_seeds = _merged(levels, pipeline)
         known = {"subject", "class", *feed.columns}
+        built_in = {"subject": spec.name, "class": spec.class_column}  # placeholder: the column it fills from
         scenes: list[Scene] = []
         for index, scene in enumerate(spec.scenes):
             scene_path: FieldPath = ("subjects_from", "scenes", index)
@@ -405,6 +406,16 @@ class _Resolver:
                         text_path,
                         f"unknown placeholder {{{name}}}: {feed.file} has no such column",
                         f"known: {{subject}}, {{class}} and the columns {', '.join(feed.columns)}",
+                    )
+                elif name in built_in and name in feed.columns and built_in[name] != name:
+                    # {subject} is the name column's cell, {class} the class column's: the feed's own column
+                    # of that name would never reach the prompt, without a word.
+                    mapped = "name" if name == "subject" else "class"
+                    self.problem(
+                        text_path,
+                        f"{{{name}}} is ambiguous: {feed.file} has a column {name!r}, and {{{name}}} is the "
+                        f"cell of the `{mapped}:` column",
+                        f"map `{mapped}: {name}` in `subjects_from` if that column is meant, or rename it",
                     )
             params, seeds = _prompt_params(base, base_seeds, scene, pipeline)
             self.check_prompt(scene_path, params, [*levels, (scene_path, scene)])
