@@ -99,6 +99,14 @@ def test_all_passing_exits_0_and_your_own_rules_file_is_read(run_folder: Path, w
     assert result.out.splitlines()[-1] == "lenient on the masters: 6 passed, 0 failed"
 
 
+def test_a_rules_file_named_in_capitals_is_a_file(run_folder: Path, write_file, squeeze, monkeypatch) -> None:
+    """`--rules R5.YAML` (no `/`) was looked up as a packaged rule set: 'unknown rule set'."""
+    rules = write_file("name: lenient\nmin_longest_side: 500\n", name="R5.YAML")
+    monkeypatch.chdir(rules.parent)
+    result = squeeze("check", str(run_folder), "--rules", "R5.YAML")
+    assert result.code == 0, result.err
+
+
 def test_a_padded_jpeg_variant_keeps_a_pure_white_border(tmp_path: Path, squeeze) -> None:
     """The path a catalog takes: a master padded onto white, saved as JPEG, passes amazon-main."""
     master = product_shot((512, 640), (20, 20, 492, 620))

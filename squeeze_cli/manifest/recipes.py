@@ -86,7 +86,7 @@ def list_recipes() -> list[Recipe]:
 def is_file_path(name_or_path: str) -> bool:
     """Whether a `--recipe` or `--rules` value names a file (has a `/` or ends in `.yaml`/`.yml`) rather
     than something packaged."""
-    return "/" in name_or_path or os.sep in name_or_path or name_or_path.endswith(RECIPE_SUFFIXES)
+    return "/" in name_or_path or os.sep in name_or_path or name_or_path.lower().endswith(RECIPE_SUFFIXES)
 
 
 def on_command_line(location: Location) -> bool:
