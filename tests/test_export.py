@@ -300,6 +300,19 @@ def test_other_folders_are_refused(squeeze, made_run, tmp_path):
     assert "another set of eval scores (hint: the run's `squeeze eval` scores changed since" in error
 
 
+def test_a_rerun_compares_the_splits_in_order_and_the_seed_only_with_splits(squeeze, made_run, tmp_path):
+    """The splits take their subjects in the order given, so the reverse order would place new subjects
+    otherwise: it was taken as the same export. A --seed without --split shuffles nothing: it was refused."""
+    folder = tmp_path / "split"
+    export(squeeze, made_run, folder, "--split", "val=0.3", "--split", "test=0.3")
+    reverse = export(squeeze, made_run, folder, "--split", "test=0.3", "--split", "val=0.3", expect=2)
+    assert "holds an export made with another --split" in one_error_line(reverse.err)
+    export(squeeze, made_run, folder, "--split", "val=0.3", "--split", "test=0.3")  # the same: nothing new
+    plain = tmp_path / "plain"
+    export(squeeze, made_run, plain)
+    export(squeeze, made_run, plain, "--seed", "5")
+
+
 def test_grids_and_contact_sheets_are_never_exported(squeeze, run, tmp_path):
     for view in run.glob(".views/*/*.png"):  # as a run without `output.views_dir` draws them
         view.rename(run / view.parent.name / view.name)

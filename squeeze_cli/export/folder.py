@@ -284,8 +284,8 @@ def _open_folder(folder: Path, selection: dict[str, Any]) -> dict[str, Any]:
                 f"{state_path}: damaged", "export into a new folder (or delete this one and export again)"
             ) from None
         saved = state["selection"]
-        if saved != selection and state["parts"]:
-            changed = [key for key in selection if saved.get(key) != selection[key]]
+        changed = _changed_options(saved, selection)
+        if changed and state["parts"]:
             raise UsageError(
                 f"-o {folder}: holds an export made with another "
                 + ", ".join(_OPTION_NAMES[key] for key in changed),
@@ -295,7 +295,7 @@ def _open_folder(folder: Path, selection: dict[str, Any]) -> dict[str, Any]:
             )
         shutil.rmtree(folder / outputs.EXPORT_STAGING_NAME, ignore_errors=True)
         _remove_unlisted_parts(folder, saved["format"], set(state["parts"]))
-        if saved == selection:
+        if not changed:
             return state
         # No part yet (a first export stopped before its first, or a selection that kept no image): nothing
         # is exported to keep, so the new options hold.
@@ -314,6 +314,20 @@ def _open_folder(folder: Path, selection: dict[str, Any]) -> dict[str, Any]:
     # the next export knows as its own (and removes the part from), not "other files".
     outputs.atomic_write_json(state_path, new)
     return new
+
+
+def _changed_options(saved: dict[str, Any], selection: dict[str, Any]) -> list[str]:
+    """The options of `selection` that differ from the saved export's. The splits' order counts (each takes
+    its subjects in turn); the seed counts only with splits (it shuffles nothing else)."""
+
+    def comparable(options: dict[str, Any], key: str) -> Any:
+        if key == "split":
+            return list(options[key].items()) if isinstance(options.get(key), dict) else options.get(key)
+        if key == "seed" and not options.get("split"):
+            return None
+        return options.get(key)
+
+    return [key for key in selection if comparable(saved, key) != comparable(selection, key)]
 
 
 def _remove_unlisted_parts(folder: Path, export_format: str, listed: set[str]) -> None:
