@@ -189,3 +189,68 @@ def write_in_place(path: Path, at: int, data: bytes) -> None:
 def flip_byte_in_place(path: Path, at: int) -> None:
     """`write_in_place` of the byte at `at`, inverted."""
     write_in_place(path, at, bytes([path.read_bytes()[at] ^ 0xFF]))
+
+
+class ThreadProcesses:
+    """`processes.Processes` for a thread standing for one of two processes of a launch (`in_two_threads`:
+    its name is its index); `barrier` stands for the process group's."""
+
+    def __init__(self, barrier: threading.Barrier) -> None:
+        self.index, self.count, self._barrier = int(threading.current_thread().name), 2, barrier
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def barrier(self) -> None:
+        self._barrier.wait()
+
+    def gather(self, value):
+        from squeeze_cli import processes
+
+        return processes._all_gather(value, self.count)
+
+    @contextlib.contextmanager
+    def main_first(self):
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+
+def threads_as_processes(monkeypatch):
+    """Make `processes.together` and `ThreadProcesses` gather between the two threads of `in_two_threads`;
+    returns the `Processes` to put in place of the real one."""
+    from squeeze_cli import processes
+
+    barrier = threading.Barrier(2, timeout=30)  # a process left waiting fails the test, not hangs it
+    gathered: dict[int, object] = {}
+
+    def all_gather(value, count):
+        gathered[int(threading.current_thread().name)] = value
+        barrier.wait()
+        values = [gathered[rank] for rank in range(count)]
+        barrier.wait()
+        return values
+
+    monkeypatch.setattr(processes, "_all_gather", all_gather)
+    return lambda: ThreadProcesses(barrier)
+
+
+def in_two_threads(work) -> dict[int, object]:
+    """`work()` in two threads named 0 and 1, standing for two processes; what each returned or raised."""
+    ended: dict[int, object] = {}
+
+    def process(rank: int) -> None:
+        try:
+            ended[rank] = work()
+        except BaseException as error:  # noqa: BLE001 - told to the test's thread
+            ended[rank] = error
+
+    threads = [threading.Thread(target=process, args=(rank,), name=str(rank)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return ended

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from support import EXAMPLE_IMAGES, gen_example_run
+from support import EXAMPLE_IMAGES, gen_example_run, in_two_threads, threads_as_processes
 
 from squeeze_cli.eval.rundir import RunImage
 from squeeze_cli.eval.scoring import clip_t_text
@@ -359,6 +359,39 @@ def test_two_processes_split_the_images_and_match_one_process(squeeze, run: Path
     for a, b in zip(two, one, strict=True):
         for metric in METRICS:
             assert a[metric] == pytest.approx(b[metric], abs=1e-5)
+
+
+def test_a_refusal_of_the_main_process_ends_every_process(run: Path, monkeypatch):
+    """Under `accelerate launch`, the main process alone writes a run's scores: when that failed (a full
+    disk), the others went on to the next run and waited for the main one in its collective, until the
+    launcher ended them by SIGTERM. Now every process ends with the error's exit code."""
+    import threading
+
+    from squeeze_cli import processes
+    from squeeze_cli.errors import OtherProcessError
+    from squeeze_cli.eval import scoring
+    from squeeze_cli.metrics.protocol import make_protocol
+    from squeeze_cli.outputs import OutputWriteError
+
+    second = run.parent / "second"
+    shutil.copytree(run, second)
+    monkeypatch.setattr(processes, "Processes", threads_as_processes(monkeypatch))
+    write_metrics = scoring.write_metrics
+
+    def full_disk(evaluation) -> None:
+        if threading.current_thread().name == "0":
+            path = evaluation.contents.path / "metrics.json"
+            raise OutputWriteError(f"{path}: no space left on device", "free some space", path=path)
+        write_metrics(evaluation)
+
+    monkeypatch.setattr(scoring, "write_metrics", full_disk)
+    runs = scoring.read_runs([run, second], report=False)
+    protocol = make_protocol("tiny")
+    ended = in_two_threads(
+        lambda: scoring.evaluate_runs(runs, protocol, device="cpu", report=False, progress=False)
+    )
+    assert {rank: type(end) for rank, end in ended.items()} == {0: OutputWriteError, 1: OtherProcessError}
+    assert isinstance(ended[1], OtherProcessError) and ended[1].exit_code == 1
 
 
 def test_report_links_are_relative_and_percent_encoded(tmp_path: Path):

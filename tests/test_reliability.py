@@ -441,6 +441,21 @@ def test_a_signal_before_anything_is_written_stops_at_once_and_a_second_one_too(
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # restored
 
 
+def test_a_signal_handler_set_during_the_run_is_kept() -> None:
+    """`processes.together` ignores SIGTERM once every process of a launch ends on a refusal, so that the
+    launcher's SIGTERM to those left does not replace their exit code; leaving the run put the handler from
+    before it back over that, and the launcher reported -15 for them again."""
+    from squeeze_cli.gen.signals import StopSignal
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with StopSignal():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @pytest.mark.parametrize("then", ["fails", "loads"])
 def test_a_signal_a_library_loses_while_loading_still_stops_the_run(project, gen, monkeypatch, then) -> None:
     """Ctrl-C in the first second of `gen` landed in an import inside diffusers, which lost the StopNow and

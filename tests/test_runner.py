@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from support import in_two_threads, threads_as_processes
 
 from squeeze_cli.loading import TINY_FORMAT
 from squeeze_cli.outputs import records
@@ -314,6 +315,107 @@ def test_two_processes_split_the_jobs_and_match_one_process(project: Path, gen) 
     assert_same_images(images_of(project / "one"), images_of(project / "two"))
     # One complete build, no staging.
     assert [p.name for p in cold_cache.iterdir()] == [f"tiny-internvl-v{TINY_FORMAT}"]
+
+
+def gen_as_two_processes(monkeypatch, manifest: Path, out: Path, load=None) -> dict[int, object]:
+    """`run_gen` in two threads as the two processes of a launch, models neither built nor loaded (`load`,
+    if given, is called with the process's index instead) and instructions not checked; what each returned
+    or raised."""
+    from squeeze_cli.gen import runner
+    from squeeze_cli.gen.worker import GenOptions, Worker
+    from squeeze_cli.manifest import load_manifest
+
+    monkeypatch.setattr(runner, "Processes", threads_as_processes(monkeypatch))
+    monkeypatch.setattr(Worker, "build_tiny_models", lambda self: None)
+    monkeypatch.setattr(Worker, "load", lambda self: load and load(self.processes.index))
+    monkeypatch.setattr(Worker, "check_instructions", lambda self, jobs: [])
+    loaded = load_manifest(str(manifest), [])
+    return in_two_threads(lambda: runner.run_gen(loaded, GenOptions(out=out), quiet=True))
+
+
+def test_a_refusal_of_the_main_process_ends_every_process(project: Path, monkeypatch) -> None:
+    """Under `accelerate launch`, the main process alone takes the output folder's lock: refused (another
+    gen holds it), it exited 2 while the others waited for it at the next collective until the launcher
+    ended them by SIGTERM. Now every process ends with the refusal's exit code; only the main one says it."""
+    from squeeze_cli.errors import OtherProcessError
+    from squeeze_cli.gen.lock import DirectoryLock, OutputInUseError
+
+    out = project / "out"
+    other = DirectoryLock(out)
+    other.acquire()  # another gen on that folder, still running
+    try:
+        ended = gen_as_two_processes(monkeypatch, project / "m.yaml", out)
+    finally:
+        other.release()
+    assert {rank: type(end) for rank, end in ended.items()} == {0: OutputInUseError, 1: OtherProcessError}
+    assert isinstance(ended[1], OtherProcessError) and ended[1].exit_code == 2
+    assert sorted(path.name for path in out.iterdir()) == [".squeeze.lock"]
+
+
+def test_a_refusal_of_the_main_process_at_the_first_writes_ends_every_process(
+    project: Path, monkeypatch
+) -> None:
+    """A new output folder is locked at the first writes (`GenRun.open`), by the main process alone: when
+    another gen began in it while this one loaded, the main process was refused and the others waited for
+    it at the barrier after those writes."""
+    from squeeze_cli.errors import OtherProcessError
+    from squeeze_cli.gen.lock import DirectoryLock, OutputInUseError
+
+    out = project / "out"
+    other = DirectoryLock(out)
+
+    def load(rank: int) -> None:
+        if rank == 0:
+            other.acquire()  # another gen starts on the same new folder
+
+    try:
+        ended = gen_as_two_processes(monkeypatch, project / "m.yaml", out, load=load)
+    finally:
+        other.release()
+    assert {rank: type(end) for rank, end in ended.items()} == {0: OutputInUseError, 1: OtherProcessError}
+    assert "in use by another squeeze gen" in str(ended[0])
+    assert not (out / "run.json").exists()
+
+
+def test_a_model_that_one_process_cannot_load_ends_every_process(project: Path, monkeypatch) -> None:
+    """Only a process with jobs loads the model: with one job left, the other one waited at the gather of
+    the instructions' problems for the one whose model failed to load."""
+    from squeeze_cli.errors import ModelLoadError, OtherProcessError
+
+    def load(rank: int) -> None:
+        if rank == 0:
+            raise ModelLoadError("model.path: cannot load it", "check the path")
+
+    ended = gen_as_two_processes(monkeypatch, project / "m.yaml", project / "out", load=load)
+    assert {rank: type(end) for rank, end in ended.items()} == {0: ModelLoadError, 1: OtherProcessError}
+
+
+@pytest.mark.slow
+def test_a_refused_launch_ends_every_process_with_the_refusals_code(project: Path) -> None:
+    """Two processes of `accelerate launch` on an output folder another gen holds: the main process says
+    the refusal once (its line, and with --json its document) and every process exits 2 (the launcher
+    exits 1 with its summary of the failed processes); the other process was ended by the launcher's
+    SIGTERM (-15) while it waited for the main one."""
+    import re
+
+    from squeeze_cli.gen.lock import DirectoryLock
+
+    out = project / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SQUEEZE_CACHE": str(project / "c")}
+    other = DirectoryLock(out)
+    other.acquire()  # another gen on that folder, still running
+    try:
+        command = two_processes("gen", str(project / "m.yaml"), "--out", str(out), "--json")
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    finally:
+        other.release()
+    errors = [line for line in result.stderr.splitlines() if " error: " in line]
+    assert len(errors) == 1 and "is in use by another squeeze gen" in errors[0], result.stderr[-3000:]
+    codes = re.findall(r"^ +exitcode +: (\S+)", result.stderr, re.MULTILINE)  # the launcher's summary
+    assert codes == ["2", "2"], result.stderr[-3000:]
+    assert result.stderr.count("Traceback") == 1  # the launcher's ChildFailedError, no process's own
+    documents = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [document["ok"] for document in documents] == [False], result.stdout
 
 
 def test_an_instruction_longer_than_the_context_is_refused_before_writing(project: Path, gen) -> None:

@@ -213,6 +213,10 @@ def print_json_failure(error: SqueezeError, *, one_line: bool = False, plan: dic
     known error is one problem without one. `plan`'s keys come first when there is a plan to show."""
     import json
 
+    from squeeze_cli.errors import OtherProcessError
+
+    if isinstance(error, OtherProcessError):  # its own process prints it
+        return
     document = {"ok": False, **(plan or {}), "problems": json_problems(error)}
     typer.echo(json.dumps(document, ensure_ascii=False) if one_line else json.dumps(document, indent=2))
 

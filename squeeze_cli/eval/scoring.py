@@ -24,6 +24,7 @@ from squeeze_cli.eval.gated import gate_summary, refuse_gated_runs
 from squeeze_cli.eval.report import mean_metrics
 from squeeze_cli.eval.rundir import RunContents, RunImage, unreadable
 from squeeze_cli.metrics.protocol import EncoderSpec, Protocol
+from squeeze_cli.processes import together
 from squeeze_cli.reading import INDEX_MAX_BYTES, file_kind, open_regular_file, read_regular_file
 
 # 2: DINO preprocessed exactly as torchvision and with the release's LayerNorm epsilon (other scores).
@@ -258,6 +259,10 @@ def evaluate_run(
     raw: dict[tuple[int, str], dict[str, Any]] = {}
     computed = reused = 0
     is_main = processes is None or processes.is_main
+    # With several processes, each scores every count-th image; everyone gets all the scores. A refusal of
+    # some processes alone (the encoder of a process with images to score, the main process's writes) ends
+    # every process (`processes.together`): none waits for them in the next collective.
+    index, count = (processes.index, processes.count) if processes is not None else (0, 1)
     if is_main:  # what a killed eval left (the temporaries of its own files, by dead processes only)
         outputs.remove_stale_temp_files(run_dir, only=EVAL_FILE_NAMES)
     for spec in protocol.encoders:
@@ -271,35 +276,40 @@ def evaluate_run(
                 todo.append((position, key))
         if not todo:
             continue  # every process sees the same cache and plan, so all skip the gather together
-        # With several processes, each scores every count-th image; everyone gets all the scores.
-        index, count = (processes.index, processes.count) if processes is not None else (0, 1)
         mine = todo[index::count]
-        scores = {}
-        if mine:
+
+        def score_mine(spec: EncoderSpec = spec, mine: list[tuple[int, str]] = mine) -> dict[str, Any]:
+            if not mine:
+                return {}
             encoder = (encoder_factory or _load_encoder)(spec, device or _default_device())
-            scores = _score_with(encoder, mine, plan, run_dir, batch_size, progress and index == 0)
+            return _score_with(encoder, mine, plan, run_dir, batch_size, progress and index == 0)
+
+        scores = together(score_mine, index, count)
         if processes is not None and count > 1:
             scores = {key: value for part in processes.gather(scores) for key, value in part.items()}
         for position, key in todo:
             raw[position, spec.role] = cache[key] = scores[key]
         computed += len(todo)
-    if computed and is_main:
-        outputs.atomic_write_json(
-            run_dir / outputs.METRICS_CACHE_NAME, {"format": CACHE_FORMAT, "scores": cache}
-        )
 
-    rows = [
-        _row(plan[i], protocol, {role: raw.get((i, role), {}) for role in _roles(protocol)})
-        for i in range(len(plan))
-    ]
-    summary = summarise(rows, protocol, contents, notes)
-    if rules is not None and is_main:
-        summary["checks"] = check_rows(rows, run_dir, [image for image, *_ in plan], rules, variant)
-    evaluation = RunEvaluation(contents, protocol, rows, summary, computed, reused, notes)
-    summary["cache"] = {"computed": computed, "reused": reused}
-    if is_main:
-        write_metrics(evaluation)
-    return evaluation
+    def finish() -> RunEvaluation:
+        if computed and is_main:
+            outputs.atomic_write_json(
+                run_dir / outputs.METRICS_CACHE_NAME, {"format": CACHE_FORMAT, "scores": cache}
+            )
+        rows = [
+            _row(plan[i], protocol, {role: raw.get((i, role), {}) for role in _roles(protocol)})
+            for i in range(len(plan))
+        ]
+        summary = summarise(rows, protocol, contents, notes)
+        if rules is not None and is_main:
+            summary["checks"] = check_rows(rows, run_dir, [image for image, *_ in plan], rules, variant)
+        evaluation = RunEvaluation(contents, protocol, rows, summary, computed, reused, notes)
+        summary["cache"] = {"computed": computed, "reused": reused}
+        if is_main:
+            write_metrics(evaluation)
+        return evaluation
+
+    return together(finish, index, count)
 
 
 def check_rows(

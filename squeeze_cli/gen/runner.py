@@ -27,6 +27,8 @@ from squeeze_cli.errors import (
     EXIT_SIGPIPE,
     EXIT_SIGTERM,
     ManifestError,
+    OtherProcessError,
+    Problem,
     SqueezeError,
 )
 from squeeze_cli.gen.lock import DirectoryLock, LayoutLock, OutputInUseError
@@ -40,7 +42,7 @@ from squeeze_cli.manifest.loaded import RESOLVED_FINGERPRINT_PREFIX
 from squeeze_cli.manifest.reference_facts import REFERENCE_CACHE_NAME
 from squeeze_cli.pipelines.registry import pipeline_spec
 from squeeze_cli.plan import Job, plan_jobs, select_jobs, shard_jobs
-from squeeze_cli.processes import Processes
+from squeeze_cli.processes import Processes, together
 from squeeze_cli.reading import open_regular_file
 
 
@@ -126,6 +128,8 @@ def run_recipes(
             code = run_gen(
                 manifest, replace(options, out=manifest.output_dir), json_events=json_events, quiet=quiet
             )
+        except OtherProcessError as error:  # said by the process that met it
+            code = error.exit_code
         except SqueezeError as error:
             if json_events:
                 Reporter.emit_json("error", recipe=name, message=error.one_line())
@@ -216,16 +220,11 @@ class GenRun:
         """Lock, find the finished jobs, load the model and check every instruction: nothing is written, so
         bad input leaves no trace; an output folder that exists is locked first, to refuse a second run
         early."""
-        # A file, a link or a FIFO in the way is reported now, before the model loads (and before the locks,
-        # whose files it checks too).
-        output = self.manifest.document.output
-        outputs.check_output_tree(
-            self.out_dir, self.run_dir, self.jobs, output.variants, views_dir=output.views_dir
-        )
-        if self.lock is not None and self.run_dir.is_dir():
-            self.lock.acquire()
-        if self.layout_lock is not None and self.out_dir.is_dir():
-            self.layout_lock.acquire()
+        # With several processes, a refusal that only the main process can meet (the locks: another run
+        # holds the folder) ends every process (`processes.together`), none left waiting for it at the next
+        # collective until the launcher ends it.
+        place = (self.processes.index, self.processes.count)
+        together(self._check_and_lock, *place)
         # One read of the sidecars serves the skip decision, the moves and the index repair: finished work
         # is found by job id, wherever it sits in its subject's directory.
         resume = not self.options.overwrite and self.out_dir.is_dir()
@@ -241,16 +240,35 @@ class GenRun:
             # The main process builds what goes into the cache: another rank's transformers writes no weights.
             with self.processes.main_first():
                 self.worker.build_tiny_models()
-        if self.mine:
-            self.worker.load()
-        found = self.processes.gather(self.worker.check_instructions(self.mine))
+        # A process without jobs loads nothing: it must not wait at the gather for one whose load failed.
+        found = self.processes.gather(together(self._load_and_check, *place))
         problems = [problem for process_problems in found for problem in process_problems]
         if problems:
             raise ManifestError(problems)
 
+    def _check_and_lock(self) -> None:
+        """A file, a link or a FIFO in the way is reported now, before the model loads (and before the
+        locks, whose files it checks too); then the main process locks an output folder that exists."""
+        output = self.manifest.document.output
+        outputs.check_output_tree(
+            self.out_dir, self.run_dir, self.jobs, output.variants, views_dir=output.views_dir
+        )
+        if self.lock is not None and self.run_dir.is_dir():
+            self.lock.acquire()
+        if self.layout_lock is not None and self.out_dir.is_dir():
+            self.layout_lock.acquire()
+
+    def _load_and_check(self) -> list[Problem]:
+        """Load the model where there are jobs (a process without any loads nothing) and check their
+        instructions: this process's problems."""
+        if self.mine:
+            self.worker.load()
+        return self.worker.check_instructions(self.mine)
+
     def open(self) -> None:
         """The first writes: from here on a signal lets the current batch finish and the summary be
-        written."""
+        written. The main process writes them; a refusal there ends every process (`processes.together`,
+        which is the processes' barrier too): the others wait for those writes before they make images."""
         self.summary = starting_summary(
             command=self.options.command,
             shard=self.options.shard,
@@ -263,6 +281,11 @@ class GenRun:
             started_at=self.started_at,
         )
         self.stop.start_graceful()
+        together(self._open_run, self.processes.index, self.processes.count)
+
+    def _open_run(self) -> None:
+        """The main process's first writes (the others' part is to wait): the locks of a new folder, the
+        moves of stale and finished images, the run files."""
         if self.is_main:
             assert self.lock is not None and self.layout_lock is not None  # the main process's (__init__)
             outputs.ensure_dir(self.out_dir)
@@ -289,7 +312,6 @@ class GenRun:
                 self.options.shard,
                 keep_job_ids={job.job_id for job in self.view_jobs} if self.options.prune else None,
             )
-        self.processes.barrier()
 
     def _find_finished_again(self) -> None:
         """The resume scan again, now that the lock is held: a run started on the same new folder while this

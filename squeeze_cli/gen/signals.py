@@ -53,7 +53,9 @@ class StopSignal:
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            # One set meanwhile stays: `processes.together` ignores SIGTERM once every process is ending.
+            if signal.getsignal(signum) == self._handle:
+                signal.signal(signum, handler)
         if self._previous:
             logs.closed_stream_handler = self._previous_closed_stream_handler
 
