@@ -18,10 +18,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from safetensors import SafetensorError
+
 from squeeze_cli.errors import ModelLoadError, UsageError
 from squeeze_cli.logs import log_line
 from squeeze_cli.manifest.schema import ComponentSource, ModelSpec
-from squeeze_cli.model_checks import LOAD_ORDER, PICKLE_HINT, read_cache_only_if_hub_unreachable
+from squeeze_cli.model_checks import (
+    DAMAGED_HINT,
+    LOAD_ORDER,
+    PICKLE_HINT,
+    read_cache_only_if_hub_unreachable,
+)
 from squeeze_cli.params import Dtype
 from squeeze_cli.pipelines.registry import pipeline_spec
 
@@ -115,6 +122,12 @@ def _missing_weights(folder: Path) -> list[str]:
     )
 
 
+LORA_MISMATCH_HINT = (
+    "the LoRA does not fit this recipe's model (trained for another model or size?): give the LoRA "
+    "`squeeze train` wrote for it, or remove `model.lora`"
+)
+
+
 def _use_safetensors(allow_pickle: bool) -> bool | None:
     # True: safetensors or nothing. None: safetensors when there, pickle otherwise (False would skip them).
     return None if allow_pickle else True
@@ -139,13 +152,24 @@ def _component_loaders() -> dict[str, Any]:
     }
 
 
-def _load_error(what: str, source: str, error: Exception, field: str) -> ModelLoadError:
-    """One line naming the model, why it failed and how to get it; `field` is where the path is set."""
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+def _load_error(
+    what: str, source: str, error: Exception, field: str, mismatch_hint: str | None = None
+) -> ModelLoadError:
+    """One line naming the model, why it failed and how to get it; `field` is where the path is set, and
+    `mismatch_hint` what to say when the weights are there but do not load."""
+    lines = str(error).strip().splitlines()
+    reason = lines[0] if lines else type(error).__name__
+    if reason.endswith(":") and len(lines) > 1:  # torch's "Error(s) in loading state_dict for Linear:"
+        reason = f"{reason} {lines[1].strip()}"
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     local = source.startswith(("/", "./", "../", "~"))
-    if "safetensors" in reason.lower():
-        hint = PICKLE_HINT
+    if isinstance(error, SafetensorError):
+        hint = DAMAGED_HINT
+    elif "safetensors" in reason.lower():
+        # Refused pickle weights read as missing safetensors ones; a folder without any is damaged.
+        folder = Path(source).expanduser()
+        pickled = not local or any(folder.glob("*.bin")) or any(folder.glob("*/*.bin"))
+        hint = PICKLE_HINT if pickled else DAMAGED_HINT
     elif local and not Path(source).expanduser().exists():
         reason = f"no such folder: {source}"
         hint = f"fix `{field}` in the recipe or manifest, or override it with --set {field}=DIR"
@@ -154,7 +178,7 @@ def _load_error(what: str, source: str, error: Exception, field: str) -> ModelLo
     elif not Path(source).expanduser().exists():
         hint = "check the hub id or local path (and your access to gated models, e.g. `hf auth login`)"
     else:
-        hint = "check that the folder holds a complete checkpoint in the expected layout"
+        hint = mismatch_hint or "check that the folder holds a complete checkpoint in the expected layout"
     return ModelLoadError(f"cannot load {what} from `{source}`: {reason}", hint)
 
 
@@ -184,7 +208,7 @@ def load_component(
         kwargs["backend"] = "pil"  # the torchvision backend needs torchvision
     try:
         return loader.from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         raise _load_error(name, source.path, error, field or f"model.components.{name}.path") from error
 
 
@@ -230,7 +254,7 @@ def load_pipeline(
             pipe = registered.load_class().from_pretrained(
                 source, dtype=dtype, use_safetensors=_use_safetensors(allow_pickle)
             )
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, SafetensorError) as error:
             raise _load_error(f"the {registered.name} pipeline", source, error, "model.pipeline") from error
     return _finish_loading(
         pipe, spec, device=device, offload=offload, allow_pickle=allow_pickle, fuse_lora=fuse_lora
@@ -271,7 +295,7 @@ def _assemble_pipeline(
             pipe = pipeline_class.from_pretrained(
                 source, dtype=dtype, use_safetensors=_use_safetensors(allow_pickle), **overrides
             )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         raise _load_error("the pipeline", source or "components", error, "model.pipeline") from error
     # The MLLM is loaded by transformers with `dtype`; diffusers' `torch_dtype` covers the rest.
     pipe.mllm.to(dtype)
@@ -301,8 +325,11 @@ def _finish_loading(
                 adapter_name="squeeze",
                 use_safetensors=_use_safetensors(allow_pickle),
             )
-        except (OSError, ValueError) as error:
-            raise _load_error("the LoRA", spec.lora.path, error, "model.lora.path") from error
+        # A LoRA of another model: its layers are not there (ValueError) or of another size (RuntimeError).
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+            raise _load_error(
+                "the LoRA", spec.lora.path, error, "model.lora.path", LORA_MISMATCH_HINT
+            ) from error
         pipe.set_adapters(["squeeze"], adapter_weights=[spec.lora.scale])
         if fuse_lora:
             # Merged at the recipe's scale, then the LoRA layers dropped: the fused weights stay.

@@ -198,3 +198,81 @@ def test_small_local_parts_load_before_the_large_ones(monkeypatch) -> None:
     monkeypatch.setattr(loading, "load_component", recording)
     loading.load_pipeline(spec)
     assert order == ["aggregator", "scheduler", "tokenizer", "image_processor", "vae", "mllm", "transformer"]
+
+
+def _cut_short(file: Path) -> None:
+    os.truncate(file, file.stat().st_size - 100)  # the header whole, the last tensor's bytes not
+
+
+def _split_transformer(folder: Path) -> Path:
+    """The transformer's weights as two shards and their index, as large checkpoints are saved; returns
+    the index."""
+    from safetensors.torch import load_file, save_file
+
+    whole = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(whole)
+    whole.unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for number, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :]), 1):
+        shard = f"diffusion_pytorch_model-0000{number}-of-00002.safetensors"
+        save_file({name: tensors[name] for name in part}, folder / "transformer" / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    index = folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
+
+
+def _damage(folder: Path, kind: str) -> tuple[str, Path]:
+    """Damage the checkpoint copy in `folder` as an interrupted download or copy would; returns the `--set`
+    that points the run at the damaged weights, and the file the error must name."""
+    pipeline = f"model={{pipeline: {folder}}}"
+    if kind == "empty":
+        file = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+        file.write_bytes(b"")
+    elif kind == "cut-short":
+        file = folder / "mllm" / "model.safetensors"
+        _cut_short(file)
+    elif kind == "fifo":
+        file = folder / "vae" / "diffusion_pytorch_model.safetensors"
+        file.unlink()
+        os.mkfifo(file)
+    elif kind == "missing-shard":
+        _split_transformer(folder)
+        file = folder / "transformer" / "diffusion_pytorch_model-00002-of-00002.safetensors"
+        file.unlink()
+    elif kind == "index-not-json":
+        file = _split_transformer(folder)
+        file.write_text("{not json")
+    else:  # a LoRA file cut short
+        file = folder.parent / "lora.safetensors"
+        file.write_bytes((folder / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()[:-100])
+        return f"model={{pipeline: {folder}, lora: {{path: {file}}}}}", file
+    return pipeline, file
+
+
+@pytest.mark.parametrize(
+    "kind", ["empty", "cut-short", "fifo", "missing-shard", "index-not-json", "lora-cut-short"]
+)
+def test_damaged_weights_are_one_error_naming_the_file_before_loading(
+    project: Path, squeeze, monkeypatch, kind: str
+) -> None:
+    import shutil
+
+    import squeeze_cli.loading
+
+    copy = project / "checkpoint"
+    shutil.copytree(squeeze_cli.loading.ensure_tiny_checkpoint("internvl"), copy)
+    override, damaged = _damage(copy, kind)
+    result = squeeze("validate", str(project / "m.yaml"), "--set", override)
+    assert result.code == 2, result.err
+    [error] = [line for line in result.err.splitlines() if "error:" in line]
+    assert str(damaged) in error and "copy or download the weights again" in error, error
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(squeeze_cli.loading, "load_pipeline", no_loading)
+    result = squeeze("gen", str(project / "m.yaml"), "--set", override, "--out", str(project / "out"))
+    assert result.code == 2 and str(damaged) in result.err, result.err
+    assert not (project / "out").exists()

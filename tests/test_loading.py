@@ -127,6 +127,49 @@ def test_lora_from_the_spec_changes_the_output(tiny_dir: Path, tmp_path: Path) -
     assert np.abs(with_lora - expected).max() > 1e-3
 
 
+def test_a_lora_of_another_model_size_is_one_error(tiny_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from squeeze_cli.pipelines.squeeze import SqueezePipeline
+
+    base = load_pipeline(ModelSpec(pipeline=str(tiny_dir), dtype="float32"))
+    base.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"]))
+    # The same layers twice as wide: a LoRA trained on a larger model of the same family.
+    wider = {
+        name: torch.zeros(2 * weight.shape[0], weight.shape[1])
+        if "lora_B" in name
+        else torch.zeros(weight.shape[0], 2 * weight.shape[1])
+        for name, weight in get_peft_model_state_dict(base.transformer).items()
+    }
+    SqueezePipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=wider)
+    spec = ModelSpec(pipeline=str(tiny_dir), lora={"path": str(tmp_path / "lora")}, dtype="float32")
+    with pytest.raises(ModelLoadError) as refused:  # not torch's RuntimeError and its traceback
+        load_pipeline(spec)
+    assert "size mismatch" in refused.value.message and "does not fit" in refused.value.hint
+
+
+@pytest.mark.parametrize("damage", ["empty", "missing"])
+def test_damaged_weights_met_while_loading_are_one_error(tiny_dir: Path, tmp_path: Path, damage: str) -> None:
+    """What the checks before loading find (a hub snapshot is not checked file by file) still ends as one
+    error when loading meets it, and a missing weights file is not taken for refused pickle weights."""
+    import shutil
+
+    copy = shutil.copytree(tiny_dir, tmp_path / "pipe")
+    weights = (
+        copy / "mllm" / "model.safetensors"
+        if damage == "empty"
+        else copy / "vae" / "diffusion_pytorch_model.safetensors"
+    )
+    if damage == "empty":
+        weights.write_bytes(b"")
+    else:
+        weights.unlink()
+    with pytest.raises(ModelLoadError) as refused:  # not safetensors' SafetensorError and its traceback
+        load_pipeline(ModelSpec(pipeline=str(copy), dtype="float32"))
+    assert "copy or download the weights again" in refused.value.hint
+    assert "--allow-pickle" not in refused.value.hint
+
+
 def test_offload_needs_a_gpu(tiny_dir: Path) -> None:
     with pytest.raises(UsageError, match="--offload model"):
         load_pipeline(ModelSpec(pipeline=str(tiny_dir), dtype="float32"), device="cpu", offload="model")
