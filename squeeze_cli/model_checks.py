@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import stat
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -92,7 +93,11 @@ def source_problems(model: ModelSpec, *, allow_pickle: bool = False) -> list[Sou
         if key in seen or (path, revision) in missing:
             continue
         seen.add(key)
-        problem = _local_problem(field, path, subfolder, first_file, allow_pickle) if is_local(path) else None
+        problem = (
+            _local_problem(field, path, subfolder, first_file, allow_pickle, set(model.components))
+            if is_local(path)
+            else None
+        )
         if problem is None and not is_local(path):
             problem = _cache_problem(field, path, subfolder, revision, first_file)
             if problem is not None and not offline():  # online, a hub id need not be cached yet
@@ -105,11 +110,20 @@ def source_problems(model: ModelSpec, *, allow_pickle: bool = False) -> list[Sou
 
 
 def _local_problem(
-    field: str, path: str, subfolder: str | None, first_file: str | None, allow_pickle: bool
+    field: str,
+    path: str,
+    subfolder: str | None,
+    first_file: str | None,
+    allow_pickle: bool,
+    loaded_apart: Collection[str] = (),
 ) -> SourceProblem | None:
+    """What is wrong with a local folder; `loaded_apart` names the components `model.components` loads
+    from elsewhere, which a full checkpoint (`model.pipeline`) may then lack."""
     folder = Path(path).expanduser()
     fix = f"fix `{field}` in the recipe or manifest, or override it with --set {field}=DIR"
     if not folder.exists():
+        if folder.is_symlink():
+            return SourceProblem(field, f"{path} is a link to nothing (broken, or a loop)", fix, absent=True)
         return SourceProblem(field, f"no such folder: {path}", fix, absent=True)
     if field == "model.lora.path":
         return _lora_problem(field, path, folder, first_file, allow_pickle)
@@ -123,6 +137,8 @@ def _local_problem(
         return SourceProblem(
             field, f"{folder} has no {first_file}: not a saved checkpoint", f"{fix}; it must be a saved model"
         )
+    if field == "model.pipeline" and (missing := _missing_component(folder, loaded_apart)):
+        return SourceProblem(field, missing, f"{fix}; it must be a complete saved pipeline")
     # A full checkpoint's weights sit in its component folders; a component's, in its own folder.
     folders = (
         [folder, *sorted(part for part in folder.iterdir() if part.is_dir())]
@@ -176,6 +192,26 @@ def _pickle_file_problem(field: str, path: str, name: str, allow_pickle: bool) -
     if allow_pickle:
         return None
     return SourceProblem(field, f"{path} is not a .safetensors file (pickle weights)", PICKLE_HINT)
+
+
+def _missing_component(folder: Path, loaded_apart: Collection[str]) -> str | None:
+    """The first component folder that `folder`'s model_index.json names and that is not there (or why the
+    index cannot be read); None when all are. A component named `[null, null]` is optional."""
+    index = folder / "model_index.json"
+    try:
+        entries = json.loads(index.read_bytes())
+    except OSError as error:
+        return f"{index} cannot be read: {error.strerror or error}"
+    except ValueError:
+        entries = None
+    if not isinstance(entries, dict):
+        return f"{index} is damaged: not a JSON object"
+    for name, entry in sorted(entries.items()):
+        if name.startswith("_") or name in loaded_apart or not isinstance(entry, list) or None in entry:
+            continue
+        if not (folder / name).is_dir():
+            return f"{folder} has no {name}/ folder, which its model_index.json names"
+    return None
 
 
 def _damage_problem(field: str, damage: str | None) -> SourceProblem | None:

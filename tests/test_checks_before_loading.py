@@ -276,3 +276,31 @@ def test_damaged_weights_are_one_error_naming_the_file_before_loading(
     result = squeeze("gen", str(project / "m.yaml"), "--set", override, "--out", str(project / "out"))
     assert result.code == 2 and str(damaged) in result.err, result.err
     assert not (project / "out").exists()
+
+
+def test_a_model_path_that_is_a_symlink_loop_is_one_error(project: Path, squeeze) -> None:
+    (project / "a").symlink_to(project / "b")
+    (project / "b").symlink_to(project / "a")
+    result = squeeze("validate", str(project / "m.yaml"), "--set", f"model={{pipeline: {project / 'a'}}}")
+    assert result.code == 2, result.err  # not pathlib's "Symlink loop" traceback
+    assert f"model.pipeline: {project / 'a'} is a link to nothing (broken, or a loop)" in result.err
+
+
+def test_a_checkpoint_without_a_component_folder_is_refused_unless_loaded_apart(
+    project: Path, squeeze
+) -> None:
+    import shutil
+
+    import squeeze_cli.loading
+
+    tiny = squeeze_cli.loading.ensure_tiny_checkpoint("internvl")
+    copy = shutil.copytree(tiny, project / "checkpoint", ignore=shutil.ignore_patterns("vae"))
+    result = squeeze("validate", str(project / "m.yaml"), "--set", f"model={{pipeline: {copy}}}")
+    assert result.code == 2, result.err  # `gen` said: no file named config.json in {copy}, after loading
+    assert f"{copy} has no vae/ folder, which its model_index.json names" in result.err
+    # A component the manifest loads from elsewhere need not be in the folder.
+    apart = f"model={{pipeline: {copy}, components: {{vae: {{path: {tiny / 'vae'}}}}}}}"
+    assert squeeze("validate", str(project / "m.yaml"), "--set", apart).code == 0
+    (copy / "model_index.json").write_text('{"_class_name": "SqueezePipeline",')
+    result = squeeze("validate", str(project / "m.yaml"), "--set", f"model={{pipeline: {copy}}}")
+    assert result.code == 2 and "model_index.json is damaged: not a JSON object" in result.err
