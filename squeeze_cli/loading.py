@@ -80,8 +80,14 @@ def build_into_cache(target: Path, marker: str, build: Callable[[Path], object])
     """
     if (target / marker).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as error:
+        raise ModelLoadError(
+            f"cannot build {target.name} in squeeze's cache {target.parent}: {error.strerror or error}",
+            "set SQUEEZE_CACHE to a folder you can write",
+        ) from None
     try:
         build(staging)
         missing = _missing_weights(staging)

@@ -246,3 +246,12 @@ def test_a_tiny_checkpoint_without_its_weights_never_enters_the_cache(tmp_path: 
         ensure_tiny_checkpoint("internvl")
     assert "lacks weights (mllm)" in incomplete.value.message
     assert list((tmp_path / "cache").iterdir()) == []  # neither the broken folder nor its staging copy
+
+
+def test_a_cache_that_cannot_be_written_is_one_error(tmp_path: Path, monkeypatch) -> None:
+    # A file where the cache folder goes (as root, a read-only folder is writable: the same OSError path).
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("SQUEEZE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelLoadError) as refused:  # not FileExistsError's traceback
+        ensure_tiny_checkpoint("internvl")
+    assert str(tmp_path / "cache") in refused.value.message and "SQUEEZE_CACHE" in refused.value.hint
