@@ -313,9 +313,34 @@ def _assemble_pipeline(
             f"is {model_type!r}",
             f"set `family: {model_type}` or remove `family` (it is read from the checkpoint)",
         )
+    if misfit := _aggregator_misfit(pipe):
+        aggregator = spec.components.get("aggregator")
+        where = aggregator.path if aggregator else source
+        raise ModelLoadError(
+            f"the aggregator from {where} does not fit the model: {misfit}",
+            "give the aggregator `squeeze train` wrote for this MLLM and transformer "
+            "(RUN/stageN/aggregator, with RUN/recipe.yaml), or fix `model.components.aggregator.path`",
+        )
     if spec.mllm is not None:  # the schema checked the options against `family`, and `family` just now
         pipe.set_mllm_options(**spec.mllm.encoder_options())
     return pipe
+
+
+def _aggregator_misfit(pipe: Any) -> str | None:
+    """Why the aggregator (a DLA trained for another MLLM or transformer) cannot join its pipeline's MLLM and
+    transformer, from their configs; None when it fits. Loading would succeed and every job then fail."""
+    text = pipe.mllm.config.get_text_config()
+    aggregator, transformer = pipe.aggregator.config, pipe.transformer.config
+    pairs = [
+        ("num_hidden_states", text.num_hidden_layers + 1, "the MLLM gives"),
+        ("mllm_hidden_size", text.hidden_size, "the MLLM's hidden size is"),
+        ("joint_attention_dim", transformer.joint_attention_dim, "the transformer takes"),
+        ("pooled_projection_dim", transformer.pooled_projection_dim, "the transformer takes"),
+    ]
+    for key, wanted, what in pairs:
+        if aggregator[key] != wanted:
+            return f"its {key} is {aggregator[key]}, {what} {wanted}"
+    return None
 
 
 def _finish_loading(

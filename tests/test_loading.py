@@ -255,3 +255,25 @@ def test_a_cache_that_cannot_be_written_is_one_error(tmp_path: Path, monkeypatch
     with pytest.raises(ModelLoadError) as refused:  # not FileExistsError's traceback
         ensure_tiny_checkpoint("internvl")
     assert str(tmp_path / "cache") in refused.value.message and "SQUEEZE_CACHE" in refused.value.hint
+
+
+def test_an_aggregator_trained_for_another_mllm_is_one_error_at_loading(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    from squeeze_cli.pipelines.aggregator import DualLayerAggregator
+
+    # A DLA for a wider MLLM and transformer: it loads, and every job would fail on a shape mismatch.
+    config = {
+        key: value
+        for key, value in DualLayerAggregator.load_config(tiny_dir / "aggregator").items()
+        if not key.startswith("_")
+    }
+    config.update(mllm_hidden_size=2 * config["mllm_hidden_size"])
+    DualLayerAggregator(**config).save_pretrained(tmp_path / "dla")
+    spec = ModelSpec(
+        pipeline=str(tiny_dir), components={"aggregator": {"path": str(tmp_path / "dla")}}, dtype="float32"
+    )
+    with pytest.raises(ModelLoadError) as refused:
+        load_pipeline(spec)
+    assert str(tmp_path / "dla") in refused.value.message and "mllm_hidden_size" in refused.value.message
+    assert "squeeze train" in refused.value.hint
