@@ -11,6 +11,7 @@ here. Importing this module imports none of them, so finding a cached tiny check
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -134,6 +135,16 @@ LORA_MISMATCH_HINT = (
 )
 
 
+# diffusers logs a failed load's error before raising it, which squeeze reports as its one `error:` line.
+_ERROR_LOGGING_MODULES = ("diffusers.models.modeling_utils", "diffusers.loaders.peft")
+
+
+def _drop_logged_load_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR or not record.getMessage().startswith(
+        ("An error occurred while trying to fetch", "Loading squeeze was unsuccessful")
+    )
+
+
 def _use_safetensors(allow_pickle: bool) -> bool | None:
     # True: safetensors or nothing. None: safetensors when there, pickle otherwise (False would skip them).
     return None if allow_pickle else True
@@ -245,6 +256,9 @@ def load_pipeline(
     # The libraries' own per-file bars would interleave with the run's progress; the run reports loading.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    for name in _ERROR_LOGGING_MODULES:
+        if _drop_logged_load_error not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_drop_logged_load_error)
     if spec.trust_remote_code:
         log_line("warning: the preset sets trust_remote_code: code from the model repository will run")
     dtype = torch_dtype(spec.dtype)

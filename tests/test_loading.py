@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,8 @@ def test_a_lora_of_another_model_size_is_one_error(tiny_dir: Path, tmp_path: Pat
 @pytest.mark.parametrize("damage", ["empty", "missing"])
 def test_damaged_weights_met_while_loading_are_one_error(tiny_dir: Path, tmp_path: Path, damage: str) -> None:
     """What the checks before loading find (a hub snapshot is not checked file by file) still ends as one
-    error when loading meets it, and a missing weights file is not taken for refused pickle weights."""
+    error when loading meets it, not also diffusers' log line of it, and a missing weights file is not
+    taken for refused pickle weights."""
     import shutil
 
     copy = shutil.copytree(tiny_dir, tmp_path / "pipe")
@@ -164,10 +166,18 @@ def test_damaged_weights_met_while_loading_are_one_error(tiny_dir: Path, tmp_pat
         weights.write_bytes(b"")
     else:
         weights.unlink()
-    with pytest.raises(ModelLoadError) as refused:  # not safetensors' SafetensorError and its traceback
-        load_pipeline(ModelSpec(pipeline=str(copy), dtype="float32"))
+    logged = []  # what diffusers prints on stderr (through its own handler, out of pytest's reach)
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = logged.append  # type: ignore[method-assign]
+    logging.getLogger("diffusers.models.modeling_utils").addHandler(handler)
+    try:
+        with pytest.raises(ModelLoadError) as refused:  # not safetensors' SafetensorError and its traceback
+            load_pipeline(ModelSpec(pipeline=str(copy), dtype="float32"))
+    finally:
+        logging.getLogger("diffusers.models.modeling_utils").removeHandler(handler)
     assert "copy or download the weights again" in refused.value.hint
     assert "--allow-pickle" not in refused.value.hint
+    assert logged == []
 
 
 def test_offload_needs_a_gpu(tiny_dir: Path) -> None:
