@@ -135,6 +135,13 @@ LORA_MISMATCH_HINT = (
 )
 
 
+# What `from_pretrained` raises for weights it cannot load; RuntimeError: weights of other sizes than the
+# model's config (or, for a LoRA, than the layers it adapts).
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
+SHAPE_HINT = (
+    "its weights are not the ones its config.json describes (another size of the model?): "
+    "take both from the same checkpoint"
+)
 # diffusers logs a failed load's error before raising it, which squeeze reports as its one `error:` line.
 _ERROR_LOGGING_MODULES = ("diffusers.models.modeling_utils", "diffusers.loaders.peft")
 
@@ -182,6 +189,10 @@ def _load_error(
     local = source.startswith(("/", "./", "../", "~"))
     if isinstance(error, SafetensorError):
         hint = DAMAGED_HINT
+    elif "ignore_mismatched_sizes" in reason:  # the libraries' advice to load random weights instead
+        shapes = reason.split(" If you want to instead")[0]  # diffusers names the tensor first
+        reason = shapes if shapes != reason else "weights of other sizes than its config.json (listed above)"
+        hint = mismatch_hint or SHAPE_HINT
     elif "safetensors" in reason.lower():
         # Refused pickle weights read as missing safetensors ones; a folder without any is damaged.
         folder = Path(source).expanduser()
@@ -225,7 +236,7 @@ def load_component(
         kwargs["backend"] = "pil"  # the torchvision backend needs torchvision
     try:
         return loader.from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError, SafetensorError) as error:
+    except _LOAD_ERRORS as error:
         raise _load_error(name, source.path, error, field or f"model.components.{name}.path") from error
 
 
@@ -274,7 +285,7 @@ def load_pipeline(
             pipe = registered.load_class().from_pretrained(
                 source, dtype=dtype, use_safetensors=_use_safetensors(allow_pickle)
             )
-        except (OSError, ValueError, SafetensorError) as error:
+        except _LOAD_ERRORS as error:
             raise _load_error(f"the {registered.name} pipeline", source, error, "model.pipeline") from error
     return _finish_loading(
         pipe, spec, device=device, offload=offload, allow_pickle=allow_pickle, fuse_lora=fuse_lora
@@ -315,7 +326,7 @@ def _assemble_pipeline(
             pipe = pipeline_class.from_pretrained(
                 source, dtype=dtype, use_safetensors=_use_safetensors(allow_pickle), **overrides
             )
-    except (OSError, ValueError, SafetensorError) as error:
+    except _LOAD_ERRORS as error:
         raise _load_error("the pipeline", source or "components", error, "model.pipeline") from error
     # The MLLM is loaded by transformers with `dtype`; diffusers' `torch_dtype` covers the rest.
     pipe.mllm.to(dtype)
@@ -371,7 +382,7 @@ def _finish_loading(
                 use_safetensors=_use_safetensors(allow_pickle),
             )
         # A LoRA of another model: its layers are not there (ValueError) or of another size (RuntimeError).
-        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        except _LOAD_ERRORS as error:
             raise _load_error(
                 "the LoRA", spec.lora.path, error, "model.lora.path", LORA_MISMATCH_HINT
             ) from error

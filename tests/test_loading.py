@@ -287,3 +287,18 @@ def test_an_aggregator_trained_for_another_mllm_is_one_error_at_loading(
         load_pipeline(spec)
     assert str(tmp_path / "dla") in refused.value.message and "mllm_hidden_size" in refused.value.message
     assert "squeeze train" in refused.value.hint
+
+
+def test_weights_of_another_size_than_their_config_are_one_error(tiny_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    copy = shutil.copytree(tiny_dir, tmp_path / "pipe")
+    # config.json of a larger model beside the smaller one's weights: transformers raises RuntimeError.
+    config = json.loads((copy / "mllm" / "config.json").read_text())
+    config["text_config"]["intermediate_size"] *= 2
+    (copy / "mllm" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as refused:
+        load_pipeline(ModelSpec(pipeline=str(copy), dtype="float32"))
+    assert str(copy) in refused.value.message and "other sizes than its config.json" in refused.value.message
+    assert "take both from the same checkpoint" in refused.value.hint
