@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import stat
-from collections.abc import Collection
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -94,7 +94,7 @@ def source_problems(model: ModelSpec, *, allow_pickle: bool = False) -> list[Sou
             continue
         seen.add(key)
         problem = (
-            _local_problem(field, path, subfolder, first_file, allow_pickle, set(model.components))
+            _local_problem(field, path, subfolder, first_file, allow_pickle, _parts_in_folder(model))
             if is_local(path)
             else None
         )
@@ -115,10 +115,10 @@ def _local_problem(
     subfolder: str | None,
     first_file: str | None,
     allow_pickle: bool,
-    loaded_apart: Collection[str] = (),
+    parts: Mapping[str, bool] | None = None,
 ) -> SourceProblem | None:
-    """What is wrong with a local folder; `loaded_apart` names the components `model.components` loads
-    from elsewhere, which a full checkpoint (`model.pipeline`) may then lack."""
+    """What is wrong with a local folder; `parts` names the component folders a full checkpoint
+    (`model.pipeline`) must hold besides those its model_index.json names (`_parts_in_folder`)."""
     folder = Path(path).expanduser()
     fix = f"fix `{field}` in the recipe or manifest, or override it with --set {field}=DIR"
     if not folder.exists():
@@ -137,8 +137,12 @@ def _local_problem(
         return SourceProblem(
             field, f"{folder} has no {first_file}: not a saved checkpoint", f"{fix}; it must be a saved model"
         )
-    if field == "model.pipeline" and (missing := _missing_component(folder, loaded_apart)):
-        return SourceProblem(field, missing, f"{fix}; it must be a complete saved pipeline")
+    if field == "model.pipeline" and (missing := _missing_component(folder, parts or {})):
+        return SourceProblem(
+            field,
+            missing,
+            f"{fix}; it must be a complete checkpoint of `model.pipeline_class` (squeeze unless set)",
+        )
     # A full checkpoint's weights sit in its component folders; a component's, in its own folder.
     folders = (
         [folder, *sorted(part for part in folder.iterdir() if part.is_dir())]
@@ -194,9 +198,18 @@ def _pickle_file_problem(field: str, path: str, name: str, allow_pickle: bool) -
     return SourceProblem(field, f"{path} is not a .safetensors file (pickle weights)", PICKLE_HINT)
 
 
-def _missing_component(folder: Path, loaded_apart: Collection[str]) -> str | None:
-    """The first component folder that `folder`'s model_index.json names and that is not there (or why the
-    index cannot be read); None when all are. A component named `[null, null]` is optional."""
+def _parts_in_folder(model: ModelSpec) -> dict[str, bool]:
+    """The components `model.pipeline`'s folder must hold, each True, or may lack, False: the squeeze
+    pipeline (`pipeline_class` unset) loads each of its parts from there unless `model.components` names
+    it, as does any pipeline with the parts its model_index.json names."""
+    parts = dict.fromkeys(LOAD_ORDER, True) if model.pipeline_class is None else {}
+    return {**parts, **dict.fromkeys(model.components, False)}
+
+
+def _missing_component(folder: Path, parts: Mapping[str, bool]) -> str | None:
+    """The first component folder that `folder` must hold (`_parts_in_folder`) and does not, or why its
+    model_index.json cannot be read; None when all are there. A component named `[null, null]` is
+    optional."""
     index = folder / "model_index.json"
     try:
         entries = json.loads(index.read_bytes())
@@ -206,11 +219,14 @@ def _missing_component(folder: Path, loaded_apart: Collection[str]) -> str | Non
         entries = None
     if not isinstance(entries, dict):
         return f"{index} is damaged: not a JSON object"
-    for name, entry in sorted(entries.items()):
-        if name.startswith("_") or name in loaded_apart or not isinstance(entry, list) or None in entry:
-            continue
+    required = dict(parts)
+    for name, entry in entries.items():
+        if not name.startswith("_") and isinstance(entry, list) and None not in entry:
+            required.setdefault(name, True)
+    for name in sorted(name for name, needed in required.items() if needed):
         if not (folder / name).is_dir():
-            return f"{folder} has no {name}/ folder, which its model_index.json names"
+            named = "its model_index.json names" if name in entries else "the squeeze pipeline loads"
+            return f"{folder} has no {name}/ folder, which {named}"
     return None
 
 

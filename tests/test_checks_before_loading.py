@@ -301,6 +301,12 @@ def test_a_checkpoint_without_a_component_folder_is_refused_unless_loaded_apart(
     # A component the manifest loads from elsewhere need not be in the folder.
     apart = f"model={{pipeline: {copy}, components: {{vae: {{path: {tiny / 'vae'}}}}}}}"
     assert squeeze("validate", str(project / "m.yaml"), "--set", apart).code == 0
+    # Another pipeline's checkpoint: the squeeze pipeline loads its MLLM and aggregator from the folder.
+    kontext = squeeze_cli.loading.ensure_tiny_checkpoint("", "kontext")
+    result = squeeze("validate", str(project / "m.yaml"), "--set", f"model={{pipeline: {kontext}}}")
+    assert result.code == 2, result.err  # `gen` said, after loading: Unrecognized model in {kontext}
+    assert f"{kontext} has no aggregator/ folder, which the squeeze pipeline loads" in result.err
+    assert "`model.pipeline_class`" in result.err
     (copy / "model_index.json").write_text('{"_class_name": "SqueezePipeline",')
     result = squeeze("validate", str(project / "m.yaml"), "--set", f"model={{pipeline: {copy}}}")
     assert result.code == 2 and "model_index.json is damaged: not a JSON object" in result.err
