@@ -144,12 +144,11 @@ def _local_problem(
             f"{fix}; it must be a complete checkpoint of `model.pipeline_class` (squeeze unless set)",
         )
     # A full checkpoint's weights sit in its component folders; a component's, in its own folder.
-    folders = (
-        [folder, *sorted(part for part in folder.iterdir() if part.is_dir())]
-        if field == "model.pipeline"
-        else [folder]
-    )
-    for weights in folders:
+    # (glob, unlike iterdir, passes over a folder it may not read: loading will say more.)
+    folders = {folder}
+    if field == "model.pipeline":
+        folders.update(weights.parent for weights in folder.glob("*/*.safetensors*"))
+    for weights in sorted(folders):
         if damage := damaged_weights(weights):
             return SourceProblem(field, damage, DAMAGED_HINT)
     return None
