@@ -11,6 +11,7 @@ here. Importing this module imports none of them, so finding a cached tiny check
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -18,10 +19,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from safetensors import SafetensorError
+
 from squeeze_cli.errors import ModelLoadError, UsageError
 from squeeze_cli.logs import log_line
 from squeeze_cli.manifest.schema import ComponentSource, ModelSpec
-from squeeze_cli.model_checks import LOAD_ORDER, PICKLE_HINT, read_cache_only_if_hub_unreachable
+from squeeze_cli.model_checks import (
+    DAMAGED_HINT,
+    LOAD_ORDER,
+    PICKLE_HINT,
+    read_cache_only_if_hub_unreachable,
+)
 from squeeze_cli.params import Dtype
 from squeeze_cli.pipelines.registry import pipeline_spec
 
@@ -73,8 +81,14 @@ def build_into_cache(target: Path, marker: str, build: Callable[[Path], object])
     """
     if (target / marker).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as error:
+        raise ModelLoadError(
+            f"cannot build {target.name} in squeeze's cache {target.parent}: {error.strerror or error}",
+            "set SQUEEZE_CACHE to a folder you can write",
+        ) from None
     try:
         build(staging)
         missing = _missing_weights(staging)
@@ -115,6 +129,29 @@ def _missing_weights(folder: Path) -> list[str]:
     )
 
 
+LORA_MISMATCH_HINT = (
+    "the LoRA does not fit this recipe's model (trained for another model or size?): give the LoRA "
+    "`squeeze train` wrote for it, or remove `model.lora`"
+)
+
+
+# What `from_pretrained` raises for weights it cannot load; RuntimeError: weights of other sizes than the
+# model's config (or, for a LoRA, than the layers it adapts).
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
+SHAPE_HINT = (
+    "its weights are not the ones its config.json describes (another size of the model?): "
+    "take both from the same checkpoint"
+)
+# diffusers logs a failed load's error before raising it, which squeeze reports as its one `error:` line.
+_ERROR_LOGGING_MODULES = ("diffusers.models.modeling_utils", "diffusers.loaders.peft")
+
+
+def _drop_logged_load_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR or not record.getMessage().startswith(
+        ("An error occurred while trying to fetch", "Loading squeeze was unsuccessful")
+    )
+
+
 def _use_safetensors(allow_pickle: bool) -> bool | None:
     # True: safetensors or nothing. None: safetensors when there, pickle otherwise (False would skip them).
     return None if allow_pickle else True
@@ -139,13 +176,28 @@ def _component_loaders() -> dict[str, Any]:
     }
 
 
-def _load_error(what: str, source: str, error: Exception, field: str) -> ModelLoadError:
-    """One line naming the model, why it failed and how to get it; `field` is where the path is set."""
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+def _load_error(
+    what: str, source: str, error: Exception, field: str, mismatch_hint: str | None = None
+) -> ModelLoadError:
+    """One line naming the model, why it failed and how to get it; `field` is where the path is set, and
+    `mismatch_hint` what to say when the weights are there but do not load."""
+    lines = str(error).strip().splitlines()
+    reason = lines[0] if lines else type(error).__name__
+    if reason.endswith(":") and len(lines) > 1:  # torch's "Error(s) in loading state_dict for Linear:"
+        reason = f"{reason} {lines[1].strip()}"
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     local = source.startswith(("/", "./", "../", "~"))
-    if "safetensors" in reason.lower():
-        hint = PICKLE_HINT
+    if isinstance(error, SafetensorError):
+        hint = DAMAGED_HINT
+    elif "ignore_mismatched_sizes" in reason:  # the libraries' advice to load random weights instead
+        shapes = reason.split(" If you want to instead")[0]  # diffusers names the tensor first
+        reason = shapes if shapes != reason else "weights of other sizes than its config.json (listed above)"
+        hint = mismatch_hint or SHAPE_HINT
+    elif "safetensors" in reason.lower():
+        # Refused pickle weights read as missing safetensors ones; a folder without any is damaged.
+        folder = Path(source).expanduser()
+        pickled = not local or any(folder.glob("*.bin")) or any(folder.glob("*/*.bin"))
+        hint = PICKLE_HINT if pickled else DAMAGED_HINT
     elif local and not Path(source).expanduser().exists():
         reason = f"no such folder: {source}"
         hint = f"fix `{field}` in the recipe or manifest, or override it with --set {field}=DIR"
@@ -154,7 +206,7 @@ def _load_error(what: str, source: str, error: Exception, field: str) -> ModelLo
     elif not Path(source).expanduser().exists():
         hint = "check the hub id or local path (and your access to gated models, e.g. `hf auth login`)"
     else:
-        hint = "check that the folder holds a complete checkpoint in the expected layout"
+        hint = mismatch_hint or "check that the folder holds a complete checkpoint in the expected layout"
     return ModelLoadError(f"cannot load {what} from `{source}`: {reason}", hint)
 
 
@@ -184,7 +236,7 @@ def load_component(
         kwargs["backend"] = "pil"  # the torchvision backend needs torchvision
     try:
         return loader.from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError) as error:
+    except _LOAD_ERRORS as error:
         raise _load_error(name, source.path, error, field or f"model.components.{name}.path") from error
 
 
@@ -215,6 +267,9 @@ def load_pipeline(
     # The libraries' own per-file bars would interleave with the run's progress; the run reports loading.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    for name in _ERROR_LOGGING_MODULES:
+        if _drop_logged_load_error not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_drop_logged_load_error)
     if spec.trust_remote_code:
         log_line("warning: the preset sets trust_remote_code: code from the model repository will run")
     dtype = torch_dtype(spec.dtype)
@@ -230,7 +285,7 @@ def load_pipeline(
             pipe = registered.load_class().from_pretrained(
                 source, dtype=dtype, use_safetensors=_use_safetensors(allow_pickle)
             )
-        except (OSError, ValueError) as error:
+        except _LOAD_ERRORS as error:
             raise _load_error(f"the {registered.name} pipeline", source, error, "model.pipeline") from error
     return _finish_loading(
         pipe, spec, device=device, offload=offload, allow_pickle=allow_pickle, fuse_lora=fuse_lora
@@ -271,7 +326,7 @@ def _assemble_pipeline(
             pipe = pipeline_class.from_pretrained(
                 source, dtype=dtype, use_safetensors=_use_safetensors(allow_pickle), **overrides
             )
-    except (OSError, ValueError) as error:
+    except _LOAD_ERRORS as error:
         raise _load_error("the pipeline", source or "components", error, "model.pipeline") from error
     # The MLLM is loaded by transformers with `dtype`; diffusers' `torch_dtype` covers the rest.
     pipe.mllm.to(dtype)
@@ -283,9 +338,34 @@ def _assemble_pipeline(
             f"is {model_type!r}",
             f"set `family: {model_type}` or remove `family` (it is read from the checkpoint)",
         )
+    if misfit := _aggregator_misfit(pipe):
+        aggregator = spec.components.get("aggregator")
+        where = aggregator.path if aggregator else source
+        raise ModelLoadError(
+            f"the aggregator from {where} does not fit the model: {misfit}",
+            "give the aggregator `squeeze train` wrote for this MLLM and transformer "
+            "(RUN/stageN/aggregator, with RUN/recipe.yaml), or fix `model.components.aggregator.path`",
+        )
     if spec.mllm is not None:  # the schema checked the options against `family`, and `family` just now
         pipe.set_mllm_options(**spec.mllm.encoder_options())
     return pipe
+
+
+def _aggregator_misfit(pipe: Any) -> str | None:
+    """Why the aggregator (a DLA trained for another MLLM or transformer) cannot join its pipeline's MLLM and
+    transformer, from their configs; None when it fits. Loading would succeed and every job then fail."""
+    text = pipe.mllm.config.get_text_config()
+    aggregator, transformer = pipe.aggregator.config, pipe.transformer.config
+    pairs = [
+        ("num_hidden_states", text.num_hidden_layers + 1, "the MLLM gives"),
+        ("mllm_hidden_size", text.hidden_size, "the MLLM's hidden size is"),
+        ("joint_attention_dim", transformer.joint_attention_dim, "the transformer takes"),
+        ("pooled_projection_dim", transformer.pooled_projection_dim, "the transformer takes"),
+    ]
+    for key, wanted, what in pairs:
+        if aggregator[key] != wanted:
+            return f"its {key} is {aggregator[key]}, {what} {wanted}"
+    return None
 
 
 def _finish_loading(
@@ -301,8 +381,11 @@ def _finish_loading(
                 adapter_name="squeeze",
                 use_safetensors=_use_safetensors(allow_pickle),
             )
-        except (OSError, ValueError) as error:
-            raise _load_error("the LoRA", spec.lora.path, error, "model.lora.path") from error
+        # A LoRA of another model: its layers are not there (ValueError) or of another size (RuntimeError).
+        except _LOAD_ERRORS as error:
+            raise _load_error(
+                "the LoRA", spec.lora.path, error, "model.lora.path", LORA_MISMATCH_HINT
+            ) from error
         pipe.set_adapters(["squeeze"], adapter_weights=[spec.lora.scale])
         if fuse_lora:
             # Merged at the recipe's scale, then the LoRA layers dropped: the fused weights stay.

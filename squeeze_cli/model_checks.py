@@ -9,7 +9,10 @@ in a second, not a traceback after minutes of loading. Torch-free unless a GPU d
 from __future__ import annotations
 
 import functools
+import json
 import os
+import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +33,10 @@ _FIRST_FILE = {
 }
 # What `gen` says of pickle weights it refused, and what `validate` says of a folder that holds only those.
 PICKLE_HINT = "squeeze loads safetensors only; pass --allow-pickle if you trust these pickle (.bin) weights"
+# What a weights file that is cut short, empty or not safetensors at all gets (see `damaged_weights`).
+DAMAGED_HINT = "copy or download the weights again (an interrupted copy or download leaves such files)"
+# safetensors' own bound on a header: a longer length field means the file is not safetensors.
+_SAFETENSORS_HEADER_MAX = 100_000_000
 # Off the network a hub request is retried for ~40 s before it fails: one quick request says so at once.
 HUB_PROBE_SECONDS = 1.5
 # Small parts first: they are the likeliest to be missing (trained locally) and the quickest to load.
@@ -86,7 +93,11 @@ def source_problems(model: ModelSpec, *, allow_pickle: bool = False) -> list[Sou
         if key in seen or (path, revision) in missing:
             continue
         seen.add(key)
-        problem = _local_problem(field, path, subfolder, first_file, allow_pickle) if is_local(path) else None
+        problem = (
+            _local_problem(field, path, subfolder, first_file, allow_pickle, _parts_in_folder(model))
+            if is_local(path)
+            else None
+        )
         if problem is None and not is_local(path):
             problem = _cache_problem(field, path, subfolder, revision, first_file)
             if problem is not None and not offline():  # online, a hub id need not be cached yet
@@ -99,11 +110,20 @@ def source_problems(model: ModelSpec, *, allow_pickle: bool = False) -> list[Sou
 
 
 def _local_problem(
-    field: str, path: str, subfolder: str | None, first_file: str | None, allow_pickle: bool
+    field: str,
+    path: str,
+    subfolder: str | None,
+    first_file: str | None,
+    allow_pickle: bool,
+    parts: Mapping[str, bool] | None = None,
 ) -> SourceProblem | None:
+    """What is wrong with a local folder; `parts` names the component folders a full checkpoint
+    (`model.pipeline`) must hold besides those its model_index.json names (`_parts_in_folder`)."""
     folder = Path(path).expanduser()
     fix = f"fix `{field}` in the recipe or manifest, or override it with --set {field}=DIR"
     if not folder.exists():
+        if folder.is_symlink():
+            return SourceProblem(field, f"{path} is a link to nothing (broken, or a loop)", fix, absent=True)
         return SourceProblem(field, f"no such folder: {path}", fix, absent=True)
     if field == "model.lora.path":
         return _lora_problem(field, path, folder, first_file, allow_pickle)
@@ -117,6 +137,20 @@ def _local_problem(
         return SourceProblem(
             field, f"{folder} has no {first_file}: not a saved checkpoint", f"{fix}; it must be a saved model"
         )
+    if field == "model.pipeline" and (missing := _missing_component(folder, parts or {})):
+        return SourceProblem(
+            field,
+            missing,
+            f"{fix}; it must be a complete checkpoint of `model.pipeline_class` (squeeze unless set)",
+        )
+    # A full checkpoint's weights sit in its component folders; a component's, in its own folder.
+    # (glob, unlike iterdir, passes over a folder it may not read: loading will say more.)
+    folders = {folder}
+    if field == "model.pipeline":
+        folders.update(weights.parent for weights in folder.glob("*/*.safetensors*"))
+    for weights in sorted(folders):
+        if damage := damaged_weights(weights):
+            return SourceProblem(field, damage, DAMAGED_HINT)
     return None
 
 
@@ -143,7 +177,7 @@ def _lora_problem(
             "fix `model.lora.weight_name`, or remove it to load the folder's weights",
         )
     if any(folder.glob("*.safetensors")):
-        return None
+        return _damage_problem(field, damaged_weights(folder))
     if not any(folder.glob("*.bin")):
         return SourceProblem(field, f"{path} holds no LoRA weights (no .safetensors file)", fix)
     if not allow_pickle:  # `gen` would refuse it only after loading the whole model
@@ -156,9 +190,91 @@ def _lora_problem(
 def _pickle_file_problem(field: str, path: str, name: str, allow_pickle: bool) -> SourceProblem | None:
     """A LoRA file named outright (the path, or `weight_name`) is loaded whatever its format: one that is
     not .safetensors is pickle, refused without --allow-pickle as a folder's .bin files are."""
-    if allow_pickle or name.endswith(".safetensors"):
+    if name.endswith(".safetensors"):
+        return _damage_problem(field, damaged_safetensors(Path(path).expanduser()))
+    if allow_pickle:
         return None
     return SourceProblem(field, f"{path} is not a .safetensors file (pickle weights)", PICKLE_HINT)
+
+
+def _parts_in_folder(model: ModelSpec) -> dict[str, bool]:
+    """The components `model.pipeline`'s folder must hold, each True, or may lack, False: the squeeze
+    pipeline (`pipeline_class` unset) loads each of its parts from there unless `model.components` names
+    it, as does any pipeline with the parts its model_index.json names."""
+    parts = dict.fromkeys(LOAD_ORDER, True) if model.pipeline_class is None else {}
+    return {**parts, **dict.fromkeys(model.components, False)}
+
+
+def _missing_component(folder: Path, parts: Mapping[str, bool]) -> str | None:
+    """The first component folder that `folder` must hold (`_parts_in_folder`) and does not, or why its
+    model_index.json cannot be read; None when all are there. A component named `[null, null]` is
+    optional."""
+    index = folder / "model_index.json"
+    try:
+        entries = json.loads(index.read_bytes())
+    except OSError as error:
+        return f"{index} cannot be read: {error.strerror or error}"
+    except ValueError:
+        entries = None
+    if not isinstance(entries, dict):
+        return f"{index} is damaged: not a JSON object"
+    required = dict(parts)
+    for name, entry in entries.items():
+        if not name.startswith("_") and isinstance(entry, list) and None not in entry:
+            required.setdefault(name, True)
+    for name in sorted(name for name, needed in required.items() if needed):
+        if not (folder / name).is_dir():
+            named = "its model_index.json names" if name in entries else "the squeeze pipeline loads"
+            return f"{folder} has no {name}/ folder, which {named}"
+    return None
+
+
+def _damage_problem(field: str, damage: str | None) -> SourceProblem | None:
+    return SourceProblem(field, damage, DAMAGED_HINT) if damage else None
+
+
+def damaged_weights(folder: Path) -> str | None:
+    """What is wrong with the safetensors weights in `folder` (not its subfolders), read from their
+    headers and sizes only: a file that is damaged (`damaged_safetensors`), or a shard that the folder's
+    `*.safetensors.index.json` names and that is not there. None when nothing is."""
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            shards = set(json.loads(index.read_bytes())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{index} is damaged: not a safetensors index (JSON with a `weight_map`)"
+        for shard in sorted(str(name) for name in shards):
+            if not (folder / shard).exists():
+                return f"{folder / shard} is missing: {index.name} names it"
+    for weights in sorted(folder.glob("*.safetensors")):
+        if damage := damaged_safetensors(weights):
+            return damage
+    return None
+
+
+def damaged_safetensors(path: Path) -> str | None:
+    """Why the .safetensors file at `path` cannot load, from its header alone (a few kB, never the weights):
+    not a regular file, empty, a header that is not safetensors' JSON, or fewer bytes than the header says
+    (an interrupted copy or download). None when it looks whole."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the reader
+            return f"{path} is not a regular file"
+        with path.open("rb") as file:
+            length = int.from_bytes(file.read(8), "little")
+            if info.st_size < 8 or length > min(info.st_size - 8, _SAFETENSORS_HEADER_MAX):
+                return f"{path} is damaged: {info.st_size:,} bytes, cut short or not safetensors"
+            header = json.loads(file.read(length))
+        end = max(
+            (int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+            default=0,
+        )
+    except OSError as error:
+        return f"{path} cannot be read: {error.strerror or error}"
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return f"{path} is damaged: its header is not safetensors'"
+    if info.st_size < 8 + length + end:
+        return f"{path} is cut short: {info.st_size:,} bytes where its header needs {8 + length + end:,}"
+    return None
 
 
 def _cache_problem(

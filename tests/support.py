@@ -53,6 +53,18 @@ TWO_PROMPTS = ONE_IMAGE.replace(
 )
 
 
+# The smallest whole .safetensors file (an empty header): a weights file the checks before loading pass.
+EMPTY_SAFETENSORS = (2).to_bytes(8, "little") + b"{}"
+
+
+def write_checkpoint_layout(folder: Path) -> None:
+    """A squeeze pipeline folder as the checks before loading see it (its index and a folder per
+    component), without any weights."""
+    for part in ("mllm", "tokenizer", "image_processor", "aggregator", "transformer", "vae", "scheduler"):
+        (folder / part).mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+
+
 def env(cache: str) -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "SQUEEZE_CACHE": cache, "OMP_NUM_THREADS": "1"}
 

@@ -198,3 +198,115 @@ def test_small_local_parts_load_before_the_large_ones(monkeypatch) -> None:
     monkeypatch.setattr(loading, "load_component", recording)
     loading.load_pipeline(spec)
     assert order == ["aggregator", "scheduler", "tokenizer", "image_processor", "vae", "mllm", "transformer"]
+
+
+def _cut_short(file: Path) -> None:
+    os.truncate(file, file.stat().st_size - 100)  # the header whole, the last tensor's bytes not
+
+
+def _split_transformer(folder: Path) -> Path:
+    """The transformer's weights as two shards and their index, as large checkpoints are saved; returns
+    the index."""
+    from safetensors.torch import load_file, save_file
+
+    whole = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(whole)
+    whole.unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for number, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :]), 1):
+        shard = f"diffusion_pytorch_model-0000{number}-of-00002.safetensors"
+        save_file({name: tensors[name] for name in part}, folder / "transformer" / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    index = folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
+
+
+def _damage(folder: Path, kind: str) -> tuple[str, Path]:
+    """Damage the checkpoint copy in `folder` as an interrupted download or copy would; returns the `--set`
+    that points the run at the damaged weights, and the file the error must name."""
+    pipeline = f"model={{pipeline: {folder}}}"
+    if kind == "empty":
+        file = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+        file.write_bytes(b"")
+    elif kind == "cut-short":
+        file = folder / "mllm" / "model.safetensors"
+        _cut_short(file)
+    elif kind == "fifo":
+        file = folder / "vae" / "diffusion_pytorch_model.safetensors"
+        file.unlink()
+        os.mkfifo(file)
+    elif kind == "missing-shard":
+        _split_transformer(folder)
+        file = folder / "transformer" / "diffusion_pytorch_model-00002-of-00002.safetensors"
+        file.unlink()
+    elif kind == "index-not-json":
+        file = _split_transformer(folder)
+        file.write_text("{not json")
+    else:  # a LoRA file cut short
+        file = folder.parent / "lora.safetensors"
+        file.write_bytes((folder / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()[:-100])
+        return f"model={{pipeline: {folder}, lora: {{path: {file}}}}}", file
+    return pipeline, file
+
+
+@pytest.mark.parametrize(
+    "kind", ["empty", "cut-short", "fifo", "missing-shard", "index-not-json", "lora-cut-short"]
+)
+def test_damaged_weights_are_one_error_naming_the_file_before_loading(
+    project: Path, squeeze, monkeypatch, kind: str
+) -> None:
+    import shutil
+
+    import squeeze_cli.loading
+
+    copy = project / "checkpoint"
+    shutil.copytree(squeeze_cli.loading.ensure_tiny_checkpoint("internvl"), copy)
+    override, damaged = _damage(copy, kind)
+    result = squeeze("validate", str(project / "m.yaml"), "--set", override)
+    assert result.code == 2, result.err
+    [error] = [line for line in result.err.splitlines() if "error:" in line]
+    assert str(damaged) in error and "copy or download the weights again" in error, error
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(squeeze_cli.loading, "load_pipeline", no_loading)
+    result = squeeze("gen", str(project / "m.yaml"), "--set", override, "--out", str(project / "out"))
+    assert result.code == 2 and str(damaged) in result.err, result.err
+    assert not (project / "out").exists()
+
+
+def test_a_model_path_that_is_a_symlink_loop_is_one_error(project: Path, squeeze) -> None:
+    (project / "a").symlink_to(project / "b")
+    (project / "b").symlink_to(project / "a")
+    result = squeeze("validate", str(project / "m.yaml"), "--set", f"model={{pipeline: {project / 'a'}}}")
+    assert result.code == 2, result.err  # not pathlib's "Symlink loop" traceback
+    assert f"model.pipeline: {project / 'a'} is a link to nothing (broken, or a loop)" in result.err
+
+
+def test_a_checkpoint_without_a_component_folder_is_refused_unless_loaded_apart(
+    project: Path, squeeze
+) -> None:
+    import shutil
+
+    import squeeze_cli.loading
+
+    tiny = squeeze_cli.loading.ensure_tiny_checkpoint("internvl")
+    copy = shutil.copytree(tiny, project / "checkpoint", ignore=shutil.ignore_patterns("vae"))
+    result = squeeze("validate", str(project / "m.yaml"), "--set", f"model={{pipeline: {copy}}}")
+    assert result.code == 2, result.err  # `gen` said: no file named config.json in {copy}, after loading
+    assert f"{copy} has no vae/ folder, which its model_index.json names" in result.err
+    # A component the manifest loads from elsewhere need not be in the folder.
+    apart = f"model={{pipeline: {copy}, components: {{vae: {{path: {tiny / 'vae'}}}}}}}"
+    assert squeeze("validate", str(project / "m.yaml"), "--set", apart).code == 0
+    # Another pipeline's checkpoint: the squeeze pipeline loads its MLLM and aggregator from the folder.
+    kontext = squeeze_cli.loading.ensure_tiny_checkpoint("", "kontext")
+    result = squeeze("validate", str(project / "m.yaml"), "--set", f"model={{pipeline: {kontext}}}")
+    assert result.code == 2, result.err  # `gen` said, after loading: Unrecognized model in {kontext}
+    assert f"{kontext} has no aggregator/ folder, which the squeeze pipeline loads" in result.err
+    assert "`model.pipeline_class`" in result.err
+    (copy / "model_index.json").write_text('{"_class_name": "SqueezePipeline",')
+    result = squeeze("validate", str(project / "m.yaml"), "--set", f"model={{pipeline: {copy}}}")
+    assert result.code == 2 and "model_index.json is damaged: not a JSON object" in result.err

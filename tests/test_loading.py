@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,58 @@ def test_lora_from_the_spec_changes_the_output(tiny_dir: Path, tmp_path: Path) -
     assert np.abs(with_lora - expected).max() > 1e-3
 
 
+def test_a_lora_of_another_model_size_is_one_error(tiny_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from squeeze_cli.pipelines.squeeze import SqueezePipeline
+
+    base = load_pipeline(ModelSpec(pipeline=str(tiny_dir), dtype="float32"))
+    base.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"]))
+    # The same layers twice as wide: a LoRA trained on a larger model of the same family.
+    wider = {
+        name: torch.zeros(2 * weight.shape[0], weight.shape[1])
+        if "lora_B" in name
+        else torch.zeros(weight.shape[0], 2 * weight.shape[1])
+        for name, weight in get_peft_model_state_dict(base.transformer).items()
+    }
+    SqueezePipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=wider)
+    spec = ModelSpec(pipeline=str(tiny_dir), lora={"path": str(tmp_path / "lora")}, dtype="float32")
+    with pytest.raises(ModelLoadError) as refused:  # not torch's RuntimeError and its traceback
+        load_pipeline(spec)
+    assert "size mismatch" in refused.value.message and "does not fit" in refused.value.hint
+
+
+@pytest.mark.parametrize("damage", ["empty", "missing"])
+def test_damaged_weights_met_while_loading_are_one_error(tiny_dir: Path, tmp_path: Path, damage: str) -> None:
+    """What the checks before loading find (a hub snapshot is not checked file by file) still ends as one
+    error when loading meets it, not also diffusers' log line of it, and a missing weights file is not
+    taken for refused pickle weights."""
+    import shutil
+
+    copy = shutil.copytree(tiny_dir, tmp_path / "pipe")
+    weights = (
+        copy / "mllm" / "model.safetensors"
+        if damage == "empty"
+        else copy / "vae" / "diffusion_pytorch_model.safetensors"
+    )
+    if damage == "empty":
+        weights.write_bytes(b"")
+    else:
+        weights.unlink()
+    logged = []  # what diffusers prints on stderr (through its own handler, out of pytest's reach)
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = logged.append  # type: ignore[method-assign]
+    logging.getLogger("diffusers.models.modeling_utils").addHandler(handler)
+    try:
+        with pytest.raises(ModelLoadError) as refused:  # not safetensors' SafetensorError and its traceback
+            load_pipeline(ModelSpec(pipeline=str(copy), dtype="float32"))
+    finally:
+        logging.getLogger("diffusers.models.modeling_utils").removeHandler(handler)
+    assert "copy or download the weights again" in refused.value.hint
+    assert "--allow-pickle" not in refused.value.hint
+    assert logged == []
+
+
 def test_offload_needs_a_gpu(tiny_dir: Path) -> None:
     with pytest.raises(UsageError, match="--offload model"):
         load_pipeline(ModelSpec(pipeline=str(tiny_dir), dtype="float32"), device="cpu", offload="model")
@@ -203,3 +256,49 @@ def test_a_tiny_checkpoint_without_its_weights_never_enters_the_cache(tmp_path: 
         ensure_tiny_checkpoint("internvl")
     assert "lacks weights (mllm)" in incomplete.value.message
     assert list((tmp_path / "cache").iterdir()) == []  # neither the broken folder nor its staging copy
+
+
+def test_a_cache_that_cannot_be_written_is_one_error(tmp_path: Path, monkeypatch) -> None:
+    # A file where the cache folder goes (as root, a read-only folder is writable: the same OSError path).
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("SQUEEZE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelLoadError) as refused:  # not FileExistsError's traceback
+        ensure_tiny_checkpoint("internvl")
+    assert str(tmp_path / "cache") in refused.value.message and "SQUEEZE_CACHE" in refused.value.hint
+
+
+def test_an_aggregator_trained_for_another_mllm_is_one_error_at_loading(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    from squeeze_cli.pipelines.aggregator import DualLayerAggregator
+
+    # A DLA for a wider MLLM and transformer: it loads, and every job would fail on a shape mismatch.
+    config = {
+        key: value
+        for key, value in DualLayerAggregator.load_config(tiny_dir / "aggregator").items()
+        if not key.startswith("_")
+    }
+    config.update(mllm_hidden_size=2 * config["mllm_hidden_size"])
+    DualLayerAggregator(**config).save_pretrained(tmp_path / "dla")
+    spec = ModelSpec(
+        pipeline=str(tiny_dir), components={"aggregator": {"path": str(tmp_path / "dla")}}, dtype="float32"
+    )
+    with pytest.raises(ModelLoadError) as refused:
+        load_pipeline(spec)
+    assert str(tmp_path / "dla") in refused.value.message and "mllm_hidden_size" in refused.value.message
+    assert "squeeze train" in refused.value.hint
+
+
+def test_weights_of_another_size_than_their_config_are_one_error(tiny_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    copy = shutil.copytree(tiny_dir, tmp_path / "pipe")
+    # config.json of a larger model beside the smaller one's weights: transformers raises RuntimeError.
+    config = json.loads((copy / "mllm" / "config.json").read_text())
+    config["text_config"]["intermediate_size"] *= 2
+    (copy / "mllm" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as refused:
+        load_pipeline(ModelSpec(pipeline=str(copy), dtype="float32"))
+    assert str(copy) in refused.value.message and "other sizes than its config.json" in refused.value.message
+    assert "take both from the same checkpoint" in refused.value.hint

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import EMPTY_SAFETENSORS, write_checkpoint_layout
 
 from squeeze_cli.errors import ManifestError, Problem
 from squeeze_cli.manifest.located import format_field_path, parse_override
@@ -561,10 +562,10 @@ def test_recipe_by_path_and_model_overrides(refs, write_file, tmp_path):
         """,
         name="presets/mine.yaml",
     )
-    (tmp_path / "presets/weights/pipe").mkdir(parents=True)
-    (tmp_path / "presets/weights/pipe/model_index.json").write_text("{}")  # weights are checked to exist
+    write_checkpoint_layout(tmp_path / "presets/weights/pipe")  # weights are checked to exist
     (tmp_path / "lora").mkdir()
-    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")  # a LoRA folder holds weights
+    # A LoRA folder holds weights.
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(EMPTY_SAFETENSORS)
     path = manifest_with(write_file, top_extra="model: {lora: {path: ./lora, scale: 0.5}}").parent / "m.yaml"
     path.write_text(
         "version: 1\nrecipe: presets/mine.yaml\nmodel: {lora: {path: ./lora, scale: 0.5}}\n"

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from support import one_error_line
+from support import EMPTY_SAFETENSORS, one_error_line, write_checkpoint_layout
 
 from squeeze_cli.manifest import load_manifest
 from squeeze_cli.plan import plan_jobs
@@ -48,7 +48,7 @@ def project(make_project, monkeypatch) -> Path:
     (root / "runs" / "tiny").mkdir(parents=True)
     (root / "runs" / "tiny" / "recipe.yaml").write_text(RECIPE)
     (root / "weights" / "lora").mkdir(parents=True)
-    (root / "weights" / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"not read by validate")
+    (root / "weights" / "lora" / "pytorch_lora_weights.safetensors").write_bytes(EMPTY_SAFETENSORS)
     monkeypatch.chdir(root)
     return root
 
@@ -98,8 +98,7 @@ def test_set_paths_are_relative_to_the_current_folder(project: Path):
         str(project / "images/dog/00.jpg"),
         str(project / "photos/dog.jpg"),
     )
-    (project / "pipe").mkdir()
-    (project / "pipe" / "model_index.json").write_text("{}")
+    write_checkpoint_layout(project / "pipe")
     assert load_manifest("manifests/m.yaml", ["model={pipeline: ./pipe}"]).model.pipeline == str(
         project / "pipe"
     )

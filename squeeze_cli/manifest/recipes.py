@@ -202,7 +202,11 @@ def _looks_local(value: str, base_dir: Path) -> bool:
 def _local(value: str, base_dir: Path) -> str:
     if not _looks_local(value, base_dir):
         return value
-    return str((base_dir / Path(value).expanduser()).resolve())
+    path = base_dir / Path(value).expanduser()
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):  # a symlink loop: the checks before loading report it
+        return os.path.abspath(path)
 
 
 def model_path_fields(model: Mapping[str, Any]) -> list[FieldPath]:
