@@ -179,6 +179,20 @@ def test_validate_checks_the_device_and_offload_mode_gen_would_use(project: Path
     assert squeeze("validate", str(project / "m.yaml"), "--device", "cpu").code == 0
 
 
+def test_validate_takes_gens_dtype_flag(project: Path, squeeze) -> None:
+    """`gen --dtype` changes the model's identity, so every job id: validate had no such flag."""
+
+    def plan(*flags: str) -> dict:
+        result = squeeze("validate", str(project / "m.yaml"), "--json", *flags)
+        assert result.code == 0, result.err
+        return json.loads(result.out)
+
+    flagged, default = plan("--dtype", "bfloat16"), plan()
+    assert flagged["dtype"] == "bfloat16" and flagged["model_identity"] != default["model_identity"]
+    assert flagged["model_identity"] == plan("--set", "model.dtype=bfloat16")["model_identity"]
+    assert squeeze("validate", str(project / "m.yaml"), "--dtype", "fp8").code == 2
+
+
 def test_small_local_parts_load_before_the_large_ones(monkeypatch) -> None:
     import squeeze_cli.loading as loading
     from squeeze_cli.manifest.schema import ModelSpec

@@ -12,6 +12,7 @@ import typer
 
 from squeeze_cli.cli.options import (
     AllowPickleOpt,
+    DtypeOpt,
     JsonOpt,
     LimitOpt,
     ManifestArg,
@@ -30,7 +31,7 @@ from squeeze_cli.cli.options import (
 )
 from squeeze_cli.errors import ManifestError, SqueezeError, UsageError
 from squeeze_cli.logs import counted
-from squeeze_cli.params import Offload
+from squeeze_cli.params import Dtype, Offload
 
 if TYPE_CHECKING:
     from squeeze_cli.manifest import LoadedManifest
@@ -57,6 +58,7 @@ def validate(
             "--offload", metavar="|".join(Offload.__members__), help="Also check this `gen --offload` mode."
         ),
     ] = None,
+    dtype: DtypeOpt = None,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Check a manifest and print its plan; loads no model and writes nothing.
@@ -68,6 +70,8 @@ def validate(
     from squeeze_cli.plan import plan_jobs, select_jobs
 
     checked: list[tuple[LoadedManifest, dict, SqueezeError | None]] = []
+    if dtype is not None:  # as `gen --dtype` sets it: the model's identity, so the job ids, follow it
+        set_ = [*(set_ or ()), f"model.dtype={parse_choice('--dtype', dtype, Dtype)}"]
     with failures_as_json(json_output):
         recipes: list[str | None] = [*split_recipes(recipe)] or [None]
         parent = (
