@@ -251,6 +251,14 @@ def test_a_folder_without_an_index_exits_2(tmp_path: Path, squeeze) -> None:
     assert result.code == 2 and "has no index.jsonl" in result.err
 
 
+def test_the_folder_of_several_recipes_hints_at_one_of_its_runs(run_folder: Path, squeeze) -> None:
+    """`gen --recipe A,B` writes OUT/A/ and OUT/B/: `check OUT` names one of them to give instead."""
+    (run_folder / "manifest.resolved.yaml").touch()
+    result = squeeze("check", str(run_folder.parent), "--rules", "amazon-main")
+    assert result.code == 2
+    assert f"(hint: give one of the runs in it, e.g. {run_folder})" in result.err
+
+
 def test_a_damaged_index_line_or_a_fifo_fails_that_image_only(run_folder: Path, squeeze) -> None:
     import os
 
