@@ -353,6 +353,8 @@ def test_training_reads_an_export_as_subject_pairs(squeeze, run, tmp_path, expor
         assert sample.instruction == prompts[sample.id]
         assert sample.target.size == (32, 32) and sample.references
     assert len(load_export_data(folder, "validation", "config.yaml")) == NUM_IMAGES - len(data)
+    # `--split val` is `validation` to `datasets`; a config names it as export did
+    assert len(load_export_data(folder, "val", "config.yaml")) == NUM_IMAGES - len(data)
 
 
 @pytest.mark.parametrize("export_format", ["imagefolder", "webdataset"])
