@@ -237,7 +237,8 @@ def check_run(
             f"{out} has no {INDEX_NAME}: it is not the output folder of a finished `squeeze gen` run",
             run_folder_hint(
                 out,
-                "give the folder `squeeze gen` wrote (after a --shard run, `squeeze status OUT --merge` first)",
+                "give the folder `squeeze gen` wrote"
+                " (after a --shard run, `squeeze status OUT --merge` first)",
             ),
         )
     planned = {job.job_id for job in plan.jobs} if plan is not None else None
