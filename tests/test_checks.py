@@ -134,6 +134,15 @@ def test_an_image_without_the_variant_fails_as_missing(run_folder: Path, squeeze
     assert len(missing) == 5 and missing[0]["error"] == "missing: it has no variant 'amazon'"
 
 
+def test_a_deleted_file_fails_as_missing_and_says_how_to_get_it_back(run_folder: Path, squeeze) -> None:
+    """A deleted image (or variant file) failed as "cannot be read: No such file or directory"."""
+    (run_folder / "shop" / "passes.png").unlink()
+    result = squeeze("check", str(run_folder), "--rules", "amazon-main")
+    assert result.code == 1
+    said = "FAIL  shop/passes.png: missing: the file is gone (`squeeze gen` on the run makes it again)"
+    assert said in result.out
+
+
 @pytest.mark.parametrize("variant", ["amazon", ""])
 def test_a_variant_no_image_has_is_a_usage_error(run_folder: Path, squeeze, variant: str) -> None:
     """A misspelt `--variant` (or an empty one) failed every image as "missing", exit 1, and no hint."""

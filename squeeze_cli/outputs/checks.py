@@ -205,6 +205,9 @@ def check_file(out_dir: Path, image: str, rules: RuleSet) -> ImageCheck:
     except UnsafeOutputPathError as error:  # a damaged index line naming a file outside OUT
         check.error = error.message
         return check
+    except FileNotFoundError:
+        check.error = "missing: the file is gone (`squeeze gen` on the run makes it again)"
+        return check
     except UnidentifiedImageError:  # its message names the file object ("<_io.BufferedReader name=3>")
         check.error = "cannot be read: not an image (PIL cannot identify it)"
         return check
