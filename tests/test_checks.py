@@ -134,6 +134,15 @@ def test_an_image_without_the_variant_fails_as_missing(run_folder: Path, squeeze
     assert len(missing) == 5 and missing[0]["error"] == "missing: it has no variant 'amazon'"
 
 
+def test_a_deleted_file_fails_as_missing_and_says_how_to_get_it_back(run_folder: Path, squeeze) -> None:
+    """A deleted image (or variant file) failed as "cannot be read: No such file or directory"."""
+    (run_folder / "shop" / "passes.png").unlink()
+    result = squeeze("check", str(run_folder), "--rules", "amazon-main")
+    assert result.code == 1
+    said = "FAIL  shop/passes.png: missing: the file is gone (`squeeze gen` on the run makes it again)"
+    assert said in result.out
+
+
 @pytest.mark.parametrize("variant", ["amazon", ""])
 def test_a_variant_no_image_has_is_a_usage_error(run_folder: Path, squeeze, variant: str) -> None:
     """A misspelt `--variant` (or an empty one) failed every image as "missing", exit 1, and no hint."""
@@ -249,6 +258,14 @@ def test_an_empty_rules_file_gets_a_rules_hint_not_a_manifests(run_folder: Path,
 def test_a_folder_without_an_index_exits_2(tmp_path: Path, squeeze) -> None:
     result = squeeze("check", str(tmp_path), "--rules", "amazon-main")
     assert result.code == 2 and "has no index.jsonl" in result.err
+
+
+def test_the_folder_of_several_recipes_hints_at_one_of_its_runs(run_folder: Path, squeeze) -> None:
+    """`gen --recipe A,B` writes OUT/A/ and OUT/B/: `check OUT` names one of them to give instead."""
+    (run_folder / "manifest.resolved.yaml").touch()
+    result = squeeze("check", str(run_folder.parent), "--rules", "amazon-main")
+    assert result.code == 2
+    assert f"(hint: give one of the runs in it, e.g. {run_folder})" in result.err
 
 
 def test_a_damaged_index_line_or_a_fifo_fails_that_image_only(run_folder: Path, squeeze) -> None:

@@ -221,6 +221,16 @@ def test_the_report_shows_every_prompt_worst_first_and_sorts_on_a_click(
     ]
 
 
+@pytest.mark.parametrize("column", ["dino", "clip_t"])
+@pytest.mark.parametrize("desc", [False, True], ids=["lowest-first", "desc"])
+def test_the_address_opens_the_gallery_sorted(evaluated_run: Path, browser: Browser, column: str, desc: bool):
+    """`report.html#sort=COLUMN` opens sorted lowest first, `&desc` highest first. On the column the page
+    starts sorted by (the first metric), both came out reversed: the address clicked an already sorted
+    column."""
+    browser.open(f"{(evaluated_run / 'report.html').as_uri()}#sort={column}{'&desc' if desc else ''}")
+    assert visible_keys(browser) == keys_sorted_by(evaluated_run, column, reverse=desc)
+
+
 def test_the_summary_and_the_distributions(evaluated_run: Path, browser: Browser):
     browser.open((evaluated_run / "report.html").as_uri())
     summary = json.loads((evaluated_run / "metrics.json").read_text())

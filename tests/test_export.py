@@ -281,6 +281,13 @@ def test_filtering_on_scores_of_a_run_never_evaluated_says_to_run_eval(squeeze, 
     assert "column 1: no field `dino` in this run (hint: run `squeeze eval" in one_error_line(result.err)
 
 
+def test_the_folder_of_several_recipes_hints_at_one_of_its_runs(squeeze, run, tmp_path):
+    """`gen --recipe A,B` writes OUT/A/ and OUT/B/, which `status` and `eval` take whole: `export OUT`
+    names one of them to give instead of saying to give a run folder."""
+    result = export(squeeze, run.parent, tmp_path / "export", expect=2)
+    assert f"(hint: give one of the runs in it, e.g. {run})" in one_error_line(result.err)
+
+
 def test_other_folders_are_refused(squeeze, made_run, tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
@@ -346,6 +353,8 @@ def test_training_reads_an_export_as_subject_pairs(squeeze, run, tmp_path, expor
         assert sample.instruction == prompts[sample.id]
         assert sample.target.size == (32, 32) and sample.references
     assert len(load_export_data(folder, "validation", "config.yaml")) == NUM_IMAGES - len(data)
+    # `--split val` is `validation` to `datasets`; a config names it as export did
+    assert len(load_export_data(folder, "val", "config.yaml")) == NUM_IMAGES - len(data)
 
 
 @pytest.mark.parametrize("export_format", ["imagefolder", "webdataset"])

@@ -223,9 +223,10 @@ document.addEventListener('DOMContentLoaded',()=>{
   if(hash.get('filter')){document.getElementById('filter').value=hash.get('filter');}
   applyFilter();
   const col=hash.get('sort');
+  // Unmark the column first: the first metric's starts sorted, and a click on it would reverse it.
   if(col){[...document.querySelectorAll('table.gallery th[data-column]')]
     .filter(th=>th.dataset.column===col)
-    .forEach(th=>{th.click();if(hash.has('desc'))th.click();});}
+    .forEach(th=>{th.classList.remove('sorted-asc');th.click();if(hash.has('desc'))th.click();});}
 });
 window.addEventListener('load',()=>{document.body.dataset.loaded='1';});
 """

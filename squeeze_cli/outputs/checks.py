@@ -31,7 +31,7 @@ from squeeze_cli.manifest.schema_errors import schema_error, validate_schema
 from squeeze_cli.outputs.index import read_index
 from squeeze_cli.outputs.layout import INDEX_NAME, UnsafeOutputPathError, safe_join
 from squeeze_cli.outputs.records import VARIANTS_KEY
-from squeeze_cli.outputs.run_plan import RunPlan, not_a_run_folder
+from squeeze_cli.outputs.run_plan import RunPlan, not_a_run_folder, run_folder_hint
 from squeeze_cli.reading import MANIFEST_MAX_BYTES, open_regular_file, read_regular_file
 
 RULES_PACKAGE = "squeeze_cli.outputs"
@@ -205,6 +205,9 @@ def check_file(out_dir: Path, image: str, rules: RuleSet) -> ImageCheck:
     except UnsafeOutputPathError as error:  # a damaged index line naming a file outside OUT
         check.error = error.message
         return check
+    except FileNotFoundError:
+        check.error = "missing: the file is gone (`squeeze gen` on the run makes it again)"
+        return check
     except UnidentifiedImageError:  # its message names the file object ("<_io.BufferedReader name=3>")
         check.error = "cannot be read: not an image (PIL cannot identify it)"
         return check
@@ -235,7 +238,11 @@ def check_run(
     if not (out / INDEX_NAME).is_file():
         raise RulesError(
             f"{out} has no {INDEX_NAME}: it is not the output folder of a finished `squeeze gen` run",
-            "give the folder `squeeze gen` wrote (after a --shard run, `squeeze status OUT --merge` first)",
+            run_folder_hint(
+                out,
+                "give the folder `squeeze gen` wrote"
+                " (after a --shard run, `squeeze status OUT --merge` first)",
+            ),
         )
     planned = {job.job_id for job in plan.jobs} if plan is not None else None
     declared = {v.name for v in plan.loaded.document.output.variants} if plan is not None else set()

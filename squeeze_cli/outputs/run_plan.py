@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from squeeze_cli.errors import SqueezeError, UsageError
-from squeeze_cli.outputs.layout import RESOLVED_MANIFEST_NAME, SHARDS_DIR_NAME
+from squeeze_cli.outputs.layout import RESOLVED_MANIFEST_NAME, SHARDS_DIR_NAME, runs_inside
 
 if TYPE_CHECKING:
     from squeeze_cli.manifest import LoadedManifest
@@ -25,6 +25,15 @@ def not_a_run_folder(path: Path) -> tuple[str, str]:
     if path.suffix in (".yaml", ".yml"):
         hint += ", not its manifest: the folder its `output.dir` names, or gen's --out"
     return f"{path}: not a folder", hint
+
+
+def run_folder_hint(out: Path, hint: str) -> str:
+    """`hint` for a folder that is not a run, unless it holds runs (the folder of `gen --recipe A,B`, which
+    `status` and `eval` take whole, or a parent of the run): then which one to give."""
+    inside = runs_inside(out)
+    if not inside:
+        return hint
+    return f"give one of the runs in it, e.g. {inside[0]}"
 
 
 def run_folders(out: Path) -> list[Path]:
@@ -50,7 +59,7 @@ def find_run_manifest(out: Path) -> Path:
     if not candidates:
         raise UsageError(
             f"{out} is not a squeeze run folder: it has no {RESOLVED_MANIFEST_NAME} (nor its shards)",
-            "give the output folder of a `squeeze gen` run",
+            run_folder_hint(out, "give the output folder of a `squeeze gen` run"),
         )
     if candidates[0].parent == out:
         return candidates[0]

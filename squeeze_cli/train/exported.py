@@ -76,6 +76,8 @@ def load_export_data(folder: str | os.PathLike, split: str, where: str) -> Train
         return ManifestError([Problem(where, None, None, field, message, hint)])
 
     folder = Path(folder)
+    if split == "val":
+        split = "validation"  # export's `--split val`, which `datasets` loads as `validation`
     try:
         export_format = outputs.read_export_state(folder)["selection"]["format"]
         datasets.utils.logging.disable_progress_bar()
