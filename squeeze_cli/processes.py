@@ -222,8 +222,8 @@ def together(check: Callable[[], T], index: int, count: int) -> T:
         # Every process ends now. The launcher sends SIGTERM to those left once one has exited with an
         # error: it must not replace their exit code (-15 in its summary of the failed processes).
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if first == index:
-        raise errors[first] from None
+    if first == index and error is not None:
+        raise error  # its own, with its cause: the gathered one is a copy (all_gather_object pickles)
     if first is not None:
         raise OtherProcessError(errors[first]) from None
     return result  # type: ignore[return-value]  # `check` returned
