@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
 from squeeze_cli.errors import OtherProcessError, SqueezeError
@@ -152,9 +153,10 @@ def this_machine() -> str:
     return f"{socket.gethostname()} {namespace}"
 
 
-def process_alive(pid: Any, machine: Any) -> bool | None:
-    """Whether process `pid`, recorded on `machine` (`this_machine()`), still runs; None when that cannot
-    be told from here (another machine, an older record without one)."""
+def process_alive(pid: Any, machine: Any, started_at: Any = None) -> bool | None:
+    """Whether process `pid`, recorded on `machine` (`this_machine()`) by a run that started at `started_at`
+    (ISO 8601), still runs; None when that cannot be told from here (another machine, an older record
+    without one)."""
     if machine != this_machine() or not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31:
         return None
     try:
@@ -162,10 +164,26 @@ def process_alive(pid: Any, machine: Any) -> bool | None:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     except OSError:
         return None
-    return True
+    # A pid is reused once the machine has made enough processes: one started after the run is not the run.
+    return not _started_after(pid, started_at)
+
+
+def _started_after(pid: int, when: Any) -> bool:
+    """Whether process `pid` started after the time `when` (ISO 8601); False when that cannot be told (no
+    `/proc`, no time)."""
+    try:
+        since = datetime.fromisoformat(when).timestamp()
+        with open(f"/proc/{pid}/stat", "rb") as file:  # the fields after `(comm)`; starttime is the 22nd
+            ticks = int(file.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/stat", "rb") as file:
+            boot = next(int(line.split()[1]) for line in file if line.startswith(b"btime "))
+    except (TypeError, ValueError, OverflowError, IndexError, StopIteration, OSError):
+        return False
+    # Both clocks are in whole seconds (`started_at` is taken after the process started): a margin.
+    return boot + ticks / os.sysconf("SC_CLK_TCK") > since + 2
 
 
 def accelerate_cpu() -> bool:
@@ -204,8 +222,8 @@ def together(check: Callable[[], T], index: int, count: int) -> T:
         # Every process ends now. The launcher sends SIGTERM to those left once one has exited with an
         # error: it must not replace their exit code (-15 in its summary of the failed processes).
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if first == index:
-        raise errors[first] from None
+    if first == index and error is not None:
+        raise error  # its own, with its cause: the gathered one is a copy (all_gather_object pickles)
     if first is not None:
         raise OtherProcessError(errors[first]) from None
     return result  # type: ignore[return-value]  # `check` returned

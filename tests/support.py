@@ -234,9 +234,15 @@ class ThreadProcesses:
 def threads_as_processes(monkeypatch):
     """Make `processes.together` and `ThreadProcesses` gather between the two threads of `in_two_threads`;
     returns the `Processes` to put in place of the real one."""
+    barrier = threading.Barrier(2, timeout=30)  # a process left waiting fails the test, not hangs it
+    gather_between_threads(monkeypatch, barrier)
+    return lambda: ThreadProcesses(barrier)
+
+
+def gather_between_threads(monkeypatch, barrier: threading.Barrier) -> None:
+    """Make `processes.together` gather between threads named by their rank, which meet at `barrier`."""
     from squeeze_cli import processes
 
-    barrier = threading.Barrier(2, timeout=30)  # a process left waiting fails the test, not hangs it
     gathered: dict[int, object] = {}
 
     def all_gather(value, count):
@@ -247,7 +253,6 @@ def threads_as_processes(monkeypatch):
         return values
 
     monkeypatch.setattr(processes, "_all_gather", all_gather)
-    return lambda: ThreadProcesses(barrier)
 
 
 def in_two_threads(work) -> dict[int, object]:

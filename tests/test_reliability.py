@@ -456,6 +456,32 @@ def test_a_signal_handler_set_during_the_run_is_kept() -> None:
         signal.signal(signal.SIGTERM, before)
 
 
+def test_the_process_that_met_a_refusal_raises_its_own_error_with_its_cause(monkeypatch) -> None:
+    """`processes.together` raised, in the process that met the refusal, the copy of its error that came back
+    from the gather (torch pickles every process's part, its own too): without its cause or traceback, which
+    SQUEEZE_DEBUG=1 prints."""
+    import pickle
+
+    from squeeze_cli import processes
+    from squeeze_cli.errors import UsageError
+
+    monkeypatch.setattr(
+        processes, "_all_gather", lambda value, count: [pickle.loads(pickle.dumps(value)), None]
+    )
+    raised = UsageError("refused")
+
+    def check() -> None:
+        raise raised from OSError("the cause")
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(UsageError) as caught:
+            processes.together(check, 0, 2)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert caught.value is raised and isinstance(caught.value.__cause__, OSError)
+
+
 @pytest.mark.parametrize("then", ["fails", "loads"])
 def test_a_signal_a_library_loses_while_loading_still_stops_the_run(project, gen, monkeypatch, then) -> None:
     """Ctrl-C in the first second of `gen` landed in an import inside diffusers, which lost the StopNow and

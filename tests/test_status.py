@@ -104,3 +104,25 @@ def test_a_run_whose_process_is_gone_is_not_called_running(tmp_path: Path, squee
     assert line == "last run  running (not finished)" and run["alive"] is True
     line, run = status_with(dead.pid, "another-host pid:[1]")  # cannot be told from here
     assert line == "last run  running (not finished)" and run["alive"] is None
+
+
+def test_a_pid_reused_by_a_later_process_is_not_the_run(tmp_path: Path, squeeze) -> None:
+    """A killed run's pid, once the machine has run long enough, names another process: one that started
+    after the run did is not the run, which is gone."""
+    out = gen_example_run(tmp_path, squeeze, ONE_IMAGE)
+    summary = json.loads((out / "run.json").read_text())
+    # This test's process (alive) as the pid of a run that started long before it.
+    (out / "run.json").write_text(
+        json.dumps(
+            {
+                **summary,
+                "status": "running",
+                "finished_at": None,
+                "pid": os.getpid(),
+                "host": this_machine(),
+                "started_at": "2001-01-01T00:00:00+00:00",
+            }
+        )
+    )
+    run = json.loads(squeeze("status", str(out), "--json").out)["runs"][0]
+    assert run["alive"] is False

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import deadline, finishes, one_error_line
+from support import deadline, finishes, gather_between_threads, one_error_line
 
 from squeeze_cli import outputs
 from squeeze_cli.train.checkpoints import (
@@ -403,21 +403,10 @@ def _two_processes(monkeypatch, output_dir: Path, barrier) -> dict[int, BaseExce
     import threading
     from types import SimpleNamespace
 
-    from squeeze_cli import processes
-
-    gathered: dict[int, object] = {}
-
-    def all_gather(value, count):
-        gathered[int(threading.current_thread().name)] = value
-        barrier.wait()
-        values = [gathered[rank] for rank in range(count)]
-        barrier.wait()
-        return values
-
     def trim_log(self) -> None:
         raise Started
 
-    monkeypatch.setattr(processes, "_all_gather", all_gather)
+    gather_between_threads(monkeypatch, barrier)
     for name in ("_setup", "check_fits"):
         monkeypatch.setattr(Trainer, name, lambda self: None)
     monkeypatch.setattr(Trainer, "summary", lambda self: {})

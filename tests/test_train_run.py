@@ -324,20 +324,15 @@ def test_a_refused_launch_ends_every_process_with_the_refusals_code(tmp_path: Pa
     by SIGTERM. Now the main process says the refusal once and every process exits 2 (the launcher still
     exits 1 with its summary of the failed processes)."""
     import re
-    import socket
+
+    from test_runner import two_processes
 
     from squeeze_cli.train.checkpoints import RunLock
 
     out = tmp_path / "run"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
-        "--dynamo_backend", "no", "-m", "squeeze_cli", "train", "tiny", "--no-progress",
-        "--set", f"output_dir={out}", "--set", "validation.prompts=[]",
-    ]  # fmt: skip
+    command = two_processes(
+        "train", "tiny", "--no-progress", "--set", f"output_dir={out}", "--set", "validation.prompts=[]"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     other = RunLock(out)
     other.acquire()  # a run on that folder, still training

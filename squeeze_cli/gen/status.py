@@ -128,12 +128,13 @@ def _read_summary(folder: Path) -> dict[str, Any] | None:
 
 def _liveness(summary: dict[str, Any]) -> dict[str, Any]:
     """For a run whose `run.json` says `running`: its `pid`, and `alive`, whether that process still runs
-    (None when it cannot be told from here: another machine's run, an older run.json). A killed run (kill
-    -9, out of memory) never writes its summary, and says `running` for good."""
+    (None when it cannot be told from here: another machine's run, an older run.json; False for a pid that
+    names a process started after the run). A killed run (kill -9, out of memory) never writes its summary,
+    and says `running` for good."""
     if summary.get("status") != "running":
         return {}
     pid = summary.get("pid")
-    return {"pid": pid, "alive": process_alive(pid, summary.get("host"))}
+    return {"pid": pid, "alive": process_alive(pid, summary.get("host"), summary.get("started_at"))}
 
 
 def run_status(out: str | Path, *, verify: bool = False) -> RunStatus:
