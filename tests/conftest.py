@@ -133,3 +133,22 @@ def _offline_and_private_cache(tmp_path_factory: pytest.TempPathFactory):
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def _no_loading_patch_left_behind():
+    """A model load patches globals while it runs (`support._loading_patches`). One left in place builds
+    every later test's models untied and uninitialised, a failure far from its cause: it fails the test
+    that left it (and is put back)."""
+    from support import _loading_patches
+
+    before = _loading_patches() if "transformers" in sys.modules else []
+    yield
+    left = [
+        f"{getattr(owner, '__name__', owner)}.{name}"
+        for owner, name, value in before
+        if getattr(owner, name) is not value
+    ]
+    for owner, name, value in before:
+        setattr(owner, name, value)
+    assert not left, f"left patched by this test (two model loads at once?): {', '.join(left)}"

@@ -255,9 +255,30 @@ def gather_between_threads(monkeypatch, barrier: threading.Barrier) -> None:
     monkeypatch.setattr(processes, "_all_gather", all_gather)
 
 
+def _loading_patches() -> list[tuple[object, str, object]]:
+    """What model loading patches while it runs, as (owner, name, value) now: transformers' `no_tie_weights`
+    and `no_init_weights` (`PreTrainedModel.tie_weights`, `init_weights`, torch's init functions) and
+    accelerate's `init_empty_weights` (`nn.Module.register_parameter`, `register_buffer`). Each restores what
+    it found, so two threads loading at once can leave a patch in place for good: every model built later in
+    the test session would be untied and left uninitialised (a model's size counted 0.4 B too large)."""
+    import sys
+
+    import torch
+    from transformers import PreTrainedModel
+    from transformers.initialization import TORCH_INIT_FUNCTIONS, TORCH_MODULES_TO_PATCH
+
+    owners = {PreTrainedModel: ("tie_weights", "init_weights")}
+    owners[torch.nn.Module] = ("register_parameter", "register_buffer")
+    for module in filter(None, map(sys.modules.get, TORCH_MODULES_TO_PATCH)):
+        owners[module] = tuple(name for name in TORCH_INIT_FUNCTIONS if hasattr(module, name))
+    return [(owner, name, getattr(owner, name)) for owner, names in owners.items() for name in names]
+
+
 def in_two_threads(work) -> dict[int, object]:
-    """`work()` in two threads named 0 and 1, standing for two processes; what each returned or raised."""
+    """`work()` in two threads named 0 and 1, standing for two processes; what each returned or raised.
+    What their model loads patch at once is put back after (`_loading_patches`): real processes share none."""
     ended: dict[int, object] = {}
+    patched = _loading_patches()
 
     def process(rank: int) -> None:
         try:
@@ -270,4 +291,6 @@ def in_two_threads(work) -> dict[int, object]:
         thread.start()
     for thread in threads:
         thread.join(120)
+    for owner, name, value in patched:
+        setattr(owner, name, value)
     return ended
