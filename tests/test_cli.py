@@ -42,6 +42,15 @@ def test_help_lists_commands_and_exit_codes():
         assert text in result.stdout
 
 
+@pytest.mark.parametrize("command", sorted(command.name for command in app.registered_commands))
+def test_every_commands_help_lists_its_exit_codes(command: str) -> None:
+    """A script branches on them: validate, eval, dreambench and recipes said none."""
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    codes = result.stdout.split("Exit codes:", 1)[1]
+    assert all(f"  {code}  " in codes for code in ("0", "2", "141")), result.stdout
+
+
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.strip() == f"squeeze {__version__}"

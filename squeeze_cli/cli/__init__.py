@@ -21,7 +21,7 @@ import typer
 
 from squeeze_cli import __version__
 from squeeze_cli.cli import check, gen, recipes, status, validate
-from squeeze_cli.cli.eval import dreambench_command, eval_command
+from squeeze_cli.cli.eval import DREAMBENCH_EPILOG, EVAL_EPILOG, dreambench_command, eval_command
 from squeeze_cli.cli.export import EXPORT_EPILOG, export_command
 from squeeze_cli.cli.options import APP_EPILOG, EPILOG
 from squeeze_cli.cli.train import TRAIN_EPILOG, train_command
@@ -119,13 +119,13 @@ class _Command(typer.core.TyperCommand):
                     formatter.write_dl(rows)
 
 
-app.command("validate", cls=_Command)(validate.validate)
+app.command("validate", epilog=validate.VALIDATE_EPILOG, cls=_Command)(validate.validate)
 app.command("gen", epilog=EPILOG, cls=_Command)(gen.gen)
-app.command("recipes", cls=_Command)(recipes.recipes_command)
+app.command("recipes", epilog=recipes.RECIPES_EPILOG, cls=_Command)(recipes.recipes_command)
 app.command("status", epilog=status.STATUS_EPILOG, cls=_Command)(status.status)
 app.command("check", epilog=check.CHECK_EPILOG, cls=_Command)(check.check)
-app.command("eval", cls=_Command)(eval_command)
-app.command("dreambench", cls=_Command)(dreambench_command)
+app.command("eval", epilog=EVAL_EPILOG, cls=_Command)(eval_command)
+app.command("dreambench", epilog=DREAMBENCH_EPILOG, cls=_Command)(dreambench_command)
 app.command("train", epilog=TRAIN_EPILOG, cls=_Command)(train_command)
 app.command("export", epilog=EXPORT_EPILOG, cls=_Command)(export_command)
 

@@ -12,6 +12,16 @@ import typer
 from squeeze_cli.cli.options import VariantOpt, require_rules_for_variant
 from squeeze_cli.logs import log_line
 
+EVAL_EPILOG = """\b
+Exit codes:
+  0    every run scored (images failing --rules do not change it)
+  1    a file of eval's could not be written
+  2    invalid input: a bad flag, not a run folder, a run eval cannot write in, a metric model
+       not downloaded; nothing is scored
+  130  stopped by SIGINT (Ctrl-C) / 143 by SIGTERM
+  141  stdout or stderr closed (`| head -1`), as if by SIGPIPE
+"""
+
 
 def eval_command(
     run_dirs: Annotated[
@@ -162,6 +172,15 @@ def eval_command(
     typer.echo(f"\nscores: {computed} computed, {reused} from the cache")
     if report:
         typer.echo("report: " + ", ".join(str(e.contents.path / "report.html") for e in evaluations))
+
+
+DREAMBENCH_EPILOG = """\b
+Exit codes:
+  0    the manifest is written
+  1    it could not be written
+  2    not a DreamBench dataset folder, or a bad flag
+  141  stdout or stderr closed (`| head -1`), as if by SIGPIPE
+"""
 
 
 def dreambench_command(

@@ -6,6 +6,13 @@ from typing import Annotated
 
 import typer
 
+RECIPES_EPILOG = """\b
+Exit codes:
+  0    listed (or shown)
+  2    no preset of that name
+  141  stdout or stderr closed (`| head -1`), as if by SIGPIPE
+"""
+
 
 def recipes_command(
     name: Annotated[str | None, typer.Argument(metavar="NAME", help="Show this preset's YAML.")] = None,

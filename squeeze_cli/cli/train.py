@@ -11,11 +11,14 @@ from typing import Annotated
 import typer
 
 TRAIN_EPILOG = """\b
-Exit codes: 0 trained; 2 invalid config, data, output folder or usage (nothing
-written), or no intact checkpoint to resume; 1 a file of the run could not be
-written (disk full; checkpoints kept); 130 stopped by Ctrl-C; 141 stdout or
-stderr closed (| head -1), as if by SIGPIPE. After 1, 130 or 141, continue with
---resume latest.
+Exit codes:
+  0    trained
+  1    a file of the run could not be written (disk full; checkpoints kept)
+  2    invalid config, data, output folder or usage (nothing written), or no intact
+       checkpoint to resume
+  130  stopped by Ctrl-C
+  141  stdout or stderr closed (`| head -1`), as if by SIGPIPE
+After 1, 130 or 141, continue with --resume latest.
 Several GPUs or machines: accelerate launch -m squeeze_cli train CONFIG.yaml
 """
 

@@ -38,6 +38,15 @@ if TYPE_CHECKING:
     from squeeze_cli.plan import Job
 
 
+VALIDATE_EPILOG = """\b
+Exit codes:
+  0    the manifest is valid, and the weights it names are there
+  2    a problem (each one located); the plan is still printed when the only problems are the
+       model's weights or the device
+  141  stdout or stderr closed (`| head -1`), as if by SIGPIPE
+"""
+
+
 def validate(
     manifest: ManifestArg,
     json_output: JsonOpt = False,
