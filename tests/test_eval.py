@@ -317,6 +317,9 @@ def test_bad_flags(squeeze, run: Path):
     assert squeeze("eval", str(run), "--metrics", "tiny", "--clip-t-weight", "0").code == 2
     bad_device = squeeze("eval", str(run), "--metrics", "tiny", "--device", "warp-drive")
     assert bad_device.code == 2 and "--device 'warp-drive': not a device" in bad_device.err
+    # The tiny metrics have their own CLIP: --clip gave the same numbers, without a word.
+    clip = squeeze("eval", str(run), "--metrics", "tiny", "--clip", "l14")
+    assert clip.code == 2 and "--clip l14 has no effect with --metrics tiny" in clip.err
     assert not (run / "metrics.json").exists()
 
 

@@ -42,11 +42,14 @@ def eval_command(
         ),
     ] = "dreambench",
     clip: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--clip", metavar="b32|l14|ID", help="CLIP for CLIP-I/CLIP-T: ViT-B/32, ViT-L/14, or a hub id."
+            "--clip",
+            metavar="b32|l14|ID",
+            help="CLIP for CLIP-I/CLIP-T: ViT-B/32 (the default), ViT-L/14, or a hub id.",
+            show_default=False,
         ),
-    ] = "b32",
+    ] = None,
     dinov2: Annotated[bool, typer.Option("--dinov2", help="Add a DINOv2-small identity column.")] = False,
     clip_t_weight: Annotated[
         float,

@@ -136,7 +136,7 @@ class Protocol:
 def make_protocol(
     metrics: str = "dreambench",
     *,
-    clip: str = "b32",
+    clip: str | None = None,
     dinov2: bool = False,
     clip_t_weight: float = 1.0,
     references: str = "conditioning",
@@ -145,12 +145,17 @@ def make_protocol(
 
     Args:
         metrics (`str`): `dreambench` or `tiny`.
-        clip (`str`): `b32`, `l14`, or a hub id / folder of a CLIP checkpoint.
+        clip (`str`, *optional*): `b32` (None: the default), `l14`, or a hub id / folder of a CLIP checkpoint;
+            none with `tiny`, whose CLIP is its own.
         dinov2 (`bool`): add the DINOv2 identity column (as DreamBench++ does).
     """
     if clip_t_weight <= 0:
         raise UsageError(
             f"--clip-t-weight must be positive, got {clip_t_weight}", "use 1 (DreamBench) or 2.5"
+        )
+    if metrics == "tiny" and clip is not None:  # its CLIP is a tiny random one: the same numbers, silently
+        raise UsageError(
+            f"--clip {clip} has no effect with --metrics tiny", "drop --clip, or use --metrics dreambench"
         )
     if metrics == "tiny":
         from squeeze_cli.metrics.tiny import ensure_tiny_metric_checkpoint
@@ -175,6 +180,7 @@ def make_protocol(
         raise UsageError(
             f"unknown --metrics {metrics!r}", "use dreambench (real models) or tiny (no download)"
         )
+    clip = clip or "b32"
     encoders = [
         EncoderSpec("dino", DINO_ID, resize=256, crop=224, layer_norm_eps=DINO_LAYER_NORM_EPS),
         EncoderSpec("clip", CLIP_IDS.get(clip, clip)),
