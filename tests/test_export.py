@@ -252,7 +252,10 @@ def test_a_part_renamed_before_the_state_was_saved_is_written_again(squeeze, run
         (["--where", "dino >="], "--where 'dino >=': column"),
         (["--where", "dinoo > 1"], "column 1: unknown field `dinoo`"),
         (["--where", "class == 'x' and clas == 'dog'"], "column 18: unknown field `clas`"),
-        (["--where", "subject > 1"], "compares a number with text"),
+        (
+            ["--where", "subject > 1"],
+            "compares a number with text (hint: compare a number field with a number",
+        ),
         (["--where", "__import__('os')"], "is not a condition"),
         (["--where", "dino + 1 > 2"], "is not a field or a constant"),
         (["--format", "csv"], "--format csv: expected one of"),

@@ -140,7 +140,12 @@ class _Compiler:
         operands = [self.operand(node.left), *(self.operand(value) for value in node.comparators)]
         kinds = {kind for kind, _ in operands if kind is not None}
         if len(kinds) > 1:
-            raise self.error(node, f"`{_source(node)}` compares a number with text")
+            raise self.error(
+                node,
+                f"`{_source(node)}` compares a number with text",
+                "compare a number field with a number (`seed > 2`), a text field with quoted text "
+                "(`subject == 'dog'`)",
+            )
         steps = []
         for op in node.ops:
             compare = _COMPARISONS.get(type(op))
