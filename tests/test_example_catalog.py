@@ -39,4 +39,5 @@ def test_the_catalog_example_runs_nightly(tmp_path: Path, squeeze) -> None:
     assert (jobs["planned"], jobs["skipped"], jobs["succeeded"]) == (25, 20, 5)
     assert not list(out.glob("CAN-COLA/*.png"))
     assert len(list((out / ".stale").glob("*/CAN-COLA/0*.png"))) == 5
+    assert not (out / "CAN-COLA").exists()  # no empty folders (variants/<channel>/) left to publish
     assert json.loads(squeeze("status", str(out), "--json").out)["complete"] is True

@@ -16,7 +16,7 @@ from test_resume import HEAD, strict_loads, subject
 from squeeze_cli import outputs
 from squeeze_cli.errors import EXIT_OK
 from squeeze_cli.outputs import layout, records
-from squeeze_cli.outputs.stale import find_stale, move_stale
+from squeeze_cli.outputs.stale import find_stale, move_stale, remove_emptied_folders
 
 
 @pytest.fixture
@@ -134,10 +134,54 @@ def test_prune_moves_stale_images_sidecars_and_views_and_rewrites_the_index(gen,
         "contact-sheet.png",
         "grid-000.png",
     ]
-    assert not list((gen.out / "cat").iterdir())
+    assert not (gen.out / "cat").exists()  # emptied by the moves: removed, not left behind empty
     status = json.loads(squeeze("status", str(gen.out), "--json").out)
     assert status["stale"] == {"count": 0, "images": []} and status["complete"] is True
     names_match_the_plan(gen.out, jobs)
+
+
+def test_prune_removes_the_folders_it_emptied_and_only_those(gen) -> None:
+    # The catalog walk-through: a product dropped from the feed leaves no empty folders in the folder
+    # the shop publishes, variants' folders included.
+    variants = "output: {variants: [{name: amazon, size: 40x40}, {name: social, size: 24x24, format: png}]}\n"
+    both = HEAD.format(seeds="[0]") + subject("bag", ["a {class}"]) + subject("can", ["a {class}"])
+    gen(both + variants, "-q")
+    assert sorted(p.name for p in (gen.out / "can" / "variants").iterdir()) == ["amazon", "social"]
+    (gen.out / "can" / "variants" / "social" / "notes.txt").write_text("mine")  # a user's file stays
+
+    gen(HEAD.format(seeds="[0]") + subject("bag", ["a {class}"]) + variants, "--prune", "-q")
+    assert len(list((gen.out / ".stale").glob("*/can/variants/*/000-s0.*"))) == 2  # moved, not deleted
+    assert sorted(str(p.relative_to(gen.out)) for p in (gen.out / "can").rglob("*")) == [
+        "can/variants",
+        "can/variants/social",
+        "can/variants/social/notes.txt",
+    ]
+    assert (gen.out / "bag" / "variants" / "amazon").is_dir()
+
+    # Killed after its moves, before the removals: the next prune removes what the moves emptied.
+    (gen.out / "can" / "variants" / "social" / "notes.txt").unlink()
+    (gen.out / "mine" / "empty").mkdir(parents=True)  # nothing was ever moved out of it: it stays
+    gen(HEAD.format(seeds="[0]") + subject("bag", ["a {class}"]) + variants, "--prune", "-q")
+    assert not (gen.out / "can").exists() and (gen.out / "mine" / "empty").is_dir()
+
+
+def test_emptied_folders_are_removed_within_out_and_never_a_planned_subjects(tmp_path: Path) -> None:
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    for folder in ("dog/variants/amazon", "cat/variants/amazon", "cow/variants/amazon"):
+        (out / folder).mkdir(parents=True)
+        (out / ".stale" / "t" / folder).mkdir(parents=True)
+    (outside / "variants" / "amazon").mkdir(parents=True)
+    (out / "cow" / "variants" / "amazon").rmdir()
+    (out / "cow" / "variants" / "amazon").symlink_to(outside / "variants" / "amazon")  # not followed
+    (out / "ant").symlink_to(outside)  # a link directly under OUT: no folder of OUT's
+    (out / ".stale" / "t" / "ant" / "variants" / "amazon").mkdir(parents=True)
+
+    removed = remove_emptied_folders(out, {"dog"})  # dog is planned: a shard may write into it now
+    assert removed == ["cat/variants/amazon", "cat/variants", "cat"]
+    assert (out / "dog" / "variants" / "amazon").is_dir()
+    assert os.path.islink(out / "cow" / "variants" / "amazon") and (outside / "variants" / "amazon").is_dir()
+    assert os.path.islink(out / "ant")
+    assert remove_emptied_folders(out, {"dog"}) == []
 
 
 def test_stale_files_are_moved_within_out_and_never_through_a_link(tmp_path: Path) -> None:

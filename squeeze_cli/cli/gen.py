@@ -165,7 +165,8 @@ def gen(
         typer.Option(
             "--prune",
             help="Move the images of jobs this manifest no longer plans (with their sidecars and views) to "
-            "OUT/.stale/<UTC time>/, and drop their index lines (default: keep them, and say how many).",
+            "OUT/.stale/<UTC time>/, remove the folders that leaves empty, and drop their index lines "
+            "(default: keep them, and say how many).",
         ),
     ] = False,
     shard: Annotated[

@@ -115,7 +115,15 @@ from .resume import (  # noqa: F401
     record_stamps,
 )
 from .run_plan import RunPlan, load_run_plan, not_a_run_folder, run_folders, run_plan_if_any  # noqa: F401
-from .stale import StaleImage, find_stale, find_stale_views, in_the_way, move_stale, stale_folder_name  # noqa: F401
+from .stale import (  # noqa: F401
+    StaleImage,
+    find_stale,
+    find_stale_views,
+    in_the_way,
+    move_stale,
+    remove_emptied_folders,
+    stale_folder_name,
+)
 from .tree import check_output_tree  # noqa: F401
 from .variants import make_variants  # noqa: F401
 from .views import draw_views, plan_views, share_views, update_views, views_jobs  # noqa: F401

@@ -5,14 +5,17 @@ An image is stale when its sidecar, in a folder directly under OUT, names a job 
 has. Nothing here deletes: stale files are only ever renamed (`os.rename`, within OUT, never through a
 link) into `OUT/.stale/<UTC time>/<folder>/`, and only when `squeeze gen --prune` asks for it, or when a
 planned job needs the name a stale image holds (so a name never shows another prompt than the plan's).
+The folders those moves leave empty in a removed subject's folder are removed (`os.rmdir` only), so the
+run folder a shop publishes holds no empty folders of products it no longer sells.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -193,6 +196,62 @@ def move_stale(
     for directory in sorted(touched):
         fsync_dir(directory)
     return moved
+
+
+def remove_emptied_folders(out_dir: str | os.PathLike, subjects: Collection[str]) -> list[str]:
+    """Remove the folders that moving stale files emptied, in the folders directly under OUT that are no
+    subject of `subjects` (the whole plan's): each real folder (not a link), deepest first, that is
+    empty and that some `OUT/.stale/<UTC time>/` holds under the same path, i.e. a move took files out
+    of it. So a folder emptied by a run killed before it got here is removed by the next one, and a
+    folder squeeze never moved anything out of (a user's, empty) stays.
+
+    Only `os.rmdir`, which fails on a folder that holds anything (a user's file): that folder stays.
+    A planned subject's folders stay even when empty: a shard of the same layout (the layout lock lets
+    those run at once, and only those) may be about to write into them; no shard writes into a folder of
+    a subject its plan does not have.
+
+    Returns:
+        `list[str]`: the folders removed, relative to OUT, with `/`, deepest first.
+
+    Raises:
+        `OutputWriteError`: an empty folder could not be removed (no permission, a read-only disk).
+    """
+    out_dir = Path(out_dir)
+    stale_root = out_dir / STALE_DIR_NAME
+    if not os.path.isdir(stale_root) or os.path.islink(stale_root):
+        return []
+    runs = [Path(entry.path) for entry in _entries(stale_root) if entry.is_dir(follow_symlinks=False)]
+    removed: list[str] = []
+    for folder in _folders(out_dir):
+        if folder not in subjects:
+            _remove_if_emptied(out_dir, (folder,), runs, removed)
+    return removed
+
+
+def _remove_if_emptied(out_dir: Path, parts: tuple[str, ...], runs: list[Path], removed: list[str]) -> None:
+    # Only the runs that moved files out of this folder can hold its subfolders: a folder nothing was
+    # moved out of (a user's tree, a views folder) is not walked.
+    runs = [run for run in runs if _is_real_dir(run.joinpath(*parts))]
+    if not runs:
+        return
+    path = safe_join(out_dir, *parts)
+    for entry in _entries(path):
+        if entry.is_dir(follow_symlinks=False):
+            _remove_if_emptied(out_dir, (*parts, entry.name), runs, removed)
+    try:
+        os.rmdir(path)
+    except OSError as error:
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+            return  # it holds something else, or a shard of this layout pruning too removed it first
+        raise OutputWriteError.from_os_error(path, error, "remove the emptied folder") from error
+    removed.append("/".join(parts))
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _stale_dir(out_dir: Path, folder: str) -> Path:
