@@ -247,3 +247,26 @@ def test_eval_never_scores_two_models_as_one_run(squeeze, run: Path) -> None:
     assert result.code == 2, result.out
     assert "holds images of 2 models (tiny: 5, trained-tiny-stage2: 1)" in result.err
     assert not (run / "metrics.json").exists()
+
+
+def test_prune_moves_a_removed_subjects_views_out_of_the_views_dir(gen) -> None:
+    """With `output.views_dir`, a removed subject's grids and contact sheet stayed in OUT/<views_dir>/, as
+    did the grid of a removed prompt position."""
+    views = "output:\n  views_dir: .views\n"
+    first = (
+        HEAD.format(seeds="[0]")
+        + subject("dog", ["a {class}", "a {class} on a rug"])
+        + subject("cat", ["a {class} on a sofa"])
+    ) + views
+    gen(first, "-q")
+    assert (gen.out / ".views" / "cat" / "grid-000.png").is_file()
+    gen(HEAD.format(seeds="[0]") + subject("dog", ["a {class}"]) + views, "--prune", "-q")
+    moved = sorted(
+        str(p.relative_to(next((gen.out / ".stale").iterdir()))) for p in gen.out.glob(".stale/*/.views/*/*")
+    )
+    assert moved == [".views/cat/contact-sheet.png", ".views/cat/grid-000.png", ".views/dog/grid-001.png"]
+    assert not (gen.out / ".views" / "cat").exists()  # emptied: removed
+    assert sorted(p.name for p in (gen.out / ".views" / "dog").iterdir()) == [
+        "contact-sheet.png",
+        "grid-000.png",
+    ]

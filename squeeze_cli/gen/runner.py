@@ -339,13 +339,16 @@ class GenRun:
         # Stale is judged against the whole plan: another shard's images are not stale.
         stale = outputs.find_stale(self.out_dir, self.view_jobs, self.done)
         moving = stale if self.options.prune else outputs.in_the_way(stale, self.jobs)
-        views = outputs.find_stale_views(self.out_dir, self.view_jobs) if self.options.prune else []
+        views_dir = self.manifest.document.output.views_dir
+        views = (
+            outputs.find_stale_views(self.out_dir, self.view_jobs, views_dir) if self.options.prune else []
+        )
         when = outputs.stale_folder_name()
         moved = outputs.move_stale(self.out_dir, moving, views, folder=when)
         if self.options.prune:
             # The main process, before its other processes start (`together`); a concurrent run into OUT is
             # only a shard of this layout (the layout lock), which writes into the plan's subjects only.
-            outputs.remove_emptied_folders(self.out_dir, {job.subject for job in self.view_jobs})
+            outputs.remove_emptied_folders(self.out_dir, {job.subject for job in self.view_jobs}, views_dir)
         moved_images = {name for name in moved if name.endswith(".png")}
         moved_count = sum(image.image in moved_images for image in moving)
         return {

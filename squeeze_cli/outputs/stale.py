@@ -29,6 +29,7 @@ from squeeze_cli.outputs.layout import (
     contact_sheet_page,
     image_stem,
     safe_join,
+    views_root,
 )
 from squeeze_cli.outputs.records import read_sidecar
 
@@ -109,24 +110,31 @@ def find_stale(
     return stale
 
 
-def find_stale_views(out_dir: str | os.PathLike, jobs: Iterable[Job]) -> list[str]:
+def find_stale_views(
+    out_dir: str | os.PathLike, jobs: Iterable[Job], views_dir: str | None = None
+) -> list[str]:
     """Grids and contact-sheet pages (relative to OUT) that no planned job is shown on: every view in a
-    folder of a subject the plan does not have, and the grids of prompt positions it no longer has."""
+    folder of a subject the plan does not have, and the grids of prompt positions it no longer has; in
+    `OUT/<views_dir>/` with `output.views_dir`."""
     out_dir = Path(out_dir)
     prompts: dict[str, set[int]] = {}
     for job in jobs:
         prompts.setdefault(job.subject, set()).add(job.prompt_index)
+    root = views_root(out_dir, views_dir)
+    if views_dir and not _is_real_dir(root):  # not drawn yet, or a link: nothing of it is moved
+        return []
+    prefix = f"{views_dir}/" if views_dir else ""
     views = []
-    for folder in _folders(out_dir):
-        for entry in _entries(out_dir / folder):
+    for folder in _folders(root):
+        for entry in _entries(root / folder):
             if not entry.is_file(follow_symlinks=False):
                 continue
             grid = _GRID.fullmatch(entry.name)
             if folder not in prompts:
                 if grid is not None or contact_sheet_page(entry.name) is not None:
-                    views.append(f"{folder}/{entry.name}")
+                    views.append(f"{prefix}{folder}/{entry.name}")
             elif grid is not None and int(grid.group(1)) not in prompts[folder]:
-                views.append(f"{folder}/{entry.name}")
+                views.append(f"{prefix}{folder}/{entry.name}")
     return views
 
 
@@ -198,9 +206,12 @@ def move_stale(
     return moved
 
 
-def remove_emptied_folders(out_dir: str | os.PathLike, subjects: Collection[str]) -> list[str]:
-    """Remove the folders that moving stale files emptied, in the folders directly under OUT that are no
-    subject of `subjects` (the whole plan's): each real folder (not a link), deepest first, that is
+def remove_emptied_folders(
+    out_dir: str | os.PathLike, subjects: Collection[str], views_dir: str | None = None
+) -> list[str]:
+    """Remove the folders that moving stale files emptied, in the folders directly under OUT (and, with
+    `output.views_dir`, under `OUT/<views_dir>/`) that are no subject of `subjects` (the whole plan's):
+    each real folder (not a link), deepest first, that is
     empty and that some `OUT/.stale/<UTC time>/` holds under the same path, i.e. a move took files out
     of it. So a folder emptied by a run killed before it got here is removed by the next one, and a
     folder squeeze never moved anything out of (a user's, empty) stays.
@@ -225,6 +236,11 @@ def remove_emptied_folders(out_dir: str | os.PathLike, subjects: Collection[str]
     for folder in _folders(out_dir):
         if folder not in subjects:
             _remove_if_emptied(out_dir, (folder,), runs, removed)
+    root = views_root(out_dir, views_dir)
+    if views_dir and _is_real_dir(root):  # a removed subject's views folder, `OUT/<views_dir>/<subject>/`
+        for folder in _folders(root):
+            if folder not in subjects:
+                _remove_if_emptied(out_dir, (views_dir, folder), runs, removed)
     return removed
 
 
