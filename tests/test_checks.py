@@ -293,5 +293,6 @@ def test_a_damaged_index_line_or_a_fifo_fails_that_image_only(run_folder: Path, 
     assert result.code == 1
     errors = {check["image"]: check["error"] for check in json.loads(result.out)["images"]}
     assert "outside the output directory" in errors["../../outside.jpg"]
-    assert errors["shop/fifo.png"] == "cannot be read: not a regular file (a FIFO (named pipe))"
-    assert errors["shop/garbage.png"] == "cannot be read: not an image (PIL cannot identify it)"
+    remake = "remove it, and `squeeze gen` on the run makes it again"
+    assert errors["shop/fifo.png"] == f"cannot be read: not a regular file (a FIFO (named pipe)); {remake}"
+    assert errors["shop/garbage.png"] == f"cannot be read: not an image (PIL cannot identify it); {remake}"

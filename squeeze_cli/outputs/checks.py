@@ -195,6 +195,10 @@ def broken_rules(measured: Mapping[str, float | int], rules: RuleSet) -> list[st
     return [rule for rule, (key, limit) in limits.items() if limit is not None and measured[key] < limit]
 
 
+# What to do with a file that does not read: `gen` makes a missing image or variant again.
+REMAKE = "remove it, and `squeeze gen` on the run makes it again"
+
+
 def check_file(out_dir: Path, image: str, rules: RuleSet) -> ImageCheck:
     """One image (a name relative to `out_dir`) against `rules`."""
     check = ImageCheck(image)
@@ -209,10 +213,10 @@ def check_file(out_dir: Path, image: str, rules: RuleSet) -> ImageCheck:
         check.error = "missing: the file is gone (`squeeze gen` on the run makes it again)"
         return check
     except UnidentifiedImageError:  # its message names the file object ("<_io.BufferedReader name=3>")
-        check.error = "cannot be read: not an image (PIL cannot identify it)"
+        check.error = f"cannot be read: not an image (PIL cannot identify it); {REMAKE}"
         return check
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        check.error = f"cannot be read: {getattr(error, 'strerror', None) or error}"
+        check.error = f"cannot be read: {getattr(error, 'strerror', None) or error}; {REMAKE}"
         return check
     check.failed = broken_rules(check.measured, rules)
     return check
