@@ -265,7 +265,11 @@ def _loading_patches() -> list[tuple[object, str, object]]:
 
     import torch
     from transformers import PreTrainedModel
-    from transformers.initialization import TORCH_INIT_FUNCTIONS, TORCH_MODULES_TO_PATCH
+
+    try:  # where transformers 5 lists what `no_init_weights` patches; a later one may move it
+        from transformers.initialization import TORCH_INIT_FUNCTIONS, TORCH_MODULES_TO_PATCH
+    except ImportError:
+        TORCH_INIT_FUNCTIONS, TORCH_MODULES_TO_PATCH = {}, ()  # noqa: N806 - the same names as above
 
     owners = {PreTrainedModel: ("tie_weights", "init_weights")}
     owners[torch.nn.Module] = ("register_parameter", "register_buffer")
