@@ -186,7 +186,7 @@ class GenProcess:
 
     def finish(self, timeout: float = 600) -> int:  # timeouts here guard against hangs only
         code = self.proc.wait(timeout=timeout)
-        while self.wait_for("__end__", timeout=5) is not None:
+        while self.wait_for("__end__", timeout=timeout) is not None:  # the rest of its output
             pass
         return code
 
@@ -295,7 +295,8 @@ def test_sigkill_at_random_moments(project: Path, tiny_cache: str, plan_of) -> N
             else:
                 started = process.wait_for("run_started")
                 pending = started["jobs"] if started else 0
-                if phase == "generation" and pending:
+                if phase == "generation":
+                    assert pending, process.stderr[-3000:]  # `lane` starts it with work left
                     # 0-2 jobs in (the final trial needs work left: grids are drawn when images are new),
                     # then somewhere inside a job: generating, encoding the PNG, writing, appending the index.
                     jobs_in = rng.randrange(min(pending, 3))
@@ -303,7 +304,6 @@ def test_sigkill_at_random_moments(project: Path, tiny_cache: str, plan_of) -> N
                         process.wait_for("job_finished", jobs_in)
                     time.sleep(rng.uniform(0.0, scale * per_job))
                 else:
-                    phase = "final"
                     if pending:
                         process.wait_for("job_finished", pending)
                     time.sleep(rng.uniform(0.0, scale * final_phase))
@@ -320,6 +320,8 @@ def test_sigkill_at_random_moments(project: Path, tiny_cache: str, plan_of) -> N
     def lane(out: Path, lane_phases: list[str], seed: int) -> None:
         lane_rng = random.Random(seed)
         for phase in lane_phases:
+            if phase == "generation" and len(outputs.finished_job_ids(out, jobs)) == NUM_JOBS:
+                shutil.rmtree(out)  # an earlier kill came after the last image: nothing left to generate
             # The moments come from the reference run's timeline, and this machine may be faster or slower
             # now: a kill that came after the run ended is tried again on a fresh folder, in a window half
             # as wide each time, and at last at a gate in the phase (start-up: its first moment), where the
@@ -349,8 +351,12 @@ def test_sigkill_at_random_moments(project: Path, tiny_cache: str, plan_of) -> N
         thread.join()  # each trial's own waits are bounded
     if errors:
         raise errors[0]
-    assert len(killed) >= 10, (killed, completed)
-    assert {"start-up", "generation", "final"} <= set(killed), killed
+    # Each phase of each lane ends in exactly one kill, however fast the machine: its last try waits at a gate
+    # (start-up: the kill comes as the process starts). The clock above only picks the moments.
+    assert sorted(killed) == sorted(phase for lane_phases in lanes.values() for phase in lane_phases), (
+        killed,
+        completed,
+    )
 
     # Then each directory runs to completion: everything once, whole, and the same pixels.
     finals = [GenProcess(manifest, out, tiny_cache) for out in lanes]
@@ -550,13 +556,14 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(project: Path, gen, plan_
         [
             sys.executable,
             "-c",
-            "import fcntl, os, sys, time\n"
+            "import fcntl, os, sys\n"
             f"fd = os.open({str(out / '.squeeze.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
             "fcntl.flock(fd, fcntl.LOCK_EX)\n"
             "os.write(fd, str(os.getpid()).encode())\n"
             "print('locked', flush=True)\n"
-            "time.sleep(120)\n",
+            "sys.stdin.read()\n",  # holds the lock until killed, however long gen takes to get there
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -567,6 +574,8 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(project: Path, gen, plan_
 
     holder.send_signal(signal.SIGKILL)
     holder.wait()
+    holder.stdin.close()
+    holder.stdout.close()
     code, stderr = gen(str(project / "m.yaml"), "--out", str(out), "--quiet")
     assert code == EXIT_OK, stderr
     assert "in use" not in stderr and "lock" not in stderr.lower()  # taken over silently
