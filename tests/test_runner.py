@@ -271,6 +271,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def assert_refused_once_by_every_process(result: subprocess.CompletedProcess, message: str) -> None:
+    """What a launch of two processes that one of them refused prints: one `error:` line saying `message`,
+    both processes exited 2 (the launcher's summary), and no traceback but the launcher's ChildFailedError."""
+    import re
+
+    errors = [line for line in result.stderr.splitlines() if " error: " in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+    codes = re.findall(r"^ +exitcode +: (\S+)", result.stderr, re.MULTILINE)
+    assert codes == ["2", "2"], result.stderr[-3000:]
+    assert result.stderr.count("Traceback") == 1, result.stderr[-3000:]
+
+
 def two_processes(*args: str) -> list[str]:
     """The command line of `squeeze ARGS` as two CPU processes of `accelerate launch`."""
     return [
@@ -394,10 +406,8 @@ def test_a_model_that_one_process_cannot_load_ends_every_process(project: Path, 
 def test_a_refused_launch_ends_every_process_with_the_refusals_code(project: Path) -> None:
     """Two processes of `accelerate launch` on an output folder another gen holds: the main process says
     the refusal once (its line, and with --json its document) and every process exits 2 (the launcher
-    exits 1 with its summary of the failed processes); the other process was ended by the launcher's
-    SIGTERM (-15) while it waited for the main one."""
-    import re
-
+    exits 1 with its summary of the failed processes). Before, the other process waited for the main one
+    until the launcher's SIGTERM ended it (-15)."""
     from squeeze_cli.gen.lock import DirectoryLock
 
     out = project / "out"
@@ -409,11 +419,7 @@ def test_a_refused_launch_ends_every_process_with_the_refusals_code(project: Pat
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     finally:
         other.release()
-    errors = [line for line in result.stderr.splitlines() if " error: " in line]
-    assert len(errors) == 1 and "is in use by another squeeze gen" in errors[0], result.stderr[-3000:]
-    codes = re.findall(r"^ +exitcode +: (\S+)", result.stderr, re.MULTILINE)  # the launcher's summary
-    assert codes == ["2", "2"], result.stderr[-3000:]
-    assert result.stderr.count("Traceback") == 1  # the launcher's ChildFailedError, no process's own
+    assert_refused_once_by_every_process(result, "is in use by another squeeze gen")
     documents = [json.loads(line) for line in result.stdout.splitlines()]
     assert [document["ok"] for document in documents] == [False], result.stdout
 
